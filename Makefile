@@ -1,0 +1,50 @@
+# rankwire: two commands on a fresh Debian 12 machine (as root):
+#   make demo   install what is missing, then run the main job on the embedded default
+#   make test   install test dependencies too, then run lint and the whole test suite
+# Both are idempotent and quiet when everything is present.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+# What the runtime and the demo need on the host.
+DEMO_PKGS := python3-venv gcc make squashfuse squashfs-tools fuse3 fuse-overlayfs \
+             mpich libmpich-dev
+# Everything the tests drive for real: Slurm, both MPIs, PMIx, libfabric, siftool.
+TEST_PKGS := $(DEMO_PKGS) slurm-wlm munge libslurm-dev libpmi2-0-dev openmpi-bin \
+             libopenmpi-dev libpmix-dev libfabric-dev libfabric-bin siftool
+
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint system-demo system-test clean
+
+demo: system-demo $(VENV)/.stamp
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" examples/demo.sh
+
+test: system-test $(VENV)/.stamp-test lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.stamp-test
+	@$(VENV)/bin/ruff check --quiet .
+
+system-demo:
+	@tools/ensure-packages $(DEMO_PKGS)
+
+system-test:
+	@tools/ensure-packages $(TEST_PKGS)
+
+$(VENV)/bin/python:
+	@$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.stamp: pyproject.toml | $(VENV)/bin/python
+	@$(PY) -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c "import rankwire.runtime"
+	@touch $@
+
+$(VENV)/.stamp-test: pyproject.toml | $(VENV)/bin/python
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c "import rankwire.runtime, pytest, hypothesis"
+	@touch $@ $(VENV)/.stamp
+
+clean:
+	rm -rf $(VENV) build *.egg-info

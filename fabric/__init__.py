@@ -1,0 +1,1 @@
+"""libfabric discovery, provider selection and host-provider bind plans."""

@@ -1,0 +1,1 @@
+"""Launchers: `apptainer-mpirun` / `rankwire run` (local PMI server or srun delegation)."""

@@ -1,0 +1,3 @@
+from rankwire.cli import main
+
+main()

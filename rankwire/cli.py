@@ -1,0 +1,57 @@
+"""`rankwire` command line: a click group; each subsystem adds its commands here."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rankwire import __version__
+from rankwire.errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="rankwire")
+def cli() -> None:
+    """rankwire: MPI inside unprivileged containers, wired right.
+
+    Runs MPI ranks inside SIF images without setuid or admin help: one shared
+    container per node, PMI wire-up by rankwire or by Slurm, and the host's
+    fabric provider bound in.
+    """
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def doctor(as_json: bool) -> None:
+    """Report the host facts rankwire relies on, and what is missing."""
+    from rankwire.runtime.hostfacts import collect_host_facts, doctor_report
+
+    facts = collect_host_facts()
+    if as_json:
+        import json
+
+        click.echo(json.dumps(facts.to_dict(), indent=2, sort_keys=True))
+        return
+    lines, ok = doctor_report(facts)
+    for line in lines:
+        click.echo(line)
+    if not ok:
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="rankwire", standalone_mode=False)
+    except UserError as err:
+        click.echo(f"rankwire: {err}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("rankwire: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)

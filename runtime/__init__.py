@@ -1,0 +1,1 @@
+"""SIF images started unprivileged: facts -> ContainerPlan -> executor."""

@@ -1,0 +1,101 @@
+"""Host facts: read once into plain data, then handed to the planners.
+
+Nothing here decides anything; `doctor_report` only words the facts for humans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Optional
+
+# Tools the runtime can use, in order of preference within each role.
+TOOLS = (
+    "squashfuse_ll",
+    "squashfuse",
+    "mksquashfs",
+    "unsquashfs",
+    "fusermount3",
+    "fuse-overlayfs",
+    "mpiexec.hydra",
+    "mpirun.openmpi",
+    "srun",
+)
+
+
+def _read_int(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class HostFacts:
+    """What this host offers; `root` lets tests point it at a recorded tree."""
+
+    kernel: str
+    machine: str
+    uid: int
+    gid: int
+    max_user_namespaces: Optional[int]
+    unprivileged_userns_clone: Optional[int]  # Debian knob; None where absent
+    dev_fuse_usable: bool
+    tools: dict[str, Optional[str]]
+
+    @property
+    def userns_allowed(self) -> bool:
+        if self.max_user_namespaces == 0:
+            return False
+        return self.unprivileged_userns_clone != 0 or self.uid == 0
+
+    def tool(self, name: str) -> Optional[str]:
+        return self.tools.get(name)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["userns_allowed"] = self.userns_allowed
+        return d
+
+
+def collect_host_facts(root: str = "/") -> HostFacts:
+    """Read the facts of the running host (`root` prefixes /proc and /dev paths)."""
+    r = Path(root)
+    fuse = r / "dev/fuse"
+    return HostFacts(
+        kernel=platform.release(),
+        machine=platform.machine(),
+        uid=os.getuid(),
+        gid=os.getgid(),
+        max_user_namespaces=_read_int(r / "proc/sys/user/max_user_namespaces"),
+        unprivileged_userns_clone=_read_int(r / "proc/sys/kernel/unprivileged_userns_clone"),
+        dev_fuse_usable=fuse.exists() and os.access(fuse, os.R_OK | os.W_OK),
+        tools={name: shutil.which(name) for name in TOOLS},
+    )
+
+
+def doctor_report(facts: HostFacts) -> tuple[list[str], bool]:
+    """Human lines for `rankwire doctor`, and whether containers can start here."""
+    lines = [f"kernel {facts.kernel} ({facts.machine}), uid {facts.uid}"]
+    ok = True
+    if facts.userns_allowed:
+        lines.append("ok    unprivileged user namespaces are enabled")
+    else:
+        ok = False
+        lines.append(
+            "FAIL  user namespaces are disabled: ask the admin for "
+            "`sysctl user.max_user_namespaces=15000 kernel.unprivileged_userns_clone=1`"
+        )
+    if facts.dev_fuse_usable:
+        lines.append("ok    /dev/fuse is usable: images are mounted with squashfuse")
+    else:
+        lines.append("warn  /dev/fuse is not usable: images will be extracted with unsquashfs")
+    for name, path in sorted(facts.tools.items()):
+        lines.append(f"{'ok  ' if path else 'miss'}  {name}: {path or 'not found'}")
+    if not (facts.tool("squashfuse_ll") or facts.tool("squashfuse") or facts.tool("unsquashfs")):
+        ok = False
+        lines.append("FAIL  no way to open images: `apt-get install squashfuse squashfs-tools`")
+    return lines, ok

@@ -1,0 +1,52 @@
+"""Real MPI programs for tests, and the checks every hello run needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+HELLO_RE = re.compile(r"hello rank=(\d+) size=(\d+) host=(\S+) sum=(\d+) (ok|WRONG)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MpiPrograms:
+    hello_mpich: Path
+    hello_ompi: Path
+
+
+def compile_hello(src: Path, bindir: Path) -> MpiPrograms:
+    """Compile the C hello with Debian's MPICH (PMI-1) and Open MPI (PMIx) wrappers."""
+    progs = MpiPrograms(bindir / "hello_mpich", bindir / "hello_ompi")
+    for mpicc, out in (("mpicc.mpich", progs.hello_mpich), ("mpicc.openmpi", progs.hello_ompi)):
+        if not shutil.which(mpicc):
+            raise RuntimeError(f"{mpicc} not found: run `make test`, which installs it")
+        subprocess.run([mpicc, "-O1", str(src), "-o", str(out)], check=True)
+        out.chmod(0o755)
+    return progs
+
+
+def ompi_env(env: dict[str, str]) -> dict[str, str]:
+    """Open MPI refuses to run as root unless told twice."""
+    if os.getuid() == 0:
+        env = dict(env, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+def assert_hello(stdout: str, size: int) -> list[str]:
+    """Every rank 0..size-1 reported exactly once, with size and the right Allreduce sum.
+
+    Returns the host names the ranks reported, by rank.
+    """
+    seen: dict[int, str] = {}
+    for m in HELLO_RE.finditer(stdout):
+        rank, rsize, host, total, verdict = m.groups()
+        assert int(rsize) == size, f"rank {rank} saw size {rsize}, expected {size}:\n{stdout}"
+        assert int(total) == size * (size + 1) // 2 and verdict == "ok", stdout
+        assert int(rank) not in seen, f"rank {rank} reported twice (singletons?):\n{stdout}"
+        seen[int(rank)] = host
+    assert sorted(seen) == list(range(size)), f"ranks reported: {sorted(seen)}\n{stdout}"
+    return [seen[r] for r in range(size)]

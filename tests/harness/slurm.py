@@ -1,0 +1,242 @@
+"""A throwaway single-node Slurm 22.05 for tests: private config, state, spool and logs.
+
+It owns only what it starts: the daemons are recorded by PID and stopped by PID; munged
+is started only when none answers on the default socket (and then stopped again). Ports
+are picked free, so it coexists with a Slurm already running on the default ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def munge_works() -> bool:
+    if not MUNGE_SOCKET.exists():
+        return False
+    enc = subprocess.run(["munge", "-n"], capture_output=True)
+    if enc.returncode != 0:
+        return False
+    dec = subprocess.run(["unmunge"], input=enc.stdout, capture_output=True)
+    return dec.returncode == 0
+
+
+def _wait(pred, timeout: float, what: str, log: Optional[Path] = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    tail = ""
+    if log is not None and log.exists():
+        tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+    raise HarnessError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
+
+
+class SlurmCluster:
+    """One slurmctld + one slurmd on this host, all state under one temp dir."""
+
+    def __init__(self, cpus: int = 32, base: Optional[str] = None) -> None:
+        self.cpus = cpus
+        self.root = Path(tempfile.mkdtemp(prefix="rankwire-slurm-", dir=base))
+        self.root.chmod(0o755)  # job users must read slurm.conf
+        self.conf = self.root / "slurm.conf"
+        self.plugstack = self.root / "plugstack.conf"
+        self.nodename = socket.gethostname().split(".")[0]
+        self.cluster_name = f"rw{os.getpid()}"
+        self.ctld_port = free_port()
+        self.slurmd_port = free_port()
+        self.pids: dict[str, int] = {}
+        self._procs: dict[str, subprocess.Popen] = {}
+        self.started_munged = False
+
+    # -- configuration ---------------------------------------------------------------
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for srun/sbatch/sinfo against this cluster (no inherited SLURM_*)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_"))}
+        env["SLURM_CONF"] = str(self.conf)
+        return env
+
+    def write_config(self) -> None:
+        r = self.root
+        for sub in ("state", "spool", "log", "tmpfs"):
+            (r / sub).mkdir(mode=0o755, exist_ok=True)
+        (r / "tmpfs").chmod(0o1777)
+        self.plugstack.write_text("")
+        self.plugstack.chmod(0o644)
+        lines = [
+            f"ClusterName={self.cluster_name}",
+            f"SlurmctldHost={self.nodename}(127.0.0.1)",
+            f"SlurmctldPort={self.ctld_port}",
+            f"SlurmdPort={self.slurmd_port}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"StateSaveLocation={r}/state",
+            f"SlurmdSpoolDir={r}/spool",
+            f"SlurmctldPidFile={r}/slurmctld.pid",
+            f"SlurmdPidFile={r}/slurmd.pid",
+            f"SlurmctldLogFile={r}/log/slurmctld.log",
+            f"SlurmdLogFile={r}/log/slurmd.log",
+            "SlurmctldDebug=info",
+            "SlurmdDebug=info",
+            f"TmpFS={r}/tmpfs",
+            f"PlugStackConfig={self.plugstack}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "MpiDefault=none",
+            "SchedulerType=sched/builtin",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "SlurmdParameters=config_overrides",
+            "ReturnToService=2",
+            "MaxJobCount=10000",
+            "KillWait=2",
+            "InactiveLimit=0",
+            "MinJobAge=2",
+            f"NodeName={self.nodename} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
+            f"PartitionName=debug Nodes={self.nodename} Default=YES MaxTime=INFINITE "
+            "State=UP OverSubscribe=FORCE:8",
+        ]
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.conf.chmod(0o644)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def _ensure_munge(self) -> None:
+        if munge_works():
+            return
+        if os.getuid() != 0:
+            raise HarnessError("munged is not running and only root can start it: `munged`")
+        run = MUNGE_SOCKET.parent
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.chown(run, "munge", "munge")
+        run.chmod(0o755)
+        pidfile = run / "munged.pid"
+        subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
+        _wait(munge_works, 10, "munged to answer")
+        self.started_munged = True
+        self.pids["munged"] = int(pidfile.read_text())
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        with open(self.root / "log" / f"{name}.out", "wb") as log:
+            proc = subprocess.Popen(
+                argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._procs[name] = proc
+        self.pids[name] = proc.pid
+
+    def node_state(self) -> str:
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    def start(self, timeout: float = 30) -> SlurmCluster:
+        if os.getuid() != 0:
+            raise HarnessError("the Slurm test cluster needs root (slurmd starts job steps)")
+        try:
+            self._ensure_munge()
+            self.write_config()
+            self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+            self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.nodename])
+            log = self.root / "log" / "slurmd.log"
+
+            def idle() -> bool:
+                for name, proc in self._procs.items():
+                    if proc.poll() is not None:
+                        raise HarnessError(f"{name} exited with {proc.returncode}: see {log}")
+                return self.node_state() in ("idle", "idle*") and not self.node_state().endswith(
+                    "*"
+                )
+
+            _wait(idle, timeout, "the node to become idle", log)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop what we started, by PID only, then remove our directory."""
+        if self._procs.get("slurmctld") and self._procs["slurmctld"].poll() is None:
+            jobs = subprocess.run(
+                ["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True
+            ).stdout.split()
+            if jobs:
+                subprocess.run(["scancel", "--full", *jobs], env=self.env, capture_output=True)
+        for name in ("slurmd", "slurmctld"):
+            proc = self._procs.pop(name, None)
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            self.pids.pop(name, None)
+        # slurmstepd and the tasks it forked are not our children; they all carry our
+        # SLURM_CONF in their environment, which is how we find exactly ours.
+        for pid in pids_with_env(f"SLURM_CONF={self.conf}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.started_munged:
+            pid = self.pids.pop("munged")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            _wait(lambda: not Path(f"/proc/{pid}").exists(), 10, "munged to exit")
+            self.started_munged = False
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def pids_with_env(entry: str) -> list[int]:
+    """PIDs (not us, not our ancestors) whose environment holds exactly `entry`."""
+    needle = entry.encode()
+    skip = {os.getpid()}
+    pid = os.getppid()
+    while pid > 1:
+        skip.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in skip:
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in env:
+            found.append(int(proc.name))
+    return found

@@ -1,0 +1,58 @@
+"""A real non-root account for tests that must prove "no root needed"."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pwd
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+TEST_USER = "rankwire-test"
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """`argv` as this user: wrapped in runuser when we are root, unchanged otherwise."""
+        if os.getuid() == self.uid:
+            return list(argv)
+        return ["runuser", "-u", self.name, "--", *argv]
+
+    def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        kwargs.setdefault("timeout", 120)
+        return subprocess.run(self.argv(argv), **kwargs)
+
+
+def ensure_unprivileged_user() -> User:
+    """As root: create (once) the test account and make /dev/fuse usable by it.
+
+    As a normal user: that user is already the unprivileged one.
+    """
+    if os.getuid() != 0:
+        pw = pwd.getpwuid(os.getuid())
+        return User(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+    try:
+        pw = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--create-home", "--shell", "/bin/bash", TEST_USER],
+            check=True,
+            capture_output=True,
+        )
+        pw = pwd.getpwnam(TEST_USER)
+    fuse = Path("/dev/fuse")
+    if fuse.exists() and (fuse.stat().st_mode & 0o666) != 0o666:
+        # Debian ships /dev/fuse 0666; some images have 0600, which forbids every
+        # unprivileged FUSE mount (squashfuse). This is the documented host setup.
+        fuse.chmod(stat.S_IMODE(fuse.stat().st_mode) | 0o666)
+    return User(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)

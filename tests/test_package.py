@@ -1,0 +1,85 @@
+"""The distribution installs under one import name and its console scripts behave."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SUBPACKAGES = ("launcher", "runtime", "fabric", "pmi")
+
+
+@pytest.mark.slow
+def test_non_editable_install_imports(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    # Only the installed copy is importable: -S drops site (and the editable finder),
+    # and the cwd is not the source tree.
+    code = (
+        "import rankwire, importlib;"
+        f"mods=[importlib.import_module('rankwire.'+m) for m in {SUBPACKAGES!r}];"
+        "print(rankwire.__file__); [print(m.__file__) for m in mods]"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": os.environ["PATH"]},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert len(out) == 1 + len(SUBPACKAGES)
+    for path in out:
+        assert path.startswith(str(target / "rankwire")), path
+    # No top-level name other than ours (e.g. no `fabric` shadowing the PyPI package).
+    tops = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", "bin"))}
+    assert tops == {"rankwire"}
+
+
+def test_version_and_help() -> None:
+    from rankwire import __version__
+
+    out = subprocess.run(["rankwire", "--version"], capture_output=True, text=True, check=True)
+    assert __version__ in out.stdout and __version__ != "0+unknown"
+    helptext = subprocess.run(["rankwire", "--help"], capture_output=True, text=True, check=True)
+    assert "MPI inside unprivileged containers" in helptext.stdout
+    assert "doctor" in helptext.stdout
+
+
+def test_apptainer_mpirun_says_not_implemented() -> None:
+    proc = subprocess.run(
+        ["apptainer-mpirun", "-n", "2", "x.sif", "true"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "not implemented yet" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_doctor_reports_host_facts() -> None:
+    import json
+
+    proc = subprocess.run(
+        ["rankwire", "doctor", "--json"], capture_output=True, text=True, check=True
+    )
+    facts = json.loads(proc.stdout)
+    assert facts["uid"] == os.getuid()
+    assert facts["tools"]["mksquashfs"]  # installed by `make test`
+    assert isinstance(facts["userns_allowed"], bool)
