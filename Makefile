@@ -3,7 +3,8 @@
 #   make test   install test dependencies too, then run lint and the whole test suite
 # Both are idempotent and quiet when everything is present.
 
-PYTHON ?= python3
+# Debian's interpreter, so the unprivileged test user can run the venv too.
+PYTHON ?= /usr/bin/python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 

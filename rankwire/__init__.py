@@ -1,8 +1,5 @@
 """rankwire: MPI inside unprivileged containers, wired right."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("rankwire")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+# The one place the version lives (pyproject.toml reads it); a plain string keeps
+# `import rankwire` free of importlib.metadata, which every rank would pay for.
+__version__ = "0.1.0"

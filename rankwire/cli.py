@@ -40,6 +40,16 @@ def doctor(as_json: bool) -> None:
         sys.exit(1)
 
 
+def _register() -> None:
+    from rankwire.runtime import cli_image, cli_run
+
+    for command in [*cli_image.COMMANDS, *cli_run.COMMANDS]:
+        cli.add_command(command)
+
+
+_register()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and an exit code."""
     try:

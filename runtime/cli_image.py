@@ -1,0 +1,167 @@
+"""Image commands: `rankwire build`, `rankwire inspect`, `rankwire sif list|dump`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Optional
+
+import click
+
+from rankwire.errors import UserError
+
+if TYPE_CHECKING:
+    from rankwire.runtime.sif import SifImage
+
+COMMANDS: list[click.Command] = []
+
+
+def _pairs(option: str, values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(c.isspace() for c in key):
+            raise UserError(f"{option} {item!r}: expected KEY=VALUE; e.g. {option} NAME=value")
+        out[key] = value
+    return out
+
+
+@click.command(name="build")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("rootfs_dir", type=click.Path())
+@click.option("--deffile", type=click.Path(), help="Apptainer definition file to record.")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="Image label.")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Container environment.")
+@click.option("--runscript", metavar="TEXT", help="Runscript body (default: none).")
+def build_cmd(
+    out: str,
+    rootfs_dir: str,
+    deffile: Optional[str],
+    labels: tuple[str, ...],
+    env: tuple[str, ...],
+    runscript: Optional[str],
+) -> None:
+    """Pack ROOTFS_DIR into the SIF image OUT, laid out like `apptainer build`.
+
+    The directory is not modified. With SOURCE_DATE_EPOCH set, the image is
+    reproducible byte for byte.
+    """
+    from rankwire.runtime.build import build_image
+
+    build_image(
+        out,
+        rootfs_dir,
+        deffile=deffile,
+        labels=_pairs("--label", labels),
+        env=_pairs("--env", env),
+        runscript=runscript,
+    )
+    click.echo(f"rankwire: built {out}")
+
+
+def _list_lines(image: SifImage) -> list[str]:
+    """The rows of `siftool list`, same columns and spacing."""
+    rule = "-" * 78
+    lines = [rule, f"{'ID':<4} {'|GROUP':<8} {'|LINK':<8} {'|SIF POSITION (start-end)':<26} |TYPE"]
+    lines.append(rule)
+    for d in image.descriptors:
+        group = "NONE" if d.group_id == 0 else str(d.group_id)
+        if d.linked_id == 0:
+            link = f"{'NONE':<7}"
+        elif d.linked_group:
+            link = f"{d.linked_id:<3} (G)"
+        else:
+            link = f"{d.linked_id:<7}"
+        position = f"|{d.offset}-{d.offset + d.size} "
+        lines.append(f"{d.id:<4} |{group:<7} |{link} {position:<26} |{d.type_label}")
+    return lines
+
+
+@click.command(name="inspect")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect_cmd(image: str, as_json: bool) -> None:
+    """Show an image's definition file, labels, environment, runscript and objects."""
+    from rankwire.runtime.build import read_image_metadata
+    from rankwire.runtime.sif import SifImage
+
+    with SifImage.open(image) as img:
+        meta = read_image_metadata(img)
+        objects = [
+            {
+                "id": d.id,
+                "type": d.type_label,
+                "name": d.name,
+                "group_id": d.group_id,
+                "linked_id": d.linked_id,
+                "linked_group": d.linked_group,
+                "offset": d.offset,
+                "size": d.size,
+            }
+            for d in img.descriptors
+        ]
+        listing = _list_lines(img)
+    if as_json:
+        doc = {
+            "path": image,
+            "arch": meta.arch,
+            "identity": meta.identity,
+            "deffile": meta.deffile,
+            "labels": meta.labels,
+            "env": meta.env,
+            "runscript": meta.runscript,
+            "partition": {"offset": meta.partition_offset, "size": meta.partition_size},
+            "objects": objects,
+        }
+        click.echo(json.dumps(doc, indent=2))
+        return
+
+    def block(title: str, text: str) -> None:
+        click.echo(f"{title}:")
+        for line in text.splitlines() or ["(none)"]:
+            click.echo(f"    {line}")
+
+    click.echo(f"Image:     {image}")
+    click.echo(f"Arch:      {meta.arch}")
+    click.echo(f"Identity:  {meta.identity}")
+    click.echo(f"Partition: offset {meta.partition_offset}, {meta.partition_size} bytes")
+    block("Labels", "\n".join(f"{k}: {v}" for k, v in sorted(meta.labels.items())))
+    block("Environment", "\n".join(f"{k}={v}" for k, v in meta.env.items()))
+    block("Runscript", meta.runscript or "")
+    block("Definition file", meta.deffile)
+    click.echo("Objects:")
+    for line in listing:
+        click.echo(f"    {line}")
+
+
+@click.group(name="sif")
+def sif_group() -> None:
+    """Low-level SIF views (like siftool)."""
+
+
+@sif_group.command(name="list")
+@click.argument("image", type=click.Path(dir_okay=False))
+def sif_list(image: str) -> None:
+    """List the data objects, in the format of `siftool list`."""
+    from rankwire.runtime.sif import SifImage
+
+    with SifImage.open(image) as img:
+        for line in _list_lines(img):
+            click.echo(line)
+
+
+@sif_group.command(name="dump")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("object_id", type=int)
+def sif_dump(image: str, object_id: int) -> None:
+    """Write the raw bytes of object OBJECT_ID to stdout."""
+    from rankwire.runtime.sif import SifImage
+
+    out = sys.stdout.buffer
+    with SifImage.open(image) as img:
+        for chunk in img.iter_object(img.get(object_id)):
+            out.write(chunk)
+    out.flush()
+
+
+COMMANDS.extend([build_cmd, inspect_cmd, sif_group])

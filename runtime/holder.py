@@ -1,0 +1,448 @@
+"""The holder: one process that owns a container's namespaces and image mount.
+
+Forked by `instance.start_holder` with a request (the ContainerPlan, socket path, session
+dir, mode, owner pid); applies the plan, reports one JSON line on a status pipe
+(`{"ok": true, ...}` or `{"ok": false, "error": "<one line>"}`) and then serves a Unix
+socket. A client that sends `join` gets the user and mount namespace fds (SCM_RIGHTS) and
+holds a lease for as long as it keeps the connection open. It tears everything down on
+`stop`, when the owner process dies, when the image driver dies, or (ephemeral mode) when
+the last lease closes. It decides nothing: every choice is in the plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+from rankwire.runtime import syscalls as sc
+from rankwire.runtime.plan import ContainerPlan, Mount
+
+MOUNT_WAIT_S = 10.0
+
+
+class SetupError(Exception):
+    """A one-line reason the container could not be set up."""
+
+
+def secure_path(root: str, path: str) -> str:
+    """`path` resolved inside `root`: symlinks in the image can never lead out of it."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        if os.path.islink(candidate):
+            hops += 1
+            if hops > 40:
+                raise SetupError(f"too many symlinks resolving {path} in the image")
+            link = os.readlink(candidate)
+            if link.startswith("/"):
+                resolved = []
+            parts = [p for p in link.split("/") if p and p != "."] + parts
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved)
+
+
+def _wait_mounted(path: str, parent_dev: int, proc: Optional[subprocess.Popen], log: str) -> None:
+    deadline = time.monotonic() + MOUNT_WAIT_S
+    while time.monotonic() < deadline:
+        if os.stat(path).st_dev != parent_dev:
+            return
+        if proc is not None and proc.poll() is not None:
+            msg = Path(log).read_text(errors="replace").strip().splitlines()
+            raise SetupError(f"{proc.args[0]} exited: {msg[-1] if msg else proc.returncode}")
+        time.sleep(0.002)
+    raise SetupError(f"timed out mounting {path}")
+
+
+class Holder:
+    def __init__(self, req: dict[str, Any]) -> None:
+        self.plan = ContainerPlan.from_dict(req["plan"])
+        self.sock_path: str = req["socket"]
+        self.session: str = req["session"]
+        self.mode: str = req["mode"]  # "ephemeral" | "persistent"
+        self.owner: Optional[int] = req.get("owner")
+        self.daemons: list[subprocess.Popen] = []
+        self.leases: set[socket.socket] = set()
+        self.joined_once = False
+        self.report: dict[str, Any] = {"ok": True, "pid": os.getpid()}
+        self.sock_dir_fd = -1
+        self.session_parent_fd = -1
+        self.listener: Optional[socket.socket] = None
+        self.ns_fds: list[int] = []
+
+    # -- setup -----------------------------------------------------------------------
+    def setup(self) -> None:
+        plan = self.plan
+        os.makedirs(self.session, mode=0o700)
+        self.session_parent_fd = os.open(os.path.dirname(self.session), os.O_RDONLY)
+        self.sock_dir_fd = os.open(os.path.dirname(self.sock_path), os.O_RDONLY)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.sock_path)
+        self.listener.listen(128)
+
+        uid, gid = os.getuid(), os.getgid()
+        sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
+        Path("/proc/self/setgroups").write_text("deny")
+        Path("/proc/self/uid_map").write_text("{} {} {}\n".format(*plan.uid_map))
+        Path("/proc/self/gid_map").write_text("{} {} {}\n".format(*plan.gid_map))
+        if (plan.uid_map[1], plan.gid_map[1]) != (uid, gid):
+            raise SetupError(f"plan maps uid {plan.uid_map[1]} but the holder runs as {uid}")
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+        sc.raise_ambient((sc.CAP_SYS_ADMIN, sc.CAP_DAC_OVERRIDE))
+
+        s = self.session
+        sc.mount(
+            "tmpfs",
+            s,
+            "tmpfs",
+            sc.MS_NOSUID | sc.MS_NODEV,
+            f"mode=0755,size={plan.tmpfs_size_mib}m",
+        )
+        for sub in ("lower", "upper", "work", "root"):
+            os.mkdir(os.path.join(s, sub))
+        lower, upper, root = (os.path.join(s, sub) for sub in ("lower", "upper", "root"))
+        self._open_image(lower)
+        targets = self._prepare_mountpoints(lower, upper)
+        self._overlay(root)
+        for m, target in zip(plan.mounts, targets):
+            self._apply(root, target, m)
+        flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV
+        sc.mount(None, root, None, flags | (0 if plan.writable else sc.MS_RDONLY))
+
+        self.ns_fds = [
+            os.open("/proc/self/ns/user", os.O_RDONLY),
+            os.open("/proc/self/ns/mnt", os.O_RDONLY),
+        ]
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.chdir(root)
+        sc.pivot_root(".", ".")
+        sc.umount2(".", sc.MNT_DETACH)
+        os.chdir("/")
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+
+    def _spawn_fuse(self, argv: list[str], target: str) -> None:
+        log = os.path.join(self.session, f"{os.path.basename(argv[0])}.log")
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        self.daemons.append(proc)
+        try:
+            _wait_mounted(target, os.stat(self.session).st_dev, proc, log)
+        except SetupError:
+            self.daemons.remove(proc)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+
+    def _open_image(self, lower: str) -> None:
+        plan, errors = self.plan, []
+        for driver in plan.image_drivers:
+            try:
+                if driver == "extract":
+                    rootfs = self._extract()
+                    sc.mount(rootfs, lower, None, sc.MS_BIND | sc.MS_REC)
+                    sc.bind_remount(lower, readonly=True)
+                else:
+                    self._spawn_fuse(
+                        [
+                            driver,
+                            "-f",
+                            "-o",
+                            f"ro,offset={plan.partition_offset}",
+                            plan.image,
+                            lower,
+                        ],
+                        lower,
+                    )
+                self.report["image_driver"] = driver
+                if errors:
+                    self.report["image_driver_fallback"] = "; ".join(errors)
+                return
+            except (SetupError, OSError) as err:
+                errors.append(f"{driver}: {err}")
+        raise SetupError("cannot open the image: " + "; ".join(errors))
+
+    def _extract(self) -> str:
+        """Unpack the partition once into the cache; reuse it while the digest matches."""
+        done = os.path.join(self.plan.extract_dir, "rootfs")
+        if os.path.isdir(done):
+            return done
+        os.makedirs(self.plan.extract_dir, exist_ok=True)
+        tmp = f"{done}.tmp{os.getpid()}"
+        proc = subprocess.run(
+            [
+                "unsquashfs",
+                "-q",
+                "-n",
+                "-o",
+                str(self.plan.partition_offset),
+                "-d",
+                tmp,
+                self.plan.image,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            subprocess.run(["rm", "-rf", tmp])
+            last = (proc.stderr.strip().splitlines() or ["unsquashfs failed"])[-1]
+            raise SetupError(f"unsquashfs: {last}")
+        try:
+            os.rename(tmp, done)
+        except OSError:  # another process won the race; use its copy
+            subprocess.run(["rm", "-rf", tmp])
+        return done
+
+    def _overlay(self, root: str) -> None:
+        s, errors = self.session, []
+        opts = f"lowerdir={s}/lower,upperdir={s}/upper,workdir={s}/work"
+        for driver in self.plan.overlay_drivers:
+            try:
+                if driver == "kernel":
+                    sc.mount("overlay", root, "overlay", sc.MS_NOSUID | sc.MS_NODEV, opts)
+                else:
+                    self._spawn_fuse(["fuse-overlayfs", "-f", "-o", opts, root], root)
+                self.report["overlay_driver"] = driver
+                return
+            except (SetupError, OSError) as err:
+                errors.append(f"{driver}: {err}")
+        raise SetupError("cannot set up the container root: " + "; ".join(errors))
+
+    def _prepare_mountpoints(self, lower: str, upper: str) -> list[str]:
+        """Resolve each target inside the image; create the missing ones in the upper layer.
+
+        Creating them in the overlay's upper dir (our tmpfs) before the overlay exists
+        needs no write access to the image's directories, whose owner (root) is not
+        mapped in a uid-mapped namespace. A target below an earlier mount (a bind of the
+        host home, say) is resolved at mount time and must already exist there.
+        """
+        targets: list[str] = []
+        earlier: list[str] = []
+        for m in self.plan.mounts:
+            if any(m.target.startswith(t.rstrip("/") + "/") for t in earlier):
+                targets.append(m.target)
+                earlier.append(m.target)
+                continue
+            rel = os.path.relpath(secure_path(lower, m.target), lower)
+            if rel == "." or rel.startswith("../"):
+                raise SetupError(f"cannot mount on {m.target}: it is the image root")
+            want_dir = m.kind != "bind" or os.path.isdir(m.source)
+            image_path = os.path.join(lower, rel)
+            if os.path.lexists(image_path):
+                if os.path.isdir(image_path) != want_dir:
+                    kind = "directory" if want_dir else "file"
+                    raise SetupError(
+                        f"cannot mount a {kind} on {m.target}: the image has "
+                        "another kind of file there"
+                    )
+            else:
+                path = os.path.join(upper, rel)
+                if want_dir:
+                    os.makedirs(path, exist_ok=True)
+                else:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    open(path, "a").close()
+            targets.append("/" + rel)
+            earlier.append(m.target)
+        return targets
+
+    def _apply(self, root: str, resolved: str, m: Mount) -> None:
+        target = secure_path(root, resolved)
+        try:
+            if m.kind == "bind":
+                if not os.path.lexists(target):
+                    raise SetupError(
+                        f"cannot mount {m.source} on {m.target}: create "
+                        f"{m.target} first (it lies inside another mount)"
+                    )
+                flags = sc.MS_BIND | (sc.MS_REC if m.recursive else 0)
+                sc.mount(m.source, target, None, flags)
+                sc.bind_remount(target, readonly=m.readonly)
+            elif m.kind == "tmpfs":
+                sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, m.options or None)
+            elif m.kind == "devtmpfs":
+                self._minimal_dev(target, m.options.split(","))
+            else:
+                raise SetupError(f"unknown mount kind {m.kind!r}")
+        except OSError as err:
+            raise SetupError(
+                f"cannot mount {m.source or m.kind} on {m.target}: {err.strerror or err}"
+            ) from None
+
+    @staticmethod
+    def _minimal_dev(target: str, nodes: list[str]) -> None:
+        sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID, "mode=0755")
+        for name in nodes:
+            path = os.path.join(target, name)
+            open(path, "a").close()
+            sc.mount(f"/dev/{name}", path, None, sc.MS_BIND)
+        for sub, kind in (("shm", "tmpfs"), ("pts", "bind"), ("mqueue", None)):
+            os.mkdir(os.path.join(target, sub))
+            if kind == "tmpfs":
+                sc.mount(
+                    "tmpfs",
+                    os.path.join(target, sub),
+                    "tmpfs",
+                    sc.MS_NOSUID | sc.MS_NODEV,
+                    "mode=1777",
+                )
+            elif kind == "bind":
+                sc.mount("/dev/pts", os.path.join(target, sub), None, sc.MS_BIND | sc.MS_REC)
+        for link, dest in (
+            ("ptmx", "pts/ptmx"),
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ):
+            os.symlink(dest, os.path.join(target, link))
+
+    # -- serving ---------------------------------------------------------------------
+    def serve(self) -> None:
+        assert self.listener is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ, "accept")
+        watched: list[int] = []
+        if self.owner is not None:
+            try:
+                fd = os.pidfd_open(self.owner)
+            except ProcessLookupError:
+                return
+            watched.append(fd)
+            sel.register(fd, selectors.EVENT_READ, "owner")
+        for proc in self.daemons:
+            fd = os.pidfd_open(proc.pid)
+            watched.append(fd)
+            sel.register(fd, selectors.EVENT_READ, "daemon")
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.data in ("owner", "daemon"):
+                        return
+                    if key.data == "accept":
+                        conn, _ = self.listener.accept()
+                        sel.register(conn, selectors.EVENT_READ, "client")
+                        continue
+                    conn = key.fileobj
+                    assert isinstance(conn, socket.socket)
+                    if self._client(conn, sel) == "stop":
+                        return
+                    if self.mode == "ephemeral" and self.joined_once and not self.leases:
+                        return
+        finally:
+            for fd in watched:
+                os.close(fd)
+
+    def _client(self, conn: socket.socket, sel: selectors.BaseSelector) -> Optional[str]:
+        try:
+            data = conn.recv(64)
+        except OSError:
+            data = b""
+        cmd = data.strip().decode(errors="replace")
+        if conn in self.leases:
+            if not data:  # a lease ended
+                self.leases.discard(conn)
+                sel.unregister(conn)
+                conn.close()
+            return None
+        reply = dict(self.report)
+        try:
+            if cmd == "join":
+                socket.send_fds(conn, [json.dumps(reply).encode() + b"\n"], self.ns_fds)
+                self.leases.add(conn)
+                self.joined_once = True
+                return None
+            if cmd in ("info", "stop"):
+                reply["leases"] = len(self.leases)
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass
+        sel.unregister(conn)
+        conn.close()
+        return cmd if cmd == "stop" else None
+
+    # -- teardown --------------------------------------------------------------------
+    def teardown(self) -> None:
+        for conn in list(self.leases):
+            conn.close()
+        if self.listener is not None:
+            self.listener.close()
+        for proc in self.daemons:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.daemons:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.sock_dir_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.basename(self.sock_path), dir_fd=self.sock_dir_fd)
+        if self.session_parent_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.basename(self.session), dir_fd=self.session_parent_fd)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoReturn:
+    """Body of a freshly forked holder; never returns.
+
+    Keeps no descriptor of its parent's but `status_fd` (a caller's stdout pipe or PMI
+    socket must not be held open by a long-lived holder), reports the setup outcome there
+    as one JSON line, then serves until teardown.
+    """
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C is for the ranks
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        if new_session:
+            os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        keep = sorted({status_fd, devnull})
+        os.closerange(3, keep[0])
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, 1 << 20)
+        os.close(devnull)
+        holder = Holder(req)
+        try:
+            holder.setup()
+        except (SetupError, OSError) as err:
+            holder.teardown()
+            os.write(status_fd, json.dumps({"ok": False, "error": str(err)}).encode() + b"\n")
+            os._exit(1)
+        os.write(status_fd, json.dumps(holder.report).encode() + b"\n")
+        os.close(status_fd)
+        try:
+            holder.serve()
+        except SystemExit:
+            pass
+        finally:
+            holder.teardown()
+        code = 0
+    finally:
+        os._exit(code)

@@ -1,0 +1,339 @@
+"""Client side of the holder: start one, join it, run a process inside, list/stop instances.
+
+One container per node, shared: a holder owns the namespaces and the image mount; every
+process that joins (`setns` into its user and mount namespace) sees the same mounts, so
+shared memory and CMA between ranks work. Joining is a connection to the holder's socket:
+the namespace fds come over SCM_RIGHTS (no PID reuse race) and the open connection is the
+lease that keeps an ephemeral holder alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import select
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+from rankwire.errors import UserError
+from rankwire.runtime import syscalls as sc
+from rankwire.runtime.plan import ContainerPlan, ProcessPlan
+
+FORWARDED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def runtime_dir() -> Path:
+    """A private per-user directory for sockets and session mount points."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    uid = os.getuid()
+    base = (
+        Path(xdg) / "rankwire"
+        if xdg and os.access(xdg, os.W_OK)
+        else Path(os.environ.get("TMPDIR", "/tmp")) / f"rankwire-{uid}"
+    )
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(base)
+    except OSError as err:
+        raise UserError(f"cannot create runtime dir {base}: {err.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise UserError(f"{base} is not a private directory owned by you: remove it")
+    (base / "instances").mkdir(mode=0o700, exist_ok=True)
+    return base
+
+
+@dataclasses.dataclass
+class Holder:
+    """A running holder as its starter sees it."""
+
+    socket: str
+    pid: int
+    report: dict[str, Any]
+    is_child: bool  # ephemeral holders are our children and must be reaped by us
+
+    def wait(self, timeout: float = 10.0) -> None:
+        """Reap the holder (ephemeral mode: it exits when our last lease closes)."""
+        if not self.is_child:
+            return
+        fd = os.pidfd_open(self.pid)
+        try:
+            if not select.select([fd], [], [], timeout)[0]:
+                os.kill(self.pid, signal.SIGKILL)
+        finally:
+            os.close(fd)
+        os.waitpid(self.pid, 0)
+
+
+def start_holder(
+    plan: ContainerPlan,
+    *,
+    mode: str,
+    owner: Optional[int],
+    name: Optional[str] = None,
+    meta: Optional[dict[str, Any]] = None,
+) -> Holder:
+    """Fork a holder for `plan` and wait until it is ready (or say why it is not)."""
+    from rankwire.runtime.holder import run_holder
+
+    base = runtime_dir()
+    token = os.urandom(6).hex()
+    if name is not None:
+        if not NAME_RE.match(name):
+            raise UserError(f"bad instance name '{name}': use letters, digits, '.', '_', '-'")
+        sock = base / "instances" / f"{name}.sock"
+        if sock.exists():
+            if _ping(str(sock)) is not None:
+                raise UserError(
+                    f"instance '{name}' is already running: `rankwire instance stop {name}` first"
+                )
+            sock.unlink()
+    else:
+        sock = base / f"e-{token}.sock"
+    req = {
+        "plan": plan.to_dict(),
+        "socket": str(sock),
+        "session": str(base / f"s-{token}"),
+        "mode": mode,
+        "owner": owner,
+    }
+    persistent = mode == "persistent"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        run_holder(req, write_end, new_session=persistent)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as status:
+        line = status.readline()
+    try:
+        report = json.loads(line) if line else {"ok": False, "error": "the holder died"}
+    except ValueError:
+        report = {"ok": False, "error": f"the holder said {line[:200]!r}"}
+    if not report.get("ok"):
+        os.waitpid(pid, 0)
+        raise UserError(f"cannot start container from {plan.image}: {report['error']}")
+    if name is not None:
+        info = {
+            "name": name,
+            "pid": pid,
+            "image": plan.image,
+            "socket": str(sock),
+            "report": report,
+            "meta": meta or {},
+        }
+        (base / "instances" / f"{name}.json").write_text(json.dumps(info))
+    # A persistent holder has its own session; init reaps it once we have exited.
+    return Holder(str(sock), pid, report, is_child=not persistent)
+
+
+@dataclasses.dataclass
+class Lease:
+    conn: socket.socket
+    userns_fd: int
+    mntns_fd: int
+    report: dict[str, Any]
+
+    def close(self) -> None:
+        for fd in (self.userns_fd, self.mntns_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.conn.close()
+
+
+def join(sock_path: str) -> Lease:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(sock_path)
+        conn.sendall(b"join\n")
+        msg, fds, _, _ = socket.recv_fds(conn, 4096, 2)
+    except OSError as err:
+        conn.close()
+        raise UserError(
+            f"cannot join the container at {sock_path}: {err.strerror or err}; "
+            "is the instance still running?"
+        ) from None
+    if len(fds) != 2:
+        conn.close()
+        raise UserError(f"the container at {sock_path} is shutting down: start it again")
+    return Lease(conn, fds[0], fds[1], json.loads(msg.decode().strip() or "{}"))
+
+
+@contextlib.contextmanager
+def leased(sock_path: str) -> Iterator[Lease]:
+    lease = join(sock_path)
+    try:
+        yield lease
+    finally:
+        lease.close()
+
+
+def enter(lease: Lease) -> None:
+    """In a single-threaded (forked) process: move into the container's namespaces."""
+    sc.setns(lease.userns_fd, sc.CLONE_NEWUSER)
+    sc.setns(lease.mntns_fd, sc.CLONE_NEWNS)
+
+
+def _child(lease: Lease, proc: ProcessPlan) -> None:
+    """After fork: enter, then exec. Never returns; errors exit 125/126/127."""
+    try:
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        lease.conn.close()  # the lease is the parent's; the command must not hold it
+        enter(lease)
+        os.close(lease.userns_fd)
+        os.close(lease.mntns_fd)
+        try:
+            os.chdir(proc.workdir)
+        except OSError:
+            os.write(
+                2,
+                f"rankwire: working directory {proc.workdir} does not exist in the "
+                "container: pass --pwd DIR or bind it with -B\n".encode(),
+            )
+            os._exit(125)
+        if proc.no_new_privs:
+            sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        try:
+            os.execvpe(proc.argv[0], list(proc.argv), proc.env)
+        except FileNotFoundError:
+            os.write(2, f"rankwire: {proc.argv[0]}: command not found in the container\n".encode())
+            os._exit(127)
+        except PermissionError:
+            os.write(2, f"rankwire: {proc.argv[0]}: permission denied\n".encode())
+            os._exit(126)
+    except BaseException as err:  # never return into the parent's code
+        os.write(2, f"rankwire: cannot enter the container: {err}\n".encode())
+        os._exit(125)
+    os._exit(125)
+
+
+def spawn_in(lease: Lease, proc: ProcessPlan) -> int:
+    """Fork a process that enters the container and execs `proc`; return its pid.
+
+    Inherited file descriptors (a launcher's PMI_FD, the terminal) stay open.
+    """
+    pid = os.fork()
+    if pid == 0:
+        _child(lease, proc)
+    return pid
+
+
+def exit_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def run_in(lease: Lease, proc: ProcessPlan) -> int:
+    """Run `proc` inside, forwarding signals; return its exit code (128+N for signal N)."""
+    pid = spawn_in(lease, proc)
+    previous = {sig: signal.signal(sig, lambda s, _f: os.kill(pid, s)) for sig in FORWARDED_SIGNALS}
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return exit_code(status)
+
+
+def _ping(sock_path: str, cmd: bytes = b"info\n") -> Optional[dict[str, Any]]:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(5)
+    try:
+        conn.connect(sock_path)
+        conn.sendall(cmd)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return json.loads(data) if data else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        conn.close()
+
+
+def instance_socket(name: str) -> str:
+    sock = runtime_dir() / "instances" / f"{name}.sock"
+    if not sock.exists():
+        raise UserError(f"no instance named '{name}': see `rankwire instance list`")
+    return str(sock)
+
+
+def instance_info(name: str) -> dict[str, Any]:
+    path = runtime_dir() / "instances" / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"no instance named '{name}': see `rankwire instance list`") from None
+
+
+def list_instances() -> list[dict[str, Any]]:
+    """Running instances; entries whose holder is gone are removed."""
+    out = []
+    for info_path in sorted((runtime_dir() / "instances").glob("*.json")):
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            continue
+        live = _ping(info["socket"])
+        if live is None:
+            info_path.unlink(missing_ok=True)
+            Path(info["socket"]).unlink(missing_ok=True)
+            continue
+        info["leases"] = live.get("leases", 0)
+        out.append(info)
+    return out
+
+
+def stop_instance(name: str, timeout: float = 10.0) -> None:
+    info = instance_info(name)
+    _ping(info["socket"], b"stop\n")
+    pid = info["pid"]
+    with contextlib.suppress(ProcessLookupError):
+        fd = os.pidfd_open(pid)
+        try:
+            if not select.select([fd], [], [], timeout)[0]:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(fd)
+    (runtime_dir() / "instances" / f"{name}.json").unlink(missing_ok=True)
+
+
+def run_container(container: ContainerPlan, proc: ProcessPlan) -> int:
+    """The whole `rankwire exec`: an ephemeral holder, one process inside, teardown.
+
+    Returns the process's exit code; when it returns, no holder, mount or socket is left.
+    """
+    holder = start_holder(container, mode="ephemeral", owner=os.getpid())
+    try:
+        driver = holder.report.get("image_driver")
+        if driver == "extract":
+            print(
+                f"rankwire: FUSE is unusable here ({holder.report.get('image_driver_fallback')});"
+                f" using the image extracted under {container.extract_dir}",
+                file=sys.stderr,
+            )
+        with leased(holder.socket) as lease:
+            return run_in(lease, proc)
+    finally:
+        holder.wait()

@@ -1,0 +1,278 @@
+"""The container plan: a pure function from (image facts, host facts, options) to what to do.
+
+`plan_container` decides the container (image driver, uid maps, mounts in order, overlay);
+`plan_process` decides one process inside it (argv, env, workdir). The executor
+(`runtime/holder.py`, `runtime/join.py`) applies these and decides nothing; later layers
+(PMI, fabric, SPANK) only add mounts and env to plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
+
+from rankwire.errors import UserError
+from rankwire.runtime.hostfacts import HostFacts
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Host variables that never cross into the container: their values are host paths.
+OMIT_ENV = frozenset({"PATH", "LD_LIBRARY_PATH", "PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV"})
+# Kept under --cleanenv: without them a launcher's PMI wire-up or Slurm step breaks.
+WIREUP_PREFIXES = ("PMI_", "PMIX_", "SLURM_")
+ENV_PREFIXES = ("APPTAINERENV_", "RANKWIRE_ENV_")
+# Host files bound by default when they exist (like Apptainer's defaults).
+DEFAULT_FILE_BINDS = ("/etc/hosts", "/etc/localtime")
+MINIMAL_DEV = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """One mount inside the container, applied in plan order.
+
+    kind: "bind" (src -> dst; `recursive` for rbind), "tmpfs", "devtmpfs" (a minimal
+    /dev made of binds of the host device nodes listed in `options`).
+    """
+
+    kind: str
+    target: str
+    source: str = ""
+    readonly: bool = False
+    recursive: bool = False
+    options: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerPlan:
+    image: str
+    partition_offset: int
+    partition_size: int
+    # Ways to open the image, in order of preference; the executor takes the first that
+    # works and reports which. "extract" unpacks with unsquashfs into `extract_dir`.
+    image_drivers: tuple[str, ...]
+    overlay_drivers: tuple[str, ...]
+    writable: bool
+    uid_map: tuple[int, int, int]  # inside, outside, count
+    gid_map: tuple[int, int, int]
+    namespaces: tuple[str, ...]
+    mounts: tuple[Mount, ...]
+    tmpfs_size_mib: int
+    extract_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ContainerPlan:
+        fields = dict(d)
+        fields["mounts"] = tuple(Mount(**m) for m in d["mounts"])
+        for key in ("image_drivers", "overlay_drivers", "uid_map", "gid_map", "namespaces"):
+            fields[key] = tuple(d[key])
+        return cls(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessPlan:
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    workdir: str
+    no_new_privs: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFacts:
+    """What the planner needs to know of an image (read once by `image_facts`)."""
+
+    path: str
+    partition_offset: int
+    partition_size: int
+    digest: str  # identity for caches: changes whenever the image bytes change
+    env: dict[str, str]
+    has_runscript: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecOptions:
+    binds: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()  # K=V
+    cleanenv: bool = False
+    contain: bool = False
+    fakeroot: bool = False
+    writable_tmpfs: bool = False
+    unsquash: bool = False
+    workdir: Optional[str] = None
+    tmpfs_size_mib: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class UserFacts:
+    """The invoking user and where they stand; read once by `user_facts`."""
+
+    uid: int
+    gid: int
+    home: str
+    cwd: str
+    environ: dict[str, str]
+    cache_dir: str
+
+
+def user_facts() -> UserFacts:
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    return UserFacts(
+        uid=os.getuid(),
+        gid=os.getgid(),
+        home=home,
+        cwd=os.getcwd(),
+        environ=dict(os.environ),
+        cache_dir=os.path.join(cache, "rankwire"),
+    )
+
+
+def parse_bind(spec: str) -> Mount:
+    """`src[:dst[:ro|rw]]` -> a bind Mount; the source must be an absolute path."""
+    parts = spec.split(":")
+    if not spec or len(parts) > 3 or not parts[0]:
+        raise UserError(f"bad bind '{spec}': use -B SRC[:DST[:ro|rw]]")
+    src = parts[0]
+    dst = parts[1] if len(parts) > 1 and parts[1] else src
+    mode = parts[2] if len(parts) > 2 else "rw"
+    if mode not in ("ro", "rw"):
+        raise UserError(f"bad bind '{spec}': mode must be ro or rw, not '{mode}'")
+    if not os.path.isabs(dst):
+        raise UserError(f"bad bind '{spec}': the container path must be absolute")
+    return Mount(
+        "bind", target=os.path.normpath(dst), source=src, readonly=mode == "ro", recursive=True
+    )
+
+
+def split_binds(specs: Sequence[str]) -> list[str]:
+    """-B and RANKWIRE_BIND values may each hold a comma-separated list."""
+    return [s.strip() for spec in specs for s in spec.split(",") if s.strip()]
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def plan_container(
+    image: ImageFacts,
+    host: HostFacts,
+    user: UserFacts,
+    opts: ExecOptions,
+    exists: Callable[[str], bool] = os.path.exists,
+) -> ContainerPlan:
+    """The container to build. `exists` is the only view of the filesystem it gets."""
+    fuse = host.dev_fuse_usable and not opts.unsquash
+    drivers = [d for d in ("squashfuse_ll", "squashfuse") if fuse and host.tool(d)]
+    if host.tool("unsquashfs"):
+        drivers.append("extract")
+    if not drivers:
+        raise UserError(
+            "cannot open SIF images: no usable squashfuse or unsquashfs; "
+            "install them with `apt-get install squashfuse squashfs-tools`"
+        )
+    if not host.userns_allowed:
+        raise UserError(
+            "unprivileged user namespaces are disabled on this host; ask the admin to set "
+            "`sysctl user.max_user_namespaces=15000`"
+        )
+    overlays = ["kernel"]
+    if host.dev_fuse_usable and host.tool("fuse-overlayfs"):
+        overlays.append("fuse-overlayfs")
+
+    mounts: list[Mount] = [
+        Mount("bind", "/proc", "/proc", recursive=True),
+        Mount("bind", "/sys", "/sys", recursive=True),
+    ]
+    if opts.contain:
+        mounts += [
+            Mount("devtmpfs", "/dev", options=",".join(MINIMAL_DEV)),
+            Mount("tmpfs", "/tmp", options="mode=1777"),
+            Mount("tmpfs", "/var/tmp", options="mode=1777"),
+            Mount("tmpfs", user.home, options="mode=0700"),
+        ]
+    else:
+        mounts += [Mount("bind", "/dev", "/dev", recursive=True)]
+        mounts += [Mount("bind", p, p) for p in DEFAULT_FILE_BINDS if exists(p)]
+        mounts += [Mount("bind", "/tmp", "/tmp"), Mount("bind", "/var/tmp", "/var/tmp")]
+        if exists(user.home):
+            mounts.append(Mount("bind", user.home, user.home, recursive=True))
+        covered = [m.target for m in mounts if m.kind == "bind" and m.target != "/"]
+        if not any(_under(user.cwd, t) for t in covered if t not in ("/proc", "/sys", "/dev")):
+            mounts.append(Mount("bind", user.cwd, user.cwd, recursive=True))
+
+    specs = split_binds(
+        [
+            *filter(
+                None, [user.environ.get("RANKWIRE_BIND"), user.environ.get("APPTAINER_BINDPATH")]
+            ),
+            *opts.binds,
+        ]
+    )
+    for spec in specs:
+        m = parse_bind(spec)
+        if not exists(m.source):
+            raise UserError(f"bind source '{m.source}' does not exist: create it or fix -B")
+        mounts.append(m)
+
+    inside = 0 if opts.fakeroot else user.uid
+    inside_gid = 0 if opts.fakeroot else user.gid
+    return ContainerPlan(
+        image=os.path.abspath(image.path),
+        partition_offset=image.partition_offset,
+        partition_size=image.partition_size,
+        image_drivers=tuple(drivers),
+        overlay_drivers=tuple(overlays),
+        writable=opts.writable_tmpfs,
+        uid_map=(inside, user.uid, 1),
+        gid_map=(inside_gid, user.gid, 1),
+        namespaces=("user", "mount"),
+        mounts=tuple(mounts),
+        tmpfs_size_mib=opts.tmpfs_size_mib,
+        extract_dir=os.path.join(user.cache_dir, "sandbox", image.digest),
+    )
+
+
+def plan_env(image: ImageFacts, user: UserFacts, opts: ExecOptions) -> dict[str, str]:
+    """Host env (minus host paths) < image %environment < APPTAINERENV_/RANKWIRE_ENV_ < --env."""
+    host = user.environ
+    if opts.cleanenv:
+        keep = {k: v for k, v in host.items() if k.startswith(WIREUP_PREFIXES)}
+        keep.update({k: host[k] for k in ("TERM", "LANG") if k in host})
+    else:
+        keep = {k: v for k, v in host.items() if k not in OMIT_ENV}
+    env = {k: v for k, v in keep.items() if not k.startswith(ENV_PREFIXES)}
+    env["PATH"] = DEFAULT_PATH
+    env["HOME"] = user.home
+    env.update(image.env)
+    for prefix in ENV_PREFIXES:
+        for k, v in host.items():
+            if k.startswith(prefix) and len(k) > len(prefix):
+                env[k[len(prefix) :]] = v
+    for item in opts.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"bad --env '{item}': use --env KEY=VALUE")
+        env[key] = value
+    env["RANKWIRE_CONTAINER"] = image.path
+    return env
+
+
+def plan_process(
+    image: ImageFacts, user: UserFacts, opts: ExecOptions, argv: Sequence[str]
+) -> ProcessPlan:
+    if not argv:
+        raise UserError("no command given: rankwire exec IMAGE COMMAND [ARGS...]")
+    workdir = opts.workdir or (user.home if opts.contain else user.cwd)
+    return ProcessPlan(argv=tuple(argv), env=plan_env(image, user, opts), workdir=workdir)
+
+
+def runscript_argv(image: ImageFacts, args: Sequence[str]) -> list[str]:
+    if not image.has_runscript:
+        raise UserError(f"{image.path} has no runscript: use `rankwire exec IMAGE COMMAND`")
+    return ["/.singularity.d/runscript", *args]

@@ -1,0 +1,328 @@
+"""`rankwire exec/run/shell/instance`: real SIF images started unprivileged, for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from harness.images import make_rootfs, make_world_readable
+from harness.users import User
+
+
+@pytest.fixture(scope="session")
+def base_image(shared_dir: Path) -> Path:
+    from rankwire.runtime.build import build_image
+
+    rootfs = make_rootfs(shared_dir / "base-rootfs")
+    out = shared_dir / "base.sif"
+    build_image(
+        out,
+        rootfs,
+        env={"IMAGE_VAR": "from-image", "OVERRIDE_ME": "image"},
+        labels={"purpose": "tests"},
+        runscript='#!/bin/sh\necho "runscript: $*"\n',
+    )
+    make_world_readable(shared_dir)
+    return out
+
+
+@pytest.fixture(params=["root", "user"])
+def runner(request, unprivileged_user: User) -> User:
+    """Run each test as root (when we are root) and as the unprivileged test user."""
+    if request.param == "root":
+        if os.getuid() != 0:
+            pytest.skip("not running as root")
+        return User("root", 0, 0, "/root")
+    return unprivileged_user
+
+
+def user_leftovers(user: User) -> list[str]:
+    """Processes, mounts and runtime files of `user` that a finished run must not leave."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if proc.stat().st_uid != user.uid:
+                continue
+            comm = (proc / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith(("squashfuse", "fuse-overlayfs")) or "rankwire.runtime" in comm:
+            found.append(f"process {proc.name} {comm}")
+        else:
+            cmdline = (proc / "cmdline").read_bytes()
+            if b"rankwire.runtime.holder" in cmdline:
+                found.append(f"holder {proc.name}")
+    found += [
+        f"mount {line}"
+        for line in Path("/proc/mounts").read_text().splitlines()
+        if "rankwire" in line
+    ]
+    rdir = Path(f"/tmp/rankwire-{user.uid}")
+    if rdir.exists():
+        found += [f"file {p}" for p in rdir.iterdir() if p.name != "instances"]
+        found += [f"file {p}" for p in (rdir / "instances").iterdir()]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(unprivileged_user: User) -> Iterator[None]:
+    yield
+    users = [unprivileged_user] + ([User("root", 0, 0, "/root")] if os.getuid() == 0 else [])
+    for user in users:
+        deadline = time.monotonic() + 5
+        while user_leftovers(user) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert user_leftovers(user) == []
+
+
+def child_of(pid: int) -> int:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                return int(proc.name)
+    raise AssertionError(f"process {pid} has no child")
+
+
+def rw(runner: User, *args: str, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("cwd", "/tmp")
+    return runner.run(["rankwire", *args], **kw)
+
+
+def test_exec_shows_the_images_files(runner: User, base_image: Path) -> None:
+    proc = rw(runner, "exec", str(base_image), "cat", "/etc/os-release")
+    assert proc.returncode == 0, proc.stderr
+    assert 'NAME="rankwire-test-image"' in proc.stdout
+
+
+def test_uid_inside_equals_outside_and_fakeroot_is_zero(runner: User, base_image: Path) -> None:
+    proc = rw(runner, "exec", str(base_image), "id", "-u")
+    assert proc.stdout.strip() == str(runner.uid), proc.stderr
+    proc = rw(runner, "exec", "--fakeroot", str(base_image), "id", "-u")
+    assert proc.stdout.strip() == "0", proc.stderr
+
+
+def test_setuid_binary_gains_nothing(runner: User, base_image: Path) -> None:
+    proc = rw(
+        runner,
+        "exec",
+        str(base_image),
+        "sh",
+        "-c",
+        "/usr/bin/id-suid -u; grep NoNewPrivs /proc/self/status; stat -c %a /usr/bin/id-suid",
+    )
+    lines = proc.stdout.split("\n")
+    assert lines[0] == str(runner.uid), proc.stdout + proc.stderr
+    assert lines[1].split() == ["NoNewPrivs:", "1"]
+    assert lines[2] == "4755"  # the bit is there; nosuid + no_new_privs defuse it
+    mounts = rw(runner, "exec", str(base_image), "cat", "/proc/self/mountinfo").stdout
+    root = next(line for line in mounts.splitlines() if line.split()[4] == "/")
+    assert "nosuid" in root.split()[5]
+
+
+def test_writes_outside_binds_fail_and_ro_binds_are_read_only(
+    runner: User, base_image: Path, shared_dir: Path
+) -> None:
+    proc = rw(runner, "exec", str(base_image), "touch", "/etc/new-file")
+    assert proc.returncode != 0
+    assert "Read-only file system" in proc.stderr
+    data = shared_dir / f"data-{runner.name}"
+    data.mkdir(exist_ok=True)
+    (data / "in").write_text("host data\n")
+    if runner.uid:
+        os.chown(data, runner.uid, runner.gid)
+    proc = rw(
+        runner,
+        "exec",
+        "-B",
+        f"{data}:/y:ro",
+        str(base_image),
+        "sh",
+        "-c",
+        "cat /y/in; touch /y/out",
+    )
+    assert proc.stdout == "host data\n"
+    assert proc.returncode != 0 and "Read-only file system" in proc.stderr
+    proc = rw(runner, "exec", "-B", f"{data}:/y", str(base_image), "touch", "/y/out")
+    assert proc.returncode == 0, proc.stderr
+    assert (data / "out").exists()
+
+
+def test_exit_code_and_missing_command(runner: User, base_image: Path) -> None:
+    assert rw(runner, "exec", str(base_image), "sh", "-c", "exit 42").returncode == 42
+    proc = rw(runner, "exec", str(base_image), "no-such-command")
+    assert proc.returncode == 127
+    assert proc.stderr.strip() == "rankwire: no-such-command: command not found in the container"
+
+
+def test_signals_are_forwarded_and_nothing_lingers(runner: User, base_image: Path) -> None:
+    proc = subprocess.Popen(
+        runner.argv(["rankwire", "exec", str(base_image), "sleep", "60"]),
+        cwd="/tmp",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(1.0)
+    # Signal rankwire itself (runuser, when it is in between, would re-raise on itself).
+    target = proc.pid if runner.uid == os.getuid() else child_of(proc.pid)
+    os.kill(target, signal.SIGTERM)
+    assert proc.wait(10) == 128 + signal.SIGTERM
+
+
+def test_stdin_and_inherited_fds_pass_through(runner: User, base_image: Path) -> None:
+    proc = rw(runner, "exec", str(base_image), "cat", input="from stdin\n")
+    assert proc.stdout == "from stdin\n"
+    read_end, write_end = os.pipe()
+    # The write end arrives as fd 9 (dash redirects only fds 0-9), as a PMI_FD would.
+    child = subprocess.Popen(
+        runner.argv(
+            ["rankwire", "exec", str(base_image), "sh", "-c", 'echo via-inherited-fd >&"$PMI_FD"']
+        ),
+        cwd="/tmp",
+        pass_fds=(9,),
+        preexec_fn=lambda: os.dup2(write_end, 9),
+        env=dict(os.environ, PMI_FD="9"),
+    )
+    os.close(write_end)
+    assert child.wait(30) == 0
+    with os.fdopen(read_end) as f:
+        assert f.read() == "via-inherited-fd\n"
+
+
+def test_environment_layers(runner: User, base_image: Path) -> None:
+    env = dict(
+        os.environ,
+        HOST_ONLY="h",
+        OVERRIDE_ME="host",
+        APPTAINERENV_INJECTED="a",
+        RANKWIRE_ENV_OTHER="r",
+        PMI_RANK="3",
+        LD_LIBRARY_PATH="/host/lib",
+    )
+    proc = rw(runner, "exec", "--env", "CLI=c", str(base_image), "env", env=env)
+    got = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    assert got["HOST_ONLY"] == "h"
+    assert got["IMAGE_VAR"] == "from-image"
+    assert got["OVERRIDE_ME"] == "image"  # image %environment wins over the host
+    assert got["INJECTED"] == "a" and got["OTHER"] == "r" and got["CLI"] == "c"
+    assert "LD_LIBRARY_PATH" not in got and "APPTAINERENV_INJECTED" not in got
+    assert got["PATH"].startswith("/usr/local/sbin")
+    proc = rw(runner, "exec", "--cleanenv", str(base_image), "env", env=env)
+    got = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    assert "HOST_ONLY" not in got and got["PMI_RANK"] == "3"  # wire-up survives
+
+
+def test_runscript_and_shell(runner: User, base_image: Path) -> None:
+    proc = rw(runner, "run", str(base_image), "a", "b")
+    assert proc.stdout == "runscript: a b\n", proc.stderr
+    proc = rw(runner, "shell", str(base_image), input="echo in-shell; exit 3\n")
+    assert proc.stdout == "in-shell\n" and proc.returncode == 3
+
+
+def test_contain_gives_a_minimal_dev_and_private_tmp(runner: User, base_image: Path) -> None:
+    proc = rw(runner, "exec", "--contain", str(base_image), "sh", "-c", "ls /dev; ls -A /tmp")
+    assert proc.returncode == 0, proc.stderr
+    names = set(proc.stdout.split())
+    assert {"null", "zero", "urandom", "shm", "pts"} <= names
+    assert "vda" not in names and "fuse" not in names
+
+
+def test_writable_tmpfs(runner: User, base_image: Path) -> None:
+    proc = rw(
+        runner,
+        "exec",
+        "--fakeroot",
+        "--writable-tmpfs",
+        str(base_image),
+        "sh",
+        "-c",
+        "echo x > /etc/new-file && cat /etc/new-file",
+    )
+    assert proc.stdout == "x\n", proc.stderr
+    proc = rw(runner, "exec", "--fakeroot", str(base_image), "touch", "/etc/new-file")
+    assert proc.returncode != 0
+
+
+def test_unsquash_fallback_extracts_once(runner: User, base_image: Path) -> None:
+    proc = rw(runner, "exec", "--unsquash", str(base_image), "cat", "/etc/os-release")
+    assert proc.returncode == 0, proc.stderr
+    assert "rankwire-test-image" in proc.stdout
+    assert "extracted" in proc.stderr
+
+
+def test_dry_run_json_prints_the_plan_and_starts_nothing(runner: User, base_image: Path) -> None:
+    proc = rw(
+        runner, "exec", "--dry-run", "--json", "-B", "/tmp:/scratch:ro", str(base_image), "true"
+    )
+    plan = json.loads(proc.stdout)
+    mounts = {m["target"]: m for m in plan["container"]["mounts"]}
+    assert mounts["/scratch"]["readonly"] is True and mounts["/scratch"]["source"] == "/tmp"
+    assert plan["container"]["uid_map"] == [runner.uid, runner.uid, 1]
+    assert plan["process"]["argv"] == ["true"]
+    assert plan["process"]["env"]["IMAGE_VAR"] == "from-image"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["/nonexistent.sif", "true"], "image /nonexistent.sif not found"),
+        (["/etc/passwd", "true"], "/etc/passwd"),
+        (["-B", "/nonexistent:/x", "{img}", "true"], "bind source '/nonexistent' does not exist"),
+        (["-B", "/tmp:relative", "{img}", "true"], "must be absolute"),
+        (["--env", "NOEQUALS", "{img}", "true"], "bad --env"),
+        (["--pwd", "/nowhere", "{img}", "true"], "working directory /nowhere"),
+    ],
+)
+def test_user_errors_are_one_line(runner: User, base_image: Path, args, message) -> None:
+    args = [a.replace("{img}", str(base_image)) for a in args]
+    proc = rw(runner, "exec", *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rankwire: ")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sixteen_joiners_share_one_instance(runner: User, base_image: Path) -> None:
+    name = f"t16-{runner.name}"
+    start = rw(runner, "instance", "start", str(base_image), name)
+    assert start.returncode == 0, start.stderr
+    try:
+        listed = json.loads(rw(runner, "instance", "list", "--json").stdout)
+        assert [i["name"] for i in listed] == [name]
+        host_ns = os.stat("/proc/self/ns/mnt").st_ino
+
+        def join(_: int) -> subprocess.CompletedProcess:
+            return rw(
+                runner, "exec", f"instance://{name}", "stat", "-L", "-c", "%i", "/proc/self/ns/mnt"
+            )
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(join, range(16)))
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        inodes = {r.stdout.strip() for r in results}
+        assert len(inodes) == 1 and inodes != {str(host_ns)}
+    finally:
+        stop = rw(runner, "instance", "stop", name)
+    assert stop.returncode == 0, stop.stderr
+    assert json.loads(rw(runner, "instance", "list", "--json").stdout) == []
+
+
+def test_instance_options_are_refused_when_joining(runner: User, base_image: Path) -> None:
+    proc = rw(runner, "exec", "-B", "/tmp", "instance://nope", "true")
+    assert proc.returncode != 0 and "instance start" in proc.stderr
+    proc = rw(runner, "exec", "instance://nope", "true")
+    assert proc.returncode != 0 and "no instance named 'nope'" in proc.stderr
