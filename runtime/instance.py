@@ -19,9 +19,9 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from rankwire.errors import UserError
 from rankwire.runtime import syscalls as sc
@@ -190,22 +190,35 @@ def enter(lease: Lease) -> None:
     sc.setns(lease.mntns_fd, sc.CLONE_NEWNS)
 
 
-def _child(lease: Lease, proc: ProcessPlan) -> None:
-    """After fork: enter, then exec. Never returns; errors exit 125/126/127."""
+def _child(
+    lease: Optional[Lease],
+    proc: ProcessPlan,
+    inherit: Sequence[int],
+    stdio: Optional[Sequence[int]],
+) -> NoReturn:
+    """After fork: wire fds, enter (unless on the host), exec. Errors exit 125/126/127."""
+    where = "in the container" if lease else "on this host"
     try:
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
-        lease.conn.close()  # the lease is the parent's; the command must not hold it
-        enter(lease)
-        os.close(lease.userns_fd)
-        os.close(lease.mntns_fd)
+        if stdio is not None:
+            for target, fd in enumerate(stdio):
+                if fd != target:
+                    os.dup2(fd, target)
+        for fd in inherit:
+            os.set_inheritable(fd, True)
+        if lease is not None:
+            lease.conn.close()  # the lease is the parent's; the command must not hold it
+            enter(lease)
+            os.close(lease.userns_fd)
+            os.close(lease.mntns_fd)
         try:
             os.chdir(proc.workdir)
         except OSError:
             os.write(
                 2,
-                f"rankwire: working directory {proc.workdir} does not exist in the "
-                "container: pass --pwd DIR or bind it with -B\n".encode(),
+                f"rankwire: working directory {proc.workdir} does not exist {where}: "
+                "pass --pwd DIR or bind it with -B\n".encode(),
             )
             os._exit(125)
         if proc.no_new_privs:
@@ -213,25 +226,33 @@ def _child(lease: Lease, proc: ProcessPlan) -> None:
         try:
             os.execvpe(proc.argv[0], list(proc.argv), proc.env)
         except FileNotFoundError:
-            os.write(2, f"rankwire: {proc.argv[0]}: command not found in the container\n".encode())
+            os.write(2, f"rankwire: {proc.argv[0]}: command not found {where}\n".encode())
             os._exit(127)
         except PermissionError:
             os.write(2, f"rankwire: {proc.argv[0]}: permission denied\n".encode())
             os._exit(126)
     except BaseException as err:  # never return into the parent's code
-        os.write(2, f"rankwire: cannot enter the container: {err}\n".encode())
-        os._exit(125)
+        os.write(2, f"rankwire: cannot start {proc.argv[0]} {where}: {err}\n".encode())
     os._exit(125)
 
 
-def spawn_in(lease: Lease, proc: ProcessPlan) -> int:
-    """Fork a process that enters the container and execs `proc`; return its pid.
+def spawn_in(
+    lease: Optional[Lease],
+    proc: ProcessPlan,
+    *,
+    inherit: Sequence[int] = (),
+    stdio: Optional[Sequence[int]] = None,
+) -> int:
+    """Fork a process that enters the container (`lease`; None: stay on the host) and
+    execs `proc`; return its pid.
 
-    Inherited file descriptors (a launcher's PMI_FD, the terminal) stay open.
+    Inherited file descriptors (a launcher's PMI_FD, the terminal) stay open; `inherit`
+    names close-on-exec ones to hand over under the same number; `stdio` replaces
+    fds 0, 1, 2.
     """
     pid = os.fork()
     if pid == 0:
-        _child(lease, proc)
+        _child(lease, proc, inherit, stdio)
     return pid
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from harness.mpi import MpiPrograms, compile_hello
 from harness.slurm import HarnessError, SlurmCluster
-from harness.users import User, ensure_unprivileged_user
+from harness.users import User, ensure_unprivileged_user, install_for
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -49,8 +49,11 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 
 
 @pytest.fixture(scope="session")
-def unprivileged_user() -> User:
-    return ensure_unprivileged_user()
+def unprivileged_user(shared_dir: Path) -> User:
+    user = ensure_unprivileged_user()
+    if os.getuid() == 0:
+        user = install_for(user, REPO, shared_dir)
+    return user
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import os
 import pwd
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +20,50 @@ class User:
     uid: int
     gid: int
     home: str
+    bindir: str = ""  # where this user finds `rankwire` when it is not our own venv
 
     def argv(self, argv: list[str]) -> list[str]:
         """`argv` as this user: wrapped in runuser when we are root, unchanged otherwise."""
         if os.getuid() == self.uid:
             return list(argv)
-        return ["runuser", "-u", self.name, "--", *argv]
+        env = ["env", f"PATH={self.bindir}{os.pathsep}{os.environ['PATH']}"] if self.bindir else []
+        return ["runuser", "-u", self.name, "--", *env, *argv]
 
     def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         kwargs.setdefault("timeout", 120)
         return subprocess.run(self.argv(argv), **kwargs)
+
+
+def install_for(user: User, repo: Path, where: Path) -> User:
+    """Give `user` a rankwire it can run, if our venv is out of its reach.
+
+    A checkout under /root (mode 0700) is invisible to other accounts; then install the
+    package (non-editable) into a venv under `where`, which every user can read.
+    """
+    probe = subprocess.run(
+        ["runuser", "-u", user.name, "--", sys.executable, "-c", "import rankwire.cli"],
+        capture_output=True,
+    )
+    if probe.returncode == 0:
+        return user
+    venv = where / "user-venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [
+            str(venv / "bin/python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            str(repo),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return dataclasses.replace(user, bindir=str(venv / "bin"))
 
 
 def ensure_unprivileged_user() -> User:
