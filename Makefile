@@ -42,8 +42,13 @@ $(VENV)/.stamp: pyproject.toml | $(VENV)/bin/python
 	@$(PY) -c "import rankwire.runtime"
 	@touch $@
 
+# PyPI's MPICH 5 (a second, newer "container MPI") goes to its own prefix: on PATH it
+# would shadow the system's mpiexec.hydra. Tests look for it under .venv/opt/mpich.
+MPICH_WHEEL := mpich==5.0.2
+
 $(VENV)/.stamp-test: pyproject.toml | $(VENV)/bin/python
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -m pip install -q --disable-pip-version-check --prefix $(VENV)/opt/mpich $(MPICH_WHEEL) 2>&1 | grep -v '^WARNING: Location' || true
 	@$(PY) -c "import rankwire.runtime, pytest, hypothesis"
 	@touch $@ $(VENV)/.stamp
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, as far as rankwire goes today: build a SIF image
-# holding an MPI program (Debian MPICH) from host binaries, then run it inside an
-# unprivileged container started by rankwire's own runtime. No Slurm, no setuid.
+# The main job on the embedded default: build a SIF image holding an MPI program (Debian
+# MPICH) from host binaries, then run 4 ranks of it inside one unprivileged container,
+# wired up by rankwire's own PMI server. No Slurm, no setuid, no admin help.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/rankwire-demo.XXXXXX")
@@ -21,7 +21,9 @@ rankwire build "$work/app.sif" "$work/rootfs" --label demo=rankwire \
     --env GREETING="hello from the image"
 rankwire inspect "$work/app.sif" | sed -n '1,12p'
 
-echo "== run inside the container (unprivileged user + mount namespace)"
-rankwire exec "$work/app.sif" sh -c 'cat /etc/os-release | head -1; echo "$GREETING"; id'
-rankwire exec "$work/app.sif" /opt/hello_mpich
+echo "== a command inside the container (unprivileged user + mount namespace)"
+rankwire exec "$work/app.sif" sh -c 'head -1 /etc/os-release; echo "$GREETING"; id'
+
+echo "== apptainer-mpirun -n 4: 4 MPI ranks in one shared container, our PMI server"
+apptainer-mpirun -n 4 --tag-output "$work/app.sif" /opt/hello_mpich | sort
 echo "demo ok"

@@ -1,15 +1,178 @@
-"""Console entry point of `apptainer-mpirun`."""
+"""`rankwire run` and `apptainer-mpirun`: one launcher, two spellings.
+
+rankwire run [-n N] [--image IMG] [options] TARGET [ARGS...]
+    TARGET a SIF file: N ranks of its runscript (ARGS passed on)
+    --image IMG:       N ranks of the command TARGET inside IMG
+    otherwise:         N ranks of the command TARGET on this host
+apptainer-mpirun [-n N] [options] IMAGE COMMAND [ARGS...]
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import click
+
+from rankwire.errors import UserError
+from rankwire.launcher.plan import PMI_CHOICES, LaunchOptions, LaunchPlan, describe, plan_launch
+from rankwire.launcher.plan import host_process as plan_host_process
+from rankwire.runtime.cli_run import PASSTHROUGH, container_options, process_options
+from rankwire.runtime.plan import ExecOptions, plan_container, plan_process, runscript_argv
+from rankwire.runtime.sif import MAGIC
+
+CONTAINER_KEYS = ("binds", "contain", "fakeroot", "writable_tmpfs", "unsquash", "share")
 
 
-def apptainer_mpirun() -> None:
-    """Placeholder until the launcher lands: says so and exits 2, never pretends to run."""
-    print(
-        "apptainer-mpirun: not implemented yet (the local launcher is issue #4); "
-        "until then launch ranks with srun or mpiexec",
-        file=sys.stderr,
-    )
-    sys.exit(2)
+def launcher_options(f: Any) -> Any:
+    opts = [
+        click.option(
+            "-n", "--ntasks", "-np", type=int, default=1, show_default=True, help="Number of ranks."
+        ),
+        click.option(
+            "--pmi",
+            type=click.Choice(PMI_CHOICES),
+            default="auto",
+            show_default=True,
+            help="PMI the ranks speak (our server serves both).",
+        ),
+        click.option(
+            "--pmi-transport",
+            type=click.Choice(("fd", "port")),
+            default="fd",
+            show_default=True,
+            help="PMI_FD (inherited socketpair) or PMI_PORT (TCP on 127.0.0.1).",
+        ),
+        click.option("--tag-output", is_flag=True, help="Prefix every output line with [rank]."),
+        click.option("--timeout", type=float, metavar="S", help="Kill the job after S seconds."),
+        click.option(
+            "--fence-timeout",
+            type=float,
+            metavar="S",
+            help="Fail a PMI fence that waits longer than S seconds for a rank.",
+        ),
+        click.option(
+            "--no-slurm",
+            is_flag=True,
+            help="Launch here even inside a Slurm allocation (default: use srun).",
+        ),
+        click.option("-v", "--verbose", is_flag=True, help="Say how the job is launched."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def is_sif(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(42)[32:42] == MAGIC
+    except OSError:
+        return False
+
+
+def _exec_prefix(image: str, ckw: dict[str, Any], pkw: dict[str, Any]) -> list[str]:
+    """`rankwire exec <same options> IMAGE` for each srun task of a delegated job."""
+    argv = [os.path.join(os.path.dirname(sys.executable), "rankwire"), "exec"]
+    for spec in ckw["binds"]:
+        argv += ["-B", spec]
+    for flag in ("contain", "fakeroot", "writable_tmpfs", "unsquash", "cleanenv"):
+        if ckw.get(flag) or pkw.get(flag):
+            argv.append("--" + flag.replace("_", "-"))
+    for item in pkw["env"]:
+        argv += ["--env", item]
+    if pkw["workdir"]:
+        argv += ["--pwd", pkw["workdir"]]
+    # All tasks of the step on a node join one container, as local launches do.
+    return [*argv, "--share", ckw["share"] or "rankwire-%j.%s", image]
+
+
+def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[str, Any]) -> None:
+    from rankwire.launcher.execute import execute
+    from rankwire.runtime.hostfacts import collect_host_facts
+    from rankwire.runtime.imagefacts import image_facts
+    from rankwire.runtime.plan import user_facts
+
+    ckw = {k: kw.pop(k) for k in CONTAINER_KEYS}
+    dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
+    pkw = {k: kw.pop(k) for k in ("env", "cleanenv", "workdir")}
+    lopts = LaunchOptions(**kw)
+    user = user_facts()
+    container = None
+    if image is None:
+        if any(ckw.values()) or any(pkw.values()):
+            raise UserError(
+                "-B/--env/--contain/... shape a container: give an image "
+                "(--image IMG) or drop them to run on the host"
+            )
+        process = plan_host_process(argv, user.environ, user.cwd)
+        prefix: list[str] = []
+    else:
+        facts = image_facts(image)
+        opts = ExecOptions(**ckw, **pkw)
+        container = plan_container(facts, collect_host_facts(), user, opts)
+        argv = runscript_argv(facts, argv) if runscript else argv
+        process = plan_process(facts, user, opts, argv)
+        prefix = _exec_prefix(image, ckw, pkw)
+    plan: LaunchPlan = plan_launch(lopts, process, container, user.environ, prefix)
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
+        else:
+            click.echo(describe(plan))
+        return
+    if lopts.verbose:
+        click.echo(f"rankwire: {describe(plan)}", err=True)
+    if plan.delegate:
+        try:
+            os.execvp(plan.delegate[0], list(plan.delegate))
+        except OSError as err:
+            raise UserError(
+                f"cannot run srun inside Slurm job {user.environ['SLURM_JOB_ID']}: "
+                f"{err.strerror}; pass --no-slurm to launch here"
+            ) from None
+    sys.exit(execute(plan))
+
+
+@click.command("run", context_settings=PASSTHROUGH)
+@launcher_options
+@click.option("--image", metavar="IMG", help="Run TARGET inside this SIF image.")
+@container_options
+@process_options
+@click.argument("target")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run(target: str, args: tuple[str, ...], image: Optional[str], **kw: Any) -> None:
+    """Launch N ranks of TARGET with rankwire's PMI server (or srun inside an allocation).
+
+    TARGET a SIF image: its runscript; with --image IMG: a command inside IMG; otherwise:
+    a command on this host. All ranks of a node share one container.
+    """
+    if image is None and is_sif(target):
+        launch(target, args, True, kw)
+    else:
+        launch(image, (target, *args), False, kw)
+
+
+@click.command("apptainer-mpirun", context_settings=PASSTHROUGH)
+@launcher_options
+@container_options
+@process_options
+@click.argument("image")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def _apptainer_mpirun(image: str, command: tuple[str, ...], **kw: Any) -> None:
+    """Launch N ranks of COMMAND inside IMAGE, all in one shared container per node,
+    wired up by rankwire's PMI server (or by srun inside a Slurm allocation)."""
+    launch(image, command, False, kw)
+
+
+def apptainer_mpirun(argv: Optional[list[str]] = None) -> None:
+    """Console entry point of `apptainer-mpirun`."""
+    from rankwire.cli import run_command
+
+    run_command(_apptainer_mpirun, argv, prog_name="apptainer-mpirun")
+
+
+COMMANDS: list[click.Command] = [run]

@@ -41,27 +41,35 @@ def doctor(as_json: bool) -> None:
 
 
 def _register() -> None:
+    from rankwire.launcher import cli as cli_launcher
+    from rankwire.pmi import cli as cli_pmi
     from rankwire.runtime import cli_image, cli_run
 
-    for command in [*cli_image.COMMANDS, *cli_run.COMMANDS]:
+    groups = (cli_image, cli_run, cli_launcher, cli_pmi)
+    for command in [c for group in groups for c in group.COMMANDS]:
         cli.add_command(command)
 
 
 _register()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line on stderr and an exit code."""
+def run_command(command: click.Command, argv: list[str] | None, prog_name: str) -> None:
+    """Run a click command; user errors become one line on stderr and an exit code."""
     try:
-        cli.main(args=argv, prog_name="rankwire", standalone_mode=False)
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except UserError as err:
-        click.echo(f"rankwire: {err}", err=True)
+        click.echo(f"{prog_name}: {err}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Abort:
-        click.echo("rankwire: aborted", err=True)
+        click.echo(f"{prog_name}: aborted", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point of `rankwire`."""
+    run_command(cli, argv, prog_name="rankwire")

@@ -18,7 +18,6 @@ from rankwire.runtime.plan import (
     ProcessPlan,
     plan_container,
     plan_process,
-    runscript_argv,
     user_facts,
 )
 
@@ -45,6 +44,12 @@ def container_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--writable-tmpfs",
             is_flag=True,
             help="Let the image be written; changes vanish at exit.",
+        ),
+        click.option(
+            "--share",
+            metavar="KEY",
+            help="Join the node's container named KEY, starting it if needed (one per "
+            "node for all ranks; %j/%s: SLURM_JOB_ID/SLURM_STEP_ID).",
         ),
         click.option(
             "--unsquash",
@@ -106,7 +111,8 @@ def _show_plan(container: Optional[ContainerPlan], proc: ProcessPlan, as_json: b
 
 def _execute(image: str, argv_of: Callable[[ImageFacts], Sequence[str]], **kw: Any) -> None:
     container_kw = {
-        k: kw.pop(k) for k in ("binds", "contain", "fakeroot", "writable_tmpfs", "unsquash")
+        k: kw.pop(k)
+        for k in ("binds", "contain", "fakeroot", "writable_tmpfs", "unsquash", "share")
     }
     dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
     user = user_facts()
@@ -146,16 +152,6 @@ def _execute(image: str, argv_of: Callable[[ImageFacts], Sequence[str]], **kw: A
 def exec_(image: str, command: tuple[str, ...], **kw: Any) -> None:
     """Run COMMAND inside IMAGE (a SIF file, or instance://NAME to join one)."""
     _execute(image, lambda _facts: command, **kw)
-
-
-@click.command("run", context_settings=PASSTHROUGH)
-@container_options
-@process_options
-@click.argument("image")
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run(image: str, args: tuple[str, ...], **kw: Any) -> None:
-    """Run the image's runscript with ARGS."""
-    _execute(image, lambda facts: runscript_argv(facts, args), **kw)
 
 
 @click.command("shell")
@@ -216,4 +212,4 @@ def instance_list(as_json: bool) -> None:
         click.echo(f"{row['name']}\tpid {row['pid']}\tleases {row['leases']}\t{row['image']}")
 
 
-COMMANDS: list[click.Command] = [exec_, run, shell, instance]
+COMMANDS: list[click.Command] = [exec_, shell, instance]

@@ -12,6 +12,8 @@ the last lease closes. It decides nothing: every choice is in the plan.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import selectors
@@ -26,10 +28,15 @@ from rankwire.runtime import syscalls as sc
 from rankwire.runtime.plan import ContainerPlan, Mount
 
 MOUNT_WAIT_S = 10.0
+FIRST_JOIN_S = 10.0
 
 
 class SetupError(Exception):
     """A one-line reason the container could not be set up."""
+
+
+class NameTaken(SetupError):
+    """Another holder already serves this socket name (a shared container's race loser)."""
 
 
 def secure_path(root: str, path: str) -> str:
@@ -74,7 +81,9 @@ class Holder:
         self.plan = ContainerPlan.from_dict(req["plan"])
         self.sock_path: str = req["socket"]
         self.session: str = req["session"]
-        self.mode: str = req["mode"]  # "ephemeral" | "persistent"
+        # "ephemeral": ends with its last lease or its owner; "shared": ends with its last
+        # lease; "persistent": ends on `stop`.
+        self.mode: str = req["mode"]
         self.owner: Optional[int] = req.get("owner")
         self.daemons: list[subprocess.Popen] = []
         self.leases: set[socket.socket] = set()
@@ -83,16 +92,28 @@ class Holder:
         self.sock_dir_fd = -1
         self.session_parent_fd = -1
         self.listener: Optional[socket.socket] = None
+        self.bound = False
         self.ns_fds: list[int] = []
 
     # -- setup -----------------------------------------------------------------------
     def setup(self) -> None:
         plan = self.plan
         os.makedirs(self.session, mode=0o700)
+        # Held until we exit (even by SIGKILL): `prune_stale` leaves locked sessions alone.
+        self.session_lock = os.open(self.session, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self.session_lock, fcntl.LOCK_EX)
         self.session_parent_fd = os.open(os.path.dirname(self.session), os.O_RDONLY)
         self.sock_dir_fd = os.open(os.path.dirname(self.sock_path), os.O_RDONLY)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.sock_path)
+        try:
+            # Binding is the atomic claim on the name; early joiners wait in the backlog
+            # until setup is done and `serve` accepts them.
+            self.listener.bind(self.sock_path)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise NameTaken(f"{self.sock_path} is served by another holder") from None
+            raise
+        self.bound = True
         self.listener.listen(128)
 
         uid, gid = os.getuid(), os.getgid()
@@ -331,9 +352,17 @@ class Holder:
             fd = os.pidfd_open(proc.pid)
             watched.append(fd)
             sel.register(fd, selectors.EVENT_READ, "daemon")
+        # A shared or ephemeral holder that nobody joins (its starter died, or lost a
+        # race for the name after unlinking a stale socket) must not linger.
+        first_join_deadline = time.monotonic() + FIRST_JOIN_S
         try:
             while True:
-                for key, _ in sel.select():
+                timeout = None
+                if self.mode != "persistent" and not self.joined_once:
+                    timeout = first_join_deadline - time.monotonic()
+                    if timeout <= 0:
+                        return
+                for key, _ in sel.select(timeout):
                     if key.data in ("owner", "daemon"):
                         return
                     if key.data == "accept":
@@ -344,7 +373,7 @@ class Holder:
                     assert isinstance(conn, socket.socket)
                     if self._client(conn, sel) == "stop":
                         return
-                    if self.mode == "ephemeral" and self.joined_once and not self.leases:
+                    if self.mode != "persistent" and self.joined_once and not self.leases:
                         return
         finally:
             for fd in watched:
@@ -357,10 +386,14 @@ class Holder:
             data = b""
         cmd = data.strip().decode(errors="replace")
         if conn in self.leases:
-            if not data:  # a lease ended
-                self.leases.discard(conn)
-                sel.unregister(conn)
-                conn.close()
+            # A lease ends: `leave` (the client waits for our exit if it was the last),
+            # or EOF when its holder process died.
+            self.leases.discard(conn)
+            sel.unregister(conn)
+            if cmd == "leave":
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps({"last": not self.leases}).encode() + b"\n")
+            conn.close()
             return None
         reply = dict(self.report)
         try:
@@ -393,7 +426,7 @@ class Holder:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self.sock_dir_fd >= 0:
+        if self.sock_dir_fd >= 0 and self.bound:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.basename(self.sock_path), dir_fd=self.sock_dir_fd)
         if self.session_parent_fd >= 0:
@@ -418,6 +451,7 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
         signal.signal(signal.SIGTERM, _exit_on_signal)
         for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
+        sc.set_comm("rankwire-holder")
         if new_session:
             os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
@@ -433,7 +467,8 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
             holder.setup()
         except (SetupError, OSError) as err:
             holder.teardown()
-            os.write(status_fd, json.dumps({"ok": False, "error": str(err)}).encode() + b"\n")
+            failure = {"ok": False, "error": str(err), "taken": isinstance(err, NameTaken)}
+            os.write(status_fd, json.dumps(failure).encode() + b"\n")
             os._exit(1)
         os.write(status_fd, json.dumps(holder.report).encode() + b"\n")
         os.close(status_fd)

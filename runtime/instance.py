@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import os
 import re
@@ -58,6 +60,10 @@ def runtime_dir() -> Path:
     return base
 
 
+class NameTaken(UserError):
+    """Another holder already serves that name."""
+
+
 @dataclasses.dataclass
 class Holder:
     """A running holder as its starter sees it."""
@@ -87,17 +93,22 @@ def start_holder(
     owner: Optional[int],
     name: Optional[str] = None,
     meta: Optional[dict[str, Any]] = None,
+    register: bool = True,
 ) -> Holder:
-    """Fork a holder for `plan` and wait until it is ready (or say why it is not)."""
+    """Fork a holder for `plan` and wait until it is ready (or say why it is not).
+
+    `name`: serve at instances/NAME.sock; `register`: also list it in `instance list`.
+    """
     from rankwire.runtime.holder import run_holder
 
     base = runtime_dir()
+    prune_stale(base)
     token = os.urandom(6).hex()
     if name is not None:
         if not NAME_RE.match(name):
             raise UserError(f"bad instance name '{name}': use letters, digits, '.', '_', '-'")
         sock = base / "instances" / f"{name}.sock"
-        if sock.exists():
+        if register and sock.exists():
             if _ping(str(sock)) is not None:
                 raise UserError(
                     f"instance '{name}' is already running: `rankwire instance stop {name}` first"
@@ -112,13 +123,13 @@ def start_holder(
         "mode": mode,
         "owner": owner,
     }
-    persistent = mode == "persistent"
+    detached = mode != "ephemeral"  # outlives us: own session, reaped by init
     sys.stdout.flush()
     sys.stderr.flush()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        run_holder(req, write_end, new_session=persistent)
+        run_holder(req, write_end, new_session=detached)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as status:
         line = status.readline()
@@ -128,8 +139,10 @@ def start_holder(
         report = {"ok": False, "error": f"the holder said {line[:200]!r}"}
     if not report.get("ok"):
         os.waitpid(pid, 0)
+        if report.get("taken"):
+            raise NameTaken(report["error"])
         raise UserError(f"cannot start container from {plan.image}: {report['error']}")
-    if name is not None:
+    if name is not None and register:
         info = {
             "name": name,
             "pid": pid,
@@ -139,8 +152,36 @@ def start_holder(
             "meta": meta or {},
         }
         (base / "instances" / f"{name}.json").write_text(json.dumps(info))
-    # A persistent holder has its own session; init reaps it once we have exited.
-    return Holder(str(sock), pid, report, is_child=not persistent)
+    # A detached holder has its own session; init reaps it once we have exited.
+    return Holder(str(sock), pid, report, is_child=not detached)
+
+
+def prune_stale(base: Path) -> None:
+    """Remove what holders killed by SIGKILL left: unlocked session dirs, dead sockets."""
+    for session in base.glob("s-*"):
+        try:
+            fd = os.open(session, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live holder holds it
+        else:
+            with contextlib.suppress(OSError):
+                session.rmdir()
+        finally:
+            os.close(fd)
+    for sock in base.glob("e-*.sock"):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(sock))
+        except ConnectionRefusedError:
+            sock.unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            probe.close()
 
 
 @dataclasses.dataclass
@@ -150,29 +191,84 @@ class Lease:
     mntns_fd: int
     report: dict[str, Any]
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Leave; if we were the last lease, wait until the holder has cleaned up."""
         for fd in (self.userns_fd, self.mntns_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        last = False
+        try:
+            self.conn.settimeout(timeout)
+            self.conn.sendall(b"leave\n")
+            last = bool(json.loads(self.conn.makefile("rb").readline() or b"{}").get("last"))
+        except (OSError, ValueError):
+            pass
         self.conn.close()
+        pid = self.report.get("pid")
+        if last and pid:
+            _wait_exit(int(pid), timeout)
 
 
-def join(sock_path: str) -> Lease:
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait (without reaping) until `pid` has exited; False on timeout."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def _join(sock_path: str) -> Lease:
+    """Connect and take a lease; OSError when nobody serves `sock_path` (any more)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(sock_path)
         conn.sendall(b"join\n")
         msg, fds, _, _ = socket.recv_fds(conn, 4096, 2)
-    except OSError as err:
+    except OSError:
         conn.close()
+        raise
+    if len(fds) != 2:
+        conn.close()
+        raise ConnectionResetError(errno.ECONNRESET, "the container is shutting down")
+    return Lease(conn, fds[0], fds[1], json.loads(msg.decode().strip() or "{}"))
+
+
+def join(sock_path: str) -> Lease:
+    try:
+        return _join(sock_path)
+    except OSError as err:
         raise UserError(
             f"cannot join the container at {sock_path}: {err.strerror or err}; "
             "is the instance still running?"
         ) from None
-    if len(fds) != 2:
-        conn.close()
-        raise UserError(f"the container at {sock_path} is shutting down: start it again")
-    return Lease(conn, fds[0], fds[1], json.loads(msg.decode().strip() or "{}"))
+
+
+def join_or_start(container: ContainerPlan, key: str) -> Lease:
+    """The node's shared container named `key`: join it, or start it if nobody has.
+
+    Every rank of a node calls this at about the same time; binding the socket is the
+    atomic claim, so exactly one starts the holder and the others join it (those that
+    come during its setup wait in the listen backlog).
+    """
+    sock = runtime_dir() / "instances" / f"{key}.sock"
+    for _ in range(20):
+        try:
+            return _join(str(sock))
+        except ConnectionRefusedError:  # a stale socket of a holder that was killed
+            sock.unlink(missing_ok=True)
+        except (FileNotFoundError, ConnectionResetError):
+            pass
+        try:
+            start_holder(container, mode="shared", owner=None, name=key, register=False)
+        except NameTaken:
+            continue  # another rank won the race: join its holder
+    raise UserError(
+        f"could not start or join the shared container '{key}': remove {sock} if no job uses it"
+    )
 
 
 @contextlib.contextmanager
@@ -345,6 +441,12 @@ def run_container(container: ContainerPlan, proc: ProcessPlan) -> int:
 
     Returns the process's exit code; when it returns, no holder, mount or socket is left.
     """
+    if container.share:
+        lease = join_or_start(container, container.share)
+        try:
+            return run_in(lease, proc)
+        finally:
+            lease.close()
     holder = start_holder(container, mode="ephemeral", owner=os.getpid())
     try:
         driver = holder.report.get("image_driver")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -59,6 +60,7 @@ class ContainerPlan:
     mounts: tuple[Mount, ...]
     tmpfs_size_mib: int
     extract_dir: str
+    share: Optional[str] = None  # join/start the node's container of this name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,6 +106,7 @@ class ExecOptions:
     fakeroot: bool = False
     writable_tmpfs: bool = False
     unsquash: bool = False
+    share: Optional[str] = None  # KEY: %j/%s stand for SLURM_JOB_ID/SLURM_STEP_ID
     workdir: Optional[str] = None
     tmpfs_size_mib: int = 64
 
@@ -220,6 +223,7 @@ def plan_container(
             raise UserError(f"bind source '{m.source}' does not exist: create it or fix -B")
         mounts.append(m)
 
+    share = share_key(opts.share, user.environ) if opts.share else None
     inside = 0 if opts.fakeroot else user.uid
     inside_gid = 0 if opts.fakeroot else user.gid
     return ContainerPlan(
@@ -235,7 +239,24 @@ def plan_container(
         mounts=tuple(mounts),
         tmpfs_size_mib=opts.tmpfs_size_mib,
         extract_dir=os.path.join(user.cache_dir, "sandbox", image.digest),
+        share=share,
     )
+
+
+def share_key(pattern: str, environ: Mapping[str, str]) -> str:
+    """Expand `%j`/`%s` (SLURM_JOB_ID / SLURM_STEP_ID) in a --share KEY."""
+    key = pattern
+    for token, var in (("%j", "SLURM_JOB_ID"), ("%s", "SLURM_STEP_ID")):
+        if token in key:
+            if not environ.get(var):
+                raise UserError(
+                    f"--share {pattern} uses {token} but {var} is not set: "
+                    "run it under srun, or give a literal key"
+                )
+            key = key.replace(token, environ[var])
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", key):
+        raise UserError(f"--share {pattern}: use letters, digits, '.', '_', '-'")
+    return key
 
 
 def plan_env(image: ImageFacts, user: UserFacts, opts: ExecOptions) -> dict[str, str]:

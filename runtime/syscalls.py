@@ -25,6 +25,7 @@ MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
 MNT_DETACH = 2
 
+PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
 
@@ -96,6 +97,11 @@ def prctl(option: int, arg2: int) -> None:
         ),
         "prctl",
     )
+
+
+def set_comm(name: str) -> None:
+    """The process name `ps` and /proc/PID/comm show (15 bytes at most)."""
+    _check(_libc.prctl(ctypes.c_int(PR_SET_NAME), name.encode()[:15], 0, 0, 0), "prctl")
 
 
 def bind_remount(target: str, *, readonly: bool) -> None:

@@ -6,11 +6,14 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from harness.images import make_rootfs, make_world_readable
+from harness.leftovers import user_leftovers
 from harness.mpi import MpiPrograms, compile_hello
 from harness.slurm import HarnessError, SlurmCluster
 from harness.users import User, ensure_unprivileged_user, install_for
@@ -61,4 +64,64 @@ def mpi_programs(shared_dir: Path) -> MpiPrograms:
     """The C MPI hello compiled with Debian's MPICH (PMI-1) and Open MPI (PMIx)."""
     bindir = shared_dir / "mpi"
     bindir.mkdir(mode=0o755)
-    return compile_hello(EXAMPLES / "hello_mpi.c", bindir)
+    return compile_hello(EXAMPLES, bindir)
+
+
+@pytest.fixture(scope="session")
+def base_image(shared_dir: Path) -> Path:
+    """A minimal image (host coreutils + their libraries) with env, labels, runscript."""
+    from rankwire.runtime.build import build_image
+
+    rootfs = make_rootfs(shared_dir / "base-rootfs")
+    out = shared_dir / "base.sif"
+    build_image(
+        out,
+        rootfs,
+        env={"IMAGE_VAR": "from-image", "OVERRIDE_ME": "image"},
+        labels={"purpose": "tests"},
+        runscript='#!/bin/sh\necho "runscript: $*"\n',
+    )
+    make_world_readable(shared_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mpich_image(shared_dir: Path, mpi_programs: MpiPrograms) -> Path:
+    """Debian MPICH (+ its UCX plugins) with /opt/hello_mpich and /opt/fail_mpich; the
+    runscript runs the hello."""
+    from rankwire.runtime.build import build_image
+
+    rootfs = make_rootfs(
+        shared_dir / "mpich-rootfs",
+        binaries=[str(mpi_programs.hello_mpich), str(mpi_programs.fail_mpich)],
+        trees=["/usr/lib/x86_64-linux-gnu/ucx"],
+    )
+    (rootfs / "opt").mkdir()
+    for prog in (mpi_programs.hello_mpich, mpi_programs.fail_mpich):
+        shutil.copy2(prog, rootfs / "opt" / prog.name)
+    out = shared_dir / "mpich.sif"
+    build_image(out, rootfs, runscript='#!/bin/sh\nexec /opt/hello_mpich "$@"\n')
+    make_world_readable(shared_dir)
+    return out
+
+
+@pytest.fixture(params=["root", "user"])
+def runner(request, unprivileged_user: User) -> User:
+    """Run the test as root (when we are root) and as the unprivileged test user."""
+    if request.param == "root":
+        if os.getuid() != 0:
+            pytest.skip("not running as root")
+        return User("root", 0, 0, "/root")
+    return unprivileged_user
+
+
+@pytest.fixture
+def nothing_left_behind(unprivileged_user: User) -> Iterator[None]:
+    """After the test: no process, mount or runtime file of root or the test user."""
+    yield
+    users = [unprivileged_user] + ([User("root", 0, 0, "/root")] if os.getuid() == 0 else [])
+    for user in users:
+        deadline = time.monotonic() + 5
+        while user_leftovers(user) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert user_leftovers(user) == []

@@ -7,94 +7,15 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from harness.images import make_rootfs, make_world_readable
+from harness.leftovers import child_of
 from harness.users import User
 
-
-@pytest.fixture(scope="session")
-def base_image(shared_dir: Path) -> Path:
-    from rankwire.runtime.build import build_image
-
-    rootfs = make_rootfs(shared_dir / "base-rootfs")
-    out = shared_dir / "base.sif"
-    build_image(
-        out,
-        rootfs,
-        env={"IMAGE_VAR": "from-image", "OVERRIDE_ME": "image"},
-        labels={"purpose": "tests"},
-        runscript='#!/bin/sh\necho "runscript: $*"\n',
-    )
-    make_world_readable(shared_dir)
-    return out
-
-
-@pytest.fixture(params=["root", "user"])
-def runner(request, unprivileged_user: User) -> User:
-    """Run each test as root (when we are root) and as the unprivileged test user."""
-    if request.param == "root":
-        if os.getuid() != 0:
-            pytest.skip("not running as root")
-        return User("root", 0, 0, "/root")
-    return unprivileged_user
-
-
-def user_leftovers(user: User) -> list[str]:
-    """Processes, mounts and runtime files of `user` that a finished run must not leave."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if proc.stat().st_uid != user.uid:
-                continue
-            comm = (proc / "comm").read_text().strip()
-        except OSError:
-            continue
-        if comm.startswith(("squashfuse", "fuse-overlayfs")) or "rankwire.runtime" in comm:
-            found.append(f"process {proc.name} {comm}")
-        else:
-            cmdline = (proc / "cmdline").read_bytes()
-            if b"rankwire.runtime.holder" in cmdline:
-                found.append(f"holder {proc.name}")
-    found += [
-        f"mount {line}"
-        for line in Path("/proc/mounts").read_text().splitlines()
-        if "rankwire" in line
-    ]
-    rdir = Path(f"/tmp/rankwire-{user.uid}")
-    if rdir.exists():
-        found += [f"file {p}" for p in rdir.iterdir() if p.name != "instances"]
-        found += [f"file {p}" for p in (rdir / "instances").iterdir()]
-    return found
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_behind(unprivileged_user: User) -> Iterator[None]:
-    yield
-    users = [unprivileged_user] + ([User("root", 0, 0, "/root")] if os.getuid() == 0 else [])
-    for user in users:
-        deadline = time.monotonic() + 5
-        while user_leftovers(user) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert user_leftovers(user) == []
-
-
-def child_of(pid: int) -> int:
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                stat = (proc / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                return int(proc.name)
-    raise AssertionError(f"process {pid} has no child")
+pytestmark = pytest.mark.usefixtures("nothing_left_behind")
 
 
 def rw(runner: User, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -326,3 +247,30 @@ def test_instance_options_are_refused_when_joining(runner: User, base_image: Pat
     assert proc.returncode != 0 and "instance start" in proc.stderr
     proc = rw(runner, "exec", "instance://nope", "true")
     assert proc.returncode != 0 and "no instance named 'nope'" in proc.stderr
+
+
+def test_share_key_gives_one_container_to_concurrent_execs(runner: User, base_image: Path) -> None:
+    """What every srun task of a delegated job does: 8 ranks race to start or join."""
+
+    def one(_: int) -> subprocess.CompletedProcess:
+        return rw(
+            runner,
+            "exec",
+            "--share",
+            "race-test",
+            str(base_image),
+            "sh",
+            "-c",
+            "stat -L -c %i /proc/self/ns/mnt; sleep 1",
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    assert len({r.stdout for r in results}) == 1
+
+
+def test_share_key_placeholders_need_slurm(runner: User, base_image: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = rw(runner, "exec", "--share", "x-%j", str(base_image), "true", env=env)
+    assert proc.returncode == 2 and "SLURM_JOB_ID is not set" in proc.stderr

@@ -16,15 +16,20 @@ HELLO_RE = re.compile(r"hello rank=(\d+) size=(\d+) host=(\S+) sum=(\d+) (ok|WRO
 class MpiPrograms:
     hello_mpich: Path
     hello_ompi: Path
+    fail_mpich: Path  # examples/mpi_fail.c: controlled exits, aborts, silent ranks
 
 
-def compile_hello(src: Path, bindir: Path) -> MpiPrograms:
-    """Compile the C hello with Debian's MPICH (PMI-1) and Open MPI (PMIx) wrappers."""
-    progs = MpiPrograms(bindir / "hello_mpich", bindir / "hello_ompi")
-    for mpicc, out in (("mpicc.mpich", progs.hello_mpich), ("mpicc.openmpi", progs.hello_ompi)):
+def compile_hello(examples: Path, bindir: Path) -> MpiPrograms:
+    """Compile the examples with Debian's MPICH (PMI-1) and Open MPI (PMIx) wrappers."""
+    progs = MpiPrograms(bindir / "hello_mpich", bindir / "hello_ompi", bindir / "fail_mpich")
+    for mpicc, src, out in (
+        ("mpicc.mpich", "hello_mpi.c", progs.hello_mpich),
+        ("mpicc.openmpi", "hello_mpi.c", progs.hello_ompi),
+        ("mpicc.mpich", "mpi_fail.c", progs.fail_mpich),
+    ):
         if not shutil.which(mpicc):
             raise RuntimeError(f"{mpicc} not found: run `make test`, which installs it")
-        subprocess.run([mpicc, "-O1", str(src), "-o", str(out)], check=True)
+        subprocess.run([mpicc, "-O1", str(examples / src), "-o", str(out)], check=True)
         out.chmod(0o755)
     return progs
 

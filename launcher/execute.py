@@ -1,0 +1,216 @@
+"""Run a LaunchPlan: our PMI server, N ranks (in one shared container or on the host).
+
+Single-threaded asyncio (ranks are forked and `setns` in the child, which must not race
+other threads). Exit code: 0 if every rank exits 0; otherwise the first failure: a rank's
+exit code (128+N for signal N), the code a rank passed to abort, 124 for --timeout, 1 for a
+fence that cannot complete. On the first failure, or a signal to the launcher, every other
+rank gets SIGTERM, then SIGKILL after the grace period. When `execute` returns, no rank,
+holder, mount or socket of the job is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+from typing import Optional
+
+from rankwire.launcher.plan import LaunchPlan
+from rankwire.pmi.job import FenceFailed, Job
+from rankwire.pmi.server import Aborted, PmiServer, ProtocolViolation
+from rankwire.runtime.instance import (
+    Holder,
+    Lease,
+    exit_code,
+    join,
+    join_or_start,
+    spawn_in,
+    start_holder,
+)
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def say(message: str) -> None:
+    sys.stderr.write(f"rankwire: {message}\n")
+    sys.stderr.flush()
+
+
+class _Job:
+    def __init__(self, plan: LaunchPlan, lease: Optional[Lease]) -> None:
+        self.plan = plan
+        self.lease = lease
+        self.loop = asyncio.get_running_loop()
+        self.pids: dict[int, int] = {}  # rank -> pid, while running
+        self.failure: Optional[int] = None
+        self.tearing_down = False
+        self.open_pipes = 0
+        self.done = self.loop.create_future()
+        self.server = PmiServer(
+            Job(size=plan.ntasks, fence_timeout=plan.fence_timeout), mode=plan.pmi_transport
+        )
+
+    # -- failures and teardown --------------------------------------------------------
+    def fail(self, code: int, why: Optional[str] = None) -> None:
+        if self.failure is None:
+            self.failure = code
+            if why:
+                say(why)
+        self.teardown(signal.SIGTERM)
+
+    def teardown(self, sig: int) -> None:
+        self.signal_all(sig)
+        if not self.tearing_down:
+            self.tearing_down = True
+            self.loop.call_later(self.plan.grace, self.signal_all, signal.SIGKILL)
+
+    def signal_all(self, sig: int) -> None:
+        for pid in self.pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def on_signal(self, sig: int) -> None:
+        self.signal_all(sig)  # the ranks decide; their exit codes say what happened
+        if not self.tearing_down:
+            self.tearing_down = True
+            self.loop.call_later(self.plan.grace, self.signal_all, signal.SIGKILL)
+
+    def on_timeout(self) -> None:
+        self.fail(124, f"the job ran longer than --timeout {self.plan.timeout:g}s: killed it")
+
+    # -- ranks ------------------------------------------------------------------------
+    def spawn(self, rank: int, devnull: int) -> None:
+        env, fds = self.server.rank_env(rank)
+        proc = dataclasses.replace(self.plan.process, env={**self.plan.process.env, **env})
+        stdin = 0 if rank == 0 else devnull
+        if self.plan.tag_output:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            pid = spawn_in(self.lease, proc, inherit=fds, stdio=(stdin, out_w, err_w))
+            os.close(out_w)
+            os.close(err_w)
+            self.relay(out_r, 1, rank)
+            self.relay(err_r, 2, rank)
+        else:
+            pid = spawn_in(self.lease, proc, inherit=fds, stdio=(stdin, 1, 2))
+        self.server.spawned(rank)
+        self.pids[rank] = pid
+        pidfd = os.pidfd_open(pid)
+        self.loop.add_reader(pidfd, self.reaped, rank, pid, pidfd)
+
+    def reaped(self, rank: int, pid: int, pidfd: int) -> None:
+        self.loop.remove_reader(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        code = exit_code(status)
+        del self.pids[rank]
+        # The PMI core words it as Popen does: a negative code is a signal.
+        self.server.rank_exited(rank, -os.WTERMSIG(status) if os.WIFSIGNALED(status) else code)
+        if code != 0 and self.failure is None:
+            self.fail(code, None if self.tearing_down else f"rank {rank} exited with {code}")
+        self.check_done()
+
+    def relay(self, fd: int, to: int, rank: int) -> None:
+        """Copy a rank's output to ours, each line prefixed with `[rank] `."""
+        self.open_pipes += 1
+        prefix = f"[{rank}] ".encode()
+        pending = bytearray()
+
+        def readable() -> None:
+            chunk = os.read(fd, 65536)
+            if chunk:
+                pending.extend(chunk)
+                *lines, rest = pending.split(b"\n")
+                if lines:
+                    os.write(to, b"".join(prefix + line + b"\n" for line in lines))
+                    pending[:] = rest
+                return
+            if pending:
+                os.write(to, prefix + bytes(pending) + b"\n")
+            self.loop.remove_reader(fd)
+            os.close(fd)
+            self.open_pipes -= 1
+            self.check_done()
+
+        self.loop.add_reader(fd, readable)
+
+    def check_done(self) -> None:
+        if not self.pids and not self.open_pipes and not self.done.done():
+            self.done.set_result(None)
+
+    # -- PMI events -------------------------------------------------------------------
+    async def watch_events(self) -> None:
+        while True:
+            event = await self.server.wait_event()
+            if isinstance(event, Aborted):
+                msg = f": {event.message}" if event.message else ""
+                self.fail(
+                    event.code or 1, f"rank {event.rank} aborted the job (code {event.code}){msg}"
+                )
+            elif isinstance(event, FenceFailed):
+                if self.failure is None:
+                    self.fail(1, f"PMI fence failed: {event.reason}")
+            elif isinstance(event, ProtocolViolation):
+                who = "a rank" if event.rank is None else f"rank {event.rank}"
+                say(f"{who} sent a malformed PMI request: {event.message}")
+
+    # -- the whole job ----------------------------------------------------------------
+    async def run(self) -> int:
+        await self.server.start()
+        for sig in FORWARDED:
+            self.loop.add_signal_handler(sig, self.on_signal, sig)
+        events = self.loop.create_task(self.watch_events())
+        timer = (
+            self.loop.call_later(self.plan.timeout, self.on_timeout)
+            if (self.plan.timeout)
+            else None
+        )
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            for rank in range(self.plan.ntasks):
+                if self.tearing_down:
+                    break
+                self.spawn(rank, devnull)
+            self.check_done()
+            await self.done
+        finally:
+            os.close(devnull)
+            if timer:
+                timer.cancel()
+            events.cancel()
+            for sig in FORWARDED:
+                self.loop.remove_signal_handler(sig)
+            self.signal_all(signal.SIGKILL)  # only if we are unwinding from an error
+            await self.server.close()
+        return self.failure or 0
+
+
+def execute(plan: LaunchPlan) -> int:
+    """Run the job; returns the launcher's exit code."""
+    holder: Optional[Holder] = None
+    lease: Optional[Lease] = None
+    if plan.container is not None and plan.container.share:
+        lease = join_or_start(plan.container, plan.container.share)
+    elif plan.container is not None:
+        holder = start_holder(plan.container, mode="ephemeral", owner=os.getpid())
+        if holder.report.get("image_driver") == "extract":
+            say(
+                f"FUSE is unusable here; using the image extracted under "
+                f"{plan.container.extract_dir}"
+            )
+    try:
+        if holder is not None:
+            lease = join(holder.socket)
+
+        async def main() -> int:
+            return await _Job(plan, lease).run()
+
+        return asyncio.run(main())
+    finally:
+        if lease is not None:
+            lease.close()
+        if holder is not None:
+            holder.wait()

@@ -1,0 +1,135 @@
+"""The launch plan: a pure function from (facts, options) to what `rankwire run` will do.
+
+Either ranks are launched here (our PMI server, optionally all inside one shared
+container), or, inside a Slurm allocation, the whole job is delegated to `srun`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+from rankwire.errors import UserError
+from rankwire.runtime.plan import ContainerPlan, ProcessPlan
+
+PMI_CHOICES = ("auto", "pmi1", "pmi2")
+# What srun's --mpi takes for each of our choices (Slurm's pmi2 plugin speaks PMI-1 too).
+SRUN_MPI = {"auto": "pmi2", "pmi1": "pmi2", "pmi2": "pmi2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchOptions:
+    ntasks: int = 1
+    pmi: str = "auto"
+    pmi_transport: str = "fd"  # "fd" (inherited socketpair) or "port" (TCP on 127.0.0.1)
+    tag_output: bool = False
+    timeout: Optional[float] = None  # whole job, seconds
+    fence_timeout: Optional[float] = None
+    grace: float = 3.0  # SIGTERM -> SIGKILL when a job is torn down
+    verbose: bool = False
+    no_slurm: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """Local launch: `ranks` copies of `process` (PMI env added per rank at spawn time)."""
+
+    ntasks: int
+    pmi: str
+    pmi_transport: str
+    tag_output: bool
+    timeout: Optional[float]
+    fence_timeout: Optional[float]
+    grace: float
+    container: Optional[ContainerPlan]  # None: ranks run on the host
+    process: ProcessPlan
+    # Set instead when the job is delegated: the srun command line to exec.
+    delegate: Optional[tuple[str, ...]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ranks"] = (
+            [
+                {"rank": r, "env": rank_env_preview(r, self.ntasks, self.pmi_transport)}
+                for r in range(self.ntasks)
+            ]
+            if self.delegate is None
+            else []
+        )
+        return d
+
+
+def rank_env_preview(rank: int, size: int, transport: str) -> dict[str, str]:
+    """The PMI variables a rank gets; fd numbers and ports exist only at launch time."""
+    env = {"PMI_RANK": str(rank), "PMI_SIZE": str(size)}
+    if transport == "fd":
+        env["PMI_FD"] = "<socketpair, inherited>"
+    else:
+        env.update({"PMI_PORT": "127.0.0.1:<port>", "PMI_ID": "<per-rank id>"})
+    return env
+
+
+def validate(opts: LaunchOptions) -> None:
+    if opts.ntasks < 1:
+        raise UserError(f"-n {opts.ntasks}: the number of ranks must be at least 1")
+    if opts.pmi not in PMI_CHOICES:
+        raise UserError(f"--pmi {opts.pmi}: choose one of {', '.join(PMI_CHOICES)}")
+    if opts.timeout is not None and opts.timeout <= 0:
+        raise UserError("--timeout must be a positive number of seconds")
+
+
+def host_process(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> ProcessPlan:
+    """A rank on the host: the caller's environment and directory, unchanged."""
+    if not argv:
+        raise UserError("no command given: rankwire run -n N COMMAND [ARGS...]")
+    return ProcessPlan(argv=tuple(argv), env=dict(environ), workdir=cwd, no_new_privs=False)
+
+
+def plan_launch(
+    opts: LaunchOptions,
+    process: ProcessPlan,
+    container: Optional[ContainerPlan],
+    environ: Mapping[str, str],
+    rankwire_exec: Sequence[str],
+) -> LaunchPlan:
+    """Decide local launch vs delegation to srun.
+
+    `rankwire_exec` is the `rankwire exec [container options] IMAGE` prefix each srun task
+    runs when there is an image (empty: no image).
+    """
+    validate(opts)
+    delegate = None
+    if environ.get("SLURM_JOB_ID") and not opts.no_slurm:
+        srun = ["srun", f"--mpi={SRUN_MPI[opts.pmi]}", "-n", str(opts.ntasks)]
+        if opts.tag_output:
+            srun.append("--label")
+        if opts.timeout:
+            srun.append(f"--time={max(1, int(opts.timeout + 59) // 60)}")
+        delegate = (*srun, *rankwire_exec, *process.argv)
+    return LaunchPlan(
+        ntasks=opts.ntasks,
+        pmi=opts.pmi,
+        pmi_transport=opts.pmi_transport,
+        tag_output=opts.tag_output,
+        timeout=opts.timeout,
+        fence_timeout=opts.fence_timeout,
+        grace=opts.grace,
+        container=container,
+        process=process,
+        delegate=delegate,
+    )
+
+
+def describe(plan: LaunchPlan) -> str:
+    """One line for -v."""
+    if plan.delegate:
+        return f"inside Slurm job {os.environ.get('SLURM_JOB_ID')}: delegating to " + " ".join(
+            plan.delegate
+        )
+    where = f"one shared container of {plan.container.image}" if plan.container else "the host"
+    return (
+        f"launching {plan.ntasks} rank(s) on {where}, PMI server over "
+        f"{'inherited socketpairs' if plan.pmi_transport == 'fd' else '127.0.0.1 TCP'}"
+    )

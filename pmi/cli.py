@@ -1,0 +1,35 @@
+"""`rankwire pmi probe`: ask whatever PMI server launched this process what it offers."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from rankwire.pmi.client import PmiRequestError
+from rankwire.pmi.codec import PmiProtocolError
+
+
+@click.group("pmi")
+def pmi() -> None:
+    """PMI tools for debugging any launcher (ours, mpiexec.hydra, srun --mpi=pmi2)."""
+
+
+@pmi.command("probe")
+@click.argument("version", type=click.Choice(["1", "2"]), default="1")
+def probe_cmd(version: str) -> None:
+    """Run as a rank: print version, rank, size, appnum, process mapping and a
+    put/fence/get round trip with the neighbour rank, as one JSON line."""
+    from rankwire.pmi.probe import probe
+
+    try:
+        result = probe(int(version))
+    except (PmiRequestError, PmiProtocolError, OSError) as err:
+        click.echo(f"rankwire: PMI probe failed: {err}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(result))
+    sys.exit(0 if result["ok"] else 1)
+
+
+COMMANDS: list[click.Command] = [pmi]

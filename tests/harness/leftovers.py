@@ -1,0 +1,71 @@
+"""What a finished rankwire command must not leave behind, per user."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from harness.users import User
+
+# comm names (15 chars max) of everything rankwire starts: the CLI and launcher, the
+# holder (it names itself), FUSE daemons, and the test programs run as ranks.
+WATCHED = (
+    "rankwire",
+    "apptainer-mpir",
+    "rankwire-holder",
+    "squashfuse",
+    "squashfuse_ll",
+    "fuse-overlayfs",
+    "hello_mpich",
+    "hello_ompi",
+    "fail_mpich",
+)
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def user_leftovers(user: User) -> list[str]:
+    """Processes, mounts and runtime files of `user` that a finished run must not leave."""
+    found, mine = [], _ancestors()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in mine:
+            continue
+        try:
+            if proc.stat().st_uid != user.uid:
+                continue
+            comm = (proc / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm in WATCHED:
+            found.append(f"process {proc.name} {comm}")
+    found += [
+        f"mount {line}"
+        for line in Path("/proc/mounts").read_text().splitlines()
+        if "rankwire" in line
+    ]
+    rdir = Path(f"/tmp/rankwire-{user.uid}")
+    if rdir.exists():
+        found += [f"file {p}" for p in rdir.iterdir() if p.name != "instances"]
+        found += [f"file {p}" for p in (rdir / "instances").iterdir()]
+    return found
+
+
+def child_of(pid: int) -> int:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                return int(proc.name)
+    raise AssertionError(f"process {pid} has no child")

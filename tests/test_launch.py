@@ -1,0 +1,254 @@
+"""`rankwire run` / `apptainer-mpirun`: real MPICH ranks wired by rankwire's PMI server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.leftovers import child_of
+from harness.mpi import MpiPrograms, assert_hello
+from harness.users import User
+
+pytestmark = [pytest.mark.mpi, pytest.mark.usefixtures("nothing_left_behind")]
+
+
+def rw(runner: User, *args: str, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("cwd", "/tmp")
+    kw.setdefault("timeout", 60)
+    return runner.run(list(args), **kw)
+
+
+@pytest.mark.parametrize("transport", ["fd", "port"])
+def test_host_mpich_hello(transport: str, mpi_programs: MpiPrograms, runner: User) -> None:
+    proc = rw(
+        runner,
+        "rankwire",
+        "run",
+        "-n",
+        "4",
+        "--pmi-transport",
+        transport,
+        str(mpi_programs.hello_mpich),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 4)
+
+
+@pytest.mark.parametrize("transport", ["fd", "port"])
+def test_container_mpich_hello(transport: str, mpich_image: Path, runner: User) -> None:
+    proc = rw(
+        runner,
+        "apptainer-mpirun",
+        "-n",
+        "4",
+        "--pmi-transport",
+        transport,
+        str(mpich_image),
+        "/opt/hello_mpich",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 4)
+
+
+def test_ranks_share_one_container(mpich_image: Path, runner: User) -> None:
+    proc = rw(
+        runner,
+        "apptainer-mpirun",
+        "-n",
+        "4",
+        str(mpich_image),
+        "stat",
+        "-L",
+        "-c",
+        "%i",
+        "/proc/self/ns/mnt",
+    )
+    assert proc.returncode == 0, proc.stderr
+    inodes = proc.stdout.split()
+    assert len(inodes) == 4 and len(set(inodes)) == 1
+    assert inodes[0] != str(os.stat("/proc/self/ns/mnt").st_ino)
+
+
+def test_runscript_as_ranks_and_tag_output(mpich_image: Path, runner: User) -> None:
+    proc = rw(runner, "rankwire", "run", "-n", "3", "--tag-output", str(mpich_image))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        rank = line[1 : line.index("]")]
+        assert line.startswith(f"[{rank}] hello rank={rank} size=3")
+    assert_hello(proc.stdout, 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["exit-before-init", "1", "3"], 3, "rank 1 exited with 3"),
+        (["abort", "2", "7"], 7, "rank 2 aborted the job (code 7)"),
+    ],
+)
+def test_failing_rank_sets_the_exit_code(
+    mpich_image: Path, runner: User, args, code, message
+) -> None:
+    t0 = time.monotonic()
+    proc = rw(runner, "apptainer-mpirun", "-n", "4", str(mpich_image), "/opt/fail_mpich", *args)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr
+    assert elapsed < 5, f"took {elapsed:.1f}s"
+
+
+def _ready_ranks(proc: subprocess.Popen, n: int) -> list[int]:
+    pids = []
+    assert proc.stdout is not None
+    while len(pids) < n:
+        line = proc.stdout.readline()
+        assert line, "the job ended before every rank was ready"
+        if line.startswith("ready"):
+            pids.append(int(line.split("pid=")[1]))
+    return pids
+
+
+def test_killed_rank_gives_128_plus_signal(mpi_programs: MpiPrograms, runner: User) -> None:
+    proc = subprocess.Popen(
+        runner.argv(["rankwire", "run", "-n", "3", str(mpi_programs.fail_mpich), "sleep", "60"]),
+        cwd="/tmp",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pids = _ready_ranks(proc, 3)
+    os.kill(pids[1], signal.SIGKILL)
+    assert proc.wait(5) == 128 + signal.SIGKILL
+    assert "exited with 137" in proc.stderr.read()
+
+
+def test_sigterm_to_the_launcher_ends_every_rank(mpich_image: Path, runner: User) -> None:
+    proc = subprocess.Popen(
+        runner.argv(
+            ["apptainer-mpirun", "-n", "3", str(mpich_image), "/opt/fail_mpich", "sleep", "60"]
+        ),
+        cwd="/tmp",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _ready_ranks(proc, 3)
+    launcher = proc.pid if runner.uid == os.getuid() else child_of(proc.pid)
+    os.kill(launcher, signal.SIGTERM)
+    assert proc.wait(5) == 128 + signal.SIGTERM
+
+
+def test_timeout_kills_the_job(mpi_programs: MpiPrograms, runner: User) -> None:
+    proc = rw(
+        runner,
+        "rankwire",
+        "run",
+        "-n",
+        "2",
+        "--timeout",
+        "1",
+        str(mpi_programs.fail_mpich),
+        "sleep",
+        "60",
+    )
+    assert proc.returncode == 124
+    assert "--timeout 1s" in proc.stderr
+
+
+def test_fence_timeout_names_the_silent_rank(mpi_programs: MpiPrograms) -> None:
+    proc = rw(
+        User("self", os.getuid(), os.getgid(), ""),
+        "rankwire",
+        "run",
+        "-n",
+        "3",
+        "--fence-timeout",
+        "1",
+        str(mpi_programs.fail_mpich),
+        "silent",
+        "2",
+        "30",
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "fence" in proc.stderr and "2" in proc.stderr.split("fence", 1)[1]
+
+
+def test_dry_run_prints_the_launch_plan(mpich_image: Path) -> None:
+    proc = rw(
+        User("self", os.getuid(), os.getgid(), ""),
+        "apptainer-mpirun",
+        "-n",
+        "2",
+        "--dry-run",
+        "--json",
+        "-B",
+        "/tmp:/scratch",
+        str(mpich_image),
+        "/opt/hello_mpich",
+    )
+    plan = json.loads(proc.stdout)
+    assert plan["ntasks"] == 2 and plan["delegate"] is None
+    assert [r["env"]["PMI_RANK"] for r in plan["ranks"]] == ["0", "1"]
+    assert plan["process"]["argv"] == ["/opt/hello_mpich"]
+    assert any(m["target"] == "/scratch" for m in plan["container"]["mounts"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-n", "0", "/bin/true"], "at least 1"),
+        (["-n", "2", "/no/such/program"], "command not found on this host"),
+        (["-n", "2", "-B", "/tmp", "/bin/true"], "give an image"),
+        (["-n", "2", "--image", "/nonexistent.sif", "/bin/true"], "not found"),
+    ],
+)
+def test_launcher_user_errors(args, message) -> None:
+    proc = rw(User("self", os.getuid(), os.getgid(), ""), "rankwire", "run", *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slurm
+def test_inside_an_allocation_it_delegates_to_srun(slurm_cluster, mpich_image: Path) -> None:
+    proc = subprocess.run(
+        [
+            "salloc",
+            "-n",
+            "2",
+            "rankwire",
+            "run",
+            "-v",
+            "-n",
+            "2",
+            "--image",
+            str(mpich_image),
+            "/opt/hello_mpich",
+        ],
+        env=slurm_cluster.env,
+        cwd="/tmp",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "delegating to srun --mpi=pmi2 -n 2" in proc.stderr
+    assert_hello(proc.stdout, 2)
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_pmi_probe_under_our_launcher(version: str) -> None:
+    me = User("self", os.getuid(), os.getgid(), "")
+    proc = rw(me, "rankwire", "run", "-n", "3", "rankwire", "pmi", "probe", version)
+    assert proc.returncode == 0, proc.stderr
+    results = sorted((json.loads(line) for line in proc.stdout.splitlines()),
+                     key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1, 2]
+    assert all(r["ok"] and r["size"] == 3 and r["version"] == int(version) for r in results)
+    assert results[0]["process_mapping"] == "(vector,(0,1,3))"
