@@ -45,11 +45,14 @@ $(VENV)/.stamp: pyproject.toml | $(VENV)/bin/python
 # PyPI's MPICH 5 (a second, newer "container MPI") goes to its own prefix: on PATH it
 # would shadow the system's mpiexec.hydra. Tests look for it under .venv/opt/mpich.
 MPICH_WHEEL := mpich==5.0.2
+# mpi4py built from source against Debian's MPICH (its wheels bring their own MPI).
+MPI4PY := mpi4py==4.1.2
 
 $(VENV)/.stamp-test: pyproject.toml | $(VENV)/bin/python
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
 	@$(PY) -m pip install -q --disable-pip-version-check --prefix $(VENV)/opt/mpich $(MPICH_WHEEL) 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -c "import rankwire.runtime, pytest, hypothesis"
+	@MPICC=mpicc.mpich $(PY) -m pip install -q --disable-pip-version-check --no-binary mpi4py $(MPI4PY) 2>&1 | grep -v -e '^WARNING: Location' -e '^DEPRECATION' || true
+	@$(PY) -c "import rankwire.runtime, pytest, hypothesis, mpi4py"
 	@touch $@ $(VENV)/.stamp
 
 clean:

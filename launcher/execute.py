@@ -85,7 +85,7 @@ class _Job:
     def spawn(self, rank: int, devnull: int) -> None:
         env, fds = self.server.rank_env(rank)
         proc = dataclasses.replace(self.plan.process, env={**self.plan.process.env, **env})
-        stdin = 0 if rank == 0 else devnull
+        stdin = 0 if rank == self.plan.stdin_rank else devnull
         if self.plan.tag_output:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()

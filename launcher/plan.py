@@ -45,6 +45,7 @@ class LaunchPlan:
     grace: float
     container: Optional[ContainerPlan]  # None: ranks run on the host
     process: ProcessPlan
+    stdin_rank: int = 0  # the rank that reads our stdin (like mpiexec); the others /dev/null
     # Set instead when the job is delegated: the srun command line to exec.
     delegate: Optional[tuple[str, ...]] = None
 

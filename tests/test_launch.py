@@ -247,8 +247,35 @@ def test_pmi_probe_under_our_launcher(version: str) -> None:
     me = User("self", os.getuid(), os.getgid(), "")
     proc = rw(me, "rankwire", "run", "-n", "3", "rankwire", "pmi", "probe", version)
     assert proc.returncode == 0, proc.stderr
-    results = sorted((json.loads(line) for line in proc.stdout.splitlines()),
-                     key=lambda r: r["rank"])
+    results = sorted(
+        (json.loads(line) for line in proc.stdout.splitlines()), key=lambda r: r["rank"]
+    )
     assert [r["rank"] for r in results] == [0, 1, 2]
     assert all(r["ok"] and r["size"] == 3 and r["version"] == int(version) for r in results)
     assert results[0]["process_mapping"] == "(vector,(0,1,3))"
+
+
+MPI4PY_HELLO = """
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+total = comm.allreduce(comm.rank + 1)
+ok = "ok" if total == comm.size * (comm.size + 1) // 2 else "WRONG"
+print(f"hello rank={comm.rank} size={comm.size} host={MPI.Get_processor_name()} sum={total} {ok}")
+"""
+
+
+def test_mpi4py_hello_on_the_host() -> None:
+    import sys
+
+    proc = rw(
+        User("self", os.getuid(), os.getgid(), ""),
+        "rankwire",
+        "run",
+        "-n",
+        "4",
+        sys.executable,
+        "-c",
+        MPI4PY_HELLO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 4)
