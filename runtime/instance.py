@@ -291,10 +291,16 @@ def _child(
     proc: ProcessPlan,
     inherit: Sequence[int],
     stdio: Optional[Sequence[int]],
+    parent: int,
 ) -> NoReturn:
     """After fork: wire fds, enter (unless on the host), exec. Errors exit 125/126/127."""
     where = "in the container" if lease else "on this host"
     try:
+        # If rankwire itself is killed (SIGKILL leaves it no chance to forward signals),
+        # the command goes too: no rank outlives its launcher.
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(125)
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         if stdio is not None:
@@ -346,9 +352,10 @@ def spawn_in(
     names close-on-exec ones to hand over under the same number; `stdio` replaces
     fds 0, 1, 2.
     """
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _child(lease, proc, inherit, stdio)
+        _child(lease, proc, inherit, stdio, parent)
     return pid
 
 

@@ -274,3 +274,22 @@ def test_share_key_placeholders_need_slurm(runner: User, base_image: Path) -> No
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = rw(runner, "exec", "--share", "x-%j", str(base_image), "true", env=env)
     assert proc.returncode == 2 and "SLURM_JOB_ID is not set" in proc.stderr
+
+
+def test_killing_rankwire_leaves_neither_holder_nor_command(runner: User, base_image: Path) -> None:
+    """SIGKILL gives rankwire no chance to clean up: the holder sees its owner die and
+    tears down; the command dies with its parent."""
+    proc = subprocess.Popen(
+        runner.argv(["rankwire", "exec", str(base_image), "sleep", "60"]), cwd="/tmp"
+    )
+    time.sleep(1.0)
+    rankwire = proc.pid if runner.uid == os.getuid() else child_of(proc.pid)
+    command = child_of(rankwire, "sleep")
+    assert child_of(rankwire, "rankwire-holder")
+    os.kill(rankwire, signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{command}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{command}").exists(), "the command outlived rankwire"
+    # nothing_left_behind then checks the holder, squashfuse, mounts and runtime files.

@@ -59,13 +59,15 @@ def user_leftovers(user: User) -> list[str]:
     return found
 
 
-def child_of(pid: int) -> int:
+def child_of(pid: int, comm: str = "") -> int:
+    """A child of `pid` (named `comm`, if given)."""
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 stat = (proc / "stat").read_text()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            name, rest = stat.split(" (", 1)[1].rsplit(")", 1)
+            if int(rest.split()[1]) == pid and (not comm or name == comm):
                 return int(proc.name)
-    raise AssertionError(f"process {pid} has no child")
+    raise AssertionError(f"process {pid} has no child {comm}")
