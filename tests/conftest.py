@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.images import make_rootfs, make_world_readable
-from harness.leftovers import user_leftovers
+from harness.leftovers import SESSION_VAR, user_leftovers
 from harness.mpi import MpiPrograms, compile_hello
 from harness.slurm import HarnessError, SlurmCluster
 from harness.users import User, ensure_unprivileged_user, install_for
@@ -24,6 +24,7 @@ EXAMPLES = REPO / "examples"
 # Console scripts (`rankwire`, `apptainer-mpirun`) of the interpreter running the tests
 # come first on PATH, also for commands run as the unprivileged user.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+os.environ[SESSION_VAR] = os.urandom(8).hex()
 
 
 @pytest.fixture(scope="session")

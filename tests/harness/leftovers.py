@@ -33,6 +33,20 @@ def _ancestors() -> set[int]:
     return pids
 
 
+# Set by conftest for the whole test session; every process the tests start inherits it
+# (holders and FUSE daemons included), so processes of other sessions on a shared
+# machine are never mistaken for ours.
+SESSION_VAR = "RANKWIRE_TEST_SESSION"
+
+
+def _ours(proc: Path) -> bool:
+    marker = f"{SESSION_VAR}={os.environ.get(SESSION_VAR, '')}".encode()
+    try:
+        return marker in (proc / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
 def user_leftovers(user: User) -> list[str]:
     """Processes, mounts and runtime files of `user` that a finished run must not leave."""
     found, mine = [], _ancestors()
@@ -45,7 +59,7 @@ def user_leftovers(user: User) -> list[str]:
             comm = (proc / "comm").read_text().strip()
         except OSError:
             continue
-        if comm in WATCHED:
+        if comm in WATCHED and _ours(proc):
             found.append(f"process {proc.name} {comm}")
     found += [
         f"mount {line}"
