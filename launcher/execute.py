@@ -16,10 +16,11 @@ import dataclasses
 import os
 import signal
 import sys
-from typing import Optional
+from typing import Optional, Union
 
 from rankwire.launcher.plan import LaunchPlan
 from rankwire.pmi.job import FenceFailed, Job
+from rankwire.pmi.pmix.server import PmixServer
 from rankwire.pmi.server import Aborted, PmiServer, ProtocolViolation
 from rankwire.runtime.instance import (
     Holder,
@@ -49,9 +50,12 @@ class _Job:
         self.tearing_down = False
         self.open_pipes = 0
         self.done = self.loop.create_future()
-        self.server = PmiServer(
-            Job(size=plan.ntasks, fence_timeout=plan.fence_timeout), mode=plan.pmi_transport
-        )
+        job = Job(size=plan.ntasks, fence_timeout=plan.fence_timeout)
+        self.server: Union[PmiServer, PmixServer]
+        if plan.pmi == "pmix":
+            self.server = PmixServer(job)
+        else:
+            self.server = PmiServer(job, mode=plan.pmi_transport)
 
     # -- failures and teardown --------------------------------------------------------
     def fail(self, code: int, why: Optional[str] = None) -> None:

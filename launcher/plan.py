@@ -14,9 +14,9 @@ from typing import Any, Optional
 from rankwire.errors import UserError
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan
 
-PMI_CHOICES = ("auto", "pmi1", "pmi2")
+PMI_CHOICES = ("auto", "pmi1", "pmi2", "pmix")
 # What srun's --mpi takes for each of our choices (Slurm's pmi2 plugin speaks PMI-1 too).
-SRUN_MPI = {"auto": "pmi2", "pmi1": "pmi2", "pmi2": "pmi2"}
+SRUN_MPI = {"pmi1": "pmi2", "pmi2": "pmi2", "pmix": "pmix"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ class LaunchPlan:
         d = dataclasses.asdict(self)
         d["ranks"] = (
             [
-                {"rank": r, "env": rank_env_preview(r, self.ntasks, self.pmi_transport)}
+                {"rank": r, "env": rank_env_preview(r, self.ntasks, self.pmi_transport, self.pmi)}
                 for r in range(self.ntasks)
             ]
             if self.delegate is None
@@ -62,8 +62,15 @@ class LaunchPlan:
         return d
 
 
-def rank_env_preview(rank: int, size: int, transport: str) -> dict[str, str]:
+def rank_env_preview(rank: int, size: int, transport: str, pmi: str) -> dict[str, str]:
     """The PMI variables a rank gets; fd numbers and ports exist only at launch time."""
+    if pmi == "pmix":
+        return {
+            "PMIX_RANK": str(rank),
+            "PMIX_NAMESPACE": "<job namespace>",
+            "PMIX_SERVER_URI*": "tcp4://127.0.0.1:<port>",
+            "FLUX_JOB_ID": "<job id>",
+        }
     env = {"PMI_RANK": str(rank), "PMI_SIZE": str(size)}
     if transport == "fd":
         env["PMI_FD"] = "<socketpair, inherited>"
@@ -88,22 +95,37 @@ def host_process(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> P
     return ProcessPlan(argv=tuple(argv), env=dict(environ), workdir=cwd, no_new_privs=False)
 
 
+def resolve_pmi(choice: str, mpi_kind: Optional[str]) -> str:
+    """`auto` -> "pmix" when the ranks' MPI is Open MPI (or another PMIx-only MPI), else
+    "pmi2" (our PMI server speaks PMI-1 and PMI-2, whichever each rank's init asks for)."""
+    if choice != "auto":
+        return choice
+    return "pmix" if mpi_kind == "pmix" else "pmi2"
+
+
 def plan_launch(
     opts: LaunchOptions,
     process: ProcessPlan,
     container: Optional[ContainerPlan],
     environ: Mapping[str, str],
     rankwire_exec: Sequence[str],
+    mpi_kind: Optional[str] = None,
 ) -> LaunchPlan:
-    """Decide local launch vs delegation to srun.
+    """Decide the PMI and local launch vs delegation to srun.
 
     `rankwire_exec` is the `rankwire exec [container options] IMAGE` prefix each srun task
-    runs when there is an image (empty: no image).
+    runs when there is an image (empty: no image). `mpi_kind` is what the image or the
+    program was found to link ("pmix", "pmi1/2", "both", None).
     """
     validate(opts)
+    pmi = resolve_pmi(opts.pmi, mpi_kind)
+    # Wire-up variables of whatever launched us must not reach the ranks: each rank gets
+    # its own from our server (or from srun).
+    env = {k: v for k, v in process.env.items() if not k.startswith(("PMI_", "PMIX_"))}
+    process = dataclasses.replace(process, env=env)
     delegate = None
     if environ.get("SLURM_JOB_ID") and not opts.no_slurm:
-        srun = ["srun", f"--mpi={SRUN_MPI[opts.pmi]}", "-n", str(opts.ntasks)]
+        srun = ["srun", f"--mpi={SRUN_MPI[pmi]}", "-n", str(opts.ntasks)]
         if opts.tag_output:
             srun.append("--label")
         if opts.timeout:
@@ -111,7 +133,7 @@ def plan_launch(
         delegate = (*srun, *rankwire_exec, *process.argv)
     return LaunchPlan(
         ntasks=opts.ntasks,
-        pmi=opts.pmi,
+        pmi=pmi,
         pmi_transport=opts.pmi_transport,
         tag_output=opts.tag_output,
         timeout=opts.timeout,
@@ -130,7 +152,9 @@ def describe(plan: LaunchPlan) -> str:
             plan.delegate
         )
     where = f"one shared container of {plan.container.image}" if plan.container else "the host"
-    return (
-        f"launching {plan.ntasks} rank(s) on {where}, PMI server over "
-        f"{'inherited socketpairs' if plan.pmi_transport == 'fd' else '127.0.0.1 TCP'}"
-    )
+    if plan.pmi == "pmix":
+        server = "PMIx server (libpmix, in a helper process) over 127.0.0.1 TCP"
+    else:
+        wire = "inherited socketpairs" if plan.pmi_transport == "fd" else "127.0.0.1 TCP"
+        server = f"PMI-1/PMI-2 server over {wire}"
+    return f"launching {plan.ntasks} rank(s) on {where}, {server}"

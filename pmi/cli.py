@@ -17,15 +17,23 @@ def pmi() -> None:
 
 
 @pmi.command("probe")
-@click.argument("version", type=click.Choice(["1", "2"]), default="1")
+@click.argument("version", type=click.Choice(["1", "2", "x"]), default="1")
 def probe_cmd(version: str) -> None:
-    """Run as a rank: print version, rank, size, appnum, process mapping and a
-    put/fence/get round trip with the neighbour rank, as one JSON line."""
-    from rankwire.pmi.probe import probe
+    """Run as a rank: print what the PMI server offers (PMI-1, PMI-2 or PMIx: rank, size,
+    process mapping or namespace) and a put/fence/get round trip with the neighbour rank,
+    as one JSON line."""
+    from rankwire.pmi.pmix.bindings import PmixError
 
     try:
-        result = probe(int(version))
-    except (PmiRequestError, PmiProtocolError, OSError) as err:
+        if version == "x":
+            from rankwire.pmi.pmix.probe import probe_pmix
+
+            result = probe_pmix()
+        else:
+            from rankwire.pmi.probe import probe
+
+            result = probe(int(version))
+    except (PmiRequestError, PmiProtocolError, PmixError, OSError) as err:
         click.echo(f"rankwire: PMI probe failed: {err}", err=True)
         sys.exit(1)
     click.echo(json.dumps(result))

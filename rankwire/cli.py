@@ -41,11 +41,12 @@ def doctor(as_json: bool) -> None:
 
 
 def _register() -> None:
+    from rankwire.fabric import cli as cli_fabric
     from rankwire.launcher import cli as cli_launcher
     from rankwire.pmi import cli as cli_pmi
     from rankwire.runtime import cli_image, cli_run
 
-    groups = (cli_image, cli_run, cli_launcher, cli_pmi)
+    groups = (cli_image, cli_run, cli_launcher, cli_pmi, cli_fabric)
     for command in [c for group in groups for c in group.COMMANDS]:
         cli.add_command(command)
 

@@ -46,10 +46,19 @@ def container_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Let the image be written; changes vanish at exit.",
         ),
         click.option(
+            "--fabric",
+            default="auto",
+            show_default=True,
+            metavar="auto|none|PROVIDER",
+            help="Bind the host's libfabric provider for its fabric adapter (see "
+            "`rankwire fabric plan IMAGE`).",
+        ),
+        click.option(
             "--share",
             metavar="KEY",
-            help="Join the node's container named KEY, starting it if needed (one per "
-            "node for all ranks; %j/%s: SLURM_JOB_ID/SLURM_STEP_ID).",
+            help="Join the node's container named KEY, starting it if needed (%j/%s: "
+            "SLURM_JOB_ID/SLURM_STEP_ID). Default under srun: one per node for the step; "
+            "none: a container of its own.",
         ),
         click.option(
             "--unsquash",
@@ -109,35 +118,57 @@ def _show_plan(container: Optional[ContainerPlan], proc: ProcessPlan, as_json: b
     click.echo(f"argv       {list(proc.argv)}")
 
 
-def _execute(image: str, argv_of: Callable[[ImageFacts], Sequence[str]], **kw: Any) -> None:
-    container_kw = {
-        k: kw.pop(k)
-        for k in ("binds", "contain", "fakeroot", "writable_tmpfs", "unsquash", "share")
-    }
-    dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
+CONTAINER_KEYS = ("binds", "contain", "fakeroot", "writable_tmpfs", "unsquash", "share", "fabric")
+
+
+def plan_image(
+    image: str, opts: ExecOptions, argv_of: Callable[[ImageFacts], Sequence[str]]
+) -> tuple[ImageFacts, ContainerPlan, ProcessPlan, dict[str, str]]:
+    """Facts -> plans for a command in an image (every caller: exec, instance, launcher).
+
+    Returns the image facts, the container and process plans, and the fabric env (which
+    joiners of an instance need too).
+    """
+    from rankwire.fabric.plan import fabric_for
+    from rankwire.runtime.hostfacts import collect_host_facts
+
+    facts = image_facts(image)
     user = user_facts()
+    fabric = fabric_for(facts, opts.fabric)
+    container = plan_container(facts, collect_host_facts(), user, opts, fabric_mounts=fabric.mounts)
+    proc = plan_process(facts, user, opts, argv_of(facts), fabric_env=fabric.env)
+    return facts, container, proc, fabric.env
+
+
+def _execute(image: str, argv_of: Callable[[ImageFacts], Sequence[str]], **kw: Any) -> None:
+    container_kw = {k: kw.pop(k) for k in CONTAINER_KEYS}
+    dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
     if image.startswith(INSTANCE_PREFIX):
-        if any(container_kw.values()):
+        if any(v for k, v in container_kw.items() if k != "fabric") or (
+            container_kw["fabric"] != "auto"
+        ):
             raise UserError(
-                "-B/--contain/--fakeroot/--writable-tmpfs shape a container; "
+                "-B/--contain/--fakeroot/--writable-tmpfs/--fabric shape a container; "
                 "an instance already has its own: give them to `instance start`"
             )
         name = image[len(INSTANCE_PREFIX) :]
-        info = inst.instance_info(name)
-        facts = ImageFacts(**info["meta"]["image_facts"])
-        opts = ExecOptions(**kw)
-        proc = plan_process(facts, user, opts, argv_of(facts))
+        meta = inst.instance_info(name)["meta"]
+        facts = ImageFacts(**meta["image_facts"])
+        proc = plan_process(
+            facts,
+            user_facts(),
+            ExecOptions(**kw),
+            argv_of(facts),
+            fabric_env=meta.get("fabric_env", {}),
+        )
         if dry_run:
             _show_plan(None, proc, as_json)
             return
         with inst.leased(inst.instance_socket(name)) as lease:
             sys.exit(inst.run_in(lease, proc))
-    from rankwire.runtime.hostfacts import collect_host_facts
-
-    facts = image_facts(image)
-    opts = ExecOptions(**kw, **container_kw)
-    container = plan_container(facts, collect_host_facts(), user, opts)
-    proc = plan_process(facts, user, opts, argv_of(facts))
+    _facts, container, proc, _fabric_env = plan_image(
+        image, ExecOptions(**kw, **container_kw), argv_of
+    )
     if dry_run:
         _show_plan(container, proc, as_json)
         return
@@ -176,16 +207,13 @@ def instance_start(image: str, name: str, **kw: Any) -> None:
     """Start a persistent instance NAME of IMAGE; join with `exec instance://NAME`."""
     import dataclasses
 
-    from rankwire.runtime.hostfacts import collect_host_facts
-
-    facts = image_facts(image)
-    container = plan_container(facts, collect_host_facts(), user_facts(), ExecOptions(**kw))
+    facts, container, _proc, fabric_env = plan_image(image, ExecOptions(**kw), lambda _f: ["true"])
     holder = inst.start_holder(
         container,
         mode="persistent",
         owner=None,
         name=name,
-        meta={"image_facts": dataclasses.asdict(facts)},
+        meta={"image_facts": dataclasses.asdict(facts), "fabric_env": fabric_env},
     )
     click.echo(
         f"instance {name} started (holder pid {holder.pid}, {holder.report.get('image_driver')})"

@@ -64,6 +64,10 @@ def secure_path(root: str, path: str) -> str:
     return os.path.join(root, *resolved)
 
 
+def _below(path: str, parent: str) -> bool:
+    return path.startswith(parent.rstrip("/") + "/")
+
+
 def _wait_mounted(path: str, parent_dev: int, proc: Optional[subprocess.Popen], log: str) -> None:
     deadline = time.monotonic() + MOUNT_WAIT_S
     while time.monotonic() < deadline:
@@ -287,12 +291,22 @@ class Holder:
     def _apply(self, root: str, resolved: str, m: Mount) -> None:
         target = secure_path(root, resolved)
         try:
-            if m.kind == "bind":
-                if not os.path.lexists(target):
+            if m.kind == "bind" and not os.path.lexists(target):
+                # Below one of our tmpfs mounts (--contain's /tmp, say) we may create it;
+                # below a bind of a host directory we would write to the host: refuse.
+                parents = [p for p in self.plan.mounts if _below(m.target, p.target)]
+                deepest = max(parents, key=lambda p: len(p.target), default=None)
+                if deepest is None or deepest.kind not in ("tmpfs", "devtmpfs"):
                     raise SetupError(
                         f"cannot mount {m.source} on {m.target}: create "
                         f"{m.target} first (it lies inside another mount)"
                     )
+                if os.path.isdir(m.source):
+                    os.makedirs(target)
+                else:
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    open(target, "a").close()
+            if m.kind == "bind":
                 flags = sc.MS_BIND | (sc.MS_REC if m.recursive else 0)
                 sc.mount(m.source, target, None, flags)
                 sc.bind_remount(target, readonly=m.readonly)
@@ -430,6 +444,10 @@ class Holder:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.basename(self.sock_path), dir_fd=self.sock_dir_fd)
         if self.session_parent_fd >= 0:
+            # A setup that failed before pivot_root still has the session tmpfs (and what
+            # is below it) mounted here; after pivot_root this finds nothing to unmount.
+            with contextlib.suppress(OSError):
+                sc.umount2(self.session, sc.MNT_DETACH)
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.basename(self.session), dir_fd=self.session_parent_fd)
 

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -16,6 +18,7 @@ from typing import Any, Optional
 
 from rankwire.errors import UserError
 from rankwire.runtime.hostfacts import HostFacts
+from rankwire.runtime.slurmfacts import SlurmStep, slurm_step
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Host variables that never cross into the container: their values are host paths.
@@ -23,6 +26,11 @@ OMIT_ENV = frozenset({"PATH", "LD_LIBRARY_PATH", "PYTHONHOME", "PYTHONPATH", "VI
 # Kept under --cleanenv: without them a launcher's PMI wire-up or Slurm step breaks.
 WIREUP_PREFIXES = ("PMI_", "PMIX_", "SLURM_")
 ENV_PREFIXES = ("APPTAINERENV_", "RANKWIRE_ENV_")
+PMIX_TRANSLATIONS = (
+    ("PMIX_PTL_MODULE", "PMIX_MCA_ptl"),
+    ("PMIX_SECURITY_MODE", "PMIX_MCA_psec"),
+    ("PMIX_GDS_MODULE", "PMIX_MCA_gds"),
+)
 # Host files bound by default when they exist (like Apptainer's defaults).
 DEFAULT_FILE_BINDS = ("/etc/hosts", "/etc/localtime")
 MINIMAL_DEV = ("null", "zero", "full", "random", "urandom", "tty")
@@ -107,6 +115,7 @@ class ExecOptions:
     writable_tmpfs: bool = False
     unsquash: bool = False
     share: Optional[str] = None  # KEY: %j/%s stand for SLURM_JOB_ID/SLURM_STEP_ID
+    fabric: str = "auto"  # auto | none | a libfabric provider
     workdir: Optional[str] = None
     tmpfs_size_mib: int = 64
 
@@ -121,6 +130,7 @@ class UserFacts:
     cwd: str
     environ: dict[str, str]
     cache_dir: str
+    slurm: Optional[SlurmStep] = None
 
 
 def user_facts() -> UserFacts:
@@ -133,6 +143,7 @@ def user_facts() -> UserFacts:
         cwd=os.getcwd(),
         environ=dict(os.environ),
         cache_dir=os.path.join(cache, "rankwire"),
+        slurm=slurm_step(os.environ, os.getuid()),
     )
 
 
@@ -168,8 +179,10 @@ def plan_container(
     user: UserFacts,
     opts: ExecOptions,
     exists: Callable[[str], bool] = os.path.exists,
+    fabric_mounts: Sequence[Mount] = (),
 ) -> ContainerPlan:
-    """The container to build. `exists` is the only view of the filesystem it gets."""
+    """The container to build. `exists` is the only view of the filesystem it gets;
+    `fabric_mounts` (the fabric plan's host libraries and devices) come last."""
     fuse = host.dev_fuse_usable and not opts.unsquash
     drivers = [d for d in ("squashfuse_ll", "squashfuse") if fuse and host.tool(d)]
     if host.tool("unsquashfs"):
@@ -202,7 +215,12 @@ def plan_container(
     else:
         mounts += [Mount("bind", "/dev", "/dev", recursive=True)]
         mounts += [Mount("bind", p, p) for p in DEFAULT_FILE_BINDS if exists(p)]
-        mounts += [Mount("bind", "/tmp", "/tmp"), Mount("bind", "/var/tmp", "/var/tmp")]
+        # Recursive: a non-recursive bind of a tree with (locked) submounts fails in a
+        # user namespace.
+        mounts += [
+            Mount("bind", "/tmp", "/tmp", recursive=True),
+            Mount("bind", "/var/tmp", "/var/tmp", recursive=True),
+        ]
         if exists(user.home):
             mounts.append(Mount("bind", user.home, user.home, recursive=True))
         covered = [m.target for m in mounts if m.kind == "bind" and m.target != "/"]
@@ -222,11 +240,24 @@ def plan_container(
         if not exists(m.source):
             raise UserError(f"bind source '{m.source}' does not exist: create it or fix -B")
         mounts.append(m)
+    # srun --mpi=pmix: Slurm's PMIx server dirs at the same path (its shared-memory
+    # dstore and rendezvous files), as enroot's hook does.
+    step = user.slurm
+    if step is not None:
+        for d in (step.pmix_server_dir, step.pmix_app_dir):
+            if (
+                d
+                and exists(d)
+                and not any(
+                    _under(d, m.target) for m in mounts if m.kind == "bind" and m.target != "/"
+                )
+            ):
+                mounts.append(Mount("bind", d, d))
 
-    share = share_key(opts.share, user.environ) if opts.share else None
+    mounts += fabric_mounts
     inside = 0 if opts.fakeroot else user.uid
     inside_gid = 0 if opts.fakeroot else user.gid
-    return ContainerPlan(
+    plan = ContainerPlan(
         image=os.path.abspath(image.path),
         partition_offset=image.partition_offset,
         partition_size=image.partition_size,
@@ -239,8 +270,23 @@ def plan_container(
         mounts=tuple(mounts),
         tmpfs_size_mib=opts.tmpfs_size_mib,
         extract_dir=os.path.join(user.cache_dir, "sandbox", image.digest),
-        share=share,
     )
+    return dataclasses.replace(plan, share=_share(opts.share, plan, user))
+
+
+def _share(option: Optional[str], plan: ContainerPlan, user: UserFacts) -> Optional[str]:
+    """Which node-wide container to join. Under srun every task of a step joins one by
+    default; the key holds the plan's hash, so tasks with another image or other binds
+    never end up in the wrong container. `--share none` opts out."""
+    if option == "none":
+        return None
+    if option:
+        return share_key(option, user.environ)
+    step = user.slurm
+    if step is None or step.ntasks < 2:
+        return None
+    digest = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
+    return f"slurm-{step.job_id}.{step.step_id}-{digest[:12]}"
 
 
 def share_key(pattern: str, environ: Mapping[str, str]) -> str:
@@ -259,8 +305,14 @@ def share_key(pattern: str, environ: Mapping[str, str]) -> str:
     return key
 
 
-def plan_env(image: ImageFacts, user: UserFacts, opts: ExecOptions) -> dict[str, str]:
-    """Host env (minus host paths) < image %environment < APPTAINERENV_/RANKWIRE_ENV_ < --env."""
+def plan_env(
+    image: ImageFacts,
+    user: UserFacts,
+    opts: ExecOptions,
+    fabric_env: Mapping[str, str] = {},
+) -> dict[str, str]:
+    """Host env (minus host paths) < image %environment < fabric plan <
+    APPTAINERENV_/RANKWIRE_ENV_ < --env."""
     host = user.environ
     if opts.cleanenv:
         keep = {k: v for k, v in host.items() if k.startswith(WIREUP_PREFIXES)}
@@ -270,7 +322,13 @@ def plan_env(image: ImageFacts, user: UserFacts, opts: ExecOptions) -> dict[str,
     env = {k: v for k, v in keep.items() if not k.startswith(ENV_PREFIXES)}
     env["PATH"] = DEFAULT_PATH
     env["HOME"] = user.home
+    # Slurm's PMIx server announces its choices as PMIX_*_MODULE/MODE; a PMIx client in
+    # the container reads them as PMIX_MCA_* (what enroot's hook translates too).
+    for source, target in PMIX_TRANSLATIONS:
+        if source in env and target not in env:
+            env[target] = env[source]
     env.update(image.env)
+    env.update(fabric_env)
     for prefix in ENV_PREFIXES:
         for k, v in host.items():
             if k.startswith(prefix) and len(k) > len(prefix):
@@ -285,12 +343,17 @@ def plan_env(image: ImageFacts, user: UserFacts, opts: ExecOptions) -> dict[str,
 
 
 def plan_process(
-    image: ImageFacts, user: UserFacts, opts: ExecOptions, argv: Sequence[str]
+    image: ImageFacts,
+    user: UserFacts,
+    opts: ExecOptions,
+    argv: Sequence[str],
+    fabric_env: Mapping[str, str] = {},
 ) -> ProcessPlan:
     if not argv:
         raise UserError("no command given: rankwire exec IMAGE COMMAND [ARGS...]")
     workdir = opts.workdir or (user.home if opts.contain else user.cwd)
-    return ProcessPlan(argv=tuple(argv), env=plan_env(image, user, opts), workdir=workdir)
+    env = plan_env(image, user, opts, fabric_env)
+    return ProcessPlan(argv=tuple(argv), env=env, workdir=workdir)
 
 
 def runscript_argv(image: ImageFacts, args: Sequence[str]) -> list[str]:

@@ -106,6 +106,34 @@ def mpich_image(shared_dir: Path, mpi_programs: MpiPrograms) -> Path:
     return out
 
 
+OMPI_TREES = (
+    "/usr/lib/x86_64-linux-gnu/openmpi",  # MCA plugins
+    "/usr/lib/x86_64-linux-gnu/pmix2",  # PMIx plugins
+    "/etc/openmpi",
+    "/usr/share/openmpi",  # help texts
+)
+
+
+@pytest.fixture(scope="session")
+def ompi_image(shared_dir: Path, mpi_programs: MpiPrograms) -> Path:
+    """Debian Open MPI 4.1 (+ its MCA and PMIx plugins) with /opt/hello_ompi and
+    /opt/fail_ompi."""
+    from rankwire.runtime.build import build_image
+
+    rootfs = make_rootfs(
+        shared_dir / "ompi-rootfs",
+        binaries=[str(mpi_programs.hello_ompi), str(mpi_programs.fail_ompi)],
+        trees=[t for t in OMPI_TREES if os.path.exists(t)],
+    )
+    (rootfs / "opt").mkdir()
+    for prog in (mpi_programs.hello_ompi, mpi_programs.fail_ompi):
+        shutil.copy2(prog, rootfs / "opt" / prog.name)
+    out = shared_dir / "ompi.sif"
+    build_image(out, rootfs)
+    make_world_readable(shared_dir)
+    return out
+
+
 @pytest.fixture(params=["root", "user"])
 def runner(request, unprivileged_user: User) -> User:
     """Run the test as root (when we are root) and as the unprivileged test user."""

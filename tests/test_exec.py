@@ -205,6 +205,8 @@ def test_dry_run_json_prints_the_plan_and_starts_nothing(runner: User, base_imag
         (["-B", "/tmp:relative", "{img}", "true"], "must be absolute"),
         (["--env", "NOEQUALS", "{img}", "true"], "bad --env"),
         (["--pwd", "/nowhere", "{img}", "true"], "working directory /nowhere"),
+        # Found only by the holder, during setup: it must clean up its session.
+        (["-B", "/etc/hostname:/etc", "{img}", "true"], "cannot mount a file on /etc"),
     ],
 )
 def test_user_errors_are_one_line(runner: User, base_image: Path, args, message) -> None:

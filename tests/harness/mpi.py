@@ -17,15 +17,19 @@ class MpiPrograms:
     hello_mpich: Path
     hello_ompi: Path
     fail_mpich: Path  # examples/mpi_fail.c: controlled exits, aborts, silent ranks
+    fail_ompi: Path
 
 
 def compile_hello(examples: Path, bindir: Path) -> MpiPrograms:
     """Compile the examples with Debian's MPICH (PMI-1) and Open MPI (PMIx) wrappers."""
-    progs = MpiPrograms(bindir / "hello_mpich", bindir / "hello_ompi", bindir / "fail_mpich")
+    progs = MpiPrograms(
+        bindir / "hello_mpich", bindir / "hello_ompi", bindir / "fail_mpich", bindir / "fail_ompi"
+    )
     for mpicc, src, out in (
         ("mpicc.mpich", "hello_mpi.c", progs.hello_mpich),
         ("mpicc.openmpi", "hello_mpi.c", progs.hello_ompi),
         ("mpicc.mpich", "mpi_fail.c", progs.fail_mpich),
+        ("mpicc.openmpi", "mpi_fail.c", progs.fail_ompi),
     ):
         if not shutil.which(mpicc):
             raise RuntimeError(f"{mpicc} not found: run `make test`, which installs it")

@@ -1,0 +1,230 @@
+"""Fabric image facts: the image's glibc, its libfabric copies and their consumers.
+
+Read from the SIF without mounting it: `unsquashfs -lls` lists the partition (metadata
+only), then the few ELF files of interest are extracted into a temporary directory in
+one `unsquashfs` call and read as `ElfFacts`. A few tens of milliseconds, so no cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Optional
+
+from rankwire.errors import UserError
+from rankwire.fabric.elf import GLIBC_SONAMES, ElfFacts, newest, read_elf
+from rankwire.fabric.hostfacts import MULTIARCH
+from rankwire.runtime.plan import ImageFacts
+
+# Objects that link libfabric, found by name: MPI libraries, Open MPI's OFI components,
+# NCCL/RCCL OFI plugins, SHMEMs, DL providers. A program linking libfabric directly
+# under another name is not looked at.
+CONSUMER_PATTERNS = (
+    "libmpi*.so*",
+    "libmpich*.so*",
+    "libopen-pal.so*",
+    "libmca_common_ofi.so*",
+    "mca_*ofi*.so",
+    "libnccl-net*.so*",
+    "librccl-net*.so*",
+    "libsma*.so*",
+    "libshmem*.so*",
+    "lib*-fi.so",
+)
+MAX_ELF_BYTES = 256 << 20
+_LLS = re.compile(r"^(\S)\S{9}\s+\S+\s+(\d+|\d+,\s*\d+)\s+\S+\s+\S+\s+R(/.*)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageObject:
+    path: str  # as the loader names it in the image (may be a symlink)
+    elf: ElfFacts
+
+
+@dataclasses.dataclass(frozen=True)
+class FabricImageFacts:
+    glibc: tuple[ImageObject, ...]  # glibc's objects found in the standard lib dirs
+    libfabric: tuple[ImageObject, ...]  # every libfabric.so.1 in the image
+    consumers: tuple[ImageObject, ...]  # objects that need libfabric.so.1
+    ld_library_path: str  # the image's %environment LD_LIBRARY_PATH
+
+    def glibc_defines(self, soname: str) -> Optional[frozenset[str]]:
+        for obj in self.glibc:
+            if os.path.basename(obj.path) == soname:
+                return frozenset(obj.elf.defines)
+        return None
+
+    @property
+    def glibc_version(self) -> str:
+        """ "2.36" from the newest GLIBC_x.y libc.so.6 defines; "" without glibc."""
+        defines = self.glibc_defines("libc.so.6") or frozenset()
+        return newest(defines, "GLIBC").partition("_")[2]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Listing:
+    """An image's file tree from `unsquashfs -lls`: path -> (kind, size, link target)."""
+
+    def __init__(self, entries: Mapping[str, tuple[str, int, str]]) -> None:
+        self.entries = dict(entries)
+
+    @classmethod
+    def parse(cls, text: str) -> Listing:
+        entries: dict[str, tuple[str, int, str]] = {}
+        for line in text.splitlines():
+            m = _LLS.match(line)
+            if not m:
+                continue
+            kind, size, rest = m.group(1), m.group(2), m.group(3) or "/"
+            target = ""
+            if kind == "l" and " -> " in rest:
+                rest, target = rest.split(" -> ", 1)
+            entries[rest] = (kind, int(size) if size.isdigit() else 0, target)
+        return cls(entries)
+
+    def resolve(self, path: str) -> str:
+        """`path` with every symlink followed inside the image ("" if it leads nowhere)."""
+        parts = [p for p in path.split("/") if p]
+        done: list[str] = []
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            if part == ".":
+                continue
+            here = "/" + "/".join([*done, part])
+            entry = self.entries.get(here)
+            if entry is None:
+                return ""
+            if entry[0] == "l":
+                hops += 1
+                if hops > 40:
+                    return ""
+                target = entry[2]
+                if target.startswith("/"):
+                    done = []
+                parts = [p for p in target.split("/") if p] + parts
+                continue
+            done.append(part)
+        return "/" + "/".join(done)
+
+    def regular(self, path: str) -> str:
+        real = self.resolve(path)
+        return real if real and self.entries[real][0] == "-" else ""
+
+    def named(self, patterns: Iterable[str]) -> list[str]:
+        pats = tuple(patterns)
+        return sorted(
+            p
+            for p, (kind, _, _) in self.entries.items()
+            if kind in "-l" and any(fnmatch.fnmatchcase(os.path.basename(p), x) for x in pats)
+        )
+
+
+def lib_dirs() -> list[str]:
+    triplet = MULTIARCH.get(platform.machine(), "")
+    dirs = [f"/lib/{triplet}", f"/usr/lib/{triplet}"] if triplet else []
+    return [*dirs, "/lib64", "/usr/lib64", "/lib", "/usr/lib"]
+
+
+def _unsquashfs() -> str:
+    exe = shutil.which("unsquashfs")
+    if not exe:
+        raise UserError(
+            "unsquashfs not found: install squashfs-tools (apt-get install squashfs-tools)"
+        )
+    return exe
+
+
+def _run(argv: list[str], image: str) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        raise UserError(f"cannot read {image} with unsquashfs: {last}; check the image")
+    return proc.stdout
+
+
+def list_image(image: ImageFacts) -> Listing:
+    argv = [_unsquashfs(), "-o", str(image.partition_offset), "-lls", "-d", "R", image.path]
+    return Listing.parse(_run(argv, image.path))
+
+
+def read_fabric_image_facts(image: ImageFacts) -> FabricImageFacts:
+    listing = list_image(image)
+    glibc: dict[str, str] = {}  # path as named -> regular file behind it
+    for soname in sorted(GLIBC_SONAMES):
+        for d in lib_dirs():
+            real = listing.regular(f"{d}/{soname}")
+            if real:
+                glibc[f"{d}/{soname}"] = real
+                break
+    fabric = {p: listing.regular(p) for p in listing.named(["libfabric.so.1"])}
+    consumers = {p: listing.regular(p) for p in listing.named(CONSUMER_PATTERNS)}
+    wanted = {**glibc, **fabric, **consumers}
+    wanted = {p: r for p, r in wanted.items() if r and listing.entries[r][1] <= MAX_ELF_BYTES}
+    elves = _extract_elves(image, sorted(set(wanted.values())))
+
+    def objects(paths: Mapping[str, str]) -> list[ImageObject]:
+        seen: set[str] = set()
+        out = []
+        for path, real in paths.items():
+            if real in elves and real not in seen:
+                seen.add(real)
+                out.append(ImageObject(path, elves[real]))
+        return out
+
+    users = [
+        o
+        for o in objects(consumers)
+        if "libfabric.so.1" in o.elf.needed or o.elf.required_from("libfabric.so.1")
+    ]
+    return FabricImageFacts(
+        glibc=tuple(objects(glibc)),
+        libfabric=tuple(objects(fabric)),
+        consumers=tuple(users),
+        ld_library_path=image.env.get("LD_LIBRARY_PATH", ""),
+    )
+
+
+def _extract_elves(image: ImageFacts, paths: list[str]) -> dict[str, ElfFacts]:
+    if not paths:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="rankwire-fabric-") as tmp:
+        listfile = os.path.join(tmp, "files")
+        with open(listfile, "w") as f:
+            f.write("".join(p.lstrip("/") + "\n" for p in paths))
+        out = os.path.join(tmp, "x")
+        argv = [_unsquashfs(), "-o", str(image.partition_offset), "-d", out, "-no-xattrs"]
+        _run([*argv, "-q", "-n", "-no-wildcards", "-ef", listfile, image.path], image.path)
+        elves: dict[str, ElfFacts] = {}
+        for path in paths:
+            local = os.path.join(out, path.lstrip("/"))
+            try:
+                elves[path] = read_elf(local, name=f"{image.path}:{path}")
+            except (OSError, ValueError):
+                continue  # not ELF (a linker script, say): nothing to check
+        return elves
+
+
+def host_as_image_facts() -> FabricImageFacts:
+    """This host's own glibc as if it were an image's: for plans made without an image."""
+    glibc = []
+    for soname in sorted(GLIBC_SONAMES):
+        for d in lib_dirs():
+            path = f"{d}/{soname}"
+            if os.path.isfile(path):
+                glibc.append(ImageObject(path, read_elf(path)))
+                break
+    return FabricImageFacts(glibc=tuple(glibc), libfabric=(), consumers=(), ld_library_path="")
