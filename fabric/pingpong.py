@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from rankwire.errors import UserError
-from rankwire.fabric.plan import PRIVATE_DIR, FabricPlan, exec_args
+from rankwire.fabric.plan import PRIVATE_DIR, FabricPlan
 
 SOURCE = Path(__file__).with_name("pingpong.c")
 NAME = "rankwire-fi-pingpong"
@@ -142,7 +142,8 @@ def container_argv(image: str, plan: FabricPlan, binary: Path) -> list[str]:
         "-m",
         "rankwire",
         "exec",
-        *exec_args(plan),
+        "--fabric",
+        plan.choice,
         "-B",
         f"{binary}:{IN_CONTAINER}:ro",
         image,

@@ -279,13 +279,3 @@ def fabric_for(image_facts: ImageFacts, choice: str) -> FabricPlan:
     from rankwire.fabric.imagefacts import read_fabric_image_facts
 
     return plan_fabric(host, read_fabric_image_facts(image_facts), choice)
-
-
-def exec_args(plan: FabricPlan) -> list[str]:
-    """The plan as `rankwire exec` options (-B/--env), for callers without --fabric."""
-    args: list[str] = []
-    for m in plan.mounts:
-        args += ["-B", f"{m.source}:{m.target}{':ro' if m.readonly else ''}"]
-    for key, value in plan.env.items():
-        args += ["--env", f"{key}={value}"]
-    return args

@@ -16,7 +16,7 @@ import pytest
 from harness.images import make_rootfs, make_world_readable
 from harness.mpi import MpiPrograms, assert_hello, ompi_env
 from harness.users import User
-from rankwire.fabric.plan import LIB_DIR, exec_args, fabric_for
+from rankwire.fabric.plan import LIB_DIR, fabric_for
 from rankwire.runtime.imagefacts import image_facts
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow, pytest.mark.usefixtures("nothing_left_behind")]
@@ -71,8 +71,7 @@ def ompi_image(shared_dir: Path, mpi_programs: MpiPrograms) -> Path:
 
 
 def mpirun_in_container(runner: User, image: Path, program: str) -> subprocess.CompletedProcess:
-    plan = fabric_for(image_facts(str(image)), "tcp")
-    argv = [*MPIRUN, "rankwire", "exec", *exec_args(plan), "--env", "FI_TCP_IFACE=lo"]
+    argv = [*MPIRUN, "rankwire", "exec", "--fabric", "tcp", "--env", "FI_TCP_IFACE=lo"]
     return runner.run([*argv, str(image), program], cwd="/tmp", env=ompi_env(dict(os.environ)))
 
 

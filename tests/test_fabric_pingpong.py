@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,7 @@ QUICK = ["-n", "200", "-w", "20", "-s", "64", "-s", "1M", "--json"]
 
 
 def fabric_argv(user: User | None = None) -> list[str]:
-    """`rankwire fabric` once it is registered, `python -m rankwire.fabric` until then."""
-    from rankwire.cli import cli
-
-    if "fabric" in cli.commands:
-        return ["rankwire", "fabric"]
-    python = os.path.join(user.bindir, "python") if user and user.bindir else sys.executable
-    return [python, "-m", "rankwire.fabric"]
+    return ["rankwire", "fabric"]
 
 
 def run_as(user: User, *args: str) -> subprocess.CompletedProcess:

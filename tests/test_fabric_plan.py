@@ -30,7 +30,7 @@ from rankwire.fabric.hostfacts import (
     libfabric_facts,
 )
 from rankwire.fabric.imagefacts import host_as_image_facts, read_fabric_image_facts
-from rankwire.fabric.plan import LIB_DIR, exec_args, fabric_for, plan_fabric
+from rankwire.fabric.plan import LIB_DIR, fabric_for, plan_fabric
 from rankwire.runtime.build import build_image
 from rankwire.runtime.imagefacts import image_facts
 from rankwire.runtime.plan import ImageFacts, Mount
@@ -231,8 +231,9 @@ def test_explicit_tcp_binds_the_host_libfabric_and_sets_the_mpi_knobs(debian_lib
     b = binds(plan)
     assert [t for t in b if t.startswith("/dev/")] == ["/dev/shm"]
     assert "/etc/libibverbs.d" not in b
-    args = exec_args(plan)
-    assert f"{LIBFABRIC}:{LIB_DIR}/libfabric.so.1:ro" in args and "FI_PROVIDER=tcp" in args
+    assert (LIBFABRIC, f"{LIB_DIR}/libfabric.so.1", True) in [
+        (m.source, m.target, m.readonly) for m in plan.mounts
+    ]
 
 
 @pytest.mark.parametrize("choice", ["verbs", "ofi_rxm", "nosuch", ""])
@@ -358,7 +359,9 @@ def test_image_mpi_built_against_a_newer_libfabric_is_refused(tmp_path):
 
 def fabric_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rankwire.fabric", *args], capture_output=True, text=True
+        [str(Path(sys.executable).parent / "rankwire"), "fabric", *args],
+        capture_output=True,
+        text=True,
     )
 
 
@@ -378,7 +381,7 @@ def test_cli_plan_json_for_an_image(tmp_path):
     } in plan["mounts"]
     proc = fabric_cli("plan", facts.path, "--fabric", "verbs")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("rankwire fabric: --fabric verbs:")
+    assert proc.stderr.startswith("rankwire: --fabric verbs:")
 
 
 def test_link_down_and_soft_rdma_are_not_fast_fabrics(host_image):
