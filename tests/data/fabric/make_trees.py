@@ -38,7 +38,9 @@ def pci(root: Path, bridge: str, addr: str, vendor: int, device: int, cls: str, 
     write(root, f"{rel}/class", cls)
     link(root, f"sys/bus/pci/devices/{addr}", f"../../../devices/{rel[len('sys/devices/') :]}")
     if driver:
-        (root / f"sys/bus/pci/drivers/{driver}").mkdir(parents=True, exist_ok=True)
+        drv = root / f"sys/bus/pci/drivers/{driver}"
+        drv.mkdir(parents=True, exist_ok=True)
+        (drv / "bind").write_text("")  # a file, so git keeps the directory (as sysfs has)
         link(root, f"{rel}/driver", f"../../../../bus/pci/drivers/{driver}")
     return rel
 
