@@ -21,6 +21,7 @@ from typing import Optional
 from rankwire.errors import UserError
 from rankwire.fabric.elf import GLIBC_SONAMES, ElfFacts, newest, read_elf
 from rankwire.fabric.hostfacts import MULTIARCH
+from rankwire.runtime.imagepath import resolve_in_image
 from rankwire.runtime.plan import ImageFacts
 
 # Objects that link libfabric, found by name: MPI libraries, Open MPI's OFI components,
@@ -93,32 +94,13 @@ class Listing:
 
     def resolve(self, path: str) -> str:
         """`path` with every symlink followed inside the image ("" if it leads nowhere)."""
-        parts = [p for p in path.split("/") if p]
-        done: list[str] = []
-        hops = 0
-        while parts:
-            part = parts.pop(0)
-            if part == "..":
-                if done:
-                    done.pop()
-                continue
-            if part == ".":
-                continue
-            here = "/" + "/".join([*done, part])
-            entry = self.entries.get(here)
-            if entry is None:
-                return ""
-            if entry[0] == "l":
-                hops += 1
-                if hops > 40:
-                    return ""
-                target = entry[2]
-                if target.startswith("/"):
-                    done = []
-                parts = [p for p in target.split("/") if p] + parts
-                continue
-            done.append(part)
-        return "/" + "/".join(done)
+
+        def readlink(p: str) -> Optional[str]:
+            entry = self.entries.get(p)
+            return entry[2] if entry is not None and entry[0] == "l" else None
+
+        real = resolve_in_image(path, readlink)
+        return real if real is not None and real in self.entries else ""
 
     def regular(self, path: str) -> str:
         real = self.resolve(path)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from rankwire.runtime import syscalls as sc
+from rankwire.runtime.imagepath import resolve_in_image
 from rankwire.runtime.plan import ContainerPlan, Mount
 
 MOUNT_WAIT_S = 10.0
@@ -40,28 +41,16 @@ class NameTaken(SetupError):
 
 
 def secure_path(root: str, path: str) -> str:
-    """`path` resolved inside `root`: symlinks in the image can never lead out of it."""
-    parts = [p for p in path.split("/") if p and p != "."]
-    resolved: list[str] = []
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = os.path.join(root, *resolved, part)
-        if os.path.islink(candidate):
-            hops += 1
-            if hops > 40:
-                raise SetupError(f"too many symlinks resolving {path} in the image")
-            link = os.readlink(candidate)
-            if link.startswith("/"):
-                resolved = []
-            parts = [p for p in link.split("/") if p and p != "."] + parts
-            continue
-        resolved.append(part)
-    return os.path.join(root, *resolved)
+    """`path` resolved inside the image mounted at `root` (symlinks never lead out)."""
+
+    def readlink(p: str) -> Optional[str]:
+        host = root + p
+        return os.readlink(host) if os.path.islink(host) else None
+
+    resolved = resolve_in_image(path, readlink)
+    if resolved is None:
+        raise SetupError(f"too many symlinks resolving {path} in the image")
+    return root + resolved if resolved != "/" else root
 
 
 def _below(path: str, parent: str) -> bool:

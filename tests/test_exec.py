@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.leftovers import child_of
+from harness.procs import child_of
 from harness.users import User
 
 pytestmark = pytest.mark.usefixtures("nothing_left_behind")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.leftovers import child_of
 from harness.mpi import MpiPrograms, assert_hello
+from harness.procs import child_of
 from harness.users import User
 
 pytestmark = [pytest.mark.mpi, pytest.mark.usefixtures("nothing_left_behind")]

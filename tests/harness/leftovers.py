@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from harness.procs import ancestors
 from harness.users import User
 
 # comm names (15 chars max) of everything rankwire starts: the CLI and launcher, the
@@ -20,17 +21,6 @@ WATCHED = (
     "hello_ompi",
     "fail_mpich",
 )
-
-
-def _ancestors() -> set[int]:
-    pids, pid = set(), os.getpid()
-    while pid > 1:
-        pids.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return pids
 
 
 # Set by conftest for the whole test session; every process the tests start inherits it
@@ -49,7 +39,7 @@ def _ours(proc: Path) -> bool:
 
 def user_leftovers(user: User) -> list[str]:
     """Processes, mounts and runtime files of `user` that a finished run must not leave."""
-    found, mine = [], _ancestors()
+    found, mine = [], ancestors()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) in mine:
             continue
@@ -71,17 +61,3 @@ def user_leftovers(user: User) -> list[str]:
         found += [f"file {p}" for p in rdir.iterdir() if p.name != "instances"]
         found += [f"file {p}" for p in (rdir / "instances").iterdir()]
     return found
-
-
-def child_of(pid: int, comm: str = "") -> int:
-    """A child of `pid` (named `comm`, if given)."""
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                stat = (proc / "stat").read_text()
-            except OSError:
-                continue
-            name, rest = stat.split(" (", 1)[1].rsplit(")", 1)
-            if int(rest.split()[1]) == pid and (not comm or name == comm):
-                return int(proc.name)
-    raise AssertionError(f"process {pid} has no child {comm}")

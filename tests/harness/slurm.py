@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from harness.procs import ancestors
+
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 
 
@@ -221,14 +223,7 @@ class SlurmCluster:
 def pids_with_env(entry: str) -> list[int]:
     """PIDs (not us, not our ancestors) whose environment holds exactly `entry`."""
     needle = entry.encode()
-    skip = {os.getpid()}
-    pid = os.getppid()
-    while pid > 1:
-        skip.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
+    skip = ancestors()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) in skip:
