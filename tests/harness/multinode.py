@@ -46,7 +46,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.slurm import HarnessError, munge_works, pids_with_env
+from harness.slurm import COMMON_CONF, HarnessError, munge_works, pids_with_env
 
 PREFIX = "rwmn"  # bridge rwmnX, veths rwmnXvK, netns rwmnX-<name>: all ours carry it
 SUBNET = "10.253"
@@ -279,33 +279,15 @@ class MultiNodeCluster:
             f"SlurmctldHost=ctl({self.ctl.ip})",
             f"SlurmctldPort={CTLD_PORT}",
             f"SlurmdPort={SLURMD_PORT}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
+            *COMMON_CONF,
             f"StateSaveLocation={r}/state",
             f"SlurmdSpoolDir={r}/%n/spool",
             "SlurmctldPidFile=/run/slurmctld.pid",  # /run is private per member
             "SlurmdPidFile=/run/slurmd.pid",
             f"SlurmctldLogFile={r}/log/ctl.log",
             f"SlurmdLogFile={r}/log/%n.log",
-            "SlurmctldDebug=info",
-            "SlurmdDebug=info",
             "TmpFS=/tmp",
             f"PlugStackConfig={r}/plugstack.conf",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "MpiDefault=none",
-            "SchedulerType=sched/builtin",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
-            "SlurmdParameters=config_overrides",
-            "ReturnToService=2",
-            "KillWait=2",
-            "InactiveLimit=0",
-            "MinJobAge=2",
             "MessageTimeout=10",
         ]
         lines += [

@@ -23,6 +23,31 @@ from harness.procs import ancestors
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 
 
+# The slurm.conf settings every test cluster shares (single node and multi-node): root
+# daemons, munge, no cgroups, no accounting, no default MPI plugin, quick turnover.
+COMMON_CONF = (
+    "SlurmUser=root",
+    "SlurmdUser=root",
+    "AuthType=auth/munge",
+    "CredType=cred/munge",
+    "SlurmctldDebug=info",
+    "SlurmdDebug=info",
+    "ProctrackType=proctrack/linuxproc",
+    "TaskPlugin=task/none",
+    "JobAcctGatherType=jobacct_gather/none",
+    "AccountingStorageType=accounting_storage/none",
+    "MpiDefault=none",
+    "SchedulerType=sched/builtin",
+    "SelectType=select/cons_tres",
+    "SelectTypeParameters=CR_Core",
+    "SlurmdParameters=config_overrides",
+    "ReturnToService=2",
+    "KillWait=2",
+    "InactiveLimit=0",
+    "MinJobAge=2",
+)
+
+
 class HarnessError(RuntimeError):
     pass
 
@@ -92,34 +117,16 @@ class SlurmCluster:
             f"SlurmctldHost={self.nodename}(127.0.0.1)",
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmdPort={self.slurmd_port}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
+            *COMMON_CONF,
             f"StateSaveLocation={r}/state",
             f"SlurmdSpoolDir={r}/spool",
             f"SlurmctldPidFile={r}/slurmctld.pid",
             f"SlurmdPidFile={r}/slurmd.pid",
             f"SlurmctldLogFile={r}/log/slurmctld.log",
             f"SlurmdLogFile={r}/log/slurmd.log",
-            "SlurmctldDebug=info",
-            "SlurmdDebug=info",
             f"TmpFS={r}/tmpfs",
             f"PlugStackConfig={self.plugstack}",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "MpiDefault=none",
-            "SchedulerType=sched/builtin",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
-            "SlurmdParameters=config_overrides",
-            "ReturnToService=2",
             "MaxJobCount=10000",
-            "KillWait=2",
-            "InactiveLimit=0",
-            "MinJobAge=2",
             f"NodeName={self.nodename} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
             f"PartitionName=debug Nodes={self.nodename} Default=YES MaxTime=INFINITE "
             "State=UP OverSubscribe=FORCE:8",
