@@ -334,12 +334,13 @@ class SifImage:
         )
 
     @classmethod
-    def open(cls, path: PathLike) -> SifImage:
+    def open(cls, path: PathLike, *, writable: bool = False) -> SifImage:
         p = Path(path)
         try:
-            f = open(p, "rb")  # noqa: SIM115 (owned by the returned object)
+            f = open(p, "r+b" if writable else "rb")  # noqa: SIM115 (owned by the result)
         except OSError as err:
-            raise SifError(f"{_shown(p)}: cannot open: {err.strerror}; check the path") from None
+            what = "open for writing" if writable else "open"
+            raise SifError(f"{_shown(p)}: cannot {what}: {err.strerror}; check the path") from None
         try:
             return cls._from_file(p, f)
         except BaseException:
@@ -828,19 +829,6 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
 
 
-def _open_for_update(path: PathLike) -> SifImage:
-    p = Path(path)
-    try:
-        f = open(p, "r+b")  # noqa: SIM115 (owned by the returned object)
-    except OSError as err:
-        raise SifError(f"{_shown(p)}: cannot open for writing: {err.strerror}") from None
-    try:
-        return SifImage._from_file(p, f)
-    except BaseException:
-        f.close()
-        raise
-
-
 def _rewrite_metadata(
     img: SifImage,
     table: bytearray,
@@ -870,7 +858,7 @@ def add_object(path: PathLike, obj: ObjectInput) -> int:
     last used object. Deterministic images stay deterministic (times stay zero time).
     """
     _check_inputs([obj])
-    with _open_for_update(path) as img:
+    with SifImage.open(path, writable=True) as img:
         where = _shown(img.path)
         h = img.header
         table = bytearray(img._raw_table)
@@ -909,7 +897,7 @@ def add_object(path: PathLike, obj: ObjectInput) -> int:
 
 def delete_object(path: PathLike, object_id: int) -> None:
     """Remove an object's descriptor in place, as `siftool del` does (data stays in place)."""
-    with _open_for_update(path) as img:
+    with SifImage.open(path, writable=True) as img:
         desc = img.get(object_id)
         h = img.header
         table = bytearray(img._raw_table)
