@@ -125,7 +125,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
             lambda f: runscript_argv(f, argv) if runscript else argv,
         )
         prefix = _exec_prefix(image, ckw, pkw)
-        kind = image_mpi_kind(facts) if kw["pmi"] == "auto" else None
+        kind = image_mpi_kind(facts, user.cache_dir) if kw["pmi"] == "auto" else None
     plan: LaunchPlan = plan_launch(lopts, process, container, user.environ, prefix, kind)
     if dry_run:
         if as_json:

@@ -192,3 +192,15 @@ def test_srun_pmix_with_contain_still_wires_up(slurm_cluster, ompi_image: Path) 
     )
     assert proc.returncode == 0, proc.stderr
     assert_hello(proc.stdout, 2)
+
+
+def test_image_mpi_kind_is_listed_once_per_image(ompi_image: Path, tmp_path: Path) -> None:
+    from rankwire.launcher.facts import image_mpi_kind
+    from rankwire.runtime.imagefacts import image_facts
+
+    facts = image_facts(str(ompi_image))
+    assert image_mpi_kind(facts, str(tmp_path)) == "pmix"
+    cached = tmp_path / "mpi-kind" / facts.digest
+    assert cached.read_text() == "pmix"
+    cached.write_text("pmi1/2")  # the cache, not a new listing, answers now
+    assert image_mpi_kind(facts, str(tmp_path)) == "pmi1/2"
