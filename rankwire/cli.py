@@ -45,8 +45,9 @@ def _register() -> None:
     from rankwire.launcher import cli as cli_launcher
     from rankwire.pmi import cli as cli_pmi
     from rankwire.runtime import cli_image, cli_run
+    from rankwire.spank import cli as cli_spank
 
-    groups = (cli_image, cli_run, cli_launcher, cli_pmi, cli_fabric)
+    groups = (cli_image, cli_run, cli_launcher, cli_pmi, cli_fabric, cli_spank)
     for command in [c for group in groups for c in group.COMMANDS]:
         cli.add_command(command)
 

@@ -78,6 +78,12 @@ class Holder:
         # lease; "persistent": ends on `stop`.
         self.mode: str = req["mode"]
         self.owner: Optional[int] = req.get("owner")
+        # An image the caller opened (the SPANK check phase): mounted through this
+        # descriptor, never looked up again by path.
+        self.image_fd: Optional[int] = req.get("image_fd")
+        self.image_source = (
+            f"/proc/self/fd/{self.image_fd}" if self.image_fd is not None else self.plan.image
+        )
         self.daemons: list[subprocess.Popen] = []
         self.leases: set[socket.socket] = set()
         self.joined_once = False
@@ -151,10 +157,16 @@ class Holder:
         os.dup2(devnull, 0)
         os.close(devnull)
 
+    @property
+    def _pass_fds(self) -> tuple[int, ...]:
+        return () if self.image_fd is None else (self.image_fd,)
+
     def _spawn_fuse(self, argv: list[str], target: str) -> None:
         log = os.path.join(self.session, f"{os.path.basename(argv[0])}.log")
         with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=self._pass_fds
+            )
         self.daemons.append(proc)
         try:
             _wait_mounted(target, os.stat(self.session).st_dev, proc, log)
@@ -180,7 +192,7 @@ class Holder:
                             "-f",
                             "-o",
                             f"ro,offset={plan.partition_offset}",
-                            plan.image,
+                            self.image_source,
                             lower,
                         ],
                         lower,
@@ -209,10 +221,11 @@ class Holder:
                 str(self.plan.partition_offset),
                 "-d",
                 tmp,
-                self.plan.image,
+                self.image_source,
             ],
             capture_output=True,
             text=True,
+            pass_fds=self._pass_fds,
         )
         if proc.returncode != 0:
             subprocess.run(["rm", "-rf", tmp])
@@ -464,10 +477,12 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        keep = sorted({status_fd, devnull})
-        os.closerange(3, keep[0])
-        os.closerange(keep[0] + 1, keep[1])
-        os.closerange(keep[1] + 1, 1 << 20)
+        keep = sorted({status_fd, devnull, req.get("image_fd", devnull)})
+        low = 3
+        for fd in keep:
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
         os.close(devnull)
         holder = Holder(req)
         try:

@@ -94,10 +94,12 @@ def start_holder(
     name: Optional[str] = None,
     meta: Optional[dict[str, Any]] = None,
     register: bool = True,
+    image_fd: Optional[int] = None,
 ) -> Holder:
     """Fork a holder for `plan` and wait until it is ready (or say why it is not).
 
-    `name`: serve at instances/NAME.sock; `register`: also list it in `instance list`.
+    `name`: serve at instances/NAME.sock; `register`: also list it in `instance list`;
+    `image_fd`: mount the image open on this descriptor instead of `plan.image`.
     """
     from rankwire.runtime.holder import run_holder
 
@@ -123,6 +125,8 @@ def start_holder(
         "mode": mode,
         "owner": owner,
     }
+    if image_fd is not None:
+        req["image_fd"] = image_fd
     detached = mode != "ephemeral"  # outlives us: own session, reaped by init
     sys.stdout.flush()
     sys.stderr.flush()

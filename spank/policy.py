@@ -1,0 +1,130 @@
+"""Site policy for containers started by the SPANK plugin.
+
+The admin's file (plugstack.conf `policy=PATH`, TOML) says which images and bind sources
+users may use through the plugin and which options they may pick. It is read by the
+helper's `check` phase, which runs as root in slurmstepd: the file must be root-owned and
+not writable by anyone else, or nothing runs (a policy that a user could edit is none).
+
+    image_dirs = ["/apps/images"]         # images must lie below one of these (real path)
+    mount_sources = ["/home", "/scratch"]  # --container-mounts sources likewise
+    allow_fabric_choice = true             # --container-fabric other than auto
+    allow_remap_root = true                # --container-remap-root
+    allow_writable = true                  # --container-writable
+
+A missing list means "anywhere the job user can read"; a missing flag means allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import sys
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from rankwire.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.9/3.10
+    import tomli as tomllib
+
+
+class PolicyError(UserError):
+    """A refusal by site policy (or a broken policy file): `rankwire: policy: <reason>`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"policy: {reason}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    source: Optional[str] = None  # the file it came from; None: no policy configured
+    image_dirs: Optional[tuple[str, ...]] = None
+    mount_sources: Optional[tuple[str, ...]] = None
+    allow_fabric_choice: bool = True
+    allow_remap_root: bool = True
+    allow_writable: bool = True
+
+    def check_image(self, real_path: str) -> None:
+        if self.image_dirs is not None and not _below_any(real_path, self.image_dirs):
+            raise PolicyError(
+                f"image {real_path} is outside the allowed image directories "
+                f"({', '.join(self.image_dirs)}); copy it there or ask your admin"
+            )
+
+    def check_mount(self, real_source: str) -> None:
+        if self.mount_sources is not None and not _below_any(real_source, self.mount_sources):
+            raise PolicyError(
+                f"mount source {real_source} is outside the allowed mount sources "
+                f"({', '.join(self.mount_sources)})"
+            )
+
+    def check_options(self, *, fabric: str, remap_root: bool, writable: bool) -> None:
+        if fabric != "auto" and not self.allow_fabric_choice:
+            raise PolicyError(
+                f"--container-fabric={fabric} is not allowed here; drop it (auto is used)"
+            )
+        if remap_root and not self.allow_remap_root:
+            raise PolicyError("--container-remap-root is not allowed here; drop it")
+        if writable and not self.allow_writable:
+            raise PolicyError("--container-writable is not allowed here; drop it")
+
+
+def _below_any(path: str, dirs: Sequence[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def _trusted(path: str) -> None:
+    """The file and its directory: root-owned, not group/world-writable, no symlink."""
+    for p in (path, os.path.dirname(path)):
+        st = os.lstat(p)
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+            raise PolicyError(
+                f"{p} must be owned by root and not writable by group or others "
+                "(and not a symlink); fix its mode, or no container runs"
+            )
+
+
+def _dirs(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise PolicyError(f"'{key}' must be a list of absolute paths")
+    out = []
+    for d in value:
+        if not os.path.isabs(d):
+            raise PolicyError(f"'{key}': {d} is not an absolute path")
+        out.append(os.path.realpath(d))
+    return tuple(out)
+
+
+def load_policy(path: Optional[str]) -> Policy:
+    """The policy in `path` (None: no policy configured, everything the user may do)."""
+    if path is None:
+        return Policy()
+    try:
+        _trusted(path)
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise PolicyError(
+            f"cannot read {path}: no such file; create it or fix policy= in plugstack.conf"
+        ) from None
+    except OSError as err:
+        raise PolicyError(f"cannot read {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise PolicyError(f"{path} is not valid TOML: {err}") from None
+    known = {f.name for f in dataclasses.fields(Policy)} - {"source"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PolicyError(f"{path}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    kw: dict[str, Any] = {"source": path}
+    for key in ("image_dirs", "mount_sources"):
+        if key in data:
+            kw[key] = _dirs(key, data[key])
+    for key in ("allow_fabric_choice", "allow_remap_root", "allow_writable"):
+        if key in data:
+            if not isinstance(data[key], bool):
+                raise PolicyError(f"{path}: '{key}' must be true or false")
+            kw[key] = data[key]
+    return Policy(**kw)
