@@ -46,12 +46,15 @@ SPANK_PLUGIN(rankwire, 1);
 enum { O_IMAGE, O_MOUNTS, O_WORKDIR, O_ENV, O_WRITABLE, O_FABRIC, O_REMAP_ROOT, N_OPTS };
 static char *opt_val[N_OPTS];
 
+static struct spank_option options[];
+
+/* A flag arrives remotely as "" (not NULL): store "1" for every flag. */
 static int opt_cb(int val, const char *arg, int remote)
 {
 	if (val < 0 || val >= N_OPTS)
 		return -1;
 	free(opt_val[val]);
-	opt_val[val] = strdup(arg ? arg : "1");
+	opt_val[val] = strdup(options[val].has_arg && arg ? arg : "1");
 	return opt_val[val] ? 0 : -1;
 }
 

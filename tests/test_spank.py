@@ -1,0 +1,268 @@
+"""The SPANK plugin under a real slurmd: `srun --container-image=IMG` / `srun --container=IMG`.
+
+The plugin is built and installed with `make -C spank install` (as an admin would) and
+loaded through the test cluster's plugstack.conf; every job runs as root and as the
+unprivileged test user.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.leftovers import user_leftovers
+from harness.mpi import assert_hello, ompi_env
+from harness.slurm import HarnessError, SlurmCluster
+from harness.spank import SpankInstall, install_plugin, spank_leftovers
+from harness.users import User
+
+pytestmark = [pytest.mark.slurm]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def spank_install(shared_dir: Path, unprivileged_user: User) -> SpankInstall:
+    bindir = unprivileged_user.bindir or str(Path(sys.executable).parent)
+    return install_plugin(REPO, shared_dir / "spank-prefix", f"{bindir}/rankwire")
+
+
+@pytest.fixture(scope="session")
+def spank_cluster(spank_install: SpankInstall) -> Iterator[SlurmCluster]:
+    """A Slurm of its own whose plugstack loads the installed plugin."""
+    if os.getuid() != 0:
+        pytest.skip("the Slurm fixture needs root")
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+    except HarnessError as err:
+        pytest.fail(f"Slurm test cluster did not start: {err}")
+    cluster.plugstack.write_text(spank_install.plugstack_line())
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def policy(spank_install: SpankInstall) -> Iterator[Path]:
+    """The installed policy file; a test may rewrite it, the sample comes back after."""
+    sample = spank_install.policy.read_text()
+    yield spank_install.policy
+    spank_install.policy.write_text(sample)
+
+
+@pytest.fixture
+def nothing_left(unprivileged_user: User) -> Iterator[None]:
+    """After the test: no helper, holder or FUSE daemon of the plugin, no runtime file."""
+    yield
+    users = [unprivileged_user, User("root", 0, 0, "/root")]
+
+    def left() -> list[str]:
+        return spank_leftovers() + [x for u in users for x in user_leftovers(u)]
+
+    deadline = time.monotonic() + 5
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left() == []
+
+
+def srun(
+    cluster: SlurmCluster, runner: User, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return runner.run(["srun", *args], env=ompi_env(env or cluster.env), cwd="/tmp", timeout=120)
+
+
+PROBE = (
+    "grep ^ID= /etc/os-release; stat -L -c ns=%i /proc/self/ns/mnt; "
+    'readlink /proc/self/fd/"$PMI_FD"; id -u; pwd'
+)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("how", ["--container-image", "--container"])
+def test_mpich_pmi2_in_one_container_per_node(
+    spank_cluster: SlurmCluster, mpich_image: Path, runner: User, how: str, nothing_left: None
+) -> None:
+    proc = srun(
+        spank_cluster,
+        runner,
+        "-n",
+        "2",
+        "--mpi=pmi2",
+        f"{how}={mpich_image}",
+        "sh",
+        "-c",
+        f"/opt/hello_mpich && {PROBE}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 2)
+    lines = proc.stdout.splitlines()
+    assert lines.count("ID=rankwire-test") == 2, proc.stdout  # the image's os-release
+    namespaces = {line for line in lines if line.startswith("ns=")}
+    assert len(namespaces) == 1, proc.stdout  # both ranks share one mount namespace
+    assert namespaces != {f"ns={os.stat('/proc/self/ns/mnt').st_ino}"}
+    assert sum(line.startswith("socket:[") for line in lines) == 2  # PMI_FD made it in
+    assert lines.count(str(runner.uid)) == 2 and lines.count("/tmp") == 2
+
+
+@pytest.mark.mpi
+def test_open_mpi_pmix(
+    spank_cluster: SlurmCluster, ompi_image: Path, runner: User, nothing_left: None
+) -> None:
+    proc = srun(
+        spank_cluster,
+        runner,
+        "-n",
+        "2",
+        "--mpi=pmix",
+        f"--container-image={ompi_image}",
+        "sh",
+        "-c",
+        '/opt/hello_ompi && echo "gds=$PMIX_MCA_gds/$PMIX_GDS_MODULE"',
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 2)
+    gds = [line for line in proc.stdout.splitlines() if line.startswith("gds=")]
+    assert len(gds) == 2 and all(g.split("=", 1)[1].split("/")[0] for g in gds), gds
+    assert all(len(set(g[4:].split("/"))) == 1 for g in gds), gds  # MCA copied per task
+    assert "single-copy" not in proc.stderr
+
+
+def test_job_without_container_is_untouched(
+    spank_cluster: SlurmCluster, spank_install: SpankInstall, base_image: Path
+) -> None:
+    """No container option: the plugin runs nothing. Proven by a plugstack whose helper
+    does not exist -- plain jobs still run, a container job names the broken helper."""
+    spank_cluster.plugstack.write_text(
+        f"required {spank_install.plugin} helper=/nonexistent/rankwire\n"
+    )
+    try:
+        plain = srun(spank_cluster, User("root", 0, 0, "/root"), "-n", "2", "sh", "-c",
+                     "stat -L -c ns=%i /proc/self/ns/mnt; echo $PATH")  # fmt: skip
+        assert plain.returncode == 0, plain.stderr
+        assert plain.stdout.count(f"ns={os.stat('/proc/self/ns/mnt').st_ino}") == 2
+        assert plain.stderr == ""
+        boxed = srun(spank_cluster, User("root", 0, 0, "/root"), "-n", "1",
+                     f"--container-image={base_image}", "true")  # fmt: skip
+        assert boxed.returncode != 0
+        assert "rankwire: the helper /nonexistent/rankwire must exist" in boxed.stderr
+    finally:
+        spank_cluster.plugstack.write_text(spank_install.plugstack_line())
+
+
+def test_env_workdir_mounts(
+    spank_cluster: SlurmCluster, base_image: Path, shared_dir: Path, runner: User, nothing_left
+) -> None:
+    data = shared_dir / "spank-data"
+    data.mkdir(exist_ok=True)
+    (data / "hello.txt").write_text("from the host\n")
+    data.chmod(0o755)
+    # Bytes the JSON both ways must carry: quotes, backslash, newline, tab, UTF-8, and
+    # one that is not UTF-8 at all.
+    odd = os.fsdecode(b'q"b\\s\nn\tt \xc3\xa9 \xff end')
+    env = dict(spank_cluster.env, RANKWIRE_ENV_ODD=odd, KEEP_ME="host", OVERRIDE_ME="host")
+    proc = srun(
+        spank_cluster,
+        runner,
+        "-n",
+        "1",
+        f"--container-image={base_image}",
+        f"--container-mounts={data}:/data:ro",
+        "--container-workdir=/data",
+        "--container-env=OVERRIDE_ME",
+        "sh",
+        "-c",
+        'pwd; cat hello.txt; echo "$IMAGE_VAR/$OVERRIDE_ME/$KEEP_ME"; '
+        'touch x 2>/dev/null || echo read-only; printf "%s" "$ODD" > /tmp/spank-odd.$$; '
+        "echo /tmp/spank-odd.$$",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:4] == ["/data", "from the host", "from-image/host/host", "read-only"]
+    out = Path(lines[4])
+    try:
+        assert out.read_bytes() == os.fsencode(odd)
+    finally:
+        out.unlink()
+
+
+@pytest.mark.parametrize(
+    ("make", "option", "reason"),
+    [
+        ("missing", "", "rankwire: image {image} (from --container-image) not found"),
+        ("not-sif", "", "rankwire: {image}: not a SIF image"),
+        ("directory", "", "rankwire: image {image} (from --container-image) is a directory"),
+        ("forbidden", "", "rankwire: policy: image {image} is outside the allowed image"),
+        ("ok", "--container-mounts=/etc:/x", "rankwire: policy: mount source /etc is outside"),
+        ("ok", "--container-writable", "rankwire: policy: --container-writable is not allowed"),
+        ("ok", "--container-mounts=/nope", "rankwire: --container-mounts source /nope does not"),
+    ],
+)
+def test_failures_reach_srun_and_leave_nothing(
+    spank_cluster: SlurmCluster,
+    base_image: Path,
+    shared_dir: Path,
+    policy: Path,
+    runner: User,
+    make: str,
+    option: str,
+    reason: str,
+    nothing_left: None,
+) -> None:
+    allowed = shared_dir / "spank-allowed"
+    allowed.mkdir(exist_ok=True)
+    allowed.chmod(0o755)
+    policy.write_text(
+        f'image_dirs = ["{allowed}"]\nmount_sources = ["{shared_dir}"]\nallow_writable = false\n'
+    )
+    image = {
+        "missing": allowed / "missing.sif",
+        "not-sif": allowed / "not.sif",
+        "directory": allowed,
+        "forbidden": base_image,
+        "ok": allowed / "ok.sif",
+    }[make]
+    if make == "not-sif":
+        image.write_text("just text\n")
+    if make == "ok" and not image.exists():
+        image.write_bytes(base_image.read_bytes())
+    for p in allowed.iterdir():
+        p.chmod(0o644)
+    args = ["-n", "2", f"--container-image={image}", *([option] if option else []), "true"]
+    proc = srun(spank_cluster, runner, *args)
+    assert proc.returncode != 0
+    assert reason.format(image=image) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_policy_allows_what_it_lists(
+    spank_cluster: SlurmCluster, base_image: Path, policy: Path, runner: User, nothing_left
+) -> None:
+    policy.write_text(f'image_dirs = ["{base_image.parent}"]\nallow_fabric_choice = false\n')
+    ok = srun(spank_cluster, runner, "-n", "1", f"--container-image={base_image}", "true")
+    assert ok.returncode == 0, ok.stderr
+    refused = srun(spank_cluster, runner, "-n", "1", f"--container-image={base_image}",
+                   "--container-fabric=tcp", "true")  # fmt: skip
+    assert refused.returncode != 0
+    assert "rankwire: policy: --container-fabric=tcp is not allowed here" in refused.stderr
+
+
+def test_user_cannot_read_image_they_cannot_read(
+    spank_cluster: SlurmCluster, base_image: Path, shared_dir: Path, unprivileged_user: User
+) -> None:
+    """The check runs as root but opens the image with the job user's credentials."""
+    private = shared_dir / "spank-private"
+    private.mkdir(mode=0o700, exist_ok=True)
+    image = private / "root-only.sif"
+    image.write_bytes(base_image.read_bytes())
+    proc = srun(spank_cluster, unprivileged_user, "-n", "1", f"--container-image={image}", "true")
+    assert proc.returncode != 0
+    assert f"rankwire: cannot open image {image} (from --container-image)" in proc.stderr
