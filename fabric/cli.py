@@ -169,6 +169,3 @@ def _container_argv(image: str, provider: str, binary: Any, host: Any) -> list[s
     elf = read_elf(str(binary))
     check_abi([(pp.NAME, elf)], facts, host.libfabric, consumers=[(pp.NAME, elf)])
     return pp.container_argv(image, result, binary)
-
-
-COMMANDS: list[click.Command] = [fabric]

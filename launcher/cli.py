@@ -182,6 +182,3 @@ def apptainer_mpirun(argv: Optional[list[str]] = None) -> None:
     from rankwire.cli import run_command
 
     run_command(_apptainer_mpirun, argv, prog_name="apptainer-mpirun")
-
-
-COMMANDS: list[click.Command] = [run]

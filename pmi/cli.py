@@ -38,6 +38,3 @@ def probe_cmd(version: str) -> None:
         sys.exit(1)
     click.echo(json.dumps(result))
     sys.exit(0 if result["ok"] else 1)
-
-
-COMMANDS: list[click.Command] = [pmi]

@@ -1,7 +1,8 @@
-"""`rankwire` command line: a click group; each subsystem adds its commands here."""
+"""`rankwire` command line: a click group; each subsystem's commands load on demand."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -9,8 +10,34 @@ import click
 from rankwire import __version__
 from rankwire.errors import UserError
 
+# Subcommands by name: a module is imported only when its command runs (or for --help),
+# so `rankwire exec` and the SPANK helper do not pay for the launcher or fabric CLIs.
+SUBCOMMANDS = {
+    "build": "rankwire.runtime.cli_image:build_cmd",
+    "inspect": "rankwire.runtime.cli_image:inspect_cmd",
+    "sif": "rankwire.runtime.cli_image:sif_group",
+    "exec": "rankwire.runtime.cli_run:exec_",
+    "shell": "rankwire.runtime.cli_run:shell",
+    "instance": "rankwire.runtime.cli_run:instance",
+    "run": "rankwire.launcher.cli:run",
+    "pmi": "rankwire.pmi.cli:pmi",
+    "fabric": "rankwire.fabric.cli:fabric",
+    "spank-helper": "rankwire.spank.cli:spank_helper",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *SUBCOMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in SUBCOMMANDS:
+            module, attr = SUBCOMMANDS[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="rankwire")
 def cli() -> None:
     """rankwire: MPI inside unprivileged containers, wired right.
@@ -38,21 +65,6 @@ def doctor(as_json: bool) -> None:
         click.echo(line)
     if not ok:
         sys.exit(1)
-
-
-def _register() -> None:
-    from rankwire.fabric import cli as cli_fabric
-    from rankwire.launcher import cli as cli_launcher
-    from rankwire.pmi import cli as cli_pmi
-    from rankwire.runtime import cli_image, cli_run
-    from rankwire.spank import cli as cli_spank
-
-    groups = (cli_image, cli_run, cli_launcher, cli_pmi, cli_fabric, cli_spank)
-    for command in [c for group in groups for c in group.COMMANDS]:
-        cli.add_command(command)
-
-
-_register()
 
 
 def run_command(command: click.Command, argv: list[str] | None, prog_name: str) -> None:

@@ -13,7 +13,6 @@ from rankwire.errors import UserError
 if TYPE_CHECKING:
     from rankwire.runtime.sif import SifImage
 
-COMMANDS: list[click.Command] = []
 
 
 def _pairs(option: str, values: tuple[str, ...]) -> dict[str, str]:
@@ -162,6 +161,3 @@ def sif_dump(image: str, object_id: int) -> None:
         for chunk in img.iter_object(img.get(object_id)):
             out.write(chunk)
     out.flush()
-
-
-COMMANDS.extend([build_cmd, inspect_cmd, sif_group])

@@ -238,6 +238,3 @@ def instance_list(as_json: bool) -> None:
         return
     for row in rows:
         click.echo(f"{row['name']}\tpid {row['pid']}\tleases {row['leases']}\t{row['image']}")
-
-
-COMMANDS: list[click.Command] = [exec_, shell, instance]

@@ -14,6 +14,3 @@ def spank_helper(phase: str) -> None:
     from rankwire.spank.helper import main
 
     sys.exit(main(phase))
-
-
-COMMANDS: list[click.Command] = [spank_helper]
