@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -510,8 +511,10 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 		slurm_error("%s", st.error);
 		return -1;
 	}
-	/* Forked and single-threaded, as setns(CLONE_NEWUSER) requires. */
-	if (setns(st.userns, CLONE_NEWUSER) || setns(st.mntns, CLONE_NEWNS)) {
+	/* Forked and single-threaded, as setns(CLONE_NEWUSER) requires; no_new_privs as for
+	 * every process rankwire starts in a container. */
+	if (setns(st.userns, CLONE_NEWUSER) || setns(st.mntns, CLONE_NEWNS) ||
+	    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) {
 		slurm_error("rankwire: cannot enter the container: %s", strerror(errno));
 		return -1;
 	}

@@ -16,6 +16,7 @@ from harness.images import make_rootfs, make_world_readable
 from harness.leftovers import SESSION_VAR, user_leftovers
 from harness.mpi import MpiPrograms, compile_hello
 from harness.slurm import HarnessError, SlurmCluster
+from harness.spank import SpankInstall, install_plugin
 from harness.users import User, ensure_unprivileged_user, install_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +59,14 @@ def unprivileged_user(shared_dir: Path) -> User:
     if os.getuid() == 0:
         user = install_for(user, REPO, shared_dir)
     return user
+
+
+@pytest.fixture(scope="session")
+def spank_install(shared_dir: Path, unprivileged_user: User) -> SpankInstall:
+    """The SPANK plugin as `make -C spank install` puts it, with a helper every job user
+    can run (root-owned, as the shim demands)."""
+    bindir = unprivileged_user.bindir or str(Path(sys.executable).parent)
+    return install_plugin(REPO, shared_dir / "spank-prefix", f"{bindir}/rankwire")
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,7 @@ from harness.multinode import (
     compile_xnode,
 )
 from harness.slurm import HarnessError
+from harness.spank import SpankInstall
 from harness.users import User
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slurm, pytest.mark.mpi]
@@ -315,6 +316,36 @@ def test_srun_rankwire_exec_on_two_nodes(
         env=_env(slurm_multinode, mpi == "ompi"),
     )
     check_job(slurm_multinode, job, before, 2, 4, mpi == "mpich")
+
+
+@pytest.mark.parametrize("mpi", ["mpich", "ompi"])
+def test_spank_plugin_on_two_nodes(
+    slurm_multinode: MultiNodeCluster,
+    spank_install: SpankInstall,
+    xnode_image: Path,
+    runner: User,
+    mpi: str,
+    tmp_path: Path,
+) -> None:
+    """srun -N2 -n4 --container-image=IMG: the SPANK plugin starts one container per node,
+    the tasks join it, and nothing stays on the nodes afterwards."""
+    pmi = "pmi2" if mpi == "mpich" else "pmix"
+    plugstack = slurm_multinode.conf.parent / "plugstack.conf"
+    plugstack.write_text(spank_install.plugstack_line())
+    try:
+        before = slurm_multinode.net_bytes()
+        argv = ["srun", f"--mpi={pmi}", "-N2", "-n4", f"--container-image={xnode_image}"]
+        job = run_job(
+            slurm_multinode,
+            runner,
+            [*argv, f"/opt/xnode_{mpi}"],
+            4,
+            tmp_path,
+            env=_env(slurm_multinode, mpi == "ompi"),
+        )
+        check_job(slurm_multinode, job, before, 2, 4, mpi == "mpich")
+    finally:
+        plugstack.write_text("")
 
 
 def _launcher_pmi(mpi: str) -> str:

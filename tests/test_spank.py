@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,18 +18,10 @@ import pytest
 from harness.leftovers import user_leftovers
 from harness.mpi import assert_hello, ompi_env
 from harness.slurm import HarnessError, SlurmCluster
-from harness.spank import SpankInstall, install_plugin, spank_leftovers
+from harness.spank import SpankInstall, spank_leftovers
 from harness.users import User
 
 pytestmark = [pytest.mark.slurm]
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def spank_install(shared_dir: Path, unprivileged_user: User) -> SpankInstall:
-    bindir = unprivileged_user.bindir or str(Path(sys.executable).parent)
-    return install_plugin(REPO, shared_dir / "spank-prefix", f"{bindir}/rankwire")
 
 
 @pytest.fixture(scope="session")
