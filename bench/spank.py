@@ -1,0 +1,146 @@
+"""What the SPANK plugin costs, against plain srun in the same run (root; a throwaway Slurm).
+
+1. No-op overhead: `srun -n 2 true` with the plugin loaded (no container asked for) vs
+   a plugstack without it. Runs alternate, so both see the same machine noise.
+2. For N ranks of the MPICH hello (MPI_Init + Allreduce + Finalize, --mpi=pmi2):
+     srun -n N hello                                      (bare, on the host: the peer)
+     srun -n N --container-image=img.sif /opt/hello       (the plugin: one container/node)
+     srun -n N rankwire exec img.sif /opt/hello           (no plugin: a rankwire per rank)
+Medians of wall time over --repeat runs (after one warm-up), and ratios against bare.
+
+    .venv/bin/python bench/spank.py [--repeat 7] [--sizes 2,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from harness.images import make_rootfs  # noqa: E402
+from harness.mpi import assert_hello, compile_hello  # noqa: E402
+from harness.slurm import SlurmCluster  # noqa: E402
+from harness.spank import install_plugin  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def timed(argv: list[str], env: dict[str, str], check: Callable[[str], object]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd="/tmp")
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr}")
+    check(proc.stdout)
+    return elapsed * 1000
+
+
+def alternate(
+    rows: dict[str, tuple[list[str], Callable[[], None]]],
+    env: dict[str, str],
+    repeat: int,
+    check: Callable[[str], object],
+) -> dict[str, float]:
+    """Median ms per row; rows take turns so that noise hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for i in range(repeat + 1):
+        for name, (argv, prepare) in rows.items():
+            prepare()
+            ms = timed(argv, env, check)
+            if i:  # the first round warms caches
+                times[name].append(ms)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--sizes", default="2,8")
+    args = ap.parse_args()
+    if os.getuid() != 0:
+        raise SystemExit("bench/spank.py needs root (it runs a throwaway slurmd)")
+
+    work = Path(tempfile.mkdtemp(prefix="rankwire-bench-spank-"))
+    work.chmod(0o755)
+    cluster = SlurmCluster()
+    try:
+        bindir = work / "mpi"
+        bindir.mkdir()
+        progs = compile_hello(REPO / "examples", bindir)
+        rootfs = make_rootfs(
+            work / "rootfs",
+            binaries=[str(progs.hello_mpich)],
+            trees=["/usr/lib/x86_64-linux-gnu/ucx"],
+        )
+        (rootfs / "opt").mkdir()
+        shutil.copy2(progs.hello_mpich, rootfs / "opt" / "hello_mpich")
+        image = work / "mpich.sif"
+        subprocess.run([str(BIN / "rankwire"), "build", str(image), str(rootfs)], check=True,
+                       capture_output=True)  # fmt: skip
+        install = install_plugin(REPO, work / "prefix", str(BIN / "rankwire"))
+        cluster.start()
+        env = cluster.env
+
+        def plugstack(text: str) -> Callable[[], None]:
+            return lambda: cluster.plugstack.write_text(text)
+
+        loaded, empty = plugstack(install.plugstack_line()), plugstack("")
+        noop = alternate(
+            {
+                "without plugin": (["srun", "-n", "2", "true"], empty),
+                "with plugin": (["srun", "-n", "2", "true"], loaded),
+            },
+            env,
+            args.repeat,
+            lambda out: None,
+        )
+        print(f"## `srun -n 2 true`, medians of {args.repeat} (plugin loaded, no container)\n")
+        print("| plugstack | ms | ratio |\n|---|---|---|")
+        base = noop["without plugin"]
+        for name, ms in noop.items():
+            print(f"| {name} | {ms:.0f} | {ms / base:.2f} |")
+
+        print(f"\n## MPICH hello, `--mpi=pmi2`, medians of {args.repeat}\n")
+        print("| N | bare srun ms | --container-image ms | ratio | srun rankwire exec ms | ratio |")
+        print("|---|---|---|---|---|---|")
+        loaded()
+        for n in (int(s) for s in args.sizes.split(",")):
+            common = ["srun", "-n", str(n), "--mpi=pmi2"]
+            res = alternate(
+                {
+                    "bare": ([*common, str(progs.hello_mpich)], loaded),
+                    "plugin": (
+                        [*common, f"--container-image={image}", "/opt/hello_mpich"],
+                        loaded,
+                    ),
+                    "exec": (
+                        [*common, str(BIN / "rankwire"), "exec", str(image), "/opt/hello_mpich"],
+                        loaded,
+                    ),
+                },
+                env,
+                args.repeat,
+                lambda out, n=n: assert_hello(out, n),
+            )
+            bare = res["bare"]
+            print(
+                f"| {n} | {bare:.0f} | {res['plugin']:.0f} | {res['plugin'] / bare:.2f} "
+                f"| {res['exec']:.0f} | {res['exec'] / bare:.2f} |"
+            )
+    finally:
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
