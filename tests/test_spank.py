@@ -257,3 +257,33 @@ def test_user_cannot_read_image_they_cannot_read(
     proc = srun(spank_cluster, unprivileged_user, "-n", "1", f"--container-image={image}", "true")
     assert proc.returncode != 0
     assert f"rankwire: cannot open image {image} (from --container-image)" in proc.stderr
+
+
+def test_sbatch_container_puts_every_step_inside(
+    spank_cluster: SlurmCluster, base_image: Path, shared_dir: Path, runner: User, nothing_left
+) -> None:
+    """`sbatch --container=IMG`: the batch script stays on the host (Slurm's batch step is
+    not ours to wrap), every srun step in it runs in the image."""
+    jobs = shared_dir / "spank-jobs"
+    jobs.mkdir(exist_ok=True)
+    jobs.chmod(0o1777)
+    script = jobs / "steps.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        'echo "batch $(grep ^ID= /etc/os-release)"\n'
+        "srun -n 2 sh -c 'echo \"step $(grep ^ID= /etc/os-release)\"'\n"
+    )
+    script.chmod(0o755)
+    out = jobs / f"steps-{runner.name}.out"
+    proc = runner.run(
+        ["sbatch", "--wait", "-n", "2", "-o", str(out), f"--container={base_image}", str(script)],
+        env=spank_cluster.env,
+        cwd="/tmp",
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    host_id = next(
+        x for x in Path("/etc/os-release").read_text().splitlines() if x.startswith("ID=")
+    )
+    lines = sorted(out.read_text().splitlines())
+    assert lines == [f"batch {host_id}", "step ID=rankwire-test", "step ID=rankwire-test"]
