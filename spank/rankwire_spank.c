@@ -293,16 +293,16 @@ static char *run_helper(const char *helper, const char *phase, const struct buf 
 	close(sv[0]);
 	while (pid > 0 && waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
+	/* Whatever the helper wrote to stderr (a traceback) goes to slurmd's log; with no
+	 * reply, its last line also goes to the user. */
+	ssize_t n = pread(errfd, data, sizeof data - 1, 0);
+	data[n > 0 ? n : 0] = 0;
+	for (n = (ssize_t)strlen(data); n > 0 && data[n - 1] == '\n';)
+		data[--n] = 0;
+	if (*data)
+		slurm_error("rankwire: helper %s phase: %s", phase, data);
 	if (!reply.len || !WIFEXITED(status) || WEXITSTATUS(status)) {
-		/* No reply: the helper crashed. Its stderr goes to slurmd's log, its last
-		 * line to the user. */
-		ssize_t n = pread(errfd, data, sizeof data - 1, 0);
-		data[n > 0 ? n : 0] = 0;
-		for (n = (ssize_t)strlen(data); n > 0 && data[n - 1] == '\n';)
-			data[--n] = 0;
 		line = strrchr(data, '\n') ? strrchr(data, '\n') + 1 : data;
-		if (*data)
-			slurm_error("rankwire: helper %s phase: %s", phase, data);
 		fail("rankwire: the helper's %s phase failed: %s", phase, *line ? line : "no reply");
 		free(reply.p);
 		reply.p = NULL;

@@ -287,3 +287,28 @@ def test_sbatch_container_puts_every_step_inside(
     )
     lines = sorted(out.read_text().splitlines())
     assert lines == [f"batch {host_id}", "step ID=rankwire-test", "step ID=rankwire-test"]
+
+
+@pytest.mark.parametrize(
+    ("helper", "reason"),
+    [
+        ("/bin/false", "rankwire: the helper's check phase failed: no reply"),
+        ("/bin/sh", "rankwire: the helper's check phase failed: /bin/sh: 0: cannot open spank"),
+    ],
+)
+def test_helper_that_gives_no_answer_is_reported(
+    spank_cluster: SlurmCluster,
+    spank_install: SpankInstall,
+    base_image: Path,
+    helper: str,
+    reason: str,
+    nothing_left: None,
+) -> None:
+    spank_cluster.plugstack.write_text(f"required {spank_install.plugin} helper={helper}\n")
+    try:
+        root = User("root", 0, 0, "/root")
+        proc = srun(spank_cluster, root, "-n", "1", f"--container-image={base_image}", "true")
+        assert proc.returncode != 0
+        assert reason in proc.stderr, proc.stderr
+    finally:
+        spank_cluster.plugstack.write_text(spank_install.plugstack_line())
