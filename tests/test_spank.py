@@ -312,3 +312,24 @@ def test_helper_that_gives_no_answer_is_reported(
         assert reason in proc.stderr, proc.stderr
     finally:
         spank_cluster.plugstack.write_text(spank_install.plugstack_line())
+
+
+def test_plugin_exports_only_what_slurm_looks_up(spank_install: SpankInstall) -> None:
+    out = subprocess.run(
+        ["nm", "-D", "--defined-only", str(spank_install.plugin)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    names = {line.split()[-1] for line in out.splitlines()}
+    plugin_symbols = {"plugin_name", "plugin_type", "plugin_version", "spank_plugin_version"}
+    assert names - plugin_symbols == {
+        "slurm_spank_init",
+        "slurm_spank_user_init",
+        "slurm_spank_task_init",
+        "slurm_spank_task_exit",
+        "slurm_spank_exit",
+    }
+    assert plugin_symbols <= names
+    assert "rankwire" in spank_install.conf.read_text()
+    assert f"helper={spank_install.helper}" in spank_install.conf.read_text()
