@@ -26,10 +26,12 @@ pytestmark = [pytest.mark.slurm]
 
 @pytest.fixture(scope="session")
 def spank_cluster(spank_install: SpankInstall) -> Iterator[SlurmCluster]:
-    """A Slurm of its own whose plugstack loads the installed plugin."""
+    """A Slurm of its own whose plugstack loads the installed plugin. Its spool and TmpFS
+    live under /run, which containers do not see by default: Slurm's PMIx dirs reach the
+    tasks only if the plugin binds them."""
     if os.getuid() != 0:
         pytest.skip("the Slurm fixture needs root")
-    cluster = SlurmCluster()
+    cluster = SlurmCluster(base="/run")
     try:
         cluster.start()
     except HarnessError as err:
@@ -116,10 +118,12 @@ def test_open_mpi_pmix(
         f"--container-image={ompi_image}",
         "sh",
         "-c",
-        '/opt/hello_ompi && echo "gds=$PMIX_MCA_gds/$PMIX_GDS_MODULE"',
+        '/opt/hello_ompi && echo "gds=$PMIX_MCA_gds/$PMIX_GDS_MODULE" && '
+        'grep -c " ${PMIX_SERVER_TMPDIR%/} " /proc/self/mountinfo',
     )
     assert proc.returncode == 0, proc.stderr
     assert_hello(proc.stdout, 2)
+    assert proc.stdout.splitlines().count("1") == 2, proc.stdout  # Slurm's PMIx dir is bound
     gds = [line for line in proc.stdout.splitlines() if line.startswith("gds=")]
     assert len(gds) == 2 and all(g.split("=", 1)[1].split("/")[0] for g in gds), gds
     assert all(len(set(g[4:].split("/"))) == 1 for g in gds), gds  # MCA copied per task
