@@ -199,6 +199,8 @@ def test_env_workdir_mounts(
         ("ok", "--container-mounts=/etc:/x", "rankwire: policy: mount source /etc is outside"),
         ("ok", "--container-writable", "rankwire: policy: --container-writable is not allowed"),
         ("ok", "--container-mounts=/nope", "rankwire: --container-mounts source /nope does not"),
+        # Found by the start phase (the holder), as the job user:
+        ("ok", "--container-mounts={image}:/etc", "cannot mount a file on /etc: the image has"),
     ],
 )
 def test_failures_reach_srun_and_leave_nothing(
@@ -231,6 +233,7 @@ def test_failures_reach_srun_and_leave_nothing(
         image.write_bytes(base_image.read_bytes())
     for p in allowed.iterdir():
         p.chmod(0o644)
+    option = option.format(image=image)
     args = ["-n", "2", f"--container-image={image}", *([option] if option else []), "true"]
     proc = srun(spank_cluster, runner, *args)
     assert proc.returncode != 0
