@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from rankwire.runtime.sif import SifImage
 
 
-
 def _pairs(option: str, values: tuple[str, ...]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in values:
