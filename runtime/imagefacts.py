@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from rankwire.errors import UserError
 from rankwire.runtime.build import read_image_metadata
@@ -10,13 +11,16 @@ from rankwire.runtime.plan import ImageFacts
 from rankwire.runtime.sif import SifImage
 
 
-def image_facts(path: str) -> ImageFacts:
-    """Partition location, %environment, runscript presence and identity of a SIF."""
-    if not os.path.exists(path):
+def image_facts(path: str, fd: Optional[int] = None) -> ImageFacts:
+    """Partition location, %environment, runscript presence and identity of a SIF.
+
+    `fd`: read the image already open there (the SPANK check); `path` only names it.
+    """
+    if fd is None and not os.path.exists(path):
         raise UserError(f"image {path} not found: check the path")
-    if os.path.isdir(path):
+    if fd is None and os.path.isdir(path):
         raise UserError(f"{path} is a directory: rankwire runs SIF files (see rankwire build)")
-    image = SifImage.open(path)
+    image = SifImage.open(path) if fd is None else SifImage.open_fd(fd, path)
     try:
         meta = read_image_metadata(image)
     finally:

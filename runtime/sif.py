@@ -348,6 +348,16 @@ class SifImage:
             raise
 
     @classmethod
+    def open_fd(cls, fd: int, name: PathLike) -> SifImage:
+        """Read the SIF open on `fd` (a duplicate is kept); messages call it `name`."""
+        f = os.fdopen(os.dup(fd), "rb")
+        try:
+            return cls._from_file(Path(name), f)
+        except BaseException:
+            f.close()
+            raise
+
+    @classmethod
     def _from_file(cls, path: Path, f: BinaryIO) -> SifImage:
         try:
             size = os.fstat(f.fileno()).st_size

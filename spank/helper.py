@@ -100,14 +100,10 @@ def check(facts: JobFacts) -> tuple[dict[str, Any], Optional[int]]:
             mounts.append(f"{real}:{dst}:{'ro' if ro else 'rw'}")
         # Every read of the image is the user's (on a root-squashed NFS, root reads less).
         fd = _open_image(want.image, want.image_from)
-        via_fd = f"/proc/self/fd/{fd}"
         try:
-            real = os.readlink(via_fd)
+            real = os.readlink(f"/proc/self/fd/{fd}")
             policy.check_image(real)
-            try:
-                facts_of_image = dataclasses.replace(image_facts(via_fd), path=real)
-            except UserError as err:  # name the file the user gave, not our descriptor
-                raise UserError(str(err).replace(via_fd, want.image)) from None
+            facts_of_image = image_facts(real, fd=fd)
         except BaseException:
             os.close(fd)
             raise
