@@ -3,155 +3,45 @@
 Objects: 1 Def.FILE, 2 JSON.Generic `inspect-metadata.json`, 3 the primary squashfs
 partition, all in group 1. The squashfs also gets Apptainer's `/.singularity.d` metadata
 files through mksquashfs pseudo files, so the source directory is never modified.
-`read_image_metadata` reads that metadata back without touching the partition data.
+Those formats, and `read_image_metadata` which reads them back, are in `imagemeta`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
-import struct
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 from rankwire import __version__
 from rankwire.errors import UserError
-from rankwire.runtime import sif
+from rankwire.runtime.imagemeta import (
+    _NAME,
+    ENV_SCRIPT,
+    METADATA_NAME,
+    Deffile,
+    _export,
+    _shown,
+    environment_file,
+    parse_deffile,
+    parse_environment,
+    parse_labels,
+    runscript_file,
+)
+from rankwire.runtime.sif_format import DataType, FsType, PartType, goarch_from_machine
+from rankwire.runtime.sif_write import ObjectInput, create_sif
 
-METADATA_NAME = "inspect-metadata.json"
 BOOTSTRAP = "rankwire-dir"
-ENV_SCRIPT = "/.singularity.d/env/90-environment.sh"
-DEFAULT_RUNSCRIPT = '#!/bin/sh\necho "There is no runscript defined for this container"\n'
-_MAX_METADATA = 16 << 20  # bytes; deffile and JSON objects are read whole
-_SUPERBLOCK = struct.Struct("<4sI32xQ16xQ")  # magic, inodes, bytes_used, inode table start
-_TABLES_CAP = 16 << 20  # at most this much of the squashfs metadata tables is hashed
 _UNREADABLE = re.compile(r"Could not open|Failed to read|skipping")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# Section names Apptainer's definition file parser knows; other `%word` lines are content.
-_SECTIONS = frozenset(
-    {
-        "help", "setup", "files", "labels", "environment", "pre", "post", "runscript",
-        "test", "startscript", "arguments", "appinstall", "appenv", "apphelp", "applabels",
-        "appfiles", "apprun", "appstart", "apptest", "appsetup",
-    }
-)  # fmt: skip
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def _shown(value: object) -> str:
-    return str(value).replace("\r", "\\r").replace("\n", "\\n")
-
-
-@dataclasses.dataclass(frozen=True)
-class Deffile:
-    """A parsed definition file: header keys (lower-case) and section bodies."""
-
-    header: dict[str, str]
-    sections: dict[str, str]
-
-
-def parse_deffile(text: str, source: str = "deffile") -> Deffile:
-    """Split a definition file into its `Key: value` header and `%section` bodies."""
-    header: dict[str, str] = {}
-    sections: dict[str, list[str]] = {}
-    current: Optional[list[str]] = None
-    for number, line in enumerate(text.splitlines(), 1):
-        m = re.match(r"%([A-Za-z]+)\b", line)
-        if m and m.group(1).lower() in _SECTIONS:
-            current = sections.setdefault(m.group(1).lower(), [])
-            continue
-        if current is not None:
-            current.append(line)
-            continue
-        stripped = line.split("#", 1)[0].strip()
-        if not stripped:
-            continue
-        key, sep, value = stripped.partition(":")
-        if not sep or not key.strip():
-            raise UserError(
-                f"{_shown(source)} line {number}: {_shown(stripped)!r} is not a "
-                "'Key: value' header line; fix the header or start a %section"
-            )
-        header[key.strip().lower()] = value.strip()
-    return Deffile(header, {name: "\n".join(body).strip() for name, body in sections.items()})
-
-
-def parse_environment(text: str, source: str = "%environment") -> dict[str, str]:
-    """`export K=V` / `K=V` lines (shell-quoted values) as an ordered dict.
-
-    Anything else is a UserError: rankwire regenerates the environment script from this
-    dict, so it refuses to drop shell code silently.
-    """
-    env: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            tokens = shlex.split(line, comments=True)
-        except ValueError as err:
-            raise UserError(f"{_shown(source)} line {number}: {err}; fix the quoting") from None
-        if tokens and tokens[0] == "export":
-            tokens = tokens[1:]
-            if not tokens:
-                raise UserError(
-                    f"{_shown(source)} line {number}: 'export' without K=V; write export K=V"
-                )
-        for token in tokens:
-            key, sep, value = token.partition("=")
-            if not sep or not _NAME.match(key):
-                raise UserError(
-                    f"{_shown(source)} line {number}: {_shown(line.strip())!r} is not a simple "
-                    "`export K=V`; rankwire build supports only those (or pass --env K=V)"
-                )
-            env[key] = value
-    return env
-
-
-def parse_labels(text: str) -> dict[str, str]:
-    """`%labels` lines: the key up to the first space, the rest is the value."""
-    labels: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, *rest = line.split(None, 1)
-        labels[key] = rest[0].strip() if rest else ""
-    return labels
-
-
-def runscript_file(script: Optional[str]) -> str:
-    """The `/.singularity.d/runscript` Apptainer writes for a %runscript body."""
-    if script is None:
-        return DEFAULT_RUNSCRIPT
-    shebang, body = "#!/bin/sh", script
-    if script.lstrip().startswith("#!"):
-        first, _, body = script.lstrip().partition("\n")
-        shebang = first.strip()
-    return f"{shebang}\n\n{body}\n"
-
-
-def _export(key: str, value: str) -> str:
-    """`export K="V"`: quotes, backslashes and backticks escaped, `$NAME` left to expand."""
-    quoted = re.sub(r'([\\"`])', r"\\\1", value)
-    return f'export {key}="{quoted}"'
-
-
-def environment_file(env: Mapping[str, str]) -> str:
-    """`90-environment.sh`, sourced at container start: one `export K="V"` per variable.
-
-    Values are kept as written, so `$NAME` references in them expand when it is sourced
-    (the way `%environment` lines do in Apptainer); single quotes do not survive parsing.
-    """
-    lines = ["#!/bin/sh", "# Written by rankwire build from the image's environment.", ""]
-    lines += [_export(key, value) for key, value in env.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _source_date_epoch() -> Optional[int]:
@@ -170,7 +60,9 @@ def _source_date_epoch() -> Optional[int]:
     return value
 
 
-def _build_labels(when: datetime.datetime, goarch: str, header: Mapping[str, str]) -> dict:
+def _build_labels(
+    when: datetime.datetime, goarch: str, header: Mapping[str, str]
+) -> dict[str, str]:
     """The labels Apptainer's build adds (org.label-schema.*, org.opencontainers.*)."""
     zone = when.tzname() or "UTC"
     offset = when.utcoffset()
@@ -251,34 +143,257 @@ def _meta_dir_state(rootfs: Path) -> tuple[list[str], list[str]]:
     return create, exclude
 
 
-def _run_mksquashfs(
-    mksquashfs: str, rootfs: Path, dest: Path, work: Path, files: Mapping[str, tuple[str, str]]
-) -> None:
-    """Pack `rootfs` into `dest`, adding `files` (path -> (mode, text)) as pseudo files."""
+@dataclasses.dataclass(frozen=True)
+class MetaFile:
+    """A file added to the squashfs through a mksquashfs pseudo definition."""
+
+    path: str  # relative to the image root
+    mode: str  # octal, as mksquashfs takes it
+    content: str
+
+    def source(self, work: Path) -> Path:
+        """Where the content is staged for mksquashfs to `cat` it."""
+        return work / self.path.replace("/", "_")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """Everything `rankwire build` will pack, decided before anything is written.
+
+    The scratch locations (a work directory and the squashfs file next to `out`) are made
+    when the plan is applied, so the argv and the objects that name them are methods.
+    """
+
+    out: Path
+    rootfs: Path
+    mksquashfs: str
+    deffile: str  # object 1, also /.singularity.d/Singularity
+    metadata: bytes  # object 2, inspect-metadata.json
+    goarch: str  # the primary partition's architecture
+    deterministic: bool  # SOURCE_DATE_EPOCH is set: nil UUID and zero times
+    files: tuple[MetaFile, ...]
+    create_dirs: tuple[str, ...]  # /.singularity.d directories the rootfs lacks
+    exclude: tuple[str, ...]  # rootfs paths the metadata files replace
+
+    def pseudo_definitions(self, work: Path) -> list[str]:
+        """The mksquashfs pseudo file lines: missing directories, then metadata files."""
+        pseudo = [f"{rel} d 755 0 0" for rel in self.create_dirs]
+        for f in self.files:
+            pseudo.append(f"{f.path} f {f.mode} 0 0 cat {shlex.quote(str(f.source(work)))}")
+        return pseudo
+
+    def mksquashfs_argv(self, work: Path, dest: Path) -> list[str]:
+        argv = [self.mksquashfs, str(self.rootfs), str(dest), "-noappend", "-comp", "gzip"]
+        argv += ["-all-root", "-no-progress", "-quiet", "-pf", str(work / "pseudo")]
+        if self.exclude:
+            argv += ["-ef", str(work / "exclude")]
+        return argv
+
+    def sif_objects(self, squashfs: Path) -> list[ObjectInput]:
+        """Objects 1 Def.FILE, 2 JSON.Generic metadata, 3 the primary squashfs partition."""
+        return [
+            ObjectInput(DataType.DEFFILE, data=self.deffile.encode("utf-8")),
+            ObjectInput(DataType.GENERIC_JSON, data=self.metadata, name=METADATA_NAME),
+            ObjectInput(
+                DataType.PARTITION,
+                path=squashfs,
+                fs_type=FsType.SQUASHFS,
+                part_type=PartType.PRIMSYS,
+                arch=self.goarch,
+            ),
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Definition:
+    """The definition file text and what it says once the caller's overrides apply."""
+
+    text: str
+    parsed: Deffile
+    env: dict[str, str]
+    labels: dict[str, str]
+    runscript: Optional[str]
+
+
+def _read_deffile(deffile: PathLike) -> str:
+    try:
+        return Path(deffile).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise UserError(f"definition file {_shown(deffile)}: {reason}") from None
+
+
+def _definition(
+    rootfs: Path,
+    deffile: Optional[PathLike],
+    labels: Optional[Mapping[str, str]],
+    env: Optional[Mapping[str, str]],
+    runscript: Optional[str],
+) -> _Definition:
+    """Read `deffile` (or generate one from the overrides) and apply the overrides."""
+    final_env: dict[str, str] = {}
+    user_labels: dict[str, str] = {}
+    final_runscript: Optional[str] = None
+    if deffile is not None:
+        def_text = _read_deffile(deffile)
+        parsed = parse_deffile(def_text, str(deffile))
+        final_env = parse_environment(
+            parsed.sections.get("environment", ""), f"{deffile} %environment"
+        )
+        user_labels = parse_labels(parsed.sections.get("labels", ""))
+        final_runscript = parsed.sections.get("runscript") or None
+    for key in env or {}:
+        if not _NAME.match(key):
+            raise UserError(f"--env {_shown(key)!r}: not a variable name; use --env NAME=VALUE")
+    final_env.update(env or {})
+    user_labels.update(labels or {})
+    if runscript is not None:
+        final_runscript = runscript
+    if deffile is None:
+        def_text = _generated_deffile(rootfs, final_env, user_labels, final_runscript)
+        parsed = parse_deffile(def_text)
+    return _Definition(def_text, parsed, final_env, user_labels, final_runscript)
+
+
+def _metadata_json(
+    d: _Definition, labels: Mapping[str, str], env_script: str, run_file: str
+) -> bytes:
+    """inspect-metadata.json: Apptainer's attributes plus rankwire's exact env/runscript."""
+    metadata = {
+        "data": {
+            "attributes": {
+                "deffile": d.text,
+                "labels": labels,
+                "environment": {ENV_SCRIPT: env_script},
+                "runscript": run_file,
+            }
+        },
+        "type": "container",
+        "rankwire": {
+            "version": 1,
+            "env": [[k, v] for k, v in d.env.items()],
+            "runscript": d.runscript,
+            "deffile_header": d.parsed.header,
+            "deffile_sections": sorted(d.parsed.sections),
+        },
+    }
+    text = json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8")
+
+
+def _checked_rootfs(rootfs_dir: PathLike) -> Path:
+    rootfs = Path(rootfs_dir).absolute()
+    if not rootfs.is_dir():
+        what = "does not exist" if not os.path.lexists(rootfs) else "is not a directory"
+        raise UserError(f"root filesystem {_shown(rootfs_dir)} {what}; pass the directory to pack")
+    return rootfs
+
+
+def _find_mksquashfs() -> str:
+    mksquashfs = shutil.which("mksquashfs")
+    if mksquashfs is None:
+        raise UserError(
+            "mksquashfs not found on PATH; install squashfs-tools (apt install squashfs-tools)"
+        )
+    return mksquashfs
+
+
+def plan_build(
+    out: PathLike,
+    rootfs_dir: PathLike,
+    *,
+    deffile: Optional[PathLike] = None,
+    labels: Optional[Mapping[str, str]] = None,
+    env: Optional[Mapping[str, str]] = None,
+    runscript: Optional[str] = None,
+) -> BuildPlan:
+    """What `build_image` will pack (same arguments); checks the inputs, writes nothing."""
+    out_path = Path(out).absolute()
+    rootfs = _checked_rootfs(rootfs_dir)
+    _check_output(out_path, rootfs)
+    mksquashfs = _find_mksquashfs()
+    epoch = _source_date_epoch()
+    goarch = goarch_from_machine()
+    d = _definition(rootfs, deffile, labels, env, runscript)
+    when = (
+        datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+        if epoch is not None
+        else datetime.datetime.now().astimezone()
+    )
+    all_labels = _build_labels(when, goarch, d.parsed.header)
+    all_labels.update(d.labels)
+    env_script = environment_file(d.env)
+    run_file = runscript_file(d.runscript)
+    labels_json = json.dumps(all_labels, sort_keys=True, indent="\t", ensure_ascii=False)
+    files = (
+        MetaFile(".singularity.d/Singularity", "644", d.text),
+        MetaFile(".singularity.d/labels.json", "644", labels_json + "\n"),
+        MetaFile(".singularity.d/runscript", "755", run_file),
+        MetaFile(".singularity.d/env/90-environment.sh", "755", env_script),
+    )
     create, exclude = _meta_dir_state(rootfs)
-    pseudo = [f"{rel} d 755 0 0" for rel in create]
-    for rel, (mode, content) in files.items():
-        src = work / rel.replace("/", "_")
-        src.write_text(content, encoding="utf-8")
-        pseudo.append(f"{rel} f {mode} 0 0 cat {shlex.quote(str(src))}")
+    return BuildPlan(
+        out=out_path,
+        rootfs=rootfs,
+        mksquashfs=mksquashfs,
+        deffile=d.text,
+        metadata=_metadata_json(d, all_labels, env_script, run_file),
+        goarch=goarch,
+        deterministic=epoch is not None,
+        files=files,
+        create_dirs=tuple(create),
+        exclude=tuple(exclude),
+    )
+
+
+def _run_mksquashfs(plan: BuildPlan, work: Path, dest: Path) -> None:
+    """Pack the plan's rootfs into `dest`, staging the pseudo and exclude files in `work`."""
+    for f in plan.files:
+        f.source(work).write_text(f.content, encoding="utf-8")
+    pseudo = plan.pseudo_definitions(work)
     (work / "pseudo").write_text("\n".join(pseudo) + "\n", encoding="utf-8")
-    argv = [mksquashfs, str(rootfs), str(dest), "-noappend", "-comp", "gzip", "-all-root"]
-    argv += ["-no-progress", "-quiet", "-pf", str(work / "pseudo")]
-    if exclude:
-        (work / "exclude").write_text("\n".join(exclude) + "\n", encoding="utf-8")
-        argv += ["-ef", str(work / "exclude")]
+    if plan.exclude:
+        (work / "exclude").write_text("\n".join(plan.exclude) + "\n", encoding="utf-8")
+    argv = plan.mksquashfs_argv(work, dest)
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
     if proc.returncode != 0:
         detail = "; ".join(lines[-3:]) or f"exit status {proc.returncode}"
-        raise UserError(f"mksquashfs failed on {_shown(rootfs)}: {_shown(detail)}")
+        raise UserError(f"mksquashfs failed on {_shown(plan.rootfs)}: {_shown(detail)}")
     # mksquashfs only warns about files it cannot read, and packs them empty or not at all.
     unread = [ln for ln in lines if _UNREADABLE.search(ln)]
     if unread:
         raise UserError(
-            f"mksquashfs could not read {len(unread)} path(s) under {_shown(rootfs)} "
+            f"mksquashfs could not read {len(unread)} path(s) under {_shown(plan.rootfs)} "
             f"(first: {_shown(unread[0])}); make them readable by this user"
         )
+
+
+def _scratch_squashfs(out: Path) -> Path:
+    """An empty temporary file next to `out` for mksquashfs to write."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".squashfs", dir=out.parent)
+        os.close(fd)
+    except OSError as err:
+        raise UserError(
+            f"{_shown(out)}: cannot write to {_shown(out.parent)} "
+            f"({err.strerror}); choose a writable output directory"
+        ) from None
+    return Path(name)
+
+
+def apply_build(plan: BuildPlan) -> None:
+    """Run mksquashfs and write the SIF `plan.out` (replaced atomically)."""
+    work = Path(tempfile.mkdtemp(prefix="rankwire-build-"))
+    squash: Optional[Path] = None
+    try:
+        squash = _scratch_squashfs(plan.out)
+        _run_mksquashfs(plan, work, squash)
+        create_sif(plan.out, plan.sif_objects(squash), deterministic=plan.deterministic)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if squash is not None:
+            squash.unlink(missing_ok=True)
 
 
 def build_image(
@@ -296,234 +411,5 @@ def build_image(
     its %environment, %labels and %runscript sections feed the metadata; `labels`, `env`
     and `runscript` override them. With SOURCE_DATE_EPOCH set the output is reproducible.
     """
-    out_path = Path(out).absolute()
-    rootfs = Path(rootfs_dir).absolute()
-    if not rootfs.is_dir():
-        what = "does not exist" if not os.path.lexists(rootfs) else "is not a directory"
-        raise UserError(f"root filesystem {_shown(rootfs_dir)} {what}; pass the directory to pack")
-    _check_output(out_path, rootfs)
-    mksquashfs = shutil.which("mksquashfs")
-    if mksquashfs is None:
-        raise UserError(
-            "mksquashfs not found on PATH; install squashfs-tools (apt install squashfs-tools)"
-        )
-    epoch = _source_date_epoch()
-    goarch = sif.goarch_from_machine()
-
-    if deffile is not None:
-        try:
-            def_text = Path(deffile).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
-            raise UserError(f"definition file {_shown(deffile)}: {reason}") from None
-        parsed = parse_deffile(def_text, str(deffile))
-        final_env = parse_environment(
-            parsed.sections.get("environment", ""), f"{deffile} %environment"
-        )
-        user_labels = parse_labels(parsed.sections.get("labels", ""))
-        final_runscript = parsed.sections.get("runscript") or None
-    else:
-        final_env, user_labels, final_runscript = {}, {}, None
-    for key in env or {}:
-        if not _NAME.match(key):
-            raise UserError(f"--env {_shown(key)!r}: not a variable name; use --env NAME=VALUE")
-    final_env.update(env or {})
-    user_labels.update(labels or {})
-    if runscript is not None:
-        final_runscript = runscript
-    if deffile is None:
-        def_text = _generated_deffile(rootfs, final_env, user_labels, final_runscript)
-        parsed = parse_deffile(def_text)
-
-    when = (
-        datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
-        if epoch is not None
-        else datetime.datetime.now().astimezone()
-    )
-    all_labels = _build_labels(when, goarch, parsed.header)
-    all_labels.update(user_labels)
-    env_script = environment_file(final_env)
-    run_file = runscript_file(final_runscript)
-    metadata = {
-        "data": {
-            "attributes": {
-                "deffile": def_text,
-                "labels": all_labels,
-                "environment": {ENV_SCRIPT: env_script},
-                "runscript": run_file,
-            }
-        },
-        "type": "container",
-        "rankwire": {
-            "version": 1,
-            "env": [[k, v] for k, v in final_env.items()],
-            "runscript": final_runscript,
-            "deffile_header": parsed.header,
-            "deffile_sections": sorted(parsed.sections),
-        },
-    }
-    files = {
-        ".singularity.d/Singularity": ("644", def_text),
-        ".singularity.d/labels.json": (
-            "644",
-            json.dumps(all_labels, sort_keys=True, indent="\t", ensure_ascii=False) + "\n",
-        ),
-        ".singularity.d/runscript": ("755", run_file),
-        ".singularity.d/env/90-environment.sh": ("755", env_script),
-    }
-
-    work = Path(tempfile.mkdtemp(prefix="rankwire-build-"))
-    squash: Optional[Path] = None
-    try:
-        try:
-            fd, name = tempfile.mkstemp(
-                prefix=f".{out_path.name}.", suffix=".squashfs", dir=out_path.parent
-            )
-            os.close(fd)
-        except OSError as err:
-            raise UserError(
-                f"{_shown(out_path)}: cannot write to {_shown(out_path.parent)} "
-                f"({err.strerror}); choose a writable output directory"
-            ) from None
-        squash = Path(name)
-        _run_mksquashfs(mksquashfs, rootfs, squash, work, files)
-        sif.create_sif(
-            out_path,
-            [
-                sif.ObjectInput(sif.DataType.DEFFILE, data=def_text.encode("utf-8")),
-                sif.ObjectInput(
-                    sif.DataType.GENERIC_JSON,
-                    data=json.dumps(
-                        metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False
-                    ).encode("utf-8"),
-                    name=METADATA_NAME,
-                ),
-                sif.ObjectInput(
-                    sif.DataType.PARTITION,
-                    path=squash,
-                    fs_type=sif.FsType.SQUASHFS,
-                    part_type=sif.PartType.PRIMSYS,
-                    arch=goarch,
-                ),
-            ],
-            deterministic=epoch is not None,
-        )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if squash is not None:
-            squash.unlink(missing_ok=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageMetadata:
-    """What the planner needs from an image, read without touching the file data.
-
-    `env` keeps the image's order and the values as written: `$NAME` references in them
-    are meant to expand at container start, as `90-environment.sh` does when sourced.
-    `runscript` is None when the image defines none. `identity` (see `_identity`) changes
-    with every rebuild that is not byte-identical in its metadata: a file edited in place
-    to the same size and compressed size would keep it, so it is not a content digest.
-    """
-
-    deffile: str
-    labels: dict[str, str]
-    env: dict[str, str]
-    runscript: Optional[str]
-    partition_offset: int
-    partition_size: int
-    arch: str
-    identity: str
-
-
-def _small_object(image: sif.SifImage, desc: sif.Descriptor) -> bytes:
-    if desc.size > _MAX_METADATA:
-        raise sif.SifError(
-            f"{_shown(image.path)}: metadata object {desc.id} is {desc.size} bytes "
-            f"(limit {_MAX_METADATA}); the image is corrupt, rebuild it"
-        )
-    return image.read(desc)
-
-
-def _str_dict(value: Any) -> dict[str, str]:
-    if not isinstance(value, dict):
-        return {}
-    return {str(k): str(v) for k, v in value.items()}
-
-
-def _lenient_environment(scripts: Any) -> dict[str, str]:
-    """Simple `export K=V` lines from Apptainer's environment scripts; other lines skipped."""
-    env: dict[str, str] = {}
-    if not isinstance(scripts, dict):
-        return env
-    for name in sorted(scripts):
-        for line in str(scripts[name]).splitlines():
-            try:
-                env.update(parse_environment(line))
-            except UserError:
-                continue
-    return env
-
-
-def read_image_metadata(image: sif.SifImage) -> ImageMetadata:
-    """Deffile, labels, environment and runscript of a rankwire- or Apptainer-built image."""
-    part = image.primary_partition()
-    d = image.find(sif.DataType.DEFFILE)
-    deffile = _small_object(image, d).decode("utf-8", "replace") if d else ""
-    labels: dict[str, str] = {}
-    env: dict[str, str] = {}
-    runscript: Optional[str] = None
-    j = image.find(sif.DataType.GENERIC_JSON, METADATA_NAME)
-    if j is not None:
-        try:
-            doc = json.loads(_small_object(image, j))
-        except ValueError:
-            raise sif.SifError(
-                f"{_shown(image.path)}: {METADATA_NAME} (object {j.id}) is not valid JSON; "
-                "rebuild the image"
-            ) from None
-        attrs = doc.get("data", {}).get("attributes", {}) if isinstance(doc, dict) else {}
-        attrs = attrs if isinstance(attrs, dict) else {}
-        labels = _str_dict(attrs.get("labels"))
-        ours = doc.get("rankwire") if isinstance(doc, dict) else None
-        if isinstance(ours, dict):
-            pairs = ours.get("env") or []
-            env = {str(p[0]): str(p[1]) for p in pairs if isinstance(p, list) and len(p) == 2}
-            rs = ours.get("runscript")
-            runscript = rs if isinstance(rs, str) else None
-        else:  # built by Apptainer: its runscript attribute is the file, default included
-            env = _lenient_environment(attrs.get("environment"))
-            rs = attrs.get("runscript")
-            if isinstance(rs, str) and rs and "There is no runscript defined" not in rs:
-                runscript = rs
-    return ImageMetadata(
-        deffile=deffile,
-        labels=labels,
-        env=env,
-        runscript=runscript,
-        partition_offset=part.offset,
-        partition_size=part.size,
-        arch=part.arch or "unknown",
-        identity=_identity(image, part),
-    )
-
-
-def _identity(image: sif.SifImage, part: sif.Descriptor) -> str:
-    """sha256 of the SIF header, the descriptors and the squashfs superblock and tables.
-
-    The tables (inodes, directories, fragment/id/export lookups) sit at the end of a
-    squashfs and record every name, mode, owner, time, size and block size, so any
-    rebuild or change in the tree changes them; file data itself is not read.
-    """
-
-    def part_bytes(start: int, size: int) -> bytes:
-        return image.read(dataclasses.replace(part, offset=part.offset + start, size=size))
-
-    h = hashlib.sha256(image.raw_metadata())
-    head = part_bytes(0, min(96, part.size))
-    h.update(head)
-    if len(head) == 96:
-        magic, _, used, tables = _SUPERBLOCK.unpack_from(head)
-        if magic == b"hsqs" and 96 <= tables <= used <= part.size:
-            start = max(tables, used - _TABLES_CAP)
-            h.update(part_bytes(start, used - start))
-    return f"sha256:{h.hexdigest()}"
+    plan = plan_build(out, rootfs_dir, deffile=deffile, labels=labels, env=env, runscript=runscript)
+    apply_build(plan)

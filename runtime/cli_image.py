@@ -11,7 +11,7 @@ import click
 from rankwire.errors import UserError
 
 if TYPE_CHECKING:
-    from rankwire.runtime.sif import SifImage
+    from rankwire.runtime.sif_read import SifImage
 
 
 def _pairs(option: str, values: tuple[str, ...]) -> dict[str, str]:
@@ -80,8 +80,8 @@ def _list_lines(image: SifImage) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect_cmd(image: str, as_json: bool) -> None:
     """Show an image's definition file, labels, environment, runscript and objects."""
-    from rankwire.runtime.build import read_image_metadata
-    from rankwire.runtime.sif import SifImage
+    from rankwire.runtime.imagemeta import read_image_metadata
+    from rankwire.runtime.sif_read import SifImage
 
     with SifImage.open(image) as img:
         meta = read_image_metadata(img)
@@ -141,7 +141,7 @@ def sif_group() -> None:
 @click.argument("image", type=click.Path(dir_okay=False))
 def sif_list(image: str) -> None:
     """List the data objects, in the format of `siftool list`."""
-    from rankwire.runtime.sif import SifImage
+    from rankwire.runtime.sif_read import SifImage
 
     with SifImage.open(image) as img:
         for line in _list_lines(img):
@@ -153,7 +153,7 @@ def sif_list(image: str) -> None:
 @click.argument("object_id", type=int)
 def sif_dump(image: str, object_id: int) -> None:
     """Write the raw bytes of object OBJECT_ID to stdout."""
-    from rankwire.runtime.sif import SifImage
+    from rankwire.runtime.sif_read import SifImage
 
     out = sys.stdout.buffer
     with SifImage.open(image) as img:

@@ -6,9 +6,9 @@ import os
 from typing import Optional
 
 from rankwire.errors import UserError
-from rankwire.runtime.build import read_image_metadata
+from rankwire.runtime.imagemeta import read_image_metadata
 from rankwire.runtime.plan import ImageFacts
-from rankwire.runtime.sif import SifImage
+from rankwire.runtime.sif_read import SifImage
 
 
 def image_facts(path: str, fd: Optional[int] = None) -> ImageFacts:

@@ -14,8 +14,11 @@ import pytest
 
 from harness.users import User
 from rankwire.errors import UserError
-from rankwire.runtime import sif
-from rankwire.runtime.build import build_image, read_image_metadata
+from rankwire.runtime.build import build_image
+from rankwire.runtime.imagemeta import read_image_metadata
+from rankwire.runtime.sif_format import DataType, SifError, goarch_from_machine
+from rankwire.runtime.sif_read import SifImage
+from rankwire.runtime.sif_write import ObjectInput, create_sif
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("mksquashfs") and shutil.which("unsquashfs") and shutil.which("siftool")),
@@ -87,7 +90,7 @@ def rankwire(*argv: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def partition_offset(image: Path) -> int:
-    with sif.SifImage.open(image) as img:
+    with SifImage.open(image) as img:
         return img.primary_partition().offset
 
 
@@ -135,12 +138,12 @@ def test_build_layout_and_contents(tmp_path: Path, rootfs: Path) -> None:
     assert [(r[0].strip(), r[1].strip(), r[4]) for r in rows] == [
         ("1", "1", "Def.FILE"),
         ("2", "1", "JSON.Generic"),
-        ("3", "1", f"FS (Squashfs/*System/{sif.goarch_from_machine()})"),
+        ("3", "1", f"FS (Squashfs/*System/{goarch_from_machine()})"),
     ]
     assert "Launch Script:        #!/usr/bin/env run-singularity" in subprocess.check_output(
         ["siftool", "header", str(out)], text=True
     )
-    with sif.SifImage.open(out) as img:
+    with SifImage.open(out) as img:
         assert img.get(2).name == "inspect-metadata.json"
         assert img.header.data_offset == 32176
         assert img.primary_partition().offset % 4096 == 0
@@ -172,7 +175,7 @@ def test_build_layout_and_contents(tmp_path: Path, rootfs: Path) -> None:
     assert deffile.startswith(f"Bootstrap: rankwire-dir\nFrom: {rootfs}\n")
     assert 'export B="x \\"y\\" $HOME"' in deffile
 
-    with sif.SifImage.open(out) as img:
+    with SifImage.open(out) as img:
         meta = read_image_metadata(img)
         part = img.primary_partition()
     assert meta.deffile == deffile
@@ -180,7 +183,7 @@ def test_build_layout_and_contents(tmp_path: Path, rootfs: Path) -> None:
     assert meta.runscript == 'echo hello "$@"'
     assert meta.labels == labels
     assert (meta.partition_offset, meta.partition_size) == (part.offset, part.size)
-    assert meta.arch == sif.goarch_from_machine()
+    assert meta.arch == goarch_from_machine()
     assert meta.identity.startswith("sha256:")
 
 
@@ -189,7 +192,7 @@ def test_default_runscript_and_empty_env(tmp_path: Path, rootfs: Path) -> None:
     build_image(out, rootfs)
     run = unsquash_cat(out, ".singularity.d/runscript")
     assert run.startswith("#!/bin/sh\n") and "no runscript defined" in run
-    with sif.SifImage.open(out) as img:
+    with SifImage.open(out) as img:
         meta = read_image_metadata(img)
     assert meta.runscript is None and meta.env == {}
     assert "export" not in unsquash_cat(out, ".singularity.d/env/90-environment.sh")
@@ -204,18 +207,18 @@ def test_deterministic_build_is_byte_identical(
     os.utime(rootfs / "bin" / "hello")  # a newer mtime is clamped to SOURCE_DATE_EPOCH
     build_image(b, rootfs, env={"X": "1"}, labels={"l": "v"})
     assert a.read_bytes() == b.read_bytes()
-    with sif.SifImage.open(a) as img:
+    with SifImage.open(a) as img:
         assert img.header.deterministic
         meta = read_image_metadata(img)
     assert meta.labels["org.opencontainers.image.created"] == "2023-11-14T22:13:20Z"
     assert meta.labels["org.label-schema.build-date"] == "Tuesday_14_November_2023_22:13:20_UTC"
-    with sif.SifImage.open(b) as img:
+    with SifImage.open(b) as img:
         assert read_image_metadata(img).identity == meta.identity
     # Different content gives a different image and identity.
     (rootfs / "etc" / "os-release").write_text('ID="changed"\n')
     c = tmp_path / "c.sif"
     build_image(c, rootfs, env={"X": "1"}, labels={"l": "v"})
-    with sif.SifImage.open(c) as img:
+    with SifImage.open(c) as img:
         assert read_image_metadata(img).identity != meta.identity
     assert c.read_bytes() != a.read_bytes()
 
@@ -227,7 +230,7 @@ def test_deffile_sections_and_overrides(tmp_path: Path, rootfs: Path) -> None:
     build_image(
         out, rootfs, deffile=deffile, env={"MODE": "slow", "EXTRA": "1"}, labels={"Version": "2.0"}
     )
-    with sif.SifImage.open(out) as img:
+    with SifImage.open(out) as img:
         meta = read_image_metadata(img)
         assert img.read(img.get(1)).decode() == DEFFILE
     assert meta.deffile == DEFFILE
@@ -247,7 +250,7 @@ def test_deffile_sections_and_overrides(tmp_path: Path, rootfs: Path) -> None:
     assert (
         unsquash_cat(out, ".singularity.d/runscript") == '#!/bin/sh\n\nexec /opt/app/bin/app "$@"\n'
     )
-    with sif.SifImage.open(out) as img:
+    with SifImage.open(out) as img:
         doc = json.loads(img.read(img.get(2)))
     assert doc["type"] == "container"
     assert doc["rankwire"]["deffile_sections"] == ["environment", "labels", "post", "runscript"]
@@ -317,21 +320,19 @@ def test_apptainer_style_metadata_is_read(tmp_path: Path) -> None:
         "type": "container",
     }
     path = tmp_path / "apptainer.sif"
-    sif.create_sif(
+    create_sif(
         path,
         [
-            sif.ObjectInput(sif.DataType.DEFFILE, data=b"Bootstrap: docker\n"),
-            sif.ObjectInput(
-                sif.DataType.GENERIC_JSON,
+            ObjectInput(DataType.DEFFILE, data=b"Bootstrap: docker\n"),
+            ObjectInput(
+                DataType.GENERIC_JSON,
                 data=json.dumps(doc).encode(),
                 name="inspect-metadata.json",
             ),
-            sif.ObjectInput(
-                sif.DataType.PARTITION, data=b"x" * 100, fs_type=1, part_type=2, arch="arm64"
-            ),
+            ObjectInput(DataType.PARTITION, data=b"x" * 100, fs_type=1, part_type=2, arch="arm64"),
         ],
     )
-    with sif.SifImage.open(path) as img:
+    with SifImage.open(path) as img:
         meta = read_image_metadata(img)
     assert (meta.labels, meta.env, meta.runscript, meta.arch) == (
         {"a": "b"},
@@ -344,18 +345,14 @@ def test_apptainer_style_metadata_is_read(tmp_path: Path) -> None:
 
 def test_broken_metadata_json_is_a_sif_error(tmp_path: Path) -> None:
     path = tmp_path / "broken.sif"
-    sif.create_sif(
+    create_sif(
         path,
         [
-            sif.ObjectInput(
-                sif.DataType.GENERIC_JSON, data=b"{not json", name="inspect-metadata.json"
-            ),
-            sif.ObjectInput(
-                sif.DataType.PARTITION, data=b"x", fs_type=1, part_type=2, arch="amd64"
-            ),
+            ObjectInput(DataType.GENERIC_JSON, data=b"{not json", name="inspect-metadata.json"),
+            ObjectInput(DataType.PARTITION, data=b"x", fs_type=1, part_type=2, arch="amd64"),
         ],
     )
-    with sif.SifImage.open(path) as img, pytest.raises(sif.SifError, match="not valid JSON") as err:
+    with SifImage.open(path) as img, pytest.raises(SifError, match="not valid JSON") as err:
         read_image_metadata(img)
     assert "\n" not in str(err.value)
 
@@ -415,7 +412,7 @@ def test_cli_errors(tmp_path: Path, rootfs: Path) -> None:
 
 
 def test_parse_errors_are_user_errors() -> None:
-    from rankwire.runtime.build import parse_environment
+    from rankwire.runtime.imagemeta import parse_environment
 
     with pytest.raises(UserError, match="No closing quotation"):
         parse_environment('export A="unterminated')

@@ -17,17 +17,22 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rankwire.runtime import sif
-from rankwire.runtime.sif import (
+from rankwire.runtime.sif_digest import descriptor_digest, header_digest, object_digest
+from rankwire.runtime.sif_format import (
+    ARCH_CODES,
     DESCRIPTOR,
     HEADER,
+    ZERO_TIME,
     DataType,
     FsType,
-    ObjectInput,
     PartType,
     SifError,
-    SifImage,
+    arch_code,
+    arch_name,
+    goarch_from_machine,
 )
+from rankwire.runtime.sif_read import SifImage
+from rankwire.runtime.sif_write import ObjectInput, add_object, create_sif, delete_object
 
 pytestmark = pytest.mark.skipif(shutil.which("siftool") is None, reason="needs siftool")
 
@@ -202,7 +207,7 @@ def test_create_sif_lists_like_siftool(tmp_path: Path, blobs: dict[str, Path]) -
     table = object_table(blobs)
     theirs = siftool_image(tmp_path / "theirs.sif", [flags for flags, _ in table])
     ours = tmp_path / "ours.sif"
-    sif.create_sif(ours, [obj for _, obj in table], launch_script="")
+    create_sif(ours, [obj for _, obj in table], launch_script="")
     assert_same_as_siftool(ours, theirs)
     assert oct(ours.stat().st_mode & 0o777) == oct(theirs.stat().st_mode & 0o777)
 
@@ -224,7 +229,7 @@ def test_empty_image_equals_siftool_new(tmp_path: Path) -> None:
     theirs = tmp_path / "theirs.sif"
     siftool("new", str(theirs))
     ours = tmp_path / "ours.sif"
-    sif.create_sif(ours, [], launch_script="")
+    create_sif(ours, [], launch_script="")
     assert ours.stat().st_size == theirs.stat().st_size == 32176
     assert_same_as_siftool(ours, theirs)
 
@@ -237,7 +242,7 @@ def test_add_object_matches_siftool_add(tmp_path: Path, blobs: dict[str, Path]) 
         shutil.copyfile(base, theirs)
         shutil.copyfile(base, ours)
         siftool("add", str(theirs), *flags)
-        new_id = sif.add_object(ours, obj)
+        new_id = add_object(ours, obj)
         assert new_id == 4
         assert_same_as_siftool(ours, theirs)
 
@@ -249,7 +254,7 @@ def test_delete_then_add_matches_siftool(tmp_path: Path, blobs: dict[str, Path])
     shutil.copyfile(theirs, ours)
     # Deleting the primary partition resets the header arch; the data stays in place.
     siftool("del", "3", str(theirs))
-    sif.delete_object(ours, 3)
+    delete_object(ours, 3)
     assert_same_as_siftool(ours, theirs)
     with SifImage.open(ours) as img:
         assert img.header.arch == "unknown"
@@ -258,7 +263,7 @@ def test_delete_then_add_matches_siftool(tmp_path: Path, blobs: dict[str, Path])
             img.primary_partition()
     # The freed slot is reused: the new object gets ID 3, after the last object.
     siftool("add", str(theirs), *table[4][0])
-    assert sif.add_object(ours, table[4][1]) == 3
+    assert add_object(ours, table[4][1]) == 3
     assert_same_as_siftool(ours, theirs)
 
 
@@ -271,11 +276,11 @@ def test_add_after_deleting_the_last_object_reuses_its_space(
     """
     table = object_table(blobs)
     path = tmp_path / "ours.sif"
-    sif.create_sif(path, [obj for _, obj in table[:4]])
+    create_sif(path, [obj for _, obj in table[:4]])
     with SifImage.open(path) as img:
         third = img.get(3)
-    sif.delete_object(path, 4)
-    sif.add_object(path, table[4][1])
+    delete_object(path, 4)
+    add_object(path, table[4][1])
     with SifImage.open(path) as img:
         added = img.get(4)
         assert added.offset == third.offset + third.size
@@ -285,15 +290,15 @@ def test_add_after_deleting_the_last_object_reuses_its_space(
 def test_add_object_errors(tmp_path: Path, blobs: dict[str, Path]) -> None:
     table = object_table(blobs)
     path = tmp_path / "full.sif"
-    sif.create_sif(path, [table[2][1]], capacity=2)
+    create_sif(path, [table[2][1]], capacity=2)
     with pytest.raises(SifError, match="already has a primary system partition"):
-        sif.add_object(path, table[2][1])
-    sif.add_object(path, table[0][1])
+        add_object(path, table[2][1])
+    add_object(path, table[0][1])
     with pytest.raises(SifError, match="all 2 descriptor slots are used") as err:
-        sif.add_object(path, table[0][1])
+        add_object(path, table[0][1])
     assert "\n" not in str(err.value)
     with pytest.raises(SifError, match="no object with ID 9"):
-        sif.delete_object(path, 9)
+        delete_object(path, 9)
 
 
 def test_empty_last_object_in_the_alignment_gap(tmp_path: Path, blobs: dict[str, Path]) -> None:
@@ -302,7 +307,7 @@ def test_empty_last_object_in_the_alignment_gap(tmp_path: Path, blobs: dict[str,
         tmp_path / "t.sif", [[str(blobs["empty"]), "--datatype", "7", "--alignment", "4096"]]
     )
     ours = tmp_path / "ours.sif"
-    sif.create_sif(
+    create_sif(
         ours,
         [ObjectInput(DataType.GENERIC, data=b"", group_id=0, alignment=4096)],
         launch_script="",
@@ -317,26 +322,26 @@ def test_empty_last_object_in_the_alignment_gap(tmp_path: Path, blobs: dict[str,
 def test_deterministic_images(tmp_path: Path, blobs: dict[str, Path]) -> None:
     objs = [obj for _, obj in object_table(blobs)]
     a, b = tmp_path / "a.sif", tmp_path / "b.sif"
-    sif.create_sif(a, objs, deterministic=True)
-    sif.create_sif(b, objs, deterministic=True)
+    create_sif(a, objs, deterministic=True)
+    create_sif(b, objs, deterministic=True)
     assert a.read_bytes() == b.read_bytes()
     with SifImage.open(a) as img:
         assert img.header.deterministic
         assert img.header.id == uuid.UUID(int=0)
-        assert img.header.created_at == img.header.modified_at == sif.ZERO_TIME
-        assert {d.created_at for d in img.descriptors} == {sif.ZERO_TIME}
+        assert img.header.created_at == img.header.modified_at == ZERO_TIME
+        assert {d.created_at for d in img.descriptors} == {ZERO_TIME}
         assert img.header.launch_script == "#!/usr/bin/env run-singularity\n"
     header = siftool("header", str(a))
     assert "ID:" not in header and "Created At:" not in header
     assert header.startswith("Launch Script:        #!/usr/bin/env run-singularity\n")
     # Editing keeps a deterministic image deterministic.
-    sif.add_object(a, ObjectInput(DataType.GENERIC, data=b"x"))
-    sif.delete_object(a, 1)
+    add_object(a, ObjectInput(DataType.GENERIC, data=b"x"))
+    delete_object(a, 1)
     with SifImage.open(a) as img:
-        assert img.header.deterministic and img.get(9).created_at == sif.ZERO_TIME
+        assert img.header.deterministic and img.get(9).created_at == ZERO_TIME
     # Without it: a random UUID and the current time.
     c = tmp_path / "c.sif"
-    sif.create_sif(c, objs)
+    create_sif(c, objs)
     with SifImage.open(c) as img:
         assert img.header.id.version == 4 and img.header.created_at > 1_600_000_000
 
@@ -344,7 +349,7 @@ def test_deterministic_images(tmp_path: Path, blobs: dict[str, Path]) -> None:
 def test_oci_blob_gets_its_digest(tmp_path: Path) -> None:
     data = b'{"schemaVersion": 2}'
     path = tmp_path / "oci.sif"
-    sif.create_sif(path, [ObjectInput(DataType.OCI_BLOB, data=data)])
+    create_sif(path, [ObjectInput(DataType.OCI_BLOB, data=data)])
     with SifImage.open(path) as img:
         extra = img.descriptors[0].extra.rstrip(b"\0").decode()
     assert extra == "sha256:" + hashlib.sha256(data).hexdigest()
@@ -364,7 +369,7 @@ def test_partition_is_streamed_not_loaded(tmp_path: Path) -> None:
     )
     tracemalloc.start()
     try:
-        sif.create_sif(tmp_path / "big.sif", [obj])
+        create_sif(tmp_path / "big.sif", [obj])
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -385,28 +390,28 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
         ObjectInput(DataType.GENERIC, path=tmp_path / "missing.bin"),
     ]
     with pytest.raises(SifError, match=r"missing\.bin: cannot read object data") as err:
-        sif.create_sif(out, objs)
+        create_sif(out, objs)
     assert "\n" not in str(err.value)
     assert out.read_bytes() == b"previous content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.sif"]
     with pytest.raises(SifError, match="cannot write"):
-        sif.create_sif(tmp_path / "no-such-dir" / "x.sif", [])
+        create_sif(tmp_path / "no-such-dir" / "x.sif", [])
 
 
 def test_writer_rejects_bad_input(tmp_path: Path) -> None:
     out = tmp_path / "x.sif"
     with pytest.raises(SifError, match="SIF allows 128"):
-        sif.create_sif(out, [ObjectInput(DataType.GENERIC, data=b"", name="n" * 129)])
+        create_sif(out, [ObjectInput(DataType.GENERIC, data=b"", name="n" * 129)])
     with pytest.raises(SifError, match="at most 31"):
-        sif.create_sif(out, [], launch_script="#" * 32)
+        create_sif(out, [], launch_script="#" * 32)
     with pytest.raises(SifError, match="no SIF code"):
-        sif.create_sif(
+        create_sif(
             out,
             [ObjectInput(DataType.PARTITION, data=b"", fs_type=1, part_type=1, arch="vax")],
         )
     prim = ObjectInput(DataType.PARTITION, data=b"", fs_type=1, part_type=2, arch="amd64")
     with pytest.raises(SifError, match="more than one primary"):
-        sif.create_sif(out, [prim, prim])
+        create_sif(out, [prim, prim])
     with pytest.raises(ValueError):
         ObjectInput(DataType.GENERIC, data=b"", path=out)
     with pytest.raises(ValueError):
@@ -416,7 +421,7 @@ def test_writer_rejects_bad_input(tmp_path: Path) -> None:
 
 def test_group_links(tmp_path: Path) -> None:
     path = tmp_path / "g.sif"
-    sif.create_sif(
+    create_sif(
         path,
         [
             ObjectInput(DataType.GENERIC, data=b"a", group_id=7),
@@ -438,7 +443,7 @@ def test_group_links(tmp_path: Path) -> None:
 def one_partition(tmp_path: Path, fs: int, part: int = PartType.PRIMSYS) -> Path:
     path = tmp_path / f"fs{fs}.sif"
     obj = ObjectInput(DataType.PARTITION, data=b"x" * 10, fs_type=fs, part_type=part, arch="amd64")
-    sif.create_sif(path, [obj])
+    create_sif(path, [obj])
     return path
 
 
@@ -462,7 +467,7 @@ def test_primary_partition_missing_or_doubled(tmp_path: Path) -> None:
     path = one_partition(tmp_path, FsType.SQUASHFS, PartType.SYSTEM)
     with SifImage.open(path) as img, pytest.raises(SifError, match="no primary system"):
         img.primary_partition()
-    sif.add_object(
+    add_object(
         path,
         ObjectInput(DataType.PARTITION, data=b"y", fs_type=1, part_type=1, arch="amd64"),
     )
@@ -482,7 +487,7 @@ def test_primary_partition_missing_or_doubled(tmp_path: Path) -> None:
 @pytest.fixture()
 def good(tmp_path: Path) -> bytes:
     path = tmp_path / "good.sif"
-    sif.create_sif(
+    create_sif(
         path,
         [
             ObjectInput(DataType.DEFFILE, data=b"Bootstrap: scratch\n"),
@@ -614,7 +619,7 @@ INTERESTING = [-1, 0, 1, 128, 4095, 4096, 32176, 32177, 40960, 45000, 1 << 31, 1
 def fuzz_base() -> bytes:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "base.sif"
-        sif.create_sif(
+        create_sif(
             path,
             [
                 ObjectInput(DataType.DEFFILE, data=b"Bootstrap: scratch\n"),
@@ -672,8 +677,8 @@ def test_fuzz_parser_raises_only_sif_error(
             for d in img.descriptors:
                 assert len(img.read(d)) == d.size
                 _ = (d.type_label, d.fs_type, d.part_type, d.arch)
-                sif.descriptor_digest(img, d)
-            sif.header_digest(img)
+                descriptor_digest(img, d)
+            header_digest(img)
             img.primary_partition()
     except SifError as err:
         assert "\n" not in str(err)
@@ -687,9 +692,7 @@ def test_digests_recomputed_independently(tmp_path: Path, good: bytes) -> None:
     path = write(tmp_path / "d.sif", good)
     raw = path.read_bytes()
     with SifImage.open(path) as img:
-        assert (
-            sif.header_digest(img) == "sha256:" + hashlib.sha256(raw[:45] + raw[48:64]).hexdigest()
-        )
+        assert header_digest(img) == "sha256:" + hashlib.sha256(raw[:45] + raw[48:64]).hexdigest()
         for n, d in enumerate(img.descriptors):
             at = 4096 + n * DESCRIPTOR.size
             fields = struct.unpack_from("<iBIIIqqqqqqq", raw, at)
@@ -697,10 +700,10 @@ def test_digests_recomputed_independently(tmp_path: Path, good: bytes) -> None:
             relative = oid - 1  # all three are in group 1, whose lowest ID is 1
             signed = struct.pack("<iBIIqqqq", dtype, used, relative, link, size, ctime, uid, gid)
             signed += raw[at + 73 : at + DESCRIPTOR.size]
-            assert sif.descriptor_digest(img, d) == "sha256:" + hashlib.sha256(signed).hexdigest()
+            assert descriptor_digest(img, d) == "sha256:" + hashlib.sha256(signed).hexdigest()
             data = raw[d.offset : d.offset + d.size]
-            assert sif.object_digest(img, d) == "sha256:" + hashlib.sha256(data).hexdigest()
-            assert sif.object_digest(img, d, "sha512").startswith("sha512:")
+            assert object_digest(img, d) == "sha256:" + hashlib.sha256(data).hexdigest()
+            assert object_digest(img, d, "sha512").startswith("sha512:")
 
 
 def test_digests_ignore_what_signing_ignores(tmp_path: Path, good: bytes) -> None:
@@ -713,14 +716,14 @@ def test_digests_ignore_what_signing_ignores(tmp_path: Path, good: bytes) -> Non
     struct.pack_into("<q", b, slot(0, 33), 0)  # size with padding
     bb = write(tmp_path / "b.sif", bytes(b))
     with SifImage.open(a) as ia, SifImage.open(bb) as ib:
-        assert sif.header_digest(ia) == sif.header_digest(ib)
+        assert header_digest(ia) == header_digest(ib)
         for da, db in zip(ia.descriptors, ib.descriptors):
-            assert sif.descriptor_digest(ia, da) == sif.descriptor_digest(ib, db)
+            assert descriptor_digest(ia, da) == descriptor_digest(ib, db)
     c = write(tmp_path / "c.sif", patched(good, "<q", slot(0, 41), 7))  # created at is signed
     with SifImage.open(a) as ia, SifImage.open(c) as ic:
-        assert sif.descriptor_digest(ia, ia.get(1)) != sif.descriptor_digest(ic, ic.get(1))
+        assert descriptor_digest(ia, ia.get(1)) != descriptor_digest(ic, ic.get(1))
         with pytest.raises(SifError, match="unknown digest algorithm"):
-            sif.header_digest(ia, "md42")
+            header_digest(ia, "md42")
 
 
 # ---------------------------------------------------------------------------------------
@@ -728,13 +731,13 @@ def test_digests_ignore_what_signing_ignores(tmp_path: Path, good: bytes) -> Non
 
 
 def test_arch_helpers() -> None:
-    assert sif.goarch_from_machine("x86_64") == "amd64"
-    assert sif.goarch_from_machine("aarch64") == "arm64"
-    assert sif.goarch_from_machine("i686") == "386"
-    assert sif.goarch_from_machine("ppc64le") == "ppc64le"
-    assert sif.goarch_from_machine("loongarch64") == "loong64"
-    assert sif.goarch_from_machine() in sif.ARCH_CODES
-    assert sif.arch_code("amd64") == b"02\0" and sif.arch_code("riscv64") == b"12\0"
-    assert sif.arch_name(b"04\0") == "arm64" and sif.arch_name(b"99\0") == "unknown"
+    assert goarch_from_machine("x86_64") == "amd64"
+    assert goarch_from_machine("aarch64") == "arm64"
+    assert goarch_from_machine("i686") == "386"
+    assert goarch_from_machine("ppc64le") == "ppc64le"
+    assert goarch_from_machine("loongarch64") == "loong64"
+    assert goarch_from_machine() in ARCH_CODES
+    assert arch_code("amd64") == b"02\0" and arch_code("riscv64") == b"12\0"
+    assert arch_name(b"04\0") == "arm64" and arch_name(b"99\0") == "unknown"
     with pytest.raises(SifError, match="no SIF architecture code"):
-        sif.goarch_from_machine("pdp11")
+        goarch_from_machine("pdp11")
