@@ -8,7 +8,7 @@ import sys
 import click
 
 from rankwire.pmi.client import PmiRequestError
-from rankwire.pmi.codec import PmiProtocolError
+from rankwire.pmi.errors import LocalProtocolError, RemoteProtocolError
 
 
 @click.group("pmi")
@@ -22,7 +22,7 @@ def probe_cmd(version: str) -> None:
     """Run as a rank: print what the PMI server offers (PMI-1, PMI-2 or PMIx: rank, size,
     process mapping or namespace) and a put/fence/get round trip with the neighbour rank,
     as one JSON line."""
-    from rankwire.pmi.pmix.bindings import PmixError
+    from rankwire.pmi.pmix.abi import PmixError
 
     try:
         if version == "x":
@@ -33,7 +33,7 @@ def probe_cmd(version: str) -> None:
             from rankwire.pmi.probe import probe
 
             result = probe(int(version))
-    except (PmiRequestError, PmiProtocolError, PmixError, OSError) as err:
+    except (PmiRequestError, LocalProtocolError, RemoteProtocolError, PmixError, OSError) as err:
         click.echo(f"rankwire: PMI probe failed: {err}", err=True)
         sys.exit(1)
     click.echo(json.dumps(result))

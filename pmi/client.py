@@ -10,7 +10,8 @@
 
 PMI-1 has no separate commit (MPICH's is a no-op) and no job attributes: `get_job_attr` reads
 the KVS there, where servers pre-put `PMI_process_mapping`. A request the server answers
-with an error raises `PmiRequestError`; malformed bytes raise `PmiProtocolError`.
+with an error raises `PmiRequestError`; malformed bytes or an answer that does not fit the
+request raise `RemoteProtocolError`, a request PMI cannot carry `LocalProtocolError`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from collections.abc import Mapping
 from typing import Optional, TypeVar
 
 from rankwire.errors import UserError
-from rankwire.pmi.codec import ClientCodec, PmiProtocolError
+from rankwire.pmi.codec import ClientCodec
+from rankwire.pmi.errors import RemoteProtocolError
 from rankwire.pmi.messages import (
     Abort,
     AppnumReply,
@@ -151,7 +153,7 @@ class _Client:
         if isinstance(reply, ErrorReply):
             raise PmiRequestError(f"PMI server refused {req}: {reply.message}")
         if not isinstance(reply, expect):
-            raise PmiProtocolError(f"{req} was answered with {reply}")
+            raise RemoteProtocolError(f"{req} was answered with {reply}")
         return reply
 
 

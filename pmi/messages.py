@@ -1,6 +1,6 @@
 """The messages PMI-1 and PMI-2 carry, shared by both protocols (plain frozen dataclasses).
 
-Requests go client → server, replies server → client. `pmi.codec` spells them on the wire;
+Requests go client → server, replies server → client. `pmi.commands` spells them on the wire;
 the server maps requests onto `pmi.job.Job`, the clients map API calls onto requests.
 """
 

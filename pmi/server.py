@@ -48,7 +48,8 @@ import socket
 from typing import Optional, Union
 
 from rankwire.errors import UserError
-from rankwire.pmi.codec import PmiProtocolError, ServerCodec
+from rankwire.pmi.codec import ServerCodec
+from rankwire.pmi.errors import LocalProtocolError, RemoteProtocolError
 from rankwire.pmi.job import FenceDone, FenceFailed, FenceResult, Job, RequestRejected
 from rankwire.pmi.messages import (
     Abort,
@@ -141,7 +142,7 @@ class _Conn(asyncio.Protocol):
             return
         try:
             data = self.codec.send(reply)
-        except PmiProtocolError as err:  # e.g. a value too long for a PMI-1 line
+        except LocalProtocolError as err:  # e.g. a value too long for a PMI-1 line
             data = self.codec.send(ErrorReply(str(err)))
         self.transport.write(data)
 
@@ -292,8 +293,8 @@ class PmiServer:
                 if req is None:
                     return
                 self._dispatch(conn, req)
-            except (PmiProtocolError, RequestRejected) as err:
-                fatal = isinstance(err, PmiProtocolError) and err.fatal
+            except (RemoteProtocolError, RequestRejected) as err:
+                fatal = isinstance(err, RemoteProtocolError) and err.fatal
                 self._violation(conn, str(err), fatal)
 
     def _violation(self, conn: _Conn, message: str, fatal: bool) -> None:

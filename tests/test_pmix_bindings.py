@@ -1,4 +1,5 @@
-"""ctypes bindings over libpmix 4.2.2: layout check, value conversion, callback safety.
+"""ctypes over libpmix 4.2.2 (pmi.pmix abi/values/server_lib/client_lib): layout check,
+value conversion, callback safety.
 
 libpmix's server is a per-process singleton with a progress thread, so anything that
 initializes it runs in a child interpreter, never in pytest's process.
@@ -14,11 +15,12 @@ import textwrap
 import pytest
 
 from rankwire.errors import UserError
-from rankwire.pmi.pmix import bindings as pmix
+from rankwire.pmi.pmix.abi import INT, PROC_RANK, UINT16, Proc, check_layout, parse_version, version
+from rankwire.pmi.pmix.values import InfoArray, Typed, info_from
 
 
 def test_library_loads_and_is_pmix_4() -> None:
-    assert pmix.parse_version(pmix.version())[0] == 4
+    assert parse_version(version())[0] == 4
 
 
 @pytest.mark.parametrize(
@@ -26,17 +28,17 @@ def test_library_loads_and_is_pmix_4() -> None:
 )
 def test_unknown_versions_are_refused(text: str) -> None:
     with pytest.raises(UserError, match=r"PMIx 4\.x only"):
-        pmix.check_layout(text)
+        check_layout(text)
 
 
 def test_known_version_passes_and_runs_the_probe() -> None:
     ran: list[bool] = []
-    pmix.check_layout("OpenPMIx 4.2.2rc2 (PMIx Standard: 4.2)", lambda: ran.append(True))
+    check_layout("OpenPMIx 4.2.2rc2 (PMIx Standard: 4.2)", lambda: ran.append(True))
     assert ran == [True]
 
 
 def test_a_missing_library_is_a_user_error() -> None:
-    code = "from rankwire.pmi.pmix import bindings as b\nb.lib()"
+    code = "from rankwire.pmi.pmix.abi import lib\nlib()"
     env = dict(os.environ, RANKWIRE_LIBPMIX="/nonexistent/libpmix.so.2")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode != 0
@@ -46,7 +48,7 @@ def test_a_missing_library_is_a_user_error() -> None:
 
 
 def test_a_library_that_is_not_pmix_is_a_user_error() -> None:
-    code = "from rankwire.pmi.pmix import bindings as b\nb.lib()"
+    code = "from rankwire.pmi.pmix.abi import lib\nlib()"
     env = dict(os.environ, RANKWIRE_LIBPMIX="libc.so.6")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert "UserError: libc.so.6 lacks a PMIx 4 symbol" in proc.stderr, proc.stderr
@@ -58,21 +60,21 @@ def test_a_library_that_is_not_pmix_is_a_user_error() -> None:
         "a string",
         True,
         7,
-        pmix.Typed(pmix.UINT16, 3),
-        pmix.Typed(pmix.PROC_RANK, 5),
-        pmix.Typed(pmix.INT, -2),
+        Typed(UINT16, 3),
+        Typed(PROC_RANK, 5),
+        Typed(INT, -2),
         b"\x00binary\xff",
-        pmix.Proc("ns", 1),
-        [("pmix.rank", pmix.Typed(pmix.PROC_RANK, 2)), ("pmix.hname", "node1")],
+        Proc("ns", 1),
+        [("pmix.rank", Typed(PROC_RANK, 2)), ("pmix.hname", "node1")],
     ],
 )
 def test_values_survive_a_round_trip_through_pmix_info(value: object) -> None:
-    with pmix.InfoArray([("rankwire.test", value)]) as arr:
-        back = pmix._info_from(arr.pointer, len(arr))["rankwire.test"]
-    want = value.value if isinstance(value, pmix.Typed) else value
+    with InfoArray([("rankwire.test", value)]) as arr:
+        back = info_from(arr.pointer, len(arr))["rankwire.test"]
+    want = value.value if isinstance(value, Typed) else value
     if isinstance(value, list):
         want = dict(value)
-        want = {k: (v.value if isinstance(v, pmix.Typed) else v) for k, v in want.items()}
+        want = {k: (v.value if isinstance(v, Typed) else v) for k, v in want.items()}
     assert back == want
 
 
@@ -81,21 +83,22 @@ def test_values_survive_a_round_trip_through_pmix_info(value: object) -> None:
 # process must survive both and finalize.
 SERVER = r"""
 import os, subprocess, sys, tempfile
-from rankwire.pmi.pmix import bindings as pmix
+from rankwire.pmi.pmix.abi import Proc
+from rankwire.pmi.pmix.server_lib import Server, ServerHandlers, generate_ppn, generate_regex
 
-class Raising(pmix.ServerHandlers):
+class Raising(ServerHandlers):
     def client_connected(self, proc):
         if proc.rank == 0:
             raise RuntimeError("boom in client_connected")
     def fence(self, procs, info, data, reply):
         raise RuntimeError("boom in fence")
 
-server = pmix.Server(Raising(), {"pmix.srvr.tmpdir": tempfile.mkdtemp(), "pmix.srvr.sys": False})
+server = Server(Raising(), {"pmix.srvr.tmpdir": tempfile.mkdtemp(), "pmix.srvr.sys": False})
 server.register_nspace("raise-ns", 2, {"pmix.job.size": 2, "pmix.local.size": 2,
-                                      "pmix.nmap": pmix.generate_regex(["localhost"]),
-                                      "pmix.pmap": pmix.generate_ppn([[0, 1]])})
+                                      "pmix.nmap": generate_regex(["localhost"]),
+                                      "pmix.pmap": generate_ppn([[0, 1]])})
 for rank in (0, 1):
-    proc = pmix.Proc("raise-ns", rank)
+    proc = Proc("raise-ns", rank)
     server.register_client(proc, os.getuid(), os.getgid())
     env = {**os.environ, **server.setup_fork(proc)}
     child = subprocess.run([sys.executable, "-c", sys.argv[1]], env=env, capture_output=True,
@@ -105,17 +108,18 @@ server.finalize()
 print("server survived", flush=True)
 """
 CLIENT = r"""
-from rankwire.pmi.pmix import bindings as pmix
-c = pmix.Client()
+from rankwire.pmi.pmix.abi import PmixError
+from rankwire.pmi.pmix.client_lib import Client
+c = Client()
 try:
     me = c.init()
-except pmix.PmixError as err:
+except PmixError as err:
     print(f"init failed {err.status}")
     raise SystemExit(0)
 try:
     c.fence([me])
     print("fence ok")
-except pmix.PmixError as err:
+except PmixError as err:
     print(f"fence failed {err.status}")
 c.finalize()
 """

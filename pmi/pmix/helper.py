@@ -30,8 +30,24 @@ import sys
 import threading
 from typing import Any, Optional
 
-from rankwire.pmi.pmix import bindings as pmix
 from rankwire.pmi.pmix import wire
+from rankwire.pmi.pmix.abi import (
+    COLLECT_DATA,
+    ERR_LOST_CONNECTION,
+    PROC_RANK,
+    UINT16,
+    PmixError,
+    Proc,
+    version,
+)
+from rankwire.pmi.pmix.server_lib import (
+    ModexReply,
+    Server,
+    ServerHandlers,
+    generate_ppn,
+    generate_regex,
+)
+from rankwire.pmi.pmix.values import Typed
 
 log = logging.getLogger("rankwire.pmi.pmix.helper")
 
@@ -55,18 +71,18 @@ def job_info(init: dict[str, Any], local: list[int]) -> list[tuple[str, Any]]:
         ("pmix.appnum", init.get("appnum", 0)),
         ("pmix.local.size", len(local)),
         ("pmix.lpeers", ",".join(str(r) for r in local)),
-        ("pmix.lldr", pmix.Typed(pmix.PROC_RANK, min(local))),
-        ("pmix.nmap", pmix.generate_regex(names)),
-        ("pmix.pmap", pmix.generate_ppn(node_ranks)),
+        ("pmix.lldr", Typed(PROC_RANK, min(local))),
+        ("pmix.nmap", generate_regex(names)),
+        ("pmix.pmap", generate_ppn(node_ranks)),
     ]
     for r in range(size):
         info.append(
             (
                 "pmix.pdata",
                 [
-                    ("pmix.rank", pmix.Typed(pmix.PROC_RANK, r)),
-                    ("pmix.lrank", pmix.Typed(pmix.UINT16, local_rank[r])),
-                    ("pmix.nrank", pmix.Typed(pmix.UINT16, local_rank[r])),
+                    ("pmix.rank", Typed(PROC_RANK, r)),
+                    ("pmix.lrank", Typed(UINT16, local_rank[r])),
+                    ("pmix.nrank", Typed(UINT16, local_rank[r])),
                     ("pmix.nodeid", node_of[r]),
                     ("pmix.hname", names[node_of[r]]),
                     ("pmix.appnum", init.get("appnum", 0)),
@@ -76,16 +92,16 @@ def job_info(init: dict[str, Any], local: list[int]) -> list[tuple[str, Any]]:
     return info
 
 
-class Helper(pmix.ServerHandlers):
+class Helper(ServerHandlers):
     """Upcalls: forward to the launcher; keep the replies of open fences and modex requests."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, writer: asyncio.StreamWriter) -> None:
         self.loop = loop
         self.writer = writer
         self.nspace = ""
-        self.server: Optional[pmix.Server] = None
+        self.server: Optional[Server] = None
         self._ids = itertools.count(1)
-        self._replies: dict[int, pmix.ModexReply] = {}
+        self._replies: dict[int, ModexReply] = {}
         self._lock = threading.Lock()
 
     # -- loop thread ----------------------------------------------------------------------
@@ -109,8 +125,8 @@ class Helper(pmix.ServerHandlers):
             self.post({"op": "dmodex_data", "id": ident, "status": status, "data": wire.pack(data)})
 
         try:
-            self.server.dmodex_request(pmix.Proc(self.nspace, int(msg["rank"])), done)
-        except pmix.PmixError as err:
+            self.server.dmodex_request(Proc(self.nspace, int(msg["rank"])), done)
+        except PmixError as err:
             self.send({"op": "dmodex_data", "id": ident, "status": err.status, "data": ""})
 
     def fail_all(self, status: int) -> None:
@@ -124,23 +140,23 @@ class Helper(pmix.ServerHandlers):
     def post(self, msg: dict[str, Any]) -> None:
         self.loop.call_soon_threadsafe(self.send, msg)
 
-    def _open(self, reply: pmix.ModexReply) -> int:
+    def _open(self, reply: ModexReply) -> int:
         ident = next(self._ids)
         with self._lock:
             self._replies[ident] = reply
         return ident
 
-    def client_connected(self, proc: pmix.Proc) -> None:
+    def client_connected(self, proc: Proc) -> None:
         self.post({"op": "connected", "rank": proc.rank})
 
-    def client_finalized(self, proc: pmix.Proc) -> None:
+    def client_finalized(self, proc: Proc) -> None:
         self.post({"op": "finalized", "rank": proc.rank})
 
-    def abort(self, proc: pmix.Proc, status: int, message: str, procs: list[pmix.Proc]) -> None:
+    def abort(self, proc: Proc, status: int, message: str, procs: list[Proc]) -> None:
         self.post({"op": "abort", "rank": proc.rank, "code": status, "message": message})
 
     def fence(
-        self, procs: list[pmix.Proc], info: dict[str, Any], data: bytes, reply: pmix.ModexReply
+        self, procs: list[Proc], info: dict[str, Any], data: bytes, reply: ModexReply
     ) -> None:
         ident = self._open(reply)
         self.post(
@@ -148,12 +164,12 @@ class Helper(pmix.ServerHandlers):
                 "op": "fence",
                 "id": ident,
                 "procs": [[p.nspace, p.rank] for p in procs],
-                "collect": bool(info.get(pmix.COLLECT_DATA, False)),
+                "collect": bool(info.get(COLLECT_DATA, False)),
                 "data": wire.pack(data),
             }
         )
 
-    def direct_modex(self, proc: pmix.Proc, info: dict[str, Any], reply: pmix.ModexReply) -> None:
+    def direct_modex(self, proc: Proc, info: dict[str, Any], reply: ModexReply) -> None:
         ident = self._open(reply)
         self.post({"op": "dmodex", "id": ident, "rank": proc.rank})
 
@@ -167,15 +183,15 @@ def start_server(helper: Helper, init: dict[str, Any]) -> dict[str, Any]:
         ("pmix.srvr.sys", False),
         ("pmix.hname", init["hostname"]),
     ]
-    helper.server = server = pmix.Server(helper, server_info)
+    helper.server = server = Server(helper, server_info)
     server.register_nspace(helper.nspace, len(local), job_info(init, local))
     envs: dict[str, dict[str, str]] = {}
     for rank in local:
-        proc = pmix.Proc(helper.nspace, rank)
+        proc = Proc(helper.nspace, rank)
         # register before the client can exist, so it is known when it connects
         server.register_client(proc, int(init["uid"]), int(init["gid"]))
         envs[str(rank)] = server.setup_fork(proc)
-    return {"op": "ready", "version": pmix.version(), "pid": os.getpid(), "envs": envs}
+    return {"op": "ready", "version": version(), "pid": os.getpid(), "envs": envs}
 
 
 async def serve(fd: int) -> int:
@@ -211,15 +227,15 @@ async def serve(fd: int) -> int:
             else:
                 log.warning("PMIx helper: unknown message %r", op)
     finally:
-        helper.fail_all(pmix.ERR_LOST_CONNECTION)
+        helper.fail_all(ERR_LOST_CONNECTION)
         if helper.server is not None:
             try:
                 helper.server.deregister_nspace(helper.nspace)  # clients' cleanup files
-            except pmix.PmixError as err:
+            except PmixError as err:
                 log.warning("%s", err)
             try:
                 helper.server.finalize()
-            except pmix.PmixError as err:
+            except PmixError as err:
                 log.warning("%s", err)
         helper.send({"op": "bye"})
         try:

@@ -17,7 +17,8 @@ import os
 from typing import Any
 
 from rankwire.errors import UserError
-from rankwire.pmi.pmix import bindings as pmix
+from rankwire.pmi.pmix.abi import RANK_WILDCARD, PmixError, Proc, version
+from rankwire.pmi.pmix.client_lib import Client
 
 KEY_PREFIX = "rankwire-probe-"
 
@@ -26,10 +27,10 @@ def expected_value(rank: int) -> str:
     return f"from-rank-{rank}=ok"
 
 
-def _optional(client: pmix.Client, key: str, proc: pmix.Proc) -> Any:
+def _optional(client: Client, key: str, proc: Proc) -> Any:
     try:
         return client.get(key, proc)
-    except pmix.PmixError:
+    except PmixError:
         return None
 
 
@@ -42,13 +43,13 @@ def probe_pmix() -> dict[str, Any]:
             "no PMIx server in this environment (PMIX_NAMESPACE / PMIX_SERVER_URI* unset): "
             "run under `srun --mpi=pmix` or rankwire's PMIx launcher"
         )
-    client = pmix.Client()
+    client = Client()
     try:
         me = client.init()
-    except pmix.PmixError as err:
+    except PmixError as err:
         raise UserError(f"cannot connect to the PMIx server: {err}") from err
     try:
-        job = pmix.Proc(me.nspace, pmix.RANK_WILDCARD)
+        job = Proc(me.nspace, RANK_WILDCARD)
         size = int(client.get("pmix.job.size", job))
         local_rank = _optional(client, "pmix.lrank", me)
         local_size = _optional(client, "pmix.local.size", job)
@@ -57,14 +58,14 @@ def probe_pmix() -> dict[str, Any]:
         client.commit()
         client.fence(collect=True)
         neighbour = (me.rank + 1) % size
-        got = client.get(f"{KEY_PREFIX}{neighbour}", pmix.Proc(me.nspace, neighbour))
-    except pmix.PmixError as err:
+        got = client.get(f"{KEY_PREFIX}{neighbour}", Proc(me.nspace, neighbour))
+    except PmixError as err:
         raise UserError(f"PMIx probe failed on rank {me.rank}: {err}") from err
     finally:
         client.finalize()
     return {
         "pmi": "pmix",
-        "library": pmix.version(),
+        "library": version(),
         "server_version": os.environ.get("PMIX_VERSION"),
         "nspace": me.nspace,
         "rank": me.rank,

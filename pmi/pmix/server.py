@@ -521,8 +521,13 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
                 return True
             await asyncio.sleep(0.05)
         return proc.poll() is not None
-    done = loop.create_future()
-    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    done: asyncio.Future[None] = loop.create_future()
+
+    def exited() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, exited)
     try:
         await asyncio.wait_for(done, timeout)
     except asyncio.TimeoutError:
