@@ -1,6 +1,6 @@
 # rankwire: two commands on a fresh Debian 12 machine (as root):
 #   make demo   install what is missing, then run the main job on the embedded default
-#   make test   install test dependencies too, then run lint and the whole test suite
+#   make test   install test dependencies too, then run lint (ruff, mypy) and the whole suite
 # Both are idempotent and quiet when everything is present.
 
 # Debian's interpreter, so the unprivileged test user can run the venv too.
@@ -25,8 +25,10 @@ demo: system-demo $(VENV)/.stamp
 test: system-test $(VENV)/.stamp-test lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff, then mypy --strict on the package as installed (tools/typecheck).
 lint: $(VENV)/.stamp-test
 	@$(VENV)/bin/ruff check --quiet .
+	@tools/typecheck --no-error-summary
 
 system-demo:
 	@tools/ensure-packages $(DEMO_PKGS)

@@ -77,7 +77,7 @@ class Library:
 
 def _strerror(ret: int) -> str:
     ffi, lib = _ffi.load()
-    return ffi.string(lib.fi_strerror(-ret)).decode()
+    return str(ffi.string(lib.fi_strerror(-ret)).decode())
 
 
 def _text(ffi: Any, ptr: Any) -> str:

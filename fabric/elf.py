@@ -95,7 +95,7 @@ def read_elf(source: Union[str, bytes], name: str = "") -> ElfFacts:
         return _read(f, name or source, ELFFile, ELFError)
 
 
-def _read(stream: BinaryIO, name: str, elffile: type, elferror: type) -> ElfFacts:
+def _read(stream: BinaryIO, name: str, elffile: type, elferror: type[Exception]) -> ElfFacts:
     if stream.read(4) != b"\x7fELF":
         raise ValueError(f"{name} is not an ELF file")
     stream.seek(0)

@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
-from typing import Optional
+from typing import Any, Optional
 
 from rankwire.fabric.elf import ElfFacts, is_glibc, read_elf
 
@@ -136,7 +136,7 @@ class FabricHostFacts:
     devices: tuple[str, ...]  # fabric device nodes present: /dev/infiniband/*, /dev/cxi*, ...
     libfabric: Optional[HostLibfabric]  # None: not found, or not looked at
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
-from typing import Optional
+from typing import Any, Optional
 
 from rankwire.errors import UserError
 from rankwire.fabric.elf import GLIBC_SONAMES, ElfFacts, newest, read_elf
@@ -68,7 +68,7 @@ class FabricImageFacts:
         defines = self.glibc_defines("libc.so.6") or frozenset()
         return newest(defines, "GLIBC").partition("_")[2]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 

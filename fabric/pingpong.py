@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from rankwire.errors import UserError
 from rankwire.fabric.plan import PRIVATE_DIR, FabricPlan
@@ -51,7 +51,7 @@ class PingPongRun:
     version: str
     results: tuple[PingPongResult, ...]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -152,7 +152,7 @@ def container_argv(image: str, plan: FabricPlan, binary: Path) -> list[str]:
 
 
 def parse_output(stdout: str) -> PingPongRun:
-    info: dict = {}
+    info: dict[str, str] = {}
     results: list[PingPongResult] = []
     for line in stdout.splitlines():
         if not line.startswith("{"):
@@ -168,7 +168,7 @@ def parse_output(stdout: str) -> PingPongRun:
     return PingPongRun(results=tuple(results), **info)
 
 
-def run_pingpong(argv: Sequence[str], env: Optional[dict] = None) -> PingPongRun:
+def run_pingpong(argv: Sequence[str], env: Optional[dict[str, str]] = None) -> PingPongRun:
     """Run a self-test command line (host binary or `container_argv`) and parse it."""
     proc = subprocess.run(list(argv), capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -10,7 +10,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 # Tools the runtime can use, in order of preference within each role.
 TOOLS = (
@@ -55,7 +55,7 @@ class HostFacts:
     def tool(self, name: str) -> Optional[str]:
         return self.tools.get(name)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["userns_allowed"] = self.userns_allowed
         return d
