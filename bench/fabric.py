@@ -99,9 +99,10 @@ def main() -> None:
     args = ap.parse_args()
     if not shutil.which("fi_pingpong"):
         raise SystemExit("fi_pingpong not found: apt-get install libfabric-bin")
+    from rankwire.fabric.facts import host_facts_for
     from rankwire.fabric.imagefacts import read_fabric_image_facts
     from rankwire.fabric.pingpong import build_pingpong, container_argv
-    from rankwire.fabric.plan import host_facts_for, plan_fabric
+    from rankwire.fabric.plan import plan_fabric
     from rankwire.runtime.build import build_image
     from rankwire.runtime.imagefacts import image_facts
 

@@ -64,13 +64,14 @@ def info(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan(image: Optional[str], choice: str, as_json: bool) -> None:
     """The fabric binds and env for IMAGE (without IMAGE: for an image like this host)."""
+    from rankwire.fabric.facts import fabric_facts, host_facts_for
     from rankwire.fabric.imagefacts import host_as_image_facts
-    from rankwire.fabric.plan import fabric_for, host_facts_for, plan_fabric
+    from rankwire.fabric.plan import plan_fabric
 
     if image:
         from rankwire.runtime.imagefacts import image_facts
 
-        result = fabric_for(image_facts(image), choice)
+        result = plan_fabric(*fabric_facts(image_facts(image), choice), choice)
     else:
         result = plan_fabric(host_facts_for(choice), host_as_image_facts(), choice)
     if as_json:
@@ -129,7 +130,8 @@ def pingpong(
 ) -> None:
     """Two endpoints, two processes, one provider: latency and bandwidth."""
     from rankwire.fabric import pingpong as pp
-    from rankwire.fabric.plan import choose_provider, host_facts_for
+    from rankwire.fabric.facts import host_facts_for
+    from rankwire.fabric.plan import choose_provider
 
     byte_sizes = [pp.parse_size(s) for s in sizes] or [64, 1 << 20]
     host = host_facts_for(provider)

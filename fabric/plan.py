@@ -1,8 +1,8 @@
 """The fabric plan: which provider, why, and what to bind and set in the container.
 
 `plan_fabric` is pure: (host facts, image facts, choice) -> `FabricPlan`, or a one-line
-`UserError`. `fabric_for` gathers the facts (sysfs, the host libfabric, the image's
-glibc and libfabric consumers) and calls it.
+`UserError`. `rankwire.fabric.facts.fabric_facts` gathers its facts (sysfs, the host
+libfabric, the image's glibc and libfabric consumers).
 
 What a bound plan does: the host libfabric and every non-glibc library it loads (ELF
 DT_NEEDED closure) are bound one by one into a private directory, `/.rankwire/fabric/lib`,
@@ -24,7 +24,7 @@ from rankwire.errors import UserError
 from rankwire.fabric.elf import ElfFacts, is_glibc, newest, version_key
 from rankwire.fabric.hostfacts import FabricHostFacts, HostLibfabric
 from rankwire.fabric.imagefacts import FabricImageFacts
-from rankwire.runtime.plan import ImageFacts, Mount
+from rankwire.runtime.plan import Mount
 
 SONAME = "libfabric.so.1"
 PRIVATE_DIR = "/.rankwire/fabric"
@@ -249,33 +249,3 @@ def _dl_name(path: str) -> str:
     """/x/libpsm3-fi.so -> psm3"""
     base = path.rsplit("/", 1)[-1]
     return base[3 : -len("-fi.so")] if base.startswith("lib") and base.endswith("-fi.so") else ""
-
-
-def host_facts_for(choice: str) -> FabricHostFacts:
-    """Host facts as `choice` needs them: the library is loaded only when it matters."""
-    from rankwire.fabric import hostfacts
-
-    host = hostfacts.collect_fabric_host_facts(with_library=False)
-    if choice.strip() == "none":
-        return host
-    if choice.strip() == "auto" and not any(a.devices for a in host.adapters):
-        return host  # nothing fast to bind: spare loading libfabric (~0.3 s on Debian)
-    try:
-        lib = hostfacts.host_libfabric()
-    except UserError:
-        if choice.strip() != "auto":
-            raise
-        lib = None
-    return dataclasses.replace(host, libfabric=lib)
-
-
-def fabric_for(image_facts: ImageFacts, choice: str) -> FabricPlan:
-    """Gather the facts `choice` needs for this image and plan. Raises UserError."""
-    if choice.strip() == "none":
-        return plan_fabric(FabricHostFacts((), (), None), EMPTY_IMAGE, choice)
-    host = host_facts_for(choice)
-    if host.libfabric is None:
-        return plan_fabric(host, EMPTY_IMAGE, choice)
-    from rankwire.fabric.imagefacts import read_fabric_image_facts
-
-    return plan_fabric(host, read_fabric_image_facts(image_facts), choice)

@@ -21,14 +21,17 @@ from rankwire.errors import UserError
 from rankwire.launcher.plan import PMI_CHOICES, LaunchOptions, LaunchPlan, describe, plan_launch
 from rankwire.launcher.plan import host_process as plan_host_process
 from rankwire.runtime.cli_run import (
-    CONTAINER_KEYS,
     PASSTHROUGH,
+    cli_values,
     container_options,
-    plan_image,
+    dry_run_options,
+    exec_options,
     process_options,
+    take_options,
 )
-from rankwire.runtime.plan import ExecOptions, runscript_argv
-from rankwire.runtime.sif import MAGIC
+from rankwire.runtime.options import delegation_argv, in_scope
+from rankwire.runtime.plan import runscript_argv
+from rankwire.runtime.sif_format import MAGIC
 
 
 def launcher_options(f: Any) -> Any:
@@ -78,54 +81,38 @@ def is_sif(path: str) -> bool:
         return False
 
 
-def _exec_prefix(image: str, ckw: dict[str, Any], pkw: dict[str, Any]) -> list[str]:
-    """`rankwire exec <same options> IMAGE` for each srun task of a delegated job."""
-    argv = [os.path.join(os.path.dirname(sys.executable), "rankwire"), "exec"]
-    for spec in ckw["binds"]:
-        argv += ["-B", spec]
-    for flag in ("contain", "fakeroot", "writable_tmpfs", "unsquash", "cleanenv"):
-        if ckw.get(flag) or pkw.get(flag):
-            argv.append("--" + flag.replace("_", "-"))
-    if ckw["fabric"] != "auto":
-        argv += ["--fabric", ckw["fabric"]]
-    for item in pkw["env"]:
-        argv += ["--env", item]
-    if pkw["workdir"]:
-        argv += ["--pwd", pkw["workdir"]]
-    if ckw["share"]:
-        argv += ["--share", ckw["share"]]
-    # Without --share, the tasks of the step on a node join one container by default.
-    return [*argv, image]
-
-
 def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[str, Any]) -> None:
     from rankwire.launcher.execute import execute
     from rankwire.launcher.facts import image_mpi_kind, program_mpi_kind
-    from rankwire.runtime.plan import user_facts
+    from rankwire.runtime.assemble import plan_image
+    from rankwire.runtime.facts import gather
+    from rankwire.runtime.userfacts import user_facts
 
-    ckw = {k: kw.pop(k) for k in CONTAINER_KEYS}
+    values = take_options(kw, "container", "process")
     dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
-    pkw = {k: kw.pop(k) for k in ("env", "cleanenv", "workdir")}
     lopts = LaunchOptions(**kw)  # keeps kw["pmi"] readable below
     user = user_facts()
     container = None
     if image is None:
-        if any(v for k, v in ckw.items() if k != "fabric") or any(pkw.values()):
+        given = [o.long for o in in_scope("container", "process") if values[o.dest] != o.default]
+        if given:
             raise UserError(
-                "-B/--env/--contain/... shape a container: give an image "
+                f"{', '.join(given)} shape a container: give an image "
                 "(--image IMG) or drop them to run on the host"
             )
         process = plan_host_process(argv, user.environ, user.cwd)
         prefix: list[str] = []
         kind = program_mpi_kind(argv[0], user.environ) if kw["pmi"] == "auto" else None
     else:
-        facts, container, process, _fabric_env = plan_image(
-            image,
-            ExecOptions(**ckw, **pkw),
-            lambda f: runscript_argv(f, argv) if runscript else argv,
-        )
-        prefix = _exec_prefix(image, ckw, pkw)
-        kind = image_mpi_kind(facts, user.cache_dir) if kw["pmi"] == "auto" else None
+        opts = exec_options(values)
+        facts = gather(image, opts, user=user)
+        planned = plan_image(facts, opts, runscript_argv(facts.image, argv) if runscript else argv)
+        assert planned.process is not None
+        container, process = planned.container, planned.process
+        rankwire = os.path.join(os.path.dirname(sys.executable), "rankwire")
+        # Without --share, the tasks of the step on a node join one container by default.
+        prefix = [rankwire, "exec", *delegation_argv(cli_values(opts)), image]
+        kind = image_mpi_kind(facts.image, user.cache_dir) if kw["pmi"] == "auto" else None
     plan: LaunchPlan = plan_launch(lopts, process, container, user.environ, prefix, kind)
     if dry_run:
         if as_json:
@@ -140,7 +127,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
             os.execvp(plan.delegate[0], list(plan.delegate))
         except OSError as err:
             raise UserError(
-                f"cannot run srun inside Slurm job {user.environ['SLURM_JOB_ID']}: "
+                f"cannot run srun inside Slurm job {plan.slurm_job}: "
                 f"{err.strerror}; pass --no-slurm to launch here"
             ) from None
     sys.exit(execute(plan))
@@ -151,6 +138,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
 @click.option("--image", metavar="IMG", help="Run TARGET inside this SIF image.")
 @container_options
 @process_options
+@dry_run_options
 @click.argument("target")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def run(target: str, args: tuple[str, ...], image: Optional[str], **kw: Any) -> None:
@@ -169,6 +157,7 @@ def run(target: str, args: tuple[str, ...], image: Optional[str], **kw: Any) -> 
 @launcher_options
 @container_options
 @process_options
+@dry_run_options
 @click.argument("image")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def _apptainer_mpirun(image: str, command: tuple[str, ...], **kw: Any) -> None:

@@ -23,16 +23,14 @@ from rankwire.pmi.job import FenceFailed, Job
 from rankwire.pmi.pmix.server import PmixServer
 from rankwire.pmi.server import Aborted, PmiServer, ProtocolViolation
 from rankwire.runtime.instance import (
-    Holder,
+    FORWARDED_SIGNALS,
     Lease,
     exit_code,
-    join,
-    join_or_start,
+    open_container,
     spawn_in,
-    start_holder,
 )
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+ABORT_GRACE_S = 0.2
 
 
 def say(message: str) -> None:
@@ -49,6 +47,8 @@ class _Job:
         self.failure: Optional[int] = None
         self.tearing_down = False
         self.open_pipes = 0
+        # The first rank that exited non-zero, for ABORT_GRACE_S (see `reaped`).
+        self.exit_pending: Optional[tuple[int, int]] = None
         self.done = self.loop.create_future()
         job = Job(size=plan.ntasks, fence_timeout=plan.fence_timeout)
         self.server: Union[PmiServer, PmixServer]
@@ -113,8 +113,23 @@ class _Job:
         del self.pids[rank]
         # The PMI core words it as Popen does: a negative code is a signal.
         self.server.rank_exited(rank, -os.WTERMSIG(status) if os.WIFSIGNALED(status) else code)
-        if code != 0 and self.failure is None:
-            self.fail(code, None if self.tearing_down else f"rank {rank} exited with {code}")
+        if code != 0 and self.failure is None and not self.tearing_down:
+            # A rank that calls abort exits right after; its abort reaches us through the
+            # PMI server (for PMIx, via the helper process), maybe a moment after the exit.
+            # Wait that moment for an abort only: any other failure now is this exit's.
+            if self.exit_pending is None:
+                self.exit_pending = (rank, code)
+                self.loop.call_later(ABORT_GRACE_S, self.settle_exit)
+        elif code != 0 and self.failure is None:
+            self.fail(code)
+        self.check_done()
+
+    def settle_exit(self) -> None:
+        """The first failed exit becomes the job's failure (unless an abort came first)."""
+        if self.exit_pending is not None and self.failure is None:
+            rank, code = self.exit_pending
+            self.fail(code, f"rank {rank} exited with {code}")
+        self.exit_pending = None
         self.check_done()
 
     def relay(self, fd: int, to: int, rank: int) -> None:
@@ -142,7 +157,8 @@ class _Job:
         self.loop.add_reader(fd, readable)
 
     def check_done(self) -> None:
-        if not self.pids and not self.open_pipes and not self.done.done():
+        settled = self.exit_pending is None
+        if not self.pids and not self.open_pipes and settled and not self.done.done():
             self.done.set_result(None)
 
     # -- PMI events -------------------------------------------------------------------
@@ -154,8 +170,10 @@ class _Job:
                 self.fail(
                     event.code or 1, f"rank {event.rank} aborted the job (code {event.code}){msg}"
                 )
-            elif isinstance(event, FenceFailed):
-                if self.failure is None:
+            elif isinstance(event, FenceFailed) and self.failure is None:
+                if self.exit_pending is not None:
+                    self.settle_exit()  # the fence failed because that rank exited
+                else:
                     self.fail(1, f"PMI fence failed: {event.reason}")
             elif isinstance(event, ProtocolViolation):
                 who = "a rank" if event.rank is None else f"rank {event.rank}"
@@ -164,7 +182,7 @@ class _Job:
     # -- the whole job ----------------------------------------------------------------
     async def run(self) -> int:
         await self.server.start()
-        for sig in FORWARDED:
+        for sig in FORWARDED_SIGNALS:
             self.loop.add_signal_handler(sig, self.on_signal, sig)
         events = self.loop.create_task(self.watch_events())
         timer = (
@@ -185,7 +203,7 @@ class _Job:
             if timer:
                 timer.cancel()
             events.cancel()
-            for sig in FORWARDED:
+            for sig in FORWARDED_SIGNALS:
                 self.loop.remove_signal_handler(sig)
             self.signal_all(signal.SIGKILL)  # only if we are unwinding from an error
             await self.server.close()
@@ -194,27 +212,11 @@ class _Job:
 
 def execute(plan: LaunchPlan) -> int:
     """Run the job; returns the launcher's exit code."""
-    holder: Optional[Holder] = None
-    lease: Optional[Lease] = None
-    if plan.container is not None and plan.container.share:
-        lease = join_or_start(plan.container, plan.container.share)
-    elif plan.container is not None:
-        holder = start_holder(plan.container, mode="ephemeral", owner=os.getpid())
-        if holder.report.get("image_driver") == "extract":
-            say(
-                f"FUSE is unusable here; using the image extracted under "
-                f"{plan.container.extract_dir}"
-            )
-    try:
-        if holder is not None:
-            lease = join(holder.socket)
 
-        async def main() -> int:
-            return await _Job(plan, lease).run()
+    async def main(lease: Optional[Lease]) -> int:
+        return await _Job(plan, lease).run()
 
-        return asyncio.run(main())
-    finally:
-        if lease is not None:
-            lease.close()
-        if holder is not None:
-            holder.wait()
+    if plan.container is None:
+        return asyncio.run(main(None))
+    with open_container(plan.container) as lease:
+        return asyncio.run(main(lease))

@@ -7,7 +7,6 @@ container), or, inside a Slurm allocation, the whole job is delegated to `srun`.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -48,6 +47,7 @@ class LaunchPlan:
     stdin_rank: int = 0  # the rank that reads our stdin (like mpiexec); the others /dev/null
     # Set instead when the job is delegated: the srun command line to exec.
     delegate: Optional[tuple[str, ...]] = None
+    slurm_job: Optional[str] = None  # the allocation we run in (SLURM_JOB_ID)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -142,15 +142,14 @@ def plan_launch(
         container=container,
         process=process,
         delegate=delegate,
+        slurm_job=environ.get("SLURM_JOB_ID") or None,
     )
 
 
 def describe(plan: LaunchPlan) -> str:
     """One line for -v."""
     if plan.delegate:
-        return f"inside Slurm job {os.environ.get('SLURM_JOB_ID')}: delegating to " + " ".join(
-            plan.delegate
-        )
+        return f"inside Slurm job {plan.slurm_job}: delegating to " + " ".join(plan.delegate)
     where = f"one shared container of {plan.container.image}" if plan.container else "the host"
     if plan.pmi == "pmix":
         server = "PMIx server (libpmix, in a helper process) over 127.0.0.1 TCP"

@@ -5,95 +5,84 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import click
 
 from rankwire.errors import UserError
 from rankwire.runtime import instance as inst
+from rankwire.runtime.assemble import plan_image
+from rankwire.runtime.facts import gather
+from rankwire.runtime.options import in_scope
 from rankwire.runtime.plan import (
     ContainerPlan,
     ExecOptions,
     ImageFacts,
     ProcessPlan,
-    plan_container,
+    parse_binds,
     plan_process,
-    user_facts,
 )
+from rankwire.runtime.userfacts import user_facts
 
+F = TypeVar("F", bound=Callable[..., Any])
 INSTANCE_PREFIX = "instance://"
 PASSTHROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
 
 
-def container_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that shape the container (not allowed when joining an instance)."""
-    opts = [
-        click.option(
-            "-B",
-            "--bind",
-            "binds",
-            multiple=True,
-            metavar="SRC[:DST[:ro|rw]]",
-            help="Bind a host path (repeatable, comma lists too; also RANKWIRE_BIND).",
-        ),
-        click.option(
-            "--contain", is_flag=True, help="Minimal /dev, private /tmp and $HOME; no cwd bind."
-        ),
-        click.option("--fakeroot", is_flag=True, help="Map your uid to root inside."),
-        click.option(
-            "--writable-tmpfs",
-            is_flag=True,
-            help="Let the image be written; changes vanish at exit.",
-        ),
-        click.option(
-            "--fabric",
-            default="auto",
-            show_default=True,
-            metavar="auto|none|PROVIDER",
-            help="Bind the host's libfabric provider for its fabric adapter (see "
-            "`rankwire fabric plan IMAGE`).",
-        ),
-        click.option(
-            "--share",
-            metavar="KEY",
-            help="Join the node's container named KEY, starting it if needed (%j/%s: "
-            "SLURM_JOB_ID/SLURM_STEP_ID). Default under srun: one per node for the step; "
-            "none: a container of its own.",
-        ),
-        click.option(
-            "--unsquash",
-            is_flag=True,
-            help="Do not use FUSE: extract the image once into the cache.",
-        ),
-    ]
-    for opt in reversed(opts):
+def click_options(*scopes: str) -> Callable[[F], F]:
+    """The click options of these scopes ("container", "process"), from the table."""
+
+    def decorate(f: F) -> F:
+        for opt in reversed(in_scope(*scopes)):
+            names = [*opt.flags, opt.dest]
+            if opt.kind == "flag":
+                f = click.option(*names, is_flag=True, help=opt.help)(f)
+            else:
+                f = click.option(
+                    *names,
+                    multiple=opt.kind == "list",
+                    default=opt.default,
+                    show_default=isinstance(opt.default, str),
+                    metavar=opt.metavar,
+                    help=opt.help,
+                )(f)
+        return f
+
+    return decorate
+
+
+container_options = click_options("container")
+process_options = click_options("process")
+plan_options = [
+    click.option("--dry-run", is_flag=True, help="Print the plan instead of running it."),
+    click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON."),
+]
+
+
+def dry_run_options(f: F) -> F:
+    for opt in reversed(plan_options):
         f = opt(f)
     return f
 
 
-def process_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
-        click.option(
-            "--env", "env", multiple=True, metavar="K=V", help="Set a variable inside (repeatable)."
-        ),
-        click.option(
-            "--cleanenv",
-            is_flag=True,
-            help="Pass no host variables except PMI_*, PMIX_*, SLURM_*, TERM, LANG.",
-        ),
-        click.option("--pwd", "workdir", metavar="DIR", help="Working directory inside."),
-        click.option("--dry-run", is_flag=True, help="Print the plan instead of running it."),
-        click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+def take_options(kw: dict[str, Any], *scopes: str) -> dict[str, Any]:
+    """Pop the table's options of these scopes out of click's keyword arguments."""
+    return {o.dest: kw.pop(o.dest) for o in in_scope(*scopes) if o.dest in kw}
 
 
-def image_facts(path: str) -> ImageFacts:
-    from rankwire.runtime.imagefacts import image_facts as read
+def exec_options(values: dict[str, Any]) -> ExecOptions:
+    """Command-line values -> ExecOptions (binds parsed; relative sources stay relative)."""
+    values = dict(values)
+    if "binds" in values:
+        values["binds"] = parse_binds(values["binds"])
+    return ExecOptions(**values)
 
-    return read(path)
+
+def cli_values(opts: ExecOptions) -> dict[str, Any]:
+    """ExecOptions -> the command-line form of each option (for srun delegation)."""
+    values = {o.dest: getattr(opts, o.dest) for o in in_scope("container", "process")}
+    values["binds"] = tuple(m.spec() for m in opts.binds)
+    return values
 
 
 def _show_plan(container: Optional[ContainerPlan], proc: ProcessPlan, as_json: bool) -> None:
@@ -118,47 +107,27 @@ def _show_plan(container: Optional[ContainerPlan], proc: ProcessPlan, as_json: b
     click.echo(f"argv       {list(proc.argv)}")
 
 
-CONTAINER_KEYS = ("binds", "contain", "fakeroot", "writable_tmpfs", "unsquash", "share", "fabric")
-
-
-def plan_image(
-    image: str, opts: ExecOptions, argv_of: Callable[[ImageFacts], Sequence[str]]
-) -> tuple[ImageFacts, ContainerPlan, ProcessPlan, dict[str, str]]:
-    """Facts -> plans for a command in an image (every caller: exec, instance, launcher).
-
-    Returns the image facts, the container and process plans, and the fabric env (which
-    joiners of an instance need too).
-    """
-    from rankwire.fabric.plan import fabric_for
-    from rankwire.runtime.hostfacts import collect_host_facts
-
-    facts = image_facts(image)
-    user = user_facts()
-    fabric = fabric_for(facts, opts.fabric)
-    container = plan_container(facts, collect_host_facts(), user, opts, fabric_mounts=fabric.mounts)
-    proc = plan_process(facts, user, opts, argv_of(facts), fabric_env=fabric.env)
-    return facts, container, proc, fabric.env
-
-
-def _execute(image: str, argv_of: Callable[[ImageFacts], Sequence[str]], **kw: Any) -> None:
-    container_kw = {k: kw.pop(k) for k in CONTAINER_KEYS}
+def _execute(
+    image: str, argv_of: Callable[[ImageFacts], Sequence[str]], kw: dict[str, Any]
+) -> None:
+    container_kw = take_options(kw, "container")
+    process_kw = take_options(kw, "process")
     dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
     if image.startswith(INSTANCE_PREFIX):
-        if any(v for k, v in container_kw.items() if k != "fabric") or (
-            container_kw["fabric"] != "auto"
-        ):
+        given = [o.long for o in in_scope("container") if container_kw[o.dest] != o.default]
+        if given:
             raise UserError(
-                "-B/--contain/--fakeroot/--writable-tmpfs/--fabric shape a container; "
-                "an instance already has its own: give them to `instance start`"
+                f"{', '.join(given)} shape a container; an instance already has its own: "
+                "give them to `instance start`"
             )
         name = image[len(INSTANCE_PREFIX) :]
         meta = inst.instance_info(name)["meta"]
-        facts = ImageFacts(**meta["image_facts"])
+        image_of = ImageFacts(**meta["image_facts"])
         proc = plan_process(
-            facts,
+            image_of,
             user_facts(),
-            ExecOptions(**kw),
-            argv_of(facts),
+            exec_options(process_kw),
+            argv_of(image_of),
             fabric_env=meta.get("fabric_env", {}),
         )
         if dry_run:
@@ -166,32 +135,35 @@ def _execute(image: str, argv_of: Callable[[ImageFacts], Sequence[str]], **kw: A
             return
         with inst.leased(inst.instance_socket(name)) as lease:
             sys.exit(inst.run_in(lease, proc))
-    _facts, container, proc, _fabric_env = plan_image(
-        image, ExecOptions(**kw, **container_kw), argv_of
-    )
+    opts = exec_options({**container_kw, **process_kw})
+    facts = gather(image, opts)
+    plan = plan_image(facts, opts, argv_of(facts.image))
+    assert plan.process is not None
     if dry_run:
-        _show_plan(container, proc, as_json)
+        _show_plan(plan.container, plan.process, as_json)
         return
-    sys.exit(inst.run_container(container, proc))
+    sys.exit(inst.run_container(plan.container, plan.process))
 
 
 @click.command("exec", context_settings=PASSTHROUGH)
 @container_options
 @process_options
+@dry_run_options
 @click.argument("image")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(image: str, command: tuple[str, ...], **kw: Any) -> None:
     """Run COMMAND inside IMAGE (a SIF file, or instance://NAME to join one)."""
-    _execute(image, lambda _facts: command, **kw)
+    _execute(image, lambda _facts: command, kw)
 
 
 @click.command("shell")
 @container_options
 @process_options
+@dry_run_options
 @click.argument("image")
 def shell(image: str, **kw: Any) -> None:
     """Start an interactive shell inside IMAGE."""
-    _execute(image, lambda _facts: ["/bin/sh"], **kw)
+    _execute(image, lambda _facts: ["/bin/sh"], kw)
 
 
 @click.group("instance")
@@ -207,13 +179,15 @@ def instance_start(image: str, name: str, **kw: Any) -> None:
     """Start a persistent instance NAME of IMAGE; join with `exec instance://NAME`."""
     import dataclasses
 
-    facts, container, _proc, fabric_env = plan_image(image, ExecOptions(**kw), lambda _f: ["true"])
+    opts = exec_options(kw)
+    facts = gather(image, opts)
+    plan = plan_image(facts, opts, None)
     holder = inst.start_holder(
-        container,
+        plan.container,
         mode="persistent",
         owner=None,
         name=name,
-        meta={"image_facts": dataclasses.asdict(facts), "fabric_env": fabric_env},
+        meta={"image_facts": dataclasses.asdict(facts.image), "fabric_env": plan.fabric.env},
     )
     click.echo(
         f"instance {name} started (holder pid {holder.pid}, {holder.report.get('image_driver')})"

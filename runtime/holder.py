@@ -22,22 +22,24 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn, Optional, cast
 
+from rankwire.runtime import frame
 from rankwire.runtime import syscalls as sc
 from rankwire.runtime.imagepath import resolve_in_image
-from rankwire.runtime.plan import ContainerPlan, Mount
+from rankwire.runtime.plan import ContainerPlan, Mount, within
 
 MOUNT_WAIT_S = 10.0
 FIRST_JOIN_S = 10.0
 
 
 class SetupError(Exception):
-    """A one-line reason the container could not be set up."""
+    """A one-line reason the container could not be set up; `taken`: another holder
+    already serves this socket name (a shared container's race loser)."""
 
-
-class NameTaken(SetupError):
-    """Another holder already serves this socket name (a shared container's race loser)."""
+    def __init__(self, message: str, taken: bool = False) -> None:
+        super().__init__(message)
+        self.taken = taken
 
 
 def secure_path(root: str, path: str) -> str:
@@ -53,18 +55,17 @@ def secure_path(root: str, path: str) -> str:
     return root + resolved if resolved != "/" else root
 
 
-def _below(path: str, parent: str) -> bool:
-    return path.startswith(parent.rstrip("/") + "/")
-
-
-def _wait_mounted(path: str, parent_dev: int, proc: Optional[subprocess.Popen], log: str) -> None:
+def _wait_mounted(
+    path: str, parent_dev: int, proc: Optional[subprocess.Popen[bytes]], log: str
+) -> None:
     deadline = time.monotonic() + MOUNT_WAIT_S
     while time.monotonic() < deadline:
         if os.stat(path).st_dev != parent_dev:
             return
         if proc is not None and proc.poll() is not None:
             msg = Path(log).read_text(errors="replace").strip().splitlines()
-            raise SetupError(f"{proc.args[0]} exited: {msg[-1] if msg else proc.returncode}")
+            argv0 = cast("list[str]", proc.args)[0]
+            raise SetupError(f"{argv0} exited: {msg[-1] if msg else proc.returncode}")
         time.sleep(0.002)
     raise SetupError(f"timed out mounting {path}")
 
@@ -84,7 +85,7 @@ class Holder:
         self.image_source = (
             f"/proc/self/fd/{self.image_fd}" if self.image_fd is not None else self.plan.image
         )
-        self.daemons: list[subprocess.Popen] = []
+        self.daemons: list[subprocess.Popen[bytes]] = []
         self.leases: set[socket.socket] = set()
         self.joined_once = False
         self.report: dict[str, Any] = {"ok": True, "pid": os.getpid()}
@@ -110,7 +111,9 @@ class Holder:
             self.listener.bind(self.sock_path)
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise NameTaken(f"{self.sock_path} is served by another holder") from None
+                raise SetupError(
+                    f"{self.sock_path} is served by another holder", taken=True
+                ) from None
             raise
         self.bound = True
         self.listener.listen(128)
@@ -178,7 +181,7 @@ class Holder:
             raise
 
     def _open_image(self, lower: str) -> None:
-        plan, errors = self.plan, []
+        plan, errors = self.plan, list[str]()
         for driver in plan.image_drivers:
             try:
                 if driver == "extract":
@@ -296,7 +299,11 @@ class Holder:
             if m.kind == "bind" and not os.path.lexists(target):
                 # Below one of our tmpfs mounts (--contain's /tmp, say) we may create it;
                 # below a bind of a host directory we would write to the host: refuse.
-                parents = [p for p in self.plan.mounts if _below(m.target, p.target)]
+                parents = [
+                    p
+                    for p in self.plan.mounts
+                    if within(m.target, p.target) and m.target != p.target
+                ]
                 deepest = max(parents, key=lambda p: len(p.target), default=None)
                 if deepest is None or deepest.kind not in ("tmpfs", "devtmpfs"):
                     raise SetupError(
@@ -385,9 +392,9 @@ class Holder:
                         conn, _ = self.listener.accept()
                         sel.register(conn, selectors.EVENT_READ, "client")
                         continue
-                    conn = key.fileobj
-                    assert isinstance(conn, socket.socket)
-                    if self._client(conn, sel) == "stop":
+                    client = key.fileobj
+                    assert isinstance(client, socket.socket)
+                    if self._client(client, sel) == "stop":
                         return
                     if self.mode != "persistent" and self.joined_once and not self.leases:
                         return
@@ -408,7 +415,7 @@ class Holder:
             sel.unregister(conn)
             if cmd == "leave":
                 with contextlib.suppress(OSError):
-                    conn.sendall(json.dumps({"last": not self.leases}).encode() + b"\n")
+                    conn.sendall(frame.encode([("last", "1" if not self.leases else "0")]))
             conn.close()
             return None
         reply = dict(self.report)
@@ -489,7 +496,7 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
             holder.setup()
         except (SetupError, OSError) as err:
             holder.teardown()
-            failure = {"ok": False, "error": str(err), "taken": isinstance(err, NameTaken)}
+            failure = {"ok": False, "error": str(err), "taken": getattr(err, "taken", False)}
             os.write(status_fd, json.dumps(failure).encode() + b"\n")
             os._exit(1)
         os.write(status_fd, json.dumps(holder.report).encode() + b"\n")

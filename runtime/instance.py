@@ -15,7 +15,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import select
 import signal
 import socket
@@ -26,8 +25,9 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from rankwire.errors import UserError
+from rankwire.runtime import frame
 from rankwire.runtime import syscalls as sc
-from rankwire.runtime.plan import ContainerPlan, ProcessPlan
+from rankwire.runtime.plan import ContainerPlan, ProcessPlan, check_name
 
 FORWARDED_SIGNALS = (
     signal.SIGINT,
@@ -37,7 +37,6 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def runtime_dir() -> Path:
@@ -61,12 +60,12 @@ def runtime_dir() -> Path:
 
 
 class NameTaken(UserError):
-    """Another holder already serves that name."""
+    """Another holder already serves that name (the holder's `SetupError(taken=True)`)."""
 
 
 @dataclasses.dataclass
-class Holder:
-    """A running holder as its starter sees it."""
+class HolderHandle:
+    """A running holder (`runtime/holder.py`) as its starter sees it."""
 
     socket: str
     pid: int
@@ -95,7 +94,7 @@ def start_holder(
     meta: Optional[dict[str, Any]] = None,
     register: bool = True,
     image_fd: Optional[int] = None,
-) -> Holder:
+) -> HolderHandle:
     """Fork a holder for `plan` and wait until it is ready (or say why it is not).
 
     `name`: serve at instances/NAME.sock; `register`: also list it in `instance list`;
@@ -107,8 +106,7 @@ def start_holder(
     prune_stale(base)
     token = os.urandom(6).hex()
     if name is not None:
-        if not NAME_RE.match(name):
-            raise UserError(f"bad instance name '{name}': use letters, digits, '.', '_', '-'")
+        check_name(name, f"bad instance name '{name}'")
         sock = base / "instances" / f"{name}.sock"
         if register and sock.exists():
             if _ping(str(sock)) is not None:
@@ -144,7 +142,7 @@ def start_holder(
     if not report.get("ok"):
         os.waitpid(pid, 0)
         if report.get("taken"):
-            raise NameTaken(report["error"])
+            raise NameTaken(str(report["error"]))
         raise UserError(f"cannot start container from {plan.image}: {report['error']}")
     if name is not None and register:
         info = {
@@ -157,7 +155,7 @@ def start_holder(
         }
         (base / "instances" / f"{name}.json").write_text(json.dumps(info))
     # A detached holder has its own session; init reaps it once we have exited.
-    return Holder(str(sock), pid, report, is_child=not detached)
+    return HolderHandle(str(sock), pid, report, is_child=not detached)
 
 
 def prune_stale(base: Path) -> None:
@@ -204,8 +202,8 @@ class Lease:
         try:
             self.conn.settimeout(timeout)
             self.conn.sendall(b"leave\n")
-            last = bool(json.loads(self.conn.makefile("rb").readline() or b"{}").get("last"))
-        except (OSError, ValueError):
+            last = frame.one(frame.decode(self.conn.recv(64)), "last") == "1"
+        except (OSError, frame.FrameError):
             pass
         self.conn.close()
         pid = self.report.get("pid")
@@ -410,7 +408,8 @@ def instance_socket(name: str) -> str:
 def instance_info(name: str) -> dict[str, Any]:
     path = runtime_dir() / "instances" / f"{name}.json"
     try:
-        return json.loads(path.read_text())
+        info: dict[str, Any] = json.loads(path.read_text())
+        return info
     except (OSError, ValueError):
         raise UserError(f"no instance named '{name}': see `rankwire instance list`") from None
 
@@ -447,27 +446,35 @@ def stop_instance(name: str, timeout: float = 10.0) -> None:
     (runtime_dir() / "instances" / f"{name}.json").unlink(missing_ok=True)
 
 
-def run_container(container: ContainerPlan, proc: ProcessPlan) -> int:
-    """The whole `rankwire exec`: an ephemeral holder, one process inside, teardown.
-
-    Returns the process's exit code; when it returns, no holder, mount or socket is left.
-    """
+@contextlib.contextmanager
+def open_container(container: ContainerPlan) -> Iterator[Lease]:
+    """A lease on the container of `container`: the node's shared one (joined or started)
+    or an ephemeral holder of our own. On exit the lease ends and, if the holder is ours,
+    it is reaped: no holder, mount or socket is left. Every runner (exec, the launcher)
+    goes through here."""
     if container.share:
         lease = join_or_start(container, container.share)
         try:
-            return run_in(lease, proc)
+            yield lease
         finally:
             lease.close()
+        return
     holder = start_holder(container, mode="ephemeral", owner=os.getpid())
     try:
-        driver = holder.report.get("image_driver")
-        if driver == "extract":
+        if holder.report.get("image_driver") == "extract":
             print(
                 f"rankwire: FUSE is unusable here ({holder.report.get('image_driver_fallback')});"
                 f" using the image extracted under {container.extract_dir}",
                 file=sys.stderr,
             )
         with leased(holder.socket) as lease:
-            return run_in(lease, proc)
+            yield lease
     finally:
         holder.wait()
+
+
+def run_container(container: ContainerPlan, proc: ProcessPlan) -> int:
+    """The whole `rankwire exec`: a container, one process inside, teardown. Returns the
+    process's exit code."""
+    with open_container(container) as lease:
+        return run_in(lease, proc)

@@ -2,7 +2,7 @@
 
 `plan_container` decides the container (image driver, uid maps, mounts in order, overlay);
 `plan_process` decides one process inside it (argv, env, workdir). The executor
-(`runtime/holder.py`, `runtime/join.py`) applies these and decides nothing; later layers
+(`runtime/holder.py`, `runtime/instance.py`) applies these and decides nothing; later layers
 (PMI, fabric, SPANK) only add mounts and env to plans.
 """
 
@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+import posixpath
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from rankwire.errors import UserError
 from rankwire.runtime.hostfacts import HostFacts
-from rankwire.runtime.slurmfacts import SlurmStep, slurm_step
+from rankwire.runtime.options import option
+from rankwire.runtime.slurmfacts import SlurmStep
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Host variables that never cross into the container: their values are host paths.
@@ -34,6 +35,8 @@ PMIX_TRANSLATIONS = (
 # Host files bound by default when they exist (like Apptainer's defaults).
 DEFAULT_FILE_BINDS = ("/etc/hosts", "/etc/localtime")
 MINIMAL_DEV = ("null", "zero", "full", "random", "urandom", "tty")
+# Names of shared containers and instances (socket file names).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,10 @@ class Mount:
     readonly: bool = False
     recursive: bool = False
     options: str = ""
+
+    def spec(self) -> str:
+        """A bind as -B takes it."""
+        return f"{self.source}:{self.target}:{'ro' if self.readonly else 'rw'}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +114,9 @@ class ImageFacts:
 
 @dataclasses.dataclass(frozen=True)
 class ExecOptions:
-    binds: tuple[str, ...] = ()
+    """The container and process options (declared in `runtime/options.py`)."""
+
+    binds: tuple[Mount, ...] = ()
     env: tuple[str, ...] = ()  # K=V
     cleanenv: bool = False
     contain: bool = False
@@ -122,7 +131,7 @@ class ExecOptions:
 
 @dataclasses.dataclass(frozen=True)
 class UserFacts:
-    """The invoking user and where they stand; read once by `user_facts`."""
+    """The invoking user and where they stand (read once by `runtime/userfacts.py`)."""
 
     uid: int
     gid: int
@@ -133,56 +142,74 @@ class UserFacts:
     slurm: Optional[SlurmStep] = None
 
 
-def user_facts() -> UserFacts:
-    home = os.environ.get("HOME") or os.path.expanduser("~")
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
-    return UserFacts(
-        uid=os.getuid(),
-        gid=os.getgid(),
-        home=home,
-        cwd=os.getcwd(),
-        environ=dict(os.environ),
-        cache_dir=os.path.join(cache, "rankwire"),
-        slurm=slurm_step(os.environ, os.getuid()),
-    )
-
-
-def parse_bind(spec: str) -> Mount:
-    """`src[:dst[:ro|rw]]` -> a bind Mount; the source must be an absolute path."""
-    parts = spec.split(":")
-    if not spec or len(parts) > 3 or not parts[0]:
-        raise UserError(f"bad bind '{spec}': use -B SRC[:DST[:ro|rw]]")
-    src = parts[0]
-    dst = parts[1] if len(parts) > 1 and parts[1] else src
-    mode = parts[2] if len(parts) > 2 else "rw"
-    if mode not in ("ro", "rw"):
-        raise UserError(f"bad bind '{spec}': mode must be ro or rw, not '{mode}'")
-    if not os.path.isabs(dst):
-        raise UserError(f"bad bind '{spec}': the container path must be absolute")
-    return Mount(
-        "bind", target=os.path.normpath(dst), source=src, readonly=mode == "ro", recursive=True
-    )
-
-
-def split_binds(specs: Sequence[str]) -> list[str]:
-    """-B and RANKWIRE_BIND values may each hold a comma-separated list."""
-    return [s.strip() for spec in specs for s in spec.split(",") if s.strip()]
-
-
-def _under(path: str, parent: str) -> bool:
+def within(path: str, parent: str) -> bool:
+    """`path` is `parent` or below it (both normalized, absolute)."""
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def plan_container(
-    image: ImageFacts,
-    host: HostFacts,
-    user: UserFacts,
-    opts: ExecOptions,
-    exists: Callable[[str], bool] = os.path.exists,
-    fabric_mounts: Sequence[Mount] = (),
-) -> ContainerPlan:
-    """The container to build. `exists` is the only view of the filesystem it gets;
-    `fabric_mounts` (the fabric plan's host libraries and devices) come last."""
+def check_name(name: str, what: str) -> str:
+    """The one rule for names of shared containers and instances."""
+    if not NAME_RE.match(name):
+        raise UserError(f"{what}: use letters, digits, '.', '_', '-' (at most 64)")
+    return name
+
+
+def parse_bind(spec: str, named: str = "-B") -> Mount:
+    """`SRC[:DST[:FLAGS]]`, FLAGS `ro` or `rw` (Pyxis also joins flags with `+`), for -B
+    and --container-mounts alike. A relative SRC is the working directory's (resolved by
+    the planner); DST defaults to SRC."""
+    parts = spec.split(":")
+    if not spec or len(parts) > 3 or not parts[0]:
+        raise UserError(f"bad {named} '{spec}': use SRC[:DST[:ro|rw]]")
+    src = parts[0]
+    dst = parts[1] if len(parts) > 1 and parts[1] else ""
+    flags = parts[2].split("+") if len(parts) > 2 else []
+    bad = [f for f in flags if f not in ("ro", "rw")]
+    if bad:
+        raise UserError(f"bad {named} '{spec}': unknown flag '{bad[0]}' (ro or rw)")
+    if dst and not dst.startswith("/"):
+        raise UserError(f"bad {named} '{spec}': DST must be absolute")
+    return Mount(
+        "bind",
+        target=posixpath.normpath(dst) if dst else "",
+        source=src,
+        readonly="ro" in flags,
+        recursive=True,
+    )
+
+
+def parse_binds(specs: Sequence[str], named: str = "-B") -> tuple[Mount, ...]:
+    """Each value may hold a comma-separated list."""
+    return tuple(
+        parse_bind(s.strip(), named) for spec in specs for s in spec.split(",") if s.strip()
+    )
+
+
+def resolve_bind(m: Mount, cwd: str) -> Mount:
+    """A relative source is the working directory's; no DST: the same path inside."""
+    source = posixpath.normpath(posixpath.join(cwd, m.source))
+    return dataclasses.replace(m, source=source, target=m.target or source)
+
+
+def user_binds(user: UserFacts, opts: ExecOptions) -> tuple[Mount, ...]:
+    """RANKWIRE_BIND / APPTAINER_BINDPATH, then -B, resolved against the cwd."""
+    from_env = [user.environ[v] for v in option("binds").env if user.environ.get(v)]
+    return tuple(resolve_bind(m, user.cwd) for m in (*parse_binds(from_env), *opts.binds))
+
+
+def paths_to_probe(user: UserFacts, opts: ExecOptions) -> tuple[str, ...]:
+    """The host paths whose existence `plan_container` asks about (facts gather them)."""
+    step = user.slurm
+    pmix = (step.pmix_server_dir, step.pmix_app_dir) if step else ()
+    return (
+        *DEFAULT_FILE_BINDS,
+        user.home,
+        *(m.source for m in user_binds(user, opts)),
+        *(d for d in pmix if d),
+    )
+
+
+def _drivers(host: HostFacts, opts: ExecOptions) -> tuple[list[str], list[str]]:
     fuse = host.dev_fuse_usable and not opts.unsquash
     drivers = [d for d in ("squashfuse_ll", "squashfuse") if fuse and host.tool(d)]
     if host.tool("unsquashfs"):
@@ -200,65 +227,67 @@ def plan_container(
     overlays = ["kernel"]
     if host.dev_fuse_usable and host.tool("fuse-overlayfs"):
         overlays.append("fuse-overlayfs")
+    return drivers, overlays
 
+
+def _base_mounts(user: UserFacts, opts: ExecOptions, existing: frozenset[str]) -> list[Mount]:
     mounts: list[Mount] = [
         Mount("bind", "/proc", "/proc", recursive=True),
         Mount("bind", "/sys", "/sys", recursive=True),
     ]
     if opts.contain:
-        mounts += [
+        return [
+            *mounts,
             Mount("devtmpfs", "/dev", options=",".join(MINIMAL_DEV)),
             Mount("tmpfs", "/tmp", options="mode=1777"),
             Mount("tmpfs", "/var/tmp", options="mode=1777"),
             Mount("tmpfs", user.home, options="mode=0700"),
         ]
-    else:
-        mounts += [Mount("bind", "/dev", "/dev", recursive=True)]
-        mounts += [Mount("bind", p, p) for p in DEFAULT_FILE_BINDS if exists(p)]
-        # Recursive: a non-recursive bind of a tree with (locked) submounts fails in a
-        # user namespace.
-        mounts += [
-            Mount("bind", "/tmp", "/tmp", recursive=True),
-            Mount("bind", "/var/tmp", "/var/tmp", recursive=True),
-        ]
-        if exists(user.home):
-            mounts.append(Mount("bind", user.home, user.home, recursive=True))
-        covered = [m.target for m in mounts if m.kind == "bind" and m.target != "/"]
-        if not any(_under(user.cwd, t) for t in covered if t not in ("/proc", "/sys", "/dev")):
-            mounts.append(Mount("bind", user.cwd, user.cwd, recursive=True))
+    mounts += [Mount("bind", "/dev", "/dev", recursive=True)]
+    mounts += [Mount("bind", p, p) for p in DEFAULT_FILE_BINDS if p in existing]
+    # Recursive: a non-recursive bind of a tree with (locked) submounts fails in a
+    # user namespace.
+    mounts += [
+        Mount("bind", "/tmp", "/tmp", recursive=True),
+        Mount("bind", "/var/tmp", "/var/tmp", recursive=True),
+    ]
+    if user.home in existing:
+        mounts.append(Mount("bind", user.home, user.home, recursive=True))
+    covered = [m.target for m in mounts if m.kind == "bind" and m.target != "/"]
+    if not any(within(user.cwd, t) for t in covered if t not in ("/proc", "/sys", "/dev")):
+        mounts.append(Mount("bind", user.cwd, user.cwd, recursive=True))
+    return mounts
 
-    specs = split_binds(
-        [
-            *filter(
-                None, [user.environ.get("RANKWIRE_BIND"), user.environ.get("APPTAINER_BINDPATH")]
-            ),
-            *opts.binds,
-        ]
-    )
-    for spec in specs:
-        m = parse_bind(spec)
-        if not exists(m.source):
+
+def plan_container(
+    image: ImageFacts,
+    host: HostFacts,
+    user: UserFacts,
+    opts: ExecOptions,
+    existing: frozenset[str],
+    fabric_mounts: Sequence[Mount] = (),
+) -> ContainerPlan:
+    """The container to build. `existing` holds those of `paths_to_probe` that exist
+    (the planner's only view of the filesystem); `fabric_mounts` (the fabric plan's host
+    libraries and devices) come last."""
+    drivers, overlays = _drivers(host, opts)
+    mounts = _base_mounts(user, opts, existing)
+    for m in user_binds(user, opts):
+        if m.source not in existing:
             raise UserError(f"bind source '{m.source}' does not exist: create it or fix -B")
         mounts.append(m)
     # srun --mpi=pmix: Slurm's PMIx server dirs at the same path (its shared-memory
     # dstore and rendezvous files), as enroot's hook does.
     step = user.slurm
-    if step is not None:
-        for d in (step.pmix_server_dir, step.pmix_app_dir):
-            if (
-                d
-                and exists(d)
-                and not any(
-                    _under(d, m.target) for m in mounts if m.kind == "bind" and m.target != "/"
-                )
-            ):
-                mounts.append(Mount("bind", d, d))
-
+    for d in (step.pmix_server_dir, step.pmix_app_dir) if step else ():
+        bound = [m.target for m in mounts if m.kind == "bind" and m.target != "/"]
+        if d and d in existing and not any(within(d, t) for t in bound):
+            mounts.append(Mount("bind", d, d))
     mounts += fabric_mounts
     inside = 0 if opts.fakeroot else user.uid
     inside_gid = 0 if opts.fakeroot else user.gid
     plan = ContainerPlan(
-        image=os.path.abspath(image.path),
+        image=posixpath.normpath(posixpath.join(user.cwd, image.path)),
         partition_offset=image.partition_offset,
         partition_size=image.partition_size,
         image_drivers=tuple(drivers),
@@ -269,7 +298,7 @@ def plan_container(
         namespaces=("user", "mount"),
         mounts=tuple(mounts),
         tmpfs_size_mib=opts.tmpfs_size_mib,
-        extract_dir=os.path.join(user.cache_dir, "sandbox", image.digest),
+        extract_dir=posixpath.join(user.cache_dir, "sandbox", image.digest),
     )
     return dataclasses.replace(plan, share=_share(opts.share, plan, user))
 
@@ -300,9 +329,7 @@ def share_key(pattern: str, environ: Mapping[str, str]) -> str:
                     "run it under srun, or give a literal key"
                 )
             key = key.replace(token, environ[var])
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", key):
-        raise UserError(f"--share {pattern}: use letters, digits, '.', '_', '-'")
-    return key
+    return check_name(key, f"--share {pattern}")
 
 
 def plan_env(

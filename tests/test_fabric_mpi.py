@@ -16,8 +16,16 @@ import pytest
 from harness.images import make_rootfs, make_world_readable
 from harness.mpi import MpiPrograms, assert_hello, ompi_env
 from harness.users import User
-from rankwire.fabric.plan import LIB_DIR, fabric_for
+from rankwire.fabric.facts import fabric_facts
+from rankwire.fabric.plan import LIB_DIR, FabricPlan, plan_fabric
 from rankwire.runtime.imagefacts import image_facts
+from rankwire.runtime.plan import ImageFacts
+
+
+def plan_for(facts: ImageFacts, choice: str) -> FabricPlan:
+    """What the runtime plans: the facts `choice` needs for this image, then the plan."""
+    return plan_fabric(*fabric_facts(facts, choice), choice)
+
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow, pytest.mark.usefixtures("nothing_left_behind")]
 
@@ -82,7 +90,7 @@ def test_plan_covers_the_images_libfabric_and_its_consumers_pass(ompi_image: Pat
     image = read_fabric_image_facts(facts)
     consumers = {os.path.basename(o.path) for o in image.consumers}
     assert {"mca_mtl_ofi.so", "mca_btl_ofi.so"} <= consumers  # they need FABRIC_1.3 at most
-    plan = fabric_for(facts, "tcp")
+    plan = plan_for(facts, "tcp")
     over = [m for m in plan.mounts if m.target in {o.path for o in image.libfabric}]
     assert over and all(m.source == LIBFABRIC for m in over)
 

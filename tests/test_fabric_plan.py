@@ -21,6 +21,7 @@ import pytest
 from harness.images import make_rootfs
 from rankwire.errors import UserError
 from rankwire.fabric import discovery
+from rankwire.fabric.facts import fabric_facts
 from rankwire.fabric.hostfacts import (
     Adapter,
     FabricHostFacts,
@@ -30,10 +31,16 @@ from rankwire.fabric.hostfacts import (
     libfabric_facts,
 )
 from rankwire.fabric.imagefacts import host_as_image_facts, read_fabric_image_facts
-from rankwire.fabric.plan import LIB_DIR, fabric_for, plan_fabric
+from rankwire.fabric.plan import LIB_DIR, FabricPlan, plan_fabric
 from rankwire.runtime.build import build_image
 from rankwire.runtime.imagefacts import image_facts
 from rankwire.runtime.plan import ImageFacts, Mount
+
+
+def plan_for(facts: ImageFacts, choice: str) -> FabricPlan:
+    """What the runtime plans: the facts `choice` needs for this image, then the plan."""
+    return plan_fabric(*fabric_facts(facts, choice), choice)
+
 
 DATA = Path(__file__).resolve().parent / "data" / "fabric"
 LIBFABRIC = os.path.realpath("/usr/lib/x86_64-linux-gnu/libfabric.so.1")
@@ -252,7 +259,7 @@ def test_no_host_libfabric_refuses_an_explicit_provider(host_image):
 
 def test_none_is_empty_and_reads_nothing():
     ghost = ImageFacts("/nonexistent.sif", 0, 0, "0", {}, False)
-    plan = fabric_for(ghost, "none")
+    plan = plan_for(ghost, "none")
     assert (plan.provider, plan.env, plan.mounts) == ("", {}, ())
 
 
@@ -289,7 +296,7 @@ def test_image_facts_find_glibc_and_libfabric_copies(tmp_path):
     libc = subprocess.run(["ldd", "--version"], capture_output=True, text=True).stdout
     assert image.glibc_version and image.glibc_version in libc.splitlines()[0]
     assert [o.path for o in image.libfabric] == ["/lib/x86_64-linux-gnu/libfabric.so.1"]
-    plan = fabric_for(facts, "tcp")
+    plan = plan_for(facts, "tcp")
     b = binds(plan)
     # The image's own copy is covered by the host's too (for consumers with an RPATH).
     assert b["/lib/x86_64-linux-gnu/libfabric.so.1"].source == LIBFABRIC
@@ -319,11 +326,11 @@ def test_image_with_an_old_glibc_is_refused(tmp_path):
     facts = sif(tmp_path, "old", rootfs)
     assert read_fabric_image_facts(facts).glibc_version == "2.2.5"
     with pytest.raises(UserError) as err:
-        fabric_for(facts, "tcp")
+        plan_for(facts, "tcp")
     msg = str(err.value)
     assert "needs GLIBC_2.34" in msg and "image's glibc is 2.2.5" in msg
     assert "glibc >= 2.34" in msg and "--fabric none" in msg and "\n" not in msg
-    assert fabric_for(facts, "none").mounts == ()  # the way out works
+    assert plan_for(facts, "none").mounts == ()  # the way out works
 
 
 def test_image_without_glibc_is_refused(tmp_path):
@@ -331,7 +338,7 @@ def test_image_without_glibc_is_refused(tmp_path):
     (rootfs / "bin").mkdir(parents=True)
     shutil.copy2("/bin/true", rootfs / "bin/true")  # no libc.so.6 next to it
     with pytest.raises(UserError, match=r"needs libc.so.6, which the image does not have"):
-        fabric_for(sif(tmp_path, "static", rootfs), "shm")
+        plan_for(sif(tmp_path, "static", rootfs), "shm")
 
 
 @needs_cc
@@ -351,7 +358,7 @@ def test_image_mpi_built_against_a_newer_libfabric_is_refused(tmp_path):
     image = read_fabric_image_facts(facts)
     assert [o.path for o in image.consumers] == ["/usr/lib/x86_64-linux-gnu/libmpi.so.40"]
     with pytest.raises(UserError) as err:
-        fabric_for(facts, "tcp")
+        plan_for(facts, "tcp")
     msg = str(err.value)
     assert "libmpi.so.40 needs FABRIC_1.7" in msg and "up to FABRIC_1.6" in msg
     assert "libfabric <= 1.17" in msg and "--fabric none" in msg

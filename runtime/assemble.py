@@ -1,0 +1,61 @@
+"""Facts -> plans for one image: the one assembly every caller uses (exec, shell,
+instance start, the launcher, the SPANK helper). Pure; `runtime/facts.py` gathers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from rankwire.fabric.hostfacts import FabricHostFacts
+from rankwire.fabric.imagefacts import FabricImageFacts
+from rankwire.fabric.plan import FabricPlan, plan_fabric
+from rankwire.runtime.hostfacts import HostFacts
+from rankwire.runtime.plan import (
+    ContainerPlan,
+    ExecOptions,
+    ImageFacts,
+    ProcessPlan,
+    UserFacts,
+    plan_container,
+    plan_env,
+    plan_process,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """Everything the planners know of the world for one image."""
+
+    image: ImageFacts
+    host: HostFacts
+    user: UserFacts
+    existing: frozenset[str]  # those of `plan.paths_to_probe` that exist
+    fabric_host: FabricHostFacts
+    fabric_image: FabricImageFacts
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePlan:
+    container: ContainerPlan
+    env: dict[str, str]  # the container's environment (`plan_env`)
+    fabric: FabricPlan
+    process: Optional[ProcessPlan]  # None when no command was given (instance, plugin)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plan_image(facts: Facts, opts: ExecOptions, argv: Optional[Sequence[str]]) -> ImagePlan:
+    """The fabric plan, then the container (fabric mounts last) and the process."""
+    fabric = plan_fabric(facts.fabric_host, facts.fabric_image, opts.fabric)
+    container = plan_container(
+        facts.image, facts.host, facts.user, opts, facts.existing, fabric_mounts=fabric.mounts
+    )
+    env = plan_env(facts.image, facts.user, opts, fabric.env)
+    process = (
+        plan_process(facts.image, facts.user, opts, argv, fabric_env=fabric.env)
+        if argv is not None
+        else None
+    )
+    return ImagePlan(container, env, fabric, process)

@@ -1,0 +1,38 @@
+"""Gather the facts for one image, once per caller (all the I/O before planning)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from rankwire.runtime.assemble import Facts
+from rankwire.runtime.plan import ExecOptions, ImageFacts, UserFacts, paths_to_probe
+
+
+def gather(
+    image: str | ImageFacts,
+    opts: ExecOptions,
+    user: Optional[UserFacts] = None,
+    fabric_image_path: Optional[str] = None,
+) -> Facts:
+    """`image`: a SIF path, or facts already read (the SPANK check's). `user`: the
+    caller's own by default. `fabric_image_path`: where other processes read the image
+    for the fabric ABI check (the plugin's descriptor), if not at its path."""
+    import dataclasses
+
+    from rankwire.fabric.facts import fabric_facts
+    from rankwire.runtime.hostfacts import collect_host_facts
+    from rankwire.runtime.imagefacts import image_facts
+    from rankwire.runtime.userfacts import existing_paths, user_facts
+
+    facts = image_facts(image) if isinstance(image, str) else image
+    user = user or user_facts()
+    via = dataclasses.replace(facts, path=fabric_image_path) if fabric_image_path else facts
+    fabric_host, fabric_image = fabric_facts(via, opts.fabric)
+    return Facts(
+        image=facts,
+        host=collect_host_facts(),
+        user=user,
+        existing=existing_paths(paths_to_probe(user, opts)),
+        fabric_host=fabric_host,
+        fabric_image=fabric_image,
+    )

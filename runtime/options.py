@@ -1,0 +1,242 @@
+"""Every container and process option, declared once.
+
+From this table come: the click options of `exec`/`shell`/`instance start`/`run`/
+`apptainer-mpirun` (`rankwire.runtime.cli_options`), the `rankwire exec …` argv of a job
+delegated to srun (`delegation_argv`), the SPANK plugin's options and their
+`RANKWIRE_CONTAINER_*` fallbacks (`spank_header`, compiled into the C shim by
+`make -C spank`; `rankwire.spank.plan.asked`), and which options site policy governs.
+Adding an option is one entry here plus its planner logic.
+
+This file imports nothing of rankwire: `make -C spank` runs it as a script
+(`python3 runtime/options.py spank-header`) before anything is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Optional, Union
+
+Value = Union[bool, str, None, tuple[str, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    dest: str  # the ExecOptions field (scope container/process), or the plugin's name for it
+    kind: str  # "flag" | "value" | "list" (repeatable; comma-separated lists too)
+    help: str
+    scope: str  # "container" (shapes the container), "process", or "plugin" (plugin only)
+    flags: tuple[str, ...] = ()  # exec/launcher spellings, long one first; () = none
+    metavar: str = ""
+    default: Value = None
+    env: tuple[str, ...] = ()  # variables `exec` also reads this option from
+    spank: str = ""  # the plugin's (Pyxis's) spelling; "" = not a plugin option
+    spank_metavar: str = ""
+    spank_help: str = ""
+    policy: bool = False  # site policy governs it under the plugin
+
+    @property
+    def join_ok(self) -> bool:
+        """May be given when joining a running container (instance://NAME)."""
+        return self.scope == "process"
+
+    @property
+    def spank_env(self) -> str:
+        """The job environment variable the plugin reads when the option is absent."""
+        return "RANKWIRE_" + self.spank.upper().replace("-", "_") if self.spank else ""
+
+    @property
+    def long(self) -> str:
+        return next(f for f in self.flags if f.startswith("--"))
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "image",
+        "value",
+        "",
+        "plugin",
+        spank="container-image",
+        spank_metavar="IMG",
+        spank_help="Run the tasks in SIF image IMG (srun --container=IMG works too)",
+        policy=True,
+    ),
+    Option(
+        "binds",
+        "list",
+        "Bind a host path (repeatable, comma lists too; also RANKWIRE_BIND).",
+        "container",
+        flags=("--bind", "-B"),
+        metavar="SRC[:DST[:ro|rw]]",
+        default=(),
+        env=("RANKWIRE_BIND", "APPTAINER_BINDPATH"),
+        spank="container-mounts",
+        spank_metavar="SRC[:DST[:ro]][,...]",
+        spank_help="Bind host paths into the container",
+        policy=True,
+    ),
+    Option(
+        "contain",
+        "flag",
+        "Minimal /dev, private /tmp and $HOME; no cwd bind.",
+        "container",
+        flags=("--contain",),
+        default=False,
+    ),
+    Option(
+        "fakeroot",
+        "flag",
+        "Map your uid to root inside.",
+        "container",
+        flags=("--fakeroot",),
+        default=False,
+        spank="container-remap-root",
+        spank_help="Be root (uid 0) inside the container",
+        policy=True,
+    ),
+    Option(
+        "writable_tmpfs",
+        "flag",
+        "Let the image be written; changes vanish at exit.",
+        "container",
+        flags=("--writable-tmpfs",),
+        default=False,
+        spank="container-writable",
+        spank_help="Let tasks write to the image (changes end with the step)",
+        policy=True,
+    ),
+    Option(
+        "fabric",
+        "value",
+        "Bind the host's libfabric provider for its fabric adapter (see "
+        "`rankwire fabric plan IMAGE`).",
+        "container",
+        flags=("--fabric",),
+        metavar="auto|none|PROVIDER",
+        default="auto",
+        spank="container-fabric",
+        spank_metavar="auto|none|PROV",
+        spank_help="Host libfabric provider to bind (default auto)",
+        policy=True,
+    ),
+    Option(
+        "share",
+        "value",
+        "Join the node's container named KEY, starting it if needed (%j/%s: "
+        "SLURM_JOB_ID/SLURM_STEP_ID). Default under srun: one per node for the step; "
+        "none: a container of its own.",
+        "container",
+        flags=("--share",),
+        metavar="KEY",
+    ),
+    Option(
+        "unsquash",
+        "flag",
+        "Do not use FUSE: extract the image once into the cache.",
+        "container",
+        flags=("--unsquash",),
+        default=False,
+    ),
+    Option(
+        "env",
+        "list",
+        "Set a variable inside (repeatable).",
+        "process",
+        flags=("--env",),
+        metavar="K=V",
+        default=(),
+    ),
+    Option(
+        "cleanenv",
+        "flag",
+        "Pass no host variables except PMI_*, PMIX_*, SLURM_*, TERM, LANG.",
+        "process",
+        flags=("--cleanenv",),
+        default=False,
+    ),
+    Option(
+        "workdir",
+        "value",
+        "Working directory inside.",
+        "process",
+        flags=("--pwd",),
+        metavar="DIR",
+        spank="container-workdir",
+        spank_metavar="DIR",
+        spank_help="Working directory inside the container",
+    ),
+    Option(
+        "keep_env",
+        "list",
+        "",
+        "plugin",
+        default=(),
+        spank="container-env",
+        spank_metavar="NAME[,...]",
+        spank_help="Keep the host value of these variables over the image's",
+    ),
+)
+
+
+def option(dest: str) -> Option:
+    return next(o for o in OPTIONS if o.dest == dest)
+
+
+def in_scope(*scopes: str) -> tuple[Option, ...]:
+    return tuple(o for o in OPTIONS if o.scope in scopes)
+
+
+def spank_options() -> tuple[Option, ...]:
+    return tuple(o for o in OPTIONS if o.spank)
+
+
+def delegation_argv(values: dict[str, Value]) -> list[str]:
+    """Flags that give `rankwire exec` the same options (`values`: dest -> value, list
+    items already in their command-line form); defaults are left out."""
+    argv: list[str] = []
+    for opt in in_scope("container", "process"):
+        value = values.get(opt.dest, opt.default)
+        if value == opt.default or value is None or value == ():
+            continue
+        if opt.kind == "flag":
+            argv.append(opt.long)
+        elif opt.kind == "list":
+            assert isinstance(value, tuple)
+            for item in value:
+                argv += [opt.long, item]
+        else:
+            argv += [opt.long, str(value)]
+    return argv
+
+
+def _c_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def spank_header(options: Optional[tuple[Option, ...]] = None) -> str:
+    """The C header the shim's option table is compiled from."""
+    opts = spank_options() if options is None else options
+    lines = [
+        "/* Generated from runtime/options.py by `python3 runtime/options.py spank-header`;",
+        " * do not edit. X(index, name, metavar or NULL, help, has_arg, env) */",
+        "#define RW_OPTIONS(X) \\",
+    ]
+    for i, o in enumerate(opts):
+        help_ = o.spank_help + (f" (also {o.spank_env})" if o.spank_env else "")
+        metavar = _c_string(o.spank_metavar) if o.kind != "flag" else "NULL"
+        has_arg = 0 if o.kind == "flag" else 1
+        lines.append(
+            f"\tX({i}, {_c_string(o.spank)}, {metavar}, {_c_string(help_)}, {has_arg}, "
+            f"{_c_string(o.spank_env)}) \\"
+        )
+    lines.append("")
+    lines.append(f"#define RW_N_OPTS {len(opts)}")
+    image = [i for i, o in enumerate(opts) if o.dest == "image"]
+    lines.append(f"#define RW_OPT_IMAGE {image[0] if image else -1}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["spank-header"]:
+        sys.exit("usage: python3 runtime/options.py spank-header")
+    sys.stdout.write(spank_header())

@@ -1,0 +1,135 @@
+"""One declaration per option: a new table entry reaches exec's --help, the srun
+delegation of the launcher and the SPANK plugin's option list, with no other edit."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from rankwire.runtime import options, plan
+from rankwire.runtime.options import OPTIONS, Option, delegation_argv, spank_header
+
+DUMMY = Option(
+    "dummy_knob",
+    "value",
+    "A knob that exists only in this test.",
+    "container",
+    flags=("--dummy-knob",),
+    metavar="LEVEL",
+    spank="container-dummy-knob",
+    spank_metavar="LEVEL",
+    spank_help="Set the dummy knob",
+)
+
+
+@pytest.fixture
+def with_dummy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The table with DUMMY added, and ExecOptions with its field (its planner logic);
+    the CLI modules rebuilt from them, and rebuilt again from the real table after."""
+    exec_options = dataclasses.make_dataclass(
+        "ExecOptions",
+        [("dummy_knob", "object", dataclasses.field(default=None))],
+        bases=(plan.ExecOptions,),
+        frozen=True,
+    )
+    monkeypatch.setattr(options, "OPTIONS", (*OPTIONS, DUMMY))
+    monkeypatch.setattr(plan, "ExecOptions", exec_options)
+    modules = [
+        importlib.import_module(m) for m in ("rankwire.runtime.cli_run", "rankwire.launcher.cli")
+    ]
+    for m in modules:
+        importlib.reload(m)
+    yield
+    monkeypatch.undo()
+    for m in modules:
+        importlib.reload(m)
+
+
+@pytest.mark.usefixtures("with_dummy")
+def test_a_new_option_reaches_exec_help() -> None:
+    from rankwire.runtime.cli_run import exec_
+
+    result = CliRunner().invoke(exec_, ["--help"])
+    assert result.exit_code == 0
+    assert "--dummy-knob LEVEL" in result.output
+    assert "A knob that exists only in this test." in result.output
+
+
+@pytest.mark.usefixtures("with_dummy")
+def test_a_new_option_reaches_the_srun_delegation(base_image: Path) -> None:
+    from rankwire.launcher.cli import _apptainer_mpirun
+
+    args = ["-n", "2", "--dummy-knob", "7", "--fabric", "none", "--dry-run", "--json"]
+    result = CliRunner().invoke(
+        _apptainer_mpirun,
+        [*args, str(base_image), "/bin/true"],
+        env={"SLURM_JOB_ID": "4242"},  # inside an allocation: the job goes to srun
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    delegate = json.loads(result.output)["delegate"]
+    at = delegate.index("exec")
+    assert delegate[:4] == ["srun", "--mpi=pmi2", "-n", "2"]
+    assert delegate[at + 1 :] == [
+        "--fabric",
+        "none",
+        "--dummy-knob",
+        "7",
+        str(base_image),
+        "/bin/true",
+    ]
+
+
+@pytest.mark.usefixtures("with_dummy")
+def test_a_new_option_reaches_the_spank_plugin() -> None:
+    header = options.spank_header()
+    assert (
+        '"container-dummy-knob", "LEVEL", '
+        '"Set the dummy knob (also RANKWIRE_CONTAINER_DUMMY_KNOB)", 1, '
+        '"RANKWIRE_CONTAINER_DUMMY_KNOB")'
+    ) in header
+    assert f"#define RW_N_OPTS {len(options.spank_options())}" in header
+
+
+def test_the_header_lists_every_plugin_option_in_table_order() -> None:
+    header = spank_header()
+    names = [o.spank for o in OPTIONS if o.spank]
+    found = [line.split('"')[1] for line in header.splitlines() if line.startswith("\tX(")]
+    assert found == names
+    assert "#define RW_OPT_IMAGE 0" in header
+    flag = next(line for line in header.splitlines() if '"container-writable"' in line)
+    assert ", NULL, " in flag and flag.endswith(', 0, "RANKWIRE_CONTAINER_WRITABLE") \\')
+
+
+def test_delegation_leaves_defaults_out() -> None:
+    assert delegation_argv({"fabric": "auto", "binds": (), "contain": False}) == []
+    assert delegation_argv({"unsquash": True, "share": "k", "env": ("A=1", "B=2")}) == [
+        "--share",
+        "k",
+        "--unsquash",
+        "--env",
+        "A=1",
+        "--env",
+        "B=2",
+    ]
+
+
+def test_every_exec_option_is_a_field_and_joining_allows_only_process_options() -> None:
+    fields = {f.name for f in dataclasses.fields(plan.ExecOptions)}
+    for opt in options.in_scope("container", "process"):
+        assert opt.dest in fields, opt.dest
+        assert opt.join_ok == (opt.scope == "process")
+    governed = {o.spank for o in OPTIONS if o.policy}
+    assert governed == {
+        "container-image",
+        "container-mounts",
+        "container-remap-root",
+        "container-writable",
+        "container-fabric",
+    }
