@@ -4,30 +4,29 @@ task environment out. No I/O here; `rankwire.spank.helper` gathers and applies."
 from __future__ import annotations
 
 import dataclasses
-import os
+import posixpath
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Optional
 
 from rankwire.errors import UserError
-from rankwire.runtime.plan import PMIX_TRANSLATIONS
+from rankwire.runtime import frame
+from rankwire.runtime.options import option, spank_options
+from rankwire.runtime.plan import (
+    PMIX_TRANSLATIONS,
+    ExecOptions,
+    Mount,
+    UserFacts,
+    parse_binds,
+    resolve_bind,
+)
+from rankwire.runtime.slurmfacts import SlurmStep
 
 # Slurm's special step ids (slurm.h): the batch script, the extern and interactive steps
 # run no user program of an srun; a container is only for real steps.
 SPECIAL_STEPS = frozenset({0xFFFFFFFA, 0xFFFFFFFB, 0xFFFFFFFC, 0xFFFFFFFD})
-# Each option can also come from the job's environment (option wins).
-OPTION_ENV = {
-    "container-image": "RANKWIRE_CONTAINER_IMAGE",
-    "container-mounts": "RANKWIRE_CONTAINER_MOUNTS",
-    "container-workdir": "RANKWIRE_CONTAINER_WORKDIR",
-    "container-env": "RANKWIRE_CONTAINER_ENV",
-    "container-writable": "RANKWIRE_CONTAINER_WRITABLE",
-    "container-fabric": "RANKWIRE_CONTAINER_FABRIC",
-    "container-remap-root": "RANKWIRE_CONTAINER_REMAP_ROOT",
-}
-FLAG_OPTIONS = ("container-writable", "container-remap-root")
 # Never taken from the job's environment when planning: under the plugin, binds come
 # from --container-mounts only, where site policy sees them.
-PLAN_ENV_DROP = ("RANKWIRE_BIND", "APPTAINER_BINDPATH")
+PLAN_ENV_DROP = option("binds").env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,27 +50,32 @@ class JobFacts:
     stepd_env: dict[str, str]
 
     @classmethod
-    def from_request(cls, req: Mapping[str, Any]) -> JobFacts:
-        def pairs(key: str) -> dict[str, str]:  # ["K=V", ...] -> {K: V}
-            return dict(e.split("=", 1) for e in req.get(key, ()) if "=" in e)
+    def from_request(cls, req: frame.Records) -> JobFacts:
+        """The shim's request frame (see spank/rankwire_spank.c `put_facts`)."""
 
-        env = pairs("env")
+        def num(key: str) -> int:
+            value = frame.one(req, key)
+            if value is None:
+                raise frame.FrameError(f"the request has no {key}")
+            return int(value)
+
+        env = frame.pairs(frame.every(req, "env"))
         return cls(
-            uid=int(req["uid"]),
-            gid=int(req["gid"]),
-            gids=tuple(int(g) for g in req.get("gids", ())),
-            job_id=int(req["job_id"]),
-            step_id=int(req["step_id"]),
-            local_tasks=int(req["local_tasks"]),
-            total_tasks=int(req["total_tasks"]),
-            node_id=int(req["node_id"]),
-            nnodes=int(req["nnodes"]),
-            stepd_pid=int(req["stepd_pid"]),
-            cwd=req.get("cwd") or env.get("PWD") or "/",
-            args=tuple(req.get("args", ())),
-            options=pairs("options"),
+            uid=num("uid"),
+            gid=num("gid"),
+            gids=tuple(int(g) for g in frame.every(req, "gids")),
+            job_id=num("job_id"),
+            step_id=num("step_id"),
+            local_tasks=num("local_tasks"),
+            total_tasks=num("total_tasks"),
+            node_id=num("node_id"),
+            nnodes=num("nnodes"),
+            stepd_pid=num("stepd_pid"),
+            cwd=frame.one(req, "cwd") or env.get("PWD") or "/",
+            args=tuple(frame.every(req, "arg")),
+            options=frame.pairs(frame.every(req, "opt")),
             env=env,
-            stepd_env=pairs("stepd_env"),
+            stepd_env=frame.pairs(frame.every(req, "stepd_env")),
         )
 
     def arg(self, key: str) -> Optional[str]:
@@ -89,7 +93,7 @@ class Asked:
 
     image: str
     image_from: str  # which option or variable named it, for messages
-    mounts: tuple[tuple[str, str, bool], ...]  # (source, target, readonly)
+    mounts: tuple[Mount, ...]  # sources absolute (the job's cwd's), targets set
     workdir: Optional[str]
     keep_env: tuple[str, ...]
     writable: bool
@@ -106,25 +110,21 @@ def _flag(name: str, value: str) -> bool:
     raise UserError(f"--{name}: '{value}' is not a yes/no value")
 
 
-def parse_mounts(spec: str, cwd: str) -> tuple[tuple[str, str, bool], ...]:
-    """`SRC[:DST[:ro|rw]][,...]` (Pyxis's form); a relative SRC is the job's cwd's."""
-    out = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        parts = item.split(":")
-        if len(parts) > 3 or not parts[0]:
-            raise UserError(f"bad --container-mounts entry '{item}': use SRC[:DST[:ro|rw]]")
-        src = os.path.normpath(os.path.join(cwd, parts[0]))
-        dst = parts[1] if len(parts) > 1 and parts[1] else src
-        flags = parts[2].split("+") if len(parts) > 2 else []
-        bad = [f for f in flags if f not in ("ro", "rw")]
-        if bad:
-            raise UserError(f"bad --container-mounts entry '{item}': unknown flag '{bad[0]}'")
-        if not os.path.isabs(dst):
-            raise UserError(f"bad --container-mounts entry '{item}': DST must be absolute")
-        out.append((src, os.path.normpath(dst), "ro" in flags))
-    return tuple(out)
+def parse_mounts(spec: str, cwd: str) -> tuple[Mount, ...]:
+    """`SRC[:DST[:ro|rw]][,...]` (Pyxis's form, the grammar of -B); a relative SRC is
+    the job's cwd's."""
+    return tuple(resolve_bind(m, cwd) for m in parse_binds([spec], "--container-mounts"))
+
+
+def option_values(facts: JobFacts) -> dict[str, tuple[Optional[str], str]]:
+    """Each plugin option: (value or None, where it came from); option > its variable."""
+    out: dict[str, tuple[Optional[str], str]] = {}
+    for opt in spank_options():
+        if opt.spank in facts.options:
+            out[opt.dest] = facts.options[opt.spank], f"--{opt.spank}"
+        else:
+            out[opt.dest] = facts.env.get(opt.spank_env), opt.spank_env
+    return out
 
 
 def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
@@ -136,38 +136,69 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
     """
     if facts.step_id in SPECIAL_STEPS:
         return None
-
-    def get(name: str) -> tuple[Optional[str], str]:
-        if name in facts.options:
-            return facts.options[name], f"--{name}"
-        var = OPTION_ENV[name]
-        return facts.env.get(var), var
-
-    image, image_from = get("container-image")
+    got = option_values(facts)
+    image, image_from = got["image"]
     if not image and not oci_conf and facts.env.get("SLURM_CONTAINER"):
         image, image_from = facts.env["SLURM_CONTAINER"], "--container"
     if not image:
         return None
-    mounts, _ = get("container-mounts")
-    workdir, _ = get("container-workdir")
-    keep, _ = get("container-env")
-    fabric, _ = get("container-fabric")
-    flags = {}
-    for name in FLAG_OPTIONS:
-        value, _ = get(name)
-        flags[name] = _flag(name, value) if value is not None else False
-    if workdir is not None and not os.path.isabs(workdir):
+    flags = {
+        o.dest: _flag(o.spank, got[o.dest][0] or "") for o in spank_options() if o.kind == "flag"
+    }
+    workdir = got["workdir"][0]
+    if workdir is not None and not workdir.startswith("/"):
         raise UserError(f"--container-workdir {workdir}: give an absolute path")
+    keep = got["keep_env"][0] or ""
     return Asked(
-        image=os.path.normpath(os.path.join(facts.cwd, image)),
+        image=posixpath.normpath(posixpath.join(facts.cwd, image)),
         image_from=image_from,
-        mounts=parse_mounts(mounts or "", facts.cwd),
+        mounts=parse_mounts(got["binds"][0] or "", facts.cwd),
         workdir=workdir or None,
-        keep_env=tuple(n.strip() for n in (keep or "").split(",") if n.strip()),
-        writable=flags["container-writable"],
-        fabric=(fabric or "auto").strip() or "auto",
-        remap_root=flags["container-remap-root"],
+        keep_env=tuple(n.strip() for n in keep.split(",") if n.strip()),
+        writable=flags["writable_tmpfs"],
+        fabric=(got["fabric"][0] or "auto").strip() or "auto",
+        remap_root=flags["fakeroot"],
     )
+
+
+def exec_options(want: Asked, mounts: Sequence[Mount]) -> ExecOptions:
+    """What the checked request means for the planners (`mounts`: the checked ones)."""
+    return ExecOptions(
+        binds=tuple(mounts),
+        writable_tmpfs=want.writable,
+        fakeroot=want.remap_root,
+        fabric=want.fabric,
+        share="none",
+        workdir=want.workdir,
+    )
+
+
+def user_facts(facts: JobFacts, home: str, slurm: Optional[SlurmStep]) -> UserFacts:
+    """The job user as the planners see them (`home` from the passwd database if the job
+    env lacks HOME)."""
+    env = facts.env
+    return UserFacts(
+        uid=facts.uid,
+        gid=facts.gid,
+        home=env.get("HOME") or home,
+        cwd=facts.cwd,
+        environ={k: v for k, v in env.items() if k not in PLAN_ENV_DROP},
+        cache_dir=posixpath.join(
+            env.get("XDG_CACHE_HOME") or f"{env.get('HOME') or home}/.cache", "rankwire"
+        ),
+        slurm=slurm,
+    )
+
+
+def step_env(facts: JobFacts) -> dict[str, str]:
+    """The environment Slurm's step facts are read from (the tasks get these later)."""
+    return {
+        **facts.env,
+        **facts.stepd_env,
+        "SLURM_JOB_ID": str(facts.job_id),
+        "SLURM_STEP_ID": str(facts.step_id),
+        "SLURM_STEP_NUM_TASKS": str(facts.total_tasks),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +210,9 @@ class TaskEnv:
     copy: tuple[str, ...]  # TARGET=SOURCE: copy when SOURCE is set and TARGET is not
 
 
-def task_env(job_env: Mapping[str, str], container_env: Mapping[str, str], keep: Sequence[str]):
+def task_env(
+    job_env: Mapping[str, str], container_env: Mapping[str, str], keep: Sequence[str]
+) -> TaskEnv:
     """What turns the step's environment into the container's (`plan_env`'s result).
 
     Slurm adds the per-task variables (PMI_FD, PMIX_RANK, SLURM_PROCID, ...) after we

@@ -340,3 +340,21 @@ def test_plugin_exports_only_what_slurm_looks_up(spank_install: SpankInstall) ->
     assert plugin_symbols <= names
     assert "rankwire" in spank_install.conf.read_text()
     assert f"helper={spank_install.helper}" in spank_install.conf.read_text()
+
+
+def test_plugin_options_are_the_tables(spank_cluster: SlurmCluster) -> None:
+    """What srun offers is what runtime/options.py declares (the shim's option table is
+    generated from it at `make -C spank`): names, argument or flag, help."""
+    from rankwire.runtime.options import spank_options
+
+    out = subprocess.run(
+        ["srun", "--help"], env=spank_cluster.env, capture_output=True, text=True, check=True
+    ).stdout
+    offered = [line.split()[0] for line in out.splitlines() if "--container-" in line]
+    expected = [
+        f"--{o.spank}" + ("" if o.kind == "flag" else f"={o.spank_metavar}")
+        for o in spank_options()
+    ]
+    assert offered == expected
+    for o in spank_options():
+        assert f"{o.spank_help} (also {o.spank_env})" in " ".join(out.split()), o.spank

@@ -11,6 +11,8 @@ from types import MappingProxyType
 import pytest
 
 from rankwire.errors import UserError
+from rankwire.runtime import frame
+from rankwire.runtime.plan import Mount
 from rankwire.spank.plan import JobFacts, asked, parse_mounts, task_env
 from rankwire.spank.policy import PolicyError, load_policy
 
@@ -20,32 +22,49 @@ def facts(
     env: Mapping[str, str] = MappingProxyType({}),
     step: int = 0,
 ) -> JobFacts:
-    return JobFacts.from_request(
-        {
-            "uid": 1000,
-            "gid": 1000,
-            "gids": [1000, 27],
-            "job_id": 7,
-            "step_id": step,
-            "local_tasks": 2,
-            "total_tasks": 4,
-            "node_id": 0,
-            "nnodes": 2,
-            "stepd_pid": 1234,
-            "cwd": "/home/u/run",
-            "args": ["helper=/usr/bin/rankwire", "policy=/etc/rankwire/policy.toml"],
-            "options": [f"{k}={v}" for k, v in options.items()],
-            "env": [f"{k}={v}" for k, v in env.items()],
-            "stepd_env": ["PMIX_SERVER_TMPDIR=/var/spool/slurmd/pmix.7.0/"],
-        }
-    )
+    request = [
+        ("uid", "1000"),
+        ("gid", "1000"),
+        ("gids", "1000"),
+        ("gids", "27"),
+        ("job_id", "7"),
+        ("step_id", str(step)),
+        ("local_tasks", "2"),
+        ("total_tasks", "4"),
+        ("node_id", "0"),
+        ("nnodes", "2"),
+        ("stepd_pid", "1234"),
+        ("cwd", "/home/u/run"),
+        ("arg", "helper=/usr/bin/rankwire"),
+        ("arg", "policy=/etc/rankwire/policy.toml"),
+        *(("opt", f"{k}={v}") for k, v in options.items()),
+        *(("env", f"{k}={v}") for k, v in env.items()),
+        ("stepd_env", "PMIX_SERVER_TMPDIR=/var/spool/slurmd/pmix.7.0/"),
+    ]
+    # Through the wire format, as the shim sends it.
+    return JobFacts.from_request(frame.decode(frame.encode(request)))
 
 
 def test_request_is_decoded() -> None:
-    f = facts({"container-image": "a=b.sif"}, {"X": "1=2"})
-    assert f.options == {"container-image": "a=b.sif"} and f.env == {"X": "1=2"}
+    f = facts({"container-image": "a=b.sif"}, {"X": "1=2", "RAW": "\udcff\n"})
+    assert f.options == {"container-image": "a=b.sif"}
+    assert f.env == {"X": "1=2", "RAW": "\udcff\n"}
+    assert (f.uid, f.gid, f.job_id, f.step_id, f.stepd_pid, f.cwd) == (
+        1000,
+        1000,
+        7,
+        0,
+        1234,
+        "/home/u/run",
+    )
+
     assert f.gids == (1000, 27) and f.stepd_env["PMIX_SERVER_TMPDIR"].endswith("pmix.7.0/")
     assert f.arg("policy") == "/etc/rankwire/policy.toml" and f.arg("nope") is None
+
+
+def test_request_without_a_fact_is_refused() -> None:
+    with pytest.raises(frame.FrameError, match=r"^the request has no uid$"):
+        JobFacts.from_request(frame.decode(b"gid=0\0"))
 
 
 def test_image_option_wins_over_env_and_native_container() -> None:
@@ -90,8 +109,8 @@ def test_options_and_their_variables() -> None:
     )
     assert a is not None
     assert a.mounts == (
-        ("/data", "/in", True),
-        ("/home/u/run/scratch", "/home/u/run/scratch", False),
+        Mount("bind", "/in", "/data", readonly=True, recursive=True),
+        Mount("bind", "/home/u/run/scratch", "/home/u/run/scratch", recursive=True),
     )
     assert a.keep_env == ("PATH", "LANG") and a.fabric == "tcp" and a.workdir == "/in"
     assert a.writable and a.remap_root

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from harness.leftovers import WATCHED
 
-# The environment the shim gives its helper (spank/rankwire_spank.c `helper_child`); the
+# The environment the shim gives its helper (spank/helper_run.c `helper_child`); the
 # holders it starts inherit it, which is how their leftovers are told from others'.
 HELPER_ENV = {b"PATH=/usr/sbin:/usr/bin:/sbin:/bin", b"LC_ALL=C.UTF-8"}
 

@@ -1,0 +1,78 @@
+/* Framed records: the shim's only wire format (no JSON in slurmstepd). */
+#include "frame.h"
+
+void buf_put(struct buf *b, const void *s, size_t n)
+{
+	char *p;
+
+	if (b->oom || !n)
+		return;
+	if (b->len + n > b->cap && (p = realloc(b->p, b->cap * 2 + n)))
+		b->p = p, b->cap = b->cap * 2 + n;
+	if ((b->oom = b->len + n > b->cap))
+		return;
+	memcpy(b->p + b->len, s, n);
+	b->len += n;
+}
+
+/* Keys are the shim's own, values C strings: no NUL, no '=' in a key. */
+void frame_add(struct buf *b, const char *key, const char *fmt, ...)
+{
+	char *val;
+	va_list ap;
+
+	va_start(ap, fmt);
+	int n = vasprintf(&val, fmt, ap);
+	va_end(ap);
+	b->oom |= n < 0;
+	if (n < 0)
+		return;
+	buf_put(b, key, strlen(key));
+	buf_put(b, "=", 1);
+	buf_put(b, val, (size_t)n + 1);
+	free(val);
+}
+
+int frame_parse(char *data, size_t len, frame_fn *fn, void *ctx)
+{
+	char *p, *nul, *eq;
+
+	if (!len)
+		return 0;
+	if (len > FRAME_MAX || data[len - 1])
+		return -1;
+	for (p = data; p < data + len; p = nul + 1) { /* all checked first: no partial effect */
+		nul = memchr(p, 0, len - (size_t)(p - data));
+		if (!(eq = memchr(p, '=', (size_t)(nul - p))) || eq == p)
+			return -1;
+	}
+	for (p = data; p < data + len; p = nul + 1) {
+		nul = p + strlen(p);
+		*(eq = strchr(p, '=')) = 0;
+		fn(p, eq + 1, ctx);
+	}
+	return 0;
+}
+
+#ifdef FRAME_TEST
+/* `make frame-test`: a frame on stdin; `KEY\tVALUE` lines out, or `bad frame` and 2. */
+static void print(const char *key, char *val, void *ctx UNUSED)
+{
+	printf("%s\t%s\n", key, val);
+}
+
+int main(void)
+{
+	struct buf b = {0};
+	char chunk[65536];
+	ssize_t n;
+
+	while ((n = read(0, chunk, sizeof chunk)) > 0)
+		buf_put(&b, chunk, (size_t)n);
+	if (n < 0 || b.oom)
+		return perror("frame_test: stdin"), 1;
+	if (frame_parse(b.p, b.len, print, NULL))
+		return fputs("bad frame\n", stderr), 2;
+	return fflush(stdout) || ferror(stdout);
+}
+#endif

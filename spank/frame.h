@@ -1,0 +1,27 @@
+/* Framed records (runtime/frame.py): `KEY=VALUE\0` records, a key repeats for a list; the
+ * whole stream until EOF is one frame, at most FRAME_MAX bytes. */
+#ifndef RANKWIRE_FRAME_H
+#define RANKWIRE_FRAME_H
+#define _GNU_SOURCE
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define FRAME_MAX (4 << 20)
+#define UNUSED __attribute__((unused))
+
+/* A growing byte buffer; `oom` once an append failed (the rest are then dropped). */
+struct buf { char *p; size_t len, cap; int oom; };
+
+void buf_put(struct buf *b, const void *s, size_t n);
+/* Append the record KEY=VALUE, VALUE printf-formatted. */
+void frame_add(struct buf *b, const char *key, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+/* fn(key, value, ctx) per record, in order, both NUL-terminated in place; -1 (and no call
+ * at all) unless data[0..len) is a well-formed frame. */
+typedef void frame_fn(const char *key, char *val, void *ctx);
+int frame_parse(char *data, size_t len, frame_fn *fn, void *ctx);
+#endif
