@@ -7,15 +7,24 @@ socket. A client that sends `join` gets the user and mount namespace fds (SCM_RI
 holds a lease for as long as it keeps the connection open. It tears everything down on
 `stop`, when the owner process dies, when the image driver dies, or (ephemeral mode) when
 the last lease closes. It decides nothing: every choice is in the plan.
+
+Root mode (a holder running as root, `"user"` not in `plan.namespaces`): a container the
+job user who joins it cannot change. Only a mount namespace (owned by the initial user
+namespace, so nobody who enters it without CAP_SYS_ADMIN can mount or unmount), the
+"loop" image driver (a kernel squashfs mount of an auto-clearing loop device), every
+mount nosuid and nodev (binds of host device nodes, under /dev, keep their devices), and
+a socket only root can connect to. `join` still hands over two descriptors, the user
+namespace one being the holder's own (the host's): joiners `setns` the mount namespace
+only; the report's "namespaces" says which.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -24,13 +33,15 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, Optional, cast
 
-from rankwire.runtime import frame
+from rankwire.runtime import frame, loopdev
 from rankwire.runtime import syscalls as sc
 from rankwire.runtime.imagepath import resolve_in_image
 from rankwire.runtime.plan import ContainerPlan, Mount, within
 
 MOUNT_WAIT_S = 10.0
 FIRST_JOIN_S = 10.0
+# A bind's source given as a descriptor the holder was handed (`req["keep_fds"]`).
+FD_SOURCE = re.compile(r"/proc/self/fd/([0-9]+)")
 
 
 class SetupError(Exception):
@@ -53,6 +64,12 @@ def secure_path(root: str, path: str) -> str:
     if resolved is None:
         raise SetupError(f"too many symlinks resolving {path} in the image")
     return root + resolved if resolved != "/" else root
+
+
+def fd_source(m: Mount) -> Optional[int]:
+    """N if `m` binds from the descriptor N (source /proc/self/fd/N)."""
+    match = FD_SOURCE.fullmatch(m.source) if m.kind == "bind" else None
+    return int(match.group(1)) if match else None
 
 
 def _wait_mounted(
@@ -85,10 +102,22 @@ class Holder:
         self.image_source = (
             f"/proc/self/fd/{self.image_fd}" if self.image_fd is not None else self.plan.image
         )
+        # Descriptors the caller handed down for binds (a Mount's source /proc/self/fd/N);
+        # closed once the mounts are made.
+        self.keep_fds: tuple[int, ...] = tuple(req.get("keep_fds", ()))
+        # Per mount index: the detached tree cloned from a descriptor (root mode), or the
+        # source to bind from instead of the descriptor (a user namespace's copy of it).
+        self.trees: dict[int, int] = {}
+        self.sources: dict[int, str] = {}
+        self.root_mode = "user" not in self.plan.namespaces
         self.daemons: list[subprocess.Popen[bytes]] = []
         self.leases: set[socket.socket] = set()
         self.joined_once = False
-        self.report: dict[str, Any] = {"ok": True, "pid": os.getpid()}
+        self.report: dict[str, Any] = {
+            "ok": True,
+            "pid": os.getpid(),
+            "namespaces": list(self.plan.namespaces),
+        }
         self.sock_dir_fd = -1
         self.session_parent_fd = -1
         self.listener: Optional[socket.socket] = None
@@ -98,35 +127,72 @@ class Holder:
     # -- setup -----------------------------------------------------------------------
     def setup(self) -> None:
         plan = self.plan
-        os.makedirs(self.session, mode=0o700)
-        # Held until we exit (even by SIGKILL): `prune_stale` leaves locked sessions alone.
-        self.session_lock = os.open(self.session, os.O_RDONLY | os.O_DIRECTORY)
+        if self.root_mode and (os.getuid(), os.geteuid()) != (0, 0):
+            raise SetupError("a container without a user namespace needs a holder run by root")
+        # The session dir appears under its name already locked (held until we exit,
+        # even by SIGKILL): `prune_stale` of another process removes only unlocked ones.
+        parent, name = os.path.split(self.session)
+        self.session_parent_fd = os.open(parent, os.O_RDONLY)
+        making = f"t-{name}"
+        os.mkdir(making, 0o700, dir_fd=self.session_parent_fd)
+        self.session_lock = os.open(
+            making, os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.session_parent_fd
+        )
         fcntl.flock(self.session_lock, fcntl.LOCK_EX)
-        self.session_parent_fd = os.open(os.path.dirname(self.session), os.O_RDONLY)
+        os.rename(
+            making, name, src_dir_fd=self.session_parent_fd, dst_dir_fd=self.session_parent_fd
+        )
         self.sock_dir_fd = os.open(os.path.dirname(self.sock_path), os.O_RDONLY)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # Binding is the atomic claim on the name; early joiners wait in the backlog
-            # until setup is done and `serve` accepts them.
-            self.listener.bind(self.sock_path)
-        except OSError as err:
-            if err.errno == errno.EADDRINUSE:
+        if self.root_mode:
+            st = os.fstat(self.sock_dir_fd)
+            if st.st_uid != 0 or st.st_mode & 0o077:
                 raise SetupError(
-                    f"{self.sock_path} is served by another holder", taken=True
-                ) from None
-            raise
+                    f"{os.path.dirname(self.sock_path)} must be a directory only root can "
+                    "enter (owner root, mode 0700) for a container without a user namespace"
+                )
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        umask = os.umask(0o177) if self.root_mode else None
+        # The socket appears under its name only once it listens (bound under a
+        # temporary name, then hard-linked): a refused connect always means a dead holder,
+        # so `prune_stale` and stale-socket removal never take a starting holder's. The
+        # link is the atomic claim on the name; early joiners wait in the backlog until
+        # setup is done and `serve` accepts them.
+        sock_name = os.path.basename(self.sock_path)
+        temporary = f"t-{os.getpid()}-{sock_name}"
+        try:
+            self.listener.bind(os.path.join(os.path.dirname(self.sock_path), temporary))
+        finally:
+            if umask is not None:
+                os.umask(umask)
+        try:
+            if self.root_mode:
+                os.chmod(temporary, 0o600, dir_fd=self.sock_dir_fd)
+            self.listener.listen(128)
+            os.link(temporary, sock_name, src_dir_fd=self.sock_dir_fd, dst_dir_fd=self.sock_dir_fd)
+        except FileExistsError:
+            raise SetupError(f"{self.sock_path} is served by another holder", taken=True) from None
+        finally:
+            os.unlink(temporary, dir_fd=self.sock_dir_fd)
         self.bound = True
-        self.listener.listen(128)
 
-        uid, gid = os.getuid(), os.getgid()
-        sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
-        Path("/proc/self/setgroups").write_text("deny")
-        Path("/proc/self/uid_map").write_text("{} {} {}\n".format(*plan.uid_map))
-        Path("/proc/self/gid_map").write_text("{} {} {}\n".format(*plan.gid_map))
-        if (plan.uid_map[1], plan.gid_map[1]) != (uid, gid):
-            raise SetupError(f"plan maps uid {plan.uid_map[1]} but the holder runs as {uid}")
-        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-        sc.raise_ambient((sc.CAP_SYS_ADMIN, sc.CAP_DAC_OVERRIDE))
+        # The mount a descriptor refers to stays in this mount namespace: binding from
+        # it after `unshare` fails (EINVAL). Root clones it now; a user namespace finds
+        # its own copy afterwards.
+        paths = self._pin_descriptors()
+        if self.root_mode:
+            sc.unshare(sc.CLONE_NEWNS)
+            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+        else:
+            uid, gid = os.getuid(), os.getgid()
+            sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
+            Path("/proc/self/setgroups").write_text("deny")
+            Path("/proc/self/uid_map").write_text("{} {} {}\n".format(*plan.uid_map))
+            Path("/proc/self/gid_map").write_text("{} {} {}\n".format(*plan.gid_map))
+            if (plan.uid_map[1], plan.gid_map[1]) != (uid, gid):
+                raise SetupError(f"plan maps uid {plan.uid_map[1]} but the holder runs as {uid}")
+            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+            sc.raise_ambient((sc.CAP_SYS_ADMIN, sc.CAP_DAC_OVERRIDE))
+            self._reopen_descriptors(paths)
 
         s = self.session
         sc.mount(
@@ -142,10 +208,15 @@ class Holder:
         self._open_image(lower)
         targets = self._prepare_mountpoints(lower, upper)
         self._overlay(root)
-        for m, target in zip(plan.mounts, targets):
-            self._apply(root, target, m)
+        for i, (m, target) in enumerate(zip(plan.mounts, targets)):
+            self._apply(root, target, m, self.sources.get(i, m.source), self.trees.pop(i, None))
         flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV
         sc.mount(None, root, None, flags | (0 if plan.writable else sc.MS_RDONLY))
+        reopened = [int(src.rsplit("/", 1)[1]) for src in self.sources.values()]
+        for fd in (*self.keep_fds, *reopened):
+            if fd != self.image_fd:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
         self.ns_fds = [
             os.open("/proc/self/ns/user", os.O_RDONLY),
@@ -159,6 +230,47 @@ class Holder:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
         os.dup2(devnull, 0)
         os.close(devnull)
+
+    def _pin_descriptors(self) -> dict[int, str]:
+        """Before `unshare`: root mode clones each descriptor's mount (`trees`); a user
+        namespace cannot, and gets the descriptors' paths to look up again."""
+        paths: dict[int, str] = {}
+        for i, m in enumerate(self.plan.mounts):
+            fd = fd_source(m)
+            if fd is None:
+                continue
+            try:
+                if self.root_mode:
+                    self.trees[i] = sc.open_tree_clone(fd, recursive=m.recursive)
+                else:
+                    paths[i] = os.readlink(m.source)
+            except OSError as err:
+                raise SetupError(
+                    f"cannot mount {m.source} on {m.target}: {err.strerror or err}"
+                ) from None
+        return paths
+
+    def _reopen_descriptors(self, paths: dict[int, str]) -> None:
+        """In the new mount namespace: open each descriptor's path again, in our copy of
+        the mounts, and bind from that only if it is the same file."""
+        for i, path in paths.items():
+            m = self.plan.mounts[i]
+            fd = fd_source(m)
+            assert fd is not None
+            try:
+                new = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as err:
+                raise SetupError(
+                    f"cannot mount {m.source} on {m.target}: {path}: {err.strerror or err}"
+                ) from None
+            was, now = os.fstat(fd), os.fstat(new)
+            if (was.st_dev, was.st_ino) != (now.st_dev, now.st_ino):
+                os.close(new)
+                raise SetupError(
+                    f"cannot mount {m.source} on {m.target}: {path} is no longer the file "
+                    "that was opened"
+                )
+            self.sources[i] = f"/proc/self/fd/{new}"
 
     @property
     def _pass_fds(self) -> tuple[int, ...]:
@@ -184,17 +296,23 @@ class Holder:
         plan, errors = self.plan, list[str]()
         for driver in plan.image_drivers:
             try:
-                if driver == "extract":
+                if driver == "loop":
+                    self._loop_mount(lower)
+                elif driver == "extract":
                     rootfs = self._extract()
                     sc.mount(rootfs, lower, None, sc.MS_BIND | sc.MS_REC)
-                    sc.bind_remount(lower, readonly=True)
+                    if self.root_mode:
+                        sc.restrict_mounts(lower, nodev=True, readonly=True, recursive=True)
+                    else:
+                        sc.bind_remount(lower, readonly=True)
                 else:
+                    opts = f"ro,offset={plan.partition_offset}"
                     self._spawn_fuse(
                         [
                             driver,
                             "-f",
                             "-o",
-                            f"ro,offset={plan.partition_offset}",
+                            f"{opts},nosuid,nodev" if self.root_mode else opts,
                             self.image_source,
                             lower,
                         ],
@@ -207,6 +325,31 @@ class Holder:
             except (SetupError, OSError) as err:
                 errors.append(f"{driver}: {err}")
         raise SetupError("cannot open the image: " + "; ".join(errors))
+
+    def _loop_mount(self, lower: str) -> None:
+        """The partition on an auto-clearing read-only loop device, mounted squashfs."""
+        plan = self.plan
+        if not self.root_mode:
+            raise SetupError("needs a holder run by root without a user namespace")
+        fd = self.image_fd
+        if fd is None:
+            fd = os.open(plan.image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            device, loop_fd = loopdev.attach(
+                fd,
+                offset=plan.partition_offset,
+                sizelimit=plan.partition_size,
+                name=plan.image,
+            )
+        finally:
+            if fd != self.image_fd:
+                os.close(fd)
+        try:
+            sc.mount(device, lower, "squashfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
+        finally:
+            # From now on the mount holds the device; when it goes, AUTOCLEAR detaches it.
+            os.close(loop_fd)
+        self.report["loop_device"] = device
 
     def _extract(self) -> str:
         """Unpack the partition once into the cache; reuse it while the digest matches."""
@@ -293,7 +436,9 @@ class Holder:
             earlier.append(m.target)
         return targets
 
-    def _apply(self, root: str, resolved: str, m: Mount) -> None:
+    def _apply(self, root: str, resolved: str, m: Mount, source: str, tree: Optional[int]) -> None:
+        """Make mount `m` on `resolved` (its target inside the image); a bind is made from
+        `source` (m.source, or what stands for its descriptor), or attaches `tree`."""
         target = secure_path(root, resolved)
         try:
             if m.kind == "bind" and not os.path.lexists(target):
@@ -315,28 +460,46 @@ class Holder:
                 else:
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     open(target, "a").close()
-            if m.kind == "bind":
+            if m.kind == "bind" and tree is not None:
+                sc.move_mount(tree, target)
+            elif m.kind == "bind":
                 flags = sc.MS_BIND | (sc.MS_REC if m.recursive else 0)
-                sc.mount(m.source, target, None, flags)
-                sc.bind_remount(target, readonly=m.readonly)
+                sc.mount(source, target, None, flags)
+            if m.kind == "bind":
+                if self.root_mode:
+                    # Every mount below a recursive bind too; host device nodes stay
+                    # usable where they are bound from /dev.
+                    sc.restrict_mounts(
+                        target,
+                        nodev=not within(m.source, "/dev"),
+                        readonly=m.readonly,
+                        recursive=m.recursive,
+                    )
+                else:
+                    sc.bind_remount(target, readonly=m.readonly)
             elif m.kind == "tmpfs":
                 sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, m.options or None)
             elif m.kind == "devtmpfs":
-                self._minimal_dev(target, m.options.split(","))
+                self._minimal_dev(target, m.options.split(","), self.root_mode)
             else:
                 raise SetupError(f"unknown mount kind {m.kind!r}")
         except OSError as err:
             raise SetupError(
                 f"cannot mount {m.source or m.kind} on {m.target}: {err.strerror or err}"
             ) from None
+        finally:
+            if tree is not None:
+                os.close(tree)
 
     @staticmethod
-    def _minimal_dev(target: str, nodes: list[str]) -> None:
+    def _minimal_dev(target: str, nodes: list[str], root_mode: bool) -> None:
         sc.mount("tmpfs", target, "tmpfs", sc.MS_NOSUID, "mode=0755")
         for name in nodes:
             path = os.path.join(target, name)
             open(path, "a").close()
             sc.mount(f"/dev/{name}", path, None, sc.MS_BIND)
+            if root_mode:
+                sc.restrict_mounts(path, nodev=False, readonly=False, recursive=False)
         for sub, kind in (("shm", "tmpfs"), ("pts", "bind"), ("mqueue", None)):
             os.mkdir(os.path.join(target, sub))
             if kind == "tmpfs":
@@ -349,6 +512,10 @@ class Holder:
                 )
             elif kind == "bind":
                 sc.mount("/dev/pts", os.path.join(target, sub), None, sc.MS_BIND | sc.MS_REC)
+                if root_mode:
+                    sc.restrict_mounts(
+                        os.path.join(target, sub), nodev=False, readonly=False, recursive=True
+                    )
         for link, dest in (
             ("ptmx", "pts/ptmx"),
             ("fd", "/proc/self/fd"),
@@ -468,12 +635,16 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoReturn:
     """Body of a freshly forked holder; never returns.
 
-    Keeps no descriptor of its parent's but `status_fd` (a caller's stdout pipe or PMI
-    socket must not be held open by a long-lived holder), reports the setup outcome there
-    as one JSON line, then serves until teardown.
+    Keeps no descriptor of its parent's but `status_fd`, the image's (`req["image_fd"]`)
+    and those for binds (`req["keep_fds"]`): a caller's stdout pipe or PMI socket must not
+    be held open by a long-lived holder. Reports the setup outcome on `status_fd` as one
+    JSON line, then serves until teardown.
     """
     code = 1
     try:
+        # Forked by the plugin's non-dumpable start phase, we would not own our /proc files
+        # (uid_map, setgroups); a holder's user owns its container in any case.
+        sc.prctl(sc.PR_SET_DUMPABLE, 1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C is for the ranks
         signal.signal(signal.SIGTERM, _exit_on_signal)
         for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
@@ -484,7 +655,7 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        keep = sorted({status_fd, devnull, req.get("image_fd", devnull)})
+        keep = sorted({status_fd, devnull, req.get("image_fd", devnull), *req.get("keep_fds", ())})
         low = 3
         for fd in keep:
             os.closerange(low, fd)

@@ -39,24 +39,56 @@ FORWARDED_SIGNALS = (
 )
 
 
-def runtime_dir() -> Path:
-    """A private per-user directory for sockets and session mount points."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    uid = os.getuid()
-    base = (
-        Path(xdg) / "rankwire"
-        if xdg and os.access(xdg, os.W_OK)
-        else Path(os.environ.get("TMPDIR", "/tmp")) / f"rankwire-{uid}"
-    )
+RUNTIME_DIR_VAR = "RANKWIRE_RUNTIME_DIR"  # set by the SPANK helper: a dir root made
+
+
+def _private_dir(base: Path, uid: int) -> bool:
+    """Make `base` (0700) if it is missing; True if it is ours and private."""
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(base)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077
+
+
+def runtime_dir() -> Path:
+    """A private per-user directory for sockets and session mount points.
+
+    $RANKWIRE_RUNTIME_DIR (the plugin's, made by root), else $XDG_RUNTIME_DIR/rankwire,
+    else /tmp/rankwire-UID. Another user can make that last one first (sticky /tmp keeps
+    us from removing it): then ~/.cache/rankwire/run, said once on stderr.
+    """
+    uid = os.getuid()
+    forced = os.environ.get(RUNTIME_DIR_VAR)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if forced:
+        base = Path(forced)
+    elif xdg and os.access(xdg, os.W_OK):
+        base = Path(xdg) / "rankwire"
+    else:
+        base = Path(os.environ.get("TMPDIR", "/tmp")) / f"rankwire-{uid}"
+        if not _private_dir(base, uid):
+            home = os.environ.get("HOME") or os.path.expanduser("~")
+            fallback = Path(home) / ".cache" / "rankwire" / "run"
+            if not _fallback_said.get(str(base)):
+                print(
+                    f"rankwire: {base} is not a private directory of yours (another user "
+                    f"made it?); using {fallback}",
+                    file=sys.stderr,
+                )
+                _fallback_said[str(base)] = True
+            base = fallback
+    if not _private_dir(base, uid):
+        raise UserError(f"{base} is not a private directory owned by you: remove it")
+    try:
+        (base / "instances").mkdir(mode=0o700, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create runtime dir {base}: {err.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
-        raise UserError(f"{base} is not a private directory owned by you: remove it")
-    (base / "instances").mkdir(mode=0o700, exist_ok=True)
     return base
+
+
+_fallback_said: dict[str, bool] = {}
 
 
 class NameTaken(UserError):
@@ -94,11 +126,15 @@ def start_holder(
     meta: Optional[dict[str, Any]] = None,
     register: bool = True,
     image_fd: Optional[int] = None,
+    keep_fds: Sequence[int] = (),
+    setup_timeout: Optional[float] = None,
 ) -> HolderHandle:
     """Fork a holder for `plan` and wait until it is ready (or say why it is not).
 
     `name`: serve at instances/NAME.sock; `register`: also list it in `instance list`;
-    `image_fd`: mount the image open on this descriptor instead of `plan.image`.
+    `image_fd`: mount the image open on this descriptor instead of `plan.image`;
+    `keep_fds`: descriptors the holder keeps (under the same numbers) until its mounts are
+    made, for binds whose source is /proc/self/fd/N.
     """
     from rankwire.runtime.holder import run_holder
 
@@ -116,7 +152,7 @@ def start_holder(
             sock.unlink()
     else:
         sock = base / f"e-{token}.sock"
-    req = {
+    req: dict[str, Any] = {
         "plan": plan.to_dict(),
         "socket": str(sock),
         "session": str(base / f"s-{token}"),
@@ -125,6 +161,10 @@ def start_holder(
     }
     if image_fd is not None:
         req["image_fd"] = image_fd
+    if keep_fds:
+        if min(keep_fds) < 3:
+            raise ValueError(f"keep_fds {list(keep_fds)}: 0, 1, 2 are /dev/null in the holder")
+        req["keep_fds"] = list(keep_fds)
     detached = mode != "ephemeral"  # outlives us: own session, reaped by init
     sys.stdout.flush()
     sys.stderr.flush()
@@ -134,6 +174,13 @@ def start_holder(
         run_holder(req, write_end, new_session=detached)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as status:
+        if setup_timeout is not None and not select.select([status], [], [], setup_timeout)[0]:
+            os.kill(pid, signal.SIGKILL)  # stopped or stuck: ours to end
+            os.waitpid(pid, 0)
+            raise UserError(
+                f"cannot start container from {plan.image}: the holder did not finish its "
+                f"setup within {setup_timeout:g} s"
+            )
         line = status.readline()
     try:
         report = json.loads(line) if line else {"ok": False, "error": "the holder died"}
@@ -223,13 +270,19 @@ def _wait_exit(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def _join(sock_path: str) -> Lease:
-    """Connect and take a lease; OSError when nobody serves `sock_path` (any more)."""
+def _join(sock_path: str, timeout: Optional[float] = None) -> Lease:
+    """Connect and take a lease; OSError when nobody serves `sock_path` (any more), or
+    nobody answers within `timeout` seconds."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        conn.settimeout(timeout)
         conn.connect(sock_path)
         conn.sendall(b"join\n")
         msg, fds, _, _ = socket.recv_fds(conn, 4096, 2)
+        conn.settimeout(None)
+    except socket.timeout:
+        conn.close()
+        raise TimeoutError(errno.ETIMEDOUT, f"no answer within {timeout:g} s") from None
     except OSError:
         conn.close()
         raise
@@ -239,9 +292,9 @@ def _join(sock_path: str) -> Lease:
     return Lease(conn, fds[0], fds[1], json.loads(msg.decode().strip() or "{}"))
 
 
-def join(sock_path: str) -> Lease:
+def join(sock_path: str, timeout: Optional[float] = None) -> Lease:
     try:
-        return _join(sock_path)
+        return _join(sock_path, timeout)
     except OSError as err:
         raise UserError(
             f"cannot join the container at {sock_path}: {err.strerror or err}; "
@@ -461,7 +514,10 @@ def open_container(container: ContainerPlan) -> Iterator[Lease]:
         return
     holder = start_holder(container, mode="ephemeral", owner=os.getpid())
     try:
-        if holder.report.get("image_driver") == "extract":
+        # Said only when FUSE was tried and failed (an asked-for --unsquash is no news).
+        if holder.report.get("image_driver") == "extract" and holder.report.get(
+            "image_driver_fallback"
+        ):
             print(
                 f"rankwire: FUSE is unusable here ({holder.report.get('image_driver_fallback')});"
                 f" using the image extracted under {container.extract_dir}",

@@ -181,7 +181,7 @@ def test_unsquash_fallback_extracts_once(runner: User, base_image: Path) -> None
     proc = rw(runner, "exec", "--unsquash", str(base_image), "cat", "/etc/os-release")
     assert proc.returncode == 0, proc.stderr
     assert "rankwire-test-image" in proc.stdout
-    assert "extracted" in proc.stderr
+    assert proc.stderr == ""  # asked for: no word of FUSE being unusable
 
 
 def test_dry_run_json_prints_the_plan_and_starts_nothing(runner: User, base_image: Path) -> None:
