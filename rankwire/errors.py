@@ -15,8 +15,7 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, *, exit_code: int | None = None) -> None:
-        if "\n" in message:
-            raise ValueError("UserError messages must be one line")
-        super().__init__(message)
+        # One line even when a user's path or argument holds a line break.
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
         if exit_code is not None:
             self.exit_code = exit_code

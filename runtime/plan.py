@@ -127,6 +127,7 @@ class ExecOptions:
     fabric: str = "auto"  # auto | none | a libfabric provider
     workdir: Optional[str] = None
     tmpfs_size_mib: int = 64
+    bind_cwd: bool = True  # the plugin binds the cwd only when the tasks start there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +255,8 @@ def _base_mounts(user: UserFacts, opts: ExecOptions, existing: frozenset[str]) -
     if user.home in existing:
         mounts.append(Mount("bind", user.home, user.home, recursive=True))
     covered = [m.target for m in mounts if m.kind == "bind" and m.target != "/"]
-    if not any(within(user.cwd, t) for t in covered if t not in ("/proc", "/sys", "/dev")):
+    outside = not any(within(user.cwd, t) for t in covered if t not in ("/proc", "/sys", "/dev"))
+    if opts.bind_cwd and outside:
         mounts.append(Mount("bind", user.cwd, user.cwd, recursive=True))
     return mounts
 

@@ -9,10 +9,8 @@ void buf_put(struct buf *b, const void *s, size_t n)
 		return;
 	if (b->len + n > b->cap && (p = realloc(b->p, b->cap * 2 + n)))
 		b->p = p, b->cap = b->cap * 2 + n;
-	if ((b->oom = b->len + n > b->cap))
-		return;
-	memcpy(b->p + b->len, s, n);
-	b->len += n;
+	if (!(b->oom = b->len + n > b->cap))
+		memcpy(b->p + b->len, s, n), b->len += n;
 }
 
 /* Keys are the shim's own, values C strings: no NUL, no '=' in a key. */
@@ -27,8 +25,7 @@ void frame_add(struct buf *b, const char *key, const char *fmt, ...)
 	b->oom |= n < 0;
 	if (n < 0)
 		return;
-	buf_put(b, key, strlen(key));
-	buf_put(b, "=", 1);
+	buf_put(b, key, strlen(key)), buf_put(b, "=", 1);
 	buf_put(b, val, (size_t)n + 1);
 	free(val);
 }

@@ -1,13 +1,20 @@
 """`rankwire spank-helper check|start`: the SPANK shim's Python half (not for humans).
 
 The shim runs it with a request (a frame of job facts, `runtime/frame.py`) on stdin and
-a socket as stdout:
-- `check`, as root: site policy decides; the image is opened with the job user's
-  credentials and its descriptor handed back (SCM_RIGHTS), so the bytes the container
-  mounts are the bytes checked here -- no path is looked up again.
-- `start`, as the job user, with that descriptor as fd 3: plans the container and starts
-  the node's holder, which every task of the step then joins in task_init.
-The reply is one frame; a failure is the record `error=rankwire: <one line>`.
+a socket as stdout; the reply is one frame, a failure the record `error=rankwire: <line>`.
+
+- `check`, as root: site policy decides. With the job user's credentials, the image and
+  every host path the plugin binds for the user (--container-mounts sources, the home
+  directory, the working directory) are opened, and policy judges the paths those
+  descriptors hold: nothing is looked up by path again after this.
+  - Advisory (no `enforce` in the policy): the reply is `checked` and the descriptors
+    [image, bind...] (SCM_RIGHTS); the shim runs `start` with them as fds 3, 4, ...
+  - `enforce = true`: root builds the container itself (no user namespace, the image on
+    a read-only loop device, binds from the descriptors), joins it and replies
+    `enforced=1`, the task environment, and [lease, mount namespace].
+- `start`, as the job user (advisory): plans and starts the node's holder from those
+  descriptors, joins it, and replies the task environment and [lease, user namespace,
+  mount namespace]. The shim never connects to a path a user could swap.
 """
 
 from __future__ import annotations
@@ -18,29 +25,35 @@ import dataclasses
 import json
 import os
 import pwd
+import signal
 import socket
 import stat
+import struct
 import sys
 import traceback
-from collections.abc import Iterator
-from typing import Any, Optional
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from rankwire.errors import UserError
 from rankwire.runtime import frame
-from rankwire.runtime.plan import Mount
+from rankwire.runtime.plan import ContainerPlan, ImageFacts, Mount
 from rankwire.spank import plan
 from rankwire.spank.plan import Asked, JobFacts, asked
-from rankwire.spank.policy import Policy, load_policy
+from rankwire.spank.policy import Policy, PolicyError, load_policy
 
-IMAGE_FD = 3  # where the shim puts the checked image for `start`
+IMAGE_FD = 3  # where the shim puts the checked image for `start`; binds follow it
+RUN_DIR = "/run/rankwire"  # root's; per-user runtime dirs below it, made by root
+MAX_BINDS = 60  # descriptors the shim takes from one reply: 64 in all
+JOIN_TIMEOUT_S = 10.0
+SETUP_TIMEOUT_S = 120.0  # a holder's setup (mounts; an unsquash fallback takes longest)
 Reply = list[tuple[str, str]]
 
 
-def _reply(records: Reply, fd: Optional[int] = None) -> None:
+def _reply(records: Reply, fds: Sequence[int] = ()) -> None:
     payload = frame.encode(records)
     out = socket.socket(fileno=os.dup(1))
     try:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd else []
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         sent = out.sendmsg([payload], anc)
         out.sendall(payload[sent:])
     finally:
@@ -69,55 +82,147 @@ def _oci_conf(env: dict[str, str]) -> bool:
     return os.path.exists(os.path.join(os.path.dirname(conf), "oci.conf"))
 
 
-def _open_image(path: str, named_by: str) -> int:
+def _open(
+    path: str, flags: int, named: str, missing: str = "not found: check the path"
+) -> tuple[int, str]:
+    """(descriptor, the real path it holds); a one-line UserError naming `named`."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
-        raise UserError(f"image {path} (from {named_by}) not found: check the path") from None
+        raise UserError(f"{named} {missing}") from None
     except OSError as err:
-        raise UserError(f"cannot open image {path} (from {named_by}): {err.strerror}") from None
+        raise UserError(f"cannot open {named}: {err.strerror}") from None
+    return fd, os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _open_image(path: str, named_by: str) -> tuple[int, str]:
+    fd, real = _open(path, os.O_RDONLY | os.O_NONBLOCK, f"image {path} (from {named_by})")
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise UserError(f"image {path} (from {named_by}) is {kind}: give a SIF file")
-    return fd
+    return fd, real
 
 
-def _checked_mount(m: Mount, policy: Policy) -> Mount:
-    """As the job user: the source exists, and its real path is one policy allows."""
-    if not os.path.exists(m.source):
-        raise UserError(f"--container-mounts source {m.source} does not exist: create it")
-    real = os.path.realpath(m.source)
-    policy.check_mount(real)
-    return dataclasses.replace(m, source=real)
+@dataclasses.dataclass
+class Opened:
+    """What the check phase opened as the job user (descriptors closed by `close`)."""
+
+    image_fd: int
+    image_real: str
+    binds: dict[str, int] = dataclasses.field(default_factory=dict)  # planned source -> fd
+    real: dict[str, str] = dataclasses.field(default_factory=dict)  # asked source -> real
+    home_allowed: bool = True
+
+    def close(self) -> None:
+        for fd in (self.image_fd, *self.binds.values()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
-def check(facts: JobFacts) -> tuple[Reply, Optional[int]]:
-    """Root: does site policy allow what the step asked for? Returns (reply, image fd)."""
+def _open_binds(want: Asked, facts: JobFacts, home: str, policy: Policy, out: Opened) -> None:
+    """As the job user: each host path the plugin binds for them, judged by policy on
+    the path its descriptor holds (no later lookup, so no rename race)."""
+    for m in want.mounts:
+        named = f"--container-mounts source {m.source}"
+        fd, real = _open(m.source, os.O_PATH, named, "does not exist: create it")
+        if real in out.binds:  # the same source twice
+            os.close(fd)
+        else:
+            out.binds[real] = fd
+        out.real[m.source] = real
+        policy.check_mount(real)
+    if os.path.isdir(home):
+        fd, real = _open(home, os.O_PATH | os.O_DIRECTORY, f"home directory {home}")
+        out.binds[home] = fd
+        try:
+            policy.check_mount(real)
+        except PolicyError:  # an empty private home instead (see plan.without_home)
+            out.home_allowed = False
+            os.close(out.binds.pop(home))
+    if want.workdir is None and facts.cwd not in out.binds:
+        fd, real = _open(facts.cwd, os.O_PATH | os.O_DIRECTORY, f"working directory {facts.cwd}")
+        out.binds[facts.cwd] = fd
+        try:
+            policy.check_mount(real)
+        except PolicyError:
+            raise PolicyError(
+                f"the working directory {real} is outside the allowed mount sources "
+                f"({', '.join(policy.mount_sources or ())}): run srun from one of them or "
+                "pass --container-workdir"
+            ) from None
+    if len(out.binds) > MAX_BINDS:
+        raise UserError(f"{len(out.binds)} binds are more than {MAX_BINDS}: bind a parent dir")
+
+
+def _runtime_dir(uid: int, gid: int) -> str:
+    """/run/rankwire/UID, made by root (no other user can make it first), the user's."""
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    base = os.lstat(RUN_DIR)
+    if not stat.S_ISDIR(base.st_mode) or base.st_uid != 0 or base.st_mode & 0o022:
+        raise UserError(f"{RUN_DIR} must be a root-owned directory not writable by others")
+    path = os.path.join(RUN_DIR, str(uid))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+        os.chown(path, uid, gid)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise UserError(f"{path} is not a private directory of uid {uid}: remove it")
+    return path
+
+
+def _refuse_writable_image(facts: JobFacts, fd: int, real: str, opened: Opened) -> None:
+    """Under `enforce` the kernel parses the image (a loop device, read live): a user who
+    could rewrite it could feed the kernel a crafted file system."""
+    if facts.uid == 0:  # root may change anything anyway
+        return
+    with as_user(facts):
+        writable = os.access(f"/proc/self/fd/{fd}", os.W_OK, effective_ids=True)
+    if writable:
+        opened.close()
+        raise PolicyError(
+            f"image {real} is writable by you, and this site's enforced policy runs only "
+            "images their users cannot change: ask your admin to place it"
+        )
+
+
+def check(facts: JobFacts) -> tuple[Reply, list[int]]:
+    """Root: does site policy allow what the step asked for? Returns (reply, fds)."""
     from rankwire.runtime.imagefacts import image_facts
 
     want = asked(facts, _oci_conf(facts.env))
     if want is None:
-        return [("skip", "no container asked for")], None
+        return [("skip", "no container asked for")], []
     policy = load_policy(facts.arg("policy"))
     policy.check_options(fabric=want.fabric, remap_root=want.remap_root, writable=want.writable)
+    home = pwd.getpwuid(facts.uid).pw_dir
     with as_user(facts):
-        mounts = tuple(_checked_mount(m, policy) for m in want.mounts)
         # Every read of the image is the user's (on a root-squashed NFS, root reads less).
-        fd = _open_image(want.image, want.image_from)
+        image_fd, image_real = _open_image(want.image, want.image_from)
+        opened = Opened(image_fd, image_real)
         try:
-            real = os.readlink(f"/proc/self/fd/{fd}")
-            policy.check_image(real)
-            facts_of_image = image_facts(real, fd=fd)
+            policy.check_image(image_real)
+            of_image = image_facts(image_real, fd=image_fd)
+            _open_binds(want, facts, home, policy, opened)
         except BaseException:
-            os.close(fd)
+            opened.close()
             raise
+    want = dataclasses.replace(
+        want,
+        mounts=tuple(dataclasses.replace(m, source=opened.real[m.source]) for m in want.mounts),
+    )
+    if policy.enforce:
+        _refuse_writable_image(facts, image_fd, image_real, opened)
+        return _build_as_root(facts, want, of_image, opened, home)
     checked = {
-        "image_facts": dataclasses.asdict(facts_of_image),
-        "asked": dataclasses.asdict(dataclasses.replace(want, mounts=mounts)),
+        "image_facts": dataclasses.asdict(of_image),
+        "asked": dataclasses.asdict(want),
+        "binds": list(opened.binds),  # planned source of fd IMAGE_FD + 1 + i
+        "home_allowed": opened.home_allowed,
+        "runtime_dir": _runtime_dir(facts.uid, facts.gid),
     }
-    return [("checked", json.dumps(checked))], fd
+    return [("checked", json.dumps(checked))], [opened.image_fd, *opened.binds.values()]
 
 
 def _asked(d: dict[str, Any]) -> Asked:
@@ -130,47 +235,128 @@ def _asked(d: dict[str, Any]) -> Asked:
     )
 
 
-def start(facts: JobFacts, checked: dict[str, Any]) -> Reply:
-    """The job user: plan the container from the checked image (fd 3) and start it."""
+def _plan(
+    facts: JobFacts,
+    want: Asked,
+    image: ImageFacts,
+    image_fd: int,
+    home: str,
+    binds: dict[str, int],
+    home_allowed: bool,
+) -> tuple[ContainerPlan, dict[str, str], str]:
+    """The container (binds from `binds`' descriptors) and its env, and the workdir."""
     from rankwire.runtime.assemble import plan_image
     from rankwire.runtime.facts import gather
-    from rankwire.runtime.instance import start_holder
-    from rankwire.runtime.plan import ImageFacts
     from rankwire.runtime.slurmfacts import slurm_step
 
-    image = ImageFacts(**checked["image_facts"])
-    want = _asked(checked["asked"])
-    home = facts.env.get("HOME") or pwd.getpwuid(facts.uid).pw_dir
     user = plan.user_facts(facts, home, slurm_step(plan.step_env(facts), facts.uid))
     opts = plan.exec_options(want, want.mounts)
     # Readers in other processes (unsquashfs for the fabric ABI check) see the checked
     # file through our descriptor, never through its path.
-    found = gather(image, opts, user=user, fabric_image_path=f"/proc/{os.getpid()}/fd/{IMAGE_FD}")
+    found = gather(image, opts, user=user, fabric_image_path=f"/proc/{os.getpid()}/fd/{image_fd}")
     planned = plan_image(found, opts, None)
-    holder = start_holder(
-        planned.container, mode="shared", owner=facts.stepd_pid, register=False, image_fd=IMAGE_FD
-    )
-    changes = plan.task_env(facts.env, planned.env, want.keep_env)
+    container = plan.with_descriptors(planned.container, binds)
+    if not home_allowed:
+        container = plan.without_home(container, home)
+    return container, planned.env, opts.workdir or user.cwd
+
+
+def _task_records(facts: JobFacts, want: Asked, env: dict[str, str], workdir: str) -> Reply:
+    changes = plan.task_env(facts.env, env, want.keep_env)
     return [
-        ("socket", holder.socket),
-        ("holder_pid", str(holder.pid)),
-        ("workdir", opts.workdir or user.cwd),
+        ("workdir", workdir),
         *(("setenv", v) for v in changes.set),
         *(("unsetenv", v) for v in changes.unset),
         *(("copyenv", v) for v in changes.copy),
     ]
 
 
+def _build_as_root(
+    facts: JobFacts, want: Asked, image: ImageFacts, opened: Opened, home: str
+) -> tuple[Reply, list[int]]:
+    """`enforce`: root builds, holds and joins the container; the shim gets the lease."""
+    from rankwire.runtime.instance import RUNTIME_DIR_VAR, join, start_holder
+
+    try:
+        container, env, workdir = _plan(
+            facts, want, image, opened.image_fd, home, opened.binds, opened.home_allowed
+        )
+        os.environ[RUNTIME_DIR_VAR] = _runtime_dir(0, 0)
+        holder = start_holder(
+            plan.enforced(container),
+            mode="shared",
+            owner=facts.stepd_pid,
+            register=False,
+            image_fd=opened.image_fd,
+            keep_fds=tuple(opened.binds.values()),
+            setup_timeout=SETUP_TIMEOUT_S,
+        )
+        lease = join(holder.socket)
+    finally:
+        opened.close()
+    records = [("enforced", "1"), *_task_records(facts, want, env, workdir)]
+    return records, _handed_over(lease.conn, lease.mntns_fd)
+
+
+def _handed_over(conn: socket.socket, *ns_fds: int) -> list[int]:
+    """The lease connection and namespace fds, for the shim: its own descriptors, which
+    stay open however our `Lease` object goes (the connection is the step's lease)."""
+    return [conn.detach(), *ns_fds]
+
+
+def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
+    """The job user: plan the container from the checked descriptors and start it."""
+    from rankwire.runtime.instance import RUNTIME_DIR_VAR, join, start_holder
+
+    want = _asked(checked["asked"])
+    binds = {src: IMAGE_FD + 1 + i for i, src in enumerate(checked["binds"])}
+    home = pwd.getpwuid(facts.uid).pw_dir
+    container, env, workdir = _plan(
+        facts,
+        want,
+        ImageFacts(**checked["image_facts"]),
+        IMAGE_FD,
+        home,
+        binds,
+        checked["home_allowed"],
+    )
+    os.environ[RUNTIME_DIR_VAR] = checked["runtime_dir"]
+    holder = start_holder(
+        container,
+        mode="shared",
+        owner=facts.stepd_pid,
+        register=False,
+        image_fd=IMAGE_FD,
+        keep_fds=tuple(binds.values()),
+        setup_timeout=SETUP_TIMEOUT_S,
+    )
+    # Our own holder's socket, in the user's dir: whoever answers must be that holder.
+    lease = join(holder.socket, timeout=JOIN_TIMEOUT_S)
+    peer = struct.unpack("3i", lease.conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if peer[0] != holder.pid:
+        os.kill(holder.pid, signal.SIGTERM)
+        raise UserError(
+            f"cannot join the container: {holder.socket} was answered by pid {peer[0]}, not "
+            f"by its holder {holder.pid}; was it replaced?"
+        )
+    fds = _handed_over(lease.conn, lease.userns_fd, lease.mntns_fd)
+    return _task_records(facts, want, env, workdir), fds
+
+
 def main(phase: str) -> int:
     """Serve one request; the exit code is 0 whenever a reply was sent."""
-    fd = None
+    fds: list[int] = []
     try:
+        if phase == "start":  # from here on our own user cannot ptrace or read us
+            from rankwire.runtime import syscalls as sc
+
+            sc.prctl(sc.PR_SET_DUMPABLE, 0)
         req = frame.decode(sys.stdin.buffer.read())
         facts = JobFacts.from_request(req)
         if phase == "check":
-            reply, fd = check(facts)
+            reply, fds = check(facts)
         elif phase == "start":
-            reply = start(facts, json.loads(frame.one(req, "checked") or "{}"))
+            reply, fds = start(facts, json.loads(frame.one(req, "checked") or "{}"))
         else:
             raise UserError(f"unknown spank-helper phase '{phase}'")
     except UserError as err:
@@ -180,7 +366,7 @@ def main(phase: str) -> int:
     except Exception as err:  # the shim shows one line; the traceback goes to slurmd's log
         traceback.print_exc()
         reply = [("error", f"rankwire: internal error in the {phase} phase: {err!r}"[:900])]
-    _reply(reply, fd)
+    _reply(reply, fds)
     return 0
 
 

@@ -1,133 +1,147 @@
-/* Running the helper: no shell, no user string in argv, every id change checked. */
+/* Running the helper: no shell, no user string in argv, every id change checked, and one
+ * deadline for the whole phase (fork to exit): a helper that stalls or trickles is killed. */
 #include "shim.h"
 
 #define MUST(ok) do { if (!(ok)) _exit(126); } while (0) /* in the child */
+#define FD_HIGH (3 + RW_MAX_FDS) /* above every fd the child dup2s to */
 
 static void __attribute__((noreturn))
-helper_child(const char *helper, const char *phase, int sock, int errfd, int pass_fd,
+helper_child(const char *helper, const char *phase, const int *io, const struct rw_fds *pass,
 	     const struct rw_job *job)
 {
 	char *const argv[] = {(char *)helper, "spank-helper", (char *)phase, NULL};
 	char *const envp[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C.UTF-8", NULL};
-	int in = fcntl(sock, F_DUPFD, 10), err = fcntl(errfd, F_DUPFD, 10);
-	int pass = pass_fd >= 0 ? fcntl(pass_fd, F_DUPFD, 10) : -1, first = pass_fd >= 0 ? 4 : 3;
+	int n = 3 + pass->n, src[3 + RW_MAX_FDS] = {io[3], io[1], io[2]}, fd[3 + RW_MAX_FDS];
 	uid_t uid = job ? job->uid : 0, ru, eu, su;
 	gid_t gid = job ? job->gid : 0, rg, eg, sg;
 	sigset_t none;
 
-	MUST(in >= 0 && err >= 0 && (pass_fd < 0 || pass >= 0));
+	/* stdin: the request, stdout: the reply socket, stderr: a memfd, then pass as 3, 4, ... */
+	MUST(pass->n <= RW_MAX_FDS && memcpy(src + 3, pass->fd, pass->n * sizeof *src));
+	for (int i = 0; i < n; i++)
+		MUST((fd[i] = fcntl(src[i], F_DUPFD, FD_HIGH)) >= 0);
 	MUST(sigemptyset(&none) == 0 && sigprocmask(SIG_SETMASK, &none, NULL) == 0);
 	for (int sig = 1; sig < NSIG; sig++) /* SIGKILL, SIGSTOP, libc's: refuse, are SIG_DFL */
 		(void)signal(sig, SIG_DFL);
 	/* slurmstepd runs user_init with euid = the user and saved uid 0: take root back,
 	 * then become exactly root (check) or exactly the job user (start). */
-	MUST(seteuid(0) == 0);
+	MUST(seteuid(0) == 0 && setpgid(0, 0) == 0); /* its own group: killed as one */
 	MUST(setgroups(job ? (size_t)job->ngids : 0, job ? job->gids : NULL) == 0);
-	MUST(setresgid(gid, gid, gid) == 0);
-	MUST(setresuid(uid, uid, uid) == 0);
+	MUST(setresgid(gid, gid, gid) == 0 && setresuid(uid, uid, uid) == 0);
 	MUST(getresuid(&ru, &eu, &su) == 0 && ru == uid && eu == uid && su == uid);
 	MUST(getresgid(&rg, &eg, &sg) == 0 && rg == gid && eg == gid && sg == gid);
-	MUST(uid == 0 || setuid(0) != 0); /* and no way back */
-	MUST(dup2(in, 0) == 0 && dup2(in, 1) == 1 && dup2(err, 2) == 2);
-	MUST((pass < 0 || dup2(pass, 3) == 3) && chdir("/") == 0);
-	if (syscall(SYS_close_range, first, ~0U, 0)) {
+	MUST((uid == 0 || setuid(0) != 0) && chdir("/") == 0); /* and no way back */
+	for (int i = 0; i < n; i++)
+		MUST(dup2(fd[i], i) == i);
+	if (syscall(SYS_close_range, n, ~0U, 0)) {
 		MUST(errno == ENOSYS); /* before Linux 5.9: one by one; EBADF: was not open */
-		for (int fd = first; fd < 65536; fd++)
-			MUST(close(fd) == 0 || errno == EBADF);
+		for (int i = n; i < 65536; i++)
+			MUST(close(i) == 0 || errno == EBADF);
 	}
-	umask(022);
-	execve(helper, argv, envp);
+	umask(022), execve(helper, argv, envp);
 	(void)dprintf(2, "cannot run %s: %s\n", helper, strerror(errno)); /* else: exit code */
 	_exit(127);
 }
 
-/* The reply until EOF (an fd that comes with it into *fd_out): NULL, or why none. */
-static const char *read_reply(int fd, int *fd_out, struct buf *reply)
+int64_t rw_now_ms(void)
 {
-	char data[65536], ctl[CMSG_SPACE(sizeof(int))];
-	struct cmsghdr *c;
-	int got;
+	struct timespec t = {0, 0};
+	return clock_gettime(CLOCK_MONOTONIC, &t), (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
 
-	for (;;) {
+void rw_close_fds(const struct rw_fds *f)
+{
+	for (int i = 0; i < f->n && i < RW_MAX_FDS; i++)
+		rw_close(f->fd[i]);
+}
+
+int rw_read_frame(int fd, int until, int64_t deadline, struct rw_fds *got, struct buf *out)
+{
+	char data[65536], ctl[CMSG_SPACE(RW_MAX_FDS * sizeof(int))];
+	struct rw_fds none = {.n = 0}; /* got NULL: every fd is closed */
+	struct pollfd p[2] = {{fd, POLLIN, 0}, {until, POLLIN, 0}}; /* until -1: ignored */
+	int64_t left, n;
+	int f;
+
+	for (got = got ? got : &none;;) {
 		struct iovec iov = {data, sizeof data};
 		struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl,
 				     .msg_controllen = sizeof ctl};
-		ssize_t n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC); /* SO_RCVTIMEO: 600 s */
-		if (n < 0 && errno == EINTR)
+		if ((left = deadline - rw_now_ms()) <= 0)
+			return ETIMEDOUT;
+		if ((n = poll(p, 2, left < INT_MAX ? (int)left : INT_MAX)) > 0 && !p[0].revents)
+			n = 0; /* `until` exited, and all it sent is read: the end, EOF or not */
+		else if (n > 0)
+			n = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+		else if (n == 0 || errno == EINTR)
+			continue; /* the deadline decides */
+		if (n < 0 && (errno == EINTR || errno == EAGAIN))
 			continue;
-		if (n < 0 && errno != ECONNRESET) /* reset: it left some of the request unread */
-			return errno == EAGAIN ? "no reply within 600 s" : strerror(errno);
-		if (n <= 0)
-			return reply->oom ? "out of memory" : NULL;
-		if (reply->len + (size_t)n > FRAME_MAX)
-			return "a reply over 4 MiB";
-		if ((c = CMSG_FIRSTHDR(&msg)) && c->cmsg_type == SCM_RIGHTS) { /* room for one */
-			memcpy(&got, CMSG_DATA(c), sizeof got);
-			if (fd_out && *fd_out < 0)
-				*fd_out = got;
-			else
-				rw_close(got);
-		}
-		buf_put(reply, data, (size_t)n);
+		if (n <= 0) /* EOF brings no fds */
+			return n < 0 ? errno : out->oom ? ENOMEM : 0;
+		for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+			for (size_t i = 0; c->cmsg_type == SCM_RIGHTS &&
+			     i < (c->cmsg_len - CMSG_LEN(0)) / sizeof f; i++, got->n++) {
+				memcpy(&f, CMSG_DATA(c) + i * sizeof f, sizeof f);
+				if (got != &none && got->n < RW_MAX_FDS)
+					got->fd[got->n] = f;
+				else
+					rw_close(f); /* counted: the caller refuses the lot */
+			}
+		got->n += msg.msg_flags & MSG_CTRUNC ? RW_MAX_FDS + 1 : 0;
+		if (out->len + (size_t)n > FRAME_MAX)
+			return EMSGSIZE;
+		buf_put(out, data, (size_t)n);
 	}
 }
 
-int rw_run_helper(const char *helper, const char *phase, const struct buf *req,
-		  const struct rw_job *as_user, int pass_fd, int *fd_out, struct buf *reply)
+int rw_run_helper(const struct rw_helper *h, const char *phase, const struct buf *req,
+		  const struct rw_job *as_user, const struct rw_fds *pass, struct rw_fds *got,
+		  frame_fn *fn, void *ctx)
 {
-	int fds[3] = {-1, -1, -1}, status = 0; /* the socketpair, the memfd */
-	char data[65536], *line;
-	const char *why;
-	struct timeval tv = {HELPER_TIMEOUT_MS / 1000, 0};
+	struct buf reply = {0};
+	int io[5] = {-1, -1, -1, -1, -1}, status = 0, e, bad; /* pair, stderr, request, pidfd */
+	int64_t deadline = rw_now_ms() + (int64_t)h->timeout_s * 1000;
+	char data[65536], why[64], *line;
 	struct stat sb;
-	pid_t pid;
+	pid_t pid, r = 0;
 	ssize_t n;
 
-	if (stat(helper, &sb) || sb.st_uid != 0 || (sb.st_mode & 022)) {
-		rw_fail("rankwire: the helper %s must exist, be owned by root and not be "
-			"group/world-writable (plugstack.conf helper=)", helper);
-		return -1;
-	}
-	if (req->oom || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) ||
-	    (fds[2] = memfd_create("rankwire-helper", MFD_CLOEXEC)) < 0 || (pid = fork()) < 0) {
+	if (stat(h->path, &sb) || sb.st_uid != 0 || (sb.st_mode & 022))
+		return rw_fail("rankwire: the helper %s must exist, be owned by root and not be "
+			       "group/world-writable (plugstack.conf helper=)", h->path), -1;
+	if (req->oom || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, io) ||
+	    (io[2] = memfd_create("rankwire-helper", MFD_CLOEXEC)) < 0 ||
+	    (io[3] = memfd_create("rankwire-request", MFD_CLOEXEC)) < 0 || (errno = EIO,
+	    pwrite(io[3], req->p, req->len, 0) != (ssize_t)req->len) || (pid = fork()) < 0) {
 		rw_fail("rankwire: cannot run the helper: %s", strerror(req->oom ? ENOMEM : errno));
-		for (int i = 0; i < 3; i++)
-			rw_close(fds[i]); /* -1: EBADF, harmless */
-		return -1;
+		return rw_close(io[0]), rw_close(io[1]), rw_close(io[2]), rw_close(io[3]), -1;
 	}
 	if (pid == 0)
-		helper_child(helper, phase, fds[1], fds[2], pass_fd, as_user);
-	rw_close(fds[1]);
-	/* The request, then EOF. A helper that stops reading early (EPIPE) has replied or
-	 * died: its reply says why; one that takes nothing for 600 s is killed. */
-	int bad = setsockopt(fds[0], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) ||
-		  setsockopt(fds[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-	for (size_t off = 0; !bad && off < req->len; off += n > 0 ? (size_t)n : 0)
-		bad = (n = send(fds[0], req->p + off, req->len - off, MSG_NOSIGNAL)) < 0 &&
-		      errno != EINTR;
-	if ((bad || shutdown(fds[0], SHUT_WR)) && errno != EPIPE && errno != ECONNRESET)
-		why = errno == EAGAIN ? "it took no request in 600 s" : strerror(errno);
-	else
-		why = read_reply(fds[0], fd_out, reply);
-	if (why)
-		(void)kill(pid, SIGKILL); /* ESRCH: it is gone already */
-	rw_close(fds[0]);
-	while (waitpid(pid, &status, 0) < 0 && errno == EINTR) /* ECHILD: the reply decides */
+		helper_child(h->path, phase, io, pass, as_user);
+	rw_close(io[1]), rw_close(io[3]), io[4] = (int)syscall(SYS_pidfd_open, pid, 0);
+	e = rw_read_frame(io[0], io[4], deadline, got, &reply); /* until it exits (or EOF) */
+	/* Its exit, by the same deadline (ECHILD: reaped elsewhere, the reply decides). */
+	while (!e && (r = waitpid(pid, &status, WNOHANG)) == 0)
+		e = rw_now_ms() < deadline ? (void)poll(NULL, 0, 10), 0 : ETIMEDOUT;
+	if (e) /* ESRCH: gone already */
+		(void)kill(-pid, SIGKILL), (void)kill(pid, SIGKILL);
+	while (r == 0 && waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
-	/* What the helper wrote to stderr (a traceback) goes to slurmd's log; with no reply,
-	 * its last line also goes to the user. Unreadable: there is no more to say. */
-	n = pread(fds[2], data, sizeof data - 1, 0);
-	rw_close(fds[2]);
-	data[n > 0 ? n : 0] = 0;
+	/* Its stderr (a traceback) to slurmd's log; with no reply, its last line to the user. */
+	data[(n = pread(io[2], data, sizeof data - 1, 0)) > 0 ? n : 0] = 0;
 	for (n = (ssize_t)strlen(data); n > 0 && data[n - 1] == '\n';)
 		data[--n] = 0;
 	if (*data)
 		slurm_error("rankwire: helper %s phase: %s", phase, data);
-	if (why || !reply->len || !WIFEXITED(status) || WEXITSTATUS(status)) {
-		line = strrchr(data, '\n') ? strrchr(data, '\n') + 1 : data;
-		rw_fail("rankwire: the helper's %s phase failed: %s", phase,
-			why ? why : *line ? line : "no reply");
-		return -1;
+	if ((bad = e || !reply.len || !WIFEXITED(status) || WEXITSTATUS(status))) {
+		line = strrchr(data, '\n') ? strrchr(data, '\n') + 1 : *data ? data : "no reply";
+		snprintf(why, sizeof why, "no reply within %d s", h->timeout_s);
+		rw_fail("rankwire: the helper's %s phase failed: %s", phase, e == ETIMEDOUT ? why :
+			e == EMSGSIZE ? "a reply over 4 MiB" : e ? strerror(e) : line);
+	} else if ((bad = frame_parse(reply.p, reply.len, fn, ctx))) {
+		rw_fail("rankwire: bad reply from the helper's %s phase", phase);
 	}
-	return 0;
+	rw_close(io[0]), rw_close(io[2]), rw_close(io[4]), free(reply.p);
+	return bad ? -1 : 0;
 }

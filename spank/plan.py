@@ -13,6 +13,8 @@ from rankwire.runtime import frame
 from rankwire.runtime.options import option, spank_options
 from rankwire.runtime.plan import (
     PMIX_TRANSLATIONS,
+    WIREUP_PREFIXES,
+    ContainerPlan,
     ExecOptions,
     Mount,
     UserFacts,
@@ -170,30 +172,30 @@ def exec_options(want: Asked, mounts: Sequence[Mount]) -> ExecOptions:
         fabric=want.fabric,
         share="none",
         workdir=want.workdir,
+        bind_cwd=want.workdir is None,
     )
 
 
 def user_facts(facts: JobFacts, home: str, slurm: Optional[SlurmStep]) -> UserFacts:
-    """The job user as the planners see them (`home` from the passwd database if the job
-    env lacks HOME)."""
+    """The job user as the planners see them. `home` is the passwd database's: the job's
+    HOME is the user's to set, and the home directory is bound."""
     env = facts.env
     return UserFacts(
         uid=facts.uid,
         gid=facts.gid,
-        home=env.get("HOME") or home,
+        home=home,
         cwd=facts.cwd,
         environ={k: v for k, v in env.items() if k not in PLAN_ENV_DROP},
-        cache_dir=posixpath.join(
-            env.get("XDG_CACHE_HOME") or f"{env.get('HOME') or home}/.cache", "rankwire"
-        ),
+        cache_dir=posixpath.join(env.get("XDG_CACHE_HOME") or f"{home}/.cache", "rankwire"),
         slurm=slurm,
     )
 
 
 def step_env(facts: JobFacts) -> dict[str, str]:
-    """The environment Slurm's step facts are read from (the tasks get these later)."""
+    """The environment Slurm's step facts are read from (the tasks get these later).
+    PMIX_SERVER_TMPDIR is slurmstepd's own or none: the job's could name any dir."""
     return {
-        **facts.env,
+        **{k: v for k, v in facts.env.items() if k != "PMIX_SERVER_TMPDIR"},
         **facts.stepd_env,
         "SLURM_JOB_ID": str(facts.job_id),
         "SLURM_STEP_ID": str(facts.step_id),
@@ -215,14 +217,66 @@ def task_env(
 ) -> TaskEnv:
     """What turns the step's environment into the container's (`plan_env`'s result).
 
-    Slurm adds the per-task variables (PMI_FD, PMIX_RANK, SLURM_PROCID, ...) after we
-    planned; they are never touched. Names in `keep` (--container-env) keep the host value.
-    PMIx's PMIX_*_MODULE become PMIX_MCA_* per task, as `plan_env` does for exec.
+    Slurm's wire-up variables (SLURM_*, PMI_*, PMIX_*: some are per task and set after we
+    planned) are Slurm's alone: neither the image nor the plan sets or unsets them. Names
+    in `keep` (--container-env) keep the host value. PMIx's PMIX_*_MODULE become
+    PMIX_MCA_* per task, as `plan_env` does for exec. Values must reach a task whole.
     """
     keep_set = set(keep)
-    changes = tuple(
-        f"{k}={v}" for k, v in container_env.items() if job_env.get(k) != v and k not in keep_set
+    mine = [k for k in container_env if not k.startswith(WIREUP_PREFIXES) and k not in keep_set]
+    for k in mine:
+        if "\0" in container_env[k] or _unencodable(container_env[k]):
+            raise UserError(
+                f"the container's variable {k} holds a NUL or invalid text: fix the image's "
+                "environment"
+            )
+    changes = tuple(f"{k}={container_env[k]}" for k in mine if job_env.get(k) != container_env[k])
+    gone = tuple(
+        k
+        for k in job_env
+        if k not in container_env and k not in keep_set and not k.startswith(WIREUP_PREFIXES)
     )
-    gone = tuple(k for k in job_env if k not in container_env and k not in keep_set)
     copy = tuple(f"{target}={source}" for source, target in PMIX_TRANSLATIONS)
     return TaskEnv(changes, gone, copy)
+
+
+def _unencodable(value: str) -> bool:
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def with_descriptors(container: ContainerPlan, fds: Mapping[str, int]) -> ContainerPlan:
+    """Binds of the host paths the check phase opened come from those descriptors
+    (`/proc/self/fd/N`): nothing is looked up by path again."""
+    mounts = tuple(
+        dataclasses.replace(m, source=f"/proc/self/fd/{fds[m.source]}")
+        if m.kind == "bind" and m.source in fds
+        else m
+        for m in container.mounts
+    )
+    return dataclasses.replace(container, mounts=mounts)
+
+
+def without_home(container: ContainerPlan, home: str) -> ContainerPlan:
+    """Site policy does not let the home directory in: an empty private one instead."""
+    mounts = tuple(
+        Mount("tmpfs", home, options="mode=0700") if m.kind == "bind" and m.target == home else m
+        for m in container.mounts
+    )
+    return dataclasses.replace(container, mounts=mounts)
+
+
+def enforced(container: ContainerPlan) -> ContainerPlan:
+    """The container root builds under `enforce`: no user namespace (the user cannot
+    change its mounts), the image through a read-only loop device."""
+    return dataclasses.replace(
+        container,
+        namespaces=("mount",),
+        image_drivers=("loop",),
+        overlay_drivers=("kernel",),
+        uid_map=(container.uid_map[1], container.uid_map[1], 1),
+        gid_map=(container.gid_map[1], container.gid_map[1], 1),
+    )

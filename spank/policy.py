@@ -10,8 +10,15 @@ not writable by anyone else, or nothing runs (a policy that a user could edit is
     allow_fabric_choice = true             # --container-fabric other than auto
     allow_remap_root = true                # --container-remap-root
     allow_writable = true                  # --container-writable
+    enforce = false                        # root builds the container (see README)
 
 A missing list means "anywhere the job user can read"; a missing flag means allowed.
+`mount_sources` governs every host path the plugin binds on the user's behalf: the
+--container-mounts sources, the home directory (from the passwd database) and the working
+directory; Slurm's own PMIx directories (named by slurmstepd, not by the job) are not
+user choices and are always bound. Without `enforce`, the container is built by the job
+user's own process: the policy governs what the plugin does, and is advisory (a user can
+still change a container they own). With `enforce`, root builds it.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class Policy:
     allow_fabric_choice: bool = True
     allow_remap_root: bool = True
     allow_writable: bool = True
+    enforce: bool = False
 
     def check_image(self, real_path: str) -> None:
         if self.image_dirs is not None and not _below_any(real_path, self.image_dirs):
@@ -70,6 +78,11 @@ class Policy:
             raise PolicyError("--container-remap-root is not allowed here; drop it")
         if writable and not self.allow_writable:
             raise PolicyError("--container-writable is not allowed here; drop it")
+        if remap_root and self.enforce:
+            raise PolicyError(
+                "--container-remap-root needs a user namespace, which this site's enforced "
+                "policy does not give containers; drop it"
+            )
 
 
 def _below_any(path: str, dirs: Sequence[str]) -> bool:
@@ -112,7 +125,7 @@ def load_policy(path: Optional[str]) -> Policy:
         ) from None
     except OSError as err:
         raise PolicyError(f"cannot read {path}: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise PolicyError(f"{path} is not valid TOML: {err}") from None
     known = {f.name for f in dataclasses.fields(Policy)} - {"source"}
     unknown = sorted(set(data) - known)
@@ -122,7 +135,7 @@ def load_policy(path: Optional[str]) -> Policy:
     for key in ("image_dirs", "mount_sources"):
         if key in data:
             kw[key] = _dirs(key, data[key])
-    for key in ("allow_fabric_choice", "allow_remap_root", "allow_writable"):
+    for key in ("allow_fabric_choice", "allow_remap_root", "allow_writable", "enforce"):
         if key in data:
             if not isinstance(data[key], bool):
                 raise PolicyError(f"{path}: '{key}' must be true or false")

@@ -24,11 +24,10 @@ static int opt_cb(int val, const char *arg, int remote UNUSED)
 
 /* Per-step state in slurmstepd; each forked task has its copy. */
 static struct {
-	int active, ns[2], lease, tasks, exited; /* ns: user, mount */
-	pid_t holder;
+	int active, enforced, ns[2], lease, pidfd, tasks, exited; /* ns: user, mount */
 	char error[1024], *workdir;
-	struct buf env; /* the start reply's setenv/unsetenv/copyenv records, for the tasks */
-} st = {.ns = {-1, -1}, .lease = -1};
+	struct buf env; /* the reply's setenv/unsetenv/copyenv records, for the tasks */
+} st = {.ns = {-1, -1}, .lease = -1, .pidfd = -1};
 
 void rw_fail(const char *fmt, ...)
 {
@@ -40,8 +39,8 @@ void rw_fail(const char *fmt, ...)
 	va_end(ap);
 }
 
-/* The request: who, which step, the plugstack args, the options, the environments. */
-static int put_facts(struct buf *b, spank_t sp, int ac, char **av, struct rw_job *job)
+/* The request: who, which step, the options, the environments (setup adds the args). */
+static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 {
 	static const char *const key[] = {"uid", "gid", "job_id", "step_id", "local_tasks",
 		"total_tasks", "node_id", "nnodes", "groups", "env"};
@@ -55,10 +54,9 @@ static int put_facts(struct buf *b, spank_t sp, int ac, char **av, struct rw_job
 	for (size_t i = 0; i < sizeof a / sizeof *a; i++) {
 		/* The last argument is the groups' count, unread for the other items. */
 		spank_err_t rc = spank_get_item(sp, item[i], a[i], &job->ngids);
-		if (rc != ESPANK_SUCCESS) {
-			rw_fail("rankwire: cannot get the job's %s: %s", key[i], spank_strerror(rc));
-			return -1;
-		}
+		if (rc != ESPANK_SUCCESS)
+			return rw_fail("rankwire: cannot get the job's %s: %s", key[i],
+				       spank_strerror(rc)), -1;
 		if (i < 8)
 			frame_add(b, key[i], "%u", v[i]);
 	}
@@ -67,8 +65,6 @@ static int put_facts(struct buf *b, spank_t sp, int ac, char **av, struct rw_job
 		frame_add(b, "gids", "%u", (unsigned)job->gids[i]);
 	frame_add(b, "stepd_pid", "%d", (int)getpid());
 	frame_add(b, "cwd", "%s", getcwd(cwd, sizeof cwd) ? cwd : ""); /* none: helper picks */
-	for (int i = 0; i < ac; i++)
-		frame_add(b, "arg", "%s", av[i]);
 	for (int i = 0; i < RW_N_OPTS; i++)
 		if (opt_val[i])
 			frame_add(b, "opt", "%s=%s", options[i].name, opt_val[i]);
@@ -80,7 +76,7 @@ static int put_facts(struct buf *b, spank_t sp, int ac, char **av, struct rw_job
 	return 0;
 }
 
-struct reply { char *checked, *socket; int skip, last; }; /* what a frame from a peer said */
+struct reply { struct buf *req; int skip, last, enforced, checked; }; /* what a peer said */
 
 static void on_reply(const char *key, char *val, void *ctx)
 {
@@ -92,91 +88,88 @@ static void on_reply(const char *key, char *val, void *ctx)
 		r->skip = 1;
 	else if (!strcmp(key, "last")) /* the holder's, to `leave` */
 		r->last = !strcmp(val, "1");
-	else if (!strcmp(key, "checked"))
-		r->checked = val;
-	else if (!strcmp(key, "socket"))
-		r->socket = val;
-	else if (!strcmp(key, "workdir") && !(st.workdir = strdup(val)))
+	else if (!strcmp(key, "enforced"))
+		r->enforced = !strcmp(val, "1");
+	else if (!strcmp(key, "checked") && r->req && (r->checked = 1))
+		frame_add(r->req, key, "%s", val); /* for the start phase */
+	else if (!strcmp(key, "workdir") && (free(st.workdir), !(st.workdir = strdup(val))))
 		rw_fail("rankwire: out of memory");
-	else if (!strcmp(key, "holder_pid"))
-		st.holder = atoi(val); /* not a number: 0, then release waits for nothing */
 	else if (!strcmp(key, "setenv") || !strcmp(key, "unsetenv") || !strcmp(key, "copyenv"))
 		frame_add(&st.env, key, "%s", val);
 }
 
-/* Connect to the holder, take its namespace fds; the connection is the step's lease. Each
- * step has a deadline: SO_SNDTIMEO for connect and send, SO_RCVTIMEO for every read. */
-static void join_holder(const char *path)
+/* What a phase handed over: exactly [lease, user ns (not if enforced), mount ns]. The lease
+ * is a Unix stream socket to the holder (run by uid), the namespaces are the holder's. */
+static void take_container(struct rw_fds *got, const char *phase, uid_t uid)
 {
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	struct timeval tv = {HOLDER_WAIT_MS / 1000, 0};
-	char data[4096], ctl[CMSG_SPACE(sizeof st.ns)];
-	struct iovec iov = {data, sizeof data};
-	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl,
-			     .msg_controllen = sizeof ctl};
-	struct cmsghdr *c;
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	ssize_t n = -1;
+	static const char *const ns[] = {"user", "mnt"};
+	int want = st.enforced ? 2 : 3, v[2] = {0}, lease = got->fd[0];
+	socklen_t len[3] = {sizeof v[0], sizeof v[1], sizeof(struct ucred)};
+	struct ucred cr = {0};
+	struct stat a, b;
+	char path[64];
+	uid_t eu = geteuid();
 
-	if (fd < 0 || (errno = ENAMETOOLONG, strlen(path) >= sizeof sa.sun_path) ||
-	    !strcpy(sa.sun_path, path) || setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) ||
-	    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) ||
-	    connect(fd, (struct sockaddr *)&sa, sizeof sa) ||
-	    send(fd, "join\n", 5, MSG_NOSIGNAL) != 5 ||
-	    (n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC)) <= 0 || (errno = EPROTO, 0) ||
-	    !(c = CMSG_FIRSTHDR(&msg)) || c->cmsg_type != SCM_RIGHTS ||
-	    c->cmsg_len != CMSG_LEN(sizeof st.ns))
-		goto bad;
-	memcpy(st.ns, CMSG_DATA(c), sizeof st.ns);
-	/* What came with them is for Python peers: skip it, up to its newline. */
-	while (!memchr(data, '\n', (size_t)n))
-		if ((n = read(fd, data, sizeof data)) <= 0)
-			goto bad;
-	st.lease = fd;
-	return;
-bad: /* the fds are closed with slurmstepd; the step fails */
-	rw_fail("rankwire: cannot join the container at %s: %s", path,
-		n == 0 ? "the holder hung up" : strerror(errno));
-	if (fd >= 0)
-		rw_close(fd);
+	if (got->n != want)
+		rw_fail("rankwire: the helper's %s phase handed over %d descriptors, not %d", phase,
+			got->n, want);
+	else if (getsockopt(lease, SOL_SOCKET, SO_DOMAIN, &v[0], &len[0]) || v[0] != AF_UNIX ||
+		 getsockopt(lease, SOL_SOCKET, SO_TYPE, &v[1], &len[1]) || v[1] != SOCK_STREAM ||
+		 getsockopt(lease, SOL_SOCKET, SO_PEERCRED, &cr, &len[2]) || cr.uid != uid)
+		rw_fail("rankwire: the lease handed over is no Unix stream socket to a holder run "
+			"by uid %u", (unsigned)uid);
+	/* Its /proc/PID/ns, dumpable or not: euid 0 for this thread only (libc's: all threads) */
+	for (int k = st.enforced, *fd = got->fd + 1 - k; k < 2 && !*st.error &&
+	     !syscall(SYS_setresuid, -1, 0, -1); k++) { /* k 0: user, 1: mount */
+		snprintf(path, sizeof path, "/proc/%d/ns/%s", (int)cr.pid, ns[k]);
+		if (ioctl(fd[k], NS_GET_NSTYPE) != (k ? CLONE_NEWNS : CLONE_NEWUSER) ||
+		    fstat(fd[k], &a) || stat(path, &b) || a.st_ino != b.st_ino ||
+		    a.st_dev != b.st_dev)
+			rw_fail("rankwire: the %s namespace fd is not the holder's", ns[k]);
+	}
+	if (syscall(SYS_setresuid, -1, eu, -1) || geteuid() != eu) /* from euid 0: cannot fail */
+		abort();
+	/* Its pidfd now: release waits for this very process (if Linux >= 5.3 can tell). */
+	if (!*st.error && (st.pidfd = (int)syscall(SYS_pidfd_open, cr.pid, 0)) < 0 &&
+	    errno != ENOSYS)
+		rw_fail("rankwire: cannot watch the container's holder: %s", strerror(errno));
+	if (!*st.error) /* ours now */
+		st.lease = lease, st.ns[1] = got->fd[want - 1],
+		st.ns[0] = want == 3 ? got->fd[1] : -1, got->n = 0;
 }
 
 static void setup(spank_t sp, int ac, char **av)
 {
-	const char *helper = RANKWIRE_HELPER;
-	struct buf req = {0}, checked = {0}, started = {0}, *bufs[] = {&req, &checked, &started};
-	struct reply chk = {0}, run = {0};
+	struct rw_helper h = {RANKWIRE_HELPER, HELPER_TIMEOUT_S};
+	struct buf req = {0};
+	struct reply chk = {.req = &req}, run = {0};
 	struct rw_job job = {0};
-	int image_fd = -1;
+	struct rw_fds fds = {.n = 0}, held = {.n = 0};
+	char *end;
 
 	for (int i = 0; i < ac; i++)
-		if (!strncmp(av[i], "helper=", 7))
-			helper = av[i] + 7;
-	if (put_facts(&req, sp, ac, av, &job) ||
-	    rw_run_helper(helper, "check", &req, NULL, -1, &image_fd, &checked))
+		if (frame_add(&req, "arg", "%s", av[i]), !strncmp(av[i], "helper=", 7))
+			h.path = av[i] + 7;
+		else if (!strncmp(av[i], "timeout=", 8) && ((h.timeout_s = (int)strtol(av[i] + 8,
+			 &end, 10)) < 1 || h.timeout_s > 86400 || *end || end == av[i] + 8))
+			rw_fail("rankwire: plugstack.conf %s: give 1 to 86400 seconds", av[i]);
+	if (*st.error || put_facts(&req, sp, &job) ||
+	    rw_run_helper(&h, "check", &req, NULL, &held, &fds, on_reply, &chk) || *st.error)
 		goto out;
-	if (frame_parse(checked.p, checked.len, on_reply, &chk))
-		rw_fail("rankwire: bad reply from the helper's check phase");
 	if (chk.skip)
 		st.active = 0; /* e.g. a batch step, or srun --container with an oci.conf */
-	else if (!chk.checked || image_fd < 0)
-		rw_fail("rankwire: the helper's check phase allowed nothing");
-	if (!st.active || *st.error)
-		goto out;
-	frame_add(&req, "checked", "%s", chk.checked);
-	if (rw_run_helper(helper, "start", &req, &job, image_fd, NULL, &started))
-		goto out;
-	if (frame_parse(started.p, started.len, on_reply, &run))
-		rw_fail("rankwire: bad reply from the helper's start phase");
-	else if (!run.socket || !st.workdir)
-		rw_fail("rankwire: the helper's start phase named no container");
-	if (!*st.error)
-		join_holder(run.socket);
+	else if ((st.enforced = chk.enforced)) /* root built and joined it: no start phase */
+		take_container(&fds, "check", 0);
+	else if (!chk.checked || fds.n < 1 || fds.n > RW_MAX_FDS)
+		rw_fail("rankwire: the helper's check phase allowed nothing (`checked` and 1 to %d "
+			"descriptors, not %d)", RW_MAX_FDS, fds.n);
+	if (st.active && !st.enforced && !*st.error &&
+	    !rw_run_helper(&h, "start", &req, &job, &fds, &held, on_reply, &run) && !*st.error)
+		take_container(&held, "start", job.uid);
 out:
-	if (image_fd >= 0)
-		rw_close(image_fd);
-	for (int i = 0; i < 3; i++)
-		free(bufs[i]->p);
+	if (st.active && !st.workdir)
+		rw_fail("rankwire: the helper named no working directory in the container");
+	rw_close_fds(&fds), rw_close_fds(&held), free(req.p);
 }
 
 int slurm_spank_init(spank_t sp, int ac UNUSED, char **av UNUSED)
@@ -207,7 +200,7 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	return 0; /* failures are reported by task_init: Slurm 22.05 drops user_init's */
 }
 
-/* One of the start reply's environment changes, applied to this task's environment. */
+/* One of the reply's environment changes, applied to this task's environment. */
 static void on_task_env(const char *key, char *val, void *ctx)
 {
 	char *eq = strchr(val, '='), from[65536];
@@ -226,14 +219,23 @@ static void on_task_env(const char *key, char *val, void *ctx)
 		rw_fail("rankwire: cannot set %s for the task: %s", val, spank_strerror(rc));
 }
 
+/* Enforced: still root in the forked task, before Slurm drops privileges; the mount
+ * namespace only (no user namespace: root's, which the user cannot change). */
+int slurm_spank_task_init_privileged(spank_t sp UNUSED, int ac UNUSED, char **av UNUSED)
+{
+	if (st.active && st.enforced && !*st.error && setns(st.ns[1], CLONE_NEWNS))
+		rw_fail("rankwire: cannot enter the container: %s", strerror(errno));
+	return 0; /* task_init reports it */
+}
+
 int slurm_spank_task_init(spank_t sp, int ac UNUSED, char **av UNUSED)
 {
 	if (!st.active)
 		return 0;
 	/* Forked and single-threaded, as setns(CLONE_NEWUSER) wants; no_new_privs as for all
 	 * rankwire's containers. Namespace and lease fds are close-on-exec: the task's own. */
-	if (!*st.error && (setns(st.ns[0], CLONE_NEWUSER) || setns(st.ns[1], CLONE_NEWNS) ||
-			   prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)))
+	if (!*st.error && ((!st.enforced && (setns(st.ns[0], CLONE_NEWUSER) ||
+	    setns(st.ns[1], CLONE_NEWNS))) || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)))
 		rw_fail("rankwire: cannot enter the container: %s", strerror(errno));
 	if (!*st.error && chdir(st.workdir))
 		rw_fail("rankwire: working directory %s does not exist in the container: pass "
@@ -243,32 +245,20 @@ int slurm_spank_task_init(spank_t sp, int ac UNUSED, char **av UNUSED)
 	return *st.error ? (slurm_error("%s", st.error), -1) : 0;
 }
 
-/* The step's lease ends; if it was the last, wait for the holder's teardown. */
+/* The lease ends: `leave`, last=0|1 until EOF, (last) the holder's exit: HOLDER_WAIT_MS each. */
 static void release(void)
 {
-	char data[256];
-	size_t len = 0;
-	ssize_t n = -1;
+	struct buf b = {0};
 	struct reply r = {0};
-	struct pollfd pfd = {-1, POLLIN, 0};
 
-	if (st.lease < 0)
-		return;
-	rw_close(st.ns[0]);
-	rw_close(st.ns[1]);
-	/* The holder replies last=0|1 and hangs up; each read waits HOLDER_WAIT_MS at most. */
-	if (send(st.lease, "leave\n", 6, MSG_NOSIGNAL) == 6)
-		while (len < sizeof data && (n = read(st.lease, data + len, sizeof data - len)) > 0)
-			len += (size_t)n;
-	if (n != 0 || frame_parse(data, len, on_reply, &r))
+	if (st.lease >= 0 && (send(st.lease, "leave\n", 6, MSG_NOSIGNAL | MSG_DONTWAIT) != 6 ||
+	    rw_read_frame(st.lease, -1, rw_now_ms() + HOLDER_WAIT_MS, NULL, &b) ||
+	    frame_parse(b.p, b.len, on_reply, &r)))
 		slurm_error("rankwire: no answer to `leave` from the container's holder");
-	/* No pidfd (ESRCH): the holder is gone already. Not gone in time: we waited enough. */
-	if (r.last && st.holder > 0 && (pfd.fd = (int)syscall(SYS_pidfd_open, st.holder, 0)) >= 0) {
-		(void)poll(&pfd, 1, HOLDER_WAIT_MS);
-		rw_close(pfd.fd);
-	}
-	rw_close(st.lease);
-	st.lease = -1;
+	if (r.last && st.pidfd >= 0) /* not gone in time: we waited enough */
+		(void)poll(&(struct pollfd){st.pidfd, POLLIN, 0}, 1, HOLDER_WAIT_MS);
+	rw_close(st.ns[0]), rw_close(st.ns[1]), rw_close(st.lease), rw_close(st.pidfd); /* -1: ok */
+	st.lease = st.pidfd = st.ns[0] = st.ns[1] = -1, free(b.p);
 }
 
 int slurm_spank_task_exit(spank_t sp UNUSED, int ac UNUSED, char **av UNUSED)

@@ -2,16 +2,18 @@
  * rankwire SPANK shim: `srun --container-image=app.sif ./mpi_app` (or srun --container=).
  * Mechanism only; every decision is the Python helper's (`rankwire spank-helper`):
  *   user_init (slurmstepd, once per node): run the helper's "check" phase as root (site
- *     policy; it opens the image, hands us the fd) and its "start" phase as the job user
- *     (starts the node's shared container from that fd), then join the container's
- *     holder: its namespace fds, and the connection as the step's lease. Failures are
- *     kept for task_init: Slurm 22.05 does not report user_init's.
- *   task_init (each task, forked, as the user): setns user + mount, chdir, env.
+ *     policy; it opens the image and binds, hands us the fds) and, unless it enforced the
+ *     container itself, its "start" phase as the job user with those fds as 3, 4, ...
+ *     Either hands over [lease, (user ns,) mount ns], checked against the lease's peer
+ *     (the holder). Failures are kept for task_init: Slurm 22.05 does not report user_init's.
+ *   task_init_privileged (each task, forked, root; enforced only): setns mount.
+ *   task_init (each task, as the user): setns user + mount (advisory only), no_new_privs,
+ *     chdir, env.
  *   task_exit (slurmstepd): after the last task, leave; the holder tears down.
- * rankwire_spank.c: the callbacks, the holder; helper_run.c: running the helper (fork,
- * exact ids, fixed env, execve; request and reply over a socketpair, the image fd by
- * SCM_RIGHTS, stderr in a memfd); frame.c: the only wire format, framed records (no JSON).
- * options.h is generated from runtime/options.py.
+ * Every wait has a deadline. rankwire_spank.c: the callbacks, the lease; helper_run.c:
+ * running the helper (fork, exact ids, fixed env, execve; the request in a memfd, the
+ * reply over a socketpair with fds by SCM_RIGHTS, stderr in a memfd); frame.c: the only
+ * wire format, framed records (no JSON). options.h is generated from runtime/options.py.
  */
 #ifndef RANKWIRE_SHIM_H
 #define RANKWIRE_SHIM_H
@@ -21,36 +23,49 @@
 #include <stdint.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
+#include <linux/nsfs.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/time.h>
-#include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 
 #include <slurm/spank.h>
 
 #ifndef RANKWIRE_HELPER
 #define RANKWIRE_HELPER "/usr/local/bin/rankwire" /* plugstack.conf helper= overrides */
 #endif
-#define HELPER_TIMEOUT_MS (600 * 1000) /* for each read and write */
-#define HOLDER_WAIT_MS 10000 /* for each step of joining and leaving, and for its exit */
+#define HELPER_TIMEOUT_S 600 /* each helper phase as a whole (plugstack.conf timeout=) */
+#define HOLDER_WAIT_MS 10000 /* for each step of leaving, and for the holder's exit */
+#define RW_MAX_FDS 64 /* descriptors a reply may hand over */
 
 /* close() of a descriptor we own: Linux frees it even when close reports an error, so
- * there is nothing to retry or report. */
+ * there is nothing to retry or report (nor for -1: EBADF). */
 #define rw_close(fd) ((void)close(fd))
 
 struct rw_job { uid_t uid; gid_t gid; gid_t *gids; int ngids; };
+struct rw_helper { const char *path; int timeout_s; };
+/* Descriptors that came with a reply: n counts all, fd[] keeps the first RW_MAX_FDS. */
+struct rw_fds { int fd[RW_MAX_FDS], n; };
 
 /* Keep the first one-line error; task_init reports it to srun. */
 void rw_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* Run `helper spank-helper PHASE`: req in, the reply frame out (with at most one fd, into
- * *fd_out); as_user NULL: as root. 0, or -1 with the reason given to rw_fail. */
-int rw_run_helper(const char *helper, const char *phase, const struct buf *req,
-		  const struct rw_job *as_user, int pass_fd, int *fd_out, struct buf *reply);
+/* Run `helper spank-helper PHASE` (as_user NULL: as root) with pass as fds 3, 4, ...: req
+ * in; its reply's records to fn(ctx), its fds into got. 0, or -1 with the reason given to
+ * rw_fail. */
+int rw_run_helper(const struct rw_helper *h, const char *phase, const struct buf *req,
+		  const struct rw_job *as_user, const struct rw_fds *pass, struct rw_fds *got,
+		  frame_fn *fn, void *ctx);
+int64_t rw_now_ms(void); /* CLOCK_MONOTONIC: deadlines */
+/* A frame until EOF (or the exit of pidfd until's process) by the deadline, its fds into
+ * got (NULL: closed): 0 or an errno. */
+int rw_read_frame(int fd, int until, int64_t deadline, struct rw_fds *got, struct buf *out);
+void rw_close_fds(const struct rw_fds *f);
 #endif

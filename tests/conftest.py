@@ -16,7 +16,7 @@ from harness.images import make_rootfs, make_world_readable
 from harness.leftovers import SESSION_VAR, user_leftovers
 from harness.mpi import MpiPrograms, compile_hello
 from harness.slurm import HarnessError, SlurmCluster
-from harness.spank import SpankInstall, install_plugin
+from harness.spank import SpankInstall, install_plugin, spank_leftovers
 from harness.users import User, ensure_unprivileged_user, install_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,3 +163,46 @@ def nothing_left_behind(unprivileged_user: User) -> Iterator[None]:
         while user_leftovers(user) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert user_leftovers(user) == []
+
+
+# -- the SPANK plugin under a Slurm of its own (tests/test_spank*.py) ------------------
+@pytest.fixture(scope="session")
+def spank_cluster(spank_install: SpankInstall) -> Iterator[SlurmCluster]:
+    """A Slurm of its own whose plugstack loads the installed plugin. Its spool and TmpFS
+    live under /run, which containers do not see by default: Slurm's PMIx dirs reach the
+    tasks only if the plugin binds them."""
+    if os.getuid() != 0:
+        pytest.skip("the Slurm fixture needs root")
+    cluster = SlurmCluster(base="/run")
+    try:
+        cluster.start()
+    except HarnessError as err:
+        pytest.fail(f"Slurm test cluster did not start: {err}")
+    cluster.plugstack.write_text(spank_install.plugstack_line())
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def policy(spank_install: SpankInstall) -> Iterator[Path]:
+    """The installed policy file; a test may rewrite it, the sample comes back after."""
+    sample = spank_install.policy.read_text()
+    yield spank_install.policy
+    spank_install.policy.write_text(sample)
+
+
+@pytest.fixture
+def nothing_left(unprivileged_user: User) -> Iterator[None]:
+    """After the test: no helper, holder or FUSE daemon of the plugin, no runtime file."""
+    yield
+    users = [unprivileged_user, User("root", 0, 0, "/root")]
+
+    def left() -> list[str]:
+        return spank_leftovers() + [x for u in users for x in user_leftovers(u)]
+
+    deadline = time.monotonic() + 5
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left() == []

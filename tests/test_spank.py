@@ -9,67 +9,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harness.leftovers import user_leftovers
-from harness.mpi import assert_hello, ompi_env
-from harness.slurm import HarnessError, SlurmCluster
-from harness.spank import SpankInstall, spank_leftovers
+from harness.mpi import assert_hello
+from harness.slurm import SlurmCluster
+from harness.spank import SpankInstall, srun
 from harness.users import User
 
 pytestmark = [pytest.mark.slurm]
-
-
-@pytest.fixture(scope="session")
-def spank_cluster(spank_install: SpankInstall) -> Iterator[SlurmCluster]:
-    """A Slurm of its own whose plugstack loads the installed plugin. Its spool and TmpFS
-    live under /run, which containers do not see by default: Slurm's PMIx dirs reach the
-    tasks only if the plugin binds them."""
-    if os.getuid() != 0:
-        pytest.skip("the Slurm fixture needs root")
-    cluster = SlurmCluster(base="/run")
-    try:
-        cluster.start()
-    except HarnessError as err:
-        pytest.fail(f"Slurm test cluster did not start: {err}")
-    cluster.plugstack.write_text(spank_install.plugstack_line())
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-def policy(spank_install: SpankInstall) -> Iterator[Path]:
-    """The installed policy file; a test may rewrite it, the sample comes back after."""
-    sample = spank_install.policy.read_text()
-    yield spank_install.policy
-    spank_install.policy.write_text(sample)
-
-
-@pytest.fixture
-def nothing_left(unprivileged_user: User) -> Iterator[None]:
-    """After the test: no helper, holder or FUSE daemon of the plugin, no runtime file."""
-    yield
-    users = [unprivileged_user, User("root", 0, 0, "/root")]
-
-    def left() -> list[str]:
-        return spank_leftovers() + [x for u in users for x in user_leftovers(u)]
-
-    deadline = time.monotonic() + 5
-    while left() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert left() == []
-
-
-def srun(
-    cluster: SlurmCluster, runner: User, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    return runner.run(["srun", *args], env=ompi_env(env or cluster.env), cwd="/tmp", timeout=120)
 
 
 PROBE = (
@@ -218,7 +167,8 @@ def test_failures_reach_srun_and_leave_nothing(
     allowed.mkdir(exist_ok=True)
     allowed.chmod(0o755)
     policy.write_text(
-        f'image_dirs = ["{allowed}"]\nmount_sources = ["{shared_dir}"]\nallow_writable = false\n'
+        f'image_dirs = ["{allowed}"]\nmount_sources = ["{shared_dir}", "/tmp"]\n'
+        "allow_writable = false\n"
     )
     image = {
         "missing": allowed / "missing.sif",
@@ -333,6 +283,7 @@ def test_plugin_exports_only_what_slurm_looks_up(spank_install: SpankInstall) ->
     assert names - plugin_symbols == {
         "slurm_spank_init",
         "slurm_spank_user_init",
+        "slurm_spank_task_init_privileged",
         "slurm_spank_task_init",
         "slurm_spank_task_exit",
         "slurm_spank_exit",

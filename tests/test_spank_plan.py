@@ -201,11 +201,33 @@ def test_policy_refusals_name_the_reason(tmp_path: Path) -> None:
         ('image_dirs = ["rel"]\n', "not an absolute path"),
         ("image_dirs = '/a'\n", "must be a list"),
         ("allow_writable = 1\n", "must be true or false"),
+        ("enforce = 'yes'\n", "'enforce' must be true or false"),
     ],
 )
 def test_broken_policy_fails_closed(tmp_path: Path, text: str, why: str) -> None:
     with pytest.raises(PolicyError, match=why):
         load_policy(str(write_policy(tmp_path, text)))
+
+
+@needs_root
+def test_policy_that_is_not_text_fails_closed(tmp_path: Path) -> None:
+    path = write_policy(tmp_path, "")
+    path.write_bytes(b'image_dirs = ["/caf\xe9"]\n')
+    with pytest.raises(PolicyError) as err:
+        load_policy(str(path))
+    assert str(err.value).startswith(f"policy: {path} is not valid TOML: ")
+
+
+@needs_root
+def test_enforce_refuses_remap_root(tmp_path: Path) -> None:
+    p = load_policy(str(write_policy(tmp_path, "enforce = true\n")))
+    assert p.enforce
+    with pytest.raises(PolicyError) as err:
+        p.check_options(fabric="auto", remap_root=True, writable=False)
+    assert str(err.value) == (
+        "policy: --container-remap-root needs a user namespace, which this site's enforced "
+        "policy does not give containers; drop it"
+    )
 
 
 @needs_root

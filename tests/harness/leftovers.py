@@ -56,8 +56,14 @@ def user_leftovers(user: User) -> list[str]:
         for line in Path("/proc/mounts").read_text().splitlines()
         if "rankwire" in line
     ]
-    rdir = Path(f"/tmp/rankwire-{user.uid}")
-    if rdir.exists():
-        found += [f"file {p}" for p in rdir.iterdir() if p.name != "instances"]
-        found += [f"file {p}" for p in (rdir / "instances").iterdir()]
+    # The CLI's runtime dir, its fallback when another user made that one, the plugin's.
+    for rdir in (
+        Path(f"/tmp/rankwire-{user.uid}"),
+        Path(user.home or "/nonexistent") / ".cache/rankwire/run",
+        Path(f"/run/rankwire/{user.uid}"),
+    ):
+        if rdir.is_dir():
+            found += [f"file {p}" for p in rdir.iterdir() if p.name != "instances"]
+            if (rdir / "instances").is_dir():
+                found += [f"file {p}" for p in (rdir / "instances").iterdir()]
     return found

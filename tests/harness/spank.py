@@ -8,6 +8,9 @@ import subprocess
 from pathlib import Path
 
 from harness.leftovers import WATCHED
+from harness.mpi import ompi_env
+from harness.slurm import SlurmCluster
+from harness.users import User
 
 # The environment the shim gives its helper (spank/helper_run.c `helper_child`); the
 # holders it starts inherit it, which is how their leftovers are told from others'.
@@ -67,3 +70,15 @@ def spank_leftovers() -> list[str]:
         if comm in WATCHED and env == HELPER_ENV:
             found.append(f"process {proc.name} {comm}")
     return found
+
+
+def srun(
+    cluster: SlurmCluster,
+    runner: User,
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: str = "/tmp",
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """`srun ARGS` as `runner` on `cluster` (Open MPI's env fixed up), from `cwd`."""
+    return runner.run(["srun", *args], env=ompi_env(env or cluster.env), cwd=cwd, timeout=timeout)
