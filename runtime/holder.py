@@ -582,7 +582,10 @@ class Holder:
             sel.unregister(conn)
             if cmd == "leave":
                 with contextlib.suppress(OSError):
-                    conn.sendall(frame.encode([("last", "1" if not self.leases else "0")]))
+                    # "last": we are about to tear down, so the leaver may wait for it; a
+                    # persistent instance stays (no one should wait for its exit).
+                    last = not self.leases and self.mode != "persistent"
+                    conn.sendall(frame.encode([("last", "1" if last else "0")]))
             conn.close()
             return None
         reply = dict(self.report)

@@ -295,3 +295,33 @@ def test_killing_rankwire_leaves_neither_holder_nor_command(runner: User, base_i
         time.sleep(0.05)
     assert not Path(f"/proc/{command}").exists(), "the command outlived rankwire"
     # nothing_left_behind then checks the holder, squashfuse, mounts and runtime files.
+
+
+@pytest.mark.parametrize(("mode", "last"), [("persistent", "0"), ("ephemeral", "1")])
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_leave_says_last_only_when_the_holder_will_end(
+    base_image: Path, mode: str, last: str
+) -> None:
+    """A joiner that leaves waits for the holder's exit only if the holder said `last`;
+    a persistent instance stays, so it must not say so (each `exec instance://` waited
+    10 s for an exit that never came)."""
+    from rankwire.runtime import frame, instance
+    from rankwire.runtime.assemble import plan_image
+    from rankwire.runtime.facts import gather
+    from rankwire.runtime.plan import ExecOptions
+
+    opts = ExecOptions(fabric="none")
+    container = plan_image(gather(str(base_image), opts), opts, None).container
+    name = f"leave-{mode}"
+    holder = instance.start_holder(
+        container, mode=mode, owner=os.getpid(), name=name if mode == "persistent" else None
+    )
+    try:
+        lease = instance.join(holder.socket, timeout=10)
+        lease.conn.sendall(b"leave\n")
+        assert frame.decode(lease.conn.recv(64)) == [("last", last)]
+        lease.conn.close()
+    finally:
+        if mode == "persistent":
+            instance.stop_instance(name)
+        holder.wait()
