@@ -15,7 +15,7 @@ import pytest
 from harness.images import make_rootfs, make_world_readable
 from harness.leftovers import SESSION_VAR, user_leftovers
 from harness.mpi import MpiPrograms, compile_hello
-from harness.slurm import HarnessError, SlurmCluster
+from harness.slurm import SlurmCluster, running_cluster
 from harness.spank import SpankInstall, install_plugin, spank_leftovers
 from harness.users import User, ensure_unprivileged_user, install_for
 
@@ -40,17 +40,8 @@ def shared_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """A throwaway single-node Slurm 22.05; use `.env` for srun/sbatch."""
-    if os.getuid() != 0:
-        pytest.skip("the Slurm fixture needs root (slurmd runs job steps as the job user)")
-    cluster = SlurmCluster()
-    try:
-        cluster.start()
-    except HarnessError as err:
-        pytest.fail(f"Slurm test cluster did not start: {err}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    with running_cluster("the Slurm fixture needs root (slurmd runs steps as the job user)") as c:
+        yield c
 
 
 @pytest.fixture(scope="session")
@@ -171,18 +162,9 @@ def spank_cluster(spank_install: SpankInstall) -> Iterator[SlurmCluster]:
     """A Slurm of its own whose plugstack loads the installed plugin. Its spool and TmpFS
     live under /run, which containers do not see by default: Slurm's PMIx dirs reach the
     tasks only if the plugin binds them."""
-    if os.getuid() != 0:
-        pytest.skip("the Slurm fixture needs root")
-    cluster = SlurmCluster(base="/run")
-    try:
-        cluster.start()
-    except HarnessError as err:
-        pytest.fail(f"Slurm test cluster did not start: {err}")
-    cluster.plugstack.write_text(spank_install.plugstack_line())
-    try:
+    with running_cluster("the Slurm fixture needs root", base="/run") as cluster:
+        cluster.plugstack.write_text(spank_install.plugstack_line())
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

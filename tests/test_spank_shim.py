@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.slurm import HarnessError, SlurmCluster
+from harness.slurm import SlurmCluster, running_cluster
 from harness.spank import SpankInstall
 from harness.users import User
 
@@ -136,17 +136,8 @@ elif SCENARIO == "advisory":
 @pytest.fixture(scope="module")
 def shim_cluster(spank_install: SpankInstall) -> Iterator[SlurmCluster]:
     """A Slurm of its own whose plugstack each test points at its fake helper."""
-    if os.getuid() != 0:
-        pytest.skip("the Slurm fixture needs root")
-    cluster = SlurmCluster(base="/run")
-    try:
-        cluster.start()
-    except HarnessError as err:
-        pytest.fail(f"Slurm test cluster did not start: {err}")
-    try:
+    with running_cluster("the Slurm fixture needs root", base="/run") as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from harness.procs import ancestors
 
@@ -242,3 +243,22 @@ def pids_with_env(entry: str) -> list[int]:
         if needle in env:
             found.append(int(proc.name))
     return found
+
+
+@contextlib.contextmanager
+def running_cluster(reason: str, **kw: Any) -> Iterator[SlurmCluster]:
+    """A started SlurmCluster(**kw) for a fixture, stopped after; skips the tests when not
+    root (`reason`), fails them when it cannot start."""
+    import pytest
+
+    if os.getuid() != 0:
+        pytest.skip(reason)
+    cluster = SlurmCluster(**kw)
+    try:
+        cluster.start()
+    except HarnessError as err:
+        pytest.fail(f"Slurm test cluster did not start: {err}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
