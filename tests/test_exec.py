@@ -325,3 +325,20 @@ def test_leave_says_last_only_when_the_holder_will_end(
         if mode == "persistent":
             instance.stop_instance(name)
         holder.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [[], ["--unsquash"]])
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_concurrent_starts_all_succeed(base_image: Path, how: list[str]) -> None:
+    """Every task of an srun step starts at once: 4 rounds of 8 concurrent `exec`s, each
+    with its own holder, all succeed (a prune of one start took another's socket or
+    session dir: 6 of 64 failed, and a squashfuse_ll was left running)."""
+    argv = ["rankwire", "exec", *how, "--share", "none", str(base_image), "/bin/true"]
+    for _ in range(4):
+        procs = [
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(8)
+        ]
+        results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
+        assert results == [(0, "")] * 8, results
