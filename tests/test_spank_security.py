@@ -25,6 +25,8 @@ from harness.users import User
 
 pytestmark = [pytest.mark.slurm]
 MODES = ["advisory", "enforce"]
+# The attackers run as the test user: Debian's python3 (our venv may be out of their reach).
+PY = "/usr/bin/python3"
 
 
 @pytest.fixture(params=MODES)
@@ -191,7 +193,7 @@ def test_mount_source_swapped_while_checked_never_binds_host_etc(
     user.run(["sh", "-c", f"rm -rf {race} && mkdir -p {race}/a && touch {race}/a/MARKER"])
     user.run(["ln", "-s", "/etc", str(race / "b")])
     racer = subprocess.Popen(
-        user.argv([sys.executable, "-c", RACER, str(race / "a"), str(race / "b"), "120"]),
+        user.argv([PY, "-c", RACER, str(race / "a"), str(race / "b"), "120"]),
         start_new_session=True,
     )
     outcomes = {"marker": 0, "refused": 0}
@@ -217,6 +219,7 @@ def test_mount_source_swapped_while_checked_never_binds_host_etc(
                     line.endswith("is no longer the file that was opened") and f"{race}/" in line
                 ), line
                 outcomes["refused"] += 1
+        assert racer.poll() is None, "the racer was not running throughout"
     finally:
         stop_group(racer)
         user.run(["rm", "-rf", str(race)])
@@ -461,7 +464,7 @@ def test_swapped_holder_socket_is_never_joined(
         assert started.returncode == 0, started.stderr
         instance = f"{run_dir}/instances/evil.sock"
     swapper = subprocess.Popen(
-        user.argv([sys.executable, "-c", SWAPPER, run_dir, "120", instance]),
+        user.argv([PY, "-c", SWAPPER, run_dir, "120", instance]),
         start_new_session=True,
     )
     try:
@@ -483,6 +486,7 @@ def test_swapped_holder_socket_is_never_joined(
             else:
                 (line,) = stderr_lines(proc)
                 assert line.startswith("rankwire: cannot join the container"), line
+        assert swapper.poll() is None, "the swapper was not running throughout"
     finally:
         stop_group(swapper)
         subprocess.run(["sh", "-c", f"rm -f {run_dir}/evil-*.sock"], check=False)
@@ -498,7 +502,7 @@ def test_start_phase_cannot_be_traced_by_its_user(unprivileged_user: User) -> No
     so its own user cannot ptrace it (and so cannot rewrite its decisions)."""
     user = unprivileged_user
     runner = subprocess.Popen(
-        user.argv([str(Path(sys.executable).parent / "rankwire"), "spank-helper", "start"]),
+        user.argv(["rankwire", "spank-helper", "start"]),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -527,7 +531,7 @@ def test_start_phase_cannot_be_traced_by_its_user(unprivileged_user: User) -> No
             time.sleep(0.05)
         trace = user.run(
             [
-                sys.executable,
+                PY,
                 "-c",
                 "import ctypes,sys; libc=ctypes.CDLL(None, use_errno=True); "
                 f"r=libc.ptrace(16, {helper}, 0, 0); "
