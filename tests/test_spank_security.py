@@ -21,6 +21,7 @@ import pytest
 from harness.slurm import SlurmCluster
 from harness.spank import HELPER_ENV, srun
 from harness.users import User
+from rankwire.runtime.instance import prune_stale
 
 pytestmark = [pytest.mark.slurm]
 MODES = ["advisory", "enforce"]
@@ -493,6 +494,9 @@ def test_swapped_holder_socket_is_never_joined(
             user.run(
                 ["env", f"RANKWIRE_RUNTIME_DIR={run_dir}", "rankwire", "instance", "stop", "evil"]
             )
+        # The attacker's links that it renamed into place after a holder had gone: dead
+        # sockets, which the next start's prune removes; do it now.
+        prune_stale(Path(run_dir))
     node_is_healthy(spank_cluster)
 
 
