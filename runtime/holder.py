@@ -280,7 +280,12 @@ class Holder:
         log = os.path.join(self.session, f"{os.path.basename(argv[0])}.log")
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=self._pass_fds
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=self._pass_fds,
+                preexec_fn=_die_with_holder,
             )
         self.daemons.append(proc)
         try:
@@ -631,6 +636,12 @@ class Holder:
                 os.rmdir(os.path.basename(self.session), dir_fd=self.session_parent_fd)
 
 
+def _die_with_holder() -> None:
+    """In a FUSE daemon before exec: end (and unmount) when the holder ends, even by
+    SIGKILL, instead of staying behind holding the image open."""
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -668,14 +679,16 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
         holder = Holder(req)
         try:
             holder.setup()
-        except (SetupError, OSError) as err:
+        except (SetupError, OSError, SystemExit) as err:  # SystemExit: SIGTERM meanwhile
             holder.teardown()
-            failure = {"ok": False, "error": str(err), "taken": getattr(err, "taken", False)}
-            os.write(status_fd, json.dumps(failure).encode() + b"\n")
+            why = "stopped during setup" if isinstance(err, SystemExit) else str(err)
+            failure = {"ok": False, "error": why, "taken": getattr(err, "taken", False)}
+            with contextlib.suppress(OSError):
+                os.write(status_fd, json.dumps(failure).encode() + b"\n")
             os._exit(1)
-        os.write(status_fd, json.dumps(holder.report).encode() + b"\n")
-        os.close(status_fd)
-        try:
+        try:  # from here on, whatever ends us (SIGTERM included) tears down first
+            os.write(status_fd, json.dumps(holder.report).encode() + b"\n")
+            os.close(status_fd)
             holder.serve()
         except SystemExit:
             pass

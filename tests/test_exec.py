@@ -342,3 +342,24 @@ def test_concurrent_starts_all_succeed(base_image: Path, how: list[str]) -> None
         ]
         results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
         assert results == [(0, "")] * 8, results
+
+
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_fuse_daemon_ends_with_a_killed_holder(runner: User, base_image: Path) -> None:
+    """A holder killed with SIGKILL (no teardown) takes its squashfuse with it (parent-death
+    signal) instead of leaving it running with the image open."""
+    name = f"killed-{runner.name}"
+    started = rw(runner, "instance", "start", str(base_image), name)
+    assert started.returncode == 0, started.stderr
+    listed = json.loads(rw(runner, "instance", "list", "--json").stdout)
+    (holder,) = [row["pid"] for row in listed if row["name"] == name]
+    fuse = [child_of(holder, "squashfuse_ll")]
+    os.kill(holder, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{fuse[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{fuse[0]}").exists(), "squashfuse outlived its holder"
+    # What the killed holder could not remove: `instance list` prunes dead entries, the
+    # next start prunes the unlocked session dir.
+    assert rw(runner, "instance", "list", "--json").stdout.strip() == "[]"
+    assert rw(runner, "exec", str(base_image), "true").returncode == 0
