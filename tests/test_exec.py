@@ -324,6 +324,7 @@ def test_leave_says_last_only_when_the_holder_will_end(
     finally:
         if mode == "persistent":
             instance.stop_instance(name)
+            os.waitpid(holder.pid, 0)  # detached, but forked by this process: reap it
         holder.wait()
 
 
