@@ -3,9 +3,13 @@
 Single-threaded asyncio (ranks are forked and `setns` in the child, which must not race
 other threads). Exit code: 0 if every rank exits 0; otherwise the first failure: a rank's
 exit code (128+N for signal N), the code a rank passed to abort, 124 for --timeout, 1 for a
-fence that cannot complete. On the first failure, or a signal to the launcher, every other
+fence that cannot complete, and 1 when N > 1 ranks of a program that links an MPI all
+exited 0 without one of them speaking to our PMI server (N singletons, not one job of N:
+`plan.expect_pmi`; a program that links no MPI, like /bin/hostname, is never judged so).
+On the first failure, or a signal to the launcher, every other
 rank gets SIGTERM, then SIGKILL after the grace period. When `execute` returns, no rank,
-holder, mount or socket of the job is left.
+holder, mount or socket of the job is left, nor any process a rank started (the
+container's PID namespace ends with it, see `_Job.end_container`).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import resource
 import signal
 import sys
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from rankwire.launcher.plan import LaunchPlan
 from rankwire.pmi.job import FenceFailed, Job
@@ -31,6 +36,7 @@ from rankwire.runtime.instance import (
 )
 
 ABORT_GRACE_S = 0.2
+DRAIN_S = 2.0  # output still on its way once the container has ended
 
 
 def say(message: str) -> None:
@@ -46,7 +52,8 @@ class _Job:
         self.pids: dict[int, int] = {}  # rank -> pid, while running
         self.failure: Optional[int] = None
         self.tearing_down = False
-        self.open_pipes = 0
+        self.relays: dict[int, Callable[[], None]] = {}  # output pipe -> its last flush
+        self.ending = False
         # The first rank that exited non-zero, for ABORT_GRACE_S (see `reaped`).
         self.exit_pending: Optional[tuple[int, int]] = None
         self.done = self.loop.create_future()
@@ -134,9 +141,15 @@ class _Job:
 
     def relay(self, fd: int, to: int, rank: int) -> None:
         """Copy a rank's output to ours, each line prefixed with `[rank] `."""
-        self.open_pipes += 1
         prefix = f"[{rank}] ".encode()
         pending = bytearray()
+
+        def finish() -> None:
+            if pending:
+                os.write(to, prefix + bytes(pending) + b"\n")
+            self.loop.remove_reader(fd)
+            os.close(fd)
+            del self.relays[fd]
 
         def readable() -> None:
             chunk = os.read(fd, 65536)
@@ -147,19 +160,35 @@ class _Job:
                     os.write(to, b"".join(prefix + line + b"\n" for line in lines))
                     pending[:] = rest
                 return
-            if pending:
-                os.write(to, prefix + bytes(pending) + b"\n")
-            self.loop.remove_reader(fd)
-            os.close(fd)
-            self.open_pipes -= 1
+            finish()
             self.check_done()
 
+        self.relays[fd] = finish
         self.loop.add_reader(fd, readable)
 
     def check_done(self) -> None:
-        settled = self.exit_pending is None
-        if not self.pids and not self.open_pipes and settled and not self.done.done():
+        if self.pids or self.exit_pending is not None or self.done.done():
+            return
+        if self.relays:
+            self.end_container()
+        else:
             self.done.set_result(None)
+
+    def end_container(self) -> None:
+        """Every rank has exited, but processes they left hold the output pipes: end the
+        container (the kernel ends every process of its PID namespace), then drain what
+        is left for DRAIN_S at most (a shared container may outlive our lease)."""
+        if self.ending:
+            return
+        self.ending = True
+        if self.lease is not None:
+            self.lease.close()
+        self.loop.call_later(DRAIN_S, self.stop_relays)
+
+    def stop_relays(self) -> None:
+        for finish in list(self.relays.values()):
+            finish()
+        self.check_done()
 
     # -- PMI events -------------------------------------------------------------------
     async def watch_events(self) -> None:
@@ -207,11 +236,23 @@ class _Job:
                 self.loop.remove_signal_handler(sig)
             self.signal_all(signal.SIGKILL)  # only if we are unwinding from an error
             await self.server.close()
+        if self.failure is None and self.plan.expect_pmi and not self.server.connected_ranks:
+            # Each rank took MPI's singleton init: N jobs of size 1, not one of N.
+            server = "PMIx" if self.plan.pmi == "pmix" else "PMI-1/PMI-2"
+            say(
+                f"none of the {self.plan.ntasks} ranks connected to the {server} server: each "
+                "ran alone as an MPI job of size 1: use the PMI their MPI speaks (--pmi auto) "
+                "and keep the PMI_*/PMIX_* variables in their environment"
+            )
+            return 1
         return self.failure or 0
 
 
 def execute(plan: LaunchPlan) -> int:
     """Run the job; returns the launcher's exit code."""
+    if plan.open_files is not None:  # the planner found the job needs more (up to hard)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (plan.open_files, hard))
 
     async def main(lease: Optional[Lease]) -> int:
         return await _Job(plan, lease).run()

@@ -8,6 +8,14 @@ holds a lease for as long as it keeps the connection open. It tears everything d
 `stop`, when the owner process dies, when the image driver dies, or (ephemeral mode) when
 the last lease closes. It decides nothing: every choice is in the plan.
 
+With "pid" in `plan.namespaces` the container owns its processes: the holder makes a PID
+namespace whose init is a child of its own (`_run_init`), mounts that namespace's /proc,
+and `join` hands over its descriptor too. Whatever joins and forks inside is in it; when
+the holder ends, init ends, and the kernel kills every process left in the namespace
+(backgrounded, double-forked, or not). A fresh /proc that cannot be mounted (a /proc
+partly hidden by a container runtime) leaves the container without a PID namespace
+(the report's "pid_namespace_fallback" says why).
+
 Root mode (a holder running as root, `"user"` not in `plan.namespaces`): a container the
 job user who joins it cannot change. Only a mount namespace (owned by the initial user
 namespace, so nobody who enters it without CAP_SYS_ADMIN can mount or unmount), the
@@ -25,10 +33,13 @@ import fcntl
 import json
 import os
 import re
+import select
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NoReturn, Optional, cast
@@ -36,9 +47,10 @@ from typing import Any, NoReturn, Optional, cast
 from rankwire.runtime import frame, loopdev
 from rankwire.runtime import syscalls as sc
 from rankwire.runtime.imagepath import resolve_in_image
-from rankwire.runtime.plan import ContainerPlan, Mount, within
+from rankwire.runtime.plan import ContainerPlan, Mount, hidden_by, within
 
 MOUNT_WAIT_S = 10.0
+INIT_EXIT_S = 1.0
 FIRST_JOIN_S = 10.0
 # A bind's source given as a descriptor the holder was handed (`req["keep_fds"]`).
 FD_SOURCE = re.compile(r"/proc/self/fd/([0-9]+)")
@@ -87,6 +99,55 @@ def _wait_mounted(
     raise SetupError(f"timed out mounting {path}")
 
 
+EXTRACTING = ".extracting-"  # temporary dirs of `_extract`, beside the cache's
+
+
+def _claim_extracting(parent: str, name: str) -> tuple[str, int]:
+    """A new temporary dir in `parent` for extracting `name`, and the descriptor whose
+    lock says its owner lives. Made under another name and locked before it takes the
+    name `_prune_extracting` looks for, so a concurrent prune never takes it."""
+    made = tempfile.mkdtemp(prefix=".new-", dir=parent)
+    lock = os.open(made, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # no locks (some NFS): then never pruned
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    tmp = os.path.join(parent, f"{EXTRACTING}{name}-{os.path.basename(made)[len('.new-') :]}")
+    os.rename(made, tmp)
+    return tmp, lock
+
+
+def _prune_extracting(parent: str) -> None:
+    """Remove the temporary dirs of extractions whose process is gone (unlocked)."""
+    for entry in os.listdir(parent):
+        if not entry.startswith(EXTRACTING):
+            continue
+        path = os.path.join(parent, entry)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its owner is extracting (or locks are unsupported)
+            os.close(fd)
+            continue
+        _remove_tree(path)
+        os.close(fd)
+
+
+def _remove_tree(path: str) -> None:
+    """rm -rf, through the image's read-only directories too (0555 and the like); never
+    follows a symlink (one in the image may point at any host path)."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    for top, dirs, _ in os.walk(path):
+        for d in dirs:
+            sub = os.path.join(top, d)
+            if not os.path.islink(sub):
+                with contextlib.suppress(OSError):
+                    os.chmod(sub, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 class Holder:
     def __init__(self, req: dict[str, Any]) -> None:
         self.plan = ContainerPlan.from_dict(req["plan"])
@@ -123,6 +184,9 @@ class Holder:
         self.listener: Optional[socket.socket] = None
         self.bound = False
         self.ns_fds: list[int] = []
+        self.init: Optional[int] = None  # PID 1 of the container's PID namespace
+        self.init_life = -1  # init ends when this closes
+        self.proc_staging: Optional[str] = None  # that namespace's /proc, until bound
 
     # -- setup -----------------------------------------------------------------------
     def setup(self) -> None:
@@ -208,6 +272,8 @@ class Holder:
         self._open_image(lower)
         targets = self._prepare_mountpoints(lower, upper)
         self._overlay(root)
+        if "pid" in plan.namespaces:  # after the FUSE daemons: they stay out of it
+            self._start_init()
         for i, (m, target) in enumerate(zip(plan.mounts, targets)):
             self._apply(root, target, m, self.sources.get(i, m.source), self.trees.pop(i, None))
         flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV
@@ -222,6 +288,8 @@ class Holder:
             os.open("/proc/self/ns/user", os.O_RDONLY),
             os.open("/proc/self/ns/mnt", os.O_RDONLY),
         ]
+        if self.init is not None:
+            self.ns_fds.append(os.open("/proc/self/ns/pid_for_children", os.O_RDONLY))
         devnull = os.open(os.devnull, os.O_RDWR)
         os.chdir(root)
         sc.pivot_root(".", ".")
@@ -230,6 +298,54 @@ class Holder:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
         os.dup2(devnull, 0)
         os.close(devnull)
+
+    def _start_init(self) -> None:
+        """A PID namespace (for the children we fork from now on) and its init, which
+        mounts the namespace's /proc (only a member can) at session/proc."""
+        sc.unshare(sc.CLONE_NEWPID)
+        staging = os.path.join(self.session, "proc")
+        os.mkdir(staging)
+        life_r, life_w = os.pipe()
+        status_r, status_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            _run_init(life_r, status_w, staging)
+        os.close(life_r)
+        os.close(status_w)
+        self.init, self.init_life = pid, life_w
+        with os.fdopen(status_r, "rb") as status:
+            ready = select.select([status], [], [], MOUNT_WAIT_S)[0]
+            said = status.readline().decode(errors="replace").strip() if ready else ""
+        if said == "ok":
+            self.proc_staging = staging
+            return
+        self._end_init()
+        self._reap_init()
+        self.report["namespaces"].remove("pid")
+        self.report["pid_namespace_fallback"] = said or "its init did not start"
+
+    def _end_init(self) -> None:
+        """Kill init: the kernel kills every process of the namespace at once."""
+        if self.init is not None and self.init_life >= 0:
+            os.close(self.init_life)
+            self.init_life = -1
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.init, signal.SIGKILL)
+
+    def _reap_init(self) -> None:
+        """Reap the killed init, waiting a little: its exit waits until every process of
+        the namespace is reaped, by their parents (a rank by the launcher that forked
+        it, by the host's init if that died), which we must not wait for. One still
+        exiting is reaped by whoever inherits it."""
+        if self.init is None:
+            return
+        pid, self.init = self.init, None
+        fd = os.pidfd_open(pid)
+        try:
+            if select.select([fd], [], [], INIT_EXIT_S)[0]:
+                os.waitpid(pid, 0)
+        finally:
+            os.close(fd)
 
     def _pin_descriptors(self) -> dict[int, str]:
         """Before `unshare`: root mode clones each descriptor's mount (`trees`); a user
@@ -357,36 +473,51 @@ class Holder:
         self.report["loop_device"] = device
 
     def _extract(self) -> str:
-        """Unpack the partition once into the cache; reuse it while the digest matches."""
-        done = os.path.join(self.plan.extract_dir, "rootfs")
+        """Unpack the partition once into the cache (its dir is named by the partition's
+        content digest) and reuse it. Unpacked into a temporary dir beside it, locked
+        while we live, and renamed into place only when complete: a failed or killed
+        extraction never leaves anything under the final name, and the next extraction
+        removes the temporary dirs whose owner is gone."""
+        done = self.plan.extract_dir
+        if not done:
+            raise SetupError("the image's content digest was not read, so it has no cache")
         if os.path.isdir(done):
             return done
-        os.makedirs(self.plan.extract_dir, exist_ok=True)
-        tmp = f"{done}.tmp{os.getpid()}"
-        proc = subprocess.run(
-            [
-                "unsquashfs",
-                "-q",
-                "-n",
-                "-o",
-                str(self.plan.partition_offset),
-                "-d",
-                tmp,
-                self.image_source,
-            ],
-            capture_output=True,
-            text=True,
-            pass_fds=self._pass_fds,
-        )
-        if proc.returncode != 0:
-            subprocess.run(["rm", "-rf", tmp])
-            last = (proc.stderr.strip().splitlines() or ["unsquashfs failed"])[-1]
-            raise SetupError(f"unsquashfs: {last}")
+        parent, name = os.path.split(done)
+        os.makedirs(parent, exist_ok=True)
+        _prune_extracting(parent)
+        tmp, lock = _claim_extracting(parent, name)
         try:
-            os.rename(tmp, done)
-        except OSError:  # another process won the race; use its copy
-            subprocess.run(["rm", "-rf", tmp])
-        return done
+            rootfs = os.path.join(tmp, "rootfs")
+            proc = subprocess.run(
+                [
+                    "unsquashfs",
+                    "-q",
+                    "-n",
+                    "-o",
+                    str(self.plan.partition_offset),
+                    "-d",
+                    rootfs,
+                    self.image_source,
+                ],
+                capture_output=True,
+                text=True,
+                pass_fds=self._pass_fds,
+            )
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["unsquashfs failed"])[-1]
+                last = last.removeprefix("FATAL ERROR: ").replace(rootfs, "")
+                if "uncompress" in proc.stderr:  # the tables were read: file data is bad
+                    raise SetupError(
+                        f"the image's squashfs partition is corrupt ({last}): rebuild or re-pull it"
+                    )
+                raise SetupError(f"unsquashfs: {last}")
+            with contextlib.suppress(OSError):  # another process won the race: use its copy
+                os.rename(rootfs, done)
+            return done
+        finally:
+            _remove_tree(tmp)
+            os.close(lock)
 
     def _overlay(self, root: str) -> None:
         s, errors = self.session, []
@@ -445,6 +576,16 @@ class Holder:
         """Make mount `m` on `resolved` (its target inside the image); a bind is made from
         `source` (m.source, or what stands for its descriptor), or attaches `tree`."""
         target = secure_path(root, resolved)
+        if m.kind == "proc":  # a bind of our PID namespace's /proc, or of the host's
+            source = self.proc_staging or "/proc"
+            m = Mount("bind", m.target, source, recursive=self.proc_staging is None)
+        inside = target[len(root) :] or "/"
+        hidden = hidden_by(m.source, inside) if inside != m.target else None
+        if hidden is not None:  # a symlink in the image (or a bound tree) led it there
+            raise SetupError(
+                f"cannot mount {m.source or m.kind} on {m.target}: it leads to {inside}, "
+                f"which would hide {hidden}: choose a DST that is not a symlink"
+            )
         try:
             if m.kind == "bind" and not os.path.lexists(target):
                 # Below one of our tmpfs mounts (--contain's /tmp, say) we may create it;
@@ -543,8 +684,9 @@ class Holder:
                 return
             watched.append(fd)
             sel.register(fd, selectors.EVENT_READ, "owner")
-        for proc in self.daemons:
-            fd = os.pidfd_open(proc.pid)
+        # Init too: if it dies, so did every process of the container.
+        for pid in [proc.pid for proc in self.daemons] + ([self.init] if self.init else []):
+            fd = os.pidfd_open(pid)
             watched.append(fd)
             sel.register(fd, selectors.EVENT_READ, "daemon")
         # A shared or ephemeral holder that nobody joins (its starter died, or lost a
@@ -611,6 +753,7 @@ class Holder:
 
     # -- teardown --------------------------------------------------------------------
     def teardown(self) -> None:
+        self._end_init()  # first: the container's processes go before its mounts
         for conn in list(self.leases):
             conn.close()
         if self.listener is not None:
@@ -634,12 +777,48 @@ class Holder:
                 sc.umount2(self.session, sc.MNT_DETACH)
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.basename(self.session), dir_fd=self.session_parent_fd)
+        self._reap_init()  # last: nothing above waits for it
 
 
 def _die_with_holder() -> None:
     """In a FUSE daemon before exec: end (and unmount) when the holder ends, even by
     SIGKILL, instead of staying behind holding the image open."""
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _close_fds_except(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def _run_init(life: int, status: int, staging: str) -> NoReturn:
+    """PID 1 of the container's PID namespace, forked by the holder: mounts the
+    namespace's /proc on `staging`, says "ok" (or why not) on `status`, then waits
+    until the holder is gone (`life` at EOF, or the parent-death signal). Orphans of the
+    namespace are reparented to it; with SIGCHLD ignored the kernel reaps them. Members
+    cannot signal it: init gets only the signals it handles, and it handles none."""
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        sc.set_comm("rankwire-init")
+        for sig in signal.valid_signals():
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        _close_fds_except({life, status})
+        if select.select([life], [], [], 0)[0]:  # the holder died before the prctl
+            os._exit(0)
+        sc.mount("proc", staging, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+        os.write(status, b"ok\n")
+        os.close(status)
+        while os.read(life, 1):
+            pass
+    except BaseException as err:  # never return into the holder's code
+        with contextlib.suppress(OSError):
+            os.write(status, f"cannot mount a /proc for it: {err}\n".encode())
+    os._exit(0)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -669,12 +848,9 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        keep = sorted({status_fd, devnull, req.get("image_fd", devnull), *req.get("keep_fds", ())})
-        low = 3
-        for fd in keep:
-            os.closerange(low, fd)
-            low = fd + 1
-        os.closerange(low, 1 << 20)
+        _close_fds_except(
+            {status_fd, devnull, req.get("image_fd", devnull), *req.get("keep_fds", ())}
+        )
         os.close(devnull)
         holder = Holder(req)
         try:

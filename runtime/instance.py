@@ -1,8 +1,9 @@
 """Client side of the holder: start one, join it, run a process inside, list/stop instances.
 
 One container per node, shared: a holder owns the namespaces and the image mount; every
-process that joins (`setns` into its user and mount namespace) sees the same mounts, so
-shared memory and CMA between ranks work. Joining is a connection to the holder's socket:
+process that joins (`setns` into its user, PID and mount namespaces) sees the same mounts
+and the same PIDs, so shared memory and CMA between ranks work, and ends with the
+container. Joining is a connection to the holder's socket:
 the namespace fds come over SCM_RIGHTS (no PID reuse race) and the open connection is the
 lease that keeps an ephemeral holder alive.
 """
@@ -24,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
-from rankwire.errors import UserError
+from rankwire.errors import UserError, exec_failure, shown, workdir_failure
 from rankwire.runtime import frame
 from rankwire.runtime import syscalls as sc
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan, check_name
@@ -239,10 +240,14 @@ class Lease:
     userns_fd: int
     mntns_fd: int
     report: dict[str, Any]
+    pidns_fd: Optional[int] = None  # the container's PID namespace, if it has one
 
     def close(self, timeout: float = 10.0) -> None:
-        """Leave; if we were the last lease, wait until the holder has cleaned up."""
-        for fd in (self.userns_fd, self.mntns_fd):
+        """Leave; if we were the last lease, wait until the holder has cleaned up (and so
+        every process of its PID namespace has ended). Once; then a no-op."""
+        if self.conn.fileno() < 0:
+            return
+        for fd in self.ns_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         last = False
@@ -256,6 +261,11 @@ class Lease:
         pid = self.report.get("pid")
         if last and pid:
             _wait_exit(int(pid), timeout)
+
+    @property
+    def ns_fds(self) -> list[int]:
+        pidns = [] if self.pidns_fd is None else [self.pidns_fd]
+        return [self.userns_fd, self.mntns_fd, *pidns]
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
@@ -278,7 +288,7 @@ def _join(sock_path: str, timeout: Optional[float] = None) -> Lease:
         conn.settimeout(timeout)
         conn.connect(sock_path)
         conn.sendall(b"join\n")
-        msg, fds, _, _ = socket.recv_fds(conn, 4096, 2)
+        msg, fds, _, _ = socket.recv_fds(conn, 4096, 3)
         conn.settimeout(None)
     except socket.timeout:
         conn.close()
@@ -286,10 +296,13 @@ def _join(sock_path: str, timeout: Optional[float] = None) -> Lease:
     except OSError:
         conn.close()
         raise
-    if len(fds) != 2:
+    if len(fds) not in (2, 3):
+        for fd in fds:
+            os.close(fd)
         conn.close()
         raise ConnectionResetError(errno.ECONNRESET, "the container is shutting down")
-    return Lease(conn, fds[0], fds[1], json.loads(msg.decode().strip() or "{}"))
+    pidns = fds[2] if len(fds) == 3 else None
+    return Lease(conn, fds[0], fds[1], json.loads(msg.decode().strip() or "{}"), pidns)
 
 
 def join(sock_path: str, timeout: Optional[float] = None) -> Lease:
@@ -336,9 +349,28 @@ def leased(sock_path: str) -> Iterator[Lease]:
 
 
 def enter(lease: Lease) -> None:
-    """In a single-threaded (forked) process: move into the container's namespaces."""
+    """In a single-threaded (forked) process: move into the container's namespaces (its
+    PID namespace takes in only the children we fork from now on: `_successor`)."""
     sc.setns(lease.userns_fd, sc.CLONE_NEWUSER)
+    if lease.pidns_fd is not None:  # with the container's user namespace's privilege
+        sc.setns(lease.pidns_fd, sc.CLONE_NEWPID)
     sc.setns(lease.mntns_fd, sc.CLONE_NEWNS)
+
+
+def _successor(report: int, parent: int) -> None:
+    """After `enter` into a PID namespace: fork our successor in it as a child of our
+    parent (CLONE_PARENT), tell the parent its pid on `report`, and exit; the successor
+    returns (and goes on to exec). The parent waits for it as for any child of its own."""
+    parent_fd = os.pidfd_open(parent)  # from here, where its pid means it
+    pid = sc.fork_sibling()
+    if pid:
+        os.write(report, str(pid).encode())
+        os._exit(0)
+    os.close(report)
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)  # see `_child`
+    if select.select([parent_fd], [], [], 0)[0]:  # the parent died before the prctl
+        os._exit(125)
+    os.close(parent_fd)
 
 
 def _child(
@@ -347,6 +379,7 @@ def _child(
     inherit: Sequence[int],
     stdio: Optional[Sequence[int]],
     parent: int,
+    report: Optional[int] = None,
 ) -> NoReturn:
     """After fork: wire fds, enter (unless on the host), exec. Errors exit 125/126/127."""
     where = "in the container" if lease else "on this host"
@@ -367,29 +400,26 @@ def _child(
         if lease is not None:
             lease.conn.close()  # the lease is the parent's; the command must not hold it
             enter(lease)
-            os.close(lease.userns_fd)
-            os.close(lease.mntns_fd)
+            for fd in lease.ns_fds:
+                os.close(fd)
+            if report is not None:
+                _successor(report, parent)
         try:
             os.chdir(proc.workdir)
-        except OSError:
-            os.write(
-                2,
-                f"rankwire: working directory {proc.workdir} does not exist {where}: "
-                "pass --pwd DIR or bind it with -B\n".encode(),
-            )
+        except OSError as err:
+            os.write(2, f"rankwire: {workdir_failure(proc.workdir, err, where)}\n".encode())
             os._exit(125)
         if proc.no_new_privs:
             sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
         try:
             os.execvpe(proc.argv[0], list(proc.argv), proc.env)
-        except FileNotFoundError:
-            os.write(2, f"rankwire: {proc.argv[0]}: command not found {where}\n".encode())
-            os._exit(127)
-        except PermissionError:
-            os.write(2, f"rankwire: {proc.argv[0]}: permission denied\n".encode())
-            os._exit(126)
+        except OSError as err:
+            code, message = exec_failure(proc.argv[0], err, where)
+            os.write(2, f"rankwire: {message}\n".encode())
+            os._exit(code)
     except BaseException as err:  # never return into the parent's code
-        os.write(2, f"rankwire: cannot start {proc.argv[0]} {where}: {err}\n".encode())
+        message = f"cannot start {shown(proc.argv[0])} {where}: {shown(err)}"
+        os.write(2, f"rankwire: {message}\n".encode())
     os._exit(125)
 
 
@@ -408,10 +438,28 @@ def spawn_in(
     fds 0, 1, 2.
     """
     parent = os.getpid()
+    if lease is None or lease.pidns_fd is None:
+        pid = os.fork()
+        if pid == 0:
+            _child(lease, proc, inherit, stdio, parent)
+        return pid
+    # Into the container's PID namespace: the child we fork enters it and forks the
+    # process that execs (our child too, see `_successor`), whose pid it reports; if it
+    # fails before, it reports nothing and its own exit code (125) is the process's.
+    report_r, report_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _child(lease, proc, inherit, stdio, parent)
-    return pid
+        os.close(report_r)
+        _child(lease, proc, inherit, stdio, parent, report_w)
+    os.close(report_w)
+    try:
+        said = os.read(report_r, 32)
+    finally:
+        os.close(report_r)
+    if not said:
+        return pid
+    os.waitpid(pid, 0)
+    return int(said)
 
 
 def exit_code(status: int) -> int:

@@ -35,6 +35,8 @@ PMIX_TRANSLATIONS = (
 # Host files bound by default when they exist (like Apptainer's defaults).
 DEFAULT_FILE_BINDS = ("/etc/hosts", "/etc/localtime")
 MINIMAL_DEV = ("null", "zero", "full", "random", "urandom", "tty")
+# The kernel's trees every container gets; a bind may not hide them (`hidden_by`).
+KERNEL_DIRS = ("/proc", "/sys", "/dev")
 # Names of shared containers and instances (socket file names).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -44,7 +46,8 @@ class Mount:
     """One mount inside the container, applied in plan order.
 
     kind: "bind" (src -> dst; `recursive` for rbind), "tmpfs", "devtmpfs" (a minimal
-    /dev made of binds of the host device nodes listed in `options`).
+    /dev made of binds of the host device nodes listed in `options`), "proc" (the /proc
+    of the container's PID namespace; the host's /proc when it has none).
     """
 
     kind: str
@@ -107,9 +110,14 @@ class ImageFacts:
     path: str
     partition_offset: int
     partition_size: int
-    digest: str  # identity for caches: changes whenever the image bytes change
+    # The metadata identity (header, descriptors, squashfs superblock and tables): keys
+    # what depends on names and modes only (the MPI kind); not file data.
+    digest: str
     env: dict[str, str]
     has_runscript: bool
+    # sha256 of the partition's bytes (`imagefacts.partition_digest`): keys what holds
+    # file data (the extract cache). None when not read (root planning for a job user).
+    content_digest: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +126,13 @@ class ExecOptions:
 
     binds: tuple[Mount, ...] = ()
     env: tuple[str, ...] = ()  # K=V
+    env_file: Optional[str] = None  # its path (passed on to srun)
+    env_file_vars: tuple[str, ...] = ()  # its K=V lines, read by the command line
+    export: tuple[str, ...] = ()  # -x: VAR (its host value, when set) or VAR=VALUE
     cleanenv: bool = False
     contain: bool = False
+    containall: bool = False  # contain + cleanenv
+    no_home: bool = False
     fakeroot: bool = False
     writable_tmpfs: bool = False
     unsquash: bool = False
@@ -186,10 +199,31 @@ def parse_binds(specs: Sequence[str], named: str = "-B") -> tuple[Mount, ...]:
     )
 
 
-def resolve_bind(m: Mount, cwd: str) -> Mount:
-    """A relative source is the working directory's; no DST: the same path inside."""
+def hidden_by(source: str, target: str) -> Optional[str]:
+    """What a bind of `source` on `target` would hide that the container needs: the
+    image root, or the kernel's /proc, /sys, /dev (or something inside them). A host path
+    bound at its own place there hides nothing (`-B /dev/infiniband`, as Apptainer
+    allows), nor does a bind on /dev/shm (a bigger or private shared-memory dir)."""
+    if target == "/":
+        return "the whole image"
+    top = next((t for t in KERNEL_DIRS if within(target, t)), None)
+    if top is None or source == target or within(target, "/dev/shm"):
+        return None
+    return f"the container's {top}"
+
+
+def resolve_bind(m: Mount, cwd: str, named: str = "-B") -> Mount:
+    """A relative source is the working directory's; no DST: the same path inside.
+    Refuses a bind that would hide what the container needs (see `hidden_by`)."""
     source = posixpath.normpath(posixpath.join(cwd, m.source))
-    return dataclasses.replace(m, source=source, target=m.target or source)
+    target = m.target or source
+    hidden = hidden_by(source, target)
+    if hidden is not None:
+        raise UserError(
+            f"bad {named} '{source}:{target}': it would hide {hidden}; "
+            "bind it elsewhere (a DST outside /proc, /sys and /dev, and not /)"
+        )
+    return dataclasses.replace(m, source=source, target=target)
 
 
 def user_binds(user: UserFacts, opts: ExecOptions) -> tuple[Mount, ...]:
@@ -233,10 +267,10 @@ def _drivers(host: HostFacts, opts: ExecOptions) -> tuple[list[str], list[str]]:
 
 def _base_mounts(user: UserFacts, opts: ExecOptions, existing: frozenset[str]) -> list[Mount]:
     mounts: list[Mount] = [
-        Mount("bind", "/proc", "/proc", recursive=True),
+        Mount("proc", "/proc"),
         Mount("bind", "/sys", "/sys", recursive=True),
     ]
-    if opts.contain:
+    if opts.contain or opts.containall:
         return [
             *mounts,
             Mount("devtmpfs", "/dev", options=",".join(MINIMAL_DEV)),
@@ -252,10 +286,10 @@ def _base_mounts(user: UserFacts, opts: ExecOptions, existing: frozenset[str]) -
         Mount("bind", "/tmp", "/tmp", recursive=True),
         Mount("bind", "/var/tmp", "/var/tmp", recursive=True),
     ]
-    if user.home in existing:
+    if user.home in existing and not opts.no_home:
         mounts.append(Mount("bind", user.home, user.home, recursive=True))
     covered = [m.target for m in mounts if m.kind == "bind" and m.target != "/"]
-    outside = not any(within(user.cwd, t) for t in covered if t not in ("/proc", "/sys", "/dev"))
+    outside = not any(within(user.cwd, t) for t in covered if t not in KERNEL_DIRS)
     if opts.bind_cwd and outside:
         mounts.append(Mount("bind", user.cwd, user.cwd, recursive=True))
     return mounts
@@ -297,12 +331,23 @@ def plan_container(
         writable=opts.writable_tmpfs,
         uid_map=(inside, user.uid, 1),
         gid_map=(inside_gid, user.gid, 1),
-        namespaces=("user", "mount"),
+        # "pid": the container owns its processes (they all end with it).
+        namespaces=("user", "mount", "pid"),
         mounts=tuple(mounts),
         tmpfs_size_mib=opts.tmpfs_size_mib,
-        extract_dir=posixpath.join(user.cache_dir, "sandbox", image.digest),
+        extract_dir=extract_dir(user, image),
     )
     return dataclasses.replace(plan, share=_share(opts.share, plan, user))
+
+
+def extract_dir(user: UserFacts, image: ImageFacts) -> str:
+    """Where "extract" unpacks the image: keyed on the partition's content, so two images
+    whose metadata agree (same sizes and times) never share it. "" without a content
+    digest: the holder then does not extract."""
+    if image.content_digest is None:
+        return ""
+    key = image.content_digest.split(":", 1)[-1][:32]
+    return posixpath.join(user.cache_dir, "sandbox", key)
 
 
 def _share(option: Optional[str], plan: ContainerPlan, user: UserFacts) -> Optional[str]:
@@ -341,9 +386,9 @@ def plan_env(
     fabric_env: Mapping[str, str] = {},
 ) -> dict[str, str]:
     """Host env (minus host paths) < image %environment < fabric plan <
-    APPTAINERENV_/RANKWIRE_ENV_ < --env."""
+    APPTAINERENV_/RANKWIRE_ENV_ < --env-file < -x < --env."""
     host = user.environ
-    if opts.cleanenv:
+    if opts.cleanenv or opts.containall:
         keep = {k: v for k, v in host.items() if k.startswith(WIREUP_PREFIXES)}
         keep.update({k: host[k] for k in ("TERM", "LANG") if k in host})
     else:
@@ -362,6 +407,11 @@ def plan_env(
         for k, v in host.items():
             if k.startswith(prefix) and len(k) > len(prefix):
                 env[k[len(prefix) :]] = v
+    env.update(dict(i.partition("=")[::2] for i in opts.env_file_vars))
+    for item in opts.export:
+        key, sep, value = item.partition("=")
+        if sep or key in host:
+            env[key] = value if sep else host[key]
     for item in opts.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -380,7 +430,7 @@ def plan_process(
 ) -> ProcessPlan:
     if not argv:
         raise UserError("no command given: rankwire exec IMAGE COMMAND [ARGS...]")
-    workdir = opts.workdir or (user.home if opts.contain else user.cwd)
+    workdir = opts.workdir or (user.home if opts.contain or opts.containall else user.cwd)
     env = plan_env(image, user, opts, fabric_env)
     return ProcessPlan(argv=tuple(argv), env=env, workdir=workdir)
 

@@ -255,7 +255,7 @@ def _plan(
     # file through our descriptor, never through its path.
     found = gather(image, opts, user=user, fabric_image_path=f"/proc/{os.getpid()}/fd/{image_fd}")
     planned = plan_image(found, opts, None)
-    container = plan.with_descriptors(planned.container, binds)
+    container = plan.for_tasks(plan.with_descriptors(planned.container, binds))
     if not home_allowed:
         container = plan.without_home(container, home)
     return container, planned.env, opts.workdir or user.cwd

@@ -115,7 +115,8 @@ def _flag(name: str, value: str) -> bool:
 def parse_mounts(spec: str, cwd: str) -> tuple[Mount, ...]:
     """`SRC[:DST[:ro|rw]][,...]` (Pyxis's form, the grammar of -B); a relative SRC is
     the job's cwd's."""
-    return tuple(resolve_bind(m, cwd) for m in parse_binds([spec], "--container-mounts"))
+    named = "--container-mounts"
+    return tuple(resolve_bind(m, cwd, named) for m in parse_binds([spec], named))
 
 
 def option_values(facts: JobFacts) -> dict[str, tuple[Optional[str], str]]:
@@ -258,6 +259,14 @@ def with_descriptors(container: ContainerPlan, fds: Mapping[str, int]) -> Contai
         for m in container.mounts
     )
     return dataclasses.replace(container, mounts=mounts)
+
+
+def for_tasks(container: ContainerPlan) -> ContainerPlan:
+    """No PID namespace: slurmstepd execs each task itself and the shim only `setns`es
+    it in `task_init` (a PID namespace takes in only the children of who enters it), so
+    the tasks stay in the host's, see its /proc, and Slurm's proctrack owns them."""
+    namespaces = tuple(ns for ns in container.namespaces if ns != "pid")
+    return dataclasses.replace(container, namespaces=namespaces)
 
 
 def without_home(container: ContainerPlan, home: str) -> ContainerPlan:

@@ -223,7 +223,9 @@ def read(path: str) -> Callable[[], str]:
     return call
 
 
-@pytest.mark.parametrize("namespaces", [("mount",), ("user", "mount")], ids=["root", "userns"])
+@pytest.mark.parametrize(
+    "namespaces", [("mount",), ("user", "mount", "pid")], ids=["root", "userns"]
+)
 def test_descriptor_bind_is_the_opened_dir_wherever_it_went(
     base_image: Path, host_dir: tuple[Path, int], namespaces: tuple[str, ...]
 ) -> None:

@@ -90,8 +90,9 @@ def test_mount_order_defaults_then_binds_then_pmix_then_fabric() -> None:
 
 def test_contain_and_missing_paths() -> None:
     plan = plan_container(IMAGE, HOST, user(), ExecOptions(contain=True), frozenset())
+    assert plan.namespaces == ("user", "mount", "pid")  # the container owns its processes
     assert [(m.kind, m.target) for m in plan.mounts] == [
-        ("bind", "/proc"),
+        ("proc", "/proc"),  # its PID namespace's own
         ("bind", "/sys"),
         ("devtmpfs", "/dev"),
         ("tmpfs", "/tmp"),
@@ -289,3 +290,13 @@ def test_local_launch_strips_the_callers_wireup() -> None:
 )
 def test_pmi_choice(choice: str, kind: Optional[str], pmi: str) -> None:
     assert resolve_pmi(choice, kind) == pmi
+
+
+def test_the_extract_cache_is_keyed_on_the_partitions_content() -> None:
+    content = dataclasses.replace(IMAGE, content_digest="sha256:" + "ab" * 32)
+    plan = plan_container(content, HOST, user(), ExecOptions(), ALL)
+    assert plan.extract_dir == "/home/u/.cache/rankwire/sandbox/" + "ab" * 16
+    other = dataclasses.replace(content, content_digest="sha256:" + "cd" * 32)
+    assert plan_container(other, HOST, user(), ExecOptions(), ALL).extract_dir != plan.extract_dir
+    # Same metadata identity, no content read (root planning for a job user): no cache.
+    assert plan_container(IMAGE, HOST, user(), ExecOptions(), ALL).extract_dir == ""

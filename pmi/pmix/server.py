@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -131,6 +132,43 @@ class _Round:
         self.parts: dict[int, tuple[int, bytes]] = {}
 
 
+TMPDIR_PREFIX = "rankwire-pmix-"
+
+
+def claim_tmpdir() -> tuple[str, int]:
+    """A new private dir for the helpers' PMIx files, and the descriptor whose lock says
+    its launcher lives (the lock goes with the process, even by SIGKILL). It takes its
+    name only once locked, so a concurrent `prune_tmpdirs` never takes it."""
+    base = tempfile.gettempdir()
+    prune_tmpdirs(base)
+    made = tempfile.mkdtemp(prefix=f".{TMPDIR_PREFIX}", dir=base)
+    lock = os.open(made, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    named = os.path.join(base, os.path.basename(made)[1:])
+    os.rename(made, named)
+    return named, lock
+
+
+def prune_tmpdirs(base: str) -> None:
+    """Remove our PMIx dirs in `base` whose launcher is gone (killed): the unlocked ones."""
+    for entry in os.listdir(base):
+        if not entry.startswith(TMPDIR_PREFIX):
+            continue
+        path = os.path.join(base, entry)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_uid == os.getuid():
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # a live launcher's
+        finally:
+            os.close(fd)
+
+
 class PmixServer:
     """Serves PMIx to the ranks of one `Job` (see the module docstring)."""
 
@@ -172,6 +210,7 @@ class PmixServer:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._events: Optional[asyncio.Queue[Event]] = None
         self._tmpdir: Optional[str] = None
+        self._tmpdir_lock = -1  # locked while we live (see `claim_tmpdir`)
         self._connected: set[int] = set()
         self._finalized: set[int] = set()
         self._gone: dict[int, str] = {}  # rank → how it ended without PMIx_Finalize
@@ -189,7 +228,7 @@ class PmixServer:
         """Start one helper per node; returns once every rank is registered."""
         self._loop = asyncio.get_running_loop()
         self._events = asyncio.Queue()
-        self._tmpdir = tempfile.mkdtemp(prefix="rankwire-pmix-")
+        self._tmpdir, self._tmpdir_lock = claim_tmpdir()
         try:
             for node in self.nodes:
                 await self._spawn_helper(node)
@@ -249,6 +288,11 @@ class PmixServer:
         self._gone[rank] = reason
         self._check_blocked()
 
+    @property
+    def connected_ranks(self) -> frozenset[int]:
+        """The ranks that called PMIx_Init (see `PmiServer.connected_ranks`)."""
+        return frozenset(self._connected)
+
     async def wait_event(self) -> Event:
         if self._events is None:
             raise RuntimeError("PmixServer.wait_event() before start()")
@@ -264,6 +308,7 @@ class PmixServer:
             await self._reap(node)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+            os.close(self._tmpdir_lock)
             self._tmpdir = None
 
     # -- helpers ------------------------------------------------------------------------------
