@@ -18,7 +18,14 @@ from typing import Any, Optional
 import click
 
 from rankwire.errors import UserError
-from rankwire.launcher.plan import PMI_CHOICES, LaunchOptions, LaunchPlan, describe, plan_launch
+from rankwire.launcher.plan import (
+    PMI_CHOICES,
+    LaunchOptions,
+    LaunchPlan,
+    describe,
+    plan_launch,
+    validate,
+)
 from rankwire.launcher.plan import host_process as plan_host_process
 from rankwire.runtime.cli_run import (
     PASSTHROUGH,
@@ -37,7 +44,14 @@ from rankwire.runtime.sif_format import MAGIC
 def launcher_options(f: Any) -> Any:
     opts = [
         click.option(
-            "-n", "--ntasks", "-np", type=int, default=1, show_default=True, help="Number of ranks."
+            "-n",
+            "--ntasks",
+            "-np",
+            "--np",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Number of ranks.",
         ),
         click.option(
             "--pmi",
@@ -83,14 +97,20 @@ def is_sif(path: str) -> bool:
 
 def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[str, Any]) -> None:
     from rankwire.launcher.execute import execute
-    from rankwire.launcher.facts import image_mpi_kind, program_mpi_kind
+    from rankwire.launcher.facts import (
+        image_mpi_kind,
+        image_program_mpi_kind,
+        open_files_limit,
+        program_mpi_kind,
+    )
     from rankwire.runtime.assemble import plan_image
     from rankwire.runtime.facts import gather
     from rankwire.runtime.userfacts import user_facts
 
     values = take_options(kw, "container", "process")
     dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
-    lopts = LaunchOptions(**kw)  # keeps kw["pmi"] readable below
+    lopts = LaunchOptions(**kw)
+    validate(lopts)  # bad numbers fail before anything is read or started
     user = user_facts()
     container = None
     if image is None:
@@ -102,7 +122,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
             )
         process = plan_host_process(argv, user.environ, user.cwd)
         prefix: list[str] = []
-        kind = program_mpi_kind(argv[0], user.environ) if kw["pmi"] == "auto" else None
+        kind = program_kind = program_mpi_kind(argv[0], user.environ)
     else:
         opts = exec_options(values)
         facts = gather(image, opts, user=user)
@@ -112,8 +132,13 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         rankwire = os.path.join(os.path.dirname(sys.executable), "rankwire")
         # Without --share, the tasks of the step on a node join one container by default.
         prefix = [rankwire, "exec", *delegation_argv(cli_values(opts)), image]
-        kind = image_mpi_kind(facts.image, user.cache_dir) if kw["pmi"] == "auto" else None
-    plan: LaunchPlan = plan_launch(lopts, process, container, user.environ, prefix, kind)
+        kind = image_mpi_kind(facts.image, user.cache_dir)
+        program_kind = image_program_mpi_kind(
+            facts.image, process.argv[0], process.env, user.cache_dir
+        )
+    plan: LaunchPlan = plan_launch(
+        lopts, process, container, user.environ, prefix, kind, program_kind, open_files_limit()
+    )
     if dry_run:
         if as_json:
             click.echo(json.dumps(plan.to_dict(), indent=2, sort_keys=True))

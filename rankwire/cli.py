@@ -8,7 +8,7 @@ import sys
 import click
 
 from rankwire import __version__
-from rankwire.errors import UserError
+from rankwire.errors import UserError, shown
 
 # Subcommands by name: a module is imported only when its command runs (or for --help),
 # so `rankwire exec` and the SPANK helper do not pay for the launcher or fabric CLIs.
@@ -78,11 +78,29 @@ def run_command(command: click.Command, argv: list[str] | None, prog_name: str) 
     except click.exceptions.Abort:
         click.echo(f"{prog_name}: aborted", err=True)
         sys.exit(130)
-    except click.ClickException as err:
+    except click.exceptions.NoArgsIsHelpError as err:
         err.show()
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        click.echo(f"{prog_name}: {click_error(err, prog_name)}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
+
+
+def click_error(err: click.ClickException, prog_name: str) -> str:
+    """Click's own errors (unknown option, bad value) as one line, like a UserError."""
+    if isinstance(err, click.NoSuchOption):
+        message = f"unknown option {err.option_name}"
+        if err.possibilities and len(err.possibilities) == 1:  # a typo, likely
+            message += f" (did you mean {err.possibilities[0]}?)"
+    else:
+        message = err.format_message().rstrip(".")
+        message = message[:1].lower() + message[1:]
+    if isinstance(err, click.UsageError):
+        command = err.ctx.command_path if err.ctx else prog_name
+        message += f": see {command} --help"
+    return shown(message)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,13 +22,13 @@ from typing import Mapping, Optional, Union
 
 from rankwire import __version__
 from rankwire.errors import UserError
+from rankwire.errors import shown as _shown
 from rankwire.runtime.imagemeta import (
     _NAME,
     ENV_SCRIPT,
     METADATA_NAME,
     Deffile,
     _export,
-    _shown,
     environment_file,
     parse_deffile,
     parse_environment,
@@ -88,10 +88,40 @@ def _build_labels(
     return labels
 
 
+def _check_utf8(
+    labels: Optional[Mapping[str, str]],
+    env: Optional[Mapping[str, str]],
+    runscript: Optional[str],
+) -> None:
+    """The image metadata is UTF-8 text (JSON, the definition file): refuse arguments
+    holding other bytes (a Latin-1 é from the shell) with what to fix."""
+
+    def utf8(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
+    for option, what, pairs in (("--label", "labels", labels), ("--env", "variables", env)):
+        for key, value in (pairs or {}).items():
+            if not (utf8(key) and utf8(value)):
+                raise UserError(
+                    f"{option} {_shown(key)}={_shown(value)} is not UTF-8: {what} must be "
+                    "UTF-8 text; convert it (e.g. with iconv -f latin1 -t utf-8)"
+                )
+    if runscript is not None and not utf8(runscript):
+        raise UserError(
+            f"--runscript {_shown(runscript)} is not UTF-8: the runscript must be UTF-8 "
+            "text; convert it (e.g. with iconv -f latin1 -t utf-8)"
+        )
+
+
 def _generated_deffile(
     rootfs: Path, env: Mapping[str, str], labels: Mapping[str, str], runscript: Optional[str]
 ) -> str:
-    lines = [f"Bootstrap: {BOOTSTRAP}", f"From: {rootfs}"]
+    # The path is only a note: shown escaped when it is not UTF-8.
+    lines = [f"Bootstrap: {BOOTSTRAP}", f"From: {_shown(rootfs)}"]
     if labels:
         lines += ["", "%labels"] + [f"    {k} {v}" for k, v in labels.items()]
     if env:
@@ -314,6 +344,7 @@ def plan_build(
     mksquashfs = _find_mksquashfs()
     epoch = _source_date_epoch()
     goarch = goarch_from_machine()
+    _check_utf8(labels, env, runscript)
     d = _definition(rootfs, deffile, labels, env, runscript)
     when = (
         datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)

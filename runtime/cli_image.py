@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 import click
 
-from rankwire.errors import UserError
+from rankwire.errors import UserError, shown
 
 if TYPE_CHECKING:
     from rankwire.runtime.sif_read import SifImage
@@ -19,7 +19,9 @@ def _pairs(option: str, values: tuple[str, ...]) -> dict[str, str]:
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key or any(c.isspace() for c in key):
-            raise UserError(f"{option} {item!r}: expected KEY=VALUE; e.g. {option} NAME=value")
+            raise UserError(
+                f"{option} '{shown(item)}': expected KEY=VALUE; e.g. {option} NAME=value"
+            )
         out[key] = value
     return out
 
@@ -54,7 +56,7 @@ def build_cmd(
         env=_pairs("--env", env),
         runscript=runscript,
     )
-    click.echo(f"rankwire: built {out}")
+    click.echo(f"rankwire: built {shown(out)}")
 
 
 def _list_lines(image: SifImage) -> list[str]:
@@ -76,13 +78,15 @@ def _list_lines(image: SifImage) -> list[str]:
 
 
 @click.command(name="inspect")
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect_cmd(image: str, as_json: bool) -> None:
     """Show an image's definition file, labels, environment, runscript and objects."""
+    from rankwire.runtime.imagefacts import check_image_path
     from rankwire.runtime.imagemeta import read_image_metadata
     from rankwire.runtime.sif_read import SifImage
 
+    check_image_path(image)
     with SifImage.open(image) as img:
         meta = read_image_metadata(img)
         objects = [
@@ -138,24 +142,28 @@ def sif_group() -> None:
 
 
 @sif_group.command(name="list")
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image")
 def sif_list(image: str) -> None:
     """List the data objects, in the format of `siftool list`."""
+    from rankwire.runtime.imagefacts import check_image_path
     from rankwire.runtime.sif_read import SifImage
 
+    check_image_path(image)
     with SifImage.open(image) as img:
         for line in _list_lines(img):
             click.echo(line)
 
 
 @sif_group.command(name="dump")
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image")
 @click.argument("object_id", type=int)
 def sif_dump(image: str, object_id: int) -> None:
     """Write the raw bytes of object OBJECT_ID to stdout."""
+    from rankwire.runtime.imagefacts import check_image_path
     from rankwire.runtime.sif_read import SifImage
 
     out = sys.stdout.buffer
+    check_image_path(image)
     with SifImage.open(image) as img:
         for chunk in img.iter_object(img.get(object_id)):
             out.write(chunk)

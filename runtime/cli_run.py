@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from collections.abc import Sequence
@@ -9,10 +10,11 @@ from typing import Any, Callable, Optional, TypeVar
 
 import click
 
-from rankwire.errors import UserError
+from rankwire.errors import UserError, shown
 from rankwire.runtime import instance as inst
 from rankwire.runtime.assemble import plan_image
 from rankwire.runtime.facts import gather
+from rankwire.runtime.imagemeta import _NAME, parse_environment
 from rankwire.runtime.options import in_scope
 from rankwire.runtime.plan import (
     ContainerPlan,
@@ -26,7 +28,9 @@ from rankwire.runtime.userfacts import user_facts
 
 F = TypeVar("F", bound=Callable[..., Any])
 INSTANCE_PREFIX = "instance://"
-PASSTHROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+# Options end at the image (or target): the command's own options pass through; a dash
+# word before it is an unknown option, not an image path.
+PASSTHROUGH = {"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]}
 
 
 def click_options(*scopes: str) -> Callable[[F], F]:
@@ -70,11 +74,54 @@ def take_options(kw: dict[str, Any], *scopes: str) -> dict[str, Any]:
     return {o.dest: kw.pop(o.dest) for o in in_scope(*scopes) if o.dest in kw}
 
 
+def split_env(arg: str) -> list[str]:
+    """One --env argument as Apptainer reads it (pflag's string-to-string): with one "="
+    it is one K=V (commas stay in the value); with more, comma-separated K=V pairs, read
+    as a CSV record ("..." quotes a pair holding commas)."""
+    if arg.count("=") < 2:
+        return [arg]
+    try:
+        pairs = next(csv.reader([arg], strict=True))
+    except (csv.Error, StopIteration) as err:
+        raise UserError(f"bad --env {shown(arg)!r}: {err}; fix the quoting") from None
+    for pair in pairs:
+        key = pair.partition("=")[0]
+        if not _NAME.match(key):
+            raise UserError(
+                f"bad --env {shown(arg)!r}: {shown(key)!r} is not a variable name; "
+                f"quote a value holding commas: --env '\"{shown(arg)}\"'"
+            )
+    return pairs
+
+
+def env_arg(pair: str) -> str:
+    """The --env argument `split_env` reads back as exactly `pair`."""
+    if pair.count("=") < 2 or not any(c in pair for c in ',"\r\n'):
+        return pair
+    return '"' + pair.replace('"', '""') + '"'
+
+
+def read_env_file(path: str) -> tuple[str, ...]:
+    """--env-file FILE: its K=V / export K=V lines (bytes that are not UTF-8 kept)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "surrogateescape")
+    except OSError as err:
+        raise UserError(f"--env-file {shown(path)}: {err.strerror}; check the path") from None
+    env = parse_environment(text, f"--env-file {path}")
+    return tuple(f"{k}={v}" for k, v in env.items())
+
+
 def exec_options(values: dict[str, Any]) -> ExecOptions:
-    """Command-line values -> ExecOptions (binds parsed; relative sources stay relative)."""
+    """Command-line values -> ExecOptions (binds parsed; relative sources stay relative;
+    --env split as Apptainer does; the --env-file read)."""
     values = dict(values)
     if "binds" in values:
         values["binds"] = parse_binds(values["binds"])
+    if "env" in values:
+        values["env"] = tuple(pair for arg in values["env"] for pair in split_env(arg))
+    if values.get("env_file"):
+        values["env_file_vars"] = read_env_file(values["env_file"])
     return ExecOptions(**values)
 
 
@@ -82,6 +129,7 @@ def cli_values(opts: ExecOptions) -> dict[str, Any]:
     """ExecOptions -> the command-line form of each option (for srun delegation)."""
     values = {o.dest: getattr(opts, o.dest) for o in in_scope("container", "process")}
     values["binds"] = tuple(m.spec() for m in opts.binds)
+    values["env"] = tuple(env_arg(pair) for pair in opts.env)
     return values
 
 

@@ -17,6 +17,7 @@ import struct
 from typing import Any, Mapping, Optional
 
 from rankwire.errors import UserError
+from rankwire.errors import shown as _shown
 from rankwire.runtime.sif_format import DataType, Descriptor, SifError
 from rankwire.runtime.sif_read import SifImage
 
@@ -35,10 +36,6 @@ _SECTIONS = frozenset(
         "appfiles", "apprun", "appstart", "apptest", "appsetup",
     }
 )  # fmt: skip
-
-
-def _shown(value: object) -> str:
-    return str(value).replace("\r", "\\r").replace("\n", "\\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +95,8 @@ def parse_environment(text: str, source: str = "%environment") -> dict[str, str]
             if not sep or not _NAME.match(key):
                 raise UserError(
                     f"{_shown(source)} line {number}: {_shown(line.strip())!r} is not a simple "
-                    "`export K=V`; rankwire build supports only those (or pass --env K=V)"
+                    "`export K=V`: only those are read (quote a value holding spaces), or "
+                    "pass --env K=V"
                 )
             env[key] = value
     return env

@@ -23,10 +23,10 @@ Value = Union[bool, str, None, tuple[str, ...]]
 @dataclasses.dataclass(frozen=True)
 class Option:
     dest: str  # the ExecOptions field (scope container/process), or the plugin's name for it
-    kind: str  # "flag" | "value" | "list" (repeatable; comma-separated lists too)
+    kind: str  # "flag" | "value" | "list" (repeatable; the planner may split commas)
     help: str
     scope: str  # "container" (shapes the container), "process", or "plugin" (plugin only)
-    flags: tuple[str, ...] = ()  # exec/launcher spellings, long one first; () = none
+    flags: tuple[str, ...] = ()  # exec/launcher spellings, the one to show first; () = none
     metavar: str = ""
     default: Value = None
     env: tuple[str, ...] = ()  # variables `exec` also reads this option from
@@ -47,7 +47,8 @@ class Option:
 
     @property
     def long(self) -> str:
-        return next(f for f in self.flags if f.startswith("--"))
+        """The spelling shown in messages and passed on to srun (`--x`, else the first)."""
+        return next((f for f in self.flags if f.startswith("--")), self.flags[0])
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -80,7 +81,23 @@ OPTIONS: tuple[Option, ...] = (
         "flag",
         "Minimal /dev, private /tmp and $HOME; no cwd bind.",
         "container",
-        flags=("--contain",),
+        flags=("--contain", "-c"),
+        default=False,
+    ),
+    Option(
+        "containall",
+        "flag",
+        "--contain and --cleanenv (Apptainer's -C, less its private IPC namespace).",
+        "container",
+        flags=("--containall", "-C"),
+        default=False,
+    ),
+    Option(
+        "no_home",
+        "flag",
+        "Do not bind $HOME (the working directory is still bound).",
+        "container",
+        flags=("--no-home",),
         default=False,
     ),
     Option(
@@ -140,10 +157,28 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "env",
         "list",
-        "Set a variable inside (repeatable).",
+        "Set variables inside (repeatable; A=1,B=2 sets two, as Apptainer's --env: "
+        'quote a value holding commas and "=": \'"K=a=1,b"\').',
         "process",
         flags=("--env",),
-        metavar="K=V",
+        metavar="K=V[,K=V]",
+        default=(),
+    ),
+    Option(
+        "env_file",
+        "value",
+        "Set the variables of FILE's K=V / export K=V lines (before --env).",
+        "process",
+        flags=("--env-file",),
+        metavar="FILE",
+    ),
+    Option(
+        "export",
+        "list",
+        "Pass VAR's value here into the ranks (as mpirun -x; repeatable), or set VAR=VALUE.",
+        "process",
+        flags=("-x",),
+        metavar="VAR[=VALUE]",
         default=(),
     ),
     Option(
@@ -151,7 +186,7 @@ OPTIONS: tuple[Option, ...] = (
         "flag",
         "Pass no host variables except PMI_*, PMIX_*, SLURM_*, TERM, LANG.",
         "process",
-        flags=("--cleanenv",),
+        flags=("--cleanenv", "-e"),
         default=False,
     ),
     Option(

@@ -207,7 +207,7 @@ def test_dry_run_prints_the_launch_plan(mpich_image: Path) -> None:
     ("args", "message"),
     [
         (["-n", "0", "/bin/true"], "at least 1"),
-        (["-n", "2", "/no/such/program"], "command not found on this host"),
+        (["-n", "2", "/no/such/program"], "/no/such/program: no such file on this host"),
         (["-n", "2", "-B", "/tmp", "/bin/true"], "give an image"),
         (["-n", "2", "--image", "/nonexistent.sif", "/bin/true"], "not found"),
     ],
