@@ -1,14 +1,20 @@
-"""Facts the launcher needs beyond the runtime's: which PMI the ranks' MPI speaks."""
+"""Facts the launcher needs beyond the runtime's: which PMI the ranks' MPI speaks, and
+how many files the launcher may open."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import posixpath
+import resource
 import shutil
 import subprocess
 from collections.abc import Mapping
 from typing import Optional
 
+from rankwire.errors import UserError
+from rankwire.fabric.imagefacts import MAX_ELF_BYTES, _extract_elves, list_image
 from rankwire.pmi.pmix.detect import pmi_kind
 from rankwire.runtime.plan import ImageFacts
 
@@ -50,3 +56,55 @@ def program_mpi_kind(program: str, environ: Mapping[str, str]) -> Optional[str]:
         return None
     libs = [w for line in proc.stdout.splitlines() for w in line.split() if w.startswith("/")]
     return pmi_kind(libs)
+
+
+def image_program_mpi_kind(
+    image: ImageFacts, program: str, environ: Mapping[str, str], cache_dir: str
+) -> Optional[str]:
+    """The same for a program inside the image, from its DT_NEEDED (None: not found in the
+    image, not ELF, or no MPI library among what it links directly).
+
+    `program` is resolved like the container's exec does: as given when it holds a `/`,
+    else along the rank's PATH. Kept in `cache_dir` per image digest and program.
+    """
+    if "/" in program and not program.startswith("/"):
+        return None  # relative to the rank's directory, which is the host's, bound in
+    key = hashlib.sha256(f"{program}\0{environ.get('PATH', '')}".encode()).hexdigest()[:16]
+    cached = os.path.join(cache_dir, "mpi-kind", f"{image.digest}-{key}")
+    try:
+        with open(cached) as f:
+            return f.read().strip() or None
+    except OSError:
+        pass
+    try:
+        listing = list_image(image)
+    except UserError:
+        return None
+    dirs = [""] if "/" in program else environ.get("PATH", "").split(":")
+    found = ""
+    for d in dirs:
+        if d.startswith("/") or not d:
+            found = listing.regular(posixpath.join("/", d, program))
+            if found:
+                break
+    kind = None
+    if found and listing.entries[found][1] <= MAX_ELF_BYTES:
+        try:
+            elf = _extract_elves(image, [found]).get(found)
+        except UserError:
+            return None
+        kind = pmi_kind(elf.needed) if elf is not None else None
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        with open(cached, "w") as f:
+            f.write(kind or "")
+    return kind
+
+
+def open_files_limit() -> tuple[int, int]:
+    """RLIMIT_NOFILE (soft, hard); RLIM_INFINITY as a large number."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    big = 1 << 30
+    return (big if soft == resource.RLIM_INFINITY else soft), (
+        big if hard == resource.RLIM_INFINITY else hard
+    )

@@ -7,6 +7,7 @@ container), or, inside a Slurm allocation, the whole job is delegated to `srun`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -14,6 +15,11 @@ from rankwire.errors import UserError
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan
 
 PMI_CHOICES = ("auto", "pmi1", "pmi2", "pmix")
+# -n bounds: MPI_Comm_size is a C int, and one host never holds more processes than the
+# kernel's PID_MAX_LIMIT (2**22 on 64-bit) whatever its pid_max; the open files limit
+# (`plan_open_files`) is usually the tighter one.
+MAX_RANKS = 2**31 - 1
+MAX_LOCAL_RANKS = 2**22
 # What srun's --mpi takes for each of our choices (Slurm's pmi2 plugin speaks PMI-1 too).
 SRUN_MPI = {"pmi1": "pmi2", "pmi2": "pmi2", "pmix": "pmix"}
 
@@ -45,6 +51,11 @@ class LaunchPlan:
     container: Optional[ContainerPlan]  # None: ranks run on the host
     process: ProcessPlan
     stdin_rank: int = 0  # the rank that reads our stdin (like mpiexec); the others /dev/null
+    # The ranks' program links an MPI: a job of N > 1 where no rank connects to our PMI
+    # server ran as N singletons (the executor says so and fails).
+    expect_pmi: bool = False
+    # RLIMIT_NOFILE soft limit to set before the ranks start (None: leave it).
+    open_files: Optional[int] = None
     # Set instead when the job is delegated: the srun command line to exec.
     delegate: Optional[tuple[str, ...]] = None
     slurm_job: Optional[str] = None  # the allocation we run in (SLURM_JOB_ID)
@@ -82,10 +93,19 @@ def rank_env_preview(rank: int, size: int, transport: str, pmi: str) -> dict[str
 def validate(opts: LaunchOptions) -> None:
     if opts.ntasks < 1:
         raise UserError(f"-n {opts.ntasks}: the number of ranks must be at least 1")
+    if opts.ntasks > MAX_RANKS:
+        raise UserError(
+            f"-n {opts.ntasks}: at most {MAX_RANKS} ranks (an MPI rank is a C int); "
+            "give a smaller -n"
+        )
     if opts.pmi not in PMI_CHOICES:
         raise UserError(f"--pmi {opts.pmi}: choose one of {', '.join(PMI_CHOICES)}")
-    if opts.timeout is not None and opts.timeout <= 0:
-        raise UserError("--timeout must be a positive number of seconds")
+    for name, seconds in (("--timeout", opts.timeout), ("--fence-timeout", opts.fence_timeout)):
+        if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+            raise UserError(
+                f"{name} {seconds:g}: give a positive, finite number of seconds "
+                f"(or leave {name} out: no limit)"
+            )
 
 
 def host_process(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> ProcessPlan:
@@ -103,6 +123,46 @@ def resolve_pmi(choice: str, mpi_kind: Optional[str]) -> str:
     return "pmix" if mpi_kind == "pmix" else "pmi2"
 
 
+# What the launcher holds open: its own (stdio, the lease, the event loop, /dev/null, the
+# PMI listener...: 13 measured) plus the ends a spawn holds for a moment.
+FD_BASE = 20
+# Per rank, for the life of the job: its PMI connection (socketpair end or accepted TCP
+# connection; for PMIx the helper's, which inherits our limit) and its pidfd; with
+# --tag-output also its stdout and stderr pipes.
+FD_PER_RANK = 2
+FD_PER_TAGGED_RANK = 4
+
+
+def check_pmi(choice: str, kind: Optional[str], whose: str) -> None:
+    """Refuse a forced PMI the ranks' MPI cannot speak: it would init as N singletons."""
+    if choice == "pmix" and kind == "pmi1/2":
+        raise UserError(
+            f"--pmi pmix: {whose} MPI (MPICH, without libpmix) speaks PMI-1/PMI-2 only: "
+            "use --pmi auto or --pmi pmi2"
+        )
+    if choice in ("pmi1", "pmi2") and kind == "pmix":
+        raise UserError(
+            f"--pmi {choice}: {whose} MPI (Open MPI, or one linked with libpmix) speaks PMIx "
+            "only: use --pmi auto or --pmi pmix"
+        )
+
+
+def plan_open_files(ntasks: int, tag_output: bool, limit: tuple[int, int]) -> Optional[int]:
+    """The soft RLIMIT_NOFILE to set (None: the current one will do), given (soft, hard).
+
+    Like mpirun, the soft limit is raised to the hard one when the job needs more."""
+    soft, hard = limit
+    per_rank = FD_PER_TAGGED_RANK if tag_output else FD_PER_RANK
+    needed = FD_BASE + ntasks * per_rank
+    if needed <= soft:
+        return None
+    if needed <= hard:
+        return hard
+    fit = (hard - FD_BASE) // per_rank
+    fix = "raise it with ulimit -n" + (f" or use at most {fit} ranks" if fit >= 1 else "")
+    raise UserError(f"-n {ntasks} needs about {needed} open files but the limit is {hard}: {fix}")
+
+
 def plan_launch(
     opts: LaunchOptions,
     process: ProcessPlan,
@@ -110,15 +170,21 @@ def plan_launch(
     environ: Mapping[str, str],
     rankwire_exec: Sequence[str],
     mpi_kind: Optional[str] = None,
+    program_kind: Optional[str] = None,
+    open_files: Optional[tuple[int, int]] = None,
 ) -> LaunchPlan:
     """Decide the PMI and local launch vs delegation to srun.
 
     `rankwire_exec` is the `rankwire exec [container options] IMAGE` prefix each srun task
     runs when there is an image (empty: no image). `mpi_kind` is what the image or the
-    program was found to link ("pmix", "pmi1/2", "both", None).
+    program was found to link ("pmix", "pmi1/2", "both", None), `program_kind` the same
+    for the ranks' program alone (known only when it links an MPI itself).
+    `open_files` is RLIMIT_NOFILE (soft, hard) of a local launch (None: not checked).
     """
     validate(opts)
-    pmi = resolve_pmi(opts.pmi, mpi_kind)
+    kind = program_kind or mpi_kind
+    check_pmi(opts.pmi, kind, "the image's" if container is not None else "the program's")
+    pmi = resolve_pmi(opts.pmi, kind)
     # Wire-up variables of whatever launched us must not reach the ranks: each rank gets
     # its own from our server (or from srun).
     env = {k: v for k, v in process.env.items() if not k.startswith(("PMI_", "PMIX_"))}
@@ -131,6 +197,14 @@ def plan_launch(
         if opts.timeout:
             srun.append(f"--time={max(1, int(opts.timeout + 59) // 60)}")
         delegate = (*srun, *rankwire_exec, *process.argv)
+    elif opts.ntasks > MAX_LOCAL_RANKS:
+        raise UserError(
+            f"-n {opts.ntasks}: one host runs at most {MAX_LOCAL_RANKS} processes (the "
+            "kernel's PID_MAX_LIMIT): run it across nodes in a Slurm allocation"
+        )
+    nofile = None
+    if delegate is None and open_files is not None:
+        nofile = plan_open_files(opts.ntasks, opts.tag_output, open_files)
     return LaunchPlan(
         ntasks=opts.ntasks,
         pmi=pmi,
@@ -141,6 +215,8 @@ def plan_launch(
         grace=opts.grace,
         container=container,
         process=process,
+        expect_pmi=opts.ntasks > 1 and program_kind is not None,
+        open_files=nofile,
         delegate=delegate,
         slurm_job=environ.get("SLURM_JOB_ID") or None,
     )

@@ -174,6 +174,7 @@ class PmiServer:
         self._attaching: set[asyncio.Task[object]] = set()
         self._pmi_ids: list[int] = []  # rank → its random PMI_ID (port mode)
         self._rank_of_id: dict[int, int] = {}
+        self._spoke: set[int] = set()  # ranks that sent at least one request
         self._timer: Optional[asyncio.TimerHandle] = None
         self._closing = False
 
@@ -239,6 +240,12 @@ class PmiServer:
         reason = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
         self._fence_result(self.job.rank_exited(rank, reason))
 
+    @property
+    def connected_ranks(self) -> frozenset[int]:
+        """The ranks that ever spoke PMI to us (none, in a job of N > 1 that ran: every
+        rank took MPI's singleton init, e.g. because it speaks another PMI)."""
+        return frozenset(self._spoke)
+
     async def wait_event(self) -> Event:
         if self._events is None:
             raise RuntimeError("PmiServer.wait_event() before start()")
@@ -292,6 +299,8 @@ class PmiServer:
                 req = conn.codec.next_event()
                 if req is None:
                     return
+                if conn.rank is not None:
+                    self._spoke.add(conn.rank)
                 self._dispatch(conn, req)
             except (RemoteProtocolError, RequestRejected) as err:
                 fatal = isinstance(err, RemoteProtocolError) and err.fatal
@@ -314,6 +323,7 @@ class PmiServer:
             return False
         conn.rank = rank
         self._by_rank[rank] = conn
+        self._spoke.add(rank)
         return True
 
     # -- requests ---------------------------------------------------------------------------
