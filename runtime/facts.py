@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from rankwire.runtime.assemble import Facts
@@ -21,11 +22,16 @@ def gather(
 
     from rankwire.fabric.facts import fabric_facts
     from rankwire.runtime.hostfacts import collect_host_facts
-    from rankwire.runtime.imagefacts import image_facts
+    from rankwire.runtime.imagefacts import image_facts, partition_digest
     from rankwire.runtime.userfacts import existing_paths, user_facts
 
     facts = image_facts(image) if isinstance(image, str) else image
     user = user or user_facts()
+    # The content digest is read and kept in the user's cache, by the user only: root
+    # planning a job user's container (the plugin's enforce) extracts nothing.
+    if facts.content_digest is None and os.geteuid() == user.uid:
+        digest = partition_digest(facts, user.cache_dir, read_at=fabric_image_path)
+        facts = dataclasses.replace(facts, content_digest=digest)
     via = dataclasses.replace(facts, path=fabric_image_path) if fabric_image_path else facts
     fabric_host, fabric_image = fabric_facts(via, opts.fabric)
     return Facts(

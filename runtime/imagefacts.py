@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import subprocess
+import tempfile
 from typing import Optional
 
 from rankwire.errors import UserError
+from rankwire.runtime import sif_digest
 from rankwire.runtime.imagemeta import read_image_metadata
 from rankwire.runtime.plan import ImageFacts
 from rankwire.runtime.sif_read import SifImage
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_image_path(path: str) -> None:
+    """The first check of an image path a user gave (exec, run, inspect, sif)."""
+    if not os.path.exists(path):
+        raise UserError(f"image {path} not found: check the path")
+    if os.path.isdir(path):
+        raise UserError(
+            f"{path} is a directory, not a SIF image: rankwire runs SIF files (see rankwire build)"
+        )
 
 
 def image_facts(path: str, fd: Optional[int] = None) -> ImageFacts:
@@ -16,10 +33,8 @@ def image_facts(path: str, fd: Optional[int] = None) -> ImageFacts:
 
     `fd`: read the image already open there (the SPANK check); `path` only names it.
     """
-    if fd is None and not os.path.exists(path):
-        raise UserError(f"image {path} not found: check the path")
-    if fd is None and os.path.isdir(path):
-        raise UserError(f"{path} is a directory: rankwire runs SIF files (see rankwire build)")
+    if fd is None:
+        check_image_path(path)
     image = SifImage.open(path) if fd is None else SifImage.open_fd(fd, path)
     try:
         meta = read_image_metadata(image)
@@ -32,4 +47,88 @@ def image_facts(path: str, fd: Optional[int] = None) -> ImageFacts:
         digest=meta.identity.split(":", 1)[-1][:32],
         env=dict(meta.env),
         has_runscript=meta.runscript is not None,
+    )
+
+
+def partition_digest(image: ImageFacts, cache_dir: str, read_at: Optional[str] = None) -> str:
+    """sha256 of the image's squashfs partition, read once per version of the file.
+
+    Kept in `cache_dir/digests` under the file's (device, inode, size, mtime, ctime) and
+    the partition's place: a file written or replaced gets a new ctime (or inode), so a
+    kept digest never outlives the bytes it was read from. The partition's tables are
+    checked (`unsquashfs -l`) before a digest is kept, so a corrupt image says so here,
+    once, whichever driver would open it. `read_at`: where to read the image if not at
+    its path (the plugin's descriptor).
+    """
+    fd = os.open(read_at or image.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        key = "-".join(
+            str(v)
+            for v in (
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                image.partition_offset,
+                image.partition_size,
+            )
+        )
+        kept = os.path.join(cache_dir, "digests", key)
+        with contextlib.suppress(OSError):
+            with open(kept) as f:
+                text = f.read().strip()
+            if _DIGEST.fullmatch(text):
+                return text
+        _check_squashfs(image, fd)
+        digest = sif_digest.partition_digest(fd, image.partition_offset, image.partition_size)
+        again = os.fstat(fd)
+        if (again.st_size, again.st_mtime_ns, again.st_ctime_ns) == (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        ):
+            _keep(kept, digest)
+        return digest
+    finally:
+        os.close(fd)
+
+
+def _keep(path: str, text: str) -> None:
+    """Write `path` atomically (a temporary file renamed over it): a concurrent reader
+    sees the whole digest or none. A cache we cannot write only costs a later re-read."""
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            os.unlink(tmp)
+            raise
+
+
+def _check_squashfs(image: ImageFacts, fd: int) -> None:
+    """Every inode and directory of the partition readable (what a mount would walk).
+    Without unsquashfs, or with a compressor it does not support, nothing is said."""
+    try:
+        proc = subprocess.run(
+            ["unsquashfs", "-l", "-n", "-o", str(image.partition_offset), f"/proc/self/fd/{fd}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            pass_fds=(fd,),
+            text=True,
+            errors="replace",
+        )
+    except FileNotFoundError:
+        return
+    if proc.returncode == 0 or "unsupported" in proc.stderr:
+        return
+    last = (proc.stderr.strip().splitlines() or [f"unsquashfs exited {proc.returncode}"])[-1]
+    raise UserError(
+        f"{image.path}: the image's squashfs partition is corrupt "
+        f"({last.removeprefix('FATAL ERROR: ')}): rebuild or re-pull it"
     )

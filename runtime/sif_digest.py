@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from typing import Protocol
 
 from rankwire.runtime.sif_format import Descriptor, SifError, shown
 from rankwire.runtime.sif_read import SifImage
 
+_CHUNK = 1 << 20
+
 
 class _Hash(Protocol):
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: bytes | memoryview, /) -> None: ...
 
     def hexdigest(self) -> str: ...
 
@@ -53,4 +56,21 @@ def object_digest(image: SifImage, desc: Descriptor, algorithm: str = "sha256") 
     h = _hasher(algorithm)
     for chunk in image.iter_object(desc):
         h.update(chunk)
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def partition_digest(fd: int, offset: int, size: int, algorithm: str = "sha256") -> str:
+    """Digest of the `size` bytes at `offset` of the open file `fd` (a partition's data,
+    read in place: no copy of the SIF's other objects, one reused buffer)."""
+    h = _hasher(algorithm)
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    done = 0
+    while done < size:
+        want = min(_CHUNK, size - done)
+        got = os.preadv(fd, [view[:want]], offset + done)
+        if got == 0:
+            raise SifError(f"the partition ends {size - done} bytes early: the file is truncated")
+        h.update(view[:got])
+        done += got
     return f"{algorithm}:{h.hexdigest()}"
