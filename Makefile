@@ -62,6 +62,15 @@ $(VENV)/.stamp-test: pyproject.toml | $(VENV)/bin/python
 clean:
 	rm -rf $(VENV) build *.egg-info
 
+# Load, outside `make test` (about a minute; the Slurm part needs root):
+# the PMI server with 4096 simulated PMI-1/PMI-2 clients (fence time, peak RSS, fds before/
+# after, every get checked), 8 rounds of 8 concurrent `rankwire exec`, and 16 concurrent
+# `srun --container-image` steps through the plugin on a throwaway single-node Slurm.
+.PHONY: load
+load: system-test $(VENV)/.stamp-test
+	$(PY) bench/pmi_load.py
+	$(PY) bench/exec_load.py
+
 # A Slurm cluster in network namespaces for humans (root; tests/harness/multinode.py):
 #   make cluster-up [NODES=4] [CLUSTER_SHARED="/tmp/dir ..."]   prints the SLURM_CONF to export
 #   make cluster-down                                           removes all of it again
@@ -78,3 +87,16 @@ cluster-up: $(VENV)/.stamp
 
 cluster-down:
 	@$(PY) tests/harness/multinode.py down --state $(CLUSTER_STATE)
+
+# Fuzzing, outside `make test` (about 10 CPU-minutes on 2 cores at the default): FUZZ_N
+# inputs through each target of tools/fuzz.py, FUZZ_SEED to repeat a run, FUZZ_JOBS
+# processes. Crashing or hanging inputs land in tests/data/fuzz-corpus/ (replayed by
+# tests/test_fuzz_corpus.py); the exit status is non-zero if there was any.
+FUZZ_N ?= 1000000
+FUZZ_JOBS ?= 2
+FUZZ_SEED ?=
+
+.PHONY: fuzz
+
+fuzz: $(VENV)/.stamp-test
+	@$(PY) tools/fuzz.py -n $(FUZZ_N) --jobs $(FUZZ_JOBS) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))

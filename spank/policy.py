@@ -107,6 +107,8 @@ def _dirs(key: str, value: Any) -> tuple[str, ...]:
     for d in value:
         if not os.path.isabs(d):
             raise PolicyError(f"'{key}': {d} is not an absolute path")
+        if "\0" in d:
+            raise PolicyError(f"'{key}': {d!r} holds a NUL character")
         out.append(os.path.realpath(d))
     return tuple(out)
 
