@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -26,6 +27,17 @@ EXAMPLES = REPO / "examples"
 # come first on PATH, also for commands run as the unprivileged user.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 os.environ[SESSION_VAR] = os.urandom(8).hex()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a CI or shell timeout) ends the session as Ctrl-C does: pytest then runs
+    every fixture's teardown (clusters, netns). Further SIGTERMs let that teardown finish."""
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+import time
 from pathlib import Path
 
 from harness.procs import ancestors
@@ -12,14 +15,17 @@ from harness.users import User
 # holder (it names itself), FUSE daemons, and the test programs run as ranks.
 WATCHED = (
     "rankwire",
-    "apptainer-mpir",
+    "apptainer-mpiru",
     "rankwire-holder",
+    "rankwire-init",
+    "rankwire-init",
     "squashfuse",
     "squashfuse_ll",
     "fuse-overlayfs",
     "hello_mpich",
     "hello_ompi",
     "fail_mpich",
+    "fault_rank",
 )
 
 
@@ -27,6 +33,8 @@ WATCHED = (
 # (holders and FUSE daemons included), so processes of other sessions on a shared
 # machine are never mistaken for ours.
 SESSION_VAR = "RANKWIRE_TEST_SESSION"
+# Files are not marked: those made before the session are another session's business.
+SESSION_START = time.time()
 
 
 def _ours(proc: Path) -> bool:
@@ -57,13 +65,74 @@ def user_leftovers(user: User) -> list[str]:
         if "rankwire" in line
     ]
     # The CLI's runtime dir, its fallback when another user made that one, the plugin's.
+    files: list[Path] = []
     for rdir in (
         Path(f"/tmp/rankwire-{user.uid}"),
         Path(user.home or "/nonexistent") / ".cache/rankwire/run",
         Path(f"/run/rankwire/{user.uid}"),
     ):
         if rdir.is_dir():
-            found += [f"file {p}" for p in rdir.iterdir() if p.name != "instances"]
+            files += [p for p in rdir.iterdir() if p.name != "instances"]
             if (rdir / "instances").is_dir():
-                found += [f"file {p}" for p in (rdir / "instances").iterdir()]
+                files += list((rdir / "instances").iterdir())
+    files += _partials(user)
+    if files:
+        busy = paths_in_use()
+        found += [f"file {p}" for p in files if not is_used(p, busy)]
+    return found
+
+
+def paths_in_use() -> set[str]:
+    """Paths live processes use: bound Unix sockets, open files, working dirs. A runtime
+    file one of them uses belongs to a live holder or server: ours is reported as a
+    process, another session's (on a shared machine) is none of our business."""
+    paths = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8:
+                paths.add(fields[7])
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            paths.add(os.readlink(proc / "cwd"))
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    paths.add(os.readlink(fd))
+    return paths
+
+
+def is_used(path: Path, busy: set[str]) -> bool:
+    """Whether `path`, or anything in it, is in use; an instance's .json goes with its
+    socket, a session dir s-<id> with its e-<id>.sock."""
+    names = [str(path)]
+    if path.suffix == ".json":
+        names.append(str(path.with_suffix(".sock")))
+    if path.name.startswith("s-"):
+        names.append(str(path.with_name(f"e-{path.name[2:]}.sock")))
+    return any(p == n or p.startswith(n + "/") for p in busy for n in names)
+
+
+def _partials(user: User) -> list[Path]:
+    """Half-done files of `user` made in this session: an extraction cut short (its
+    `rootfs.tmp<pid>`, or an empty `sandbox/<key>`), a PMIx server's temp dir."""
+    candidates: list[Path] = []
+    sandbox = Path(user.home or "/nonexistent") / ".cache/rankwire/sandbox"
+    try:
+        for key in sandbox.iterdir() if sandbox.is_dir() else []:
+            inside = list(key.iterdir()) if key.is_dir() else [key]
+            candidates += [p for p in inside if p.name.startswith("rootfs.tmp")]
+            candidates += [] if inside else [key]
+    except OSError:  # not ours to read
+        pass
+    candidates += list(Path(tempfile.gettempdir()).glob("rankwire-pmix-*"))
+    found = []
+    for path in candidates:
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if st.st_uid == user.uid and st.st_mtime >= SESSION_START:
+            found.append(path)
     return found

@@ -20,6 +20,12 @@ Teardown never goes by name: the recorded daemon PIDs (after checking that they 
 in our netns), then anything else living in one of our netns, then host processes carrying
 our SLURM_CONF (srun/salloc of a test that timed out), then veths, netns, bridge, directory.
 
+A box whose owner was killed (SIGKILL, or a SIGTERM the test session could not turn into a
+teardown) is found by the next start: every box writes its state, with its owner's PID and
+start time, to STATE_FILE in its directory as soon as it claims anything, and `start` first
+stops every box whose owner is gone (`reap_orphans`). A box started by the command line
+below has no owner (it lives until `down`).
+
 Command line (for humans; `make cluster-up` / `make cluster-down`):
     python tests/harness/multinode.py up [-n NODES] [--state FILE] [--shared DIR]...
     python tests/harness/multinode.py down [--state FILE]
@@ -46,7 +52,14 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.slurm import COMMON_CONF, HarnessError, munge_works, pids_with_env
+from harness.slurm import (
+    COMMON_CONF,
+    HarnessError,
+    munge_works,
+    owner_alive,
+    owner_stamp,
+    pids_with_env,
+)
 
 PREFIX = "rwmn"  # bridge rwmnX, veths rwmnXvK, netns rwmnX-<name>: all ours carry it
 SUBNET = "10.253"
@@ -57,6 +70,7 @@ DEFAULT_STATE = Path("/tmp/rankwire-cluster.json")
 # Where the box's directory (conf, state, spools, logs) goes: like a real SlurmdSpoolDir it
 # lies outside /tmp (private per node) and outside what containers bind by default.
 DEFAULT_BASE = "/var/spool"
+STATE_FILE = "state.json"  # in the box's directory: what `reap_orphans` needs to stop it
 
 
 @dataclasses.dataclass
@@ -164,6 +178,7 @@ class MultiNodeCluster:
         self.members: list[Member] = []
         self.started_munged = False
         self.timings: dict[str, float] = {}
+        self.owner: Optional[dict[str, int]] = owner_stamp()
 
     # -- names -------------------------------------------------------------------------
     @property
@@ -237,6 +252,7 @@ class MultiNodeCluster:
     def _setup_network(self) -> None:
         self._claim_index()
         self._plan_members()
+        self._record()  # before the netns exist: a reaper must know their names
         _sysctl_off_ipv6(self.bridge)
         host = [f"netns add {m.netns}" for m in self.members]
         host += [
@@ -246,6 +262,7 @@ class MultiNodeCluster:
         for m in self.members:
             _sysctl_off_ipv6(m.veth)
             m.ns_inode = os.stat(NETNS_DIR / m.netns).st_ino
+        self._record()
         up = [f"addr add {self.host_ip}/24 dev {self.bridge}", f"link set {self.bridge} up"]
         up += [f"link set {m.veth} master {self.bridge} up" for m in self.members]
         _ip_batch(up, "bringing the bridge up")
@@ -334,6 +351,7 @@ class MultiNodeCluster:
                 start_new_session=True,
             )
         m.pid = proc.pid  # nsenter, unshare and sh all exec: this is the daemon
+        self._record()
 
     def node_states(self) -> dict[str, str]:
         out = subprocess.run(
@@ -369,10 +387,12 @@ class MultiNodeCluster:
                 raise HarnessError(f"{tool} not found: run `make test`, which installs it")
         t0 = time.monotonic()
         try:
-            self._ensure_munge()
             base = self.base or (DEFAULT_BASE if os.access(DEFAULT_BASE, os.W_OK) else None)
+            reap_orphans(base)
+            self._ensure_munge()
             self.root = Path(tempfile.mkdtemp(prefix="rankwire-mn-", dir=base))
             self.root.chmod(0o755)  # job users read slurm.conf, write their spool dirs
+            self._record()
             self._setup_network()
             self._write_files()
             self._spawn(self.ctl, ["slurmctld", "-D", "-i", "-f", str(self.conf)])
@@ -547,7 +567,7 @@ class MultiNodeCluster:
             found.append(f"directory {self.root}")
         return found
 
-    # -- persistence for `make cluster-up` / `make cluster-down` -------------------------
+    # -- persistence: the reaper, `make cluster-up` / `make cluster-down` ----------------
     def save(self, path: Path) -> None:
         state = {
             "nodes": self.nodes,
@@ -555,8 +575,19 @@ class MultiNodeCluster:
             "index": self.index,
             "root": str(self.root),
             "members": [dataclasses.asdict(m) for m in self.members],
+            "owner": self.owner,
         }
-        path.write_text(json.dumps(state, indent=1) + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+        tmp.replace(path)  # a reaper never reads half a state
+
+    def _record(self) -> None:
+        self.save(self.root / STATE_FILE)
+
+    def disown(self) -> None:
+        """Keep the box when this process ends (the command line's `up`)."""
+        self.owner = None
+        self._record()
 
     @classmethod
     def load(cls, path: Path) -> MultiNodeCluster:
@@ -564,7 +595,29 @@ class MultiNodeCluster:
         c = cls(state["nodes"], cpus=state["cpus"])
         c.index, c.root = state["index"], Path(state["root"])
         c.members = [Member(**m) for m in state["members"]]
+        c.owner = state.get("owner")
         return c
+
+
+def reap_orphans(base: Optional[str] = None) -> list[str]:
+    """Stop every box under `base` whose owner is gone; returns their directories.
+
+    A directory without a state file is left alone: its owner may be between mkdtemp and
+    its first write, or predate state files.
+    """
+    reaped = []
+    for root in Path(base or tempfile.gettempdir()).glob("rankwire-mn-*"):
+        try:
+            cluster = MultiNodeCluster.load(root / STATE_FILE)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if owner_alive(cluster.owner) or cluster.root != root:
+            continue
+        with contextlib.suppress(HarnessError):
+            cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        reaped.append(str(root))
+    return reaped
 
 
 # -- an MPI program whose traffic must cross the network ----------------------------------
@@ -683,6 +736,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{args.state} exists: run `make cluster-down` first", file=sys.stderr)
             return 1
         cluster = MultiNodeCluster(args.nodes, shared=args.shared).start()
+        cluster.disown()
         cluster.save(args.state)
         print(
             f"cluster {cluster.bridge} up in {cluster.timings['start']:.2f}s: "

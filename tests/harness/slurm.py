@@ -3,11 +3,16 @@
 It owns only what it starts: the daemons are recorded by PID and stopped by PID; munged
 is started only when none answers on the default socket (and then stopped again). Ports
 are picked free, so it coexists with a Slurm already running on the default ports.
+
+A cluster whose owner died without stopping it (SIGKILL) is stopped by the next start:
+its directory holds OWNER_FILE (the owner's PID and start time), and every process of
+it carries its SLURM_CONF (`reap_orphans`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -22,6 +27,7 @@ from typing import Any, Optional
 from harness.procs import ancestors
 
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
+OWNER_FILE = "owner.json"
 
 
 # The slurm.conf settings every test cluster shares (single node and multi-node): root
@@ -86,8 +92,10 @@ class SlurmCluster:
 
     def __init__(self, cpus: int = 32, base: Optional[str] = None) -> None:
         self.cpus = cpus
+        self.base = base
         self.root = Path(tempfile.mkdtemp(prefix="rankwire-slurm-", dir=base))
         self.root.chmod(0o755)  # job users must read slurm.conf
+        (self.root / OWNER_FILE).write_text(json.dumps(owner_stamp()))
         self.conf = self.root / "slurm.conf"
         self.plugstack = self.root / "plugstack.conf"
         self.nodename = socket.gethostname().split(".")[0]
@@ -174,6 +182,7 @@ class SlurmCluster:
         if os.getuid() != 0:
             raise HarnessError("the Slurm test cluster needs root (slurmd starts job steps)")
         try:
+            reap_orphans(self.base)
             self._ensure_munge()
             self.write_config()
             self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
@@ -226,6 +235,53 @@ class SlurmCluster:
             _wait(lambda: not Path(f"/proc/{pid}").exists(), 10, "munged to exit")
             self.started_munged = False
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _start_time(pid: int) -> int:
+    """The start time of a process (0 when it is gone): a PID plus it names one process."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def owner_stamp() -> dict[str, int]:
+    """This process as the owner of what it starts."""
+    return {"pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def owner_alive(owner: Optional[dict[str, int]]) -> bool:
+    """Whether the process `owner_stamp` recorded still runs (no owner: it always does)."""
+    if owner is None:
+        return True
+    return _start_time(owner["pid"]) == owner["start"]
+
+
+def reap_orphans(base: Optional[str] = None) -> list[str]:
+    """Stop every cluster under `base` whose owner is gone; returns their directories.
+
+    One without an owner file is left alone (it predates owner files)."""
+    reaped = []
+    for root in Path(base or tempfile.gettempdir()).glob("rankwire-slurm-*"):
+        try:
+            owner = json.loads((root / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner_alive(owner):
+            continue
+        entry = f"SLURM_CONF={root / 'slurm.conf'}"
+        for pid in pids_with_env(entry):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while pids_with_env(entry) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids_with_env(entry):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+        reaped.append(str(root))
+    return reaped
 
 
 def pids_with_env(entry: str) -> list[int]:
