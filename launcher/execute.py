@@ -3,7 +3,8 @@
 Single-threaded asyncio (ranks are forked and `setns` in the child, which must not race
 other threads). Exit code: 0 if every rank exits 0; otherwise the first failure: a rank's
 exit code (128+N for signal N), the code a rank passed to abort, 124 for --timeout, 1 for a
-fence that cannot complete, and 1 when N > 1 ranks of a program that links an MPI all
+fence that cannot complete or a rank that closed its PMI connection before finalize and
+runs on, and 1 when N > 1 ranks of a program that links an MPI all
 exited 0 without one of them speaking to our PMI server (N singletons, not one job of N:
 `plan.expect_pmi`; a program that links no MPI, like /bin/hostname, is never judged so).
 On the first failure, or a signal to the launcher, every other
@@ -24,9 +25,9 @@ import sys
 from typing import Callable, Optional, Union
 
 from rankwire.launcher.plan import LaunchPlan
-from rankwire.pmi.job import FenceFailed, Job
+from rankwire.pmi.job import FenceFailed, Job, format_ranks
 from rankwire.pmi.pmix.server import PmixServer
-from rankwire.pmi.server import Aborted, PmiServer, ProtocolViolation
+from rankwire.pmi.server import Aborted, PmiServer, ProtocolViolation, RankLost
 from rankwire.runtime.instance import (
     FORWARDED_SIGNALS,
     Lease,
@@ -54,8 +55,19 @@ class _Job:
         self.tearing_down = False
         self.relays: dict[int, Callable[[], None]] = {}  # output pipe -> its last flush
         self.ending = False
-        # The first rank that exited non-zero, for ABORT_GRACE_S (see `reaped`).
+        # Failures held for ABORT_GRACE_S before one is judged the job's (see `settle`):
+        # the first rank that exited non-zero, the first rank that closed its PMI
+        # connection before finalize (and that message), the first fence failure.
         self.exit_pending: Optional[tuple[int, int]] = None
+        self.lost_pending: Optional[tuple[int, str]] = None
+        self.fence_pending: Optional[FenceFailed] = None
+        self.settle_timer: Optional[asyncio.TimerHandle] = None
+        # Why ranks could not start (`spawn_in` errors=): one pipe for all, read as lines
+        # `<rank>\t<why>`, said once per cause with its ranks when the job ends.
+        self.errors_r, self.errors_w = os.pipe()
+        os.set_blocking(self.errors_r, False)
+        self.errors_buf = bytearray()
+        self.not_started: dict[str, list[int]] = {}  # why -> ranks
         self.done = self.loop.create_future()
         job = Job(size=plan.ntasks, fence_timeout=plan.fence_timeout)
         self.server: Union[PmiServer, PmixServer]
@@ -97,16 +109,19 @@ class _Job:
         env, fds = self.server.rank_env(rank)
         proc = dataclasses.replace(self.plan.process, env={**self.plan.process.env, **env})
         stdin = 0 if rank == self.plan.stdin_rank else devnull
+        errors = (self.errors_w, str(rank))
         if self.plan.tag_output:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
-            pid = spawn_in(self.lease, proc, inherit=fds, stdio=(stdin, out_w, err_w))
+            pid = spawn_in(
+                self.lease, proc, inherit=fds, stdio=(stdin, out_w, err_w), errors=errors
+            )
             os.close(out_w)
             os.close(err_w)
             self.relay(out_r, 1, rank)
             self.relay(err_r, 2, rank)
         else:
-            pid = spawn_in(self.lease, proc, inherit=fds, stdio=(stdin, 1, 2))
+            pid = spawn_in(self.lease, proc, inherit=fds, stdio=(stdin, 1, 2), errors=errors)
         self.server.spawned(rank)
         self.pids[rank] = pid
         pidfd = os.pidfd_open(pid)
@@ -118,6 +133,7 @@ class _Job:
         _, status = os.waitpid(pid, 0)
         code = exit_code(status)
         del self.pids[rank]
+        self.read_not_started()  # written before that exit, if the rank could not start
         # The PMI core words it as Popen does: a negative code is a signal.
         self.server.rank_exited(rank, -os.WTERMSIG(status) if os.WIFSIGNALED(status) else code)
         if code != 0 and self.failure is None and not self.tearing_down:
@@ -126,18 +142,45 @@ class _Job:
             # Wait that moment for an abort only: any other failure now is this exit's.
             if self.exit_pending is None:
                 self.exit_pending = (rank, code)
-                self.loop.call_later(ABORT_GRACE_S, self.settle_exit)
+                self.hold()
         elif code != 0 and self.failure is None:
             self.fail(code)
         self.check_done()
 
-    def settle_exit(self) -> None:
-        """The first failed exit becomes the job's failure (unless an abort came first)."""
-        if self.exit_pending is not None and self.failure is None:
-            rank, code = self.exit_pending
-            self.fail(code, f"rank {rank} exited with {code}")
-        self.exit_pending = None
+    def hold(self) -> None:
+        """Judge the held failures in ABORT_GRACE_S: a rank's abort, its exit and the end
+        of its PMI connection reach us in any order."""
+        if self.settle_timer is None:
+            self.settle_timer = self.loop.call_later(ABORT_GRACE_S, self.settle)
+
+    def settle(self) -> None:
+        """The job's failure, unless an abort came first: a rank that dropped its PMI
+        connection and still runs (the others' failures follow from it), else the first
+        failed exit, else the fence failure (a rank that exited 0 without finalize)."""
+        if self.settle_timer is not None:
+            self.settle_timer.cancel()
+            self.settle_timer = None
+        if self.failure is None:
+            if self.lost_pending is not None and self.lost_pending[0] in self.pids:
+                self.fail(1, self.lost_pending[1])
+            elif self.exit_pending is not None:
+                rank, code = self.exit_pending
+                started = all(rank not in ranks for ranks in self.not_started.values())
+                self.fail(code, f"rank {rank} exited with {code}" if started else None)
+            elif self.fence_pending is not None:
+                self.fail(1, f"PMI fence failed: {self.fence_pending.reason}")
+        self.exit_pending = self.lost_pending = self.fence_pending = None
         self.check_done()
+
+    def read_not_started(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # we hold the write end: never EOF
+            while chunk := os.read(self.errors_r, 65536):
+                self.errors_buf.extend(chunk)
+        *lines, rest = self.errors_buf.split(b"\n")
+        self.errors_buf[:] = rest
+        for line in lines:
+            rank, _, why = line.decode(errors="replace").partition("\t")
+            self.not_started.setdefault(why, []).append(int(rank))
 
     def relay(self, fd: int, to: int, rank: int) -> None:
         """Copy a rank's output to ours, each line prefixed with `[rank] `."""
@@ -167,7 +210,7 @@ class _Job:
         self.loop.add_reader(fd, readable)
 
     def check_done(self) -> None:
-        if self.pids or self.exit_pending is not None or self.done.done():
+        if self.pids or self.settle_timer is not None or self.done.done():
             return
         if self.relays:
             self.end_container()
@@ -191,19 +234,37 @@ class _Job:
         self.check_done()
 
     # -- PMI events -------------------------------------------------------------------
+    def told_fence_failed(self, rank: int) -> bool:
+        """The rank got a held fence failure as the answer to its fence."""
+        return self.fence_pending is not None and rank in self.fence_pending.waiting
+
     async def watch_events(self) -> None:
         while True:
             event = await self.server.wait_event()
-            if isinstance(event, Aborted):
+            if isinstance(event, Aborted) and self.told_fence_failed(event.rank):
+                self.hold()  # MPI aborts on our fence error: the cause is held already
+            elif isinstance(event, Aborted):
                 msg = f": {event.message}" if event.message else ""
                 self.fail(
                     event.code or 1, f"rank {event.rank} aborted the job (code {event.code}){msg}"
                 )
             elif isinstance(event, FenceFailed) and self.failure is None:
-                if self.exit_pending is not None:
-                    self.settle_exit()  # the fence failed because that rank exited
-                else:
+                if event.timed_out:
                     self.fail(1, f"PMI fence failed: {event.reason}")
+                elif self.exit_pending is not None and self.lost_pending is None:
+                    self.settle()  # the fence failed because that rank exited
+                else:  # a rank that lost its connection may be exiting right now
+                    self.fence_pending = self.fence_pending or event
+                    self.hold()
+            elif isinstance(event, RankLost) and self.failure is None:
+                when = "during a fence" if event.during_fence else "before finalize"
+                self.lost_pending = self.lost_pending or (
+                    event.rank,
+                    f"rank {event.rank} closed its PMI connection {when} and runs on: the "
+                    "other ranks cannot complete the job without it (a rank must keep its "
+                    "PMI_FD/PMI_PORT connection open until MPI_Finalize)",
+                )
+                self.hold()
             elif isinstance(event, ProtocolViolation):
                 who = "a rank" if event.rank is None else f"rank {event.rank}"
                 say(f"{who} sent a malformed PMI request: {event.message}")
@@ -220,6 +281,7 @@ class _Job:
             else None
         )
         devnull = os.open(os.devnull, os.O_RDONLY)
+        self.loop.add_reader(self.errors_r, self.read_not_started)
         try:
             for rank in range(self.plan.ntasks):
                 if self.tearing_down:
@@ -229,6 +291,10 @@ class _Job:
             await self.done
         finally:
             os.close(devnull)
+            self.loop.remove_reader(self.errors_r)
+            self.read_not_started()
+            os.close(self.errors_r)
+            os.close(self.errors_w)
             if timer:
                 timer.cancel()
             events.cancel()
@@ -236,6 +302,8 @@ class _Job:
                 self.loop.remove_signal_handler(sig)
             self.signal_all(signal.SIGKILL)  # only if we are unwinding from an error
             await self.server.close()
+        for why, ranks in self.not_started.items():  # one line for N ranks, not N lines
+            say(f"{format_ranks(ranks)}: {why}")
         if self.failure is None and self.plan.expect_pmi and not self.server.connected_ranks:
             # Each rank took MPI's singleton init: N jobs of size 1, not one of N.
             server = "PMIx" if self.plan.pmi == "pmix" else "PMI-1/PMI-2"

@@ -12,7 +12,9 @@ returns.
   `waiting`, tell the owner), or None (keep waiting). A fence fails as soon as it cannot
   complete: a rank that exited, lost its connection or finalized cannot join it.
   `expire_fence()` is called by the transport when its fence timer fires (the core only
-  holds `fence_timeout`); `rank_exited()` fails a fence a dead rank was blocking.
+  holds `fence_timeout`); `rank_exited()` fails a fence a dead rank was blocking, or was
+  inside (its process or its PMI connection ended before the fence completed: the others
+  would get a KVS without its puts, and its own reply has nowhere to go).
 * `attr()` answers job attributes (`PMI_process_mapping`, `universeSize`); everything else is
   absent. `PMI_process_mapping` is also pre-put in the KVS for PMI-1 clients, which `get` it.
 
@@ -175,8 +177,9 @@ class Job:
             self.aborted = (rank, code, message)
 
     def rank_exited(self, rank: int, reason: str) -> Optional[FenceFailed]:
-        """The rank is gone (`reason`, e.g. "exited with code 1"). A fence it has not
-        joined fails now; later fences fail at once. No-op after finalize."""
+        """The rank is gone (`reason`, e.g. "exited with code 1"). The current fence fails
+        now, whether the rank joined it or not; later fences fail at once. No-op after
+        finalize."""
         self.check_rank(rank)
         if rank in self._finalized or rank in self._gone:
             return None
@@ -260,7 +263,7 @@ class Job:
     def _fail_if_blocked(self) -> Optional[FenceFailed]:
         if not self._fence_in:
             return None
-        why: dict[int, str] = {r: self._gone[r] for r in self._gone if r not in self._fence_in}
+        why = dict(self._gone)
         for r in self._finalized:
             why.setdefault(r, "finalized without joining the fence")
         if not why:
@@ -274,7 +277,7 @@ class Job:
         return self._fail(list(why), reason, timed_out=False)
 
     def _fail(self, missing: list[int], reason: str, timed_out: bool) -> FenceFailed:
-        waiting = tuple(sorted(self._fence_in))
+        waiting = tuple(sorted(r for r in self._fence_in if r not in self._gone))
         self._fence_in.clear()
         self._staged.clear()
         return FenceFailed(tuple(sorted(missing)), reason, timed_out, waiting)

@@ -32,8 +32,9 @@ Events
   `Aborted(rank, code, message)` (a rank called PMI abort: kill the job with `code`),
   `FenceFailed(missing, reason, timed_out, waiting)` (a fence cannot complete: a rank exited,
   closed its connection or finalized without joining it, or `Job.fence_timeout` passed; the
-  waiting ranks got an error reply), `RankLost(rank)` (an initialized rank closed its PMI
-  connection before finalize), `Finalized(rank)`, `ProtocolViolation(rank, message)` (a
+  waiting ranks got an error reply), `RankLost(rank, during_fence)` (an initialized rank
+  closed its PMI connection before finalize; the fence fails with it, so the launcher need
+  not wait for the others), `Finalized(rank)`, `ProtocolViolation(rank, message)` (a
   client sent something malformed or impossible; it got an error reply, the server goes on;
   a connection whose byte stream is lost, or that errs MAX_VIOLATIONS times, is closed).
   The queue is unbounded; drain it for the life of the job.
@@ -100,6 +101,7 @@ class Finalized:
 @dataclasses.dataclass(frozen=True)
 class RankLost:
     rank: int
+    during_fence: bool = False  # it had sent its fence request: that fence failed with it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,9 +290,11 @@ class PmiServer:
         del self._by_rank[rank]
         if self.job.is_finalized(rank) or self.job.is_gone(rank):
             return  # a normal exit, or the launcher already reported it
+        during_fence = rank in self.job.fence_waiting
         if self.job.is_initialized(rank):
-            self._emit(RankLost(rank))
-        self._fence_result(self.job.rank_exited(rank, "closed its PMI connection before finalize"))
+            self._emit(RankLost(rank, during_fence))
+        when = "during a fence" if during_fence else "before finalize"
+        self._fence_result(self.job.rank_exited(rank, f"closed its PMI connection {when}"))
 
     def _received(self, conn: _Conn, data: bytes) -> None:
         conn.codec.receive_data(data)

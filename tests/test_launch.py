@@ -282,3 +282,36 @@ def test_mpi4py_hello_on_the_host() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert_hello(proc.stdout, 4)
+
+
+def test_run_in_signal_after_the_process_ended_does_not_fail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """scancel signals the task and `rankwire exec` at once (issue 13, FORWARD_RACE): a
+    signal forwarded once the process is reaped must not raise ProcessLookupError."""
+    from rankwire.runtime import instance
+    from rankwire.runtime.plan import ProcessPlan
+
+    real_waitpid = os.waitpid
+
+    def waitpid_then_signalled(pid: int, options: int) -> tuple[int, int]:
+        reaped = real_waitpid(pid, options)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled here, by run_in's forwarder
+        return reaped
+
+    monkeypatch.setattr(instance.os, "waitpid", waitpid_then_signalled)
+    proc = ProcessPlan(argv=("/bin/true",), env=dict(os.environ), workdir="/")
+    assert instance.run_in(None, proc) == 0  # type: ignore[arg-type]
+
+
+def test_a_rank_error_is_said_once_for_all_ranks(base_image: Path, runner: User) -> None:
+    """Issue 13, defect 8: N ranks that cannot start give one line naming them, not N."""
+    proc = rw(runner, "apptainer-mpirun", "-n", "4", str(base_image), "/nope")
+    assert proc.returncode == 127, proc.stderr
+    assert proc.stderr == (
+        "rankwire: ranks 0-3: /nope: no such file in the container: check the path, or bind "
+        "it in with -B\n"
+    )
+    proc = rw(runner, "rankwire", "run", "-n", "3", "--tag-output", "/nope")
+    assert proc.returncode == 127, proc.stderr
+    assert proc.stderr == "rankwire: ranks 0-2: /nope: no such file on this host: check the path\n"

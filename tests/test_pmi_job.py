@@ -132,6 +132,22 @@ def test_rank_dying_while_others_wait() -> None:
     assert job.fence_waiting == ()
 
 
+def test_rank_lost_inside_the_fence_fails_it_at_once() -> None:
+    """A rank that sent its fence request and then lost its connection (or exited) can
+    never get the reply: the fence fails now for the others, not when they all arrive."""
+    job = Job(size=3)
+    assert job.fence(0) is None
+    assert job.fence(1) is None
+    failed = job.rank_exited(0, "closed its PMI connection during a fence")
+    assert failed == FenceFailed(
+        (0,), "fence cannot complete: rank 0 closed its PMI connection during a fence", False,
+        (1,),
+    )  # fmt: skip
+    assert job.fence_waiting == ()
+    failed = job.fence(2)  # rank 2 arrives late: the next fence fails at once too
+    assert isinstance(failed, FenceFailed) and failed.missing == (0,) and failed.waiting == (2,)
+
+
 def test_rank_that_finalized_cannot_be_waited_for() -> None:
     job = Job(size=2)
     assert job.finalize(1) is None

@@ -171,6 +171,39 @@ def test_rank_exit_fails_the_fence_naming_it() -> None:
     run(main())
 
 
+def test_rank_dropping_its_socket_inside_the_fence_fails_it_at_once() -> None:
+    """Rank 0 sends its fence request and hangs up (its process lives on): rank 1, in the
+    fence, gets the error now, though rank 2 has not fenced yet (issue 13, PMI_DROP)."""
+
+    async def main() -> None:
+        server = await started(Job(size=3))
+        try:
+            c0, c1 = await pmi1(server, 0), await pmi2(server, 1)
+            f1 = asyncio.ensure_future(c1.call(Fence(), ErrorReply))
+            await c0.send_raw(c0.codec.send(Fence()))
+            await asyncio.sleep(0.05)
+            assert not f1.done()
+            await c0.close()
+            reply = await asyncio.wait_for(f1, 2)
+            assert reply.message.replace("_", " ") == (
+                "fence cannot complete: rank 0 closed its PMI connection during a fence"
+            )
+            events = events_now(server)
+            assert events == [
+                RankLost(0, during_fence=True),
+                FenceFailed(
+                    (0,),
+                    "fence cannot complete: rank 0 closed its PMI connection during a fence",
+                    False,
+                    (1,),
+                ),
+            ]
+        finally:
+            await server.close()
+
+    run(main())
+
+
 def test_silent_rank_fence_times_out() -> None:
     async def main() -> None:
         server = await started(Job(size=3, fence_timeout=0.3))

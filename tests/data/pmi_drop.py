@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from rankwire.pmi.client import Pmi1Client
+from rankwire.pmi.client import Pmi1Client, PmiRequestError
 from rankwire.pmi.messages import Fence
 
 pmi = Pmi1Client.from_env()
@@ -24,4 +24,7 @@ if pmi.rank == target:
 elif pmi.rank == pmi.size - 1:
     time.sleep(60)
 else:
-    pmi.fence()
+    try:
+        pmi.fence()
+    except PmiRequestError as err:  # as an MPI library would: one line, exit 1
+        sys.exit(f"rank {pmi.rank}: {err}")
