@@ -155,6 +155,9 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
                 f"cannot run srun inside Slurm job {plan.slurm_job}: "
                 f"{err.strerror}; pass --no-slurm to launch here"
             ) from None
+    from rankwire.runtime.instance import end_with_slurmstepd
+
+    end_with_slurmstepd()  # a task of a step (srun ... apptainer-mpirun) ends with it
     sys.exit(execute(plan))
 
 

@@ -181,6 +181,7 @@ def _execute(
         if dry_run:
             _show_plan(None, proc, as_json)
             return
+        inst.end_with_slurmstepd()
         with inst.leased(inst.instance_socket(name)) as lease:
             sys.exit(inst.run_in(lease, proc))
     opts = exec_options({**container_kw, **process_kw})
@@ -190,6 +191,7 @@ def _execute(
     if dry_run:
         _show_plan(plan.container, plan.process, as_json)
         return
+    inst.end_with_slurmstepd()
     sys.exit(inst.run_container(plan.container, plan.process))
 
 

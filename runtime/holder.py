@@ -44,13 +44,16 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, Optional, cast
 
+from rankwire.errors import UserError
 from rankwire.runtime import frame, loopdev
 from rankwire.runtime import syscalls as sc
+from rankwire.runtime.imagefacts import partition_digest
 from rankwire.runtime.imagepath import resolve_in_image
-from rankwire.runtime.plan import ContainerPlan, Mount, hidden_by, within
+from rankwire.runtime.plan import ContainerPlan, Mount, hidden_by, sandbox_dir, within
 
 MOUNT_WAIT_S = 10.0
 INIT_EXIT_S = 1.0
+WATCHER_EXIT_S = 5.0
 FIRST_JOIN_S = 10.0
 # A bind's source given as a descriptor the holder was handed (`req["keep_fds"]`).
 FD_SOURCE = re.compile(r"/proc/self/fd/([0-9]+)")
@@ -63,6 +66,11 @@ class SetupError(Exception):
     def __init__(self, message: str, taken: bool = False) -> None:
         super().__init__(message)
         self.taken = taken
+
+
+class ImageError(SetupError):
+    """The image itself is broken (no other driver can help): its message, which names
+    the image, is the whole line the user sees."""
 
 
 def secure_path(root: str, path: str) -> str:
@@ -178,6 +186,9 @@ class Holder:
             "ok": True,
             "pid": os.getpid(),
             "namespaces": list(self.plan.namespaces),
+            # For a joiner that sees us die unannounced: what to prune (`Lease.close`).
+            "socket": self.sock_path,
+            "session": self.session,
         }
         self.sock_dir_fd = -1
         self.session_parent_fd = -1
@@ -187,12 +198,16 @@ class Holder:
         self.init: Optional[int] = None  # PID 1 of the container's PID namespace
         self.init_life = -1  # init ends when this closes
         self.proc_staging: Optional[str] = None  # that namespace's /proc, until bound
+        self.watcher: Optional[int] = None  # see `_start_watcher`
+        self.watcher_conn: Optional[socket.socket] = None
 
     # -- setup -----------------------------------------------------------------------
     def setup(self) -> None:
         plan = self.plan
         if self.root_mode and (os.getuid(), os.geteuid()) != (0, 0):
             raise SetupError("a container without a user namespace needs a holder run by root")
+        if "pid" not in plan.namespaces:
+            self._start_watcher()
         # The session dir appears under its name already locked (held until we exit,
         # even by SIGKILL): `prune_stale` of another process removes only unlocked ones.
         parent, name = os.path.split(self.session)
@@ -232,10 +247,14 @@ class Holder:
             if self.root_mode:
                 os.chmod(temporary, 0o600, dir_fd=self.sock_dir_fd)
             self.listener.listen(128)
+            # Under the directory's lock: `instance.unlink_if_dead` probes and unlinks
+            # under it, so it never takes a socket linked after its probe.
+            fcntl.flock(self.sock_dir_fd, fcntl.LOCK_EX)
             os.link(temporary, sock_name, src_dir_fd=self.sock_dir_fd, dst_dir_fd=self.sock_dir_fd)
         except FileExistsError:
             raise SetupError(f"{self.sock_path} is served by another holder", taken=True) from None
         finally:
+            fcntl.flock(self.sock_dir_fd, fcntl.LOCK_UN)
             os.unlink(temporary, dir_fd=self.sock_dir_fd)
         self.bound = True
 
@@ -290,6 +309,8 @@ class Holder:
         ]
         if self.init is not None:
             self.ns_fds.append(os.open("/proc/self/ns/pid_for_children", os.O_RDONLY))
+        if self.watcher_conn is not None:
+            socket.send_fds(self.watcher_conn, [b"mnt"], [self.ns_fds[1]])
         devnull = os.open(os.devnull, os.O_RDWR)
         os.chdir(root)
         sc.pivot_root(".", ".")
@@ -323,6 +344,35 @@ class Holder:
         self._reap_init()
         self.report["namespaces"].remove("pid")
         self.report["pid_namespace_fallback"] = said or "its init did not start"
+
+    def _start_watcher(self) -> None:
+        """Without a PID namespace (the plugin's containers: Slurm execs the tasks, which
+        join our namespaces), nothing else ends what runs in the container when we die:
+        a process forked now, outside our namespaces, that kills it then (`_run_watcher`).
+        """
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            _run_watcher(theirs, os.getppid(), self.sock_path, self.session)
+        theirs.close()
+        self.watcher, self.watcher_conn = pid, ours
+
+    def _end_watcher(self) -> None:
+        """Our end: the watcher ends what still runs in the container, then exits."""
+        if self.watcher_conn is not None:
+            with contextlib.suppress(OSError):
+                self.watcher_conn.sendall(b"end")  # not a death: our files are gone
+            self.watcher_conn.close()
+        if self.watcher is not None:
+            fd = os.pidfd_open(self.watcher)
+            try:
+                if not select.select([fd], [], [], WATCHER_EXIT_S)[0]:
+                    os.kill(self.watcher, signal.SIGKILL)
+            finally:
+                os.close(fd)
+            os.waitpid(self.watcher, 0)
+            self.watcher = None
 
     def _end_init(self) -> None:
         """Kill init: the kernel kills every process of the namespace at once."""
@@ -439,10 +489,13 @@ class Holder:
                         ],
                         lower,
                     )
+                    _readable_root(lower)
                 self.report["image_driver"] = driver
                 if errors:
                     self.report["image_driver_fallback"] = "; ".join(errors)
                 return
+            except ImageError:
+                raise
             except (SetupError, OSError) as err:
                 errors.append(f"{driver}: {err}")
         raise SetupError("cannot open the image: " + "; ".join(errors))
@@ -472,15 +525,30 @@ class Holder:
             os.close(loop_fd)
         self.report["loop_device"] = device
 
+    def _sandbox_dir(self) -> str:
+        """The extract cache's dir for this image when the facts did not read its content
+        digest (FUSE came first and failed): read it now, as the facts would have."""
+        plan = self.plan
+        try:
+            digest = partition_digest(
+                plan.image,
+                plan.partition_offset,
+                plan.partition_size,
+                plan.cache_dir,
+                read_at=self.image_source,
+            )
+        except UserError as err:  # its tables are corrupt
+            raise ImageError(str(err)) from None
+        return sandbox_dir(plan.cache_dir, digest)
+
     def _extract(self) -> str:
         """Unpack the partition once into the cache (its dir is named by the partition's
         content digest) and reuse it. Unpacked into a temporary dir beside it, locked
         while we live, and renamed into place only when complete: a failed or killed
         extraction never leaves anything under the final name, and the next extraction
         removes the temporary dirs whose owner is gone."""
-        done = self.plan.extract_dir
-        if not done:
-            raise SetupError("the image's content digest was not read, so it has no cache")
+        done = self.plan.extract_dir or self._sandbox_dir()
+        self.report["extract_dir"] = done
         if os.path.isdir(done):
             return done
         parent, name = os.path.split(done)
@@ -508,8 +576,9 @@ class Holder:
                 last = (proc.stderr.strip().splitlines() or ["unsquashfs failed"])[-1]
                 last = last.removeprefix("FATAL ERROR: ").replace(rootfs, "")
                 if "uncompress" in proc.stderr:  # the tables were read: file data is bad
-                    raise SetupError(
-                        f"the image's squashfs partition is corrupt ({last}): rebuild or re-pull it"
+                    raise ImageError(
+                        f"{self.plan.image}: the image's squashfs partition is corrupt "
+                        f"({last}): rebuild or re-pull it"
                     )
                 raise SetupError(f"unsquashfs: {last}")
             with contextlib.suppress(OSError):  # another process won the race: use its copy
@@ -778,6 +847,16 @@ class Holder:
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.basename(self.session), dir_fd=self.session_parent_fd)
         self._reap_init()  # last: nothing above waits for it
+        self._end_watcher()
+
+
+def _readable_root(lower: str) -> None:
+    """A FUSE driver mounts a partition whose root directory it cannot read (a corrupt
+    table): fail it here, so the next driver (extraction) checks the tables and says."""
+    try:
+        os.listdir(lower)
+    except OSError as err:
+        raise SetupError(f"cannot read the image's root directory: {err.strerror}") from None
 
 
 def _die_with_holder() -> None:
@@ -821,6 +900,62 @@ def _run_init(life: int, status: int, staging: str) -> NoReturn:
     os._exit(0)
 
 
+def _run_watcher(conn: socket.socket, holder: int, sock: str, session: str) -> NoReturn:
+    """Forked by a holder whose container has no PID namespace, before it makes its
+    namespaces: takes the container's mount namespace (a descriptor, which also keeps
+    its inode from being reused), waits until the holder is gone (EOF: the end of its
+    teardown, said with "end", or its death by SIGKILL), then SIGKILLs every process in
+    that namespace but the holder, so that tasks never run on in a dead container; after
+    a death, also removes the holder's socket and session dir; exits."""
+    try:
+        sc.set_comm("rankwire-watch")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # the holder's group's signals are its own
+        _close_fds_except({conn.fileno()})
+        _, fds, _, _ = socket.recv_fds(conn, 16, 1)
+        if fds:
+            said = b""
+            while chunk := conn.recv(16):
+                said += chunk
+            _kill_members(fds[0], holder)
+            if not said.endswith(b"end"):
+                _prune_after(holder, sock, session)
+    except BaseException:  # never return into the holder's code
+        pass
+    os._exit(0)
+
+
+def _prune_after(holder: int, sock: str, session: str) -> None:
+    """Once the dead holder has fully exited (its descriptors closed, its session lock
+    released: we are reparented then), remove its files (`instance.prune_holder`)."""
+    from rankwire.runtime.instance import prune_holder
+
+    deadline = time.monotonic() + 2.0
+    while os.getppid() == holder and time.monotonic() < deadline:
+        time.sleep(0.01)
+    prune_holder(sock, session)
+
+
+def _kill_members(mntns: int, spare: int) -> None:
+    """SIGKILL every process whose mount namespace is `mntns` (but `spare`), until none
+    is left (those forking meanwhile included), for a second at most."""
+    st = os.fstat(mntns)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        found = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == spare:
+                continue
+            with contextlib.suppress(OSError):
+                ns = os.stat(f"/proc/{entry}/ns/mnt")
+                if (ns.st_dev, ns.st_ino) == (st.st_dev, st.st_ino):
+                    os.kill(int(entry), signal.SIGKILL)
+                    found = True
+        if not found:
+            return
+        time.sleep(0.02)
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -858,7 +993,12 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
         except (SetupError, OSError, SystemExit) as err:  # SystemExit: SIGTERM meanwhile
             holder.teardown()
             why = "stopped during setup" if isinstance(err, SystemExit) else str(err)
-            failure = {"ok": False, "error": why, "taken": getattr(err, "taken", False)}
+            failure = {
+                "ok": False,
+                "error": why,
+                "taken": getattr(err, "taken", False),
+                "whole": isinstance(err, ImageError),
+            }
             with contextlib.suppress(OSError):
                 os.write(status_fd, json.dumps(failure).encode() + b"\n")
             os._exit(1)

@@ -40,6 +40,36 @@ FORWARDED_SIGNALS = (
 )
 
 
+# Sent to us when our parent, slurmstepd, dies (PR_SET_PDEATHSIG): see `end_with_slurmstepd`.
+STEPD_GONE = signal.SIGRTMIN + 2
+
+
+def end_with_slurmstepd() -> None:
+    """When our parent is slurmstepd (a task of a step): end, through our normal
+    teardown, if it dies (SIGKILL leaves Slurm no chance to kill the step), as if
+    signalled with SIGTERM (forwarded to what runs in the container; the lease ends, and
+    with it the container). Not for other parents: a shell's `rankwire exec ... &` may
+    outlive it (nohup), and a dying terminal sends SIGHUP anyway.
+
+    The parent-death signal comes when the *thread* that forked us ends: the handler
+    acts only once we have really been orphaned (our parent pid changed)."""
+    parent = os.getppid()
+    try:
+        comm = Path(f"/proc/{parent}/comm").read_text().strip()
+    except OSError:
+        return
+    if comm != "slurmstepd":
+        return
+
+    def gone(_sig: int, _frame: object) -> None:
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(STEPD_GONE, gone)
+    sc.prctl(sc.PR_SET_PDEATHSIG, STEPD_GONE)
+    gone(STEPD_GONE, None)  # it died before the prctl
+
+
 RUNTIME_DIR_VAR = "RANKWIRE_RUNTIME_DIR"  # set by the SPANK helper: a dir root made
 
 
@@ -104,9 +134,11 @@ class HolderHandle:
     pid: int
     report: dict[str, Any]
     is_child: bool  # ephemeral holders are our children and must be reaped by us
+    session: str = ""
 
     def wait(self, timeout: float = 10.0) -> None:
-        """Reap the holder (ephemeral mode: it exits when our last lease closes)."""
+        """Reap the holder (ephemeral mode: it exits when our last lease closes) and
+        remove what it left if it was killed."""
         if not self.is_child:
             return
         fd = os.pidfd_open(self.pid)
@@ -116,6 +148,7 @@ class HolderHandle:
         finally:
             os.close(fd)
         os.waitpid(self.pid, 0)
+        prune_holder(self.socket, self.session)
 
 
 def start_holder(
@@ -191,6 +224,8 @@ def start_holder(
         os.waitpid(pid, 0)
         if report.get("taken"):
             raise NameTaken(str(report["error"]))
+        if report.get("whole"):  # the image is broken: the message names it
+            raise UserError(str(report["error"]))
         raise UserError(f"cannot start container from {plan.image}: {report['error']}")
     if name is not None and register:
         info = {
@@ -203,35 +238,66 @@ def start_holder(
         }
         (base / "instances" / f"{name}.json").write_text(json.dumps(info))
     # A detached holder has its own session; init reaps it once we have exited.
-    return HolderHandle(str(sock), pid, report, is_child=not detached)
+    return HolderHandle(str(sock), pid, report, is_child=not detached, session=req["session"])
 
 
 def prune_stale(base: Path) -> None:
-    """Remove what holders killed by SIGKILL left: unlocked session dirs, dead sockets."""
+    """Remove what holders killed by SIGKILL left: unlocked session dirs, dead sockets
+    (ephemeral `e-*.sock` and named `instances/*.sock`)."""
     for session in base.glob("s-*"):
-        try:
-            fd = os.open(session, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a live holder holds it
-        else:
-            with contextlib.suppress(OSError):
-                session.rmdir()
-        finally:
-            os.close(fd)
-    for sock in base.glob("e-*.sock"):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(sock))
-        except ConnectionRefusedError:
-            sock.unlink(missing_ok=True)
-        except OSError:
-            pass
-        finally:
-            probe.close()
+        prune_session(session)
+    for sock in [*base.glob("e-*.sock"), *(base / "instances").glob("*.sock")]:
+        if not sock.name.startswith("t-"):  # a holder's name before it listens
+            unlink_if_dead(sock)
+
+
+def prune_session(session: Path) -> None:
+    """Remove `session` if no holder holds its lock (a holder locks it before it takes
+    the name and keeps the lock until it exits, even by SIGKILL)."""
+    try:
+        fd = os.open(session, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # a live holder holds it
+    else:
+        with contextlib.suppress(OSError):
+            session.rmdir()
+    finally:
+        os.close(fd)
+
+
+def unlink_if_dead(sock: Path) -> None:
+    """Unlink the socket `sock` if nobody listens on it. A holder's socket takes its name
+    only once it listens (`Holder.setup`), so a refused connect means a dead holder; the
+    directory's lock, which a holder also takes to link its socket into place, keeps a
+    new holder's socket from taking the name between our connect and our unlink."""
+    try:
+        dir_fd = os.open(sock.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        probe.setblocking(False)  # a live holder's full backlog: EAGAIN, not a wait
+        probe.connect(str(sock))
+    except ConnectionRefusedError:
+        with contextlib.suppress(OSError):
+            os.unlink(sock.name, dir_fd=dir_fd)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+        os.close(dir_fd)  # and with it the lock
+
+
+def prune_holder(sock: str, session: str) -> None:
+    """After a holder of ours ended (SIGKILL leaves it no teardown): its socket and
+    session dir, if it left them."""
+    unlink_if_dead(Path(sock))
+    prune_session(Path(session))
 
 
 @dataclasses.dataclass
@@ -250,17 +316,25 @@ class Lease:
         for fd in self.ns_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        last = False
+        said = b""
         try:
             self.conn.settimeout(timeout)
             self.conn.sendall(b"leave\n")
-            last = frame.one(frame.decode(self.conn.recv(64)), "last") == "1"
-        except (OSError, frame.FrameError):
+            said = self.conn.recv(64)
+        except OSError:
             pass
         self.conn.close()
+        try:
+            last = frame.one(frame.decode(said), "last") == "1"
+        except frame.FrameError:
+            last = False
         pid = self.report.get("pid")
-        if last and pid:
-            _wait_exit(int(pid), timeout)
+        if (last or not said) and pid and _wait_exit(int(pid), timeout) and not said:
+            # No answer: the holder died (SIGKILL) without its teardown; its files are
+            # ours to remove (each only if no holder uses it, see `prune_holder`).
+            sock, session = self.report.get("socket"), self.report.get("session")
+            if sock and session:
+                prune_holder(str(sock), str(session))
 
     @property
     def ns_fds(self) -> list[int]:
@@ -327,7 +401,7 @@ def join_or_start(container: ContainerPlan, key: str) -> Lease:
         try:
             return _join(str(sock))
         except ConnectionRefusedError:  # a stale socket of a holder that was killed
-            sock.unlink(missing_ok=True)
+            unlink_if_dead(sock)
         except (FileNotFoundError, ConnectionResetError):
             pass
         try:
@@ -373,6 +447,18 @@ def _successor(report: int, parent: int) -> None:
     os.close(parent_fd)
 
 
+def _say(errors: Optional[tuple[int, str]], message: str) -> None:
+    """Why the process could not start: `rankwire: <message>` on stderr, or
+    `<tag>\t<message>\n` on `errors` (fd, tag) for the caller to aggregate (one write of
+    at most PIPE_BUF bytes: never interleaved with another child's)."""
+    with contextlib.suppress(OSError):  # nowhere to say it: the exit code still does
+        if errors is None:
+            os.write(2, f"rankwire: {message}\n".encode())
+        else:
+            line = f"{errors[1]}\t{message}".encode()[: select.PIPE_BUF - 1]
+            os.write(errors[0], line + b"\n")
+
+
 def _child(
     lease: Optional[Lease],
     proc: ProcessPlan,
@@ -380,8 +466,10 @@ def _child(
     stdio: Optional[Sequence[int]],
     parent: int,
     report: Optional[int] = None,
+    errors: Optional[tuple[int, str]] = None,
 ) -> NoReturn:
-    """After fork: wire fds, enter (unless on the host), exec. Errors exit 125/126/127."""
+    """After fork: wire fds, enter (unless on the host), exec. Errors exit 125/126/127,
+    saying why (`_say`)."""
     where = "in the container" if lease else "on this host"
     try:
         # If rankwire itself is killed (SIGKILL leaves it no chance to forward signals),
@@ -407,7 +495,7 @@ def _child(
         try:
             os.chdir(proc.workdir)
         except OSError as err:
-            os.write(2, f"rankwire: {workdir_failure(proc.workdir, err, where)}\n".encode())
+            _say(errors, workdir_failure(proc.workdir, err, where))
             os._exit(125)
         if proc.no_new_privs:
             sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
@@ -415,11 +503,10 @@ def _child(
             os.execvpe(proc.argv[0], list(proc.argv), proc.env)
         except OSError as err:
             code, message = exec_failure(proc.argv[0], err, where)
-            os.write(2, f"rankwire: {message}\n".encode())
+            _say(errors, message)
             os._exit(code)
     except BaseException as err:  # never return into the parent's code
-        message = f"cannot start {shown(proc.argv[0])} {where}: {shown(err)}"
-        os.write(2, f"rankwire: {message}\n".encode())
+        _say(errors, f"cannot start {shown(proc.argv[0])} {where}: {shown(err)}")
     os._exit(125)
 
 
@@ -429,19 +516,22 @@ def spawn_in(
     *,
     inherit: Sequence[int] = (),
     stdio: Optional[Sequence[int]] = None,
+    errors: Optional[tuple[int, str]] = None,
 ) -> int:
     """Fork a process that enters the container (`lease`; None: stay on the host) and
     execs `proc`; return its pid.
 
     Inherited file descriptors (a launcher's PMI_FD, the terminal) stay open; `inherit`
     names close-on-exec ones to hand over under the same number; `stdio` replaces
-    fds 0, 1, 2.
+    fds 0, 1, 2. `errors` (fd, tag): why the process could not start goes there as
+    `<tag>\t<message>\n` (the launcher prints one line for all its ranks) instead of
+    `rankwire: <message>` to its stderr.
     """
     parent = os.getpid()
     if lease is None or lease.pidns_fd is None:
         pid = os.fork()
         if pid == 0:
-            _child(lease, proc, inherit, stdio, parent)
+            _child(lease, proc, inherit, stdio, parent, errors=errors)
         return pid
     # Into the container's PID namespace: the child we fork enters it and forks the
     # process that execs (our child too, see `_successor`), whose pid it reports; if it
@@ -450,7 +540,7 @@ def spawn_in(
     pid = os.fork()
     if pid == 0:
         os.close(report_r)
-        _child(lease, proc, inherit, stdio, parent, report_w)
+        _child(lease, proc, inherit, stdio, parent, report_w, errors)
     os.close(report_w)
     try:
         said = os.read(report_r, 32)
@@ -471,12 +561,20 @@ def exit_code(status: int) -> int:
 def run_in(lease: Lease, proc: ProcessPlan) -> int:
     """Run `proc` inside, forwarding signals; return its exit code (128+N for signal N)."""
     pid = spawn_in(lease, proc)
-    previous = {sig: signal.signal(sig, lambda s, _f: os.kill(pid, s)) for sig in FORWARDED_SIGNALS}
+    pidfd = os.pidfd_open(pid)  # names this process, even once its pid is reused
+
+    def forward(sig: int, _frame: object) -> None:
+        # Under srun, scancel signals the process and us at once: it may be gone already.
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
         _, status = os.waitpid(pid, 0)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.close(pidfd)
     return exit_code(status)
 
 
@@ -568,7 +666,7 @@ def open_container(container: ContainerPlan) -> Iterator[Lease]:
         ):
             print(
                 f"rankwire: FUSE is unusable here ({holder.report.get('image_driver_fallback')});"
-                f" using the image extracted under {container.extract_dir}",
+                f" using the image extracted under {holder.report.get('extract_dir')}",
                 file=sys.stderr,
             )
         with leased(holder.socket) as lease:

@@ -45,28 +45,6 @@ DATA = Path(__file__).parent / "data"
 END_WITHIN = 5.0  # seconds from the fault to the end of the job, and to nothing left
 START_WITHIN = 60.0  # seconds for a job to reach the moment of the fault
 MARK = "RANKWIRE_FAULT_ROW"  # in the environment of every process of a row's job
-HOLDER_FILES = (  # not strict: another session's start may prune them within the 5 s
-    "product bug: a SIGKILLed holder's socket e-<id>.sock and session dir s-<id> stay in "
-    "the runtime dir until the next start prunes them"
-)
-SPANK_HOLDER = (
-    "product bug: SPANK path, the holder SIGKILLed mid-step: the tasks (which joined its "
-    "namespaces) keep running on a dead container, srun does not end"
-)
-FORWARD_RACE = (  # not strict: a race, most runs pass
-    "product bug: runtime/instance.py run_in forwards signals with a bare os.kill(pid, s): "
-    "when scancel's SIGTERM reaches the rank before `rankwire exec`, ProcessLookupError "
-    "escapes as a traceback"
-)
-STEPD_KILLED = (
-    "product bug: srun ... rankwire exec, slurmstepd SIGKILLed: `rankwire exec` (the task) "
-    "does not end with its parent, so its container, holder, FUSE daemon and ranks live on"
-)
-PMI_DROP = (
-    "product bug: a rank that closes its PMI connection after sending its fence request "
-    "is not noticed (pmi/job.py rank_exited skips ranks inside the fence; the launcher "
-    "ignores RankLost): the job waits for the other ranks"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +83,14 @@ FAULTS = [
         "rankwire: rank 1 exited with 7")),
     row("segv-after-init", Fault("local", ("after", "segv", "1"), None, 0, 139,
         "rankwire: rank 1 exited with 139")),
-    row("pmi-socket-dropped-mid-fence", Fault("host", ("0",), None, 0, 1),
-        pytest.mark.xfail(reason=PMI_DROP, strict=True)),
+    row("pmi-socket-dropped-mid-fence", Fault("host", ("0",), None, 0, 1,
+        "rankwire: rank 0 closed its PMI connection during a fence and runs on: the other "
+        "ranks cannot complete the job without it (a rank must keep its PMI_FD/PMI_PORT "
+        "connection open until MPI_Finalize)")),
     # -- something else is killed while every rank sleeps after MPI_Init --------------------
     row("rank-sigkill", Fault("local", SLEEP, "rank", KILL, 137,
         "rankwire: rank 1 exited with 137", ready=3)),
-    row("holder-sigkill", Fault("local", SLEEP, "holder", KILL, 137, ready=3),
-        pytest.mark.xfail(reason=HOLDER_FILES, strict=False)),
+    row("holder-sigkill", Fault("local", SLEEP, "holder", KILL, 137, ready=3)),
     row("squashfuse-sigkill", Fault("local", SLEEP, "squashfuse_ll", KILL, 137, ready=3)),
     row("launcher-sigkill", Fault("local", SLEEP, "launcher", KILL, 137, ready=3)),
     row("launcher-sigterm", Fault("local", SLEEP, "launcher", TERM, 143, ready=3)),
@@ -122,14 +101,13 @@ FAULTS = [
         child=True)),
     # -- under srun: Slurm's PMI, the step's container from `rankwire exec` -----------------
     row("srun-slurmstepd-sigkill", Fault("srun", SLEEP, "slurmstepd", KILL, None, ready=2),
-        pytest.mark.slurm, pytest.mark.xfail(reason=STEPD_KILLED, strict=True)),
-    row("srun-scancel", Fault("srun", SLEEP, "scancel", TERM, 143, ready=2), pytest.mark.slurm,
-        pytest.mark.xfail(reason=FORWARD_RACE, strict=False)),
+        pytest.mark.slurm),
+    row("srun-scancel", Fault("srun", SLEEP, "scancel", TERM, 143, ready=2), pytest.mark.slurm),
     # -- the SPANK plugin's container -------------------------------------------------------
     row("spank-scancel", Fault("spank", SLEEP, "scancel", TERM, 143, ready=2),
         pytest.mark.slurm),
     row("spank-holder-sigkill", Fault("spank", SLEEP, "holder", KILL, 137, ready=2),
-        pytest.mark.slurm, pytest.mark.xfail(reason=SPANK_HOLDER, strict=True)),
+        pytest.mark.slurm),
     # -- the cluster in a box: node2's link goes down mid-job, then the job is cancelled ----
     # (node1's task ends on Slurm's SIGTERM, or on its SIGKILL KillWait=2 s later)
     row("multinode-link-down", Fault("multinode", SLEEP, "link", 0, 143, or_code=137, ready=2),

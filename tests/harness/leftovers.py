@@ -19,6 +19,7 @@ WATCHED = (
     "rankwire-holder",
     "rankwire-init",
     "rankwire-init",
+    "rankwire-watch",
     "squashfuse",
     "squashfuse_ll",
     "fuse-overlayfs",
