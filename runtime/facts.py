@@ -6,7 +6,13 @@ import os
 from typing import Optional
 
 from rankwire.runtime.assemble import Facts
-from rankwire.runtime.plan import ExecOptions, ImageFacts, UserFacts, paths_to_probe
+from rankwire.runtime.plan import (
+    ExecOptions,
+    ImageFacts,
+    UserFacts,
+    extracts_first,
+    paths_to_probe,
+)
 
 
 def gather(
@@ -27,16 +33,24 @@ def gather(
 
     facts = image_facts(image) if isinstance(image, str) else image
     user = user or user_facts()
-    # The content digest is read and kept in the user's cache, by the user only: root
-    # planning a job user's container (the plugin's enforce) extracts nothing.
-    if facts.content_digest is None and os.geteuid() == user.uid:
-        digest = partition_digest(facts, user.cache_dir, read_at=fabric_image_path)
+    host = collect_host_facts()
+    # The content digest names the extract cache: read (and kept in the user's cache)
+    # only when extraction comes first, by the user only: root planning a job user's
+    # container (the plugin's enforce) extracts nothing.
+    if facts.content_digest is None and os.geteuid() == user.uid and extracts_first(host, opts):
+        digest = partition_digest(
+            facts.path,
+            facts.partition_offset,
+            facts.partition_size,
+            user.cache_dir,
+            read_at=fabric_image_path,
+        )
         facts = dataclasses.replace(facts, content_digest=digest)
     via = dataclasses.replace(facts, path=fabric_image_path) if fabric_image_path else facts
     fabric_host, fabric_image = fabric_facts(via, opts.fabric)
     return Facts(
         image=facts,
-        host=collect_host_facts(),
+        host=host,
         user=user,
         existing=existing_paths(paths_to_probe(user, opts)),
         fabric_host=fabric_host,

@@ -50,17 +50,20 @@ def image_facts(path: str, fd: Optional[int] = None) -> ImageFacts:
     )
 
 
-def partition_digest(image: ImageFacts, cache_dir: str, read_at: Optional[str] = None) -> str:
-    """sha256 of the image's squashfs partition, read once per version of the file.
+def partition_digest(
+    path: str, offset: int, size: int, cache_dir: str, read_at: Optional[str] = None
+) -> str:
+    """sha256 of the image's squashfs partition (`size` bytes at `offset`), read once per
+    version of the file.
 
     Kept in `cache_dir/digests` under the file's (device, inode, size, mtime, ctime) and
     the partition's place: a file written or replaced gets a new ctime (or inode), so a
     kept digest never outlives the bytes it was read from. The partition's tables are
-    checked (`unsquashfs -l`) before a digest is kept, so a corrupt image says so here,
-    once, whichever driver would open it. `read_at`: where to read the image if not at
-    its path (the plugin's descriptor).
+    checked (`unsquashfs -l`) before a digest is kept, so a corrupt image says so here.
+    Only what extracts the image needs it (the facts, when extraction comes first; the
+    holder, when FUSE failed). `read_at`: where to read the image if not at `path`.
     """
-    fd = os.open(read_at or image.path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(read_at or path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         key = "-".join(
@@ -71,8 +74,8 @@ def partition_digest(image: ImageFacts, cache_dir: str, read_at: Optional[str] =
                 st.st_size,
                 st.st_mtime_ns,
                 st.st_ctime_ns,
-                image.partition_offset,
-                image.partition_size,
+                offset,
+                size,
             )
         )
         kept = os.path.join(cache_dir, "digests", key)
@@ -81,8 +84,8 @@ def partition_digest(image: ImageFacts, cache_dir: str, read_at: Optional[str] =
                 text = f.read().strip()
             if _DIGEST.fullmatch(text):
                 return text
-        _check_squashfs(image, fd)
-        digest = sif_digest.partition_digest(fd, image.partition_offset, image.partition_size)
+        _check_squashfs(path, offset, fd)
+        digest = sif_digest.partition_digest(fd, offset, size)
         again = os.fstat(fd)
         if (again.st_size, again.st_mtime_ns, again.st_ctime_ns) == (
             st.st_size,
@@ -110,12 +113,12 @@ def _keep(path: str, text: str) -> None:
             raise
 
 
-def _check_squashfs(image: ImageFacts, fd: int) -> None:
+def _check_squashfs(path: str, offset: int, fd: int) -> None:
     """Every inode and directory of the partition readable (what a mount would walk).
     Without unsquashfs, or with a compressor it does not support, nothing is said."""
     try:
         proc = subprocess.run(
-            ["unsquashfs", "-l", "-n", "-o", str(image.partition_offset), f"/proc/self/fd/{fd}"],
+            ["unsquashfs", "-l", "-n", "-o", str(offset), f"/proc/self/fd/{fd}"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -129,6 +132,6 @@ def _check_squashfs(image: ImageFacts, fd: int) -> None:
         return
     last = (proc.stderr.strip().splitlines() or [f"unsquashfs exited {proc.returncode}"])[-1]
     raise UserError(
-        f"{image.path}: the image's squashfs partition is corrupt "
+        f"{path}: the image's squashfs partition is corrupt "
         f"({last.removeprefix('FATAL ERROR: ')}): rebuild or re-pull it"
     )

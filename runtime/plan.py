@@ -68,7 +68,9 @@ class ContainerPlan:
     partition_offset: int
     partition_size: int
     # Ways to open the image, in order of preference; the executor takes the first that
-    # works and reports which. "extract" unpacks with unsquashfs into `extract_dir`.
+    # works and reports which. "extract" unpacks with unsquashfs into `extract_dir`
+    # ("" when the facts did not read the content digest: FUSE came first, so the
+    # holder reads it only if it falls back; `cache_dir` says where).
     image_drivers: tuple[str, ...]
     overlay_drivers: tuple[str, ...]
     writable: bool
@@ -78,6 +80,7 @@ class ContainerPlan:
     mounts: tuple[Mount, ...]
     tmpfs_size_mib: int
     extract_dir: str
+    cache_dir: str
     share: Optional[str] = None  # join/start the node's container of this name
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,19 +338,29 @@ def plan_container(
         namespaces=("user", "mount", "pid"),
         mounts=tuple(mounts),
         tmpfs_size_mib=opts.tmpfs_size_mib,
-        extract_dir=extract_dir(user, image),
+        extract_dir=sandbox_dir(user.cache_dir, image.content_digest),
+        cache_dir=user.cache_dir,
     )
     return dataclasses.replace(plan, share=_share(opts.share, plan, user))
 
 
-def extract_dir(user: UserFacts, image: ImageFacts) -> str:
+def extracts_first(host: HostFacts, opts: ExecOptions) -> bool:
+    """Whether "extract" is the first way to open the image (then the facts read its
+    content digest, which names the extract cache; otherwise nobody pays for it)."""
+    return (
+        opts.unsquash
+        or not host.dev_fuse_usable
+        or not any(host.tool(d) for d in ("squashfuse_ll", "squashfuse"))
+    )
+
+
+def sandbox_dir(cache_dir: str, content_digest: Optional[str]) -> str:
     """Where "extract" unpacks the image: keyed on the partition's content, so two images
-    whose metadata agree (same sizes and times) never share it. "" without a content
-    digest: the holder then does not extract."""
-    if image.content_digest is None:
+    whose metadata agree (same sizes and times) never share it. "" without a digest."""
+    if content_digest is None:
         return ""
-    key = image.content_digest.split(":", 1)[-1][:32]
-    return posixpath.join(user.cache_dir, "sandbox", key)
+    key = content_digest.split(":", 1)[-1][:32]
+    return posixpath.join(cache_dir, "sandbox", key)
 
 
 def _share(option: Optional[str], plan: ContainerPlan, user: UserFacts) -> Optional[str]:

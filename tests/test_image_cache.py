@@ -80,10 +80,7 @@ def test_extract_cache_keys_on_content(runner: User, cache: Path, twins: tuple[P
     for image, text in ((a, "AAAA\n"), (b, "BBBB\n"), (a, "AAAA\n")):
         proc = rw(runner, cache, "exec", "--unsquash", str(image), "cat", "/opt/msg")
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, text, "")
-    keys = {
-        partition_digest(image_facts(str(i)), str(cache / "rankwire")).split(":")[1][:32]
-        for i in twins
-    }
+    keys = {digest_of(i, cache / "rankwire").split(":")[1][:32] for i in twins}
     assert sandbox(cache) == sorted(keys) and len(keys) == 2
 
 
@@ -95,7 +92,7 @@ def test_partition_digest_is_read_once_per_version_of_the_file(
     facts = image_facts(str(image))
     data = image.read_bytes()[facts.partition_offset :][: facts.partition_size]
     want = f"sha256:{hashlib.sha256(data).hexdigest()}"
-    assert partition_digest(facts, str(tmp_path / "c")) == want
+    assert digest_of(image, tmp_path / "c") == want
     (kept,) = (tmp_path / "c" / "digests").iterdir()
     assert kept.read_text() == want + "\n"
     st = image.stat()
@@ -107,15 +104,22 @@ def test_partition_digest_is_read_once_per_version_of_the_file(
         raise AssertionError("read again")
 
     monkeypatch.setattr(sif_digest, "partition_digest", unread)
-    assert partition_digest(facts, str(tmp_path / "c")) == want
+    assert digest_of(image, tmp_path / "c") == want
     monkeypatch.undo()
     # Rewritten in place, same size, same mtime: the ctime tells.
     with open(image, "r+b") as f:
         f.seek(facts.partition_offset + 200)
         f.write(b"\xa5")
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
-    changed = partition_digest(facts, str(tmp_path / "c"))
+    changed = digest_of(image, tmp_path / "c")
     assert changed != want and len(list((tmp_path / "c" / "digests").iterdir())) == 2
+
+
+def digest_of(image: Path, cache_dir: Path) -> str:
+    facts = image_facts(str(image))
+    return partition_digest(
+        facts.path, facts.partition_offset, facts.partition_size, str(cache_dir)
+    )
 
 
 def corrupt(image: Path, out: Path, where: str) -> Path:
@@ -171,7 +175,7 @@ def test_a_corrupt_partition_says_so(
     assert re.fullmatch(message, proc.stderr), proc.stderr
     assert sandbox(cache) == []
     with pytest.raises(UserError):  # nothing kept: said again next time
-        partition_digest(image_facts(str(bad)), str(cache / "rankwire"))
+        digest_of(bad, cache / "rankwire")
 
 
 @pytest.mark.usefixtures("nothing_left_behind")
@@ -184,8 +188,8 @@ def test_a_failed_extraction_leaves_nothing_in_the_cache(
     # Its tables are sound (the facts' check passes): found only when a file is unpacked.
     assert re.fullmatch(
         re.escape(
-            f"rankwire: cannot start container from {bad}: cannot open the image: extract: "
-            "the image's squashfs partition is corrupt (writer: failed to read/uncompress file "
+            f"rankwire: {bad}: the image's squashfs partition is corrupt (writer: failed to "
+            "read/uncompress file "
         )
         + r"/[^ ]+"
         + re.escape("): rebuild or re-pull it\n"),
@@ -240,7 +244,7 @@ def test_fuse_failing_says_its_cause_and_an_asked_extraction_says_nothing(
 ) -> None:
     env = ["env", f"PATH={broken_fuse}:{os.environ['PATH']}", f"XDG_CACHE_HOME={cache}"]
     proc = runner.run([*env, "rankwire", "exec", str(base_image), "true"], cwd="/tmp")
-    key = partition_digest(image_facts(str(base_image)), str(cache / "rankwire"))[7:39]
+    key = digest_of(base_image, cache / "rankwire")[7:39]
     why = "fuse: device not found, try 'modprobe fuse' first"
     assert (proc.returncode, proc.stderr) == (
         0,

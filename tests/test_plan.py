@@ -19,6 +19,7 @@ from rankwire.runtime.plan import (
     ImageFacts,
     Mount,
     UserFacts,
+    extracts_first,
     parse_bind,
     paths_to_probe,
     plan_container,
@@ -298,5 +299,13 @@ def test_the_extract_cache_is_keyed_on_the_partitions_content() -> None:
     assert plan.extract_dir == "/home/u/.cache/rankwire/sandbox/" + "ab" * 16
     other = dataclasses.replace(content, content_digest="sha256:" + "cd" * 32)
     assert plan_container(other, HOST, user(), ExecOptions(), ALL).extract_dir != plan.extract_dir
-    # Same metadata identity, no content read (root planning for a job user): no cache.
-    assert plan_container(IMAGE, HOST, user(), ExecOptions(), ALL).extract_dir == ""
+    # Same metadata identity, no content read (FUSE first): the holder reads it if it
+    # falls back to extracting, and knows where the cache is.
+    unread = plan_container(IMAGE, HOST, user(), ExecOptions(), ALL)
+    assert (unread.extract_dir, unread.cache_dir) == ("", "/home/u/.cache/rankwire")
+
+
+def test_only_a_plan_that_extracts_first_pays_for_the_content_digest() -> None:
+    assert not extracts_first(HOST, ExecOptions())
+    assert extracts_first(HOST, ExecOptions(unsquash=True))
+    assert extracts_first(dataclasses.replace(HOST, dev_fuse_usable=False), ExecOptions())

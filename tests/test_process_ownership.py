@@ -239,6 +239,7 @@ def test_plugin_tasks_get_no_pid_namespace() -> None:
         mounts=(Mount("proc", "/proc"),),
         tmpfs_size_mib=16,
         extract_dir="/x",
+        cache_dir="/c",
     )
     assert plan.for_tasks(container).namespaces == ("user", "mount")
     assert plan.enforced(plan.for_tasks(container)).namespaces == ("mount",)
