@@ -242,7 +242,10 @@ def broken_fuse() -> Iterator[Path]:
 def test_fuse_failing_says_its_cause_and_an_asked_extraction_says_nothing(
     runner: User, cache: Path, base_image: Path, broken_fuse: Path
 ) -> None:
-    env = ["env", f"PATH={broken_fuse}:{os.environ['PATH']}", f"XDG_CACHE_HOME={cache}"]
+    # The user's own rankwire first if it has one (a checkout under /root is out of its
+    # reach), then the broken FUSE drivers.
+    path = os.pathsep.join([str(broken_fuse), *filter(None, [runner.bindir]), os.environ["PATH"]])
+    env = ["env", f"PATH={path}", f"XDG_CACHE_HOME={cache}"]
     proc = runner.run([*env, "rankwire", "exec", str(base_image), "true"], cwd="/tmp")
     key = digest_of(base_image, cache / "rankwire")[7:39]
     why = "fuse: device not found, try 'modprobe fuse' first"

@@ -177,11 +177,26 @@ def test_instance_keeps_its_processes_until_stopped(base_image: Path, runner: Us
     wait_until(lambda: not sleeps(mark), END_S, "the instance's process outlived it")
 
 
-def _listpids(cluster: SlurmCluster) -> set[int]:
+def _listpids(cluster: SlurmCluster, job_name: str) -> set[int]:
+    """The pids slurmd tracks for the job named `job_name` (asked by job id: the steps
+    of jobs that other tests ended by killing their slurmstepd leave sockets that make a
+    bare `scontrol listpids` fail)."""
+    job = subprocess.run(
+        ["squeue", "-h", "-n", job_name, "-o", "%i"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
     proc = subprocess.run(
-        ["scontrol", "listpids"], env=cluster.env, capture_output=True, text=True, timeout=30
+        ["scontrol", "listpids", job],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert job and proc.returncode == 0, (job, proc.stderr)
     return {int(line.split()[0]) for line in proc.stdout.splitlines()[1:] if line.strip()}
 
 
@@ -203,7 +218,7 @@ def test_slurm_proctrack_still_tracks_what_ranks_fork(
         listed: Optional[set[int]] = None
         deadline = time.monotonic() + 10  # the step's pids reach slurmd's view in a moment
         while time.monotonic() < deadline:
-            listed = _listpids(slurm_cluster)
+            listed = _listpids(slurm_cluster, name)
             if set(sleeps(mark)) <= listed:
                 break
             time.sleep(0.2)
