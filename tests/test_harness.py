@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,9 +108,11 @@ HOLD_VAR = "RANKWIRE_TEST_HOLD"  # the file where the held session says what it 
 def test_hold_clusters(
     slurm_multinode: MultiNodeCluster,  # noqa: F811
     slurm_cluster: SlurmCluster,
+    shared_dir: Path,
 ) -> None:
     """Both kinds of cluster, through their real fixtures, until the session is killed."""
     info = {
+        "shared_dir": str(shared_dir),
         "box_root": str(slurm_multinode.root),
         "links": [slurm_multinode.bridge, *(m.veth for m in slurm_multinode.members)],
         "netns": [m.netns for m in slurm_multinode.members],
@@ -178,6 +181,7 @@ def test_killed_session_tears_its_clusters_down(tmp_path: Path, sig: signal.Sign
     os.kill(proc.pid, sig)
     proc.wait(30)
     assert _gone_within(info, 5) == [], (tmp_path / "session.out").read_text()
+    assert not Path(info["shared_dir"]).exists()
 
 
 @pytest.mark.multinode
@@ -202,3 +206,5 @@ def test_next_start_reaps_clusters_of_a_killed_session(tmp_path: Path, shared_di
         single.stop()
     assert _gone_within(info, 5) == []
     assert box.leftovers() == []
+    # Not a cluster: the killed session's temp dir, which only its teardown removes.
+    shutil.rmtree(info["shared_dir"])
