@@ -82,7 +82,7 @@ def test_values_survive_a_round_trip_through_pmix_info(value: object) -> None:
 # client per rank. Rank 0's PMIx_Init must fail, rank 1's fence must fail, the server
 # process must survive both and finalize.
 SERVER = r"""
-import os, subprocess, sys, tempfile
+import os, shutil, subprocess, sys, tempfile
 from rankwire.pmi.pmix.abi import Proc
 from rankwire.pmi.pmix.server_lib import Server, ServerHandlers, generate_ppn, generate_regex
 
@@ -93,7 +93,8 @@ class Raising(ServerHandlers):
     def fence(self, procs, info, data, reply):
         raise RuntimeError("boom in fence")
 
-server = Server(Raising(), {"pmix.srvr.tmpdir": tempfile.mkdtemp(), "pmix.srvr.sys": False})
+tmpdir = tempfile.mkdtemp()
+server = Server(Raising(), {"pmix.srvr.tmpdir": tmpdir, "pmix.srvr.sys": False})
 server.register_nspace("raise-ns", 2, {"pmix.job.size": 2, "pmix.local.size": 2,
                                       "pmix.nmap": generate_regex(["localhost"]),
                                       "pmix.pmap": generate_ppn([[0, 1]])})
@@ -105,6 +106,7 @@ for rank in (0, 1):
                            text=True, timeout=30)
     print(f"rank {rank}: {child.stdout.strip()}", flush=True)
 server.finalize()
+shutil.rmtree(tmpdir, ignore_errors=True)
 print("server survived", flush=True)
 """
 CLIENT = r"""
