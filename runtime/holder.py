@@ -39,11 +39,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, NoReturn, Optional, cast
 
+from rankwire import lockdirs
 from rankwire.errors import UserError
 from rankwire.runtime import frame, loopdev
 from rankwire.runtime import syscalls as sc
@@ -107,39 +107,7 @@ def _wait_mounted(
     raise SetupError(f"timed out mounting {path}")
 
 
-EXTRACTING = ".extracting-"  # temporary dirs of `_extract`, beside the cache's
-
-
-def _claim_extracting(parent: str, name: str) -> tuple[str, int]:
-    """A new temporary dir in `parent` for extracting `name`, and the descriptor whose
-    lock says its owner lives. Made under another name and locked before it takes the
-    name `_prune_extracting` looks for, so a concurrent prune never takes it."""
-    made = tempfile.mkdtemp(prefix=".new-", dir=parent)
-    lock = os.open(made, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    with contextlib.suppress(OSError):  # no locks (some NFS): then never pruned
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    tmp = os.path.join(parent, f"{EXTRACTING}{name}-{os.path.basename(made)[len('.new-') :]}")
-    os.rename(made, tmp)
-    return tmp, lock
-
-
-def _prune_extracting(parent: str) -> None:
-    """Remove the temporary dirs of extractions whose process is gone (unlocked)."""
-    for entry in os.listdir(parent):
-        if not entry.startswith(EXTRACTING):
-            continue
-        path = os.path.join(parent, entry)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # its owner is extracting (or locks are unsupported)
-            os.close(fd)
-            continue
-        _remove_tree(path)
-        os.close(fd)
+EXTRACTING = ".extracting-"  # partial unpackings of `_extract`, beside the cache's
 
 
 def _remove_tree(path: str) -> None:
@@ -553,8 +521,8 @@ class Holder:
             return done
         parent, name = os.path.split(done)
         os.makedirs(parent, exist_ok=True)
-        _prune_extracting(parent)
-        tmp, lock = _claim_extracting(parent, name)
+        lockdirs.prune(parent, EXTRACTING, _remove_tree)
+        tmp, lock = lockdirs.claim(parent, f"{EXTRACTING}{name}-")
         try:
             rootfs = os.path.join(tmp, "rootfs")
             proc = subprocess.run(

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import secrets
 import shutil
@@ -87,6 +86,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
+from rankwire import lockdirs
 from rankwire.errors import UserError
 from rankwire.pmi.job import FenceFailed, Job, format_ranks
 from rankwire.pmi.pmix import wire
@@ -137,36 +137,10 @@ TMPDIR_PREFIX = "rankwire-pmix-"
 
 def claim_tmpdir() -> tuple[str, int]:
     """A new private dir for the helpers' PMIx files, and the descriptor whose lock says
-    its launcher lives (the lock goes with the process, even by SIGKILL). It takes its
-    name only once locked, so a concurrent `prune_tmpdirs` never takes it."""
+    its launcher lives; first, those of killed launchers go (`rankwire.lockdirs`)."""
     base = tempfile.gettempdir()
-    prune_tmpdirs(base)
-    made = tempfile.mkdtemp(prefix=f".{TMPDIR_PREFIX}", dir=base)
-    lock = os.open(made, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    named = os.path.join(base, os.path.basename(made)[1:])
-    os.rename(made, named)
-    return named, lock
-
-
-def prune_tmpdirs(base: str) -> None:
-    """Remove our PMIx dirs in `base` whose launcher is gone (killed): the unlocked ones."""
-    for entry in os.listdir(base):
-        if not entry.startswith(TMPDIR_PREFIX):
-            continue
-        path = os.path.join(base, entry)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            if os.fstat(fd).st_uid == os.getuid():
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass  # a live launcher's
-        finally:
-            os.close(fd)
+    lockdirs.prune(base, TMPDIR_PREFIX, lambda path: shutil.rmtree(path, ignore_errors=True))
+    return lockdirs.claim(base, TMPDIR_PREFIX)
 
 
 class PmixServer:
