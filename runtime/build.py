@@ -24,7 +24,7 @@ from rankwire import __version__
 from rankwire.errors import UserError
 from rankwire.errors import shown as _shown
 from rankwire.runtime.imagemeta import (
-    _NAME,
+    ENV_NAME,
     ENV_SCRIPT,
     METADATA_NAME,
     Deffile,
@@ -273,7 +273,7 @@ def _definition(
         user_labels = parse_labels(parsed.sections.get("labels", ""))
         final_runscript = parsed.sections.get("runscript") or None
     for key in env or {}:
-        if not _NAME.match(key):
+        if not ENV_NAME.match(key):
             raise UserError(f"--env {_shown(key)!r}: not a variable name; use --env NAME=VALUE")
     final_env.update(env or {})
     user_labels.update(labels or {})

@@ -14,7 +14,7 @@ from rankwire.errors import UserError, shown
 from rankwire.runtime import instance as inst
 from rankwire.runtime.assemble import plan_image
 from rankwire.runtime.facts import gather
-from rankwire.runtime.imagemeta import _NAME, parse_environment
+from rankwire.runtime.imagemeta import ENV_NAME, parse_environment
 from rankwire.runtime.options import in_scope
 from rankwire.runtime.plan import (
     ContainerPlan,
@@ -86,7 +86,7 @@ def split_env(arg: str) -> list[str]:
         raise UserError(f"bad --env {shown(arg)!r}: {err}; fix the quoting") from None
     for pair in pairs:
         key = pair.partition("=")[0]
-        if not _NAME.match(key):
+        if not ENV_NAME.match(key):
             raise UserError(
                 f"bad --env {shown(arg)!r}: {shown(key)!r} is not a variable name; "
                 f"quote a value holding commas: --env '\"{shown(arg)}\"'"

@@ -27,7 +27,7 @@ DEFAULT_RUNSCRIPT = '#!/bin/sh\necho "There is no runscript defined for this con
 _MAX_METADATA = 16 << 20  # bytes; deffile and JSON objects are read whole
 _SUPERBLOCK = struct.Struct("<4sI32xQ16xQ")  # magic, inodes, bytes_used, inode table start
 _TABLES_CAP = 16 << 20  # at most this much of the squashfs metadata tables is hashed
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # a shell variable name
 # Section names Apptainer's definition file parser knows; other `%word` lines are content.
 _SECTIONS = frozenset(
     {
@@ -92,7 +92,7 @@ def parse_environment(text: str, source: str = "%environment") -> dict[str, str]
                 )
         for token in tokens:
             key, sep, value = token.partition("=")
-            if not sep or not _NAME.match(key):
+            if not sep or not ENV_NAME.match(key):
                 raise UserError(
                     f"{_shown(source)} line {number}: {_shown(line.strip())!r} is not a simple "
                     "`export K=V`: only those are read (quote a value holding spaces), or "

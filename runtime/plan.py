@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from rankwire.errors import UserError
 from rankwire.runtime.hostfacts import HostFacts
+from rankwire.runtime.imagemeta import ENV_NAME
 from rankwire.runtime.options import option
 from rankwire.runtime.slurmfacts import SlurmStep
 
@@ -423,6 +424,8 @@ def plan_env(
     env.update(dict(i.partition("=")[::2] for i in opts.env_file_vars))
     for item in opts.export:
         key, sep, value = item.partition("=")
+        if not ENV_NAME.match(key):
+            raise UserError(f"bad -x '{item}': give a variable name, -x VAR or -x VAR=VALUE")
         if sep or key in host:
             env[key] = value if sep else host[key]
     for item in opts.env:

@@ -309,3 +309,10 @@ def test_only_a_plan_that_extracts_first_pays_for_the_content_digest() -> None:
     assert not extracts_first(HOST, ExecOptions())
     assert extracts_first(HOST, ExecOptions(unsquash=True))
     assert extracts_first(dataclasses.replace(HOST, dev_fuse_usable=False), ExecOptions())
+
+
+@pytest.mark.parametrize("item", ["1BAD", "=v", "A B"])
+def test_an_export_must_name_a_variable(item: str) -> None:
+    with pytest.raises(UserError) as err:
+        plan_env(IMAGE, user(), ExecOptions(export=(item,)))
+    assert str(err.value) == f"bad -x '{item}': give a variable name, -x VAR or -x VAR=VALUE"
