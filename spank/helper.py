@@ -32,7 +32,7 @@ import struct
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rankwire.errors import UserError
 from rankwire.runtime import frame
@@ -40,6 +40,9 @@ from rankwire.runtime.plan import ContainerPlan, ImageFacts, Mount
 from rankwire.spank import plan
 from rankwire.spank.plan import Asked, JobFacts, asked
 from rankwire.spank.policy import Policy, PolicyError, load_policy
+
+if TYPE_CHECKING:
+    from rankwire.runtime.instance import Lease
 
 IMAGE_FD = 3  # where the shim puts the checked image for `start`; binds follow it
 RUN_DIR = "/run/rankwire"  # root's; per-user runtime dirs below it, made by root
@@ -275,27 +278,47 @@ def _build_as_root(
     facts: JobFacts, want: Asked, image: ImageFacts, opened: Opened, home: str
 ) -> tuple[Reply, list[int]]:
     """`enforce`: root builds, holds and joins the container; the shim gets the lease."""
-    from rankwire.runtime.instance import RUNTIME_DIR_VAR, join, start_holder
+    from rankwire.runtime.instance import RUNTIME_DIR_VAR
 
     try:
         container, env, workdir = _plan(
             facts, want, image, opened.image_fd, home, opened.binds, opened.home_allowed
         )
         os.environ[RUNTIME_DIR_VAR] = _runtime_dir(0, 0)
-        holder = start_holder(
-            plan.enforced(container),
-            mode="shared",
-            owner=facts.stepd_pid,
-            register=False,
-            image_fd=opened.image_fd,
-            keep_fds=tuple(opened.binds.values()),
-            setup_timeout=SETUP_TIMEOUT_S,
+        lease = _start_and_join(
+            plan.enforced(container), facts, opened.image_fd, tuple(opened.binds.values())
         )
-        lease = join(holder.socket)
     finally:
         opened.close()
     records = [("enforced", "1"), *_task_records(facts, want, env, workdir)]
     return records, _handed_over(lease.conn, lease.mntns_fd)
+
+
+def _start_and_join(
+    container: ContainerPlan, facts: JobFacts, image_fd: int, keep_fds: tuple[int, ...]
+) -> Lease:
+    """Start the step's holder and join it, both bounded; whoever answers its socket
+    must be that holder (a user's dir can be raced: `start`)."""
+    from rankwire.runtime.instance import join, start_holder
+
+    holder = start_holder(
+        container,
+        mode="shared",
+        owner=facts.stepd_pid,
+        register=False,
+        image_fd=image_fd,
+        keep_fds=keep_fds,
+        setup_timeout=SETUP_TIMEOUT_S,
+    )
+    lease = join(holder.socket, timeout=JOIN_TIMEOUT_S)
+    peer = struct.unpack("3i", lease.conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if peer[0] != holder.pid:
+        os.kill(holder.pid, signal.SIGTERM)
+        raise UserError(
+            f"cannot join the container: {holder.socket} was answered by pid {peer[0]}, not "
+            f"by its holder {holder.pid}; was it replaced?"
+        )
+    return lease
 
 
 def _handed_over(conn: socket.socket, *ns_fds: int) -> list[int]:
@@ -306,7 +329,7 @@ def _handed_over(conn: socket.socket, *ns_fds: int) -> list[int]:
 
 def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
     """The job user: plan the container from the checked descriptors and start it."""
-    from rankwire.runtime.instance import RUNTIME_DIR_VAR, join, start_holder
+    from rankwire.runtime.instance import RUNTIME_DIR_VAR
 
     want = _asked(checked["asked"])
     binds = {src: IMAGE_FD + 1 + i for i, src in enumerate(checked["binds"])}
@@ -321,24 +344,7 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
         checked["home_allowed"],
     )
     os.environ[RUNTIME_DIR_VAR] = checked["runtime_dir"]
-    holder = start_holder(
-        container,
-        mode="shared",
-        owner=facts.stepd_pid,
-        register=False,
-        image_fd=IMAGE_FD,
-        keep_fds=tuple(binds.values()),
-        setup_timeout=SETUP_TIMEOUT_S,
-    )
-    # Our own holder's socket, in the user's dir: whoever answers must be that holder.
-    lease = join(holder.socket, timeout=JOIN_TIMEOUT_S)
-    peer = struct.unpack("3i", lease.conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    if peer[0] != holder.pid:
-        os.kill(holder.pid, signal.SIGTERM)
-        raise UserError(
-            f"cannot join the container: {holder.socket} was answered by pid {peer[0]}, not "
-            f"by its holder {holder.pid}; was it replaced?"
-        )
+    lease = _start_and_join(container, facts, IMAGE_FD, tuple(binds.values()))
     fds = _handed_over(lease.conn, lease.userns_fd, lease.mntns_fd)
     return _task_records(facts, want, env, workdir), fds
 
