@@ -669,6 +669,13 @@ def open_container(container: ContainerPlan) -> Iterator[Lease]:
                 f" using the image extracted under {holder.report.get('extract_dir')}",
                 file=sys.stderr,
             )
+        if holder.report.get("pid_namespace_fallback"):
+            print(
+                "rankwire: no PID namespace for the container here "
+                f"({holder.report['pid_namespace_fallback']}): processes the command leaves "
+                "in the background may outlive it",
+                file=sys.stderr,
+            )
         with leased(holder.socket) as lease:
             yield lease
     finally:
