@@ -156,7 +156,7 @@ def read_fabric_image_facts(image: ImageFacts) -> FabricImageFacts:
     consumers = {p: listing.regular(p) for p in listing.named(CONSUMER_PATTERNS)}
     wanted = {**glibc, **fabric, **consumers}
     wanted = {p: r for p, r in wanted.items() if r and listing.entries[r][1] <= MAX_ELF_BYTES}
-    elves = _extract_elves(image, sorted(set(wanted.values())))
+    elves = extract_elves(image, sorted(set(wanted.values())))
 
     def objects(paths: Mapping[str, str]) -> list[ImageObject]:
         seen: set[str] = set()
@@ -180,7 +180,7 @@ def read_fabric_image_facts(image: ImageFacts) -> FabricImageFacts:
     )
 
 
-def _extract_elves(image: ImageFacts, paths: list[str]) -> dict[str, ElfFacts]:
+def extract_elves(image: ImageFacts, paths: list[str]) -> dict[str, ElfFacts]:
     if not paths:
         return {}
     with tempfile.TemporaryDirectory(prefix="rankwire-fabric-") as tmp:

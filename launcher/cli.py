@@ -98,8 +98,7 @@ def is_sif(path: str) -> bool:
 def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[str, Any]) -> None:
     from rankwire.launcher.execute import execute
     from rankwire.launcher.facts import (
-        image_mpi_kind,
-        image_program_mpi_kind,
+        image_mpi_kinds,
         open_files_limit,
         program_mpi_kind,
     )
@@ -132,8 +131,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         rankwire = os.path.join(os.path.dirname(sys.executable), "rankwire")
         # Without --share, the tasks of the step on a node join one container by default.
         prefix = [rankwire, "exec", *delegation_argv(cli_values(opts)), image]
-        kind = image_mpi_kind(facts.image, user.cache_dir)
-        program_kind = image_program_mpi_kind(
+        kind, program_kind = image_mpi_kinds(
             facts.image, process.argv[0], process.env, user.cache_dir
         )
     plan: LaunchPlan = plan_launch(

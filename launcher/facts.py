@@ -3,23 +3,44 @@ how many files the launcher may open."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import posixpath
 import resource
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Optional
 
 from rankwire.errors import UserError
-from rankwire.fabric.imagefacts import MAX_ELF_BYTES, _extract_elves, list_image
+from rankwire.fabric.imagefacts import MAX_ELF_BYTES, Listing, extract_elves, list_image
 from rankwire.pmi.pmix.detect import pmi_kind
+from rankwire.runtime.imagefacts import keep as _keep
 from rankwire.runtime.plan import ImageFacts
 
 
-def image_mpi_kind(image: ImageFacts, cache_dir: str) -> Optional[str]:
+def image_mpi_kinds(
+    image: ImageFacts, program: str, environ: Mapping[str, str], cache_dir: str
+) -> tuple[Optional[str], Optional[str]]:
+    """`image_mpi_kind` and `image_program_mpi_kind`, from one listing of the image (at
+    most: each answer is kept in `cache_dir`)."""
+    listing: Optional[Listing] = None
+
+    def listed() -> Listing:
+        nonlocal listing
+        if listing is None:
+            listing = list_image(image)
+        return listing
+
+    return (
+        image_mpi_kind(image, cache_dir, listed),
+        image_program_mpi_kind(image, program, environ, cache_dir, listed),
+    )
+
+
+def image_mpi_kind(
+    image: ImageFacts, cache_dir: str, listed: Optional[Callable[[], Listing]] = None
+) -> Optional[str]:
     """ "pmix", "pmi1/2", "both" or None, from the image's file list (no mount needed).
 
     Listing a large image takes ~6 µs per file, so the answer is kept in `cache_dir`
@@ -31,18 +52,11 @@ def image_mpi_kind(image: ImageFacts, cache_dir: str) -> Optional[str]:
             return f.read().strip() or None
     except OSError:
         pass
-    proc = subprocess.run(
-        ["unsquashfs", "-o", str(image.partition_offset), "-l", "-n", image.path],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
+    try:
+        kind = pmi_kind((listed or (lambda: list_image(image)))().entries)
+    except UserError:
         return None
-    kind = pmi_kind(proc.stdout.splitlines())
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        with open(cached, "w") as f:
-            f.write(kind or "")
+    _keep(cached, kind or "")
     return kind
 
 
@@ -59,7 +73,11 @@ def program_mpi_kind(program: str, environ: Mapping[str, str]) -> Optional[str]:
 
 
 def image_program_mpi_kind(
-    image: ImageFacts, program: str, environ: Mapping[str, str], cache_dir: str
+    image: ImageFacts,
+    program: str,
+    environ: Mapping[str, str],
+    cache_dir: str,
+    listed: Optional[Callable[[], Listing]] = None,
 ) -> Optional[str]:
     """The same for a program inside the image, from its DT_NEEDED (None: not found in the
     image, not ELF, or no MPI library among what it links directly).
@@ -77,7 +95,7 @@ def image_program_mpi_kind(
     except OSError:
         pass
     try:
-        listing = list_image(image)
+        listing = (listed or (lambda: list_image(image)))()
     except UserError:
         return None
     dirs = [""] if "/" in program else environ.get("PATH", "").split(":")
@@ -90,14 +108,11 @@ def image_program_mpi_kind(
     kind = None
     if found and listing.entries[found][1] <= MAX_ELF_BYTES:
         try:
-            elf = _extract_elves(image, [found]).get(found)
+            elf = extract_elves(image, [found]).get(found)
         except UserError:
             return None
         kind = pmi_kind(elf.needed) if elf is not None else None
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        with open(cached, "w") as f:
-            f.write(kind or "")
+    _keep(cached, kind or "")
     return kind
 
 

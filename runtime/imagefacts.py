@@ -92,21 +92,22 @@ def partition_digest(
             st.st_mtime_ns,
             st.st_ctime_ns,
         ):
-            _keep(kept, digest)
+            keep(kept, digest + "\n")
         return digest
     finally:
         os.close(fd)
 
 
-def _keep(path: str, text: str) -> None:
-    """Write `path` atomically (a temporary file renamed over it): a concurrent reader
-    sees the whole digest or none. A cache we cannot write only costs a later re-read."""
+def keep(path: str, text: str) -> None:
+    """Write `text` to the cache file `path` atomically (a temporary file renamed over
+    it): a concurrent reader sees all of it or none. A cache we cannot write only costs
+    a later re-read."""
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
         try:
             with os.fdopen(fd, "w") as f:
-                f.write(text + "\n")
+                f.write(text)
             os.replace(tmp, path)
         except OSError:
             os.unlink(tmp)
