@@ -68,6 +68,13 @@ def doctor(as_json: bool) -> None:
         sys.exit(1)
 
 
+# A bare command shows its help: click >= 8.2 raises this for it (older click prints the
+# help and exits by itself; pyproject allows click 8.0 for Python 3.9).
+_NO_ARGS_IS_HELP: tuple[type[click.ClickException], ...] = (
+    (click.exceptions.NoArgsIsHelpError,) if hasattr(click.exceptions, "NoArgsIsHelpError") else ()
+)
+
+
 def run_command(command: click.Command, argv: list[str] | None, prog_name: str) -> None:
     """Run a click command; user errors become one line on stderr and an exit code."""
     try:
@@ -78,7 +85,7 @@ def run_command(command: click.Command, argv: list[str] | None, prog_name: str) 
     except click.exceptions.Abort:
         click.echo(f"{prog_name}: aborted", err=True)
         sys.exit(130)
-    except click.exceptions.NoArgsIsHelpError as err:
+    except _NO_ARGS_IS_HELP as err:
         err.show()
         sys.exit(err.exit_code)
     except click.ClickException as err:
