@@ -54,7 +54,7 @@ def _source_date_epoch() -> Optional[int]:
         value = -1
     if value < 0:
         raise UserError(
-            f"SOURCE_DATE_EPOCH={_shown(raw)!r} is not a non-negative integer; "
+            f"SOURCE_DATE_EPOCH='{raw}' is not a non-negative integer; "
             "set it to Unix seconds or unset it"
         )
     return value
@@ -274,7 +274,7 @@ def _definition(
         final_runscript = parsed.sections.get("runscript") or None
     for key in env or {}:
         if not ENV_NAME.match(key):
-            raise UserError(f"--env {_shown(key)!r}: not a variable name; use --env NAME=VALUE")
+            raise UserError(f"--env '{key}': not a variable name; use --env NAME=VALUE")
     final_env.update(env or {})
     user_labels.update(labels or {})
     if runscript is not None:

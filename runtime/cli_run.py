@@ -83,13 +83,13 @@ def split_env(arg: str) -> list[str]:
     try:
         pairs = next(csv.reader([arg], strict=True))
     except (csv.Error, StopIteration) as err:
-        raise UserError(f"bad --env {shown(arg)!r}: {err}; fix the quoting") from None
+        raise UserError(f"bad --env '{arg}': {err}; fix the quoting") from None
     for pair in pairs:
         key = pair.partition("=")[0]
         if not ENV_NAME.match(key):
             raise UserError(
-                f"bad --env {shown(arg)!r}: {shown(key)!r} is not a variable name; "
-                f"quote a value holding commas: --env '\"{shown(arg)}\"'"
+                f"bad --env '{arg}': '{key}' is not a variable name; "
+                f"quote a value holding commas: --env '\"{arg}\"'"
             )
     return pairs
 
