@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from typing import Optional
 
 from rankwire.errors import UserError
@@ -79,23 +81,57 @@ def partition_digest(
             )
         )
         kept = os.path.join(cache_dir, "digests", key)
-        with contextlib.suppress(OSError):
-            with open(kept) as f:
-                text = f.read().strip()
-            if _DIGEST.fullmatch(text):
+        text = _kept_digest(kept)
+        if text:
+            return text
+        # The tasks of a node start together: one reads, the others wait for its digest.
+        with _digests_locked(os.path.dirname(kept)):
+            text = _kept_digest(kept)
+            if text:
                 return text
-        _check_squashfs(path, offset, fd)
-        digest = sif_digest.partition_digest(fd, offset, size)
-        again = os.fstat(fd)
-        if (again.st_size, again.st_mtime_ns, again.st_ctime_ns) == (
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ctime_ns,
-        ):
-            keep(kept, digest + "\n")
-        return digest
+            return _read_digest(path, offset, size, fd, st, kept)
     finally:
         os.close(fd)
+
+
+def _kept_digest(kept: str) -> str:
+    with contextlib.suppress(OSError):
+        with open(kept) as f:
+            text = f.read().strip()
+        if _DIGEST.fullmatch(text):
+            return text
+    return ""
+
+
+@contextlib.contextmanager
+def _digests_locked(digests: str) -> Iterator[None]:
+    """The digests dir's lock, held while one process reads an image (unlocked when the
+    cache can't be written: then each reads its own)."""
+    try:
+        os.makedirs(digests, mode=0o700, exist_ok=True)
+        lock = os.open(digests, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
+
+
+def _read_digest(path: str, offset: int, size: int, fd: int, st: os.stat_result, kept: str) -> str:
+    """Check the partition's tables, hash it, keep the digest if the file held still."""
+    _check_squashfs(path, offset, fd)
+    digest = sif_digest.partition_digest(fd, offset, size)
+    again = os.fstat(fd)
+    if (again.st_size, again.st_mtime_ns, again.st_ctime_ns) == (
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    ):
+        keep(kept, digest + "\n")
+    return digest
 
 
 def keep(path: str, text: str) -> None:
