@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.procs import child_of
+from harness.procs import asleep, child_of
 from harness.users import User
 from rankwire.runtime.instance import prune_stale
 
@@ -64,10 +64,11 @@ def test_a_killed_shared_holders_files_go_with_its_job(runner: User, base_image:
             try:
                 rankwire = proc.pid if runner.uid == os.getuid() else child_of(proc.pid)
                 holder = child_of(rankwire, "rankwire-holder")
-                child_of(rankwire, "sleep")
-                break
+                if asleep(child_of(rankwire, "sleep")):
+                    break
             except AssertionError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         os.kill(holder, signal.SIGKILL)
         assert proc.wait(10) == 137, proc.stderr.read() if proc.stderr else ""
     finally:

@@ -37,3 +37,12 @@ def child_of(pid: int, comm: str = "") -> int:
             if info and info[1] == pid and (not comm or info[0] == comm):
                 return int(proc.name)
     raise AssertionError(f"process {pid} has no child {comm}")
+
+
+def asleep(pid: int) -> bool:
+    """`pid` sleeps in nanosleep: past exec and the dynamic loader, so the pages it needs
+    from the image are in (a loader cut off from a dead FUSE mount gets SIGBUS)."""
+    try:
+        return "nanosleep" in Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
