@@ -11,9 +11,11 @@ PY     := $(VENV)/bin/python
 # What the runtime and the demo need on the host.
 DEMO_PKGS := python3-venv gcc make squashfuse squashfs-tools fuse3 fuse-overlayfs \
              mpich libmpich-dev
-# Everything the tests drive for real: Slurm, both MPIs, PMIx, libfabric, siftool.
+# Everything the tests drive for real: Slurm, both MPIs, PMIx, libfabric, siftool, a
+# registry and the OCI tools that make and push images independently of us.
 TEST_PKGS := $(DEMO_PKGS) slurm-wlm munge libslurm-dev libpmi2-0-dev openmpi-bin \
-             libopenmpi-dev libpmix-dev libfabric-dev libfabric-bin siftool
+             libopenmpi-dev libpmix-dev libfabric-dev libfabric-bin siftool \
+             docker-registry umoci skopeo busybox-static apache2-utils openssl
 
 PYTEST_ARGS ?=
 

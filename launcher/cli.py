@@ -33,11 +33,13 @@ from rankwire.runtime.cli_run import (
     container_options,
     dry_run_options,
     exec_options,
+    local_image,
     process_options,
     take_options,
 )
 from rankwire.runtime.options import delegation_argv, in_scope
 from rankwire.runtime.plan import runscript_argv
+from rankwire.runtime.reference import is_remote
 from rankwire.runtime.sif_format import MAGIC
 
 
@@ -107,13 +109,19 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
     from rankwire.runtime.userfacts import user_facts
 
     values = take_options(kw, "container", "process")
+    source = take_options(kw, "source")
     dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
     lopts = LaunchOptions(**kw)
     validate(lopts)  # bad numbers fail before anything is read or started
     user = user_facts()
     container = None
     if image is None:
-        given = [o.long for o in in_scope("container", "process") if values[o.dest] != o.default]
+        shaping = {**values, **source}
+        given = [
+            o.long
+            for o in in_scope("container", "process", "source")
+            if shaping[o.dest] != o.default
+        ]
         if given:
             raise UserError(
                 f"{', '.join(given)} shape a container: give an image "
@@ -124,13 +132,15 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         kind = program_kind = program_mpi_kind(argv[0], user.environ)
     else:
         opts = exec_options(values)
-        facts = gather(image, opts, user=user)
+        sif, named = local_image(image, source)
+        facts = gather(sif, opts, user=user)
         planned = plan_image(facts, opts, runscript_argv(facts.image, argv) if runscript else argv)
         assert planned.process is not None
         container, process = planned.container, planned.process
         rankwire = os.path.join(os.path.dirname(sys.executable), "rankwire")
         # Without --share, the tasks of the step on a node join one container by default.
-        prefix = [rankwire, "exec", *delegation_argv(cli_values(opts)), image]
+        argv_opts = delegation_argv({**cli_values(opts), **source})
+        prefix = [rankwire, "exec", *argv_opts, named]
         kind, program_kind = image_mpi_kinds(
             facts.image, process.argv[0], process.env, user.cache_dir
         )
@@ -173,7 +183,7 @@ def run(target: str, args: tuple[str, ...], image: Optional[str], **kw: Any) -> 
     TARGET a SIF image: its runscript; with --image IMG: a command inside IMG; otherwise:
     a command on this host. All ranks of a node share one container.
     """
-    if image is None and is_sif(target):
+    if image is None and (is_sif(target) or is_remote(target)):
         launch(target, args, True, kw)
     else:
         launch(image, (target, *args), False, kw)

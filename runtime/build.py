@@ -39,6 +39,7 @@ from rankwire.runtime.sif_format import DataType, FsType, PartType, goarch_from_
 from rankwire.runtime.sif_write import ObjectInput, create_sif
 
 BOOTSTRAP = "rankwire-dir"
+OCI_CONFIG_NAME = "oci-config.json"
 _UNREADABLE = re.compile(r"Could not open|Failed to read|skipping")
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -204,6 +205,7 @@ class BuildPlan:
     files: tuple[MetaFile, ...]
     create_dirs: tuple[str, ...]  # /.singularity.d directories the rootfs lacks
     exclude: tuple[str, ...]  # rootfs paths the metadata files replace
+    oci_config: Optional[bytes] = None  # a pulled image's OCI config, as Apptainer keeps it
 
     def pseudo_definitions(self, work: Path) -> list[str]:
         """The mksquashfs pseudo file lines: missing directories, then metadata files."""
@@ -220,10 +222,18 @@ class BuildPlan:
         return argv
 
     def sif_objects(self, squashfs: Path) -> list[ObjectInput]:
-        """Objects 1 Def.FILE, 2 JSON.Generic metadata, 3 the primary squashfs partition."""
-        return [
+        """Objects 1 Def.FILE, 2 JSON.Generic metadata, (3 JSON.Generic oci-config.json of
+        a pulled image,) then the primary squashfs partition, as Apptainer orders them."""
+        objects = [
             ObjectInput(DataType.DEFFILE, data=self.deffile.encode("utf-8")),
             ObjectInput(DataType.GENERIC_JSON, data=self.metadata, name=METADATA_NAME),
+        ]
+        if self.oci_config is not None:
+            objects.append(
+                ObjectInput(DataType.GENERIC_JSON, data=self.oci_config, name=OCI_CONFIG_NAME)
+            )
+        return [
+            *objects,
             ObjectInput(
                 DataType.PARTITION,
                 path=squashfs,
@@ -336,14 +346,18 @@ def plan_build(
     labels: Optional[Mapping[str, str]] = None,
     env: Optional[Mapping[str, str]] = None,
     runscript: Optional[str] = None,
+    oci_config: Optional[bytes] = None,
+    goarch: Optional[str] = None,
 ) -> BuildPlan:
-    """What `build_image` will pack (same arguments); checks the inputs, writes nothing."""
+    """What `build_image` will pack (same arguments); checks the inputs, writes nothing.
+    `oci_config`: the OCI image config of a pulled image, kept as `oci-config.json`;
+    `goarch`: its architecture (default: this machine's)."""
     out_path = Path(out).absolute()
     rootfs = _checked_rootfs(rootfs_dir)
     _check_output(out_path, rootfs)
     mksquashfs = _find_mksquashfs()
     epoch = _source_date_epoch()
-    goarch = goarch_from_machine()
+    goarch = goarch or goarch_from_machine()
     _check_utf8(labels, env, runscript)
     d = _definition(rootfs, deffile, labels, env, runscript)
     when = (
@@ -374,6 +388,7 @@ def plan_build(
         files=files,
         create_dirs=tuple(create),
         exclude=tuple(exclude),
+        oci_config=oci_config,
     )
 
 

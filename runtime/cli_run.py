@@ -55,7 +55,7 @@ def click_options(*scopes: str) -> Callable[[F], F]:
     return decorate
 
 
-container_options = click_options("container")
+container_options = click_options("container", "source")
 process_options = click_options("process")
 plan_options = [
     click.option("--dry-run", is_flag=True, help="Print the plan instead of running it."),
@@ -112,6 +112,27 @@ def read_env_file(path: str) -> tuple[str, ...]:
     return tuple(f"{k}={v}" for k, v in env.items())
 
 
+def local_image(image: str, source: dict[str, Any]) -> tuple[str, str]:
+    """(the SIF to read, the image to name to other nodes): a path stays as it is; a
+    docker:// or oras:// image is pulled into the cache (once per node and digest) and
+    named pinned to its digest."""
+    from rankwire.runtime.reference import is_remote
+
+    if not is_remote(image):
+        given = [o.long for o in in_scope("source") if source.get(o.dest) not in (None, False)]
+        if given:
+            raise UserError(
+                f"{', '.join(given)} apply to docker:// and oras:// images; {shown(image)} is "
+                "a file: drop them"
+            )
+        return image, image
+    from rankwire.runtime import pull
+
+    access = pull.access_from_env(insecure=source.get("insecure"), ca_cert=source.get("ca_cert"))
+    result = pull.pull(image, access, arch=source.get("arch"), progress=pull.Progress())
+    return result.path, result.reference
+
+
 def exec_options(values: dict[str, Any]) -> ExecOptions:
     """Command-line values -> ExecOptions (binds parsed; relative sources stay relative;
     --env split as Apptainer does; the --env-file read)."""
@@ -160,9 +181,11 @@ def _execute(
 ) -> None:
     container_kw = take_options(kw, "container")
     process_kw = take_options(kw, "process")
+    source_kw = take_options(kw, "source")
     dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
     if image.startswith(INSTANCE_PREFIX):
-        given = [o.long for o in in_scope("container") if container_kw[o.dest] != o.default]
+        shaping = {**container_kw, **source_kw}
+        given = [o.long for o in in_scope("container", "source") if shaping[o.dest] != o.default]
         if given:
             raise UserError(
                 f"{', '.join(given)} shape a container; an instance already has its own: "
@@ -185,6 +208,7 @@ def _execute(
         with inst.leased(inst.instance_socket(name)) as lease:
             sys.exit(inst.run_in(lease, proc))
     opts = exec_options({**container_kw, **process_kw})
+    image, _ = local_image(image, source_kw)
     facts = gather(image, opts)
     plan = plan_image(facts, opts, argv_of(facts.image))
     assert plan.process is not None
@@ -202,7 +226,8 @@ def _execute(
 @click.argument("image")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(image: str, command: tuple[str, ...], **kw: Any) -> None:
-    """Run COMMAND inside IMAGE (a SIF file, or instance://NAME to join one)."""
+    """Run COMMAND inside IMAGE (a SIF file, docker://…, oras://…, or instance://NAME to
+    join one)."""
     _execute(image, lambda _facts: command, kw)
 
 
@@ -229,7 +254,9 @@ def instance_start(image: str, name: str, **kw: Any) -> None:
     """Start a persistent instance NAME of IMAGE; join with `exec instance://NAME`."""
     import dataclasses
 
+    source_kw = take_options(kw, "source")
     opts = exec_options(kw)
+    image, _ = local_image(image, source_kw)
     facts = gather(image, opts)
     plan = plan_image(facts, opts, None)
     holder = inst.start_holder(

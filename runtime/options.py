@@ -25,7 +25,8 @@ class Option:
     dest: str  # the ExecOptions field (scope container/process), or the plugin's name for it
     kind: str  # "flag" | "value" | "list" (repeatable; the planner may split commas)
     help: str
-    scope: str  # "container" (shapes the container), "process", or "plugin" (plugin only)
+    scope: str  # "container" (shapes it), "process", "source" (where a remote image comes
+    # from: docker:// and oras://), or "plugin" (plugin only)
     flags: tuple[str, ...] = ()  # exec/launcher spellings, the one to show first; () = none
     metavar: str = ""
     default: Value = None
@@ -201,6 +202,30 @@ OPTIONS: tuple[Option, ...] = (
         spank_help="Working directory inside the container",
     ),
     Option(
+        "insecure",
+        "flag",
+        "Reach the registry of a docker:// or oras:// image over plain HTTP.",
+        "source",
+        flags=("--insecure",),
+        default=False,
+    ),
+    Option(
+        "ca_cert",
+        "value",
+        "Trust this CA (PEM) for the registry of a docker:// or oras:// image.",
+        "source",
+        flags=("--ca-cert",),
+        metavar="FILE",
+    ),
+    Option(
+        "arch",
+        "value",
+        "The platform to pick from a multi-platform docker:// image (default: this host's).",
+        "source",
+        flags=("--arch",),
+        metavar="ARCH[/VARIANT]",
+    ),
+    Option(
         "keep_env",
         "list",
         "",
@@ -229,7 +254,7 @@ def delegation_argv(values: dict[str, Value]) -> list[str]:
     """Flags that give `rankwire exec` the same options (`values`: dest -> value, list
     items already in their command-line form); defaults are left out."""
     argv: list[str] = []
-    for opt in in_scope("container", "process"):
+    for opt in in_scope("container", "process", "source"):
         value = values.get(opt.dest, opt.default)
         if value == opt.default or value is None or value == ():
             continue

@@ -147,6 +147,14 @@ class ExecOptions:
     bind_cwd: bool = True  # the plugin binds the cwd only when the tasks start there
 
 
+def cache_dir(environ: Mapping[str, str], home: str) -> str:
+    """The user's rankwire cache (images, extracted images, digests): RANKWIRE_CACHEDIR
+    (e.g. a node-local /tmp), else $XDG_CACHE_HOME/rankwire, else ~/.cache/rankwire."""
+    if environ.get("RANKWIRE_CACHEDIR"):
+        return environ["RANKWIRE_CACHEDIR"]
+    return posixpath.join(environ.get("XDG_CACHE_HOME") or f"{home}/.cache", "rankwire")
+
+
 @dataclasses.dataclass(frozen=True)
 class UserFacts:
     """The invoking user and where they stand (read once by `runtime/userfacts.py`)."""

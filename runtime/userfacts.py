@@ -5,21 +5,20 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from rankwire.runtime.plan import UserFacts
+from rankwire.runtime.plan import UserFacts, cache_dir
 from rankwire.runtime.slurmfacts import slurm_step
 
 
 def user_facts() -> UserFacts:
     """Who runs us, where, with what environment, and in which Slurm step."""
     home = os.environ.get("HOME") or os.path.expanduser("~")
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     return UserFacts(
         uid=os.getuid(),
         gid=os.getgid(),
         home=home,
         cwd=os.getcwd(),
         environ=dict(os.environ),
-        cache_dir=os.path.join(cache, "rankwire"),
+        cache_dir=cache_dir(os.environ, home),
         slurm=slurm_step(os.environ, os.getuid()),
     )
 

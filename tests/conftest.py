@@ -16,6 +16,8 @@ import pytest
 from harness.images import make_rootfs, make_world_readable
 from harness.leftovers import SESSION_VAR, user_leftovers
 from harness.mpi import MpiPrograms, compile_hello
+from harness.oci import OciLayout, layered_image
+from harness.registry import Registry, running_registry
 from harness.slurm import SlurmCluster, running_cluster
 from harness.spank import SpankInstall, install_plugin, spank_leftovers
 from harness.users import User, ensure_unprivileged_user, install_for
@@ -200,3 +202,34 @@ def nothing_left(unprivileged_user: User) -> Iterator[None]:
     while left() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert left() == []
+
+
+# -- registries on 127.0.0.1 and OCI images made by umoci (tests/test_pull.py) ----------
+REGISTRY_CREDS = ("rankwire", "s3cret pa:ss")
+
+
+@pytest.fixture(scope="session")
+def registry(shared_dir: Path) -> Iterator[Registry]:
+    """Plain-HTTP docker-registry on 127.0.0.1 (rankwire needs --insecure)."""
+    with running_registry(shared_dir) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def tls_registry(shared_dir: Path) -> Iterator[Registry]:
+    """HTTPS with a throwaway CA (`.ca_cert`, readable by the test user)."""
+    with running_registry(shared_dir, tls=True) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def auth_registry(shared_dir: Path) -> Iterator[Registry]:
+    """Plain HTTP with htpasswd basic auth (`.credentials`)."""
+    with running_registry(shared_dir, htpasswd=REGISTRY_CREDS) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def layered_layout(shared_dir: Path) -> OciLayout:
+    """A two-layer OCI image made by umoci (whiteout, hardlink, symlink, mode 000, setuid)."""
+    return layered_image(shared_dir / "layered")
