@@ -529,3 +529,32 @@ def test_cache_list_and_clean(runner: User, cache: Path, layered_ref: str) -> No
     total = sum(r["size"] for r in listing) / (1 << 20)
     assert gone.stdout == f"removed 4 entries ({total:.1f} MiB) from {cache}/images\n"
     assert json.loads(rw(runner, cache, "cache", "list", "--json").stdout) == []
+
+
+def test_a_killed_pull_leaves_nothing_the_next_takes_for_complete(
+    runner: User, cache: Path, registry: Registry
+) -> None:
+    """SIGKILL while the layers unpack: no SIF in the cache; the next pull redoes the work,
+    and removes the dead pull's scratch dir (its lock is free)."""
+    import signal
+    import time
+
+    layer = tar_layer([tar_entry(f"f{i}", os.urandom(1 << 20)) for i in range(48)], compress=False)
+    ref = _push_layer(registry, f"tests/killed-{runner.name}", layer)
+    out = str(cache / "k.sif")
+    argv = runner.argv(
+        ["env", f"RANKWIRE_CACHEDIR={cache}", "rankwire", "pull", "--insecure", "-q", out, ref]
+    )
+    proc = subprocess.Popen(argv, cwd="/tmp", start_new_session=True)
+    scratch = cache / "images" / "tmp"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(scratch.glob("pull-*/rootfs/f*")):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    dead = [p.name for p in scratch.iterdir()]
+    assert len(dead) == 1 and cached_sifs(cache) == [] and not Path(out).exists()
+    again = rw(runner, cache, "pull", "--insecure", "--json", out, ref)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["cache_hit"] is False
+    assert list(scratch.iterdir()) == []
