@@ -8,7 +8,7 @@ import click
 
 
 @click.command("spank-helper", hidden=True)
-@click.argument("phase", type=click.Choice(["check", "start"]))
+@click.argument("phase", type=click.Choice(["check", "start", "pull"]))
 def spank_helper(phase: str) -> None:
     """Serve one request of the SPANK shim (JSON on stdin, reply on stdout)."""
     from rankwire.spank.helper import main

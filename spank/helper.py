@@ -12,6 +12,10 @@ a socket as stdout; the reply is one frame, a failure the record `error=rankwire
   - `enforce = true`: root builds the container itself (no user namespace, the image on
     a read-only loop device, binds from the descriptors), joins it and replies
     `enforced=1`, the task environment, and [lease, mount namespace].
+- A remote image (docker://, oras://): after policy allowed its registry and before
+  anything is opened, `check` runs `pull` as the job user (setgroups/setgid/setuid in the
+  child, nothing of it as root), into that user's cache or theirs below the site's
+  `image_cache=`; then the pulled SIF is opened as the user, like a path.
 - `start`, as the job user (advisory): plans and starts the node's holder from those
   descriptors, joins it, and replies the task environment and [lease, user namespace,
   mount namespace]. The shim never connects to a path a user could swap.
@@ -25,20 +29,24 @@ import dataclasses
 import json
 import os
 import pwd
+import re
 import signal
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rankwire.errors import UserError
 from rankwire.runtime import frame
 from rankwire.runtime.plan import ContainerPlan, ImageFacts, Mount
+from rankwire.runtime.reference import is_remote, parse_reference
 from rankwire.spank import plan
-from rankwire.spank.plan import Asked, JobFacts, asked
+from rankwire.spank.plan import Asked, JobFacts, Pull, asked
 from rankwire.spank.policy import Policy, PolicyError, load_policy
 
 if TYPE_CHECKING:
@@ -159,13 +167,13 @@ def _open_binds(want: Asked, facts: JobFacts, home: str, policy: Policy, out: Op
         raise UserError(f"{len(out.binds)} binds are more than {MAX_BINDS}: bind a parent dir")
 
 
-def _runtime_dir(uid: int, gid: int) -> str:
-    """/run/rankwire/UID, made by root (no other user can make it first), the user's."""
-    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
-    base = os.lstat(RUN_DIR)
-    if not stat.S_ISDIR(base.st_mode) or base.st_uid != 0 or base.st_mode & 0o022:
-        raise UserError(f"{RUN_DIR} must be a root-owned directory not writable by others")
-    path = os.path.join(RUN_DIR, str(uid))
+def _private_dir(base: str, uid: int, gid: int) -> str:
+    """BASE/UID, made by root (no other user can make it first), the user's alone."""
+    os.makedirs(base, mode=0o755, exist_ok=True)
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise UserError(f"{base} must be a root-owned directory not writable by others")
+    path = os.path.join(base, str(uid))
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
         os.chown(path, uid, gid)
@@ -173,6 +181,11 @@ def _runtime_dir(uid: int, gid: int) -> str:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
         raise UserError(f"{path} is not a private directory of uid {uid}: remove it")
     return path
+
+
+def _runtime_dir(uid: int, gid: int) -> str:
+    """/run/rankwire/UID: the user's runtime dir (holder sockets, session dirs)."""
+    return _private_dir(RUN_DIR, uid, gid)
 
 
 def _refuse_writable_image(facts: JobFacts, fd: int, real: str, opened: Opened) -> None:
@@ -190,6 +203,87 @@ def _refuse_writable_image(facts: JobFacts, fd: int, real: str, opened: Opened) 
         )
 
 
+def _pull(facts: JobFacts, want: Asked, policy: Policy, home: str) -> str:
+    """A remote image: policy judges its registry before anything is fetched, then the
+    job user pulls it; the path of the pulled SIF, which `check` opens as the user."""
+    ref = parse_reference(want.image)
+    policy.check_remote(ref.registry, want.image)
+    how = plan.plan_pull(facts, want.image, ref, home, pwd.getpwuid(facts.uid).pw_name)
+    if how.site_cache:
+        _private_dir(os.path.dirname(how.root), facts.uid, facts.gid)
+    return _pull_as_user(facts, how)
+
+
+def _pull_as_user(facts: JobFacts, how: Pull) -> str:
+    """Run `spank-helper pull` exactly as the job user (groups, gid, uid: real, effective
+    and saved; the child checks) with an environment of our making; the shim's deadline
+    kills it with us (same process group). Returns the SIF's path in `how.root`."""
+    request = frame.encode(
+        [
+            ("uid", str(facts.uid)),
+            ("gid", str(facts.gid)),
+            ("source", how.source),
+            ("root", how.root),
+            ("insecure", "1" if how.insecure else "0"),
+        ]
+    )
+    ours, theirs = socket.socketpair()
+    with ours:
+        with theirs:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-m", "rankwire", "spank-helper", "pull"],
+                stdin=subprocess.PIPE,
+                stdout=theirs.fileno(),
+                stderr=subprocess.PIPE,
+                cwd="/",
+                env=how.env,
+                user=facts.uid,
+                group=facts.gid,
+                extra_groups=list(facts.gids),
+            )
+        _, err = proc.communicate(request)
+        data = b"".join(iter(lambda: ours.recv(65536), b""))
+    text = err.decode(errors="replace").strip()
+    if text:  # to slurmd's log (a traceback), with the shim's prefix
+        print(text, file=sys.stderr)
+    try:
+        reply = frame.decode(data)
+    except frame.FrameError:
+        reply = []
+    failed, digest = frame.one(reply, "error"), frame.one(reply, "pulled") or ""
+    if failed:
+        raise UserError(failed.removeprefix("rankwire: "))
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        last = text.splitlines()[-1] if text else f"exit status {proc.returncode}"
+        raise UserError(f"pulling {how.source} failed: {last}")
+    return os.path.join(how.root, "sif", f"{digest[7:]}.sif")
+
+
+def pull_as_user(req: frame.Records) -> Reply:
+    """`spank-helper pull`: run by `check` as the job user, never as root for another."""
+    from rankwire.runtime import pull as pulling
+
+    uid, gid = int(frame.one(req, "uid") or "0"), int(frame.one(req, "gid") or "0")
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise UserError(f"the pull runs as uid {uid} gid {gid} only; got {os.getresuid()}")
+    root, source = Path(frame.one(req, "root") or ""), frame.one(req, "source") or ""
+    access = pulling.access_from_env(insecure=frame.one(req, "insecure") == "1")
+    result = pulling.pull(source, access, progress=pulling.Progress(quiet=True), root=root)
+    if result.path != str(root / "sif" / f"{result.digest[7:]}.sif"):  # pull.py's layout
+        raise UserError(f"the pull of {source} gave {result.path}, not a SIF in {root}/sif")
+    return [("pulled", result.digest)]
+
+
+def _open_pulled(path: str, image: str) -> tuple[int, str]:
+    """The SIF the pull just wrote (no symlink), as the job user."""
+    named = f"image {path} (pulled from {image})"
+    fd, real = _open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW, named)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{named} is not a regular file: remove it and run the step again")
+    return fd, real
+
+
 def check(facts: JobFacts) -> tuple[Reply, list[int]]:
     """Root: does site policy allow what the step asked for? Returns (reply, fds)."""
     from rankwire.runtime.imagefacts import image_facts
@@ -200,12 +294,17 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
     policy = load_policy(facts.arg("policy"))
     policy.check_options(fabric=want.fabric, remap_root=want.remap_root, writable=want.writable)
     home = pwd.getpwuid(facts.uid).pw_dir
+    pulled = _pull(facts, want, policy, home) if is_remote(want.image) else None
     with as_user(facts):
         # Every read of the image is the user's (on a root-squashed NFS, root reads less).
-        image_fd, image_real = _open_image(want.image, want.image_from)
+        if pulled is None:
+            image_fd, image_real = _open_image(want.image, want.image_from)
+        else:
+            image_fd, image_real = _open_pulled(pulled, want.image)
         opened = Opened(image_fd, image_real)
         try:
-            policy.check_image(image_real)
+            if pulled is None:  # a pulled image was allowed by its registry, and is this file
+                policy.check_image(image_real)
             of_image = image_facts(image_real, fd=image_fd)
             _open_binds(want, facts, home, policy, opened)
         except BaseException:
@@ -358,11 +457,13 @@ def main(phase: str) -> int:
 
             sc.prctl(sc.PR_SET_DUMPABLE, 0)
         req = frame.decode(sys.stdin.buffer.read())
-        facts = JobFacts.from_request(req)
-        if phase == "check":
-            reply, fds = check(facts)
+        if phase == "pull":
+            reply = pull_as_user(req)
+        elif phase == "check":
+            reply, fds = check(JobFacts.from_request(req))
         elif phase == "start":
-            reply, fds = start(facts, json.loads(frame.one(req, "checked") or "{}"))
+            checked = json.loads(frame.one(req, "checked") or "{}")
+            reply, fds = start(JobFacts.from_request(req), checked)
         else:
             raise UserError(f"unknown spank-helper phase '{phase}'")
     except UserError as err:
@@ -376,4 +477,4 @@ def main(phase: str) -> int:
     return 0
 
 
-__all__ = ["Asked", "check", "main", "start"]
+__all__ = ["Asked", "check", "main", "pull_as_user", "start"]

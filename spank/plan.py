@@ -18,9 +18,11 @@ from rankwire.runtime.plan import (
     ExecOptions,
     Mount,
     UserFacts,
+    cache_dir,
     parse_binds,
     resolve_bind,
 )
+from rankwire.runtime.reference import Reference, is_remote
 from rankwire.runtime.slurmfacts import SlurmStep
 
 # Slurm's special step ids (slurm.h): the batch script, the extern and interactive steps
@@ -152,8 +154,10 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
     if workdir is not None and not workdir.startswith("/"):
         raise UserError(f"--container-workdir {workdir}: give an absolute path")
     keep = got["keep_env"][0] or ""
+    if not is_remote(image):  # docker:// and oras:// are pulled (`helper.check`)
+        image = posixpath.normpath(posixpath.join(facts.cwd, image))
     return Asked(
-        image=posixpath.normpath(posixpath.join(facts.cwd, image)),
+        image=image,
         image_from=image_from,
         mounts=parse_mounts(got["binds"][0] or "", facts.cwd),
         workdir=workdir or None,
@@ -162,6 +166,55 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
         fabric=(got["fabric"][0] or "auto").strip() or "auto",
         remap_root=flags["fakeroot"],
     )
+
+
+# What a pull as the job user takes from the job's environment: registry credentials and
+# the pull's timeout (see runtime/registry.py). Nothing else: the child's environment is
+# ours, not the job's.
+PULL_ENV_KEEP = (
+    "RANKWIRE_DOCKER_USERNAME",
+    "RANKWIRE_DOCKER_PASSWORD",
+    "DOCKER_CONFIG",
+    "RANKWIRE_PULL_TIMEOUT",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pull:
+    """How the check phase pulls a remote image: as the job user, into `root`."""
+
+    source: str  # the reference as asked
+    root: str  # the image cache (`pull(root=)`): the user's, or theirs below image_cache=
+    site_cache: bool  # root is `image_cache=DIR/UID`, which root makes
+    insecure: bool  # plain HTTP: the registry is listed in registry_insecure=
+    env: dict[str, str]  # the pulling process's whole environment
+
+
+def plan_pull(facts: JobFacts, image: str, ref: Reference, home: str, user_name: str) -> Pull:
+    """The pull of `ref` for this job. Its cache is `image_cache=DIR` (plugstack.conf)
+    /UID if the site set one, else the job user's (RANKWIRE_CACHEDIR of the job, else
+    ~/.cache/rankwire of their passwd home, + /images). Plain HTTP only to registries the
+    site lists in `registry_insecure=HOST[:PORT][,...]`: a user cannot ask for it."""
+    site = facts.arg("image_cache")
+    if site is not None and not posixpath.isabs(site):
+        raise UserError(f"plugstack.conf image_cache={site}: give an absolute directory")
+    if site is not None:
+        root = posixpath.join(posixpath.normpath(site), str(facts.uid))
+    else:
+        env = {**facts.env, "HOME": home}
+        if env.get("RANKWIRE_CACHEDIR"):
+            env["RANKWIRE_CACHEDIR"] = posixpath.join(facts.cwd, env["RANKWIRE_CACHEDIR"])
+        root = posixpath.join(cache_dir(env, home), "images")
+    insecure = {h.strip().lower() for h in (facts.arg("registry_insecure") or "").split(",")}
+    env = {k: facts.env[k] for k in PULL_ENV_KEEP if k in facts.env}
+    env.update(
+        PATH="/usr/sbin:/usr/bin:/sbin:/bin",
+        LC_ALL="C.UTF-8",
+        HOME=home,
+        USER=user_name,
+        LOGNAME=user_name,
+    )
+    return Pull(image, root, site is not None, ref.registry.lower() in insecure, env)
 
 
 def exec_options(want: Asked, mounts: Sequence[Mount]) -> ExecOptions:
@@ -187,7 +240,7 @@ def user_facts(facts: JobFacts, home: str, slurm: Optional[SlurmStep]) -> UserFa
         home=home,
         cwd=facts.cwd,
         environ={k: v for k, v in env.items() if k not in PLAN_ENV_DROP},
-        cache_dir=posixpath.join(env.get("XDG_CACHE_HOME") or f"{home}/.cache", "rankwire"),
+        cache_dir=cache_dir(env, home),
         slurm=slurm,
     )
 

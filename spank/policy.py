@@ -11,8 +11,14 @@ not writable by anyone else, or nothing runs (a policy that a user could edit is
     allow_remap_root = true                # --container-remap-root
     allow_writable = true                  # --container-writable
     enforce = false                        # root builds the container (see README)
+    allowed_registries = ["registry.example.org", "10.0.0.5:5000"]  # docker://, oras://
 
 A missing list means "anywhere the job user can read"; a missing flag means allowed.
+`allowed_registries` fails closed: a policy without it lets no remote image run (no
+policy file at all: any registry). Entries are host[:port] exactly as the image
+reference names it (Docker Hub is docker.io), compared without regard to case; they are
+checked before anything is fetched. A remote image is pulled by the job user into their
+cache, and that pulled file, not one of `image_dirs`, is what runs.
 `mount_sources` governs every host path the plugin binds on the user's behalf: the
 --container-mounts sources, the home directory (from the passwd database) and the working
 directory; Slurm's own PMIx directories (named by slurmstepd, not by the job) are not
@@ -54,6 +60,31 @@ class Policy:
     allow_remap_root: bool = True
     allow_writable: bool = True
     enforce: bool = False
+    allowed_registries: Optional[tuple[str, ...]] = None  # host[:port], lowercase
+
+    def check_remote(self, registry: str, image: str) -> None:
+        """May the step pull `image` (docker:// or oras://) from `registry`? Before any
+        network access; fail closed once there is a policy file."""
+        if self.source is None:
+            return
+        if self.enforce:
+            raise PolicyError(
+                f"remote image {image} cannot run under this site's enforced policy (a "
+                "pulled image is its user's file, which users could change): ask your admin "
+                "to place it in an image directory"
+            )
+        if self.allowed_registries is None:
+            raise PolicyError(
+                f"registry {registry} of {image} is not allowed: {self.source} has no "
+                "allowed_registries, so no remote image runs here; use a local SIF or ask "
+                "your admin"
+            )
+        if registry.lower() not in self.allowed_registries:
+            raise PolicyError(
+                f"registry {registry} of {image} is not in allowed_registries "
+                f"({', '.join(self.allowed_registries) or 'none'}) of {self.source}; use an "
+                "image from one of them or ask your admin"
+            )
 
     def check_image(self, real_path: str) -> None:
         if self.image_dirs is not None and not _below_any(real_path, self.image_dirs):
@@ -113,6 +144,23 @@ def _dirs(key: str, value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _registries(value: Any) -> tuple[str, ...]:
+    from rankwire.runtime.reference import parse_reference
+
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PolicyError("'allowed_registries' must be a list of host[:port] names")
+    for name in value:
+        try:
+            ok = parse_reference(f"oras://{name}/x").registry == name
+        except UserError:
+            ok = False
+        if not ok:
+            raise PolicyError(
+                f"'allowed_registries': {name!r} is not a host[:port] (no scheme, no path)"
+            )
+    return tuple(name.lower() for name in value)
+
+
 def load_policy(path: Optional[str]) -> Policy:
     """The policy in `path` (None: no policy configured, everything the user may do)."""
     if path is None:
@@ -137,6 +185,8 @@ def load_policy(path: Optional[str]) -> Policy:
     for key in ("image_dirs", "mount_sources"):
         if key in data:
             kw[key] = _dirs(key, data[key])
+    if "allowed_registries" in data:
+        kw["allowed_registries"] = _registries(data["allowed_registries"])
     for key in ("allow_fabric_choice", "allow_remap_root", "allow_writable", "enforce"):
         if key in data:
             if not isinstance(data[key], bool):
