@@ -95,8 +95,8 @@ def pull_cmd(
 ) -> None:
     """Pull [OUT.sif] SOURCE: a docker:// image (converted to a SIF) or an oras:// SIF.
 
-    The image goes to the cache (RANKWIRE_CACHEDIR, default ~/.cache/rankwire) and, unless
-    only SOURCE is given with --json, to OUT.sif (default NAME_TAG.sif here).
+    The image goes to the cache (RANKWIRE_CACHEDIR, default ~/.cache/rankwire) and is
+    copied to OUT.sif (default: NAME_TAG.sif here, as Apptainer names it).
     """
     if len(args) > 2:
         raise UserError("pull takes [OUT.sif] SOURCE; give at most two arguments")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,12 +43,15 @@ import pytest
 
 from harness.mpi import HELLO_RE, assert_hello, ompi_env
 from harness.multinode import (
+    MPI_TREES,
     XNODE_BYTES,
     MultiNodeCluster,
     XnodePrograms,
     build_xnode_image,
     compile_xnode,
 )
+from harness.oci import push_layout, umoci_image
+from harness.registry import Registry, running_registry
 from harness.slurm import HarnessError
 from harness.spank import SpankInstall
 from harness.users import User
@@ -106,6 +110,37 @@ def xnode(shared_dir: Path) -> XnodePrograms:
 @pytest.fixture(scope="module")
 def xnode_image(shared_dir: Path, xnode: XnodePrograms) -> Path:
     return build_xnode_image(shared_dir / "multinode", xnode)
+
+
+@pytest.fixture(scope="module")
+def xnode_registry(
+    slurm_multinode: MultiNodeCluster, shared_dir: Path, xnode: XnodePrograms
+) -> Iterator[tuple[Registry, str]]:
+    """A registry on the bridge (where the nodes reach it) holding the xnode image as an
+    OCI image made by umoci: (registry, docker:// reference)."""
+    from harness.images import make_rootfs
+
+    def layer(root: Path) -> None:
+        made = make_rootfs(root.parent / "made", binaries=[str(xnode.mpich), str(xnode.ompi)],
+                           trees=[t for t in MPI_TREES if Path(t).exists()])  # fmt: skip
+        shutil.copytree(made, root, symlinks=True, dirs_exist_ok=True)
+        shutil.rmtree(made)
+        (root / "opt").mkdir(exist_ok=True)
+        for prog in (xnode.mpich, xnode.ompi):
+            shutil.copy2(prog, root / "opt" / prog.name)
+
+    work = shared_dir / "multinode" / "oci"
+    with running_registry(work.parent, host=slurm_multinode.host_ip) as reg:
+        image = umoci_image(work, "xnode", [layer])
+        yield reg, push_layout(image.path, image.tag, "tests/xnode:1", registry=reg)
+
+
+@pytest.fixture
+def node_cache() -> Iterator[str]:
+    """RANKWIRE_CACHEDIR under /tmp: private to each node (and to the submit host)."""
+    path = f"/tmp/rankwire-test-cache-{os.urandom(4).hex()}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -484,3 +519,63 @@ def test_stop_leaves_nothing_behind(shared_dir: Path, xnode_image: Path) -> None
     assert cluster.leftovers() == []
     assert cluster.timings["stop"] < 10
     assert not cluster.root.exists()
+
+
+def test_apptainer_mpirun_with_a_docker_image_on_two_nodes(
+    slurm_multinode: MultiNodeCluster,
+    xnode_registry: tuple[Registry, str],
+    node_cache: str,
+    runner: User,
+    tmp_path: Path,
+) -> None:
+    """salloc -N2 apptainer-mpirun docker://…: the launcher pulls (to read the image) and
+    delegates the pinned digest; each node pulls it once into its own cache."""
+    reg, ref = xnode_registry
+    gets = reg.blob_gets()
+    env = {**_env(slurm_multinode, True), "RANKWIRE_CACHEDIR": node_cache}
+    before = slurm_multinode.net_bytes()
+    job = run_job(
+        slurm_multinode,
+        runner,
+        ["env", f"RANKWIRE_CACHEDIR={node_cache}", "salloc", "-N2", "-n4", "apptainer-mpirun",
+         "-v", "--pmi", "pmix", "-n", "4", "--insecure", ref, "/opt/xnode_ompi"],
+        4,
+        tmp_path,
+        env=env,
+    )  # fmt: skip
+    assert f"rankwire exec --insecure {ref}@sha256:" in job.stderr, job.stderr
+    check_job(slurm_multinode, job, before, 2, 4, False)
+    # config + 1 layer, fetched by the submit host and by each of the 2 nodes
+    assert reg.blob_gets() - gets == 2 * 3
+
+
+def test_spank_plugin_with_a_docker_image_on_two_nodes(
+    slurm_multinode: MultiNodeCluster,
+    spank_install: SpankInstall,
+    xnode_registry: tuple[Registry, str],
+    node_cache: str,
+    runner: User,
+    tmp_path: Path,
+) -> None:
+    """srun -N2 --container-image=docker://…: each node's check phase has the job user pull
+    the image once into that node's cache; the job runs."""
+    reg, ref = xnode_registry
+    plugstack = slurm_multinode.conf.parent / "plugstack.conf"
+    args = [f"helper={spank_install.helper}", f"registry_insecure={reg.netloc}"]
+    plugstack.write_text(f"required {spank_install.plugin} {' '.join(args)}\n")
+    gets = reg.blob_gets()
+    try:
+        before = slurm_multinode.net_bytes()
+        env = {**_env(slurm_multinode, True), "RANKWIRE_CACHEDIR": node_cache}
+        job = run_job(
+            slurm_multinode,
+            runner,
+            ["srun", "--mpi=pmix", "-N2", "-n4", f"--container-image={ref}", "/opt/xnode_ompi"],
+            4,
+            tmp_path,
+            env=env,
+        )
+        check_job(slurm_multinode, job, before, 2, 4, False)
+    finally:
+        plugstack.write_text("")
+    assert reg.blob_gets() - gets == 2 * 2  # config + 1 layer, once on each node
