@@ -469,6 +469,18 @@ def test_bad_input_is_one_line_and_leaves_nothing(
         layer = tar_layer(entries)
         ref = _push_layer(registry, f"tests/{name}", layer)
         cases.append((ref, ["--insecure"], f"layer {_short(layer)}: {why}"))
+    # A config over the 8 MiB cap (refused before it is fetched).
+    big = json.dumps({"architecture": "amd64", "os": "linux", "pad": "x" * (9 << 20)}).encode()
+    manifest, blobs = image_manifest(big, [tar_layer([tar_entry("f", b"x")])])
+    push_raw(registry, "tests/big-config", "1", manifest, blobs)
+    cases.append(
+        (
+            f"{ref_base}/big-config:1",
+            ["--insecure"],
+            f"the config of {ref_base}/big-config:1 is {len(big)} bytes, over the 8 MiB cap; "
+            "that is not an image config",
+        )
+    )
     # A gzip bomb under a 1 MiB cap.
     bomb = gzip_bomb(64 << 20)
     ref = _push_layer(registry, "tests/bomb", bomb)
