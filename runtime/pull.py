@@ -372,11 +372,54 @@ def _pull_docker(
     want = host_platform(arch)
     platform = "/".join(p for p in want if p)
     if ref.digest:  # pinned: maybe no network at all
-        alias = root / "alias" / _alias_key(ref.digest, platform)
-        key = alias.read_text().strip() if alias.exists() else ref.digest[7:]
-        hit = _cached(root, key)
-        if hit is not None:
-            return PullResult(str(ref), f"sha256:{key}", str(hit), hit.stat().st_size, True)
+
+        def hit() -> Optional[PullResult]:
+            assert ref.digest is not None
+            alias = root / "alias" / _alias_key(ref.digest, platform)
+            key = alias.read_text().strip() if alias.exists() else ref.digest[7:]
+            sif = _cached(root, key)
+            if sif is None:
+                return None
+            return PullResult(str(ref), f"sha256:{key}", str(sif), sif.stat().st_size, True)
+
+        return _pinned(
+            ref,
+            root,
+            progress,
+            hit,
+            lambda: _fetch_docker(ref, access, root, progress, want, platform, max_expanded),
+        )
+    return _fetch_docker(ref, access, root, progress, want, platform, max_expanded)
+
+
+def _pinned(
+    ref: Reference,
+    root: Path,
+    progress: Progress,
+    hit: Callable[[], Optional[PullResult]],
+    fetch: Callable[[], PullResult],
+) -> PullResult:
+    """A pinned reference: from the cache, or fetched by one of the processes that ask at
+    once (the tasks of a node under srun), the others waiting: no registry sees N manifest
+    requests from one node for what one fetch answers."""
+    found = hit()
+    if found is not None:
+        return found
+    assert ref.digest is not None
+    waiting = lambda: progress.say(f"waiting for another pull of {shown(ref)}")  # noqa: E731
+    with _locked(root / "locks" / f"ref-{ref.digest[7:]}.lock", waiting):
+        return hit() or fetch()
+
+
+def _fetch_docker(
+    ref: Reference,
+    access: Access,
+    root: Path,
+    progress: Progress,
+    want: tuple[str, str],
+    platform: str,
+    max_expanded: int,
+) -> PullResult:
     from rankwire.runtime.registry import client
 
     reg = client(ref, access)
@@ -424,9 +467,19 @@ def _pull_docker(
 
 def _pull_oras(ref: Reference, access: Access, root: Path, progress: Progress) -> PullResult:
     if ref.digest:
-        hit = _cached(root, ref.digest[7:])
-        if hit is not None:
-            return PullResult(str(ref), ref.digest, str(hit), hit.stat().st_size, True)
+
+        def hit() -> Optional[PullResult]:
+            assert ref.digest is not None
+            sif = _cached(root, ref.digest[7:])
+            if sif is None:
+                return None
+            return PullResult(str(ref), ref.digest, str(sif), sif.stat().st_size, True)
+
+        return _pinned(ref, root, progress, hit, lambda: _fetch_oras(ref, access, root, progress))
+    return _fetch_oras(ref, access, root, progress)
+
+
+def _fetch_oras(ref: Reference, access: Access, root: Path, progress: Progress) -> PullResult:
     from rankwire.runtime.registry import client
 
     reg = client(ref, access)
@@ -479,6 +532,9 @@ def _check_sif(path: Path, ref: object) -> None:
 def remove_entry(root: Path, path: Path) -> bool:
     """Remove a cached SIF (with its record) or blob, unless a pull of it holds its lock
     (False then). Containers running from a removed SIF keep it open and run on."""
+    if path.suffix != ".sif":  # a blob: a pull that needs it again fetches it again
+        path.unlink(missing_ok=True)
+        return True
     lock = root / "locks" / f"{path.stem}.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -487,8 +543,7 @@ def remove_entry(root: Path, path: Path) -> bool:
         except BlockingIOError:
             return False
         path.unlink(missing_ok=True)
-        if path.suffix == ".sif":
-            path.with_suffix(".json").unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
         return True
     finally:
         os.close(fd)

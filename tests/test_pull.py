@@ -167,6 +167,22 @@ def test_concurrent_pulls_of_one_image_download_each_blob_once(
     assert [r.returncode for r in results] == [0] * 8, [r.stderr for r in results]
     assert {d: registry.blob_gets(d) - before[d] for d in blobs} == {d: 1 for d in blobs}
     assert len(cached_sifs(cache)) == 1 and debris(cache) == [f"sif/{cached_sifs(cache)[0]}"]
+    # Pinned to its digest (what the launcher hands srun's tasks), a fresh cache: one
+    # process asks the registry, the others wait for its SIF.
+    first = rw(runner, cache, "pull", "--insecure", "--json", "-F", str(cache / "0.sif"), ref)
+    digest = json.loads(first.stdout)
+    shutil.rmtree(cache / "images")
+    repo = f"tests/conc-{runner.name}"
+    manifests = registry.manifest_gets(repo)
+    pinned = f"{ref}@{digest['digest']}"
+
+    def pinned_pull(i: int) -> subprocess.CompletedProcess[str]:
+        return rw(runner, cache, "pull", "--insecure", "-q", "-F", str(cache / f"{i}.sif"), pinned)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(pinned_pull, range(8)))
+    assert [r.returncode for r in results] == [0] * 8, [r.stderr for r in results]
+    assert registry.manifest_gets(repo) - manifests == 1
 
 
 def test_exec_and_the_launcher_take_docker_images(

@@ -61,6 +61,11 @@ class Registry:
         text = self.log.read_text(errors="replace")
         return sum(1 for m in _BLOB_GET.finditer(text) if digest is None or m.group(1) == digest)
 
+    def manifest_gets(self, repo: str) -> int:
+        """How many `GET /v2/REPO/manifests/…` requests the registry has logged."""
+        text = self.log.read_text(errors="replace")
+        return text.count(f'"GET /v2/{repo}/manifests/')
+
     def ssl_context(self) -> Optional[ssl.SSLContext]:
         return ssl.create_default_context(cafile=str(self.ca_cert)) if self.ca_cert else None
 
