@@ -348,10 +348,12 @@ def plan_build(
     runscript: Optional[str] = None,
     oci_config: Optional[bytes] = None,
     goarch: Optional[str] = None,
+    literal_env: bool = False,
 ) -> BuildPlan:
     """What `build_image` will pack (same arguments); checks the inputs, writes nothing.
     `oci_config`: the OCI image config of a pulled image, kept as `oci-config.json`;
-    `goarch`: its architecture (default: this machine's)."""
+    `goarch`: its architecture (default: this machine's); `literal_env`: its env values are
+    final (`$` kept, not expanded by Apptainer when it sources the env script)."""
     out_path = Path(out).absolute()
     rootfs = _checked_rootfs(rootfs_dir)
     _check_output(out_path, rootfs)
@@ -367,7 +369,7 @@ def plan_build(
     )
     all_labels = _build_labels(when, goarch, d.parsed.header)
     all_labels.update(d.labels)
-    env_script = environment_file(d.env)
+    env_script = environment_file(d.env, literal_env)
     run_file = runscript_file(d.runscript)
     labels_json = json.dumps(all_labels, sort_keys=True, indent="\t", ensure_ascii=False)
     files = (

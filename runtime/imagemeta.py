@@ -125,20 +125,22 @@ def runscript_file(script: Optional[str]) -> str:
     return f"{shebang}\n\n{body}\n"
 
 
-def _export(key: str, value: str) -> str:
-    """`export K="V"`: quotes, backslashes and backticks escaped, `$NAME` left to expand."""
-    quoted = re.sub(r'([\\"`])', r"\\\1", value)
+def _export(key: str, value: str, literal: bool = False) -> str:
+    """`export K="V"`: quotes, backslashes and backticks escaped, `$NAME` left to expand
+    (escaped too when `literal`: a Docker image's ENV values are final)."""
+    quoted = re.sub(r'([\\"`$])' if literal else r'([\\"`])', r"\\\1", value)
     return f'export {key}="{quoted}"'
 
 
-def environment_file(env: Mapping[str, str]) -> str:
+def environment_file(env: Mapping[str, str], literal: bool = False) -> str:
     """`90-environment.sh`, sourced at container start: one `export K="V"` per variable.
 
     Values are kept as written, so `$NAME` references in them expand when it is sourced
     (the way `%environment` lines do in Apptainer); single quotes do not survive parsing.
+    With `literal` (a pulled image's ENV) `$` is escaped too, so values stay as they are.
     """
     lines = ["#!/bin/sh", "# Written by rankwire build from the image's environment.", ""]
-    lines += [_export(key, value) for key, value in env.items()]
+    lines += [_export(key, value, literal) for key, value in env.items()]
     return "\n".join(lines) + "\n"
 
 

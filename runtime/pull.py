@@ -355,6 +355,7 @@ def _convert(
         runscript=runscript_for(config),
         oci_config=oci_config,
         goarch=goarch,
+        literal_env=True,
     )
     progress.say(f"packing {shown(ref)} with mksquashfs")
     apply_build(plan)

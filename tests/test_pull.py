@@ -110,7 +110,8 @@ def test_pull_converts_a_layered_umoci_image(
     script = (
         "cd /data; ls -A /data | tr '\\n' ' '; echo; ls -A /opq; "
         "stat -c '%i' target.txt hard.txt | uniq | wc -l; readlink link; "
-        "stat -c '%a %n' secret suid; echo \"$GREETING\""
+        "stat -c '%a %n' secret suid; echo \"$GREETING\"; "
+        "(. /.singularity.d/env/90-environment.sh; echo \"$GREETING\")"
     )
     proc = rw(runner, cache, "exec", str(out), "/bin/sh", "-c", script)
     assert proc.returncode == 0, proc.stderr
@@ -122,6 +123,7 @@ def test_pull_converts_a_layered_umoci_image(
         "400 secret",
         "4755 suid",
         "hello \"quoted\" 'single' $HOME and spaces",
+        "hello \"quoted\" 'single' $HOME and spaces",  # as Apptainer sources it
     ]
     # `run`: ENTRYPOINT, then CMD or the arguments (Docker's rule), words kept literal.
     proc = rw(runner, cache, "run", str(out))
