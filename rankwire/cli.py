@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "sif": "rankwire.runtime.cli_image:sif_group",
     "pull": "rankwire.runtime.cli_pull:pull_cmd",
     "push": "rankwire.runtime.cli_pull:push_cmd",
+    "sign": "rankwire.runtime.cli_sign:sign_cmd",
+    "verify": "rankwire.runtime.cli_sign:verify_cmd",
     "cache": "rankwire.runtime.cli_pull:cache_group",
     "exec": "rankwire.runtime.cli_run:exec_",
     "shell": "rankwire.runtime.cli_run:shell",

@@ -311,18 +311,23 @@ def _rewrite_metadata(
     os.fsync(fd)
 
 
-def add_object(path: PathLike, obj: ObjectInput) -> int:
+def add_object(path: PathLike, obj: ObjectInput, *, replace: Sequence[int] = ()) -> int:
     """Append an object to an existing SIF in place, as `siftool add` does; returns its ID.
 
     The object takes the first free descriptor slot (ID = slot + 1) and goes after the
     last used object. Deterministic images stay deterministic (times stay zero time).
+    The objects `replace` names are deleted in the same table write (their data stays,
+    as with `delete_object`), so a reader sees either the old objects or the new one.
     """
     _check_inputs([obj])
     with SifImage.open(path, writable=True) as img:
         where = shown(img.path)
         h = img.header
         table = bytearray(img.raw_table)
-        used = {slot for slot, _ in img.raw_descriptors.values()}
+        for old in {img.get(i).id for i in replace}:
+            at = img.raw_descriptors[old][0] * DESCRIPTOR.size
+            table[at : at + DESCRIPTOR.size] = bytes(DESCRIPTOR.size)
+        used = {slot for i, (slot, _) in img.raw_descriptors.items() if i not in replace}
         slot = next((i for i in range(h.descriptors_total) if i not in used), None)
         if slot is None:
             raise SifError(
@@ -338,6 +343,7 @@ def add_object(path: PathLike, obj: ObjectInput) -> int:
         try:
             offset, size, digest = _write_object(img.file, start, obj)
             img.file.flush()
+            os.fsync(img.file.fileno())  # the data is on disk before a descriptor points at it
             at = slot * DESCRIPTOR.size
             table[at : at + DESCRIPTOR.size] = _pack_descriptor(
                 obj, slot + 1, offset, size, offset - start + size, t, digest
@@ -345,7 +351,7 @@ def add_object(path: PathLike, obj: ObjectInput) -> int:
             _rewrite_metadata(
                 img,
                 table,
-                free=h.descriptors_free - 1,
+                free=h.descriptors_free - 1 + len(set(replace)),
                 data_size=offset + size - h.data_offset,
                 modified_at=t,
                 arch=arch_code(obj.arch or "") if _is_primsys(obj) else None,
