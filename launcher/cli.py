@@ -27,6 +27,7 @@ from rankwire.launcher.plan import (
     validate,
 )
 from rankwire.launcher.plan import host_process as plan_host_process
+from rankwire.runtime.cli_options import take_options
 from rankwire.runtime.cli_run import (
     PASSTHROUGH,
     cli_values,
@@ -35,7 +36,6 @@ from rankwire.runtime.cli_run import (
     exec_options,
     local_image,
     process_options,
-    take_options,
 )
 from rankwire.runtime.options import delegation_argv, in_scope
 from rankwire.runtime.plan import runscript_argv

@@ -430,9 +430,10 @@ def _scratch_squashfs(out: Path) -> Path:
     return Path(name)
 
 
-def apply_build(plan: BuildPlan) -> None:
-    """Run mksquashfs and write the SIF `plan.out` (replaced atomically)."""
-    work = Path(tempfile.mkdtemp(prefix="rankwire-build-"))
+def apply_build(plan: BuildPlan, scratch: Optional[Path] = None) -> None:
+    """Run mksquashfs and write the SIF `plan.out` (replaced atomically). `scratch`: where
+    its work dir goes (a pull's own, which the next pull removes if this one is killed)."""
+    work = Path(tempfile.mkdtemp(prefix="rankwire-build-", dir=scratch))
     squash: Optional[Path] = None
     try:
         squash = _scratch_squashfs(plan.out)

@@ -15,7 +15,7 @@ import click
 
 from rankwire.errors import UserError, shown
 from rankwire.runtime import pull as pulling
-from rankwire.runtime.cli_run import click_options, take_options
+from rankwire.runtime.cli_options import click_options, take_options
 from rankwire.runtime.reference import Access, parse_reference
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -62,6 +62,23 @@ def _default_name(source: str) -> str:
     return f"{ref.repository.rsplit('/', 1)[-1]}_{tag}.sif"
 
 
+FICLONE = 0x40049409  # linux/fs.h: share the extents (btrfs, XFS): no data copied
+
+
+def _clone_or_copy(src: str, dest: Path) -> None:
+    """`dest` a copy of `src`: a reflink where the filesystem has them, else a copy. Never
+    a hardlink: `rankwire sign` rewrites its image in place, which must not reach the cache."""
+    import fcntl
+
+    with open(src, "rb") as s, open(dest, "wb") as d:
+        try:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dest)
+
+
 def _copy_out(cached: str, out: Path, force: bool) -> None:
     if out.is_dir():
         raise UserError(f"{shown(out)} is a directory; give the path of the .sif file to write")
@@ -69,7 +86,7 @@ def _copy_out(cached: str, out: Path, force: bool) -> None:
         raise UserError(f"{shown(out)} exists; remove it or pass --force to overwrite it")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        shutil.copyfile(cached, tmp)
+        _clone_or_copy(cached, tmp)
         os.replace(tmp, out)
     except OSError as err:
         tmp.unlink(missing_ok=True)

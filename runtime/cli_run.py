@@ -13,6 +13,7 @@ import click
 from rankwire.errors import UserError, shown
 from rankwire.runtime import instance as inst
 from rankwire.runtime.assemble import plan_image
+from rankwire.runtime.cli_options import click_options, take_options
 from rankwire.runtime.facts import gather
 from rankwire.runtime.imagemeta import ENV_NAME, parse_environment
 from rankwire.runtime.options import in_scope
@@ -33,28 +34,6 @@ INSTANCE_PREFIX = "instance://"
 PASSTHROUGH = {"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]}
 
 
-def click_options(*scopes: str) -> Callable[[F], F]:
-    """The click options of these scopes ("container", "process"), from the table."""
-
-    def decorate(f: F) -> F:
-        for opt in reversed(in_scope(*scopes)):
-            names = [*opt.flags, opt.dest]
-            if opt.kind == "flag":
-                f = click.option(*names, is_flag=True, help=opt.help)(f)
-            else:
-                f = click.option(
-                    *names,
-                    multiple=opt.kind == "list",
-                    default=opt.default,
-                    show_default=isinstance(opt.default, str),
-                    metavar=opt.metavar,
-                    help=opt.help,
-                )(f)
-        return f
-
-    return decorate
-
-
 container_options = click_options("container", "source")
 process_options = click_options("process")
 plan_options = [
@@ -67,11 +46,6 @@ def dry_run_options(f: F) -> F:
     for opt in reversed(plan_options):
         f = opt(f)
     return f
-
-
-def take_options(kw: dict[str, Any], *scopes: str) -> dict[str, Any]:
-    """Pop the table's options of these scopes out of click's keyword arguments."""
-    return {o.dest: kw.pop(o.dest) for o in in_scope(*scopes) if o.dest in kw}
 
 
 def split_env(arg: str) -> list[str]:

@@ -358,7 +358,7 @@ def _convert(
         literal_env=True,
     )
     progress.say(f"packing {shown(ref)} with mksquashfs")
-    apply_build(plan)
+    apply_build(plan, scratch=work)
     return out, doc
 
 

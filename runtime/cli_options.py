@@ -1,0 +1,39 @@
+"""Click options from the option table (`runtime/options.py`): one light module, so the
+commands that need only a few of them (`pull`, `push`) do not import the runtime."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import click
+
+from rankwire.runtime.options import in_scope
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def click_options(*scopes: str) -> Callable[[F], F]:
+    """The click options of these scopes ("container", "process"), from the table."""
+
+    def decorate(f: F) -> F:
+        for opt in reversed(in_scope(*scopes)):
+            names = [*opt.flags, opt.dest]
+            if opt.kind == "flag":
+                f = click.option(*names, is_flag=True, help=opt.help)(f)
+            else:
+                f = click.option(
+                    *names,
+                    multiple=opt.kind == "list",
+                    default=opt.default,
+                    show_default=isinstance(opt.default, str),
+                    metavar=opt.metavar,
+                    help=opt.help,
+                )(f)
+        return f
+
+    return decorate
+
+
+def take_options(kw: dict[str, Any], *scopes: str) -> dict[str, Any]:
+    """Pop the table's options of these scopes out of click's keyword arguments."""
+    return {o.dest: kw.pop(o.dest) for o in in_scope(*scopes) if o.dest in kw}
