@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.host import OMPI_TREES
 from harness.images import make_rootfs, make_world_readable
 from harness.leftovers import SESSION_VAR, user_leftovers
-from harness.mpi import MpiPrograms, compile_hello
+from harness.mpi import CompiledPrograms, MpiPrograms, compile_hello
 from harness.oci import OciLayout, layered_image
 from harness.registry import Registry, running_registry
 from harness.slurm import SlurmCluster, running_cluster
-from harness.spank import SpankInstall, install_plugin, spank_leftovers
+from harness.spank import SESSION_ROOTS, SpankInstall, install_plugin, spank_leftovers
 from harness.users import User, ensure_unprivileged_user, install_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +48,7 @@ def shared_dir() -> Iterator[Path]:
     """A session temp dir every test user can read (pytest's tmp_path is 0700)."""
     d = Path(tempfile.mkdtemp(prefix="rankwire-tests-"))
     d.chmod(0o755)
+    SESSION_ROOTS.append(d)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -80,6 +82,14 @@ def mpi_programs(shared_dir: Path) -> MpiPrograms:
     bindir = shared_dir / "mpi"
     bindir.mkdir(mode=0o755)
     return compile_hello(EXAMPLES, bindir)
+
+
+@pytest.fixture(scope="session")
+def data_programs(shared_dir: Path) -> CompiledPrograms:
+    """The test programs of tests/data (harness.mpi.PROGRAMS), compiled on first use."""
+    bindir = shared_dir / "programs"
+    bindir.mkdir(mode=0o755)
+    return CompiledPrograms(bindir)
 
 
 @pytest.fixture(scope="session")
@@ -118,14 +128,6 @@ def mpich_image(shared_dir: Path, mpi_programs: MpiPrograms) -> Path:
     build_image(out, rootfs, runscript='#!/bin/sh\nexec /opt/hello_mpich "$@"\n')
     make_world_readable(shared_dir)
     return out
-
-
-OMPI_TREES = (
-    "/usr/lib/x86_64-linux-gnu/openmpi",  # MCA plugins
-    "/usr/lib/x86_64-linux-gnu/pmix2",  # PMIx plugins
-    "/etc/openmpi",
-    "/usr/share/openmpi",  # help texts
-)
 
 
 @pytest.fixture(scope="session")
@@ -177,6 +179,7 @@ def spank_cluster(spank_install: SpankInstall) -> Iterator[SlurmCluster]:
     live under /run, which containers do not see by default: Slurm's PMIx dirs reach the
     tasks only if the plugin binds them."""
     with running_cluster("the Slurm fixture needs root", base="/run") as cluster:
+        SESSION_ROOTS.append(cluster.root)
         cluster.plugstack.write_text(spank_install.plugstack_line())
         yield cluster
 
@@ -233,3 +236,20 @@ def auth_registry(shared_dir: Path) -> Iterator[Registry]:
 def layered_layout(shared_dir: Path) -> OciLayout:
     """A two-layer OCI image made by umoci (whiteout, hardlink, symlink, mode 000, setuid)."""
     return layered_image(shared_dir / "layered")
+
+
+# -- the same clusters under Slurm's cgroup plugins (tests/test_slurm_cgroup.py) --------
+@pytest.fixture(scope="session")
+def slurm_cgroup_cluster() -> Iterator[SlurmCluster]:
+    """`slurm_cluster` with proctrack/cgroup and task/cgroup (cgroup v2 on a unified host,
+    v1 on a hybrid one: see harness.slurm.cgroup_conf)."""
+    with running_cluster("the Slurm fixture needs root", cgroup=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def spank_cgroup_cluster(spank_install: SpankInstall) -> Iterator[SlurmCluster]:
+    """`spank_cluster` with proctrack/cgroup and task/cgroup."""
+    with running_cluster("the Slurm fixture needs root", base="/run", cgroup=True) as cluster:
+        cluster.plugstack.write_text(spank_install.plugstack_line())
+        yield cluster

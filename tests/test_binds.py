@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from harness.images import make_world_readable
-from harness.users import User
+from harness.users import User, rw
 from rankwire.errors import UserError
 from rankwire.runtime.plan import parse_bind, resolve_bind
 from rankwire.spank.plan import parse_mounts
@@ -85,10 +84,6 @@ def links_image(shared_dir: Path, base_image: Path) -> Iterator[Path]:
     yield out
     out.unlink()
     shutil.rmtree(rootfs)
-
-
-def rw(runner: User, *args: str) -> subprocess.CompletedProcess[str]:
-    return runner.run(["rankwire", *args], cwd="/tmp")
 
 
 @pytest.mark.usefixtures("nothing_left_behind")

@@ -361,52 +361,72 @@ def test_broken_metadata_json_is_a_sif_error(tmp_path: Path) -> None:
 # User errors: one line, non-zero exit, nothing left behind
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
-    assert proc.returncode != 0
-    assert proc.stderr.startswith("rankwire: ") and proc.stderr.count("\n") == 1, proc.stderr
-    assert needle in proc.stderr and "Traceback" not in proc.stderr
+def assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    """Exit 2 and the whole of stderr is `rankwire: MESSAGE`."""
+    assert (proc.returncode, proc.stderr) == (2, f"rankwire: {message}\n")
 
 
 def test_cli_errors(tmp_path: Path, rootfs: Path) -> None:
     out = tmp_path / "x.sif"
-    assert_one_line_error(rankwire("build", str(out), str(tmp_path / "nope")), "does not exist")
     assert_one_line_error(
-        rankwire("build", str(out), str(rootfs / "etc" / "os-release")), "is not a directory"
+        rankwire("build", str(out), str(tmp_path / "nope")),
+        f"root filesystem {tmp_path / 'nope'} does not exist; pass the directory to pack",
     )
     assert_one_line_error(
-        rankwire("build", str(tmp_path / "no" / "x.sif"), str(rootfs)), "does not exist; create it"
+        rankwire("build", str(out), str(rootfs / "etc" / "os-release")),
+        f"root filesystem {rootfs / 'etc' / 'os-release'} is not a directory; "
+        "pass the directory to pack",
     )
     assert_one_line_error(
-        rankwire("build", str(rootfs / "x.sif"), str(rootfs)), "packed into itself"
+        rankwire("build", str(tmp_path / "no" / "x.sif"), str(rootfs)),
+        f"{tmp_path / 'no' / 'x.sif'}: directory {tmp_path / 'no'} does not exist; create it",
     )
     assert_one_line_error(
-        rankwire("build", str(out), str(rootfs), "--env", "1BAD=x"), "not a variable name"
+        rankwire("build", str(rootfs / "x.sif"), str(rootfs)),
+        f"{rootfs / 'x.sif'} is inside the root filesystem {rootfs}, so it would be packed "
+        "into itself; write the image elsewhere",
     )
     assert_one_line_error(
-        rankwire("build", str(out), str(rootfs), "--label", "novalue"), "expected KEY=VALUE"
+        rankwire("build", str(out), str(rootfs), "--env", "1BAD=x"),
+        "--env '1BAD': not a variable name; use --env NAME=VALUE",
+    )
+    assert_one_line_error(
+        rankwire("build", str(out), str(rootfs), "--label", "novalue"),
+        "--label 'novalue': expected KEY=VALUE; e.g. --label NAME=value",
     )
     env = {**os.environ, "SOURCE_DATE_EPOCH": "yesterday"}
-    assert_one_line_error(rankwire("build", str(out), str(rootfs), env=env), "SOURCE_DATE_EPOCH")
+    assert_one_line_error(
+        rankwire("build", str(out), str(rootfs), env=env),
+        "SOURCE_DATE_EPOCH='yesterday' is not a non-negative integer; "
+        "set it to Unix seconds or unset it",
+    )
     no_tools = {**os.environ, "PATH": str(Path(sys.executable).parent)}
     assert_one_line_error(
-        rankwire("build", str(out), str(rootfs), env=no_tools), "mksquashfs not found"
+        rankwire("build", str(out), str(rootfs), env=no_tools),
+        "mksquashfs not found on PATH; install squashfs-tools (apt install squashfs-tools)",
     )
     bad = tmp_path / "bad.def"
     bad.write_text("Bootstrap: docker\n%environment\n    source /etc/profile\n")
     assert_one_line_error(
-        rankwire("build", str(out), str(rootfs), "--deffile", str(bad)), "not a simple `export K=V`"
+        rankwire("build", str(out), str(rootfs), "--deffile", str(bad)),
+        f"{bad} %environment line 1: 'source /etc/profile' is not a simple `export K=V`: "
+        "only those are read (quote a value holding spaces), or pass --env K=V",
     )
     bad.write_text("Bootstrap docker\n")
     assert_one_line_error(
-        rankwire("build", str(out), str(rootfs), "--deffile", str(bad)), "'Key: value' header"
+        rankwire("build", str(out), str(rootfs), "--deffile", str(bad)),
+        f"{bad} line 1: 'Bootstrap docker' is not a 'Key: value' header line; "
+        "fix the header or start a %section",
     )
     assert_one_line_error(
         rankwire("build", str(out), str(rootfs), "--deffile", str(tmp_path / "nodef")),
-        "definition file",
+        f"definition file {tmp_path / 'nodef'}: No such file or directory",
     )
     (rootfs / ".singularity.d").write_text("not a dir")
     assert_one_line_error(
-        rankwire("build", str(out), str(rootfs)), "is not a directory; rankwire build writes"
+        rankwire("build", str(out), str(rootfs)),
+        f"{rootfs / '.singularity.d'} exists but is not a directory; rankwire build writes "
+        "Apptainer metadata there, so move it away",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.def", "rootfs"]
 
@@ -441,7 +461,11 @@ def test_unwritable_output_dir_as_unprivileged_user(
 ) -> None:
     base, locked = user_dirs
     proc = unprivileged_user.run(["rankwire", "build", str(locked / "x.sif"), str(base / "rootfs")])
-    assert_one_line_error(proc, "permission denied")
+    assert_one_line_error(
+        proc,
+        f"{locked / 'x.sif'}: cannot write to {locked} (permission denied); "
+        "choose a writable output directory",
+    )
     assert list(locked.iterdir()) == []
 
 
@@ -456,5 +480,10 @@ def test_unreadable_rootfs_file_is_an_error(
     outdir.mkdir()
     os.chown(outdir, unprivileged_user.uid, unprivileged_user.gid)
     proc = unprivileged_user.run(["rankwire", "build", str(outdir / "x.sif"), str(base / "rootfs")])
-    assert_one_line_error(proc, "could not read 1 path(s)")
+    rootfs = base / "rootfs"
+    assert_one_line_error(
+        proc,
+        f"mksquashfs could not read 1 path(s) under {rootfs} (first: Failed to read file "
+        f"{rootfs / 'data' / 'secret'}, creating empty file); make them readable by this user",
+    )
     assert list(outdir.iterdir()) == []

@@ -20,7 +20,7 @@ import pytest
 
 from harness.images import make_rootfs, make_world_readable
 from harness.leftovers import user_leftovers
-from harness.users import User
+from harness.users import User, rw
 
 
 @pytest.fixture(autouse=True)
@@ -85,10 +85,6 @@ def listing(image: Path) -> dict[str, str]:
     return modes
 
 
-def rw(runner: User, *args: str, cwd: str = "/tmp") -> subprocess.CompletedProcess[str]:
-    return runner.run(["rankwire", "exec", *args], cwd=cwd, timeout=60)
-
-
 # -- setuid ----------------------------------------------------------------------------
 def test_build_keeps_setuid_bits_and_device_nodes(image: Path) -> None:
     """The attempts below are real only if the image really holds them."""
@@ -101,7 +97,8 @@ def test_build_keeps_setuid_bits_and_device_nodes(image: Path) -> None:
 
 
 def test_setuid_root_binary_gains_nothing(image: Path, runner: User) -> None:
-    proc = rw(runner, str(image), "sh", "-c", "/opt/suid-id; /opt/suid-cat /proc/self/status")
+    script = "/opt/suid-id; /opt/suid-cat /proc/self/status"
+    proc = rw(runner, "exec", str(image), "sh", "-c", script)
     assert proc.returncode == 0, proc.stderr
     first = proc.stdout.splitlines()[0]  # no passwd in the image: ids only
     assert first.split()[0] == f"uid={runner.uid}" and "euid=" not in first, first
@@ -129,6 +126,7 @@ def test_host_path_not_bound_is_neither_visible_nor_writable(
         pytest.skip("needs root (a dir under /srv)")
     proc = rw(
         runner,
+        "exec",
         str(image),
         "sh",
         "-c",
@@ -146,7 +144,7 @@ def test_host_path_not_bound_is_neither_visible_nor_writable(
 
 def test_image_etc_is_read_only_and_not_the_hosts(image: Path, runner: User) -> None:
     name = f"rankwire-confine-{os.urandom(4).hex()}"
-    proc = rw(runner, str(image), "sh", "-c", f"echo x > /etc/{name}")
+    proc = rw(runner, "exec", str(image), "sh", "-c", f"echo x > /etc/{name}")
     assert proc.returncode == 2
     assert proc.stderr == f"sh: 1: cannot create /etc/{name}: Read-only file system\n"
     assert not Path("/etc", name).exists()
@@ -166,6 +164,7 @@ def test_bind_through_an_image_symlink_lands_inside(
     try:
         proc = rw(
             runner,
+            "exec",
             "-B",
             f"{src}:/opt/x/evil",
             str(image),
@@ -182,7 +181,7 @@ def test_bind_through_an_image_symlink_lands_inside(
 
 
 def test_pwd_through_an_image_symlink_lands_inside(image: Path, runner: User) -> None:
-    proc = rw(runner, "--pwd", "/opt/x", str(image), "sh", "-c", "pwd -P; cat image-marker")
+    proc = rw(runner, "exec", "--pwd", "/opt/x", str(image), "sh", "-c", "pwd -P; cat image-marker")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "/etc\nthe image's /etc\n"
 
@@ -193,6 +192,7 @@ def test_device_node_in_the_image_is_unusable(image: Path, runner: User) -> None
         pytest.skip("making the device node needs root")
     proc = rw(
         runner,
+        "exec",
         str(image),
         "sh",
         "-c",

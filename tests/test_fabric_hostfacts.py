@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.host import LIBFABRIC
 from rankwire.fabric.elf import read_elf, version_key
 from rankwire.fabric.hostfacts import (
     Resolver,
@@ -19,7 +20,6 @@ from rankwire.fabric.hostfacts import (
 from rankwire.fabric.imagefacts import Listing
 
 DATA = Path(__file__).resolve().parent / "data" / "fabric"
-LIBFABRIC = os.path.realpath("/usr/lib/x86_64-linux-gnu/libfabric.so.1")
 
 
 @pytest.mark.parametrize(

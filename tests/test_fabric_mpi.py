@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.host import LIBFABRIC, OMPI_TREES
 from harness.images import make_rootfs, make_world_readable
-from harness.mpi import MpiPrograms, assert_hello, ompi_env
+from harness.mpi import CompiledPrograms, MpiPrograms, assert_hello, ompi_env
 from harness.users import User
 from rankwire.fabric.facts import fabric_facts
 from rankwire.fabric.plan import LIB_DIR, FabricPlan, plan_fabric
@@ -29,14 +30,6 @@ def plan_for(facts: ImageFacts, choice: str) -> FabricPlan:
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow, pytest.mark.usefixtures("nothing_left_behind")]
 
-DATA = Path(__file__).resolve().parent / "data" / "fabric"
-LIBFABRIC = os.path.realpath("/usr/lib/x86_64-linux-gnu/libfabric.so.1")
-OMPI_TREES = (
-    "/usr/lib/x86_64-linux-gnu/openmpi",
-    "/usr/lib/x86_64-linux-gnu/pmix2",
-    "/usr/share/openmpi",
-    "/etc/openmpi",
-)
 # Loopback only: the ORTE wire-up, and the tcp provider (FI_TCP_IFACE) inside.
 MPIRUN = [
     "mpirun.openmpi",
@@ -53,15 +46,16 @@ MPIRUN = [
 
 
 @pytest.fixture(scope="module")
-def ompi_image(shared_dir: Path, mpi_programs: MpiPrograms) -> Path:
+def fabric_image(
+    shared_dir: Path, mpi_programs: MpiPrograms, data_programs: CompiledPrograms
+) -> Path:
     """hello_ompi + mpi_maps + Open MPI's and PMIx's plugin trees; libfabric comes along in
     the ldd closure of mca_mtl_ofi.so, so the image has its own copy."""
     from rankwire.runtime.build import build_image
 
     where = shared_dir / "fabric-ompi"
     where.mkdir()
-    maps = where / "mpi_maps"
-    subprocess.run(["mpicc.openmpi", "-O1", str(DATA / "mpi_maps.c"), "-o", str(maps)], check=True)
+    maps = data_programs["mpi_maps"]
     rootfs = make_rootfs(
         where / "rootfs",
         binaries=[str(mpi_programs.hello_ompi), str(maps)],
@@ -83,10 +77,10 @@ def mpirun_in_container(runner: User, image: Path, program: str) -> subprocess.C
     return runner.run([*argv, str(image), program], cwd="/tmp", env=ompi_env(dict(os.environ)))
 
 
-def test_plan_covers_the_images_libfabric_and_its_consumers_pass(ompi_image: Path) -> None:
+def test_plan_covers_the_images_libfabric_and_its_consumers_pass(fabric_image: Path) -> None:
     from rankwire.fabric.imagefacts import read_fabric_image_facts
 
-    facts = image_facts(str(ompi_image))
+    facts = image_facts(str(fabric_image))
     image = read_fabric_image_facts(facts)
     consumers = {os.path.basename(o.path) for o in image.consumers}
     assert {"mca_mtl_ofi.so", "mca_btl_ofi.so"} <= consumers  # they need FABRIC_1.3 at most
@@ -95,16 +89,16 @@ def test_plan_covers_the_images_libfabric_and_its_consumers_pass(ompi_image: Pat
     assert over and all(m.source == LIBFABRIC for m in over)
 
 
-def test_open_mpi_hello_over_mtl_ofi_tcp(runner: User, ompi_image: Path) -> None:
-    proc = mpirun_in_container(runner, ompi_image, "/opt/hello_ompi")
+def test_open_mpi_hello_over_mtl_ofi_tcp(runner: User, fabric_image: Path) -> None:
+    proc = mpirun_in_container(runner, fabric_image, "/opt/hello_ompi")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_hello(proc.stdout, 2)
     # pml cm (forced by the plan) initialised the OFI MTL on the tcp provider.
     assert len(re.findall(r"mtl:ofi:prov: tcp;ofi_rxm", proc.stdout + proc.stderr)) == 2
 
 
-def test_ranks_load_the_host_libfabric_not_the_images(runner: User, ompi_image: Path) -> None:
-    proc = mpirun_in_container(runner, ompi_image, "/opt/mpi_maps")
+def test_ranks_load_the_host_libfabric_not_the_images(runner: User, fabric_image: Path) -> None:
+    proc = mpirun_in_container(runner, fabric_image, "/opt/mpi_maps")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     st = os.stat(LIBFABRIC)
     host = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.host import LIBFABRIC
 from harness.users import User
 from rankwire.fabric.pingpong import parse_output, parse_size, show_size
 from rankwire.fabric.plan import LIB_DIR
 
-LIBFABRIC = os.path.realpath("/usr/lib/x86_64-linux-gnu/libfabric.so.1")
 QUICK = ["-n", "200", "-w", "20", "-s", "64", "-s", "1M", "--json"]
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 
 import pytest
 
+from harness.host import LIBFABRIC
 from harness.images import make_rootfs
 from rankwire.errors import UserError
 from rankwire.fabric import discovery
@@ -43,7 +44,6 @@ def plan_for(facts: ImageFacts, choice: str) -> FabricPlan:
 
 
 DATA = Path(__file__).resolve().parent / "data" / "fabric"
-LIBFABRIC = os.path.realpath("/usr/lib/x86_64-linux-gnu/libfabric.so.1")
 MULTIARCH = "/usr/lib/x86_64-linux-gnu"
 
 needs_cc = pytest.mark.skipif(not shutil.which("cc"), reason="needs a C compiler")
@@ -413,3 +413,27 @@ def test_link_down_and_soft_rdma_are_not_fast_fabrics(host_image):
     )
     plan = plan_fabric(FabricHostFacts((rxe,), rxe.devices, lib), host_image, "auto")
     assert plan.provider == "" and plan.reason.startswith("no fabric adapter found")
+
+
+# -- adapter-kind preference on a host with two kinds (mutation-testing kills) ---------------
+@pytest.mark.parametrize(
+    ("trees", "provider"),
+    [(("efa", "mlx5"), "efa"), (("mlx5", "efa"), "efa"), (("opx", "mlx5"), "opx"),
+     (("cxi", "efa"), "cxi")],
+)  # fmt: skip
+def test_the_best_adapter_kind_wins_whatever_the_order(
+    trees: tuple[str, str], provider: str
+) -> None:
+    from rankwire.fabric.plan import _auto
+
+    hosts = [host(t, None) for t in trees]
+    every = sorted({p for t in trees for p in providers_of(t)})
+    lib = libfabric_facts(LIBFABRIC, "1.17", every, environ={})
+    both = FabricHostFacts(
+        hosts[0].adapters + hosts[1].adapters, hosts[0].devices + hosts[1].devices, lib
+    )
+    best = host(provider, lib)  # the recorded tree of that kind
+    seen = ", ".join(a.describe() for a in best.adapters)
+    assert _auto(both) == (
+        provider, f"{seen}; host libfabric 1.17 has the {provider} provider"
+    )  # fmt: skip

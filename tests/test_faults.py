@@ -35,6 +35,7 @@ import pytest
 from test_multinode import slurm_multinode  # noqa: F401  (the multinode rows use it)
 
 from harness.leftovers import is_used, paths_in_use, user_leftovers
+from harness.mpi import CompiledPrograms
 from harness.multinode import MultiNodeCluster
 from harness.procs import ancestors
 from harness.slurm import SlurmCluster
@@ -117,14 +118,12 @@ FAULTS = [
 
 # -- fixtures ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def fault_dir(shared_dir: Path) -> Path:
-    """fault_rank (MPICH) and pmi_drop.py where every user and every node can read them."""
+def fault_dir(shared_dir: Path, data_programs: CompiledPrograms) -> Path:
+    """fault_rank (MPICH) and pmi_drop.py in a dir of their own (bound into containers),
+    where every user and every node can read them."""
     d = shared_dir / "faults"
     d.mkdir(mode=0o755)
-    subprocess.run(
-        ["mpicc.mpich", "-O1", str(DATA / "fault_rank.c"), "-o", str(d / "fault_rank")],
-        check=True,
-    )
+    shutil.copy(data_programs["fault_rank"], d / "fault_rank")
     shutil.copy(DATA / "pmi_drop.py", d / "pmi_drop.py")
     for p in d.iterdir():
         p.chmod(0o755)

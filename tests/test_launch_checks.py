@@ -7,19 +7,23 @@ needs more open files than RLIMIT_NOFILE allows is refused with how many ranks f
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import subprocess
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from harness.users import User
 from rankwire.errors import UserError
 from rankwire.launcher import plan as launch_plan
-from rankwire.launcher.execute import execute
+from rankwire.launcher.execute import ABORT_GRACE_S, _Job, execute
 from rankwire.launcher.plan import LaunchOptions, host_process, plan_launch
+from rankwire.pmi.job import FenceFailed
+from rankwire.pmi.server import Aborted, RankLost
 
 clean = pytest.mark.usefixtures("nothing_left_behind")
 
@@ -181,3 +185,216 @@ def test_planner_open_files() -> None:
         launch_plan.plan_open_files(300, True, (1024, 1024))
     with pytest.raises(UserError, match=r"limit is 10: raise it with ulimit -n$"):
         launch_plan.plan_open_files(2, False, (10, 10))
+
+
+# -- the launcher's exit decisions, unit by unit (no rank runs; `make mutants` runs these) ---
+def _decisions(pmi: str, script: Callable[[_Job], Awaitable[None]]) -> tuple[Optional[int], str]:
+    """Run `script` against a _Job of 3 ranks that never starts; (failure, its stderr)."""
+    import io
+    import sys
+
+    kind = "pmix" if pmi == "pmix" else "pmi1/2"
+    proc = host_process(["/bin/true"], {}, "/tmp")
+    plan = plan_launch(LaunchOptions(ntasks=3, pmi=pmi), proc, None, {}, [], kind, kind)
+    err = io.StringIO()
+
+    async def main() -> Optional[int]:
+        job = _Job(plan, None)
+        try:
+            await script(job)
+            return job.failure
+        finally:
+            os.close(job.errors_r)
+            os.close(job.errors_w)
+
+    real, sys.stderr = sys.stderr, err
+    try:
+        failure = asyncio.run(main())
+    finally:
+        sys.stderr = real
+    return failure, err.getvalue()
+
+
+async def _events(job: _Job, *events: object) -> None:
+    """Feed `events` to the job's event loop as if its PMI server had sent them."""
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    for e in events:
+        queue.put_nowait(e)
+    job.server.wait_event = queue.get  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(job.watch_events())
+    while not queue.empty():
+        await asyncio.sleep(0)
+    await asyncio.sleep(ABORT_GRACE_S + 0.1)  # held failures settle
+    task.cancel()
+
+
+@pytest.mark.parametrize("pmi", ["pmi2", "pmix"])
+def test_exit_decision_an_abort_fails_the_job_with_its_code(pmi: str) -> None:
+    aborted = _decisions(pmi, lambda job: _events(job, Aborted(1, 7, "boom")))
+    assert aborted == (7, "rankwire: rank 1 aborted the job (code 7): boom\n")
+    zero = _decisions(pmi, lambda job: _events(job, Aborted(2, 0, "")))
+    assert zero == (1, "rankwire: rank 2 aborted the job (code 0)\n")
+
+
+def test_exit_decision_first_failure_wins() -> None:
+    async def two(job: _Job) -> None:
+        job.fail(3, "first")
+        job.fail(5, "second")
+        assert job.tearing_down
+
+    assert _decisions("pmi2", two) == (3, "rankwire: first\n")
+    both = _decisions("pmi2", lambda job: _events(job, Aborted(0, 4, ""), Aborted(1, 9, "")))
+    assert both == (4, "rankwire: rank 0 aborted the job (code 4)\n")
+
+
+def test_exit_decision_held_failures_in_order() -> None:
+    lost = "closed its PMI connection before finalize and runs on: the other ranks cannot "
+    why = (
+        "complete the job without it (a rank must keep its PMI_FD/PMI_PORT connection open "
+        "until MPI_Finalize)\n"
+    )
+
+    async def rank_lost_and_running(job: _Job) -> None:
+        job.pids[1] = 2**22 + 1  # "still running": above pid_max, so signals find no one
+        await _events(job, RankLost(1))
+
+    async def exit_then_fence(job: _Job) -> None:
+        job.exit_pending = (2, 3)
+        await _events(job, FenceFailed((2,), "fence cannot complete: rank 2 exited", False, (0,)))
+
+    async def fence_only(job: _Job) -> None:
+        await _events(job, FenceFailed((2,), "no fence from rank 2", False, (0, 1)))
+        assert not job.told_fence_failed(0)
+
+    async def fence_timeout(job: _Job) -> None:
+        await _events(job, FenceFailed((2,), "fence timed out", True, (0, 1)))
+
+    async def abort_after_fence_failure(job: _Job) -> None:
+        fence = FenceFailed((2,), "no fence from rank 2", False, (0, 1))
+        job.fence_pending = fence
+        assert job.told_fence_failed(0) and not job.told_fence_failed(2)
+        await _events(job, Aborted(0, 1, "MPI error"))
+
+    async def not_started(job: _Job) -> None:
+        job.not_started["no such program"] = [1]
+        job.exit_pending = (1, 127)
+        job.settle()
+
+    assert _decisions("pmi2", rank_lost_and_running) == (1, f"rankwire: rank 1 {lost}{why}")
+    assert _decisions("pmi2", exit_then_fence) == (3, "rankwire: rank 2 exited with 3\n")
+    assert _decisions("pmi2", fence_only) == (
+        1, "rankwire: PMI fence failed: no fence from rank 2\n"
+    )  # fmt: skip
+    assert _decisions("pmi2", fence_timeout) == (1, "rankwire: PMI fence failed: fence timed out\n")
+    assert _decisions("pmi2", abort_after_fence_failure) == (
+        1, "rankwire: PMI fence failed: no fence from rank 2\n"
+    )  # fmt: skip
+    assert _decisions("pmi2", not_started) == (127, "")
+    assert _decisions("pmi2", lambda job: _events(job, RankLost(1))) == (None, "")  # exited
+
+
+def test_exit_decision_a_failed_exit_is_held_for_an_abort() -> None:
+    async def exits(job: _Job) -> None:
+        child = subprocess.Popen(["/bin/sh", "-c", "exit 3"])
+        job.pids[0] = child.pid
+        job.reaped(0, child.pid, os.pidfd_open(child.pid))
+        child.returncode = 3  # reaped by the job
+        assert job.exit_pending == (0, 3) and job.failure is None
+        await _events(job, Aborted(0, 5, ""))
+
+    assert _decisions("pmi2", exits) == (5, "rankwire: rank 0 aborted the job (code 5)\n")
+
+
+def test_planner_open_files_boundaries() -> None:
+    """20 + 2 per rank (4 with --tag-output): exactly the soft limit needs no change,
+    exactly the hard one raises the soft limit to it, one more is refused."""
+    assert launch_plan.plan_open_files(502, False, (1024, 2048)) is None  # 1024 needed
+    assert launch_plan.plan_open_files(503, False, (1024, 2048)) == 2048  # 1026
+    assert launch_plan.plan_open_files(251, True, (1000, 1024)) == 1024  # 1024
+    with pytest.raises(UserError) as err:
+        launch_plan.plan_open_files(252, True, (1000, 1024))  # 1028
+    assert str(err.value) == (
+        "-n 252 needs about 1028 open files but the limit is 1024: raise it with ulimit -n "
+        "or use at most 251 ranks"
+    )
+    with pytest.raises(UserError) as err:
+        launch_plan.plan_open_files(1, True, (23, 23))  # 24: not even one rank fits
+    assert str(err.value) == (
+        "-n 1 needs about 24 open files but the limit is 23: raise it with ulimit -n"
+    )
+    with pytest.raises(UserError) as err:
+        launch_plan.plan_open_files(2, True, (24, 24))  # 28: one rank fits
+    assert str(err.value) == (
+        "-n 2 needs about 28 open files but the limit is 24: raise it with ulimit -n or use "
+        "at most 1 ranks"
+    )
+
+
+def test_planner_defaults_limits_and_previews() -> None:
+    import dataclasses
+
+    assert LaunchOptions() == LaunchOptions(1, "auto", "fd", False, None, None, 3.0, False, False)
+    assert (launch_plan.MAX_RANKS, launch_plan.MAX_LOCAL_RANKS) == (2147483647, 4194304)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LaunchOptions().ntasks = 2  # type: ignore[misc]
+    proc = host_process(["/bin/true"], {"PMI_RANK": "3", "X": "1"}, "/tmp")
+    assert proc.no_new_privs is False
+    one = plan_launch(LaunchOptions(), proc, None, {}, [])
+    assert (one.stdin_rank, one.expect_pmi, one.open_files) == (0, False, None)
+    assert one.process.env == {"X": "1"}  # the caller's wire-up is not the ranks'
+    assert one.slurm_job is None and one.delegate is None
+    for opts, message in (
+        (LaunchOptions(ntasks=0), "-n 0: the number of ranks must be at least 1"),
+        (LaunchOptions(ntasks=2**31), "-n 2147483648: at most 2147483647 ranks (an MPI rank is "
+         "a C int); give a smaller -n"),
+        (LaunchOptions(ntasks=2**22 + 1), "-n 4194305: one host runs at most 4194304 "
+         "processes (the kernel's PID_MAX_LIMIT): run it across nodes in a Slurm allocation"),
+        (LaunchOptions(pmi="pmi3"), "--pmi pmi3: choose one of auto, pmi1, pmi2, pmix"),
+        (LaunchOptions(timeout=0), "--timeout 0: give a positive, finite number of seconds "
+         "(or leave --timeout out: no limit)"),
+        (LaunchOptions(fence_timeout=float("inf")), "--fence-timeout inf: give a positive, "
+         "finite number of seconds (or leave --fence-timeout out: no limit)"),
+    ):  # fmt: skip
+        with pytest.raises(UserError) as err:
+            plan_launch(opts, proc, None, {}, [])
+        assert str(err.value) == message
+    plan_launch(LaunchOptions(ntasks=2**22, timeout=0.1, fence_timeout=0.1), proc, None, {}, [])
+    big = plan_launch(LaunchOptions(ntasks=2**31 - 1), proc, None, {"SLURM_JOB_ID": "9"}, [])
+    assert big.delegate == ("srun", "--mpi=pmi2", "-n", "2147483647", "/bin/true")
+    timed = LaunchOptions(ntasks=2, pmi="pmix", tag_output=True, timeout=61, no_slurm=False)
+    srun = plan_launch(timed, proc, None, {"SLURM_JOB_ID": "9"}, ["rankwire", "exec", "i.sif"])
+    assert srun.delegate == (
+        "srun", "--mpi=pmix", "-n", "2", "--label", "--time=2", "rankwire", "exec", "i.sif",
+        "/bin/true",
+    )  # fmt: skip
+    assert launch_plan.describe(srun) == (
+        "inside Slurm job 9: delegating to srun --mpi=pmix -n 2 --label --time=2 rankwire "
+        "exec i.sif /bin/true"
+    )
+    assert srun.to_dict()["ranks"] == []
+    local = plan_launch(dataclasses.replace(timed, no_slurm=True), proc, None, {}, [], "pmix")
+    assert local.expect_pmi is False  # the program's own kind is unknown
+    assert launch_plan.describe(local) == (
+        "launching 2 rank(s) on the host, PMIx server (libpmix, in a helper process) over "
+        "127.0.0.1 TCP"
+    )
+    assert local.to_dict()["ranks"][1] == {"rank": 1, "env": {
+        "PMIX_RANK": "1", "PMIX_NAMESPACE": "<job namespace>",
+        "PMIX_SERVER_URI*": "tcp4://127.0.0.1:<port>", "FLUX_JOB_ID": "<job id>",
+    }}  # fmt: skip
+    fd = plan_launch(LaunchOptions(ntasks=2), proc, None, {}, [], None, "pmi1/2")
+    assert (fd.pmi, fd.expect_pmi) == ("pmi2", True)
+    assert launch_plan.describe(fd) == (
+        "launching 2 rank(s) on the host, PMI-1/PMI-2 server over inherited socketpairs"
+    )
+    assert fd.to_dict()["ranks"][0]["env"] == {
+        "PMI_RANK": "0", "PMI_SIZE": "2", "PMI_FD": "<socketpair, inherited>"
+    }  # fmt: skip
+    port = plan_launch(LaunchOptions(ntasks=2, pmi_transport="port"), proc, None, {}, [])
+    assert launch_plan.describe(port) == (
+        "launching 2 rank(s) on the host, PMI-1/PMI-2 server over 127.0.0.1 TCP"
+    )
+    assert port.to_dict()["ranks"][1]["env"] == {
+        "PMI_RANK": "1", "PMI_SIZE": "2", "PMI_PORT": "127.0.0.1:<port>",
+        "PMI_ID": "<per-rank id>",
+    }  # fmt: skip

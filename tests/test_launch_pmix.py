@@ -36,7 +36,10 @@ def test_host_openmpi_hello_with_pmix(mpi_programs: MpiPrograms, runner: User) -
 def test_auto_picks_pmix_for_open_mpi(mpi_programs: MpiPrograms, ompi_image: Path) -> None:
     proc = rw(ME, "rankwire", "run", "-v", "-n", "2", str(mpi_programs.hello_ompi))
     assert proc.returncode == 0, proc.stderr
-    assert "PMIx server" in proc.stderr
+    assert (
+        "rankwire: launching 2 rank(s) on the host, PMIx server (libpmix, in a helper process) "
+        "over 127.0.0.1 TCP" in proc.stderr.splitlines()
+    ), proc.stderr
     plan = json.loads(
         rw(
             ME,
@@ -124,7 +127,10 @@ def test_open_mpi_5_wheel_in_a_container(shared_dir: Path, runner: User) -> None
         runner, "apptainer-mpirun", "-v", "-n", "4", str(work / "ompi5.sif"), "/opt/hello_ompi5"
     )
     assert proc.returncode == 0, proc.stderr
-    assert "PMIx server" in proc.stderr
+    assert (
+        f"rankwire: launching 4 rank(s) on one shared container of {work / 'ompi5.sif'}, "
+        "PMIx server (libpmix, in a helper process) over 127.0.0.1 TCP" in proc.stderr.splitlines()
+    ), proc.stderr
     assert_hello(proc.stdout, 4)
 
 

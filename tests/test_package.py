@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SUBPACKAGES = ("launcher", "runtime", "fabric", "pmi")
+SUBPACKAGES = ("launcher", "runtime", "fabric", "pmi", "pmi.pmix", "spank")
 
 
 @pytest.mark.slow
@@ -75,13 +76,30 @@ def test_apptainer_mpirun_help_and_one_line_errors() -> None:
     assert proc.stderr == "apptainer-mpirun: image x.sif not found: check the path\n"
 
 
+def _sysctl(name: str) -> int | None:
+    path = Path("/proc/sys") / name
+    return int(path.read_text()) if path.exists() else None
+
+
 def test_doctor_reports_host_facts() -> None:
     import json
+
+    from rankwire.runtime.hostfacts import TOOLS
 
     proc = subprocess.run(
         ["rankwire", "doctor", "--json"], capture_output=True, text=True, check=True
     )
-    facts = json.loads(proc.stdout)
-    assert facts["uid"] == os.getuid()
-    assert facts["tools"]["mksquashfs"]  # installed by `make test`
-    assert isinstance(facts["userns_allowed"], bool)
+    max_userns = _sysctl("user/max_user_namespaces")
+    clone = _sysctl("kernel/unprivileged_userns_clone")
+    assert json.loads(proc.stdout) == {
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "kernel": os.uname().release,
+        "machine": os.uname().machine,
+        "max_user_namespaces": max_userns,
+        "unprivileged_userns_clone": clone,
+        "userns_allowed": max_userns != 0 and (clone != 0 or os.getuid() == 0),
+        "dev_fuse_usable": os.access("/dev/fuse", os.R_OK | os.W_OK),
+        "tools": {name: shutil.which(name) for name in TOOLS},
+    }
+    assert json.loads(proc.stdout)["tools"]["mksquashfs"] == "/usr/bin/mksquashfs"  # `make test`

@@ -316,3 +316,100 @@ def test_an_export_must_name_a_variable(item: str) -> None:
     with pytest.raises(UserError) as err:
         plan_env(IMAGE, user(), ExecOptions(export=(item,)))
     assert str(err.value) == f"bad -x '{item}': give a variable name, -x VAR or -x VAR=VALUE"
+
+
+# -- whole plans (mutation-testing kills, `make mutants`) -----------------------------------
+def test_default_container_plan_whole() -> None:
+    """Every mount with its flags (recursive binds of whole trees, single files not), the
+    id maps, the drivers: one plan asserted whole."""
+    plan = plan_container(IMAGE, HOST, user(environ={}), ExecOptions(), ALL)
+    assert plan.mounts == (
+        Mount("proc", "/proc"),
+        Mount("bind", "/sys", "/sys", recursive=True),
+        Mount("bind", "/dev", "/dev", recursive=True),
+        Mount("bind", "/etc/hosts", "/etc/hosts"),
+        Mount("bind", "/etc/localtime", "/etc/localtime"),
+        Mount("bind", "/tmp", "/tmp", recursive=True),
+        Mount("bind", "/var/tmp", "/var/tmp", recursive=True),
+        Mount("bind", "/home/u", "/home/u", recursive=True),
+        Mount("bind", "/work/job", "/work/job", recursive=True),
+    )
+    assert (plan.uid_map, plan.gid_map) == ((1000, 1000, 1), (1000, 1000, 1))
+    assert plan.tmpfs_size_mib == 64
+    assert (plan.image_drivers, plan.overlay_drivers) == (("squashfuse_ll", "extract"), ("kernel",))
+    other = dataclasses.replace(user(environ={}), uid=1001, gid=2002)
+    fake = plan_container(IMAGE, HOST, other, ExecOptions(fakeroot=True), ALL)
+    assert (fake.uid_map, fake.gid_map) == ((0, 1001, 1), (0, 2002, 1))
+    plain = plan_container(IMAGE, HOST, other, ExecOptions(), ALL)
+    assert (plain.uid_map, plain.gid_map) == ((1001, 1001, 1), (2002, 2002, 1))
+    tools = {**HOST.tools, "squashfuse": "/usr/bin/squashfuse", "fuse-overlayfs": "/usr/bin/f"}
+    host = dataclasses.replace(HOST, tools=tools)
+    both = plan_container(IMAGE, host, user(), ExecOptions(), ALL)
+    assert both.image_drivers == ("squashfuse_ll", "squashfuse", "extract")
+    assert both.overlay_drivers == ("kernel", "fuse-overlayfs")
+    nofuse = plan_container(IMAGE, dataclasses.replace(host, dev_fuse_usable=False), user(),
+                            ExecOptions(), ALL)  # fmt: skip
+    assert (nofuse.image_drivers, nofuse.overlay_drivers) == (("extract",), ("kernel",))
+    unsquash = plan_container(IMAGE, host, user(), ExecOptions(unsquash=True), ALL)
+    assert (unsquash.image_drivers, unsquash.overlay_drivers) == (
+        ("extract",), ("kernel", "fuse-overlayfs"),
+    )  # fmt: skip
+    inside = plan_container(IMAGE, HOST, user(cwd="/tmp/x"), ExecOptions(), ALL)
+    assert targets(inside)[-1] == "/home/u"  # the cwd is under /tmp, bound already
+    dev = plan_container(IMAGE, HOST, user(cwd="/dev/shm"), ExecOptions(), ALL)
+    assert targets(dev)[-1] == "/dev/shm"  # /dev is a kernel dir: the cwd is bound itself
+    nocwd = plan_container(IMAGE, HOST, user(), ExecOptions(bind_cwd=False), ALL)
+    assert targets(nocwd)[-1] == "/home/u"
+
+
+def test_small_decisions_exactly() -> None:
+    from rankwire.runtime.plan import (
+        ContainerPlan,
+        cache_dir,
+        hidden_by,
+        plan_process,
+        runscript_argv,
+        sandbox_dir,
+    )
+
+    assert cache_dir({}, "/h") == "/h/.cache/rankwire"
+    assert cache_dir({"XDG_CACHE_HOME": "/x"}, "/h") == "/x/rankwire"
+    assert cache_dir({"XDG_CACHE_HOME": ""}, "/h") == "/h/.cache/rankwire"
+    assert cache_dir({"RANKWIRE_CACHEDIR": "/c", "XDG_CACHE_HOME": "/x"}, "/h") == "/c"
+    assert sandbox_dir("/c", None) == ""
+    assert sandbox_dir("/c", "sha256:" + "ab" * 32) == "/c/sandbox/" + "ab" * 16
+    assert sandbox_dir("/c", "cd" * 32) == "/c/sandbox/" + "cd" * 16
+    for spec in ("", "a:b:ro:x", ":b"):
+        with pytest.raises(UserError) as err:
+            parse_bind(spec)
+        assert str(err.value) == f"bad -B '{spec}': use SRC[:DST[:ro|rw]]"
+    assert parse_bind("a:/b:ro") == Mount("bind", "/b", "a", readonly=True, recursive=True)
+    assert hidden_by("/dev", "/dev") is None  # at its own place
+    assert hidden_by("/x", "/dev/shm") is None
+    assert hidden_by("/x", "/dev") == "the container's /dev"
+    assert hidden_by("/x", "/proc/sys") == "the container's /proc"
+    assert hidden_by("/x", "/") == "the whole image"
+    assert hidden_by("/x", "/data") is None
+    assert runscript_argv(IMAGE, ["a"]) == ["/.singularity.d/runscript", "a"]
+    with pytest.raises(UserError) as err:
+        runscript_argv(dataclasses.replace(IMAGE, has_runscript=False), [])
+    assert str(err.value) == "app.sif has no runscript: use `rankwire exec IMAGE COMMAND`"
+    assert plan_process(IMAGE, user(), ExecOptions(), ["x"]).workdir == "/work/job"
+    assert plan_process(IMAGE, user(), ExecOptions(contain=True), ["x"]).workdir == "/home/u"
+    assert plan_process(IMAGE, user(), ExecOptions(containall=True), ["x"]).workdir == "/home/u"
+    assert plan_process(IMAGE, user(), ExecOptions(workdir="/w"), ["x"]).workdir == "/w"
+    plan = plan_container(IMAGE, HOST, user(), ExecOptions(), ALL)
+    assert ContainerPlan.from_dict(plan.to_dict()) == plan
+
+
+def test_env_edge_cases_exactly() -> None:
+    host = {"APPTAINERENV_": "bare prefix", "RANKWIRE_ENV_A": "a", "H": "host", "E": "host"}
+    opts = ExecOptions(env_file_vars=("F=file=x", "G"), export=("H", "NOPE", "I=i"))
+    env = plan_env(IMAGE, user(host), opts)
+    assert env["A"] == "a" and "" not in env and env["F"] == "file=x" and env["G"] == ""
+    assert (env["H"], env["I"], "NOPE" in env) == ("host", "i", False)
+    for item in ("=v", "K"):
+        with pytest.raises(UserError) as err:
+            plan_env(IMAGE, user(), ExecOptions(env=(item,)))
+        assert str(err.value) == f"bad --env '{item}': use --env KEY=VALUE"
+    assert plan_env(IMAGE, user(), ExecOptions(env=("K=",)))["K"] == ""

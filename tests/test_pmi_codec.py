@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from rankwire.pmi import commands
 from rankwire.pmi.client import Pmi1Client
-from rankwire.pmi.codec import ClientCodec, ServerCodec
+from rankwire.pmi.codec import SPAWN_MAX, ClientCodec, ServerCodec
 from rankwire.pmi.commands import COMMANDS, Command, Spelling, Table
 from rankwire.pmi.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from rankwire.pmi.fields import Field, Int, Text
@@ -653,3 +653,77 @@ def test_fuzz_client_codec(chunks: list[bytes], version: int) -> None:
         codec.receive_data(chunk)
         with contextlib.suppress(RemoteProtocolError):
             codec.next_event()
+
+
+# -- mutation-testing kills (tools/mutants.py, `make mutants`) ------------------------------
+def _spawn_sequence(total: int) -> bytes:
+    """A whole mcmd=spawn sequence of exactly `total` bytes (newlines included)."""
+    head = b"mcmd=spawn\nnprocs=1\nexecname=/bin/x\ntotspawns=1\nspawnssofar=1\n"
+    tail = b"argcnt=0\npreput_num=0\ninfo_num=0\nendcmd\n"
+    pad = total - len(head) - len(tail)
+    fill = b""
+    while pad > 0:
+        n = min(pad, 1000) if pad - min(pad, 1000) != 1 else 998  # no 1-byte remainder
+        fill += b"k=" + b"x" * (n - 3) + b"\n"
+        pad -= n
+    data = head + fill + tail
+    assert len(data) == total
+    return data
+
+
+def test_pmi1_spawn_sequence_limit_is_exact() -> None:
+    assert SPAWN_MAX == 65536
+    codec = ServerCodec()
+    assert decode_all(codec, _spawn_sequence(65536)) == [Unsupported("spawn")]
+    with pytest.raises(RemoteProtocolError) as err:
+        decode_all(ServerCodec(), _spawn_sequence(65537))
+    assert str(err.value) == "mcmd=spawn longer than 65536 bytes"
+    assert err.value.fatal is True
+
+
+def test_pmi1_client_rejects_a_set_line_without_its_reply() -> None:
+    client = ClientCodec(1)
+    client.receive_data(b"cmd=set size=4\n")
+    with pytest.raises(RemoteProtocolError) as err:
+        client.next_event()
+    assert str(err.value) == "unexpected PMI-1 reply cmd=set"
+    assert err.value.fatal is False
+
+
+def test_key_and_value_limits_are_exact() -> None:
+    from rankwire.pmi.fields import check_key, check_value
+
+    check_key("k" * 64)
+    check_value("v" * 1024)
+    for key in ("", "k" * 65):
+        with pytest.raises(LocalProtocolError) as err:
+            check_key(key)
+        assert str(err.value) == f"invalid PMI key {key!r}: 1..64 bytes, no '=;' or spaces"
+    with pytest.raises(LocalProtocolError) as err:
+        check_value("v" * 1025)
+    assert str(err.value) == "PMI value of 1025 bytes (max 1024)"
+
+
+def test_error_messages_are_one_line_of_at_most_256_characters() -> None:
+    from rankwire.pmi.fields import one_line, pmi1_words
+
+    assert one_line("x" * 300) == "x" * 256
+    assert one_line(" a\n b ") == "a b"
+    assert one_line(" \n") == "error"
+    assert pmi1_words("no such key") == "no_such_key"
+
+
+def test_field_kinds_are_frozen_and_default_as_documented() -> None:
+    import dataclasses
+
+    from rankwire.pmi.fields import Const, FoundByFlag, FoundByRc, Int, Text, Value
+
+    for kind, attr in ((Const("x"), "text"), (Int(), "default"), (Text(), "default"),
+                       (Value(), "checked"), (FoundByFlag(), "flag"),
+                       (Field("n", "a", Int()), "name")):  # fmt: skip
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(kind, attr, None)
+    assert Text().write("k", "") == [("k", "")]
+    assert Text(omit_empty=True).write("k", "") == []
+    assert FoundByRc().read({"value": "v"}, "value", "get_result") == "v"  # no rc: found
+    assert FoundByRc().read({"rc": "1", "value": "v"}, "value", "get_result") is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from rankwire.pmi.job import (
@@ -182,3 +184,75 @@ def test_node_attributes_are_node_local_and_can_be_waited_for() -> None:
 def test_format_ranks() -> None:
     assert format_ranks([5]) == "rank 5"
     assert format_ranks([3, 0, 1, 2, 7, 9, 10]) == "ranks 0-3,7,9-10"
+
+
+# -- mutation-testing kills (tools/mutants.py, `make mutants`) ------------------------------
+def test_mapping_limit_is_exactly_mpich_s_buffer() -> None:
+    """673 bytes is the longest mapping MPICH's PMI-1 client reads whole; 674 is absent."""
+    assert MAPPING_MAX == 673
+    longest = [0, 1] * 82 + [0] * 12  # 82 blocks (0,2,1) and one (0,1,12): 673 bytes
+    assert process_mapping(longest) == "(vector," + "(0,2,1)," * 82 + "(0,1,12))"
+    assert len(process_mapping(longest) or "") == 673
+    assert process_mapping([0, 1] * 82 + [0] * 100) is None  # (0,1,100): 674 bytes
+
+
+def test_fence_results_are_frozen() -> None:
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FenceDone((0,)).ranks = (1,)  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FenceFailed((0,), "r", False, ()).reason = "x"  # type: ignore[misc]
+
+
+def test_job_defaults_and_argument_checks() -> None:
+    job = Job(size=1)
+    assert (job.size, job.nodes, job.appnum, job.universe_size) == (1, (0,), 0, 1)
+    assert job.jobid.startswith(f"rankwire-{os.getpid()}-")
+    assert Job(size=2, jobid="step.7", universe_size=8).jobid == "step.7"
+    assert Job(size=2, nodes=None).nodes == (0, 0)
+    assert Job(size=1, fence_timeout=0.5).fence_timeout == 0.5
+    with pytest.raises(ValueError) as e:
+        Job(size=0)
+    assert str(e.value) == "job size must be at least 1, got 0"
+    with pytest.raises(ValueError) as e:
+        Job(size=2, nodes=[0, -1])
+    assert str(e.value) == "nodes must list one node id >= 0 per rank (size 2): [0, -1]"
+    with pytest.raises(ValueError) as e:
+        Job(size=1, fence_timeout=0)
+    assert str(e.value) == "fence_timeout must be positive or None, got 0"
+
+
+def test_rank_state_queries() -> None:
+    job = Job(size=3)
+    assert [job.is_initialized(r) for r in range(3)] == [False, False, False]
+    job.initialize(1)
+    assert [job.is_initialized(r) for r in range(3)] == [False, True, False]
+    assert job.finalize(2) is None
+    assert [job.is_finalized(r) for r in range(3)] == [False, False, True]
+    assert job.rank_exited(0, "exited with code 3") is None
+    assert [job.is_gone(r) for r in range(3)] == [True, False, False]
+    assert job.rank_exited(0, "exited with code 4") is None  # once gone, no-op
+    assert job.fence(1) == FenceFailed(
+        (0, 2),
+        "fence cannot complete: rank 0 exited with code 3; rank 2 finalized without "
+        "joining the fence",
+        False,
+        (1,),
+    )
+
+
+def test_first_abort_is_kept() -> None:
+    job = Job(size=2)
+    assert job.aborted is None
+    job.abort(1, 7, "first")
+    job.abort(0, 9, "second")
+    assert job.aborted == (1, 7, "first")
+
+
+def test_a_rank_that_exits_stops_waiting_for_a_node_attribute() -> None:
+    job = Job(size=3)
+    job.wait_node_attr(0, "shm")
+    job.wait_node_attr(1, "shm")
+    assert job.rank_exited(0, "exited with code 1") is None
+    assert job.put_node_attr(2, "shm", "seg") == [1]

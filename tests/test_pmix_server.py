@@ -9,7 +9,6 @@ tmpdir and reports another uid (what a --fakeroot container looks like to the se
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -22,11 +21,11 @@ from typing import Callable, Optional, Union
 import pytest
 
 from harness.mpi import MpiPrograms, assert_hello, ompi_env
-from harness.pmi import JobRun, run_job
+from harness.pmi import JobRun, assert_clean, probes_by_rank, serve
 from rankwire.errors import UserError
 from rankwire.pmi.job import FenceFailed, Job
 from rankwire.pmi.pmix.server import PmixServer
-from rankwire.pmi.server import Aborted, Finalized
+from rankwire.pmi.server import Aborted
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PROBE = [str(Path(sys.executable).parent / "rankwire"), "pmi", "probe", "x"]
@@ -44,21 +43,9 @@ def run_ranks(
     fence_timeout: Optional[float] = 60,
     **server_kw: object,
 ) -> JobRun:
-    async def main() -> JobRun:
-        server = PmixServer(Job(size, nodes=nodes, fence_timeout=fence_timeout), **server_kw)
-        await server.start()
-        try:
-            return await run_job(server, argv, extra_env=ompi_env(dict(env or {})), timeout=60)
-        finally:
-            await server.close()
-
-    return asyncio.run(main())
-
-
-def assert_clean(run: JobRun, size: int) -> None:
-    assert all(r.returncode == 0 for r in run.ranks), run.describe()
-    assert not [e for e in run.events if isinstance(e, FenceFailed)], run.describe()
-    assert sorted(e.rank for e in run.events if isinstance(e, Finalized)) == list(range(size))
+    job = Job(size, nodes=nodes, fence_timeout=fence_timeout)
+    extra_env = ompi_env(dict(env or {}))
+    return serve(lambda: PmixServer(job, **server_kw), argv, extra_env=extra_env, timeout=60)
 
 
 def with_pmi_rank(*argv: str) -> Callable[[int], list[str]]:
@@ -66,13 +53,9 @@ def with_pmi_rank(*argv: str) -> Callable[[int], list[str]]:
     return lambda rank: ["env", f"PMI_RANK={rank}", *argv]
 
 
-@pytest.fixture(scope="module")
-def fail_ompi(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ompi") / "fail_ompi"
-    subprocess.run(
-        ["mpicc.openmpi", "-O1", str(EXAMPLES / "mpi_fail.c"), "-o", str(out)], check=True
-    )
-    return out
+@pytest.fixture
+def fail_ompi(mpi_programs: MpiPrograms) -> Path:
+    return mpi_programs.fail_ompi
 
 
 # -- the launcher-facing object, no MPI ------------------------------------------------------------
@@ -200,9 +183,7 @@ def test_ranks_that_never_use_pmix_are_fine() -> None:
 def test_probe_pmix_round_trip(nodes: list[int]) -> None:
     run = run_ranks(2, PROBE, nodes=nodes)
     assert_clean(run, 2)
-    results = sorted(
-        (json.loads(line) for line in run.stdout.splitlines()), key=lambda r: r["rank"]
-    )
+    results = probes_by_rank(run.stdout)
     assert [r["rank"] for r in results] == [0, 1]
     for r in results:
         assert r["ok"] is True and r["size"] == 2, r

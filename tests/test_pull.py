@@ -111,7 +111,7 @@ def test_pull_converts_a_layered_umoci_image(
         "cd /data; ls -A /data | tr '\\n' ' '; echo; ls -A /opq; "
         "stat -c '%i' target.txt hard.txt | uniq | wc -l; readlink link; "
         "stat -c '%a %n' secret suid; echo \"$GREETING\"; "
-        "(. /.singularity.d/env/90-environment.sh; echo \"$GREETING\")"
+        '(. /.singularity.d/env/90-environment.sh; echo "$GREETING")'
     )
     proc = rw(runner, cache, "exec", str(out), "/bin/sh", "-c", script)
     assert proc.returncode == 0, proc.stderr

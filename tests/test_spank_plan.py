@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -12,9 +13,9 @@ import pytest
 
 from rankwire.errors import UserError
 from rankwire.runtime import frame
-from rankwire.runtime.plan import Mount
+from rankwire.runtime.plan import ContainerPlan, Mount
 from rankwire.spank.plan import JobFacts, asked, parse_mounts, task_env
-from rankwire.spank.policy import PolicyError, load_policy
+from rankwire.spank.policy import Policy, PolicyError, load_policy
 
 
 def facts(
@@ -240,3 +241,205 @@ def test_policy_anyone_could_edit_is_refused(tmp_path: Path) -> None:
         load_policy(str(path))
     with pytest.raises(PolicyError, match="no such file"):
         load_policy(str(tmp_path / "missing.toml"))
+
+
+# -- policy decisions, exact (mutation-testing kills, `make mutants`) ------------------------
+@needs_root
+def test_policy_in_a_directory_anyone_could_edit_is_refused(tmp_path: Path) -> None:
+    """A root-owned policy file in a world-writable directory can be swapped: refused."""
+    path = write_policy(tmp_path, "")
+    tmp_path.chmod(0o777)
+    with pytest.raises(PolicyError) as err:
+        load_policy(str(path))
+    assert str(err.value) == (
+        f"policy: {tmp_path} must be owned by root and not writable by group or others (and "
+        "not a symlink); fix its mode, or no container runs"
+    )
+    tmp_path.chmod(0o755)
+    os.chown(tmp_path, 65534, 65534)
+    with pytest.raises(PolicyError) as err:
+        load_policy(str(path))
+    assert str(err.value).startswith(f"policy: {tmp_path} must be owned by root ")
+    os.chown(tmp_path, 0, 0)
+    assert load_policy(str(path)).image_dirs is None
+
+
+@needs_root
+def test_image_dirs_do_not_allow_mounts(tmp_path: Path) -> None:
+    path = write_policy(tmp_path, 'image_dirs = ["/apps/images"]\nmount_sources = ["/scratch"]\n')
+    p = load_policy(str(path))
+    p.check_image("/apps/images")
+    p.check_mount("/scratch/sub")
+    with pytest.raises(PolicyError) as err:
+        p.check_mount("/apps/images")
+    assert str(err.value) == (
+        "policy: mount source /apps/images is outside the allowed mount sources (/scratch)"
+    )
+    with pytest.raises(PolicyError) as err:
+        p.check_image("/scratch/x.sif")
+    assert str(err.value) == (
+        "policy: image /scratch/x.sif is outside the allowed image directories (/apps/images); "
+        "copy it there or ask your admin"
+    )
+
+
+def test_remote_images_under_each_policy() -> None:
+    Policy().check_remote("ghcr.io", "docker://ghcr.io/a/b")  # no policy file: allowed
+    allowed = Policy(source="/etc/p.toml", allowed_registries=("ghcr.io", "reg:5000"))
+    allowed.check_remote("GHCR.io", "docker://GHCR.io/a/b")
+    allowed.check_remote("reg:5000", "oras://reg:5000/x")
+    cases = [
+        (Policy(source="/etc/p.toml", enforce=True, allowed_registries=("ghcr.io",)), "ghcr.io",
+         "policy: remote image docker://ghcr.io/a cannot run under this site's enforced policy "
+         "(a pulled image is its user's file, which users could change): ask your admin to "
+         "place it in an image directory"),
+        (Policy(source="/etc/p.toml"), "ghcr.io",
+         "policy: registry ghcr.io of docker://ghcr.io/a is not allowed: /etc/p.toml has no "
+         "allowed_registries, so no remote image runs here; use a local SIF or ask your admin"),
+        (allowed, "quay.io",
+         "policy: registry quay.io of docker://quay.io/a is not in allowed_registries "
+         "(ghcr.io, reg:5000) of /etc/p.toml; use an image from one of them or ask your admin"),
+        (Policy(source="/etc/p.toml", allowed_registries=()), "quay.io",
+         "policy: registry quay.io of docker://quay.io/a is not in allowed_registries "
+         "(none) of /etc/p.toml; use an image from one of them or ask your admin"),
+    ]  # fmt: skip
+    for policy, registry, message in cases:
+        with pytest.raises(PolicyError) as err:
+            policy.check_remote(registry, f"docker://{registry}/a")
+        assert str(err.value) == message
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        allowed.enforce = True  # type: ignore[misc]
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('image_dirs = ["/a", 3]\n', "'image_dirs' must be a list of absolute paths"),
+        ('mount_sources = ["/a", ""]\n', "'mount_sources' must be a list of absolute paths"),
+        ('mount_sources = ["/a\\u0000b"]\n', "'mount_sources': '/a\\x00b' holds a NUL character"),
+        ("allowed_registries = 'ghcr.io'\n",
+         "'allowed_registries' must be a list of host[:port] names"),
+        ("allowed_registries = ['ghcr.io', 3]\n",
+         "'allowed_registries' must be a list of host[:port] names"),
+        ("allowed_registries = ['https://ghcr.io']\n",
+         "'allowed_registries': 'https://ghcr.io' is not a host[:port] (no scheme, no path)"),
+        ("allowed_registries = ['ghcr.io/x']\n",
+         "'allowed_registries': 'ghcr.io/x' is not a host[:port] (no scheme, no path)"),
+        ("allowed_registries = ['']\n",
+         "'allowed_registries': '' is not a host[:port] (no scheme, no path)"),
+    ],
+)  # fmt: skip
+def test_policy_values_are_checked_exactly(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        load_policy(str(write_policy(tmp_path, text)))
+    assert str(err.value) == f"policy: {message}"
+
+
+@needs_root
+def test_a_full_policy_loads_every_key(tmp_path: Path) -> None:
+    text = (
+        'image_dirs = ["/apps/images"]\nmount_sources = ["/scratch", "/data"]\n'
+        "allowed_registries = ['GHCR.io', 'reg:5000']\nallow_fabric_choice = false\n"
+        "allow_remap_root = false\nallow_writable = false\nenforce = true\n"
+    )
+    path = write_policy(tmp_path, text)
+    assert load_policy(str(path)) == Policy(
+        str(path), ("/apps/images",), ("/scratch", "/data"), False, False, False, True,
+        ("ghcr.io", "reg:5000"),
+    )  # fmt: skip
+
+
+def _container(mounts: tuple[Mount, ...]) -> ContainerPlan:
+    return ContainerPlan(
+        "/i.sif", 4096, 100, ("squashfuse", "loop"), ("fuse-overlayfs", "kernel"), False,
+        (1000, 1000, 1), (1000, 1000, 1), ("user", "mount", "pid"), mounts, 64, "", "",
+    )  # fmt: skip
+
+
+def test_container_transforms_for_the_tasks() -> None:
+    from rankwire.spank.plan import enforced, for_tasks, with_descriptors, without_home
+
+    home = Mount("bind", "/home/u", "/home/u")
+    data = Mount("bind", "/data", "/data")
+    tmp = Mount("tmpfs", "/home/u")
+    c = _container((home, data, tmp))
+    assert with_descriptors(c, {"/data": 7, "/nope": 8}).mounts == (
+        home, Mount("bind", "/data", "/proc/self/fd/7"), tmp,
+    )  # fmt: skip
+    assert with_descriptors(_container((tmp,)), {"/home/u": 3}).mounts == (tmp,)
+    assert for_tasks(c).namespaces == ("user", "mount")
+    assert without_home(c, "/home/u").mounts == (
+        Mount("tmpfs", "/home/u", options="mode=0700"), data, tmp,
+    )  # fmt: skip
+    private = Mount("tmpfs", "/data", options="mode=0700")
+    assert without_home(c, "/data").mounts == (home, private, tmp)
+    root = dataclasses.replace(c, uid_map=(0, 1000, 1), gid_map=(0, 2000, 1))
+    e = enforced(root)
+    assert (e.namespaces, e.image_drivers, e.overlay_drivers, e.uid_map, e.gid_map) == (
+        ("mount",), ("loop",), ("kernel",), (1000, 1000, 1), (2000, 2000, 1),
+    )  # fmt: skip
+
+
+def test_pull_plan_cache_and_insecure_registries() -> None:
+    from rankwire.runtime.reference import parse_reference
+    from rankwire.spank.plan import plan_pull
+
+    ref = parse_reference("docker://Reg.Example:5000/a/b:1")
+    env = {"RANKWIRE_CACHEDIR": "cache", "RANKWIRE_PULL_TIMEOUT": "9", "SECRET": "x"}
+    pull = plan_pull(facts(env=env), "docker://reg.example:5000/a/b:1", ref, "/home/u", "u")
+    assert (pull.root, pull.site_cache, pull.insecure) == ("/home/u/run/cache/images", False, False)
+    assert pull.env == {
+        "RANKWIRE_PULL_TIMEOUT": "9", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "LC_ALL": "C.UTF-8", "HOME": "/home/u", "USER": "u", "LOGNAME": "u",
+    }  # fmt: skip
+    site = ("image_cache=/var/cache/rw/", "registry_insecure=other, REG.example:5000")
+    job = dataclasses.replace(facts(), args=facts().args + site)
+    pull = plan_pull(job, "docker://x", ref, "/home/u", "u")
+    assert (pull.root, pull.site_cache, pull.insecure) == ("/var/cache/rw/1000", True, True)
+    pull = plan_pull(facts(), "docker://x", ref, "/home/u", "u")
+    assert (pull.root, pull.site_cache, pull.insecure) == (
+        "/home/u/.cache/rankwire/images", False, False,
+    )  # fmt: skip
+    with pytest.raises(UserError) as err:
+        job = dataclasses.replace(facts(), args=("image_cache=rel",))
+        plan_pull(job, "docker://x", ref, "/home/u", "u")
+    assert str(err.value) == "plugstack.conf image_cache=rel: give an absolute directory"
+
+
+def test_step_and_user_facts_exactly() -> None:
+    from rankwire.spank.plan import SPECIAL_STEPS, exec_options, step_env, user_facts
+
+    assert sorted(SPECIAL_STEPS) == [4294967290, 4294967291, 4294967292, 4294967293]
+    assert asked(facts({"container-image": "/i.sif"}, step=4294967293), False) is None
+    assert asked(facts({"container-image": "/i.sif"}, step=4294967294), False) is not None
+    f = facts(env={"PWD": "/p", "RANKWIRE_BIND": "/etc", "PMIX_SERVER_TMPDIR": "/x", "A": "1"})
+    assert f.cwd == "/home/u/run"
+    assert dataclasses.replace(f, cwd="").cwd == ""
+    u = user_facts(f, "/home/u", None)
+    assert (u.uid, u.gid, u.home, u.cwd, u.slurm) == (1000, 1000, "/home/u", "/home/u/run", None)
+    assert u.environ == {"PWD": "/p", "PMIX_SERVER_TMPDIR": "/x", "A": "1"}  # no binds
+    assert u.cache_dir == "/home/u/.cache/rankwire"
+    assert step_env(f) == {
+        "PWD": "/p", "RANKWIRE_BIND": "/etc", "A": "1",
+        "PMIX_SERVER_TMPDIR": "/var/spool/slurmd/pmix.7.0/",
+        "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4",
+    }  # fmt: skip
+    want = asked(facts({"container-image": "/i.sif"}), False)
+    assert want is not None
+    opts = exec_options(want, ())
+    assert (opts.workdir, opts.bind_cwd, opts.share, opts.fakeroot) == (None, True, "none", False)
+    w = asked(facts({"container-image": "/i.sif", "container-workdir": "/w"}), False)
+    assert w is not None and exec_options(w, ()).bind_cwd is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        f.uid = 0  # type: ignore[misc]
+
+
+def test_task_env_refuses_what_cannot_reach_a_task() -> None:
+    for value in ("a\0b", "\ud800"):
+        with pytest.raises(UserError) as err:
+            task_env({}, {"BAD": value}, [])
+        message = "the container's variable BAD holds a NUL or invalid text: fix the image's"
+        assert str(err.value) == f"{message} environment"
+    assert task_env({}, {"OK": "\udcff"}, []).set == ("OK=\udcff",)  # surrogateescape: bytes
+    assert task_env({}, {"PMI_X": "a\0b"}, []).set == ()  # Slurm's own: not checked

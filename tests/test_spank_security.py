@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness.slurm import SlurmCluster
-from harness.spank import HELPER_ENV, srun
+from harness.spank import plugin_processes, srun
 from harness.users import User
 from rankwire.runtime.instance import prune_stale
 
@@ -332,19 +332,12 @@ def test_image_env_that_cannot_reach_a_task_is_one_line(
 
 
 def holders_of(uid: int) -> list[int]:
-    """The plugin's holders of `uid` (they carry the helper's fixed environment)."""
+    """This session's plugin holders of `uid`."""
     pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if (
-                proc.name.isdigit()
-                and proc.stat().st_uid == uid
-                and (proc / "comm").read_text().strip() == "rankwire-holder"
-                and set((proc / "environ").read_bytes().split(b"\0")) - {b""} == HELPER_ENV
-            ):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
+    for pid, _ in plugin_processes({"rankwire-holder"}):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}").stat().st_uid == uid:
+                pids.append(pid)
     return pids
 
 

@@ -12,12 +12,12 @@ from harness.procs import ancestors
 from harness.users import User
 
 # comm names (15 chars max) of everything rankwire starts: the CLI and launcher, the
-# holder (it names itself), FUSE daemons, and the test programs run as ranks.
+# holder (it names itself), FUSE daemons, and the test programs run as ranks (the names
+# harness.mpi, the PMI and fabric tests, harness.multinode and test_faults compile to).
 WATCHED = (
     "rankwire",
     "apptainer-mpiru",
     "rankwire-holder",
-    "rankwire-init",
     "rankwire-init",
     "rankwire-watch",
     "squashfuse",
@@ -25,8 +25,16 @@ WATCHED = (
     "fuse-overlayfs",
     "hello_mpich",
     "hello_ompi",
+    "hello_ompi5",
+    "hello_wheel",
     "fail_mpich",
+    "fail_ompi",
     "fault_rank",
+    "mpi_maps",
+    "nodeinfo",
+    "pmi2test",
+    "xnode_mpich",
+    "xnode_ompi",
 )
 
 

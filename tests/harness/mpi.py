@@ -38,6 +38,36 @@ def compile_hello(examples: Path, bindir: Path) -> MpiPrograms:
     return progs
 
 
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+# The test programs of tests/data: name → (compiler, source, libraries).
+PROGRAMS = {
+    "nodeinfo": ("mpicc.mpich", DATA / "nodeinfo.c", ()),  # which ranks share a node
+    "pmi2test": ("cc", DATA / "pmi2test.c", ("-lpmi2",)),  # Slurm's libpmi2 client
+    "fault_rank": ("mpicc.mpich", DATA / "fault_rank.c", ()),  # test_faults' rank
+    "mpi_maps": ("mpicc.openmpi", DATA / "fabric" / "mpi_maps.c", ()),  # libfabric mapped
+}
+
+
+class CompiledPrograms:
+    """The PROGRAMS, each compiled on first use (once per session) into `bindir`."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+
+    def __getitem__(self, name: str) -> Path:
+        out = self.bindir / name
+        if not out.exists():
+            compiler, src, libs = PROGRAMS[name]
+            if not shutil.which(compiler):
+                raise RuntimeError(f"{compiler} not found: run `make test`, which installs it")
+            tmp = out.with_name(f"{name}.tmp")
+            subprocess.run([compiler, "-O1", str(src), "-o", str(tmp), *libs], check=True)
+            tmp.chmod(0o755)
+            tmp.rename(out)
+        return out
+
+
 def ompi_env(env: dict[str, str]) -> dict[str, str]:
     """Open MPI refuses to run as root unless told twice."""
     if os.getuid() == 0:

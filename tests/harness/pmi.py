@@ -14,16 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import socket
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
-from typing import Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from rankwire.pmi.codec import ClientCodec
 from rankwire.pmi.messages import ErrorReply, Reply, Request
-from rankwire.pmi.server import Aborted, Event, FenceFailed, PmiServer
+from rankwire.pmi.server import Aborted, Event, FenceFailed, Finalized, PmiServer
 
 R = TypeVar("R")
 
@@ -141,6 +142,38 @@ async def run_job(
             text = out.read().decode(errors="replace"), err.read().decode(errors="replace")
             ranks.append(RankRun(rank, proc.wait(), *text))
         return JobRun(ranks, events)
+
+
+def serve(
+    make_server: Callable[[], PmiServer],
+    argv: Union[Sequence[str], Callable[[int], Sequence[str]]],
+    extra_env: Optional[Mapping[str, str]] = None,
+    timeout: float = 60.0,
+) -> JobRun:
+    """`run_job` under a server `make_server` makes in a fresh event loop (a PmiServer or
+    a PmixServer), started before and closed after."""
+
+    async def main() -> JobRun:
+        server = make_server()
+        await server.start()
+        try:
+            return await run_job(server, argv, extra_env=extra_env, timeout=timeout)
+        finally:
+            await server.close()
+
+    return asyncio.run(main())
+
+
+def assert_clean(run: JobRun, size: int) -> None:
+    """Every rank exited 0, no fence failed, and ranks 0..size-1 finalized."""
+    assert all(r.returncode == 0 for r in run.ranks), run.describe()
+    assert not [e for e in run.events if isinstance(e, FenceFailed)], run.describe()
+    assert sorted(e.rank for e in run.events if isinstance(e, Finalized)) == list(range(size))
+
+
+def probes_by_rank(stdout: str) -> list[dict[str, Any]]:
+    """The JSON lines `rankwire pmi probe` printed (one per rank), sorted by rank."""
+    return sorted((json.loads(line) for line in stdout.splitlines()), key=lambda r: r["rank"])
 
 
 class AsyncClient:

@@ -28,6 +28,7 @@ from harness.procs import ancestors
 
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 OWNER_FILE = "owner.json"
+CGROUP_VAR = "RANKWIRE_TEST_SLURM_CGROUP"
 
 
 # The slurm.conf settings every test cluster shares (single node and multi-node): root
@@ -53,6 +54,81 @@ COMMON_CONF = (
     "InactiveLimit=0",
     "MinJobAge=2",
 )
+
+
+def _with_cgroups(conf: tuple[str, ...]) -> tuple[str, ...]:
+    """COMMON_CONF with Slurm's cgroup process tracking and task plugins."""
+    swap = {
+        "ProctrackType=proctrack/linuxproc": "ProctrackType=proctrack/cgroup",
+        "TaskPlugin=task/none": "TaskPlugin=task/cgroup",
+    }
+    return tuple(swap.get(line, line) for line in conf)
+
+
+def cgroup_v2_only() -> bool:
+    """Whether every cgroup hierarchy is the unified one (/proc/self/cgroup has only its
+    `0::` line): Slurm 22.05's cgroup/v2 refuses anything else ("Hybrid mode is not
+    supported"), so on a hybrid host the cgroup cluster uses cgroup/v1."""
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    return all(line.startswith("0::") for line in lines)
+
+
+def cgroup_conf() -> list[str]:
+    """cgroup.conf for the cgroup cluster: cgroup/v2 without systemd (a test machine has
+    no dbus for slurmd to ask for its scope) where the host is unified, else cgroup/v1.
+    No core or memory constraint: the node's CPUs are made up, and on a hybrid host the
+    memory hierarchy is the machine's own."""
+    plugin = (
+        ["CgroupPlugin=cgroup/v2", "IgnoreSystemd=yes"]
+        if cgroup_v2_only()
+        else ["CgroupPlugin=cgroup/v1"]
+    )
+    return [
+        *plugin,
+        "ConstrainCores=no",
+        "ConstrainRAMSpace=no",
+        "ConstrainSwapSpace=no",
+        "ConstrainDevices=yes",
+    ]
+
+
+def cgroup_roots(nodename: str) -> list[Path]:
+    """The cgroup directories slurmd makes for its steps: `slurm_NODE` (Debian's Slurm is
+    built for several slurmd per host) in each v1 hierarchy, or, under cgroup/v2 without
+    systemd, the slurmstepd scope."""
+    if cgroup_v2_only():
+        scopes = Path("/sys/fs/cgroup/system.slice")
+        return [scopes / f"{nodename}_slurmstepd.scope", scopes / "slurmstepd.scope"]
+    roots = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[fields.index("-") + 1] == "cgroup":
+            roots += [Path(fields[4]) / f"slurm_{nodename}", Path(fields[4]) / "slurm"]
+    return roots
+
+
+def step_cgroup_pids(nodename: str, job: int, step: int) -> set[int]:
+    """Every pid in the cgroups of step `job`.`step` (v1: uid_U/job_J/step_S and below;
+    v2: job_J/step_S/user and below, slurmstepd being in step_S/slurm): what
+    proctrack/cgroup lists and signals."""
+    pattern = f"job_{job}/step_{step}/user/**/cgroup.procs"
+    if not cgroup_v2_only():
+        pattern = f"uid_*/job_{job}/step_{step}/**/cgroup.procs"
+    pids: set[int] = set()
+    for root in cgroup_roots(nodename):
+        for procs in root.glob(pattern):
+            with contextlib.suppress(OSError):
+                pids |= {int(pid) for pid in procs.read_text().split()}
+    return pids
+
+
+def _prune(root: Path) -> None:
+    """Remove the empty cgroups under and at `root`, deepest first (a busy one stays)."""
+    if not root.is_dir():
+        return
+    for path in sorted((walked[0] for walked in os.walk(root)), key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 class HarnessError(RuntimeError):
@@ -90,8 +166,9 @@ def _wait(pred, timeout: float, what: str, log: Optional[Path] = None) -> None:
 class SlurmCluster:
     """One slurmctld + one slurmd on this host, all state under one temp dir."""
 
-    def __init__(self, cpus: int = 32, base: Optional[str] = None) -> None:
+    def __init__(self, cpus: int = 32, base: Optional[str] = None, cgroup: bool = False) -> None:
         self.cpus = cpus
+        self.cgroup = cgroup
         self.base = base
         self.root = Path(tempfile.mkdtemp(prefix="rankwire-slurm-", dir=base))
         self.root.chmod(0o755)  # job users must read slurm.conf
@@ -105,6 +182,10 @@ class SlurmCluster:
         self.pids: dict[str, int] = {}
         self._procs: dict[str, subprocess.Popen] = {}
         self.started_munged = False
+        # The cgroup directories slurmd will make that are not there yet: ours to remove.
+        self.new_cgroups = (
+            [d for d in cgroup_roots(self.nodename) if not d.exists()] if cgroup else []
+        )
 
     # -- configuration ---------------------------------------------------------------
     @property
@@ -126,7 +207,7 @@ class SlurmCluster:
             f"SlurmctldHost={self.nodename}(127.0.0.1)",
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmdPort={self.slurmd_port}",
-            *COMMON_CONF,
+            *(_with_cgroups(COMMON_CONF) if self.cgroup else COMMON_CONF),
             f"StateSaveLocation={r}/state",
             f"SlurmdSpoolDir={r}/spool",
             f"SlurmctldPidFile={r}/slurmctld.pid",
@@ -140,8 +221,15 @@ class SlurmCluster:
             f"PartitionName=debug Nodes={self.nodename} Default=YES MaxTime=INFINITE "
             "State=UP OverSubscribe=FORCE:8",
         ]
+        if self.cgroup:  # job ids name the cgroups, which every cgroup cluster here shares:
+            # each counts from its own port's thousand (ports < 65536, job ids < 67043328)
+            lines.insert(-2, f"FirstJobId={self.ctld_port * 1000}")
         self.conf.write_text("\n".join(lines) + "\n")
         self.conf.chmod(0o644)
+        if self.cgroup:
+            conf = r / "cgroup.conf"  # slurmd reads it beside slurm.conf
+            conf.write_text("\n".join(cgroup_conf()) + "\n")
+            conf.chmod(0o644)
 
     # -- lifecycle -------------------------------------------------------------------
     def _ensure_munge(self) -> None:
@@ -234,6 +322,8 @@ class SlurmCluster:
                 os.kill(pid, signal.SIGTERM)
             _wait(lambda: not Path(f"/proc/{pid}").exists(), 10, "munged to exit")
             self.started_munged = False
+        for cgroup in self.new_cgroups:
+            _prune(cgroup)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -304,9 +394,11 @@ def pids_with_env(entry: str) -> list[int]:
 @contextlib.contextmanager
 def running_cluster(reason: str, **kw: Any) -> Iterator[SlurmCluster]:
     """A started SlurmCluster(**kw) for a fixture, stopped after; skips the tests when not
-    root (`reason`), fails them when it cannot start."""
+    root (`reason`), fails them when it cannot start. CGROUP_VAR=1 in the environment
+    makes every such cluster a cgroup one (the whole suite under Slurm's cgroup plugins)."""
     import pytest
 
+    kw.setdefault("cgroup", os.environ.get(CGROUP_VAR) == "1")
     if os.getuid() != 0:
         pytest.skip(reason)
     cluster = SlurmCluster(**kw)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
 import subprocess
+from collections.abc import Collection
 from pathlib import Path
 
 from harness.leftovers import WATCHED
 from harness.mpi import ompi_env
+from harness.procs import parents
 from harness.slurm import SlurmCluster
 from harness.users import User
 
@@ -56,9 +60,59 @@ def install_plugin(repo: Path, prefix: Path, helper: str) -> SpankInstall:
     )
 
 
-def spank_leftovers() -> list[str]:
-    """Helpers, holders and FUSE daemons the plugin started that are still running."""
+# This session's directories: its shared dir (the images) and its Slurm clusters (their
+# logs). conftest adds them. The helper's environment is the same for every session, so a
+# plugin process is told another session's by what it, its children, ancestors or the
+# processes it watches (pidfds: the job's slurmstepd) have open under another session's
+# directories (mkdtemp'd with these prefixes).
+SESSION_ROOTS: list[Path] = []
+SESSION_DIR = re.compile(r"(.*?/rankwire-(?:tests|slurm)-[^/]+)(?:/|$)")
+
+
+def _pidfd_targets(pid: int) -> list[int]:
+    targets = []
+    with contextlib.suppress(OSError):
+        for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+            with contextlib.suppress(OSError):
+                targets += [
+                    int(x.split()[1])
+                    for x in info.read_text().splitlines()
+                    if x.startswith("Pid:") and int(x.split()[1]) > 0
+                ]
+    return targets
+
+
+def _paths_open(pid: int) -> list[str]:
+    """The cwd and open files of `pid`."""
     found = []
+    with contextlib.suppress(OSError):
+        found.append(os.readlink(f"/proc/{pid}/cwd"))
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                found.append(os.readlink(fd))
+    return found
+
+
+def of_this_session(pid: int, ppids: dict[int, int]) -> bool:
+    """Whether `pid` is ours: it, its children, its ancestors or the processes it watches
+    have a file open under one of this session's dirs, or under no session's dirs at all
+    (e.g. a holder of a pulled image whose job is gone: counted, to miss nothing)."""
+    related = {pid, *(c for c, p in ppids.items() if p == pid), *_pidfd_targets(pid)}
+    for start in list(related):
+        up = ppids.get(start, 0)
+        while up > 1 and up not in related:
+            related.add(up)
+            up = ppids.get(up, 0)
+    seen = {
+        m.group(1) for p in related for path in _paths_open(p) if (m := SESSION_DIR.match(path))
+    }
+    return not seen or bool(seen & {str(root) for root in SESSION_ROOTS})
+
+
+def plugin_processes(comms: Collection[str] = WATCHED) -> list[tuple[int, str]]:
+    """(pid, comm) of this session's processes named in `comms` that carry the helper's
+    fixed environment: the plugin's helpers and holders (and their FUSE daemons)."""
+    found, ppids = [], parents()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
@@ -67,9 +121,14 @@ def spank_leftovers() -> list[str]:
             env = set((proc / "environ").read_bytes().split(b"\0")) - {b""}
         except OSError:
             continue
-        if comm in WATCHED and env == HELPER_ENV:
-            found.append(f"process {proc.name} {comm}")
+        if comm in comms and env == HELPER_ENV and of_this_session(int(proc.name), ppids):
+            found.append((int(proc.name), comm))
     return found
+
+
+def spank_leftovers() -> list[str]:
+    """Helpers, holders and FUSE daemons the plugin started that are still running."""
+    return [f"process {pid} {comm}" for pid, comm in plugin_processes()]
 
 
 def srun(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pwd
@@ -10,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from harness.procs import kill_tree
 
 TEST_USER = "rankwire-test"
 
@@ -30,10 +33,36 @@ class User:
         return ["runuser", "-u", self.name, "--", *env, *argv]
 
     def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
-        kwargs.setdefault("capture_output", True)
+        """subprocess.run as this user, in a session of its own: on timeout, every process
+        it started (runuser, the user's command, its ranks, holder and FUSE daemons, those
+        that made sessions of their own too) is killed, then TimeoutExpired is raised."""
+        timeout = kwargs.pop("timeout", 120)
+        check = kwargs.pop("check", False)
+        given = kwargs.pop("input", None)
+        if kwargs.pop("capture_output", True):
+            kwargs.setdefault("stdout", subprocess.PIPE)
+            kwargs.setdefault("stderr", subprocess.PIPE)
+        if given is not None:
+            kwargs["stdin"] = subprocess.PIPE
         kwargs.setdefault("text", True)
-        kwargs.setdefault("timeout", 120)
-        return subprocess.run(self.argv(argv), **kwargs)
+        args = self.argv(argv)
+        with subprocess.Popen(args, start_new_session=True, **kwargs) as proc:
+            try:
+                out, err = proc.communicate(given, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                kill_tree(proc.pid)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.communicate(timeout=10)  # a process that escaped holds a pipe
+                raise
+        if check and proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, args, out, err)
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def rw(runner: User, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    """`rankwire ARGS` as `runner`, from /tmp (every user may enter it) unless `cwd` says."""
+    kwargs.setdefault("cwd", "/tmp")
+    return runner.run(["rankwire", *args], **kwargs)
 
 
 def install_for(user: User, repo: Path, where: Path) -> User:
