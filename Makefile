@@ -102,3 +102,17 @@ FUZZ_SEED ?=
 
 fuzz: $(VENV)/.stamp-test
 	@$(PY) tools/fuzz.py -n $(FUZZ_N) --jobs $(FUZZ_JOBS) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
+
+# Mutation testing, outside `make test` (tools/mutants.py; under half an hour on 2 cores):
+# each decision module (pmi/job.py, the PMI codec, the planners, the SIF reader, the
+# launcher's exit decisions) mutated one change at a time in a copy of the package, and
+# only its fast unit tests run against each mutant. MUTANTS="pmi/job.py ..." for some,
+# MUTANTS_ARGS=--strings to mutate string literals too. Per-module score, survivors in
+# build/mutants/; equivalent survivors are listed in tests/data/mutants-equivalent.txt.
+MUTANTS ?=
+MUTANTS_ARGS ?=
+
+.PHONY: mutants
+
+mutants: $(VENV)/.stamp-test
+	@nice -n 10 $(PY) tools/mutants.py $(MUTANTS_ARGS) $(MUTANTS)

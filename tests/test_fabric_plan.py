@@ -22,6 +22,7 @@ from harness.host import LIBFABRIC
 from harness.images import make_rootfs
 from rankwire.errors import UserError
 from rankwire.fabric import discovery
+from rankwire.fabric.elf import ElfFacts
 from rankwire.fabric.facts import fabric_facts
 from rankwire.fabric.hostfacts import (
     Adapter,
@@ -32,7 +33,7 @@ from rankwire.fabric.hostfacts import (
     libfabric_facts,
 )
 from rankwire.fabric.imagefacts import host_as_image_facts, read_fabric_image_facts
-from rankwire.fabric.plan import LIB_DIR, FabricPlan, plan_fabric
+from rankwire.fabric.plan import EMPTY_IMAGE, LIB_DIR, FabricPlan, plan_fabric
 from rankwire.runtime.build import build_image
 from rankwire.runtime.imagefacts import image_facts
 from rankwire.runtime.plan import ImageFacts, Mount
@@ -437,3 +438,79 @@ def test_the_best_adapter_kind_wins_whatever_the_order(
     assert _auto(both) == (
         provider, f"{seen}; host libfabric 1.17 has the {provider} provider"
     )  # fmt: skip
+
+
+def _elf(defines: tuple[str, ...] = (), requires=()) -> ElfFacts:
+    return ElfFacts("x.so", (), (), (), "x86_64", 64, defines, requires)
+
+
+def test_abi_refusals_exactly(debian_lib) -> None:
+    from rankwire.fabric.imagefacts import FabricImageFacts, ImageObject
+    from rankwire.fabric.plan import check_abi
+
+    needs = _elf(requires=(("libnl-3.so.200", ("X",)), ("libc.so.6", ("GLIBC_2.34", "GLIBC_2.38"))))
+    libc = ImageObject("/lib/x86_64-linux-gnu/libc.so.6", _elf(("GLIBC_2.2.5", "GLIBC_2.17")))
+    old = FabricImageFacts((libc,), (), (), "")
+    with pytest.raises(UserError) as err:
+        check_abi([("libfabric.so.1", needs)], old, debian_lib)
+    assert str(err.value) == (
+        "cannot bind the host libfabric: host libfabric.so.1 needs GLIBC_2.38 (and 1 more) "
+        "but the image's glibc is 2.17; rebuild the image on glibc >= 2.38 or use --fabric none"
+    )
+    one = _elf(requires=(("libc.so.6", ("GLIBC_2.34",)),))
+    with pytest.raises(UserError) as err:
+        check_abi([("libefa.so.1", one)], old, debian_lib)
+    assert str(err.value) == (
+        "cannot bind the host libfabric: host libefa.so.1 needs GLIBC_2.34 but the image's "
+        "glibc is 2.17; rebuild the image on glibc >= 2.34 or use --fabric none"
+    )
+    for image, suffix in ((old, ""), (EMPTY_IMAGE, " (not a glibc image?)")):
+        lacking = _elf(requires=(("libpthread.so.0", ("GLIBC_2.2.5",)),))
+        with pytest.raises(UserError) as err:
+            check_abi([("libfabric.so.1", lacking)], image, debian_lib)
+        assert str(err.value) == (
+            "cannot bind the host libfabric: libfabric.so.1 needs libpthread.so.0, which the "
+            f"image does not have{suffix}; use --fabric none"
+        )
+
+
+def test_dl_provider_names_and_the_next_adapter_kind() -> None:
+    from rankwire.fabric.plan import _auto, _dl_name
+
+    assert _dl_name("/usr/lib/libfabric/libpsm3-fi.so") == "psm3"
+    assert _dl_name("/usr/lib/libfabric/psm3-fi.so") == ""
+    assert _dl_name("/usr/lib/libfabric/libpsm3.so") == ""
+    assert _dl_name("libopx-fi.so") == "opx"
+    # An EFA adapter whose link is down does not stop the search: the next kind is used.
+    lib = libfabric_facts(LIBFABRIC, "1.17", ["efa", "verbs"], environ={})
+    efa, mlx5 = host("efa", lib), host("mlx5", lib)
+    down = tuple(dataclasses.replace(a, state="1: DOWN") for a in efa.adapters)
+    both = FabricHostFacts(down + mlx5.adapters, efa.devices + mlx5.devices, lib)
+    provider, reason = _auto(both)
+    assert provider == "verbs" and reason.startswith("ConnectX-6 mlx5_0")
+
+
+def test_device_binds_are_writable_and_the_plan_frozen(host_image) -> None:
+    lib = libfabric_facts(LIBFABRIC, "1.17", providers_of("mlx5"), environ={})
+    plan = plan_fabric(host("mlx5", lib), host_image, "auto")
+    b = binds(plan)
+    assert b["/dev/shm"] == Mount("bind", "/dev/shm", "/dev/shm")
+    assert b["/dev/infiniband/uverbs0"] == Mount(
+        "bind", "/dev/infiniband/uverbs0", "/dev/infiniband/uverbs0"
+    )
+    assert b[f"{LIB_DIR}/libfabric.so.1"].readonly is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.provider = "tcp"  # type: ignore[misc]
+
+
+def test_without_a_host_libfabric_every_adapter_kind_is_named() -> None:
+    from rankwire.fabric.plan import _auto
+
+    efa, mlx5 = host("efa", None), host("mlx5", None)
+    both = FabricHostFacts(efa.adapters + mlx5.adapters, efa.devices + mlx5.devices, None)
+    seen = [", ".join(a.describe() for a in h.adapters) for h in (efa, mlx5)]
+    assert _auto(both) == (
+        "",
+        f"{seen[0]} found but the host has no libfabric; {seen[1]} found but the host has no "
+        "libfabric; nothing bound",
+    )

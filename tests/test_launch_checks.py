@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import signal
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from rankwire.launcher import plan as launch_plan
 from rankwire.launcher.execute import ABORT_GRACE_S, _Job, execute
 from rankwire.launcher.plan import LaunchOptions, host_process, plan_launch
 from rankwire.pmi.job import FenceFailed
-from rankwire.pmi.server import Aborted, RankLost
+from rankwire.pmi.server import Aborted, ProtocolViolation, RankLost
 
 clean = pytest.mark.usefixtures("nothing_left_behind")
 
@@ -398,3 +399,71 @@ def test_planner_defaults_limits_and_previews() -> None:
         "PMI_RANK": "1", "PMI_SIZE": "2", "PMI_PORT": "127.0.0.1:<port>",
         "PMI_ID": "<per-rank id>",
     }  # fmt: skip
+
+
+def test_exit_decision_first_failed_exit_wins_and_signals_reach_the_pmi_core() -> None:
+    told: list[tuple[int, int]] = []
+
+    async def exits(job: _Job) -> None:
+        job.server.rank_exited = lambda rank, code: told.append((rank, code))  # type: ignore[method-assign]
+        for rank, script in ((0, "exit 3"), (1, "kill -9 $$"), (2, "exit 4")):
+            child = subprocess.Popen(["/bin/sh", "-c", script])
+            os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+            job.pids[rank] = child.pid
+            job.reaped(rank, child.pid, os.pidfd_open(child.pid))
+            child.returncode = 0  # reaped by the job
+        await asyncio.sleep(ABORT_GRACE_S + 0.1)
+
+    assert _decisions("pmi2", exits) == (3, "rankwire: rank 0 exited with 3\n")
+    assert told == [(0, 3), (1, -9), (2, 4)]
+
+
+def test_exit_decision_a_fence_failed_by_an_exit_is_judged_at_once() -> None:
+    async def fence_after_exit(job: _Job) -> None:
+        job.exit_pending = (2, 3)
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        queue.put_nowait(FenceFailed((2,), "fence cannot complete: rank 2 exited", False, (0,)))
+        job.server.wait_event = queue.get  # type: ignore[method-assign,assignment]
+        task = asyncio.create_task(job.watch_events())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert job.failure == 3  # not held for ABORT_GRACE_S
+        task.cancel()
+
+    assert _decisions("pmi2", fence_after_exit) == (3, "rankwire: rank 2 exited with 3\n")
+
+
+def test_planner_checks_open_files_only_for_a_local_launch() -> None:
+    import dataclasses
+
+    proc = host_process(["/bin/true"], {}, "/tmp")
+    local = plan_launch(LaunchOptions(ntasks=600), proc, None, {}, [], None, None, (1024, 4096))
+    assert local.open_files == 4096
+    srun = plan_launch(LaunchOptions(ntasks=600), proc, None, {"SLURM_JOB_ID": "9"}, [],
+                       None, None, (1024, 4096))  # fmt: skip
+    assert srun.open_files is None  # srun's tasks are not our children
+    one = plan_launch(LaunchOptions(ntasks=1), proc, None, {}, [], None, "pmi1/2")
+    assert one.expect_pmi is False  # a job of one is a singleton anyway
+    fields = {f.name: f.default for f in dataclasses.fields(one)}
+    assert (fields["stdin_rank"], fields["expect_pmi"], fields["open_files"]) == (0, False, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        one.ntasks = 2  # type: ignore[misc]
+
+
+def test_exit_decision_while_tearing_down_and_on_malformed_requests() -> None:
+    async def exits_during_teardown(job: _Job) -> None:
+        job.on_signal(signal.SIGTERM)  # no rank yet: only the teardown starts
+        child = subprocess.Popen(["/bin/sh", "-c", "exit 143"])
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        job.pids[0] = child.pid
+        job.reaped(0, child.pid, os.pidfd_open(child.pid))
+        child.returncode = 0  # reaped by the job
+        assert job.exit_pending is None  # nothing held: the failure is this exit's
+
+    assert _decisions("pmi2", exits_during_teardown) == (143, "")
+    malformed = (ProtocolViolation(None, "no cmd"), ProtocolViolation(1, "bad key"))
+    assert _decisions("pmi2", lambda job: _events(job, *malformed)) == (
+        None,
+        "rankwire: a rank sent a malformed PMI request: no cmd\n"
+        "rankwire: rank 1 sent a malformed PMI request: bad key\n",
+    )

@@ -413,3 +413,32 @@ def test_env_edge_cases_exactly() -> None:
             plan_env(IMAGE, user(), ExecOptions(env=(item,)))
         assert str(err.value) == f"bad --env '{item}': use --env KEY=VALUE"
     assert plan_env(IMAGE, user(), ExecOptions(env=("K=",)))["K"] == ""
+
+
+def test_plans_are_frozen_and_binds_under_a_private_tmp_are_kept() -> None:
+    from rankwire.runtime.plan import ContainerPlan, ProcessPlan, _share
+
+    plan = plan_container(IMAGE, HOST, user(), ExecOptions(), ALL)
+    for value in (plan, plan.mounts[0], ProcessPlan(("x",), {}, "/"), IMAGE, ExecOptions(),
+                  user()):  # fmt: skip
+        field = dataclasses.fields(value)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, field, None)
+    assert isinstance(plan, ContainerPlan)
+    assert Mount("bind", "/a", "/b") == Mount("bind", "/a", "/b", False, False, "")
+    # --contain: /tmp is a private tmpfs, which would hide a PMIx dir below it.
+    step = SlurmStep("7", "0", 1, None, "/tmp/spmix_appdir_1000_7.0")
+    u = user(cwd="/tmp/x", slurm=step)
+    opts = ExecOptions(contain=True)
+    contained = plan_container(IMAGE, HOST, u, opts, ALL | {"/tmp/spmix_appdir_1000_7.0"})
+    assert targets(contained)[-1] == "/tmp/spmix_appdir_1000_7.0"
+    # One node-wide container per step of two tasks or more.
+    for ntasks, shared in ((1, False), (2, True)):
+        s = SlurmStep("7", "0", ntasks, None, None)
+        assert (_share(None, plan, user(slurm=s)) is not None) is shared
+
+
+def test_process_plans_forbid_new_privileges_by_default() -> None:
+    from rankwire.runtime.plan import ProcessPlan
+
+    assert ProcessPlan(("x",), {}, "/").no_new_privs is True

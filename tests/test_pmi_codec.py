@@ -727,3 +727,88 @@ def test_field_kinds_are_frozen_and_default_as_documented() -> None:
     assert Text(omit_empty=True).write("k", "") == []
     assert FoundByRc().read({"value": "v"}, "value", "get_result") == "v"  # no rc: found
     assert FoundByRc().read({"rc": "1", "value": "v"}, "value", "get_result") is None
+
+
+# -- framing limits, exact (mutation-testing kills) ----------------------------------------
+def test_framing_limits_are_exact() -> None:
+    from rankwire.pmi.framing import (
+        FRAME_MAX,
+        LINE_MAX,
+        FrameReader,
+        LineReader,
+        format_frame,
+        format_line,
+        parse_body,
+        show,
+    )
+
+    assert (LINE_MAX, FRAME_MAX) == (1024, 65536)
+    assert show(b"x" * 60) == repr(b"x" * 60)
+    assert show(b"x" * 61) == repr(b"x" * 60) + "..."
+    # PMI-1: a line of exactly LINE_MAX bytes (newline included) passes, one more does not.
+    line = format_line("put", ("v", "x" * (1024 - len("cmd=put v=\n"))))
+    assert len(line) == 1024
+    with pytest.raises(LocalProtocolError) as lerr:
+        format_line("put", ("v", "x" * (1025 - len("cmd=put v=\n"))))
+    assert str(lerr.value) == "PMI-1 line of 1025 bytes (max 1024): put"
+    reader = LineReader()
+    reader.buf += line + b"y" * 1022 + b"\n" + b"cmd=a\n"
+    assert reader.next_line() == line[:-1]
+    assert reader.next_line() == b"y" * 1022
+    assert reader.next_line() == b"cmd=a"
+    assert reader.next_line() is None
+    reader.buf += b"z" * 1024 + b"\n" + b"cmd=b\n"
+    with pytest.raises(RemoteProtocolError) as err:
+        reader.next_line()
+    assert str(err.value) == "PMI-1 line of 1025 bytes (max 1024)"
+    assert reader.next_line() == b"cmd=b"
+    reader.buf += b"w" * 1023  # no newline yet: wait
+    assert reader.next_line() is None
+    reader.buf += b"w"  # 1024 bytes and still no newline: too long
+    with pytest.raises(RemoteProtocolError) as err:
+        reader.next_line()
+    assert str(err.value) == "PMI-1 line longer than 1024 bytes"
+    reader.buf += b"rest of it"
+    assert reader.next_line() is None  # skipped to the end of the long line
+    reader.buf += b"\ncmd=c\n"
+    assert reader.next_line() == b"cmd=c"
+    # PMI-2: keys up to KEY_MAX, values up to VALUE_MAX, bodies up to FRAME_MAX.
+    assert parse_body(b"cmd=x;" + b"k" * 64 + b"=" + b"v" * 1024 + b";") == (
+        "x", {"k" * 64: "v" * 1024},
+    )  # fmt: skip
+    assert parse_body(b"cmd=x;k=a;;b;;;") == ("x", {"k": "a;b;"})
+    for body, message in (
+        (b"cmd=x;" + b"k" * 65 + b"=v;", f"PMI-2 bad key {show(b'k' * 65)}"),
+        (b"cmd=x;=v;", "PMI-2 bad key b''"),
+        (b"=v;", "PMI-2 bad key b''"),
+        (b"cmd=x;k=" + b"v" * 1025 + b";", "PMI-2 value of 1025 bytes (max 1024)"),
+        (b"cmd=x;k", "PMI-2 pair without '=': b'k'"),
+        (b"", "empty PMI-2 message"),
+    ):
+        with pytest.raises(RemoteProtocolError) as err:
+            parse_body(body)
+        assert str(err.value) == message
+    assert len(format_frame("x", ("v", "v" * 1024))) == 6 + len(b"cmd=x;v=") + 1024 + 1
+    with pytest.raises(LocalProtocolError) as lerr:
+        format_frame("x", ("v", "v" * 1025))
+    assert str(lerr.value) == "PMI-2 value of 1025 bytes (max 1024): v"
+    pairs = [(f"k{i}", "v" * 1000) for i in range(65)]
+    room = 65536 - (len(format_frame("x", *pairs)) - 6) - len(b"z=;")  # a body of FRAME_MAX
+    big = format_frame("x", *pairs, ("z", "v" * room))
+    assert len(big) == 6 + 65536
+    with pytest.raises(LocalProtocolError) as lerr:
+        format_frame("x", *pairs, ("z", "v" * (room + 1)))
+    assert str(lerr.value) == "PMI-2 message of 65537 bytes (max 65536)"
+    frames = FrameReader(bytearray(big))
+    assert frames.next_body() == big[6:]
+    frames.buf += b"65537 "
+    with pytest.raises(RemoteProtocolError) as err:
+        frames.next_body()
+    assert str(err.value) == "PMI-2 message of 65537 bytes announced (max 65536)"
+    assert err.value.fatal is True
+    short = FrameReader(bytearray(b"6    "))
+    assert short.next_body() is None  # five bytes of header: wait for the sixth
+    short.buf += b" cmd=x"
+    assert short.next_body() is None
+    short.buf += b";"
+    assert short.next_body() == b"cmd=x;"

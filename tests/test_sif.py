@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -788,3 +789,89 @@ def test_objects_may_touch_the_header_and_the_table(
     exact = write(tmp_path / "exact.sif", good)
     with SifImage.open(exact) as img:
         assert img.get(3).offset + img.get(3).size == len(good)
+
+
+@pytest.mark.parametrize(
+    ("case", "data", "message"),
+    [
+        ("42 bytes", lambda d: d[:42],
+         "truncated SIF header (42 of 128 bytes); the file is incomplete, copy or rebuild it"),
+        ("50 bytes, no magic", lambda d: b"x" * 50,
+         "not a SIF image (only 50 bytes); build one with `rankwire build` or `apptainer build`"),
+        ("header only", lambda d: d[:128],
+         "descriptor table (offset 4096, 28080 bytes) lies outside the file (128 bytes); "
+         f"{CORRUPT}"),
+    ],
+)  # fmt: skip
+def test_short_files_exactly(tmp_path: Path, good: bytes, case: str, data, message) -> None:
+    path = write(tmp_path / "short.sif", data(good))
+    with pytest.raises(SifError) as err:
+        SifImage.open(path).close()
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_reader_accessors_exactly(tmp_path: Path, good: bytes) -> None:
+    path = write(tmp_path / "ok.sif", good)
+    with SifImage.open(path) as img:
+        assert img.raw_metadata() == good[:128] + good[4096 : 4096 + 3 * DESCRIPTOR.size]
+        with pytest.raises(SifError) as err:
+            img.get(9)
+        assert str(err.value) == (
+            f"{path}: no object with ID 9 (IDs present: 1, 2, 3); see `rankwire sif list`"
+        )
+        for bad in ({"size": 10}, {"offset": -1}, {"size": -1}):
+            with pytest.raises(SifError) as err:
+                img.read(dataclasses.replace(img.get(3), **bad))
+            assert str(err.value) == (
+                f"{path}: object 3 lies outside the file; the image is corrupt, rebuild it"
+            )
+        assert img.read(dataclasses.replace(img.get(3), size=0)) == b""
+        assert img.read(img.get(3)) == b"tail"
+    empty = tmp_path / "empty.sif"
+    create_sif(empty, [])
+    with SifImage.open(empty) as img, pytest.raises(SifError) as err:
+        img.get(1)
+    none = "no object with ID 1 (IDs present: none); see `rankwire sif list`"
+    assert str(err.value) == f"{empty}: {none}"
+    zero = write(tmp_path / "zero.sif", patched(good, "<q", 112, 0))  # data section at 0
+    with SifImage.open(zero) as img:
+        assert img.read(img.get(3)) == b"tail"
+
+
+def test_partition_without_a_type_is_named_exactly(tmp_path: Path) -> None:
+    with SifImage.open(one_partition(tmp_path, 0)) as img, pytest.raises(SifError) as err:
+        img.primary_partition()
+    assert str(err.value) == (
+        f"{img.path}: the primary partition is unknown type 0, not Squashfs, which rankwire "
+        "does not support; rebuild the image as squashfs (`rankwire build`)"
+    )
+
+
+def test_header_bounds_are_inclusive(tmp_path: Path, good: bytes) -> None:
+    """No descriptors, a table right after the header, the most descriptors allowed: valid;
+    one more descriptor is absurd; an empty object anywhere is no object."""
+    empty = tmp_path / "empty.sif"
+    create_sif(empty, [])
+    none = patched(patched(patched(empty.read_bytes(), "<q", 88, 0), "<q", 80, 0), "<q", 104, 0)
+    with SifImage.open(write(tmp_path / "none.sif", none)) as img:
+        assert img.descriptors == ()
+    with SifImage.open(write(tmp_path / "t128.sif", patched(good, "<q", 96, 128))) as img:
+        assert img.descriptors == ()  # the header's padding reads as unused slots
+    for total, ok in ((1 << 16, True), ((1 << 16) + 1, False)):
+        data = bytearray(empty.read_bytes()[:4096])
+        for at, value in ((80, total), (88, total), (96, 4096), (104, total * DESCRIPTOR.size)):
+            struct.pack_into("<q", data, at, value)
+        path = write(tmp_path / "max.sif", bytes(data))
+        os.truncate(path, 4096 + total * DESCRIPTOR.size)  # sparse: unused slots are zeros
+        if ok:
+            with SifImage.open(path) as img:
+                assert img.descriptors == ()
+        else:
+            with pytest.raises(SifError) as err:
+                SifImage.open(path)
+            assert str(err.value) == (
+                f"{path}: absurd descriptor count 65537 (limit 65536); {CORRUPT}"
+            )
+    with SifImage.open(write(tmp_path / "ok.sif", good)) as img:
+        far = dataclasses.replace(img.get(3), offset=len(good) + 5, size=0)
+        assert img.read(far) == b""

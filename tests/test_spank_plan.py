@@ -443,3 +443,19 @@ def test_task_env_refuses_what_cannot_reach_a_task() -> None:
         assert str(err.value) == f"{message} environment"
     assert task_env({}, {"OK": "\udcff"}, []).set == ("OK=\udcff",)  # surrogateescape: bytes
     assert task_env({}, {"PMI_X": "a\0b"}, []).set == ()  # Slurm's own: not checked
+
+
+def test_cwd_falls_back_to_pwd_then_root_and_results_are_frozen() -> None:
+    from rankwire.spank.plan import Pull
+
+    base = [(k, v) for k, v in frame.decode(frame.encode([
+        ("uid", "1"), ("gid", "1"), ("job_id", "7"), ("step_id", "0"), ("local_tasks", "1"),
+        ("total_tasks", "1"), ("node_id", "0"), ("nnodes", "1"), ("stepd_pid", "9"),
+    ]))]  # fmt: skip
+    assert JobFacts.from_request([*base, ("env", "PWD=/p")]).cwd == "/p"
+    assert JobFacts.from_request(base).cwd == "/"
+    want = asked(facts({"container-image": "/i.sif"}), False)
+    for value in (want, Pull("s", "/r", False, False, {}), task_env({}, {}, [])):
+        field = dataclasses.fields(value)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, field, None)
