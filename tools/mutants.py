@@ -225,6 +225,12 @@ def _init_worker(trees: multiprocessing.queues.Queue[str]) -> None:
     os.environ["PYTHONPATH"] = _tree
     os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(_tree, ".pycache")
     os.chdir(_tree)
+    # Temp dirs of the tests (a session's shared_dir) inside the tree, which goes at the
+    # end: a test run killed on a hanging mutant cannot leave them in /tmp.
+    scratch = os.path.join(_tree, "tmp")
+    os.makedirs(scratch, exist_ok=True)
+    os.chmod(scratch, 0o1777)
+    os.environ["TMPDIR"] = tempfile.tempdir = scratch
     signal.signal(signal.SIGTERM, _terminated)
     import hypothesis  # noqa: F401  warm: each child forks with these imported
     import pytest  # noqa: F401
