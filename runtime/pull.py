@@ -309,8 +309,8 @@ def _convert(
     progress: Progress,
     max_expanded: int,
     goarch: str,
-) -> tuple[Path, dict[str, Any]]:
-    """Fetch the config and layers, unpack, pack: the SIF in `work`, and the config."""
+) -> Path:
+    """Fetch the config and layers, unpack, pack: the SIF in `work`."""
     from rankwire.runtime.build import apply_build, plan_build
     from rankwire.runtime.oci_layers import Layer, apply_layers
 
@@ -359,7 +359,7 @@ def _convert(
     )
     progress.say(f"packing {shown(ref)} with mksquashfs")
     apply_build(plan, scratch=work)
-    return out, doc
+    return out
 
 
 def _pull_docker(
@@ -407,8 +407,7 @@ def _pinned(
     if found is not None:
         return found
     assert ref.digest is not None
-    waiting = lambda: progress.say(f"waiting for another pull of {shown(ref)}")  # noqa: E731
-    with _locked(root / "locks" / f"ref-{ref.digest[7:]}.lock", waiting):
+    with _locked(root / "locks" / f"ref-{ref.digest[7:]}.lock", _waiting(progress, ref)):
         return hit() or fetch()
 
 
@@ -439,28 +438,53 @@ def _fetch_docker(
             f"{shown(ref)} has a manifest of type {shown(media or 'unknown')}, not an OCI or "
             "Docker v2 image manifest; rebuild or re-push it with a current tool"
         )
-    pinned = ref.pinned(top)
-    key = digest[7:]
     if top != digest:
         alias = root / "alias" / _alias_key(top, platform)
         tmp = alias.with_name(alias.name + f".{os.getpid()}")
-        tmp.write_text(key)
+        tmp.write_text(digest[7:])
         os.replace(tmp, alias)
+    return _once(
+        ref,
+        top,
+        digest,
+        root,
+        progress,
+        lambda work: _convert(ref, doc, reg, root, work, progress, max_expanded, want[0]),
+    )
+
+
+def _once(
+    ref: Reference,
+    top: str,
+    digest: str,
+    root: Path,
+    progress: Progress,
+    make: Callable[[Path], Path],
+) -> PullResult:
+    """The cached SIF of image manifest `digest`, or the one `make(work dir)` writes, made
+    under the image's lock (concurrent pulls of it wait, then take it) and renamed into
+    the cache whole. `top`: the digest `ref` resolved to (an index's, for a multi-platform
+    image)."""
+    pinned = ref.pinned(top)
+    key = digest[7:]
     hit = _cached(root, key)
     if hit is None:
-        waiting = lambda: progress.say(f"waiting for another pull of {shown(pinned)}")  # noqa: E731
-        with _locked(root / "locks" / f"{key}.lock", waiting):
+        with _locked(root / "locks" / f"{key}.lock", _waiting(progress, pinned)):
             hit = _cached(root, key)
             if hit is None:
                 progress.say(f"pulling {shown(pinned)}")
                 with _scratch(root) as work:
-                    sif, _ = _convert(ref, doc, reg, root, work, progress, max_expanded, want[0])
+                    sif = make(work)
                     final = root / "sif" / f"{key}.sif"
                     result = PullResult(str(pinned), digest, str(final), sif.stat().st_size, False)
                     _write_meta(final.with_suffix(".json"), result, {"source": str(ref)})
                     os.replace(sif, final)
                     return result
     return PullResult(str(pinned), digest, str(hit), hit.stat().st_size, True)
+
+
+def _waiting(progress: Progress, ref: Reference) -> Callable[[], None]:
+    return lambda: progress.say(f"waiting for another pull of {shown(ref)}")
 
 
 # -- oras:// -----------------------------------------------------------------------------
@@ -499,26 +523,15 @@ def _fetch_oras(ref: Reference, access: Access, root: Path, progress: Progress) 
             f"the layer of {shown(ref)} has type {shown(lmedia)}, not {SIF_LAYER}; "
             "for a container image use docker://"
         )
-    pinned = ref.pinned(digest)
-    key = digest[7:]
-    hit = _cached(root, key)
-    if hit is None:
-        waiting = lambda: progress.say(f"waiting for another pull of {shown(pinned)}")  # noqa: E731
-        with _locked(root / "locks" / f"{key}.lock", waiting):
-            hit = _cached(root, key)
-            if hit is None:
-                progress.say(f"pulling {shown(pinned)}")
-                with _scratch(root) as work:
-                    part = work / "image.sif"
-                    with part.open("wb") as f, progress.blob("sif", size) as tick:
-                        reg.fetch_blob(ldigest, size, f, tick)
-                    _check_sif(part, ref)
-                    final = root / "sif" / f"{key}.sif"
-                    result = PullResult(str(pinned), digest, str(final), size, False)
-                    _write_meta(final.with_suffix(".json"), result, {"source": str(ref)})
-                    os.replace(part, final)
-                    return result
-    return PullResult(str(pinned), digest, str(hit), hit.stat().st_size, True)
+
+    def fetch(work: Path) -> Path:
+        part = work / "image.sif"
+        with part.open("wb") as f, progress.blob("sif", size) as tick:
+            reg.fetch_blob(ldigest, size, f, tick)
+        _check_sif(part, ref)
+        return part
+
+    return _once(ref, digest, digest, root, progress, fetch)
 
 
 def _check_sif(path: Path, ref: object) -> None:
