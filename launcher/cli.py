@@ -109,7 +109,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
     from rankwire.runtime.userfacts import user_facts
 
     values = take_options(kw, "container", "process")
-    source = take_options(kw, "source")
+    source = take_options(kw, "source", "trust")
     dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
     lopts = LaunchOptions(**kw)
     validate(lopts)  # bad numbers fail before anything is read or started
@@ -119,7 +119,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         shaping = {**values, **source}
         given = [
             o.long
-            for o in in_scope("container", "process", "source")
+            for o in in_scope("container", "process", "source", "trust")
             if shaping[o.dest] != o.default
         ]
         if given:

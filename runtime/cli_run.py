@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, TypeVar
@@ -34,7 +35,7 @@ INSTANCE_PREFIX = "instance://"
 PASSTHROUGH = {"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]}
 
 
-container_options = click_options("container", "source")
+container_options = click_options("container", "source", "trust")
 process_options = click_options("process")
 plan_options = [
     click.option("--dry-run", is_flag=True, help="Print the plan instead of running it."),
@@ -89,7 +90,9 @@ def read_env_file(path: str) -> tuple[str, ...]:
 def local_image(image: str, source: dict[str, Any]) -> tuple[str, str]:
     """(the SIF to read, the image to name to other nodes): a path stays as it is; a
     docker:// or oras:// image is pulled into the cache (once per node and digest) and
-    named pinned to its digest."""
+    named pinned to its digest. `source`: the "source" and "trust" options; with
+    --verify, the SIF is verified (or found in the verification cache) before anything
+    else reads it."""
     from rankwire.runtime.reference import is_remote
 
     if not is_remote(image):
@@ -99,12 +102,43 @@ def local_image(image: str, source: dict[str, Any]) -> tuple[str, str]:
                 f"{', '.join(given)} apply to docker:// and oras:// images; {shown(image)} is "
                 "a file: drop them"
             )
-        return image, image
-    from rankwire.runtime import pull
+        path, named = image, image
+    else:
+        from rankwire.runtime import pull
 
-    access = pull.access_from_env(insecure=source.get("insecure"), ca_cert=source.get("ca_cert"))
-    result = pull.pull(image, access, arch=source.get("arch"), progress=pull.Progress())
-    return result.path, result.reference
+        access = pull.access_from_env(
+            insecure=source.get("insecure"), ca_cert=source.get("ca_cert")
+        )
+        result = pull.pull(image, access, arch=source.get("arch"), progress=pull.Progress())
+        path, named = result.path, result.reference
+    _verified(path, source.get("verify"), source.get("keyring") or ())
+    return path, named
+
+
+def _verified(path: str, verify: Optional[str], keyrings: Sequence[str]) -> None:
+    """--verify: refuse an image not signed as required, before anything starts."""
+    if not verify and not keyrings and not os.environ.get("RANKWIRE_VERIFY"):
+        return
+    from pathlib import Path
+
+    from rankwire.runtime import trust
+    from rankwire.runtime.plan import cache_dir
+
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    config_home = os.environ.get("XDG_CONFIG_HOME") or f"{home}/.config"
+    req = trust.requirement(verify, keyrings, os.environ, config_home)
+    if req is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise UserError(
+            f"cannot open image {shown(path)}: {err.strerror}; check the path"
+        ) from None
+    try:
+        trust.check(fd, path, req, Path(cache_dir(os.environ, home)) / "verified")
+    finally:
+        os.close(fd)
 
 
 def exec_options(values: dict[str, Any]) -> ExecOptions:
@@ -155,11 +189,13 @@ def _execute(
 ) -> None:
     container_kw = take_options(kw, "container")
     process_kw = take_options(kw, "process")
-    source_kw = take_options(kw, "source")
+    source_kw = take_options(kw, "source", "trust")
     dry_run, as_json = kw.pop("dry_run"), kw.pop("as_json")
     if image.startswith(INSTANCE_PREFIX):
         shaping = {**container_kw, **source_kw}
-        given = [o.long for o in in_scope("container", "source") if shaping[o.dest] != o.default]
+        given = [
+            o.long for o in in_scope("container", "source", "trust") if shaping[o.dest] != o.default
+        ]
         if given:
             raise UserError(
                 f"{', '.join(given)} shape a container; an instance already has its own: "
@@ -228,7 +264,7 @@ def instance_start(image: str, name: str, **kw: Any) -> None:
     """Start a persistent instance NAME of IMAGE; join with `exec instance://NAME`."""
     import dataclasses
 
-    source_kw = take_options(kw, "source")
+    source_kw = take_options(kw, "source", "trust")
     opts = exec_options(kw)
     image, _ = local_image(image, source_kw)
     facts = gather(image, opts)

@@ -26,7 +26,8 @@ class Option:
     kind: str  # "flag" | "value" | "list" (repeatable; the planner may split commas)
     help: str
     scope: str  # "container" (shapes it), "process", "source" (where a remote image comes
-    # from: docker:// and oras://), or "plugin" (plugin only)
+    # from: docker:// and oras://), "trust" (who must have signed the image), or "plugin"
+    # (plugin only)
     flags: tuple[str, ...] = ()  # exec/launcher spellings, the one to show first; () = none
     metavar: str = ""
     default: Value = None
@@ -226,6 +227,27 @@ OPTIONS: tuple[Option, ...] = (
         metavar="ARCH[/VARIANT]",
     ),
     Option(
+        "verify",
+        "value",
+        "Run IMAGE only if every object group is signed, by keys with these fingerprints "
+        "(also RANKWIRE_VERIFY).",
+        "trust",
+        flags=("--verify",),
+        metavar="FPR[,FPR...]",
+        env=("RANKWIRE_VERIFY",),
+    ),
+    Option(
+        "keyring",
+        "list",
+        "Public keys (OpenPGP or PEM) to check --verify with (repeatable; default "
+        "~/.config/rankwire/keys.asc and /etc/rankwire/keys.asc; also RANKWIRE_KEYRING).",
+        "trust",
+        flags=("--keyring",),
+        metavar="KEYS.asc",
+        default=(),
+        env=("RANKWIRE_KEYRING",),
+    ),
+    Option(
         "keep_env",
         "list",
         "",
@@ -254,7 +276,7 @@ def delegation_argv(values: dict[str, Value]) -> list[str]:
     """Flags that give `rankwire exec` the same options (`values`: dest -> value, list
     items already in their command-line form); defaults are left out."""
     argv: list[str] = []
-    for opt in in_scope("container", "process", "source"):
+    for opt in in_scope("container", "process", "source", "trust"):
         value = values.get(opt.dest, opt.default)
         if value == opt.default or value is None or value == ():
             continue

@@ -164,9 +164,13 @@ def load_pem_private(path: PathLike) -> PemKey:
 
 def load_pem_public(path: PathLike) -> PemKey:
     """A PEM public key for `verify --pem-key` (a private key file is accepted too)."""
+    return pem_public_of(path, _read_key_file(path, "the PEM key"))
+
+
+def pem_public_of(path: PathLike, data: bytes) -> PemKey:
+    """The PEM public key `data` read from `path`."""
     from cryptography.hazmat.primitives import serialization
 
-    data = _read_key_file(path, "the PEM key")
     try:
         public: Any = serialization.load_pem_public_key(data)
     except (ValueError, TypeError):
@@ -248,13 +252,17 @@ class Keyring:
 
 
 def load_keyrings(paths: Sequence[PathLike]) -> Keyring:
+    return keyring_of([(path, _read_key_file(path, "the keyring")) for path in paths])
+
+
+def keyring_of(files: Sequence[tuple[PathLike, bytes]]) -> Keyring:
+    """The certificates of these keyring files' contents (path, bytes)."""
     import pysequoia
     from pysequoia.packet import PacketPile
 
     certs: list[Any] = []
     by_key: dict[str, Any] = {}
-    for path in paths:
-        data = _read_key_file(path, "the keyring")
+    for path, data in files:
         try:
             found = pysequoia.Cert.split_bytes(data)
         except Exception as err:
@@ -391,7 +399,7 @@ def _pgp_issuer(data: bytes) -> str:
         sig = pysequoia.Sig.from_bytes(data[start:])
     except Exception:
         return ""  # pysequoia cannot read some old signatures alone; verify still can
-    return str(sig.issuer_fpr or sig.issuer_key_id or "").lower()
+    return str(sig.issuer_fingerprint or sig.issuer_key_id or "").lower()
 
 
 # --- signing ----------------------------------------------------------------------------
@@ -779,7 +787,7 @@ def verify_sif(
                 raise VerifyError(
                     FINGERPRINT_NOT_LISTED,
                     f"{where}: object group {group} is signed by {signer.fingerprint.upper()}"
-                    f" (signature object {sig.id}), which is not a --fingerprint given; "
+                    f" (signature object {sig.id}), which is not one of the fingerprints required; "
                     "add that fingerprint if you trust its key",
                 )
             signed.setdefault(group, []).append(signer)

@@ -423,7 +423,8 @@ def test_tampering_is_refused_naming_what_changed(runner: User, image: Path, key
     )
     assert refused(runner, *verify[:-1], "--fingerprint", keys.mallory.fingerprint, str(image)) == (
         f"rankwire: {image}: object group 1 is signed by {keys.alice.fingerprint} (signature "
-        "object 4), which is not a --fingerprint given; add that fingerprint if you trust its key"
+        "object 4), which is not one of the fingerprints required; add that fingerprint if you "
+        "trust its key"
     )
     ok(runner, *verify[:-1], "--fingerprint", keys.alice.fingerprint, str(image))
 
