@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -216,12 +217,21 @@ def cache_list(as_json: bool) -> None:
     help="Only entries pulled or last used more than DAYS days ago.",
 )
 def cache_clean(older_than: Optional[float]) -> None:
-    """Remove cached SIFs and blobs (all, or those older than --older-than DAYS)."""
+    """Remove cached SIFs and blobs, and records of verified images (all, or those older
+    than --older-than DAYS)."""
     root = pulling.cache_root()
+    cutoff = time.time() - (older_than or 0) * 86400
+    records = 0
+    for entry in (root.parent / "verified").glob("[0-9a-f]*"):
+        with contextlib.suppress(OSError):
+            if older_than is None or entry.stat().st_mtime < cutoff:
+                entry.unlink()
+                records += 1
+    if records:
+        click.echo(f"removed {records} verification records")
     if not root.is_dir():
         click.echo(f"removed 0 entries (0.0 MiB) from {shown(root)}")
         return
-    cutoff = time.time() - (older_than or 0) * 86400
     removed, freed = 0, 0
     for row in _entries(root):
         if older_than is not None and max(row["used"], row["pulled"]) > cutoff:

@@ -236,6 +236,25 @@ def test_exec_runs_a_signed_image_and_refuses_others(
     assert not any(p.name.endswith(".lock") for p in (cache / "verified").iterdir())
 
 
+def test_cache_clean_removes_verification_records(runner: User, cache: Path) -> None:
+    records = cache / "verified"
+    records.mkdir(mode=0o700)
+    old, new = records / ("a" * 64), records / ("b" * 64)
+    for entry in (old, new):
+        entry.write_text('{"signers": []}')
+    os.utime(old, (0, 0))
+    for p in (records, old, new):
+        os.chown(p, runner.uid, runner.gid)
+    kept = rw(runner, cache, "cache", "clean", "--older-than", "1")
+    assert kept.stdout == (
+        f"removed 1 verification records\nremoved 0 entries (0.0 MiB) from {cache}/images\n"
+    )
+    assert [p.name for p in records.iterdir()] == [new.name]
+    gone = rw(runner, cache, "cache", "clean")
+    assert gone.stdout.splitlines()[0] == "removed 1 verification records"
+    assert list(records.iterdir()) == []
+
+
 @pytest.mark.usefixtures("nothing_left_behind")
 def test_instance_start_and_the_launcher_refuse_before_starting(
     runner: User, cache: Path, base_image: Path, keys: tuple[GpgKey, GpgKey]
