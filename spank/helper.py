@@ -6,7 +6,9 @@ a socket as stdout; the reply is one frame, a failure the record `error=rankwire
 - `check`, as root: site policy decides. With the job user's credentials, the image and
   every host path the plugin binds for the user (--container-mounts sources, the home
   directory, the working directory) are opened, and policy judges the paths those
-  descriptors hold: nothing is looked up by path again after this.
+  descriptors hold: nothing is looked up by path again after this. Under
+  `require_signed_by`, root verifies the image descriptor (or finds it in
+  /run/rankwire/verified) before anything else reads it (`_check_signed`).
   - Advisory (no `enforce` in the policy): the reply is `checked` and the descriptors
     [image, bind...] (SCM_RIGHTS); the shim runs `start` with them as fds 3, 4, ...
   - `enforce = true`: root builds the container itself (no user namespace, the image on
@@ -167,13 +169,18 @@ def _open_binds(want: Asked, facts: JobFacts, home: str, policy: Policy, out: Op
         raise UserError(f"{len(out.binds)} binds are more than {MAX_BINDS}: bind a parent dir")
 
 
-def _private_dir(base: str, uid: int, gid: int) -> str:
-    """BASE/UID, made by root (no other user can make it first), the user's alone."""
+def _root_dir(base: str) -> str:
+    """`base`, made if need be: root's, writable by no one else."""
     os.makedirs(base, mode=0o755, exist_ok=True)
     st = os.lstat(base)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
         raise UserError(f"{base} must be a root-owned directory not writable by others")
-    path = os.path.join(base, str(uid))
+    return base
+
+
+def _private_dir(base: str, uid: int, gid: int) -> str:
+    """BASE/UID, made by root (no other user can make it first), the user's alone."""
+    path = os.path.join(_root_dir(base), str(uid))
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
         os.chown(path, uid, gid)
@@ -296,20 +303,23 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
     home = pwd.getpwuid(facts.uid).pw_dir
     pulled = _pull(facts, want, policy, home) if is_remote(want.image) else None
     with as_user(facts):
-        # Every read of the image is the user's (on a root-squashed NFS, root reads less).
+        # Every open of the image is the user's (on a root-squashed NFS, root reads less;
+        # NFS reads through a descriptor with the credentials it was opened with).
         if pulled is None:
             image_fd, image_real = _open_image(want.image, want.image_from)
         else:
             image_fd, image_real = _open_pulled(pulled, want.image)
-        opened = Opened(image_fd, image_real)
-        try:
-            if pulled is None:  # a pulled image was allowed by its registry, and is this file
-                policy.check_image(image_real)
+    opened = Opened(image_fd, image_real)
+    try:
+        if pulled is None:  # a pulled image was allowed by its registry, and is this file
+            policy.check_image(image_real)
+        _check_signed(policy, image_fd, image_real)
+        with as_user(facts):
             of_image = image_facts(image_real, fd=image_fd)
             _open_binds(want, facts, home, policy, opened)
-        except BaseException:
-            opened.close()
-            raise
+    except BaseException:
+        opened.close()
+        raise
     want = dataclasses.replace(
         want,
         mounts=tuple(dataclasses.replace(m, source=opened.real[m.source]) for m in want.mounts),
@@ -325,6 +335,34 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
         "runtime_dir": _runtime_dir(facts.uid, facts.gid),
     }
     return [("checked", json.dumps(checked))], [opened.image_fd, *opened.binds.values()]
+
+
+def _check_signed(policy: Policy, fd: int, real: str) -> None:
+    """`require_signed_by`: as root, verify the image open on `fd` -- the descriptor
+    that is then mounted, so no rename or rewrite after the check changes what runs --
+    or find it in root's verification cache (`runtime/trust.py`)."""
+    if policy.require_signed_by is None or policy.keyring is None:
+        return
+    from rankwire.runtime import trust
+
+    signers = ", ".join(f.upper() for f in policy.require_signed_by)
+    fstype = trust.served_by_user(fd)
+    if fstype is not None:
+        raise PolicyError(
+            f"image {real} is on a {fstype} mount that a user serves, which can show the "
+            f"signature check other bytes than it later reads; this site runs only images "
+            f"signed by {signers}: copy it to a local or shared file system"
+        )
+    cache = Path(_root_dir(RUN_DIR)) / "verified"
+    req = trust.Requirement(policy.require_signed_by, (policy.keyring,))
+    try:
+        trust.check(fd, real, req, cache)
+    except UserError as err:
+        from rankwire.runtime.sif_sign import VerifyError
+
+        if not isinstance(err, VerifyError):
+            raise
+        raise PolicyError(f"this site runs only images signed by {signers}: {err}") from None
 
 
 def _asked(d: dict[str, Any]) -> Asked:

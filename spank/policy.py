@@ -12,6 +12,8 @@ not writable by anyone else, or nothing runs (a policy that a user could edit is
     allow_writable = true                  # --container-writable
     enforce = false                        # root builds the container (see README)
     allowed_registries = ["registry.example.org", "10.0.0.5:5000"]  # docker://, oras://
+    require_signed_by = ["0123…CDEF"]       # only images signed by these keys run
+    keyring = "/etc/rankwire/keys.asc"      # their public keys (OpenPGP, or a PEM key)
 
 A missing list means "anywhere the job user can read"; a missing flag means allowed.
 `allowed_registries` fails closed: a policy without it lets no remote image run (no
@@ -25,6 +27,12 @@ directory; Slurm's own PMIx directories (named by slurmstepd, not by the job) ar
 user choices and are always bound. Without `enforce`, the container is built by the job
 user's own process: the policy governs what the plugin does, and is advisory (a user can
 still change a container they own). With `enforce`, root builds it.
+`require_signed_by` (key fingerprints, 40 or 64 hex digits) runs only images whose every
+object group is signed, and only by those keys, checked as Apptainer's verify does with
+the keys in `keyring` (default /etc/rankwire/keys.asc; root-owned like this file). The
+check phase verifies, as root, the descriptor that is then mounted (a pulled image after
+its pull), or finds it in root's verification cache (`runtime/trust.py` says what that
+trusts); images on a FUSE mount a user serves are refused, as their bytes may change.
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ class Policy:
     allow_writable: bool = True
     enforce: bool = False
     allowed_registries: Optional[tuple[str, ...]] = None  # host[:port], lowercase
+    require_signed_by: Optional[tuple[str, ...]] = None  # key fingerprints, lowercase hex
+    keyring: Optional[str] = None  # their keys; set whenever require_signed_by is
 
     def check_remote(self, registry: str, image: str) -> None:
         """May the step pull `image` (docker:// or oras://) from `registry`? Before any
@@ -161,6 +171,34 @@ def _registries(value: Any) -> tuple[str, ...]:
     return tuple(name.lower() for name in value)
 
 
+def _signers(value: Any) -> tuple[str, ...]:
+    from rankwire.runtime.trust import parse_fingerprints
+
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise PolicyError("'require_signed_by' must be a non-empty list of key fingerprints")
+    try:
+        fprs = [f for v in value for f in parse_fingerprints(v, "'require_signed_by'")]
+    except UserError as err:
+        raise PolicyError(str(err)) from None
+    return tuple(dict.fromkeys(fprs))
+
+
+def _keyring(value: Any) -> str:
+    """An absolute path to a root-owned file (OpenPGP keyring or PEM public key)."""
+    if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
+        raise PolicyError(
+            "'keyring' must be the absolute path of an OpenPGP keyring or a PEM public key"
+        )
+    try:
+        _trusted(value)
+    except FileNotFoundError:
+        raise PolicyError(
+            f"keyring {value} does not exist: export the keys of require_signed_by there "
+            f"(`gpg --armor --export FPR > {value}`), or no container runs"
+        ) from None
+    return value
+
+
 def load_policy(path: Optional[str]) -> Policy:
     """The policy in `path` (None: no policy configured, everything the user may do)."""
     if path is None:
@@ -187,6 +225,15 @@ def load_policy(path: Optional[str]) -> Policy:
             kw[key] = _dirs(key, data[key])
     if "allowed_registries" in data:
         kw["allowed_registries"] = _registries(data["allowed_registries"])
+    if "require_signed_by" in data:
+        from rankwire.runtime.trust import SITE_KEYRING
+
+        kw["require_signed_by"] = _signers(data["require_signed_by"])
+        kw["keyring"] = _keyring(data.get("keyring", SITE_KEYRING))
+    elif "keyring" in data:
+        raise PolicyError(
+            f"{path}: 'keyring' applies with require_signed_by: add that or drop keyring"
+        )
     for key in ("allow_fabric_choice", "allow_remap_root", "allow_writable", "enforce"):
         if key in data:
             if not isinstance(data[key], bool):
