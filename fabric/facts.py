@@ -29,10 +29,14 @@ def host_facts_for(choice: str) -> FabricHostFacts:
     return dataclasses.replace(host, libfabric=lib)
 
 
-def fabric_facts(image: ImageFacts, choice: str) -> tuple[FabricHostFacts, FabricImageFacts]:
-    """(host, image) facts for `plan_fabric(host, image, choice)`. Raises UserError."""
+def fabric_facts(
+    image: ImageFacts, choice: str, image_libs: bool = False
+) -> tuple[FabricHostFacts, FabricImageFacts]:
+    """(host, image) facts for `plan_fabric(host, image, choice)`; the image's libraries
+    are read when a host libfabric is found or `image_libs` (a host MPI goes in).
+    Raises UserError."""
     host = host_facts_for(choice)
-    if host.libfabric is None:
+    if host.libfabric is None and not image_libs:
         return host, EMPTY_IMAGE
     from rankwire.fabric.imagefacts import read_fabric_image_facts
 

@@ -112,22 +112,29 @@ class HostLibfabric:
         raise KeyError(path)
 
     def closure(self, roots: Iterable[tuple[str, str]]) -> list[tuple[str, HostObject]]:
-        """(name, object) for the (name, path) `roots` and their non-glibc deps, each once.
+        return closure(self.objects, roots)
 
-        `name` is the file name the loader looks for: the DT_NEEDED entry for a dep.
-        """
-        seen: set[str] = set()
-        out: list[tuple[str, HostObject]] = []
-        todo = list(roots)
-        while todo:
-            name, path = todo.pop(0)
-            if path in seen:
-                continue
-            seen.add(path)
-            obj = self.object(path)
-            out.append((name, obj))
-            todo += list(obj.deps)
-        return out
+
+def closure(
+    objects: Iterable[HostObject], roots: Iterable[tuple[str, str]]
+) -> list[tuple[str, HostObject]]:
+    """(name, object) for the (name, path) `roots` and their non-glibc deps, each once.
+
+    `name` is the file name the loader looks for: the DT_NEEDED entry for a dep.
+    """
+    by_path = {o.path: o for o in objects}
+    seen: set[str] = set()
+    out: list[tuple[str, HostObject]] = []
+    todo = list(roots)
+    while todo:
+        name, path = todo.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        obj = by_path[path]
+        out.append((name, obj))
+        todo += list(obj.deps)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,7 +333,8 @@ def ld_cache() -> dict[str, list[str]]:
     return cache
 
 
-def _graph(roots: Iterable[str], resolver: Resolver) -> dict[str, HostObject]:
+def library_graph(roots: Iterable[str], resolver: Resolver) -> dict[str, HostObject]:
+    """Every object reachable from `roots` by non-glibc DT_NEEDED, as the host loader finds them."""
     objects: dict[str, HostObject] = {}
     todo = list(roots)
     while todo:
@@ -370,13 +378,13 @@ def libfabric_facts(
     dl = sorted(
         p for d in dl_provider_dirs(path, environ) for p in glob.glob(os.path.join(d, "lib*-fi.so"))
     )
-    objects = _graph([path, *dl], resolver)
+    objects = library_graph([path, *dl], resolver)
     plugins: list[str] = []
     verbs = [o for o in objects.values() if o.elf.soname == "libibverbs.so.1"]
     if verbs:
         plugin_dir = os.path.join(os.path.dirname(verbs[0].real), "libibverbs")
         plugins = sorted(glob.glob(os.path.join(plugin_dir, "lib*-rdmav*.so")))
-        objects.update(_graph(plugins, resolver))
+        objects.update(library_graph(plugins, resolver))
     return HostLibfabric(
         path=path,
         version=version,

@@ -40,6 +40,17 @@ CONSUMER_PATTERNS = (
     "lib*-fi.so",
 )
 MAX_ELF_BYTES = 256 << 20
+# MPI C libraries whose ABI is a contract, by soname: the MPICH ABI (MPICH, Intel MPI,
+# MVAPICH, Cray MPICH), the MPI-5 standard ABI, Open MPI's.
+MPI_FAMILIES = {
+    "libmpi.so.12": "mpich",
+    "libmpich.so.12": "mpich",
+    "libmpi_cray.so.12": "mpich",
+    "libmpi_abi.so.1": "abi",
+    "libmpi.so.40": "openmpi",
+}
+MPI_SONAMES = frozenset(MPI_FAMILIES)
+_NO_ELF = ElfFacts("", (), (), (), "", 64, (), ())
 _LLS = re.compile(r"^(\S)\S{9}\s+\S+\s+(\d+|\d+,\s*\d+)\s+\S+\s+\S+\s+R(/.*)?$")
 
 
@@ -55,6 +66,7 @@ class FabricImageFacts:
     libfabric: tuple[ImageObject, ...]  # every libfabric.so.1 in the image
     consumers: tuple[ImageObject, ...]  # objects that need libfabric.so.1
     ld_library_path: str  # the image's %environment LD_LIBRARY_PATH
+    mpi: tuple[ImageObject, ...] = ()  # MPI C libraries (by soname: `fabric.hostmpi`)
 
     def glibc_defines(self, soname: str) -> Optional[frozenset[str]]:
         for obj in self.glibc:
@@ -172,11 +184,16 @@ def read_fabric_image_facts(image: ImageFacts) -> FabricImageFacts:
         for o in objects(consumers)
         if "libfabric.so.1" in o.elf.needed or o.elf.required_from("libfabric.so.1")
     ]
+    # MPI C libraries, one per file (a bind over any name of it covers every name).
+    mpi = objects(
+        {p: r for p, r in consumers.items() if elves.get(r, _NO_ELF).soname in MPI_SONAMES}
+    )
     return FabricImageFacts(
         glibc=tuple(objects(glibc)),
         libfabric=tuple(objects(fabric)),
         consumers=tuple(users),
         ld_library_path=image.env.get("LD_LIBRARY_PATH", ""),
+        mpi=tuple(mpi),
     )
 
 

@@ -129,6 +129,26 @@ def check_abi(
     image's glibc. The image's libfabric consumers, plus `consumers`, must find their
     FABRIC_1.x versions in the host libfabric.
     """
+    check_glibc(bound, image, "the host libfabric", "--fabric none")
+    host_lib = lib.object(lib.path).elf
+    defined = frozenset(host_lib.defines)
+    users = [(f"the image's {o.path}", o.elf) for o in image.consumers]
+    for label, elf in [*users, *consumers]:
+        missing = [v for v in elf.required_from(SONAME) if v not in defined]
+        if missing:
+            worst = max(missing, key=version_key)
+            raise UserError(
+                f"cannot bind the host libfabric {lib.version}: {label} needs {worst} but the "
+                f"host's provides up to {newest(defined, 'FABRIC') or 'none'}; rebuild the "
+                f"image against libfabric <= {lib.version} or use --fabric none"
+            )
+
+
+def check_glibc(
+    bound: Iterable[tuple[str, ElfFacts]], image: FabricImageFacts, what: str, way_out: str
+) -> None:
+    """Refuse (UserError) when a host object going in (label, ELF) needs a glibc library
+    or symbol version the image lacks: glibc always stays the image's."""
     glibc_short: dict[str, str] = {}  # missing version -> who needs it
     lacking: list[str] = []
     for label, elf in bound:
@@ -145,8 +165,8 @@ def check_abi(
     if lacking:
         no_libc = image.glibc_defines("libc.so.6") is None
         raise UserError(
-            f"cannot bind the host libfabric: {lacking[0]}, which the image does not have"
-            f"{' (not a glibc image?)' if no_libc else ''}; use --fabric none"
+            f"cannot bind {what}: {lacking[0]}, which the image does not have"
+            f"{' (not a glibc image?)' if no_libc else ''}; use {way_out}"
         )
     if glibc_short:
         worst = max(glibc_short, key=version_key)
@@ -154,22 +174,10 @@ def check_abi(
         more = f" (and {len(glibc_short) - 1} more)" if len(glibc_short) > 1 else ""
         want = ".".join(map(str, numbered)) if numbered else worst
         raise UserError(
-            f"cannot bind the host libfabric: host {glibc_short[worst]} needs {worst}{more} "
+            f"cannot bind {what}: host {glibc_short[worst]} needs {worst}{more} "
             f"but the image's glibc is {image.glibc_version or 'unknown'}; rebuild the image "
-            f"on glibc >= {want} or use --fabric none"
+            f"on glibc >= {want} or use {way_out}"
         )
-    host_lib = lib.object(lib.path).elf
-    defined = frozenset(host_lib.defines)
-    users = [(f"the image's {o.path}", o.elf) for o in image.consumers]
-    for label, elf in [*users, *consumers]:
-        missing = [v for v in elf.required_from(SONAME) if v not in defined]
-        if missing:
-            worst = max(missing, key=version_key)
-            raise UserError(
-                f"cannot bind the host libfabric {lib.version}: {label} needs {worst} but the "
-                f"host's provides up to {newest(defined, 'FABRIC') or 'none'}; rebuild the "
-                f"image against libfabric <= {lib.version} or use --fabric none"
-            )
 
 
 def choose_provider(host: FabricHostFacts, choice: str) -> tuple[str, str]:

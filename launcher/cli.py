@@ -130,6 +130,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         process = plan_host_process(argv, user.environ, user.cwd)
         prefix: list[str] = []
         kind = program_kind = program_mpi_kind(argv[0], user.environ)
+        host_mpi: dict[str, Any] = {}
     else:
         opts = exec_options(values)
         sif, named = local_image(image, source)
@@ -144,17 +145,24 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         kind, program_kind = image_mpi_kinds(
             facts.image, process.argv[0], process.env, user.cache_dir
         )
+        if planned.host_mpi.pmi_kind:  # the host MPI's PMI, not the replaced library's
+            kind = planned.host_mpi.pmi_kind
+            program_kind = program_kind and kind
+        host_mpi = planned.host_mpi.to_dict()
     plan: LaunchPlan = plan_launch(
         lopts, process, container, user.environ, prefix, kind, program_kind, open_files_limit()
     )
     if dry_run:
         if as_json:
-            click.echo(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
+            doc = {**plan.to_dict(), **({"host_mpi": host_mpi} if host_mpi else {})}
+            click.echo(json.dumps(doc, indent=2, sort_keys=True))
         else:
             click.echo(describe(plan))
         return
     if lopts.verbose:
         click.echo(f"rankwire: {describe(plan)}", err=True)
+        if host_mpi and host_mpi["choice"] != "none":
+            click.echo(f"rankwire: {host_mpi['reason']}", err=True)
     if plan.delegate:
         try:
             os.execvp(plan.delegate[0], list(plan.delegate))

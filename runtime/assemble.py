@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from rankwire.fabric.hostfacts import FabricHostFacts
+from rankwire.fabric.hostmpi import HostMpi
 from rankwire.fabric.imagefacts import FabricImageFacts
+from rankwire.fabric.mpiplan import MpiPlan, plan_host_mpi
 from rankwire.fabric.plan import FabricPlan, plan_fabric
 from rankwire.runtime.hostfacts import HostFacts
 from rankwire.runtime.plan import (
@@ -17,6 +19,7 @@ from rankwire.runtime.plan import (
     ImageFacts,
     ProcessPlan,
     UserFacts,
+    host_mpi_choice,
     plan_container,
     plan_env,
     plan_process,
@@ -33,6 +36,7 @@ class Facts:
     existing: frozenset[str]  # those of `plan.paths_to_probe` that exist
     fabric_host: FabricHostFacts
     fabric_image: FabricImageFacts
+    host_mpi: Optional[HostMpi] = None  # read only when --host-mpi is not none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,7 @@ class ImagePlan:
     container: ContainerPlan
     env: dict[str, str]  # the container's environment (`plan_env`)
     fabric: FabricPlan
+    host_mpi: MpiPlan
     process: Optional[ProcessPlan]  # None when no command was given (instance, plugin)
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,15 +52,29 @@ class ImagePlan:
 
 
 def plan_image(facts: Facts, opts: ExecOptions, argv: Optional[Sequence[str]]) -> ImagePlan:
-    """The fabric plan, then the container (fabric mounts last) and the process."""
+    """The fabric plan and the host MPI plan, then the container (their mounts last)
+    and the process."""
     fabric = plan_fabric(facts.fabric_host, facts.fabric_image, opts.fabric)
-    container = plan_container(
-        facts.image, facts.host, facts.user, opts, facts.existing, fabric_mounts=fabric.mounts
+    mpi = plan_host_mpi(
+        facts.host_mpi,
+        facts.fabric_image,
+        fabric,
+        facts.fabric_host.libfabric,
+        host_mpi_choice(opts, facts.user.environ),
     )
-    env = plan_env(facts.image, facts.user, opts, fabric.env)
+    container = plan_container(
+        facts.image,
+        facts.host,
+        facts.user,
+        opts,
+        facts.existing,
+        fabric_mounts=(*fabric.mounts, *mpi.mounts),
+    )
+    bound_env = {**fabric.env, **mpi.env}
+    env = plan_env(facts.image, facts.user, opts, bound_env)
     process = (
-        plan_process(facts.image, facts.user, opts, argv, fabric_env=fabric.env)
+        plan_process(facts.image, facts.user, opts, argv, fabric_env=bound_env)
         if argv is not None
         else None
     )
-    return ImagePlan(container, env, fabric, process)
+    return ImagePlan(container, env, fabric, mpi, process)

@@ -162,14 +162,22 @@ def cli_values(opts: ExecOptions) -> dict[str, Any]:
     return values
 
 
-def _show_plan(container: Optional[ContainerPlan], proc: ProcessPlan, as_json: bool) -> None:
+def _show_plan(
+    container: Optional[ContainerPlan],
+    proc: ProcessPlan,
+    as_json: bool,
+    host_mpi: Optional[dict[str, Any]] = None,
+) -> None:
     plan: dict[str, Any] = {
         "container": container.to_dict() if container else None,
         "process": proc.to_dict(),
+        **({"host_mpi": host_mpi} if host_mpi else {}),
     }
     if as_json:
         click.echo(json.dumps(plan, indent=2, sort_keys=True))
         return
+    if host_mpi and host_mpi["choice"] != "none":
+        click.echo(f"host mpi   {host_mpi['reason']}")
     if container is not None:
         click.echo(f"image      {container.image} (partition at {container.partition_offset})")
         click.echo(
@@ -223,7 +231,7 @@ def _execute(
     plan = plan_image(facts, opts, argv_of(facts.image))
     assert plan.process is not None
     if dry_run:
-        _show_plan(plan.container, plan.process, as_json)
+        _show_plan(plan.container, plan.process, as_json, plan.host_mpi.to_dict())
         return
     inst.end_with_slurmstepd()
     sys.exit(inst.run_container(plan.container, plan.process))
@@ -274,7 +282,10 @@ def instance_start(image: str, name: str, **kw: Any) -> None:
         mode="persistent",
         owner=None,
         name=name,
-        meta={"image_facts": dataclasses.asdict(facts.image), "fabric_env": plan.fabric.env},
+        meta={
+            "image_facts": dataclasses.asdict(facts.image),
+            "fabric_env": {**plan.fabric.env, **plan.host_mpi.env},  # the binds' variables
+        },
     )
     click.echo(
         f"instance {name} started (holder pid {holder.pid}, {holder.report.get('image_driver')})"

@@ -11,6 +11,7 @@ from rankwire.runtime.plan import (
     ImageFacts,
     UserFacts,
     extracts_first,
+    host_mpi_choice,
     paths_to_probe,
 )
 
@@ -47,7 +48,13 @@ def gather(
         )
         facts = dataclasses.replace(facts, content_digest=digest)
     via = dataclasses.replace(facts, path=fabric_image_path) if fabric_image_path else facts
-    fabric_host, fabric_image = fabric_facts(via, opts.fabric)
+    mpi_choice = host_mpi_choice(opts, user.environ)
+    fabric_host, fabric_image = fabric_facts(via, opts.fabric, image_libs=mpi_choice != "none")
+    host_mpi = None
+    if mpi_choice != "none":
+        from rankwire.fabric.hostmpi import host_mpi as read_host_mpi
+
+        host_mpi = read_host_mpi(mpi_choice, user.environ)
     return Facts(
         image=facts,
         host=host,
@@ -55,4 +62,5 @@ def gather(
         existing=existing_paths(paths_to_probe(user, opts)),
         fabric_host=fabric_host,
         fabric_image=fabric_image,
+        host_mpi=host_mpi,
     )

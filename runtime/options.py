@@ -139,6 +139,17 @@ OPTIONS: tuple[Option, ...] = (
         policy=True,
     ),
     Option(
+        "host_mpi",
+        "value",
+        "Run the image's MPI program with the host's MPI library of the same ABI (MPICH "
+        "ABI, MPI standard ABI, Open MPI): auto (the MPI on PATH), its PREFIX, or none "
+        "(default; also RANKWIRE_HOST_MPI).",
+        "container",
+        flags=("--host-mpi",),
+        metavar="auto|PREFIX|none",
+        env=("RANKWIRE_HOST_MPI",),
+    ),
+    Option(
         "share",
         "value",
         "Join the node's container named KEY, starting it if needed (%j/%s: "

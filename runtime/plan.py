@@ -142,9 +142,15 @@ class ExecOptions:
     unsquash: bool = False
     share: Optional[str] = None  # KEY: %j/%s stand for SLURM_JOB_ID/SLURM_STEP_ID
     fabric: str = "auto"  # auto | none | a libfabric provider
+    host_mpi: Optional[str] = None  # auto | PREFIX | none; None: RANKWIRE_HOST_MPI or none
     workdir: Optional[str] = None
     tmpfs_size_mib: int = 64
     bind_cwd: bool = True  # the plugin binds the cwd only when the tasks start there
+
+
+def host_mpi_choice(opts: ExecOptions, environ: Mapping[str, str]) -> str:
+    """--host-mpi, else RANKWIRE_HOST_MPI (a site's module file may set it), else none."""
+    return (opts.host_mpi or environ.get("RANKWIRE_HOST_MPI") or "none").strip() or "none"
 
 
 def cache_dir(environ: Mapping[str, str], home: str) -> str:

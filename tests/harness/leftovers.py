@@ -31,6 +31,8 @@ WATCHED = (
     "fail_ompi",
     "fault_rank",
     "mpi_maps",
+    "mpi_lib",
+    "mpi_lib_abi",
     "nodeinfo",
     "pmi2test",
     "xnode_mpich",

@@ -46,6 +46,7 @@ PROGRAMS = {
     "pmi2test": ("cc", DATA / "pmi2test.c", ("-lpmi2",)),  # Slurm's libpmi2 client
     "fault_rank": ("mpicc.mpich", DATA / "fault_rank.c", ()),  # test_faults' rank
     "mpi_maps": ("mpicc.openmpi", DATA / "fabric" / "mpi_maps.c", ()),  # libfabric mapped
+    "mpi_lib": ("mpicc.mpich", DATA / "mpi_lib.c", ()),  # which MPI library is mapped
 }
 
 

@@ -1,0 +1,269 @@
+"""`--host-mpi`: the image's MPI program runs with the host's MPI library of the same ABI.
+
+Real MPIs: a program built with Debian's MPICH 4.0.2 (`libmpich.so.12`) in an image, and
+PyPI's MPICH 5.0.2 wheel (`libmpi.so.12`, `libmpi_abi.so.1`, its own libfabric and UCX)
+as the host MPI; `MPI_Get_library_version` and the library each rank mapped
+(`/proc/self/maps`: device and inode) say which one ran."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_fabric_plan import cc_shared
+
+from harness.images import make_rootfs, make_world_readable
+from harness.mpi import CompiledPrograms
+from harness.slurm import SlurmCluster
+from harness.users import User, rw
+from rankwire.fabric.elf import read_elf
+from rankwire.fabric.imagefacts import MPI_SONAMES
+
+WHEEL = Path(sys.prefix) / "opt" / "mpich"
+WHEEL_LIB = WHEEL / "lib" / "libmpi.so.12"
+GLIBC_EXTRA = ("libdl.so.2", "librt.so.1", "libpthread.so.0")  # the wheel needs them
+LINE = re.compile(
+    r"^mpilib rank=(\d+) size=(\d+) sum=(\d+) library=(\S+) devino=(\S+) version=(.*)$"
+)
+
+pytestmark = pytest.mark.skipif(not WHEEL_LIB.exists(), reason=f"no MPICH wheel at {WHEEL}")
+
+
+def devino(path: Path) -> str:
+    """/proc/PID/maps' dev:inode of the file behind `path`."""
+    st = os.stat(path)
+    return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+
+
+def ranks(stdout: str) -> list[dict[str, Any]]:
+    out = []
+    for line in stdout.splitlines():
+        m = LINE.match(line)
+        if m:
+            rank, size, total, library, where, version = m.groups()
+            out.append(
+                {
+                    "rank": int(rank),
+                    "size": int(size),
+                    "sum": int(total),
+                    "library": library,
+                    "devino": where,
+                    "version": version,
+                }
+            )
+    return sorted(out, key=lambda r: r["rank"])
+
+
+@pytest.fixture(scope="module")
+def image(shared_dir: Path, data_programs: CompiledPrograms) -> Path:
+    """Debian MPICH's runtime (+ UCX plugins and the glibc pieces a newer MPI needs) with
+    /opt/mpi_lib built against it."""
+    from rankwire.runtime.build import build_image
+
+    program = data_programs["mpi_lib"]
+    rootfs = make_rootfs(
+        shared_dir / "host-mpi-rootfs",
+        binaries=[str(program)],
+        trees=["/usr/lib/x86_64-linux-gnu/ucx"],
+    )
+    for name in GLIBC_EXTRA:
+        shutil.copy2(f"/lib/x86_64-linux-gnu/{name}", rootfs / "lib/x86_64-linux-gnu" / name)
+    (rootfs / "opt").mkdir()
+    shutil.copy2(program, rootfs / "opt" / "mpi_lib")
+    out = shared_dir / "host-mpi.sif"
+    build_image(out, rootfs)
+    make_world_readable(shared_dir)
+    return out
+
+
+def refused(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    return proc.stderr.rstrip("\n")
+
+
+# -- the plan ------------------------------------------------------------------------------
+
+
+def test_dry_run_says_what_is_replaced_by_what(image: Path) -> None:
+    me = User("self", os.getuid(), os.getgid(), "")
+    proc = rw(me, "exec", "--dry-run", "--json", "--host-mpi", str(WHEEL), str(image), "/opt/x")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    mpi = plan["host_mpi"]
+    assert mpi["family"] == "mpich"
+    assert mpi["replaced"] == [["/lib/x86_64-linux-gnu/libmpich.so.12", str(WHEEL_LIB)]]
+    assert mpi["reason"] == (
+        f"host MPI (MPICH Version: 5.0.2) from --host-mpi {WHEEL}: replaced "
+        f"/lib/x86_64-linux-gnu/libmpich.so.12 by {WHEEL_LIB}"
+    )
+    binds = {m["target"]: m["source"] for m in plan["container"]["mounts"]}
+    assert binds["/lib/x86_64-linux-gnu/libmpich.so.12"] == str(WHEEL_LIB)
+    # The closure, one file at a time: its own libfabric (the host's 1.17 lacks FABRIC_1.9).
+    assert binds["/.rankwire/mpi/lib/libfabric.so.1"] == str(WHEEL / "lib/mpich/libfabric.so.1")
+    assert binds["/.rankwire/mpi/lib/libucp.so.0"] == str(WHEEL / "lib/mpich/libucp.so.0")
+    assert plan["process"]["env"]["LD_LIBRARY_PATH"] == "/.rankwire/mpi/lib"
+    # Off by default, and RANKWIRE_HOST_MPI is the option's variable.
+    plain = rw(me, "exec", "--dry-run", "--json", str(image), "/opt/x")
+    assert json.loads(plain.stdout)["host_mpi"]["replaced"] == []
+    proc = me.run(
+        ["env", f"RANKWIRE_HOST_MPI={WHEEL}", "rankwire", "exec", "--dry-run", "--json",
+         str(image), "/opt/x"],
+    )  # fmt: skip
+    assert json.loads(proc.stdout)["host_mpi"]["family"] == "mpich"
+
+
+# -- runs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_the_launcher_runs_the_image_program_on_the_host_mpi(runner: User, image: Path) -> None:
+    proc = runner.run(
+        ["apptainer-mpirun", "-v", "-n", "4", "--host-mpi", str(WHEEL), str(image),
+         "/opt/mpi_lib"],
+        cwd="/tmp",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = ranks(proc.stdout)
+    assert [r["rank"] for r in got] == [0, 1, 2, 3]
+    for r in got:
+        assert (r["size"], r["sum"]) == (4, 10)
+        assert r["version"] == "MPICH Version:      5.0.2"
+        assert r["library"] == "/lib/x86_64-linux-gnu/libmpich.so.12"  # the image's path
+        assert r["devino"] == devino(WHEEL_LIB)  # ... holding the host's file
+    assert proc.stderr.splitlines()[1] == (
+        f"rankwire: host MPI (MPICH Version: 5.0.2) from --host-mpi {WHEEL}: replaced "
+        f"/lib/x86_64-linux-gnu/libmpich.so.12 by {WHEEL_LIB}"
+    )
+    # Without it, the image's own MPICH 4.0.2.
+    own = runner.run(["apptainer-mpirun", "-n", "2", str(image), "/opt/mpi_lib"], cwd="/tmp")
+    assert {r["version"] for r in ranks(own.stdout)} == {"MPICH Version:\t4.0.2"}
+
+
+@pytest.fixture(scope="module")
+def abi_image(shared_dir: Path) -> Path:
+    """A program built with the wheel's mpicc_abi, in an image holding its own copy of the
+    MPICH 5 libraries under /opt/mpich/lib (the program's RUNPATH)."""
+    from rankwire.runtime.build import build_image
+
+    work = shared_dir / "abi"
+    work.mkdir()
+    program = work / "mpi_lib_abi"
+    src = Path(__file__).resolve().parent / "data" / "mpi_lib.c"
+    subprocess.run(
+        [str(WHEEL / "bin/mpicc_abi"), "-O1", str(src), "-o", str(program),
+         "-Wl,-rpath,/opt/mpich/lib"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    rootfs = make_rootfs(work / "rootfs", binaries=["/bin/true"])
+    for name in (*GLIBC_EXTRA, "libm.so.6"):
+        shutil.copy2(f"/lib/x86_64-linux-gnu/{name}", rootfs / "lib/x86_64-linux-gnu" / name)
+    shutil.copytree(WHEEL / "lib", rootfs / "opt/mpich/lib", symlinks=True)
+    shutil.copy2(program, rootfs / "opt/mpi_lib_abi")
+    image = work / "abi.sif"
+    build_image(image, rootfs)
+    make_world_readable(work)
+    return image
+
+
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_a_standard_abi_program_takes_the_hosts_libmpi_abi(runner: User, abi_image: Path) -> None:
+    """The host's libmpi_abi.so.1 is mapped instead of the image's copy."""
+    image = abi_image
+    proc = runner.run(
+        ["apptainer-mpirun", "-n", "2", "--host-mpi", str(WHEEL), str(image),
+         "/opt/mpi_lib_abi"],
+        cwd="/tmp",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = ranks(proc.stdout)
+    assert [(r["size"], r["sum"]) for r in got] == [(2, 3), (2, 3)]
+    # LD_LIBRARY_PATH (the host closure) is searched before the program's RUNPATH; the
+    # image's /opt/mpich/lib/libmpi_abi.so.1 is the host's file too (bound over).
+    assert {r["library"] for r in got} == {"/.rankwire/mpi/lib/libmpi_abi.so.1"}
+    assert {r["devino"] for r in got} == {devino(WHEEL / "lib/libmpi_abi.so.1")}
+
+
+@pytest.mark.slurm
+def test_srun_exec_with_the_host_mpi(slurm_cluster: SlurmCluster, image: Path) -> None:
+    """Under srun --mpi=pmi2 with Debian's MPICH as the host MPI (the wheel has no PMI-2):
+    the ranks map the host's file, not the image's copy."""
+    proc = subprocess.run(
+        ["srun", "--mpi=pmi2", "-n", "2", "rankwire", "exec", "--host-mpi", "/usr",
+         str(image), "/opt/mpi_lib"],
+        env=slurm_cluster.env, cwd="/tmp", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = ranks(proc.stdout)
+    assert [(r["rank"], r["size"], r["sum"]) for r in got] == [(0, 2, 3), (1, 2, 3)]
+    host_lib = Path("/usr/lib/x86_64-linux-gnu/libmpich.so.12")
+    assert {r["devino"] for r in got} == {devino(host_lib)}
+
+
+# -- refusals: one line, nothing started -----------------------------------------------------
+
+
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_refusals(
+    runner: User, image: Path, ompi_image: Path, base_image: Path, shared_dir: Path
+) -> None:
+    libs = ", ".join(sorted(MPI_SONAMES))
+    assert refused(rw(runner, "exec", "--host-mpi", str(WHEEL), str(ompi_image), "true")) == (
+        f"rankwire: cannot use the host MPI (--host-mpi {WHEEL}): the image's MPI is Open MPI "
+        "(libmpi.so.40) and the host's is MPI standard ABI (libmpi_abi.so.1) and MPICH ABI "
+        "(libmpi.so.12), whose ABIs differ; use --host-mpi none, or an image built with an "
+        "MPI of the host's ABI"
+    )
+    assert refused(rw(runner, "exec", "--host-mpi", "/var/empty", str(image), "true")) == (
+        f"rankwire: --host-mpi /var/empty: no MPI library ({libs}) in "
+        "/var/empty/lib/x86_64-linux-gnu, /var/empty/lib64, /var/empty/lib; give the prefix "
+        "of the site's MPI (the directory holding its lib/ and bin/) or --host-mpi none"
+    )
+    assert refused(rw(runner, "exec", "--host-mpi", str(WHEEL), str(base_image), "true")) == (
+        f"rankwire: --host-mpi {WHEEL}: the image has no shared MPI library ({libs}) to "
+        "replace: its program may link MPI statically; rebuild it against a shared MPI or "
+        "drop --host-mpi"
+    )
+    # A host MPI built on a newer glibc than the image's (a stub: needs GLIBC_2.99).
+    stub = shared_dir / "stub-mpi"
+    if not stub.exists():
+        libc = cc_shared(
+            stub / "glibc/libc.so.6", "libc.so.6", "int new_call(void) { return 0; }\n",
+            "GLIBC_2.99 { global: new_call; local: *; };\n", nostdlib=True,
+        )  # fmt: skip
+        cc_shared(
+            stub / "lib/libmpi.so.12", "libmpi.so.12",
+            "int new_call(void);\nint MPI_Init(void *a, void *b) { return new_call(); }\n",
+            link=(str(libc),),
+        )  # fmt: skip
+        make_world_readable(shared_dir)
+    assert read_elf(str(stub / "lib/libmpi.so.12")).required_from("libc.so.6") == ("GLIBC_2.99",)
+    assert refused(rw(runner, "exec", "--host-mpi", str(stub), str(image), "true")) == (
+        "rankwire: cannot bind the host MPI: host libmpi.so.12 needs GLIBC_2.99 but the "
+        "image's glibc is 2.36; rebuild the image on glibc >= 2.99 or use --host-mpi none"
+    )
+
+
+def test_auto_without_a_host_mpi_binds_nothing() -> None:
+    from rankwire.fabric.hostmpi import host_mpi
+
+    assert host_mpi("auto", {"PATH": "/nonexistent"}) is None
+    assert host_mpi("none", {}) is None
+    found = host_mpi("auto", {"PATH": "/usr/bin"})  # Debian's MPICH: mpichversion
+    assert found is not None and found.found_by == "mpichversion on PATH (/usr/bin/mpichversion)"
+    assert found.libs == ("/usr/lib/x86_64-linux-gnu/libmpich.so.12",)  # not Open MPI's
+
+
+def test_the_pmi_of_the_injected_mpi() -> None:
+    from rankwire.fabric.mpiplan import MpiPlan
+
+    assert MpiPlan("x", "", (), "openmpi", {}, ()).pmi_kind == "pmix"
+    assert MpiPlan("x", "", (), "mpich", {}, ()).pmi_kind == "pmi1/2"
+    assert MpiPlan("none", "", (), "", {}, ()).pmi_kind is None
