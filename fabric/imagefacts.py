@@ -143,7 +143,11 @@ def _unsquashfs() -> str:
 
 
 def _run(argv: list[str], image: str) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    # /proc/self/fd/N (the plugin's checked descriptor, in a process that cannot be
+    # ptraced, so no other process may open its /proc/PID/fd): the child gets fd N.
+    fd = re.fullmatch(r"/proc/self/fd/(\d+)", image)
+    passed = (int(fd.group(1)),) if fd else ()
+    proc = subprocess.run(argv, capture_output=True, text=True, pass_fds=passed)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         raise UserError(f"cannot read {image} with unsquashfs: {last}; check the image")

@@ -148,6 +148,11 @@ OPTIONS: tuple[Option, ...] = (
         flags=("--host-mpi",),
         metavar="auto|PREFIX|none",
         env=("RANKWIRE_HOST_MPI",),
+        spank="container-host-mpi",
+        spank_metavar="auto|PREFIX|none",
+        spank_help="Run with the host's MPI library of the image's ABI (default none, or "
+        "the site's host_mpi=)",
+        policy=True,
     ),
     Option(
         "share",

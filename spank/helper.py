@@ -299,7 +299,13 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
     if want is None:
         return [("skip", "no container asked for")], []
     policy = load_policy(facts.arg("policy"))
-    policy.check_options(fabric=want.fabric, remap_root=want.remap_root, writable=want.writable)
+    policy.check_options(
+        fabric=want.fabric,
+        remap_root=want.remap_root,
+        writable=want.writable,
+        host_mpi=want.host_mpi,
+        site_host_mpi=facts.arg("host_mpi") or "none",
+    )
     home = pwd.getpwuid(facts.uid).pw_dir
     pulled = _pull(facts, want, policy, home) if is_remote(want.image) else None
     with as_user(facts):
@@ -391,9 +397,9 @@ def _plan(
 
     user = plan.user_facts(facts, home, slurm_step(plan.step_env(facts), facts.uid))
     opts = plan.exec_options(want, want.mounts)
-    # Readers in other processes (unsquashfs for the fabric ABI check) see the checked
-    # file through our descriptor, never through its path.
-    found = gather(image, opts, user=user, fabric_image_path=f"/proc/{os.getpid()}/fd/{image_fd}")
+    # Readers in other processes (unsquashfs for the fabric and host MPI checks) see the
+    # checked file through our descriptor (passed to them), never through its path.
+    found = gather(image, opts, user=user, fabric_image_path=f"/proc/self/fd/{image_fd}")
     planned = plan_image(found, opts, None)
     container = plan.for_tasks(plan.with_descriptors(planned.container, binds))
     if not home_allowed:

@@ -103,6 +103,7 @@ class Asked:
     writable: bool
     fabric: str
     remap_root: bool
+    host_mpi: str = "none"  # --container-host-mpi, else the site's plugstack host_mpi=
 
 
 def _flag(name: str, value: str) -> bool:
@@ -165,6 +166,7 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
         writable=flags["writable_tmpfs"],
         fabric=(got["fabric"][0] or "auto").strip() or "auto",
         remap_root=flags["fakeroot"],
+        host_mpi=(got["host_mpi"][0] or facts.arg("host_mpi") or "none").strip() or "none",
     )
 
 
@@ -224,6 +226,7 @@ def exec_options(want: Asked, mounts: Sequence[Mount]) -> ExecOptions:
         writable_tmpfs=want.writable,
         fakeroot=want.remap_root,
         fabric=want.fabric,
+        host_mpi=want.host_mpi,
         share="none",
         workdir=want.workdir,
         bind_cwd=want.workdir is None,

@@ -110,7 +110,15 @@ class Policy:
                 f"({', '.join(self.mount_sources)})"
             )
 
-    def check_options(self, *, fabric: str, remap_root: bool, writable: bool) -> None:
+    def check_options(
+        self,
+        *,
+        fabric: str,
+        remap_root: bool,
+        writable: bool,
+        host_mpi: str = "none",
+        site_host_mpi: str = "none",
+    ) -> None:
         if fabric != "auto" and not self.allow_fabric_choice:
             raise PolicyError(
                 f"--container-fabric={fabric} is not allowed here; drop it (auto is used)"
@@ -119,6 +127,12 @@ class Policy:
             raise PolicyError("--container-remap-root is not allowed here; drop it")
         if writable and not self.allow_writable:
             raise PolicyError("--container-writable is not allowed here; drop it")
+        if self.enforce and host_mpi not in ("none", site_host_mpi):
+            raise PolicyError(
+                f"--container-host-mpi={host_mpi}: under this site's enforced policy root "
+                "binds only the host MPI the site configured (plugstack host_mpi="
+                f"{site_host_mpi}); drop it"
+            )
         if remap_root and self.enforce:
             raise PolicyError(
                 "--container-remap-root needs a user namespace, which this site's enforced "

@@ -207,6 +207,25 @@ def test_srun_exec_with_the_host_mpi(slurm_cluster: SlurmCluster, image: Path) -
     assert {r["devino"] for r in got} == {devino(host_lib)}
 
 
+@pytest.mark.slurm
+def test_the_plugin_with_the_host_mpi(
+    spank_cluster: SlurmCluster, image: Path, runner: User, nothing_left: None
+) -> None:
+    """`--container-host-mpi=/usr` (Debian's MPICH: it speaks PMI-2, the wheel does not):
+    both tasks map the host's file through the plugin's container."""
+    from harness.spank import srun
+
+    proc = srun(
+        spank_cluster, runner, "-n", "2", "--mpi=pmi2", f"--container-image={image}",
+        "--container-host-mpi=/usr", "/opt/mpi_lib",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = ranks(proc.stdout)
+    assert [(r["rank"], r["size"], r["sum"]) for r in got] == [(0, 2, 3), (1, 2, 3)]
+    host_lib = Path("/usr/lib/x86_64-linux-gnu/libmpich.so.12")
+    assert {r["devino"] for r in got} == {devino(host_lib)}
+
+
 # -- refusals: one line, nothing started -----------------------------------------------------
 
 
@@ -267,3 +286,19 @@ def test_the_pmi_of_the_injected_mpi() -> None:
     assert MpiPlan("x", "", (), "openmpi", {}, ()).pmi_kind == "pmix"
     assert MpiPlan("x", "", (), "mpich", {}, ()).pmi_kind == "pmi1/2"
     assert MpiPlan("none", "", (), "", {}, ()).pmi_kind is None
+
+
+def test_enforced_policy_binds_only_the_sites_host_mpi() -> None:
+    from rankwire.spank.policy import Policy, PolicyError
+
+    enforced = Policy(source="/p.toml", enforce=True)
+    kw: dict[str, Any] = {"fabric": "auto", "remap_root": False, "writable": False}
+    enforced.check_options(**kw, host_mpi="none", site_host_mpi="none")
+    enforced.check_options(**kw, host_mpi="/opt/cray", site_host_mpi="/opt/cray")
+    with pytest.raises(PolicyError) as err:
+        enforced.check_options(**kw, host_mpi="/home/me/mpi", site_host_mpi="/opt/cray")
+    assert str(err.value) == (
+        "policy: --container-host-mpi=/home/me/mpi: under this site's enforced policy root "
+        "binds only the host MPI the site configured (plugstack host_mpi=/opt/cray); drop it"
+    )
+    Policy(source="/p.toml").check_options(**kw, host_mpi="/home/me/mpi")  # advisory: yours

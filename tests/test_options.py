@@ -132,4 +132,5 @@ def test_every_exec_option_is_a_field_and_joining_allows_only_process_options() 
         "container-remap-root",
         "container-writable",
         "container-fabric",
+        "container-host-mpi",  # only the site's under enforce (spank/policy.check_options)
     }
