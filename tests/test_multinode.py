@@ -353,6 +353,28 @@ def test_srun_rankwire_exec_on_two_nodes(
     check_job(slurm_multinode, job, before, 2, 4, mpi == "mpich")
 
 
+def test_host_mpi_injected_on_two_nodes(
+    slurm_multinode: MultiNodeCluster, xnode_image: Path, runner: User, tmp_path: Path
+) -> None:
+    """`--host-mpi`: the image's program (built with Debian's MPICH 4.0.2, UCX only) runs
+    on PyPI's MPICH 5 wheel over libfabric's tcp provider; the 4 MiB exchange crosses the
+    veths, and no MPICH 4/UCX hang in MPI_Finalize."""
+    wheel = Path(sys.prefix) / "opt" / "mpich"
+    if not (wheel / "lib" / "libmpi.so.12").exists():
+        pytest.skip(f"no MPICH wheel at {wheel}")
+    before = slurm_multinode.net_bytes()
+    job = run_job(
+        slurm_multinode,
+        runner,
+        ["srun", "--mpi=pmi2", "-N2", "-n4", "rankwire", "exec", "--share", SHARE,
+         "--host-mpi", str(wheel), "--env", "MPICH_CH4_NETMOD=ofi", "--env", "FI_PROVIDER=tcp",
+         str(xnode_image), "/opt/xnode_mpich"],
+        4,
+        tmp_path,
+    )  # fmt: skip
+    check_job(slurm_multinode, job, before, 2, 4, False)
+
+
 @pytest.mark.parametrize("mpi", ["mpich", "ompi"])
 def test_spank_plugin_on_two_nodes(
     slurm_multinode: MultiNodeCluster,

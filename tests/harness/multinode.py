@@ -690,6 +690,7 @@ def compile_xnode(bindir: Path) -> XnodePrograms:
 
 
 # Plugin trees both MPIs dlopen (UCX for MPICH; Open MPI's MCA components, PMIx's own).
+GLIBC_EXTRA = ("libdl.so.2", "librt.so.1", "libpthread.so.0", "libm.so.6")
 MPI_TREES = (
     "/usr/lib/x86_64-linux-gnu/ucx",
     "/usr/lib/x86_64-linux-gnu/openmpi",
@@ -712,6 +713,8 @@ def build_xnode_image(where: Path, progs: XnodePrograms) -> Path:
     (rootfs / "opt").mkdir(exist_ok=True)
     for prog in (progs.mpich, progs.ompi):
         shutil.copy2(prog, rootfs / "opt" / prog.name)
+    for name in GLIBC_EXTRA:  # what a host MPI injected with --host-mpi may need
+        shutil.copy2(f"/lib/x86_64-linux-gnu/{name}", rootfs / "lib/x86_64-linux-gnu" / name)
     out = where / "xnode.sif"
     build_image(out, rootfs, runscript='#!/bin/sh\nexec /opt/xnode_mpich "$@"\n')
     shutil.rmtree(rootfs)
