@@ -55,21 +55,32 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
-def doctor(as_json: bool) -> None:
-    """Report the host facts rankwire relies on, and what is missing."""
-    from rankwire.runtime.hostfacts import collect_host_facts, doctor_report
+@click.argument("image", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the checks and facts as JSON.")
+def doctor(image: str | None, as_json: bool) -> None:
+    """Check this host, and IMAGE (a SIF) if given, for what rankwire needs.
 
-    facts = collect_host_facts()
+    Each check is ok, warn or fail, with the reason and the fix; the exit status is 1
+    when one fails.
+    """
+    from rankwire.runtime.doctor import diagnose, failed, report_lines
+    from rankwire.runtime.doctorfacts import gather_doctor
+
+    facts = gather_doctor(image)
+    checks = diagnose(facts)
     if as_json:
         import json
 
-        click.echo(json.dumps(facts.to_dict(), indent=2, sort_keys=True))
-        return
-    lines, ok = doctor_report(facts)
-    for line in lines:
-        click.echo(line)
-    if not ok:
+        doc = {
+            "ok": not failed(checks),
+            "checks": [c.to_dict() for c in checks],
+            "facts": facts.to_dict(),
+        }
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        for line in report_lines(facts, checks):
+            click.echo(line)
+    if failed(checks):
         sys.exit(1)
 
 

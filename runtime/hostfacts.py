@@ -1,6 +1,7 @@
 """Host facts: read once into plain data, then handed to the planners.
 
-Nothing here decides anything; `doctor_report` only words the facts for humans.
+Nothing here decides anything. What `rankwire doctor` tries on top of these is in
+`runtime/doctorhost.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ TOOLS = (
 )
 
 
-def _read_int(path: Path) -> Optional[int]:
+def read_int(path: Path) -> Optional[int]:
     try:
         return int(path.read_text().strip())
     except (OSError, ValueError):
@@ -70,32 +71,8 @@ def collect_host_facts(root: str = "/") -> HostFacts:
         machine=platform.machine(),
         uid=os.getuid(),
         gid=os.getgid(),
-        max_user_namespaces=_read_int(r / "proc/sys/user/max_user_namespaces"),
-        unprivileged_userns_clone=_read_int(r / "proc/sys/kernel/unprivileged_userns_clone"),
+        max_user_namespaces=read_int(r / "proc/sys/user/max_user_namespaces"),
+        unprivileged_userns_clone=read_int(r / "proc/sys/kernel/unprivileged_userns_clone"),
         dev_fuse_usable=fuse.exists() and os.access(fuse, os.R_OK | os.W_OK),
         tools={name: shutil.which(name) for name in TOOLS},
     )
-
-
-def doctor_report(facts: HostFacts) -> tuple[list[str], bool]:
-    """Human lines for `rankwire doctor`, and whether containers can start here."""
-    lines = [f"kernel {facts.kernel} ({facts.machine}), uid {facts.uid}"]
-    ok = True
-    if facts.userns_allowed:
-        lines.append("ok    unprivileged user namespaces are enabled")
-    else:
-        ok = False
-        lines.append(
-            "FAIL  user namespaces are disabled: ask the admin for "
-            "`sysctl user.max_user_namespaces=15000 kernel.unprivileged_userns_clone=1`"
-        )
-    if facts.dev_fuse_usable:
-        lines.append("ok    /dev/fuse is usable: images are mounted with squashfuse")
-    else:
-        lines.append("warn  /dev/fuse is not usable: images will be extracted with unsquashfs")
-    for name, path in sorted(facts.tools.items()):
-        lines.append(f"{'ok  ' if path else 'miss'}  {name}: {path or 'not found'}")
-    if not (facts.tool("squashfuse_ll") or facts.tool("squashfuse") or facts.tool("unsquashfs")):
-        ok = False
-        lines.append("FAIL  no way to open images: `apt-get install squashfuse squashfs-tools`")
-    return lines, ok
