@@ -226,6 +226,51 @@ def test_the_plugin_with_the_host_mpi(
     assert {r["devino"] for r in got} == {devino(host_lib)}
 
 
+@pytest.fixture(scope="module")
+def mpi4py_image(shared_dir: Path) -> Path:
+    """Debian's Python 3.11 with mpi4py built against Debian's MPICH (the venv's)."""
+    import mpi4py
+
+    from rankwire.runtime.build import build_image
+
+    package = Path(mpi4py.__file__).parent
+    rootfs = make_rootfs(
+        shared_dir / "mpi4py-rootfs",
+        binaries=[str(Path(sys.executable).resolve()), *map(str, package.glob("*.so"))],
+        trees=["/usr/lib/x86_64-linux-gnu/ucx"],
+    )
+    stdlib = Path("/usr/lib") / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    skip = shutil.ignore_patterns("test", "idlelib", "tkinter", "config-*", "ensurepip")
+    shutil.copytree(stdlib, rootfs / stdlib.relative_to("/"), symlinks=True, ignore=skip)
+    for name in GLIBC_EXTRA:
+        shutil.copy2(f"/lib/x86_64-linux-gnu/{name}", rootfs / "lib/x86_64-linux-gnu" / name)
+    shutil.copytree(package, rootfs / "usr/lib/python3/dist-packages/mpi4py")
+    out = shared_dir / "mpi4py.sif"
+    build_image(out, rootfs)
+    shutil.rmtree(shared_dir / "mpi4py-rootfs")
+    make_world_readable(shared_dir)
+    return out
+
+
+MPI4PY_HELLO = (  # one write(2) per line: the ranks share the launcher's pipe
+    "import os; from mpi4py import MPI; c = MPI.COMM_WORLD; s = c.allreduce(c.rank + 1); "
+    "v = MPI.Get_library_version().splitlines()[0].split()[-1]; "
+    "os.write(1, f'mpi4py {c.rank} {c.size} {s} {v}\\n'.encode())"
+)
+
+
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_mpi4py_in_the_image_runs_on_the_host_mpi(runner: User, mpi4py_image: Path) -> None:
+    python = f"/usr/bin/{Path(sys.executable).resolve().name}"
+    proc = runner.run(
+        ["apptainer-mpirun", "-n", "2", "--host-mpi", str(WHEEL), str(mpi4py_image),
+         python, "-c", MPI4PY_HELLO],
+        cwd="/tmp",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == ["mpi4py 0 2 3 5.0.2", "mpi4py 1 2 3 5.0.2"]
+
+
 # -- refusals: one line, nothing started -----------------------------------------------------
 
 
