@@ -73,6 +73,14 @@ load: system-test $(VENV)/.stamp-test
 	$(PY) bench/pmi_load.py
 	$(PY) bench/exec_load.py
 
+# The fast-path table (bench/fastpath.py, a few minutes): rankwire exec / joining / the
+# launchers against ch-run, mpiexec.hydra and mpirun.openmpi in the same run; installs
+# Charliecloud (and matplotlib into the venv for FASTPATH_ARGS="--png FILE") when missing.
+FASTPATH_ARGS ?=
+.PHONY: bench-fastpath
+bench-fastpath: system-test $(VENV)/.stamp-test
+	$(PY) bench/fastpath.py $(FASTPATH_ARGS)
+
 # A Slurm cluster in network namespaces for humans (root; tests/harness/multinode.py):
 #   make cluster-up [NODES=4] [CLUSTER_SHARED="/tmp/dir ..."]   prints the SLURM_CONF to export
 #   make cluster-down                                           removes all of it again
