@@ -13,6 +13,7 @@ import errno
 from typing import Any, Optional
 
 from rankwire.errors import UserError
+from rankwire.fabric.mpiplan import plan_host_mpi
 from rankwire.fabric.plan import SONAME, check_abi, plan_fabric
 from rankwire.runtime.doctorfacts import DoctorFacts, DoctorImageFacts
 from rankwire.runtime.doctorhost import DirFacts, DoctorHostFacts
@@ -294,8 +295,33 @@ def human_bytes(n: int) -> str:
 def image_checks(h: DoctorHostFacts, i: DoctorImageFacts) -> list[Check]:
     checks = [arch_check(h, i), mpi_check(i), pmi_check(h, i)]
     checks += fabric_checks(h, i)
+    checks.append(host_mpi_check(h, i))
     checks.append(accounts_check(h, i))
     return checks
+
+
+def host_mpi_check(h: DoctorHostFacts, i: DoctorImageFacts) -> Check:
+    """What `--host-mpi` (RANKWIRE_HOST_MPI, else auto) would bind for this image."""
+    named = f"--host-mpi {i.host_mpi_choice}"
+    if i.arch != h.goarch:
+        return Check("host-mpi", WARN, f"not checked: the image is for {i.arch}")
+    if i.host_mpi_error:
+        cause, fix = cause_and_fix(i.host_mpi_error)
+        return Check("host-mpi", WARN, cause, fix)
+    try:
+        fabric = plan_fabric(i.fabric_host, i.fabric_image, "auto")
+    except UserError:
+        fabric = plan_fabric(i.fabric_host, i.fabric_image, "none")
+    try:
+        plan = plan_host_mpi(
+            i.host_mpi, i.fabric_image, fabric, i.fabric_host.libfabric, i.host_mpi_choice
+        )
+    except UserError as err:
+        cause, fix = cause_and_fix(str(err))
+        return Check("host-mpi", WARN, f"{named}: {cause}", fix)
+    if not plan.replaced:
+        return Check("host-mpi", OK, f"{named} binds nothing: {plan.reason}")
+    return Check("host-mpi", OK, f"{named} would run the image's MPI program on the {plan.reason}")
 
 
 def arch_check(h: DoctorHostFacts, i: DoctorImageFacts) -> Check:

@@ -8,6 +8,7 @@ in one `unsquashfs` call into a temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any, Optional
 
 from rankwire.errors import UserError
 from rankwire.fabric.hostfacts import FabricHostFacts
+from rankwire.fabric.hostmpi import HostMpi, host_mpi
 from rankwire.fabric.imagefacts import FabricImageFacts, Listing, list_image
 from rankwire.fabric.plan import EMPTY_IMAGE
 from rankwire.runtime.doctorhost import DoctorHostFacts, collect_doctor_host_facts
@@ -53,6 +55,9 @@ class DoctorImageFacts:
     fabric_host: FabricHostFacts  # the host libfabric loaded whatever the adapters
     fabric_image: FabricImageFacts  # EMPTY_IMAGE when the host has no libfabric
     fabric_error: str  # why the image's fabric facts could not be read ("" when they were)
+    host_mpi_choice: str = "auto"  # RANKWIRE_HOST_MPI, else auto (the MPI on PATH)
+    host_mpi: Optional[HostMpi] = None  # what that choice finds (None: nothing)
+    host_mpi_error: str = ""  # why it found nothing usable (a PREFIX without an MPI)
 
     def to_dict(self) -> dict[str, Any]:
         """A summary: ELF facts (every symbol version) are left out."""
@@ -123,6 +128,12 @@ def image_doctor_facts(path: str, host: DoctorHostFacts) -> DoctorImageFacts:
         )
         passwd, group = (_ids(local.get(listing.regular(f))) for f in ACCOUNT_FILES)
     fabric_host, fabric_image, fabric_error = _fabric(facts)
+    choice = os.environ.get("RANKWIRE_HOST_MPI") or "auto"
+    found, found_error = None, ""
+    try:
+        found = host_mpi(choice, os.environ)
+    except UserError as err:
+        found_error = str(err)
     return DoctorImageFacts(
         path=facts.path,
         arch=arch,
@@ -133,6 +144,9 @@ def image_doctor_facts(path: str, host: DoctorHostFacts) -> DoctorImageFacts:
         fabric_host=fabric_host,
         fabric_image=fabric_image,
         fabric_error=fabric_error,
+        host_mpi_choice=choice,
+        host_mpi=found,
+        host_mpi_error=found_error,
     )
 
 
@@ -230,10 +244,8 @@ def _fabric(image: ImageFacts) -> tuple[FabricHostFacts, FabricImageFacts, str]:
     from rankwire.fabric.imagefacts import read_fabric_image_facts
 
     host = collect_fabric_host_facts(with_library=False)
-    try:
-        host = dataclasses.replace(host, libfabric=host_libfabric())
-    except UserError:
-        return host, EMPTY_IMAGE, ""
+    with contextlib.suppress(UserError):  # no host libfabric: the image's libraries still
+        host = dataclasses.replace(host, libfabric=host_libfabric())  # matter (host MPI)
     try:
         return host, read_fabric_image_facts(image), ""
     except UserError as err:

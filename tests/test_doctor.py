@@ -138,6 +138,7 @@ def test_a_good_host_and_image_pass_every_check():
         "pmi",
         "fabric",
         "fabric-abi",
+        "host-mpi",
         "image-users",
     ]
     assert {c.verdict for c in checks} == {"ok"} and not failed(checks)
@@ -151,6 +152,19 @@ def test_a_good_host_and_image_pass_every_check():
     )
     assert checked("fabric-abi", image=MPICH) == Check(
         "fabric-abi", "ok", "the host has no libfabric: nothing would be bound"
+    )
+    assert checked("host-mpi", image=MPICH) == Check(
+        "host-mpi",
+        "ok",
+        "--host-mpi auto binds nothing: no host MPI found (no mpichversion or ompi_info on PATH)",
+    )
+    bad_prefix = dataclasses.replace(
+        MPICH,
+        host_mpi_choice="/opt/x",
+        host_mpi_error="--host-mpi /opt/x: no MPI library (…) in /opt/x/lib; give the prefix",
+    )
+    assert checked("host-mpi", image=bad_prefix) == Check(
+        "host-mpi", "warn", "--host-mpi /opt/x: no MPI library (…) in /opt/x/lib", "give the prefix"
     )
 
 
@@ -531,7 +545,7 @@ def test_report_lines():
         "                    fix: end the processes holding user namespaces, or ask the admin to "
         "raise `user.max_user_namespaces`",
     ]
-    assert lines[-1] == "11 ok, 1 warn, 2 fail"
+    assert lines[-1] == "12 ok, 1 warn, 2 fail"
 
 
 def test_srun_mpi_list_and_plugstack_parsing(tmp_path):

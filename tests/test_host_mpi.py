@@ -347,3 +347,29 @@ def test_enforced_policy_binds_only_the_sites_host_mpi() -> None:
         "binds only the host MPI the site configured (plugstack host_mpi=/opt/cray); drop it"
     )
     Policy(source="/p.toml").check_options(**kw, host_mpi="/home/me/mpi")  # advisory: yours
+
+
+def test_doctor_says_what_host_mpi_would_bind(image: Path, ompi_image: Path) -> None:
+    me = User("self", os.getuid(), os.getgid(), "")
+
+    def check(img: Path) -> dict[str, str]:
+        env = ["env", f"RANKWIRE_HOST_MPI={WHEEL}", "rankwire", "doctor", "--json", str(img)]
+        proc = me.run(env, cwd="/tmp")
+        assert proc.returncode in (0, 1), proc.stderr
+        [found] = [c for c in json.loads(proc.stdout)["checks"] if c["name"] == "host-mpi"]
+        return dict(found)
+
+    assert check(image) == {
+        "name": "host-mpi",
+        "verdict": "ok",
+        "reason": f"--host-mpi {WHEEL} would run the image's MPI program on the host MPI (MPICH "
+        f"Version: 5.0.2) from --host-mpi {WHEEL}: replaced /lib/x86_64-linux-gnu/libmpich.so.12 "
+        f"by {WHEEL_LIB}",
+        "fix": "",
+    }
+    refused = check(ompi_image)
+    assert (refused["verdict"], refused["fix"]) == (
+        "warn",
+        "use --host-mpi none, or an image built with an MPI of the host's ABI",
+    )
+    assert refused["reason"].startswith(f"--host-mpi {WHEEL}: cannot use the host MPI")
