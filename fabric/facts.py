@@ -40,4 +40,4 @@ def fabric_facts(
         return host, EMPTY_IMAGE
     from rankwire.fabric.imagefacts import read_fabric_image_facts
 
-    return host, read_fabric_image_facts(image)
+    return host, read_fabric_image_facts(image, consumers_too=host.libfabric is not None)

@@ -50,7 +50,6 @@ MPI_FAMILIES = {
     "libmpi.so.40": "openmpi",
 }
 MPI_SONAMES = frozenset(MPI_FAMILIES)
-_NO_ELF = ElfFacts("", (), (), (), "", 64, (), ())
 _LLS = re.compile(r"^(\S)\S{9}\s+\S+\s+(\d+|\d+,\s*\d+)\s+\S+\s+\S+\s+R(/.*)?$")
 
 
@@ -61,12 +60,18 @@ class ImageObject:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageLib:
+    path: str  # a name the loader finds it by in the image (may be a symlink)
+    soname: str
+
+
+@dataclasses.dataclass(frozen=True)
 class FabricImageFacts:
     glibc: tuple[ImageObject, ...]  # glibc's objects found in the standard lib dirs
     libfabric: tuple[ImageObject, ...]  # every libfabric.so.1 in the image
     consumers: tuple[ImageObject, ...]  # objects that need libfabric.so.1
     ld_library_path: str  # the image's %environment LD_LIBRARY_PATH
-    mpi: tuple[ImageObject, ...] = ()  # MPI C libraries (by soname: `fabric.hostmpi`)
+    mpi: tuple[ImageLib, ...] = ()  # MPI C libraries (`MPI_FAMILIES`)
 
     def glibc_defines(self, soname: str) -> Optional[frozenset[str]]:
         for obj in self.glibc:
@@ -159,7 +164,11 @@ def list_image(image: ImageFacts) -> Listing:
     return Listing.parse(_run(argv, image.path))
 
 
-def read_fabric_image_facts(image: ImageFacts) -> FabricImageFacts:
+def read_fabric_image_facts(image: ImageFacts, consumers_too: bool = True) -> FabricImageFacts:
+    """The image's glibc, libfabric copies, their consumers (read as ELF) and MPI C
+    libraries (by the soname the loader looks them up by). Without `consumers_too` (a host
+    MPI but no host libfabric to check them against), the consumers are not extracted:
+    an MPI library is tens of MiB."""
     listing = list_image(image)
     glibc: dict[str, str] = {}  # path as named -> regular file behind it
     for soname in sorted(GLIBC_SONAMES):
@@ -169,7 +178,8 @@ def read_fabric_image_facts(image: ImageFacts) -> FabricImageFacts:
                 glibc[f"{d}/{soname}"] = real
                 break
     fabric = {p: listing.regular(p) for p in listing.named(["libfabric.so.1"])}
-    consumers = {p: listing.regular(p) for p in listing.named(CONSUMER_PATTERNS)}
+    patterns = CONSUMER_PATTERNS if consumers_too else ()
+    consumers = {p: listing.regular(p) for p in listing.named(patterns)}
     wanted = {**glibc, **fabric, **consumers}
     wanted = {p: r for p, r in wanted.items() if r and listing.entries[r][1] <= MAX_ELF_BYTES}
     elves = extract_elves(image, sorted(set(wanted.values())))
@@ -188,16 +198,19 @@ def read_fabric_image_facts(image: ImageFacts) -> FabricImageFacts:
         for o in objects(consumers)
         if "libfabric.so.1" in o.elf.needed or o.elf.required_from("libfabric.so.1")
     ]
-    # MPI C libraries, one per file (a bind over any name of it covers every name).
-    mpi = objects(
-        {p: r for p, r in consumers.items() if elves.get(r, _NO_ELF).soname in MPI_SONAMES}
-    )
+    # MPI C libraries: the files the loader finds by their sonames (an image links them
+    # by that name), one per file (a bind over any name of it covers every name).
+    mpi: dict[str, ImageLib] = {}
+    for path in listing.named(sorted(MPI_SONAMES)):
+        real = listing.regular(path)
+        if real and real not in mpi:
+            mpi[real] = ImageLib(path, os.path.basename(path))
     return FabricImageFacts(
         glibc=tuple(objects(glibc)),
         libfabric=tuple(objects(fabric)),
         consumers=tuple(users),
         ld_library_path=image.env.get("LD_LIBRARY_PATH", ""),
-        mpi=tuple(mpi),
+        mpi=tuple(mpi.values()),
     )
 
 

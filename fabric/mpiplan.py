@@ -76,7 +76,7 @@ def plan_host_mpi(
     if host is None:
         return nothing(choice, "no host MPI found (no mpichversion or ompi_info on PATH)")
     host_family = {MPI_FAMILIES[_soname(host, p)]: p for p in host.libs}
-    image_libs = [(o, MPI_FAMILIES[o.elf.soname]) for o in image.mpi]
+    image_libs = [(o, MPI_FAMILIES[o.soname]) for o in image.mpi]
     if not image_libs:
         if choice == "auto":
             return nothing(choice, "the image has no shared MPI library to replace")

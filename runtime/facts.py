@@ -49,12 +49,12 @@ def gather(
         facts = dataclasses.replace(facts, content_digest=digest)
     via = dataclasses.replace(facts, path=fabric_image_path) if fabric_image_path else facts
     mpi_choice = host_mpi_choice(opts, user.environ)
-    fabric_host, fabric_image = fabric_facts(via, opts.fabric, image_libs=mpi_choice != "none")
     host_mpi = None
-    if mpi_choice != "none":
+    if mpi_choice != "none":  # `auto` finding none costs a PATH lookup, no image read
         from rankwire.fabric.hostmpi import host_mpi as read_host_mpi
 
         host_mpi = read_host_mpi(mpi_choice, user.environ)
+    fabric_host, fabric_image = fabric_facts(via, opts.fabric, image_libs=host_mpi is not None)
     return Facts(
         image=facts,
         host=host,
