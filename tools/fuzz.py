@@ -9,6 +9,7 @@ Targets (each input is bytes; `TARGETS` says what each does with them):
   frame-c      spank/frame.c under ASan/UBSan (tools/fuzz_frame.c), checked against ...
   frame-py     ... runtime/frame.py (decode, and encode back)
   binds        the bind grammar (runtime/plan.py parse_binds/resolve_bind, spank parse_mounts)
+  deffile      the definition-file parser (runtime/deffile.py): a DefFile or one UserError line
 
 A crash is any exception other than the target's documented error (or, for C, a sanitizer
 report or a signal); a hang is an input running past its deadline. Inputs come from a
@@ -252,6 +253,30 @@ BIND_SEEDS = [
 ]  # fmt: skip
 BIND_TOKENS = [b":", b",", b"ro", b"rw", b"+", b"/", b"..", b".", b"//", b" ", b"\n", b"\xff",
                b"\0", b"~", b"yes", b"off"]  # fmt: skip
+
+
+DEFFILE_SEEDS = [
+    b"Bootstrap: docker\nFrom: debian:12\n\n%post\n  apt-get update\n%runscript\n  exec x\n",
+    b"Bootstrap: docker\nFrom: a\nStage: build\n%post\n  make\nBootstrap: scratch\n"
+    b"%files from build\n  /opt/view /opt/view\n%labels\n  K V\n",
+    b"Bootstrap: localimage\nFrom: x.sif\nFingerprints: AB, CD\n%environment\n export A=1\n",
+]
+DEFFILE_TOKENS = [b"Bootstrap:", b"From:", b"Stage:", b"%post", b"%files", b"from", b"%labels",
+                  b"%environment", b"%runscript", b"\n", b"\\\n", b"#", b'"', b"'", b" ", b"\r",
+                  b"-c", b"\xff"]  # fmt: skip
+
+
+def run_deffile(data: bytes) -> None:
+    """Any bytes: a DefFile, or one UserError line naming the recipe line."""
+    from rankwire.errors import UserError
+    from rankwire.runtime.deffile import parse
+
+    try:
+        parse(data)
+    except UserError as err:
+        message = str(err)
+        if "\n" in message or not message.startswith("RECIPE.def"):
+            raise AssertionError(f"not one line naming the recipe: {message!r}") from None
 
 
 def _pmi_answer(codec: Any, req: object) -> None:
@@ -568,6 +593,7 @@ TARGETS = {
         ),
         Target("frame-py", run_frame_py, FRAME_TOKENS, 4096, lambda: FRAME_SEEDS),
         Target("binds", run_binds, BIND_TOKENS, 512, lambda: BIND_SEEDS),
+        Target("deffile", run_deffile, DEFFILE_TOKENS, 2048, lambda: DEFFILE_SEEDS),
     ]
 }
 
