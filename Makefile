@@ -82,7 +82,9 @@ bench-fastpath: system-test $(VENV)/.stamp-test
 	$(PY) bench/fastpath.py $(FASTPATH_ARGS)
 
 # A Slurm cluster in network namespaces for humans (root; tests/harness/multinode.py):
-#   make cluster-up [NODES=4] [CLUSTER_SHARED="/tmp/dir ..."]   prints the SLURM_CONF to export
+#   make cluster-up [NODES=4] [CLUSTER_SHARED="/tmp/dir ..."] [PLUGIN=0]   prints the SLURM_CONF
+#     to export; rankwire's SPANK plugin is in the plugstack (helper: this checkout's venv,
+#     the sample policy) unless PLUGIN=0
 #   make cluster-down                                           removes all of it again
 # Node /tmp is private: jobs' files go in the printed shared dir or in a CLUSTER_SHARED dir.
 NODES ?= 2
@@ -91,9 +93,10 @@ CLUSTER_SHARED ?=
 
 .PHONY: cluster-up cluster-down
 
+PLUGIN ?= 1
 cluster-up: $(VENV)/.stamp
 	@$(PY) tests/harness/multinode.py up -n $(NODES) --state $(CLUSTER_STATE) \
-		$(foreach d,$(CLUSTER_SHARED),--shared $(d))
+		$(foreach d,$(CLUSTER_SHARED),--shared $(d)) $(if $(filter 0,$(PLUGIN)),--no-plugin)
 
 cluster-down:
 	@$(PY) tests/harness/multinode.py down --state $(CLUSTER_STATE)

@@ -543,6 +543,43 @@ def test_stop_leaves_nothing_behind(shared_dir: Path, xnode_image: Path) -> None
     assert not cluster.root.exists()
 
 
+def test_cluster_up_loads_the_plugin(shared_dir: Path, xnode_image: Path, tmp_path: Path) -> None:
+    """`make cluster-up` (harness/multinode.py up): the box's plugstack loads rankwire's
+    plugin, so `srun --container-image=` works across its nodes by hand; `down` removes it
+    all, the plugin's install included. PLUGIN=0 (--no-plugin) leaves it out."""
+    if os.getuid() != 0:
+        pytest.skip("needs root")
+    tool = Path(__file__).resolve().parent / "harness" / "multinode.py"
+    for plugin in (True, False):
+        state = tmp_path / f"cluster-{plugin}.json"
+        up = [sys.executable, str(tool), "up", "--state", str(state), "--shared", str(shared_dir)]
+        started = subprocess.run(
+            up + ([] if plugin else ["--no-plugin"]), capture_output=True, text=True, timeout=120
+        )
+        assert started.returncode == 0, started.stderr
+        conf = Path(started.stdout.split("SLURM_CONF=")[1].split()[0])
+        try:
+            env = {**os.environ, "SLURM_CONF": str(conf)}
+            proc = subprocess.run(
+                ["srun", "-N2", "-n2", f"--container-image={xnode_image}", "sh", "-c",
+                 "grep ^ID= /etc/os-release || echo host"],
+                env=env, cwd="/tmp", capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if plugin:
+                assert proc.returncode == 0, proc.stderr
+                assert proc.stdout.splitlines() == ["ID=rankwire-test"] * 2
+            else:  # srun does not know the option without the plugin
+                assert proc.returncode != 0
+                assert "unrecognized option '--container-image" in proc.stderr, proc.stderr
+        finally:
+            down = subprocess.run(
+                [sys.executable, str(tool), "down", "--state", str(state)],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+        assert down.returncode == 0, down.stderr
+        assert not conf.parent.exists()
+
+
 def test_apptainer_mpirun_with_a_docker_image_on_two_nodes(
     slurm_multinode: MultiNodeCluster,
     xnode_registry: tuple[Registry, str],

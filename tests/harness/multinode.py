@@ -722,6 +722,23 @@ def build_xnode_image(where: Path, progs: XnodePrograms) -> Path:
     return out
 
 
+def _load_plugin(cluster: MultiNodeCluster) -> str:
+    """rankwire's SPANK plugin as `make -C spank install` puts it (below the box's root,
+    which every node sees; removed with it), the helper from this checkout's venv, the
+    sample (permissive) policy; srun and slurmstepd read the plugstack per step. Returns
+    the lines to print."""
+    from harness.spank import install_plugin
+
+    repo = Path(__file__).resolve().parents[2]
+    helper = str(Path(sys.executable).with_name("rankwire"))
+    spank = install_plugin(repo, cluster.root / "spank-prefix", helper)
+    (cluster.conf.parent / "plugstack.conf").write_text(spank.plugstack_line())
+    return (
+        f"  plugin: {spank.plugin} (policy {spank.policy}); try\n"
+        f"    srun -N2 -n4 --mpi=pmi2 --container-image=IMG.sif CMD\n"
+    )
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
@@ -730,6 +747,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     up = sub.add_parser("up", help="start a box and print how to use it")
     up.add_argument("-n", "--nodes", type=int, default=2)
     up.add_argument("--shared", action="append", default=[], type=Path, metavar="DIR")
+    up.add_argument(
+        "--no-plugin",
+        action="store_true",
+        help="leave rankwire's SPANK plugin out of the plugstack (it is loaded by default)",
+    )
     down = sub.add_parser("down", help="stop the box recorded in the state file")
     for p in (up, down):
         p.add_argument("--state", type=Path, default=DEFAULT_STATE)
@@ -741,12 +763,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         cluster = MultiNodeCluster(args.nodes, shared=args.shared).start()
         cluster.disown()
         cluster.save(args.state)
+        plugin = "" if args.no_plugin else _load_plugin(cluster)
         print(
             f"cluster {cluster.bridge} up in {cluster.timings['start']:.2f}s: "
             f"{', '.join(cluster.node_names)} (ctl {cluster.ctl.ip})\n"
             f"  export SLURM_CONF={cluster.conf}\n"
             f"  shared dir for jobs (node /tmp is private): {cluster.root}\n"
             f"  a shell on node1: nsenter -t {cluster.node_members[0].pid} -n -m -u -i bash\n"
+            f"{plugin}"
             f"  stop: make cluster-down"
         )
         return 0
