@@ -101,6 +101,18 @@ OPTIONS: tuple[Option, ...] = (
         "container",
         flags=("--no-home",),
         default=False,
+        spank="no-container-mount-home",
+        spank_help="Do not bind the home directory (bound by default, as by rankwire exec; "
+        "Pyxis' default is not to)",
+    ),
+    Option(
+        "mount_home",
+        "flag",
+        "",
+        "plugin",
+        default=False,
+        spank="container-mount-home",
+        spank_help="Bind the home directory (the default; for Pyxis scripts)",
     ),
     Option(
         "fakeroot",

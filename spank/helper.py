@@ -146,7 +146,7 @@ def _open_binds(want: Asked, facts: JobFacts, home: str, policy: Policy, out: Op
             out.binds[real] = fd
         out.real[m.source] = real
         policy.check_mount(real)
-    if os.path.isdir(home):
+    if not want.no_home and os.path.isdir(home):
         fd, real = _open(home, os.O_PATH | os.O_DIRECTORY, f"home directory {home}")
         out.binds[home] = fd
         try:

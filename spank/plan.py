@@ -104,6 +104,7 @@ class Asked:
     fabric: str
     remap_root: bool
     host_mpi: str = "none"  # --container-host-mpi, else the site's plugstack host_mpi=
+    no_home: bool = False  # --no-container-mount-home
 
 
 def _flag(name: str, value: str) -> bool:
@@ -151,6 +152,10 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
     flags = {
         o.dest: _flag(o.spank, got[o.dest][0] or "") for o in spank_options() if o.kind == "flag"
     }
+    if flags["no_home"] and flags["mount_home"]:
+        raise UserError(
+            "--container-mount-home and --no-container-mount-home contradict each other: give one"
+        )
     workdir = got["workdir"][0]
     if workdir is not None and not workdir.startswith("/"):
         raise UserError(f"--container-workdir {workdir}: give an absolute path")
@@ -167,6 +172,7 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
         fabric=(got["fabric"][0] or "auto").strip() or "auto",
         remap_root=flags["fakeroot"],
         host_mpi=(got["host_mpi"][0] or facts.arg("host_mpi") or "none").strip() or "none",
+        no_home=flags["no_home"],
     )
 
 
@@ -227,6 +233,7 @@ def exec_options(want: Asked, mounts: Sequence[Mount]) -> ExecOptions:
         fakeroot=want.remap_root,
         fabric=want.fabric,
         host_mpi=want.host_mpi,
+        no_home=want.no_home,
         share="none",
         workdir=want.workdir,
         bind_cwd=want.workdir is None,

@@ -101,6 +101,37 @@ def test_job_without_container_is_untouched(
         spank_cluster.plugstack.write_text(spank_install.plugstack_line())
 
 
+def test_home_is_bound_unless_asked_not_to(
+    spank_cluster: SlurmCluster, base_image: Path, runner: User, nothing_left: None
+) -> None:
+    """The home directory is bound by default (as `rankwire exec` does; Pyxis does not):
+    `--no-container-mount-home` (or its variable) leaves it out, `--container-mount-home`
+    is accepted for Pyxis scripts, both at once is one line."""
+    probe = ["sh", "-c", 'test -d "$HOME" && echo "home $(stat -c %i "$HOME")" || echo no-home']
+    inode = os.stat(runner.home).st_ino
+    image = f"--container-image={base_image}"
+    for flags, env, want in (
+        ((), {}, f"home {inode}"),
+        (("--container-mount-home",), {}, f"home {inode}"),
+        (("--no-container-mount-home",), {}, "no-home"),
+        ((), {"RANKWIRE_NO_CONTAINER_MOUNT_HOME": "1"}, "no-home"),
+    ):
+        proc = srun(
+            spank_cluster, runner, "-n", "1", image, *flags, *probe,
+            env={**spank_cluster.env, **env},
+        )  # fmt: skip
+        assert (proc.returncode, proc.stdout) == (0, f"{want}\n"), (flags, env, proc.stderr)
+    both = srun(
+        spank_cluster, runner, "-n", "1", image, "--container-mount-home",
+        "--no-container-mount-home", "true",
+    )  # fmt: skip
+    assert both.returncode != 0
+    assert {line for line in both.stderr.splitlines() if "rankwire:" in line} == {
+        "slurmstepd-vm: error: rankwire: --container-mount-home and --no-container-mount-home "
+        "contradict each other: give one"
+    }, both.stderr
+
+
 def test_env_workdir_mounts(
     spank_cluster: SlurmCluster, base_image: Path, shared_dir: Path, runner: User, nothing_left
 ) -> None:
@@ -301,7 +332,11 @@ def test_plugin_options_are_the_tables(spank_cluster: SlurmCluster) -> None:
     out = subprocess.run(
         ["srun", "--help"], env=spank_cluster.env, capture_output=True, text=True, check=True
     ).stdout
-    offered = [line.split()[0] for line in out.splitlines() if "--container-" in line]
+    offered = [
+        line.split()[0]
+        for line in out.splitlines()
+        if line.split()[:1] and line.split()[0].startswith(("--container-", "--no-container-"))
+    ]
     expected = [
         f"--{o.spank}" + ("" if o.kind == "flag" else f"={o.spank_metavar}")
         for o in spank_options()
