@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import click
 
@@ -210,8 +210,9 @@ def _apptainer_mpirun(image: str, command: tuple[str, ...], **kw: Any) -> None:
     launch(image, command, False, kw)
 
 
-def apptainer_mpirun(argv: Optional[list[str]] = None) -> None:
-    """Console entry point of `apptainer-mpirun`."""
-    from rankwire.cli import run_command
+def apptainer_mpirun(argv: Optional[list[str]] = None) -> NoReturn:
+    """Console entry point of `apptainer-mpirun`; it exits as `rankwire` does (without
+    the interpreter's teardown; asyncio.run has closed the job's loop by then)."""
+    from rankwire.cli import run_and_exit
 
-    run_command(_apptainer_mpirun, argv, prog_name="apptainer-mpirun")
+    run_and_exit(_apptainer_mpirun, argv, prog_name="apptainer-mpirun")

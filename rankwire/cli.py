@@ -131,8 +131,13 @@ def click_error(err: click.ClickException, prog_name: str) -> str:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point of `rankwire`."""
+    run_and_exit(cli, argv, prog_name="rankwire")
+
+
+def run_and_exit(command: click.Command, argv: list[str] | None, prog_name: str) -> NoReturn:
+    """A console entry point's whole life: `run_command`, then `exit_now`."""
     try:
-        run_command(cli, argv, prog_name="rankwire")
+        run_command(command, argv, prog_name)
     except SystemExit as done:
         exit_now(done.code)
     exit_now(0)

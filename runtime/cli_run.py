@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -13,10 +11,7 @@ import click
 
 from rankwire.errors import UserError, shown
 from rankwire.runtime import instance as inst
-from rankwire.runtime.assemble import plan_image
 from rankwire.runtime.cli_options import click_options, take_options
-from rankwire.runtime.facts import gather
-from rankwire.runtime.imagemeta import ENV_NAME, parse_environment
 from rankwire.runtime.options import in_scope
 from rankwire.runtime.plan import (
     ContainerPlan,
@@ -26,7 +21,10 @@ from rankwire.runtime.plan import (
     parse_binds,
     plan_process,
 )
-from rankwire.runtime.userfacts import user_facts
+
+# Joining an instance (`exec instance://NAME`) needs none of an image's facts or
+# planners: those (rankwire.runtime.assemble, .facts, the fabric) and csv/json are
+# imported where they are used, not here, to keep a join's start short.
 
 F = TypeVar("F", bound=Callable[..., Any])
 INSTANCE_PREFIX = "instance://"
@@ -55,6 +53,10 @@ def split_env(arg: str) -> list[str]:
     as a CSV record ("..." quotes a pair holding commas)."""
     if arg.count("=") < 2:
         return [arg]
+    import csv
+
+    from rankwire.runtime.imagemeta import ENV_NAME
+
     try:
         pairs = next(csv.reader([arg], strict=True))
     except (csv.Error, StopIteration) as err:
@@ -83,6 +85,8 @@ def read_env_file(path: str) -> tuple[str, ...]:
             text = f.read().decode("utf-8", "surrogateescape")
     except OSError as err:
         raise UserError(f"--env-file {shown(path)}: {err.strerror}; check the path") from None
+    from rankwire.runtime.imagemeta import parse_environment
+
     env = parse_environment(text, f"--env-file {path}")
     return tuple(f"{k}={v}" for k, v in env.items())
 
@@ -174,6 +178,8 @@ def _show_plan(
         **({"host_mpi": host_mpi} if host_mpi else {}),
     }
     if as_json:
+        import json
+
         click.echo(json.dumps(plan, indent=2, sort_keys=True))
         return
     if host_mpi and host_mpi["choice"] != "none":
@@ -209,6 +215,8 @@ def _execute(
                 f"{', '.join(given)} shape a container; an instance already has its own: "
                 "give them to `instance start`"
             )
+        from rankwire.runtime.userfacts import user_facts
+
         name = image[len(INSTANCE_PREFIX) :]
         meta = inst.instance_info(name)["meta"]
         image_of = ImageFacts(**meta["image_facts"])
@@ -225,6 +233,9 @@ def _execute(
         inst.end_with_slurmstepd()
         with inst.leased(inst.instance_socket(name)) as lease:
             sys.exit(inst.run_in(lease, proc))
+    from rankwire.runtime.assemble import plan_image
+    from rankwire.runtime.facts import gather
+
     opts = exec_options({**container_kw, **process_kw})
     image, _ = local_image(image, source_kw)
     facts = gather(image, opts)
@@ -272,6 +283,9 @@ def instance_start(image: str, name: str, **kw: Any) -> None:
     """Start a persistent instance NAME of IMAGE; join with `exec instance://NAME`."""
     import dataclasses
 
+    from rankwire.runtime.assemble import plan_image
+    from rankwire.runtime.facts import gather
+
     source_kw = take_options(kw, "source", "trust")
     opts = exec_options(kw)
     image, _ = local_image(image, source_kw)
@@ -306,6 +320,8 @@ def instance_list(as_json: bool) -> None:
     """List running instances."""
     rows = inst.list_instances()
     if as_json:
+        import json
+
         click.echo(json.dumps(rows, indent=2, sort_keys=True))
         return
     for row in rows:

@@ -9,7 +9,6 @@ the image's identity, never touches the partition's file data.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import shlex
@@ -249,6 +248,8 @@ def _identity(image: SifImage, part: Descriptor) -> str:
     def part_bytes(start: int, size: int) -> bytes:
         data: bytes = image.read(dataclasses.replace(part, offset=part.offset + start, size=size))
         return data
+
+    import hashlib
 
     h = hashlib.sha256(image.raw_metadata())
     head = part_bytes(0, min(96, part.size))

@@ -9,18 +9,18 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import posixpath
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rankwire.errors import UserError
-from rankwire.runtime.hostfacts import HostFacts
-from rankwire.runtime.imagemeta import ENV_NAME
 from rankwire.runtime.options import option
 from rankwire.runtime.slurmfacts import SlurmStep
+
+if TYPE_CHECKING:  # annotations only: joining an instance reads no host facts
+    from rankwire.runtime.hostfacts import HostFacts
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Host variables that never cross into the container: their values are host paths.
@@ -389,6 +389,8 @@ def _share(option: Optional[str], plan: ContainerPlan, user: UserFacts) -> Optio
     step = user.slurm
     if step is None or step.ntasks < 2:
         return None
+    import hashlib
+
     digest = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
     return f"slurm-{step.job_id}.{step.step_id}-{digest[:12]}"
 
@@ -437,6 +439,8 @@ def plan_env(
                 env[k[len(prefix) :]] = v
     env.update(dict(i.partition("=")[::2] for i in opts.env_file_vars))
     for item in opts.export:
+        from rankwire.runtime.imagemeta import ENV_NAME
+
         key, sep, value = item.partition("=")
         if not ENV_NAME.match(key):
             raise UserError(f"bad -x '{item}': give a variable name, -x VAR or -x VAR=VALUE")

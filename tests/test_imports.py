@@ -1,0 +1,57 @@
+"""What the hot paths import: each module a command does not use costs every start
+(issue 17). Checked in a fresh interpreter, as the user runs the command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.users import User, rw
+
+pytestmark = pytest.mark.usefixtures("nothing_left_behind")
+
+# `rankwire ARGS`, then the names of the modules it imported, one line on stdout.
+LOADED = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print(' '.join(sorted(sys.modules))))\n"
+    "from rankwire.cli import main\n"
+    "main(sys.argv[1:])\n"
+)
+# Joining an instance reads no image, host or fabric facts and plans no container.
+NOT_FOR_A_JOIN = {
+    "csv",
+    "hashlib",
+    "rankwire.fabric",
+    "rankwire.runtime.assemble",
+    "rankwire.runtime.facts",
+    "rankwire.runtime.holder",
+    "rankwire.runtime.hostfacts",
+    "rankwire.runtime.imagefacts",
+    "rankwire.runtime.imagemeta",
+    "rankwire.runtime.pull",
+}
+
+
+def loaded_by(runner: User, *args: str) -> set[str]:
+    python = os.path.join(runner.bindir, "python") if runner.bindir else sys.executable
+    proc = runner.run([python, "-c", LOADED, *args], cwd="/tmp")
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
+def test_joining_an_instance_imports_only_what_a_join_needs(
+    runner: User, base_image: Path
+) -> None:
+    name = f"imports-{runner.name}"
+    start = rw(runner, "instance", "start", str(base_image), name)
+    assert start.returncode == 0, start.stderr
+    try:
+        loaded = loaded_by(runner, "exec", f"instance://{name}", "true")
+    finally:
+        stop = rw(runner, "instance", "stop", name)
+    assert stop.returncode == 0, stop.stderr
+    assert "rankwire.runtime.instance" in loaded  # the join ran
+    assert sorted(loaded & NOT_FOR_A_JOIN) == []
