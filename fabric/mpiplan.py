@@ -17,17 +17,19 @@ the host MPI uses that one (its FABRIC_1.x needs are checked) instead of its own
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rankwire.errors import UserError
 from rankwire.fabric.elf import version_key
 from rankwire.fabric.hostfacts import HostLibfabric, HostObject, closure
-from rankwire.fabric.hostmpi import HostMpi
 from rankwire.fabric.imagefacts import MPI_FAMILIES, FabricImageFacts
 from rankwire.fabric.plan import LIB_DIR as FABRIC_LIB_DIR
 from rankwire.fabric.plan import SONAME as LIBFABRIC
 from rankwire.fabric.plan import FabricPlan, check_glibc
 from rankwire.runtime.plan import Mount
+
+if TYPE_CHECKING:  # the facts' type only: exec without --host-mpi does not import them
+    from rankwire.fabric.hostmpi import HostMpi
 
 LIB_DIR = "/.rankwire/mpi/lib"
 _FAMILY_NAMES = {

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rankwire.fabric.hostfacts import FabricHostFacts
-from rankwire.fabric.hostmpi import HostMpi
 from rankwire.fabric.imagefacts import FabricImageFacts
 from rankwire.fabric.mpiplan import MpiPlan, plan_host_mpi
 from rankwire.fabric.plan import FabricPlan, plan_fabric
 from rankwire.runtime.hostfacts import HostFacts
+
+if TYPE_CHECKING:
+    from rankwire.fabric.hostmpi import HostMpi
 from rankwire.runtime.plan import (
     ContainerPlan,
     ExecOptions,
