@@ -7,6 +7,7 @@ as the host MPI; `MPI_Get_library_version` and the library each rank mapped
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -373,3 +374,42 @@ def test_doctor_says_what_host_mpi_would_bind(image: Path, ompi_image: Path) -> 
         "use --host-mpi none, or an image built with an MPI of the host's ABI",
     )
     assert refused["reason"].startswith(f"--host-mpi {WHEEL}: cannot use the host MPI")
+
+
+def test_with_the_host_libfabric_bound_the_host_mpi_uses_it() -> None:
+    """A recorded Omni-Path host (tests/data/fabric/opx) with Debian's libfabric 1.17: the
+    fabric plan binds it, so the host MPI's own libfabric stays out and its FABRIC_1.x
+    needs are checked against 1.17 (the wheel's MPICH 5 needs FABRIC_1.9: refused, naming
+    both ways out); Debian's MPICH (UCX, no libfabric) goes in after the fabric's dir."""
+    from test_fabric_plan import LIBFABRIC, host
+
+    from rankwire.errors import UserError
+    from rankwire.fabric import discovery
+    from rankwire.fabric.hostfacts import libfabric_facts
+    from rankwire.fabric.hostmpi import host_mpi
+    from rankwire.fabric.imagefacts import ImageLib, host_as_image_facts
+    from rankwire.fabric.mpiplan import LIB_DIR, plan_host_mpi
+    from rankwire.fabric.plan import LIB_DIR as FABRIC_DIR
+    from rankwire.fabric.plan import plan_fabric
+
+    lib = libfabric_facts(LIBFABRIC, "1.17", discovery.providers(), environ={})
+    mpich = ImageLib("/lib/x86_64-linux-gnu/libmpich.so.12", "libmpich.so.12")
+    image = dataclasses.replace(host_as_image_facts(), mpi=(mpich,))
+    fabric = plan_fabric(host("opx", lib), image, "auto")
+    assert fabric.provider == "psm2"
+    wheel = host_mpi(str(WHEEL), {})
+    with pytest.raises(UserError) as err:
+        plan_host_mpi(wheel, image, fabric, lib, str(WHEEL))
+    assert str(err.value) == (
+        "cannot use the host MPI with the host libfabric 1.17: libmpi.so.12 needs FABRIC_1.9, "
+        "which it lacks; use --fabric none (the host MPI then brings its own libfabric) or "
+        "--host-mpi none"
+    )
+    debian = host_mpi("/usr", {})
+    plan = plan_host_mpi(debian, image, fabric, lib, "/usr")
+    targets = [m.target for m in plan.mounts]
+    assert f"{LIB_DIR}/libfabric.so.1" not in targets
+    assert plan.env["LD_LIBRARY_PATH"] == f"{FABRIC_DIR}:{LIB_DIR}"
+    assert plan.replaced == (
+        ("/lib/x86_64-linux-gnu/libmpich.so.12", os.path.realpath(debian.libs[-1])),
+    )
