@@ -27,14 +27,26 @@ from harness.users import User, rw
 from rankwire.fabric.elf import read_elf
 from rankwire.fabric.imagefacts import MPI_SONAMES
 
-WHEEL = Path(sys.prefix) / "opt" / "mpich"
-WHEEL_LIB = WHEEL / "lib" / "libmpi.so.12"
+INSTALLED = Path(sys.prefix) / "opt" / "mpich"  # `make test` puts the wheel there
 GLIBC_EXTRA = ("libdl.so.2", "librt.so.1", "libpthread.so.0")  # the wheel needs them
 LINE = re.compile(
     r"^mpilib rank=(\d+) size=(\d+) sum=(\d+) library=(\S+) devino=(\S+) version=(.*)$"
 )
 
-pytestmark = pytest.mark.skipif(not WHEEL_LIB.exists(), reason=f"no MPICH wheel at {WHEEL}")
+pytestmark = pytest.mark.skipif(
+    not (INSTALLED / "lib" / "libmpi.so.12").exists(), reason=f"no MPICH wheel at {INSTALLED}"
+)
+
+
+@pytest.fixture(scope="module")
+def wheel(shared_dir: Path) -> Path:
+    """The wheel's prefix where every test user can read it (a checkout under /root is
+    not): the host MPI of these tests."""
+    dst = shared_dir / "mpich-wheel"
+    if not dst.exists():
+        shutil.copytree(INSTALLED, dst, symlinks=True)
+        make_world_readable(dst)
+    return dst
 
 
 def devino(path: Path) -> str:
@@ -93,29 +105,31 @@ def refused(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
 # -- the plan ------------------------------------------------------------------------------
 
 
-def test_dry_run_says_what_is_replaced_by_what(image: Path) -> None:
+def test_dry_run_says_what_is_replaced_by_what(wheel: Path, image: Path) -> None:
     me = User("self", os.getuid(), os.getgid(), "")
-    proc = rw(me, "exec", "--dry-run", "--json", "--host-mpi", str(WHEEL), str(image), "/opt/x")
+    proc = rw(me, "exec", "--dry-run", "--json", "--host-mpi", str(wheel), str(image), "/opt/x")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     mpi = plan["host_mpi"]
     assert mpi["family"] == "mpich"
-    assert mpi["replaced"] == [["/lib/x86_64-linux-gnu/libmpich.so.12", str(WHEEL_LIB)]]
+    assert mpi["replaced"] == [
+        ["/lib/x86_64-linux-gnu/libmpich.so.12", str(wheel / "lib" / "libmpi.so.12")]
+    ]
     assert mpi["reason"] == (
-        f"host MPI (MPICH Version: 5.0.2) from --host-mpi {WHEEL}: replaced "
-        f"/lib/x86_64-linux-gnu/libmpich.so.12 by {WHEEL_LIB}"
+        f"host MPI (MPICH Version: 5.0.2) from --host-mpi {wheel}: replaced "
+        f"/lib/x86_64-linux-gnu/libmpich.so.12 by {(wheel / 'lib' / 'libmpi.so.12')}"
     )
     binds = {m["target"]: m["source"] for m in plan["container"]["mounts"]}
-    assert binds["/lib/x86_64-linux-gnu/libmpich.so.12"] == str(WHEEL_LIB)
+    assert binds["/lib/x86_64-linux-gnu/libmpich.so.12"] == str(wheel / "lib" / "libmpi.so.12")
     # The closure, one file at a time: its own libfabric (the host's 1.17 lacks FABRIC_1.9).
-    assert binds["/.rankwire/mpi/lib/libfabric.so.1"] == str(WHEEL / "lib/mpich/libfabric.so.1")
-    assert binds["/.rankwire/mpi/lib/libucp.so.0"] == str(WHEEL / "lib/mpich/libucp.so.0")
+    assert binds["/.rankwire/mpi/lib/libfabric.so.1"] == str(wheel / "lib/mpich/libfabric.so.1")
+    assert binds["/.rankwire/mpi/lib/libucp.so.0"] == str(wheel / "lib/mpich/libucp.so.0")
     assert plan["process"]["env"]["LD_LIBRARY_PATH"] == "/.rankwire/mpi/lib"
     # Off by default, and RANKWIRE_HOST_MPI is the option's variable.
     plain = rw(me, "exec", "--dry-run", "--json", str(image), "/opt/x")
     assert json.loads(plain.stdout)["host_mpi"]["replaced"] == []
     proc = me.run(
-        ["env", f"RANKWIRE_HOST_MPI={WHEEL}", "rankwire", "exec", "--dry-run", "--json",
+        ["env", f"RANKWIRE_HOST_MPI={wheel}", "rankwire", "exec", "--dry-run", "--json",
          str(image), "/opt/x"],
     )  # fmt: skip
     assert json.loads(proc.stdout)["host_mpi"]["family"] == "mpich"
@@ -125,9 +139,11 @@ def test_dry_run_says_what_is_replaced_by_what(image: Path) -> None:
 
 
 @pytest.mark.usefixtures("nothing_left_behind")
-def test_the_launcher_runs_the_image_program_on_the_host_mpi(runner: User, image: Path) -> None:
+def test_the_launcher_runs_the_image_program_on_the_host_mpi(
+    wheel: Path, runner: User, image: Path
+) -> None:
     proc = runner.run(
-        ["apptainer-mpirun", "-v", "-n", "4", "--host-mpi", str(WHEEL), str(image),
+        ["apptainer-mpirun", "-v", "-n", "4", "--host-mpi", str(wheel), str(image),
          "/opt/mpi_lib"],
         cwd="/tmp",
     )  # fmt: skip
@@ -138,10 +154,10 @@ def test_the_launcher_runs_the_image_program_on_the_host_mpi(runner: User, image
         assert (r["size"], r["sum"]) == (4, 10)
         assert r["version"] == "MPICH Version:      5.0.2"
         assert r["library"] == "/lib/x86_64-linux-gnu/libmpich.so.12"  # the image's path
-        assert r["devino"] == devino(WHEEL_LIB)  # ... holding the host's file
+        assert r["devino"] == devino(wheel / "lib" / "libmpi.so.12")  # ... holding the host's file
     assert proc.stderr.splitlines()[1] == (
-        f"rankwire: host MPI (MPICH Version: 5.0.2) from --host-mpi {WHEEL}: replaced "
-        f"/lib/x86_64-linux-gnu/libmpich.so.12 by {WHEEL_LIB}"
+        f"rankwire: host MPI (MPICH Version: 5.0.2) from --host-mpi {wheel}: replaced "
+        f"/lib/x86_64-linux-gnu/libmpich.so.12 by {(wheel / 'lib' / 'libmpi.so.12')}"
     )
     # Without it, the image's own MPICH 4.0.2.
     own = runner.run(["apptainer-mpirun", "-n", "2", str(image), "/opt/mpi_lib"], cwd="/tmp")
@@ -149,7 +165,7 @@ def test_the_launcher_runs_the_image_program_on_the_host_mpi(runner: User, image
 
 
 @pytest.fixture(scope="module")
-def abi_image(shared_dir: Path) -> Path:
+def abi_image(wheel: Path, shared_dir: Path) -> Path:
     """A program built with the wheel's mpicc_abi, in an image holding its own copy of the
     MPICH 5 libraries under /opt/mpich/lib (the program's RUNPATH)."""
     from rankwire.runtime.build import build_image
@@ -159,14 +175,14 @@ def abi_image(shared_dir: Path) -> Path:
     program = work / "mpi_lib_abi"
     src = Path(__file__).resolve().parent / "data" / "mpi_lib.c"
     subprocess.run(
-        [str(WHEEL / "bin/mpicc_abi"), "-O1", str(src), "-o", str(program),
+        [str(wheel / "bin/mpicc_abi"), "-O1", str(src), "-o", str(program),
          "-Wl,-rpath,/opt/mpich/lib"],
         check=True, capture_output=True,
     )  # fmt: skip
     rootfs = make_rootfs(work / "rootfs", binaries=["/bin/true"])
     for name in (*GLIBC_EXTRA, "libm.so.6"):
         shutil.copy2(f"/lib/x86_64-linux-gnu/{name}", rootfs / "lib/x86_64-linux-gnu" / name)
-    shutil.copytree(WHEEL / "lib", rootfs / "opt/mpich/lib", symlinks=True)
+    shutil.copytree(wheel / "lib", rootfs / "opt/mpich/lib", symlinks=True)
     shutil.copy2(program, rootfs / "opt/mpi_lib_abi")
     image = work / "abi.sif"
     build_image(image, rootfs)
@@ -175,11 +191,13 @@ def abi_image(shared_dir: Path) -> Path:
 
 
 @pytest.mark.usefixtures("nothing_left_behind")
-def test_a_standard_abi_program_takes_the_hosts_libmpi_abi(runner: User, abi_image: Path) -> None:
+def test_a_standard_abi_program_takes_the_hosts_libmpi_abi(
+    wheel: Path, runner: User, abi_image: Path
+) -> None:
     """The host's libmpi_abi.so.1 is mapped instead of the image's copy."""
     image = abi_image
     proc = runner.run(
-        ["apptainer-mpirun", "-n", "2", "--host-mpi", str(WHEEL), str(image),
+        ["apptainer-mpirun", "-n", "2", "--host-mpi", str(wheel), str(image),
          "/opt/mpi_lib_abi"],
         cwd="/tmp",
     )  # fmt: skip
@@ -189,7 +207,7 @@ def test_a_standard_abi_program_takes_the_hosts_libmpi_abi(runner: User, abi_ima
     # LD_LIBRARY_PATH (the host closure) is searched before the program's RUNPATH; the
     # image's /opt/mpich/lib/libmpi_abi.so.1 is the host's file too (bound over).
     assert {r["library"] for r in got} == {"/.rankwire/mpi/lib/libmpi_abi.so.1"}
-    assert {r["devino"] for r in got} == {devino(WHEEL / "lib/libmpi_abi.so.1")}
+    assert {r["devino"] for r in got} == {devino(wheel / "lib/libmpi_abi.so.1")}
 
 
 @pytest.mark.slurm
@@ -261,10 +279,12 @@ MPI4PY_HELLO = (  # one write(2) per line: the ranks share the launcher's pipe
 
 
 @pytest.mark.usefixtures("nothing_left_behind")
-def test_mpi4py_in_the_image_runs_on_the_host_mpi(runner: User, mpi4py_image: Path) -> None:
+def test_mpi4py_in_the_image_runs_on_the_host_mpi(
+    wheel: Path, runner: User, mpi4py_image: Path
+) -> None:
     python = f"/usr/bin/{Path(sys.executable).resolve().name}"
     proc = runner.run(
-        ["apptainer-mpirun", "-n", "2", "--host-mpi", str(WHEEL), str(mpi4py_image),
+        ["apptainer-mpirun", "-n", "2", "--host-mpi", str(wheel), str(mpi4py_image),
          python, "-c", MPI4PY_HELLO],
         cwd="/tmp",
     )  # fmt: skip
@@ -277,11 +297,11 @@ def test_mpi4py_in_the_image_runs_on_the_host_mpi(runner: User, mpi4py_image: Pa
 
 @pytest.mark.usefixtures("nothing_left_behind")
 def test_refusals(
-    runner: User, image: Path, ompi_image: Path, base_image: Path, shared_dir: Path
+    wheel: Path, runner: User, image: Path, ompi_image: Path, base_image: Path, shared_dir: Path
 ) -> None:
     libs = ", ".join(sorted(MPI_SONAMES))
-    assert refused(rw(runner, "exec", "--host-mpi", str(WHEEL), str(ompi_image), "true")) == (
-        f"rankwire: cannot use the host MPI (--host-mpi {WHEEL}): the image's MPI is Open MPI "
+    assert refused(rw(runner, "exec", "--host-mpi", str(wheel), str(ompi_image), "true")) == (
+        f"rankwire: cannot use the host MPI (--host-mpi {wheel}): the image's MPI is Open MPI "
         "(libmpi.so.40) and the host's is MPI standard ABI (libmpi_abi.so.1) and MPICH ABI "
         "(libmpi.so.12), whose ABIs differ; use --host-mpi none, or an image built with an "
         "MPI of the host's ABI"
@@ -291,8 +311,8 @@ def test_refusals(
         "/var/empty/lib/x86_64-linux-gnu, /var/empty/lib64, /var/empty/lib; give the prefix "
         "of the site's MPI (the directory holding its lib/ and bin/) or --host-mpi none"
     )
-    assert refused(rw(runner, "exec", "--host-mpi", str(WHEEL), str(base_image), "true")) == (
-        f"rankwire: --host-mpi {WHEEL}: the image has no shared MPI library ({libs}) to "
+    assert refused(rw(runner, "exec", "--host-mpi", str(wheel), str(base_image), "true")) == (
+        f"rankwire: --host-mpi {wheel}: the image has no shared MPI library ({libs}) to "
         "replace: its program may link MPI statically; rebuild it against a shared MPI or "
         "drop --host-mpi"
     )
@@ -350,11 +370,11 @@ def test_enforced_policy_binds_only_the_sites_host_mpi() -> None:
     Policy(source="/p.toml").check_options(**kw, host_mpi="/home/me/mpi")  # advisory: yours
 
 
-def test_doctor_says_what_host_mpi_would_bind(image: Path, ompi_image: Path) -> None:
+def test_doctor_says_what_host_mpi_would_bind(wheel: Path, image: Path, ompi_image: Path) -> None:
     me = User("self", os.getuid(), os.getgid(), "")
 
     def check(img: Path) -> dict[str, str]:
-        env = ["env", f"RANKWIRE_HOST_MPI={WHEEL}", "rankwire", "doctor", "--json", str(img)]
+        env = ["env", f"RANKWIRE_HOST_MPI={wheel}", "rankwire", "doctor", "--json", str(img)]
         proc = me.run(env, cwd="/tmp")
         assert proc.returncode in (0, 1), proc.stderr
         [found] = [c for c in json.loads(proc.stdout)["checks"] if c["name"] == "host-mpi"]
@@ -363,9 +383,9 @@ def test_doctor_says_what_host_mpi_would_bind(image: Path, ompi_image: Path) -> 
     assert check(image) == {
         "name": "host-mpi",
         "verdict": "ok",
-        "reason": f"--host-mpi {WHEEL} would run the image's MPI program on the host MPI (MPICH "
-        f"Version: 5.0.2) from --host-mpi {WHEEL}: replaced /lib/x86_64-linux-gnu/libmpich.so.12 "
-        f"by {WHEEL_LIB}",
+        "reason": f"--host-mpi {wheel} would run the image's MPI program on the host MPI (MPICH "
+        f"Version: 5.0.2) from --host-mpi {wheel}: replaced /lib/x86_64-linux-gnu/libmpich.so.12 "
+        f"by {(wheel / 'lib' / 'libmpi.so.12')}",
         "fix": "",
     }
     refused = check(ompi_image)
@@ -373,10 +393,10 @@ def test_doctor_says_what_host_mpi_would_bind(image: Path, ompi_image: Path) -> 
         "warn",
         "use --host-mpi none, or an image built with an MPI of the host's ABI",
     )
-    assert refused["reason"].startswith(f"--host-mpi {WHEEL}: cannot use the host MPI")
+    assert refused["reason"].startswith(f"--host-mpi {wheel}: cannot use the host MPI")
 
 
-def test_with_the_host_libfabric_bound_the_host_mpi_uses_it() -> None:
+def test_with_the_host_libfabric_bound_the_host_mpi_uses_it(wheel: Path) -> None:
     """A recorded Omni-Path host (tests/data/fabric/opx) with Debian's libfabric 1.17: the
     fabric plan binds it, so the host MPI's own libfabric stays out and its FABRIC_1.x
     needs are checked against 1.17 (the wheel's MPICH 5 needs FABRIC_1.9: refused, naming
@@ -397,9 +417,9 @@ def test_with_the_host_libfabric_bound_the_host_mpi_uses_it() -> None:
     image = dataclasses.replace(host_as_image_facts(), mpi=(mpich,))
     fabric = plan_fabric(host("opx", lib), image, "auto")
     assert fabric.provider == "psm2"
-    wheel = host_mpi(str(WHEEL), {})
+    wheel = host_mpi(str(wheel), {})
     with pytest.raises(UserError) as err:
-        plan_host_mpi(wheel, image, fabric, lib, str(WHEEL))
+        plan_host_mpi(wheel, image, fabric, lib, str(wheel))
     assert str(err.value) == (
         "cannot use the host MPI with the host libfabric 1.17: libmpi.so.12 needs FABRIC_1.9, "
         "which it lacks; use --fabric none (the host MPI then brings its own libfabric) or "

@@ -42,9 +42,7 @@ def loaded_by(runner: User, *args: str) -> set[str]:
     return set(proc.stdout.split())
 
 
-def test_joining_an_instance_imports_only_what_a_join_needs(
-    runner: User, base_image: Path
-) -> None:
+def test_joining_an_instance_imports_only_what_a_join_needs(runner: User, base_image: Path) -> None:
     name = f"imports-{runner.name}"
     start = rw(runner, "instance", "start", str(base_image), name)
     assert start.returncode == 0, start.stderr

@@ -41,6 +41,7 @@ from typing import Optional
 
 import pytest
 
+from harness.images import make_world_readable
 from harness.mpi import HELLO_RE, assert_hello, ompi_env
 from harness.multinode import (
     MPI_TREES,
@@ -354,14 +355,22 @@ def test_srun_rankwire_exec_on_two_nodes(
 
 
 def test_host_mpi_injected_on_two_nodes(
-    slurm_multinode: MultiNodeCluster, xnode_image: Path, runner: User, tmp_path: Path
+    slurm_multinode: MultiNodeCluster,
+    xnode_image: Path,
+    runner: User,
+    tmp_path: Path,
+    shared_dir: Path,
 ) -> None:
     """`--host-mpi`: the image's program (built with Debian's MPICH 4.0.2, UCX only) runs
     on PyPI's MPICH 5 wheel over libfabric's tcp provider; the 4 MiB exchange crosses the
     veths, and no MPICH 4/UCX hang in MPI_Finalize."""
-    wheel = Path(sys.prefix) / "opt" / "mpich"
-    if not (wheel / "lib" / "libmpi.so.12").exists():
-        pytest.skip(f"no MPICH wheel at {wheel}")
+    installed = Path(sys.prefix) / "opt" / "mpich"
+    if not (installed / "lib" / "libmpi.so.12").exists():
+        pytest.skip(f"no MPICH wheel at {installed}")
+    wheel = shared_dir / "mpich-wheel"  # where every user and node can read it
+    if not wheel.exists():
+        shutil.copytree(installed, wheel, symlinks=True)
+        make_world_readable(wheel)
     before = slurm_multinode.net_bytes()
     job = run_job(
         slurm_multinode,
