@@ -7,16 +7,19 @@ PATH, and its prefix. The planner (`fabric/mpiplan.py`) decides what to bind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from rankwire.errors import UserError
-from rankwire.fabric.elf import read_elf
+from rankwire.fabric.elf import ElfFacts, read_elf
 from rankwire.fabric.hostfacts import MULTIARCH, HostObject, Resolver, library_graph
 from rankwire.fabric.imagefacts import MPI_FAMILIES, MPI_SONAMES
 
@@ -60,6 +63,7 @@ def _version(prefix: str) -> str:
     return ""
 
 
+LD_CACHE = "/etc/ld.so.cache"  # what the resolver's `ldconfig -p` reads
 # Libraries that dlopen plugins from a directory beside their own file.
 _PLUGIN_DIRS = {"libucs.so.0": "ucx", "libfabric.so.1": "libfabric"}
 _TOOLS = {"mpichversion": ("mpich", "abi"), "ompi_info": ("openmpi",)}
@@ -75,9 +79,13 @@ def _on_path(environ: Mapping[str, str]) -> Optional[tuple[str, str, tuple[str, 
     return None
 
 
-def host_mpi(choice: str, environ: Mapping[str, str]) -> Optional[HostMpi]:
+def host_mpi(
+    choice: str, environ: Mapping[str, str], cache_dir: Optional[str] = None
+) -> Optional[HostMpi]:
     """The host MPI `choice` names (None: `none`, or `auto` finding none). UserError when
-    PREFIX holds no MPI C library."""
+    PREFIX holds no MPI C library. With `cache_dir`, the facts are kept there and taken
+    back while every file they were read from is unchanged (reading them costs ≈ 130 ms,
+    which every task of an srun step would pay)."""
     choice = choice.strip()
     if choice in ("", "none"):
         return None
@@ -90,17 +98,34 @@ def host_mpi(choice: str, environ: Mapping[str, str]) -> Optional[HostMpi]:
         if not os.path.isabs(choice):
             choice = os.path.abspath(choice)
         prefix, how = choice.rstrip("/") or "/", f"--host-mpi {choice}"
-        families = tuple(set(MPI_FAMILIES.values()))
+        families = tuple(sorted(set(MPI_FAMILIES.values())))
+    key = [prefix, how, list(families), environ.get("LD_LIBRARY_PATH", "")]
+    cache = _Cache(cache_dir, key, _candidates(prefix, families)) if cache_dir else None
+    kept = cache.load() if cache else None
+    if kept is not None:
+        return kept
+    facts = _read(prefix, how, families, environ)
+    if cache:
+        cache.store(facts)
+    return facts
+
+
+def _candidates(prefix: str, families: tuple[str, ...]) -> list[str]:
+    """Where an MPI C library of these families may be, in search order."""
+    sonames = sorted(s for s in MPI_SONAMES if MPI_FAMILIES[s] in families)
+    return [os.path.join(d, soname) for d in _lib_dirs(prefix) for soname in sonames]
+
+
+def _read(prefix: str, how: str, families: tuple[str, ...], environ: Mapping[str, str]) -> HostMpi:
     libs: dict[str, str] = {}
-    for d in _lib_dirs(prefix):
-        for soname in sorted(s for s in MPI_SONAMES if MPI_FAMILIES[s] in families):
-            path = os.path.join(d, soname)
-            if soname not in libs and os.path.isfile(path):
-                try:
-                    if read_elf(path).soname in MPI_SONAMES:
-                        libs[soname] = path
-                except (OSError, ValueError):
-                    continue
+    for path in _candidates(prefix, families):
+        soname = os.path.basename(path)
+        if soname not in libs and os.path.isfile(path):
+            try:
+                if read_elf(path).soname in MPI_SONAMES:
+                    libs[soname] = path
+            except (OSError, ValueError):
+                continue
     if not libs:
         raise UserError(
             f"{how}: no MPI library ({', '.join(sorted(MPI_SONAMES))}) in "
@@ -122,4 +147,82 @@ def host_mpi(choice: str, environ: Mapping[str, str]) -> Optional[HostMpi]:
         libs=tuple(libs[s] for s in sorted(libs)),
         objects=tuple(objects.values()),
         plugin_dirs=tuple(plugins),
+    )
+
+
+def _stat(path: str) -> Optional[list[int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class _Cache:
+    """One JSON file per (prefix, how it was found, families, LD_LIBRARY_PATH) in the
+    user's cache dir: the facts and the identity of every file they came from (the
+    candidate names, each object of the closure, the loader's cache). Any change there,
+    and the facts are read again."""
+
+    def __init__(self, cache_dir: str, key: list[Any], candidates: list[str]) -> None:
+        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+        self.path = os.path.join(cache_dir, "host-mpi", f"{digest}.json")
+        self.watched = [*candidates, LD_CACHE]
+
+    def _identity(self, objects: Sequence[HostObject]) -> dict[str, Any]:
+        paths = [*self.watched, *(o.path for o in objects), *(o.real for o in objects)]
+        return {p: _stat(p) for p in dict.fromkeys(paths)}
+
+    def load(self) -> Optional[HostMpi]:
+        try:
+            with open(self.path) as f:
+                doc = json.load(f)
+            found = _from_dict(doc["facts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return found if doc["identity"] == self._identity(found.objects) else None
+
+    def store(self, found: HostMpi) -> None:
+        doc = {"facts": dataclasses.asdict(found), "identity": self._identity(found.objects)}
+        tmp = f"{self.path}.{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+            os.rename(tmp, self.path)
+        except OSError:  # no cache: the next run reads the facts again
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _from_dict(d: dict[str, Any]) -> HostMpi:
+    def elf(e: dict[str, Any]) -> ElfFacts:
+        return ElfFacts(
+            soname=e["soname"],
+            needed=tuple(e["needed"]),
+            runpath=tuple(e["runpath"]),
+            rpath=tuple(e["rpath"]),
+            machine=e["machine"],
+            elfclass=e["elfclass"],
+            defines=tuple(e["defines"]),
+            requires=tuple((f, tuple(v)) for f, v in e["requires"]),
+        )
+
+    objects = tuple(
+        HostObject(
+            path=o["path"],
+            real=o["real"],
+            elf=elf(o["elf"]),
+            deps=tuple((n, p) for n, p in o["deps"]),
+            missing=tuple(o["missing"]),
+        )
+        for o in d["objects"]
+    )
+    return HostMpi(
+        prefix=d["prefix"],
+        found_by=d["found_by"],
+        version=d["version"],
+        libs=tuple(d["libs"]),
+        objects=objects,
+        plugin_dirs=tuple((a, b) for a, b in d["plugin_dirs"]),
     )

@@ -53,7 +53,7 @@ def gather(
     if mpi_choice != "none":  # `auto` finding none costs a PATH lookup, no image read
         from rankwire.fabric.hostmpi import host_mpi as read_host_mpi
 
-        host_mpi = read_host_mpi(mpi_choice, user.environ)
+        host_mpi = read_host_mpi(mpi_choice, user.environ, user.cache_dir)
     fabric_host, fabric_image = fabric_facts(via, opts.fabric, image_libs=host_mpi is not None)
     return Facts(
         image=facts,

@@ -433,3 +433,33 @@ def test_with_the_host_libfabric_bound_the_host_mpi_uses_it(wheel: Path) -> None
     assert plan.replaced == (
         ("/lib/x86_64-linux-gnu/libmpich.so.12", os.path.realpath(debian.libs[-1])),
     )
+
+
+def test_host_mpi_facts_are_kept_while_their_files_are_unchanged(
+    wheel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading them costs ≈ 130 ms (every srun task would pay it): kept in the user's
+    cache dir, read again when any file they came from changes."""
+    from rankwire.fabric import hostmpi
+
+    prefix = tmp_path / "mpich"
+    shutil.copytree(wheel, prefix, symlinks=True)
+    reads: list[str] = []
+    real_read = hostmpi._read
+    monkeypatch.setattr(
+        hostmpi,
+        "_read",
+        lambda *a: reads.append(a[0]) or real_read(*a),
+    )
+    cache = str(tmp_path / "cache")
+    first = hostmpi.host_mpi(str(prefix), {}, cache)
+    assert hostmpi.host_mpi(str(prefix), {}, cache) == first
+    assert reads == [str(prefix)]
+    dep = prefix / "lib" / "mpich" / "libucp.so.0"  # one object of the closure
+    os.utime(dep, ns=(0, 0))
+    assert hostmpi.host_mpi(str(prefix), {}, cache) == first
+    assert reads == [str(prefix)] * 2
+    (prefix / "lib" / "libmpi_abi.so.1").unlink()  # one candidate gone
+    fewer = hostmpi.host_mpi(str(prefix), {}, cache)
+    assert fewer is not None and fewer.libs == (str(prefix / "lib" / "libmpi.so.12"),)
+    assert reads == [str(prefix)] * 3
