@@ -217,18 +217,19 @@ def cache_list(as_json: bool) -> None:
     help="Only entries pulled or last used more than DAYS days ago.",
 )
 def cache_clean(older_than: Optional[float]) -> None:
-    """Remove cached SIFs and blobs, and records of verified images (all, or those older
-    than --older-than DAYS)."""
+    """Remove cached SIFs and blobs, records of verified images and host MPI facts (all,
+    or those older than --older-than DAYS)."""
     root = pulling.cache_root()
     cutoff = time.time() - (older_than or 0) * 86400
-    records = 0
-    for entry in (root.parent / "verified").glob("[0-9a-f]*"):
-        with contextlib.suppress(OSError):
-            if older_than is None or entry.stat().st_mtime < cutoff:
-                entry.unlink()
-                records += 1
-    if records:
-        click.echo(f"removed {records} verification records")
+    for sub, what in (("verified", "verification"), ("host-mpi", "host MPI")):
+        records = 0
+        for entry in (root.parent / sub).glob("[0-9a-f]*"):
+            with contextlib.suppress(OSError):
+                if older_than is None or entry.stat().st_mtime < cutoff:
+                    entry.unlink()
+                    records += 1
+        if records:
+            click.echo(f"removed {records} {what} records")
     if not root.is_dir():
         click.echo(f"removed 0 entries (0.0 MiB) from {shown(root)}")
         return

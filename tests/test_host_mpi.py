@@ -463,3 +463,7 @@ def test_host_mpi_facts_are_kept_while_their_files_are_unchanged(
     fewer = hostmpi.host_mpi(str(prefix), {}, cache)
     assert fewer is not None and fewer.libs == (str(prefix / "lib" / "libmpi.so.12"),)
     assert reads == [str(prefix)] * 3
+    me = User("self", os.getuid(), os.getgid(), "")
+    cleaned = me.run(["env", f"RANKWIRE_CACHEDIR={cache}", "rankwire", "cache", "clean"])
+    assert cleaned.stdout.splitlines()[0] == "removed 1 host MPI records"
+    assert list(Path(cache, "host-mpi").iterdir()) == []
