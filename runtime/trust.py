@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -172,7 +173,7 @@ def check(fd: int, name: str, req: Requirement, cache: Optional[Path]) -> Verifi
     entry_key = hashlib.sha256(
         json.dumps([_identity(before), keys_digest.hexdigest(), sorted(req.fingerprints)]).encode()
     ).hexdigest()
-    entry = cache / entry_key if cache else None
+    entry = cache / entry_key if cache is not None and _private_dir(cache) else None
     found = _cached(entry)
     if found is not None:
         return Verified(found, cached=True)
@@ -218,11 +219,15 @@ def _cached(entry: Optional[Path]) -> Optional[tuple[str, ...]]:
 @contextlib.contextmanager
 def _locked(entry: Optional[Path]) -> Any:
     """The tasks of one node that start together verify once: the others wait here."""
-    if entry is None:
+    fd = -1
+    if entry is not None:
+        with contextlib.suppress(OSError):  # a full or read-only disk: verify unlocked
+            fd = os.open(
+                f"{entry}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+            )
+    if fd < 0:
         yield
         return
-    _own_dir(entry.parent)
-    fd = os.open(f"{entry}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -232,14 +237,16 @@ def _locked(entry: Optional[Path]) -> Any:
         os.close(fd)
 
 
-def _own_dir(path: Path) -> None:
-    """The cache dir: ours alone (0700), no symlink."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = os.lstat(path)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077 or not os.path.isdir(path):
-        raise UserError(
-            f"verification cache {path} is not a private directory of uid {os.geteuid()}: remove it"
-        )
+def _private_dir(path: Path) -> bool:
+    """The cache dir, made if need be, is usable only when it is ours alone (0700, no
+    symlink); otherwise (another user's, unwritable, on a read-only file system) the
+    image is verified without a cache."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
 def _record(entry: Path, name: str, signers: tuple[str, ...]) -> None:

@@ -330,3 +330,19 @@ def test_no_keyring_to_verify_with(runner: User, cache: Path, signed: Path) -> N
         "rankwire: keyring /nonexistent.asc does not exist: check the path, or export the "
         "signers' keys there (`gpg --armor --export FPR > keys.asc`)"
     )
+
+
+def test_an_unusable_cache_dir_verifies_without_a_cache(
+    signed: Path, keys: tuple[GpgKey, GpgKey], tmp_path: Path
+) -> None:
+    """A cache dir that cannot be made (here under /proc) or is not private: the image is
+    still verified (and refused or run), nothing is recorded, no traceback."""
+    alice = keys[0]
+    assert _check(signed, alice, alice.fingerprint, Path("/proc/nope/verified")) == (
+        trust.Verified((alice.fingerprint,), cached=False)
+    )
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # others could plant entries: not used
+    assert not _check(signed, alice, alice.fingerprint, shared).cached
+    assert list(shared.iterdir()) == []
