@@ -25,7 +25,7 @@ from rankwire.fabric.hostfacts import HostLibfabric, HostObject, closure
 from rankwire.fabric.imagefacts import MPI_FAMILIES, FabricImageFacts
 from rankwire.fabric.plan import LIB_DIR as FABRIC_LIB_DIR
 from rankwire.fabric.plan import SONAME as LIBFABRIC
-from rankwire.fabric.plan import FabricPlan, check_glibc
+from rankwire.fabric.plan import FabricPlan, check_glibc, check_installed
 from rankwire.runtime.plan import Mount
 
 if TYPE_CHECKING:  # the facts' type only: exec without --host-mpi does not import them
@@ -98,13 +98,7 @@ def plan_host_mpi(
         )
     roots = sorted({(path.rsplit("/", 1)[-1], path) for _, path in pairs})
     objects = closure(host.objects, roots)
-    missing = [(o.path, m) for _, o in objects for m in o.missing]
-    if missing:
-        path, name = missing[0]
-        raise UserError(
-            f"cannot bind the host MPI: {path} needs {name}, which is not installed on this "
-            "host; install it or use --host-mpi none"
-        )
+    check_installed(objects, "the host MPI", "--host-mpi none")
     host_fabric = fabric.provider != ""
     if host_fabric:  # the fabric plan's libfabric serves the host MPI too
         objects = [(n, o) for n, o in objects if n != LIBFABRIC]

@@ -22,7 +22,7 @@ from typing import Any
 
 from rankwire.errors import UserError
 from rankwire.fabric.elf import ElfFacts, is_glibc, newest, version_key
-from rankwire.fabric.hostfacts import FabricHostFacts, HostLibfabric
+from rankwire.fabric.hostfacts import FabricHostFacts, HostLibfabric, HostObject
 from rankwire.fabric.imagefacts import FabricImageFacts
 from rankwire.runtime.plan import Mount
 
@@ -144,6 +144,17 @@ def check_abi(
             )
 
 
+def check_installed(objects: Iterable[tuple[str, HostObject]], what: str, way_out: str) -> None:
+    """Refuse (UserError) when a host object going in needs a library this host lacks."""
+    missing = [(o.path, m) for _, o in objects for m in o.missing]
+    if missing:
+        path, name = missing[0]
+        raise UserError(
+            f"cannot bind {what}: {path} needs {name}, which is not installed on this host; "
+            f"install it or use {way_out}"
+        )
+
+
 def check_glibc(
     bound: Iterable[tuple[str, ElfFacts]], image: FabricImageFacts, what: str, way_out: str
 ) -> None:
@@ -207,13 +218,7 @@ def plan_fabric(host: FabricHostFacts, image: FabricImageFacts, choice: str) -> 
     verbs = provider in VERBS_BASED and lib.verbs_plugins
     plugins = list(lib.verbs_plugins) if verbs else []
     objects = lib.closure([*roots, *((p.rsplit("/", 1)[-1], p) for p in plugins)])
-    missing = [(o.path, m) for _, o in objects for m in o.missing]
-    if missing:
-        path, name = missing[0]
-        raise UserError(
-            f"cannot bind the host libfabric: {path} needs {name}, which is not installed on "
-            "this host; install it or use --fabric none"
-        )
+    check_installed(objects, "the host libfabric", "--fabric none")
     check_abi([(name, o.elf) for name, o in objects], image, lib)
 
     mounts: list[Mount] = []
