@@ -22,11 +22,13 @@ from rankwire.launcher.plan import (
     PMI_CHOICES,
     LaunchOptions,
     LaunchPlan,
+    SlurmMpi,
     describe,
     plan_launch,
     validate,
 )
 from rankwire.launcher.plan import host_process as plan_host_process
+from rankwire.pmi.bridgeplan import bridge_choice
 from rankwire.runtime.cli_options import take_options
 from rankwire.runtime.cli_run import (
     PASSTHROUGH,
@@ -149,8 +151,23 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
             kind = planned.host_mpi.pmi_kind
             program_kind = program_kind and kind
         host_mpi = planned.host_mpi.to_dict()
+    slurm_mpi = None
+    if user.environ.get("SLURM_JOB_ID") and not lopts.no_slurm:  # delegating: what srun offers
+        from rankwire.runtime.doctorhost import slurm_install
+
+        site = slurm_install()
+        slurm_mpi = SlurmMpi(site.mpi_plugins, site.mpi_default)
     plan: LaunchPlan = plan_launch(
-        lopts, process, container, user.environ, prefix, kind, program_kind, open_files_limit()
+        lopts,
+        process,
+        container,
+        user.environ,
+        prefix,
+        kind,
+        program_kind,
+        open_files_limit(),
+        slurm_mpi,
+        bridge_choice(values.get("pmi_bridge"), user.environ),
     )
     if dry_run:
         if as_json:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from rankwire.errors import UserError
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan
@@ -147,6 +147,48 @@ def check_pmi(choice: str, kind: Optional[str], whose: str) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class SlurmMpi:
+    """What the site's srun offers: `srun --mpi=list` (pmix_v4 and the like included) and
+    MpiDefault ("none" when unset, "" when unknown)."""
+
+    plugins: tuple[str, ...]
+    default: str
+
+
+def srun_mpi(pmi: str, offered: Optional[SlurmMpi], bridge_ok: bool) -> str:
+    """The `--mpi` of a delegated job: the site's default when it serves the ranks' PMI,
+    directly or, for PMI-1/PMI-2 ranks under a PMIx default, through the tasks' PMI bridge
+    (`rankwire exec` bridges by itself); else the plugin that serves it; else one line
+    saying what the site lacks."""
+    wanted = SRUN_MPI[pmi]
+    if offered is None or not offered.plugins:
+        return wanted  # srun will say what it lacks
+    have = {p.split("_")[0] for p in offered.plugins}
+    default = offered.default.split("_")[0]
+    if default == wanted or (default == "pmix" and wanted == "pmi2" and bridge_ok):
+        return default
+    if wanted in have:
+        return wanted
+    if wanted == "pmi2" and "pmix" in have and bridge_ok:
+        return "pmix"
+    if wanted == "pmi2":
+        fix = (
+            "run it in an image (the tasks' PMI bridge serves PMI-1/PMI-2 over the site's PMIx)"
+            if "pmix" in have
+            else "launch outside the allocation's srun with --no-slurm"
+        )
+        return _refuse("PMI-1/PMI-2", offered, fix)
+    return _refuse("PMIx", offered, "launch here with --no-slurm (rankwire serves PMIx itself)")
+
+
+def _refuse(need: str, offered: SlurmMpi, fix: str) -> NoReturn:
+    plugins = ", ".join(offered.plugins)
+    raise UserError(
+        f"the ranks' MPI speaks {need} and this site's srun offers --mpi={plugins}: {fix}"
+    )
+
+
 def plan_open_files(ntasks: int, tag_output: bool, limit: tuple[int, int]) -> Optional[int]:
     """The soft RLIMIT_NOFILE to set (None: the current one will do), given (soft, hard).
 
@@ -172,6 +214,8 @@ def plan_launch(
     mpi_kind: Optional[str] = None,
     program_kind: Optional[str] = None,
     open_files: Optional[tuple[int, int]] = None,
+    slurm_mpi: Optional[SlurmMpi] = None,
+    bridge: str = "auto",
 ) -> LaunchPlan:
     """Decide the PMI and local launch vs delegation to srun.
 
@@ -180,6 +224,8 @@ def plan_launch(
     program was found to link ("pmix", "pmi1/2", "both", None), `program_kind` the same
     for the ranks' program alone (known only when it links an MPI itself).
     `open_files` is RLIMIT_NOFILE (soft, hard) of a local launch (None: not checked).
+    `slurm_mpi`: what the site's srun offers (read only inside an allocation; None:
+    unknown), `bridge` the tasks' --pmi-bridge choice.
     """
     validate(opts)
     kind = program_kind or mpi_kind
@@ -191,7 +237,8 @@ def plan_launch(
     process = dataclasses.replace(process, env=env)
     delegate = None
     if environ.get("SLURM_JOB_ID") and not opts.no_slurm:
-        srun = ["srun", f"--mpi={SRUN_MPI[pmi]}", "-n", str(opts.ntasks)]
+        mpi = srun_mpi(pmi, slurm_mpi, bridge_ok=bool(rankwire_exec) and bridge != "off")
+        srun = ["srun", f"--mpi={mpi}", "-n", str(opts.ntasks)]
         if opts.tag_output:
             srun.append("--label")
         if opts.timeout:

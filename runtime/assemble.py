@@ -11,6 +11,7 @@ from rankwire.fabric.hostfacts import FabricHostFacts
 from rankwire.fabric.imagefacts import FabricImageFacts
 from rankwire.fabric.mpiplan import MpiPlan, plan_host_mpi
 from rankwire.fabric.plan import FabricPlan, plan_fabric
+from rankwire.pmi.bridgeplan import BridgePlan, bridge_choice, bridged_env, plan_bridge, step_offer
 from rankwire.runtime.hostfacts import HostFacts
 
 if TYPE_CHECKING:
@@ -39,6 +40,10 @@ class Facts:
     fabric_host: FabricHostFacts
     fabric_image: FabricImageFacts
     host_mpi: Optional[HostMpi] = None  # read only when --host-mpi is not none
+    # The PMI the image's MPI speaks (pmi.pmix.detect.pmi_kind) and, when it holds both
+    # families, the command's: read only when a PMI bridge could be planned.
+    pmi_need: Optional[str] = None
+    program_need: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +53,15 @@ class ImagePlan:
     fabric: FabricPlan
     host_mpi: MpiPlan
     process: Optional[ProcessPlan]  # None when no command was given (instance, plugin)
+    pmi_bridge: BridgePlan
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def plan_image(facts: Facts, opts: ExecOptions, argv: Optional[Sequence[str]]) -> ImagePlan:
-    """The fabric plan and the host MPI plan, then the container (their mounts last)
-    and the process."""
+    """The fabric plan and the host MPI plan, then the container (their mounts last),
+    the process and whether its PMI is bridged."""
     fabric = plan_fabric(facts.fabric_host, facts.fabric_image, opts.fabric)
     mpi = plan_host_mpi(
         facts.host_mpi,
@@ -79,4 +85,13 @@ def plan_image(facts: Facts, opts: ExecOptions, argv: Optional[Sequence[str]]) -
         if argv is not None
         else None
     )
-    return ImagePlan(container, env, fabric, mpi, process)
+    environ = facts.user.environ
+    bridge = plan_bridge(
+        bridge_choice(opts.pmi_bridge, environ),
+        step_offer(environ),
+        facts.pmi_need,
+        facts.program_need,
+    )
+    if bridge.bridge and process is not None:
+        process = dataclasses.replace(process, env=bridged_env(process.env))
+    return ImagePlan(container, env, fabric, mpi, process, bridge)

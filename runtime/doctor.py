@@ -25,7 +25,8 @@ PMI_NAMES = {"pmi1/2": "PMI-1/PMI-2", "pmix": "PMIx", "both": "PMI-1/PMI-2 or PM
 # What each answer of `image_mpi_kind` needs from `srun --mpi` (Slurm's pmi2 plugin also
 # serves PMI-1 clients).
 SLURM_PLUGINS = {"pmi1/2": ("pmi2",), "pmix": ("pmix",), "both": ("pmi2", "pmix")}
-NO_BRIDGE = "a PMI bridge is not built yet"
+BRIDGE = "rankwire's PMI bridge, --pmi-bridge auto"
+NO_BRIDGE = "rankwire's PMI bridge serves PMI-1/PMI-2 over PMIx, not PMIx over PMI-2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +370,8 @@ def mpi_check(i: DoctorImageFacts) -> Check:
 
 
 def pmi_check(h: DoctorHostFacts, i: DoctorImageFacts) -> Check:
-    """Whether srun can wire up the image's MPI (plain `srun … rankwire exec`)."""
+    """Whether srun can wire up the image's MPI (plain `srun … rankwire exec`), directly or
+    through rankwire's PMI bridge (`pmi/bridgeplan.py`: PMI-1/PMI-2 over a PMIx step)."""
     s = h.slurm
     if i.pmi is None:
         return Check("pmi", OK, "no MPI in the image: nothing for Slurm to wire up")
@@ -377,21 +379,34 @@ def pmi_check(h: DoctorHostFacts, i: DoctorImageFacts) -> Check:
     if not s.version:
         return Check("pmi", OK, f"no usable Slurm here: `rankwire run` serves {pmi} itself")
     wanted = SLURM_PLUGINS[i.pmi]
-    offered = [w for w in wanted if any(p.split("_")[0] == w for p in s.mpi_plugins)]
+    bases = {p.split("_")[0] for p in s.mpi_plugins}
+    offered = [w for w in wanted if w in bases]
     default = s.mpi_default.split("_")[0]
+    name = mpi_name(i) or "MPI"
     if default in wanted:
         return Check("pmi", OK, f"srun's default --mpi={s.mpi_default} serves the image's {pmi}")
-    if offered:
+    if i.pmi == "pmi1/2" and default == "pmix":
+        return Check(
+            "pmi",
+            OK,
+            f"srun's default --mpi={s.mpi_default} serves PMIx and the image's {name} speaks "
+            f"{pmi}: `srun … rankwire exec` bridges them ({BRIDGE})",
+        )
+    if offered or (i.pmi == "pmi1/2" and "pmix" in bases):
+        fix = (
+            f"run `srun --mpi={offered[0]} …`"
+            if offered
+            else f"run `srun --mpi=pmix … rankwire exec …` ({BRIDGE})"
+        )
         return Check(
             "pmi",
             WARN,
             f"srun's default --mpi={s.mpi_default or '(unknown)'} does not "
             f"serve the image's {pmi}: plain `srun` starts N singletons",
-            f"run `srun --mpi={offered[0]} …`",
+            fix,
         )
     pmis = [p for p in s.mpi_plugins if p.startswith("pmi") and "_v" not in p]
     only = " and ".join(pmis) if pmis else "no PMI plugin"
-    name = mpi_name(i) or "MPI"
     if i.pmi == "pmix":
         rebuild = "ask the admin for Slurm's mpi/pmix plugin"
     else:

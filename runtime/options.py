@@ -231,6 +231,16 @@ OPTIONS: tuple[Option, ...] = (
         spank_help="Working directory inside the container",
     ),
     Option(
+        "pmi_bridge",
+        "value",
+        "When the step's PMI (srun --mpi=…) is not one the image's MPI speaks, serve the "
+        "task's PMI through it: auto (default: only on a mismatch) or off.",
+        "process",
+        flags=("--pmi-bridge",),
+        metavar="auto|off",
+        env=("RANKWIRE_PMI_BRIDGE",),
+    ),
+    Option(
         "insecure",
         "flag",
         "Reach the registry of a docker:// or oras:// image over plain HTTP.",

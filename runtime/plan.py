@@ -143,6 +143,7 @@ class ExecOptions:
     share: Optional[str] = None  # KEY: %j/%s stand for SLURM_JOB_ID/SLURM_STEP_ID
     fabric: str = "auto"  # auto | none | a libfabric provider
     host_mpi: Optional[str] = None  # auto | PREFIX | none; None: RANKWIRE_HOST_MPI or none
+    pmi_bridge: Optional[str] = None  # auto | off; None: RANKWIRE_PMI_BRIDGE or auto
     workdir: Optional[str] = None
     tmpfs_size_mib: int = 64
     bind_cwd: bool = True  # the plugin binds the cwd only when the tasks start there

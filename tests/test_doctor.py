@@ -53,8 +53,9 @@ NO_NAME = "(ssh, `whoami` and MPI launchers that look the user up fail)"
 ABI_WHERE = "(this matters where it is bound: a node with a fabric adapter, or --fabric PROVIDER)"
 BRIDGE_FIX = (
     "run with `rankwire run` / `apptainer-mpirun` (they serve {pmi}), or {rebuild}; "
-    "a PMI bridge is not built yet"
+    "rankwire's PMI bridge serves PMI-1/PMI-2 over PMIx, not PMIx over PMI-2"
 )
+BRIDGED = "`srun … rankwire exec` bridges them (rankwire's PMI bridge, --pmi-bridge auto)"
 MPICH_REBUILD = "rebuild the image's MPI with PMIx (e.g. MPICH `--with-pmi=pmix`)"
 OMPI_REBUILD = "ask the admin for Slurm's mpi/pmix plugin"
 
@@ -329,8 +330,26 @@ def _slurm(plugins: tuple[str, ...], default: str, **changes: Any) -> DoctorHost
             MPICH,
             ("pmix", "none", "pmix_v4"),
             "pmix",
+            "ok",
+            "srun's default --mpi=pmix serves PMIx and the image's MPICH 4.0.2 speaks "
+            f"PMI-1/PMI-2: {BRIDGED}",
+            "",
+        ),
+        (
+            MPICH,
+            ("pmix", "none", "pmix_v4"),
+            "none",
             "warn",
-            "Slurm offers only pmix and the image's MPICH 4.0.2 speaks PMI-1/PMI-2",
+            "srun's default --mpi=none does not serve the image's PMI-1/PMI-2: plain `srun` "
+            "starts N singletons",
+            "run `srun --mpi=pmix … rankwire exec …` (rankwire's PMI bridge, --pmi-bridge auto)",
+        ),
+        (
+            MPICH,
+            ("none", "cray_shasta"),
+            "none",
+            "warn",
+            "Slurm offers only no PMI plugin and the image's MPICH 4.0.2 speaks PMI-1/PMI-2",
             BRIDGE_FIX.format(pmi="PMI-1/PMI-2", rebuild=MPICH_REBUILD),
         ),
         (
@@ -707,9 +726,9 @@ def test_mpich_image_on_a_pmix_only_site(
     version = _mpich_version()
     assert _as_check(checks["pmi"]) == Check(
         "pmi",
-        "warn",
-        f"Slurm offers only pmix and the image's MPICH {version} speaks PMI-1/PMI-2",
-        BRIDGE_FIX.format(pmi="PMI-1/PMI-2", rebuild=MPICH_REBUILD),
+        "ok",
+        f"srun's default --mpi=pmix serves PMIx and the image's MPICH {version} speaks "
+        f"PMI-1/PMI-2: {BRIDGED}",
     )
     libmpich = _lib_in_image(mpi_programs.hello_mpich, "libmpich.so.12")
     assert _as_check(checks["image-mpi"]) == Check(

@@ -1,0 +1,120 @@
+"""Whether a task needs rankwire's PMI bridge, and why (pure; no I/O).
+
+The step offers one PMI (from its environment: what srun's `--mpi` plugin set up) and
+the image's MPI speaks one or more (`pmi.pmix.detect.pmi_kind`). When they differ, the
+MPI's `MPI_Init` finds no PMI it can speak and every task starts as a singleton ("rank 0
+of 1" N times) or hangs. The bridge (`pmi/bridge.py`) closes one such gap: under
+`srun --mpi=pmix`, a task whose MPI speaks PMI-1/PMI-2 gets a `PMI_FD` served by a
+process that is that task's PMIx client. The other gap (PMI-2 step, PMIx image) is not
+bridged: the plan says so and what to do.
+
+`exec`, the doctor and the launcher's srun delegation all decide here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Optional
+
+CHOICES = ("auto", "off")
+PMIX_TO_PMI = "pmix-to-pmi"  # the one bridge there is
+
+# What each offer or need is called in messages.
+NAMES = {
+    "pmix": "PMIx",
+    "pmi2": "PMI-2",
+    "pmi1": "PMI-1",
+    "pmi1/2": "PMI-1/PMI-2",
+    "both": "PMI-1/PMI-2 or PMIx",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgePlan:
+    offer: Optional[str]  # what the step serves: "pmix" | "pmi2" | "pmi1" | None
+    need: Optional[str]  # what the task's MPI speaks: "pmix" | "pmi1/2" | "both" | None
+    bridge: Optional[str]  # PMIX_TO_PMI, or None: the task talks to the step's PMI itself
+    reason: str  # one line for `-v` and `--dry-run`
+    warning: str = ""  # a mismatch the bridge does not close: one line naming the fix
+
+    def to_dict(self) -> dict[str, Optional[str]]:
+        return dataclasses.asdict(self)
+
+
+def step_offer(environ: Mapping[str, str]) -> Optional[str]:
+    """The PMI the process manager that started us serves, from the environment: Slurm's
+    mpi/pmix sets PMIX_NAMESPACE + PMIX_RANK (and the server URIs); mpi/pmi2 sets PMI_FD
+    with PMI_JOBID; a PMI-1 manager (Hydra, our launcher) PMI_FD or PMI_PORT alone."""
+    if environ.get("PMIX_NAMESPACE") and environ.get("PMIX_RANK"):
+        return "pmix"
+    if environ.get("PMI_FD") or environ.get("PMI_PORT"):
+        return "pmi2" if environ.get("PMI_JOBID") else "pmi1"
+    return None
+
+
+def bridge_choice(option: Optional[str], environ: Mapping[str, str]) -> str:
+    """--pmi-bridge, else RANKWIRE_PMI_BRIDGE, else auto (the option table reads both; the
+    plugin and joined instances pass the value on)."""
+    return (option or environ.get("RANKWIRE_PMI_BRIDGE") or "auto").strip() or "auto"
+
+
+def needs_image_facts(choice: str, offer: Optional[str]) -> bool:
+    """Whether the image's MPI must be read at all: only a PMIx step can be bridged, and
+    only with the bridge allowed (a task under any other step reads nothing more)."""
+    return choice == "auto" and offer == "pmix"
+
+
+def plan_bridge(
+    choice: str, offer: Optional[str], need: Optional[str], program_need: Optional[str] = None
+) -> BridgePlan:
+    """`need`: the image's MPI kind; `program_need`: the command's own libmpi's, asked only
+    when the image holds both families ("both")."""
+    if choice not in CHOICES:
+        from rankwire.errors import UserError
+
+        raise UserError(f"--pmi-bridge {choice}: use auto or off")
+    if offer is None:
+        return BridgePlan(offer, need, None, "no PMI from the process manager: none to bridge")
+    if choice == "off":
+        return BridgePlan(offer, need, None, "--pmi-bridge off")
+    if need == "both":
+        if program_need is None:
+            return BridgePlan(
+                offer,
+                need,
+                None,
+                "the image holds MPICH and Open MPI and the command's MPI is unknown: not bridged",
+            )
+        need = program_need
+    if need is None:
+        return BridgePlan(offer, need, None, "no MPI in the image: nothing to bridge")
+    if offer == "pmix" and need == "pmi1/2":
+        return BridgePlan(
+            offer,
+            need,
+            PMIX_TO_PMI,
+            "the step serves PMIx (srun --mpi=pmix) and the image's MPI speaks PMI-1/PMI-2: "
+            "bridged (PMI_FD served through the step's PMIx server)",
+        )
+    if offer in ("pmi1", "pmi2") and need == "pmix":
+        return BridgePlan(
+            offer,
+            need,
+            None,
+            f"the step serves {NAMES[offer]} and the image's MPI speaks PMIx: no bridge "
+            "for this direction",
+            warning=f"the image's MPI speaks PMIx and this step serves only {NAMES[offer]}: "
+            "each task will start as a singleton; run `srun --mpi=pmix …` "
+            "(`srun --mpi=list` shows what the site offers)",
+        )
+    return BridgePlan(
+        offer, need, None, f"the step serves {NAMES[offer]}, which the image's MPI speaks"
+    )
+
+
+def bridged_env(env: Mapping[str, str]) -> dict[str, str]:
+    """A bridged task's environment: without the step's PMIx variables (its MPI is to
+    take the PMI_FD the bridge serves, not look for a PMIx server); the executor adds
+    PMI_FD, PMI_RANK and PMI_SIZE from the bridge it starts."""
+    return {k: v for k, v in env.items() if not k.startswith("PMIX_")}

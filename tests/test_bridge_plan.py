@@ -1,0 +1,174 @@
+"""The PMI bridge decision (pmi/bridgeplan.py): pure, facts in, plan out."""
+
+from __future__ import annotations
+
+import pytest
+
+from rankwire.errors import UserError
+from rankwire.launcher.plan import LaunchOptions, SlurmMpi, plan_launch, srun_mpi
+from rankwire.pmi.bridgeplan import (
+    PMIX_TO_PMI,
+    bridge_choice,
+    bridged_env,
+    needs_image_facts,
+    plan_bridge,
+    step_offer,
+)
+from rankwire.runtime.plan import ProcessPlan
+
+SLURM_PMIX = {"PMIX_NAMESPACE": "slurm.pmix.7.0", "PMIX_RANK": "3", "PMIX_SERVER_URI2": "x"}
+SLURM_PMI2 = {"PMI_FD": "11", "PMI_JOBID": "7.0", "PMI_RANK": "3", "PMI_SIZE": "4"}
+HYDRA = {"PMI_FD": "6", "PMI_RANK": "0", "PMI_SIZE": "2"}
+
+
+@pytest.mark.parametrize(
+    ("environ", "offer"),
+    [
+        (SLURM_PMIX, "pmix"),
+        (SLURM_PMI2, "pmi2"),
+        (HYDRA, "pmi1"),
+        ({"PMI_PORT": "h:1"}, "pmi1"),
+        ({"SLURM_JOB_ID": "7"}, None),
+        ({"PMIX_NAMESPACE": "n"}, None),
+    ],
+)
+def test_the_offer_is_read_from_the_environment(environ: dict[str, str], offer: str) -> None:
+    assert step_offer(environ) == offer
+
+
+def test_pmix_step_and_pmi1_image_are_bridged() -> None:
+    plan = plan_bridge("auto", "pmix", "pmi1/2")
+    assert plan.bridge == PMIX_TO_PMI
+    assert plan.reason == (
+        "the step serves PMIx (srun --mpi=pmix) and the image's MPI speaks PMI-1/PMI-2: "
+        "bridged (PMI_FD served through the step's PMIx server)"
+    )
+    assert plan.warning == ""
+
+
+@pytest.mark.parametrize(
+    ("offer", "need"), [("pmix", "pmix"), ("pmi2", "pmi1/2"), ("pmi1", "pmi1/2")]
+)
+def test_matched_pairs_are_not_bridged(offer: str, need: str) -> None:
+    plan = plan_bridge("auto", offer, need)
+    assert (plan.bridge, plan.warning) == (None, "")
+
+
+def test_off_is_never_bridged() -> None:
+    plan = plan_bridge("off", "pmix", "pmi1/2")
+    assert (plan.bridge, plan.reason) == (None, "--pmi-bridge off")
+
+
+def test_no_step_no_mpi() -> None:
+    assert plan_bridge("auto", None, "pmi1/2").reason == (
+        "no PMI from the process manager: none to bridge"
+    )
+    assert plan_bridge("auto", "pmix", None).reason == "no MPI in the image: nothing to bridge"
+
+
+def test_an_image_with_both_mpis_asks_the_command() -> None:
+    assert plan_bridge("auto", "pmix", "both", "pmi1/2").bridge == PMIX_TO_PMI
+    assert plan_bridge("auto", "pmix", "both", "pmix").bridge is None
+    unknown = plan_bridge("auto", "pmix", "both", None)
+    assert unknown.bridge is None
+    assert unknown.reason == (
+        "the image holds MPICH and Open MPI and the command's MPI is unknown: not bridged"
+    )
+
+
+def test_the_other_direction_warns_with_the_fix() -> None:
+    plan = plan_bridge("auto", "pmi2", "pmix")
+    assert plan.bridge is None
+    assert plan.warning == (
+        "the image's MPI speaks PMIx and this step serves only PMI-2: each task will start "
+        "as a singleton; run `srun --mpi=pmix …` (`srun --mpi=list` shows what the site offers)"
+    )
+
+
+def test_a_bad_choice_is_one_line() -> None:
+    with pytest.raises(UserError) as err:
+        plan_bridge("sometimes", "pmix", "pmi1/2")
+    assert str(err.value) == "--pmi-bridge sometimes: use auto or off"
+
+
+def test_choice_and_when_the_image_is_read() -> None:
+    assert bridge_choice(None, {}) == "auto"
+    assert bridge_choice(None, {"RANKWIRE_PMI_BRIDGE": "off"}) == "off"
+    assert bridge_choice("auto", {"RANKWIRE_PMI_BRIDGE": "off"}) == "auto"
+    assert needs_image_facts("auto", "pmix")
+    assert not needs_image_facts("off", "pmix")
+    assert not needs_image_facts("auto", "pmi2")  # nothing to bridge: no image read
+
+
+def test_a_bridged_task_loses_the_pmix_variables_only() -> None:
+    env = {**SLURM_PMIX, "SLURM_PROCID": "3", "PATH": "/usr/bin"}
+    assert bridged_env(env) == {"SLURM_PROCID": "3", "PATH": "/usr/bin"}
+
+
+PMIX_ONLY = SlurmMpi(("pmix", "pmix_v4"), "pmix")
+BOTH_PMIX_DEFAULT = SlurmMpi(("pmi2", "pmix", "pmix_v4"), "pmix_v4")
+BOTH_NO_DEFAULT = SlurmMpi(("none", "pmi2", "pmix", "pmix_v4"), "none")
+PMI2_ONLY = SlurmMpi(("none", "pmi2"), "none")
+
+
+@pytest.mark.parametrize(
+    ("pmi", "offered", "bridge_ok", "mpi"),
+    [
+        ("pmi2", None, True, "pmi2"),  # unknown: ask for what the ranks need
+        ("pmi2", BOTH_NO_DEFAULT, True, "pmi2"),
+        ("pmi2", BOTH_PMIX_DEFAULT, True, "pmix"),  # the site's default, bridged
+        ("pmi2", BOTH_PMIX_DEFAULT, False, "pmi2"),  # no image or --pmi-bridge off
+        ("pmi2", PMIX_ONLY, True, "pmix"),
+        ("pmix", BOTH_PMIX_DEFAULT, True, "pmix"),
+        ("pmix", BOTH_NO_DEFAULT, False, "pmix"),
+    ],
+)
+def test_a_delegated_job_takes_the_site_mpi_the_bridge_allows(
+    pmi: str, offered: SlurmMpi, bridge_ok: bool, mpi: str
+) -> None:
+    assert srun_mpi(pmi, offered, bridge_ok) == mpi
+
+
+@pytest.mark.parametrize(
+    ("pmi", "offered", "bridge_ok", "message"),
+    [
+        ("pmi2", PMIX_ONLY, False, "the ranks' MPI speaks PMI-1/PMI-2 and this site's srun "
+         "offers --mpi=pmix, pmix_v4: run it in an image (the tasks' PMI bridge serves "
+         "PMI-1/PMI-2 over the site's PMIx)"),
+        ("pmix", PMI2_ONLY, True, "the ranks' MPI speaks PMIx and this site's srun offers "
+         "--mpi=none, pmi2: launch here with --no-slurm (rankwire serves PMIx itself)"),
+    ],
+)  # fmt: skip
+def test_a_site_that_cannot_serve_the_ranks_is_one_line(
+    pmi: str, offered: SlurmMpi, bridge_ok: bool, message: str
+) -> None:
+    with pytest.raises(UserError) as err:
+        srun_mpi(pmi, offered, bridge_ok)
+    assert str(err.value) == message
+
+
+def test_the_launch_plan_delegates_with_the_bridged_mpi() -> None:
+    proc = ProcessPlan(("/opt/hello",), {}, "/")
+    plan = plan_launch(
+        LaunchOptions(ntasks=4),
+        proc,
+        None,
+        {"SLURM_JOB_ID": "9"},
+        ["rankwire", "exec", "i.sif"],
+        "pmi1/2",
+        slurm_mpi=PMIX_ONLY,
+    )
+    assert plan.delegate == (
+        "srun", "--mpi=pmix", "-n", "4", "rankwire", "exec", "i.sif", "/opt/hello",
+    )  # fmt: skip
+    with pytest.raises(UserError):
+        plan_launch(
+            LaunchOptions(ntasks=4),
+            proc,
+            None,
+            {"SLURM_JOB_ID": "9"},
+            ["rankwire", "exec", "i.sif"],
+            "pmi1/2",
+            slurm_mpi=PMIX_ONLY,
+            bridge="off",
+        )
