@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "run": "rankwire.launcher.cli:run",
     "pmi": "rankwire.pmi.cli:pmi",
     "fabric": "rankwire.fabric.cli:fabric",
+    "recipe": "rankwire.runtime.cli_recipe:recipe",
     "spank-helper": "rankwire.spank.cli:spank_helper",
 }
 

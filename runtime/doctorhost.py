@@ -2,6 +2,10 @@
 in it, opening /dev/fuse, libpmix, Slurm, the cache and runtime dirs), on top of the
 `runtime/hostfacts.py` facts every run reads; `runtime/doctor.py` turns them into
 verdicts. Kept apart from `hostfacts` so that `exec` does not import it.
+
+`collect_recipe_host_facts` reads what `rankwire recipe` matches an image to (Slurm's MPI
+plugins, the fabric, glibc, the CPU, the distribution) with the same probes, into
+`RecipeHostFacts`, which `to_json`/`from_json` record and load.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import contextlib
 import dataclasses
 import errno
 import glob
+import json
 import os
 import platform
 import select
@@ -20,6 +25,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from rankwire.errors import UserError
+from rankwire.fabric.elf import is_glibc, newest
+from rankwire.fabric.hostfacts import Adapter, HostLibfabric, detect_adapters, host_libfabric
 from rankwire.runtime.hostfacts import HostFacts, collect_host_facts, read_int
 
 # -- what `rankwire doctor` tries for real ------------------------------------------------
@@ -393,4 +401,155 @@ def collect_doctor_host_facts() -> DoctorHostFacts:
         slurm=slurm_install(),
         cache_dir=cache,
         runtime_dir=run,
+    )
+
+
+# -- what `rankwire recipe` matches an image to ------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CpuFacts:
+    """/proc/cpuinfo's first processor, as far as a target name needs it."""
+
+    machine: str  # x86_64, aarch64, ...
+    vendor: str  # GenuineIntel, AuthenticAMD; "" elsewhere
+    family: Optional[int]  # x86 "cpu family"
+    model: Optional[int]  # x86 "model"
+    implementer: str  # aarch64 "CPU implementer" ("0x41"); "" elsewhere
+    part: str  # aarch64 "CPU part" ("0xd0c")
+    flags: tuple[str, ...]  # x86 "flags" / aarch64 "Features"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeHostFacts:
+    """What `rankwire recipe` matches an MPI image to, read once (`collect_recipe_host_facts`)
+    or loaded from a recorded file (`from_json`): Slurm's MPI plugins, the fabric, glibc,
+    the CPU and the distribution."""
+
+    slurm_version: str  # `srun --version`; "" when there is no working srun
+    slurm_error: str  # why srun does not work ("" when it does or is not installed)
+    mpi_plugins: tuple[str, ...]  # `srun --mpi=list`
+    mpi_default: str  # MpiDefault; "" unknown
+    libfabric_version: str  # "1.20"; "" when the host has none
+    libfabric_providers: tuple[str, ...]
+    libfabric_glibc: str  # newest GLIBC_x the host libfabric and its closure need ("2.34")
+    adapters: tuple[Adapter, ...]
+    glibc: str  # "2.36"
+    distro: str  # "debian:12" (os-release ID:VERSION_ID)
+    distro_name: str  # PRETTY_NAME
+    cpu: CpuFacts
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "host facts") -> RecipeHostFacts:
+        """Recorded facts (`rankwire recipe facts` output); UserError when `text` is not."""
+        fix = "record them on the cluster with `rankwire recipe facts > FILE.json`"
+        try:
+            doc = json.loads(text)
+            cpu = doc["cpu"]
+            adapters = tuple(
+                Adapter(**{**a, "devices": tuple(a["devices"])}) for a in doc["adapters"]
+            )
+            facts = cls(
+                **{
+                    **{f.name: doc[f.name] for f in dataclasses.fields(cls)},
+                    "mpi_plugins": tuple(doc["mpi_plugins"]),
+                    "libfabric_providers": tuple(doc["libfabric_providers"]),
+                    "adapters": adapters,
+                    "cpu": CpuFacts(**{**cpu, "flags": tuple(cpu["flags"])}),
+                }
+            )
+        except ValueError as err:
+            raise UserError(f"{source}: not JSON ({err}); {fix}") from None
+        except KeyError as err:
+            raise UserError(f"{source}: not recorded host facts ({err} missing); {fix}") from None
+        except TypeError as err:
+            raise UserError(f"{source}: not recorded host facts ({err}); {fix}") from None
+        return facts
+
+
+def os_release(root: str = "/") -> tuple[str, str]:
+    """("debian:12", "Debian GNU/Linux 12 (bookworm)") from os-release; ("", "") without."""
+    values: dict[str, str] = {}
+    for path in ("etc/os-release", "usr/lib/os-release"):
+        with contextlib.suppress(OSError):
+            for line in Path(root, path).read_text(errors="replace").splitlines():
+                key, sep, value = line.partition("=")
+                if sep:
+                    values[key.strip()] = value.strip().strip("\"'")
+            break
+    ident, version = values.get("ID", ""), values.get("VERSION_ID", "")
+    return (f"{ident}:{version}" if ident and version else ident), values.get("PRETTY_NAME", "")
+
+
+def glibc_version() -> str:
+    """This process's glibc ("2.36"); "" when it is not glibc."""
+    with contextlib.suppress(ValueError, OSError):
+        found = os.confstr("CS_GNU_LIBC_VERSION") or ""
+        if found.startswith("glibc "):
+            return found.split()[1]
+    return ""
+
+
+def cpu_facts(root: str = "/") -> CpuFacts:
+    """The first processor of /proc/cpuinfo (all processors of a node are alike)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(root, "proc/cpuinfo").read_text(errors="replace").splitlines():
+            if not line.strip():
+                if fields:
+                    break
+                continue
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip().lower(), value.strip())
+
+    def number(key: str) -> Optional[int]:
+        try:
+            return int(fields[key], 0)
+        except (KeyError, ValueError):
+            return None
+
+    return CpuFacts(
+        machine=platform.machine(),
+        vendor=fields.get("vendor_id", ""),
+        family=number("cpu family"),
+        model=number("model"),
+        implementer=fields.get("cpu implementer", ""),
+        part=fields.get("cpu part", ""),
+        flags=tuple(sorted((fields.get("flags") or fields.get("features") or "").split())),
+    )
+
+
+def _libfabric_glibc(lib: HostLibfabric) -> str:
+    """The newest GLIBC_x version the host libfabric, its providers and deps need."""
+    wanted: set[str] = set()
+    for obj in lib.objects:
+        for soname, versions in obj.elf.requires:
+            if is_glibc(soname):
+                wanted.update(versions)
+    return newest(frozenset(wanted), "GLIBC").partition("_")[2]
+
+
+def collect_recipe_host_facts() -> RecipeHostFacts:
+    """This host's facts for `rankwire recipe`, from the probes `rankwire doctor` and the
+    fabric planner use (Slurm's plugins, adapters, the host libfabric)."""
+    slurm = slurm_install()
+    try:
+        lib: Optional[HostLibfabric] = host_libfabric()
+    except UserError:  # no libfabric.so.1 on this host
+        lib = None
+    distro, name = os_release()
+    return RecipeHostFacts(
+        slurm_version=slurm.version,
+        slurm_error=slurm.error,
+        mpi_plugins=slurm.mpi_plugins,
+        mpi_default=slurm.mpi_default,
+        libfabric_version=lib.version if lib else "",
+        libfabric_providers=lib.providers if lib else (),
+        libfabric_glibc=_libfabric_glibc(lib) if lib else "",
+        adapters=detect_adapters(),
+        glibc=glibc_version(),
+        distro=distro,
+        distro_name=name,
+        cpu=cpu_facts(),
     )
