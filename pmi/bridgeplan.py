@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from rankwire.runtime.plan import ProcessPlan, UserFacts
 
 CHOICES = ("auto", "off")
 PMIX_TO_PMI = "pmix-to-pmi"  # the one bridge there is
@@ -42,15 +45,23 @@ class BridgePlan:
         return dataclasses.asdict(self)
 
 
-def step_offer(environ: Mapping[str, str]) -> Optional[str]:
+def step_offer(environ: Mapping[str, str], step_pmix: bool = False) -> Optional[str]:
     """The PMI the process manager that started us serves, from the environment: Slurm's
     mpi/pmix sets PMIX_NAMESPACE + PMIX_RANK (and the server URIs); mpi/pmi2 sets PMI_FD
-    with PMI_JOBID; a PMI-1 manager (Hydra, our launcher) PMI_FD or PMI_PORT alone."""
-    if environ.get("PMIX_NAMESPACE") and environ.get("PMIX_RANK"):
+    with PMI_JOBID; a PMI-1 manager (Hydra, our launcher) PMI_FD or PMI_PORT alone.
+    `step_pmix`: the Slurm step has a PMIx server (slurmstepd's PMIX_SERVER_TMPDIR: what
+    the plugin knows before the tasks have their variables)."""
+    identity = environ.get("PMIX_NAMESPACE") and environ.get("PMIX_RANK")
+    if (identity and any(k.startswith("PMIX_SERVER_URI") for k in environ)) or step_pmix:
         return "pmix"
     if environ.get("PMI_FD") or environ.get("PMI_PORT"):
         return "pmi2" if environ.get("PMI_JOBID") else "pmi1"
     return None
+
+
+def user_offer(user: UserFacts) -> Optional[str]:
+    """`step_offer` for the user the planners plan for (exec's caller or the job user)."""
+    return step_offer(user.environ, bool(user.slurm and user.slurm.pmix_server_dir))
 
 
 def bridge_choice(option: Optional[str], environ: Mapping[str, str]) -> str:
@@ -113,8 +124,18 @@ def plan_bridge(
     )
 
 
-def bridged_env(env: Mapping[str, str]) -> dict[str, str]:
-    """A bridged task's environment: without the step's PMIx variables (its MPI is to
-    take the PMI_FD the bridge serves, not look for a PMIx server); the executor adds
-    PMI_FD, PMI_RANK and PMI_SIZE from the bridge it starts."""
-    return {k: v for k, v in env.items() if not k.startswith("PMIX_")}
+def plan_for(
+    user: UserFacts, option: Optional[str], need: Optional[str], program_need: Optional[str]
+) -> BridgePlan:
+    """`plan_bridge` for the user the planners plan for, with --pmi-bridge `option`."""
+    return plan_bridge(bridge_choice(option, user.environ), user_offer(user), need, program_need)
+
+
+def bridged_process(bridge: BridgePlan, proc: ProcessPlan) -> ProcessPlan:
+    """A bridged task's process: without the step's PMIx variables (its MPI is to take
+    the PMI_FD the bridge serves, not look for a PMIx server); the executor adds PMI_FD,
+    PMI_RANK and PMI_SIZE from the bridge it starts."""
+    if bridge.bridge is None:
+        return proc
+    env = {k: v for k, v in proc.env.items() if not k.startswith("PMIX_")}
+    return dataclasses.replace(proc, env=env)

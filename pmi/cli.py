@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Optional
 
 import click
 
@@ -38,3 +39,46 @@ def probe_cmd(version: str) -> None:
         sys.exit(1)
     click.echo(json.dumps(result))
     sys.exit(0 if result["ok"] else 1)
+
+
+@pmi.command("bridge", hidden=True, context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--pmi",
+    "version",
+    type=click.Choice(["pmi1", "pmi2"]),
+    default="pmi2",
+    show_default=True,
+    help="The PMI environment the command gets (pmi2 adds PMI_JOBID; both are served).",
+)
+@click.option(
+    "--serve-fd",
+    type=int,
+    default=None,
+    metavar="FD",
+    help="Serve the connected socket FD (the task has the other end as PMI_FD) instead of "
+    "running COMMAND: the SPANK plugin's way.",
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def bridge_cmd(version: str, serve_fd: Optional[int], command: tuple[str, ...]) -> None:
+    """Under `srun --mpi=pmix`: run COMMAND with a PMI_FD whose PMI-1/PMI-2 is carried out
+    through the step's PMIx server as this task's rank (and without the PMIX_* variables,
+    so its MPI does not try PMIx)."""
+    import os
+
+    from rankwire.errors import UserError, exec_failure
+    from rankwire.pmi import bridge as pmi_bridge
+
+    if serve_fd is not None:
+        if command:
+            raise UserError("pmi bridge: give --serve-fd FD or -- COMMAND, not both")
+        sys.exit(pmi_bridge.serve_fd(serve_fd, os.environ))
+    if not command:
+        raise UserError("pmi bridge: no command: give -- COMMAND [ARGS...] (or --serve-fd FD)")
+    bridge = pmi_bridge.spawn(os.environ, version)
+    env = bridge.task_env(os.environ)
+    try:
+        os.execvpe(command[0], list(command), env)
+    except OSError as err:
+        code, message = exec_failure(command[0], err, "on this host")
+        bridge.end()
+        raise UserError(message, exit_code=code) from err

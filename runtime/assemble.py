@@ -11,7 +11,7 @@ from rankwire.fabric.hostfacts import FabricHostFacts
 from rankwire.fabric.imagefacts import FabricImageFacts
 from rankwire.fabric.mpiplan import MpiPlan, plan_host_mpi
 from rankwire.fabric.plan import FabricPlan, plan_fabric
-from rankwire.pmi.bridgeplan import BridgePlan, bridge_choice, bridged_env, plan_bridge, step_offer
+from rankwire.pmi.bridgeplan import BridgePlan, bridged_process, plan_for
 from rankwire.runtime.hostfacts import HostFacts
 
 if TYPE_CHECKING:
@@ -85,13 +85,7 @@ def plan_image(facts: Facts, opts: ExecOptions, argv: Optional[Sequence[str]]) -
         if argv is not None
         else None
     )
-    environ = facts.user.environ
-    bridge = plan_bridge(
-        bridge_choice(opts.pmi_bridge, environ),
-        step_offer(environ),
-        facts.pmi_need,
-        facts.program_need,
-    )
-    if bridge.bridge and process is not None:
-        process = dataclasses.replace(process, env=bridged_env(process.env))
+    bridge = plan_for(facts.user, opts.pmi_bridge, facts.pmi_need, facts.program_need)
+    if process is not None:
+        process = bridged_process(bridge, process)
     return ImagePlan(container, env, fabric, mpi, process, bridge)

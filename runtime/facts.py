@@ -78,10 +78,10 @@ def pmi_needs(
     """Which PMI the image's MPI speaks (and, when it holds two, the command's), read only
     when a bridge could be planned: under a PMIx step with --pmi-bridge auto. Kept in
     the user's cache per image, so the tasks of a step list the image once."""
-    from rankwire.pmi.bridgeplan import bridge_choice, needs_image_facts, step_offer
+    from rankwire.pmi.bridgeplan import bridge_choice, needs_image_facts, user_offer
 
     choice = bridge_choice(opts.pmi_bridge, user.environ)
-    if not needs_image_facts(choice, step_offer(user.environ)):
+    if not needs_image_facts(choice, user_offer(user)):
         return None, None
     from rankwire.launcher.facts import image_mpi_kind, image_program_mpi_kind
 

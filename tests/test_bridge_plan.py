@@ -9,7 +9,7 @@ from rankwire.launcher.plan import LaunchOptions, SlurmMpi, plan_launch, srun_mp
 from rankwire.pmi.bridgeplan import (
     PMIX_TO_PMI,
     bridge_choice,
-    bridged_env,
+    bridged_process,
     needs_image_facts,
     plan_bridge,
     step_offer,
@@ -30,10 +30,15 @@ HYDRA = {"PMI_FD": "6", "PMI_RANK": "0", "PMI_SIZE": "2"}
         ({"PMI_PORT": "h:1"}, "pmi1"),
         ({"SLURM_JOB_ID": "7"}, None),
         ({"PMIX_NAMESPACE": "n"}, None),
+        ({"PMIX_NAMESPACE": "n", "PMIX_RANK": "0"}, None),  # no server to reach
     ],
 )
 def test_the_offer_is_read_from_the_environment(environ: dict[str, str], offer: str) -> None:
     assert step_offer(environ) == offer
+
+
+def test_the_plugin_knows_the_step_serves_pmix_before_the_tasks_do() -> None:
+    assert step_offer({"SLURM_JOB_ID": "7"}, step_pmix=True) == "pmix"
 
 
 def test_pmix_step_and_pmi1_image_are_bridged() -> None:
@@ -102,7 +107,10 @@ def test_choice_and_when_the_image_is_read() -> None:
 
 def test_a_bridged_task_loses_the_pmix_variables_only() -> None:
     env = {**SLURM_PMIX, "SLURM_PROCID": "3", "PATH": "/usr/bin"}
-    assert bridged_env(env) == {"SLURM_PROCID": "3", "PATH": "/usr/bin"}
+    proc = ProcessPlan(("/opt/hello",), env, "/")
+    bridged = bridged_process(plan_bridge("auto", "pmix", "pmi1/2"), proc)
+    assert bridged.env == {"SLURM_PROCID": "3", "PATH": "/usr/bin"}
+    assert bridged_process(plan_bridge("off", "pmix", "pmi1/2"), proc) is proc
 
 
 PMIX_ONLY = SlurmMpi(("pmix", "pmix_v4"), "pmix")

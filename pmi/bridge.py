@@ -1,0 +1,750 @@
+"""The PMI bridge: a task whose MPI speaks PMI-1/PMI-2, in a step that serves PMIx.
+
+Under `srun --mpi=pmix` every task has `PMIX_NAMESPACE` / `PMIX_RANK` / `PMIX_SERVER_URI*`
+and Slurm's PMIx server answers it; an MPI that speaks only PMI-1/PMI-2 (Debian's MPICH
+4.0) finds no `PMI_FD` there and starts as a singleton. The bridge is one process per task
+that is the PMIx client of that task's rank and serves the task ONE PMI-1 or PMI-2
+connection (a socketpair end the task gets as `PMI_FD`, with `PMI_RANK`, `PMI_SIZE`,
+`PMI_JOBID` as Slurm's mpi/pmi2 sets them). Requests are decoded by the sans-I/O
+`ServerCodec`; the transport is a blocking loop on that one socket (one task, one
+connection: a blocking `PMIx_Fence` is fine).
+
+How PMI maps onto PMIx:
+
+* put → buffered in this process (`EpochKvs`).
+* fence (PMI-1 `barrier_in`, PMI-2 `kvs-fence`) → the puts since the last fence go out as
+  ONE value, `rankwire.kvs.<epoch>` = a JSON object, with `PMIx_Put(GLOBAL)` + `Commit`
+  (nothing is put when there is nothing new), then `PMIx_Fence` with data collection.
+* get → answered from the merged map; the first get after a fence first fetches the other
+  ranks' blobs of every epoch completed since (`PMIx_Get` with `pmix.optional`, so a rank
+  that put nothing is "not found" at once instead of a direct-modex wait).
+
+  Why blobs per epoch and lazily: PMI's get names a key, not the rank that put it, so
+  per-key PMIx values would need a get per rank per key (MPICH's card exchange is already
+  N gets per rank); one blob per rank per epoch makes it N-1 PMIx gets per epoch, whatever
+  the number of keys. Lazily, because most fences are bare barriers that no get follows
+  (the end of MPI_Init, MPI_Finalize): fetching eagerly would pay N-1 gets for each.
+  Fetching every pending epoch at the first get (rather than only on a miss) keeps PMI's
+  "later put wins" right for a key written again in a later epoch.
+* job attributes (`PMI_process_mapping`, `universeSize`; PMI-1 `get_universe_size`,
+  `get_appnum`, maxes) → PMIx job info, read once at start. The mapping is built from
+  PMIx's locality info: the node list (`pmix.nlist`) and each node's local peers
+  (`pmix.lpeers` qualified by the node's name), else every rank's `pmix.nodeid`; it is
+  absent (not found) when that is incomplete, never wrong (MPICH 4.0 crashes on a
+  malformed one).
+* PMI-2 node attributes (`info-putnodeattr` / `info-getnodeattr`) ride in the same epoch
+  blobs and are seen by the ranks of the putter's node after the next fence (the pattern
+  MPICH uses: put, barrier, get). Before that fence another rank's node attribute is "not
+  found", also with `wait=TRUE` (the bridge cannot block for a put it is not told about).
+* abort → `PMIx_Abort(code, message)` (Slurm ends the step); finalize → `PMIx_Finalize`,
+  the bridge exits 0.
+
+Lifetime: the bridge never outlives its task. It gets SIGKILL when the process that forked
+it dies (`PR_SET_PDEATHSIG`; `rankwire pmi bridge -- CMD` execs CMD in that process), and
+ends on EOF of its socket (the task closed it without finalize: exit 1, without
+`PMIx_Finalize`, so the PMIx server sees a lost rank; a task that never spoke PMI ends it
+quietly). It keeps no other descriptor of its parent (no lease, no pipe but stderr).
+
+Entry points: `spawn(environ)` is what an executor calls (before it joins a container: the
+bridge is a PMIx client on the host, as the task's user, from the thread that outlives the
+task); `serve_fd(fd, environ)` makes the calling process the bridge on a socket the SPANK
+shim made (`rankwire pmi bridge --serve-fd FD`); `rankwire pmi bridge -- CMD` spawns one
+and execs CMD. `pmi_env`, `task_env`, `EpochKvs`, `nodes_from_peers` and
+`JobInfo.attr` are pure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
+
+from rankwire.errors import UserError
+from rankwire.pmi import messages as m
+from rankwire.pmi.bridgeplan import step_offer
+from rankwire.pmi.codec import ServerCodec
+from rankwire.pmi.errors import LocalProtocolError, RemoteProtocolError
+from rankwire.pmi.job import RESERVED_PREFIX, process_mapping
+
+if TYPE_CHECKING:  # the PMIx modules are loaded in the bridge process only
+    from rankwire.pmi.pmix.abi import Proc
+    from rankwire.pmi.pmix.client_lib import Client
+    from rankwire.pmi.pmix.values import InfoLike
+
+PMI_CHOICES = ("pmi1", "pmi2")
+EPOCH_PREFIX = "rankwire.kvs."
+START_TIMEOUT = 60.0  # seconds for the bridge's PMIx_Init and job info
+MAPPING_ATTR = "PMI_process_mapping"
+_NO_PMIX = (
+    "no PMIx server to bridge (PMIX_NAMESPACE / PMIX_RANK / PMIX_SERVER_URI* unset): "
+    "run the PMI bridge under `srun --mpi=pmix`"
+)
+_EXITED = (
+    "the PMI bridge exited before it reached the step's PMIx server (see the message "
+    "above): run it under `srun --mpi=pmix`"
+)
+ABORT_GRACE = 60.0  # seconds the bridge waits for the step to end after PMIx_Abort
+
+
+# -- pure: what the step offers, the task's environment ---------------------------------------
+def pmi_env(fd: int, rank: int, size: int, jobid: str, spawned: bool, pmi: str) -> dict[str, str]:
+    """What the task gets: Slurm's mpi/pmi2 set (`PMI_FD`, `PMI_RANK`, `PMI_SIZE`,
+    `PMI_JOBID`, `PMI_SPAWNED=1` when spawned); `pmi1` leaves out PMI_JOBID as Hydra does
+    (the bridge serves both versions either way: the client's first line chooses)."""
+    if pmi not in PMI_CHOICES:
+        raise UserError(f"--pmi {pmi}: use pmi1 or pmi2")
+    env = {"PMI_FD": str(fd), "PMI_RANK": str(rank), "PMI_SIZE": str(size)}
+    if pmi == "pmi2":
+        env["PMI_JOBID"] = jobid
+    if spawned:
+        env["PMI_SPAWNED"] = "1"
+    return env
+
+
+def task_env(environ: Mapping[str, str], add: Mapping[str, str]) -> dict[str, str]:
+    """`environ` without the PMIx variables (so the task's MPI does not try PMIx, and no
+    stale PMI variable of another manager), plus `add`."""
+    env = {k: v for k, v in environ.items() if not k.startswith(("PMIX_", "PMI_"))}
+    env.update(add)
+    return env
+
+
+# -- pure: the process mapping from PMIx's locality info --------------------------------------
+def parse_ranks(text: str) -> Optional[list[int]]:
+    """`"0,2,5-7"` → [0, 2, 5, 6, 7]; None when malformed."""
+    ranks: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            return None
+        lo, hi = int(first), int(last) if dash else int(first)
+        if hi < lo:
+            return None
+        ranks.extend(range(lo, hi + 1))
+    return ranks
+
+
+def nodes_from_peers(size: int, peers: Sequence[str]) -> Optional[list[int]]:
+    """rank → node index from each node's local peers (`pmix.lpeers` strings in node
+    order); None unless every rank 0..size-1 is on exactly one node."""
+    nodes: list[Optional[int]] = [None] * size
+    for node, text in enumerate(peers):
+        ranks = parse_ranks(text)
+        if ranks is None:
+            return None
+        for r in ranks:
+            if not 0 <= r < size or nodes[r] is not None:
+                return None
+            nodes[r] = node
+    if any(n is None for n in nodes):
+        return None
+    return [n for n in nodes if n is not None]
+
+
+def mapping_for(nodes: Optional[Sequence[int]]) -> Optional[str]:
+    """`PMI_process_mapping` for a rank → node list, or None (absent)."""
+    return process_mapping(nodes) if nodes else None
+
+
+# -- pure: the epoch KVS of one rank ----------------------------------------------------------
+def epoch_key(epoch: int) -> str:
+    return f"{EPOCH_PREFIX}{epoch}"
+
+
+def encode_blob(kvs: Mapping[str, str], node: Mapping[str, str]) -> str:
+    """One rank's puts of one epoch as the string published through PMIx."""
+    doc: dict[str, Mapping[str, str]] = {"kvs": kvs}
+    if node:
+        doc["node"] = node
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
+def decode_blob(text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(kvs, node attributes) of a blob; ValueError when it is not one of ours."""
+    doc = json.loads(text)
+    if not isinstance(doc, dict):
+        raise ValueError("not a rankwire PMI bridge blob")
+    parts = []
+    for name in ("kvs", "node"):
+        part = doc.get(name, {})
+        if not isinstance(part, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in part.items()
+        ):
+            raise ValueError(f"malformed {name!r} in a rankwire PMI bridge blob")
+        parts.append(dict(part))
+    return parts[0], parts[1]
+
+
+class EpochKvs:
+    """The KVS as one rank sees it through the bridge (no I/O).
+
+    Epoch e is the interval between fence e-1 and fence e. `put`/`put_node` stage keys;
+    `enter_fence()` closes the epoch and returns the blob to publish (None: nothing new);
+    `fence_done()` makes it pending until `merge()` receives the other ranks' blobs of it
+    (`pending()` says which epochs to fetch). Merging goes epoch by epoch, ranks in rank
+    order within an epoch: later writers win, as in `pmi.job.Job`. Node attributes are
+    merged only from ranks on this rank's node (`nodes`: rank → node; None: unknown,
+    then only this rank's own).
+    """
+
+    def __init__(self, rank: int, nodes: Optional[Sequence[int]] = None) -> None:
+        self.rank = rank
+        self.nodes = tuple(nodes) if nodes is not None else None
+        self.epoch = 0  # the epoch puts go to now
+        self._staged: dict[str, str] = {}
+        self._staged_node: dict[str, str] = {}
+        self._own: dict[int, str] = {}  # epoch → this rank's blob (fenced or in flight)
+        self._pending: list[int] = []  # fenced epochs not merged yet
+        self._kvs: dict[str, str] = {}
+        self._node: dict[str, str] = {}
+
+    def put(self, key: str, value: str) -> None:
+        self._staged[key] = value
+
+    def put_node(self, key: str, value: str) -> None:
+        self._staged_node[key] = value
+        self._node[key] = value  # visible to this rank at once
+
+    def enter_fence(self) -> tuple[int, Optional[str]]:
+        """(epoch, blob to publish under `epoch_key(epoch)` or None) for the fence entered."""
+        epoch = self.epoch
+        blob = None
+        if self._staged or self._staged_node:
+            blob = encode_blob(self._staged, self._staged_node)
+            self._own[epoch] = blob
+        self._staged, self._staged_node = {}, {}
+        return epoch, blob
+
+    def fence_done(self) -> None:
+        self._pending.append(self.epoch)
+        self.epoch += 1
+
+    def fence_failed(self) -> None:
+        """The fence failed: its epoch is dropped (its key is never read), the next one
+        starts."""
+        self._own.pop(self.epoch, None)
+        self.epoch += 1
+
+    def pending(self) -> tuple[int, ...]:
+        return tuple(self._pending)
+
+    def merge(self, epoch: int, blobs: Mapping[int, str]) -> None:
+        """Merge the blobs other ranks published in `epoch` (ranks that put nothing are
+        absent) with this rank's own; ValueError for a blob that is not ours."""
+        if epoch not in self._pending:
+            raise ValueError(f"epoch {epoch} is not pending")
+        every = dict(blobs)
+        if epoch in self._own:
+            every[self.rank] = self._own.pop(epoch)
+        for rank in sorted(every):
+            kvs, node = decode_blob(every[rank])
+            self._kvs.update(kvs)
+            if rank == self.rank or self._same_node(rank):
+                self._node.update(node)
+        self._pending.remove(epoch)
+
+    def _same_node(self, rank: int) -> bool:
+        if self.nodes is None or not 0 <= rank < len(self.nodes):
+            return False
+        return self.nodes[rank] == self.nodes[self.rank]
+
+    def get(self, key: str) -> Optional[str]:
+        """A key of a merged epoch (call after merging what `pending()` lists)."""
+        return self._kvs.get(key)
+
+    def node_attr(self, key: str) -> Optional[str]:
+        return self._node.get(key)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobInfo:
+    """What the bridge learned from PMIx at start (read once) and tells its parent."""
+
+    nspace: str
+    rank: int
+    size: int
+    jobid: str  # PMI-1 kvsname, PMI-2 jobid / PMI_JOBID
+    appnum: int = 0
+    universe_size: int = 0
+    spawned: bool = False
+    nodes: Optional[tuple[int, ...]] = None  # rank → node, None: unknown
+
+    @property
+    def mapping(self) -> Optional[str]:
+        return mapping_for(self.nodes)
+
+    def attr(self, key: str) -> Optional[str]:
+        """PMI-2 job attributes (and PMI-1's pre-put PMI_process_mapping)."""
+        if key == MAPPING_ATTR:
+            return self.mapping
+        if key == "universeSize":
+            return str(self.universe_size or self.size)
+        return None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobInfo:
+        doc = json.loads(text)
+        nodes = doc.pop("nodes", None)
+        return cls(**doc, nodes=tuple(nodes) if nodes is not None else None)
+
+
+def jobid_for(environ: Mapping[str, str], nspace: str) -> str:
+    """Slurm's `<jobid>.<stepid>` (what its mpi/pmi2 puts in PMI_JOBID), else the nspace."""
+    job = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
+    step = environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID")
+    if job and step:
+        return f"{job}.{step}"
+    return nspace
+
+
+# -- the parent's side ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Bridge:
+    """A running bridge: `fd` is the task's end of the socket (inheritable; `env` names
+    it as PMI_FD), `pid` the bridge process, `info` what it learned from PMIx."""
+
+    pid: int
+    fd: int
+    env: Mapping[str, str]
+    info: JobInfo
+
+    def task_env(self, environ: Mapping[str, str]) -> dict[str, str]:
+        return task_env(environ, self.env)
+
+    def handed_over(self) -> None:
+        """The task exists (it inherited `fd`): close our copy, so its exit is the
+        bridge's EOF."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def wait(self, timeout: float) -> Optional[int]:
+        """Reap the bridge; its exit code, None if it still runs after `timeout`, -1 if
+        somebody else (a child watcher) reaped it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return -1
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+    def end(self) -> None:
+        """Kill and reap the bridge (after the task: normally it has ended by itself)."""
+        if self.wait(0) is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+
+
+def spawn(environ: Mapping[str, str], pmi: str = "pmi2", timeout: float = START_TIMEOUT) -> Bridge:
+    """Fork a bridge for the task whose PMIx identity `environ` holds; returns once it is
+    the PMIx client of that rank and knows the job (UserError otherwise, nothing left).
+    The task must inherit `bridge.fd` (keep its number) and get `bridge.task_env(...)`;
+    then call `bridge.handed_over()`."""
+    if pmi not in PMI_CHOICES:
+        raise UserError(f"--pmi {pmi}: use pmi1 or pmi2")
+    if step_offer(environ) != "pmix":
+        raise UserError(_NO_PMIX)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    rpipe, wpipe = os.pipe()
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's code path, exercised under srun
+        theirs.close()
+        os.close(rpipe)
+        _child(ours, wpipe, parent, environ)
+    ours.close()
+    os.close(wpipe)
+    try:
+        text = _read_all(rpipe, timeout)
+        doc = json.loads(text) if text else {"error": _EXITED}
+        if "error" in doc:
+            raise UserError(str(doc["error"]))
+        info = JobInfo.from_json(text)
+    except BaseException:
+        theirs.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(rpipe)
+    fd = theirs.detach()
+    os.set_inheritable(fd, True)
+    env = pmi_env(fd, info.rank, info.size, info.jobid, info.spawned, pmi)
+    return Bridge(pid, fd, env, info)
+
+
+def _read_all(fd: int, timeout: float) -> str:
+    """What the child writes before it closes the pipe (bounded by `timeout`)."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UserError(
+                f"the PMI bridge did not connect to the step's PMIx server within "
+                f"{timeout:g} s: check that slurmstepd's PMIx server is reachable "
+                "(srun --mpi=pmix)"
+            )
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        data = os.read(fd, 65536)
+        if not data:
+            return b"".join(chunks).decode(errors="replace")
+        chunks.append(data)
+
+
+# -- the bridge process -----------------------------------------------------------------------
+def _child(sock: socket.socket, wpipe: int, parent: int, environ: Mapping[str, str]) -> NoReturn:
+    """The forked bridge: never returns, never runs the parent's cleanup."""
+    code = 1
+    try:
+        _detach(sock.fileno(), wpipe, parent)
+        for key, value in environ.items():  # PMIx_Init reads its identity from here
+            if key.startswith("PMIX_"):
+                os.environ[key] = value
+        code = _run(sock, wpipe, environ)
+    except BaseException as err:
+        with contextlib.suppress(BaseException):
+            _say(f"PMI bridge failed: {err}")
+    finally:
+        os._exit(code)
+
+
+def _detach(keep_sock: int, wpipe: int, parent: int) -> None:
+    from rankwire.runtime import syscalls as sc
+
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+    _quiet({keep_sock, wpipe})
+
+
+def _quiet(keep: set[int]) -> None:
+    """Default signal actions, stdin and stdout on /dev/null (stderr stays: the task's),
+    every other descriptor but `keep` closed (no lease, pipe or socket of the parent)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # Slurm's SIGTERM must end us too
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    low = 3
+    for fd in sorted(keep | {0, 1, 2}):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, _max_fd())
+
+
+def _max_fd() -> int:
+    try:
+        return int(os.sysconf("SC_OPEN_MAX"))
+    except (ValueError, OSError):
+        return 65536
+
+
+def _say(text: str) -> None:
+    os.write(2, f"rankwire: {text}\n".encode(errors="replace"))
+
+
+def _connect(environ: Mapping[str, str]) -> tuple[Client, JobInfo]:
+    """PMIx_Init as the task's rank and the job's info (UserError: no PMIx server)."""
+    from rankwire.pmi.pmix.abi import PmixError
+    from rankwire.pmi.pmix.client_lib import Client
+
+    client = Client()
+    try:
+        me = client.init()
+    except PmixError as err:
+        raise UserError(
+            f"the PMI bridge cannot connect to the step's PMIx server ({err}): "
+            "run it under `srun --mpi=pmix` as the task's user, outside any container"
+        ) from err
+    try:
+        return client, _job_info(client, me.nspace, me.rank, environ)
+    except PmixError as err:
+        raise UserError(
+            f"the step's PMIx server did not describe the job ({err}): the bridge needs "
+            "pmix.job.size; check the site's Slurm mpi/pmix plugin"
+        ) from err
+
+
+def _run(sock: socket.socket, wpipe: int, environ: Mapping[str, str]) -> int:
+    try:
+        client, info = _connect(environ)
+    except UserError as err:
+        os.write(wpipe, json.dumps({"error": str(err)}).encode())
+        os.close(wpipe)
+        return 1
+    os.write(wpipe, info.to_json().encode())
+    os.close(wpipe)
+    return Session(sock, client, info).serve()
+
+
+def serve_fd(fd: int, environ: Mapping[str, str]) -> int:
+    """Be the bridge in this process, on the already connected socket `fd` whose other
+    end the task has as PMI_FD (what the SPANK shim starts, detached: the task's end
+    closing ends it, and the step's end kills it). Returns the exit code; UserError when
+    `fd` is no socket or there is no PMIx server."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as err:
+        raise UserError(
+            f"--serve-fd {fd}: not an open socket ({err.strerror}); pass the bridge's end "
+            "of the task's PMI_FD socketpair"
+        ) from err
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise UserError(f"--serve-fd {fd}: not a Unix stream socket; pass a socketpair end")
+    if step_offer(environ) != "pmix":
+        raise UserError(_NO_PMIX)
+    _quiet({fd})
+    client, info = _connect(environ)
+    return Session(sock, client, info).serve()
+
+
+def _optional(client: Client, key: str, proc: Proc, info: Optional[InfoLike] = None) -> Any:
+    from rankwire.pmi.pmix.abi import PmixError
+
+    try:
+        return client.get(key, proc, info)
+    except PmixError:
+        return None
+
+
+def _job_info(client: Client, nspace: str, rank: int, environ: Mapping[str, str]) -> JobInfo:
+    from rankwire.pmi.pmix.abi import RANK_WILDCARD, Proc
+
+    job = Proc(nspace, RANK_WILDCARD)
+    me = Proc(nspace, rank)
+    size = int(client.get("pmix.job.size", job))
+    universe = _optional(client, "pmix.univ.size", job)
+    appnum = _optional(client, "pmix.appnum", me)
+    spawned = _optional(client, "pmix.spawned", job)
+    return JobInfo(
+        nspace=nspace,
+        rank=rank,
+        size=size,
+        jobid=jobid_for(environ, nspace),
+        appnum=int(appnum) if isinstance(appnum, int) else 0,
+        universe_size=int(universe) if isinstance(universe, int) else size,
+        spawned=spawned is True,
+        nodes=_locality(client, nspace, size),
+    )
+
+
+def _locality(client: Client, nspace: str, size: int) -> Optional[tuple[int, ...]]:
+    """rank → node from PMIx: one node → all on it; else each node's local peers (a get
+    per node), else each rank's node id (a get per rank); None when neither is whole."""
+    from rankwire.pmi.pmix.abi import RANK_WILDCARD, Proc
+
+    job = Proc(nspace, RANK_WILDCARD)
+    nlist = _optional(client, "pmix.nlist", job)
+    hosts = [h for h in nlist.split(",") if h] if isinstance(nlist, str) else []
+    if len(hosts) == 1:
+        return (0,) * size
+    if hosts:
+        peers = [_optional(client, "pmix.lpeers", job, [("pmix.hname", h)]) for h in hosts]
+        if all(isinstance(p, str) for p in peers):
+            nodes = nodes_from_peers(size, peers)
+            if nodes is not None:
+                return tuple(nodes)
+    ids = [_optional(client, "pmix.nodeid", Proc(nspace, r)) for r in range(size)]
+    if all(isinstance(i, int) for i in ids):
+        return tuple(ids)
+    return None
+
+
+class Session:
+    """Serves one PMI connection through the PMIx client `client` (blocking)."""
+
+    def __init__(self, sock: socket.socket, client: Client, info: JobInfo) -> None:
+        self.sock = sock
+        self.client = client
+        self.info = info
+        self.codec = ServerCodec()
+        self.kvs = EpochKvs(info.rank, info.nodes)
+        self.spoke = False  # the task sent at least one request
+        self.done: Optional[int] = None  # exit code once finalized or aborted
+
+    def serve(self) -> int:
+        sock = self.sock
+        while self.done is None:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                return self._eof()
+            self.codec.receive_data(data)
+            while self.done is None:
+                try:
+                    req = self.codec.next_event()
+                except RemoteProtocolError as err:
+                    self._reply_error(f"PMI bridge: {err}")
+                    if err.fatal:
+                        return 1
+                    continue
+                if req is None:
+                    break
+                self.spoke = True
+                self._dispatch(req)
+        return self.done
+
+    def _eof(self) -> int:
+        if not self.spoke:  # the task never used PMI: nothing to tell anybody
+            with contextlib.suppress(Exception):
+                self.client.finalize()
+            return 0
+        _say(
+            f"PMI bridge: rank {self.info.rank} closed its PMI connection without "
+            "finalize (it exited or crashed)"
+        )
+        return 1
+
+    def _send(self, reply: m.Reply) -> None:
+        try:
+            data = self.codec.send(reply)
+        except LocalProtocolError as err:  # e.g. a value too long for a PMI-1 line
+            data = self.codec.send(m.ErrorReply(str(err)))
+        with contextlib.suppress(OSError):  # the task is gone: the next recv sees EOF
+            self.sock.sendall(data)
+
+    def _reply_error(self, message: str) -> None:
+        self._send(m.ErrorReply(message))
+
+    def _dispatch(self, req: m.Request) -> None:
+        from rankwire.pmi.pmix.abi import PmixError
+
+        info = self.info
+        if isinstance(req, m.Init):
+            if req.version not in (1, 2):
+                self._reply_error(f"PMI version {req.version} is not served (1 or 2)")
+            else:
+                self._send(m.InitReply(req.version, 1 if req.version == 1 else 0))
+        elif isinstance(req, m.InitAck):
+            self._reply_error("initack is only for PMI_PORT connections; this is PMI_FD")
+        elif isinstance(req, m.FullInit):
+            self._send(m.FullInitReply(info.rank, info.size, info.appnum))
+        elif isinstance(req, m.GetMaxes):
+            self._send(m.MaxesReply())
+        elif isinstance(req, m.GetAppnum):
+            self._send(m.AppnumReply(info.appnum))
+        elif isinstance(req, m.GetKvsName):
+            self._send(m.KvsNameReply(info.jobid))
+        elif isinstance(req, m.GetUniverseSize):
+            self._send(m.UniverseSizeReply(info.universe_size or info.size))
+        elif isinstance(req, m.Put):
+            if req.key.startswith(RESERVED_PREFIX):
+                self._reply_error(f"key {req.key!r} is reserved (prefix {RESERVED_PREFIX!r})")
+            else:
+                self.kvs.put(req.key, req.value)
+                self._send(m.PutReply())
+        elif isinstance(req, m.PutNodeAttr):
+            self.kvs.put_node(req.key, req.value)
+            self._send(m.PutReply())
+        elif isinstance(req, (m.Get, m.GetNodeAttr)):
+            try:
+                self._fetch()
+            except (PmixError, ValueError) as err:
+                self._reply_error(f"PMI bridge: fetching the KVS through PMIx failed: {err}")
+                return
+            if isinstance(req, m.GetNodeAttr):
+                self._send(m.GetReply(self.kvs.node_attr(req.key)))
+            elif req.key == MAPPING_ATTR:
+                self._send(m.GetReply(info.mapping))
+            else:
+                self._send(m.GetReply(self.kvs.get(req.key)))
+        elif isinstance(req, m.GetJobAttr):
+            self._send(m.GetReply(info.attr(req.key)))
+        elif isinstance(req, m.Fence):
+            self._fence()
+        elif isinstance(req, m.Finalize):
+            self._send(m.FinalizeReply())
+            with contextlib.suppress(PmixError):
+                self.client.finalize()
+            self.done = 0
+        elif isinstance(req, m.Abort):
+            self._abort(req.code, req.message)
+        elif isinstance(req, m.Unsupported):
+            self._reply_error(f"{req.cmd} is not supported by rankwire's PMI bridge")
+
+    def _fence(self) -> None:
+        from rankwire.pmi.pmix.abi import PmixError
+
+        epoch, blob = self.kvs.enter_fence()
+        try:
+            if blob is not None:
+                self.client.put(epoch_key(epoch), blob)
+                self.client.commit()
+            self.client.fence(collect=True)
+        except PmixError as err:
+            self.kvs.fence_failed()
+            self._reply_error(f"PMI bridge: the PMIx fence failed: {err}")
+            return
+        self.kvs.fence_done()
+        self._send(m.FenceReply())
+
+    def _fetch(self) -> None:
+        """The other ranks' blobs of every fenced epoch not merged yet."""
+        from rankwire.pmi.pmix.abi import ERR_NOT_FOUND, PmixError, Proc
+
+        for epoch in self.kvs.pending():
+            blobs: dict[int, str] = {}
+            for rank in range(self.info.size):
+                if rank == self.info.rank:
+                    continue
+                try:
+                    value = self.client.get(
+                        epoch_key(epoch),
+                        Proc(self.info.nspace, rank),
+                        [("pmix.optional", True)],  # collected or absent: never wait
+                    )
+                except PmixError as err:
+                    if err.status == ERR_NOT_FOUND:
+                        continue  # that rank put nothing in this epoch
+                    raise
+                if isinstance(value, str):
+                    blobs[rank] = value
+            self.kvs.merge(epoch, blobs)
+
+    def _abort(self, code: int, message: str) -> None:
+        """PMIx_Abort, then no reply (as Slurm's mpi/pmi2): the step's end kills the task
+        while it waits for one; the bridge waits for that (bounded) and goes."""
+        from rankwire.pmi.pmix.abi import PmixError
+
+        text = message or f"PMI abort with code {code}"
+        self.done = code if 0 < code < 256 else 1
+        try:
+            self.client.abort(code, text)
+        except PmixError as err:
+            _say(f"PMI bridge: PMIx_Abort failed ({err}); rank {self.info.rank} aborts alone")
+            return
+        self.sock.settimeout(ABORT_GRACE)
+        with contextlib.suppress(OSError):
+            while self.sock.recv(65536):
+                pass
