@@ -10,6 +10,14 @@ from typing import Any, Callable, Optional, TypeVar
 import click
 
 from rankwire.errors import UserError, shown
+from rankwire.pmi.bridgeplan import (
+    BridgePlan,
+    bridge_choice,
+    bridged_process,
+    needs_image_facts,
+    plan_for,
+    user_offer,
+)
 from rankwire.runtime import instance as inst
 from rankwire.runtime.cli_options import click_options, take_options
 from rankwire.runtime.options import in_scope
@@ -171,11 +179,13 @@ def _show_plan(
     proc: ProcessPlan,
     as_json: bool,
     host_mpi: Optional[dict[str, Any]] = None,
+    bridge: Optional[BridgePlan] = None,
 ) -> None:
     plan: dict[str, Any] = {
         "container": container.to_dict() if container else None,
         "process": proc.to_dict(),
         **({"host_mpi": host_mpi} if host_mpi else {}),
+        **({"pmi_bridge": bridge.to_dict()} if bridge else {}),
     }
     if as_json:
         import json
@@ -184,6 +194,8 @@ def _show_plan(
         return
     if host_mpi and host_mpi["choice"] != "none":
         click.echo(f"host mpi   {host_mpi['reason']}")
+    if bridge and bridge.offer:
+        click.echo(f"pmi        {bridge.reason}")
     if container is not None:
         click.echo(f"image      {container.image} (partition at {container.partition_offset})")
         click.echo(
@@ -191,6 +203,10 @@ def _show_plan(
             f"overlay {'/'.join(container.overlay_drivers)}"
         )
         click.echo(f"uid map    {container.uid_map}, gid map {container.gid_map}")
+        if container.overlay_dir:
+            click.echo(f"overlay    changes kept in {container.overlay_dir}")
+        if container.save:
+            click.echo(f"save       {container.save}, after the command")
         for m in container.mounts:
             src = m.source or m.kind
             click.echo(f"mount      {src} -> {m.target}{' (ro)' if m.readonly else ''}")
@@ -220,17 +236,21 @@ def _execute(
         name = image[len(INSTANCE_PREFIX) :]
         meta = inst.instance_info(name)["meta"]
         image_of = ImageFacts(**meta["image_facts"])
-        proc = plan_process(
-            image_of,
-            user_facts(),
-            exec_options(process_kw),
-            argv_of(image_of),
-            fabric_env=meta.get("fabric_env", {}),
-        )
+        user, opts = user_facts(), exec_options(process_kw)
+        argv = argv_of(image_of)
+        proc = plan_process(image_of, user, opts, argv, fabric_env=meta.get("fabric_env", {}))
+        needs: tuple[Optional[str], Optional[str]] = (None, None)
+        if needs_image_facts(bridge_choice(opts.pmi_bridge, user.environ), user_offer(user)):
+            from rankwire.runtime.facts import pmi_needs  # a join outside PMIx: not imported
+
+            needs = pmi_needs(image_of, opts, user, argv)
+        bridge = plan_for(user, opts.pmi_bridge, *needs)
+        proc = bridged_process(bridge, proc)
         if dry_run:
-            _show_plan(None, proc, as_json)
+            _show_plan(None, proc, as_json, bridge=bridge)
             return
         inst.end_with_slurmstepd()
+        proc = _start_bridge(bridge, proc)
         with inst.leased(inst.instance_socket(name)) as lease:
             sys.exit(inst.run_in(lease, proc))
     from rankwire.runtime.assemble import plan_image
@@ -242,10 +262,26 @@ def _execute(
     plan = plan_image(facts, opts, argv_of(facts.image))
     assert plan.process is not None
     if dry_run:
-        _show_plan(plan.container, plan.process, as_json, plan.host_mpi.to_dict())
+        _show_plan(plan.container, plan.process, as_json, plan.host_mpi.to_dict(), plan.pmi_bridge)
         return
     inst.end_with_slurmstepd()
-    sys.exit(inst.run_container(plan.container, plan.process))
+    sys.exit(inst.run_container(plan.container, _start_bridge(plan.pmi_bridge, plan.process)))
+
+
+def _start_bridge(bridge: BridgePlan, proc: ProcessPlan) -> ProcessPlan:
+    """The PMI bridge the plan asks for, started on the host before the task (it is the
+    task's PMIx client); the task inherits its socket as PMI_FD. It ends when the task
+    closes the socket or finalizes, or with us (PR_SET_PDEATHSIG)."""
+    if bridge.warning and os.environ.get("SLURM_PROCID", "0") == "0":  # once per step
+        click.echo(f"rankwire: warning: {bridge.warning}", err=True)
+    if bridge.bridge is None:
+        return proc
+    import dataclasses
+
+    from rankwire.pmi import bridge as pmi_bridge
+
+    served = pmi_bridge.spawn(os.environ)
+    return dataclasses.replace(proc, env={**proc.env, **served.env})
 
 
 @click.command("exec", context_settings=PASSTHROUGH)
@@ -288,6 +324,11 @@ def instance_start(image: str, name: str, **kw: Any) -> None:
 
     source_kw = take_options(kw, "source", "trust")
     opts = exec_options(kw)
+    if opts.save is not None:
+        raise UserError(
+            f"--save applies to exec; save an instance when it stops: "
+            f"`rankwire instance stop {name} --save {opts.save}`"
+        )
     image, _ = local_image(image, source_kw)
     facts = gather(image, opts)
     plan = plan_image(facts, opts, None)
@@ -299,6 +340,7 @@ def instance_start(image: str, name: str, **kw: Any) -> None:
         meta={
             "image_facts": dataclasses.asdict(facts.image),
             "fabric_env": {**plan.fabric.env, **plan.host_mpi.env},  # the binds' variables
+            "overlay_dir": plan.container.overlay_dir,  # `instance stop --save` reads it
         },
     )
     click.echo(
@@ -307,9 +349,17 @@ def instance_start(image: str, name: str, **kw: Any) -> None:
 
 
 @instance.command("stop")
+@click.option(
+    "--save",
+    metavar="OUT.sif",
+    help="First pack the instance (image and its changes; started with --writable-overlay) "
+    "into a new SIF at OUT.",
+)
 @click.argument("name")
-def instance_stop(name: str) -> None:
+def instance_stop(name: str, save: Optional[str]) -> None:
     """Stop instance NAME: its mount and holder go away."""
+    if save is not None:
+        inst.save_instance(name, os.path.abspath(save))
     inst.stop_instance(name)
     click.echo(f"instance {name} stopped")
 

@@ -73,6 +73,34 @@ class ImageError(SetupError):
     the image, is the whole line the user sees."""
 
 
+class OverlayError(SetupError):
+    """--writable-overlay DIR cannot be used (busy, another image's, wrong filesystem):
+    its message, which names DIR, is the whole line the user sees."""
+
+
+# What --writable-overlay DIR holds besides the overlay's upper and work dirs: the image
+# whose changes they are (`Holder._claim_overlay_dir`).
+OVERLAY_RECORD = "rankwire-overlay.json"
+# Filesystems the kernel's overlay keeps an upper dir on, inside a user namespace too
+# (user.* xattrs, whiteouts, O_TMPFILE); NFS, FUSE and the like cannot.
+KEEPING_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs"})
+
+
+def fs_type(path: str) -> str:
+    """The type of the filesystem `path` lies on (the deepest mount above it)."""
+    real = os.path.realpath(path)
+    best, kind = "", "unknown"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        if within(real, point) and len(point) >= len(best):
+            best, kind = point, right.split()[0]
+    return kind
+
+
 def secure_path(root: str, path: str) -> str:
     """`path` resolved inside the image mounted at `root` (symlinks never lead out)."""
 
@@ -168,12 +196,16 @@ class Holder:
         self.proc_staging: Optional[str] = None  # that namespace's /proc, until bound
         self.watcher: Optional[int] = None  # see `_start_watcher`
         self.watcher_conn: Optional[socket.socket] = None
+        self.overlay_lock = -1  # --writable-overlay DIR, locked while we live
+        self.upper_fd = -1  # the overlay's upper dir, handed to `upper` (for --save)
 
     # -- setup -----------------------------------------------------------------------
     def setup(self) -> None:
         plan = self.plan
         if self.root_mode and (os.getuid(), os.geteuid()) != (0, 0):
             raise SetupError("a container without a user namespace needs a holder run by root")
+        if plan.overlay_dir:  # first: a refusal leaves nothing to undo
+            self._claim_overlay_dir()
         if "pid" not in plan.namespaces:
             self._start_watcher()
         # The session dir appears under its name already locked (held until we exit,
@@ -255,10 +287,23 @@ class Holder:
         )
         for sub in ("lower", "upper", "work", "root"):
             os.mkdir(os.path.join(s, sub))
-        lower, upper, root = (os.path.join(s, sub) for sub in ("lower", "upper", "root"))
+        lower, upper, work, root = (
+            os.path.join(s, sub) for sub in ("lower", "upper", "work", "root")
+        )
+        # Changes that are kept (--writable-overlay) or saved (--save) are the user's
+        # only: the mount points go to a layer of their own, below the upper dir.
+        kept = bool(plan.overlay_dir or plan.save)
+        points = os.path.join(s, "mnt") if kept else upper
+        if kept:
+            os.mkdir(points)
+        if plan.overlay_dir:
+            upper, work = (os.path.join(plan.overlay_dir, sub) for sub in ("upper", "work"))
         self._open_image(lower)
-        targets = self._prepare_mountpoints(lower, upper)
-        self._overlay(root)
+        targets = self._prepare_mountpoints(lower, points)
+        lowers = f"{points}:{lower}" if kept else lower
+        self._overlay(root, lowers, upper, work, userxattr=kept and not self.root_mode)
+        if kept:  # for --save, and `instance stop --save` (`runtime/save.py`)
+            self.upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if "pid" in plan.namespaces:  # after the FUSE daemons: they stay out of it
             self._start_init()
         for i, (m, target) in enumerate(zip(plan.mounts, targets)):
@@ -287,6 +332,70 @@ class Holder:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
         os.dup2(devnull, 0)
         os.close(devnull)
+
+    def _claim_overlay_dir(self) -> None:
+        """--writable-overlay DIR: made if missing (its parent must exist), on a filesystem
+        that can hold an upper dir, locked while we live (one container at a time), and
+        recording the image whose changes it keeps (another image is refused: its files
+        would show through changes made to a different tree)."""
+        plan, d = self.plan, self.plan.overlay_dir
+        named = f"--writable-overlay {d}"
+        parent = os.path.dirname(d)
+        if not os.path.isdir(d if os.path.lexists(d) else parent):
+            what = (
+                "is not a directory" if os.path.lexists(d) else f"needs {parent}, which is missing"
+            )
+            raise OverlayError(f"{named} {what}: give a directory (its parent must exist)")
+        kind = fs_type(d if os.path.lexists(d) else parent)
+        if kind not in KEEPING_FILESYSTEMS:
+            raise OverlayError(
+                f"{named} is on {kind}, where the kernel's overlay cannot keep changes: give "
+                "a directory on a local disk (ext4, xfs, btrfs) or tmpfs"
+            )
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d, 0o700)
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise OverlayError(
+                f"{named}: cannot use it ({err.strerror}); give a directory of yours"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OverlayError(
+                f"{named} is in use by another running container: stop that one first, or "
+                "give another DIR"
+            ) from None
+        self.overlay_lock = fd
+        record = os.path.join(d, OVERLAY_RECORD)
+        try:
+            have = json.loads(Path(record).read_text())
+        except FileNotFoundError:
+            have = None
+        except (OSError, ValueError):
+            have = {}
+        if have is None:
+            if os.listdir(d):
+                raise OverlayError(
+                    f"{named} is not empty and holds no rankwire overlay: give a new or "
+                    "empty directory"
+                )
+            tmp = f"{record}.{os.getpid()}.tmp"
+            Path(tmp).write_text(
+                json.dumps({"image": plan.image, "identity": plan.image_identity}) + "\n"
+            )
+            os.rename(tmp, record)
+        elif not isinstance(have, dict) or have.get("identity") != plan.image_identity:
+            was = have.get("image", "?") if isinstance(have, dict) else "?"
+            raise OverlayError(
+                f"{named} holds changes to another image ({was}), not to {plan.image}: give "
+                "another DIR, or that image"
+            )
+        for sub, mode in (("upper", 0o755), ("work", 0o700)):  # upper: the root's mode
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(d, sub), mode)
 
     def _start_init(self) -> None:
         """A PID namespace (for the children we fork from now on) and its init, which
@@ -556,13 +665,18 @@ class Holder:
             _remove_tree(tmp)
             os.close(lock)
 
-    def _overlay(self, root: str) -> None:
-        s, errors = self.session, []
-        opts = f"lowerdir={s}/lower,upperdir={s}/upper,workdir={s}/work"
+    def _overlay(self, root: str, lowers: str, upper: str, work: str, userxattr: bool) -> None:
+        """`userxattr`: the overlay's own xattrs in user.overlay.* (the kernel's
+        trusted.* need privilege a user namespace lacks; without them a directory
+        removed and made again would show the image's files): for changes that are kept
+        or saved (`runtime/save.py` reads them)."""
+        errors = []
+        opts = f"lowerdir={lowers},upperdir={upper},workdir={work}"
         for driver in self.plan.overlay_drivers:
             try:
                 if driver == "kernel":
-                    sc.mount("overlay", root, "overlay", sc.MS_NOSUID | sc.MS_NODEV, opts)
+                    kernel_opts = opts + (",userxattr" if userxattr else "")
+                    sc.mount("overlay", root, "overlay", sc.MS_NOSUID | sc.MS_NODEV, kernel_opts)
                 else:
                     self._spawn_fuse(["fuse-overlayfs", "-f", "-o", opts, root], root)
                 self.report["overlay_driver"] = driver
@@ -782,6 +896,9 @@ class Holder:
             if cmd in ("info", "stop"):
                 reply["leases"] = len(self.leases)
                 conn.sendall(json.dumps(reply).encode() + b"\n")
+            if cmd == "upper":  # the overlay's upper dir, for --save (`runtime/save.py`)
+                fds = [self.upper_fd] if self.upper_fd >= 0 else []
+                socket.send_fds(conn, [json.dumps(reply).encode() + b"\n"], fds)
         except OSError:
             pass
         sel.unregister(conn)
@@ -965,7 +1082,7 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
                 "ok": False,
                 "error": why,
                 "taken": getattr(err, "taken", False),
-                "whole": isinstance(err, ImageError),
+                "whole": isinstance(err, (ImageError, OverlayError)),
             }
             with contextlib.suppress(OSError):
                 os.write(status_fd, json.dumps(failure).encode() + b"\n")

@@ -631,6 +631,27 @@ def list_instances() -> list[dict[str, Any]]:
     return out
 
 
+def save_instance(name: str, out: str) -> None:
+    """`instance stop NAME --save OUT.sif`: pack the running instance (started with
+    --writable-overlay: its changes are kept apart from its mount points)."""
+    from rankwire.runtime.save import check_target, save, upper_fd
+
+    info = instance_info(name)
+    facts = info.get("meta", {}).get("image_facts", {})
+    check_target(out)
+    try:
+        upper = upper_fd(info["socket"], info.get("meta", {}).get("overlay_dir", ""))
+    except UserError:
+        raise UserError(
+            f"instance {name} keeps no changes apart: start it with --writable-overlay DIR "
+            "to save it"
+        ) from None
+    try:
+        save(info["image"], int(facts.get("partition_offset", 0)), upper, out)
+    finally:
+        os.close(upper)
+
+
 def stop_instance(name: str, timeout: float = 10.0) -> None:
     info = instance_info(name)
     _ping(info["socket"], b"stop\n")
@@ -658,6 +679,10 @@ def open_container(container: ContainerPlan) -> Iterator[Lease]:
         finally:
             lease.close()
         return
+    if container.save:  # before the command runs: a path it could never write
+        from rankwire.runtime.save import check_target
+
+        check_target(container.save)
     holder = start_holder(container, mode="ephemeral", owner=os.getpid())
     try:
         # Said only when FUSE was tried and failed (an asked-for --unsquash is no news).
@@ -678,6 +703,10 @@ def open_container(container: ContainerPlan) -> Iterator[Lease]:
             )
         with leased(holder.socket) as lease:
             yield lease
+            if container.save:  # the command ended (whatever its status): pack it
+                from rankwire.runtime.save import save_container
+
+                save_container(container, holder.socket)
     finally:
         holder.wait()
 

@@ -137,6 +137,24 @@ OPTIONS: tuple[Option, ...] = (
         policy=True,
     ),
     Option(
+        "writable_overlay",
+        "value",
+        "Keep the container's changes in DIR (made if missing; a local disk or tmpfs): a "
+        "later exec or instance of the same image with this DIR sees them.",
+        "container",
+        flags=("--writable-overlay",),
+        metavar="DIR",
+    ),
+    Option(
+        "save",
+        "value",
+        "When the command ends (whatever its exit status), pack the container (the image "
+        "and its changes) into a new SIF at OUT, replaced only once complete.",
+        "container",
+        flags=("--save",),
+        metavar="OUT.sif",
+    ),
+    Option(
         "fabric",
         "value",
         "Bind the host's libfabric provider for its fabric adapter (see "
@@ -239,6 +257,10 @@ OPTIONS: tuple[Option, ...] = (
         flags=("--pmi-bridge",),
         metavar="auto|off",
         env=("RANKWIRE_PMI_BRIDGE",),
+        spank="container-pmi-bridge",
+        spank_metavar="auto|off",
+        spank_help="Serve PMI-1/PMI-2 tasks through the step's PMIx (default auto: only "
+        "when the image's MPI does not speak the step's PMI)",
     ),
     Option(
         "insecure",

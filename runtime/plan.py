@@ -83,6 +83,11 @@ class ContainerPlan:
     extract_dir: str
     cache_dir: str
     share: Optional[str] = None  # join/start the node's container of this name
+    # --writable-overlay: the overlay's upper and work dirs live in this host dir (its
+    # lock and the image identity it records are checked by the holder), not in a tmpfs.
+    overlay_dir: str = ""
+    image_identity: str = ""  # the image's `digest`, recorded in / checked against it
+    save: str = ""  # --save: the SIF to pack the container into after the command
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,6 +144,8 @@ class ExecOptions:
     no_home: bool = False
     fakeroot: bool = False
     writable_tmpfs: bool = False
+    writable_overlay: Optional[str] = None  # DIR (as given; relative to the cwd)
+    save: Optional[str] = None  # OUT.sif (as given; relative to the cwd)
     unsquash: bool = False
     share: Optional[str] = None  # KEY: %j/%s stand for SLURM_JOB_ID/SLURM_STEP_ID
     fabric: str = "auto"  # auto | none | a libfabric provider
@@ -357,7 +364,51 @@ def plan_container(
         extract_dir=sandbox_dir(user.cache_dir, image.content_digest),
         cache_dir=user.cache_dir,
     )
-    return dataclasses.replace(plan, share=_share(opts.share, plan, user))
+    plan = _kept_changes(plan, image, user, opts)
+    plan = dataclasses.replace(plan, share=_share(opts.share, plan, user))
+    if plan.save and plan.share:
+        raise UserError(
+            "--save packs the container of one command, and this one is shared by "
+            "several tasks (--share, or srun with several tasks): give --share none"
+        )
+    return plan
+
+
+def _kept_changes(
+    plan: ContainerPlan, image: ImageFacts, user: UserFacts, opts: ExecOptions
+) -> ContainerPlan:
+    """--writable-overlay DIR and --save OUT.sif: where the changes live, where they go.
+    Either makes the root writable."""
+    overlay_dir = save = ""
+    if opts.writable_overlay is not None:
+        if not opts.writable_overlay.strip():
+            raise UserError("--writable-overlay needs a directory: --writable-overlay DIR")
+        overlay_dir = posixpath.normpath(posixpath.join(user.cwd, opts.writable_overlay))
+        if overlay_dir == "/":
+            raise UserError("--writable-overlay /: give a directory of its own")
+        if any(c in overlay_dir for c in ",:\\"):  # the overlay's option syntax
+            raise UserError(
+                f"--writable-overlay {overlay_dir}: the overlay cannot use a path holding "
+                "',', ':' or '\\'; choose another directory"
+            )
+    if opts.save is not None:
+        if not opts.save.strip() or opts.save.endswith("/"):
+            raise UserError(f"--save '{opts.save}': give the path of the .sif file to write")
+        save = posixpath.normpath(posixpath.join(user.cwd, opts.save))
+        if overlay_dir and within(save, overlay_dir):
+            raise UserError(
+                f"--save {save} lies inside --writable-overlay {overlay_dir}: "
+                "write the image elsewhere"
+            )
+    if not overlay_dir and not save:
+        return plan
+    return dataclasses.replace(
+        plan,
+        writable=True,
+        overlay_dir=overlay_dir,
+        image_identity=image.digest if overlay_dir else "",
+        save=save,
+    )
 
 
 def extracts_first(host: HostFacts, opts: ExecOptions) -> bool:
