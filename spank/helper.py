@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rankwire.errors import UserError
+from rankwire.pmi.bridgeplan import BridgePlan
 from rankwire.runtime import frame
 from rankwire.runtime.plan import ContainerPlan, ImageFacts, Mount
 from rankwire.runtime.reference import is_remote, parse_reference
@@ -389,8 +390,9 @@ def _plan(
     home: str,
     binds: dict[str, int],
     home_allowed: bool,
-) -> tuple[ContainerPlan, dict[str, str], str]:
-    """The container (binds from `binds`' descriptors) and its env, and the workdir."""
+) -> tuple[ContainerPlan, dict[str, str], str, BridgePlan]:
+    """The container (binds from `binds`' descriptors) and its env, the workdir, and
+    whether the tasks' PMI is bridged (`pmi/bridgeplan.py`; the shim starts the bridges)."""
     from rankwire.runtime.assemble import plan_image
     from rankwire.runtime.facts import gather
     from rankwire.runtime.slurmfacts import slurm_step
@@ -404,13 +406,17 @@ def _plan(
     container = plan.for_tasks(plan.with_descriptors(planned.container, binds))
     if not home_allowed:
         container = plan.without_home(container, home)
-    return container, planned.env, opts.workdir or user.cwd
+    return container, planned.env, opts.workdir or user.cwd, planned.pmi_bridge
 
 
-def _task_records(facts: JobFacts, want: Asked, env: dict[str, str], workdir: str) -> Reply:
+def _task_records(
+    facts: JobFacts, want: Asked, env: dict[str, str], workdir: str, bridge: BridgePlan
+) -> Reply:
     changes = plan.task_env(facts.env, env, want.keep_env)
     return [
         ("workdir", workdir),
+        ("bridge", "1" if bridge.bridge else "0"),
+        *((("warning", bridge.warning),) if bridge.warning else ()),
         *(("setenv", v) for v in changes.set),
         *(("unsetenv", v) for v in changes.unset),
         *(("copyenv", v) for v in changes.copy),
@@ -424,16 +430,22 @@ def _build_as_root(
     from rankwire.runtime.instance import RUNTIME_DIR_VAR
 
     try:
-        container, env, workdir = _plan(
+        container, env, workdir, bridge = _plan(
             facts, want, image, opened.image_fd, home, opened.binds, opened.home_allowed
         )
+        if bridge.bridge:  # the bridge would run in the container's mount namespace
+            raise UserError(
+                "the image's MPI speaks PMI-1/PMI-2 and this step serves PMIx; this site "
+                "enforces its containers, where rankwire's PMI bridge does not run: use "
+                "srun --mpi=pmi2"
+            )
         os.environ[RUNTIME_DIR_VAR] = _runtime_dir(0, 0)
         lease = _start_and_join(
             plan.enforced(container), facts, opened.image_fd, tuple(opened.binds.values())
         )
     finally:
         opened.close()
-    records = [("enforced", "1"), *_task_records(facts, want, env, workdir)]
+    records = [("enforced", "1"), *_task_records(facts, want, env, workdir, bridge)]
     return records, _handed_over(lease.conn, lease.mntns_fd)
 
 
@@ -477,7 +489,7 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
     want = _asked(checked["asked"])
     binds = {src: IMAGE_FD + 1 + i for i, src in enumerate(checked["binds"])}
     home = pwd.getpwuid(facts.uid).pw_dir
-    container, env, workdir = _plan(
+    container, env, workdir, bridge = _plan(
         facts,
         want,
         ImageFacts(**checked["image_facts"]),
@@ -489,7 +501,7 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
     os.environ[RUNTIME_DIR_VAR] = checked["runtime_dir"]
     lease = _start_and_join(container, facts, IMAGE_FD, tuple(binds.values()))
     fds = _handed_over(lease.conn, lease.userns_fd, lease.mntns_fd)
-    return _task_records(facts, want, env, workdir), fds
+    return _task_records(facts, want, env, workdir, bridge), fds
 
 
 def main(phase: str) -> int:

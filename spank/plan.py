@@ -105,6 +105,7 @@ class Asked:
     remap_root: bool
     host_mpi: str = "none"  # --container-host-mpi, else the site's plugstack host_mpi=
     no_home: bool = False  # --no-container-mount-home
+    pmi_bridge: str = "auto"  # --container-pmi-bridge
 
 
 def _flag(name: str, value: str) -> bool:
@@ -173,6 +174,7 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
         remap_root=flags["fakeroot"],
         host_mpi=(got["host_mpi"][0] or facts.arg("host_mpi") or "none").strip() or "none",
         no_home=flags["no_home"],
+        pmi_bridge=(got["pmi_bridge"][0] or "auto").strip() or "auto",
     )
 
 
@@ -234,6 +236,7 @@ def exec_options(want: Asked, mounts: Sequence[Mount]) -> ExecOptions:
         fabric=want.fabric,
         host_mpi=want.host_mpi,
         no_home=want.no_home,
+        pmi_bridge=want.pmi_bridge,
         share="none",
         workdir=want.workdir,
         bind_cwd=want.workdir is None,

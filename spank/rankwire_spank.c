@@ -24,8 +24,8 @@ static int opt_cb(int val, const char *arg, int remote UNUSED)
 
 /* Per-step state in slurmstepd; each forked task has its copy. */
 static struct {
-	int active, enforced, ns[2], lease, pidfd, tasks, exited; /* ns: user, mount */
-	char error[1024], *workdir;
+	int active, enforced, bridge, ns[2], lease, pidfd, tasks, exited; /* ns: user, mount */
+	char error[1024], *workdir, *helper, *warning;
 	struct buf env; /* the reply's setenv/unsetenv/copyenv records, for the tasks */
 } st = {.ns = {-1, -1}, .lease = -1, .pidfd = -1};
 
@@ -76,7 +76,7 @@ static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 	return 0;
 }
 
-struct reply { struct buf *req; int skip, last, enforced, checked; }; /* what a peer said */
+struct reply { struct buf *req; int skip, last, enforced, checked, bridge; }; /* a peer's */
 
 static void on_reply(const char *key, char *val, void *ctx)
 {
@@ -90,6 +90,10 @@ static void on_reply(const char *key, char *val, void *ctx)
 		r->last = !strcmp(val, "1");
 	else if (!strcmp(key, "enforced"))
 		r->enforced = !strcmp(val, "1");
+	else if (!strcmp(key, "bridge")) /* the start phase's: serve PMI-1/2 over PMIx */
+		r->bridge = !strcmp(val, "1");
+	else if (!strcmp(key, "warning") && !st.warning && !(st.warning = strdup(val)))
+		rw_fail("rankwire: out of memory");
 	else if (!strcmp(key, "checked") && r->req && (r->checked = 1))
 		frame_add(r->req, key, "%s", val); /* for the start phase */
 	else if (!strcmp(key, "workdir") && (free(st.workdir), !(st.workdir = strdup(val))))
@@ -166,6 +170,8 @@ static void setup(spank_t sp, int ac, char **av)
 	if (st.active && !st.enforced && !*st.error &&
 	    !rw_run_helper(&h, "start", &req, &job, &fds, &held, on_reply, &run) && !*st.error)
 		take_container(&held, "start", job.uid);
+	if ((st.bridge = run.bridge) && !(st.helper = strdup(h.path)))
+		rw_fail("rankwire: out of memory");
 out:
 	if (st.active && !st.workdir)
 		rw_fail("rankwire: the helper named no working directory in the container");
@@ -228,10 +234,67 @@ int slurm_spank_task_init_privileged(spank_t sp UNUSED, int ac UNUSED, char **av
 	return 0; /* task_init reports it */
 }
 
+/* The PMI bridge of this task (pmi/bridge.py), still on the host: `rankwire pmi bridge
+ * --serve-fd 3` as the job user with the task's environment (its PMIX_* make it this
+ * rank's PMIx client), detached (a grandchild: never the task's child to reap), serving
+ * the other end of a socketpair that the task gets as PMI_FD; the task loses PMIX_*. It
+ * ends when the task's end of the socket closes, or with the step (proctrack). */
+static void start_bridge(spank_t sp)
+{
+	char **env = NULL, rank[16], fd[16], size[16], name[256], *argv[] = {st.helper, "pmi",
+		"bridge", "--serve-fd", "3", NULL};
+	uint32_t n = 0;
+	int sv[2], status = 0;
+	sigset_t all;
+	pid_t pid;
+
+	if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env ||
+	    spank_get_item(sp, S_JOB_TOTAL_TASK_COUNT, &n) != ESPANK_SUCCESS ||
+	    spank_getenv(sp, "PMIX_RANK", rank, sizeof rank) != ESPANK_SUCCESS)
+		return rw_fail("rankwire: the PMI bridge needs the task's PMIX_RANK: run with "
+			       "srun --mpi=pmix");
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))
+		return rw_fail("rankwire: cannot start the PMI bridge: %s", strerror(errno));
+	if ((pid = fork()) == 0) {
+		if ((pid = fork()) == 0 && dup2(sv[1], 3) == 3) { /* dup2 clears close-on-exec */
+			sigfillset(&all), sigprocmask(SIG_UNBLOCK, &all, NULL);
+			execve(st.helper, argv, env);
+		}
+		_exit(pid > 0 ? 0 : 127); /* the bridge's own stderr says why it failed */
+	}
+	rw_close(sv[1]);
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
+	    WEXITSTATUS(status) || fcntl(sv[0], F_SETFD, 0)) {
+		rw_close(sv[0]);
+		return rw_fail("rankwire: cannot start the PMI bridge (fork)");
+	}
+	snprintf(fd, sizeof fd, "%d", sv[0]), snprintf(size, sizeof size, "%u", n);
+	if (spank_setenv(sp, "PMI_FD", fd, 1) || spank_setenv(sp, "PMI_RANK", rank, 1) ||
+	    spank_setenv(sp, "PMI_SIZE", size, 1))
+		return rw_fail("rankwire: cannot set the task's PMI variables");
+	for (int gone = 1; gone;) { /* the live array (setenv may move it, unsetenv shifts) */
+		gone = 0;
+		if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env)
+			break;
+		for (char **e = env; *e && !gone; e++) {
+			size_t len = strcspn(*e, "=");
+			if (strncmp(*e, "PMIX_", 5) || len >= sizeof name)
+				continue;
+			memcpy(name, *e, len), name[len] = 0;
+			gone = spank_unsetenv(sp, name) == ESPANK_SUCCESS;
+		}
+	}
+}
+
 int slurm_spank_task_init(spank_t sp, int ac UNUSED, char **av UNUSED)
 {
 	if (!st.active)
 		return 0;
+	uint32_t rank = 1;
+	if (st.warning && spank_get_item(sp, S_TASK_GLOBAL_ID, &rank) == ESPANK_SUCCESS && !rank)
+		dprintf(2, "rankwire: warning: %s\n", st.warning); /* once, on srun's stderr */
+	if (!*st.error && st.bridge)
+		start_bridge(sp);
 	/* Forked and single-threaded, as setns(CLONE_NEWUSER) wants; no_new_privs as for all
 	 * rankwire's containers. Namespace and lease fds are close-on-exec: the task's own. */
 	if (!*st.error && ((!st.enforced && (setns(st.ns[0], CLONE_NEWUSER) ||
@@ -274,5 +337,6 @@ int slurm_spank_exit(spank_t sp, int ac UNUSED, char **av UNUSED)
 		release();
 	for (int i = 0; i < RW_N_OPTS; i++)
 		free(opt_val[i]), opt_val[i] = NULL;
+	free(st.helper), free(st.warning), st.helper = st.warning = NULL;
 	return 0;
 }

@@ -79,6 +79,28 @@ def test_open_mpi_pmix(
     assert "single-copy" not in proc.stderr
 
 
+@pytest.mark.mpi
+def test_mpich_under_pmix_is_bridged(
+    spank_cluster: SlurmCluster, mpich_image: Path, runner: User, nothing_left: None
+) -> None:
+    """The site's --mpi=pmix and the image's PMI-1-only MPICH: each task gets a PMI_FD
+    served by its bridge (a PMIx client of its rank, started by the shim on the host);
+    --container-pmi-bridge=off shows what happens without it."""
+    image = f"--container-image={mpich_image}"
+    probe = '/opt/hello_mpich && echo "pmix=$(env | grep -c ^PMIX_) rank=$PMI_RANK/$PMI_SIZE"'
+    proc = srun(spank_cluster, runner, "-n", "2", "--mpi=pmix", image, "sh", "-c", probe)
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 2)
+    assert sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("pmix=")) == [
+        "pmix=0 rank=0/2",
+        "pmix=0 rank=1/2",
+    ]
+    off = srun(spank_cluster, runner, "-n", "2", "--mpi=pmix", image,
+               "--container-pmi-bridge=off", "/opt/hello_mpich")  # fmt: skip
+    assert off.returncode == 0, off.stderr
+    assert [ln.split(" host=")[0] for ln in off.stdout.splitlines()] == ["hello rank=0 size=1"] * 2
+
+
 def test_job_without_container_is_untouched(
     spank_cluster: SlurmCluster, spank_install: SpankInstall, base_image: Path
 ) -> None:
