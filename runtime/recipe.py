@@ -728,10 +728,17 @@ def plan_def(f: RecipeHostFacts, mpi: str, base: Optional[str] = None) -> Recipe
                 )
             )
         elif s.pmix:
-            raise UserError(
-                f"{base}'s MPICH {version} speaks only PMI-1 and this Slurm offers only "
-                f"{s.offered}: use --mpi openmpi, ask the admin for Slurm's pmi2 plugin, or run "
-                "with rankwire's PMI bridge (--pmi-bridge auto)"
+            pmi = "pmix"
+            choices.append(
+                Choice(
+                    "pmi",
+                    "PMI-1 over PMIx",
+                    f"{base}'s MPICH {version} speaks only PMI-1 and this Slurm offers only "
+                    f"{s.offered}: `srun --mpi=pmix … rankwire exec` (or --container-image) "
+                    "gives each task a PMI_FD served through Slurm's PMIx by rankwire's PMI "
+                    "bridge (--pmi-bridge auto); for MPICH speaking PMIx itself, use "
+                    "`rankwire recipe spack`",
+                )
             )
         else:
             raise _no_wireup(s)

@@ -105,30 +105,26 @@ def test_mpich_on_slingshot_follows_pmix_when_it_is_the_default():
 
 
 @pytest.mark.parametrize(
-    "name,mpi,base",
-    [("pmi2-only", "mpich", "debian:12"), ("pmix", "openmpi", "rockylinux:9")],
+    "name,mpi,base,srun_mpi",
+    [
+        ("pmi2-only", "mpich", "debian:12", "pmi2"),
+        ("pmix", "openmpi", "rockylinux:9", "pmix"),
+        ("tcp", "mpich", "debian:12", "pmix"),  # pmix-only Slurm: the tasks' PMI bridge
+    ],
 )
-def test_def_recipe_per_fixture_parses(name: str, mpi: str, base: str):
+def test_def_recipe_per_fixture_parses(name: str, mpi: str, base: str, srun_mpi: str):
     recipe = plan_def(facts(name), mpi, base)
     golden(f"{name}.def-{mpi}", recipe.text)
     image = deffile.parse(recipe.text, f"{name}.def").image
     assert (image.bootstrap, image.from_) == ("docker", base)
     assert dict(image.labels)["org.rankwire.recipe.launch"].startswith(
-        f"srun --mpi={'pmi2' if mpi == 'mpich' else 'pmix'} "
+        f"srun --mpi={srun_mpi} rankwire exec "
     )
 
 
 @pytest.mark.parametrize(
     "name,mpi,base,message",
     [
-        (
-            "tcp",
-            "mpich",
-            "debian:12",
-            "debian:12's MPICH 4.0.2 speaks only PMI-1 and this Slurm offers only pmix, "
-            "pmix_v3: use --mpi openmpi, ask the admin for Slurm's pmi2 plugin, or run with "
-            "rankwire's PMI bridge (--pmi-bridge auto)",
-        ),
         (
             "pmi2-only",
             "openmpi",
@@ -212,17 +208,17 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path):
         "recipe",
         "def",
         "--mpi",
-        "mpich",
+        "openmpi",
         "--base",
-        "debian:12",
+        "ubuntu:22.04",
         "--host-facts",
-        str(DATA / "tcp.json"),
+        str(DATA / "pmi2-only.json"),
     )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        "rankwire: debian:12's MPICH 4.0.2 speaks only PMI-1 and this Slurm offers only pmix, "
-        "pmix_v3: use --mpi openmpi, ask the admin for Slurm's pmi2 plugin, or run with "
-        "rankwire's PMI bridge (--pmi-bridge auto)"
+        "rankwire: ubuntu:22.04's Open MPI 4.1.2 speaks only PMIx and this Slurm offers only "
+        "cray_shasta, pmi2: use --mpi mpich, ask the admin for Slurm's pmix plugin, or run "
+        "with rankwire's PMI bridge (--pmi-bridge auto)"
     ]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"cpu": {}}))
