@@ -13,11 +13,12 @@ runs this file with `--task` and, --rounds times, alternating:
 Each rank times every operation; the table shows the median over rounds and ranks of each
 rank's median.
 
-Then the launch of Debian's MPICH hello (init + allreduce + finalize), bridged vs matched:
-`srun --mpi=pmix -n N rankwire pmi bridge -- hello` against `srun --mpi=pmi2 -n N hello`
-(Slurm's own PMI-2 server), alternating, median of --repeat. The CLI starts a Python
-interpreter per task for the bridge; inside `rankwire exec` the bridge is a fork of a
-process that runs anyway, so this row is an upper bound of the bridge's launch cost.
+Then the launch of Debian's MPICH hello (init + allreduce + finalize) in an image, the
+way users run it, bridged vs matched: `srun --mpi=pmix -n N rankwire exec mpich.sif hello`
+(the tasks' bridges serve PMI-1 through Slurm's PMIx) against `srun --mpi=pmi2 -n N
+rankwire exec mpich.sif hello` (Slurm's own PMI-2 server), and the same on the host
+without a container (`rankwire pmi bridge -- hello`, which starts one more interpreter per
+task, against plain `hello`), alternating, median of --repeat.
 
 Everything runs on one host (2 cores here), so only the ratios mean something.
 
@@ -135,8 +136,10 @@ def main() -> None:
         raise SystemExit("bench/bridge.py needs root (it runs a throwaway slurmd)")
     import tempfile
 
+    from harness.images import make_rootfs
     from harness.mpi import compile_hello
     from harness.slurm import SlurmCluster
+    from rankwire.runtime.build import build_image
 
     work = Path(tempfile.mkdtemp(prefix="rankwire-bench-bridge-"))
     work.chmod(0o755)
@@ -144,6 +147,13 @@ def main() -> None:
     launches: dict[tuple[int, str], float] = {}
     try:
         hello = str(compile_hello(REPO / "examples", work).hello_mpich)
+        root = make_rootfs(
+            work / "rootfs", binaries=[hello], trees=["/usr/lib/x86_64-linux-gnu/ucx"]
+        )
+        (root / "opt").mkdir()
+        shutil.copy2(hello, root / "opt" / "hello")
+        image = str(work / "mpich.sif")
+        build_image(Path(image), root)
         cluster.start()
         argv = [
             "srun", "--mpi=pmix", f"--ntasks={args.ntasks}", "--overcommit", sys.executable,
@@ -155,11 +165,13 @@ def main() -> None:
             raise SystemExit(f"the step failed ({proc.returncode}):\n{proc.stderr}")
         rankwire = str(Path(sys.executable).parent / "rankwire")
         for n in (int(x) for x in args.sizes.split(",")):
+            srun = ["srun", f"-n{n}", "--overcommit"]
             kinds = {
-                "matched": ["srun", "--mpi=pmi2", f"-n{n}", "--overcommit", hello],
-                "bridged": ["srun", "--mpi=pmix", f"-n{n}", "--overcommit", rankwire, "pmi",
-                            "bridge", "--", hello],
-            }  # fmt: skip
+                "matched": [*srun, "--mpi=pmi2", rankwire, "exec", image, "/opt/hello"],
+                "bridged": [*srun, "--mpi=pmix", rankwire, "exec", image, "/opt/hello"],
+                "host matched": [*srun, "--mpi=pmi2", hello],
+                "host bridged": [*srun, "--mpi=pmix", rankwire, "pmi", "bridge", "--", hello],
+            }
             times: dict[str, list[float]] = {k: [] for k in kinds}
             for i in range(args.repeat + 1):
                 for kind, cmd in kinds.items():
@@ -195,11 +207,15 @@ def main() -> None:
         print(f"| {name} | {d:.3f} | {b:.3f} | {b / d:.2f} |")
 
     print(f"\n## MPICH hello launch, median of {args.repeat}\n")
-    print("| N | srun --mpi=pmi2 ms | srun --mpi=pmix + bridge ms | bridged / matched |")
-    print("|---|---|---|---|")
+    print("| N | where | srun --mpi=pmi2 ms | srun --mpi=pmix + bridge ms | bridged / matched |")
+    print("|---|---|---|---|---|")
     for n in (int(x) for x in args.sizes.split(",")):
-        m, b = launches[(n, "matched")], launches[(n, "bridged")]
-        print(f"| {n} | {m:.0f} | {b:.0f} | {b / m:.2f} |")
+        for where, prefix in (
+            ("rankwire exec mpich.sif", ""),
+            ("host, `rankwire pmi bridge`", "host "),
+        ):
+            m, b = launches[(n, prefix + "matched")], launches[(n, prefix + "bridged")]
+            print(f"| {n} | {where} | {m:.0f} | {b:.0f} | {b / m:.2f} |")
 
 
 if __name__ == "__main__":

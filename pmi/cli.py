@@ -71,7 +71,9 @@ def bridge_cmd(version: str, serve_fd: Optional[int], command: tuple[str, ...]) 
     if serve_fd is not None:
         if command:
             raise UserError("pmi bridge: give --serve-fd FD or -- COMMAND, not both")
-        sys.exit(pmi_bridge.serve_fd(serve_fd, os.environ))
+        from rankwire.pmi.bridgeserve import serve_fd as serve
+
+        sys.exit(serve(serve_fd, os.environ))
     if not command:
         raise UserError("pmi bridge: no command: give -- COMMAND [ARGS...] (or --serve-fd FD)")
     bridge = pmi_bridge.spawn(os.environ, version)

@@ -280,7 +280,7 @@ def _start_bridge(bridge: BridgePlan, proc: ProcessPlan) -> ProcessPlan:
 
     from rankwire.pmi import bridge as pmi_bridge
 
-    served = pmi_bridge.spawn(os.environ)
+    served = pmi_bridge.spawn(os.environ, wait=False)  # its PMIx_Init overlaps our start
     return dataclasses.replace(proc, env={**proc.env, **served.env})
 
 

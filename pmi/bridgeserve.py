@@ -1,0 +1,322 @@
+"""The PMI bridge process's side (see `pmi/bridge.py` for the design): PMIx_Init as the
+task's rank, the job's info, and `Session`, the blocking loop that serves the task's one
+PMI-1/PMI-2 connection through the sans-I/O `ServerCodec`. Imported only in the bridge
+process (after `bridge.spawn`'s fork, or by `rankwire pmi bridge --serve-fd`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional
+
+from rankwire.errors import UserError
+from rankwire.pmi import messages as m
+from rankwire.pmi.bridge import (
+    _NO_PMIX,
+    ABORT_GRACE,
+    MAPPING_ATTR,
+    EpochKvs,
+    JobInfo,
+    _quiet,
+    _say,
+    epoch_key,
+    jobid_for,
+    nodes_from_peers,
+)
+from rankwire.pmi.bridgeplan import step_offer
+from rankwire.pmi.codec import ServerCodec
+from rankwire.pmi.errors import LocalProtocolError, RemoteProtocolError
+from rankwire.pmi.job import RESERVED_PREFIX
+
+if TYPE_CHECKING:
+    from rankwire.pmi.pmix.abi import Proc
+    from rankwire.pmi.pmix.client_lib import Client
+    from rankwire.pmi.pmix.values import InfoLike
+
+
+def _connect(environ: Mapping[str, str]) -> tuple[Client, JobInfo]:
+    """PMIx_Init as the task's rank and the job's info (UserError: no PMIx server)."""
+    from rankwire.pmi.pmix.abi import PmixError
+    from rankwire.pmi.pmix.client_lib import Client
+
+    client = Client()
+    try:
+        me = client.init()
+    except PmixError as err:
+        raise UserError(
+            f"the PMI bridge cannot connect to the step's PMIx server ({err}): "
+            "run it under `srun --mpi=pmix` as the task's user, outside any container"
+        ) from err
+    try:
+        return client, _job_info(client, me.nspace, me.rank, environ)
+    except PmixError as err:
+        raise UserError(
+            f"the step's PMIx server did not describe the job ({err}): the bridge needs "
+            "pmix.job.size; check the site's Slurm mpi/pmix plugin"
+        ) from err
+
+
+def run(sock: socket.socket, wpipe: int, environ: Mapping[str, str]) -> int:
+    """The forked bridge: connect, tell the parent (on `wpipe`; -1: the parent did not
+    wait, so a failure goes to stderr), serve."""
+    try:
+        client, info = _connect(environ)
+    except UserError as err:
+        if wpipe < 0:
+            _say(str(err))
+            return 1
+        os.write(wpipe, json.dumps({"error": str(err)}).encode())
+        os.close(wpipe)
+        return 1
+    if wpipe >= 0:
+        os.write(wpipe, info.to_json().encode())
+        os.close(wpipe)
+    return Session(sock, client, info).serve()
+
+
+def serve_fd(fd: int, environ: Mapping[str, str]) -> int:
+    """Be the bridge in this process, on the already connected socket `fd` whose other
+    end the task has as PMI_FD (what the SPANK shim starts, detached: the task's end
+    closing ends it, and the step's end kills it). Returns the exit code; UserError when
+    `fd` is no socket or there is no PMIx server."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as err:
+        raise UserError(
+            f"--serve-fd {fd}: not an open socket ({err.strerror}); pass the bridge's end "
+            "of the task's PMI_FD socketpair"
+        ) from err
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise UserError(f"--serve-fd {fd}: not a Unix stream socket; pass a socketpair end")
+    if step_offer(environ) != "pmix":
+        raise UserError(_NO_PMIX)
+    _quiet({fd})
+    client, info = _connect(environ)
+    return Session(sock, client, info).serve()
+
+
+def _optional(client: Client, key: str, proc: Proc, info: Optional[InfoLike] = None) -> Any:
+    from rankwire.pmi.pmix.abi import PmixError
+
+    try:
+        return client.get(key, proc, info)
+    except PmixError:
+        return None
+
+
+def _job_info(client: Client, nspace: str, rank: int, environ: Mapping[str, str]) -> JobInfo:
+    from rankwire.pmi.pmix.abi import RANK_WILDCARD, Proc
+
+    job = Proc(nspace, RANK_WILDCARD)
+    me = Proc(nspace, rank)
+    size = int(client.get("pmix.job.size", job))
+    universe = _optional(client, "pmix.univ.size", job)
+    appnum = _optional(client, "pmix.appnum", me)
+    spawned = _optional(client, "pmix.spawned", job)
+    return JobInfo(
+        nspace=nspace,
+        rank=rank,
+        size=size,
+        jobid=jobid_for(environ, nspace),
+        appnum=int(appnum) if isinstance(appnum, int) else 0,
+        universe_size=int(universe) if isinstance(universe, int) else size,
+        spawned=spawned is True,
+        nodes=_locality(client, nspace, size),
+    )
+
+
+def _locality(client: Client, nspace: str, size: int) -> Optional[tuple[int, ...]]:
+    """rank → node from PMIx: one node → all on it; else each node's local peers (a get
+    per node), else each rank's node id (a get per rank); None when neither is whole."""
+    from rankwire.pmi.pmix.abi import RANK_WILDCARD, Proc
+
+    job = Proc(nspace, RANK_WILDCARD)
+    nlist = _optional(client, "pmix.nlist", job)
+    hosts = [h for h in nlist.split(",") if h] if isinstance(nlist, str) else []
+    if len(hosts) == 1:
+        return (0,) * size
+    if hosts:
+        peers = [_optional(client, "pmix.lpeers", job, [("pmix.hname", h)]) for h in hosts]
+        if all(isinstance(p, str) for p in peers):
+            nodes = nodes_from_peers(size, peers)
+            if nodes is not None:
+                return tuple(nodes)
+    ids = [_optional(client, "pmix.nodeid", Proc(nspace, r)) for r in range(size)]
+    if all(isinstance(i, int) for i in ids):
+        return tuple(ids)
+    return None
+
+
+class Session:
+    """Serves one PMI connection through the PMIx client `client` (blocking)."""
+
+    def __init__(self, sock: socket.socket, client: Client, info: JobInfo) -> None:
+        self.sock = sock
+        self.client = client
+        self.info = info
+        self.codec = ServerCodec()
+        self.kvs = EpochKvs(info.rank, info.nodes)
+        self.spoke = False  # the task sent at least one request
+        self.done: Optional[int] = None  # exit code once finalized or aborted
+
+    def serve(self) -> int:
+        sock = self.sock
+        while self.done is None:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                return self._eof()
+            self.codec.receive_data(data)
+            while self.done is None:
+                try:
+                    req = self.codec.next_event()
+                except RemoteProtocolError as err:
+                    self._reply_error(f"PMI bridge: {err}")
+                    if err.fatal:
+                        return 1
+                    continue
+                if req is None:
+                    break
+                self.spoke = True
+                self._dispatch(req)
+        return self.done
+
+    def _eof(self) -> int:
+        if not self.spoke:  # the task never used PMI: nothing to tell anybody
+            with contextlib.suppress(Exception):
+                self.client.finalize()
+            return 0
+        _say(
+            f"PMI bridge: rank {self.info.rank} closed its PMI connection without "
+            "finalize (it exited or crashed)"
+        )
+        return 1
+
+    def _send(self, reply: m.Reply) -> None:
+        try:
+            data = self.codec.send(reply)
+        except LocalProtocolError as err:  # e.g. a value too long for a PMI-1 line
+            data = self.codec.send(m.ErrorReply(str(err)))
+        with contextlib.suppress(OSError):  # the task is gone: the next recv sees EOF
+            self.sock.sendall(data)
+
+    def _reply_error(self, message: str) -> None:
+        self._send(m.ErrorReply(message))
+
+    def _dispatch(self, req: m.Request) -> None:
+        from rankwire.pmi.pmix.abi import PmixError
+
+        info = self.info
+        if isinstance(req, m.Init):
+            if req.version not in (1, 2):
+                self._reply_error(f"PMI version {req.version} is not served (1 or 2)")
+            else:
+                self._send(m.InitReply(req.version, 1 if req.version == 1 else 0))
+        elif isinstance(req, m.InitAck):
+            self._reply_error("initack is only for PMI_PORT connections; this is PMI_FD")
+        elif isinstance(req, m.FullInit):
+            self._send(m.FullInitReply(info.rank, info.size, info.appnum))
+        elif isinstance(req, m.GetMaxes):
+            self._send(m.MaxesReply())
+        elif isinstance(req, m.GetAppnum):
+            self._send(m.AppnumReply(info.appnum))
+        elif isinstance(req, m.GetKvsName):
+            self._send(m.KvsNameReply(info.jobid))
+        elif isinstance(req, m.GetUniverseSize):
+            self._send(m.UniverseSizeReply(info.universe_size or info.size))
+        elif isinstance(req, m.Put):
+            if req.key.startswith(RESERVED_PREFIX):
+                self._reply_error(f"key {req.key!r} is reserved (prefix {RESERVED_PREFIX!r})")
+            else:
+                self.kvs.put(req.key, req.value)
+                self._send(m.PutReply())
+        elif isinstance(req, m.PutNodeAttr):
+            self.kvs.put_node(req.key, req.value)
+            self._send(m.PutReply())
+        elif isinstance(req, (m.Get, m.GetNodeAttr)):
+            try:
+                self._fetch()
+            except (PmixError, ValueError) as err:
+                self._reply_error(f"PMI bridge: fetching the KVS through PMIx failed: {err}")
+                return
+            if isinstance(req, m.GetNodeAttr):
+                self._send(m.GetReply(self.kvs.node_attr(req.key)))
+            elif req.key == MAPPING_ATTR:
+                self._send(m.GetReply(info.mapping))
+            else:
+                self._send(m.GetReply(self.kvs.get(req.key)))
+        elif isinstance(req, m.GetJobAttr):
+            self._send(m.GetReply(info.attr(req.key)))
+        elif isinstance(req, m.Fence):
+            self._fence()
+        elif isinstance(req, m.Finalize):
+            self._send(m.FinalizeReply())
+            with contextlib.suppress(PmixError):
+                self.client.finalize()
+            self.done = 0
+        elif isinstance(req, m.Abort):
+            self._abort(req.code, req.message)
+        elif isinstance(req, m.Unsupported):
+            self._reply_error(f"{req.cmd} is not supported by rankwire's PMI bridge")
+
+    def _fence(self) -> None:
+        from rankwire.pmi.pmix.abi import PmixError
+
+        epoch, blob = self.kvs.enter_fence()
+        try:
+            if blob is not None:
+                self.client.put(epoch_key(epoch), blob)
+                self.client.commit()
+            self.client.fence(collect=True)
+        except PmixError as err:
+            self.kvs.fence_failed()
+            self._reply_error(f"PMI bridge: the PMIx fence failed: {err}")
+            return
+        self.kvs.fence_done()
+        self._send(m.FenceReply())
+
+    def _fetch(self) -> None:
+        """The other ranks' blobs of every fenced epoch not merged yet."""
+        from rankwire.pmi.pmix.abi import ERR_NOT_FOUND, PmixError, Proc
+
+        for epoch in self.kvs.pending():
+            blobs: dict[int, str] = {}
+            for rank in range(self.info.size):
+                if rank == self.info.rank:
+                    continue
+                try:
+                    value = self.client.get(
+                        epoch_key(epoch),
+                        Proc(self.info.nspace, rank),
+                        [("pmix.optional", True)],  # collected or absent: never wait
+                    )
+                except PmixError as err:
+                    if err.status == ERR_NOT_FOUND:
+                        continue  # that rank put nothing in this epoch
+                    raise
+                if isinstance(value, str):
+                    blobs[rank] = value
+            self.kvs.merge(epoch, blobs)
+
+    def _abort(self, code: int, message: str) -> None:
+        """PMIx_Abort, then no reply (as Slurm's mpi/pmi2): the step's end kills the task
+        while it waits for one; the bridge waits for that (bounded) and goes."""
+        from rankwire.pmi.pmix.abi import PmixError
+
+        text = message or f"PMI abort with code {code}"
+        self.done = code if 0 < code < 256 else 1
+        try:
+            self.client.abort(code, text)
+        except PmixError as err:
+            _say(f"PMI bridge: PMIx_Abort failed ({err}); rank {self.info.rank} aborts alone")
+            return
+        self.sock.settimeout(ABORT_GRACE)
+        with contextlib.suppress(OSError):
+            while self.sock.recv(65536):
+                pass
