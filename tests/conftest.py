@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.host import OMPI_TREES
-from harness.images import make_rootfs, make_world_readable
+from harness.images import make_python_mpi_rootfs, make_rootfs, make_world_readable
 from harness.leftovers import SESSION_VAR, user_leftovers
 from harness.mpi import CompiledPrograms, MpiPrograms, compile_hello
 from harness.oci import OciLayout, layered_image
@@ -146,6 +146,32 @@ def ompi_image(shared_dir: Path, mpi_programs: MpiPrograms) -> Path:
         shutil.copy2(prog, rootfs / "opt" / prog.name)
     out = shared_dir / "ompi.sif"
     build_image(out, rootfs)
+    make_world_readable(shared_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def python_mpi_image(shared_dir: Path) -> Path:
+    """Debian's python3 with mpi4py (built against Debian's MPICH: PMI-1 only), pytest and
+    pytest-mpi from our venv in /usr/lib/python3/dist-packages, examples/pytest_mpi at
+    /opt/tests; the runscript runs those tests (`rankwire run -n 4 python-mpi.sif`)."""
+    import sysconfig
+
+    from rankwire.runtime.build import build_image
+
+    rootfs = make_python_mpi_rootfs(
+        shared_dir / "python-mpi-rootfs",
+        Path(sysconfig.get_paths()["purelib"]),
+        EXAMPLES / "pytest_mpi",
+    )
+    out = shared_dir / "python-mpi.sif"
+    build_image(
+        out,
+        rootfs,
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+        runscript='#!/bin/sh\nexec python3 -m pytest --with-mpi -q /opt/tests "$@"\n',
+    )
+    shutil.rmtree(rootfs)
     make_world_readable(shared_dir)
     return out
 
