@@ -243,7 +243,7 @@ def _execute(
         if needs_image_facts(bridge_choice(opts.pmi_bridge, user.environ), user_offer(user)):
             from rankwire.runtime.facts import pmi_needs  # a join outside PMIx: not imported
 
-            needs = pmi_needs(image_of, opts, user, argv)
+            needs = pmi_needs(image_of, opts, user, lambda _image: argv)
         bridge = plan_for(user, opts.pmi_bridge, *needs)
         proc = bridged_process(bridge, proc)
         if dry_run:
@@ -258,7 +258,7 @@ def _execute(
 
     opts = exec_options({**container_kw, **process_kw})
     image, _ = local_image(image, source_kw)
-    facts = gather(image, opts)
+    facts = gather(image, opts, argv_of=argv_of)
     plan = plan_image(facts, opts, argv_of(facts.image))
     assert plan.process is not None
     if dry_run:

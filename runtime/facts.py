@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 from rankwire.runtime.assemble import Facts
@@ -22,12 +22,13 @@ def gather(
     opts: ExecOptions,
     user: Optional[UserFacts] = None,
     fabric_image_path: Optional[str] = None,
-    argv: Optional[Sequence[str]] = None,
+    argv_of: Optional[Callable[[ImageFacts], Sequence[str]]] = None,
 ) -> Facts:
     """`image`: a SIF path, or facts already read (the SPANK check's). `user`: the
     caller's own by default. `fabric_image_path`: where other processes read the image
-    for the fabric ABI check (the plugin's descriptor), if not at its path. `argv`: the
-    command, whose own MPI decides the PMI bridge when the image holds two MPIs."""
+    for the fabric ABI check (the plugin's descriptor), if not at its path. `argv_of`:
+    the command for the image, whose own MPI decides the PMI bridge when the image holds
+    two MPIs."""
     import dataclasses
 
     from rankwire.fabric.facts import fabric_facts
@@ -58,7 +59,7 @@ def gather(
 
         host_mpi = read_host_mpi(mpi_choice, user.environ, user.cache_dir)
     fabric_host, fabric_image = fabric_facts(via, opts.fabric, image_libs=host_mpi is not None)
-    pmi_need, program_need = pmi_needs(facts, opts, user, argv)
+    pmi_need, program_need = pmi_needs(facts, opts, user, argv_of)
     return Facts(
         image=facts,
         host=host,
@@ -73,7 +74,10 @@ def gather(
 
 
 def pmi_needs(
-    image: ImageFacts, opts: ExecOptions, user: UserFacts, argv: Optional[Sequence[str]]
+    image: ImageFacts,
+    opts: ExecOptions,
+    user: UserFacts,
+    argv_of: Optional[Callable[[ImageFacts], Sequence[str]]],
 ) -> tuple[Optional[str], Optional[str]]:
     """Which PMI the image's MPI speaks (and, when it holds two, the command's), read only
     when a bridge could be planned: under a PMIx step with --pmi-bridge auto. Kept in
@@ -86,6 +90,7 @@ def pmi_needs(
     from rankwire.launcher.facts import image_mpi_kind, image_program_mpi_kind
 
     need = image_mpi_kind(image, user.cache_dir)
+    argv = argv_of(image) if argv_of else ()
     if need != "both" or not argv:
         return need, None
     return need, image_program_mpi_kind(image, argv[0], user.environ, user.cache_dir)

@@ -321,7 +321,7 @@ def test_host_ranks_on_two_nodes(
     check_job(slurm_multinode, job, before, 2, 4, mpi == "mpich")
 
 
-@pytest.mark.parametrize("mpi", ["mpich", "ompi"])
+@pytest.mark.parametrize("mpi", ["mpich", "ompi", "mpich-bridged"])
 def test_srun_rankwire_exec_on_two_nodes(
     slurm_multinode: MultiNodeCluster,
     xnode_image: Path,
@@ -329,8 +329,10 @@ def test_srun_rankwire_exec_on_two_nodes(
     mpi: str,
     tmp_path: Path,
 ) -> None:
-    """srun -N2 -n4 rankwire exec --share rankwire-%j.%s IMG: one container per node."""
+    """srun -N2 -n4 rankwire exec --share rankwire-%j.%s IMG: one container per node.
+    mpich-bridged: MPICH (PMI-1 only) under --mpi=pmix, through the tasks' PMI bridges."""
     pmi = "pmi2" if mpi == "mpich" else "pmix"
+    mpi = mpi.split("-")[0]
     before = slurm_multinode.net_bytes()
     job = run_job(
         slurm_multinode,
@@ -384,7 +386,7 @@ def test_host_mpi_injected_on_two_nodes(
     check_job(slurm_multinode, job, before, 2, 4, False)
 
 
-@pytest.mark.parametrize("mpi", ["mpich", "ompi"])
+@pytest.mark.parametrize("mpi", ["mpich", "ompi", "mpich-bridged"])
 def test_spank_plugin_on_two_nodes(
     slurm_multinode: MultiNodeCluster,
     spank_install: SpankInstall,
@@ -394,8 +396,10 @@ def test_spank_plugin_on_two_nodes(
     tmp_path: Path,
 ) -> None:
     """srun -N2 -n4 --container-image=IMG: the SPANK plugin starts one container per node,
-    the tasks join it, and nothing stays on the nodes afterwards."""
+    the tasks join it, and nothing stays on the nodes afterwards. mpich-bridged: under
+    --mpi=pmix, each task's PMI bridge started by the shim."""
     pmi = "pmi2" if mpi == "mpich" else "pmix"
+    mpi = mpi.split("-")[0]
     plugstack = slurm_multinode.conf.parent / "plugstack.conf"
     plugstack.write_text(spank_install.plugstack_line())
     try:
