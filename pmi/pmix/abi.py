@@ -4,8 +4,9 @@ Everything the other modules of this package build on: the pmix_common.h constan
 and `PmixError` (what callers see), the ctypes structs (internal to the package: no ctypes
 object leaves it), and `lib()`, the loaded and checked library.
 
-Loading: `$RANKWIRE_LIBPMIX` (a path or soname) if set, else whatever
-`ctypes.util.find_library("pmix")` (ldconfig) names, else `libpmix.so.2`. It is loaded with
+Loading: `$RANKWIRE_LIBPMIX` (a path or soname) if set, else `libpmix.so.2` (PMIx 4's
+soname, found by the dynamic loader), else whatever `ctypes.util.find_library("pmix")`
+names (it runs `ldconfig -p`: ~15 ms, so only as a fallback). It is loaded with
 RTLD_GLOBAL because libpmix dlopens its own plugins. The library is loaded, and its layout
 checked, on first use (`lib()`), or at import of modules that call it at import.
 
@@ -183,12 +184,20 @@ def free(ptr: Any) -> None:
     _libc.free(ptr)
 
 
+SONAME = "libpmix.so.2"
+
+
 def library_name() -> str:
-    """What `lib()` loads: $RANKWIRE_LIBPMIX, else ldconfig's answer, else libpmix.so.2."""
+    """What `lib()` loads: $RANKWIRE_LIBPMIX, else libpmix.so.2 when the loader finds it,
+    else ldconfig's answer."""
     override = os.environ.get("RANKWIRE_LIBPMIX")
     if override:
         return override
-    return ctypes.util.find_library("pmix") or "libpmix.so.2"
+    try:
+        ctypes.CDLL(SONAME, mode=ctypes.RTLD_GLOBAL)  # loaded once: `lib()` reuses it
+        return SONAME
+    except OSError:
+        return ctypes.util.find_library("pmix") or SONAME
 
 
 def _declare(lib: ctypes.CDLL) -> None:
