@@ -158,28 +158,27 @@ class SlurmMpi:
 
 def srun_mpi(pmi: str, offered: Optional[SlurmMpi], bridge_ok: bool) -> str:
     """The `--mpi` of a delegated job: the site's default when it serves the ranks' PMI,
-    directly or, for PMI-1/PMI-2 ranks under a PMIx default, through the tasks' PMI bridge
-    (`rankwire exec` bridges by itself); else the plugin that serves it; else one line
-    saying what the site lacks."""
+    directly or through the tasks' PMI bridge (`rankwire exec` bridges by itself, both
+    ways: `pmi/bridgeplan.py`); else the plugin that serves it, directly, else bridged;
+    else one line saying what the site lacks."""
     wanted = SRUN_MPI[pmi]
     if offered is None or not offered.plugins:
         return wanted  # srun will say what it lacks
     have = {p.split("_")[0] for p in offered.plugins}
+    bridgeable = {"pmix", "pmi2"} if bridge_ok else set()
     default = offered.default.split("_")[0]
-    if default == wanted or (default == "pmix" and wanted == "pmi2" and bridge_ok):
+    if default == wanted or default in bridgeable:
         return default
     if wanted in have:
         return wanted
-    if wanted == "pmi2" and "pmix" in have and bridge_ok:
-        return "pmix"
-    if wanted == "pmi2":
-        fix = (
-            "run it in an image (the tasks' PMI bridge serves PMI-1/PMI-2 over the site's PMIx)"
-            if "pmix" in have
-            else "launch outside the allocation's srun with --no-slurm"
-        )
-        return _refuse("PMI-1/PMI-2", offered, fix)
-    return _refuse("PMIx", offered, "launch here with --no-slurm (rankwire serves PMIx itself)")
+    for other in sorted(have & bridgeable):
+        return other
+    need = "PMI-1/PMI-2" if wanted == "pmi2" else "PMIx"
+    if have & {"pmix", "pmi2"}:
+        fix = "run it in an image (the tasks' PMI bridge connects it to the site's PMI)"
+    else:
+        fix = f"launch here with --no-slurm (rankwire serves {need} itself)"
+    return _refuse(need, offered, fix)
 
 
 def _refuse(need: str, offered: SlurmMpi, fix: str) -> NoReturn:

@@ -3,9 +3,11 @@
 The step offers one PMI (from its environment: what srun's `--mpi` plugin set up) and
 the image's MPI speaks one or more (`pmi.pmix.detect.pmi_kind`). When they differ, the
 MPI's `MPI_Init` finds no PMI it can speak and every task starts as a singleton ("rank 0
-of 1" N times) or hangs. The bridge (`pmi/bridge.py`) closes one such gap: under
-`srun --mpi=pmix`, a task whose MPI speaks PMI-1/PMI-2 gets a `PMI_FD` served by a
-process that is that task's PMIx client. The other gap (PMI-2 step, PMIx image) is not
+of 1" N times) or hangs. Two bridges close the two gaps: under `srun --mpi=pmix`, a task
+whose MPI speaks PMI-1/PMI-2 gets a `PMI_FD` served by a process that is that task's PMIx
+client (`pmi/bridge.py`); under `srun --mpi=pmi2`, a task whose MPI speaks PMIx gets a
+PMIx server of its own whose fences cross tasks through the task's Slurm PMI-2 connection
+(`pmi/pmix/pmi2bridge.py`). A PMI-1 process manager (Hydra) and a PMIx image are not
 bridged: the plan says so and what to do.
 
 `exec`, the doctor and the launcher's srun delegation all decide here.
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
     from rankwire.runtime.plan import ProcessPlan, UserFacts
 
 CHOICES = ("auto", "off")
-PMIX_TO_PMI = "pmix-to-pmi"  # the one bridge there is
+PMIX_TO_PMI = "pmix-to-pmi"  # PMI_FD served through the step's PMIx (pmi/bridge.py)
+PMI2_TO_PMIX = "pmi2-to-pmix"  # a PMIx server per task over the step's PMI-2 (pmi2bridge)
 
 # What each offer or need is called in messages.
 NAMES = {
@@ -71,9 +74,9 @@ def bridge_choice(option: Optional[str], environ: Mapping[str, str]) -> str:
 
 
 def needs_image_facts(choice: str, offer: Optional[str]) -> bool:
-    """Whether the image's MPI must be read at all: only a PMIx step can be bridged, and
-    only with the bridge allowed (a task under any other step reads nothing more)."""
-    return choice == "auto" and offer == "pmix"
+    """Whether the image's MPI must be read at all: only a PMIx or PMI-2 step can be
+    bridged, and only with the bridge allowed (other tasks read nothing more)."""
+    return choice == "auto" and offer in ("pmix", "pmi2")
 
 
 def plan_bridge(
@@ -108,7 +111,15 @@ def plan_bridge(
             "the step serves PMIx (srun --mpi=pmix) and the image's MPI speaks PMI-1/PMI-2: "
             "bridged (PMI_FD served through the step's PMIx server)",
         )
-    if offer in ("pmi1", "pmi2") and need == "pmix":
+    if offer == "pmi2" and need == "pmix":
+        return BridgePlan(
+            offer,
+            need,
+            PMI2_TO_PMIX,
+            "the step serves PMI-2 (srun --mpi=pmi2) and the image's MPI speaks PMIx: "
+            "bridged (a PMIx server per task, its fences through the step's PMI-2)",
+        )
+    if offer == "pmi1" and need == "pmix":
         return BridgePlan(
             offer,
             need,
@@ -132,10 +143,17 @@ def plan_for(
 
 
 def bridged_process(bridge: BridgePlan, proc: ProcessPlan) -> ProcessPlan:
-    """A bridged task's process: without the step's PMIx variables (its MPI is to take
-    the PMI_FD the bridge serves, not look for a PMIx server); the executor adds PMI_FD,
-    PMI_RANK and PMI_SIZE from the bridge it starts."""
+    """A bridged task's process. PMIx to PMI: without the step's PMIx variables (its MPI
+    is to take the PMI_FD the bridge serves); the executor adds PMI_FD, PMI_RANK and
+    PMI_SIZE. PMI-2 to PMIx: without Slurm's PMI_* (Open MPI would take the step for a PMI-2
+    one it cannot join) and, since each task's server is a node of its own, Open MPI's
+    shared-memory transport off unless asked for (its segment names would collide between
+    the node's tasks); the executor adds the server's PMIX_* variables."""
     if bridge.bridge is None:
         return proc
-    env = {k: v for k, v in proc.env.items() if not k.startswith("PMIX_")}
+    if bridge.bridge == PMIX_TO_PMI:
+        env = {k: v for k, v in proc.env.items() if not k.startswith("PMIX_")}
+    else:
+        env = {k: v for k, v in proc.env.items() if not k.startswith(("PMI_", "PMIX_"))}
+        env.setdefault("OMPI_MCA_btl", "self,tcp")
     return dataclasses.replace(proc, env=env)

@@ -11,6 +11,7 @@ import click
 
 from rankwire.errors import UserError, shown
 from rankwire.pmi.bridgeplan import (
+    PMIX_TO_PMI,
     BridgePlan,
     bridge_choice,
     bridged_process,
@@ -250,9 +251,8 @@ def _execute(
             _show_plan(None, proc, as_json, bridge=bridge)
             return
         inst.end_with_slurmstepd()
-        proc = _start_bridge(bridge, proc)
         with inst.leased(inst.instance_socket(name)) as lease:
-            sys.exit(inst.run_in(lease, proc))
+            sys.exit(_run_bridged(bridge, proc, lambda p: inst.run_in(lease, p)))
     from rankwire.runtime.assemble import plan_image
     from rankwire.runtime.facts import gather
 
@@ -265,23 +265,38 @@ def _execute(
         _show_plan(plan.container, plan.process, as_json, plan.host_mpi.to_dict(), plan.pmi_bridge)
         return
     inst.end_with_slurmstepd()
-    sys.exit(inst.run_container(plan.container, _start_bridge(plan.pmi_bridge, plan.process)))
+    container = plan.container
+    sys.exit(
+        _run_bridged(plan.pmi_bridge, plan.process, lambda p: inst.run_container(container, p))
+    )
 
 
-def _start_bridge(bridge: BridgePlan, proc: ProcessPlan) -> ProcessPlan:
-    """The PMI bridge the plan asks for, started on the host before the task (it is the
-    task's PMIx client); the task inherits its socket as PMI_FD. It ends when the task
-    closes the socket or finalizes, or with us (PR_SET_PDEATHSIG)."""
+def _run_bridged(bridge: BridgePlan, proc: ProcessPlan, run: Callable[[ProcessPlan], int]) -> int:
+    """`run(proc)` with the PMI bridge the plan asks for, started on the host before the
+    task: PMIx to PMI, the task's PMIx client, whose socket the task inherits as PMI_FD
+    (it ends when the task closes it or finalizes, or with us); PMI-2 to PMIx, the task's
+    PMIx server, which takes over Slurm's PMI_FD and is told how the task ended (a task
+    gone without finalize ends the step: its peers would wait for it)."""
     if bridge.warning and os.environ.get("SLURM_PROCID", "0") == "0":  # once per step
         click.echo(f"rankwire: warning: {bridge.warning}", err=True)
     if bridge.bridge is None:
-        return proc
+        return run(proc)
     import dataclasses
 
-    from rankwire.pmi import bridge as pmi_bridge
+    if bridge.bridge == PMIX_TO_PMI:
+        from rankwire.pmi import bridge as pmi_bridge
 
-    served = pmi_bridge.spawn(os.environ, wait=False)  # its PMIx_Init overlaps our start
-    return dataclasses.replace(proc, env={**proc.env, **served.env})
+        client = pmi_bridge.spawn(os.environ, wait=False)  # its PMIx_Init overlaps our start
+        return run(dataclasses.replace(proc, env={**proc.env, **client.env}))
+    from rankwire.pmi.pmix import pmi2bridge
+
+    server = pmi2bridge.spawn(os.environ)
+    code: Optional[int] = None
+    try:
+        code = run(dataclasses.replace(proc, env={**proc.env, **server.env}))
+        return code
+    finally:
+        server.finish(code)
 
 
 @click.command("exec", context_settings=PASSTHROUGH)

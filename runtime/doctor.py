@@ -26,7 +26,10 @@ PMI_NAMES = {"pmi1/2": "PMI-1/PMI-2", "pmix": "PMIx", "both": "PMI-1/PMI-2 or PM
 # serves PMI-1 clients).
 SLURM_PLUGINS = {"pmi1/2": ("pmi2",), "pmix": ("pmix",), "both": ("pmi2", "pmix")}
 BRIDGE = "rankwire's PMI bridge, --pmi-bridge auto"
-NO_BRIDGE = "rankwire's PMI bridge serves PMI-1/PMI-2 over PMIx, not PMIx over PMI-2"
+NO_BRIDGE = "rankwire's PMI bridge needs Slurm's pmi2 or pmix plugin"
+# The step's PMI (srun --mpi) that `rankwire exec` bridges to each image MPI's (pmi/bridgeplan).
+BRIDGED_FROM = {"pmi1/2": "pmix", "pmix": "pmi2"}
+PMI_NAMES_BY_PLUGIN = {"pmix": "PMIx", "pmi2": "PMI-2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,18 +388,19 @@ def pmi_check(h: DoctorHostFacts, i: DoctorImageFacts) -> Check:
     name = mpi_name(i) or "MPI"
     if default in wanted:
         return Check("pmi", OK, f"srun's default --mpi={s.mpi_default} serves the image's {pmi}")
-    if i.pmi == "pmi1/2" and default == "pmix":
+    bridged = BRIDGED_FROM.get(i.pmi)  # the step's PMI `rankwire exec` bridges to the image's
+    if bridged and default == bridged:
         return Check(
             "pmi",
             OK,
-            f"srun's default --mpi={s.mpi_default} serves PMIx and the image's {name} speaks "
-            f"{pmi}: `srun … rankwire exec` bridges them ({BRIDGE})",
+            f"srun's default --mpi={s.mpi_default} serves {PMI_NAMES_BY_PLUGIN[bridged]} and the "
+            f"image's {name} speaks {pmi}: `srun … rankwire exec` bridges them ({BRIDGE})",
         )
-    if offered or (i.pmi == "pmi1/2" and "pmix" in bases):
+    if offered or (bridged and bridged in bases):
         fix = (
             f"run `srun --mpi={offered[0]} …`"
             if offered
-            else f"run `srun --mpi=pmix … rankwire exec …` ({BRIDGE})"
+            else f"run `srun --mpi={bridged} … rankwire exec …` ({BRIDGE})"
         )
         return Check(
             "pmi",

@@ -770,10 +770,17 @@ def plan_def(f: RecipeHostFacts, mpi: str, base: Optional[str] = None) -> Recipe
                 )
             )
         elif s.present and s.pmi2:
-            raise UserError(
-                f"{base}'s Open MPI {version} speaks only PMIx and this Slurm offers only "
-                f"{s.offered}: use --mpi mpich, ask the admin for Slurm's pmix plugin, or run "
-                "with rankwire's PMI bridge (--pmi-bridge auto)"
+            pmi = "pmi2"
+            choices.append(
+                Choice(
+                    "pmi",
+                    "PMIx over PMI-2",
+                    f"{base}'s Open MPI {version} speaks only PMIx and this Slurm offers only "
+                    f"{s.offered}: `srun --mpi=pmi2 … rankwire exec` gives each task a PMIx "
+                    "server of its own whose fences go through Slurm's PMI-2 (rankwire's PMI "
+                    "bridge, --pmi-bridge auto; the node's ranks then talk TCP, not shared "
+                    "memory); --container-image does not bridge this way yet",
+                )
             )
         elif s.present:
             raise _no_wireup(s)

@@ -7,6 +7,7 @@ import pytest
 from rankwire.errors import UserError
 from rankwire.launcher.plan import LaunchOptions, SlurmMpi, plan_launch, srun_mpi
 from rankwire.pmi.bridgeplan import (
+    PMI2_TO_PMIX,
     PMIX_TO_PMI,
     bridge_choice,
     bridged_process,
@@ -81,11 +82,28 @@ def test_an_image_with_both_mpis_asks_the_command() -> None:
     )
 
 
-def test_the_other_direction_warns_with_the_fix() -> None:
+def test_a_pmi2_step_and_a_pmix_image_are_bridged_the_other_way() -> None:
     plan = plan_bridge("auto", "pmi2", "pmix")
+    assert (plan.bridge, plan.warning) == (PMI2_TO_PMIX, "")
+    assert plan.reason == (
+        "the step serves PMI-2 (srun --mpi=pmi2) and the image's MPI speaks PMIx: bridged "
+        "(a PMIx server per task, its fences through the step's PMI-2)"
+    )
+    env = {**SLURM_PMI2, "PMIX_RANK": "9", "PATH": "/usr/bin"}
+    bridged = bridged_process(plan, ProcessPlan(("/opt/hello",), env, "/"))
+    assert bridged.env == {"PATH": "/usr/bin", "OMPI_MCA_btl": "self,tcp"}
+    mine = {**env, "OMPI_MCA_btl": "self,vader,tcp"}
+    assert bridged_process(plan, ProcessPlan(("/opt/hello",), mine, "/")).env == {
+        "PATH": "/usr/bin",
+        "OMPI_MCA_btl": "self,vader,tcp",
+    }
+
+
+def test_a_pmi1_manager_and_a_pmix_image_warn_with_the_fix() -> None:
+    plan = plan_bridge("auto", "pmi1", "pmix")
     assert plan.bridge is None
     assert plan.warning == (
-        "the image's MPI speaks PMIx and this step serves only PMI-2: each task will start "
+        "the image's MPI speaks PMIx and this step serves only PMI-1: each task will start "
         "as a singleton; run `srun --mpi=pmix …` (`srun --mpi=list` shows what the site offers)"
     )
 
@@ -102,7 +120,9 @@ def test_choice_and_when_the_image_is_read() -> None:
     assert bridge_choice("auto", {"RANKWIRE_PMI_BRIDGE": "off"}) == "auto"
     assert needs_image_facts("auto", "pmix")
     assert not needs_image_facts("off", "pmix")
-    assert not needs_image_facts("auto", "pmi2")  # nothing to bridge: no image read
+    assert needs_image_facts("auto", "pmi2")
+    assert not needs_image_facts("auto", "pmi1")  # nothing to bridge: no image read
+    assert not needs_image_facts("auto", None)
 
 
 def test_a_bridged_task_loses_the_pmix_variables_only() -> None:
@@ -129,6 +149,8 @@ PMI2_ONLY = SlurmMpi(("none", "pmi2"), "none")
         ("pmi2", PMIX_ONLY, True, "pmix"),
         ("pmix", BOTH_PMIX_DEFAULT, True, "pmix"),
         ("pmix", BOTH_NO_DEFAULT, False, "pmix"),
+        ("pmix", PMI2_ONLY, True, "pmi2"),  # Open MPI through the other bridge
+        ("pmix", SlurmMpi(("pmi2", "pmix"), "pmi2"), True, "pmi2"),  # the default, bridged
     ],
 )
 def test_a_delegated_job_takes_the_site_mpi_the_bridge_allows(
@@ -141,10 +163,14 @@ def test_a_delegated_job_takes_the_site_mpi_the_bridge_allows(
     ("pmi", "offered", "bridge_ok", "message"),
     [
         ("pmi2", PMIX_ONLY, False, "the ranks' MPI speaks PMI-1/PMI-2 and this site's srun "
-         "offers --mpi=pmix, pmix_v4: run it in an image (the tasks' PMI bridge serves "
-         "PMI-1/PMI-2 over the site's PMIx)"),
-        ("pmix", PMI2_ONLY, True, "the ranks' MPI speaks PMIx and this site's srun offers "
-         "--mpi=none, pmi2: launch here with --no-slurm (rankwire serves PMIx itself)"),
+         "offers --mpi=pmix, pmix_v4: run it in an image (the tasks' PMI bridge connects it "
+         "to the site's PMI)"),
+        ("pmix", PMI2_ONLY, False, "the ranks' MPI speaks PMIx and this site's srun offers "
+         "--mpi=none, pmi2: run it in an image (the tasks' PMI bridge connects it to the "
+         "site's PMI)"),
+        ("pmix", SlurmMpi(("none", "cray_shasta"), "none"), True, "the ranks' MPI speaks "
+         "PMIx and this site's srun offers --mpi=none, cray_shasta: launch here with "
+         "--no-slurm (rankwire serves PMIx itself)"),
     ],
 )  # fmt: skip
 def test_a_site_that_cannot_serve_the_ranks_is_one_line(

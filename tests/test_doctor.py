@@ -53,7 +53,7 @@ NO_NAME = "(ssh, `whoami` and MPI launchers that look the user up fail)"
 ABI_WHERE = "(this matters where it is bound: a node with a fabric adapter, or --fabric PROVIDER)"
 BRIDGE_FIX = (
     "run with `rankwire run` / `apptainer-mpirun` (they serve {pmi}), or {rebuild}; "
-    "rankwire's PMI bridge serves PMI-1/PMI-2 over PMIx, not PMIx over PMI-2"
+    "rankwire's PMI bridge needs Slurm's pmi2 or pmix plugin"
 )
 BRIDGED = "`srun … rankwire exec` bridges them (rankwire's PMI bridge, --pmi-bridge auto)"
 MPICH_REBUILD = "rebuild the image's MPI with PMIx (e.g. MPICH `--with-pmi=pmix`)"
@@ -356,9 +356,19 @@ def _slurm(plugins: tuple[str, ...], default: str, **changes: Any) -> DoctorHost
             OMPI,
             ("none", "pmi2"),
             "pmi2",
+            "ok",
+            "srun's default --mpi=pmi2 serves PMI-2 and the image's Open MPI 4.1.4 speaks "
+            f"PMIx: {BRIDGED}",
+            "",
+        ),
+        (
+            OMPI,
+            ("none", "pmi2"),
+            "none",
             "warn",
-            "Slurm offers only pmi2 and the image's Open MPI 4.1.4 speaks PMIx",
-            BRIDGE_FIX.format(pmi="PMIx", rebuild=OMPI_REBUILD),
+            "srun's default --mpi=none does not serve the image's PMIx: plain `srun` starts N "
+            "singletons",
+            "run `srun --mpi=pmi2 … rankwire exec …` (rankwire's PMI bridge, --pmi-bridge auto)",
         ),
         (
             OMPI,
@@ -771,9 +781,9 @@ def test_ompi_image_on_a_pmi2_only_site(runner, ompi_image, shared_dir):
     version = _ompi_version()
     assert _as_check(checks["pmi"]) == Check(
         "pmi",
-        "warn",
-        f"Slurm offers only pmi2 and the image's Open MPI {version} speaks PMIx",
-        BRIDGE_FIX.format(pmi="PMIx", rebuild=OMPI_REBUILD),
+        "ok",
+        f"srun's default --mpi=pmi2 serves PMI-2 and the image's Open MPI {version} speaks "
+        f"PMIx: {BRIDGED}",
     )
     assert checks["image-mpi"]["reason"].startswith(f"Open MPI {version} (/")
     assert checks["image-mpi"]["reason"].endswith("libmpi.so.40) speaks PMIx")

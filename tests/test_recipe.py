@@ -122,23 +122,27 @@ def test_def_recipe_per_fixture_parses(name: str, mpi: str, base: str, srun_mpi:
     )
 
 
-@pytest.mark.parametrize(
-    "name,mpi,base,message",
-    [
-        (
-            "pmi2-only",
-            "openmpi",
-            "ubuntu:22.04",
-            "ubuntu:22.04's Open MPI 4.1.2 speaks only PMIx and this Slurm offers only "
-            "cray_shasta, pmi2: use --mpi mpich, ask the admin for Slurm's pmix plugin, or run "
-            "with rankwire's PMI bridge (--pmi-bridge auto)",
-        ),
-    ],
+NO_WIREUP = (
+    "this Slurm offers no pmi2 or pmix plugin (srun --mpi=list: cray_shasta), so srun "
+    "cannot wire up MPI ranks in the image; ask the admin for Slurm's pmi2 or pmix plugin, "
+    "or launch with `rankwire run` inside the allocation"
 )
-def test_host_that_cannot_be_matched(name: str, mpi: str, base: str, message: str):
+
+
+@pytest.mark.parametrize("mpi,base", [("openmpi", "ubuntu:22.04"), ("mpich", "debian:12")])
+def test_host_that_cannot_be_matched(mpi: str, base: str):
+    f = dataclasses.replace(facts("pmi2-only"), mpi_plugins=("cray_shasta", "none"))
     with pytest.raises(UserError) as err:
-        plan_def(facts(name), mpi, base)
-    assert str(err.value) == message
+        plan_def(f, mpi, base)
+    assert str(err.value) == NO_WIREUP
+
+
+def test_open_mpi_on_a_pmi2_only_slurm_goes_through_the_bridge():
+    recipe = plan_def(facts("pmi2-only"), "openmpi", "ubuntu:22.04")
+    pmi = next(c for c in recipe.choices if c.what == "pmi")
+    assert pmi.value == "PMIx over PMI-2"
+    labels = dict(deffile.parse(recipe.text, "r.def").image.labels)
+    assert labels["org.rankwire.recipe.launch"] == "srun --mpi=pmi2 rankwire exec IMAGE APP"
 
 
 def test_base_glibc_older_than_the_host_libfabric_needs():
@@ -203,6 +207,9 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path):
     user = User("root", 0, 0, "/root") if os.getuid() == 0 else None
     if user is None:
         pytest.skip("not running as root")
+    recorded = json.loads((DATA / "pmi2-only.json").read_text())
+    no_pmi = tmp_path / "no-pmi.json"
+    no_pmi.write_text(json.dumps({**recorded, "mpi_plugins": ["cray_shasta", "none"]}))
     proc = rw(
         user,
         "recipe",
@@ -212,14 +219,10 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path):
         "--base",
         "ubuntu:22.04",
         "--host-facts",
-        str(DATA / "pmi2-only.json"),
+        str(no_pmi),
     )
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [
-        "rankwire: ubuntu:22.04's Open MPI 4.1.2 speaks only PMIx and this Slurm offers only "
-        "cray_shasta, pmi2: use --mpi mpich, ask the admin for Slurm's pmix plugin, or run "
-        "with rankwire's PMI bridge (--pmi-bridge auto)"
-    ]
+    assert proc.stderr.splitlines() == [f"rankwire: {NO_WIREUP}"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"cpu": {}}))
     proc = rw(user, "recipe", "spack", "--mpi", "mpich", "--host-facts", str(bad))

