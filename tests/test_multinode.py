@@ -321,7 +321,7 @@ def test_host_ranks_on_two_nodes(
     check_job(slurm_multinode, job, before, 2, 4, mpi == "mpich")
 
 
-@pytest.mark.parametrize("mpi", ["mpich", "ompi", "mpich-bridged"])
+@pytest.mark.parametrize("mpi", ["mpich", "ompi", "mpich-bridged", "ompi-bridged"])
 def test_srun_rankwire_exec_on_two_nodes(
     slurm_multinode: MultiNodeCluster,
     xnode_image: Path,
@@ -330,8 +330,9 @@ def test_srun_rankwire_exec_on_two_nodes(
     tmp_path: Path,
 ) -> None:
     """srun -N2 -n4 rankwire exec --share rankwire-%j.%s IMG: one container per node.
-    mpich-bridged: MPICH (PMI-1 only) under --mpi=pmix, through the tasks' PMI bridges."""
-    pmi = "pmi2" if mpi == "mpich" else "pmix"
+    mpich-bridged: MPICH (PMI-1 only) under --mpi=pmix, ompi-bridged: Open MPI (PMIx only)
+    under --mpi=pmi2, each through the tasks' PMI bridges."""
+    pmi = "pmi2" if mpi in ("mpich", "ompi-bridged") else "pmix"
     mpi = mpi.split("-")[0]
     before = slurm_multinode.net_bytes()
     job = run_job(
