@@ -18,7 +18,9 @@ way users run it, bridged vs matched: `srun --mpi=pmix -n N rankwire exec mpich.
 (the tasks' bridges serve PMI-1 through Slurm's PMIx) against `srun --mpi=pmi2 -n N
 rankwire exec mpich.sif hello` (Slurm's own PMI-2 server), and the same on the host
 without a container (`rankwire pmi bridge -- hello`, which starts one more interpreter per
-task, against plain `hello`), alternating, median of --repeat.
+task, against plain `hello`), alternating, median of --repeat. And the other bridge: Open
+MPI's hello in an image, `srun --mpi=pmi2 rankwire exec ompi.sif` (each task's PMIx server
+over Slurm's PMI-2) against `srun --mpi=pmix rankwire exec ompi.sif` (Slurm's PMIx).
 
 Everything runs on one host (2 cores here), so only the ratios mean something.
 
@@ -136,8 +138,9 @@ def main() -> None:
         raise SystemExit("bench/bridge.py needs root (it runs a throwaway slurmd)")
     import tempfile
 
+    from harness.host import OMPI_TREES
     from harness.images import make_rootfs
-    from harness.mpi import compile_hello
+    from harness.mpi import compile_hello, ompi_env
     from harness.slurm import SlurmCluster
     from rankwire.runtime.build import build_image
 
@@ -146,7 +149,8 @@ def main() -> None:
     cluster = SlurmCluster()
     launches: dict[tuple[int, str], float] = {}
     try:
-        hello = str(compile_hello(REPO / "examples", work).hello_mpich)
+        progs = compile_hello(REPO / "examples", work)
+        hello = str(progs.hello_mpich)
         root = make_rootfs(
             work / "rootfs", binaries=[hello], trees=["/usr/lib/x86_64-linux-gnu/ucx"]
         )
@@ -154,6 +158,12 @@ def main() -> None:
         shutil.copy2(hello, root / "opt" / "hello")
         image = str(work / "mpich.sif")
         build_image(Path(image), root)
+        trees = [t for t in OMPI_TREES if os.path.exists(t)]
+        oroot = make_rootfs(work / "orootfs", binaries=[str(progs.hello_ompi)], trees=trees)
+        (oroot / "opt").mkdir()
+        shutil.copy2(progs.hello_ompi, oroot / "opt" / "hello")
+        oimage = str(work / "ompi.sif")
+        build_image(Path(oimage), oroot)
         cluster.start()
         argv = [
             "srun", "--mpi=pmix", f"--ntasks={args.ntasks}", "--overcommit", sys.executable,
@@ -171,12 +181,16 @@ def main() -> None:
                 "bridged": [*srun, "--mpi=pmix", rankwire, "exec", image, "/opt/hello"],
                 "host matched": [*srun, "--mpi=pmi2", hello],
                 "host bridged": [*srun, "--mpi=pmix", rankwire, "pmi", "bridge", "--", hello],
+                "ompi matched": [*srun, "--mpi=pmix", rankwire, "exec", oimage, "/opt/hello"],
+                "ompi bridged": [*srun, "--mpi=pmi2", rankwire, "exec", oimage, "/opt/hello"],
             }
+            # Open MPI as root needs telling; its ranks of one node over loopback, both ways.
+            env = ompi_env({**cluster.env, "OMPI_MCA_btl_tcp_if_include": "lo"})
             times: dict[str, list[float]] = {k: [] for k in kinds}
             for i in range(args.repeat + 1):
                 for kind, cmd in kinds.items():
                     t = time.perf_counter()
-                    run = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True)
+                    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     if run.returncode != 0 or run.stdout.count(f"size={n} ") != n:
                         raise SystemExit(f"{kind} launch of {n} failed:\n{run.stderr}")
                     if i:  # the first round warms caches
@@ -206,16 +220,21 @@ def main() -> None:
         d, b = med[("direct", what)], med[("bridge", what)]
         print(f"| {name} | {d:.3f} | {b:.3f} | {b / d:.2f} |")
 
-    print(f"\n## MPICH hello launch, median of {args.repeat}\n")
+    print(f"\n## hello launch, median of {args.repeat}\n")
     print("| N | where | srun --mpi=pmi2 ms | srun --mpi=pmix + bridge ms | bridged / matched |")
     print("|---|---|---|---|---|")
     for n in (int(x) for x in args.sizes.split(",")):
         for where, prefix in (
-            ("rankwire exec mpich.sif", ""),
-            ("host, `rankwire pmi bridge`", "host "),
+            ("MPICH, rankwire exec mpich.sif", ""),
+            ("MPICH, host, `rankwire pmi bridge`", "host "),
         ):
             m, b = launches[(n, prefix + "matched")], launches[(n, prefix + "bridged")]
             print(f"| {n} | {where} | {m:.0f} | {b:.0f} | {b / m:.2f} |")
+    print("\n| N | where | srun --mpi=pmix ms | srun --mpi=pmi2 + bridge ms | bridged / matched |")
+    print("|---|---|---|---|---|")
+    for n in (int(x) for x in args.sizes.split(",")):
+        m, b = launches[(n, "ompi matched")], launches[(n, "ompi bridged")]
+        print(f"| {n} | Open MPI, rankwire exec ompi.sif | {m:.0f} | {b:.0f} | {b / m:.2f} |")
 
 
 if __name__ == "__main__":
