@@ -74,9 +74,10 @@ def bridge_choice(option: Optional[str], environ: Mapping[str, str]) -> str:
 
 
 def needs_image_facts(choice: str, offer: Optional[str]) -> bool:
-    """Whether the image's MPI must be read at all: only a PMIx or PMI-2 step can be
-    bridged, and only with the bridge allowed (other tasks read nothing more)."""
-    return choice == "auto" and offer in ("pmix", "pmi2")
+    """Whether the image's MPI must be read at all: only under a PMIx or PMI-2 step is
+    there something to bridge (or, with --pmi-bridge off, to warn of); other tasks read
+    nothing more. The answer is kept per image (`launcher.facts.image_mpi_kind`)."""
+    return choice in CHOICES and offer in ("pmix", "pmi2")
 
 
 def plan_bridge(
@@ -90,36 +91,33 @@ def plan_bridge(
         raise UserError(f"--pmi-bridge {choice}: use auto or off")
     if offer is None:
         return BridgePlan(offer, need, None, "no PMI from the process manager: none to bridge")
-    if choice == "off":
-        return BridgePlan(offer, need, None, "--pmi-bridge off")
     if need == "both":
         if program_need is None:
-            return BridgePlan(
-                offer,
-                need,
-                None,
-                "the image holds MPICH and Open MPI and the command's MPI is unknown: not bridged",
-            )
+            why = "the image holds MPICH and Open MPI and the command's MPI is unknown"
+            return BridgePlan(offer, need, None, f"{why}: not bridged")
         need = program_need
     if need is None:
-        return BridgePlan(offer, need, None, "no MPI in the image: nothing to bridge")
+        why = "--pmi-bridge off" if choice == "off" else "no MPI in the image: nothing to bridge"
+        return BridgePlan(offer, need, None, why)
     if offer == "pmix" and need == "pmi1/2":
-        return BridgePlan(
-            offer,
-            need,
+        kind, reason = (
             PMIX_TO_PMI,
-            "the step serves PMIx (srun --mpi=pmix) and the image's MPI speaks PMI-1/PMI-2: "
-            "bridged (PMI_FD served through the step's PMIx server)",
+            (
+                "the step serves PMIx (srun --mpi=pmix) and the image's MPI speaks PMI-1/PMI-2: "
+                "bridged (PMI_FD served through the step's PMIx server)"
+            ),
         )
-    if offer == "pmi2" and need == "pmix":
-        return BridgePlan(
-            offer,
-            need,
+        other = "pmi2"
+    elif offer == "pmi2" and need == "pmix":
+        kind, reason = (
             PMI2_TO_PMIX,
-            "the step serves PMI-2 (srun --mpi=pmi2) and the image's MPI speaks PMIx: "
-            "bridged (a PMIx server per task, its fences through the step's PMI-2)",
+            (
+                "the step serves PMI-2 (srun --mpi=pmi2) and the image's MPI speaks PMIx: "
+                "bridged (a PMIx server per task, its fences through the step's PMI-2)"
+            ),
         )
-    if offer == "pmi1" and need == "pmix":
+        other = "pmix"
+    elif offer == "pmi1" and need == "pmix":
         return BridgePlan(
             offer,
             need,
@@ -130,9 +128,22 @@ def plan_bridge(
             "each task will start as a singleton; run `srun --mpi=pmix …` "
             "(`srun --mpi=list` shows what the site offers)",
         )
-    return BridgePlan(
-        offer, need, None, f"the step serves {NAMES[offer]}, which the image's MPI speaks"
-    )
+    else:
+        return BridgePlan(
+            offer, need, None, f"the step serves {NAMES[offer]}, which the image's MPI speaks"
+        )
+    if choice == "off":
+        return BridgePlan(
+            offer,
+            need,
+            None,
+            "--pmi-bridge off",
+            warning=f"the image's MPI speaks {NAMES[need]} and this step serves "
+            f"{NAMES[offer]}, not bridged (--pmi-bridge off): each task will start as a "
+            f"singleton or fail in MPI_Init; drop --pmi-bridge off, or run `srun "
+            f"--mpi={other} …`",
+        )
+    return BridgePlan(offer, need, kind, reason)
 
 
 def plan_for(

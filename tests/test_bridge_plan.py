@@ -60,9 +60,17 @@ def test_matched_pairs_are_not_bridged(offer: str, need: str) -> None:
     assert (plan.bridge, plan.warning) == (None, "")
 
 
-def test_off_is_never_bridged() -> None:
+def test_off_is_never_bridged_and_says_what_follows() -> None:
     plan = plan_bridge("off", "pmix", "pmi1/2")
     assert (plan.bridge, plan.reason) == (None, "--pmi-bridge off")
+    assert plan.warning == (
+        "the image's MPI speaks PMI-1/PMI-2 and this step serves PMIx, not bridged "
+        "(--pmi-bridge off): each task will start as a singleton or fail in MPI_Init; drop "
+        "--pmi-bridge off, or run `srun --mpi=pmi2 …`"
+    )
+    other = plan_bridge("off", "pmi2", "pmix")
+    assert other.warning.endswith("drop --pmi-bridge off, or run `srun --mpi=pmix …`")
+    assert plan_bridge("off", "pmix", "pmix").warning == ""
 
 
 def test_no_step_no_mpi() -> None:
@@ -119,7 +127,7 @@ def test_choice_and_when_the_image_is_read() -> None:
     assert bridge_choice(None, {"RANKWIRE_PMI_BRIDGE": "off"}) == "off"
     assert bridge_choice("auto", {"RANKWIRE_PMI_BRIDGE": "off"}) == "auto"
     assert needs_image_facts("auto", "pmix")
-    assert not needs_image_facts("off", "pmix")
+    assert needs_image_facts("off", "pmix")  # to warn of the mismatch it leaves
     assert needs_image_facts("auto", "pmi2")
     assert not needs_image_facts("auto", "pmi1")  # nothing to bridge: no image read
     assert not needs_image_facts("auto", None)

@@ -359,6 +359,13 @@ def test_exec_bridges_an_open_mpi_image_under_pmi2(
     off = srun(slurm_cluster, runner, "-n", "2", "rankwire", "exec", "--pmi-bridge", "off",
                str(ompi_image), "/opt/hello_ompi")  # fmt: skip
     assert off.returncode != 0
-    assert "but OMPI was not built with SLURM's PMI support and therefore cannot" in (
-        off.stderr.splitlines()
+    lines = off.stderr.splitlines()
+    assert "but OMPI was not built with SLURM's PMI support and therefore cannot" in lines
+    assert (
+        lines.count(
+            "rankwire: warning: the image's MPI speaks PMIx and this step serves PMI-2, not "
+            "bridged (--pmi-bridge off): each task will start as a singleton or fail in MPI_Init; "
+            "drop --pmi-bridge off, or run `srun --mpi=pmix …`"
+        )
+        == 1
     )

@@ -508,6 +508,11 @@ def test_exec_without_the_bridge_starts_singletons(slurm_cluster, mpich_image: P
     assert [line.split(" host=")[0] for line in proc.stdout.splitlines()] == [
         "hello rank=0 size=1"
     ] * 2
+    assert proc.stderr.splitlines() == [  # once for the step: task 0 says it
+        "rankwire: warning: the image's MPI speaks PMI-1/PMI-2 and this step serves PMIx, "
+        "not bridged (--pmi-bridge off): each task will start as a singleton or fail in "
+        "MPI_Init; drop --pmi-bridge off, or run `srun --mpi=pmi2 …`"
+    ]
 
 
 @pytest.mark.slurm
