@@ -15,7 +15,7 @@ DEMO_PKGS := python3-venv gcc make squashfuse squashfs-tools fuse3 fuse-overlayf
 # registry and the OCI tools that make and push images independently of us.
 TEST_PKGS := $(DEMO_PKGS) slurm-wlm munge libslurm-dev libpmi2-0-dev openmpi-bin \
              libopenmpi-dev libpmix-dev libfabric-dev libfabric-bin siftool \
-             docker-registry umoci skopeo busybox-static apache2-utils openssl
+             docker-registry umoci skopeo busybox-static apache2-utils openssl fakeroot uidmap
 
 PYTEST_ARGS ?=
 

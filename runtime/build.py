@@ -206,6 +206,7 @@ class BuildPlan:
     create_dirs: tuple[str, ...]  # /.singularity.d directories the rootfs lacks
     exclude: tuple[str, ...]  # rootfs paths the metadata files replace
     oci_config: Optional[bytes] = None  # a pulled image's OCI config, as Apptainer keeps it
+    all_root: bool = True  # every file owned by root (False: owners as they are)
 
     def pseudo_definitions(self, work: Path) -> list[str]:
         """The mksquashfs pseudo file lines: missing directories, then metadata files."""
@@ -216,7 +217,8 @@ class BuildPlan:
 
     def mksquashfs_argv(self, work: Path, dest: Path) -> list[str]:
         argv = [self.mksquashfs, str(self.rootfs), str(dest), "-noappend", "-comp", "gzip"]
-        argv += ["-all-root", "-no-progress", "-quiet", "-pf", str(work / "pseudo")]
+        argv += ["-all-root"] if self.all_root else []
+        argv += ["-no-progress", "-quiet", "-pf", str(work / "pseudo")]
         if self.exclude:
             argv += ["-ef", str(work / "exclude")]
         return argv
@@ -269,11 +271,22 @@ def _definition(
     labels: Optional[Mapping[str, str]],
     env: Optional[Mapping[str, str]],
     runscript: Optional[str],
+    recorded: Optional[tuple[str, Mapping[str, str]]] = None,
 ) -> _Definition:
-    """Read `deffile` (or generate one from the overrides) and apply the overrides."""
+    """Read `deffile` (or generate one from the overrides) and apply the overrides.
+    `recorded`: (definition file text, its image stage's header) to store as they are,
+    the env, labels and runscript coming from the overrides alone."""
     final_env: dict[str, str] = {}
     user_labels: dict[str, str] = {}
     final_runscript: Optional[str] = None
+    if recorded is not None:
+        return _Definition(
+            recorded[0],
+            Deffile(dict(recorded[1]), {}),
+            dict(env or {}),
+            dict(labels or {}),
+            runscript,
+        )
     if deffile is not None:
         def_text = _read_deffile(deffile)
         parsed = parse_deffile(def_text, str(deffile))
@@ -349,11 +362,16 @@ def plan_build(
     oci_config: Optional[bytes] = None,
     goarch: Optional[str] = None,
     literal_env: bool = False,
+    recorded_deffile: Optional[tuple[str, Mapping[str, str]]] = None,
+    keep_owners: bool = False,
 ) -> BuildPlan:
     """What `build_image` will pack (same arguments); checks the inputs, writes nothing.
     `oci_config`: the OCI image config of a pulled image, kept as `oci-config.json`;
     `goarch`: its architecture (default: this machine's); `literal_env`: its env values are
-    final (`$` kept, not expanded by Apptainer when it sources the env script)."""
+    final (`$` kept, not expanded by Apptainer when it sources the env script);
+    `recorded_deffile`: (text, header) of a definition file built by `runtime/defbuild`,
+    stored as object 1 while env, labels and runscript come from the arguments;
+    `keep_owners`: pack files with their owners (a definition-file build), not all root."""
     out_path = Path(out).absolute()
     rootfs = _checked_rootfs(rootfs_dir)
     _check_output(out_path, rootfs)
@@ -361,7 +379,7 @@ def plan_build(
     epoch = _source_date_epoch()
     goarch = goarch or goarch_from_machine()
     _check_utf8(labels, env, runscript)
-    d = _definition(rootfs, deffile, labels, env, runscript)
+    d = _definition(rootfs, deffile, labels, env, runscript, recorded_deffile)
     when = (
         datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
         if epoch is not None
@@ -391,6 +409,7 @@ def plan_build(
         create_dirs=tuple(create),
         exclude=tuple(exclude),
         oci_config=oci_config,
+        all_root=not keep_owners,
     )
 
 

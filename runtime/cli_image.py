@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
 
 from rankwire.errors import UserError, shown
+from rankwire.runtime.cli_options import click_options, take_options
 
 if TYPE_CHECKING:
     from rankwire.runtime.sif_read import SifImage
@@ -27,34 +28,102 @@ def _pairs(option: str, values: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command(name="build")
-@click.argument("out", type=click.Path(dir_okay=False))
-@click.argument("rootfs_dir", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.argument("source", metavar="RECIPE.def|ROOTFS_DIR", type=click.Path())
 @click.option("--deffile", type=click.Path(), help="Apptainer definition file to record.")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Image label.")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Container environment.")
 @click.option("--runscript", metavar="TEXT", help="Runscript body (default: none).")
+@click.option("--sandbox", is_flag=True, help="RECIPE.def: write OUT as a directory, not a SIF.")
+@click.option("--notest", is_flag=True, help="RECIPE.def: do not run %test after the build.")
+@click.option("--allow-setup", is_flag=True, help="RECIPE.def: run %setup on the host.")
+@click.option(
+    "--keep-sandbox", is_flag=True, help="RECIPE.def: keep the build sandboxes (to debug)."
+)
+@click.option(
+    "--ignore-subuid",
+    is_flag=True,
+    help="RECIPE.def: one mapped id and fakeroot, even with a /etc/subuid range.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="RECIPE.def: say what each step does.")
+@click_options("source")
 def build_cmd(
     out: str,
-    rootfs_dir: str,
+    source: str,
     deffile: Optional[str],
     labels: tuple[str, ...],
     env: tuple[str, ...],
     runscript: Optional[str],
+    sandbox: bool,
+    notest: bool,
+    allow_setup: bool,
+    keep_sandbox: bool,
+    ignore_subuid: bool,
+    verbose: bool,
+    **kw: Any,
 ) -> None:
-    """Pack ROOTFS_DIR into the SIF image OUT, laid out like `apptainer build`.
+    """Build the SIF image OUT from RECIPE.def (an Apptainer definition file), or pack
+    ROOTFS_DIR into OUT, laid out like `apptainer build`.
 
-    The directory is not modified. With SOURCE_DATE_EPOCH set, the image is
-    reproducible byte for byte.
+    A recipe's %post runs as root in a user namespace (-v says how). The directory is not
+    modified. With SOURCE_DATE_EPOCH set, the image is reproducible byte for byte.
     """
-    from rankwire.runtime.build import build_image
+    import os
 
-    build_image(
+    from rankwire.runtime.pull import access_from_env
+
+    given_source = take_options(kw, "source")
+    if os.path.isdir(source) or not (os.path.exists(source) or source.endswith(".def")):
+        recipe_only = [
+            name
+            for name, given in (
+                ("--sandbox", sandbox),
+                ("--notest", notest),
+                ("--allow-setup", allow_setup),
+                ("--keep-sandbox", keep_sandbox),
+                ("--ignore-subuid", ignore_subuid),
+            )
+            if given
+        ]
+        if recipe_only:
+            raise UserError(
+                f"{recipe_only[0]} is for building from a definition file, and "
+                f"{shown(source)} is a directory; drop it, or give RECIPE.def"
+            )
+        from rankwire.runtime.build import build_image
+
+        build_image(
+            out,
+            source,
+            deffile=deffile,
+            labels=_pairs("--label", labels),
+            env=_pairs("--env", env),
+            runscript=runscript,
+        )
+        click.echo(f"rankwire: built {shown(out)}")
+        return
+    given = [n for n, v in (("--deffile", deffile), ("--runscript", runscript)) if v]
+    given += [n for n, v in (("--label", labels), ("--env", env)) if v]
+    if given:
+        raise UserError(
+            f"{given[0]} is for packing a directory; with a definition file put it in the "
+            "recipe (%labels, %environment, %runscript)"
+        )
+    from rankwire.runtime.defbuild import build_from_deffile
+
+    build_from_deffile(
         out,
-        rootfs_dir,
-        deffile=deffile,
-        labels=_pairs("--label", labels),
-        env=_pairs("--env", env),
-        runscript=runscript,
+        source,
+        sandbox=sandbox,
+        notest=notest,
+        allow_setup=allow_setup,
+        keep_sandbox=keep_sandbox,
+        ignore_subuid=ignore_subuid,
+        verbose=verbose,
+        access=access_from_env(
+            insecure=given_source.get("insecure"), ca_cert=given_source.get("ca_cert")
+        ),
+        arch=given_source.get("arch"),
     )
     click.echo(f"rankwire: built {shown(out)}")
 
@@ -80,7 +149,8 @@ def _list_lines(image: SifImage) -> list[str]:
 @click.command(name="inspect")
 @click.argument("image")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect_cmd(image: str, as_json: bool) -> None:
+@click.option("--deffile", "only_deffile", is_flag=True, help="Print the definition file only.")
+def inspect_cmd(image: str, as_json: bool, only_deffile: bool) -> None:
     """Show an image's definition file, labels, environment, runscript and objects."""
     from rankwire.runtime.imagefacts import check_image_path
     from rankwire.runtime.imagemeta import read_image_metadata
@@ -103,6 +173,9 @@ def inspect_cmd(image: str, as_json: bool) -> None:
             for d in img.descriptors
         ]
         listing = _list_lines(img)
+    if only_deffile:
+        click.echo(meta.deffile, nl=False)
+        return
     if as_json:
         doc = {
             "path": image,

@@ -372,10 +372,10 @@ def test_cli_errors(tmp_path: Path, rootfs: Path) -> None:
         rankwire("build", str(out), str(tmp_path / "nope")),
         f"root filesystem {tmp_path / 'nope'} does not exist; pass the directory to pack",
     )
-    assert_one_line_error(
+    assert_one_line_error(  # a file is a definition file (as for Apptainer)
         rankwire("build", str(out), str(rootfs / "etc" / "os-release")),
-        f"root filesystem {rootfs / 'etc' / 'os-release'} is not a directory; "
-        "pass the directory to pack",
+        f'{rootfs / "etc" / "os-release"} line 1: ID="rankwire-test" stands before the first '
+        "Bootstrap: line, so its stage has no Bootstrap; start each stage with Bootstrap: AGENT",
     )
     assert_one_line_error(
         rankwire("build", str(tmp_path / "no" / "x.sif"), str(rootfs)),
