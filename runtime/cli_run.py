@@ -124,34 +124,12 @@ def local_image(image: str, source: dict[str, Any]) -> tuple[str, str]:
         )
         result = pull.pull(image, access, arch=source.get("arch"), progress=pull.Progress())
         path, named = result.path, result.reference
-    _verified(path, source.get("verify"), source.get("keyring") or ())
+    verify, keyrings = source.get("verify"), source.get("keyring") or ()
+    if verify or keyrings or os.environ.get("RANKWIRE_VERIFY"):  # else: trust not imported
+        from rankwire.runtime.trust import verify_path
+
+        verify_path(path, verify, keyrings)
     return path, named
-
-
-def _verified(path: str, verify: Optional[str], keyrings: Sequence[str]) -> None:
-    """--verify: refuse an image not signed as required, before anything starts."""
-    if not verify and not keyrings and not os.environ.get("RANKWIRE_VERIFY"):
-        return
-    from pathlib import Path
-
-    from rankwire.runtime import trust
-    from rankwire.runtime.plan import cache_dir
-
-    home = os.environ.get("HOME") or os.path.expanduser("~")
-    config_home = os.environ.get("XDG_CONFIG_HOME") or f"{home}/.config"
-    req = trust.requirement(verify, keyrings, os.environ, config_home)
-    if req is None:
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise UserError(
-            f"cannot open image {shown(path)}: {err.strerror}; check the path"
-        ) from None
-    try:
-        trust.check(fd, path, req, Path(cache_dir(os.environ, home)) / "verified")
-    finally:
-        os.close(fd)
 
 
 def exec_options(values: dict[str, Any]) -> ExecOptions:

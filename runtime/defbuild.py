@@ -58,6 +58,8 @@ _STAGE_LINE = re.compile(r"bootstrap:", re.IGNORECASE)
 
 
 # -- facts ------------------------------------------------------------------------------
+# Bases a Fingerprints: header can check: SIFs that carry their signatures.
+SIGNED_BOOTSTRAPS = ("localimage", "oras")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +184,7 @@ class StagePlan:
     test_line: int
     labels: tuple[tuple[str, str], ...]
     header: tuple[tuple[str, str], ...]  # lower-case keys, as Apptainer records them
+    fingerprints: tuple[str, ...] = ()  # Fingerprints: the base SIF must be signed by these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,8 +356,18 @@ def plan_defbuild(
                 test_line=_section_line(text, start, end, "test") if stage.test else 0,
                 labels=stage.labels,
                 header=tuple((k.lower(), v) for k, v in stage.headers),
+                fingerprints=stage.fingerprints,
             )
         )
+        if stage.fingerprints and stage.bootstrap not in SIGNED_BOOTSTRAPS:
+            line = _find_line(
+                text, start, end, lambda s: s.strip().lower().startswith("fingerprints:"), start
+            )
+            raise UserError(
+                f"{recipe} line {line}: Fingerprints: checks the signatures of a SIF base "
+                f"(Bootstrap: localimage or oras), not of a {stage.bootstrap} one; drop it, "
+                "or build from a signed SIF"
+            )
     mode, note, uid_map, gid_map = _mode(facts)
     return DefBuildPlan(
         recipe=recipe,
@@ -454,6 +467,13 @@ def _resolve_bases(
             raise UserError(f"{where}: {err}") from None
         except OSError as err:
             raise UserError(f"{where}: {err.strerror}; give a readable SIF image") from None
+        if stage.fingerprints:  # before anything reads the base's files
+            from rankwire.runtime.trust import verify_path
+
+            try:
+                verify_path(path, ",".join(stage.fingerprints), (), what="base image")
+            except UserError as err:  # it names the image
+                raise UserError(f"{plan.recipe} line {stage.source_line}: base {err}") from None
         bases.append(_Base(path, meta.partition_offset, meta.env, meta.labels, meta.runscript))
     return bases
 

@@ -260,3 +260,28 @@ def _record(entry: Path, name: str, signers: tuple[str, ...]) -> None:
     except OSError:  # a full disk costs the next launch a verification, nothing else
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def verify_path(
+    path: str, verify: Optional[str], keyrings: Sequence[str], what: str = "image"
+) -> None:
+    """--verify (or RANKWIRE_VERIFY) for the SIF at `path`: refuse it unless signed as
+    required, using the user's verification cache (`cache_dir/verified`). Nothing is
+    required (no fingerprints anywhere): nothing is read. `what` names it in messages."""
+    from rankwire.runtime.plan import cache_dir
+
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    config_home = os.environ.get("XDG_CONFIG_HOME") or f"{home}/.config"
+    req = requirement(verify, keyrings, os.environ, config_home)
+    if req is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise UserError(
+            f"cannot open {what} {shown(path)}: {err.strerror}; check the path"
+        ) from None
+    try:
+        check(fd, path, req, Path(cache_dir(os.environ, home)) / "verified")
+    finally:
+        os.close(fd)

@@ -688,3 +688,44 @@ def test_how_post_runs_as_root_is_planned_from_the_facts() -> None:
         "(newuidmap/newgidmap not installed, fakeroot not installed: chown to other ids "
         "fails; apt install fakeroot)",
     )
+
+
+def test_fingerprints_require_a_signed_base(root_work: Path, busybox_sif: Path) -> None:
+    """Fingerprints: the localimage base must verify (keys: RANKWIRE_KEYRING or the
+    default keyrings) before the build reads it; a docker base cannot carry signatures."""
+    from test_sign import make_gpg_key
+
+    work, runner = root_work, ROOT
+    keys = work / "keys"
+    keys.mkdir()
+    alice, mallory = make_gpg_key(keys, "alice"), make_gpg_key(keys, "mallory")
+    try:
+        signed = work / "signed.sif"
+        shutil.copyfile(busybox_sif, signed)
+        subprocess.run(["rankwire", "sign", "--key", str(alice.secret), str(signed)], check=True,
+                       capture_output=True)  # fmt: skip
+        keyring = f"RANKWIRE_KEYRING={alice.public}:{mallory.public}"
+        recipe = "Bootstrap: localimage\nFrom: signed.sif\nFingerprints: {}\n\n%post\n    true\n"
+        write(runner, work / "ok.def", recipe.format(alice.fingerprint))
+        ok = build(runner, work, "ok.sif", "ok.def", env=(keyring,))
+        assert ok.returncode == 0, ok.stderr
+        write(runner, work / "bad.def", recipe.format(mallory.fingerprint))
+        bad = build(runner, work, "bad.sif", "bad.def", env=(keyring,))
+        assert bad.returncode == 2
+        assert bad.stderr.splitlines() == [
+            f"rankwire: bad.def line 2: base {signed}: object group 1 is signed by "
+            f"{alice.fingerprint} (signature object 4), which is not one of the fingerprints "
+            "required; add that fingerprint if you trust its key"
+        ]
+        no_debris(work, "bad.sif")
+        docker_recipe = f"Bootstrap: docker\nFrom: x/y\nFingerprints: {alice.fingerprint}\n"
+        write(runner, work / "d.def", docker_recipe)
+        docker = build(runner, work, "d.sif", "d.def")
+        assert (docker.returncode, docker.stderr.splitlines()) == (2, [
+            "rankwire: d.def line 3: Fingerprints: checks the signatures of a SIF base "
+            "(Bootstrap: localimage or oras), not of a docker one; drop it, or build from a "
+            "signed SIF"
+        ])  # fmt: skip
+    finally:
+        for key in (alice, mallory):
+            subprocess.run(["gpgconf", "--homedir", str(key.home), "--kill", "all"], check=False)
