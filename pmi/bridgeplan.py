@@ -48,23 +48,28 @@ class BridgePlan:
         return dataclasses.asdict(self)
 
 
-def step_offer(environ: Mapping[str, str], step_pmix: bool = False) -> Optional[str]:
+def step_offer(
+    environ: Mapping[str, str], step_pmix: bool = False, in_step: bool = False
+) -> Optional[str]:
     """The PMI the process manager that started us serves, from the environment: Slurm's
     mpi/pmix sets PMIX_NAMESPACE + PMIX_RANK (and the server URIs); mpi/pmi2 sets PMI_FD
     with PMI_JOBID; a PMI-1 manager (Hydra, our launcher) PMI_FD or PMI_PORT alone.
-    `step_pmix`: the Slurm step has a PMIx server (slurmstepd's PMIX_SERVER_TMPDIR: what
-    the plugin knows before the tasks have their variables)."""
+    Before the tasks have those (the plugin plans in user_init): `step_pmix`, the step
+    has a PMIx server (slurmstepd's PMIX_SERVER_TMPDIR), else, `in_step`, what srun's
+    `--mpi` put in SLURM_MPI_TYPE."""
     identity = environ.get("PMIX_NAMESPACE") and environ.get("PMIX_RANK")
     if (identity and any(k.startswith("PMIX_SERVER_URI") for k in environ)) or step_pmix:
         return "pmix"
     if environ.get("PMI_FD") or environ.get("PMI_PORT"):
         return "pmi2" if environ.get("PMI_JOBID") else "pmi1"
-    return None
+    mpi = environ.get("SLURM_MPI_TYPE", "").split("_")[0] if in_step else ""
+    return mpi if mpi in ("pmix", "pmi2") else None
 
 
 def user_offer(user: UserFacts) -> Optional[str]:
     """`step_offer` for the user the planners plan for (exec's caller or the job user)."""
-    return step_offer(user.environ, bool(user.slurm and user.slurm.pmix_server_dir))
+    slurm = user.slurm
+    return step_offer(user.environ, bool(slurm and slurm.pmix_server_dir), slurm is not None)
 
 
 def bridge_choice(option: Optional[str], environ: Mapping[str, str]) -> str:

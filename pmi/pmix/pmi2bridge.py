@@ -703,6 +703,33 @@ class Bridge:
 
 
 # -- the hidden CLI ---------------------------------------------------------------------------
+def for_task(report_fd: int, control_fd: int, environ: Mapping[str, str]) -> int:
+    """The SPANK plugin's way (`rankwire pmi pmix-server`, which the shim's task_init runs
+    detached, with the task's environment): start the bridge of the task whose PMI-2
+    identity `environ` holds, tell the shim the task's environment changes on `report_fd`
+    as framed records (`setenv=K=V`, `unsetenv=K`, or `error=…`), then wait for EOF on
+    `control_fd` (the task holds its other end: EOF is the task's end) and finish."""
+    from rankwire.runtime import frame
+
+    try:
+        bridge = spawn(environ)
+    except UserError as err:
+        os.write(report_fd, frame.encode([("error", f"rankwire: {err}")]))
+        os.close(report_fd)
+        return 1
+    env = task_env(environ, bridge.env)
+    records = [("unsetenv", k) for k in environ if k not in env]
+    records += [("setenv", f"{k}={v}") for k, v in env.items() if environ.get(k) != v]
+    try:
+        os.write(report_fd, frame.encode(records))
+        os.close(report_fd)
+        while os.read(control_fd, 4096):
+            pass
+    except OSError:
+        pass
+    return bridge.finish(None)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m rankwire.pmi.pmix.pmi2bridge -- CMD ARGS…`: CMD under the bridge."""
     args = sys.argv[1:] if argv is None else argv
