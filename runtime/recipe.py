@@ -779,7 +779,7 @@ def plan_def(f: RecipeHostFacts, mpi: str, base: Optional[str] = None) -> Recipe
                     f"{s.offered}: `srun --mpi=pmi2 … rankwire exec` gives each task a PMIx "
                     "server of its own whose fences go through Slurm's PMI-2 (rankwire's PMI "
                     "bridge, --pmi-bridge auto; the node's ranks then talk TCP, not shared "
-                    "memory); --container-image does not bridge this way yet",
+                    "memory); --container-image is bridged the same way",
                 )
             )
         elif s.present:
