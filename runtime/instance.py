@@ -652,6 +652,22 @@ def save_instance(name: str, out: str) -> None:
         os.close(upper)
 
 
+def stop_holder(sock_path: str, timeout: float = 10.0) -> None:
+    """Stop the holder serving `sock_path` (of any mode: the plugin's named containers
+    are persistent) and wait for its exit, SIGKILL after `timeout`; what a killed one
+    left is pruned."""
+    info = _ping(sock_path, b"stop\n")
+    if info is None:
+        unlink_if_dead(Path(sock_path))
+        return
+    pid = int(info.get("pid") or 0)
+    if pid > 0 and not _wait_exit(pid, timeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_exit(pid, 2.0)
+    prune_holder(sock_path, str(info.get("session") or ""))
+
+
 def stop_instance(name: str, timeout: float = 10.0) -> None:
     info = instance_info(name)
     _ping(info["socket"], b"stop\n")

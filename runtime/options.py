@@ -308,6 +308,27 @@ OPTIONS: tuple[Option, ...] = (
         env=("RANKWIRE_KEYRING",),
     ),
     Option(
+        "container_name",
+        "value",
+        "",
+        "plugin",
+        spank="container-name",
+        spank_metavar="NAME[:auto|create|exec|no_exec]",
+        spank_help="Keep the container under NAME for the job's later steps on each node, "
+        "which join it (they need not name the image again); its changes last until the "
+        "job ends",
+    ),
+    Option(
+        "container_save",
+        "value",
+        "",
+        "plugin",
+        spank="container-save",
+        spank_metavar="PATH.sif",
+        spank_help="When the step's last task on the node has exited, pack the container "
+        "(image + changes) into a new SIF at PATH, replaced only once complete",
+    ),
+    Option(
         "keep_env",
         "list",
         "",

@@ -21,6 +21,15 @@ a socket as stdout; the reply is one frame, a failure the record `error=rankwire
 - `start`, as the job user (advisory): plans and starts the node's holder from those
   descriptors, joins it, and replies the task environment and [lease, user namespace,
   mount namespace]. The shim never connects to a path a user could swap.
+- `--container-name NAME`: `check` also decides the mode (`plan.plan_named`) from the
+  job's container NAME on the node (its overlay record, read as the user: the image it
+  runs), makes the job's dir (BASE/SLURMD/JOB root's, JOB/UID the user's); `start` joins
+  its holder or starts a persistent one keeping its changes in JOB/UID/NAME. The job's
+  end: the shim's job epilog runs `epilog` (root), which runs `teardown` as each user
+  with containers there (stop their holders, empty their dir) and removes the dirs;
+  `check` reaps the dirs of jobs slurmctld says have ended (`reap`).
+- `--container-save PATH`: `start` replies how; after the step's last task the shim
+  runs `save` as the job user (`runtime/save.py`: a temp file renamed over PATH).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import json
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -41,10 +51,10 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from rankwire.errors import UserError
-from rankwire.pmi.bridgeplan import BridgePlan
+from rankwire.pmi.bridgeplan import NAMES, PMI2_TO_PMIX, PMIX_TO_PMI, BridgePlan
 from rankwire.runtime import frame
 from rankwire.runtime.plan import ContainerPlan, ImageFacts, Mount
 from rankwire.runtime.reference import is_remote, parse_reference
@@ -57,6 +67,9 @@ if TYPE_CHECKING:
 
 IMAGE_FD = 3  # where the shim puts the checked image for `start`; binds follow it
 RUN_DIR = "/run/rankwire"  # root's; per-user runtime dirs below it, made by root
+# What the shim's task_init starts for each bridge (spank/rankwire_spank.c start_bridge,
+# start_pmi2_bridge).
+SHIM_BRIDGE = {PMIX_TO_PMI: "1", PMI2_TO_PMIX: "2"}
 MAX_BINDS = 60  # descriptors the shim takes from one reply: 64 in all
 JOIN_TIMEOUT_S = 10.0
 SETUP_TIMEOUT_S = 120.0  # a holder's setup (mounts; an unsquash fallback takes longest)
@@ -307,6 +320,19 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
         host_mpi=want.host_mpi,
         site_host_mpi=facts.arg("host_mpi") or "none",
     )
+    policy.check_kept(name=want.name, save=want.save)
+    reap(facts)
+    named, allowed = None, None
+    if want.name is not None:
+        mine = _named_parent(facts, want)
+        recorded = _recorded_image(facts, want)
+        allowed = _Allowed(os.path.dirname(mine), facts.uid, want.name)
+        asked_real = None
+        if recorded is not None and want.image and not is_remote(want.image):
+            with as_user(facts):
+                asked_real = os.path.realpath(want.image)
+        named = plan.plan_named(want, recorded, asked_real)
+        want = dataclasses.replace(want, image=named.image, image_from=named.image_from)
     home = pwd.getpwuid(facts.uid).pw_dir
     pulled = _pull(facts, want, policy, home) if is_remote(want.image) else None
     with as_user(facts):
@@ -318,7 +344,9 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
             image_fd, image_real = _open_pulled(pulled, want.image)
     opened = Opened(image_fd, image_real)
     try:
-        if pulled is None:  # a pulled image was allowed by its registry, and is this file
+        # A pulled image was allowed by its registry, and is this file; the image a named
+        # container runs was allowed when it started (pulled, maybe), said root's record.
+        if pulled is None and not (allowed and allowed.read() == image_real):
             policy.check_image(image_real)
         _check_signed(policy, image_fd, image_real)
         with as_user(facts):
@@ -341,7 +369,234 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
         "home_allowed": opened.home_allowed,
         "runtime_dir": _runtime_dir(facts.uid, facts.gid),
     }
-    return [("checked", json.dumps(checked))], [opened.image_fd, *opened.binds.values()]
+    if allowed is not None:
+        allowed.write(image_real)
+    warning = [("warning", named.warning)] if named and named.warning else []
+    return [("checked", json.dumps(checked)), *warning], [
+        opened.image_fd,
+        *opened.binds.values(),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Allowed:
+    """Root's record, in root's JOB (or global) dir, of the image policy allowed for the
+    container NAME of user UID: a later step of it runs that image (from its overlay
+    record, the user's) without the image_dirs check, which a pulled image would fail."""
+
+    parent: str
+    uid: int
+    name: str
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.parent, f".{self.uid}.{self.name}.image")
+
+    def read(self) -> Optional[str]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def write(self, image: str) -> None:
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(image)
+        os.replace(tmp, self.path)
+
+
+def _named_parent(facts: JobFacts, want: Asked) -> str:
+    """BASE/SLURMD/JOB (root's) and JOB/UID (the job user's alone), where the job's
+    named containers keep their changes on this node (the epilog removes them); or
+    BASE/SLURMD/global and global/UID (global scope: kept until the user removes them)."""
+    _root_dir(plan.named_base(facts.args))
+    job = os.path.dirname(os.path.dirname(plan.named_dir(facts, want)))
+    _root_dir(os.path.dirname(job))
+    _root_dir(job)
+    return _private_dir(job, facts.uid, facts.gid)
+
+
+def _recorded_image(facts: JobFacts, want: Asked) -> Optional[str]:
+    """The image the job's container `name` keeps changes to on this node (its overlay
+    record, `runtime/holder.OVERLAY_RECORD`), read as the job user; None if there is
+    none. Whatever the user wrote there is only a path the check then opens as them."""
+    from rankwire.runtime.holder import OVERLAY_RECORD
+
+    name = want.name
+    path = os.path.join(plan.named_dir(facts, want), OVERLAY_RECORD)
+    with as_user(facts):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise UserError(f"cannot read {path}: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(65536)
+    try:
+        image = json.loads(data).get("image")
+    except (ValueError, AttributeError):
+        image = None
+    if not isinstance(image, str) or not image.startswith("/"):
+        raise UserError(f"{path} is damaged: the job's container {name} cannot be used again")
+    return image
+
+
+# -- the end of a job's named containers ---------------------------------------------
+TEARDOWN_TIMEOUT_S = 30.0  # one user's containers of one job, as that user
+GONE_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "TIMEOUT",
+    }
+)
+
+
+def _job_gone(job_id: int, slurm_conf: Optional[str]) -> bool:
+    """Whether slurmctld says job `job_id` has ended (or no longer knows it). Unsure (no
+    answer): False, nothing is removed."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+    if slurm_conf:
+        env["SLURM_CONF"] = slurm_conf
+    try:
+        proc = subprocess.run(
+            ["scontrol", "-o", "show", "job", str(job_id)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if proc.returncode != 0:
+        return "Invalid job id" in proc.stderr
+    state = re.search(r"\bJobState=(\S+)", proc.stdout)
+    return state is not None and state.group(1) in GONE_STATES
+
+
+def reap(facts: JobFacts) -> None:
+    """The reaper, at each container step's check (root): the named containers of jobs
+    that have ended on this node without their epilog (slurmd down when they ended, the
+    plugin loaded later, an epilog killed) go now. Costs one `scontrol show job` per other
+    job that has named containers here; nothing when there are none."""
+    conf = facts.stepd_env.get("SLURM_CONF")
+    try:
+        entries = os.listdir(plan.jobs_dir(facts.args, conf))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.isdigit() and int(entry) != facts.job_id and _job_gone(int(entry), conf):
+            teardown_job(plan.jobs_dir(facts.args, conf), int(entry))
+
+
+def teardown_job(jobs: str, job_id: int) -> None:
+    """Root (the job epilog, the reaper): end job `job_id`'s named containers on this
+    node and remove their dirs. The containers are ended, and their dirs emptied, by
+    `spank-helper teardown` run as their user (whose files those are: nothing there is
+    followed as root); root then removes the dirs it made."""
+    job = os.path.join(jobs, str(job_id))
+    try:
+        fd = os.open(job, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            print(f"rankwire: {job} is not root's; left as it is", file=sys.stderr)
+            return
+        for entry in os.listdir(fd):
+            try:
+                ust = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if entry.startswith(".") and stat.S_ISREG(ust.st_mode) and ust.st_uid == 0:
+                os.unlink(entry, dir_fd=fd)  # root's records (`_Allowed`)
+                continue
+            if entry.isdigit() and stat.S_ISDIR(ust.st_mode) and ust.st_uid == int(entry):
+                _teardown_as_user(job, job_id, ust.st_uid, ust.st_gid)
+            with contextlib.suppress(OSError):  # emptied by its user, else root's rmtree
+                os.rmdir(entry, dir_fd=fd)
+            if os.path.lexists(os.path.join(job, entry)):
+                # (in root's dir: the name cannot be swapped; rmtree follows no link)
+                shutil.rmtree(os.path.join(job, entry), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(job)
+        with contextlib.suppress(OSError):  # the slurmd's dir too, when it was the last
+            os.rmdir(os.path.dirname(job))
+    finally:
+        os.close(fd)
+
+
+def _teardown_as_user(job: str, job_id: int, uid: int, gid: int) -> None:
+    request = frame.encode(
+        [("uid", str(uid)), ("gid", str(gid)), ("job_id", str(job_id)), ("dir", job)]
+    )
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "USER": name}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-m", "rankwire", "spank-helper", "teardown"],
+            input=request,
+            capture_output=True,
+            cwd="/",
+            env=env,
+            user=uid,
+            group=gid,
+            extra_groups=[],
+            timeout=TEARDOWN_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        print(f"rankwire: the teardown of job {job_id} (uid {uid}) timed out", file=sys.stderr)
+        return
+    text = (proc.stderr + proc.stdout).decode(errors="replace").strip()
+    if text:  # to slurmd's log
+        print(text, file=sys.stderr)
+
+
+def teardown_as_user(req: frame.Records) -> Reply:
+    """`spank-helper teardown`, as the job user: stop the job's named holders on this
+    node (their sockets in the user's runtime dir), wait for their exit, empty the job's
+    dir of the user's (JOBS_DIR/JOB/UID)."""
+    from rankwire.runtime.holder import _remove_tree
+    from rankwire.runtime.instance import prune_stale, stop_holder
+
+    uid, gid = int(frame.one(req, "uid") or "0"), int(frame.one(req, "gid") or "0")
+    job_id = int(frame.one(req, "job_id") or "0")
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise UserError(f"the teardown runs as uid {uid} gid {gid} only; got {os.getresuid()}")
+    base = Path(RUN_DIR) / str(uid)
+    for sock in sorted((base / "instances").glob(f"{plan.job_key(job_id)}*.sock")):
+        stop_holder(str(sock))
+        sock.with_suffix(".json").unlink(missing_ok=True)  # one `instance start` made
+    if base.is_dir():
+        prune_stale(base)
+    mine = Path(frame.one(req, "dir") or "/nonexistent") / str(uid)
+    if mine.is_dir() and not mine.is_symlink():
+        for entry in mine.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                _remove_tree(str(entry))
+            else:
+                entry.unlink()
+    return [("done", "1")]
+
+
+def epilog(req: frame.Records) -> Reply:
+    """`spank-helper epilog`, root, from the shim's slurm_spank_job_epilog."""
+    jobs = plan.jobs_dir(frame.every(req, "arg"), frame.one(req, "slurm_conf"))
+    teardown_job(jobs, int(frame.one(req, "job_id") or "0"))
+    return [("done", "1")]
 
 
 def _check_signed(policy: Policy, fd: int, real: str) -> None:
@@ -398,10 +653,16 @@ def _plan(
     from rankwire.runtime.slurmfacts import slurm_step
 
     user = plan.user_facts(facts, home, slurm_step(plan.step_env(facts), facts.uid))
-    opts = plan.exec_options(want, want.mounts)
+    opts = plan.exec_options(want, want.mounts, facts)
     # Readers in other processes (unsquashfs for the fabric and host MPI checks) see the
     # checked file through our descriptor (passed to them), never through its path.
-    found = gather(image, opts, user=user, fabric_image_path=f"/proc/self/fd/{image_fd}")
+    found = gather(
+        image,
+        opts,
+        user=user,
+        fabric_image_path=f"/proc/self/fd/{image_fd}",
+        argv_of=lambda _image: facts.argv,
+    )
     planned = plan_image(found, opts, None)
     container = plan.for_tasks(plan.with_descriptors(planned.container, binds))
     if not home_allowed:
@@ -415,7 +676,7 @@ def _task_records(
     changes = plan.task_env(facts.env, env, want.keep_env)
     return [
         ("workdir", workdir),
-        ("bridge", "1" if bridge.bridge else "0"),
+        ("bridge", SHIM_BRIDGE.get(bridge.bridge or "", "0")),
         *((("warning", bridge.warning),) if bridge.warning else ()),
         *(("setenv", v) for v in changes.set),
         *(("unsetenv", v) for v in changes.unset),
@@ -433,11 +694,12 @@ def _build_as_root(
         container, env, workdir, bridge = _plan(
             facts, want, image, opened.image_fd, home, opened.binds, opened.home_allowed
         )
-        if bridge.bridge:  # the bridge would run in the container's mount namespace
+        if bridge.bridge:  # it would start in the container's mount namespace
+            other = "pmi2" if bridge.bridge == PMIX_TO_PMI else "pmix"
             raise UserError(
-                "the image's MPI speaks PMI-1/PMI-2 and this step serves PMIx; this site "
-                "enforces its containers, where rankwire's PMI bridge does not run: use "
-                "srun --mpi=pmi2"
+                f"the image's MPI speaks {NAMES[bridge.need or '']} and this step serves "
+                f"{NAMES[bridge.offer or '']}; this site enforces its containers, where "
+                f"rankwire's PMI bridge does not run: use srun --mpi={other}"
             )
         os.environ[RUNTIME_DIR_VAR] = _runtime_dir(0, 0)
         lease = _start_and_join(
@@ -499,9 +761,131 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
         checked["home_allowed"],
     )
     os.environ[RUNTIME_DIR_VAR] = checked["runtime_dir"]
-    lease = _start_and_join(container, facts, IMAGE_FD, tuple(binds.values()))
+    if container.save:  # before any task runs: a path it could never write
+        from rankwire.runtime.save import check_target
+
+        try:
+            check_target(container.save)
+        except UserError as err:
+            raise UserError(str(err).replace("--save", "--container-save", 1)) from None
+    joined = False
+    if want.name is None:
+        lease = _start_and_join(container, facts, IMAGE_FD, tuple(binds.values()))
+    else:
+        lease, joined = _join_or_start_named(container, facts, want, tuple(binds.values()))
+    records = _task_records(facts, want, env, workdir, bridge)
+    if joined and want.mounts:  # as Pyxis: a running container's mounts are its own
+        records.append(
+            (
+                "warning",
+                f"--container-mounts is ignored: the job's container {want.name} runs "
+                "already, with the mounts of the step that started it",
+            )
+        )
+    if container.save:  # the shim runs `save` as the job user once the tasks are gone
+        how = {
+            "image": container.image,
+            "offset": container.partition_offset,
+            "overlay_dir": container.overlay_dir,
+            "socket": str(lease.report.get("socket", "")),
+            "out": container.save,
+        }
+        records.append(("save", json.dumps(how)))
+    if want.name_mode == "no_exec":  # the container is there for later steps; not for these
+        lease.close()
+        return [("skip", "no_exec"), *(r for r in records if r[0] == "save")], []
     fds = _handed_over(lease.conn, lease.userns_fd, lease.mntns_fd)
-    return _task_records(facts, want, env, workdir, bridge), fds
+    return records, fds
+
+
+NAMED_LOCK_S = 60.0  # a step waits that long for another starting the same container
+
+
+def _join_or_start_named(
+    container: ContainerPlan, facts: JobFacts, want: Asked, keep_fds: tuple[int, ...]
+) -> tuple[Lease, bool]:
+    """The job's container `name` on this node: join its holder, or (none running: the
+    first step, or its holder was ended with a step's cgroup or by a slurmd restart)
+    start one on its kept changes. One step of the job at a time (a lock on the job's
+    dir of the user's); the holder is persistent: it stays when the step ends, until the
+    job's epilog (or the reaper) stops it; in global scope it is listed as an instance
+    (`rankwire instance list|stop`). (lease, whether it ran already)."""
+    from rankwire.runtime.instance import _join, runtime_dir, start_holder, unlink_if_dead
+
+    name, key = str(want.name), plan.named_key(facts, want)
+    sock = runtime_dir() / "instances" / f"{key}.sock"
+    mine = os.path.dirname(container.overlay_dir)
+    lock = os.open(mine, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _lock_within(lock, NAMED_LOCK_S, name)
+        try:
+            return _join(str(sock), timeout=JOIN_TIMEOUT_S), True
+        except ConnectionRefusedError:
+            unlink_if_dead(sock)
+        except (FileNotFoundError, ConnectionResetError):
+            pass
+        except OSError as err:
+            raise UserError(f"cannot join the job's container {name}: {err}") from None
+        holder = start_holder(
+            container,
+            mode="persistent",
+            owner=None,
+            name=key,
+            register=want.scope == "global",
+            meta={  # for `rankwire instance stop NAME --save OUT.sif`
+                "overlay_dir": container.overlay_dir,
+                "image_facts": {"partition_offset": container.partition_offset},
+            },
+            image_fd=IMAGE_FD,
+            keep_fds=keep_fds,
+            setup_timeout=SETUP_TIMEOUT_S,
+        )
+        lease = _join(holder.socket, timeout=JOIN_TIMEOUT_S)
+        if int(lease.report.get("pid", 0)) != holder.pid:
+            lease.close()
+            os.kill(holder.pid, signal.SIGTERM)
+            raise UserError(f"cannot join the job's container {name}: its socket was replaced")
+        return lease, False
+    finally:
+        os.close(lock)
+
+
+def _lock_within(fd: int, timeout: float, name: str) -> None:
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"the job's container {name} is being started by another step for over "
+                    f"{timeout:g} s: try again"
+                ) from None
+            time.sleep(0.02)
+
+
+def save_as_user(req: frame.Records) -> Reply:
+    """`spank-helper save`, run by the shim as the job user after the step's last task
+    on the node: pack the container (`runtime/save.py`) into --container-save's PATH."""
+    from rankwire.runtime.save import save, upper_fd
+
+    uid, gid = int(frame.one(req, "uid") or "-1"), int(frame.one(req, "gid") or "-1")
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise UserError(f"the save runs as uid {uid} gid {gid} only; got {os.getresuid()}")
+    how = json.loads(frame.one(req, "save") or "{}")
+    try:
+        upper = upper_fd(how["socket"], how["overlay_dir"])
+        try:
+            save(how["image"], int(how["offset"]), upper, how["out"])
+        finally:
+            os.close(upper)
+    except UserError as err:
+        raise UserError(str(err).replace("--save", "--container-save", 1)) from None
+    return [("saved", how["out"])]
 
 
 def main(phase: str) -> int:
@@ -520,6 +904,12 @@ def main(phase: str) -> int:
         elif phase == "start":
             checked = json.loads(frame.one(req, "checked") or "{}")
             reply, fds = start(JobFacts.from_request(req), checked)
+        elif phase == "save":
+            reply = save_as_user(req)
+        elif phase == "epilog":
+            reply = epilog(req)
+        elif phase == "teardown":
+            reply = teardown_as_user(req)
         else:
             raise UserError(f"unknown spank-helper phase '{phase}'")
     except UserError as err:

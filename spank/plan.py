@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -19,6 +20,7 @@ from rankwire.runtime.plan import (
     Mount,
     UserFacts,
     cache_dir,
+    check_name,
     parse_binds,
     resolve_bind,
 )
@@ -52,6 +54,7 @@ class JobFacts:
     options: dict[str, str]
     env: dict[str, str]
     stepd_env: dict[str, str]
+    argv: tuple[str, ...] = ()  # the tasks' command (S_JOB_ARGV)
 
     @classmethod
     def from_request(cls, req: frame.Records) -> JobFacts:
@@ -80,6 +83,7 @@ class JobFacts:
             options=frame.pairs(frame.every(req, "opt")),
             env=env,
             stepd_env=frame.pairs(frame.every(req, "stepd_env")),
+            argv=tuple(frame.every(req, "argv")),
         )
 
     def arg(self, key: str) -> Optional[str]:
@@ -106,6 +110,10 @@ class Asked:
     host_mpi: str = "none"  # --container-host-mpi, else the site's plugstack host_mpi=
     no_home: bool = False  # --no-container-mount-home
     pmi_bridge: str = "auto"  # --container-pmi-bridge
+    name: Optional[str] = None  # --container-name NAME (the job's container on the node)
+    name_mode: str = "auto"  # its :auto|:create|:exec|:no_exec
+    save: Optional[str] = None  # --container-save PATH (absolute: the job's cwd's)
+    scope: str = "job"  # plugstack container_scope=: names per job, or per user ("global")
 
 
 def _flag(name: str, value: str) -> bool:
@@ -148,8 +156,15 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
     image, image_from = got["image"]
     if not image and not oci_conf and facts.env.get("SLURM_CONTAINER"):
         image, image_from = facts.env["SLURM_CONTAINER"], "--container"
-    if not image:
+    name, mode = parse_name(got["container_name"][0], got["container_name"][1])
+    if not image and name is None:
         return None
+    scope = container_scope(facts.args)
+    if name is not None and scope == "global" and JOB_KEY.match(name):
+        raise UserError(
+            f"--container-name {name}: names like job<N>-... are the job-scoped containers' "
+            "here; choose another"
+        )
     flags = {
         o.dest: _flag(o.spank, got[o.dest][0] or "") for o in spank_options() if o.kind == "flag"
     }
@@ -161,10 +176,15 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
     if workdir is not None and not workdir.startswith("/"):
         raise UserError(f"--container-workdir {workdir}: give an absolute path")
     keep = got["keep_env"][0] or ""
-    if not is_remote(image):  # docker:// and oras:// are pulled (`helper.check`)
+    if image and not is_remote(image):  # docker:// and oras:// are pulled (`helper.check`)
         image = posixpath.normpath(posixpath.join(facts.cwd, image))
+    save = got["container_save"][0]
+    if save is not None:
+        if not save.strip() or save.endswith("/"):
+            raise UserError(f"--container-save '{save}': give the path of the .sif file to write")
+        save = posixpath.normpath(posixpath.join(facts.cwd, save))
     return Asked(
-        image=image,
+        image=image or "",
         image_from=image_from,
         mounts=parse_mounts(got["binds"][0] or "", facts.cwd),
         workdir=workdir or None,
@@ -175,7 +195,141 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
         host_mpi=(got["host_mpi"][0] or facts.arg("host_mpi") or "none").strip() or "none",
         no_home=flags["no_home"],
         pmi_bridge=(got["pmi_bridge"][0] or "auto").strip() or "auto",
+        name=name,
+        name_mode=mode,
+        save=save,
+        scope=scope,
     )
+
+
+NAME_MODES = ("auto", "create", "exec", "no_exec")
+
+
+def parse_name(value: Optional[str], named: str) -> tuple[Optional[str], str]:
+    """`NAME[:auto|create|exec|no_exec]` (Pyxis's form; `auto` when absent)."""
+    if value is None:
+        return None, "auto"
+    name, sep, mode = value.partition(":")
+    if sep and mode not in NAME_MODES:
+        raise UserError(f"{named} {value}: the mode after ':' is one of {', '.join(NAME_MODES)}")
+    check_name(name, f"{named} {value}")
+    return name, mode or "auto"
+
+
+# Where a job's named containers keep their changes on a node: BASE/SLURMD/JOB/UID/NAME,
+# BASE the plugstack's named_dir= or JOBS_DIR (root's down to JOB, made by the check
+# phase; JOB/UID the job user's). SLURMD tells the slurmd (`slurmd_key`): a host runs
+# one, but tests run several at once.
+JOBS_DIR = "/run/rankwire/jobs"
+
+
+def slurmd_key(slurm_conf: Optional[str]) -> str:
+    """The SLURM_CONF that slurmd (and slurmstepd, and its epilog) runs with, as one file
+    name ("default": none): its bytes, each but [A-Za-z0-9._-] as "_", 200 at most
+    (spank/rankwire_spank.c `slurm_spank_job_epilog` makes the same)."""
+    if not slurm_conf:
+        return "default"
+    keep = frozenset(b"._-abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    raw = slurm_conf.encode("utf-8", "surrogateescape")[:200]
+    return "".join(chr(b) if b in keep else "_" for b in raw)
+
+
+def named_base(args: Sequence[str]) -> str:
+    """BASE: plugstack.conf `named_dir=DIR` (a local disk: /run is memory), else JOBS_DIR."""
+    given = [a.partition("=")[2] for a in args if a.startswith("named_dir=")]
+    base = given[-1] if given else JOBS_DIR
+    if not posixpath.isabs(base) or posixpath.normpath(base) == "/":
+        raise UserError(f"plugstack.conf named_dir={base}: give an absolute directory")
+    return posixpath.normpath(base)
+
+
+def jobs_dir(args: Sequence[str], slurm_conf: Optional[str]) -> str:
+    """BASE/SLURMD: this slurmd's jobs' dirs."""
+    return posixpath.join(named_base(args), slurmd_key(slurm_conf))
+
+
+SCOPES = ("job", "global")
+JOB_KEY = re.compile(r"job[0-9]+-")  # `job_key`'s names
+
+
+def container_scope(args: Sequence[str]) -> str:
+    """plugstack.conf `container_scope=job|global` (default job): a name is the job's
+    (its containers go with it), or the user's across their jobs on the node (Pyxis's
+    default; `rankwire instance list|stop` with RANKWIRE_RUNTIME_DIR=/run/rankwire/UID)."""
+    given = [a.partition("=")[2] for a in args if a.startswith("container_scope=")]
+    scope = given[-1] if given else "job"
+    if scope not in SCOPES:
+        raise UserError(f"plugstack.conf container_scope={scope}: give job or global")
+    return scope
+
+
+def job_key(job_id: int) -> str:
+    """The start of the socket names of job `job_id`'s containers (job scope)."""
+    return f"job{job_id}-"
+
+
+def named_key(facts: JobFacts, want: Asked) -> str:
+    """The holder's socket name (instances/KEY.sock in the user's runtime dir, so per
+    user on this node): per job, or (global scope) the name itself."""
+    assert want.name is not None
+    return want.name if want.scope == "global" else f"{job_key(facts.job_id)}{want.name}"
+
+
+def named_dir(facts: JobFacts, want: Asked) -> str:
+    """The named container's --writable-overlay dir: BASE/SLURMD/JOB/UID/NAME, or
+    BASE/SLURMD/global/UID/NAME."""
+    assert want.name is not None
+    base = jobs_dir(facts.args, facts.stepd_env.get("SLURM_CONF"))
+    where = "global" if want.scope == "global" else str(facts.job_id)
+    return posixpath.join(base, where, str(facts.uid), want.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Named:
+    """What the check phase decides for a named container, from what it found."""
+
+    image: str  # the image to open: the one it runs (its record), else the asked one
+    image_from: str
+    warning: Optional[str]  # said once on srun's stderr
+
+
+def plan_named(want: Asked, recorded: Optional[str], asked_real: Optional[str]) -> Named:
+    """The modes (Pyxis's): `recorded` is the image the job's container NAME keeps
+    changes to on this node (its overlay record), None when there is none yet;
+    `asked_real` the real path of --container-image (None: none, or a remote one, which
+    is not pulled again to be compared).
+
+    auto: create it from --container-image, else use it; create: it must not exist;
+    exec: it must exist; no_exec: create it or use it, and run the tasks on the host.
+    An existing one keeps its image: another --container-image is ignored, with a warning.
+    """
+    assert want.name is not None
+    named = f"--container-name {want.name}"
+    who, whose = ("you have", "your") if want.scope == "global" else ("this job has", "this job's")
+    if recorded is None:
+        if want.name_mode == "exec":
+            raise UserError(
+                f"{named}:exec: {who} no container {want.name} on this node: "
+                "create it first (without :exec, with --container-image)"
+            )
+        if not want.image:
+            raise UserError(
+                f"{named}: {who} no container {want.name} on this node yet: give "
+                "--container-image IMG to create it"
+            )
+        return Named(want.image, want.image_from, None)
+    if want.name_mode == "create":
+        raise UserError(
+            f"{named}:create: {whose} container {want.name} exists already on this node: "
+            "drop :create to use it, or choose another name"
+        )
+    warning = None
+    if asked_real is not None and asked_real != recorded:
+        warning = (
+            f"container {want.name} runs {recorded}; {want.image_from} {want.image} is "
+            "ignored (another name makes a new container)"
+        )
+    return Named(recorded, "the container's record", warning)
 
 
 # What a pull as the job user takes from the job's environment: registry credentials and
@@ -227,8 +381,11 @@ def plan_pull(facts: JobFacts, image: str, ref: Reference, home: str, user_name:
     return Pull(image, root, site is not None, ref.registry.lower() in insecure, env)
 
 
-def exec_options(want: Asked, mounts: Sequence[Mount]) -> ExecOptions:
-    """What the checked request means for the planners (`mounts`: the checked ones)."""
+def exec_options(
+    want: Asked, mounts: Sequence[Mount], facts: Optional[JobFacts] = None
+) -> ExecOptions:
+    """What the checked request means for the planners (`mounts`: the checked ones). A
+    named container keeps its changes in its per-job dir (`named_dir`)."""
     return ExecOptions(
         binds=tuple(mounts),
         writable_tmpfs=want.writable,
@@ -237,6 +394,8 @@ def exec_options(want: Asked, mounts: Sequence[Mount]) -> ExecOptions:
         host_mpi=want.host_mpi,
         no_home=want.no_home,
         pmi_bridge=want.pmi_bridge,
+        writable_overlay=named_dir(facts, want) if want.name and facts else None,
+        save=want.save,
         share="none",
         workdir=want.workdir,
         bind_cwd=want.workdir is None,

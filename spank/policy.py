@@ -110,6 +110,23 @@ class Policy:
                 f"({', '.join(self.mount_sources)})"
             )
 
+    def check_kept(self, *, name: Optional[str], save: Optional[str]) -> None:
+        """--container-name and --container-save keep a container's changes: a writable
+        root of the job user's own (a user namespace), which `enforce` does not give."""
+        for given, option in ((name, "--container-name"), (save, "--container-save")):
+            if given is None:
+                continue
+            if self.enforce:
+                raise PolicyError(
+                    f"{option} is not available here: this site enforces its containers "
+                    "(root builds them for one step, read-only); drop it"
+                )
+            if not self.allow_writable:
+                raise PolicyError(
+                    f"{option} keeps the container's changes, and this site allows no "
+                    "writable containers; drop it"
+                )
+
     def check_options(
         self,
         *,

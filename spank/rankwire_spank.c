@@ -2,6 +2,8 @@
 #include "shim.h"
 #include "options.h"
 
+#include <ctype.h>
+
 SPANK_PLUGIN(rankwire, 1);
 #define OPTION(i, name, meta, help, has_arg, env) {name, meta, help, has_arg, i, opt_cb},
 #define ENV(i, name, meta, help, has_arg, env) env,
@@ -25,8 +27,10 @@ static int opt_cb(int val, const char *arg, int remote UNUSED)
 /* Per-step state in slurmstepd; each forked task has its copy. */
 static struct {
 	int active, enforced, bridge, ns[2], lease, pidfd, tasks, exited; /* ns: user, mount */
-	char error[1024], *workdir, *helper, *warning;
+	char error[1024], *workdir, *helper, *warning, *save; /* save: the start phase's */
 	struct buf env; /* the reply's setenv/unsetenv/copyenv records, for the tasks */
+	struct rw_helper h; /* for the save phase, after the last task */
+	struct rw_job job; /* its gids our copy */
 } st = {.ns = {-1, -1}, .lease = -1, .pidfd = -1};
 
 void rw_fail(const char *fmt, ...)
@@ -48,6 +52,7 @@ static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 		S_JOB_LOCAL_TASK_COUNT, S_JOB_TOTAL_TASK_COUNT, S_JOB_NODEID, S_JOB_NNODES,
 		S_JOB_SUPPLEMENTARY_GIDS, S_JOB_ENV};
 	char **env = NULL, cwd[4096], *pmix = getenv("PMIX_SERVER_TMPDIR");
+	char *conf = getenv("SLURM_CONF"); /* slurmd's: the reaper asks that Slurm */
 	uint32_t v[8];
 	void *a[] = {v, v + 1, v + 2, v + 3, v + 4, v + 5, v + 6, v + 7, &job->gids, &env};
 
@@ -70,9 +75,16 @@ static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 			frame_add(b, "opt", "%s=%s", options[i].name, opt_val[i]);
 	for (char **e = env; e && *e; e++)
 		frame_add(b, "env", "%s", *e);
+	int argc = 0; /* the tasks' command: its MPI decides a PMI bridge in a two-MPI image */
+	char **argv = NULL;
+	if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) == ESPANK_SUCCESS)
+		for (int i = 0; i < argc && argv; i++)
+			frame_add(b, "argv", "%s", argv[i]);
 	/* Slurm's PMIx plugin puts its dir in slurmstepd's own environment; tasks get it later. */
 	if (pmix)
 		frame_add(b, "stepd_env", "PMIX_SERVER_TMPDIR=%s", pmix);
+	if (conf)
+		frame_add(b, "stepd_env", "SLURM_CONF=%s", conf);
 	return 0;
 }
 
@@ -90,9 +102,11 @@ static void on_reply(const char *key, char *val, void *ctx)
 		r->last = !strcmp(val, "1");
 	else if (!strcmp(key, "enforced"))
 		r->enforced = !strcmp(val, "1");
-	else if (!strcmp(key, "bridge")) /* the start phase's: serve PMI-1/2 over PMIx */
-		r->bridge = !strcmp(val, "1");
+	else if (!strcmp(key, "bridge")) /* the start phase's: 1 PMI-1/2 over PMIx, 2 the other */
+		r->bridge = !strcmp(val, "1") ? 1 : !strcmp(val, "2") ? 2 : 0;
 	else if (!strcmp(key, "warning") && !st.warning && !(st.warning = strdup(val)))
+		rw_fail("rankwire: out of memory");
+	else if (!strcmp(key, "save") && (free(st.save), !(st.save = strdup(val))))
 		rw_fail("rankwire: out of memory");
 	else if (!strcmp(key, "checked") && r->req && (r->checked = 1))
 		frame_add(r->req, key, "%s", val); /* for the start phase */
@@ -142,6 +156,22 @@ static void take_container(struct rw_fds *got, const char *phase, uid_t uid)
 		st.ns[0] = want == 3 ? got->fd[1] : -1, got->n = 0;
 }
 
+/* The plugstack.conf arguments: into req (for the helper), h and (if not NULL) named. */
+static void plugstack_args(int ac, char **av, struct buf *req, struct rw_helper *h,
+			   const char **named)
+{
+	char *end;
+
+	for (int i = 0; i < ac; i++)
+		if (frame_add(req, "arg", "%s", av[i]), !strncmp(av[i], "helper=", 7))
+			h->path = av[i] + 7;
+		else if (!strncmp(av[i], "named_dir=", 10) && named)
+			*named = av[i] + 10;
+		else if (!strncmp(av[i], "timeout=", 8) && ((h->timeout_s = (int)strtol(av[i] + 8,
+			 &end, 10)) < 1 || h->timeout_s > 86400 || *end || end == av[i] + 8))
+			rw_fail("rankwire: plugstack.conf %s: give 1 to 86400 seconds", av[i]);
+}
+
 static void setup(spank_t sp, int ac, char **av)
 {
 	struct rw_helper h = {RANKWIRE_HELPER, HELPER_TIMEOUT_S};
@@ -149,14 +179,8 @@ static void setup(spank_t sp, int ac, char **av)
 	struct reply chk = {.req = &req}, run = {0};
 	struct rw_job job = {0};
 	struct rw_fds fds = {.n = 0}, held = {.n = 0};
-	char *end;
 
-	for (int i = 0; i < ac; i++)
-		if (frame_add(&req, "arg", "%s", av[i]), !strncmp(av[i], "helper=", 7))
-			h.path = av[i] + 7;
-		else if (!strncmp(av[i], "timeout=", 8) && ((h.timeout_s = (int)strtol(av[i] + 8,
-			 &end, 10)) < 1 || h.timeout_s > 86400 || *end || end == av[i] + 8))
-			rw_fail("rankwire: plugstack.conf %s: give 1 to 86400 seconds", av[i]);
+	plugstack_args(ac, av, &req, &h, NULL);
 	if (*st.error || put_facts(&req, sp, &job) ||
 	    rw_run_helper(&h, "check", &req, NULL, &held, &fds, on_reply, &chk) || *st.error)
 		goto out;
@@ -168,9 +192,19 @@ static void setup(spank_t sp, int ac, char **av)
 		rw_fail("rankwire: the helper's check phase allowed nothing (`checked` and 1 to %d "
 			"descriptors, not %d)", RW_MAX_FDS, fds.n);
 	if (st.active && !st.enforced && !*st.error &&
-	    !rw_run_helper(&h, "start", &req, &job, &fds, &held, on_reply, &run) && !*st.error)
-		take_container(&held, "start", job.uid);
-	if ((st.bridge = run.bridge) && !(st.helper = strdup(h.path)))
+	    !rw_run_helper(&h, "start", &req, &job, &fds, &held, on_reply, &run) && !*st.error) {
+		if (run.skip) /* --container-name=NAME:no_exec: the tasks stay on the host */
+			st.active = 0, rw_close_fds(&held), held.n = 0;
+		else
+			take_container(&held, "start", job.uid);
+	}
+	st.bridge = run.bridge;
+	if ((st.bridge || st.save) && !(st.helper = strdup(h.path)))
+		rw_fail("rankwire: out of memory");
+	st.h = (struct rw_helper){st.helper, h.timeout_s}, st.job = job, st.job.gids = NULL;
+	if (st.save && job.ngids > 0 && (st.job.gids = calloc(job.ngids, sizeof *job.gids)))
+		memcpy(st.job.gids, job.gids, job.ngids * sizeof *job.gids);
+	else if (st.save && job.ngids > 0)
 		rw_fail("rankwire: out of memory");
 out:
 	if (st.active && !st.workdir)
@@ -180,7 +214,9 @@ out:
 
 int slurm_spank_init(spank_t sp, int ac UNUSED, char **av UNUSED)
 {
-	int ours = spank_context() == S_CTX_LOCAL || spank_context() == S_CTX_REMOTE;
+	/* sbatch and salloc too: Slurm hands their options on to the job's steps. */
+	int ours = spank_context() == S_CTX_LOCAL || spank_context() == S_CTX_REMOTE ||
+		   spank_context() == S_CTX_ALLOCATOR;
 
 	for (struct spank_option *o = options; ours && o->name; o++)
 		if (spank_option_register(sp, o) != ESPANK_SUCCESS)
@@ -195,11 +231,25 @@ static int has_env(spank_t sp, const char *name)
 	return rc == ESPANK_SUCCESS || rc == ESPANK_NOSPACE;
 }
 
+/* The index of option `name` in the table. */
+static int opt_index(const char *name)
+{
+	for (int i = 0; i < RW_N_OPTS; i++)
+		if (!strcmp(options[i].name, name))
+			return i;
+	return -1;
+}
+
+static int asked_for(spank_t sp, int i)
+{
+	return i >= 0 && (opt_val[i] || has_env(sp, opt_env[i]));
+}
+
 int slurm_spank_user_init(spank_t sp, int ac, char **av)
 {
 	/* Not slurmstepd, or no container asked for: no helper runs, the step is untouched. */
-	if (spank_remote(sp) != 1 || (!opt_val[RW_OPT_IMAGE] &&
-	    !has_env(sp, opt_env[RW_OPT_IMAGE]) && !has_env(sp, "SLURM_CONTAINER")))
+	if (spank_remote(sp) != 1 || (!asked_for(sp, RW_OPT_IMAGE) &&
+	    !asked_for(sp, opt_index("container-name")) && !has_env(sp, "SLURM_CONTAINER")))
 		return 0;
 	st.active = 1;
 	setup(sp, ac, av);
@@ -239,13 +289,93 @@ int slurm_spank_task_init_privileged(spank_t sp UNUSED, int ac UNUSED, char **av
  * rank's PMIx client), detached (a grandchild: never the task's child to reap), serving
  * the other end of a socketpair that the task gets as PMI_FD; the task loses PMIX_*. It
  * ends when the task's end of the socket closes, or with the step (proctrack). */
+#define BRIDGE_WAIT_MS 120000 /* a PMI-2 bridge's start: its first fence waits for all tasks */
+
+/* In a forked child about to exec: `fds[i]` becomes descriptor 3 + i, inheritable, whatever
+ * numbers they had (moved above 9 first, so that none overwrites another). */
+static int child_fds(const int *fds, int n)
+{
+	int high[4];
+
+	for (int i = 0; i < n; i++)
+		if ((high[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 10)) < 0)
+			return -1;
+	for (int i = 0; i < n; i++)
+		if (dup2(high[i], 3 + i) != 3 + i) /* dup2 to another number clears close-on-exec */
+			return -1;
+	return 0;
+}
+
+/* The child's side of starting a bridge: detach (a grandchild: never the task's child to
+ * reap), unblock signals, exec the helper with `argv` and the task's environment. The
+ * intermediate child exits 0 once the grandchild exists. */
+static void exec_detached(char **argv, char **env, const int *fds, int n)
+{
+	sigset_t all;
+	pid_t pid;
+
+	if ((pid = fork()) == 0 && !child_fds(fds, n)) {
+		sigfillset(&all), sigprocmask(SIG_UNBLOCK, &all, NULL);
+		execve(argv[0], argv, env);
+	}
+	_exit(pid > 0 ? 0 : 127); /* the bridge's own stderr says why it failed */
+}
+
+/* A bridge's environment changes (its report frame) for this task; `error` fails it. */
+static void on_bridge_env(const char *key, char *val, void *ctx)
+{
+	if (!strcmp(key, "error"))
+		rw_fail("%s", val);
+	else
+		on_task_env(key, val, ctx);
+}
+
+/* The PMI-2 to PMIx bridge (pmi/pmix/pmi2bridge.py) of this task, still on the host:
+ * `rankwire pmi pmix-server` as the job user with the task's environment takes over the
+ * task's Slurm PMI_FD and becomes its PMIx server; its report (the task's PMIX_* in,
+ * PMI_* out) is applied here, bounded; EOF on the control pipe, whose write end the task
+ * keeps across exec, is the task's end. */
+static void start_pmi2_bridge(spank_t sp)
+{
+	char **env = NULL, slurm_fd[16], *argv[] = {st.helper, "pmi", "pmix-server",
+		"--report-fd", "3", "--control-fd", "4", NULL};
+	int rep[2] = {-1, -1}, ctl[2] = {-1, -1}, status = 0;
+	struct buf b = {0};
+	pid_t pid;
+
+	if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env ||
+	    spank_getenv(sp, "PMI_FD", slurm_fd, sizeof slurm_fd) != ESPANK_SUCCESS)
+		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_FD: run with "
+			       "srun --mpi=pmi2");
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, rep) || pipe2(ctl, O_CLOEXEC))
+		return rw_close(rep[0]), rw_close(rep[1]),
+		       rw_fail("rankwire: cannot start the PMI-2 bridge: %s", strerror(errno));
+	if ((pid = fork()) == 0)
+		exec_detached(argv, env, (int[]){rep[1], ctl[0]}, 2);
+	rw_close(rep[1]), rw_close(ctl[0]);
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
+	    WEXITSTATUS(status))
+		rw_fail("rankwire: cannot start the PMI-2 bridge (fork)");
+	else if ((status = rw_read_frame(rep[0], -1, rw_now_ms() + BRIDGE_WAIT_MS, NULL, &b)))
+		rw_fail("rankwire: the PMI-2 bridge did not report its start (within %d s): %s",
+			BRIDGE_WAIT_MS / 1000, strerror(status));
+	else if (frame_parse(b.p, b.len, on_bridge_env, sp) || b.len == 0)
+		rw_fail("rankwire: the PMI-2 bridge said nothing (see its message above)");
+	else if (fcntl(ctl[1], F_SETFD, 0)) /* the task keeps it: its end is the bridge's EOF */
+		rw_fail("rankwire: cannot hand the PMI-2 bridge's pipe to the task");
+	else
+		rw_close((int)strtol(slurm_fd, NULL, 10)); /* Slurm's socket: the bridge's now */
+	rw_close(rep[0]), free(b.p);
+	if (*st.error)
+		rw_close(ctl[1]);
+}
+
 static void start_bridge(spank_t sp)
 {
 	char **env = NULL, rank[16], fd[16], size[16], name[256], *argv[] = {st.helper, "pmi",
 		"bridge", "--serve-fd", "3", NULL};
 	uint32_t n = 0;
 	int sv[2], status = 0;
-	sigset_t all;
 	pid_t pid;
 
 	if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env ||
@@ -255,13 +385,8 @@ static void start_bridge(spank_t sp)
 			       "srun --mpi=pmix");
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))
 		return rw_fail("rankwire: cannot start the PMI bridge: %s", strerror(errno));
-	if ((pid = fork()) == 0) {
-		if ((pid = fork()) == 0 && dup2(sv[1], 3) == 3) { /* dup2 clears close-on-exec */
-			sigfillset(&all), sigprocmask(SIG_UNBLOCK, &all, NULL);
-			execve(st.helper, argv, env);
-		}
-		_exit(pid > 0 ? 0 : 127); /* the bridge's own stderr says why it failed */
-	}
+	if ((pid = fork()) == 0)
+		exec_detached(argv, env, &sv[1], 1);
 	rw_close(sv[1]);
 	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
 	    WEXITSTATUS(status) || fcntl(sv[0], F_SETFD, 0)) {
@@ -288,13 +413,15 @@ static void start_bridge(spank_t sp)
 
 int slurm_spank_task_init(spank_t sp, int ac UNUSED, char **av UNUSED)
 {
-	if (!st.active)
-		return 0;
 	uint32_t rank = 1;
 	if (st.warning && spank_get_item(sp, S_TASK_GLOBAL_ID, &rank) == ESPANK_SUCCESS && !rank)
 		dprintf(2, "rankwire: warning: %s\n", st.warning); /* once, on srun's stderr */
-	if (!*st.error && st.bridge)
+	if (!st.active)
+		return *st.error ? (slurm_error("%s", st.error), -1) : 0;
+	if (!*st.error && st.bridge == 1)
 		start_bridge(sp);
+	else if (!*st.error && st.bridge == 2)
+		start_pmi2_bridge(sp);
 	/* Forked and single-threaded, as setns(CLONE_NEWUSER) wants; no_new_privs as for all
 	 * rankwire's containers. Namespace and lease fds are close-on-exec: the task's own. */
 	if (!*st.error && ((!st.enforced && (setns(st.ns[0], CLONE_NEWUSER) ||
@@ -324,11 +451,72 @@ static void release(void)
 	st.lease = st.pidfd = st.ns[0] = st.ns[1] = -1, free(b.p);
 }
 
+static void on_saved(const char *key, char *val, void *ctx UNUSED)
+{
+	if (!strcmp(key, "error"))
+		rw_fail("%s", val);
+}
+
+/* --container-save: `spank-helper save` as the job user, the container still there. */
+static void save(void)
+{
+	struct buf req = {0};
+	struct rw_fds none = {.n = 0}, got = {.n = 0};
+
+	frame_add(&req, "uid", "%u", (unsigned)st.job.uid);
+	frame_add(&req, "gid", "%u", (unsigned)st.job.gid);
+	frame_add(&req, "save", "%s", st.save);
+	if (!rw_run_helper(&st.h, "save", &req, &st.job, &none, &got, on_saved, NULL))
+		rw_close_fds(&got);
+	if (*st.error) /* slurmstepd's errors reach srun's stderr */
+		slurm_error("%s", st.error);
+	free(req.p);
+}
+
 int slurm_spank_task_exit(spank_t sp UNUSED, int ac UNUSED, char **av UNUSED)
 {
-	if (st.lease >= 0 && ++st.exited >= st.tasks)
+	if ((st.lease >= 0 || st.save) && ++st.exited == st.tasks) {
+		if (st.save && !*st.error)
+			save();
 		release();
+	}
 	return 0;
+}
+
+/* The job's end on this node (slurmd's epilog, as root, no step state): if the job kept
+ * named containers here, `spank-helper epilog` ends them and removes their dirs. Their
+ * dir is BASE/SLURMD/JOB: BASE named_dir= or RW_JOBS_DIR, SLURMD our SLURM_CONF as a
+ * name (spank/plan.slurmd_key; the helper checks BASE). */
+int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
+{
+	const char *conf = getenv("SLURM_CONF"), *base = RW_JOBS_DIR;
+	char key[256] = "default";
+	struct rw_helper h = {RANKWIRE_HELPER, HELPER_TIMEOUT_S};
+	struct rw_fds none = {.n = 0}, got = {.n = 0};
+	struct buf req = {0};
+	struct stat sb;
+	uint32_t job = 0;
+	char dir[4352];
+
+	if (spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS)
+		return 0;
+	plugstack_args(ac, av, &req, &h, &base);
+	for (size_t i = 0; conf && *conf && i < 200 && conf[i]; i++, key[i] = 0)
+		key[i] = isalnum((unsigned char)conf[i]) || strchr("._-", conf[i]) ? conf[i] : '_';
+	snprintf(dir, sizeof dir, "%s/%s/%u", base, key, job);
+	if (lstat(dir, &sb) || !S_ISDIR(sb.st_mode)) /* the usual case: nothing kept */
+		return free(req.p), 0;
+	slurm_debug("rankwire: job %u kept named containers in %s: ending them", job, dir);
+	h.timeout_s = h.timeout_s < EPILOG_TIMEOUT_S ? h.timeout_s : EPILOG_TIMEOUT_S;
+	frame_add(&req, "job_id", "%u", job);
+	if (conf)
+		frame_add(&req, "slurm_conf", "%s", conf);
+	if (!*st.error && !rw_run_helper(&h, "epilog", &req, NULL, &none, &got, on_saved, NULL))
+		rw_close_fds(&got);
+	if (*st.error)
+		slurm_error("%s", st.error);
+	free(req.p);
+	return 0; /* a failed epilog would drain the node; the reaper comes later */
 }
 
 int slurm_spank_exit(spank_t sp, int ac UNUSED, char **av UNUSED)
@@ -337,6 +525,7 @@ int slurm_spank_exit(spank_t sp, int ac UNUSED, char **av UNUSED)
 		release();
 	for (int i = 0; i < RW_N_OPTS; i++)
 		free(opt_val[i]), opt_val[i] = NULL;
-	free(st.helper), free(st.warning), st.helper = st.warning = NULL;
+	free(st.helper), free(st.warning), free(st.save), free(st.job.gids);
+	st.helper = st.warning = st.save = NULL, st.job.gids = NULL;
 	return 0;
 }

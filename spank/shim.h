@@ -9,7 +9,9 @@
  *   task_init_privileged (each task, forked, root; enforced only): setns mount.
  *   task_init (each task, as the user): setns user + mount (advisory only), no_new_privs,
  *     chdir, env.
- *   task_exit (slurmstepd): after the last task, leave; the holder tears down.
+ *   task_exit (slurmstepd): after the last task, --container-save (the helper's "save"
+ *     phase as the job user), then leave; the holder tears down (a named one stays).
+ *   job_epilog (slurmd's epilog, root): the job's named containers on the node go.
  * Every wait has a deadline. rankwire_spank.c: the callbacks, the lease; helper_run.c:
  * running the helper (fork, exact ids, fixed env, execve; the request in a memfd, the
  * reply over a socketpair with fds by SCM_RIGHTS, stderr in a memfd); frame.c: the only
@@ -45,6 +47,8 @@
 #define HELPER_TIMEOUT_S 600 /* each helper phase as a whole (plugstack.conf timeout=) */
 #define HOLDER_WAIT_MS 10000 /* for each step of leaving, and for the holder's exit */
 #define RW_MAX_FDS 64 /* descriptors a reply may hand over */
+#define RW_JOBS_DIR "/run/rankwire/jobs" /* named containers' dirs (spank/plan.JOBS_DIR) */
+#define EPILOG_TIMEOUT_S 60 /* the job epilog's helper phase, at most */
 
 /* close() of a descriptor we own: Linux frees it even when close reports an error, so
  * there is nothing to retry or report (nor for -1: EBADF). */

@@ -101,6 +101,23 @@ def test_mpich_under_pmix_is_bridged(
     assert [ln.split(" host=")[0] for ln in off.stdout.splitlines()] == ["hello rank=0 size=1"] * 2
 
 
+@pytest.mark.mpi
+def test_open_mpi_under_pmi2_is_bridged(
+    spank_cluster: SlurmCluster, ompi_image: Path, runner: User, nothing_left: None
+) -> None:
+    """The site's --mpi=pmi2 and the image's PMIx-only Open MPI: each task's PMIx server
+    (started by the shim on the host, over the task's Slurm PMI-2) wires it up."""
+    image = f"--container-image={ompi_image}"
+    probe = '/opt/hello_ompi && echo "pmi=$(env | grep -c ^PMI_) pmix=${PMIX_NAMESPACE%%.*}"'
+    env = {**spank_cluster.env, "OMPI_MCA_btl_tcp_if_include": "lo"}
+    proc = srun(spank_cluster, runner, "-n", "2", "--mpi=pmi2", image, "sh", "-c", probe, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 2)
+    assert [ln for ln in proc.stdout.splitlines() if ln.startswith("pmi=")] == [
+        "pmi=0 pmix=rankwire"
+    ] * 2
+
+
 def test_job_without_container_is_untouched(
     spank_cluster: SlurmCluster, spank_install: SpankInstall, base_image: Path
 ) -> None:
@@ -339,6 +356,7 @@ def test_plugin_exports_only_what_slurm_looks_up(spank_install: SpankInstall) ->
         "slurm_spank_task_init_privileged",
         "slurm_spank_task_init",
         "slurm_spank_task_exit",
+        "slurm_spank_job_epilog",
         "slurm_spank_exit",
     }
     assert plugin_symbols <= names

@@ -166,7 +166,13 @@ def _wait(pred, timeout: float, what: str, log: Optional[Path] = None) -> None:
 class SlurmCluster:
     """One slurmctld + one slurmd on this host, all state under one temp dir."""
 
-    def __init__(self, cpus: int = 32, base: Optional[str] = None, cgroup: bool = False) -> None:
+    def __init__(
+        self,
+        cpus: int = 32,
+        base: Optional[str] = None,
+        cgroup: bool = False,
+        plugstack: str = "",
+    ) -> None:
         self.cpus = cpus
         self.cgroup = cgroup
         self.base = base
@@ -175,6 +181,9 @@ class SlurmCluster:
         (self.root / OWNER_FILE).write_text(json.dumps(owner_stamp()))
         self.conf = self.root / "slurm.conf"
         self.plugstack = self.root / "plugstack.conf"
+        # What plugstack.conf holds when slurmd starts (as a site's: slurmd then also runs
+        # the plugins' job epilogs); tests may rewrite it later for srun and slurmstepd.
+        self.plugstack_at_start = plugstack
         self.nodename = socket.gethostname().split(".")[0]
         self.cluster_name = f"rw{os.getpid()}"
         self.ctld_port = free_port()
@@ -200,7 +209,7 @@ class SlurmCluster:
         for sub in ("state", "spool", "log", "tmpfs"):
             (r / sub).mkdir(mode=0o755, exist_ok=True)
         (r / "tmpfs").chmod(0o1777)
-        self.plugstack.write_text("")
+        self.plugstack.write_text(self.plugstack_at_start)
         self.plugstack.chmod(0o644)
         lines = [
             f"ClusterName={self.cluster_name}",

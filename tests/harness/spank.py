@@ -6,7 +6,9 @@ import contextlib
 import dataclasses
 import os
 import re
+import signal
 import subprocess
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -141,3 +143,74 @@ def srun(
 ) -> subprocess.CompletedProcess[str]:
     """`srun ARGS` as `runner` on `cluster` (Open MPI's env fixed up), from `cwd`."""
     return runner.run(["srun", *args], env=ompi_env(env or cluster.env), cwd=cwd, timeout=timeout)
+
+
+# -- named containers (--container-name): a job of their own, ended by the test ---------
+JOBS_DIR = Path("/run/rankwire/jobs")  # spank/plan.JOBS_DIR
+
+
+def allocate(cluster: SlurmCluster, runner: User, *args: str) -> int:
+    """`salloc --no-shell ARGS` as `runner`: the job id of a new allocation."""
+    proc = runner.run(
+        ["salloc", "--no-shell", "-N", "1", "-n", "1", *args], env=cluster.env, cwd="/tmp"
+    )
+    found = re.search(r"Granted job allocation (\d+)", proc.stderr)
+    assert proc.returncode == 0 and found, proc.stderr
+    return int(found.group(1))
+
+
+def slurmd_dir(cluster: SlurmCluster) -> Path:
+    """JOBS_DIR/SLURMD of `cluster`'s slurmd (spank/plan.slurmd_key)."""
+    from rankwire.spank.plan import slurmd_key
+
+    return JOBS_DIR / slurmd_key(str(cluster.conf))
+
+
+def job_dirs(cluster: SlurmCluster) -> list[Path]:
+    """The job dirs of `cluster`'s named containers on this node."""
+    base = slurmd_dir(cluster)
+    return sorted(base.iterdir()) if base.is_dir() else []
+
+
+def end_job(cluster: SlurmCluster, job: int, timeout: float = 60) -> None:
+    """scancel `job` and wait until Slurm has forgotten it and its epilog has run (its
+    named containers' dir is gone)."""
+    # (a job that has ended already: scancel says so, or that it does not know it)
+    subprocess.run(["scancel", str(job)], env=cluster.env, capture_output=True)
+    deadline = time.monotonic() + timeout
+    gone = slurmd_dir(cluster) / str(job)
+    while time.monotonic() < deadline:
+        queued = subprocess.run(
+            ["squeue", "-h", "-j", str(job), "-o", "%T"],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if not queued and not gone.exists():
+            return
+        time.sleep(0.1)
+    log = (cluster.root / "log" / "slurmd.log").read_text(errors="replace").splitlines()
+    said = "\n".join(line for line in log if "rankwire" in line or "pilog" in line)
+    raise AssertionError(f"job {job} or its dir {gone} still there after {timeout} s:\n{said}")
+
+
+def named_leftovers(cluster: SlurmCluster) -> list[str]:
+    """Job dirs of named containers `cluster` left (each job's epilog removes its own)."""
+    return [f"dir {d}" for d in [*job_dirs(cluster), slurmd_dir(cluster)] if d.exists()]
+
+
+def restart_slurmd(cluster: SlurmCluster, timeout: float = 30) -> None:
+    """Stop `cluster`'s slurmd (SIGTERM: its steps run on) and start it again, as a site
+    restarts it; it then reads plugstack.conf again (SPANK job epilogs run only if a
+    plugin it loaded at start has one). Waits until the node answers."""
+    proc = cluster._procs["slurmd"]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout)
+    cluster._spawn("slurmd", ["slurmd", "-D", "-f", str(cluster.conf), "-N", cluster.nodename])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = cluster.node_state()
+        if state and not state.endswith("*") and not state.startswith(("down", "unk")):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"slurmd did not come back within {timeout} s: {cluster.node_state()}")
