@@ -175,11 +175,15 @@ def _copy_file(src: str, dst: str, st: os.stat_result) -> None:
 
 
 def merge_upper(upper: str, rootfs: str) -> None:
-    """Lay the overlay's upper dir over the unpacked image, by the overlay's rules."""
-    dirs: list[tuple[str, os.stat_result]] = []
+    """Lay the overlay's upper dir over the unpacked image, by the overlay's rules. The
+    image's read-only dirs (RHEL's 0555 /usr/bin) are made writable while they are filled;
+    each gets the container's mode back at the end."""
+    dirs: list[tuple[str, os.stat_result]] = [(rootfs, os.lstat(rootfs))]
     for top, subdirs, files in os.walk(upper):
         rel = os.path.relpath(top, upper)
         dest_dir = rootfs if rel == "." else os.path.join(rootfs, rel)
+        if not os.access(dest_dir, os.W_OK | os.X_OK):
+            os.chmod(dest_dir, stat.S_IMODE(os.lstat(dest_dir).st_mode) | 0o700)
         names = subdirs + files
         if rel != "." and _opaque(top, names):
             for entry in os.listdir(dest_dir):

@@ -494,8 +494,11 @@ def reap(facts: JobFacts) -> None:
     except OSError:
         return
     for entry in entries:
-        if entry.isdigit() and int(entry) != facts.job_id and _job_gone(int(entry), conf):
-            teardown_job(plan.jobs_dir(facts.args, conf), int(entry))
+        try:  # another step's reaper or the job's epilog may be at it too: theirs, then
+            if entry.isdigit() and int(entry) != facts.job_id and _job_gone(int(entry), conf):
+                teardown_job(plan.jobs_dir(facts.args, conf), int(entry))
+        except OSError as err:  # never this step's failure
+            print(f"rankwire: reaping job {entry}'s containers: {err}", file=sys.stderr)
 
 
 def teardown_job(jobs: str, job_id: int) -> None:
@@ -519,7 +522,8 @@ def teardown_job(jobs: str, job_id: int) -> None:
             except OSError:
                 continue
             if entry.startswith(".") and stat.S_ISREG(ust.st_mode) and ust.st_uid == 0:
-                os.unlink(entry, dir_fd=fd)  # root's records (`_Allowed`)
+                with contextlib.suppress(FileNotFoundError):  # a concurrent teardown's
+                    os.unlink(entry, dir_fd=fd)  # root's records (`_Allowed`)
                 continue
             if entry.isdigit() and stat.S_ISDIR(ust.st_mode) and ust.st_uid == int(entry):
                 _teardown_as_user(job, job_id, ust.st_uid, ust.st_gid)
@@ -819,13 +823,16 @@ def _join_or_start_named(
     try:
         _lock_within(lock, NAMED_LOCK_S, name)
         try:
-            return _join(str(sock), timeout=JOIN_TIMEOUT_S), True
+            lease = _join(str(sock), timeout=JOIN_TIMEOUT_S)
         except ConnectionRefusedError:
+            lease = None
             unlink_if_dead(sock)
         except (FileNotFoundError, ConnectionResetError):
-            pass
+            lease = None
         except OSError as err:
             raise UserError(f"cannot join the job's container {name}: {err}") from None
+        if lease is not None:
+            return lease, True
         holder = start_holder(
             container,
             mode="persistent",

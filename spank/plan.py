@@ -385,7 +385,9 @@ def exec_options(
     want: Asked, mounts: Sequence[Mount], facts: Optional[JobFacts] = None
 ) -> ExecOptions:
     """What the checked request means for the planners (`mounts`: the checked ones). A
-    named container keeps its changes in its per-job dir (`named_dir`)."""
+    named container keeps its changes in its per-job dir (`named_dir`). --container-save
+    is the first node's (node 0): every node saving to one PATH would each unpack and
+    pack the image and the last rename would win."""
     return ExecOptions(
         binds=tuple(mounts),
         writable_tmpfs=want.writable,
@@ -395,7 +397,7 @@ def exec_options(
         no_home=want.no_home,
         pmi_bridge=want.pmi_bridge,
         writable_overlay=named_dir(facts, want) if want.name and facts else None,
-        save=want.save,
+        save=want.save if facts is None or facts.node_id == 0 else None,
         share="none",
         workdir=want.workdir,
         bind_cwd=want.workdir is None,

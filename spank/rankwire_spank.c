@@ -307,7 +307,9 @@ static int child_fds(const int *fds, int n)
 }
 
 /* The child's side of starting a bridge: detach (a grandchild: never the task's child to
- * reap), unblock signals, exec the helper with `argv` and the task's environment. The
+ * reap), unblock signals, exec the helper with `argv` and the task's environment less
+ * PYTHON* (a job's PYTHONHOME or PYTHONPATH, from conda or a module, must not choose the
+ * helper's interpreter or packages; the array is the forked child's copy). The
  * intermediate child exits 0 once the grandchild exists. */
 static void exec_detached(char **argv, char **env, const int *fds, int n)
 {
@@ -315,6 +317,11 @@ static void exec_detached(char **argv, char **env, const int *fds, int n)
 	pid_t pid;
 
 	if ((pid = fork()) == 0 && !child_fds(fds, n)) {
+		char **to = env;
+		for (char **e = env; *e; e++)
+			if (strncmp(*e, "PYTHON", 6))
+				*to++ = *e;
+		*to = NULL;
 		sigfillset(&all), sigprocmask(SIG_UNBLOCK, &all, NULL);
 		execve(argv[0], argv, env);
 	}
@@ -396,7 +403,7 @@ static void start_bridge(spank_t sp)
 	snprintf(fd, sizeof fd, "%d", sv[0]), snprintf(size, sizeof size, "%u", n);
 	if (spank_setenv(sp, "PMI_FD", fd, 1) || spank_setenv(sp, "PMI_RANK", rank, 1) ||
 	    spank_setenv(sp, "PMI_SIZE", size, 1))
-		return rw_fail("rankwire: cannot set the task's PMI variables");
+		return rw_close(sv[0]), rw_fail("rankwire: cannot set the task's PMI variables");
 	for (int gone = 1; gone;) { /* the live array (setenv may move it, unsetenv shifts) */
 		gone = 0;
 		if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env)
