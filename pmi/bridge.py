@@ -399,7 +399,12 @@ def spawn(
         os.set_inheritable(fd, True)
         return Bridge(pid, fd, pmi_env(fd, known.rank, known.size, known.jobid, False, pmi), known)
     try:
-        text = _read_all(rpipe, timeout)
+        text = read_report(
+            rpipe,
+            timeout,
+            f"the PMI bridge did not connect to the step's PMIx server within {timeout:g} s: "
+            "check that slurmstepd's PMIx server is reachable (srun --mpi=pmix)",
+        )
         doc = json.loads(text) if text else {"error": _EXITED}
         if "error" in doc:
             raise UserError(str(doc["error"]))
@@ -419,18 +424,15 @@ def spawn(
     return Bridge(pid, fd, env, info)
 
 
-def _read_all(fd: int, timeout: float) -> str:
-    """What the child writes before it closes the pipe (bounded by `timeout`)."""
+def read_report(fd: int, timeout: float, late: str) -> str:
+    """What a bridge process writes on `fd` before it closes it, within `timeout` seconds
+    (both bridges' start-up reports); UserError `late` when it takes longer."""
     deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise UserError(
-                f"the PMI bridge did not connect to the step's PMIx server within "
-                f"{timeout:g} s: check that slurmstepd's PMIx server is reachable "
-                "(srun --mpi=pmix)"
-            )
+            raise UserError(late)
         ready, _, _ = select.select([fd], [], [], left)
         if not ready:
             continue

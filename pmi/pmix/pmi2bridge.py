@@ -70,7 +70,6 @@ import dataclasses
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
@@ -83,6 +82,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NoReturn, Optional, TypeVar, cast
 
 from rankwire.errors import UserError, exec_failure, shown
+from rankwire.pmi.bridge import read_report
 from rankwire.pmi.codec import ClientCodec
 from rankwire.pmi.errors import RemoteProtocolError
 from rankwire.pmi.messages import (
@@ -325,7 +325,12 @@ def spawn(environ: Mapping[str, str], *, timeout: float = START_TIMEOUT) -> Pmi2
     with contextlib.suppress(OSError):
         os.close(step.fd)  # the bridge's now: the task must not inherit it
     try:
-        text = _read_report(report_r, timeout)
+        text = read_report(
+            report_r,
+            timeout,
+            f"the PMI-2 bridge's PMIx server did not start within {timeout:g} s; "
+            "check libpmix2 (set RANKWIRE_LIBPMIX) and the messages above",
+        )
         doc: dict[str, Any] = (
             json.loads(text) if text else {"error": "the PMI-2 bridge exited during start-up"}
         )
@@ -341,25 +346,6 @@ def spawn(environ: Mapping[str, str], *, timeout: float = START_TIMEOUT) -> Pmi2
         os.close(report_r)
     env = {str(k): str(v) for k, v in doc["env"].items()}
     return Pmi2Bridge(pid, control_w, env)
-
-
-def _read_report(fd: int, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    chunks: list[bytes] = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise UserError(
-                f"the PMI-2 bridge's PMIx server did not start within {timeout:g} s; "
-                "check libpmix2 (set RANKWIRE_LIBPMIX) and the messages above"
-            )
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        data = os.read(fd, 65536)
-        if not data:
-            return b"".join(chunks).decode(errors="replace")
-        chunks.append(data)
 
 
 # -- the bridge process -----------------------------------------------------------------------
