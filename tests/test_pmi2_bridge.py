@@ -17,7 +17,7 @@ import test_multinode as mn
 
 from harness.mpi import MpiPrograms, assert_hello, ompi_env
 from harness.multinode import XNODE_BYTES, MultiNodeCluster, XnodePrograms
-from harness.slurm import SlurmCluster
+from harness.slurm import SlurmCluster, without_queue_lines
 from harness.users import User
 from rankwire.errors import UserError
 from rankwire.pmi.pmix import pmi2bridge as pb
@@ -41,12 +41,13 @@ LOOPBACK = {"OMPI_MCA_btl_tcp_if_include": "lo"}
 
 
 def srun(cluster: SlurmCluster, user: User, *argv: str, **env: str) -> subprocess.CompletedProcess:
-    return user.run(
+    proc = user.run(
         ["srun", "--mpi=pmi2", *argv],
         env=ompi_env({**cluster.env, **LOOPBACK, **env}),
         cwd="/tmp",
         timeout=90,
     )
+    return without_queue_lines(proc)
 
 
 # -- pure parts ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 import test_multinode
 
 from harness.mpi import MpiPrograms, assert_hello
+from harness.slurm import without_queue_lines
 from harness.users import User
 from rankwire.pmi.bridge import (
     EpochKvs,
@@ -274,7 +275,9 @@ def test_bridge_usage_errors(args: list[str], line: str) -> None:
 
 # -- under srun --mpi=pmix -------------------------------------------------------------------
 def srun(runner: User, cluster, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return runner.run(["srun", "--mpi=pmix", *args], env=cluster.env, cwd="/tmp", timeout=timeout)
+    return without_queue_lines(
+        runner.run(["srun", "--mpi=pmix", *args], env=cluster.env, cwd="/tmp", timeout=timeout)
+    )
 
 
 def python_for(runner: User) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from harness.slurm import SlurmCluster
+from harness.slurm import SlurmCluster, without_queue_lines
 from harness.users import User
 
 pytestmark = [pytest.mark.mpi, pytest.mark.usefixtures("nothing_left_behind")]
@@ -59,7 +59,7 @@ def assert_one_job_passed(stdout: str, tag: re.Pattern[str]) -> None:
 def run(runner: User, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     kw.setdefault("cwd", "/tmp")
     kw.setdefault("timeout", 120)
-    return runner.run(argv, **kw)
+    return without_queue_lines(runner.run(argv, **kw))
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.slurm import SlurmCluster, running_cluster
+from harness.slurm import SlurmCluster, running_cluster, without_queue_lines
 from harness.spank import SpankInstall
 from harness.users import User
 
@@ -164,7 +164,7 @@ def use_fake(
 
 
 def srun(cluster: SlurmCluster, user: User, *args: str) -> subprocess.CompletedProcess[str]:
-    return user.run(["srun", *args], env=cluster.env, cwd="/tmp", timeout=120)
+    return without_queue_lines(user.run(["srun", *args], env=cluster.env, cwd="/tmp", timeout=120))
 
 
 def running(script: Path) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -149,6 +150,18 @@ def munge_works() -> bool:
         return False
     dec = subprocess.run(["unmunge"], input=enc.stdout, capture_output=True)
     return dec.returncode == 0
+
+
+SRUN_QUEUED = re.compile(
+    r"^srun: job \d+ (queued and waiting for resources|has been allocated resources)\n", re.M
+)
+
+
+def without_queue_lines(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """`proc` without srun's two lines for a job that waited for the node (the previous
+    test's job still completing): timing, never what a test asserts on."""
+    proc.stderr = SRUN_QUEUED.sub("", proc.stderr)
+    return proc
 
 
 def _wait(pred, timeout: float, what: str, log: Optional[Path] = None) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from harness.leftovers import WATCHED
 from harness.mpi import ompi_env
 from harness.procs import parents
-from harness.slurm import SlurmCluster
+from harness.slurm import SlurmCluster, without_queue_lines
 from harness.users import User
 
 # The environment the shim gives its helper (spank/helper_run.c `helper_child`); the
@@ -142,7 +142,8 @@ def srun(
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     """`srun ARGS` as `runner` on `cluster` (Open MPI's env fixed up), from `cwd`."""
-    return runner.run(["srun", *args], env=ompi_env(env or cluster.env), cwd=cwd, timeout=timeout)
+    proc = runner.run(["srun", *args], env=ompi_env(env or cluster.env), cwd=cwd, timeout=timeout)
+    return without_queue_lines(proc)
 
 
 # -- named containers (--container-name): a job of their own, ended by the test ---------
