@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 from rankwire import __version__
 from rankwire.errors import UserError
@@ -215,17 +215,20 @@ class BuildPlan:
             pseudo.append(f"{f.path} f {f.mode} 0 0 cat {shlex.quote(str(f.source(work)))}")
         return pseudo
 
-    def mksquashfs_argv(self, work: Path, dest: Path) -> list[str]:
+    def mksquashfs_argv(self, work: Path, dest: Path, offset: int = 0) -> list[str]:
+        """mksquashfs packing the rootfs into `dest`, `offset` bytes in (into the SIF)."""
         argv = [self.mksquashfs, str(self.rootfs), str(dest), "-noappend", "-comp", "gzip"]
+        argv += ["-offset", str(offset)] if offset else []
         argv += ["-all-root"] if self.all_root else []
         argv += ["-no-progress", "-quiet", "-pf", str(work / "pseudo")]
         if self.exclude:
             argv += ["-ef", str(work / "exclude")]
         return argv
 
-    def sif_objects(self, squashfs: Path) -> list[ObjectInput]:
+    def sif_objects(self, squashfs: Path | Callable[[Path, int], int]) -> list[ObjectInput]:
         """Objects 1 Def.FILE, 2 JSON.Generic metadata, (3 JSON.Generic oci-config.json of
-        a pulled image,) then the primary squashfs partition, as Apptainer orders them."""
+        a pulled image,) then the primary squashfs partition, as Apptainer orders them. The
+        partition is a squashfs file, or a writer putting it into the SIF in place."""
         objects = [
             ObjectInput(DataType.DEFFILE, data=self.deffile.encode("utf-8")),
             ObjectInput(DataType.GENERIC_JSON, data=self.metadata, name=METADATA_NAME),
@@ -238,7 +241,8 @@ class BuildPlan:
             *objects,
             ObjectInput(
                 DataType.PARTITION,
-                path=squashfs,
+                path=squashfs if isinstance(squashfs, Path) else None,
+                writer=None if isinstance(squashfs, Path) else squashfs,
                 fs_type=FsType.SQUASHFS,
                 part_type=PartType.PRIMSYS,
                 arch=self.goarch,
@@ -413,15 +417,16 @@ def plan_build(
     )
 
 
-def _run_mksquashfs(plan: BuildPlan, work: Path, dest: Path) -> None:
-    """Pack the plan's rootfs into `dest`, staging the pseudo and exclude files in `work`."""
+def _run_mksquashfs(plan: BuildPlan, work: Path, dest: Path, offset: int) -> int:
+    """Pack the plan's rootfs into `dest` at `offset`, staging the pseudo and exclude files
+    in `work`: the squashfs's size."""
     for f in plan.files:
         f.source(work).write_text(f.content, encoding="utf-8")
     pseudo = plan.pseudo_definitions(work)
     (work / "pseudo").write_text("\n".join(pseudo) + "\n", encoding="utf-8")
     if plan.exclude:
         (work / "exclude").write_text("\n".join(plan.exclude) + "\n", encoding="utf-8")
-    argv = plan.mksquashfs_argv(work, dest)
+    argv = plan.mksquashfs_argv(work, dest, offset)
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
     if proc.returncode != 0:
@@ -434,34 +439,22 @@ def _run_mksquashfs(plan: BuildPlan, work: Path, dest: Path) -> None:
             f"mksquashfs could not read {len(unread)} path(s) under {_shown(plan.rootfs)} "
             f"(first: {_shown(unread[0])}); make them readable by this user"
         )
-
-
-def _scratch_squashfs(out: Path) -> Path:
-    """An empty temporary file next to `out` for mksquashfs to write."""
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".squashfs", dir=out.parent)
-        os.close(fd)
-    except OSError as err:
-        raise UserError(
-            f"{_shown(out)}: cannot write to {_shown(out.parent)} "
-            f"({err.strerror}); choose a writable output directory"
-        ) from None
-    return Path(name)
+    return dest.stat().st_size - offset
 
 
 def apply_build(plan: BuildPlan, scratch: Optional[Path] = None) -> None:
-    """Run mksquashfs and write the SIF `plan.out` (replaced atomically). `scratch`: where
-    its work dir goes (a pull's own, which the next pull removes if this one is killed)."""
+    """Run mksquashfs straight into the SIF `plan.out` (replaced atomically; no copy of the
+    squashfs). `scratch`: where its work dir goes (a pull's own, which the next pull removes
+    if this one is killed)."""
     work = Path(tempfile.mkdtemp(prefix="rankwire-build-", dir=scratch))
-    squash: Optional[Path] = None
+
+    def pack(sif: Path, offset: int) -> int:
+        return _run_mksquashfs(plan, work, sif, offset)
+
     try:
-        squash = _scratch_squashfs(plan.out)
-        _run_mksquashfs(plan, work, squash)
-        create_sif(plan.out, plan.sif_objects(squash), deterministic=plan.deterministic)
+        create_sif(plan.out, plan.sif_objects(pack), deterministic=plan.deterministic)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if squash is not None:
-            squash.unlink(missing_ok=True)
 
 
 def build_image(

@@ -13,7 +13,7 @@ import struct
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Optional, Sequence
+from typing import BinaryIO, Callable, Optional, Sequence
 
 from rankwire.runtime.sif_format import (
     CHUNK_SIZE,
@@ -42,7 +42,10 @@ _PARTITION_EXTRA = struct.Struct("<ii3s")
 
 @dataclasses.dataclass(frozen=True)
 class ObjectInput:
-    """A data object to write: exactly one of `data` (bytes) or `path` (streamed).
+    """A data object to write: exactly one of `data` (bytes), `path` (streamed) or
+    `writer`: a function that writes the object itself into the new SIF (its temp file's
+    path) at the offset given and returns the object's size; the last object only (it runs
+    first, so it may clobber what precedes its offset: mksquashfs -offset does).
 
     `group_id` 0 means no group. `linked_id` is an object ID, or a group number when
     `linked_group`. `alignment` defaults to 4096 for partitions and 1 otherwise.
@@ -64,10 +67,11 @@ class ObjectInput:
     part_type: Optional[int] = None
     arch: Optional[str] = None
     extra: bytes = b""
+    writer: Optional[Callable[[Path, int], int]] = None
 
     def __post_init__(self) -> None:
-        if (self.data is None) == (self.path is None):
-            raise ValueError("ObjectInput needs exactly one of data= or path=")
+        if [self.data, self.path, self.writer].count(None) != 2:
+            raise ValueError("ObjectInput needs exactly one of data=, path= or writer=")
         is_part = self.datatype == DataType.PARTITION
         part_fields = (self.fs_type, self.part_type, self.arch)
         if is_part and None in part_fields:
@@ -114,12 +118,29 @@ def _aligned(offset: int, alignment: int) -> int:
     return offset + alignment - offset % alignment
 
 
-def _write_object(f: BinaryIO, start: int, obj: ObjectInput) -> tuple[int, int, Optional[str]]:
-    """Write `obj` at the first aligned offset >= start: (offset, size, OCI digest)."""
+def _offset(start: int, obj: ObjectInput) -> int:
+    """Where `obj` goes: the first offset >= start aligned as it asks."""
     align = obj.alignment
     if align is None:
         align = PARTITION_ALIGNMENT if obj.datatype == DataType.PARTITION else 1
-    offset = _aligned(start, align)
+    return _aligned(start, align)
+
+
+def _size(obj: ObjectInput) -> int:
+    """The size of a `data=` or `path=` object, before it is written."""
+    if obj.data is not None:
+        return len(obj.data)
+    try:
+        return os.stat(obj.path or "").st_size
+    except OSError as err:
+        raise SifError(
+            f"{shown(obj.path)}: cannot read object data: {err.strerror}; check the path"
+        ) from None
+
+
+def _write_object(f: BinaryIO, start: int, obj: ObjectInput) -> tuple[int, int, Optional[str]]:
+    """Write `obj` at the first aligned offset >= start: (offset, size, OCI digest)."""
+    offset = _offset(start, obj)
     hasher = (
         hashlib.sha256() if obj.datatype in (DataType.OCI_ROOT_INDEX, DataType.OCI_BLOB) else None
     )
@@ -184,6 +205,8 @@ def _check_inputs(objects: Sequence[ObjectInput]) -> None:
         _name_bytes(obj)
         _stored_group(obj)
         _extra_bytes(obj, None)
+    if any(o.writer is not None for o in objects[:-1]):
+        raise SifError("only the last object may be written by a writer=")
     prims = [o for o in objects if _is_primsys(o)]
     if len(prims) > 1:
         raise SifError("more than one primary system partition; mark the others System")
@@ -227,7 +250,7 @@ def create_sif(
         ) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            _write_image(f, objects, launch, capacity, t, ident)
+            _write_image(f, tmp, objects, launch, capacity, t, ident)
         os.replace(tmp, out)
     except OSError as err:
         _unlink_quietly(tmp)
@@ -239,20 +262,32 @@ def create_sif(
 
 def _write_image(
     f: BinaryIO,
+    where: Path,
     objects: Sequence[ObjectInput],
     launch: bytes,
     capacity: int,
     t: int,
     ident: uuid.UUID,
 ) -> None:
-    """Lay out `objects` after a table of `capacity` descriptors, then write table and header."""
+    """Lay out `objects` after a table of `capacity` descriptors, then write table and header.
+    A last object with a writer is written first, where the others' sizes put it."""
     table = bytearray(capacity * DESCRIPTOR.size)
     data_offset = DESCRIPTORS_OFFSET + len(table)
+    written: Optional[tuple[int, int]] = None
+    if objects and objects[-1].writer is not None:
+        end = data_offset
+        for obj in objects[:-1]:
+            end = _offset(end, obj) + _size(obj)
+        offset = _offset(end, objects[-1])
+        written = offset, objects[-1].writer(where, offset)
     data_size = 0
     arch = b"00\0"
     for i, obj in enumerate(objects):
         start = data_offset + data_size
-        offset, size, digest = _write_object(f, start, obj)
+        if obj.writer is not None and written is not None:
+            offset, size, digest = *written, None
+        else:
+            offset, size, digest = _write_object(f, start, obj)
         swp = offset - start + size
         table[i * DESCRIPTOR.size : (i + 1) * DESCRIPTOR.size] = _pack_descriptor(
             obj, i + 1, offset, size, swp, t, digest
