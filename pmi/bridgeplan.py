@@ -16,7 +16,7 @@ bridged: the plan says so and what to do.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
@@ -34,6 +34,34 @@ NAMES = {
     "pmi1/2": "PMI-1/PMI-2",
     "both": "PMI-1/PMI-2 or PMIx",
 }
+
+
+# The `srun --mpi` plugins (base names: pmix_v4 is pmix) that serve each need directly
+# (Slurm's pmi2 plugin also serves PMI-1 clients), and the one a bridge serves it through.
+SERVED_BY = {"pmi1/2": ("pmi2",), "pmix": ("pmix",), "both": ("pmi2", "pmix")}
+BRIDGED_FROM = {"pmi1/2": "pmix", "pmix": "pmi2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmWireup:
+    """How a Slurm with given `srun --mpi` plugins wires up an MPI that speaks `need`: the
+    one answer `rankwire doctor IMAGE` and `rankwire recipe def` both give."""
+
+    direct: tuple[str, ...]  # plugins serving it directly, best first ("pmi2", "pmix")
+    bridged: str  # the plugin rankwire's PMI bridge serves it through; "" none
+    by_default: str  # what srun's MpiDefault does for it: "direct", "bridged" or ""
+
+
+def slurm_wireup(plugins: Sequence[str], mpi_default: str, need: str) -> SlurmWireup:
+    """`plugins` as `srun --mpi=list` prints them, MpiDefault, an `image_mpi_kind` answer."""
+    bases = {p.split("_")[0] for p in plugins}
+    direct = tuple(p for p in SERVED_BY[need] if p in bases)
+    via = BRIDGED_FROM.get(need, "")
+    default = mpi_default.split("_")[0]
+    by_default = "direct" if default in SERVED_BY[need] else ""
+    if via and default == via:
+        by_default = "bridged"
+    return SlurmWireup(direct, via if via in bases else "", by_default)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from rankwire.errors import UserError
 from rankwire.fabric.mpiplan import plan_host_mpi
 from rankwire.fabric.plan import SONAME, check_abi, plan_fabric
+from rankwire.pmi.bridgeplan import BRIDGED_FROM, slurm_wireup
 from rankwire.runtime.doctorfacts import DoctorFacts, DoctorImageFacts
 from rankwire.runtime.doctorhost import DirFacts, DoctorHostFacts
 
@@ -22,13 +23,8 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 MIN_CACHE_FREE = 1 << 30  # images, their extractions and pulls go there
 MIN_RUNTIME_FREE = 16 << 20  # sockets and session mount points only
 PMI_NAMES = {"pmi1/2": "PMI-1/PMI-2", "pmix": "PMIx", "both": "PMI-1/PMI-2 or PMIx"}
-# What each answer of `image_mpi_kind` needs from `srun --mpi` (Slurm's pmi2 plugin also
-# serves PMI-1 clients).
-SLURM_PLUGINS = {"pmi1/2": ("pmi2",), "pmix": ("pmix",), "both": ("pmi2", "pmix")}
 BRIDGE = "rankwire's PMI bridge, --pmi-bridge auto"
 NO_BRIDGE = "rankwire's PMI bridge needs Slurm's pmi2 or pmix plugin"
-# The step's PMI (srun --mpi) that `rankwire exec` bridges to each image MPI's (pmi/bridgeplan).
-BRIDGED_FROM = {"pmi1/2": "pmix", "pmix": "pmi2"}
 PMI_NAMES_BY_PLUGIN = {"pmix": "PMIx", "pmi2": "PMI-2"}
 
 
@@ -381,26 +377,23 @@ def pmi_check(h: DoctorHostFacts, i: DoctorImageFacts) -> Check:
     pmi = PMI_NAMES[i.pmi]
     if not s.version:
         return Check("pmi", OK, f"no usable Slurm here: `rankwire run` serves {pmi} itself")
-    wanted = SLURM_PLUGINS[i.pmi]
-    bases = {p.split("_")[0] for p in s.mpi_plugins}
-    offered = [w for w in wanted if w in bases]
-    default = s.mpi_default.split("_")[0]
+    w = slurm_wireup(s.mpi_plugins, s.mpi_default, i.pmi)
     name = mpi_name(i) or "MPI"
-    if default in wanted:
+    if w.by_default == "direct":
         return Check("pmi", OK, f"srun's default --mpi={s.mpi_default} serves the image's {pmi}")
-    bridged = BRIDGED_FROM.get(i.pmi)  # the step's PMI `rankwire exec` bridges to the image's
-    if bridged and default == bridged:
+    if w.by_default == "bridged":
+        step = PMI_NAMES_BY_PLUGIN[BRIDGED_FROM[i.pmi]]
         return Check(
             "pmi",
             OK,
-            f"srun's default --mpi={s.mpi_default} serves {PMI_NAMES_BY_PLUGIN[bridged]} and the "
+            f"srun's default --mpi={s.mpi_default} serves {step} and the "
             f"image's {name} speaks {pmi}: `srun … rankwire exec` bridges them ({BRIDGE})",
         )
-    if offered or (bridged and bridged in bases):
+    if w.direct or w.bridged:
         fix = (
-            f"run `srun --mpi={offered[0]} …`"
-            if offered
-            else f"run `srun --mpi={bridged} … rankwire exec …` ({BRIDGE})"
+            f"run `srun --mpi={w.direct[0]} …`"
+            if w.direct
+            else f"run `srun --mpi={w.bridged} … rankwire exec …` ({BRIDGE})"
         )
         return Check(
             "pmi",

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from rankwire.errors import UserError, shown
+from rankwire.pmi.bridgeplan import slurm_wireup
 from rankwire.runtime.doctorhost import CpuFacts, RecipeHostFacts
 
 MPIS = ("mpich", "openmpi")
@@ -703,6 +704,8 @@ def plan_def(f: RecipeHostFacts, mpi: str, base: Optional[str] = None) -> Recipe
     choices.append(_glibc_check(f, fabric, base, d.glibc, "--base"))
     name = "MPICH" if mpi == "mpich" else "Open MPI"
     version = d.mpich_version if mpi == "mpich" else d.openmpi_version
+    # The same answer `rankwire doctor IMAGE` gives for an image whose MPI speaks this.
+    w = slurm_wireup(f.mpi_plugins, f.mpi_default, "pmi1/2" if mpi == "mpich" else "pmix")
     if mpi == "mpich":
         if not s.present:
             pmi = "pmi2"
@@ -714,11 +717,14 @@ def plan_def(f: RecipeHostFacts, mpi: str, base: Optional[str] = None) -> Recipe
                     "srun here: `rankwire run` or Hydra's mpiexec serve it",
                 )
             )
-        elif s.pmi2:
-            pmi = "pmi2"
-            note = _srun_note(s, "pmi2")
-            if s.default.startswith("pmix"):
-                note += ": with --mpi=pmix this MPICH starts as N singletons"
+        elif w.direct:
+            pmi = w.direct[0]
+            note = _srun_note(s, pmi)
+            if w.by_default == "bridged":
+                note += (
+                    ": plain srun (--mpi=pmix) works too, through rankwire's PMI bridge, "
+                    "which costs start-up time"
+                )
             choices.append(
                 Choice(
                     "pmi",
@@ -727,8 +733,8 @@ def plan_def(f: RecipeHostFacts, mpi: str, base: Optional[str] = None) -> Recipe
                     f"Slurm's pmi2 plugin also serves; {note}",
                 )
             )
-        elif s.pmix:
-            pmi = "pmix"
+        elif w.bridged:
+            pmi = w.bridged
             choices.append(
                 Choice(
                     "pmi",
@@ -757,8 +763,8 @@ def plan_def(f: RecipeHostFacts, mpi: str, base: Optional[str] = None) -> Recipe
         choices.append(Choice("fabric", d.mpich_netmod, fab))
         packages, env = d.mpich, d.mpich_env
     else:
-        if s.present and s.pmix:
-            pmi = "pmix"
+        if s.present and w.direct:
+            pmi = w.direct[0]
             choices.append(
                 Choice(
                     "pmi",
@@ -769,8 +775,8 @@ def plan_def(f: RecipeHostFacts, mpi: str, base: Optional[str] = None) -> Recipe
                     f"v2.1); {_srun_note(s, 'pmix')}",
                 )
             )
-        elif s.present and s.pmi2:
-            pmi = "pmi2"
+        elif s.present and w.bridged:
+            pmi = w.bridged
             choices.append(
                 Choice(
                     "pmi",

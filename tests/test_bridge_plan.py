@@ -13,6 +13,7 @@ from rankwire.pmi.bridgeplan import (
     bridged_process,
     needs_image_facts,
     plan_bridge,
+    slurm_wireup,
     step_offer,
 )
 from rankwire.runtime.plan import ProcessPlan
@@ -214,3 +215,23 @@ def test_the_launch_plan_delegates_with_the_bridged_mpi() -> None:
             slurm_mpi=PMIX_ONLY,
             bridge="off",
         )
+
+
+@pytest.mark.parametrize(
+    "plugins, default, need, wireup",
+    [
+        (("pmi2", "pmix", "pmix_v4"), "pmi2", "pmi1/2", (("pmi2",), "pmix", "direct")),
+        (("pmi2", "pmix", "pmix_v4"), "pmix_v4", "pmi1/2", (("pmi2",), "pmix", "bridged")),
+        (("none", "pmix", "pmix_v3"), "pmix_v3", "pmi1/2", ((), "pmix", "bridged")),
+        (("none", "cray_shasta", "pmi2"), "pmi2", "pmix", ((), "pmi2", "bridged")),
+        (("none", "cray_shasta", "pmi2"), "cray_shasta", "pmix", ((), "pmi2", "")),
+        (("none", "cray_shasta"), "none", "pmi1/2", ((), "", "")),
+        (("pmi2", "pmix"), "none", "both", (("pmi2", "pmix"), "", "")),
+        (("pmix_v5",), "pmix_v5", "both", (("pmix",), "", "direct")),
+    ],
+)
+def test_slurm_wireup_for_doctor_and_recipe(
+    plugins: tuple[str, ...], default: str, need: str, wireup: tuple[object, ...]
+) -> None:
+    w = slurm_wireup(plugins, default, need)
+    assert (w.direct, w.bridged, w.by_default) == wireup

@@ -946,3 +946,33 @@ def test_an_image_with_a_too_old_glibc_for_the_host_libfabric(tmp_path):
     assert "needs GLIBC_2.34" in cause and cause.endswith("but the image's glibc is 2.2.5")
     assert fix == "rebuild the image on glibc >= 2.34 or use --fabric none"
     assert checks["fabric"]["verdict"] == "ok"
+
+
+RECIPE_HOSTS = sorted(p.stem for p in (Path(__file__).parent / "data" / "recipe").glob("*.json"))
+
+
+@pytest.mark.parametrize("recorded", RECIPE_HOSTS)
+@pytest.mark.parametrize("mpi", ["mpich", "openmpi"])
+def test_doctor_and_recipe_def_wire_an_mpi_up_alike(recorded: str, mpi: str) -> None:
+    """`rankwire recipe def` and `rankwire doctor IMAGE` answer "how does srun wire up this
+    MPI here" from one function (pmi/bridgeplan.slurm_wireup): the `srun --mpi=` of the
+    recipe's launch line is the plugin the doctor finds serving the image by default, or
+    the one its fix names; where the default only bridges it and a plugin serves it
+    directly, the recipe names that one (no bridge, quicker start)."""
+    from rankwire.pmi.bridgeplan import slurm_wireup
+    from rankwire.runtime.doctorhost import RecipeHostFacts
+    from rankwire.runtime.recipe import plan_def
+
+    path = Path(__file__).parent / "data" / "recipe" / f"{recorded}.json"
+    f = RecipeHostFacts.from_json(path.read_text(), recorded)
+    launch = next(c.value for c in plan_def(f, mpi, "debian:12").choices if c.what == "launch")
+    found = re.fullmatch(r"srun --mpi=(\S+) rankwire exec IMAGE APP", launch)
+    assert found, launch
+    slurm = dataclasses.replace(SLURM, mpi_plugins=f.mpi_plugins, mpi_default=f.mpi_default)
+    check = checked("pmi", host(slurm=slurm), MPICH if mpi == "mpich" else OMPI)
+    wireup = slurm_wireup(f.mpi_plugins, f.mpi_default, MPICH.pmi if mpi == "mpich" else "pmix")
+    if check.verdict == "ok":  # served by srun's default, directly or through the bridge
+        direct = wireup.direct or (f.mpi_default.split("_")[0],)
+        assert direct[0] == found.group(1), (check, launch)
+    else:
+        assert (check.verdict, f"--mpi={found.group(1)} " in check.fix) == ("warn", True), check
