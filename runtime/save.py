@@ -288,17 +288,20 @@ def save(image_path: str, offset: int, upper: int, out: str) -> None:
         )
         work = Path(scratch, "work")
         work.mkdir()
-        squash = Path(scratch, "image.squashfs")
         for f in bplan.files:
             f.source(work).write_text(f.content, encoding="utf-8")
         (work / "pseudo").write_text("\n".join(bplan.pseudo_definitions(work)) + "\n")
         if bplan.exclude:
             (work / "exclude").write_text("\n".join(bplan.exclude) + "\n")
-        said = _run(bplan.mksquashfs_argv(work, squash), lock, "mksquashfs")
-        if UNREADABLE.search(said):
-            first = next(ln for ln in said.splitlines() if UNREADABLE.search(ln))
-            raise UserError(f"--save: mksquashfs could not read {shown(first)}")
-        create_sif(bplan.out, bplan.sif_objects(squash), deterministic=bplan.deterministic)
+
+        def pack(sif: Path, offset: int) -> int:  # straight into the SIF, as build does
+            said = _run(bplan.mksquashfs_argv(work, sif, offset), lock, "mksquashfs")
+            if UNREADABLE.search(said):
+                first = next(ln for ln in said.splitlines() if UNREADABLE.search(ln))
+                raise UserError(f"--save: mksquashfs could not read {shown(first)}")
+            return sif.stat().st_size - offset
+
+        create_sif(bplan.out, bplan.sif_objects(pack), deterministic=bplan.deterministic)
         os.replace(bplan.out, out)
     except OSError as err:
         raise UserError(f"--save {out}: {shown(err)}") from None

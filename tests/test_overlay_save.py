@@ -307,7 +307,10 @@ def test_a_killed_save_leaves_the_old_image_and_no_scratch(
         packing: list[Path] = []
         deadline = time.monotonic() + 60
         while not packing and time.monotonic() < deadline and proc.poll() is None:
-            packing = [p for p in home.glob(".rankwire-save-*/image.squashfs") if p.stat().st_size]
+            # mksquashfs writes into the new SIF's temp file (create_sif's, at its offset)
+            packing = [
+                p for p in home.glob(".rankwire-save-*/.image.sif.*.tmp") if p.stat().st_size
+            ]
             time.sleep(0.02)
         assert packing, "mksquashfs never started"
         rankwire = proc.pid if runner.uid == os.getuid() else child_of(proc.pid)
