@@ -166,6 +166,7 @@ class MultiNodeCluster:
         shared: Iterable[Path] = (),
         cpus: Optional[int] = None,
         base: Optional[str] = None,
+        plugin: bool = False,
     ) -> None:
         if not 1 <= nodes <= 32:
             raise ValueError("nodes must be 1..32")
@@ -173,6 +174,8 @@ class MultiNodeCluster:
         self.cpus = cpus or len(os.sched_getaffinity(0))
         self.shared = [Path(p) for p in shared]
         self.base = base
+        self.plugin = plugin  # rankwire's SPANK plugin in the plugstack from the start
+        self.plugin_note = ""
         self.index = -1
         self.root = Path()
         self.members: list[Member] = []
@@ -286,7 +289,9 @@ class MultiNodeCluster:
         for m in self.members:
             for sub in ("spool", "stage/cgroup", "stage/run", "stage/tmp"):
                 (r / m.name / sub).mkdir(mode=0o755, parents=True)
-        (r / "plugstack.conf").write_text("")
+        # Before any slurmd starts: slurmd runs the SPANK job epilogs (which end named
+        # containers) only of the plugins it loaded at its start.
+        (r / "plugstack.conf").write_text(_install_plugin(self) if self.plugin else "")
         hosts = ["127.0.0.1 localhost", f"{self.host_ip} {socket.gethostname()} submit"]
         hosts += [f"{m.ip} {m.name}" for m in self.members]
         (r / "hosts").write_text("\n".join(hosts) + "\n")
@@ -722,21 +727,21 @@ def build_xnode_image(where: Path, progs: XnodePrograms) -> Path:
     return out
 
 
-def _load_plugin(cluster: MultiNodeCluster) -> str:
+def _install_plugin(cluster: MultiNodeCluster) -> str:
     """rankwire's SPANK plugin as `make -C spank install` puts it (below the box's root,
     which every node sees; removed with it), the helper from this checkout's venv, the
-    sample (permissive) policy; srun and slurmstepd read the plugstack per step. Returns
-    the lines to print."""
+    sample (permissive) policy. Returns the plugstack's text; `cluster.plugin_note` says
+    how to try it."""
     from harness.spank import install_plugin
 
     repo = Path(__file__).resolve().parents[2]
     helper = str(Path(sys.executable).with_name("rankwire"))
     spank = install_plugin(repo, cluster.root / "spank-prefix", helper)
-    (cluster.conf.parent / "plugstack.conf").write_text(spank.plugstack_line())
-    return (
+    cluster.plugin_note = (
         f"  plugin: {spank.plugin} (policy {spank.policy}); try\n"
         f"    srun -N2 -n4 --mpi=pmi2 --container-image=IMG.sif CMD\n"
     )
+    return spank.plugstack_line()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -760,17 +765,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.state.exists():
             print(f"{args.state} exists: run `make cluster-down` first", file=sys.stderr)
             return 1
-        cluster = MultiNodeCluster(args.nodes, shared=args.shared).start()
+        cluster = MultiNodeCluster(args.nodes, shared=args.shared, plugin=not args.no_plugin)
+        cluster.start()
         cluster.disown()
         cluster.save(args.state)
-        plugin = "" if args.no_plugin else _load_plugin(cluster)
         print(
             f"cluster {cluster.bridge} up in {cluster.timings['start']:.2f}s: "
             f"{', '.join(cluster.node_names)} (ctl {cluster.ctl.ip})\n"
             f"  export SLURM_CONF={cluster.conf}\n"
             f"  shared dir for jobs (node /tmp is private): {cluster.root}\n"
             f"  a shell on node1: nsenter -t {cluster.node_members[0].pid} -n -m -u -i bash\n"
-            f"{plugin}"
+            f"{cluster.plugin_note}"
             f"  stop: make cluster-down"
         )
         return 0
