@@ -185,6 +185,7 @@ def inspect_cmd(image: str, as_json: bool, only_deffile: bool) -> None:
             "labels": meta.labels,
             "env": meta.env,
             "runscript": meta.runscript,
+            "entrypoint": None if meta.entrypoint is None else list(meta.entrypoint),
             "partition": {"offset": meta.partition_offset, "size": meta.partition_size},
             "objects": objects,
         }
@@ -203,6 +204,8 @@ def inspect_cmd(image: str, as_json: bool, only_deffile: bool) -> None:
     block("Labels", "\n".join(f"{k}: {v}" for k, v in sorted(meta.labels.items())))
     block("Environment", "\n".join(f"{k}={v}" for k, v in meta.env.items()))
     block("Runscript", meta.runscript or "")
+    if meta.entrypoint is not None:  # a pulled image's (exec --entrypoint runs it)
+        click.echo(f"Entrypoint: {json.dumps(list(meta.entrypoint))}")
     block("Definition file", meta.deffile)
     click.echo("Objects:")
     for line in listing:

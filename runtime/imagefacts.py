@@ -49,6 +49,7 @@ def image_facts(path: str, fd: Optional[int] = None) -> ImageFacts:
         digest=meta.identity.split(":", 1)[-1][:32],
         env=dict(meta.env),
         has_runscript=meta.runscript is not None,
+        entrypoint=meta.entrypoint,
     )
 
 

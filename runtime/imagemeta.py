@@ -162,6 +162,8 @@ class ImageMetadata:
     partition_size: int
     arch: str
     identity: str
+    # A pulled image's OCI Entrypoint (None: no OCI config, the image was not pulled).
+    entrypoint: Optional[tuple[str, ...]] = None
 
 
 def _small_object(image: SifImage, desc: Descriptor) -> bytes:
@@ -234,7 +236,27 @@ def read_image_metadata(image: SifImage) -> ImageMetadata:
         partition_size=part.size,
         arch=part.arch or "unknown",
         identity=_identity(image, part),
+        entrypoint=_oci_entrypoint(image),
     )
+
+
+OCI_CONFIG_NAME = "oci-config.json"  # build.OCI_CONFIG_NAME: a pulled image's OCI config
+
+
+def _oci_entrypoint(image: SifImage) -> Optional[tuple[str, ...]]:
+    """The Entrypoint of the OCI config a pull kept (ours: the whole config blob;
+    Apptainer's: its `config` object); () if it has none, None without an OCI config."""
+    d = image.find(DataType.GENERIC_JSON, OCI_CONFIG_NAME)
+    if d is None:
+        return None
+    try:
+        doc = json.loads(_small_object(image, d))
+    except ValueError:
+        return ()
+    if isinstance(doc, dict) and isinstance(doc.get("config"), dict):
+        doc = doc["config"]
+    words = doc.get("Entrypoint") if isinstance(doc, dict) else None
+    return tuple(str(w) for w in words) if isinstance(words, list) else ()
 
 
 def _identity(image: SifImage, part: Descriptor) -> str:

@@ -263,6 +263,27 @@ OPTIONS: tuple[Option, ...] = (
         "when the image's MPI does not speak the step's PMI)",
     ),
     Option(
+        "entrypoint",
+        "flag",
+        "Run the image's OCI ENTRYPOINT (a docker:// image's) with COMMAND as its "
+        "arguments, as `docker run` does; an entrypoint-less docker:// image runs COMMAND.",
+        "process",
+        flags=("--entrypoint",),
+        default=False,
+        spank="container-entrypoint",
+        spank_help="Run the image's ENTRYPOINT (a docker:// image's) with the command as its "
+        "arguments (default off, or the site's execute_entrypoint=)",
+    ),
+    Option(
+        "no_entrypoint",
+        "flag",
+        "",
+        "plugin",
+        default=False,
+        spank="no-container-entrypoint",
+        spank_help="Run the command itself, not the image's ENTRYPOINT (the default)",
+    ),
+    Option(
         "insecure",
         "flag",
         "Reach the registry of a docker:// or oras:// image over plain HTTP.",
@@ -360,6 +381,8 @@ def delegation_argv(values: dict[str, Value]) -> list[str]:
     for opt in in_scope("container", "process", "source", "trust"):
         value = values.get(opt.dest, opt.default)
         if value == opt.default or value is None or value == ():
+            continue
+        if opt.dest == "entrypoint":  # the delegated command already starts with it
             continue
         if opt.kind == "flag":
             argv.append(opt.long)

@@ -127,6 +127,10 @@ class ImageFacts:
     # sha256 of the partition's bytes (`imagefacts.partition_digest`): keys what holds
     # file data (the extract cache). None when not read (root planning for a job user).
     content_digest: Optional[str] = None
+    # The OCI config's Entrypoint of an image pulled from a registry (its `oci-config.json`
+    # object, where Apptainer keeps it too): () when the config has none, None when the
+    # image has no OCI config (built, not pulled).
+    entrypoint: Optional[tuple[str, ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +156,7 @@ class ExecOptions:
     host_mpi: Optional[str] = None  # auto | PREFIX | none; None: RANKWIRE_HOST_MPI or none
     pmi_bridge: Optional[str] = None  # auto | off; None: RANKWIRE_PMI_BRIDGE or auto
     workdir: Optional[str] = None
+    entrypoint: bool = False  # --entrypoint: the image's OCI ENTRYPOINT runs the command
     tmpfs_size_mib: int = 64
     bind_cwd: bool = True  # the plugin binds the cwd only when the tasks start there
 
@@ -516,12 +521,39 @@ def plan_process(
 ) -> ProcessPlan:
     if not argv:
         raise UserError("no command given: rankwire exec IMAGE COMMAND [ARGS...]")
+    if opts.entrypoint and argv[0] == RUNSCRIPT:
+        raise UserError(
+            f"--entrypoint: {image.path}'s runscript already runs its ENTRYPOINT; drop --entrypoint"
+        )
     workdir = opts.workdir or (user.home if opts.contain or opts.containall else user.cwd)
     env = plan_env(image, user, opts, fabric_env)
-    return ProcessPlan(argv=tuple(argv), env=env, workdir=workdir)
+    words = entrypoint_words(image, opts.entrypoint, "--entrypoint")
+    return ProcessPlan(argv=(*words, *argv), env=env, workdir=workdir)
+
+
+def entrypoint_words(
+    image: ImageFacts, on: bool, named: str, required: bool = True
+) -> tuple[str, ...]:
+    """The words that go before the command: the image's OCI ENTRYPOINT when `on` (as
+    `docker run IMAGE COMMAND`: the command is its arguments, the image's CMD is not
+    used). A config without one runs the command itself, as Docker and Pyxis do. An
+    image without an OCI config (built, not pulled) has none to run: an error when the
+    user asked (`named`), nothing when only a site default turned it on (`required`)."""
+    if not on:
+        return ()
+    if image.entrypoint is None:
+        if not required:
+            return ()
+        raise UserError(
+            f"{image.path} has no entrypoint (not pulled from an OCI registry); drop {named}"
+        )
+    return tuple(image.entrypoint)
+
+
+RUNSCRIPT = "/.singularity.d/runscript"
 
 
 def runscript_argv(image: ImageFacts, args: Sequence[str]) -> list[str]:
     if not image.has_runscript:
         raise UserError(f"{image.path} has no runscript: use `rankwire exec IMAGE COMMAND`")
-    return ["/.singularity.d/runscript", *args]
+    return [RUNSCRIPT, *args]

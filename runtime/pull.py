@@ -353,7 +353,7 @@ def _convert(
         labels=labels,
         env=image_env(config),
         runscript=runscript_for(config),
-        oci_config=oci_config,
+        oci_config=oci_config,  # as Apptainer keeps it; its Entrypoint: exec --entrypoint
         goarch=goarch,
         literal_env=True,
     )

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from rankwire.errors import UserError
 from rankwire.pmi.bridgeplan import NAMES, PMI2_TO_PMIX, PMIX_TO_PMI, BridgePlan
 from rankwire.runtime import frame
-from rankwire.runtime.plan import ContainerPlan, ImageFacts, Mount
+from rankwire.runtime.plan import ContainerPlan, ImageFacts, Mount, entrypoint_words
 from rankwire.runtime.reference import is_remote, parse_reference
 from rankwire.spank import plan
 from rankwire.spank.plan import Asked, JobFacts, Pull, asked
@@ -359,6 +359,11 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
         want,
         mounts=tuple(dataclasses.replace(m, source=opened.real[m.source]) for m in want.mounts),
     )
+    try:
+        _entrypoint(want, of_image)  # refused before anything starts
+    except BaseException:
+        opened.close()
+        raise
     if policy.enforce:
         _refuse_writable_image(facts, image_fd, image_real, opened)
         return _build_as_root(facts, want, of_image, opened, home)
@@ -488,15 +493,15 @@ def reap(facts: JobFacts) -> None:
     that have ended on this node without their epilog (slurmd down when they ended, the
     plugin loaded later, an epilog killed) go now. Costs one `scontrol show job` per other
     job that has named containers here; nothing when there are none."""
-    conf = facts.stepd_env.get("SLURM_CONF")
+    conf, jobs = facts.stepd_env.get("SLURM_CONF"), plan.stepd_jobs_dir(facts)
     try:
-        entries = os.listdir(plan.jobs_dir(facts.args, conf))
+        entries = os.listdir(jobs)
     except OSError:
         return
     for entry in entries:
         try:  # another step's reaper or the job's epilog may be at it too: theirs, then
             if entry.isdigit() and int(entry) != facts.job_id and _job_gone(int(entry), conf):
-                teardown_job(plan.jobs_dir(facts.args, conf), int(entry))
+                teardown_job(jobs, int(entry))
         except OSError as err:  # never this step's failure
             print(f"rankwire: reaping job {entry}'s containers: {err}", file=sys.stderr)
 
@@ -598,7 +603,8 @@ def teardown_as_user(req: frame.Records) -> Reply:
 
 def epilog(req: frame.Records) -> Reply:
     """`spank-helper epilog`, root, from the shim's slurm_spank_job_epilog."""
-    jobs = plan.jobs_dir(frame.every(req, "arg"), frame.one(req, "slurm_conf"))
+    args, node = frame.every(req, "arg"), frame.one(req, "slurmd_nodename")
+    jobs = plan.jobs_dir(args, frame.one(req, "slurm_conf"), node)
     teardown_job(jobs, int(frame.one(req, "job_id") or "0"))
     return [("done", "1")]
 
@@ -674,12 +680,24 @@ def _plan(
     return container, planned.env, opts.workdir or user.cwd, planned.pmi_bridge
 
 
+def _entrypoint(want: Asked, image: ImageFacts) -> tuple[str, ...]:
+    """The words the shim puts before the tasks' command (`plan.entrypoint_words`)."""
+    on, asked_for = want.entrypoint != "off", want.entrypoint == "on"
+    return entrypoint_words(image, on, "--container-entrypoint", asked_for)
+
+
 def _task_records(
-    facts: JobFacts, want: Asked, env: dict[str, str], workdir: str, bridge: BridgePlan
+    facts: JobFacts,
+    want: Asked,
+    env: dict[str, str],
+    workdir: str,
+    bridge: BridgePlan,
+    image: ImageFacts,
 ) -> Reply:
     changes = plan.task_env(facts.env, env, want.keep_env)
     return [
         ("workdir", workdir),
+        *(("entrypoint", w) for w in _entrypoint(want, image)),  # the shim: before argv
         ("bridge", SHIM_BRIDGE.get(bridge.bridge or "", "0")),
         *((("warning", bridge.warning),) if bridge.warning else ()),
         *(("setenv", v) for v in changes.set),
@@ -711,7 +729,7 @@ def _build_as_root(
         )
     finally:
         opened.close()
-    records = [("enforced", "1"), *_task_records(facts, want, env, workdir, bridge)]
+    records = [("enforced", "1"), *_task_records(facts, want, env, workdir, bridge, image)]
     return records, _handed_over(lease.conn, lease.mntns_fd)
 
 
@@ -755,10 +773,11 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
     want = _asked(checked["asked"])
     binds = {src: IMAGE_FD + 1 + i for i, src in enumerate(checked["binds"])}
     home = pwd.getpwuid(facts.uid).pw_dir
+    image = ImageFacts(**checked["image_facts"])
     container, env, workdir, bridge = _plan(
         facts,
         want,
-        ImageFacts(**checked["image_facts"]),
+        image,
         IMAGE_FD,
         home,
         binds,
@@ -777,7 +796,7 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
         lease = _start_and_join(container, facts, IMAGE_FD, tuple(binds.values()))
     else:
         lease, joined = _join_or_start_named(container, facts, want, tuple(binds.values()))
-    records = _task_records(facts, want, env, workdir, bridge)
+    records = _task_records(facts, want, env, workdir, bridge, image)
     if joined and want.mounts:  # as Pyxis: a running container's mounts are its own
         records.append(
             (

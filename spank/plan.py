@@ -114,6 +114,9 @@ class Asked:
     name_mode: str = "auto"  # its :auto|:create|:exec|:no_exec
     save: Optional[str] = None  # --container-save PATH (absolute: the job's cwd's)
     scope: str = "job"  # plugstack container_scope=: names per job, or per user ("global")
+    # The image's ENTRYPOINT runs the tasks' command: "on" (--container-entrypoint),
+    # "site" (plugstack execute_entrypoint=1: not for an image that has none), or "off".
+    entrypoint: str = "off"
 
 
 def _flag(name: str, value: str) -> bool:
@@ -172,6 +175,7 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
         raise UserError(
             "--container-mount-home and --no-container-mount-home contradict each other: give one"
         )
+    entrypoint = entrypoint_choice(flags, facts.arg("execute_entrypoint"))
     workdir = got["workdir"][0]
     if workdir is not None and not workdir.startswith("/"):
         raise UserError(f"--container-workdir {workdir}: give an absolute path")
@@ -199,7 +203,27 @@ def asked(facts: JobFacts, oci_conf: bool) -> Optional[Asked]:
         name_mode=mode,
         save=save,
         scope=scope,
+        entrypoint=entrypoint,
     )
+
+
+def entrypoint_choice(flags: Mapping[str, bool], site: Optional[str]) -> str:
+    """--container-entrypoint ("on"), --no-container-entrypoint ("off"), else the site's
+    plugstack.conf `execute_entrypoint=` ("site" when true; off by default, as Pyxis)."""
+    if flags["entrypoint"] and flags["no_entrypoint"]:
+        raise UserError(
+            "--container-entrypoint and --no-container-entrypoint contradict each other: give one"
+        )
+    if flags["entrypoint"]:
+        return "on"
+    if flags["no_entrypoint"] or site is None:
+        return "off"
+    value = site.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return "site"
+    if value in ("", "0", "false", "no", "off"):
+        return "off"
+    raise UserError(f"plugstack.conf execute_entrypoint={site}: give 1 or 0")
 
 
 NAME_MODES = ("auto", "create", "exec", "no_exec")
@@ -218,20 +242,30 @@ def parse_name(value: Optional[str], named: str) -> tuple[Optional[str], str]:
 
 # Where a job's named containers keep their changes on a node: BASE/SLURMD/JOB/UID/NAME,
 # BASE the plugstack's named_dir= or JOBS_DIR (root's down to JOB, made by the check
-# phase; JOB/UID the job user's). SLURMD tells the slurmd (`slurmd_key`): a host runs
-# one, but tests run several at once.
+# phase; JOB/UID the job user's). SLURMD tells the slurmd (`slurmd_key`): its slurm.conf
+# and its node, as a host may run several slurmd (`slurmd -N`, the test clusters) and a
+# named_dir= on a shared file system is seen by every node.
 JOBS_DIR = "/run/rankwire/jobs"
+_KEY_BYTES = frozenset(b"._-abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+CONF_KEY_MAX = 200  # bytes of SLURM_CONF kept in the key
+NODE_KEY_MAX = 50  # bytes of the node name kept: the key stays one file name (<= 255)
 
 
-def slurmd_key(slurm_conf: Optional[str]) -> str:
-    """The SLURM_CONF that slurmd (and slurmstepd, and its epilog) runs with, as one file
-    name ("default": none): its bytes, each but [A-Za-z0-9._-] as "_", 200 at most
-    (spank/rankwire_spank.c `slurm_spank_job_epilog` makes the same)."""
-    if not slurm_conf:
-        return "default"
-    keep = frozenset(b"._-abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-    raw = slurm_conf.encode("utf-8", "surrogateescape")[:200]
-    return "".join(chr(b) if b in keep else "_" for b in raw)
+def _key_part(text: str, limit: int) -> str:
+    """`text`'s first `limit` bytes, each but [A-Za-z0-9._-] as "_" (bytes, as the shim
+    counts them)."""
+    raw = text.encode("utf-8", "surrogateescape")[:limit]
+    return "".join(chr(b) if b in _KEY_BYTES else "_" for b in raw)
+
+
+def slurmd_key(slurm_conf: Optional[str], node: Optional[str] = None) -> str:
+    """The slurmd, as one file name: the SLURM_CONF it (and slurmstepd, and its epilog)
+    runs with ("default": none), then "@" and the node it serves (SLURMD_NODENAME, which
+    slurmstepd and the job epilog get from slurmd) when there is one. Each part's bytes
+    but [A-Za-z0-9._-] as "_" (so "@" is only the separator), CONF_KEY_MAX and
+    NODE_KEY_MAX at most (spank/rankwire_spank.c `slurmd_key` makes the same)."""
+    key = _key_part(slurm_conf, CONF_KEY_MAX) if slurm_conf else "default"
+    return f"{key}@{_key_part(node, NODE_KEY_MAX)}" if node else key
 
 
 def named_base(args: Sequence[str]) -> str:
@@ -243,9 +277,16 @@ def named_base(args: Sequence[str]) -> str:
     return posixpath.normpath(base)
 
 
-def jobs_dir(args: Sequence[str], slurm_conf: Optional[str]) -> str:
-    """BASE/SLURMD: this slurmd's jobs' dirs."""
-    return posixpath.join(named_base(args), slurmd_key(slurm_conf))
+def jobs_dir(args: Sequence[str], slurm_conf: Optional[str], node: Optional[str]) -> str:
+    """BASE/SLURMD: the jobs' dirs of the slurmd of `slurm_conf` serving `node`."""
+    return posixpath.join(named_base(args), slurmd_key(slurm_conf, node))
+
+
+def stepd_jobs_dir(facts: JobFacts) -> str:
+    """BASE/SLURMD of the slurmd whose slurmstepd sent `facts` (its own SLURM_CONF and
+    SLURMD_NODENAME, never the job's: a job started on another node carries that node's)."""
+    env = facts.stepd_env
+    return jobs_dir(facts.args, env.get("SLURM_CONF"), env.get("SLURMD_NODENAME"))
 
 
 SCOPES = ("job", "global")
@@ -279,7 +320,7 @@ def named_dir(facts: JobFacts, want: Asked) -> str:
     """The named container's --writable-overlay dir: BASE/SLURMD/JOB/UID/NAME, or
     BASE/SLURMD/global/UID/NAME."""
     assert want.name is not None
-    base = jobs_dir(facts.args, facts.stepd_env.get("SLURM_CONF"))
+    base = stepd_jobs_dir(facts)
     where = "global" if want.scope == "global" else str(facts.job_id)
     return posixpath.join(base, where, str(facts.uid), want.name)
 

@@ -3,6 +3,7 @@
 #include "options.h"
 
 #include <ctype.h>
+#include <dlfcn.h>
 
 SPANK_PLUGIN(rankwire, 1);
 #define OPTION(i, name, meta, help, has_arg, env) {name, meta, help, has_arg, i, opt_cb},
@@ -29,6 +30,7 @@ static struct {
 	int active, enforced, bridge, ns[2], lease, pidfd, tasks, exited; /* ns: user, mount */
 	char error[1024], *workdir, *helper, *warning, *save; /* save: the start phase's */
 	struct buf env; /* the reply's setenv/unsetenv/copyenv records, for the tasks */
+	struct buf entry; /* the reply's entrypoint words, "LEN:WORD" each (`through_entrypoint`) */
 	struct rw_helper h; /* for the save phase, after the last task */
 	struct rw_job job; /* its gids our copy */
 } st = {.ns = {-1, -1}, .lease = -1, .pidfd = -1};
@@ -53,6 +55,7 @@ static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 		S_JOB_SUPPLEMENTARY_GIDS, S_JOB_ENV};
 	char **env = NULL, cwd[4096], *pmix = getenv("PMIX_SERVER_TMPDIR");
 	char *conf = getenv("SLURM_CONF"); /* slurmd's: the reaper asks that Slurm */
+	char *node = getenv("SLURMD_NODENAME"); /* slurmstepd's own: slurmd's -N or host name */
 	uint32_t v[8];
 	void *a[] = {v, v + 1, v + 2, v + 3, v + 4, v + 5, v + 6, v + 7, &job->gids, &env};
 
@@ -85,10 +88,21 @@ static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 		frame_add(b, "stepd_env", "PMIX_SERVER_TMPDIR=%s", pmix);
 	if (conf)
 		frame_add(b, "stepd_env", "SLURM_CONF=%s", conf);
+	if (node)
+		frame_add(b, "stepd_env", "SLURMD_NODENAME=%s", node);
 	return 0;
 }
 
 struct reply { struct buf *req; int skip, last, enforced, checked, bridge; }; /* a peer's */
+
+/* One word as rankwire-entrypoint (entrypoint.c) reads them: "LEN:WORD". */
+static void entry_word(struct buf *b, const char *word)
+{
+	char len[24];
+	int n = snprintf(len, sizeof len, "%zu:", strlen(word));
+
+	buf_put(b, len, (size_t)n), buf_put(b, word, strlen(word));
+}
 
 static void on_reply(const char *key, char *val, void *ctx)
 {
@@ -114,6 +128,8 @@ static void on_reply(const char *key, char *val, void *ctx)
 		rw_fail("rankwire: out of memory");
 	else if (!strcmp(key, "setenv") || !strcmp(key, "unsetenv") || !strcmp(key, "copyenv"))
 		frame_add(&st.env, key, "%s", val);
+	else if (!strcmp(key, "entrypoint"))
+		entry_word(&st.entry, val);
 }
 
 /* What a phase handed over: exactly [lease, user ns (not if enforced), mount ns]. The lease
@@ -275,10 +291,53 @@ static void on_task_env(const char *key, char *val, void *ctx)
 		rw_fail("rankwire: cannot set %s for the task: %s", val, spank_strerror(rc));
 }
 
+/* --container-entrypoint: slurmstepd execs the tasks' argv, which a plugin cannot make
+ * longer; argv[0] becomes rankwire-entrypoint instead (installed beside this plugin,
+ * opened on the host by `open_entrypoint`, run as /proc/self/fd/N in the container),
+ * which execs the image's ENTRYPOINT words, the command's argv[0] and the rest of argv
+ * (entrypoint.c). The words go in its environment; the descriptor closes at exec. */
+static int entry_fd = -1;
+
+/* In task_init_privileged, before an enforced container's setns: on the host either way. */
+static void open_entrypoint(void)
+{
+	char path[PATH_MAX], *slash;
+	Dl_info self;
+
+	if (!dladdr((void *)open_entrypoint, &self) || !self.dli_fname ||
+	    snprintf(path, sizeof path, "%s", self.dli_fname) >= (int)sizeof path - 24 ||
+	    !(slash = strrchr(path, '/')))
+		return rw_fail("rankwire: cannot tell where the plugin is installed");
+	strcpy(slash + 1, "rankwire-entrypoint");
+	if ((entry_fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+		rw_fail("rankwire: cannot open %s (%s): reinstall the plugin with "
+			"make -C spank install", path, strerror(errno));
+}
+
+static void through_entrypoint(spank_t sp)
+{
+	char exe[64], **argv = NULL;
+	int argc = 0;
+	struct buf v = {0};
+
+	if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1 || !argv ||
+	    !argv[0])
+		return rw_fail("rankwire: --container-entrypoint: the task has no command");
+	buf_put(&v, st.entry.p, st.entry.len), entry_word(&v, argv[0]), buf_put(&v, "", 1);
+	snprintf(exe, sizeof exe, "/proc/self/fd/%d", entry_fd);
+	if (v.oom || spank_setenv(sp, "RANKWIRE_ENTRYPOINT_ARGV", v.p, 1) != ESPANK_SUCCESS ||
+	    !(argv[0] = strdup(exe)))
+		rw_fail("rankwire: cannot hand the image's entrypoint to the task");
+	free(v.p);
+}
+
 /* Enforced: still root in the forked task, before Slurm drops privileges; the mount
- * namespace only (no user namespace: root's, which the user cannot change). */
+ * namespace only (no user namespace: root's, which the user cannot change). Any mode:
+ * rankwire-entrypoint is opened here, on the host. */
 int slurm_spank_task_init_privileged(spank_t sp UNUSED, int ac UNUSED, char **av UNUSED)
 {
+	if (st.active && st.entry.len && !*st.error)
+		open_entrypoint();
 	if (st.active && st.enforced && !*st.error && setns(st.ns[1], CLONE_NEWNS))
 		rw_fail("rankwire: cannot enter the container: %s", strerror(errno));
 	return 0; /* task_init reports it */
@@ -429,6 +488,8 @@ int slurm_spank_task_init(spank_t sp, int ac UNUSED, char **av UNUSED)
 		start_bridge(sp);
 	else if (!*st.error && st.bridge == 2)
 		start_pmi2_bridge(sp);
+	if (!*st.error && st.entry.len)
+		through_entrypoint(sp);
 	/* Forked and single-threaded, as setns(CLONE_NEWUSER) wants; no_new_privs as for all
 	 * rankwire's containers. Namespace and lease fds are close-on-exec: the task's own. */
 	if (!*st.error && ((!st.enforced && (setns(st.ns[0], CLONE_NEWUSER) ||
@@ -490,14 +551,36 @@ int slurm_spank_task_exit(spank_t sp UNUSED, int ac UNUSED, char **av UNUSED)
 	return 0;
 }
 
+/* `s`'s first `max` bytes at `out`, each but [A-Za-z0-9._-] as '_'; returns the end. */
+static char *key_part(char *out, const char *s, size_t max)
+{
+	for (size_t i = 0; i < max && s[i]; i++)
+		*out++ = isalnum((unsigned char)s[i]) || strchr("._-", s[i]) ? s[i] : '_';
+	return *out = 0, out;
+}
+
+/* spank/plan.slurmd_key: our SLURM_CONF as a name ("default": none), then '@' and our node
+ * (SLURMD_NODENAME) when slurmd gave one; 200 + 1 + 50 bytes at most. */
+static void slurmd_key(char key[256], const char *conf, const char *node)
+{
+	char *end = key_part(key, conf && *conf ? conf : "default", 200);
+
+	if (node && *node) {
+		*end++ = '@';
+		key_part(end, node, 50);
+	}
+}
+
 /* The job's end on this node (slurmd's epilog, as root, no step state): if the job kept
  * named containers here, `spank-helper epilog` ends them and removes their dirs. Their
- * dir is BASE/SLURMD/JOB: BASE named_dir= or RW_JOBS_DIR, SLURMD our SLURM_CONF as a
- * name (spank/plan.slurmd_key; the helper checks BASE). */
+ * dir is BASE/SLURMD/JOB: BASE named_dir= or RW_JOBS_DIR, SLURMD our SLURM_CONF and node
+ * (slurmd puts both in the epilog's environment) as a name (`slurmd_key`; the helper
+ * checks BASE). */
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 {
-	const char *conf = getenv("SLURM_CONF"), *base = RW_JOBS_DIR;
-	char key[256] = "default";
+	const char *conf = getenv("SLURM_CONF"), *node = getenv("SLURMD_NODENAME");
+	const char *base = RW_JOBS_DIR;
+	char key[256];
 	struct rw_helper h = {RANKWIRE_HELPER, HELPER_TIMEOUT_S};
 	struct rw_fds none = {.n = 0}, got = {.n = 0};
 	struct buf req = {0};
@@ -508,8 +591,7 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 	if (spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS)
 		return 0;
 	plugstack_args(ac, av, &req, &h, &base);
-	for (size_t i = 0; conf && *conf && i < 200 && conf[i]; i++, key[i] = 0)
-		key[i] = isalnum((unsigned char)conf[i]) || strchr("._-", conf[i]) ? conf[i] : '_';
+	slurmd_key(key, conf, node);
 	snprintf(dir, sizeof dir, "%s/%s/%u", base, key, job);
 	if (lstat(dir, &sb) || !S_ISDIR(sb.st_mode)) /* the usual case: nothing kept */
 		return free(req.p), 0;
@@ -518,6 +600,8 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 	frame_add(&req, "job_id", "%u", job);
 	if (conf)
 		frame_add(&req, "slurm_conf", "%s", conf);
+	if (node)
+		frame_add(&req, "slurmd_nodename", "%s", node);
 	if (!*st.error && !rw_run_helper(&h, "epilog", &req, NULL, &none, &got, on_saved, NULL))
 		rw_close_fds(&got);
 	if (*st.error)

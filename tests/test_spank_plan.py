@@ -459,3 +459,59 @@ def test_cwd_falls_back_to_pwd_then_root_and_results_are_frozen() -> None:
         field = dataclasses.fields(value)[0].name
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(value, field, None)
+
+
+# -- where a node's named containers live: the slurmd key (conf + node) -----------------
+@pytest.mark.parametrize(
+    ("conf", "node", "key"),
+    [
+        (None, None, "default"),
+        ("", "", "default"),
+        ("/etc/slurm/slurm.conf", None, "_etc_slurm_slurm.conf"),
+        (None, "node1", "default@node1"),
+        ("/etc/slurm/slurm.conf", "node1", "_etc_slurm_slurm.conf@node1"),
+        ("/x/\xe9.conf", "n\xf6de+1", "_x___.conf@n__de_1"),  # bytes, as the shim counts
+        ("/s/a@b", "c", "_s_a_b@c"),  # "@" only ever the separator
+    ],
+)
+def test_slurmd_key_names_conf_and_node(conf: str, node: str, key: str) -> None:
+    from rankwire.spank.plan import slurmd_key
+
+    assert slurmd_key(conf, node) == key
+
+
+def test_slurmd_key_stays_one_file_name() -> None:
+    from rankwire.spank.plan import slurmd_key
+
+    key = slurmd_key("/" + "a" * 300, "n" * 300)
+    assert key == "_" + "a" * 199 + "@" + "n" * 50 and len(key) == 251
+
+
+def _stepd(f: JobFacts, **env: str) -> JobFacts:
+    return dataclasses.replace(f, stepd_env={**f.stepd_env, **env})
+
+
+def test_named_dirs_are_per_node_and_the_epilogs_dir_matches() -> None:
+    """Two nodes of one job under one slurm.conf (and a named_dir= every node sees) keep
+    their changes apart; the node is slurmstepd's SLURMD_NODENAME, never the job's (a
+    step started from a batch script carries the batch node's); the job epilog (conf and
+    node from its environment) finds the same BASE/SLURMD."""
+    from rankwire.spank.plan import jobs_dir, named_dir
+
+    job = facts({"container-image": "/i.sif", "container-name": "c"}, {"SLURMD_NODENAME": "b"})
+    job = dataclasses.replace(job, args=(*job.args, "named_dir=/shared/rw/"))
+    want = asked(job, False)
+    assert want is not None
+    conf = "/etc/slurm/slurm.conf"
+    dirs = [named_dir(_stepd(job, SLURM_CONF=conf, SLURMD_NODENAME=n), want) for n in "xy"]
+    assert dirs == [
+        "/shared/rw/_etc_slurm_slurm.conf@x/7/1000/c",
+        "/shared/rw/_etc_slurm_slurm.conf@y/7/1000/c",
+    ]
+    assert named_dir(_stepd(job, SLURM_CONF=conf), want) == (
+        "/shared/rw/_etc_slurm_slurm.conf/7/1000/c"  # a Slurm that names no node
+    )
+    assert jobs_dir(job.args, conf, "x") == "/shared/rw/_etc_slurm_slurm.conf@x"
+    g = asked(dataclasses.replace(job, args=(*job.args, "container_scope=global")), False)
+    assert g is not None
+    assert named_dir(_stepd(job, SLURMD_NODENAME="x"), g) == "/shared/rw/default@x/global/1000/c"

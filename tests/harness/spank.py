@@ -161,10 +161,10 @@ def allocate(cluster: SlurmCluster, runner: User, *args: str) -> int:
 
 
 def slurmd_dir(cluster: SlurmCluster) -> Path:
-    """JOBS_DIR/SLURMD of `cluster`'s slurmd (spank/plan.slurmd_key)."""
+    """JOBS_DIR/SLURMD of `cluster`'s slurmd (spank/plan.slurmd_key: conf and node)."""
     from rankwire.spank.plan import slurmd_key
 
-    return JOBS_DIR / slurmd_key(str(cluster.conf))
+    return JOBS_DIR / slurmd_key(str(cluster.conf), cluster.nodename)
 
 
 def job_dirs(cluster: SlurmCluster) -> list[Path]:
