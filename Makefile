@@ -15,17 +15,24 @@ DEMO_PKGS := python3-venv gcc make squashfuse squashfs-tools fuse3 fuse-overlayf
 # registry and the OCI tools that make and push images independently of us.
 TEST_PKGS := $(DEMO_PKGS) slurm-wlm munge libslurm-dev libpmi2-0-dev openmpi-bin \
              libopenmpi-dev libpmix-dev libfabric-dev libfabric-bin siftool \
-             docker-registry umoci skopeo busybox-static apache2-utils openssl fakeroot uidmap
+             docker-registry umoci skopeo busybox-static apache2-utils openssl fakeroot uidmap \
+             mmdebstrap dpkg-dev apt-utils
 
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint system-demo system-test clean
+.PHONY: demo test lint system-demo system-test debian-cache clean
 
 demo: system-demo $(VENV)/.stamp
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" examples/demo.sh
 
-test: system-test $(VENV)/.stamp-test lint
+test: system-test $(VENV)/.stamp-test debian-cache lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The Debian 12 minbase rootfs and a flat apt repo (libmpich-dev, gcc, libc6-dev) that
+# tests/test_defbuild_debian.py builds from, downloaded once into a root-owned cache (the
+# tests talk to 127.0.0.0/8 only); a second run does nothing. See tools/debian-cache.
+debian-cache: system-test
+	@tools/debian-cache
 
 # ruff, then mypy --strict on the package as installed (tools/typecheck).
 lint: $(VENV)/.stamp-test

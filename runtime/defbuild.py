@@ -845,7 +845,7 @@ def _last_line(text: str) -> str:
 
 
 # The host side of a %post or %test run, inside its own mount and PID namespaces: /dev
-# nodes of the host on a tmpfs, resolv.conf, fakeroot's library, then chroot.
+# nodes of the host on a tmpfs, a new devpts, resolv.conf, fakeroot's library, then chroot.
 _RUNNER = r"""
 set -e
 root=$1; shift
@@ -855,6 +855,12 @@ for n in null zero full random urandom tty; do
 done
 mkdir "$root/dev/shm" "$root/dev/pts"; chmod 1777 "$root/dev/shm"
 ln -s /proc/self/fd "$root/dev/fd"
+# A devpts of its own: apt runs dpkg on a pty to log its output ("E: Can not write log
+# (Is /dev/pts mounted?)" without one). Best effort: the build goes on without it.
+if mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 rankwire-pts "$root/dev/pts" \
+        2>/dev/null; then
+    ln -s pts/ptmx "$root/dev/ptmx"
+fi
 r="$root/etc/resolv.conf"
 if [ -f "$r" ] && [ ! -L "$r" ] && [ -f /etc/resolv.conf ]; then
     mount --bind /etc/resolv.conf "$r"
