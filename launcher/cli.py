@@ -144,9 +144,9 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         # Without --share, the tasks of the step on a node join one container by default.
         argv_opts = delegation_argv({**cli_values(opts), **source})
         prefix = [rankwire, "exec", *argv_opts, named]
-        kind, program_kind = image_mpi_kinds(
-            facts.image, process.argv[0], process.env, user.cache_dir
-        )
+        # The command's own libmpi decides (not an --entrypoint's shell or tini).
+        program = argv[0] if opts.entrypoint and argv else process.argv[0]
+        kind, program_kind = image_mpi_kinds(facts.image, program, process.env, user.cache_dir)
         if planned.host_mpi.pmi_kind:  # the host MPI's PMI, not the replaced library's
             kind = planned.host_mpi.pmi_kind
             program_kind = program_kind and kind

@@ -285,6 +285,8 @@ def _write_image(
     for i, obj in enumerate(objects):
         start = data_offset + data_size
         if obj.writer is not None and written is not None:
+            if _offset(start, obj) != written[0]:  # an object before it changed size
+                raise SifError(f"{shown(where)}: an object changed while the image was written")
             offset, size, digest = *written, None
         else:
             offset, size, digest = _write_object(f, start, obj)

@@ -30,7 +30,7 @@ int main(int argc, char **argv)
 		return perror("rankwire: entrypoint"), 127;
 	while (*p) {
 		unsigned long len = strtoul(p, &end, 10);
-		if (end == p || *end != ':' || strnlen(end + 1, len) < len) {
+		if (*p < '0' || *p > '9' || *end != ':' || strnlen(end + 1, len) < len) {
 			fprintf(stderr, "rankwire: %s is malformed\n", ENTRY_VAR);
 			return 127;
 		}

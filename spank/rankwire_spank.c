@@ -2,7 +2,6 @@
 #include "shim.h"
 #include "options.h"
 
-#include <ctype.h>
 #include <dlfcn.h>
 
 SPANK_PLUGIN(rankwire, 1);
@@ -320,9 +319,16 @@ static void through_entrypoint(spank_t sp)
 	int argc = 0;
 	struct buf v = {0};
 
+	if (st.entry.oom)
+		return rw_fail("rankwire: out of memory");
 	if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1 || !argv ||
 	    !argv[0])
 		return rw_fail("rankwire: --container-entrypoint: the task has no command");
+	/* srun --multi-prog: slurmstepd builds each task's argv from the configuration it got
+	 * as the step's argv[1]; the step's argv[0], which is all a plugin reaches, is unused. */
+	if (argc == 2 && argv[1] && strchr(argv[1], '\n'))
+		return rw_fail("rankwire: --container-entrypoint does not work with srun "
+			       "--multi-prog; put the entrypoint in the configuration's commands");
 	buf_put(&v, st.entry.p, st.entry.len), entry_word(&v, argv[0]), buf_put(&v, "", 1);
 	snprintf(exe, sizeof exe, "/proc/self/fd/%d", entry_fd);
 	if (v.oom || spank_setenv(sp, "RANKWIRE_ENTRYPOINT_ARGV", v.p, 1) != ESPANK_SUCCESS ||
@@ -488,8 +494,6 @@ int slurm_spank_task_init(spank_t sp, int ac UNUSED, char **av UNUSED)
 		start_bridge(sp);
 	else if (!*st.error && st.bridge == 2)
 		start_pmi2_bridge(sp);
-	if (!*st.error && st.entry.len)
-		through_entrypoint(sp);
 	/* Forked and single-threaded, as setns(CLONE_NEWUSER) wants; no_new_privs as for all
 	 * rankwire's containers. Namespace and lease fds are close-on-exec: the task's own. */
 	if (!*st.error && ((!st.enforced && (setns(st.ns[0], CLONE_NEWUSER) ||
@@ -500,6 +504,8 @@ int slurm_spank_task_init(spank_t sp, int ac UNUSED, char **av UNUSED)
 			"--container-workdir DIR or bind it with --container-mounts", st.workdir);
 	if (!*st.error && (st.env.oom || frame_parse(st.env.p, st.env.len, on_task_env, sp)))
 		rw_fail("rankwire: out of memory");
+	if (!*st.error && st.entry.len) /* after the env records: they may unset any job name */
+		through_entrypoint(sp);
 	return *st.error ? (slurm_error("%s", st.error), -1) : 0;
 }
 
@@ -555,7 +561,8 @@ int slurm_spank_task_exit(spank_t sp UNUSED, int ac UNUSED, char **av UNUSED)
 static char *key_part(char *out, const char *s, size_t max)
 {
 	for (size_t i = 0; i < max && s[i]; i++)
-		*out++ = isalnum((unsigned char)s[i]) || strchr("._-", s[i]) ? s[i] : '_';
+		*out++ = (s[i] >= 'a' && s[i] <= 'z') || (s[i] >= 'A' && s[i] <= 'Z') ||
+			 (s[i] >= '0' && s[i] <= '9') || strchr("._-", s[i]) ? s[i] : '_';
 	return *out = 0, out;
 }
 

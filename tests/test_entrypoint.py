@@ -284,6 +284,20 @@ def test_plugin_container_entrypoint_runs_the_command_through_it(
                 env={**env, "RANKWIRE_CONTAINER_ENTRYPOINT": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == 'entry: ep0 /bin/sh -c echo "${RANKWIRE_ENTRYPOINT_ARGV-unset}"\n'
+    # srun --multi-prog builds each task's argv where no plugin reaches: refused
+    conf = job_cache.parent / f"multi-{os.urandom(4).hex()}.conf"
+    conf.write_text("0 /bin/echo zero\n")
+    conf.chmod(0o644)
+    try:
+        proc = srun(spank_cluster, runner, "-n", "1", image, "--container-entrypoint",
+                    "--multi-prog", str(conf), env=env)  # fmt: skip
+    finally:
+        conf.unlink()
+    assert proc.returncode != 0
+    assert _error_lines(proc.stderr) == {
+        "rankwire: --container-entrypoint does not work with srun --multi-prog; put the "
+        "entrypoint in the configuration's commands"
+    }
     # a built image has no entrypoint: one line, the step fails
     proc = srun(spank_cluster, runner, "-n", "1", f"--container-image={base_image}",
                 "--container-entrypoint", "true", env=env)  # fmt: skip
