@@ -142,7 +142,9 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         container, process = planned.container, planned.process
         rankwire = os.path.join(os.path.dirname(sys.executable), "rankwire")
         # Without --share, the tasks of the step on a node join one container by default.
-        argv_opts = delegation_argv({**cli_values(opts), **source})
+        # The delegated command is the planned argv, an --entrypoint's words already in
+        # front: the tasks' `rankwire exec` must not put them there again.
+        argv_opts = delegation_argv({**cli_values(opts), **source, "entrypoint": False})
         prefix = [rankwire, "exec", *argv_opts, named]
         # The command's own libmpi decides (not an --entrypoint's shell or tini).
         program = argv[0] if opts.entrypoint and argv else process.argv[0]

@@ -382,8 +382,6 @@ def delegation_argv(values: dict[str, Value]) -> list[str]:
         value = values.get(opt.dest, opt.default)
         if value == opt.default or value is None or value == ():
             continue
-        if opt.dest == "entrypoint":  # the delegated command already starts with it
-            continue
         if opt.kind == "flag":
             argv.append(opt.long)
         elif opt.kind == "list":

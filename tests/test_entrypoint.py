@@ -92,8 +92,9 @@ def test_entrypoint_with_the_runscript_is_refused() -> None:
 
 
 def test_the_option_table_entries() -> None:
-    """One flag for exec and the launcher; the plugin's pair (Pyxis's spelling); srun
-    delegation leaves it out: the delegated command already starts with the entrypoint."""
+    """One flag for exec and the launcher; the plugin's pair (Pyxis's spelling); an
+    ordinary flag for srun delegation (the launcher, whose delegated command already
+    starts with the entrypoint, leaves it out: see the launcher's test below)."""
     on, off = option("entrypoint"), option("no_entrypoint")
     assert (on.flags, on.scope, on.spank, on.spank_env) == (
         ("--entrypoint",),
@@ -102,7 +103,7 @@ def test_the_option_table_entries() -> None:
         "RANKWIRE_CONTAINER_ENTRYPOINT",
     )
     assert (off.flags, off.scope, off.spank) == ((), "plugin", "no-container-entrypoint")
-    assert delegation_argv({"entrypoint": True, "unsquash": True}) == ["--unsquash"]
+    assert delegation_argv({"entrypoint": True}) == ["--entrypoint"]
 
 
 # -- real: a pulled image -------------------------------------------------------------------
