@@ -20,7 +20,6 @@ As root and as the unprivileged user (`runner`). Each job is an allocation
 from __future__ import annotations
 
 import os
-import re
 import statistics
 import subprocess
 import time
@@ -33,7 +32,8 @@ from test_multinode import _shared_for
 
 from harness.multinode import Member, MultiNodeCluster
 from harness.slurm import HarnessError, without_queue_lines
-from harness.spank import SpankInstall
+from harness.spank import SpankInstall, allocate
+from harness.spank import end_job as harness_end_job
 from harness.users import User
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slurm, pytest.mark.slow]
@@ -157,14 +157,6 @@ def wait_nothing_left(cluster: PluginBox, users: list[User], timeout: float = 10
 
 
 # -- jobs ------------------------------------------------------------------------------------
-def allocate(cluster: MultiNodeCluster, runner: User) -> int:
-    """`salloc --no-shell -N2 -n2` as `runner`: a job of one task per node."""
-    proc = runner.run(["salloc", "--no-shell", "-N2", "-n2"], env=cluster.env, cwd="/tmp")
-    found = re.search(r"Granted job allocation (\d+)", proc.stderr)
-    assert proc.returncode == 0 and found, proc.stderr
-    return int(found.group(1))
-
-
 def step(
     cluster: MultiNodeCluster, runner: User, job: int, *args: str
 ) -> subprocess.CompletedProcess[str]:
@@ -176,27 +168,9 @@ def step(
 def end_job(cluster: PluginBox, job: int) -> None:
     """scancel `job`; wait until slurmctld forgot it and every node's epilog removed its
     named containers' dir."""
-    subprocess.run(["scancel", str(job)], env=cluster.env, capture_output=True)
     dirs = [slurmd_dir(cluster, n) / str(job) for n in cluster.node_names]
-    deadline = time.monotonic() + END_TIMEOUT
-    while time.monotonic() < deadline:
-        queued = subprocess.run(
-            ["squeue", "-h", "-j", str(job), "-o", "%T"],
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        if not queued and not any(d.exists() for d in dirs):
-            return
-        time.sleep(0.1)
-    said = "\n".join(
-        line
-        for n in cluster.node_names
-        for line in cluster.log(n).read_text(errors="replace").splitlines()
-        if "rankwire" in line or "pilog" in line
-    )
-    left = [str(d) for d in dirs if d.exists()]
-    raise AssertionError(f"job {job} or its dirs {left} still there after {END_TIMEOUT} s:\n{said}")
+    logs = [cluster.log(n) for n in cluster.node_names]
+    harness_end_job(cluster, job, END_TIMEOUT, dirs, logs)
 
 
 def lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
@@ -214,9 +188,9 @@ def test_named_container_per_node_across_steps(
     users = [unprivileged_user, User("root", 0, 0, "/root")]
     image = f"--container-image={base_image}"
     assert node_leftovers(box, users) == []
-    first = allocate(box, runner)
+    first = allocate(box, runner, nodes=2)
     try:
-        other = allocate(box, runner)
+        other = allocate(box, runner, nodes=2)
         try:
             write = f'echo "$SLURMD_NODENAME" > {MADE}'
             wrote = step(box, runner, first, image, f"--container-name={NAME}", "sh", "-c", write)
@@ -252,7 +226,7 @@ def test_measure_joining_against_a_fresh_container_on_two_nodes(
     """Not a check: `srun -N2 -n2 true` joining a named container that runs already on
     both nodes, in a fresh container, and without any (median of 7 each, ms), printed
     (run with -s)."""
-    job = allocate(box, runner)
+    job = allocate(box, runner, nodes=2)
     image = f"--container-image={base_image}"
     kinds = {"bare": (), "fresh": (image,), "join": (f"--container-name={NAME}",)}
     try:

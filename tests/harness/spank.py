@@ -9,14 +9,20 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 from harness.leftovers import WATCHED
 from harness.mpi import ompi_env
 from harness.procs import parents
 from harness.slurm import SlurmCluster, without_queue_lines
 from harness.users import User
+
+if TYPE_CHECKING:
+    from harness.multinode import MultiNodeCluster
+
+    Cluster = Union[SlurmCluster, MultiNodeCluster]
 
 # The environment the shim gives its helper (spank/helper_run.c `helper_child`); the
 # holders it starts inherit it, which is how their leftovers are told from others'.
@@ -150,11 +156,11 @@ def srun(
 JOBS_DIR = Path("/run/rankwire/jobs")  # spank/plan.JOBS_DIR
 
 
-def allocate(cluster: SlurmCluster, runner: User, *args: str) -> int:
-    """`salloc --no-shell ARGS` as `runner`: the job id of a new allocation."""
-    proc = runner.run(
-        ["salloc", "--no-shell", "-N", "1", "-n", "1", *args], env=cluster.env, cwd="/tmp"
-    )
+def allocate(cluster: Cluster, runner: User, *args: str, nodes: int = 1) -> int:
+    """`salloc --no-shell ARGS` as `runner`, one task per node: the job id of a new
+    allocation."""
+    argv = ["salloc", "--no-shell", "-N", str(nodes), "-n", str(nodes), *args]
+    proc = runner.run(argv, env=cluster.env, cwd="/tmp")
     found = re.search(r"Granted job allocation (\d+)", proc.stderr)
     assert proc.returncode == 0 and found, proc.stderr
     return int(found.group(1))
@@ -173,13 +179,23 @@ def job_dirs(cluster: SlurmCluster) -> list[Path]:
     return sorted(base.iterdir()) if base.is_dir() else []
 
 
-def end_job(cluster: SlurmCluster, job: int, timeout: float = 60) -> None:
-    """scancel `job` and wait until Slurm has forgotten it and its epilog has run (its
-    named containers' dir is gone)."""
+def end_job(
+    cluster: Cluster,
+    job: int,
+    timeout: float = 60,
+    dirs: Sequence[Path] = (),
+    logs: Sequence[Path] = (),
+) -> None:
+    """scancel `job` and wait until Slurm has forgotten it and its epilogs have run: its
+    named containers' `dirs` are gone (default: the single-node cluster's). `logs`: the
+    slurmd logs quoted when they are not (default: the single-node cluster's)."""
     # (a job that has ended already: scancel says so, or that it does not know it)
     subprocess.run(["scancel", str(job)], env=cluster.env, capture_output=True)
     deadline = time.monotonic() + timeout
-    gone = slurmd_dir(cluster) / str(job)
+    if not dirs:
+        assert isinstance(cluster, SlurmCluster)
+        dirs = [slurmd_dir(cluster) / str(job)]
+        logs = [cluster.root / "log" / "slurmd.log"]
     while time.monotonic() < deadline:
         queued = subprocess.run(
             ["squeue", "-h", "-j", str(job), "-o", "%T"],
@@ -187,12 +203,17 @@ def end_job(cluster: SlurmCluster, job: int, timeout: float = 60) -> None:
             capture_output=True,
             text=True,
         ).stdout.strip()
-        if not queued and not gone.exists():
+        if not queued and not any(d.exists() for d in dirs):
             return
         time.sleep(0.1)
-    log = (cluster.root / "log" / "slurmd.log").read_text(errors="replace").splitlines()
-    said = "\n".join(line for line in log if "rankwire" in line or "pilog" in line)
-    raise AssertionError(f"job {job} or its dir {gone} still there after {timeout} s:\n{said}")
+    said = "\n".join(
+        line
+        for log in logs
+        for line in log.read_text(errors="replace").splitlines()
+        if "rankwire" in line or "pilog" in line
+    )
+    left = [str(d) for d in dirs if d.exists()]
+    raise AssertionError(f"job {job} or its dirs {left} still there after {timeout} s:\n{said}")
 
 
 def named_leftovers(cluster: SlurmCluster) -> list[str]:
