@@ -799,16 +799,12 @@ def _section_header(plan: DefBuildPlan, stage: StagePlan, name: str) -> int:
 
 def _in_root(root: str, path: str) -> str:
     """The host path of image path `path` under `root`, its symlinks followed inside."""
-    from rankwire.runtime.imagepath import resolve_in_image
+    from rankwire.runtime.imagepath import host_path
 
-    def readlink(p: str) -> Optional[str]:
-        full = root + p
-        return os.readlink(full) if os.path.islink(full) else None
-
-    resolved = resolve_in_image(path, readlink)
-    if resolved is None:
+    found = host_path(root, path)
+    if found is None:
         raise _Failed(f"{shown(path)}: too many symbolic links in the image; fix the links")
-    return root + resolved if resolved != "/" else root
+    return found
 
 
 def _copy(plan: DefBuildPlan, stage: StagePlan, copy: Copy, root: str, roots: list[str]) -> None:

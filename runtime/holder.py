@@ -48,7 +48,7 @@ from rankwire.errors import UserError
 from rankwire.runtime import frame, loopdev
 from rankwire.runtime import syscalls as sc
 from rankwire.runtime.imagefacts import partition_digest
-from rankwire.runtime.imagepath import resolve_in_image
+from rankwire.runtime.imagepath import host_path
 from rankwire.runtime.plan import ContainerPlan, Mount, hidden_by, sandbox_dir, within
 
 MOUNT_WAIT_S = 10.0
@@ -103,15 +103,10 @@ def fs_type(path: str) -> str:
 
 def secure_path(root: str, path: str) -> str:
     """`path` resolved inside the image mounted at `root` (symlinks never lead out)."""
-
-    def readlink(p: str) -> Optional[str]:
-        host = root + p
-        return os.readlink(host) if os.path.islink(host) else None
-
-    resolved = resolve_in_image(path, readlink)
-    if resolved is None:
+    found = host_path(root, path)
+    if found is None:
         raise SetupError(f"too many symlinks resolving {path} in the image")
-    return root + resolved if resolved != "/" else root
+    return found
 
 
 def fd_source(m: Mount) -> Optional[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 MAX_SYMLINKS = 40
@@ -32,3 +33,17 @@ def resolve_in_image(path: str, readlink: Callable[[str], Optional[str]]) -> Opt
             done = []
         parts = [p for p in target.split("/") if p and p != "."] + parts
     return "/" + "/".join(done)
+
+
+def host_path(root: str, path: str) -> Optional[str]:
+    """The host path of image path `path` in the image tree at `root` (a mount or a
+    sandbox), its symlinks followed inside the image; None after too many links."""
+
+    def readlink(p: str) -> Optional[str]:
+        full = root + p
+        return os.readlink(full) if os.path.islink(full) else None
+
+    resolved = resolve_in_image(path, readlink)
+    if resolved is None:
+        return None
+    return root + resolved if resolved != "/" else root
