@@ -27,6 +27,7 @@ from rankwire.runtime.imagemeta import (
     ENV_NAME,
     ENV_SCRIPT,
     METADATA_NAME,
+    OCI_CONFIG_NAME,
     Deffile,
     _export,
     environment_file,
@@ -39,7 +40,6 @@ from rankwire.runtime.sif_format import DataType, FsType, PartType, goarch_from_
 from rankwire.runtime.sif_write import ObjectInput, create_sif
 
 BOOTSTRAP = "rankwire-dir"
-OCI_CONFIG_NAME = "oci-config.json"
 _UNREADABLE = re.compile(r"Could not open|Failed to read|skipping")
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -21,6 +21,7 @@ from rankwire.runtime.sif_format import DataType, Descriptor, SifError
 from rankwire.runtime.sif_read import SifImage
 
 METADATA_NAME = "inspect-metadata.json"
+OCI_CONFIG_NAME = "oci-config.json"  # a pulled image's OCI config, as Apptainer keeps it
 ENV_SCRIPT = "/.singularity.d/env/90-environment.sh"
 DEFAULT_RUNSCRIPT = '#!/bin/sh\necho "There is no runscript defined for this container"\n'
 _MAX_METADATA = 16 << 20  # bytes; deffile and JSON objects are read whole
@@ -238,9 +239,6 @@ def read_image_metadata(image: SifImage) -> ImageMetadata:
         identity=_identity(image, part),
         entrypoint=_oci_entrypoint(image),
     )
-
-
-OCI_CONFIG_NAME = "oci-config.json"  # build.OCI_CONFIG_NAME: a pulled image's OCI config
 
 
 def _oci_entrypoint(image: SifImage) -> Optional[tuple[str, ...]]:
