@@ -80,6 +80,15 @@ async def wait_process(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait()
 
 
+SETTLE_S = 2.0  # at most, for the events of ranks that exited 0 (never a timing goal)
+
+
+def _settled(procs: Mapping[int, subprocess.Popen[bytes]], events: Sequence[Event]) -> bool:
+    """Every rank that exited 0 has its Finalized event."""
+    done = {e.rank for e in events if isinstance(e, Finalized)}
+    return all(p.poll() != 0 or r in done for r, p in procs.items())
+
+
 async def run_job(
     server: PmiServer,
     argv: Union[Sequence[str], Callable[[int], Sequence[str]]],
@@ -132,7 +141,12 @@ async def run_job(
             )
         finally:
             kill_all()
-            await asyncio.sleep(0)  # let the last events arrive
+            # The last events may still be on their way: a PMIx rank's Finalized comes from
+            # the node's server process, which can tell us after the rank has exited.
+            settle = asyncio.get_running_loop().time() + SETTLE_S
+            while not _settled(procs, events) and asyncio.get_running_loop().time() < settle:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
             drainer.cancel()
             await asyncio.gather(drainer, return_exceptions=True)
         ranks = []
