@@ -6,6 +6,9 @@
      srun -n N hello                                      (bare, on the host: the peer)
      srun -n N --container-image=img.sif /opt/hello       (the plugin: one container/node)
      srun -n N rankwire exec img.sif /opt/hello           (no plugin: a rankwire per rank)
+3. Named containers (`--container-name`), in one job: `srun -n 2 true` joining the job's
+   container that runs already, as the shim does from its ticket and as the helper does
+   (the ticket removed before each run), against a fresh container per step and bare.
 Medians of wall time over --repeat runs (after one warm-up), and ratios against bare.
 
     .venv/bin/python bench/spank.py [--repeat 7] [--sizes 2,8]
@@ -72,7 +75,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="rankwire-bench-spank-"))
     work.chmod(0o755)
-    cluster = SlurmCluster()
+    cluster: SlurmCluster | None = None
     try:
         bindir = work / "mpi"
         bindir.mkdir()
@@ -88,6 +91,9 @@ def main() -> None:
         subprocess.run([str(BIN / "rankwire"), "build", str(image), str(rootfs)], check=True,
                        capture_output=True)  # fmt: skip
         install = install_plugin(REPO, work / "prefix", str(BIN / "rankwire"))
+        # Loaded at slurmd's start, as at a site: slurmd runs SPANK job epilogs (which end
+        # the named containers of section 3) only for the plugins it loaded then.
+        cluster = SlurmCluster(plugstack=install.plugstack_line())
         cluster.start()
         env = cluster.env
 
@@ -137,9 +143,52 @@ def main() -> None:
                 f"| {n} | {bare:.0f} | {res['plugin']:.0f} | {res['plugin'] / bare:.2f} "
                 f"| {res['exec']:.0f} | {res['exec'] / bare:.2f} |"
             )
+        named(cluster, image, args.repeat)
     finally:
-        cluster.stop()
+        if cluster is not None:
+            cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def named(cluster: SlurmCluster, image: Path, repeat: int) -> None:
+    """Section 3: steps of one allocation (its epilog ends the container)."""
+    import re
+
+    from harness.spank import end_job, slurmd_dir
+
+    env = cluster.env
+    got = subprocess.run(["salloc", "--no-shell", "-n", "2"], env=env, capture_output=True,
+                         text=True, cwd="/tmp")  # fmt: skip
+    found = re.search(r"Granted job allocation (\d+)", got.stderr)
+    if not found:
+        raise SystemExit(f"salloc failed:\n{got.stderr}")
+    job = found.group(1)
+    ticket = slurmd_dir(cluster) / job / f".{os.getuid()}.join"
+    step = ["srun", f"--jobid={job}", "-n", "2"]
+    try:
+        made = [*step, f"--container-image={image}", "--container-name=box", "true"]
+        subprocess.run(made, env=env, check=True, capture_output=True, cwd="/tmp")
+        res = alternate(
+            {
+                "bare": ([*step, "true"], lambda: None),
+                "fresh": ([*step, f"--container-image={image}", "true"], lambda: None),
+                "join": ([*step, "--container-name=box", "true"], lambda: None),
+                "join, helper": (
+                    [*step, "--container-name=box", "true"],
+                    lambda: ticket.unlink(missing_ok=True),
+                ),
+            },
+            env,
+            repeat,
+            lambda out: None,
+        )
+    finally:
+        end_job(cluster, int(job))
+    bare = res["bare"]
+    print(f"\n## Named containers: `srun -n 2 true` in one job, medians of {repeat}\n")
+    print("| step | ms | over bare ms | ratio |\n|---|---|---|---|")
+    for name, ms in res.items():
+        print(f"| {name} | {ms:.0f} | {ms - bare:+.0f} | {ms / bare:.2f} |")
 
 
 if __name__ == "__main__":

@@ -20,14 +20,19 @@ a socket as stdout; the reply is one frame, a failure the record `error=rankwire
   `image_cache=`; then the pulled SIF is opened as the user, like a path.
 - `start`, as the job user (advisory): plans and starts the node's holder from those
   descriptors, joins it, and replies the task environment and [lease, user namespace,
-  mount namespace]. The shim never connects to a path a user could swap.
+  mount namespace]. The shim connects to a path a user could swap only to join a named
+  container (below), as the job user, to a peer of theirs.
 - `--container-name NAME`: `check` also decides the mode (`plan.plan_named`) from the
   job's container NAME on the node (its overlay record, read as the user: the image it
   runs), makes the job's dir (BASE/SLURMD/JOB root's, JOB/UID the user's); `start` joins
   its holder or starts a persistent one keeping its changes in JOB/UID/NAME. The job's
   end: the shim's job epilog runs `epilog` (root), which runs `teardown` as each user
   with containers there (stop their holders, empty their dir) and removes the dirs;
-  `check` reaps the dirs of jobs slurmctld says have ended (`reap`).
+  `check` reaps the dirs of jobs slurmctld says have ended (`reap`). When a join is all
+  a later step would do (`plan.joins_without_helper`), `check` says `fast_join` and the
+  holder's socket, `start` whether the plan read the command (`argv_used`), and the shim
+  keeps both phases' replies in a ticket (root's, JOB/.UID.join): a later step with the
+  same request joins the holder itself, without running the helper.
 - `--container-save PATH`: `start` replies how; after the step's last task the shim
   runs `save` as the job user (`runtime/save.py`: a temp file renamed over PATH).
 """
@@ -367,17 +372,25 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
     if policy.enforce:
         _refuse_writable_image(facts, image_fd, image_real, opened)
         return _build_as_root(facts, want, of_image, opened, home)
+    runtime = _runtime_dir(facts.uid, facts.gid)
     checked = {
         "image_facts": dataclasses.asdict(of_image),
         "asked": dataclasses.asdict(want),
         "binds": list(opened.binds),  # planned source of fd IMAGE_FD + 1 + i
         "home_allowed": opened.home_allowed,
-        "runtime_dir": _runtime_dir(facts.uid, facts.gid),
+        "runtime_dir": runtime,
     }
     if allowed is not None:
         allowed.write(image_real)
-    warning = [("warning", named.warning)] if named and named.warning else []
-    return [("checked", json.dumps(checked)), *warning], [
+    extra = [("warning", named.warning)] if named and named.warning else []
+    if plan.joins_without_helper(want):  # the shim keeps a ticket for later steps
+        sock = plan.named_socket(runtime, facts, want)
+        # The files this decision read: a later step whose request is the same joins
+        # without asking again only while they are the same files, unchanged.
+        read = (policy.source, policy.keyring, image_real)
+        extra += [("fast_join", "1"), ("join_socket", sock)]
+        extra += [("depends", path) for path in read if path]
+    return [("checked", json.dumps(checked)), *extra], [
         opened.image_fd,
         *opened.binds.values(),
     ]
@@ -655,15 +668,23 @@ def _plan(
     home: str,
     binds: dict[str, int],
     home_allowed: bool,
-) -> tuple[ContainerPlan, dict[str, str], str, BridgePlan]:
-    """The container (binds from `binds`' descriptors) and its env, the workdir, and
-    whether the tasks' PMI is bridged (`pmi/bridgeplan.py`; the shim starts the bridges)."""
+) -> tuple[ContainerPlan, dict[str, str], str, BridgePlan, bool]:
+    """The container (binds from `binds`' descriptors) and its env, the workdir,
+    whether the tasks' PMI is bridged (`pmi/bridgeplan.py`; the shim starts the bridges),
+    and whether the plan read the tasks' command (the MPI of a two-MPI image's program:
+    then the shim's ticket for later steps holds the command too)."""
     from rankwire.runtime.assemble import plan_image
     from rankwire.runtime.facts import gather
     from rankwire.runtime.slurmfacts import slurm_step
 
     user = plan.user_facts(facts, home, slurm_step(plan.step_env(facts), facts.uid))
     opts = plan.exec_options(want, want.mounts, facts)
+    read_argv: list[bool] = []
+
+    def read_argv_of(_image: ImageFacts) -> tuple[str, ...]:
+        read_argv.append(True)
+        return facts.argv
+
     # Readers in other processes (unsquashfs for the fabric and host MPI checks) see the
     # checked file through our descriptor (passed to them), never through its path.
     found = gather(
@@ -671,13 +692,13 @@ def _plan(
         opts,
         user=user,
         fabric_image_path=f"/proc/self/fd/{image_fd}",
-        argv_of=lambda _image: facts.argv,
+        argv_of=read_argv_of,
     )
     planned = plan_image(found, opts, None)
     container = plan.for_tasks(plan.with_descriptors(planned.container, binds))
     if not home_allowed:
         container = plan.without_home(container, home)
-    return container, planned.env, opts.workdir or user.cwd, planned.pmi_bridge
+    return container, planned.env, opts.workdir or user.cwd, planned.pmi_bridge, bool(read_argv)
 
 
 def _entrypoint(want: Asked, image: ImageFacts) -> tuple[str, ...]:
@@ -713,7 +734,7 @@ def _build_as_root(
     from rankwire.runtime.instance import RUNTIME_DIR_VAR
 
     try:
-        container, env, workdir, bridge = _plan(
+        container, env, workdir, bridge, _ = _plan(
             facts, want, image, opened.image_fd, home, opened.binds, opened.home_allowed
         )
         if bridge.bridge:  # it would start in the container's mount namespace
@@ -774,7 +795,7 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
     binds = {src: IMAGE_FD + 1 + i for i, src in enumerate(checked["binds"])}
     home = pwd.getpwuid(facts.uid).pw_dir
     image = ImageFacts(**checked["image_facts"])
-    container, env, workdir, bridge = _plan(
+    container, env, workdir, bridge, read_argv = _plan(
         facts,
         want,
         image,
@@ -797,6 +818,7 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
     else:
         lease, joined = _join_or_start_named(container, facts, want, tuple(binds.values()))
     records = _task_records(facts, want, env, workdir, bridge, image)
+    records.append(("argv_used", "1" if read_argv else "0"))  # for the shim's ticket
     if joined and want.mounts:  # as Pyxis: a running container's mounts are its own
         records.append(
             (
@@ -836,7 +858,7 @@ def _join_or_start_named(
     from rankwire.runtime.instance import _join, runtime_dir, start_holder, unlink_if_dead
 
     name, key = str(want.name), plan.named_key(facts, want)
-    sock = runtime_dir() / "instances" / f"{key}.sock"
+    sock = Path(plan.named_socket(str(runtime_dir()), facts, want))
     mine = os.path.dirname(container.overlay_dir)
     lock = os.open(mine, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -316,6 +316,27 @@ def named_key(facts: JobFacts, want: Asked) -> str:
     return want.name if want.scope == "global" else f"{job_key(facts.job_id)}{want.name}"
 
 
+def named_socket(runtime_dir: str, facts: JobFacts, want: Asked) -> str:
+    """The named container's holder socket, in the user's runtime dir."""
+    return posixpath.join(runtime_dir, "instances", f"{named_key(facts, want)}.sock")
+
+
+def joins_without_helper(want: Asked) -> bool:
+    """May a later step that repeats this one's request join its named container with no
+    helper at all (the shim's ticket, `rankwire_spank.c` `join_fast`)? Only when a join
+    is all such a step does: a job-scoped name in mode auto or exec (create refuses an
+    existing name, no_exec keeps the tasks out), no --container-save (a phase of its own
+    after the tasks) and no --container-mounts (a join ignores them, with a warning that
+    only the helper's join gives). Enforcing sites never get here (root's container)."""
+    return (
+        want.name is not None
+        and want.name_mode in ("auto", "exec")
+        and want.scope == "job"
+        and want.save is None
+        and not want.mounts
+    )
+
+
 def named_dir(facts: JobFacts, want: Asked) -> str:
     """The named container's --writable-overlay dir: BASE/SLURMD/JOB/UID/NAME, or
     BASE/SLURMD/global/UID/NAME."""

@@ -92,7 +92,23 @@ static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 	return 0;
 }
 
-struct reply { struct buf *req; int skip, last, enforced, checked, bridge; }; /* a peer's */
+/* What a peer replied; keep (not NULL): the records a join replays, for the ticket. */
+struct reply {
+	struct buf *req, *keep;
+	int skip, last, enforced, checked, bridge, fast, argv_used;
+	char *socket; /* the check phase's join_socket */
+};
+
+/* The records a step that joins the named container without the helper replays. */
+static int replayed(const char *key)
+{
+	static const char *const keys[] = {"warning", "workdir", "setenv", "unsetenv", "copyenv",
+		"entrypoint", "bridge", "depends", NULL}; /* depends: the ticket's key's files */
+	for (const char *const *k = keys; *k; k++)
+		if (!strcmp(key, *k))
+			return 1;
+	return 0;
+}
 
 /* One word as rankwire-entrypoint (entrypoint.c) reads them: "LEN:WORD". */
 static void entry_word(struct buf *b, const char *word)
@@ -107,6 +123,8 @@ static void on_reply(const char *key, char *val, void *ctx)
 {
 	struct reply *r = ctx;
 
+	if (r->keep && replayed(key))
+		frame_add(r->keep, key, "%s", val);
 	if (!strcmp(key, "error"))
 		rw_fail("%s", val);
 	else if (!strcmp(key, "skip"))
@@ -129,6 +147,12 @@ static void on_reply(const char *key, char *val, void *ctx)
 		frame_add(&st.env, key, "%s", val);
 	else if (!strcmp(key, "entrypoint"))
 		entry_word(&st.entry, val);
+	else if (!strcmp(key, "fast_join")) /* the check phase's: a ticket for later steps */
+		r->fast = !strcmp(val, "1");
+	else if (!strcmp(key, "join_socket") && (free(r->socket), !(r->socket = strdup(val))))
+		rw_fail("rankwire: out of memory");
+	else if (!strcmp(key, "argv_used")) /* the start phase's: the key holds the command */
+		r->argv_used = !strcmp(val, "1");
 }
 
 /* What a phase handed over: exactly [lease, user ns (not if enforced), mount ns]. The lease
@@ -171,7 +195,8 @@ static void take_container(struct rw_fds *got, const char *phase, uid_t uid)
 		st.ns[0] = want == 3 ? got->fd[1] : -1, got->n = 0;
 }
 
-/* The plugstack.conf arguments: into req (for the helper), h and (if not NULL) named. */
+/* The plugstack.conf arguments: into req (for the helper), h and named (the last
+ * named_dir=, as spank/plan.named_base). */
 static void plugstack_args(int ac, char **av, struct buf *req, struct rw_helper *h,
 			   const char **named)
 {
@@ -180,24 +205,74 @@ static void plugstack_args(int ac, char **av, struct buf *req, struct rw_helper 
 	for (int i = 0; i < ac; i++)
 		if (frame_add(req, "arg", "%s", av[i]), !strncmp(av[i], "helper=", 7))
 			h->path = av[i] + 7;
-		else if (!strncmp(av[i], "named_dir=", 10) && named)
+		else if (!strncmp(av[i], "named_dir=", 10))
 			*named = av[i] + 10;
 		else if (!strncmp(av[i], "timeout=", 8) && ((h->timeout_s = (int)strtol(av[i] + 8,
 			 &end, 10)) < 1 || h->timeout_s > 86400 || *end || end == av[i] + 8))
 			rw_fail("rankwire: plugstack.conf %s: give 1 to 86400 seconds", av[i]);
 }
 
+static int asked_for(spank_t sp, int i);
+static int opt_index(const char *name);
+static void slurmd_key(char key[256], const char *conf, const char *node);
+
+/* A step asking for a named container: its job's dir on this node (BASE/SLURMD/JOB, as
+ * spank/plan.named_dir's parent's parent), where the ticket is; else "". */
+static void ticket_dir(spank_t sp, const char *base, char *dir, size_t n)
+{
+	uint32_t job = 0;
+	char key[256];
+
+	*dir = 0;
+	if (!asked_for(sp, opt_index("container-name")) ||
+	    spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS)
+		return;
+	slurmd_key(key, getenv("SLURM_CONF"), getenv("SLURMD_NODENAME"));
+	if (snprintf(dir, n, "%s/%s/%u", base, key, job) >= (int)n)
+		*dir = 0;
+}
+
+/* The ticket's holder, joined as the helper's start phase would: its replies replayed into
+ * r. 0 (nothing kept, no error) when whoever answers is not the holder take_container
+ * wants: the helper then decides, as for any step. */
+static int join_fast(const char *sock, uid_t uid, struct buf *replay, struct reply *r)
+{
+	struct rw_fds got = {.n = 0};
+
+	if (rw_join_holder(sock, uid, &got))
+		return 0;
+	take_container(&got, "join", uid);
+	if (*st.error)
+		return *st.error = 0, rw_close_fds(&got), 0;
+	(void)frame_parse(replay->p, replay->len, on_reply, r); /* checked by rw_ticket_read */
+	return 1;
+}
+
 static void setup(spank_t sp, int ac, char **av)
 {
 	struct rw_helper h = {RANKWIRE_HELPER, HELPER_TIMEOUT_S};
-	struct buf req = {0};
-	struct reply chk = {.req = &req}, run = {0};
+	struct buf req = {0}, keep = {0}, replay = {0};
+	struct reply chk = {.req = &req, .keep = &keep}, run = {.keep = &keep};
 	struct rw_job job = {0};
 	struct rw_fds fds = {.n = 0}, held = {.n = 0};
+	const char *base = RW_JOBS_DIR;
+	char dir[4352], sock[108];
+	size_t asked = 0;
 
-	plugstack_args(ac, av, &req, &h, NULL);
-	if (*st.error || put_facts(&req, sp, &job) ||
-	    rw_run_helper(&h, "check", &req, NULL, &held, &fds, on_reply, &chk) || *st.error)
+	plugstack_args(ac, av, &req, &h, &base);
+	if (*st.error || put_facts(&req, sp, &job))
+		goto out;
+	asked = req.len, ticket_dir(sp, base, dir, sizeof dir);
+	if (*dir && !rw_ticket_read(dir, job.uid, &req, asked, sock, sizeof sock, &replay)) {
+		struct reply fast = {0};
+		if (join_fast(sock, job.uid, &replay, &fast)) {
+			run.bridge = fast.bridge;
+			goto joined;
+		}
+	}
+	if (*dir) /* a ticket is the last helper's: this one's replies may differ */
+		rw_ticket_drop(dir, job.uid);
+	if (rw_run_helper(&h, "check", &req, NULL, &held, &fds, on_reply, &chk) || *st.error)
 		goto out;
 	if (chk.skip)
 		st.active = 0; /* e.g. a batch step, or srun --container with an oci.conf */
@@ -213,6 +288,9 @@ static void setup(spank_t sp, int ac, char **av)
 		else
 			take_container(&held, "start", job.uid);
 	}
+	if (*dir && chk.fast && chk.socket && !run.skip && st.lease >= 0 && !*st.error)
+		rw_ticket_write(dir, job.uid, &req, asked, run.argv_used, chk.socket, &keep);
+joined:
 	st.bridge = run.bridge;
 	if ((st.bridge || st.save) && !(st.helper = strdup(h.path)))
 		rw_fail("rankwire: out of memory");
@@ -224,7 +302,8 @@ static void setup(spank_t sp, int ac, char **av)
 out:
 	if (st.active && !st.workdir)
 		rw_fail("rankwire: the helper named no working directory in the container");
-	rw_close_fds(&fds), rw_close_fds(&held), free(req.p);
+	rw_close_fds(&fds), rw_close_fds(&held), free(req.p), free(keep.p), free(replay.p);
+	free(chk.socket);
 }
 
 int slurm_spank_init(spank_t sp, int ac UNUSED, char **av UNUSED)

@@ -12,6 +12,8 @@
  *   task_exit (slurmstepd): after the last task, --container-save (the helper's "save"
  *     phase as the job user), then leave; the holder tears down (a named one stays).
  *   job_epilog (slurmd's epilog, root): the job's named containers on the node go.
+ *   A step that joins a job's named container as an earlier step did, with the same
+ *     request, joins its holder without the helper (ticket.c: the phases' replies kept).
  * Every wait has a deadline. rankwire_spank.c: the callbacks, the lease; helper_run.c:
  * running the helper (fork, exact ids, fixed env, execve; the request in a memfd, the
  * reply over a socketpair with fds by SCM_RIGHTS, stderr in a memfd); frame.c: the only
@@ -72,4 +74,16 @@ int64_t rw_now_ms(void); /* CLOCK_MONOTONIC: deadlines */
  * got (NULL: closed): 0 or an errno. */
 int rw_read_frame(int fd, int until, int64_t deadline, struct rw_fds *got, struct buf *out);
 void rw_close_fds(const struct rw_fds *f);
+
+/* ticket.c: a named container joined without the helper. DIR is the job's dir on this
+ * node (BASE/SLURMD/JOB), REQ's first LEN bytes the request as put_facts made it. */
+/* 0 when the user's ticket matches: the holder's socket into sock, the records to
+ * replay appended to records; -1 when not (nothing changed). */
+int rw_ticket_read(const char *dir, uid_t uid, const struct buf *req, size_t len, char *sock,
+		   size_t sock_max, struct buf *records);
+void rw_ticket_write(const char *dir, uid_t uid, const struct buf *req, size_t len, int argv,
+		     const char *sock, const struct buf *records);
+void rw_ticket_drop(const char *dir, uid_t uid);
+/* `join` at sock, answered by a process of uid: 0 and [lease, user ns, mount ns] in got. */
+int rw_join_holder(const char *sock, uid_t uid, struct rw_fds *got);
 #endif

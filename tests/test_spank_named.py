@@ -9,6 +9,7 @@ Each job is an allocation (`salloc --no-shell`) whose steps the test runs with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from harness.spank import (
     end_job,
     named_leftovers,
     restart_slurmd,
+    slurmd_dir,
     srun,
 )
 from harness.users import User
@@ -92,6 +94,82 @@ def test_steps_of_a_job_share_the_named_container(
     finally:
         end_job(spank_cluster, first)
         end_job(spank_cluster, other)
+
+
+# Values Slurm makes anew for each step (the ticket's key has their names only).
+STEP_VALUES = re.compile(
+    r"(SLURM_STEP_?ID|SLURM_SRUN_COMM_PORT|SLURM_STEP_LAUNCHER_PORT|SLURM_TASK_PID"
+    r"|SLURM_PMIXP_ABORT_AGENT_PORT|PMI_JOBID|PMIX_\w+)="
+)
+
+
+def task_view(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """A task's `pwd; env`, the variables sorted, less the values Slurm makes per step."""
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    cwd, *env = proc.stdout.splitlines()
+    return [cwd, *sorted(line for line in env if not STEP_VALUES.match(line))]
+
+
+@pytest.mark.slow
+def test_a_repeated_join_skips_the_helper(
+    spank_cluster: SlurmCluster, base_image: Path, runner: User, no_named_left: None
+) -> None:
+    """A step whose request repeats the last one the helper ran for the job's container
+    joins its holder from the shim's ticket: the helper's check phase, which rewrites
+    root's record of the image, does not run; the tasks get what the helper gave them, to
+    the byte. Another request (one more variable), a file the check read that changed
+    (the image), or a holder that is gone, runs the helper again, which writes the
+    ticket anew."""
+    from rankwire.runtime.instance import _ping
+
+    job = allocate(spank_cluster, runner)
+    jobdir = slurmd_dir(spank_cluster) / str(job)
+    ticket, record = jobdir / f".{runner.uid}.join", jobdir / f".{runner.uid}.box.image"
+    args = (f"--container-image={base_image}", "--container-name=box")
+    show = ("sh", "-c", "pwd; env")
+
+    def ino(path: Path) -> int:
+        return path.stat().st_ino
+
+    try:
+        first = step(spank_cluster, runner, job, *args, *show)
+        made = ticket.stat()
+        assert (made.st_uid, made.st_mode & 0o777, task_view(first)[0]) == (0, 0o600, "/tmp")
+        kept = (ino(ticket), ino(record))
+        joined = step(spank_cluster, runner, job, *args, *show)
+        assert (ino(ticket), ino(record)) == kept, "the helper ran"
+        ticket.unlink()
+        helped = step(spank_cluster, runner, job, *args, *show)
+        assert ino(record) != kept[1] and ticket.exists(), "the helper did not run"
+        assert task_view(joined) == task_view(helped) == task_view(first)
+        assert "SLURM_STEP_ID=1" in joined.stdout.splitlines()  # the step's own values
+
+        kept = (ino(ticket), ino(record))
+        env = {**spank_cluster.env, "RANKWIRE_TEST_ONE_MORE": "1"}
+        other = step(spank_cluster, runner, job, *args, *show, env=env)
+        assert "RANKWIRE_TEST_ONE_MORE=1" in task_view(other)
+        assert ino(ticket) != kept[0] and ino(record) != kept[1], "the ticket was replayed"
+
+        kept = (ino(ticket), ino(record))
+        same = step(spank_cluster, runner, job, *args, *show, env=env)
+        assert (ino(ticket), ino(record)) == kept, "the helper ran"
+        os.utime(base_image)  # a file the check read changed: the check runs again
+        touched = step(spank_cluster, runner, job, *args, *show, env=env)
+        assert task_view(touched) == task_view(same) == task_view(other)
+        assert ino(ticket) != kept[0] and ino(record) != kept[1], "the image was not checked"
+
+        sock = Path(f"/run/rankwire/{runner.uid}/instances/job{job}-box.sock")
+        info = _ping(str(sock))
+        assert info is not None
+        os.kill(int(info["pid"]), signal.SIGKILL)
+        kept = (ino(ticket), ino(record))
+        again = step(spank_cluster, runner, job, *args, *show, env=env)
+        assert task_view(again) == task_view(other)
+        assert ino(ticket) != kept[0] and ino(record) != kept[1], "no new holder's ticket"
+        assert (_ping(str(sock)) or {}).get("pid") not in (None, info["pid"])
+    finally:
+        end_job(spank_cluster, job)
+    assert not jobdir.exists()
 
 
 @pytest.mark.slow
@@ -374,43 +452,19 @@ def test_enforced_sites_refuse_kept_containers(
         assert (refused.returncode != 0, errors(refused)) == (True, [line]), refused.stderr
 
 
-@pytest.mark.skipif(not os.environ.get("RANKWIRE_BENCH"), reason="a measurement: RANKWIRE_BENCH=1")
-def test_measure_joining_against_a_fresh_container(
-    spank_cluster: SlurmCluster, base_image: Path, runner: User, no_named_left: None
-) -> None:
-    """Not a check: `srun -n 1 true` in a named container that runs already, in a fresh
-    one, and without any (median of 5 each, ms), printed (run with -s)."""
-    import statistics
-
-    job = allocate(spank_cluster, runner)
-    image = f"--container-image={base_image}"
-    kinds = {
-        "bare": (),
-        "fresh": (image,),
-        "join": ("--container-name=box",),
-    }
-    try:
-        assert (
-            step(spank_cluster, runner, job, image, "--container-name=box", "true").returncode == 0
-        )
-        times: dict[str, list[float]] = {k: [] for k in kinds}
-        for _ in range(5):
-            for kind, args in kinds.items():
-                t0 = time.monotonic()
-                ran = step(spank_cluster, runner, job, *args, "true")
-                times[kind].append((time.monotonic() - t0) * 1000)
-                assert ran.returncode == 0, ran.stderr
-        medians = {k: statistics.median(v) for k, v in times.items()}
-        print(f"\n{runner.name}: " + ", ".join(f"{k} {m:.0f} ms" for k, m in medians.items()))
-    finally:
-        end_job(spank_cluster, job)
-
-
 def test_names_modes_and_dirs_are_planned() -> None:
     """The pure part (spank/plan.py): NAME[:MODE], the modes against what exists, where
     the changes live."""
     from rankwire.errors import UserError
-    from rankwire.spank.plan import Asked, named_base, parse_name, plan_named, slurmd_key
+    from rankwire.runtime.plan import Mount
+    from rankwire.spank.plan import (
+        Asked,
+        joins_without_helper,
+        named_base,
+        parse_name,
+        plan_named,
+        slurmd_key,
+    )
 
     assert parse_name(None, "--container-name") == (None, "auto")
     assert parse_name("box", "--container-name") == ("box", "auto")
@@ -425,6 +479,20 @@ def test_names_modes_and_dirs_are_planned() -> None:
     def want(mode: str, image: str = "/i.sif") -> Asked:
         return Asked(image, "--container-image", (), None, (), False, "auto", False,
                      name="box", name_mode=mode)  # fmt: skip
+
+    # Which requests a later step may repeat by joining without the helper (the ticket).
+    mount = Mount("bind", "/data", "/data")
+    for asked, fast in (
+        (want("auto"), True),
+        (want("exec"), True),
+        (want("create"), False),
+        (want("no_exec"), False),
+        (dataclasses.replace(want("auto"), scope="global"), False),
+        (dataclasses.replace(want("auto"), save="/x.sif"), False),
+        (dataclasses.replace(want("auto"), mounts=(mount,)), False),
+        (dataclasses.replace(want("auto"), name=None), False),
+    ):
+        assert (asked, joins_without_helper(asked)) == (asked, fast)
 
     assert plan_named(want("auto"), None, None).image == "/i.sif"
     assert plan_named(want("no_exec"), "/old.sif", None).image == "/old.sif"
@@ -548,5 +616,25 @@ def test_a_named_container_keeps_the_image_policy_allowed(
             "outside the allowed image directories (/nonexistent); copy it there or ask your "
             "admin"
         ]), new.stderr  # fmt: skip
+    finally:
+        end_job(spank_cluster, job)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_open_mpi_pmix_in_a_named_container_step_after_step(
+    spank_cluster: SlurmCluster, ompi_image: Path, runner: User, no_named_left: None
+) -> None:
+    """Slurm's PMIx server dir is the step's: a later step that joins the job's
+    container must see its own step's dir, not the first step's."""
+    from harness.mpi import assert_hello
+
+    job = allocate(spank_cluster, runner, "-n", "2")
+    args = ("-n", "2", "--mpi=pmix", f"--container-image={ompi_image}", "--container-name=mpi")
+    try:
+        for _ in range(3):
+            ran = step(spank_cluster, runner, job, *args, "/opt/hello_ompi")
+            assert ran.returncode == 0, ran.stderr
+            assert_hello(ran.stdout, 2)
     finally:
         end_job(spank_cluster, job)
