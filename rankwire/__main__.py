@@ -1,3 +1,3 @@
-from rankwire.cli import main
+from rankwire.entry import main
 
 main()

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import atexit
 import importlib
-import os
 import sys
 from typing import NoReturn
 
 import click
 
 from rankwire import __version__
+from rankwire.entry import exit_now
 from rankwire.errors import UserError, shown
 
 # Subcommands by name: a module is imported only when its command runs (or for --help),
@@ -142,25 +141,3 @@ def run_and_exit(command: click.Command, argv: list[str] | None, prog_name: str)
     except SystemExit as done:
         exit_now(done.code)
     exit_now(0)
-
-
-def exit_now(code: str | int | None) -> NoReturn:
-    """Exit as `sys.exit(code)` does, without the interpreter's teardown: freeing every
-    module and object costs 10-15 ms of each `rankwire exec`, join or plugin helper start
-    (bench/fastpath.py). What the teardown owes us is done first: atexit handlers run
-    (weakref finalizers too) and stdout/stderr are flushed (failing that: status 120, as
-    Python's own exit). With another thread alive, the normal exit, which joins it."""
-    threading = sys.modules.get("threading")
-    if threading is not None and threading.active_count() > 1:
-        sys.exit(code)
-    if isinstance(code, str):
-        print(code, file=sys.stderr)
-    status = 1 if isinstance(code, str) else code or 0
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            status = 120
-    os._exit(status)

@@ -1,4 +1,5 @@
-"""`rankwire spank-helper PHASE`: run by the SPANK shim, not by people."""
+"""`rankwire spank-helper PHASE`: run by the SPANK shim, not by people. `rankwire.entry`
+serves it without click; this command is for `--help` and its errors."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import sys
 
 import click
 
-PHASES = ["check", "start", "pull", "save", "epilog", "teardown"]
+from rankwire.entry import PHASES
 
 
 @click.command("spank-helper", hidden=True)
-@click.argument("phase", type=click.Choice(PHASES))
+@click.argument("phase", type=click.Choice(list(PHASES)))
 def spank_helper(phase: str) -> None:
     """Serve one request of the SPANK shim (JSON on stdin, reply on stdout)."""
     from rankwire.spank.helper import main

@@ -11,6 +11,9 @@ a socket as stdout; the reply is one frame, a failure the record `error=rankwire
   /run/rankwire/verified) before anything else reads it (`_check_signed`).
   - Advisory (no `enforce` in the policy): the reply is `checked` and the descriptors
     [image, bind...] (SCM_RIGHTS); the shim runs `start` with them as fds 3, 4, ...
+    Asked for `phases=check+start` (the shim does), a forked child becomes exactly the
+    job user and runs `start` itself on those descriptors, and replies for both
+    (`started=1`): one helper process per step (`_check_then_start`).
   - `enforce = true`: root builds the container itself (no user namespace, the image on
     a read-only loop device, binds from the descriptors), joins it and replies
     `enforced=1`, the task environment, and [lease, mount namespace].
@@ -327,7 +330,7 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
     )
     policy.check_kept(name=want.name, save=want.save)
     reap(facts)
-    named, allowed = None, None
+    named, allowed, asked_image = None, None, ""
     if want.name is not None:
         mine = _named_parent(facts, want)
         recorded = _recorded_image(facts, want)
@@ -337,6 +340,7 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
             with as_user(facts):
                 asked_real = os.path.realpath(want.image)
         named = plan.plan_named(want, recorded, asked_real)
+        asked_image = want.image
         want = dataclasses.replace(want, image=named.image, image_from=named.image_from)
     home = pwd.getpwuid(facts.uid).pw_dir
     pulled = _pull(facts, want, policy, home) if is_remote(want.image) else None
@@ -383,17 +387,43 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
     if allowed is not None:
         allowed.write(image_real)
     extra = [("warning", named.warning)] if named and named.warning else []
-    if plan.joins_without_helper(want):  # the shim keeps a ticket for later steps
+    if plan.joins_without_helper(want):  # the shim's ticket, for steps that repeat this
+        depends = _depends(facts, policy, image_fd, image_real, asked_image)
         sock = plan.named_socket(runtime, facts, want)
-        # The files this decision read: a later step whose request is the same joins
-        # without asking again only while they are the same files, unchanged.
-        read = (policy.source, policy.keyring, image_real)
-        extra += [("fast_join", "1"), ("join_socket", sock)]
-        extra += [("depends", path) for path in read if path]
+        if depends is not None:
+            extra += [("fast_join", "1"), ("join_socket", sock)]
+            extra += [("depends", d) for d in depends]
     return [("checked", json.dumps(checked)), *extra], [
         opened.image_fd,
         *opened.binds.values(),
     ]
+
+
+def _identity(st: os.stat_result) -> str:
+    """A file as the shim's ticket compares it (spank/ticket.c `on_depends`)."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _depends(
+    facts: JobFacts, policy: Policy, image_fd: int, image_real: str, asked_image: str
+) -> Optional[list[str]]:
+    """The files this check's decision read, "root|user IDENTITY PATH" (who can see them):
+    the helper's own code, the policy and its keyring (root's), the image (through the
+    descriptor read, at its real path) and a --container-image asked for a container that
+    runs another (its warning). A later step repeating this request joins without the
+    helper only while each is the same file, unchanged (spank/ticket.c). None when one
+    cannot be read: no ticket."""
+    try:
+        out = [f"root {_identity(os.stat(p))} {p}" for p in (__file__, policy.source) if p]
+        if policy.require_signed_by and policy.keyring:
+            out.append(f"root {_identity(os.stat(policy.keyring))} {policy.keyring}")
+        out.append(f"user {_identity(os.fstat(image_fd))} {image_real}")
+        if asked_image and not is_remote(asked_image) and asked_image != image_real:
+            with as_user(facts):
+                out.append(f"user {_identity(os.stat(asked_image))} {asked_image}")
+    except OSError:
+        return None
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -936,6 +966,91 @@ def save_as_user(req: frame.Records) -> Reply:
     return [("saved", how["out"])]
 
 
+def _become_job_user(facts: JobFacts) -> None:
+    """Root to exactly the job user, as the shim's helper_run.c does for `start`: the
+    job's groups, every uid and gid, checked, and no way back; not dumpable (our own user
+    cannot ptrace or read us). Any failure ends the process (the shim says so)."""
+    from rankwire.runtime import syscalls as sc
+
+    uid, gid = facts.uid, facts.gid
+    try:
+        os.setgroups(list(facts.gids))
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+            raise OSError("ids not changed")
+        if uid != 0:
+            with contextlib.suppress(PermissionError):
+                os.setuid(0)
+                raise OSError("root regained")
+        sc.prctl(sc.PR_SET_DUMPABLE, 0)
+    except OSError as err:
+        print(f"rankwire: cannot become uid {uid} gid {gid}: {err}", file=sys.stderr)
+        os._exit(126)
+
+
+def _to_start_fds(fds: Sequence[int]) -> None:
+    """`fds` at IMAGE_FD, IMAGE_FD + 1, ... (where the shim puts them for `start`), every
+    other descriptor but stdin, stdout and stderr closed."""
+    high = [os.dup(fd) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for i, fd in enumerate(high):
+        os.dup2(fd, IMAGE_FD + i, inheritable=False)
+        os.close(fd)
+    os.closerange(IMAGE_FD + len(high), os.sysconf("SC_OPEN_MAX"))
+
+
+def _check_then_start(facts: JobFacts) -> int:
+    """The shim's `check+start` (one helper start per step instead of two): root checks;
+    then, unless root did not hand over to a start phase (skipped, refused, enforced), a
+    forked child becomes the job user and runs `start` on the checked descriptors, and
+    replies both phases' records (`started=1`) with start's hand-over. The exit code is
+    the replying process's."""
+    import threading
+
+    try:
+        reply, fds = check(facts)
+    except UserError as err:
+        reply, fds = [("error", f"rankwire: {err}")], []
+    found = dict(reply)
+    if "checked" not in found or threading.active_count() > 1:  # the shim runs `start`
+        _reply(reply, fds)
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            _become_job_user(facts)
+            _to_start_fds(fds)
+            started, out = start(facts, json.loads(found["checked"]))
+            reply, fds = [*reply, ("started", "1"), *started], out
+        except UserError as err:
+            reply, fds = [("error", f"rankwire: {err}")], []
+        except Exception as err:  # one line for the shim, the traceback to slurmd's log
+            traceback.print_exc()
+            reply, fds = [("error", f"rankwire: internal error in the start phase: {err!r}")], []
+        try:
+            _reply(reply, fds)
+        except OSError:
+            code = 1
+        for stream in (sys.stdout, sys.stderr):  # nothing of the root parent's exit runs
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    for fd in fds:
+        os.close(fd)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    return os.waitstatus_to_exitcode(status)
+
+
 def main(phase: str) -> int:
     """Serve one request; the exit code is 0 whenever a reply was sent."""
     fds: list[int] = []
@@ -947,6 +1062,8 @@ def main(phase: str) -> int:
         req = frame.decode(sys.stdin.buffer.read())
         if phase == "pull":
             reply = pull_as_user(req)
+        elif phase == "check" and frame.one(req, "phases") == "check+start":
+            return _check_then_start(JobFacts.from_request(req))
         elif phase == "check":
             reply, fds = check(JobFacts.from_request(req))
         elif phase == "start":

@@ -27,6 +27,7 @@ static int opt_cb(int val, const char *arg, int remote UNUSED)
 /* Per-step state in slurmstepd; each forked task has its copy. */
 static struct {
 	int active, enforced, bridge, ns[2], lease, pidfd, tasks, exited; /* ns: user, mount */
+	pid_t holder; /* the lease's peer */
 	char error[1024], *workdir, *helper, *warning, *save; /* save: the start phase's */
 	struct buf env; /* the reply's setenv/unsetenv/copyenv records, for the tasks */
 	struct buf entry; /* the reply's entrypoint words, "LEN:WORD" each (`through_entrypoint`) */
@@ -89,13 +90,14 @@ static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 		frame_add(b, "stepd_env", "SLURM_CONF=%s", conf);
 	if (node)
 		frame_add(b, "stepd_env", "SLURMD_NODENAME=%s", node);
+	frame_add(b, "phases", "check+start"); /* the check phase may run start itself */
 	return 0;
 }
 
 /* What a peer replied; keep (not NULL): the records a join replays, for the ticket. */
 struct reply {
 	struct buf *req, *keep;
-	int skip, last, enforced, checked, bridge, fast, argv_used;
+	int skip, last, enforced, checked, started, bridge, fast, argv_used;
 	char *socket; /* the check phase's join_socket */
 };
 
@@ -139,6 +141,8 @@ static void on_reply(const char *key, char *val, void *ctx)
 		rw_fail("rankwire: out of memory");
 	else if (!strcmp(key, "save") && (free(st.save), !(st.save = strdup(val))))
 		rw_fail("rankwire: out of memory");
+	else if (!strcmp(key, "started")) /* the check phase ran start as the job user */
+		r->started = !strcmp(val, "1");
 	else if (!strcmp(key, "checked") && r->req && (r->checked = 1))
 		frame_add(r->req, key, "%s", val); /* for the start phase */
 	else if (!strcmp(key, "workdir") && (free(st.workdir), !(st.workdir = strdup(val))))
@@ -191,7 +195,7 @@ static void take_container(struct rw_fds *got, const char *phase, uid_t uid)
 	    errno != ENOSYS)
 		rw_fail("rankwire: cannot watch the container's holder: %s", strerror(errno));
 	if (!*st.error) /* ours now */
-		st.lease = lease, st.ns[1] = got->fd[want - 1],
+		st.lease = lease, st.holder = cr.pid, st.ns[1] = got->fd[want - 1],
 		st.ns[0] = want == 3 ? got->fd[1] : -1, got->n = 0;
 }
 
@@ -232,40 +236,52 @@ static void ticket_dir(spank_t sp, const char *base, char *dir, size_t n)
 		*dir = 0;
 }
 
+static void no_record(const char *k UNUSED, char *v UNUSED, void *ctx UNUSED) {}
+
 /* The ticket's holder, joined as the helper's start phase would: its replies replayed into
- * r. 0 (nothing kept, no error) when whoever answers is not the holder take_container
- * wants: the helper then decides, as for any step. */
-static int join_fast(const char *sock, uid_t uid, struct buf *replay, struct reply *r)
+ * r. 0 (nothing kept, no error) when the ticket does not hold or whoever answered is not
+ * the holder take_container wants: the helper then decides, as for any step. */
+static int join_fast(const char *dir, uid_t uid, const struct buf *req, size_t len,
+		     struct reply *r)
 {
 	struct rw_fds got = {.n = 0};
+	struct buf replay = {0};
+	char *copy = NULL; /* a frame? checked on a copy (parsing is in place) */
+	int ok = !rw_fast_join(dir, uid, req, len, &got, &replay) &&
+		 (copy = malloc(replay.len)) &&
+		 !frame_parse(memcpy(copy, replay.p, replay.len), replay.len, no_record, NULL);
 
-	if (rw_join_holder(sock, uid, &got))
-		return 0;
-	take_container(&got, "join", uid);
-	if (*st.error)
-		return *st.error = 0, rw_close_fds(&got), 0;
-	(void)frame_parse(replay->p, replay->len, on_reply, r); /* checked by rw_ticket_read */
-	return 1;
+	free(copy);
+	if (ok)
+		take_container(&got, "join", uid);
+	if (ok && *st.error)
+		*st.error = 0, ok = 0;
+	if (ok)
+		(void)frame_parse(replay.p, replay.len, on_reply, r);
+	else
+		rw_close_fds(&got);
+	free(replay.p);
+	return ok;
 }
 
 static void setup(spank_t sp, int ac, char **av)
 {
 	struct rw_helper h = {RANKWIRE_HELPER, HELPER_TIMEOUT_S};
-	struct buf req = {0}, keep = {0}, replay = {0};
+	struct buf req = {0}, keep = {0};
 	struct reply chk = {.req = &req, .keep = &keep}, run = {.keep = &keep};
 	struct rw_job job = {0};
 	struct rw_fds fds = {.n = 0}, held = {.n = 0};
 	const char *base = RW_JOBS_DIR;
-	char dir[4352], sock[108];
+	char dir[4352];
 	size_t asked = 0;
 
 	plugstack_args(ac, av, &req, &h, &base);
 	if (*st.error || put_facts(&req, sp, &job))
 		goto out;
 	asked = req.len, ticket_dir(sp, base, dir, sizeof dir);
-	if (*dir && !rw_ticket_read(dir, job.uid, &req, asked, sock, sizeof sock, &replay)) {
+	if (*dir) {
 		struct reply fast = {0};
-		if (join_fast(sock, job.uid, &replay, &fast)) {
+		if (join_fast(dir, job.uid, &req, asked, &fast)) {
 			run.bridge = fast.bridge;
 			goto joined;
 		}
@@ -278,10 +294,12 @@ static void setup(spank_t sp, int ac, char **av)
 		st.active = 0; /* e.g. a batch step, or srun --container with an oci.conf */
 	else if ((st.enforced = chk.enforced)) /* root built and joined it: no start phase */
 		take_container(&fds, "check", 0);
+	else if (chk.started) /* its child, the job user exactly, started or joined it */
+		take_container(&fds, "check+start", job.uid);
 	else if (!chk.checked || fds.n < 1 || fds.n > RW_MAX_FDS)
 		rw_fail("rankwire: the helper's check phase allowed nothing (`checked` and 1 to %d "
 			"descriptors, not %d)", RW_MAX_FDS, fds.n);
-	if (st.active && !st.enforced && !*st.error &&
+	if (st.active && !st.enforced && !chk.started && !*st.error &&
 	    !rw_run_helper(&h, "start", &req, &job, &fds, &held, on_reply, &run) && !*st.error) {
 		if (run.skip) /* --container-name=NAME:no_exec: the tasks stay on the host */
 			st.active = 0, rw_close_fds(&held), held.n = 0;
@@ -289,7 +307,10 @@ static void setup(spank_t sp, int ac, char **av)
 			take_container(&held, "start", job.uid);
 	}
 	if (*dir && chk.fast && chk.socket && !run.skip && st.lease >= 0 && !*st.error)
-		rw_ticket_write(dir, job.uid, &req, asked, run.argv_used, chk.socket, &keep);
+		rw_ticket_write(dir, job.uid, &req, asked, run.argv_used || chk.argv_used,
+				st.holder, chk.socket, &keep);
+	if (chk.started)
+		run.bridge = chk.bridge;
 joined:
 	st.bridge = run.bridge;
 	if ((st.bridge || st.save) && !(st.helper = strdup(h.path)))
@@ -302,8 +323,8 @@ joined:
 out:
 	if (st.active && !st.workdir)
 		rw_fail("rankwire: the helper named no working directory in the container");
-	rw_close_fds(&fds), rw_close_fds(&held), free(req.p), free(keep.p), free(replay.p);
-	free(chk.socket);
+	rw_close_fds(&fds), rw_close_fds(&held), free(req.p), free(keep.p);
+	free(chk.socket), free(run.socket);
 }
 
 int slurm_spank_init(spank_t sp, int ac UNUSED, char **av UNUSED)

@@ -2,10 +2,13 @@
  * rankwire SPANK shim: `srun --container-image=app.sif ./mpi_app` (or srun --container=).
  * Mechanism only; every decision is the Python helper's (`rankwire spank-helper`):
  *   user_init (slurmstepd, once per node): run the helper's "check" phase as root (site
- *     policy; it opens the image and binds, hands us the fds) and, unless it enforced the
- *     container itself, its "start" phase as the job user with those fds as 3, 4, ...
- *     Either hands over [lease, (user ns,) mount ns], checked against the lease's peer
- *     (the holder). Failures are kept for task_init: Slurm 22.05 does not report user_init's.
+ *     policy; it opens the image and binds), asking it to run the "start" phase too: a
+ *     child of it that becomes exactly the job user starts the container from those
+ *     descriptors (`started=1`). A helper that did not (nor enforced the container
+ *     itself) hands us the fds, and its "start" phase runs as the job user with them as
+ *     3, 4, ... Each hands over [lease, (user ns,) mount ns], checked against the lease's
+ *     peer (the holder). Failures are kept for task_init: Slurm 22.05 does not report
+ *     user_init's.
  *   task_init_privileged (each task, forked, root; enforced only): setns mount.
  *   task_init (each task, as the user): setns user + mount (advisory only), no_new_privs,
  *     chdir, env.
@@ -77,13 +80,12 @@ void rw_close_fds(const struct rw_fds *f);
 
 /* ticket.c: a named container joined without the helper. DIR is the job's dir on this
  * node (BASE/SLURMD/JOB), REQ's first LEN bytes the request as put_facts made it. */
-/* 0 when the user's ticket matches: the holder's socket into sock, the records to
- * replay appended to records; -1 when not (nothing changed). */
-int rw_ticket_read(const char *dir, uid_t uid, const struct buf *req, size_t len, char *sock,
-		   size_t sock_max, struct buf *records);
+/* 0 when the user's ticket still holds (bounded: a child does the lookups): the records
+ * to replay in records, [lease, user ns, mount ns] in got; -1 when not (nothing kept). */
+int rw_fast_join(const char *dir, uid_t uid, const struct buf *req, size_t len,
+		 struct rw_fds *got, struct buf *records);
+/* The ticket of a step that ran the helper and joined `holder` at `sock`. */
 void rw_ticket_write(const char *dir, uid_t uid, const struct buf *req, size_t len, int argv,
-		     const char *sock, const struct buf *records);
+		     pid_t holder, const char *sock, const struct buf *records);
 void rw_ticket_drop(const char *dir, uid_t uid);
-/* `join` at sock, answered by a process of uid: 0 and [lease, user ns, mount ns] in got. */
-int rw_join_holder(const char *sock, uid_t uid, struct rw_fds *got);
 #endif

@@ -1,4 +1,4 @@
-"""`rankwire.cli.exit_now`: the CLI's exit skips the interpreter's teardown but keeps what
+"""`rankwire.entry.exit_now`: the CLI's exit skips the interpreter's teardown but keeps what
 that teardown owes: atexit handlers, flushed output, the status, other threads joined."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-# Each case: the Python run after `from rankwire.cli import exit_now`, and what it gives.
+# Each case: the Python run after `from rankwire.entry import exit_now`, and what it gives.
 CASES = {
     "status and buffered output": (
         "import atexit, sys\n"
@@ -38,7 +38,7 @@ def test_exit_now(case: str) -> None:
     code, status, out, err = CASES[case]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # block-buffered
     proc = subprocess.run(
-        [sys.executable, "-c", f"from rankwire.cli import exit_now\n{code}"],
+        [sys.executable, "-c", f"from rankwire.entry import exit_now\n{code}"],
         capture_output=True,
         text=True,
         env=env,

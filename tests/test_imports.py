@@ -53,3 +53,36 @@ def test_joining_an_instance_imports_only_what_a_join_needs(runner: User, base_i
     assert stop.returncode == 0, stop.stderr
     assert "rankwire.runtime.instance" in loaded  # the join ran
     assert sorted(loaded & NOT_FOR_A_JOIN) == []
+
+
+def test_the_spank_helper_starts_without_the_cli() -> None:
+    """`rankwire spank-helper PHASE` (twice per plugin step) goes straight to the helper:
+    no click, no `rankwire.cli`; its reply still comes (here: the epilog of no job)."""
+    import socket
+    import subprocess
+
+    from rankwire.runtime import frame
+
+    script = (  # the modules on stderr: stdout is the reply's socket
+        "import atexit, sys\n"
+        "atexit.register(lambda: print(' '.join(sorted(sys.modules)), file=sys.stderr))\n"
+        "from rankwire.entry import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, "spank-helper", "epilog"],
+            stdin=subprocess.DEVNULL,
+            stdout=theirs.fileno(),
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+        theirs.close()
+        reply = frame.decode(ours.recv(65536))
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(proc.stderr.split())
+    assert "rankwire.spank.helper" in loaded
+    assert sorted(loaded & {"click", "rankwire.cli"}) == []
+    assert reply == [("done", "1")]  # no job id: nothing to end

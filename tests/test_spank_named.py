@@ -112,14 +112,18 @@ def task_view(proc: subprocess.CompletedProcess[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_a_repeated_join_skips_the_helper(
-    spank_cluster: SlurmCluster, base_image: Path, runner: User, no_named_left: None
+    spank_cluster: SlurmCluster,
+    base_image: Path,
+    policy: Path,
+    runner: User,
+    no_named_left: None,
 ) -> None:
     """A step whose request repeats the last one the helper ran for the job's container
     joins its holder from the shim's ticket: the helper's check phase, which rewrites
     root's record of the image, does not run; the tasks get what the helper gave them, to
     the byte. Another request (one more variable), a file the check read that changed
-    (the image), or a holder that is gone, runs the helper again, which writes the
-    ticket anew."""
+    (the image; the site's policy, which may now refuse the step), or a holder that is
+    gone, runs the helper again, which writes the ticket anew."""
     from rankwire.runtime.instance import _ping
 
     job = allocate(spank_cluster, runner)
@@ -157,6 +161,18 @@ def test_a_repeated_join_skips_the_helper(
         touched = step(spank_cluster, runner, job, *args, *show, env=env)
         assert task_view(touched) == task_view(same) == task_view(other)
         assert ino(ticket) != kept[0] and ino(record) != kept[1], "the image was not checked"
+
+        policy.write_text(policy.read_text() + "allow_writable = false\n")
+        refused = step(spank_cluster, runner, job, *args, *show, env=env)
+        assert (refused.returncode != 0, errors(refused)) == (True, [
+            f"slurmstepd-{spank_cluster.nodename}: error: rankwire: policy: --container-name "
+            "keeps the container's changes, and this site allows no writable containers; "
+            "drop it"
+        ]), refused.stderr  # fmt: skip
+        assert not ticket.exists()
+        policy.write_text(policy.read_text().replace("allow_writable = false\n", ""))
+        restored = step(spank_cluster, runner, job, *args, *show, env=env)
+        assert task_view(restored) == task_view(other) and ticket.exists()
 
         sock = Path(f"/run/rankwire/{runner.uid}/instances/job{job}-box.sock")
         info = _ping(str(sock))

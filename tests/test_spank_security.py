@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -566,3 +567,31 @@ def test_enforced_container_cannot_be_changed_by_the_user(
     assert lines[0].split() == ["0", "0", "4294967295"]
     assert lines[1] == os.readlink("/proc/self/ns/user")
     assert lines[2:] == ["NOSUID", "ID=rankwire-test"]
+
+
+def test_check_then_start_becomes_exactly_the_job_user(unprivileged_user: User) -> None:
+    """The check phase's child that runs `start` (one helper start per step) drops root
+    as the shim does for a start phase of its own: the job's uid, gid and groups only,
+    every one of them, no capability left, no way back, not dumpable."""
+    if os.getuid() != 0:
+        pytest.skip("needs root")
+    user = unprivileged_user
+    script = (
+        "import ctypes, os\n"
+        "from rankwire.spank.helper import _become_job_user\n"
+        "from rankwire.spank.plan import JobFacts\n"
+        f"facts = JobFacts(uid={user.uid}, gid={user.gid}, gids=({user.gid}, 100), job_id=1, "
+        "step_id=0, local_tasks=1, total_tasks=1, node_id=0, nnodes=1, stepd_pid=1, cwd='/', "
+        "args=(), options={}, env={}, stepd_env={})\n"
+        "_become_job_user(facts)\n"
+        "caps = [l.split()[1] for l in open('/proc/self/status')\n"
+        "        if l.split(':')[0] in ('CapInh', 'CapPrm', 'CapEff', 'CapAmb')]\n"
+        "dumpable = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)\n"
+        "print(os.getresuid(), os.getresgid(), sorted(os.getgroups()), caps, dumpable)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    uid, gid, zero = user.uid, user.gid, "0000000000000000"
+    assert proc.stdout == (
+        f"({uid}, {uid}, {uid}) ({gid}, {gid}, {gid}) {sorted({gid, 100})} {[zero] * 4} 0\n"
+    )

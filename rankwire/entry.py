@@ -1,0 +1,46 @@
+"""The `rankwire` console entry point. The SPANK shim runs `rankwire spank-helper PHASE`
+for every container step, twice: that goes straight to the helper, without click and the
+CLI (about 25 ms of each start); every other command goes to `rankwire.cli`."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from typing import NoReturn
+
+# `rankwire spank-helper PHASE`'s phases (spank/helper.py `main`).
+PHASES = ("check", "start", "pull", "save", "epilog", "teardown")
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "spank-helper" and args[1] in PHASES:
+        from rankwire.spank.helper import main as serve
+
+        exit_now(serve(args[1]))
+    from rankwire.cli import main as cli_main
+
+    cli_main(argv)
+
+
+def exit_now(code: str | int | None) -> NoReturn:
+    """Exit as `sys.exit(code)` does, without the interpreter's teardown: freeing every
+    module and object costs 10-15 ms of each `rankwire exec`, join or plugin helper start
+    (bench/fastpath.py). What the teardown owes us is done first: atexit handlers run
+    (weakref finalizers too) and stdout/stderr are flushed (failing that: status 120, as
+    Python's own exit). With another thread alive, the normal exit, which joins it."""
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    status = 1 if isinstance(code, str) else code or 0
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            status = 120
+    os._exit(status)
