@@ -1050,9 +1050,6 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
     """
     code = 1
     try:
-        # Forked by the plugin's non-dumpable start phase, we would not own our /proc files
-        # (uid_map, setgroups); a holder's user owns its container in any case.
-        sc.prctl(sc.PR_SET_DUMPABLE, 1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C is for the ranks
         signal.signal(signal.SIGTERM, _exit_on_signal)
         for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
@@ -1067,6 +1064,10 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
             {status_fd, devnull, req.get("image_fd", devnull), *req.get("keep_fds", ())}
         )
         os.close(devnull)
+        # Forked by the plugin's non-dumpable start phase, we would not own our /proc files
+        # (uid_map, setgroups); a holder's user owns its container in any case. Only now:
+        # our user may then read and trace us, and nothing of our parent's is open.
+        sc.prctl(sc.PR_SET_DUMPABLE, 1)
         holder = Holder(req)
         try:
             holder.setup()

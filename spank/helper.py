@@ -59,7 +59,7 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 from rankwire.errors import UserError
 from rankwire.pmi.bridgeplan import NAMES, PMI2_TO_PMIX, PMIX_TO_PMI, BridgePlan
@@ -408,13 +408,15 @@ def _depends(
     facts: JobFacts, policy: Policy, image_fd: int, image_real: str, asked_image: str
 ) -> Optional[list[str]]:
     """The files this check's decision read, "root|user IDENTITY PATH" (who can see them):
-    the helper's own code, the policy and its keyring (root's), the image (through the
+    the code that decides (helper, plan, policy: an upgrade), the policy file and its
+    keyring (root's), the image (through the
     descriptor read, at its real path) and a --container-image asked for a container that
     runs another (its warning). A later step repeating this request joins without the
     helper only while each is the same file, unchanged (spank/ticket.c). None when one
     cannot be read: no ticket."""
     try:
-        out = [f"root {_identity(os.stat(p))} {p}" for p in (__file__, policy.source) if p]
+        code = (__file__, plan.__file__, sys.modules[Policy.__module__].__file__)
+        out = [f"root {_identity(os.stat(p))} {p}" for p in (*code, policy.source) if p]
         if policy.require_signed_by and policy.keyring:
             out.append(f"root {_identity(os.stat(policy.keyring))} {policy.keyring}")
         out.append(f"user {_identity(os.fstat(image_fd))} {image_real}")
@@ -992,62 +994,100 @@ def _become_job_user(facts: JobFacts) -> None:
 def _to_start_fds(fds: Sequence[int]) -> None:
     """`fds` at IMAGE_FD, IMAGE_FD + 1, ... (where the shim puts them for `start`), every
     other descriptor but stdin, stdout and stderr closed."""
-    high = [os.dup(fd) for fd in fds]
-    for fd in fds:
-        os.close(fd)
+    import fcntl
+
+    floor = IMAGE_FD + len(fds)  # above every target: no dup lands on one of them
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in fds]
     for i, fd in enumerate(high):
         os.dup2(fd, IMAGE_FD + i, inheritable=False)
-        os.close(fd)
-    os.closerange(IMAGE_FD + len(high), os.sysconf("SC_OPEN_MAX"))
+    os.closerange(floor, os.sysconf("SC_OPEN_MAX"))
+
+
+def _read_all(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """Everything until EOF, and the descriptors that came with it."""
+    chunks: list[bytes] = []
+    fds: list[int] = []
+    while True:
+        msg, got, _, _ = socket.recv_fds(conn, 1 << 16, MAX_BINDS + 1)
+        fds += got
+        if not msg:
+            return b"".join(chunks), fds
+        chunks.append(msg)
+
+
+def _start_as_user(facts: JobFacts, from_root: socket.socket) -> NoReturn:
+    """The forked child of `_check_then_start`: the job user from the start, with nothing
+    of root's check in its memory (the holder it forks is its user's to read). It waits
+    for root's check records and descriptors; with them it runs `start` and replies for
+    both phases (`started=1`); EOF (root replied itself) ends it."""
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _become_job_user(facts)
+        # The start phase's own modules meanwhile (root's check runs on the other core).
+        import rankwire.runtime.assemble
+        import rankwire.runtime.facts
+        import rankwire.runtime.instance  # noqa: F401
+
+        msg, fds = _read_all(from_root)
+        from_root.close()
+        if msg:
+            records = [(k, v) for k, v in frame.decode(msg)]
+            _to_start_fds(fds)
+            try:
+                started, out = start(facts, json.loads(dict(records)["checked"]))
+                reply, fds = [*records, ("started", "1"), *started], out
+            except UserError as err:
+                reply, fds = [("error", f"rankwire: {err}")], []
+            _reply(reply, fds)
+    except BaseException as err:  # one line for the shim, the traceback to slurmd's log
+        traceback.print_exc()
+        code = 1
+        with contextlib.suppress(BaseException):
+            _reply([("error", f"rankwire: internal error in the start phase: {err!r}")])
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # nothing of the interpreter's exit runs
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(code)
 
 
 def _check_then_start(facts: JobFacts) -> int:
-    """The shim's `check+start` (one helper start per step instead of two): root checks;
-    then, unless root did not hand over to a start phase (skipped, refused, enforced), a
-    forked child becomes the job user and runs `start` on the checked descriptors, and
-    replies both phases' records (`started=1`) with start's hand-over. The exit code is
-    the replying process's."""
+    """The shim's `check+start` (one helper start per step instead of two). Before root
+    reads anything, a child is forked that becomes the job user (`_start_as_user`); root
+    checks, and hands the child its records and the checked descriptors, or, when there
+    is no start phase to run (skipped, refused, enforced), replies itself and lets the
+    child go. The exit code is the replying process's."""
     import threading
 
-    try:
+    if threading.active_count() > 1:  # no fork: the shim runs `start`
         reply, fds = check(facts)
-    except UserError as err:
-        reply, fds = [("error", f"rankwire: {err}")], []
-    found = dict(reply)
-    if "checked" not in found or threading.active_count() > 1:  # the shim runs `start`
         _reply(reply, fds)
         return 0
+    to_child, from_root = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        code = 0
+        to_child.close()
+        _start_as_user(facts, from_root)
+    from_root.close()
+    try:
         try:
-            _become_job_user(facts)
-            _to_start_fds(fds)
-            started, out = start(facts, json.loads(found["checked"]))
-            reply, fds = [*reply, ("started", "1"), *started], out
+            reply, fds = check(facts)
         except UserError as err:
             reply, fds = [("error", f"rankwire: {err}")], []
-        except Exception as err:  # one line for the shim, the traceback to slurmd's log
-            traceback.print_exc()
-            reply, fds = [("error", f"rankwire: internal error in the start phase: {err!r}")], []
-        try:
+        if "checked" in dict(reply):  # the fds ride with the first byte; EOF ends it
+            payload = frame.encode(reply)
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            to_child.sendall(payload[to_child.sendmsg([payload], anc) :])
+        else:
             _reply(reply, fds)
-        except OSError:
-            code = 1
-        for stream in (sys.stdout, sys.stderr):  # nothing of the root parent's exit runs
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        os._exit(code)
-    for fd in fds:
-        os.close(fd)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
+        for fd in fds:
+            os.close(fd)
+    finally:
+        to_child.close()
+    _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
 

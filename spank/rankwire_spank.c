@@ -308,7 +308,7 @@ static void setup(spank_t sp, int ac, char **av)
 	}
 	if (*dir && chk.fast && chk.socket && !run.skip && st.lease >= 0 && !*st.error)
 		rw_ticket_write(dir, job.uid, &req, asked, run.argv_used || chk.argv_used,
-				st.holder, chk.socket, &keep);
+				st.holder, st.ns, chk.socket, &keep);
 	if (chk.started)
 		run.bridge = chk.bridge;
 joined:

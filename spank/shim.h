@@ -86,6 +86,6 @@ int rw_fast_join(const char *dir, uid_t uid, const struct buf *req, size_t len,
 		 struct rw_fds *got, struct buf *records);
 /* The ticket of a step that ran the helper and joined `holder` at `sock`. */
 void rw_ticket_write(const char *dir, uid_t uid, const struct buf *req, size_t len, int argv,
-		     pid_t holder, const char *sock, const struct buf *records);
+		     pid_t holder, const int ns[2], const char *sock, const struct buf *records);
 void rw_ticket_drop(const char *dir, uid_t uid);
 #endif

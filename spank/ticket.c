@@ -6,11 +6,12 @@
  * `depends` records: "root|user IDENTITY PATH", the identity as the helper saw it) and
  * the same holder answers, would get the same replies: the shim joins the holder itself.
  *
- * Layout: "rankwire-join 2 ARGV PID KEYLEN SOCKLEN\n", the key (KEYLEN bytes: a frame of
+ * Layout: "rankwire-join 3 ARGV PID NS KEYLEN SOCKLEN\n", the key (KEYLEN bytes: a frame of
  * the request's records that the phases' answers depend on), the holder's socket path
  * (SOCKLEN bytes), then the replies' records (a frame, to the end: those to replay, and
  * `depends`). ARGV 1: the start phase read the tasks' command (a two-MPI image), so the
- * key holds it. PID: the holder that step joined.
+ * key holds it. PID and NS (its user and mount namespaces, "DEV:INO,DEV:INO"): the holder
+ * that step joined.
  *
  * Reading the ticket's files is root's (a root-made dir); the rest (the `depends` files
  * as their reader saw them, the socket in the user's runtime dir) is a lookup in paths
@@ -20,9 +21,10 @@
 
 #include <sys/un.h>
 
-#define TICKET_MAGIC "rankwire-join 2"
+#define TICKET_MAGIC "rankwire-join 3"
 #define JOIN_WAIT_MS 5000 /* the whole fast join; else the helper runs */
 #define SPECIAL_STEP 0xFFFFFFFAu /* and above: batch, extern, interactive (plan.SPECIAL_STEPS) */
+#define END "end=1" /* the child's last record: what came is whole */
 
 /* Environment values Slurm makes anew for each step of a job (srun's ports, the step's
  * id, PMIx's per-step server): in the key by name only. An entry ending in '=' is a name,
@@ -116,21 +118,33 @@ void rw_ticket_drop(const char *dir, uid_t uid)
 	root_end(eu);
 }
 
-void rw_ticket_write(const char *dir, uid_t uid, const struct buf *req, size_t len, int argv,
-		     pid_t holder, const char *sock, const struct buf *records)
+/* The namespaces of fds (user, mount) as "DEV:INO,DEV:INO", or "" */
+static void ns_ids(const int fds[2], char out[96])
 {
-	char name[32], tmp[64], head[128];
+	struct stat u, m;
+
+	*out = 0;
+	if (!fstat(fds[0], &u) && !fstat(fds[1], &m))
+		snprintf(out, 96, "%ju:%ju,%ju:%ju", (uintmax_t)u.st_dev, (uintmax_t)u.st_ino,
+			 (uintmax_t)m.st_dev, (uintmax_t)m.st_ino);
+}
+
+void rw_ticket_write(const char *dir, uid_t uid, const struct buf *req, size_t len, int argv,
+		     pid_t holder, const int ns[2], const char *sock, const struct buf *records)
+{
+	char name[32], tmp[64], head[256], ids[96];
 	struct buf key = {0}, t = {0};
 	int dfd = -1, fd = -1, ok = 0;
 	uid_t eu;
 
 	key_of(req, len, argv, &key);
+	ns_ids(ns, ids);
 	eu = root_begin();
 	ticket_name(name, uid);
 	snprintf(tmp, sizeof tmp, "%s.%d", name, (int)getpid());
-	if (eu != (uid_t)-1 && (dfd = open_dir(dir)) >= 0) {
-		snprintf(head, sizeof head, TICKET_MAGIC " %d %d %zu %zu\n", argv, (int)holder,
-			 key.len, strlen(sock));
+	if (eu != (uid_t)-1 && *ids && (dfd = open_dir(dir)) >= 0) {
+		snprintf(head, sizeof head, TICKET_MAGIC " %d %d %s %zu %zu\n", argv, (int)holder,
+			 ids, key.len, strlen(sock));
 		buf_put(&t, head, strlen(head)), buf_put(&t, key.p, key.len);
 		buf_put(&t, sock, strlen(sock)), buf_put(&t, records->p, records->len);
 		(void)unlinkat(dfd, tmp, 0);
@@ -202,8 +216,10 @@ static void on_depends(const char *k, char *v, void *ctx)
 
 /* `join` at sock, answered by the process `pid` of uid: 0 and [lease, user ns, mount ns]
  * in got, each checked for its kind. Nothing is sent to any other process. */
-static int join_holder(const char *sock, uid_t uid, pid_t pid, struct rw_fds *got)
+static int join_holder(const char *sock, uid_t uid, pid_t pid, const char *ns,
+		       struct rw_fds *got)
 {
+	char ids[96];
 	union { struct cmsghdr align; char b[CMSG_SPACE(4 * sizeof(int))]; } ctl;
 	struct sockaddr_un a = {.sun_family = AF_UNIX};
 	struct ucred cr = {0};
@@ -251,7 +267,8 @@ static int join_holder(const char *sock, uid_t uid, pid_t pid, struct rw_fds *go
 	}
 	/* Three, and namespaces of the right kinds (a PID namespace too: not the plugin's) */
 	if (line && got->n == 3 && ioctl(got->fd[1], NS_GET_NSTYPE) == CLONE_NEWUSER &&
-	    ioctl(got->fd[2], NS_GET_NSTYPE) == CLONE_NEWNS)
+	    ioctl(got->fd[2], NS_GET_NSTYPE) == CLONE_NEWNS &&
+	    (ns_ids(got->fd + 1, ids), !strcmp(ids, ns))) /* that very holder's, not a pid's */
 		return 0;
 	return rw_close_fds(got), got->n = 0, -1;
 }
@@ -265,10 +282,11 @@ fast_child(const char *dir, uid_t uid, const struct buf *req, size_t len, int ou
 	struct rw_fds got = {.n = 0};
 	int argv, holder, off = 0, same = 1;
 	size_t klen, slen, rlen;
-	char sock[108], *rec;
+	char sock[108], ns[96], *rec;
 
 	if (read_ticket(dir, uid, &t) ||
-	    sscanf(t.p, TICKET_MAGIC " %d %d %zu %zu\n%n", &argv, &holder, &klen, &slen, &off) != 4 ||
+	    sscanf(t.p, TICKET_MAGIC " %d %d %95s %zu %zu\n%n", &argv, &holder, ns, &klen, &slen,
+		   &off) != 5 ||
 	    off <= 0 || t.p[off - 1] != '\n' || (argv != 0 && argv != 1) || klen > t.len ||
 	    slen >= sizeof sock || (size_t)off + klen + slen >= t.len)
 		_exit(0);
@@ -278,21 +296,24 @@ fast_child(const char *dir, uid_t uid, const struct buf *req, size_t len, int ou
 	memcpy(sock, t.p + off + klen, slen), sock[slen] = 0;
 	rec = t.p + off + klen + slen, rlen = t.len - 1 - (size_t)off - klen - slen;
 	if (strlen(sock) != slen || parse_copy(rec, rlen, on_depends, &same) || !same ||
-	    join_holder(sock, uid, (pid_t)holder, &got))
+	    join_holder(sock, uid, (pid_t)holder, ns, &got))
 		_exit(0);
-	{
+	{ /* the records, then END (the parent takes nothing that does not end so) */
 		union { struct cmsghdr align; char b[CMSG_SPACE(3 * sizeof(int))]; } ctl = {0};
-		struct iovec iov = {rec, rlen};
+		struct buf all = {0};
+		buf_put(&all, rec, rlen), buf_put(&all, END, sizeof END);
+		struct iovec iov = {all.p, all.len};
 		struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b,
 				     .msg_controllen = sizeof ctl.b};
 		struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-		ssize_t n;
+		ssize_t n = 0;
 
 		c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS;
 		c->cmsg_len = CMSG_LEN(3 * sizeof(int));
 		memcpy(CMSG_DATA(c), got.fd, 3 * sizeof(int));
-		if ((n = sendmsg(out, &msg, MSG_NOSIGNAL)) > 0 && (size_t)n < rlen)
-			(void)send(out, rec + n, rlen - (size_t)n, MSG_NOSIGNAL);
+		for (size_t done = 0; !all.oom && done < all.len && n >= 0; done += (size_t)n)
+			n = done ? send(out, all.p + done, all.len - done, MSG_NOSIGNAL) :
+				   sendmsg(out, &msg, MSG_NOSIGNAL);
 	}
 	_exit(0);
 }
@@ -316,13 +337,19 @@ int rw_fast_join(const char *dir, uid_t uid, const struct buf *req, size_t len,
 		return rw_close(sv[0]), -1;
 	pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
 	e = rw_read_frame(sv[0], pidfd, deadline, got, records);
-	if (e) /* stuck in a lookup the deadline ends */
-		(void)kill(pid, SIGKILL);
-	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-		;
+	if (e) { /* stuck in a lookup the deadline ends (a FUSE request may outlive SIGKILL) */
+		(void)kill(pid, SIGKILL), (void)poll(&(struct pollfd){pidfd, POLLIN, 0}, 1, 1000);
+		(void)waitpid(pid, &status, WNOHANG); /* else a zombie until slurmstepd ends */
+	} else { /* it exited (its end of the socket closed with it): reaped at once */
+		while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+			;
+	}
 	rw_close(sv[0]), rw_close(pidfd);
-	if (!e && got->n == 3 && records->len && !records->oom)
+	if (!e && got->n == 3 && !records->oom && records->len > sizeof END &&
+	    !memcmp(records->p + records->len - sizeof END, END, sizeof END)) {
+		records->len -= sizeof END;
 		return 0;
+	}
 	rw_close_fds(got), got->n = 0, records->len = 0;
 	return -1;
 }
