@@ -11,9 +11,10 @@ a socket as stdout; the reply is one frame, a failure the record `error=rankwire
   /run/rankwire/verified) before anything else reads it (`_check_signed`).
   - Advisory (no `enforce` in the policy): the reply is `checked` and the descriptors
     [image, bind...] (SCM_RIGHTS); the shim runs `start` with them as fds 3, 4, ...
-    Asked for `phases=check+start` (the shim does), a forked child becomes exactly the
-    job user and runs `start` itself on those descriptors, and replies for both
-    (`started=1`): one helper process per step (`_check_then_start`).
+    Asked for `phases=check+start` (the shim does), a child forked before root reads
+    anything becomes exactly the job user, gets root's reply and descriptors, runs
+    `start` on them and replies for both (`started=1`): one helper process per step
+    (`_check_then_start`).
   - `enforce = true`: root builds the container itself (no user namespace, the image on
     a read-only loop device, binds from the descriptors), joins it and replies
     `enforced=1`, the task environment, and [lease, mount namespace].
@@ -389,9 +390,8 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
     extra = [("warning", named.warning)] if named and named.warning else []
     if plan.joins_without_helper(want):  # the shim's ticket, for steps that repeat this
         depends = _depends(facts, policy, image_fd, image_real, asked_image)
-        sock = plan.named_socket(runtime, facts, want)
         if depends is not None:
-            extra += [("fast_join", "1"), ("join_socket", sock)]
+            extra += [("fast_join", "1"), ("join_socket", plan.named_socket(runtime, facts, want))]
             extra += [("depends", d) for d in depends]
     return [("checked", json.dumps(checked)), *extra], [
         opened.image_fd,
@@ -409,11 +409,10 @@ def _depends(
 ) -> Optional[list[str]]:
     """The files this check's decision read, "root|user IDENTITY PATH" (who can see them):
     the code that decides (helper, plan, policy: an upgrade), the policy file and its
-    keyring (root's), the image (through the
-    descriptor read, at its real path) and a --container-image asked for a container that
-    runs another (its warning). A later step repeating this request joins without the
-    helper only while each is the same file, unchanged (spank/ticket.c). None when one
-    cannot be read: no ticket."""
+    keyring (root's), the image (through the descriptor read, at its real path) and a
+    --container-image asked for a container that runs another (its warning). A later step
+    repeating this request joins without the helper only while each is the same file,
+    unchanged (spank/ticket.c). None when one cannot be read: no ticket."""
     try:
         code = (__file__, plan.__file__, sys.modules[Policy.__module__].__file__)
         out = [f"root {_identity(os.stat(p))} {p}" for p in (*code, policy.source) if p]
