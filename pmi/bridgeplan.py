@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 CHOICES = ("auto", "off")
 PMIX_TO_PMI = "pmix-to-pmi"  # PMI_FD served through the step's PMIx (pmi/bridge.py)
-PMI2_TO_PMIX = "pmi2-to-pmix"  # a PMIx server per task over the step's PMI-2 (pmi2bridge)
+PMI2_TO_PMIX = "pmi2-to-pmix"  # a PMIx server per node over the step's PMI-2 (pmi2bridge)
 
 # What each offer or need is called in messages.
 NAMES = {
@@ -146,7 +146,7 @@ def plan_bridge(
             PMI2_TO_PMIX,
             (
                 "the step serves PMI-2 (srun --mpi=pmi2) and the image's MPI speaks PMIx: "
-                "bridged (a PMIx server per task, its fences through the step's PMI-2)"
+                "bridged (a PMIx server per node, its fences through the step's PMI-2)"
             ),
         )
         other = "pmix"
@@ -190,14 +190,11 @@ def bridged_process(bridge: BridgePlan, proc: ProcessPlan) -> ProcessPlan:
     """A bridged task's process. PMIx to PMI: without the step's PMIx variables (its MPI
     is to take the PMI_FD the bridge serves); the executor adds PMI_FD, PMI_RANK and
     PMI_SIZE. PMI-2 to PMIx: without Slurm's PMI_* (Open MPI would take the step for a PMI-2
-    one it cannot join) and, since each task's server is a node of its own, Open MPI's
-    shared-memory transport off unless asked for (its segment names would collide between
-    the node's tasks); the executor adds the server's PMIX_* variables."""
+    one it cannot join); the executor adds the node's server's PMIX_* variables."""
     if bridge.bridge is None:
         return proc
     if bridge.bridge == PMIX_TO_PMI:
         env = {k: v for k, v in proc.env.items() if not k.startswith("PMIX_")}
     else:
         env = {k: v for k, v in proc.env.items() if not k.startswith(("PMI_", "PMIX_"))}
-        env.setdefault("OMPI_MCA_btl", "self,tcp")
     return dataclasses.replace(proc, env=env)

@@ -98,6 +98,30 @@ def process_mapping(nodes: Sequence[int]) -> Optional[str]:
     return text if len(text) <= MAPPING_MAX else None
 
 
+def nodes_of(mapping: str, size: int) -> list[int]:
+    """The node of each of `size` ranks from a `(vector,(start,count,ppn),...)` mapping,
+    read as MPICH reads it: the blocks repeat until every rank has a node (Slurm writes
+    `(vector,(0,2,1))` for 4 ranks cyclic over 2 nodes). ValueError when it is not one."""
+    text = mapping.replace(" ", "")
+    if not (text.startswith("(vector,(") and text.endswith("))")):
+        raise ValueError(f"not a PMI process mapping: {mapping[:80]!r}")
+    blocks: list[tuple[int, int, int]] = []
+    for part in text[len("(vector,(") : -2].split("),("):
+        fields = part.split(",")
+        if len(fields) != 3 or not all(f.isdigit() for f in fields):
+            raise ValueError(f"not a PMI process mapping: {mapping[:80]!r}")
+        start, count, ppn = map(int, fields)
+        blocks.append((start, count, ppn))
+    if size > 0 and not any(count and ppn for _, count, ppn in blocks):
+        raise ValueError(f"a PMI process mapping that places no rank: {mapping[:80]!r}")
+    out: list[int] = []
+    while len(out) < size:
+        for start, count, ppn in blocks:
+            for node in range(start, start + count):
+                out += [node] * ppn
+    return out[:size]
+
+
 class Job:
     """One job's PMI state. All methods take the calling rank; none block or do I/O."""
 

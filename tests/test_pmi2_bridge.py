@@ -6,10 +6,15 @@ as srun's task: `python -m rankwire.pmi.pmix.pmi2bridge -- CMD`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,21 +77,178 @@ def test_fences_over_part_of_the_job_are_not_whole() -> None:
     assert not pb.whole_job([["other", pb.WILDCARD]], ns, 4)
 
 
-def test_task_env_hides_the_pmi2_step_and_keeps_the_users_btl() -> None:
+def test_task_env_hides_the_pmi2_step() -> None:
     step = {"PMI_FD": "11", "PMI_JOBID": "9.0", "PMI_RANK": "1", "PMI_SIZE": "4"}
+    step.update(SLURM_LOCALID="1", SLURM_NODEID="0")
     environ = {**step, "PMIX_RANK": "7", "SLURM_JOBID": "9", "PATH": "/bin"}
     add = {"PMIX_RANK": "1", "PMIX_NAMESPACE": "rankwire.pmi2.9.0", "FLUX_JOB_ID": "5"}
     assert pb.task_env(environ, add) == {
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "0",
         "SLURM_JOBID": "9",
         "PATH": "/bin",
-        "OMPI_MCA_btl": "self,tcp",
         **add,
     }
-    assert pb.task_env({"OMPI_MCA_btl": "tcp,self"}, {})["OMPI_MCA_btl"] == "tcp,self"
-    assert pb.step_of(step) == pb.Step(11, "9.0", 1, 4)
+    assert pb.step_of(step) == pb.Step(11, "9.0", 1, 4, 1, 0)
     with pytest.raises(UserError) as err:
         pb.step_of({**step, "PMI_RANK": "4"})
     assert str(err.value) == "PMI_RANK=4 is not below PMI_SIZE=4; fix the PMI environment"
+
+
+@pytest.mark.parametrize(
+    ("mapping", "rank", "local", "node_ranks"),
+    [
+        ("(vector,(0,2,2))", 2, [2, 3], [[0, 1], [2, 3]]),  # block
+        ("(vector,(0,2,1),(0,2,1))", 1, [1, 3], [[0, 2], [1, 3]]),  # cyclic, as Slurm says it
+        ("(vector,(0,2,1))", 1, [1, 3], [[0, 2], [1, 3]]),  # the same, wrapped around
+        ("(vector,(0,1,4))", 0, [0, 1, 2, 3], [[0, 1, 2, 3]]),
+    ],
+)
+def test_the_node_of_the_first_local_task_serves_its_ranks(
+    mapping: str, rank: int, local: list[int], node_ranks: list[list[int]]
+) -> None:
+    step = pb.Step(5, "9.0", rank, 4, 0, 1)
+    layout = pb.layout_of(mapping, step)
+    assert layout.local == local
+    init = pb.helper_init(layout, "9.0", "ns", "host")
+    assert init["local_ranks"] == local
+    assert init["node_ranks"] == node_ranks
+    assert init["hostname"] == "host"
+    assert init["node_names"][layout.nodes.index(layout.node)] == "host"
+    assert len(set(init["node_names"])) == len(node_ranks)
+    assert pb.socket_path(step, "/run/user/1001/rankwire") == (
+        "/run/user/1001/rankwire/pmi2bridge.9.0.1"
+    )
+
+
+def test_a_layout_the_bridge_cannot_lead_is_one_line() -> None:
+    step = pb.Step(5, "9.0", 3, 4, 0, 1)
+    for mapping, said in [
+        (
+            None,
+            "Slurm's PMI-2 server gives no PMI_process_mapping, which the PMI-2 bridge needs "
+            "to know the node's tasks; run without --distribution=arbitrary",
+        ),
+        (
+            "(vector,(0,2,2))",
+            "SLURM_LOCALID=0 is rank 3, but PMI_process_mapping (vector,(0,2,2)) puts rank 2 "
+            "first on this node; the PMI-2 bridge needs them to agree",
+        ),
+        (
+            "(vector,(0,2))",
+            "Slurm's PMI_process_mapping (vector,(0,2)) is not one the PMI-2 bridge can read; "
+            "run under srun --mpi=pmix",
+        ),
+    ]:
+        with pytest.raises(UserError) as err:
+            pb.layout_of(mapping, step)
+        assert str(err.value) == said
+    # --distribution=arbitrary: Slurm says one rank per node whatever the placement
+    arbitrary = pb.Step(5, "9.0", 2, 4, 0, 1, gtids=(2, 3))
+    with pytest.raises(UserError) as err:
+        pb.layout_of("(vector,(0,4,1))", arbitrary)
+    assert str(err.value) == (
+        "Slurm's PMI_process_mapping (vector,(0,4,1)) does not say where this node's ranks "
+        "(SLURM_GTIDS=2,3) run, which the PMI-2 bridge needs; run without "
+        "--distribution=arbitrary or SLURM_HOSTFILE, or under srun --mpi=pmix"
+    )
+    assert pb.layout_of("(vector,(0,2,2))", arbitrary).local == [2, 3]
+
+
+def _leader(path: str, answer: bytes) -> threading.Thread:
+    """A stand-in leader: takes one follower's rank and socket, answers `answer`."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                data, fds, _, _ = socket.recv_fds(conn, 64, 1)
+                assert data == b"1\n" and len(fds) == 1
+                os.close(fds[0])
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b'{"error": "cannot load the PMIx library"}\n', "cannot load the PMIx library"),
+        (b"", "the node's PMI-2 bridge ended during start-up; see its message"),
+        (b"{not json\n", "the node's PMI-2 bridge ended during start-up; see its message"),
+    ],
+)
+def test_a_follower_fails_with_the_leaders_line(tmp_path: Path, answer: bytes, said: str) -> None:
+    step = pb.Step(-1, "9.0", 1, 2, 1, 0)
+    thread = _leader(pb.socket_path(step, str(tmp_path)), answer)
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(UserError) as err:
+        pb._follow(dataclasses.replace(step, fd=a.fileno()), 5.0, str(tmp_path))
+    thread.join()
+    assert str(err.value) == said
+
+
+def test_a_follower_gets_its_environment(tmp_path: Path) -> None:
+    step = pb.Step(-1, "9.0", 1, 2, 1, 0)
+    thread = _leader(pb.socket_path(step, str(tmp_path)), b'{"env": {"PMIX_RANK": "1"}}\n')
+    a, b = socket.socketpair()
+    with a, b:
+        bridge = pb._follow(dataclasses.replace(step, fd=a.fileno()), 5.0, str(tmp_path))
+    thread.join()
+    assert (bridge.pid, bridge.env) == (0, {"PMIX_RANK": "1"})
+    assert bridge.finish(0) == 0
+    assert bridge.control == -1
+
+
+def test_a_follower_hands_its_pmi_socket_only_to_its_own_user(unprivileged_user: User) -> None:
+    """Whoever listens at the node's bridge socket gets nothing unless it is the task's own
+    user: the follower checks SO_PEERCRED before it sends its PMI-2 socket."""
+    if os.getuid() != 0 or unprivileged_user.uid == 0:
+        pytest.skip("root plays the task, the test user the other listener")
+    base = Path(tempfile.mkdtemp(prefix="rankwire-squat-"))  # /tmp/pytest-of-root is 0700
+    os.chown(base, unprivileged_user.uid, unprivileged_user.gid)
+    step = pb.Step(-1, f"squat{os.getpid()}.0", 1, 2, 1, 0)
+    path = pb.socket_path(step, str(base))
+    squat = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.bind(sys.argv[1])\n"
+        "s.listen()\n"
+        "print('up', flush=True)\n"
+        "c, _ = s.accept()\n"
+        "c.settimeout(2)\n"
+        "try:\n"
+        "    print('got', len(socket.recv_fds(c, 64, 1)[1]))\n"
+        "except OSError:\n"
+        "    print('got nothing')\n"
+    )
+    squatter = subprocess.Popen(
+        unprivileged_user.argv(["/usr/bin/python3", "-c", squat, path]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert squatter.stdout is not None
+        assert squatter.stdout.readline() == "up\n"
+        a, b = socket.socketpair()
+        with a, b:
+            with pytest.raises(UserError) as err:
+                pb._follow(dataclasses.replace(step, fd=a.fileno()), 5.0, str(base))
+            assert str(err.value) == (
+                f"the PMI-2 bridge's socket {path} is held by uid {unprivileged_user.uid}, "
+                "not by you; ask the node's admin to find that process"
+            )
+        out, _ = squatter.communicate(timeout=10)
+        assert out in ("got 0\n", "got nothing\n")
+    finally:
+        squatter.kill()
+        squatter.wait()
+        shutil.rmtree(base)
 
 
 def test_why_a_task_ends_the_step() -> None:
@@ -98,6 +260,7 @@ def test_spawn_refuses_a_pmi_fd_that_is_not_a_socket() -> None:
     r, w = os.pipe()
     try:
         env = {"PMI_FD": str(r), "PMI_JOBID": "9.0", "PMI_RANK": "0", "PMI_SIZE": "1"}
+        env.update(SLURM_LOCALID="0", SLURM_NODEID="0")
         with pytest.raises(UserError) as err:
             pb.spawn(env)
         assert str(err.value) == (
@@ -117,7 +280,8 @@ def test_outside_a_pmi2_step_the_bridge_says_so() -> None:
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         "rankwire: no Slurm PMI-2 connection to bridge (PMI_FD, PMI_JOBID, PMI_RANK, "
-        "PMI_SIZE unset): run the PMI-2 bridge as a task of `srun --mpi=pmi2`"
+        "PMI_SIZE, SLURM_LOCALID, SLURM_NODEID unset): run the PMI-2 bridge as a task of "
+        "`srun --mpi=pmi2`"
     ]
 
 
@@ -192,33 +356,48 @@ def test_a_rank_gone_before_init_ends_the_step(
     ), proc.stderr
 
 
+DIRECT_MODEX = {"OMPI_MCA_pmix_base_collect_data": "0", "OMPI_MCA_pmix_base_async_modex": "1"}
+
+
 @pytest.mark.slurm
 @pytest.mark.mpi
-def test_direct_modex_fails_with_the_setting_to_undo(
+def test_direct_modex_of_a_local_peer_is_served(
     slurm_cluster: SlurmCluster, mpi_programs: MpiPrograms
 ) -> None:
-    """Open MPI without its full modex asks peers' data one by one: the bridge cannot
-    serve that through PMI-2; the job fails, and says which setting to undo."""
+    """Open MPI without its full modex asks peers' data one by one: the node's server holds
+    its local ranks' data (one server per node), so on one node that works."""
     me = User("self", os.getuid(), os.getgid(), "")
-    proc = srun(
-        slurm_cluster,
-        me,
-        "-n",
-        "2",
-        sys.executable,
-        *BRIDGE,
-        str(mpi_programs.hello_ompi),
-        OMPI_MCA_pmix_base_collect_data="0",
-        OMPI_MCA_pmix_base_async_modex="1",
+    argv = ("-n", "2", sys.executable, *BRIDGE, str(mpi_programs.hello_ompi))
+    proc = srun(slurm_cluster, me, *argv, **DIRECT_MODEX)
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 2)
+    assert "direct modex" not in proc.stderr
+
+
+@pytest.mark.multinode
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_direct_modex_across_nodes_fails_with_the_setting_to_undo(
+    slurm_multinode: MultiNodeCluster, xnode: XnodePrograms, tmp_path: Path
+) -> None:
+    """A remote rank's data outside a collecting fence cannot come through PMI-2: the job
+    fails, and says which setting to undo."""
+    job = mn.run_job(
+        slurm_multinode,
+        User("self", os.getuid(), os.getgid(), ""),
+        ["srun", "--mpi=pmi2", "-N2", "-n2", sys.executable, *BRIDGE, str(xnode.ompi)],
+        2,
+        tmp_path,
+        env={**mn._env(slurm_multinode, True), **DIRECT_MODEX},
     )
-    assert proc.returncode != 0, proc.stderr
+    assert job.returncode not in (0, None), job.stderr
     said = {
-        f"rankwire: rank {a} asked for rank {b}'s data outside a collecting fence (direct "
-        "modex), which the PMI-2 bridge cannot serve; unset OMPI_MCA_pmix_base_async_modex "
-        "and OMPI_MCA_pmix_base_collect_data"
+        f"rankwire: a rank of node {a} asked for rank {b}'s data outside a collecting fence "
+        "(direct modex), which the PMI-2 bridge cannot serve; unset "
+        "OMPI_MCA_pmix_base_async_modex and OMPI_MCA_pmix_base_collect_data"
         for a, b in ((0, 1), (1, 0))
     }
-    assert said & set(proc.stderr.splitlines()), proc.stderr
+    assert said & set(job.stderr.splitlines()), job.stderr
 
 
 @pytest.mark.slurm
@@ -231,6 +410,21 @@ def test_four_mib_exchange_through_the_bridge(
     assert proc.returncode == 0, proc.stderr
     assert_hello(proc.stdout, 4)  # "ok": every byte of the 4 MiB swap checked
     assert XNODE_BYTES == 4 << 20
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_ranks_of_one_node_share_memory_through_the_bridge(
+    slurm_cluster: SlurmCluster, xnode: XnodePrograms
+) -> None:
+    """One PMIx server per node: Open MPI sees its local peers, so shared memory alone
+    (no TCP) carries the 4 MiB exchange. With a server per task, each rank was alone on
+    an emulated node and this fails ("unreachable")."""
+    me = User("self", os.getuid(), os.getgid(), "")
+    argv = ("-n", "4", sys.executable, *BRIDGE, str(xnode.ompi))
+    proc = srun(slurm_cluster, me, *argv, OMPI_MCA_pml="ob1", OMPI_MCA_btl="self,vader")
+    assert proc.returncode == 0, proc.stderr
+    assert_hello(proc.stdout, 4)
 
 
 @pytest.mark.multinode

@@ -13,6 +13,7 @@ from rankwire.pmi.job import (
     Job,
     RequestRejected,
     format_ranks,
+    nodes_of,
     process_mapping,
 )
 
@@ -35,17 +36,6 @@ def test_process_mapping(nodes: list[int], mapping: str) -> None:
     assert process_mapping(nodes) == mapping
 
 
-def expand(mapping: str, size: int) -> list[int]:
-    """MPICH's reading of a vector mapping (mpir_nodemap.h), for the round-trip check."""
-    blocks = [tuple(map(int, b.split(","))) for b in mapping[len("(vector,(") : -2].split("),(")]
-    out: list[int] = []
-    while len(out) < size:
-        for start, count, ppn in blocks:
-            for node in range(start, start + count):
-                out += [node] * ppn
-    return out[:size]
-
-
 @pytest.mark.parametrize("seed", range(20))
 def test_process_mapping_round_trips(seed: int) -> None:
     import random
@@ -56,7 +46,15 @@ def test_process_mapping_round_trips(seed: int) -> None:
     assert mapping is not None
     first: dict[int, int] = {}
     dense = [first.setdefault(n, len(first)) for n in nodes]
-    assert expand(mapping, len(nodes)) == dense
+    assert nodes_of(mapping, len(nodes)) == dense
+
+
+def test_nodes_of_reads_slurms_cyclic_mapping_and_refuses_garbage() -> None:
+    assert nodes_of("(vector,(0,2,1))", 5) == [0, 1, 0, 1, 0]  # the blocks repeat
+    assert nodes_of("(vector, (0,2,2))", 4) == [0, 0, 1, 1]
+    for bad in ("", "(vector,(0,2))", "(vector,(a,1,1))", "(vector,(0,0,1))", "(list,(0,1,1))"):
+        with pytest.raises(ValueError, match="PMI process mapping"):
+            nodes_of(bad, 2)
 
 
 def test_mapping_too_long_is_absent_not_truncated() -> None:

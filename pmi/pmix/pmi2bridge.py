@@ -2,8 +2,9 @@
 
 Under `srun --mpi=pmi2` every task has Slurm's `PMI_FD` / `PMI_JOBID` / `PMI_RANK` /
 `PMI_SIZE`; Open MPI 4.1/5 speaks only PMIx and fails in `MPI_Init` ("OMPI was not built
-with SLURM's PMI support"). The bridge gives each task a PMIx server of its own, registered
-with the whole job, whose fences cross tasks through that task's Slurm PMI-2 connection.
+with SLURM's PMI support"). The bridge gives each node of the step one PMIx server,
+registered with the whole job as Slurm placed it, whose fences cross nodes through the
+node's Slurm PMI-2 connections.
 
 Shape (per task; the executor calls `spawn`, or `python -m rankwire.pmi.pmix.pmi2bridge
 -- CMD ARGS…` does it all)::
@@ -11,37 +12,42 @@ Shape (per task; the executor calls `spawn`, or `python -m rankwire.pmi.pmix.pmi
     bridge = spawn(os.environ)                  # UserError if no PMI-2 step, nothing left
     env = bridge.task_env(os.environ)           # PMIx env in, Slurm's PMI_* out
     ... start the task with env (bridge.pass_fds is always ()) and wait for it ...
-    bridge.finish(code)                         # the server goes, the bridge exits
+    bridge.finish(code)                         # the node's server goes with its last task
 
-Processes: `spawn` forks the *bridge process* (before the task exists), which takes over
-the task's PMI-2 socket (the caller closes its copy, so the task never inherits it) and
-hosts libpmix's server for this task's rank with `helper.Helper` / `helper.start_server`
-(the helper's code, in-process: no second interpreter to start, which halved the bridged
-launch here). The property `PmixServer` keeps holds: the process that forks the task (the
-executor, or the CLI below) never loads libpmix and never gains a thread; the bridge
-process, which has libpmix's progress thread, never forks. Its main thread is one asyncio
-loop over the PMI-2 socket and the control pipe from the caller; libpmix's upcalls reach it
-through `loop.call_soon_threadsafe`, as in the helper.
+Who serves: the node's first task (`SLURM_LOCALID=0`) *leads*: `spawn` forks the *bridge
+process*, which takes over that task's PMI-2 socket, reads Slurm's `PMI_process_mapping`
+(which ranks share this node), listens on a Unix socket in the user's private runtime dir
+named after the step and the node (`socket_path`; removed once the node's tasks are in),
+and waits for the node's other tasks. Each of those *follows*: `spawn` connects (retrying
+until the leader listens), checks that the peer is the same user (`SO_PEERCRED`), hands
+over its PMI-2 socket with its rank (`SCM_RIGHTS`) and waits for its PMIx environment; no
+process, no libpmix. The connection stays open: its EOF (or the exit code written on it) is that
+task's end, as the control pipe is the leader's own task's. The bridge process hosts
+libpmix's server for the node's ranks with `helper.Helper` / `helper.start_server` (the
+helper's code, in-process). The property `PmixServer` keeps holds: the process that forks
+a task never loads libpmix and never gains a thread; the bridge process, which has
+libpmix's progress thread, never forks. Its main thread is one asyncio loop over the PMI-2
+sockets, the control pipe and the followers' connections; libpmix's upcalls reach it
+through `loop.call_soon_threadsafe`, as in the helper. It ends when every task of the node
+ended, so the leader's `finish` waits for the node's last task.
 
-One emulated node per task. Each bridge registers the job's N ranks as N one-rank nodes
-(`<host>-t<rank>`), so libpmix hands every fence of the task to us (it has no local peer to
-complete it with) and the fence result is simply the N per-rank contributions. The cost:
-Open MPI sees no local peers, so ranks on one machine talk over TCP, not shared memory,
-and Open MPI's vader/sm segment names (real hostname + jobid + local rank 0) would collide
-between tasks of one machine: the task gets `OMPI_MCA_btl=self,tcp` unless the caller set
-`OMPI_MCA_btl` (sharing one server per node would need the node's tasks to find each other
-and elect a leader: not built).
+Because the node's ranks share one server, Open MPI sees its local peers and uses shared
+memory between them (before, each task had a server of its own, emulating one node per
+task: local ranks talked TCP). If the leader cannot start, it tells every follower that
+connects why, so each task fails with the same one line.
 
-Fence (PMIx_Fence from the task's MPI → libpmix's fence upcall → here):
-  * (one bare `kvs-fence` at start, before the task runs: every server is up by then);
-  * epoch += 1 (every task sees the same sequence of collective fences);
-  * this task's blob, base64, in chunks: `rw.<epoch>.<rank>.<i>`, the value of chunk 0 being
-    `<count>:<chunk>` and every value ≤ 1024 characters (Slurm's PMI-2 `PMI2_MAX_VALLEN`);
-    an empty blob is not put at all;
-  * `kvs-fence` (Slurm's allgather of the step's KVS);
-  * with data collection asked for (or a blob of our own), `kvs-get` every other rank's
-    chunks (not found = empty) and hand libpmix the concatenation in rank order, which is
-    `PmixServer`'s node order here; without it, the fence is a barrier and its result empty.
+Fence (PMIx_Fence from the node's ranks → libpmix, which collects them → the fence upcall):
+  * (one bare `kvs-fence` on every connection at start, before any task runs: every
+    server is up by then);
+  * epoch += 1 (every node sees the same sequence of collective fences);
+  * this node's blob, base64, in chunks: `rw.<epoch>.<node>.<i>`, the value of chunk 0
+    being `<count>:<chunk>` and every value ≤ 1024 characters (Slurm's PMI-2
+    `PMI2_MAX_VALLEN`); an empty blob is not put at all;
+  * `kvs-fence` on every task's connection of the node (Slurm's allgather of the step's
+    KVS wants each task);
+  * with data collection asked for (or a blob of our own), `kvs-get` every other node's
+    chunks (not found = empty) and hand libpmix the concatenation in node order; without
+    it, the fence is a barrier and its result empty.
   A fence over a subset of the job cannot be carried by PMI-2 (its fence is step-wide): it
   fails with PMIX_ERR_NOT_SUPPORTED and one line on stderr.
 
@@ -52,12 +58,14 @@ on: once it completed, libpmix answers every `PMIx_Get` of a peer's key from wha
 A direct-modex request (data of a rank that no fence collected) is refused with
 PMIX_ERR_NOT_FOUND and one line naming the setting to undo.
 
-Abort: the task's `PMIx_Abort` (MPI_Abort) → PMI-2 `abort` (isworld): Slurm kills the
-step. Task end (`finish`), the caller's death (the bridge has `PR_SET_PDEATHSIG`), SIGTERM
-(Slurm ending the step): the namespace is deregistered and the server finalized, PMI-2
-`finalize` sent when the connection is idle, the bridge exits. libpmix's tmpdir is removed
-as soon as the server is up (it keeps nothing there with gds=hash over TCP), so a step
-Slurm SIGKILLs leaves nothing. `RANKWIRE_PMI2BRIDGE_DEBUG=1` logs every upcall to stderr.
+Abort: a rank's `PMIx_Abort` (MPI_Abort) → PMI-2 `abort` (isworld): Slurm kills the step.
+A task that ended without PMIx finalize after PMIx init, or with a non-zero code, ends the
+step the same way (its peers would wait for it in their next fence). The leader's caller's
+death (the bridge has `PR_SET_PDEATHSIG`), SIGTERM (Slurm ending the step), the node's
+last task's end: the namespace is deregistered and the server finalized, PMI-2 `finalize`
+sent on every idle connection, the bridge exits. libpmix's tmpdir is removed as soon as
+the server is up (it keeps nothing there with gds=hash over TCP), so a step Slurm SIGKILLs
+leaves nothing. `RANKWIRE_PMI2BRIDGE_DEBUG=1` logs every upcall to stderr.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -74,17 +83,20 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
 import zlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, TypeVar, cast
 
 from rankwire.errors import UserError, exec_failure, shown
 from rankwire.pmi.bridge import read_report
 from rankwire.pmi.codec import ClientCodec
 from rankwire.pmi.errors import RemoteProtocolError
+from rankwire.pmi.job import nodes_of
 from rankwire.pmi.messages import (
     Abort,
     ErrorReply,
@@ -95,6 +107,7 @@ from rankwire.pmi.messages import (
     FullInit,
     FullInitReply,
     Get,
+    GetJobAttr,
     GetKvsName,
     GetReply,
     Init,
@@ -113,11 +126,13 @@ ERR_NOT_FOUND = -46
 ERR_NOT_SUPPORTED = -47
 ERR_LOST_CONNECTION = -61
 START_TIMEOUT = 60.0  # the PMI-2 handshake and PMIx_server_init
+GATHER_TIMEOUT = 30.0  # the leader waits this long for the node's tasks: less than START
 STOP_TIMEOUT = 5.0
 DEBUG = bool(os.environ.get("RANKWIRE_PMI2BRIDGE_DEBUG"))
-STEP_VARS = ("PMI_FD", "PMI_JOBID", "PMI_RANK", "PMI_SIZE")
+STEP_VARS = ("PMI_FD", "PMI_JOBID", "PMI_RANK", "PMI_SIZE", "SLURM_LOCALID", "SLURM_NODEID")
 
 R = TypeVar("R")
+NOSIGNAL = socket.MSG_NOSIGNAL  # a gone follower is an error, not the bridge's death
 
 
 # -- pure: the step, the keys, the chunks, the task's environment ------------------------------
@@ -129,6 +144,9 @@ class Step:
     jobid: str  # PMI_JOBID: "<job>.<step>"
     rank: int
     size: int
+    local_id: int = 0  # SLURM_LOCALID: 0 leads the node
+    node_id: int = 0  # SLURM_NODEID: names the node's socket
+    gtids: tuple[int, ...] = ()  # SLURM_GTIDS: the node's ranks, as slurmstepd knows them
 
 
 def step_of(environ: Mapping[str, str]) -> Step:
@@ -140,9 +158,9 @@ def step_of(environ: Mapping[str, str]) -> Step:
             "run the PMI-2 bridge as a task of `srun --mpi=pmi2`"
         )
     values: dict[str, int] = {}
-    for name in ("PMI_FD", "PMI_RANK", "PMI_SIZE"):
+    for name in ("PMI_FD", "PMI_RANK", "PMI_SIZE", "SLURM_LOCALID", "SLURM_NODEID"):
         text = environ[name]
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise UserError(f"{name}={shown(text)} is not a number; fix the PMI environment")
         values[name] = int(text)
     if values["PMI_RANK"] >= values["PMI_SIZE"]:
@@ -150,21 +168,90 @@ def step_of(environ: Mapping[str, str]) -> Step:
             f"PMI_RANK={values['PMI_RANK']} is not below PMI_SIZE={values['PMI_SIZE']}; "
             "fix the PMI environment"
         )
-    return Step(values["PMI_FD"], environ["PMI_JOBID"], values["PMI_RANK"], values["PMI_SIZE"])
+    return Step(
+        values["PMI_FD"],
+        environ["PMI_JOBID"],
+        values["PMI_RANK"],
+        values["PMI_SIZE"],
+        values["SLURM_LOCALID"],
+        values["SLURM_NODEID"],
+        tuple(
+            int(t) for t in environ.get("SLURM_GTIDS", "").split(",") if t.isascii() and t.isdigit()
+        ),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where Slurm placed the step's ranks: `node_of[rank]`, and this task's node."""
+
+    node_of: tuple[int, ...]
+    node: int
+
+    @property
+    def local(self) -> list[int]:
+        return [r for r, n in enumerate(self.node_of) if n == self.node]
+
+    @property
+    def nodes(self) -> list[int]:
+        return sorted(set(self.node_of))
+
+
+def layout_of(mapping: Optional[str], step: Step) -> Layout:
+    """The step's layout from Slurm's `PMI_process_mapping`; UserError unless it is one
+    this task can lead (its rank the first of its node)."""
+    if not mapping:
+        raise UserError(
+            "Slurm's PMI-2 server gives no PMI_process_mapping, which the PMI-2 bridge needs "
+            "to know the node's tasks; run without --distribution=arbitrary"
+        )
+    try:
+        node_of = tuple(nodes_of(mapping, step.size))
+    except ValueError:
+        raise UserError(
+            f"Slurm's PMI_process_mapping {mapping[:80]} is not one the PMI-2 bridge can read; "
+            "run under srun --mpi=pmix"
+        ) from None
+    layout = Layout(node_of, node_of[step.rank])
+    if step.gtids and tuple(layout.local) != step.gtids:
+        raise UserError(
+            f"Slurm's PMI_process_mapping {mapping} does not say where this node's ranks "
+            f"(SLURM_GTIDS={','.join(map(str, step.gtids))}) run, which the PMI-2 bridge needs; "
+            "run without --distribution=arbitrary or SLURM_HOSTFILE, or under srun --mpi=pmix"
+        )
+    if layout.local[0] != step.rank:
+        raise UserError(
+            f"SLURM_LOCALID=0 is rank {step.rank}, but PMI_process_mapping {mapping} puts rank "
+            f"{layout.local[0]} first on this node; the PMI-2 bridge needs them to agree"
+        )
+    return layout
+
+
+def socket_path(step: Step, base: str) -> str:
+    """The node's bridge socket, in the user's private runtime dir `base` (0700: no other
+    user can take its name): one per step and node. It exists only while the node's tasks
+    gather."""
+    return os.path.join(base, f"pmi2bridge.{step.jobid}.{step.node_id}")
+
+
+def _runtime_dir() -> str:
+    from rankwire.runtime.instance import runtime_dir
+
+    return str(runtime_dir())
 
 
 def nspace_for(jobid: str) -> str:
-    """The PMIx namespace: the same in every task's server (their fence blobs name it)."""
+    """The PMIx namespace: the same in every node's server (their fence blobs name it)."""
     return f"rankwire.pmi2.{jobid}"
 
 
-def node_names(host: str, size: int) -> list[str]:
-    """One emulated node per task."""
-    return [f"{host}-t{r}" for r in range(size)]
+def node_names(host: str, layout: Layout) -> list[str]:
+    """This node's real name; the others' only need to differ."""
+    return [host if n == layout.node else f"rankwire-node{n}" for n in layout.nodes]
 
 
-def chunk_key(epoch: int, rank: int, index: int) -> str:
-    return f"{KEY_PREFIX}.{epoch}.{rank}.{index}"
+def chunk_key(epoch: int, node: int, index: int) -> str:
+    return f"{KEY_PREFIX}.{epoch}.{node}.{index}"
 
 
 def split_blob(data: bytes, value_max: int = VALUE_MAX) -> list[str]:
@@ -203,28 +290,26 @@ def whole_job(procs: Sequence[Sequence[Any]], nspace: str, size: int) -> bool:
     return ranks == set(range(size))
 
 
-def helper_init(step: Step, nspace: str, host: str, tmpdir: str) -> dict[str, Any]:
-    """The helper's `init`: the whole job, this task's rank local."""
+def helper_init(layout: Layout, jobid: str, nspace: str, host: str) -> dict[str, Any]:
+    """The helper's `init`: the whole job as Slurm placed it, this node's ranks local."""
     return {
         "op": "init",
         "nspace": nspace,
-        "jobid": step.jobid,
+        "jobid": jobid,
         "appnum": 0,
-        "size": step.size,
-        "hostname": node_names(host, step.size)[step.rank],
-        "local_ranks": [step.rank],
-        "node_ranks": [[r] for r in range(step.size)],
-        "node_names": node_names(host, step.size),
-        "tmpdir": tmpdir,
+        "size": len(layout.node_of),
+        "hostname": host,
+        "local_ranks": layout.local,
+        "node_ranks": [[r for r, m in enumerate(layout.node_of) if m == n] for n in layout.nodes],
+        "node_names": node_names(host, layout),
+        "tmpdir": "",
     }
 
 
 def task_env(environ: Mapping[str, str], add: Mapping[str, str]) -> dict[str, str]:
     """The task's environment: without Slurm's PMI_* (Open MPI must not see a PMI-2 step)
-    and any stale PMIX_*, with the bridge's PMIx variables; `OMPI_MCA_btl=self,tcp`
-    unless set (see the module docstring)."""
+    and any stale PMIX_*, with the bridge's PMIx variables."""
     env = {k: v for k, v in environ.items() if not k.startswith(("PMI_", "PMIX_"))}
-    env.setdefault("OMPI_MCA_btl", "self,tcp")
     env.update(add)
     return env
 
@@ -247,10 +332,10 @@ def pmix_env(server_env: Mapping[str, str], nspace: str) -> dict[str, str]:
 # -- the caller's side ------------------------------------------------------------------------
 @dataclasses.dataclass
 class Pmi2Bridge:
-    """A running bridge process for one task. `env` is what the task adds (`task_env`)."""
+    """One task's hold on its node's bridge. `env` is what the task adds (`task_env`)."""
 
-    pid: int
-    control: int  # write end of the control pipe; its EOF tells the bridge the task ended
+    pid: int  # the bridge process (the node's leader), or 0 (a follower)
+    control: int  # the leader's control pipe or a follower's connection; EOF = task ended
     env: Mapping[str, str]
     pass_fds: tuple[int, ...] = ()
     returncode: Optional[int] = None
@@ -258,12 +343,12 @@ class Pmi2Bridge:
     def task_env(self, environ: Mapping[str, str]) -> dict[str, str]:
         return task_env(environ, self.env)
 
-    def finish(self, code: Optional[int], timeout: float = STOP_TIMEOUT) -> int:
+    def finish(self, code: Optional[int]) -> int:
         """The task ended with `code` (Popen's returncode: < 0 = killed by that signal;
-        None = unknown): the bridge stops its server and exits. A task that ended without
-        PMIx finalize after PMIx init, or with a non-zero code, ends the step first (PMI-2
-        abort), so its peers do not wait for it forever. Returns the bridge's exit code
-        (it is killed if it does not exit within `timeout`)."""
+        None = unknown). A task that ended without PMIx finalize after PMIx init, or with a
+        non-zero code, ends the step (PMI-2 abort), so its peers do not wait for it
+        forever. The leader's waits for the bridge, which stops its server and exits once
+        the node's last task ended; returns the bridge's exit code (0 for a follower)."""
         if self.control >= 0:
             if code is not None:
                 with contextlib.suppress(OSError):
@@ -271,7 +356,7 @@ class Pmi2Bridge:
             os.close(self.control)
             self.control = -1
         if self.returncode is None:
-            self.returncode = _reap(self.pid, timeout)
+            self.returncode = _reap(self.pid, None) if self.pid else 0
         return self.returncode
 
     def close(self) -> None:
@@ -279,7 +364,12 @@ class Pmi2Bridge:
         self.finish(None)
 
 
-def _reap(pid: int, timeout: float) -> int:
+def _reap(pid: int, timeout: Optional[float]) -> int:
+    """The bridge's exit code; SIGKILL after `timeout` seconds (None: wait)."""
+    if timeout is None:
+        with contextlib.suppress(ChildProcessError):
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        return 0
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -297,9 +387,10 @@ def _reap(pid: int, timeout: float) -> int:
 
 
 def spawn(environ: Mapping[str, str], *, timeout: float = START_TIMEOUT) -> Pmi2Bridge:
-    """Start the bridge for the task whose PMI-2 identity `environ` holds; returns once its
-    PMIx server is up. The caller's copy of PMI_FD is closed (the bridge owns it now).
-    UserError if it cannot start; nothing is left then."""
+    """The bridge for the task whose PMI-2 identity `environ` holds: the node's first
+    task starts it, the others join it; returns once the node's PMIx server is up. The
+    caller's copy of PMI_FD is closed (the bridge owns it now). UserError if it cannot
+    start; nothing is left then."""
     step = step_of(environ)
     try:
         is_socket = stat.S_ISSOCK(os.fstat(step.fd).st_mode)
@@ -310,6 +401,12 @@ def spawn(environ: Mapping[str, str], *, timeout: float = START_TIMEOUT) -> Pmi2
             f"PMI_FD={step.fd} is not an open socket; run the PMI-2 bridge as the task "
             "srun started, not from a child that closed it"
         )
+    if step.local_id:
+        try:
+            return _follow(step, timeout)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(step.fd)  # the bridge's now, or nobody's: the task must not have it
     report_r, report_w = os.pipe()
     control_r, control_w = os.pipe()
     parent = os.getpid()
@@ -328,8 +425,7 @@ def spawn(environ: Mapping[str, str], *, timeout: float = START_TIMEOUT) -> Pmi2
         text = read_report(
             report_r,
             timeout,
-            f"the PMI-2 bridge's PMIx server did not start within {timeout:g} s; "
-            "check libpmix2 (set RANKWIRE_LIBPMIX) and the messages above",
+            f"the node's PMI-2 bridge did not start within {timeout:g} s; see the messages above",
         )
         doc: dict[str, Any] = (
             json.loads(text) if text else {"error": "the PMI-2 bridge exited during start-up"}
@@ -346,6 +442,60 @@ def spawn(environ: Mapping[str, str], *, timeout: float = START_TIMEOUT) -> Pmi2
         os.close(report_r)
     env = {str(k): str(v) for k, v in doc["env"].items()}
     return Pmi2Bridge(pid, control_w, env)
+
+
+def _follow(step: Step, timeout: float, base: Optional[str] = None) -> Pmi2Bridge:
+    """Join the node's bridge: connect (the leader may not listen yet), check it is ours,
+    hand over the task's PMI-2 socket, wait for the task's PMIx environment."""
+    deadline = time.monotonic() + timeout
+    late = (
+        f"the node's PMI-2 bridge (its task with SLURM_LOCALID=0) did not start within "
+        f"{timeout:g} s; see that task's message"
+    )
+    gone = "the node's PMI-2 bridge ended during start-up; see its message"
+    path = socket_path(step, base or _runtime_dir())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                if time.monotonic() >= deadline:
+                    raise UserError(late) from None
+                time.sleep(0.005)
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            raise UserError(
+                f"the PMI-2 bridge's socket {path} is held by uid {uid}, not by you; ask the "
+                "node's admin to find that process"
+            )
+        socket.send_fds(sock, [f"{step.rank}\n".encode()], [step.fd], socket.MSG_NOSIGNAL)
+        text = b""
+        while not text.endswith(b"\n"):
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                raise UserError(late) from None
+            if not data:
+                raise UserError(gone)
+            text += data
+        doc = json.loads(text)
+        if "error" in doc:
+            raise UserError(str(doc["error"]))
+        env = {str(k): str(v) for k, v in doc["env"].items()}
+        sock.setblocking(True)
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        sock.close()
+        if isinstance(err, socket.timeout):
+            raise UserError(late) from None
+        raise UserError(gone) from None
+    except BaseException:
+        sock.close()
+        raise
+    return Pmi2Bridge(0, sock.detach(), env)
 
 
 # -- the bridge process -----------------------------------------------------------------------
@@ -470,15 +620,23 @@ class _Sink:
 
 
 class Bridge:
-    """The bridge process's loop: libpmix's server (through `helper.Helper`), the PMI-2
-    connection, the control pipe."""
+    """The bridge process's loop: libpmix's server for the node's ranks (through
+    `helper.Helper`), their PMI-2 connections, the leader's control pipe and the
+    followers' connections."""
 
     def __init__(self, step: Step, report: int, control: int) -> None:
         self.step = step
         self.report = report
         self.control = control
         self.nspace = nspace_for(step.jobid)
-        self.pmi = AsyncPmi2(socket.socket(fileno=step.fd))
+        self.pmi = AsyncPmi2(socket.socket(fileno=step.fd))  # the leader's own task's
+        self.conns: dict[int, AsyncPmi2] = {step.rank: self.pmi}  # rank → its PMI-2 socket
+        self.tasks: dict[int, socket.socket] = {}  # follower rank → its connection
+        self.said: dict[int, bytes] = {}  # what a follower wrote so far
+        self.layout: Optional[Layout] = None
+        self.listener: Optional[socket.socket] = None
+        self.path = ""  # the listener's socket file
+        self.inited: set[int] = set()  # ranks whose PMI-2 connection completed init
         self.helper: Any = None  # helper.Helper, imported in the bridge process only
         self.sink = _Sink(self._from_helper)
         self.epoch = 0
@@ -486,8 +644,9 @@ class Bridge:
         self.done: Optional[asyncio.Future[int]] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.aborted = False
-        self.connected = False  # the task's PMIx_Init reached the server
-        self.finalized = False
+        self.connected: set[int] = set()  # ranks whose PMIx_Init reached the server
+        self.finalized: set[int] = set()
+        self.ended: set[int] = set()
         self.said_dmodex = False
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -513,17 +672,29 @@ class Bridge:
         fences: Optional[asyncio.Task[None]] = None
         try:
             try:
-                env = await self._start(claim_tmpdir)
-                # Every task's server is up (and its tmpdir gone) before any task starts:
+                envs = await self._start(claim_tmpdir)
+                # Every node's server is up (and its tmpdir gone) before any task starts:
                 # so no task can end the step (PMI-2 abort: SIGKILL) while a server starts.
-                await self.pmi.fence()
-                _debug(f"rank {self.step.rank}: start fence done")
+                await asyncio.gather(*(c.fence() for c in self.conns.values()))
+                _debug(f"node {self.step.node_id}: start fence done")
             except Exception as err:  # UserError, PmixError, PMI-2 failures: one line
-                os.write(self.report, json.dumps({"error": str(err).splitlines()[0]}).encode())
+                error = json.dumps({"error": str(err).splitlines()[0]})
+                os.write(self.report, error.encode())
                 os.close(self.report)
+                await self._refuse_followers(error)
                 return 1
-            os.write(self.report, json.dumps({"env": env}).encode())
+            os.write(self.report, json.dumps({"env": envs[self.step.rank]}).encode())
             os.close(self.report)
+            for rank, conn in self.tasks.items():
+                try:
+                    conn.sendall(json.dumps({"env": envs[rank]}).encode() + b"\n", NOSIGNAL)
+                except OSError:  # its caller is gone: its rank never comes, the peers would wait
+                    _say(f"rank {rank} left before it started; ending the step")
+                    self._abort(1, "", quiet=True)
+                    self.ended.add(rank)
+                    continue
+                conn.setblocking(False)
+                loop.add_reader(conn.fileno(), self._follower, rank)
             fences = loop.create_task(self._fences())
             loop.add_reader(self.control, self._control)
             try:
@@ -531,25 +702,36 @@ class Bridge:
             finally:
                 with contextlib.suppress(ValueError, OSError):
                     loop.remove_reader(self.control)
+                for conn in self.tasks.values():
+                    with contextlib.suppress(ValueError, OSError):
+                        loop.remove_reader(conn.fileno())
         finally:
             if fences is not None:
                 fences.cancel()
             await self._stop()
 
-    async def _start(self, claim_tmpdir: Callable[[], tuple[str, int]]) -> dict[str, str]:
+    async def _start(
+        self, claim_tmpdir: Callable[[], tuple[str, int]]
+    ) -> dict[int, dict[str, str]]:
         from rankwire.pmi.pmix import helper as hp
 
         _debug(f"rank {self.step.rank}: bridge process up")
+        self._listen()  # first: the node's tasks hear of any failure from here on
         reply = await self.pmi.init(self.step)
-        _debug(f"rank {self.step.rank}: PMI-2 init done")
+        self.inited.add(self.step.rank)
         if (reply.rank, reply.size) != (self.step.rank, self.step.size):
             raise UserError(
                 f"Slurm's PMI-2 server says rank {reply.rank} of {reply.size}, the environment "
                 f"rank {self.step.rank} of {self.step.size}; fix PMI_RANK/PMI_SIZE"
             )
+        mapping = (await self.pmi.call(GetJobAttr("PMI_process_mapping"), GetReply)).value
+        self.layout = layout = layout_of(mapping, self.step)
+        _debug(f"rank {self.step.rank}: PMI-2 init done, mapping {mapping}")
+        await self._gather_followers(layout)
+        _debug(f"node {self.step.node_id}: {len(self.tasks)} followers")
         assert self.loop is not None
         self.helper = hp.Helper(self.loop, cast(asyncio.StreamWriter, self.sink))
-        init = helper_init(self.step, self.nspace, socket.gethostname(), "")
+        init = helper_init(layout, self.step.jobid, self.nspace, socket.gethostname())
         init.update(uid=os.getuid(), gid=os.getgid())
         # libpmix (gds=hash, TCP, not a system server) keeps nothing in its tmpdir once it
         # is up: the dir lives only around start_server, so a step Slurm SIGKILLs (an
@@ -559,65 +741,206 @@ class Bridge:
             init["tmpdir"] = os.path.join(tmpdir, "node")
             os.mkdir(init["tmpdir"], 0o700)
             ready = hp.start_server(self.helper, init)
-            _debug(f"rank {self.step.rank}: PMIx server up")
+            _debug(f"node {self.step.node_id}: PMIx server up")
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
             os.close(lock)
-        return pmix_env(ready["envs"][str(self.step.rank)], self.nspace)
+        return {r: pmix_env(ready["envs"][str(r)], self.nspace) for r in layout.local}
+
+    def _listen(self) -> None:
+        """The node's socket, in the user's private runtime dir; a dead bridge's is taken
+        over (a refused connect proves it dead)."""
+        from rankwire.runtime.instance import unlink_if_dead
+
+        path = socket_path(self.step, _runtime_dir())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                sock.bind(path)
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise
+                unlink_if_dead(Path(path))
+                sock.bind(path)
+        except OSError as err:
+            sock.close()
+            raise UserError(
+                f"cannot serve the node's PMI-2 bridge at {path} ({err.strerror}); is another "
+                f"bridge of step {self.step.jobid} running here?"
+            ) from None
+        sock.listen(128)
+        sock.setblocking(False)
+        self.listener, self.path = sock, path
+
+    def _unlisten(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    async def _gather_followers(self, layout: Layout) -> None:
+        """Accept the node's other tasks: each hands over its PMI-2 socket with its rank;
+        then PMI-2 init on each (Slurm knows the task by its socket)."""
+        assert self.loop is not None and self.listener is not None
+        deadline = time.monotonic() + GATHER_TIMEOUT
+        waiting = set(layout.local) - {self.step.rank}
+        while waiting:
+            left = deadline - time.monotonic()
+            try:
+                conn, _ = await asyncio.wait_for(self.loop.sock_accept(self.listener), max(left, 0))
+            except asyncio.TimeoutError:
+                raise UserError(
+                    f"ranks {','.join(map(str, sorted(waiting)))} of this node did not reach "
+                    f"the PMI-2 bridge within {GATHER_TIMEOUT:g} s; see their messages"
+                ) from None
+            rank = self._take_follower(conn, waiting)
+            if rank is None:
+                conn.close()
+                continue
+            waiting.discard(rank)
+        self._unlisten()
+        replies = await asyncio.gather(
+            *(self.conns[r].init(dataclasses.replace(self.step, rank=r, fd=-1)) for r in self.tasks)
+        )
+        self.inited.update(self.tasks)
+        for rank, reply in zip(self.tasks, replies):
+            if reply.rank != rank:
+                raise UserError(
+                    f"a task of this node claimed rank {rank}, Slurm says it is rank "
+                    f"{reply.rank}; fix PMI_RANK"
+                )
+
+    def _take_follower(self, conn: socket.socket, waiting: set[int]) -> Optional[int]:
+        """A follower's rank and PMI-2 socket; None (and a line) for anything else."""
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            _say(f"PMI-2 bridge: refused a connection from uid {uid} (pid {pid})")
+            return None
+        conn.setblocking(True)
+        conn.settimeout(STOP_TIMEOUT)
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(conn, 64, 1)
+        except OSError:
+            return None
+        text = data.decode(errors="replace").strip()
+        rank = int(text) if text.isascii() and text.isdigit() else -1
+        if len(fds) != 1 or rank not in waiting or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
+            for fd in fds:
+                os.close(fd)
+            _say(f"PMI-2 bridge: refused pid {pid}: rank {text!r} is not one this node waits for")
+            return None
+        self.tasks[rank] = conn
+        self.conns[rank] = AsyncPmi2(socket.socket(fileno=fds[0]))
+        return rank
+
+    async def _refuse_followers(self, error: str) -> None:
+        """The start failed: every follower hears why (each task fails with that line)."""
+        for conn in self.tasks.values():
+            with contextlib.suppress(OSError):
+                conn.sendall(error.encode() + b"\n", NOSIGNAL)
+        if self.listener is None:
+            return
+        assert self.loop is not None
+        deadline = time.monotonic() + STOP_TIMEOUT
+        told = len(self.tasks)
+        expected = len(self.layout.local) - 1 if self.layout else None
+        while (expected is None or told < expected) and time.monotonic() < deadline:
+            try:
+                conn, _ = await asyncio.wait_for(
+                    self.loop.sock_accept(self.listener), max(deadline - time.monotonic(), 0)
+                )
+            except asyncio.TimeoutError:
+                break
+            with conn, contextlib.suppress(OSError):
+                conn.setblocking(True)
+                conn.settimeout(STOP_TIMEOUT)
+                for fd in socket.recv_fds(conn, 64, 1)[1]:
+                    os.close(fd)
+                conn.sendall(error.encode() + b"\n", NOSIGNAL)
+            told += 1
 
     def _control(self) -> None:
         try:
             data = os.read(self.control, 64)
         except OSError:
             data = b""
-        if data and not data.endswith(b"\n"):
-            return  # the rest of the line follows
-        # The task ended (EOF alone: the caller is gone or gave no code). What libpmix's
-        # thread already posted to this loop (an abort, a finalize: both happen before the
-        # task can exit) runs first: decide after it.
-        assert self.loop is not None
-        self.loop.remove_reader(self.control)
-        text = data.decode(errors="replace").strip()
-        code = int(text) if text.lstrip("-").isdigit() else None
-        self.loop.call_soon(self._task_ended, code)
+        self._heard(self.step.rank, self.control, data)
 
-    def _task_ended(self, code: Optional[int]) -> None:
-        ended = code is not None and not self.finalized and not self.aborted
-        if ended and code is not None and (self.connected or code != 0):
-            _say(f"{task_ending(self.step.rank, code)}; ending the step, whose ranks would wait")
+    def _follower(self, rank: int) -> None:
+        conn = self.tasks[rank]
+        try:
+            data = conn.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._heard(rank, conn.fileno(), data)
+
+    def _heard(self, rank: int, fd: int, data: bytes) -> None:
+        """What task `rank` wrote on `fd`: its exit code and a newline, or EOF alone (its
+        caller is gone or gave no code), is its end. What libpmix's thread already posted
+        to this loop (an abort, a finalize: both happen before the task can exit) runs
+        first: decide after it."""
+        said = self.said.get(rank, b"") + data
+        if data and not said.endswith(b"\n"):
+            self.said[rank] = said  # the rest of the line follows
+            return
+        assert self.loop is not None
+        self.loop.remove_reader(fd)
+        text = said.decode(errors="replace").strip()
+        code = int(text) if text.lstrip("-").isdigit() else None
+        self.loop.call_soon(self._task_ended, rank, code)
+
+    def _task_ended(self, rank: int, code: Optional[int]) -> None:
+        if rank in self.ended:
+            return
+        self.ended.add(rank)
+        if rank in self.finalized or self.aborted:
+            pass
+        elif code is not None and (rank in self.connected or code != 0):
+            _say(f"{task_ending(rank, code)}; ending the step, whose ranks would wait")
             self._abort(code if code > 0 else 1, "", quiet=True)
-        self.end(0)
+        elif code is None and rank in self.connected:  # its caller is gone, or the task
+            _say(
+                f"rank {rank} ended without PMIx finalize; ending the step, whose ranks would wait"
+            )
+            self._abort(1, "", quiet=True)
+        assert self.layout is not None
+        if len(self.ended) == len(self.layout.local):
+            self.end(0)
 
     def _from_helper(self, msg: dict[str, Any]) -> None:
         op = msg["op"]
-        _debug(f"rank {self.step.rank}: server {str(msg)[:200]}")
+        _debug(f"node {self.step.node_id}: server {str(msg)[:200]}")
         if op == "fence":
             assert self.fences is not None
             self.fences.put_nowait(msg)
         elif op == "dmodex":
             self._dmodex(msg)
         elif op == "abort":
-            self._abort(int(msg["code"]), str(msg.get("message", "")))
+            self._abort(int(msg["code"]), str(msg.get("message", "")), int(msg["rank"]))
         elif op == "connected":
-            self.connected = True
+            self.connected.add(int(msg["rank"]))
         elif op == "finalized":
-            self.finalized = True
+            self.finalized.add(int(msg["rank"]))
 
-    def _abort(self, code: int, message: str, quiet: bool = False) -> None:
+    def _abort(self, code: int, message: str, rank: int = -1, quiet: bool = False) -> None:
         if self.aborted:
             return
         self.aborted = True
         if not quiet:
-            _say(f"rank {self.step.rank} aborted the job (code {code}): {message}")
-        self.pmi.abort(code, message or f"rank {self.step.rank} aborted")
+            _say(f"rank {rank} aborted the job (code {code}): {message}")
+        self.pmi.abort(code, message or f"rank {rank} aborted")
 
     def _dmodex(self, msg: dict[str, Any]) -> None:
         if not self.said_dmodex:
             self.said_dmodex = True
             _say(
-                f"rank {self.step.rank} asked for rank {msg['rank']}'s data outside a "
-                "collecting fence (direct modex), which the PMI-2 bridge cannot serve; "
-                "unset OMPI_MCA_pmix_base_async_modex and OMPI_MCA_pmix_base_collect_data"
+                f"a rank of node {self.step.node_id} asked for rank {msg['rank']}'s data "
+                "outside a collecting fence (direct modex), which the PMI-2 bridge cannot "
+                "serve; unset OMPI_MCA_pmix_base_async_modex and OMPI_MCA_pmix_base_collect_data"
             )
         self.send({"op": "dmodex_done", "id": msg["id"], "status": ERR_NOT_FOUND, "data": ""})
 
@@ -627,8 +950,10 @@ class Bridge:
             msg = await self.fences.get()
             try:
                 status, data = await self._fence(msg)
-            except (PmiFailure, RemoteProtocolError, ValueError) as err:
-                _say(f"fence of rank {self.step.rank} failed: {err}")
+            except (PmiFailure, RemoteProtocolError, ValueError, OSError) as err:
+                # a connection is gone or out of step: no later fence can be trusted
+                _say(f"fence of node {self.step.node_id} failed: {err}; ending the step")
+                self._abort(1, "", quiet=True)
                 status, data = ERR_LOST_CONNECTION, b""
             self.send(
                 {"op": "fence_done", "id": msg["id"], "status": status, "data": wire.pack(data)}
@@ -637,34 +962,36 @@ class Bridge:
     async def _fence(self, msg: dict[str, Any]) -> tuple[int, bytes]:
         if not whole_job(msg["procs"], self.nspace, self.step.size):
             _say(
-                f"rank {self.step.rank} asked for a fence over part of the job, which a PMI-2 "
-                "step cannot carry (its fences are step-wide); run under srun --mpi=pmix"
+                f"a rank of node {self.step.node_id} asked for a fence over part of the job, "
+                "which a PMI-2 step cannot carry (its fences are step-wide); run under "
+                "srun --mpi=pmix"
             )
             return ERR_NOT_SUPPORTED, b""
+        assert self.layout is not None
         data = wire.unpack(msg["data"])
         self.epoch += 1
-        epoch, me = self.epoch, self.step.rank
+        epoch, me = self.epoch, self.layout.node
         if data:
             for i, chunk in enumerate(split_blob(data)):
                 await self.pmi.put(chunk_key(epoch, me, i), chunk)
-        await self.pmi.fence()
+        await asyncio.gather(*(c.fence() for c in self.conns.values()))
         if not (msg.get("collect") or data):
             return 0, b""
         parts = []
-        for rank in range(self.step.size):
-            parts.append(data if rank == me else await self._fetch(epoch, rank))
+        for node in self.layout.nodes:
+            parts.append(data if node == me else await self._fetch(epoch, node))
         return 0, b"".join(parts)
 
-    async def _fetch(self, epoch: int, rank: int) -> bytes:
-        first = await self.pmi.get(chunk_key(epoch, rank, 0))
+    async def _fetch(self, epoch: int, node: int) -> bytes:
+        first = await self.pmi.get(chunk_key(epoch, node, 0))
         if first is None:
             return b""
         count, payload = chunk_count(first)
         parts = [payload]
         for i in range(1, count):
-            value = await self.pmi.get(chunk_key(epoch, rank, i))
+            value = await self.pmi.get(chunk_key(epoch, node, i))
             if value is None:
-                raise ValueError(f"chunk {i} of rank {rank}'s fence blob {epoch} is missing")
+                raise ValueError(f"chunk {i} of node {node}'s fence blob {epoch} is missing")
             parts.append(value)
         return join_chunks(parts)
 
@@ -682,10 +1009,17 @@ class Bridge:
                     step()
                 except PmixError as err:
                     _say(f"PMIx server stop: {err}")
-        if not self.pmi.busy and not self.aborted:
-            with contextlib.suppress(PmiFailure, RemoteProtocolError, OSError):
-                await asyncio.wait_for(self.pmi.finalize(), STOP_TIMEOUT)
-        self.pmi.sock.close()
+        idle = [c for r, c in self.conns.items() if r in self.inited and not c.busy]
+        if idle and not self.aborted:
+            with contextlib.suppress(
+                PmiFailure, RemoteProtocolError, OSError, asyncio.TimeoutError
+            ):
+                await asyncio.wait_for(asyncio.gather(*(c.finalize() for c in idle)), STOP_TIMEOUT)
+        for conn in self.conns.values():
+            conn.sock.close()
+        for sock in self.tasks.values():
+            sock.close()
+        self._unlisten()
 
 
 # -- the hidden CLI ---------------------------------------------------------------------------
