@@ -20,7 +20,9 @@ rankwire exec mpich.sif hello` (Slurm's own PMI-2 server), and the same on the h
 without a container (`rankwire pmi bridge -- hello`, which starts one more interpreter per
 task, against plain `hello`), alternating, median of --repeat. And the other bridge: Open
 MPI's hello in an image, `srun --mpi=pmi2 rankwire exec ompi.sif` (each task's PMIx server
-over Slurm's PMI-2) against `srun --mpi=pmix rankwire exec ompi.sif` (Slurm's PMIx).
+over Slurm's PMI-2) against `srun --mpi=pmix rankwire exec ompi.sif` (Slurm's PMIx), and the
+same through the plugin (`--container-image=ompi.sif`: the shims of a node's other tasks
+join its server without a process of their own).
 
 Everything runs on one host (2 cores here), so only the ratios mean something.
 
@@ -142,11 +144,15 @@ def main() -> None:
     from harness.images import make_rootfs
     from harness.mpi import compile_hello, ompi_env
     from harness.slurm import SlurmCluster
+    from harness.spank import install_plugin
     from rankwire.runtime.build import build_image
 
     work = Path(tempfile.mkdtemp(prefix="rankwire-bench-bridge-"))
     work.chmod(0o755)
-    cluster = SlurmCluster()
+    rankwire = str(Path(sys.executable).parent / "rankwire")
+    cluster = SlurmCluster(
+        plugstack=install_plugin(REPO, work / "prefix", rankwire).plugstack_line()
+    )
     launches: dict[tuple[int, str], float] = {}
     try:
         progs = compile_hello(REPO / "examples", work)
@@ -173,7 +179,6 @@ def main() -> None:
         proc = subprocess.run(argv, env=cluster.env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise SystemExit(f"the step failed ({proc.returncode}):\n{proc.stderr}")
-        rankwire = str(Path(sys.executable).parent / "rankwire")
         for n in (int(x) for x in args.sizes.split(",")):
             srun = ["srun", f"-n{n}", "--overcommit"]
             kinds = {
@@ -183,6 +188,18 @@ def main() -> None:
                 "host bridged": [*srun, "--mpi=pmix", rankwire, "pmi", "bridge", "--", hello],
                 "ompi matched": [*srun, "--mpi=pmix", rankwire, "exec", oimage, "/opt/hello"],
                 "ompi bridged": [*srun, "--mpi=pmi2", rankwire, "exec", oimage, "/opt/hello"],
+                "plugin matched": [
+                    *srun,
+                    "--mpi=pmix",
+                    f"--container-image={oimage}",
+                    "/opt/hello",
+                ],
+                "plugin bridged": [
+                    *srun,
+                    "--mpi=pmi2",
+                    f"--container-image={oimage}",
+                    "/opt/hello",
+                ],
             }
             # Open MPI as root needs telling; its ranks of one node over loopback, both ways.
             env = ompi_env({**cluster.env, "OMPI_MCA_btl_tcp_if_include": "lo"})
@@ -233,8 +250,12 @@ def main() -> None:
     print("\n| N | where | srun --mpi=pmix ms | srun --mpi=pmi2 + bridge ms | bridged / matched |")
     print("|---|---|---|---|---|")
     for n in (int(x) for x in args.sizes.split(",")):
-        m, b = launches[(n, "ompi matched")], launches[(n, "ompi bridged")]
-        print(f"| {n} | Open MPI, rankwire exec ompi.sif | {m:.0f} | {b:.0f} | {b / m:.2f} |")
+        for where, prefix in (
+            ("Open MPI, rankwire exec ompi.sif", "ompi "),
+            ("Open MPI, --container-image=ompi.sif", "plugin "),
+        ):
+            m, b = launches[(n, prefix + "matched")], launches[(n, prefix + "bridged")]
+            print(f"| {n} | {where} | {m:.0f} | {b:.0f} | {b / m:.2f} |")
 
 
 if __name__ == "__main__":

@@ -502,23 +502,165 @@ static void on_bridge_env(const char *key, char *val, void *ctx)
 		on_task_env(key, val, ctx);
 }
 
-/* The PMI-2 to PMIx bridge (pmi/pmix/pmi2bridge.py) of this task, still on the host:
- * `rankwire pmi pmix-server` as the job user with the task's environment takes over the
- * task's Slurm PMI_FD and becomes its PMIx server; its report (the task's PMIX_* in,
- * PMI_* out) is applied here, bounded; EOF on the control pipe, whose write end the task
- * keeps across exec, is the task's end. */
+/* The task's variables that start with `prefix` go (the live array: setenv may move it,
+ * unsetenv shifts it). */
+static void unset_prefixed(spank_t sp, const char *prefix)
+{
+	char **env = NULL, name[256];
+
+	for (int gone = 1; gone;) {
+		gone = 0;
+		if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env)
+			break;
+		for (char **e = env; *e && !gone; e++) {
+			size_t len = strcspn(*e, "=");
+			if (strncmp(*e, prefix, strlen(prefix)) || len >= sizeof name)
+				continue;
+			memcpy(name, *e, len), name[len] = 0;
+			gone = spank_unsetenv(sp, name) == ESPANK_SUCCESS;
+		}
+	}
+}
+
+#define PMI2_JOIN_MS 60000 /* pmi/pmix/pmi2bridge.START_TIMEOUT */
+
+/* The node's PMI-2 bridge socket, as pmi/pmix/pmi2bridge.socket_path names it: in the job
+ * user's runtime dir (root made it, 0700), after PMI_JOBID ("job.step") and the node. */
+static int pmi2_socket(spank_t sp, char *dir, size_t dirlen, struct sockaddr_un *sa)
+{
+	char jobid[64], node[16];
+	int n;
+
+	if (spank_getenv(sp, "PMI_JOBID", jobid, sizeof jobid) != ESPANK_SUCCESS ||
+	    spank_getenv(sp, "SLURM_NODEID", node, sizeof node) != ESPANK_SUCCESS ||
+	    strchr(jobid, '/') || strchr(node, '/'))
+		return -1;
+	if ((n = snprintf(dir, dirlen, RW_RUN_DIR "/%u", (unsigned)getuid())) < 0 ||
+	    (size_t)n >= dirlen)
+		return -1;
+	memset(sa, 0, sizeof *sa), sa->sun_family = AF_UNIX;
+	n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s/pmi2bridge.%s.%s", dir, jobid, node);
+	return n > 0 && (size_t)n < sizeof sa->sun_path ? 0 : -1;
+}
+
+struct follower { spank_t sp; int cleared; };
+
+/* The leader's answer ends with the record end=1 (no value holds a NUL), as
+ * pmi2bridge.reply_ended says. */
+static int reply_ended(const struct buf *b)
+{
+	return b->len >= 6 && !memcmp(b->p + b->len - 6, "end=1", 6) &&
+	       (b->len == 6 || !b->p[b->len - 7]);
+}
+
+/* The leader's records: its error (first, if any), or the rank's PMIX_* to set, once the
+ * task lost Slurm's PMI_* (Open MPI must not see a PMI-2 step) and any stale PMIX_*. */
+static void on_follower(const char *key, char *val, void *ctx)
+{
+	struct follower *f = ctx;
+
+	if (!strcmp(key, "error"))
+		rw_fail("rankwire: %s", val);
+	else if (!strcmp(key, "setenv") && !*st.error) {
+		if (!f->cleared++)
+			unset_prefixed(f->sp, "PMI_"), unset_prefixed(f->sp, "PMIX_");
+		on_task_env(key, val, f->sp);
+	}
+}
+
+/* A task that is not its node's first under the PMI-2 bridge joins the bridge its node's
+ * first task started (pmi2bridge's followers), here, without a process of its own:
+ * connect (it may not listen yet), check that the job user serves it, hand over the
+ * task's rank and Slurm socket, read its records (pmi2bridge.follower_reply: the rank's
+ * PMIX_* or the leader's error, then end=1). The connection is the task's across exec:
+ * its EOF is the task's end. */
+static void join_pmi2_bridge(spank_t sp, int slurm_fd)
+{
+	char dir[64], rank[18], data[4096], cbuf[CMSG_SPACE(sizeof(int))] = {0};
+	struct iovec iov = {rank, 0};
+	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+			     .msg_controllen = sizeof cbuf};
+	struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+	struct sockaddr_un sa;
+	struct ucred cred;
+	socklen_t len = sizeof cred;
+	int64_t deadline = rw_now_ms() + PMI2_JOIN_MS, left;
+	struct buf b = {0};
+	ssize_t n = 0;
+	int fd;
+
+	if (spank_getenv(sp, "PMI_RANK", rank, sizeof rank - 1) != ESPANK_SUCCESS ||
+	    pmi2_socket(sp, dir, sizeof dir, &sa))
+		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_RANK, PMI_JOBID "
+			       "and SLURM_NODEID: run with srun --mpi=pmi2");
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+		return rw_fail("rankwire: cannot join the PMI-2 bridge: %s", strerror(errno));
+	while (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
+		if (errno != ENOENT && errno != ECONNREFUSED && errno != EINTR)
+			return rw_close(fd), rw_fail("rankwire: cannot join the PMI-2 bridge at %s: "
+						    "%s", sa.sun_path, strerror(errno));
+		if (rw_now_ms() >= deadline)
+			return rw_close(fd), rw_fail("rankwire: the node's PMI-2 bridge (its task "
+				"with SLURM_LOCALID=0) did not start within %d s; see that task's "
+				"message", PMI2_JOIN_MS / 1000);
+		(void)poll(NULL, 0, 5);
+	}
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) || cred.uid != getuid())
+		return rw_close(fd), rw_fail("rankwire: the PMI-2 bridge's socket %s is held by "
+			"uid %u, not by you; ask the node's admin to find that process", sa.sun_path,
+			(unsigned)cred.uid);
+	iov.iov_len = strlen(strcat(rank, "\n"));
+	c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS, c->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(c), &slurm_fd, sizeof(int));
+	if (sendmsg(fd, &msg, MSG_NOSIGNAL) != (ssize_t)iov.iov_len)
+		return rw_close(fd), rw_fail("rankwire: cannot join the PMI-2 bridge: %s",
+					    strerror(errno));
+	while (!b.oom && b.len <= FRAME_MAX && !reply_ended(&b)) {
+		struct pollfd p = {fd, POLLIN, 0};
+		if ((left = deadline - rw_now_ms()) <= 0 || poll(&p, 1, (int)left) == 0) {
+			n = -2;
+			break;
+		}
+		if ((n = recv(fd, data, sizeof data, 0)) <= 0 && !(n < 0 && errno == EINTR))
+			break;
+		buf_put(&b, data, n > 0 ? (size_t)n : 0);
+	}
+	if (b.oom || b.len > FRAME_MAX || !reply_ended(&b))
+		rw_fail("rankwire: the node's PMI-2 bridge %s", n == -2 ? "did not answer in time" :
+			"ended during start-up; see its message");
+	else if (frame_parse(b.p, b.len, on_follower, &(struct follower){sp, 0}))
+		rw_fail("rankwire: bad answer from the node's PMI-2 bridge");
+	free(b.p);
+	if (*st.error)
+		return rw_close(fd);
+	rw_close(slurm_fd); /* the bridge's now */
+	if (fcntl(fd, F_SETFD, 0)) /* the task keeps it: its end is the bridge's EOF */
+		rw_fail("rankwire: cannot hand the PMI-2 bridge's connection to the task");
+}
+
+/* The PMI-2 to PMIx bridge (pmi/pmix/pmi2bridge.py) of this task, still on the host: the
+ * node's first task runs `rankwire pmi pmix-server` as the job user with the task's
+ * environment, which takes over the task's Slurm PMI_FD and becomes the node's PMIx
+ * server; its report (the task's PMIX_* in, PMI_* out) is applied here, bounded; EOF on
+ * the control pipe, whose write end the task keeps across exec, is the task's end. The
+ * node's other tasks join it (join_pmi2_bridge). */
 static void start_pmi2_bridge(spank_t sp)
 {
-	char **env = NULL, slurm_fd[16], *argv[] = {st.helper, "pmi", "pmix-server",
-		"--report-fd", "3", "--control-fd", "4", NULL};
+	char **env = NULL, slurm_fd[16], local[16], dir[64], *argv[] = {st.helper, "pmi",
+		"pmix-server", "--report-fd", "3", "--control-fd", "4", "--socket-dir", dir, NULL};
 	int rep[2] = {-1, -1}, ctl[2] = {-1, -1}, status = 0;
+	struct sockaddr_un sa;
 	struct buf b = {0};
 	pid_t pid;
 
 	if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env ||
-	    spank_getenv(sp, "PMI_FD", slurm_fd, sizeof slurm_fd) != ESPANK_SUCCESS)
+	    spank_getenv(sp, "PMI_FD", slurm_fd, sizeof slurm_fd) != ESPANK_SUCCESS ||
+	    spank_getenv(sp, "SLURM_LOCALID", local, sizeof local) != ESPANK_SUCCESS ||
+	    pmi2_socket(sp, dir, sizeof dir, &sa))
 		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_FD: run with "
 			       "srun --mpi=pmi2");
+	if (strcmp(local, "0"))
+		return join_pmi2_bridge(sp, (int)strtol(slurm_fd, NULL, 10));
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, rep) || pipe2(ctl, O_CLOEXEC))
 		return rw_close(rep[0]), rw_close(rep[1]),
 		       rw_fail("rankwire: cannot start the PMI-2 bridge: %s", strerror(errno));
@@ -544,7 +686,7 @@ static void start_pmi2_bridge(spank_t sp)
 
 static void start_bridge(spank_t sp)
 {
-	char **env = NULL, rank[16], fd[16], size[16], name[256], *argv[] = {st.helper, "pmi",
+	char **env = NULL, rank[16], fd[16], size[16], *argv[] = {st.helper, "pmi",
 		"bridge", "--serve-fd", "3", NULL};
 	uint32_t n = 0;
 	int sv[2], status = 0;
@@ -569,18 +711,7 @@ static void start_bridge(spank_t sp)
 	if (spank_setenv(sp, "PMI_FD", fd, 1) || spank_setenv(sp, "PMI_RANK", rank, 1) ||
 	    spank_setenv(sp, "PMI_SIZE", size, 1))
 		return rw_close(sv[0]), rw_fail("rankwire: cannot set the task's PMI variables");
-	for (int gone = 1; gone;) { /* the live array (setenv may move it, unsetenv shifts) */
-		gone = 0;
-		if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env)
-			break;
-		for (char **e = env; *e && !gone; e++) {
-			size_t len = strcspn(*e, "=");
-			if (strncmp(*e, "PMIX_", 5) || len >= sizeof name)
-				continue;
-			memcpy(name, *e, len), name[len] = 0;
-			gone = spank_unsetenv(sp, name) == ESPANK_SUCCESS;
-		}
-	}
+	unset_prefixed(sp, "PMIX_");
 }
 
 int slurm_spank_task_init(spank_t sp, int ac UNUSED, char **av UNUSED)

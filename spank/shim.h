@@ -41,6 +41,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -53,6 +54,7 @@
 #define HOLDER_WAIT_MS 10000 /* for each step of leaving, and for the holder's exit */
 #define RW_MAX_FDS 64 /* descriptors a reply may hand over */
 #define RW_JOBS_DIR "/run/rankwire/jobs" /* named containers' dirs (spank/plan.JOBS_DIR) */
+#define RW_RUN_DIR "/run/rankwire" /* the users' runtime dirs below it (spank/helper.RUN_DIR) */
 #define EPILOG_TIMEOUT_S 60 /* the job epilog's helper phase, at most */
 
 /* close() of a descriptor we own: Linux frees it even when close reports an error, so

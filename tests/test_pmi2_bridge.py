@@ -178,9 +178,10 @@ def _leader(path: str, answer: bytes) -> threading.Thread:
 @pytest.mark.parametrize(
     ("answer", "said"),
     [
-        (b'{"error": "cannot load the PMIx library"}\n', "cannot load the PMIx library"),
+        (pb.follower_reply(error="cannot load the PMIx library"), "cannot load the PMIx library"),
         (b"", "the node's PMI-2 bridge ended during start-up; see its message"),
-        (b"{not json\n", "the node's PMI-2 bridge ended during start-up; see its message"),
+        (b"setenv=A\0end=1\0", "the node's PMI-2 bridge ended during start-up; see its message"),
+        (b"setenv=A=1\0", "the node's PMI-2 bridge ended during start-up; see its message"),
     ],
 )
 def test_a_follower_fails_with_the_leaders_line(tmp_path: Path, answer: bytes, said: str) -> None:
@@ -195,12 +196,16 @@ def test_a_follower_fails_with_the_leaders_line(tmp_path: Path, answer: bytes, s
 
 def test_a_follower_gets_its_environment(tmp_path: Path) -> None:
     step = pb.Step(-1, "9.0", 1, 2, 1, 0)
-    thread = _leader(pb.socket_path(step, str(tmp_path)), b'{"env": {"PMIX_RANK": "1"}}\n')
+    answer = pb.follower_reply(env={"PMIX_RANK": "1", "PMIX_SERVER_URI41": "a=b;c"})
+    assert answer == b"setenv=PMIX_RANK=1\0setenv=PMIX_SERVER_URI41=a=b;c\0end=1\0"
+    assert pb.reply_ended(answer) and pb.reply_ended(b"end=1\0")
+    assert not pb.reply_ended(b"setenv=X=1end=1\0")  # a value that ends like the record
+    thread = _leader(pb.socket_path(step, str(tmp_path)), answer)
     a, b = socket.socketpair()
     with a, b:
         bridge = pb._follow(dataclasses.replace(step, fd=a.fileno()), 5.0, str(tmp_path))
     thread.join()
-    assert (bridge.pid, bridge.env) == (0, {"PMIX_RANK": "1"})
+    assert (bridge.pid, bridge.env) == (0, {"PMIX_RANK": "1", "PMIX_SERVER_URI41": "a=b;c"})
     assert bridge.finish(0) == 0
     assert bridge.control == -1
 

@@ -105,17 +105,38 @@ def test_mpich_under_pmix_is_bridged(
 def test_open_mpi_under_pmi2_is_bridged(
     spank_cluster: SlurmCluster, ompi_image: Path, runner: User, nothing_left: None
 ) -> None:
-    """The site's --mpi=pmi2 and the image's PMIx-only Open MPI: each task's PMIx server
-    (started by the shim on the host, over the task's Slurm PMI-2) wires it up."""
+    """The site's --mpi=pmi2 and the image's PMIx-only Open MPI: the node's PMIx server
+    (started by the shim of the node's first task, on the host, over the node's Slurm PMI-2
+    connections, which the other tasks' shims hand it) wires it up. Shared memory alone
+    (no TCP) carries the ranks' traffic: they are one node's."""
     image = f"--container-image={ompi_image}"
     probe = '/opt/hello_ompi && echo "pmi=$(env | grep -c ^PMI_) pmix=${PMIX_NAMESPACE%%.*}"'
-    env = {**spank_cluster.env, "OMPI_MCA_btl_tcp_if_include": "lo"}
-    proc = srun(spank_cluster, runner, "-n", "2", "--mpi=pmi2", image, "sh", "-c", probe, env=env)
+    env = {**spank_cluster.env, "OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "self,vader"}
+    proc = srun(spank_cluster, runner, "-n", "4", "--mpi=pmi2", image, "sh", "-c", probe, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert_hello(proc.stdout, 2)
+    assert_hello(proc.stdout, 4)
     assert [ln for ln in proc.stdout.splitlines() if ln.startswith("pmi=")] == [
         "pmi=0 pmix=rankwire"
-    ] * 2
+    ] * 4
+
+
+@pytest.mark.mpi
+def test_a_pmi2_bridge_that_cannot_start_fails_every_task_in_one_line(
+    spank_cluster: SlurmCluster, ompi_image: Path, runner: User, nothing_left: None
+) -> None:
+    """The node's first task cannot start the server: every task of the node (the others
+    joined it from the shim) reports the first task's line."""
+    lib = "/nonexistent/libpmix.so.2"
+    env = {**spank_cluster.env, "RANKWIRE_LIBPMIX": lib}
+    proc = srun(spank_cluster, runner, "-n", "3", "--mpi=pmi2",
+                f"--container-image={ompi_image}", "/opt/hello_ompi", env=env)  # fmt: skip
+    assert proc.returncode != 0
+    said = (
+        f"rankwire: cannot load the PMIx library '{lib}' ({lib}: cannot open shared object "
+        "file: No such file or directory): install libpmix2 or set RANKWIRE_LIBPMIX to its path"
+    )
+    ours = [x.split("error: ", 1)[-1] for x in proc.stderr.splitlines() if "rankwire: " in x]
+    assert ours == [said] * 3, proc.stderr
 
 
 def test_job_without_container_is_untouched(

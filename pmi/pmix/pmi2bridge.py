@@ -118,6 +118,7 @@ from rankwire.pmi.messages import (
     Request,
 )
 from rankwire.pmi.pmix import wire
+from rankwire.runtime import frame
 
 VALUE_MAX = 1024  # Slurm's and MPICH's PMI2_MAX_VALLEN
 KEY_PREFIX = "rw"
@@ -314,6 +315,20 @@ def task_env(environ: Mapping[str, str], add: Mapping[str, str]) -> dict[str, st
     return env
 
 
+def follower_reply(env: Optional[Mapping[str, str]] = None, error: Optional[str] = None) -> bytes:
+    """The leader's answer to a follower, framed records (`runtime/frame.py`, which the
+    SPANK shim parses too): `setenv=K=V` for each PMIx variable of its rank, or
+    `error=LINE`; then `end=1` (the connection stays open: it is the task's end)."""
+    records = [("error", error)] if error is not None else []
+    records += [("setenv", f"{k}={v}") for k, v in (env or {}).items()]
+    return frame.encode([*records, ("end", "1")])
+
+
+def reply_ended(data: bytes) -> bool:
+    """Whether `data` is a whole `follower_reply` (no value holds a NUL)."""
+    return data == b"end=1\0" or data.endswith(b"\0end=1\0")
+
+
 def task_ending(rank: int, code: int) -> str:
     """Why the step ends when a task ended (`code` as Popen's returncode) without PMIx
     finalize: its peers would wait for it in their next fence (PMI-2 has no timeout)."""
@@ -386,7 +401,9 @@ def _reap(pid: int, timeout: Optional[float]) -> int:
         time.sleep(0.01)
 
 
-def spawn(environ: Mapping[str, str], *, timeout: float = START_TIMEOUT) -> Pmi2Bridge:
+def spawn(
+    environ: Mapping[str, str], *, timeout: float = START_TIMEOUT, base: Optional[str] = None
+) -> Pmi2Bridge:
     """The bridge for the task whose PMI-2 identity `environ` holds: the node's first
     task starts it, the others join it; returns once the node's PMIx server is up. The
     caller's copy of PMI_FD is closed (the bridge owns it now). UserError if it cannot
@@ -403,7 +420,7 @@ def spawn(environ: Mapping[str, str], *, timeout: float = START_TIMEOUT) -> Pmi2
         )
     if step.local_id:
         try:
-            return _follow(step, timeout)
+            return _follow(step, timeout, base)
         finally:
             with contextlib.suppress(OSError):
                 os.close(step.fd)  # the bridge's now, or nobody's: the task must not have it
@@ -416,7 +433,7 @@ def spawn(environ: Mapping[str, str], *, timeout: float = START_TIMEOUT) -> Pmi2
     if pid == 0:  # pragma: no cover - the bridge process, exercised under srun
         os.close(report_r)
         os.close(control_w)
-        _child(step, report_w, control_r, parent)
+        _child(step, report_w, control_r, parent, base or _runtime_dir())
     os.close(report_w)
     os.close(control_r)
     with contextlib.suppress(OSError):
@@ -473,21 +490,22 @@ def _follow(step: Step, timeout: float, base: Optional[str] = None) -> Pmi2Bridg
             )
         socket.send_fds(sock, [f"{step.rank}\n".encode()], [step.fd], socket.MSG_NOSIGNAL)
         text = b""
-        while not text.endswith(b"\n"):
+        while not reply_ended(text):
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
                 data = sock.recv(65536)
             except socket.timeout:
                 raise UserError(late) from None
-            if not data:
+            if not data or len(text) > frame.MAX_FRAME:
                 raise UserError(gone)
             text += data
-        doc = json.loads(text)
-        if "error" in doc:
-            raise UserError(str(doc["error"]))
-        env = {str(k): str(v) for k, v in doc["env"].items()}
+        records = frame.decode(text)
+        errors = [v for k, v in records if k == "error"]
+        if errors:
+            raise UserError(errors[0])
+        env = dict(v.split("=", 1) for k, v in records if k == "setenv")
         sock.setblocking(True)
-    except (OSError, ValueError, KeyError, AttributeError) as err:
+    except (OSError, ValueError, frame.FrameError) as err:
         sock.close()
         if isinstance(err, socket.timeout):
             raise UserError(late) from None
@@ -499,7 +517,7 @@ def _follow(step: Step, timeout: float, base: Optional[str] = None) -> Pmi2Bridg
 
 
 # -- the bridge process -----------------------------------------------------------------------
-def _child(step: Step, report: int, control: int, parent: int) -> NoReturn:
+def _child(step: Step, report: int, control: int, parent: int, base: str) -> NoReturn:
     code = 1
     try:
         from rankwire.runtime import syscalls as sc
@@ -523,7 +541,7 @@ def _child(step: Step, report: int, control: int, parent: int) -> NoReturn:
                 low = fd + 1
         os.closerange(low, 65536)
         logging.basicConfig(format="rankwire pmix server: %(message)s", level=logging.WARNING)
-        code = asyncio.run(Bridge(step, report, control).run())
+        code = asyncio.run(Bridge(step, report, control, base).run())
     except BaseException as err:  # the child must never unwind into the parent's code
         with contextlib.suppress(BaseException):
             _say(f"PMI-2 bridge failed: {err}")
@@ -624,8 +642,9 @@ class Bridge:
     `helper.Helper`), their PMI-2 connections, the leader's control pipe and the
     followers' connections."""
 
-    def __init__(self, step: Step, report: int, control: int) -> None:
+    def __init__(self, step: Step, report: int, control: int, base: str) -> None:
         self.step = step
+        self.base = base  # the private dir of the node's socket
         self.report = report
         self.control = control
         self.nspace = nspace_for(step.jobid)
@@ -678,16 +697,16 @@ class Bridge:
                 await asyncio.gather(*(c.fence() for c in self.conns.values()))
                 _debug(f"node {self.step.node_id}: start fence done")
             except Exception as err:  # UserError, PmixError, PMI-2 failures: one line
-                error = json.dumps({"error": str(err).splitlines()[0]})
-                os.write(self.report, error.encode())
+                line = str(err).splitlines()[0]
+                os.write(self.report, json.dumps({"error": line}).encode())
                 os.close(self.report)
-                await self._refuse_followers(error)
+                await self._refuse_followers(follower_reply(error=line))
                 return 1
             os.write(self.report, json.dumps({"env": envs[self.step.rank]}).encode())
             os.close(self.report)
             for rank, conn in self.tasks.items():
                 try:
-                    conn.sendall(json.dumps({"env": envs[rank]}).encode() + b"\n", NOSIGNAL)
+                    conn.sendall(follower_reply(env=envs[rank]), NOSIGNAL)
                 except OSError:  # its caller is gone: its rank never comes, the peers would wait
                     _say(f"rank {rank} left before it started; ending the step")
                     self._abort(1, "", quiet=True)
@@ -752,7 +771,7 @@ class Bridge:
         over (a refused connect proves it dead)."""
         from rankwire.runtime.instance import unlink_if_dead
 
-        path = socket_path(self.step, _runtime_dir())
+        path = socket_path(self.step, self.base)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             try:
@@ -835,11 +854,11 @@ class Bridge:
         self.conns[rank] = AsyncPmi2(socket.socket(fileno=fds[0]))
         return rank
 
-    async def _refuse_followers(self, error: str) -> None:
+    async def _refuse_followers(self, error: bytes) -> None:
         """The start failed: every follower hears why (each task fails with that line)."""
         for conn in self.tasks.values():
             with contextlib.suppress(OSError):
-                conn.sendall(error.encode() + b"\n", NOSIGNAL)
+                conn.sendall(error, NOSIGNAL)
         if self.listener is None:
             return
         assert self.loop is not None
@@ -858,7 +877,7 @@ class Bridge:
                 conn.settimeout(STOP_TIMEOUT)
                 for fd in socket.recv_fds(conn, 64, 1)[1]:
                     os.close(fd)
-                conn.sendall(error.encode() + b"\n", NOSIGNAL)
+                conn.sendall(error, NOSIGNAL)
             told += 1
 
     def _control(self) -> None:
@@ -1023,16 +1042,17 @@ class Bridge:
 
 
 # -- the hidden CLI ---------------------------------------------------------------------------
-def for_task(report_fd: int, control_fd: int, environ: Mapping[str, str]) -> int:
+def for_task(
+    report_fd: int, control_fd: int, environ: Mapping[str, str], base: Optional[str] = None
+) -> int:
     """The SPANK plugin's way (`rankwire pmi pmix-server`, which the shim's task_init runs
     detached, with the task's environment): start the bridge of the task whose PMI-2
     identity `environ` holds, tell the shim the task's environment changes on `report_fd`
     as framed records (`setenv=K=V`, `unsetenv=K`, or `error=…`), then wait for EOF on
     `control_fd` (the task holds its other end: EOF is the task's end) and finish."""
-    from rankwire.runtime import frame
 
     try:
-        bridge = spawn(environ)
+        bridge = spawn(environ, base=base)
     except UserError as err:
         os.write(report_fd, frame.encode([("error", f"rankwire: {err}")]))
         os.close(report_fd)
