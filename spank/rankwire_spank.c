@@ -514,7 +514,8 @@ static void unset_prefixed(spank_t sp, const char *prefix)
 			break;
 		for (char **e = env; *e && !gone; e++) {
 			size_t len = strcspn(*e, "=");
-			if (strncmp(*e, prefix, strlen(prefix)) || len >= sizeof name)
+			/* Slurm's unsetenv removes only NAME=...: an entry without '=' stays */
+			if (strncmp(*e, prefix, strlen(prefix)) || len >= sizeof name || !(*e)[len])
 				continue;
 			memcpy(name, *e, len), name[len] = 0;
 			gone = spank_unsetenv(sp, name) == ESPANK_SUCCESS;
@@ -576,14 +577,16 @@ static void on_follower(const char *key, char *val, void *ctx)
  * its EOF is the task's end. */
 static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 {
-	char dir[64], rank[18], data[4096], cbuf[CMSG_SPACE(sizeof(int))] = {0};
+	char dir[64], rank[18], data[4096];
+	union { struct cmsghdr h; char b[CMSG_SPACE(sizeof(int))]; } cbuf = {0};
 	struct iovec iov = {rank, 0};
-	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
-			     .msg_controllen = sizeof cbuf};
+	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf.b,
+			     .msg_controllen = sizeof cbuf.b};
 	struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
 	struct sockaddr_un sa;
-	struct ucred cred;
+	struct ucred cred = {0, (uid_t)-1, (gid_t)-1};
 	socklen_t len = sizeof cred;
+	struct follower f = {sp, 0};
 	int64_t deadline = rw_now_ms() + PMI2_JOIN_MS, left;
 	struct buf b = {0};
 	ssize_t n = 0;
@@ -592,7 +595,7 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 	if (spank_getenv(sp, "PMI_RANK", rank, sizeof rank - 1) != ESPANK_SUCCESS ||
 	    pmi2_socket(sp, dir, sizeof dir, &sa))
 		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_RANK, PMI_JOBID "
-			       "and SLURM_NODEID: run with srun --mpi=pmi2");
+			       "and SLURM_NODEID (short, without '/'): run with srun --mpi=pmi2");
 	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
 		return rw_fail("rankwire: cannot join the PMI-2 bridge: %s", strerror(errno));
 	while (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
@@ -605,7 +608,10 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 				"message", PMI2_JOIN_MS / 1000);
 		(void)poll(NULL, 0, 5);
 	}
-	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) || cred.uid != getuid())
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len))
+		return rw_close(fd), rw_fail("rankwire: cannot check who serves the PMI-2 bridge "
+					    "at %s: %s", sa.sun_path, strerror(errno));
+	if (cred.uid != getuid())
 		return rw_close(fd), rw_fail("rankwire: the PMI-2 bridge's socket %s is held by "
 			"uid %u, not by you; ask the node's admin to find that process", sa.sun_path,
 			(unsigned)cred.uid);
@@ -617,7 +623,10 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 					    strerror(errno));
 	while (!b.oom && b.len <= FRAME_MAX && !reply_ended(&b)) {
 		struct pollfd p = {fd, POLLIN, 0};
-		if ((left = deadline - rw_now_ms()) <= 0 || poll(&p, 1, (int)left) == 0) {
+		int r = (left = deadline - rw_now_ms()) > 0 ? poll(&p, 1, (int)left) : 0;
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) { /* the deadline, or poll failed: no recv without a deadline */
 			n = -2;
 			break;
 		}
@@ -625,17 +634,22 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 			break;
 		buf_put(&b, data, n > 0 ? (size_t)n : 0);
 	}
-	if (b.oom || b.len > FRAME_MAX || !reply_ended(&b))
+	if (b.oom || b.len > FRAME_MAX)
+		rw_fail("rankwire: the node's PMI-2 bridge's answer is over %d bytes", FRAME_MAX);
+	else if (!reply_ended(&b))
 		rw_fail("rankwire: the node's PMI-2 bridge %s", n == -2 ? "did not answer in time" :
 			"ended during start-up; see its message");
-	else if (frame_parse(b.p, b.len, on_follower, &(struct follower){sp, 0}))
+	else if (frame_parse(b.p, b.len, on_follower, &f))
 		rw_fail("rankwire: bad answer from the node's PMI-2 bridge");
+	else if (!f.cleared && !*st.error) /* no variable at all: still not a PMI-2 step's */
+		unset_prefixed(sp, "PMI_"), unset_prefixed(sp, "PMIX_");
 	free(b.p);
 	if (*st.error)
 		return rw_close(fd);
 	rw_close(slurm_fd); /* the bridge's now */
 	if (fcntl(fd, F_SETFD, 0)) /* the task keeps it: its end is the bridge's EOF */
-		rw_fail("rankwire: cannot hand the PMI-2 bridge's connection to the task");
+		rw_close(fd), rw_fail("rankwire: cannot hand the PMI-2 bridge's connection to "
+				      "the task");
 }
 
 /* The PMI-2 to PMIx bridge (pmi/pmix/pmi2bridge.py) of this task, still on the host: the
@@ -657,8 +671,8 @@ static void start_pmi2_bridge(spank_t sp)
 	    spank_getenv(sp, "PMI_FD", slurm_fd, sizeof slurm_fd) != ESPANK_SUCCESS ||
 	    spank_getenv(sp, "SLURM_LOCALID", local, sizeof local) != ESPANK_SUCCESS ||
 	    pmi2_socket(sp, dir, sizeof dir, &sa))
-		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_FD: run with "
-			       "srun --mpi=pmi2");
+		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_FD, PMI_JOBID, "
+			       "SLURM_LOCALID and SLURM_NODEID: run with srun --mpi=pmi2");
 	if (strcmp(local, "0"))
 		return join_pmi2_bridge(sp, (int)strtol(slurm_fd, NULL, 10));
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, rep) || pipe2(ctl, O_CLOEXEC))

@@ -424,6 +424,7 @@ def spawn(
         finally:
             with contextlib.suppress(OSError):
                 os.close(step.fd)  # the bridge's now, or nobody's: the task must not have it
+    base = base or _runtime_dir()  # before the fork: the child never unwinds into our code
     report_r, report_w = os.pipe()
     control_r, control_w = os.pipe()
     parent = os.getpid()
@@ -433,7 +434,7 @@ def spawn(
     if pid == 0:  # pragma: no cover - the bridge process, exercised under srun
         os.close(report_r)
         os.close(control_w)
-        _child(step, report_w, control_r, parent, base or _runtime_dir())
+        _child(step, report_w, control_r, parent, base)
     os.close(report_w)
     os.close(control_r)
     with contextlib.suppress(OSError):
