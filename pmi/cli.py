@@ -84,19 +84,3 @@ def bridge_cmd(version: str, serve_fd: Optional[int], command: tuple[str, ...]) 
         code, message = exec_failure(command[0], err, "on this host")
         bridge.end()
         raise UserError(message, exit_code=code) from err
-
-
-@pmi.command("pmix-server", hidden=True)
-@click.option("--report-fd", type=int, required=True, metavar="FD")
-@click.option("--control-fd", type=int, required=True, metavar="FD")
-@click.option("--socket-dir", default=None, metavar="DIR")
-def pmix_server_cmd(report_fd: int, control_fd: int, socket_dir: Optional[str]) -> None:
-    """Under `srun --mpi=pmi2`, for the SPANK plugin: be the PMIx server of this task's
-    node, its fences through the node's Slurm PMI-2 connections (`pmi/pmix/pmi2bridge.py`);
-    the node's other tasks join it at its socket in DIR (the user's private runtime dir);
-    the task's environment changes go to REPORT-FD, EOF on CONTROL-FD is the task's end."""
-    import os
-
-    from rankwire.pmi.pmix.pmi2bridge import for_task
-
-    sys.exit(for_task(report_fd, control_fd, os.environ, socket_dir))

@@ -1,6 +1,8 @@
 """The `rankwire` console entry point. The SPANK shim runs `rankwire spank-helper PHASE`
-for every container step, twice: that goes straight to the helper, without click and the
-CLI (about 25 ms of each start); every other command goes to `rankwire.cli`."""
+for every container step, and `rankwire spank-helper pmi2-bridge DIR` in the first task of
+a node whose step it bridges from PMI-2 to PMIx: those go straight to their code, without
+click and the CLI (about 25-45 ms of each start); every other command goes to
+`rankwire.cli`."""
 
 from __future__ import annotations
 
@@ -19,6 +21,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         from rankwire.spank.helper import main as serve
 
         exit_now(serve(args[1]))
+    if len(args) == 3 and args[:2] == ["spank-helper", "pmi2-bridge"]:
+        # The shim's task_init (spank/rankwire_spank.c start_pmi2_bridge): the report on
+        # fd 3, the task's end as EOF on fd 4, the node's socket in DIR.
+        from rankwire.pmi.pmix.pmi2bridge import for_task
+
+        exit_now(for_task(3, 4, os.environ, args[2]))
     from rankwire.cli import main as cli_main
 
     cli_main(argv)

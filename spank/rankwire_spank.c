@@ -653,15 +653,15 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 }
 
 /* The PMI-2 to PMIx bridge (pmi/pmix/pmi2bridge.py) of this task, still on the host: the
- * node's first task runs `rankwire pmi pmix-server` as the job user with the task's
+ * node's first task runs `rankwire spank-helper pmi2-bridge DIR` as the job user with the task's
  * environment, which takes over the task's Slurm PMI_FD and becomes the node's PMIx
  * server; its report (the task's PMIX_* in, PMI_* out) is applied here, bounded; EOF on
  * the control pipe, whose write end the task keeps across exec, is the task's end. The
  * node's other tasks join it (join_pmi2_bridge). */
 static void start_pmi2_bridge(spank_t sp)
 {
-	char **env = NULL, slurm_fd[16], local[16], dir[64], *argv[] = {st.helper, "pmi",
-		"pmix-server", "--report-fd", "3", "--control-fd", "4", "--socket-dir", dir, NULL};
+	char **env = NULL, slurm_fd[16], local[16], dir[64], *argv[] = {st.helper,
+		"spank-helper", "pmi2-bridge", dir, NULL}; /* rankwire/entry.py: report 3, control 4 */
 	int rep[2] = {-1, -1}, ctl[2] = {-1, -1}, status = 0;
 	struct sockaddr_un sa;
 	struct buf b = {0};

@@ -86,3 +86,58 @@ def test_the_spank_helper_starts_without_the_cli() -> None:
     assert "rankwire.spank.helper" in loaded
     assert sorted(loaded & {"click", "rankwire.cli"}) == []
     assert reply == [("done", "1")]  # no job id: nothing to end
+
+
+def test_the_plugins_pmi2_bridge_starts_without_the_cli(tmp_path: Path) -> None:
+    """`rankwire spank-helper pmi2-bridge DIR` (the first task of a node the plugin bridges)
+    goes straight to `pmi2bridge.for_task`: no click, no `rankwire.cli`. Outside a PMI-2
+    step its report on fd 3 is the one line the shim shows."""
+    import socket
+    import subprocess
+
+    from rankwire.runtime import frame
+
+    script = (
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: print(' '.join(sorted(sys.modules)), file=sys.stderr))\n"
+        "os.dup2(int(sys.argv[1]), 3)\n"
+        "os.dup2(int(sys.argv[2]), 4)\n"
+        "from rankwire.entry import main\n"
+        "main(sys.argv[3:])\n"
+    )
+    ours, theirs = socket.socketpair()
+    control_r, control_w = os.pipe()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "SLURM_"))}
+    with ours, theirs:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(theirs.fileno()),
+                str(control_r),
+                "spank-helper",
+                "pmi2-bridge",
+                str(tmp_path),
+            ],
+            pass_fds=(theirs.fileno(), control_r),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+        os.close(control_r)
+        os.close(control_w)
+        theirs.close()
+        reply = frame.decode(ours.recv(65536))
+    assert proc.returncode == 1, proc.stderr
+    assert sorted(set(proc.stderr.split()) & {"click", "rankwire.cli"}) == []
+    assert reply == [
+        (
+            "error",
+            "rankwire: no Slurm PMI-2 connection to bridge (PMI_FD, PMI_JOBID, PMI_RANK, "
+            "PMI_SIZE, SLURM_LOCALID, SLURM_NODEID unset): run the PMI-2 bridge as a task of "
+            "`srun --mpi=pmi2`",
+        )
+    ]

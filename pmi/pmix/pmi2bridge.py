@@ -1046,8 +1046,9 @@ class Bridge:
 def for_task(
     report_fd: int, control_fd: int, environ: Mapping[str, str], base: Optional[str] = None
 ) -> int:
-    """The SPANK plugin's way (`rankwire pmi pmix-server`, which the shim's task_init runs
-    detached, with the task's environment): start the bridge of the task whose PMI-2
+    """The SPANK plugin's way (`rankwire spank-helper pmi2-bridge DIR`, which the shim's
+    task_init runs detached for the node's first task, with the task's environment; the
+    node's socket in DIR): start the bridge of the task whose PMI-2
     identity `environ` holds, tell the shim the task's environment changes on `report_fd`
     as framed records (`setenv=K=V`, `unsetenv=K`, or `error=…`), then wait for EOF on
     `control_fd` (the task holds its other end: EOF is the task's end) and finish."""
