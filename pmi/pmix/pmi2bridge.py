@@ -1018,6 +1018,7 @@ class Bridge:
     async def _stop(self) -> None:
         from rankwire.pmi.pmix.abi import PmixError
 
+        _debug(f"node {self.step.node_id}: stopping")
         helper, self.sink.closed = self.helper, True
         if helper is not None and helper.server is not None:
             helper.fail_all(ERR_LOST_CONNECTION)
@@ -1040,6 +1041,7 @@ class Bridge:
         for sock in self.tasks.values():
             sock.close()
         self._unlisten()
+        _debug(f"node {self.step.node_id}: stopped")
 
 
 # -- the hidden CLI ---------------------------------------------------------------------------
