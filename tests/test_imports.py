@@ -141,3 +141,15 @@ def test_the_plugins_pmi2_bridge_starts_without_the_cli(tmp_path: Path) -> None:
             "`srun --mpi=pmi2`",
         )
     ]
+
+
+def test_a_pmi2_bridge_follower_imports_no_server_code() -> None:
+    """The node's other tasks only connect and hand over their PMI-2 socket: the bridge
+    process's asyncio loop and PMI codec (`pmi2serve`) are the first task's alone."""
+    import subprocess
+
+    probe = "import sys, rankwire.pmi.pmix.pmi2bridge; print(' '.join(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    heavy = {"asyncio", "rankwire.pmi.codec", "rankwire.pmi.pmix.pmi2serve", "logging"}
+    assert sorted(set(proc.stdout.split()) & heavy) == []

@@ -1,0 +1,601 @@
+"""The PMI-2 → PMIx bridge's own process: libpmix's server for the node's ranks, their
+Slurm PMI-2 connections, one asyncio loop (see `pmi2bridge`'s docstring for the design).
+
+Forked by `pmi2bridge.spawn` in the node's first task; kept out of `pmi2bridge` so that
+the node's other tasks, which only connect and hand over their socket, import neither
+asyncio nor the PMI codec (about 50 ms of each task's start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import struct
+import time
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Optional, TypeVar, cast
+
+from rankwire.errors import UserError
+from rankwire.pmi.codec import ClientCodec
+from rankwire.pmi.errors import RemoteProtocolError
+from rankwire.pmi.messages import (
+    Abort,
+    ErrorReply,
+    Fence,
+    FenceReply,
+    Finalize,
+    FinalizeReply,
+    FullInit,
+    FullInitReply,
+    Get,
+    GetJobAttr,
+    GetKvsName,
+    GetReply,
+    Init,
+    InitReply,
+    KvsNameReply,
+    Put,
+    PutReply,
+    Request,
+)
+from rankwire.pmi.pmix import wire
+from rankwire.pmi.pmix.pmi2bridge import (
+    DEBUG,
+    ERR_LOST_CONNECTION,
+    ERR_NOT_FOUND,
+    ERR_NOT_SUPPORTED,
+    GATHER_TIMEOUT,
+    STOP_TIMEOUT,
+    Layout,
+    Step,
+    chunk_count,
+    chunk_key,
+    follower_reply,
+    helper_init,
+    join_chunks,
+    layout_of,
+    nspace_for,
+    pmix_env,
+    socket_path,
+    split_blob,
+    task_ending,
+    whole_job,
+)
+
+R = TypeVar("R")
+NOSIGNAL = socket.MSG_NOSIGNAL  # a gone follower is an error, not the bridge's death
+
+
+def child(step: Step, report: int, control: int, parent: int, base: str) -> NoReturn:
+    code = 1
+    try:
+        from rankwire.runtime import syscalls as sc
+
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the task decides; ^C reaches it
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.close(null)
+        keep = sorted({0, 1, 2, step.fd, report, control})
+        low = 3
+        for fd in keep:
+            if fd >= low:
+                os.closerange(low, fd)
+                low = fd + 1
+        os.closerange(low, 65536)
+        logging.basicConfig(format="rankwire pmix server: %(message)s", level=logging.WARNING)
+        code = asyncio.run(Bridge(step, report, control, base).run())
+    except BaseException as err:  # the child must never unwind into the parent's code
+        with contextlib.suppress(BaseException):
+            _say(f"PMI-2 bridge failed: {err}")
+    finally:
+        os._exit(code)
+
+
+def _say(text: str) -> None:
+    os.write(2, f"rankwire: {text}\n".encode(errors="replace"))
+
+
+_T0 = time.monotonic()
+
+
+def _debug(text: str) -> None:
+    if DEBUG:
+        _say(f"debug {time.monotonic() - _T0:.3f}s {text}")
+
+
+class PmiFailure(Exception):
+    """Slurm's PMI-2 server refused a request or closed the connection."""
+
+
+class AsyncPmi2:
+    """A PMI-2 client on the asyncio loop (the codec of `pmi.client`, non-blocking I/O)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.codec = ClientCodec(2)
+        self.kvsname = ""
+        self.busy = False  # a request is waiting for its answer
+
+    async def call(self, req: Request, expect: type[R]) -> R:
+        loop = asyncio.get_running_loop()
+        self.busy = True
+        try:
+            await loop.sock_sendall(self.sock, self.codec.send(req))
+            while True:
+                reply = self.codec.next_event()
+                if reply is not None:
+                    break
+                data = await loop.sock_recv(self.sock, 65536)
+                if not data:
+                    raise PmiFailure(f"Slurm's PMI-2 server closed the connection during {req}")
+                self.codec.receive_data(data)
+        finally:
+            self.busy = False
+        if isinstance(reply, ErrorReply):
+            raise PmiFailure(f"Slurm's PMI-2 server refused {req}: {reply.message}")
+        if not isinstance(reply, expect):
+            raise RemoteProtocolError(f"{req} was answered with {reply}")
+        return reply
+
+    async def init(self, step: Step) -> FullInitReply:
+        await self.call(Init(2, 0), InitReply)
+        reply = await self.call(FullInit(step.rank, step.jobid), FullInitReply)
+        self.kvsname = (await self.call(GetKvsName(), KvsNameReply)).name
+        return reply
+
+    async def put(self, key: str, value: str) -> None:
+        await self.call(Put(key, value, self.kvsname), PutReply)
+
+    async def fence(self) -> None:
+        await self.call(Fence(), FenceReply)
+
+    async def get(self, key: str) -> Optional[str]:
+        return (await self.call(Get(key, self.kvsname), GetReply)).value
+
+    async def finalize(self) -> None:
+        await self.call(Finalize(), FinalizeReply)
+
+    def abort(self, code: int, message: str) -> None:
+        """No answer comes: Slurm kills the step. Written even mid-request."""
+        self.sock.setblocking(True)
+        with contextlib.suppress(OSError):
+            self.sock.sendall(self.codec.send(Abort(code, message)))
+
+
+class _Sink:
+    """The in-process `helper.Helper`'s writer: its messages, decoded, to the bridge (on
+    the loop thread: the Helper's upcalls reach it through call_soon_threadsafe)."""
+
+    def __init__(self, deliver: Callable[[dict[str, Any]], None]) -> None:
+        self.deliver = deliver
+        self.closed = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write(self, data: bytes) -> None:
+        for line in data.splitlines():
+            self.deliver(wire.decode(line))
+
+
+class Bridge:
+    """The bridge process's loop: libpmix's server for the node's ranks (through
+    `helper.Helper`), their PMI-2 connections, the leader's control pipe and the
+    followers' connections."""
+
+    def __init__(self, step: Step, report: int, control: int, base: str) -> None:
+        self.step = step
+        self.base = base  # the private dir of the node's socket
+        self.report = report
+        self.control = control
+        self.nspace = nspace_for(step.jobid)
+        self.pmi = AsyncPmi2(socket.socket(fileno=step.fd))  # the leader's own task's
+        self.conns: dict[int, AsyncPmi2] = {step.rank: self.pmi}  # rank → its PMI-2 socket
+        self.tasks: dict[int, socket.socket] = {}  # follower rank → its connection
+        self.said: dict[int, bytes] = {}  # what a follower wrote so far
+        self.layout: Optional[Layout] = None
+        self.listener: Optional[socket.socket] = None
+        self.path = ""  # the listener's socket file
+        self.inited: set[int] = set()  # ranks whose PMI-2 connection completed init
+        self.helper: Any = None  # helper.Helper, imported in the bridge process only
+        self.sink = _Sink(self._from_helper)
+        self.epoch = 0
+        self.fences: Optional[asyncio.Queue[dict[str, Any]]] = None
+        self.done: Optional[asyncio.Future[int]] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.aborted = False
+        self.connected: set[int] = set()  # ranks whose PMIx_Init reached the server
+        self.finalized: set[int] = set()
+        self.ended: set[int] = set()
+        self.said_dmodex = False
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """To the server: a fence's or a direct modex's answer."""
+        if self.helper is not None and not self.sink.closed:
+            self.helper.answer(msg)
+
+    def end(self, code: int) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(code)
+
+    async def run(self) -> int:
+        from rankwire.pmi.pmix.server import HELPER_ENV, claim_tmpdir
+
+        self.loop = loop = asyncio.get_running_loop()
+        self.fences = asyncio.Queue()
+        done: asyncio.Future[int] = loop.create_future()
+        self.done = done
+        loop.add_signal_handler(signal.SIGTERM, self.end, 143)
+        for key in [k for k in os.environ if k.startswith(("PMIX_", "PMI_"))]:
+            del os.environ[key]
+        os.environ.update(HELPER_ENV)  # read by PMIx_server_init
+        fences: Optional[asyncio.Task[None]] = None
+        try:
+            try:
+                envs = await self._start(claim_tmpdir)
+                # Every node's server is up (and its tmpdir gone) before any task starts:
+                # so no task can end the step (PMI-2 abort: SIGKILL) while a server starts.
+                await asyncio.gather(*(c.fence() for c in self.conns.values()))
+                _debug(f"node {self.step.node_id}: start fence done")
+            except Exception as err:  # UserError, PmixError, PMI-2 failures: one line
+                line = str(err).splitlines()[0]
+                os.write(self.report, json.dumps({"error": line}).encode())
+                os.close(self.report)
+                await self._refuse_followers(follower_reply(error=line))
+                return 1
+            os.write(self.report, json.dumps({"env": envs[self.step.rank]}).encode())
+            os.close(self.report)
+            for rank, conn in self.tasks.items():
+                try:
+                    conn.sendall(follower_reply(env=envs[rank]), NOSIGNAL)
+                except OSError:  # its caller is gone: its rank never comes, the peers would wait
+                    _say(f"rank {rank} left before it started; ending the step")
+                    self._abort(1, "", quiet=True)
+                    self.ended.add(rank)
+                    continue
+                conn.setblocking(False)
+                loop.add_reader(conn.fileno(), self._follower, rank)
+            fences = loop.create_task(self._fences())
+            loop.add_reader(self.control, self._control)
+            try:
+                return await done
+            finally:
+                with contextlib.suppress(ValueError, OSError):
+                    loop.remove_reader(self.control)
+                for conn in self.tasks.values():
+                    with contextlib.suppress(ValueError, OSError):
+                        loop.remove_reader(conn.fileno())
+        finally:
+            if fences is not None:
+                fences.cancel()
+            await self._stop()
+
+    async def _start(
+        self, claim_tmpdir: Callable[[], tuple[str, int]]
+    ) -> dict[int, dict[str, str]]:
+        from rankwire.pmi.pmix import helper as hp
+
+        _debug(f"rank {self.step.rank}: bridge process up")
+        self._listen()  # first: the node's tasks hear of any failure from here on
+        reply = await self.pmi.init(self.step)
+        self.inited.add(self.step.rank)
+        if (reply.rank, reply.size) != (self.step.rank, self.step.size):
+            raise UserError(
+                f"Slurm's PMI-2 server says rank {reply.rank} of {reply.size}, the environment "
+                f"rank {self.step.rank} of {self.step.size}; fix PMI_RANK/PMI_SIZE"
+            )
+        mapping = (await self.pmi.call(GetJobAttr("PMI_process_mapping"), GetReply)).value
+        self.layout = layout = layout_of(mapping, self.step)
+        _debug(f"rank {self.step.rank}: PMI-2 init done, mapping {mapping}")
+        await self._gather_followers(layout)
+        _debug(f"node {self.step.node_id}: {len(self.tasks)} followers")
+        assert self.loop is not None
+        self.helper = hp.Helper(self.loop, cast(asyncio.StreamWriter, self.sink))
+        init = helper_init(layout, self.step.jobid, self.nspace, socket.gethostname())
+        init.update(uid=os.getuid(), gid=os.getgid())
+        # libpmix (gds=hash, TCP, not a system server) keeps nothing in its tmpdir once it
+        # is up: the dir lives only around start_server, so a step Slurm SIGKILLs (an
+        # abort) leaves nothing unless it hits that moment (then the next claim prunes it).
+        tmpdir, lock = claim_tmpdir()
+        try:
+            init["tmpdir"] = os.path.join(tmpdir, "node")
+            os.mkdir(init["tmpdir"], 0o700)
+            ready = hp.start_server(self.helper, init)
+            _debug(f"node {self.step.node_id}: PMIx server up")
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            os.close(lock)
+        return {r: pmix_env(ready["envs"][str(r)], self.nspace) for r in layout.local}
+
+    def _listen(self) -> None:
+        """The node's socket, in the user's private runtime dir; a dead bridge's is taken
+        over (a refused connect proves it dead)."""
+        from rankwire.runtime.instance import unlink_if_dead
+
+        path = socket_path(self.step, self.base)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                sock.bind(path)
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise
+                unlink_if_dead(Path(path))
+                sock.bind(path)
+        except OSError as err:
+            sock.close()
+            raise UserError(
+                f"cannot serve the node's PMI-2 bridge at {path} ({err.strerror}); is another "
+                f"bridge of step {self.step.jobid} running here?"
+            ) from None
+        sock.listen(128)
+        sock.setblocking(False)
+        self.listener, self.path = sock, path
+
+    def _unlisten(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    async def _gather_followers(self, layout: Layout) -> None:
+        """Accept the node's other tasks: each hands over its PMI-2 socket with its rank;
+        then PMI-2 init on each (Slurm knows the task by its socket)."""
+        assert self.loop is not None and self.listener is not None
+        deadline = time.monotonic() + GATHER_TIMEOUT
+        waiting = set(layout.local) - {self.step.rank}
+        while waiting:
+            left = deadline - time.monotonic()
+            try:
+                conn, _ = await asyncio.wait_for(self.loop.sock_accept(self.listener), max(left, 0))
+            except asyncio.TimeoutError:
+                raise UserError(
+                    f"ranks {','.join(map(str, sorted(waiting)))} of this node did not reach "
+                    f"the PMI-2 bridge within {GATHER_TIMEOUT:g} s; see their messages"
+                ) from None
+            rank = self._take_follower(conn, waiting)
+            if rank is None:
+                conn.close()
+                continue
+            waiting.discard(rank)
+        self._unlisten()
+        replies = await asyncio.gather(
+            *(self.conns[r].init(dataclasses.replace(self.step, rank=r, fd=-1)) for r in self.tasks)
+        )
+        self.inited.update(self.tasks)
+        for rank, reply in zip(self.tasks, replies):
+            if reply.rank != rank:
+                raise UserError(
+                    f"a task of this node claimed rank {rank}, Slurm says it is rank "
+                    f"{reply.rank}; fix PMI_RANK"
+                )
+
+    def _take_follower(self, conn: socket.socket, waiting: set[int]) -> Optional[int]:
+        """A follower's rank and PMI-2 socket; None (and a line) for anything else."""
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            _say(f"PMI-2 bridge: refused a connection from uid {uid} (pid {pid})")
+            return None
+        conn.setblocking(True)
+        conn.settimeout(STOP_TIMEOUT)
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(conn, 64, 1)
+        except OSError:
+            return None
+        text = data.decode(errors="replace").strip()
+        rank = int(text) if text.isascii() and text.isdigit() else -1
+        if len(fds) != 1 or rank not in waiting or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
+            for fd in fds:
+                os.close(fd)
+            _say(f"PMI-2 bridge: refused pid {pid}: rank {text!r} is not one this node waits for")
+            return None
+        self.tasks[rank] = conn
+        self.conns[rank] = AsyncPmi2(socket.socket(fileno=fds[0]))
+        return rank
+
+    async def _refuse_followers(self, error: bytes) -> None:
+        """The start failed: every follower hears why (each task fails with that line)."""
+        for conn in self.tasks.values():
+            with contextlib.suppress(OSError):
+                conn.sendall(error, NOSIGNAL)
+        if self.listener is None:
+            return
+        assert self.loop is not None
+        deadline = time.monotonic() + STOP_TIMEOUT
+        told = len(self.tasks)
+        expected = len(self.layout.local) - 1 if self.layout else None
+        while (expected is None or told < expected) and time.monotonic() < deadline:
+            try:
+                conn, _ = await asyncio.wait_for(
+                    self.loop.sock_accept(self.listener), max(deadline - time.monotonic(), 0)
+                )
+            except asyncio.TimeoutError:
+                break
+            with conn, contextlib.suppress(OSError):
+                conn.setblocking(True)
+                conn.settimeout(STOP_TIMEOUT)
+                for fd in socket.recv_fds(conn, 64, 1)[1]:
+                    os.close(fd)
+                conn.sendall(error, NOSIGNAL)
+            told += 1
+
+    def _control(self) -> None:
+        try:
+            data = os.read(self.control, 64)
+        except OSError:
+            data = b""
+        self._heard(self.step.rank, self.control, data)
+
+    def _follower(self, rank: int) -> None:
+        conn = self.tasks[rank]
+        try:
+            data = conn.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._heard(rank, conn.fileno(), data)
+
+    def _heard(self, rank: int, fd: int, data: bytes) -> None:
+        """What task `rank` wrote on `fd`: its exit code and a newline, or EOF alone (its
+        caller is gone or gave no code), is its end. What libpmix's thread already posted
+        to this loop (an abort, a finalize: both happen before the task can exit) runs
+        first: decide after it."""
+        said = self.said.get(rank, b"") + data
+        if data and not said.endswith(b"\n"):
+            self.said[rank] = said  # the rest of the line follows
+            return
+        assert self.loop is not None
+        self.loop.remove_reader(fd)
+        text = said.decode(errors="replace").strip()
+        code = int(text) if text.lstrip("-").isdigit() else None
+        self.loop.call_soon(self._task_ended, rank, code)
+
+    def _task_ended(self, rank: int, code: Optional[int]) -> None:
+        if rank in self.ended:
+            return
+        self.ended.add(rank)
+        if rank in self.finalized or self.aborted:
+            pass
+        elif code is not None and (rank in self.connected or code != 0):
+            _say(f"{task_ending(rank, code)}; ending the step, whose ranks would wait")
+            self._abort(code if code > 0 else 1, "", quiet=True)
+        elif code is None and rank in self.connected:  # its caller is gone, or the task
+            _say(
+                f"rank {rank} ended without PMIx finalize; ending the step, whose ranks would wait"
+            )
+            self._abort(1, "", quiet=True)
+        assert self.layout is not None
+        if len(self.ended) == len(self.layout.local):
+            self.end(0)
+
+    def _from_helper(self, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        _debug(f"node {self.step.node_id}: server {str(msg)[:200]}")
+        if op == "fence":
+            assert self.fences is not None
+            self.fences.put_nowait(msg)
+        elif op == "dmodex":
+            self._dmodex(msg)
+        elif op == "abort":
+            self._abort(int(msg["code"]), str(msg.get("message", "")), int(msg["rank"]))
+        elif op == "connected":
+            self.connected.add(int(msg["rank"]))
+        elif op == "finalized":
+            self.finalized.add(int(msg["rank"]))
+
+    def _abort(self, code: int, message: str, rank: int = -1, quiet: bool = False) -> None:
+        if self.aborted:
+            return
+        self.aborted = True
+        if not quiet:
+            _say(f"rank {rank} aborted the job (code {code}): {message}")
+        self.pmi.abort(code, message or f"rank {rank} aborted")
+
+    def _dmodex(self, msg: dict[str, Any]) -> None:
+        if not self.said_dmodex:
+            self.said_dmodex = True
+            _say(
+                f"a rank of node {self.step.node_id} asked for rank {msg['rank']}'s data "
+                "outside a collecting fence (direct modex), which the PMI-2 bridge cannot "
+                "serve; unset OMPI_MCA_pmix_base_async_modex and OMPI_MCA_pmix_base_collect_data"
+            )
+        self.send({"op": "dmodex_done", "id": msg["id"], "status": ERR_NOT_FOUND, "data": ""})
+
+    async def _fences(self) -> None:
+        assert self.fences is not None
+        while True:
+            msg = await self.fences.get()
+            try:
+                status, data = await self._fence(msg)
+            except (PmiFailure, RemoteProtocolError, ValueError, OSError) as err:
+                # a connection is gone or out of step: no later fence can be trusted
+                _say(f"fence of node {self.step.node_id} failed: {err}; ending the step")
+                self._abort(1, "", quiet=True)
+                status, data = ERR_LOST_CONNECTION, b""
+            self.send(
+                {"op": "fence_done", "id": msg["id"], "status": status, "data": wire.pack(data)}
+            )
+
+    async def _fence(self, msg: dict[str, Any]) -> tuple[int, bytes]:
+        if not whole_job(msg["procs"], self.nspace, self.step.size):
+            _say(
+                f"a rank of node {self.step.node_id} asked for a fence over part of the job, "
+                "which a PMI-2 step cannot carry (its fences are step-wide); run under "
+                "srun --mpi=pmix"
+            )
+            return ERR_NOT_SUPPORTED, b""
+        assert self.layout is not None
+        data = wire.unpack(msg["data"])
+        self.epoch += 1
+        epoch, me = self.epoch, self.layout.node
+        if data:
+            for i, chunk in enumerate(split_blob(data)):
+                await self.pmi.put(chunk_key(epoch, me, i), chunk)
+        await asyncio.gather(*(c.fence() for c in self.conns.values()))
+        if not (msg.get("collect") or data):
+            return 0, b""
+        parts = []
+        for node in self.layout.nodes:
+            parts.append(data if node == me else await self._fetch(epoch, node))
+        return 0, b"".join(parts)
+
+    async def _fetch(self, epoch: int, node: int) -> bytes:
+        first = await self.pmi.get(chunk_key(epoch, node, 0))
+        if first is None:
+            return b""
+        count, payload = chunk_count(first)
+        parts = [payload]
+        for i in range(1, count):
+            value = await self.pmi.get(chunk_key(epoch, node, i))
+            if value is None:
+                raise ValueError(f"chunk {i} of node {node}'s fence blob {epoch} is missing")
+            parts.append(value)
+        return join_chunks(parts)
+
+    async def _stop(self) -> None:
+        from rankwire.pmi.pmix.abi import PmixError
+
+        _debug(f"node {self.step.node_id}: stopping")
+        helper, self.sink.closed = self.helper, True
+        if helper is not None and helper.server is not None:
+            helper.fail_all(ERR_LOST_CONNECTION)
+            for step in (
+                lambda: helper.server.deregister_nspace(self.nspace),
+                helper.server.finalize,
+            ):
+                try:
+                    step()
+                except PmixError as err:
+                    _say(f"PMIx server stop: {err}")
+        idle = [c for r, c in self.conns.items() if r in self.inited and not c.busy]
+        if idle and not self.aborted:
+            with contextlib.suppress(
+                PmiFailure, RemoteProtocolError, OSError, asyncio.TimeoutError
+            ):
+                await asyncio.wait_for(asyncio.gather(*(c.finalize() for c in idle)), STOP_TIMEOUT)
+        for conn in self.conns.values():
+            conn.sock.close()
+        for sock in self.tasks.values():
+            sock.close()
+        self._unlisten()
+        _debug(f"node {self.step.node_id}: stopped")
