@@ -188,6 +188,18 @@ def main() -> None:
                 "host bridged": [*srun, "--mpi=pmix", rankwire, "pmi", "bridge", "--", hello],
                 "ompi matched": [*srun, "--mpi=pmix", rankwire, "exec", oimage, "/opt/hello"],
                 "ompi bridged": [*srun, "--mpi=pmi2", rankwire, "exec", oimage, "/opt/hello"],
+                "mpich plugin matched": [
+                    *srun,
+                    "--mpi=pmi2",
+                    f"--container-image={image}",
+                    "/opt/hello",
+                ],
+                "mpich plugin bridged": [
+                    *srun,
+                    "--mpi=pmix",
+                    f"--container-image={image}",
+                    "/opt/hello",
+                ],
                 "plugin matched": [
                     *srun,
                     "--mpi=pmix",
@@ -244,6 +256,7 @@ def main() -> None:
         for where, prefix in (
             ("MPICH, rankwire exec mpich.sif", ""),
             ("MPICH, host, `rankwire pmi bridge`", "host "),
+            ("MPICH, --container-image=mpich.sif", "mpich plugin "),
         ):
             m, b = launches[(n, prefix + "matched")], launches[(n, prefix + "bridged")]
             print(f"| {n} | {where} | {m:.0f} | {b:.0f} | {b / m:.2f} |")

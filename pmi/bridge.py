@@ -48,7 +48,7 @@ quietly). It keeps no other descriptor of its parent (no lease, no pipe but stde
 Entry points: `spawn(environ)` is what an executor calls (before it joins a container: the
 bridge is a PMIx client on the host, as the task's user, from the thread that outlives the
 task); `serve_fd(fd, environ)` makes the calling process the bridge on a socket the SPANK
-shim made (`rankwire pmi bridge --serve-fd FD`); `rankwire pmi bridge -- CMD` spawns one
+shim made (`rankwire spank-helper pmi-bridge`, on fd 3); `rankwire pmi bridge -- CMD` spawns one
 and execs CMD. `pmi_env`, `task_env`, `EpochKvs`, `nodes_from_peers` and
 `JobInfo.attr` are pure. This module is the parent's side and what both share; the
 bridge process's own (the PMI codec, libpmix, `Session`) is `pmi/bridgeserve.py`, imported

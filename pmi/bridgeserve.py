@@ -1,7 +1,8 @@
 """The PMI bridge process's side (see `pmi/bridge.py` for the design): PMIx_Init as the
 task's rank, the job's info, and `Session`, the blocking loop that serves the task's one
 PMI-1/PMI-2 connection through the sans-I/O `ServerCodec`. Imported only in the bridge
-process (after `bridge.spawn`'s fork, or by `rankwire pmi bridge --serve-fd`)."""
+process (after `bridge.spawn`'s fork, or by `rankwire spank-helper pmi-bridge`, the SPANK
+shim's way)."""
 
 from __future__ import annotations
 
@@ -86,12 +87,12 @@ def serve_fd(fd: int, environ: Mapping[str, str]) -> int:
         sock = socket.socket(fileno=fd)
     except OSError as err:
         raise UserError(
-            f"--serve-fd {fd}: not an open socket ({err.strerror}); pass the bridge's end "
+            f"fd {fd}: not an open socket ({err.strerror}); pass the bridge's end "
             "of the task's PMI_FD socketpair"
         ) from err
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.detach()
-        raise UserError(f"--serve-fd {fd}: not a Unix stream socket; pass a socketpair end")
+        raise UserError(f"fd {fd}: not a Unix stream socket; pass a socketpair end")
     if step_offer(environ) != "pmix":
         raise UserError(_NO_PMIX)
     _quiet({fd})

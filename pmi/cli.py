@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
 
 import click
 
@@ -50,16 +49,8 @@ def probe_cmd(version: str) -> None:
     show_default=True,
     help="The PMI environment the command gets (pmi2 adds PMI_JOBID; both are served).",
 )
-@click.option(
-    "--serve-fd",
-    type=int,
-    default=None,
-    metavar="FD",
-    help="Serve the connected socket FD (the task has the other end as PMI_FD) instead of "
-    "running COMMAND: the SPANK plugin's way.",
-)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def bridge_cmd(version: str, serve_fd: Optional[int], command: tuple[str, ...]) -> None:
+def bridge_cmd(version: str, command: tuple[str, ...]) -> None:
     """Under `srun --mpi=pmix`: run COMMAND with a PMI_FD whose PMI-1/PMI-2 is carried out
     through the step's PMIx server as this task's rank (and without the PMIX_* variables,
     so its MPI does not try PMIx)."""
@@ -68,14 +59,8 @@ def bridge_cmd(version: str, serve_fd: Optional[int], command: tuple[str, ...]) 
     from rankwire.errors import UserError, exec_failure
     from rankwire.pmi import bridge as pmi_bridge
 
-    if serve_fd is not None:
-        if command:
-            raise UserError("pmi bridge: give --serve-fd FD or -- COMMAND, not both")
-        from rankwire.pmi.bridgeserve import serve_fd as serve
-
-        sys.exit(serve(serve_fd, os.environ))
     if not command:
-        raise UserError("pmi bridge: no command: give -- COMMAND [ARGS...] (or --serve-fd FD)")
+        raise UserError("pmi bridge: no command: give -- COMMAND [ARGS...]")
     bridge = pmi_bridge.spawn(os.environ, version)
     env = bridge.task_env(os.environ)
     try:

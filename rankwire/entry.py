@@ -1,7 +1,8 @@
 """The `rankwire` console entry point. The SPANK shim runs `rankwire spank-helper PHASE`
-for every container step, and `rankwire spank-helper pmi2-bridge DIR` in the first task of
-a node whose step it bridges from PMI-2 to PMIx: those go straight to their code, without
-click and the CLI (about 25-45 ms of each start); every other command goes to
+for every container step, `rankwire spank-helper pmi-bridge` in each task whose step it
+bridges from PMIx to PMI-1/PMI-2, and `rankwire spank-helper pmi2-bridge DIR` in the first
+task of a node whose step it bridges from PMI-2 to PMIx: those go straight to their code,
+without click and the CLI (about 25-45 ms of each start); every other command goes to
 `rankwire.cli`."""
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ def main(argv: list[str] | None = None) -> NoReturn:
         from rankwire.spank.helper import main as serve
 
         exit_now(serve(args[1]))
+    if args == ["spank-helper", "pmi-bridge"]:
+        # The shim's task_init (start_bridge): serve fd 3, whose other end is the task's
+        # PMI_FD, as the task's PMIx client.
+        from rankwire.errors import UserError
+        from rankwire.pmi.bridgeserve import serve_fd
+
+        try:
+            exit_now(serve_fd(3, os.environ))
+        except UserError as err:
+            print(f"rankwire: {err}", file=sys.stderr)
+            exit_now(err.exit_code)
     if len(args) == 3 and args[:2] == ["spank-helper", "pmi2-bridge"]:
         # The shim's task_init (spank/rankwire_spank.c start_pmi2_bridge): the report on
         # fd 3, the task's end as EOF on fd 4, the node's socket in DIR.

@@ -449,8 +449,8 @@ int slurm_spank_task_init_privileged(spank_t sp UNUSED, int ac UNUSED, char **av
 	return 0; /* task_init reports it */
 }
 
-/* The PMI bridge of this task (pmi/bridge.py), still on the host: `rankwire pmi bridge
- * --serve-fd 3` as the job user with the task's environment (its PMIX_* make it this
+/* The PMI bridge of this task (pmi/bridge.py), still on the host: `rankwire spank-helper
+ * pmi-bridge` (serving fd 3) as the job user with the task's environment (its PMIX_* make it this
  * rank's PMIx client), detached (a grandchild: never the task's child to reap), serving
  * the other end of a socketpair that the task gets as PMI_FD; the task loses PMIX_*. It
  * ends when the task's end of the socket closes, or with the step (proctrack). */
@@ -700,8 +700,8 @@ static void start_pmi2_bridge(spank_t sp)
 
 static void start_bridge(spank_t sp)
 {
-	char **env = NULL, rank[16], fd[16], size[16], *argv[] = {st.helper, "pmi",
-		"bridge", "--serve-fd", "3", NULL};
+	char **env = NULL, rank[16], fd[16], size[16], *argv[] = {st.helper, "spank-helper",
+		"pmi-bridge", NULL}; /* rankwire/entry.py: serves fd 3 */
 	uint32_t n = 0;
 	int sv[2], status = 0;
 	pid_t pid;

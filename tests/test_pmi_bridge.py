@@ -98,7 +98,7 @@ print(json.dumps(out, sort_keys=True), flush=True)
 
 
 # What the SPANK shim does in task_init (spank/rankwire_spank.c start_bridge): a socketpair,
-# a detached `rankwire pmi bridge --serve-fd 3` on one end, the task on the other as PMI_FD
+# a detached `rankwire spank-helper pmi-bridge` on one end (fd 3), the task on the other as PMI_FD
 # without the PMIX_* variables.
 SHIM_SCRIPT = r"""
 import os, socket, sys
@@ -108,7 +108,7 @@ if pid == 0:
     if os.fork() == 0:
         os.dup2(bridge_end.fileno(), 3)
         os.set_inheritable(3, True)
-        os.execvp("rankwire", ["rankwire", "pmi", "bridge", "--serve-fd", "3"])
+        os.execvp("rankwire", ["rankwire", "spank-helper", "pmi-bridge"])
     os._exit(0)
 os.waitpid(pid, 0)
 bridge_end.close()
@@ -256,20 +256,16 @@ def test_an_unreachable_pmix_server_is_a_user_error() -> None:
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (
-            ["--serve-fd", "3", "--", "true"],
-            "pmi bridge: give --serve-fd FD or -- COMMAND, not both",
-        ),
-        ([], "pmi bridge: no command: give -- COMMAND [ARGS...] (or --serve-fd FD)"),
-        (
-            ["--serve-fd", "97"],
-            "--serve-fd 97: not an open socket (Bad file descriptor); pass the bridge's end of "
-            "the task's PMI_FD socketpair",
+        (["pmi", "bridge"], "pmi bridge: no command: give -- COMMAND [ARGS...]"),
+        (  # the shim's way without the shim: no fd 3
+            ["spank-helper", "pmi-bridge"],
+            "fd 3: not an open socket (Bad file descriptor); pass the bridge's end of the "
+            "task's PMI_FD socketpair",
         ),
     ],
 )
 def test_bridge_usage_errors(args: list[str], line: str) -> None:
-    proc = ME.run(["rankwire", "pmi", "bridge", *args], env=dict(os.environ), timeout=60)
+    proc = ME.run(["rankwire", *args], env=dict(os.environ), timeout=60)
     assert (proc.returncode, proc.stderr.splitlines()) == (2, [f"rankwire: {line}"])
 
 
@@ -329,7 +325,7 @@ def test_mpich_through_the_bridge_is_one_job(
 def test_mpich_through_a_detached_bridge_on_a_given_fd(
     slurm_cluster, mpi_programs: MpiPrograms, shared_dir: Path, runner: User
 ) -> None:
-    """`rankwire pmi bridge --serve-fd FD`, started the way the SPANK shim starts it."""
+    """`rankwire spank-helper pmi-bridge`, started the way the SPANK shim starts it."""
     shim = shared_dir / "bridge_shim.py"
     shim.write_text(SHIM_SCRIPT)
     shim.chmod(0o644)
