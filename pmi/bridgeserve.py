@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -83,6 +84,16 @@ def serve_fd(fd: int, environ: Mapping[str, str]) -> int:
     end the task has as PMI_FD (what the SPANK shim starts, detached: the task's end
     closing ends it, and the step's end kills it). Returns the exit code; UserError when
     `fd` is no socket or there is no PMIx server."""
+    sock = _socket_of(fd)
+    if step_offer(environ) != "pmix":
+        raise UserError(_NO_PMIX)
+    _quiet({fd})
+    client, info = _connect(environ)
+    return Session(sock, client, info).serve()
+
+
+def _socket_of(fd: int) -> socket.socket:
+    """The bridge's end of a task's PMI_FD socketpair; UserError for anything else."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError as err:
@@ -93,11 +104,157 @@ def serve_fd(fd: int, environ: Mapping[str, str]) -> int:
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.detach()
         raise UserError(f"fd {fd}: not a Unix stream socket; pass a socketpair end")
+    return sock
+
+
+NODE_WAIT = 60.0  # the node's other tasks reach the node's bridge server within this
+
+
+def node_socket(environ: Mapping[str, str], base: str) -> Optional[str]:
+    """Where the node's other tasks find its bridge server: in the user's private runtime
+    dir `base`, after the step and the node (the SPANK shim's `pmi_node_socket` names it
+    the same way); None outside a Slurm task."""
+    job, step, node = (
+        environ.get(k, "") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_NODEID")
+    )
+    if not (job.isdigit() and step.isdigit() and node.isdigit()):
+        return None
+    return os.path.join(base, f"pmibridge.{job}.{step}.{node}")
+
+
+def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
+    """The SPANK shim's way, in the node's first task (`rankwire spank-helper pmi-bridge
+    DIR`): every task of the node gets a bridge forked from this process, whose imports are
+    done once (a Python start and its imports per task cost the node's cores more than the
+    bridges' work). This task's bridge serves `fd`; the node's other tasks connect to
+    `node_socket` in `base` (their shims, in C), each handing over its end of its PMI_FD
+    socketpair and its stderr, then its environment as framed `env=K=V` records (and
+    `cpus=` its CPU set, which its bridge takes: it would otherwise run on this task's)
+    ending with `end=1`. Same user only (SO_PEERCRED). A task whose hand-over fails hears
+    why on its own stderr. Returns once every task of the node (SLURM_GTIDS) has its
+    bridge, or after NODE_WAIT; SIGTERM (the step's end) ends it too."""
+    import select
+    import signal
+    import time
+
+    _socket_of(fd).detach()  # checked before anything forks
     if step_offer(environ) != "pmix":
         raise UserError(_NO_PMIX)
-    _quiet({fd})
-    client, info = _connect(environ)
-    return Session(sock, client, info).serve()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the `finally` below runs
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    others = len([t for t in environ.get("SLURM_GTIDS", "").split(",") if t]) - 1
+    path = node_socket(environ, base) if others > 0 else None
+    listener = _listen(path) if path else None
+    _fork_bridge(fd, 2, dict(environ))
+    os.close(fd)
+    deadline = time.monotonic() + NODE_WAIT
+    try:
+        while listener is not None and others > 0:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([listener], [], [], left)[0]:
+                _say(f"{others} task(s) of this node did not reach its PMI bridge server")
+                return 1
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                others -= _take_task(conn)
+        return 0
+    finally:
+        if listener is not None:
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(str(path))
+
+
+def _listen(path: str) -> Optional[socket.socket]:
+    """The node's socket (over a dead server's); None, said, if it cannot be."""
+    from rankwire.runtime.instance import listen_at
+
+    try:
+        return listen_at(path)
+    except OSError as err:  # this task still gets its bridge; the others say why not
+        _say(f"cannot serve the node's PMI bridges at {path} ({err.strerror})")
+        return None
+
+
+def _take_task(conn: socket.socket) -> int:
+    """One task's hand-over: 1 when its bridge is forked, else 0 (and, when it gave its
+    stderr, a line there: its PMI_FD will see EOF, and MPICH's own message says little)."""
+    import struct
+
+    from rankwire.runtime import frame
+
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    if struct.unpack("3i", creds)[1] != os.getuid():
+        return 0
+    conn.settimeout(5.0)
+    fds: list[int] = []
+    try:
+        try:
+            data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
+            while data and not data.endswith(b"\0end=1\0") and len(data) <= frame.MAX_FRAME:
+                more = conn.recv(1 << 16)
+                if not more:
+                    break
+                data += more
+            records = frame.decode(data)
+            why = "its hand-over was cut short"
+        except (OSError, frame.FrameError) as err:
+            records, why = [], f"its hand-over failed ({err})"
+        if len(fds) == 2 and records[-1:] == [("end", "1")]:
+            env = dict(v.split("=", 1) for k, v in records if k == "env")
+            cpus = {int(c) for k, v in records if k == "cpus" for c in v.split(",") if c.isdigit()}
+            try:
+                _fork_bridge(fds[0], fds[1], env, frozenset(cpus))
+                return 1
+            except OSError as err:
+                why = f"cannot fork its PMI bridge ({err.strerror})"
+        if len(fds) == 2:
+            with contextlib.suppress(OSError):
+                os.write(fds[1], f"rankwire: this task has no PMI bridge: {why}\n".encode())
+        return 0
+    finally:
+        for got in fds:
+            os.close(got)
+
+
+def _fork_bridge(
+    fd: int, err: int, environ: dict[str, str], cpus: frozenset[int] = frozenset()
+) -> None:
+    """A detached bridge (a grandchild: nobody's child to reap) serving `fd` as the task
+    whose environment `environ` is, on its CPUs `cpus` (none given: ours), its messages on
+    `err`."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the bridge, exercised under srun
+        code = 1
+        try:
+            if os.fork() == 0:
+                if err != 2:
+                    os.dup2(err, 2)
+                if cpus:
+                    with contextlib.suppress(OSError, ValueError):
+                        os.sched_setaffinity(0, cpus)
+                os.environ.clear()
+                os.environ.update(environ)  # libpmix reads the task's PMIX_* from it
+                try:
+                    code = serve_fd(fd, environ)
+                except UserError as failure:
+                    _say(str(failure))
+                    code = failure.exit_code
+            else:
+                code = 0
+        except BaseException:  # never unwind into the server's loop
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
 
 
 def _optional(client: Client, key: str, proc: Proc, info: Optional[InfoLike] = None) -> Any:

@@ -1,9 +1,8 @@
 """The `rankwire` console entry point. The SPANK shim runs `rankwire spank-helper PHASE`
-for every container step, `rankwire spank-helper pmi-bridge` in each task whose step it
-bridges from PMIx to PMI-1/PMI-2, and `rankwire spank-helper pmi2-bridge DIR` in the first
-task of a node whose step it bridges from PMI-2 to PMIx: those go straight to their code,
-without click and the CLI (about 25-45 ms of each start); every other command goes to
-`rankwire.cli`."""
+for every container step, and `rankwire spank-helper pmi-bridge DIR` (PMIx to PMI-1/PMI-2)
+or `rankwire spank-helper pmi2-bridge DIR` (PMI-2 to PMIx) in the first task of a node
+whose step it bridges: those go straight to their code, without click and the CLI (about
+25-45 ms of each start); every other command goes to `rankwire.cli`."""
 
 from __future__ import annotations
 
@@ -22,14 +21,14 @@ def main(argv: list[str] | None = None) -> NoReturn:
         from rankwire.spank.helper import main as serve
 
         exit_now(serve(args[1]))
-    if args == ["spank-helper", "pmi-bridge"]:
-        # The shim's task_init (start_bridge): serve fd 3, whose other end is the task's
-        # PMI_FD, as the task's PMIx client.
+    if len(args) == 3 and args[:2] == ["spank-helper", "pmi-bridge"]:
+        # The shim's task_init (start_bridge), in the node's first task: the bridges of the
+        # node's tasks (pmi/bridgeserve.serve_node), this one's on fd 3, the socket in DIR.
         from rankwire.errors import UserError
-        from rankwire.pmi.bridgeserve import serve_fd
+        from rankwire.pmi.bridgeserve import serve_node
 
         try:
-            exit_now(serve_fd(3, os.environ))
+            exit_now(serve_node(3, os.environ, args[2]))
         except UserError as err:
             print(f"rankwire: {err}", file=sys.stderr)
             exit_now(err.exit_code)

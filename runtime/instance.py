@@ -242,11 +242,13 @@ def start_holder(
 
 
 def prune_stale(base: Path) -> None:
-    """Remove what holders killed by SIGKILL left: unlocked session dirs, dead sockets
-    (ephemeral `e-*.sock` and named `instances/*.sock`)."""
+    """Remove what holders and PMI bridge servers killed by SIGKILL left: unlocked session
+    dirs, dead sockets (ephemeral `e-*.sock`, named `instances/*.sock`, the bridges'
+    `pmibridge.*` and `pmi2bridge.*`)."""
     for session in base.glob("s-*"):
         prune_session(session)
-    for sock in [*base.glob("e-*.sock"), *(base / "instances").glob("*.sock")]:
+    bridges = [*base.glob("pmibridge.*"), *base.glob("pmi2bridge.*")]
+    for sock in [*base.glob("e-*.sock"), *(base / "instances").glob("*.sock"), *bridges]:
         if not sock.name.startswith("t-"):  # a holder's name before it listens
             unlink_if_dead(sock)
 
@@ -291,6 +293,25 @@ def unlink_if_dead(sock: Path) -> None:
     finally:
         probe.close()
         os.close(dir_fd)  # and with it the lock
+
+
+def listen_at(path: str) -> socket.socket:
+    """A Unix socket listening at `path`, which takes the name only once it listens (so a
+    prune never takes it for dead), over a dead socket of that name. OSError if it cannot."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    tmp = os.path.join(os.path.dirname(path), f"t-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        sock.bind(tmp)
+        sock.listen(128)
+        os.rename(tmp, path)
+        return sock
+    except OSError:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def prune_holder(sock: str, session: str) -> None:

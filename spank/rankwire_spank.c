@@ -449,11 +449,6 @@ int slurm_spank_task_init_privileged(spank_t sp UNUSED, int ac UNUSED, char **av
 	return 0; /* task_init reports it */
 }
 
-/* The PMI bridge of this task (pmi/bridge.py), still on the host: `rankwire spank-helper
- * pmi-bridge` (serving fd 3) as the job user with the task's environment (its PMIX_* make it this
- * rank's PMIx client), detached (a grandchild: never the task's child to reap), serving
- * the other end of a socketpair that the task gets as PMI_FD; the task loses PMIX_*. It
- * ends when the task's end of the socket closes, or with the step (proctrack). */
 #define BRIDGE_WAIT_MS 120000 /* a PMI-2 bridge's start: its first fence waits for all tasks */
 
 /* In a forked child about to exec: `fds[i]` becomes descriptor 3 + i, inheritable, whatever
@@ -698,29 +693,164 @@ static void start_pmi2_bridge(spank_t sp)
 		rw_close(ctl[1]);
 }
 
+/* pmi/bridgeserve.node_socket: the node's PMI bridge server, in the job user's runtime
+ * dir, after SLURM_JOB_ID, SLURM_STEP_ID and SLURM_NODEID (digits only). */
+static int pmi_node_socket(spank_t sp, char *dir, size_t dirlen, struct sockaddr_un *sa)
+{
+	char job[32], step[32], node[16];
+	int n;
+
+	if (spank_getenv(sp, "SLURM_JOB_ID", job, sizeof job) != ESPANK_SUCCESS ||
+	    spank_getenv(sp, "SLURM_STEP_ID", step, sizeof step) != ESPANK_SUCCESS ||
+	    spank_getenv(sp, "SLURM_NODEID", node, sizeof node) != ESPANK_SUCCESS ||
+	    strspn(job, "0123456789") != strlen(job) || strspn(step, "0123456789") != strlen(step) ||
+	    strspn(node, "0123456789") != strlen(node) || !*job || !*step || !*node)
+		return -1;
+	if ((n = snprintf(dir, dirlen, RW_RUN_DIR "/%u", (unsigned)getuid())) < 0 ||
+	    (size_t)n >= dirlen)
+		return -1;
+	memset(sa, 0, sizeof *sa), sa->sun_family = AF_UNIX;
+	n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s/pmibridge.%s.%s.%s", dir, job, step,
+		     node);
+	return n > 0 && (size_t)n < sizeof sa->sun_path ? 0 : -1;
+}
+
+/* A task that is not its node's first hands its end of the PMI_FD socketpair, its stderr
+ * and its environment (framed `env=K=V` records, then end=1) to the node's bridge server
+ * (pmi/bridgeserve.serve_node, which the first task's shim started), which forks its
+ * bridge: connect (it may not listen yet), check that the job user serves it, send,
+ * close. Nothing comes back, as from a bridge of the task's own: the task's PMI client
+ * waits on PMI_FD. */
+static void join_pmi_bridge(spank_t sp, int bridge_end)
+{
+	char dir[64], **env = NULL;
+	union { struct cmsghdr h; char b[CMSG_SPACE(2 * sizeof(int))]; } cbuf = {0};
+	int fds[2] = {bridge_end, 2}, fd, sent = 0;
+	struct sockaddr_un sa;
+	struct ucred cred = {0, (uid_t)-1, (gid_t)-1};
+	socklen_t len = sizeof cred;
+	int64_t deadline = rw_now_ms() + PMI2_JOIN_MS, left;
+	struct buf b = {0};
+	cpu_set_t cpus;
+
+	if (pmi_node_socket(sp, dir, sizeof dir, &sa) ||
+	    spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env)
+		return rw_fail("rankwire: the PMI bridge needs the task's SLURM_JOB_ID, "
+			       "SLURM_STEP_ID and SLURM_NODEID: run with srun --mpi=pmix");
+	for (char **e = env; *e; e++)
+		if (strchr(*e, '=') && **e != '=')
+			frame_add(&b, "env", "%s", *e);
+	if (!sched_getaffinity(0, sizeof cpus, &cpus)) { /* its bridge runs where it runs */
+		struct buf list = {0};
+		char one[16];
+		for (int c = 0; c < CPU_SETSIZE; c++)
+			if (CPU_ISSET(c, &cpus))
+				buf_put(&list, one, (size_t)snprintf(one, sizeof one, "%s%d",
+								   list.len ? "," : "", c));
+		buf_put(&list, "", 1);
+		if (!list.oom)
+			frame_add(&b, "cpus", "%s", list.p);
+		free(list.p);
+	}
+	frame_add(&b, "end", "1");
+	if (b.oom)
+		return free(b.p), rw_fail("rankwire: cannot join the PMI bridge: out of memory");
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+		return free(b.p), rw_fail("rankwire: cannot join the PMI bridge: %s",
+					  strerror(errno));
+	while (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
+		if (errno != ENOENT && errno != ECONNREFUSED && errno != EINTR)
+			return free(b.p), rw_close(fd), rw_fail("rankwire: cannot join the PMI "
+				"bridge at %s: %s", sa.sun_path, strerror(errno));
+		if (rw_now_ms() >= deadline)
+			return free(b.p), rw_close(fd), rw_fail("rankwire: the node's PMI bridge "
+				"server (its task with SLURM_LOCALID=0) did not start within %d s; see "
+				"that task's message", PMI2_JOIN_MS / 1000);
+		(void)poll(NULL, 0, 5);
+	}
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len))
+		return free(b.p), rw_close(fd), rw_fail("rankwire: cannot check who serves the PMI "
+			"bridge at %s: %s", sa.sun_path, strerror(errno));
+	if (cred.uid != getuid())
+		return free(b.p), rw_close(fd), rw_fail("rankwire: the PMI bridge's socket %s is "
+			"held by uid %u, not by you; ask the node's admin to find that process",
+			sa.sun_path, (unsigned)cred.uid);
+	while ((size_t)sent < b.len) { /* the fds go with the first bytes */
+		struct iovec iov = {b.p + sent, b.len - (size_t)sent};
+		struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+		struct pollfd p = {fd, POLLOUT, 0};
+		ssize_t n;
+		if (!sent) {
+			struct cmsghdr *c;
+			msg.msg_control = cbuf.b, msg.msg_controllen = sizeof cbuf.b;
+			c = CMSG_FIRSTHDR(&msg);
+			c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS;
+			c->cmsg_len = CMSG_LEN(sizeof fds);
+			memcpy(CMSG_DATA(c), fds, sizeof fds);
+		}
+		if ((left = deadline - rw_now_ms()) <= 0 || poll(&p, 1, (int)left) < 0) {
+			if (left > 0 && errno == EINTR)
+				continue;
+			break;
+		}
+		if ((n = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)) < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			break;
+		}
+		sent += (int)n;
+	}
+	if ((size_t)sent < b.len)
+		rw_fail("rankwire: cannot hand the task to the node's PMI bridge server: %s",
+			left <= 0 ? "no room within 60 s" : strerror(errno));
+	free(b.p), rw_close(fd);
+}
+
+/* The PMI bridge of this task (pmi/bridge.py), still on the host: a socketpair whose one
+ * end the task gets as PMI_FD (it loses PMIX_*), the other served by a bridge that is this
+ * rank's PMIx client. The node's first task starts the node's bridge server, `rankwire
+ * spank-helper pmi-bridge DIR` (rankwire/entry.py; as the job user, the task's
+ * environment; detached: a grandchild, never the task's child to reap), which forks this
+ * task's bridge on fd 3 and the other tasks' as they join (join_pmi_bridge); a bridge ends
+ * when its task's end of the socket closes, or with the step (proctrack). */
 static void start_bridge(spank_t sp)
 {
-	char **env = NULL, rank[16], fd[16], size[16], *argv[] = {st.helper, "spank-helper",
-		"pmi-bridge", NULL}; /* rankwire/entry.py: serves fd 3 */
+	char **env = NULL, rank[16], fd[16], size[16], local[16], dir[64], *argv[] = {st.helper,
+		"spank-helper", "pmi-bridge", dir, NULL};
+	struct sockaddr_un sa;
 	uint32_t n = 0;
-	int sv[2], status = 0;
+	int sv[2], status = 0, first;
 	pid_t pid;
 
 	if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env ||
 	    spank_get_item(sp, S_JOB_TOTAL_TASK_COUNT, &n) != ESPANK_SUCCESS ||
-	    spank_getenv(sp, "PMIX_RANK", rank, sizeof rank) != ESPANK_SUCCESS)
-		return rw_fail("rankwire: the PMI bridge needs the task's PMIX_RANK: run with "
-			       "srun --mpi=pmix");
+	    spank_getenv(sp, "PMIX_RANK", rank, sizeof rank) != ESPANK_SUCCESS ||
+	    spank_getenv(sp, "SLURM_LOCALID", local, sizeof local) != ESPANK_SUCCESS)
+		return rw_fail("rankwire: the PMI bridge needs the task's PMIX_RANK and "
+			       "SLURM_LOCALID: run with srun --mpi=pmix");
+	first = !strcmp(local, "0");
+	if (first && pmi_node_socket(sp, dir, sizeof dir, &sa))
+		snprintf(dir, sizeof dir, "%s", "/nonexistent"); /* no node socket: serves only us */
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))
 		return rw_fail("rankwire: cannot start the PMI bridge: %s", strerror(errno));
-	if ((pid = fork()) == 0)
-		exec_detached(argv, env, &sv[1], 1);
-	rw_close(sv[1]);
-	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
-	    WEXITSTATUS(status) || fcntl(sv[0], F_SETFD, 0)) {
-		rw_close(sv[0]);
-		return rw_fail("rankwire: cannot start the PMI bridge (fork)");
+	if (!first) {
+		join_pmi_bridge(sp, sv[1]);
+		rw_close(sv[1]);
+		if (*st.error)
+			return rw_close(sv[0]);
+	} else {
+		if ((pid = fork()) == 0)
+			exec_detached(argv, env, &sv[1], 1);
+		rw_close(sv[1]);
+		if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
+		    WEXITSTATUS(status)) {
+			rw_close(sv[0]);
+			return rw_fail("rankwire: cannot start the PMI bridge (fork)");
+		}
 	}
+	if (fcntl(sv[0], F_SETFD, 0))
+		return rw_close(sv[0]), rw_fail("rankwire: cannot start the PMI bridge: %s",
+						strerror(errno));
 	snprintf(fd, sizeof fd, "%d", sv[0]), snprintf(size, sizeof size, "%u", n);
 	if (spank_setenv(sp, "PMI_FD", fd, 1) || spank_setenv(sp, "PMI_RANK", rank, 1) ||
 	    spank_setenv(sp, "PMI_SIZE", size, 1))

@@ -98,7 +98,9 @@ print(json.dumps(out, sort_keys=True), flush=True)
 
 
 # What the SPANK shim does in task_init (spank/rankwire_spank.c start_bridge): a socketpair,
-# a detached `rankwire spank-helper pmi-bridge` on one end (fd 3), the task on the other as PMI_FD
+# a detached `rankwire spank-helper pmi-bridge DIR` on one end (fd 3), the task on the other as
+# PMI_FD (here every task runs its own: the node's other tasks joining the first task's are
+# tests/test_spank.py's)
 # without the PMIX_* variables.
 SHIM_SCRIPT = r"""
 import os, socket, sys
@@ -108,7 +110,8 @@ if pid == 0:
     if os.fork() == 0:
         os.dup2(bridge_end.fileno(), 3)
         os.set_inheritable(3, True)
-        os.execvp("rankwire", ["rankwire", "spank-helper", "pmi-bridge"])
+        os.environ.pop("SLURM_GTIDS", None)  # each task its own server here
+        os.execvp("rankwire", ["rankwire", "spank-helper", "pmi-bridge", "/nonexistent"])
     os._exit(0)
 os.waitpid(pid, 0)
 bridge_end.close()
@@ -258,7 +261,7 @@ def test_an_unreachable_pmix_server_is_a_user_error() -> None:
     [
         (["pmi", "bridge"], "pmi bridge: no command: give -- COMMAND [ARGS...]"),
         (  # the shim's way without the shim: no fd 3
-            ["spank-helper", "pmi-bridge"],
+            ["spank-helper", "pmi-bridge", "/tmp"],
             "fd 3: not an open socket (Bad file descriptor); pass the bridge's end of the "
             "task's PMI_FD socketpair",
         ),

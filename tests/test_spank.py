@@ -84,21 +84,39 @@ def test_mpich_under_pmix_is_bridged(
     spank_cluster: SlurmCluster, mpich_image: Path, runner: User, nothing_left: None
 ) -> None:
     """The site's --mpi=pmix and the image's PMI-1-only MPICH: each task gets a PMI_FD
-    served by its bridge (a PMIx client of its rank, started by the shim on the host);
+    served by its bridge (a PMIx client of its rank, on the host: the node's first task's
+    shim starts the node's bridge server, the others' shims hand it their socket ends);
     --container-pmi-bridge=off shows what happens without it."""
     image = f"--container-image={mpich_image}"
     probe = '/opt/hello_mpich && echo "pmix=$(env | grep -c ^PMIX_) rank=$PMI_RANK/$PMI_SIZE"'
-    proc = srun(spank_cluster, runner, "-n", "2", "--mpi=pmix", image, "sh", "-c", probe)
+    proc = srun(spank_cluster, runner, "-n", "4", "--mpi=pmix", image, "sh", "-c", probe)
     assert proc.returncode == 0, proc.stderr
-    assert_hello(proc.stdout, 2)
+    assert_hello(proc.stdout, 4)
     assert sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("pmix=")) == [
-        "pmix=0 rank=0/2",
-        "pmix=0 rank=1/2",
+        f"pmix=0 rank={r}/4" for r in range(4)
     ]
     off = srun(spank_cluster, runner, "-n", "2", "--mpi=pmix", image,
                "--container-pmi-bridge=off", "/opt/hello_mpich")  # fmt: skip
     assert off.returncode == 0, off.stderr
     assert [ln.split(" host=")[0] for ln in off.stdout.splitlines()] == ["hello rank=0 size=1"] * 2
+
+
+@pytest.mark.mpi
+def test_each_task_hears_why_its_pmi_bridge_failed(
+    spank_cluster: SlurmCluster, mpich_image: Path, runner: User, nothing_left: None
+) -> None:
+    """The bridges of a node are forked by its first task's server, yet each one's message
+    goes to its own task's stderr: three tasks, three lines."""
+    lib = "/nonexistent/libpmix.so.2"
+    env = {**spank_cluster.env, "RANKWIRE_LIBPMIX": lib}
+    proc = srun(spank_cluster, runner, "-n", "3", "--mpi=pmix",
+                f"--container-image={mpich_image}", "/opt/hello_mpich", env=env)  # fmt: skip
+    assert proc.returncode != 0
+    said = (
+        f"rankwire: cannot load the PMIx library '{lib}' ({lib}: cannot open shared object "
+        "file: No such file or directory): install libpmix2 or set RANKWIRE_LIBPMIX to its path"
+    )
+    assert proc.stderr.splitlines().count(said) == 3, proc.stderr
 
 
 @pytest.mark.mpi

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -21,7 +20,6 @@ import socket
 import stat
 import struct
 import time
-from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, TypeVar, cast
 
 from rankwire.errors import UserError
@@ -325,27 +323,17 @@ class Bridge:
         return {r: pmix_env(ready["envs"][str(r)], self.nspace) for r in layout.local}
 
     def _listen(self) -> None:
-        """The node's socket, in the user's private runtime dir; a dead bridge's is taken
-        over (a refused connect proves it dead)."""
-        from rankwire.runtime.instance import unlink_if_dead
+        """The node's socket, in the user's private runtime dir (over a dead bridge's)."""
+        from rankwire.runtime.instance import listen_at
 
         path = socket_path(self.step, self.base)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            try:
-                sock.bind(path)
-            except OSError as err:
-                if err.errno != errno.EADDRINUSE:
-                    raise
-                unlink_if_dead(Path(path))
-                sock.bind(path)
+            sock = listen_at(path)
         except OSError as err:
-            sock.close()
             raise UserError(
                 f"cannot serve the node's PMI-2 bridge at {path} ({err.strerror}); is another "
                 f"bridge of step {self.step.jobid} running here?"
             ) from None
-        sock.listen(128)
         sock.setblocking(False)
         self.listener, self.path = sock, path
 
