@@ -7,6 +7,7 @@ shim's way)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -131,8 +132,9 @@ def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
     socketpair and its stderr, then its environment as framed `env=K=V` records (and
     `cpus=` its CPU set, which its bridge takes: it would otherwise run on this task's)
     ending with `end=1`. Same user only (SO_PEERCRED). A task whose hand-over fails hears
-    why on its own stderr. Returns once every task of the node (SLURM_GTIDS) has its
-    bridge, or after NODE_WAIT; SIGTERM (the step's end) ends it too."""
+    why on its own stderr, as does each task still waiting when this server ends. Returns
+    once every task of the node (SLURM_GTIDS) has its bridge, or after NODE_WAIT; SIGTERM
+    (the step's end) ends it too."""
     import select
     import signal
     import time
@@ -148,27 +150,37 @@ def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
     others = len([t for t in environ.get("SLURM_GTIDS", "").split(",") if t]) - 1
     path = node_socket(environ, base) if others > 0 else None
     listener = _listen(path) if path else None
-    _fork_bridge(fd, 2, dict(environ))
-    os.close(fd)
-    deadline = time.monotonic() + NODE_WAIT
+    why = "the node's PMI bridge server ended"
     try:
+        _fork_bridge(fd, 2, dict(environ))
+        os.close(fd)
+        deadline = time.monotonic() + NODE_WAIT
         while listener is not None and others > 0:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([listener], [], [], left)[0]:
-                _say(f"{others} task(s) of this node did not reach its PMI bridge server")
+                why = f"the node's PMI bridge server waited {NODE_WAIT:.0f} s for it"
+                _say(
+                    f"{others} task(s) of this node did not reach its PMI bridge server "
+                    f"within {NODE_WAIT:.0f} s; see those tasks' messages (srun -l)"
+                )
                 return 1
             try:
                 conn, _ = listener.accept()
             except OSError:
                 continue
             with conn:
-                others -= _take_task(conn)
+                others -= _take_task(conn, deadline)
         return 0
+    except OSError as err:  # this task's own bridge: no fork
+        why = f"the node's PMI bridge server failed ({err.strerror})"
+        _say(f"cannot fork this task's PMI bridge ({err.strerror}); retry the step")
+        return 1
     finally:
         if listener is not None:
-            listener.close()
             with contextlib.suppress(OSError):
                 os.unlink(str(path))
+            _refuse_waiting(listener, why)
+            listener.close()
 
 
 def _listen(path: str) -> Optional[socket.socket]:
@@ -182,22 +194,49 @@ def _listen(path: str) -> Optional[socket.socket]:
         return None
 
 
-def _take_task(conn: socket.socket) -> int:
-    """One task's hand-over: 1 when its bridge is forked, else 0 (and, when it gave its
-    stderr, a line there: its PMI_FD will see EOF, and MPICH's own message says little)."""
+def _refuse_waiting(listener: socket.socket, why: str) -> None:
+    """Each task already queued on the listener (whose hand-over is sent, its PMI client
+    about to wait) hears `why` on its stderr instead of seeing its PMI_FD close."""
+    listener.setblocking(False)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(0.5)
+            fds: list[int] = []
+            with contextlib.suppress(OSError):
+                _, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
+            for got in fds[1:2]:
+                with contextlib.suppress(OSError):
+                    os.write(got, f"rankwire: this task has no PMI bridge: {why}\n".encode())
+            for got in fds:
+                os.close(got)
+
+
+def _take_task(conn: socket.socket, deadline: float) -> int:
+    """One task's hand-over, within 5 s and `deadline`: 1 when its bridge is forked, else
+    0 (and, when it gave its stderr, a line there: its PMI_FD will see EOF, and MPICH's own
+    message says little)."""
     import struct
+    import time
 
     from rankwire.runtime import frame
 
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    if struct.unpack("3i", creds)[1] != os.getuid():
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
+    pid, uid, _ = struct.unpack("iII", creds)  # uids of 2**31 and up too
+    if uid != os.getuid():
+        _say(f"PMI bridge server: refused a connection from uid {uid} (pid {pid})")
         return 0
-    conn.settimeout(5.0)
+    until = min(deadline, time.monotonic() + 5.0)
     fds: list[int] = []
     try:
         try:
+            conn.settimeout(max(until - time.monotonic(), 0.01))
             data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
             while data and not data.endswith(b"\0end=1\0") and len(data) <= frame.MAX_FRAME:
+                conn.settimeout(max(until - time.monotonic(), 0.01))
                 more = conn.recv(1 << 16)
                 if not more:
                     break
@@ -207,13 +246,18 @@ def _take_task(conn: socket.socket) -> int:
         except (OSError, frame.FrameError) as err:
             records, why = [], f"its hand-over failed ({err})"
         if len(fds) == 2 and records[-1:] == [("end", "1")]:
-            env = dict(v.split("=", 1) for k, v in records if k == "env")
-            cpus = {int(c) for k, v in records if k == "cpus" for c in v.split(",") if c.isdigit()}
+            env = frame.pairs(frame.every(records, "env"))
+            cpus = {
+                int(c)
+                for v in frame.every(records, "cpus")
+                for c in v.split(",")
+                if c.isascii() and c.isdigit()
+            }
             try:
                 _fork_bridge(fds[0], fds[1], env, frozenset(cpus))
                 return 1
             except OSError as err:
-                why = f"cannot fork its PMI bridge ({err.strerror})"
+                why = f"cannot fork its PMI bridge ({err.strerror}); retry the step"
         if len(fds) == 2:
             with contextlib.suppress(OSError):
                 os.write(fds[1], f"rankwire: this task has no PMI bridge: {why}\n".encode())
@@ -228,14 +272,14 @@ def _fork_bridge(
 ) -> None:
     """A detached bridge (a grandchild: nobody's child to reap) serving `fd` as the task
     whose environment `environ` is, on its CPUs `cpus` (none given: ours), its messages on
-    `err`."""
+    `err`. OSError when it could not be forked."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the bridge, exercised under srun
         code = 1
         try:
+            if err != 2:
+                os.dup2(err, 2)
             if os.fork() == 0:
-                if err != 2:
-                    os.dup2(err, 2)
                 if cpus:
                     with contextlib.suppress(OSError, ValueError):
                         os.sched_setaffinity(0, cpus)
@@ -248,13 +292,17 @@ def _fork_bridge(
                     code = failure.exit_code
             else:
                 code = 0
+        except BlockingIOError:
+            code = 11  # the inner fork: EAGAIN, said by the caller
         except BaseException:  # never unwind into the server's loop
             import traceback
 
             traceback.print_exc()
         finally:
             os._exit(code)
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
 
 
 def _optional(client: Client, key: str, proc: Proc, info: Optional[InfoLike] = None) -> Any:

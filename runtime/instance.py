@@ -297,15 +297,26 @@ def unlink_if_dead(sock: Path) -> None:
 
 def listen_at(path: str) -> socket.socket:
     """A Unix socket listening at `path`, which takes the name only once it listens (so a
-    prune never takes it for dead), over a dead socket of that name. OSError if it cannot."""
+    prune never takes it for dead), over a dead socket of that name: linked into place
+    under the directory's lock, as a holder's is (`unlink_if_dead`). OSError (EADDRINUSE
+    when a live socket has the name) if it cannot."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     tmp = os.path.join(os.path.dirname(path), f"t-{os.getpid()}-{os.path.basename(path)}")
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         sock.bind(tmp)
-        sock.listen(128)
-        os.rename(tmp, path)
+        sock.listen(socket.SOMAXCONN)
+        unlink_if_dead(Path(path))
+        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+            os.link(tmp, path)
+        except FileExistsError:
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) from None
+        finally:
+            os.close(dir_fd)  # and with it the lock
+            os.unlink(tmp)
         return sock
     except OSError:
         sock.close()

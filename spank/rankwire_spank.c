@@ -591,10 +591,11 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 	    pmi2_socket(sp, dir, sizeof dir, &sa))
 		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_RANK, PMI_JOBID "
 			       "and SLURM_NODEID (short, without '/'): run with srun --mpi=pmi2");
-	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+	/* non-blocking: a full backlog is EAGAIN, retried within the deadline, not a wait */
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
 		return rw_fail("rankwire: cannot join the PMI-2 bridge: %s", strerror(errno));
 	while (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
-		if (errno != ENOENT && errno != ECONNREFUSED && errno != EINTR)
+		if (errno != ENOENT && errno != ECONNREFUSED && errno != EINTR && errno != EAGAIN)
 			return rw_close(fd), rw_fail("rankwire: cannot join the PMI-2 bridge at %s: "
 						    "%s", sa.sun_path, strerror(errno));
 		if (rw_now_ms() >= deadline)
@@ -755,17 +756,19 @@ static void join_pmi_bridge(spank_t sp, int bridge_end)
 	frame_add(&b, "end", "1");
 	if (b.oom)
 		return free(b.p), rw_fail("rankwire: cannot join the PMI bridge: out of memory");
-	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+	/* non-blocking: a full backlog is EAGAIN, retried within the deadline, not a wait */
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
 		return free(b.p), rw_fail("rankwire: cannot join the PMI bridge: %s",
 					  strerror(errno));
 	while (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
-		if (errno != ENOENT && errno != ECONNREFUSED && errno != EINTR)
+		if (errno != ENOENT && errno != ECONNREFUSED && errno != EINTR && errno != EAGAIN)
 			return free(b.p), rw_close(fd), rw_fail("rankwire: cannot join the PMI "
 				"bridge at %s: %s", sa.sun_path, strerror(errno));
 		if (rw_now_ms() >= deadline)
 			return free(b.p), rw_close(fd), rw_fail("rankwire: the node's PMI bridge "
-				"server (its task with SLURM_LOCALID=0) did not start within %d s; see "
-				"that task's message", PMI2_JOIN_MS / 1000);
+				"server (its task with SLURM_LOCALID=0) did not listen within %d s (it "
+				"did not start, or ended); see that task's message (srun -l)",
+				PMI2_JOIN_MS / 1000);
 		(void)poll(NULL, 0, 5);
 	}
 	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len))

@@ -4,6 +4,7 @@ holder-sigkill and srun-slurmstepd-sigkill)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import pytest
 
 from harness.procs import asleep, child_of
 from harness.users import User
-from rankwire.runtime.instance import prune_stale
+from rankwire.runtime.instance import listen_at, prune_stale
 
 pytestmark = pytest.mark.usefixtures("nothing_left_behind")
 
@@ -45,6 +46,24 @@ def test_prune_stale_removes_dead_named_sockets(tmp_path: Path) -> None:
             "slurm-7.1-0123abcd.sock",
             "t-1-slurm-7.2-0123abcd.sock",
         ]
+
+
+def test_a_bridge_server_takes_a_dead_sockets_name_never_a_live_ones(tmp_path: Path) -> None:
+    """`listen_at` (the PMI bridge servers' sockets): over a SIGKILLed server's socket it
+    listens; over a live one it fails with EADDRINUSE and leaves that one in place."""
+    path = str(tmp_path / "pmibridge.7.0.0")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(path)
+    dead.close()
+    with listen_at(path) as first:
+        with pytest.raises(OSError) as refused:
+            listen_at(path)
+        assert refused.value.errno == errno.EADDRINUSE
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(path)  # still the first server's
+            conn, _ = first.accept()
+            conn.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pmibridge.7.0.0"]
 
 
 def test_a_killed_shared_holders_files_go_with_its_job(runner: User, base_image: Path) -> None:

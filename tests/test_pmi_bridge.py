@@ -233,6 +233,28 @@ def test_process_mapping_from_local_peers() -> None:
     assert JobInfo.from_json(info([0, 0, 1, 1]).to_json()) == info([0, 0, 1, 1])
 
 
+def test_tasks_queued_when_the_node_server_ends_hear_why(tmp_path: Path) -> None:
+    """A task whose hand-over is queued when the node's bridge server ends (its wait is
+    over, SIGTERM) gets the reason on the stderr it handed over, not a silent EOF."""
+    from rankwire.pmi.bridgeserve import _refuse_waiting
+    from rankwire.runtime.instance import listen_at
+
+    path = str(tmp_path / "pmibridge.7.0.0")
+    listener = listen_at(path)
+    ours, bridge_end = socket.socketpair()
+    err_r, err_w = os.pipe()
+    with listener, ours, bridge_end, socket.socket(socket.AF_UNIX) as task:
+        task.connect(path)
+        socket.send_fds(task, [b"env=A=1\0end=1\0"], [bridge_end.fileno(), err_w])
+        os.close(err_w)
+        task.close()  # as the shim does: it sends and goes on
+        _refuse_waiting(listener, "the node's PMI bridge server ended")
+    with os.fdopen(err_r, "rb") as said:
+        assert said.read().decode().splitlines() == [
+            "rankwire: this task has no PMI bridge: the node's PMI bridge server ended"
+        ]
+
+
 def test_bridge_outside_a_pmix_step_is_a_user_error(unprivileged_user: User) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMIX_", "PMI_"))}
     proc = ME.run(["rankwire", "pmi", "bridge", "--", "true"], env=env, cwd="/tmp", timeout=60)
