@@ -411,10 +411,15 @@ def test_four_mib_exchange_through_the_bridge(
     slurm_cluster: SlurmCluster, xnode: XnodePrograms
 ) -> None:
     me = User("self", os.getuid(), os.getgid(), "")
-    proc = srun(slurm_cluster, me, "-n", "4", sys.executable, *BRIDGE, str(xnode.ompi))
+    argv = ("-n", "4", sys.executable, *BRIDGE, str(xnode.ompi))
+    proc = srun(slurm_cluster, me, *argv, RANKWIRE_PMI2BRIDGE_DEBUG="1")
     assert proc.returncode == 0, proc.stderr
     assert_hello(proc.stdout, 4)  # "ok": every byte of the 4 MiB swap checked
     assert XNODE_BYTES == 4 << 20
+    # one node holds every rank: its fences end in its PMIx server, none goes through
+    # Slurm's PMI-2 (up to srun and back); test_bridge_on_two_nodes shows the other way
+    assert "node 0: PMIx server up" in proc.stderr, proc.stderr
+    assert ": fence " not in proc.stderr and "start fence" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.slurm
@@ -446,9 +451,12 @@ def test_bridge_on_two_nodes(
         ["srun", "--mpi=pmi2", "-N2", "-n4", sys.executable, *BRIDGE, str(xnode.ompi)],
         4,
         tmp_path,
-        env=mn._env(slurm_multinode, True),
+        env={**mn._env(slurm_multinode, True), "RANKWIRE_PMI2BRIDGE_DEBUG": "1"},
     )
     mn.check_job(slurm_multinode, job, before, 2, 4, False)
+    for node in (0, 1):  # the start fence, then the modex fence with each node's blob
+        assert f"node {node}: start fence done" in job.stderr, job.stderr
+        assert re.search(rf"node {node}: fence 1 \([1-9][0-9]* bytes\) in", job.stderr), job.stderr
 
 
 @pytest.mark.slurm

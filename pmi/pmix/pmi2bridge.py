@@ -38,7 +38,7 @@ connects why, so each task fails with the same one line.
 
 Fence (PMIx_Fence from the node's ranks → libpmix, which collects them → the fence upcall):
   * (one bare `kvs-fence` on every connection at start, before any task runs: every
-    server is up by then);
+    server is up by then; not needed in a step of one node);
   * epoch += 1 (every node sees the same sequence of collective fences);
   * this node's blob, base64, in chunks: `rw.<epoch>.<node>.<i>`, the value of chunk 0
     being `<count>:<chunk>` and every value ≤ 1024 characters (Slurm's PMI-2
@@ -49,7 +49,9 @@ Fence (PMIx_Fence from the node's ranks → libpmix, which collects them → the
     chunks (not found = empty) and hand libpmix the concatenation in node order; without
     it, the fence is a barrier and its result empty.
   A fence over a subset of the job cannot be carried by PMI-2 (its fence is step-wide): it
-  fails with PMIX_ERR_NOT_SUPPORTED and one line on stderr.
+  fails with PMIX_ERR_NOT_SUPPORTED and one line on stderr. In a step of one node, every
+  rank is this server's and in the fence when libpmix calls up: it completes at once with
+  the node's blob (Slurm's PMI-2 fence goes up to srun and back, ≈ 20-30 ms each).
 
 Direct modex: a rank's data reaches the other servers only through collecting fences.
 Open MPI 4.1's `MPI_Init` runs its modex as a fence with data collection (the default,

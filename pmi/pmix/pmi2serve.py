@@ -250,8 +250,10 @@ class Bridge:
                 envs = await self._start(claim_tmpdir)
                 # Every node's server is up (and its tmpdir gone) before any task starts:
                 # so no task can end the step (PMI-2 abort: SIGKILL) while a server starts.
-                await asyncio.gather(*(c.fence() for c in self.conns.values()))
-                _debug(f"node {self.step.node_id}: start fence done")
+                assert self.layout is not None
+                if len(self.layout.nodes) > 1:  # one node: this server is the step's
+                    await asyncio.gather(*(c.fence() for c in self.conns.values()))
+                    _debug(f"node {self.step.node_id}: start fence done")
             except Exception as err:  # UserError, PmixError, PMI-2 failures: one line
                 line = str(err).splitlines()[0]
                 os.write(self.report, json.dumps({"error": line}).encode())
@@ -378,8 +380,8 @@ class Bridge:
 
     def _take_follower(self, conn: socket.socket, waiting: set[int]) -> Optional[int]:
         """A follower's rank and PMI-2 socket; None (and a line) for anything else."""
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _gid = struct.unpack("3i", creds)
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
+        pid, uid, _gid = struct.unpack("iII", creds)  # uids of 2**31 and up too
         if uid != os.getuid():
             _say(f"PMI-2 bridge: refused a connection from uid {uid} (pid {pid})")
             return None
@@ -534,12 +536,18 @@ class Bridge:
             return ERR_NOT_SUPPORTED, b""
         assert self.layout is not None
         data = wire.unpack(msg["data"])
+        if len(self.layout.nodes) == 1:
+            # every rank of the step is this server's and has entered the fence: nothing
+            # to wait for or fetch elsewhere (Slurm's PMI-2 fence goes up to srun and back)
+            return 0, data
         self.epoch += 1
         epoch, me = self.epoch, self.layout.node
+        _debug(f"node {me}: fence {epoch} ({len(data)} bytes) in")
         if data:
             for i, chunk in enumerate(split_blob(data)):
                 await self.pmi.put(chunk_key(epoch, me, i), chunk)
         await asyncio.gather(*(c.fence() for c in self.conns.values()))
+        _debug(f"node {me}: fence {epoch} out")
         if not (msg.get("collect") or data):
             return 0, b""
         parts = []
