@@ -176,14 +176,28 @@ class Helper(ServerHandlers):
 
 def start_server(helper: Helper, init: dict[str, Any]) -> dict[str, Any]:
     """PMIx_server_init, register the nspace and every local client; returns `ready`."""
+    init_server(helper, init["tmpdir"], init["hostname"])
+    return register_job(helper, init)
+
+
+def init_server(helper: Helper, tmpdir: str, hostname: str) -> None:
+    """PMIx_server_init (≈ 35 ms, most of it hwloc reading the node's topology; the GIL is
+    released meanwhile, so a caller may run it in a thread while it waits for the job)."""
+    server_info: list[tuple[str, Any]] = [
+        ("pmix.srvr.tmpdir", tmpdir),
+        ("pmix.srvr.sys", False),
+        ("pmix.hname", hostname),
+    ]
+    helper.server = Server(helper, server_info)
+
+
+def register_job(helper: Helper, init: dict[str, Any]) -> dict[str, Any]:
+    """Register the nspace and every local client with the server `init_server` started;
+    returns `ready`."""
+    assert helper.server is not None
+    server = helper.server
     helper.nspace = init["nspace"]
     local: list[int] = init["local_ranks"]
-    server_info: list[tuple[str, Any]] = [
-        ("pmix.srvr.tmpdir", init["tmpdir"]),
-        ("pmix.srvr.sys", False),
-        ("pmix.hname", init["hostname"]),
-    ]
-    helper.server = server = Server(helper, server_info)
     server.register_nspace(helper.nspace, len(local), job_info(init, local))
     envs: dict[str, dict[str, str]] = {}
     for rank in local:

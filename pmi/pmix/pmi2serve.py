@@ -294,6 +294,39 @@ class Bridge:
 
         _debug(f"rank {self.step.rank}: bridge process up")
         self._listen()  # first: the node's tasks hear of any failure from here on
+        assert self.loop is not None
+        self.helper = helper = hp.Helper(self.loop, cast(asyncio.StreamWriter, self.sink))
+        # libpmix (gds=hash, TCP, not a system server) keeps nothing in its tmpdir once it
+        # is up: the dir lives only until then, so a step Slurm SIGKILLs (an abort) leaves
+        # nothing unless it hits that moment (then the next claim prunes it).
+        tmpdir, lock = claim_tmpdir()
+        try:
+            node_dir = os.path.join(tmpdir, "node")
+            os.mkdir(node_dir, 0o700)
+            # PMIx_server_init (≈ 35 ms: hwloc) in a thread, while this task's PMI-2 init
+            # and the node's other tasks come: neither needs it, nor it them
+            starting = asyncio.ensure_future(
+                asyncio.to_thread(hp.init_server, helper, node_dir, socket.gethostname())
+            )
+            try:
+                layout = await self._job_layout()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await starting  # a thread cannot be cancelled: it ends first
+                raise
+            await starting
+            _debug(f"node {self.step.node_id}: PMIx server up")
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            os.close(lock)
+        init = helper_init(layout, self.step.jobid, self.nspace, socket.gethostname())
+        init.update(uid=os.getuid(), gid=os.getgid())
+        ready = hp.register_job(helper, init)
+        _debug(f"node {self.step.node_id}: job registered")
+        return {r: pmix_env(ready["envs"][str(r)], self.nspace) for r in layout.local}
+
+    async def _job_layout(self) -> Layout:
+        """This task's PMI-2 init, where Slurm placed the step, and the node's other tasks."""
         reply = await self.pmi.init(self.step)
         self.inited.add(self.step.rank)
         if (reply.rank, reply.size) != (self.step.rank, self.step.size):
@@ -306,23 +339,7 @@ class Bridge:
         _debug(f"rank {self.step.rank}: PMI-2 init done, mapping {mapping}")
         await self._gather_followers(layout)
         _debug(f"node {self.step.node_id}: {len(self.tasks)} followers")
-        assert self.loop is not None
-        self.helper = hp.Helper(self.loop, cast(asyncio.StreamWriter, self.sink))
-        init = helper_init(layout, self.step.jobid, self.nspace, socket.gethostname())
-        init.update(uid=os.getuid(), gid=os.getgid())
-        # libpmix (gds=hash, TCP, not a system server) keeps nothing in its tmpdir once it
-        # is up: the dir lives only around start_server, so a step Slurm SIGKILLs (an
-        # abort) leaves nothing unless it hits that moment (then the next claim prunes it).
-        tmpdir, lock = claim_tmpdir()
-        try:
-            init["tmpdir"] = os.path.join(tmpdir, "node")
-            os.mkdir(init["tmpdir"], 0o700)
-            ready = hp.start_server(self.helper, init)
-            _debug(f"node {self.step.node_id}: PMIx server up")
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            os.close(lock)
-        return {r: pmix_env(ready["envs"][str(r)], self.nspace) for r in layout.local}
+        return layout
 
     def _listen(self) -> None:
         """The node's socket, in the user's private runtime dir (over a dead bridge's)."""
@@ -575,10 +592,10 @@ class Bridge:
         helper, self.sink.closed = self.helper, True
         if helper is not None and helper.server is not None:
             helper.fail_all(ERR_LOST_CONNECTION)
-            for step in (
-                lambda: helper.server.deregister_nspace(self.nspace),
-                helper.server.finalize,
-            ):
+            steps = [helper.server.finalize]
+            if helper.nspace:  # registered
+                steps.insert(0, lambda: helper.server.deregister_nspace(self.nspace))
+            for step in steps:
                 try:
                     step()
                 except PmixError as err:
