@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import socket
 import sys
 from collections.abc import Mapping
@@ -136,7 +137,6 @@ def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
     once every task of the node (SLURM_GTIDS) has its bridge, or after NODE_WAIT; SIGTERM
     (the step's end) ends it too."""
     import select
-    import signal
     import time
 
     _socket_of(fd).detach()  # checked before anything forks
@@ -152,7 +152,12 @@ def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
     listener = _listen(path) if path else None
     why = "the node's PMI bridge server ended"
     try:
-        _fork_bridge(fd, 2, dict(environ))
+        try:
+            _fork_bridge(fd, 2, dict(environ))
+        except OSError as err:
+            why = f"the node's PMI bridge server failed ({err.strerror})"
+            _say(f"cannot fork this task's PMI bridge ({err.strerror}); retry the step")
+            return 1
         os.close(fd)
         deadline = time.monotonic() + NODE_WAIT
         while listener is not None and others > 0:
@@ -171,10 +176,6 @@ def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
             with conn:
                 others -= _take_task(conn, deadline)
         return 0
-    except OSError as err:  # this task's own bridge: no fork
-        why = f"the node's PMI bridge server failed ({err.strerror})"
-        _say(f"cannot fork this task's PMI bridge ({err.strerror}); retry the step")
-        return 1
     finally:
         if listener is not None:
             with contextlib.suppress(OSError):
@@ -197,14 +198,17 @@ def _listen(path: str) -> Optional[socket.socket]:
 def _refuse_waiting(listener: socket.socket, why: str) -> None:
     """Each task already queued on the listener (whose hand-over is sent, its PMI client
     about to wait) hears `why` on its stderr instead of seeing its PMI_FD close."""
+    import time
+
     listener.setblocking(False)
-    while True:
+    until = time.monotonic() + 2.0  # all of them: a stalling client holds nobody long
+    while time.monotonic() < until:
         try:
             conn, _ = listener.accept()
         except OSError:
             return
         with conn:
-            conn.settimeout(0.5)
+            conn.settimeout(max(min(0.5, until - time.monotonic()), 0.01))
             fds: list[int] = []
             with contextlib.suppress(OSError):
                 _, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
@@ -216,9 +220,9 @@ def _refuse_waiting(listener: socket.socket, why: str) -> None:
 
 
 def _take_task(conn: socket.socket, deadline: float) -> int:
-    """One task's hand-over, within 5 s and `deadline`: 1 when its bridge is forked, else
-    0 (and, when it gave its stderr, a line there: its PMI_FD will see EOF, and MPICH's own
-    message says little)."""
+    """One task's hand-over, within 5 s and `deadline`: 1 when the task is dealt with (its
+    bridge forked, or, when it gave its stderr but no bridge could be, a line there: its
+    PMI_FD will see EOF, and MPICH's own message says little), else 0."""
     import struct
     import time
 
@@ -258,10 +262,11 @@ def _take_task(conn: socket.socket, deadline: float) -> int:
                 return 1
             except OSError as err:
                 why = f"cannot fork its PMI bridge ({err.strerror}); retry the step"
-        if len(fds) == 2:
-            with contextlib.suppress(OSError):
-                os.write(fds[1], f"rankwire: this task has no PMI bridge: {why}\n".encode())
-        return 0
+        if len(fds) != 2:
+            return 0
+        with contextlib.suppress(OSError):
+            os.write(fds[1], f"rankwire: this task has no PMI bridge: {why}\n".encode())
+        return 1
     finally:
         for got in fds:
             os.close(got)
@@ -277,23 +282,15 @@ def _fork_bridge(
     if pid == 0:  # pragma: no cover - the bridge, exercised under srun
         code = 1
         try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's handler
             if err != 2:
                 os.dup2(err, 2)
-            if os.fork() == 0:
-                if cpus:
-                    with contextlib.suppress(OSError, ValueError):
-                        os.sched_setaffinity(0, cpus)
-                os.environ.clear()
-                os.environ.update(environ)  # libpmix reads the task's PMIX_* from it
-                try:
-                    code = serve_fd(fd, environ)
-                except UserError as failure:
-                    _say(str(failure))
-                    code = failure.exit_code
+            try:
+                child = os.fork()
+            except OSError as failure:
+                code = failure.errno or 1  # said by the caller
             else:
-                code = 0
-        except BlockingIOError:
-            code = 11  # the inner fork: EAGAIN, said by the caller
+                code = 0 if child else _bridge(fd, environ, cpus)
         except BaseException:  # never unwind into the server's loop
             import traceback
 
@@ -301,8 +298,24 @@ def _fork_bridge(
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:  # the errno of the inner fork; killed: EINTR
+        why = code if code > 0 else errno.EINTR
+        raise OSError(why, os.strerror(why))
+
+
+def _bridge(fd: int, environ: dict[str, str], cpus: frozenset[int]) -> int:  # pragma: no cover
+    """The forked bridge of one task: on its CPUs, with its environment."""
+    if cpus:
+        with contextlib.suppress(OSError, ValueError):
+            os.sched_setaffinity(0, cpus)
+    os.environ.clear()
+    os.environ.update(environ)  # libpmix reads the task's PMIX_* from it
+    try:
+        return serve_fd(fd, environ)
+    except UserError as failure:
+        _say(str(failure))
+        return failure.exit_code
 
 
 def _optional(client: Client, key: str, proc: Proc, info: Optional[InfoLike] = None) -> Any:

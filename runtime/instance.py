@@ -316,7 +316,8 @@ def listen_at(path: str) -> socket.socket:
             raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) from None
         finally:
             os.close(dir_fd)  # and with it the lock
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return sock
     except OSError:
         sock.close()

@@ -196,9 +196,9 @@ def register_job(helper: Helper, init: dict[str, Any]) -> dict[str, Any]:
     returns `ready`."""
     assert helper.server is not None
     server = helper.server
-    helper.nspace = init["nspace"]
     local: list[int] = init["local_ranks"]
-    server.register_nspace(helper.nspace, len(local), job_info(init, local))
+    server.register_nspace(init["nspace"], len(local), job_info(init, local))
+    helper.nspace = init["nspace"]  # registered: what a stop deregisters
     envs: dict[str, dict[str, str]] = {}
     for rank in local:
         proc = Proc(helper.nspace, rank)

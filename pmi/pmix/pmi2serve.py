@@ -297,8 +297,8 @@ class Bridge:
         assert self.loop is not None
         self.helper = helper = hp.Helper(self.loop, cast(asyncio.StreamWriter, self.sink))
         # libpmix (gds=hash, TCP, not a system server) keeps nothing in its tmpdir once it
-        # is up: the dir lives only until then, so a step Slurm SIGKILLs (an abort) leaves
-        # nothing unless it hits that moment (then the next claim prunes it).
+        # is up: the dir lives only until then and the node's tasks are in, so a step Slurm
+        # SIGKILLs (an abort) in that window leaves it to the next claim, which prunes it.
         tmpdir, lock = claim_tmpdir()
         try:
             node_dir = os.path.join(tmpdir, "node")
@@ -311,8 +311,10 @@ class Bridge:
             try:
                 layout = await self._job_layout()
             except BaseException:
-                with contextlib.suppress(Exception):
-                    await starting  # a thread cannot be cancelled: it ends first
+                # a thread cannot be cancelled: it ends first, unless it hangs
+                await asyncio.wait({starting}, timeout=STOP_TIMEOUT)
+                if starting.done():
+                    starting.exception()  # this one's line is the caller's, not libpmix's
                 raise
             await starting
             _debug(f"node {self.step.node_id}: PMIx server up")
