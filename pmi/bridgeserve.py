@@ -212,24 +212,21 @@ def _refuse_waiting(listener: socket.socket, why: str) -> None:
             fds: list[int] = []
             with contextlib.suppress(OSError):
                 _, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
-            for got in fds[1:2]:
-                with contextlib.suppress(OSError):
-                    os.write(got, f"rankwire: this task has no PMI bridge: {why}\n".encode())
+            if len(fds) == 2:
+                _tell_no_bridge(fds[1], why)
             for got in fds:
                 os.close(got)
 
 
 def _take_task(conn: socket.socket, deadline: float) -> int:
     """One task's hand-over, within 5 s and `deadline`: 1 when the task is dealt with (its
-    bridge forked, or, when it gave its stderr but no bridge could be, a line there: its
-    PMI_FD will see EOF, and MPICH's own message says little), else 0."""
-    import struct
+    bridge forked, or, when it gave its stderr but no bridge could be, told why), else 0."""
     import time
 
     from rankwire.runtime import frame
+    from rankwire.runtime.peercred import peer_creds
 
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
-    pid, uid, _ = struct.unpack("iII", creds)  # uids of 2**31 and up too
+    pid, uid, _ = peer_creds(conn)
     if uid != os.getuid():
         _say(f"PMI bridge server: refused a connection from uid {uid} (pid {pid})")
         return 0
@@ -264,12 +261,18 @@ def _take_task(conn: socket.socket, deadline: float) -> int:
                 why = f"cannot fork its PMI bridge ({err.strerror}); retry the step"
         if len(fds) != 2:
             return 0
-        with contextlib.suppress(OSError):
-            os.write(fds[1], f"rankwire: this task has no PMI bridge: {why}\n".encode())
+        _tell_no_bridge(fds[1], why)
         return 1
     finally:
         for got in fds:
             os.close(got)
+
+
+def _tell_no_bridge(err: int, why: str) -> None:
+    """One line on a task's stderr `err`: its PMI_FD will see EOF, and MPICH's own message
+    says little."""
+    with contextlib.suppress(OSError):
+        os.write(err, f"rankwire: this task has no PMI bridge: {why}\n".encode())
 
 
 def _fork_bridge(

@@ -54,7 +54,6 @@ import shutil
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import traceback
@@ -65,6 +64,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional
 from rankwire.errors import UserError
 from rankwire.pmi.bridgeplan import NAMES, PMI2_TO_PMIX, PMIX_TO_PMI, BridgePlan
 from rankwire.runtime import frame
+from rankwire.runtime.peercred import peer_creds
 from rankwire.runtime.plan import ContainerPlan, ImageFacts, Mount, entrypoint_words
 from rankwire.runtime.reference import is_remote, parse_reference
 from rankwire.spank import plan
@@ -802,7 +802,7 @@ def _start_and_join(
         setup_timeout=SETUP_TIMEOUT_S,
     )
     lease = join(holder.socket, timeout=JOIN_TIMEOUT_S)
-    peer = struct.unpack("3i", lease.conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    peer = peer_creds(lease.conn)
     if peer[0] != holder.pid:
         os.kill(holder.pid, signal.SIGTERM)
         raise UserError(

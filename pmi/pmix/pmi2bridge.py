@@ -81,7 +81,6 @@ import os
 import signal
 import socket
 import stat
-import struct
 import sys
 import time
 import zlib
@@ -91,6 +90,7 @@ from typing import Any, Optional
 from rankwire.errors import UserError, exec_failure, shown
 from rankwire.pmi.job import nodes_of
 from rankwire.runtime import frame
+from rankwire.runtime.peercred import peer_creds
 
 VALUE_MAX = 1024  # Slurm's and MPICH's PMI2_MAX_VALLEN
 KEY_PREFIX = "rw"
@@ -455,8 +455,7 @@ def _follow(step: Step, timeout: float, base: Optional[str] = None) -> Pmi2Bridg
                 if time.monotonic() >= deadline:
                     raise UserError(late) from None
                 time.sleep(0.005)
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
+        _pid, uid, _gid = peer_creds(sock)
         if uid != os.getuid():
             raise UserError(
                 f"the PMI-2 bridge's socket {path} is held by uid {uid}, not by you; ask the "

@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import stat
-import struct
 import time
 from typing import Any, Callable, NoReturn, Optional, TypeVar, cast
 
@@ -68,6 +67,7 @@ from rankwire.pmi.pmix.pmi2bridge import (
     task_ending,
     whole_job,
 )
+from rankwire.runtime.peercred import peer_creds
 
 R = TypeVar("R")
 NOSIGNAL = socket.MSG_NOSIGNAL  # a gone follower is an error, not the bridge's death
@@ -399,8 +399,7 @@ class Bridge:
 
     def _take_follower(self, conn: socket.socket, waiting: set[int]) -> Optional[int]:
         """A follower's rank and PMI-2 socket; None (and a line) for anything else."""
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
-        pid, uid, _gid = struct.unpack("iII", creds)  # uids of 2**31 and up too
+        pid, uid, _gid = peer_creds(conn)
         if uid != os.getuid():
             _say(f"PMI-2 bridge: refused a connection from uid {uid} (pid {pid})")
             return None
