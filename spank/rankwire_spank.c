@@ -564,6 +564,40 @@ static void on_follower(const char *key, char *val, void *ctx)
 	}
 }
 
+/* A node bridge's server (`what`) at `sa`, for a task that joins it: connect (it may not
+ * listen yet: retried until `deadline`; non-blocking, so a full backlog is EAGAIN and
+ * retried, not a wait) and check that the job user serves it. The descriptor, or -1 after
+ * rw_fail. */
+static int connect_node_server(const struct sockaddr_un *sa, int64_t deadline,
+			       const char *what)
+{
+	struct ucred cred = {0, (uid_t)-1, (gid_t)-1};
+	socklen_t len = sizeof cred;
+	int fd;
+
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
+		return rw_fail("rankwire: cannot join the %s: %s", what, strerror(errno)), -1;
+	while (connect(fd, (const struct sockaddr *)sa, sizeof *sa)) {
+		if (errno != ENOENT && errno != ECONNREFUSED && errno != EINTR && errno != EAGAIN)
+			return rw_close(fd), rw_fail("rankwire: cannot join the %s at %s: %s", what,
+						     sa->sun_path, strerror(errno)), -1;
+		if (rw_now_ms() >= deadline)
+			return rw_close(fd), rw_fail("rankwire: the node's %s (its task with "
+				"SLURM_LOCALID=0) did not listen within %d s (it did not start, or "
+				"ended); see that task's message (srun -l)", what,
+				(int)(PMI2_JOIN_MS / 1000)), -1;
+		(void)poll(NULL, 0, 5);
+	}
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len))
+		return rw_close(fd), rw_fail("rankwire: cannot check who serves the %s at %s: %s",
+					     what, sa->sun_path, strerror(errno)), -1;
+	if (cred.uid != getuid())
+		return rw_close(fd), rw_fail("rankwire: the %s's socket %s is held by uid %u, not "
+			"by you; ask the node's admin to find that process", what, sa->sun_path,
+			(unsigned)cred.uid), -1;
+	return fd;
+}
+
 /* A task that is not its node's first under the PMI-2 bridge joins the bridge its node's
  * first task started (pmi2bridge's followers), here, without a process of its own:
  * connect (it may not listen yet), check that the job user serves it, hand over the
@@ -579,8 +613,6 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 			     .msg_controllen = sizeof cbuf.b};
 	struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
 	struct sockaddr_un sa;
-	struct ucred cred = {0, (uid_t)-1, (gid_t)-1};
-	socklen_t len = sizeof cred;
 	struct follower f = {sp, 0};
 	int64_t deadline = rw_now_ms() + PMI2_JOIN_MS, left;
 	struct buf b = {0};
@@ -591,26 +623,8 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 	    pmi2_socket(sp, dir, sizeof dir, &sa))
 		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_RANK, PMI_JOBID "
 			       "and SLURM_NODEID (short, without '/'): run with srun --mpi=pmi2");
-	/* non-blocking: a full backlog is EAGAIN, retried within the deadline, not a wait */
-	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
-		return rw_fail("rankwire: cannot join the PMI-2 bridge: %s", strerror(errno));
-	while (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
-		if (errno != ENOENT && errno != ECONNREFUSED && errno != EINTR && errno != EAGAIN)
-			return rw_close(fd), rw_fail("rankwire: cannot join the PMI-2 bridge at %s: "
-						    "%s", sa.sun_path, strerror(errno));
-		if (rw_now_ms() >= deadline)
-			return rw_close(fd), rw_fail("rankwire: the node's PMI-2 bridge (its task "
-				"with SLURM_LOCALID=0) did not start within %d s; see that task's "
-				"message", PMI2_JOIN_MS / 1000);
-		(void)poll(NULL, 0, 5);
-	}
-	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len))
-		return rw_close(fd), rw_fail("rankwire: cannot check who serves the PMI-2 bridge "
-					    "at %s: %s", sa.sun_path, strerror(errno));
-	if (cred.uid != getuid())
-		return rw_close(fd), rw_fail("rankwire: the PMI-2 bridge's socket %s is held by "
-			"uid %u, not by you; ask the node's admin to find that process", sa.sun_path,
-			(unsigned)cred.uid);
+	if ((fd = connect_node_server(&sa, deadline, "PMI-2 bridge")) < 0)
+		return;
 	iov.iov_len = strlen(strcat(rank, "\n"));
 	c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS, c->cmsg_len = CMSG_LEN(sizeof(int));
 	memcpy(CMSG_DATA(c), &slurm_fd, sizeof(int));
@@ -728,8 +742,6 @@ static void join_pmi_bridge(spank_t sp, int bridge_end)
 	union { struct cmsghdr h; char b[CMSG_SPACE(2 * sizeof(int))]; } cbuf = {0};
 	int fds[2] = {bridge_end, 2}, fd, sent = 0;
 	struct sockaddr_un sa;
-	struct ucred cred = {0, (uid_t)-1, (gid_t)-1};
-	socklen_t len = sizeof cred;
 	int64_t deadline = rw_now_ms() + PMI2_JOIN_MS, left;
 	struct buf b = {0};
 	cpu_set_t cpus;
@@ -756,28 +768,8 @@ static void join_pmi_bridge(spank_t sp, int bridge_end)
 	frame_add(&b, "end", "1");
 	if (b.oom)
 		return free(b.p), rw_fail("rankwire: cannot join the PMI bridge: out of memory");
-	/* non-blocking: a full backlog is EAGAIN, retried within the deadline, not a wait */
-	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
-		return free(b.p), rw_fail("rankwire: cannot join the PMI bridge: %s",
-					  strerror(errno));
-	while (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
-		if (errno != ENOENT && errno != ECONNREFUSED && errno != EINTR && errno != EAGAIN)
-			return free(b.p), rw_close(fd), rw_fail("rankwire: cannot join the PMI "
-				"bridge at %s: %s", sa.sun_path, strerror(errno));
-		if (rw_now_ms() >= deadline)
-			return free(b.p), rw_close(fd), rw_fail("rankwire: the node's PMI bridge "
-				"server (its task with SLURM_LOCALID=0) did not listen within %d s (it "
-				"did not start, or ended); see that task's message (srun -l)",
-				PMI2_JOIN_MS / 1000);
-		(void)poll(NULL, 0, 5);
-	}
-	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len))
-		return free(b.p), rw_close(fd), rw_fail("rankwire: cannot check who serves the PMI "
-			"bridge at %s: %s", sa.sun_path, strerror(errno));
-	if (cred.uid != getuid())
-		return free(b.p), rw_close(fd), rw_fail("rankwire: the PMI bridge's socket %s is "
-			"held by uid %u, not by you; ask the node's admin to find that process",
-			sa.sun_path, (unsigned)cred.uid);
+	if ((fd = connect_node_server(&sa, deadline, "PMI bridge server")) < 0)
+		return free(b.p);
 	while ((size_t)sent < b.len) { /* the fds go with the first bytes */
 		struct iovec iov = {b.p + sent, b.len - (size_t)sent};
 		struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
