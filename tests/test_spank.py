@@ -101,22 +101,34 @@ def test_mpich_under_pmix_is_bridged(
     assert [ln.split(" host=")[0] for ln in off.stdout.splitlines()] == ["hello rank=0 size=1"] * 2
 
 
+NO_LIBPMIX_AT = "/nonexistent/libpmix.so.2"
+NO_LIBPMIX = (
+    f"rankwire: cannot load the PMIx library '{NO_LIBPMIX_AT}' ({NO_LIBPMIX_AT}: cannot open "
+    "shared object file: No such file or directory): install libpmix2 or set RANKWIRE_LIBPMIX "
+    "to its path"
+)
+
+
+def _three_tasks_without_libpmix(
+    cluster: SlurmCluster, runner: User, mpi: str, image: Path, prog: str
+) -> subprocess.CompletedProcess[str]:
+    """A bridged step of 3 tasks whose bridges find no libpmix."""
+    env = {**cluster.env, "RANKWIRE_LIBPMIX": NO_LIBPMIX_AT}
+    return srun(cluster, runner, "-n", "3", f"--mpi={mpi}", f"--container-image={image}", prog,
+                env=env)  # fmt: skip
+
+
 @pytest.mark.mpi
 def test_each_task_hears_why_its_pmi_bridge_failed(
     spank_cluster: SlurmCluster, mpich_image: Path, runner: User, nothing_left: None
 ) -> None:
     """The bridges of a node are forked by its first task's server, yet each one's message
     goes to its own task's stderr: three tasks, three lines."""
-    lib = "/nonexistent/libpmix.so.2"
-    env = {**spank_cluster.env, "RANKWIRE_LIBPMIX": lib}
-    proc = srun(spank_cluster, runner, "-n", "3", "--mpi=pmix",
-                f"--container-image={mpich_image}", "/opt/hello_mpich", env=env)  # fmt: skip
-    assert proc.returncode != 0
-    said = (
-        f"rankwire: cannot load the PMIx library '{lib}' ({lib}: cannot open shared object "
-        "file: No such file or directory): install libpmix2 or set RANKWIRE_LIBPMIX to its path"
+    proc = _three_tasks_without_libpmix(
+        spank_cluster, runner, "pmix", mpich_image, "/opt/hello_mpich"
     )
-    assert proc.stderr.splitlines().count(said) == 3, proc.stderr
+    assert proc.returncode != 0
+    assert proc.stderr.splitlines().count(NO_LIBPMIX) == 3, proc.stderr
 
 
 @pytest.mark.mpi
@@ -144,17 +156,12 @@ def test_a_pmi2_bridge_that_cannot_start_fails_every_task_in_one_line(
 ) -> None:
     """The node's first task cannot start the server: every task of the node (the others
     joined it from the shim) reports the first task's line."""
-    lib = "/nonexistent/libpmix.so.2"
-    env = {**spank_cluster.env, "RANKWIRE_LIBPMIX": lib}
-    proc = srun(spank_cluster, runner, "-n", "3", "--mpi=pmi2",
-                f"--container-image={ompi_image}", "/opt/hello_ompi", env=env)  # fmt: skip
-    assert proc.returncode != 0
-    said = (
-        f"rankwire: cannot load the PMIx library '{lib}' ({lib}: cannot open shared object "
-        "file: No such file or directory): install libpmix2 or set RANKWIRE_LIBPMIX to its path"
+    proc = _three_tasks_without_libpmix(
+        spank_cluster, runner, "pmi2", ompi_image, "/opt/hello_ompi"
     )
+    assert proc.returncode != 0
     ours = [x.split("error: ", 1)[-1] for x in proc.stderr.splitlines() if "rankwire: " in x]
-    assert ours == [said] * 3, proc.stderr
+    assert ours == [NO_LIBPMIX] * 3, proc.stderr
 
 
 def test_job_without_container_is_untouched(
