@@ -223,6 +223,7 @@ def _declare(lib: ctypes.CDLL) -> None:
             c_int, (pproc, ctypes.c_uint32, ctypes.c_uint32, c_void_p, c_void_p, c_void_p),
         ),
         "PMIx_server_deregister_nspace": (None, (c_char_p, c_void_p, c_void_p)),
+        "PMIx_server_deregister_client": (None, (pproc, c_void_p, c_void_p)),
         "PMIx_server_setup_fork": (c_int, (pproc, ctypes.POINTER(ctypes.POINTER(c_void_p)))),
         "PMIx_server_dmodex_request": (c_int, (pproc, c_void_p, c_void_p)),
         "PMIx_generate_regex": (c_int, (c_char_p, ctypes.POINTER(c_void_p))),

@@ -62,7 +62,11 @@ PMIX_ERR_NOT_FOUND and one line naming the setting to undo.
 
 Abort: a rank's `PMIx_Abort` (MPI_Abort) → PMI-2 `abort` (isworld): Slurm kills the step.
 A task that ended without PMIx finalize after PMIx init, or with a non-zero code, ends the
-step the same way (its peers would wait for it in their next fence). The leader's caller's
+step the same way (its peers would wait for it in their next fence). Slurm SIGKILLs the
+whole step at once, this node's server with its ranks, so before the abort the server
+deregisters its ranks: libpmix then removes the files they registered for cleanup (Open MPI
+4.1's `/dev/shm/vader_segment.*`), as slurmstepd's does under `--mpi=pmix` when they die.
+Other nodes' servers die with their ranks: there, those files remain. The leader's caller's
 death (the bridge has `PR_SET_PDEATHSIG`), SIGTERM (Slurm ending the step), the node's
 last task's end: the namespace is deregistered and the server finalized, PMI-2 `finalize`
 sent on every idle connection, the bridge exits. libpmix's tmpdir is removed as soon as

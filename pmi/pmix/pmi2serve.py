@@ -517,7 +517,28 @@ class Bridge:
         self.aborted = True
         if not quiet:
             _say(f"rank {rank} aborted the job (code {code}): {message}")
+        self._drop_clients()
         self.pmi.abort(code, message or f"rank {rank} aborted")
+
+    def _drop_clients(self) -> None:
+        """Before a PMI-2 abort: deregister the node's ranks from libpmix, which removes the
+        files each registered for cleanup (Open MPI 4.1's `/dev/shm/vader_segment.*`).
+        Slurm SIGKILLs the whole step at once, this server with its ranks, so libpmix never
+        sees their connections end (under `--mpi=pmix`, slurmstepd does and cleans up)."""
+        from rankwire.pmi.pmix.abi import PmixError, Proc
+
+        helper = self.helper
+        if helper is None or helper.server is None or not helper.nspace:
+            return
+        assert self.layout is not None
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for rank in self.layout.local:
+            left = max(deadline - time.monotonic(), 0.1)
+            try:
+                helper.server.deregister_client(Proc(self.nspace, rank), timeout=left)
+            except PmixError as err:
+                _say(f"PMIx server: rank {rank}'s cleanup: {err}")
+        _debug(f"node {self.step.node_id}: ranks deregistered")
 
     def _dmodex(self, msg: dict[str, Any]) -> None:
         if not self.said_dmodex:

@@ -330,6 +330,18 @@ class Server:
 
         _blocking_op("PMIx_server_deregister_nspace", start, timeout)
 
+    def deregister_client(self, proc: Proc, timeout: float = 10.0) -> None:
+        """PMIx_server_deregister_client, waiting for it: runs the client's own epilog, i.e.
+        removes the files it registered for cleanup (Open MPI 4.1's shared-memory segment),
+        as libpmix does itself when a client's connection is lost while the server lives."""
+        p = make_proc(proc)
+
+        def start(cb: Any, cbd: Any) -> int:
+            lib().PMIx_server_deregister_client(ctypes.byref(p), cb, cbd)
+            return SUCCESS
+
+        _blocking_op("PMIx_server_deregister_client", start, timeout)
+
     def setup_fork(self, proc: Proc) -> dict[str, str]:
         """The PMIX_* variables a client process `proc` needs in its environment."""
         p = make_proc(proc)
