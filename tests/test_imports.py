@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -153,3 +154,17 @@ def test_a_pmi2_bridge_follower_imports_no_server_code() -> None:
     assert proc.returncode == 0, proc.stderr
     heavy = {"asyncio", "rankwire.pmi.codec", "rankwire.pmi.pmix.pmi2serve", "logging"}
     assert sorted(set(proc.stdout.split()) & heavy) == []
+
+
+def test_loading_libpmix_runs_no_ldconfig() -> None:
+    """Every PMI bridge and PMIx server process loads libpmix: by its soname, without
+    `ctypes.util` (whose import brings subprocess, tempfile and shutil, about 5 ms)."""
+    code = (
+        "import sys\n"
+        "from rankwire.pmi.pmix import abi\n"
+        "abi.lib()\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted({"ctypes.util", "subprocess"} & set(proc.stdout.split())) == []
