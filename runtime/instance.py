@@ -512,6 +512,10 @@ def _child(
             os._exit(125)
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        # Python ignores these for itself; the command gets them as a shell would give
+        # them (`yes | head` ends quietly, by SIGPIPE)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
         if stdio is not None:
             for target, fd in enumerate(stdio):
                 if fd != target:

@@ -88,6 +88,16 @@ def test_exit_code_and_missing_command(runner: User, base_image: Path) -> None:
     assert proc.stderr.strip() == "rankwire: no-such-command: command not found in the container"
 
 
+def test_the_command_gets_default_signal_dispositions(runner: User, base_image: Path) -> None:
+    """Python ignores SIGPIPE and SIGXFSZ for itself; the command must not inherit that:
+    `cat /dev/zero | head` ends `cat` by SIGPIPE, quietly, as in a shell."""
+    line = f"rankwire exec {base_image} cat /dev/zero | head -c 1 | od -c; echo ${{PIPESTATUS[0]}}"
+    proc = runner.run(["bash", "-c", line], cwd="/tmp")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "0000000  \\0\n0000001\n141\n", "")
+    proc = rw(runner, "exec", str(base_image), "grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status")
+    assert proc.stdout == "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n", proc.stderr
+
+
 def test_signals_are_forwarded_and_nothing_lingers(runner: User, base_image: Path) -> None:
     proc = subprocess.Popen(
         runner.argv(["rankwire", "exec", str(base_image), "sleep", "60"]),
