@@ -22,10 +22,10 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test lint system-demo system-test debian-cache clean
 
-demo: system-demo $(VENV)/.stamp
+demo: system-demo $(VENV)/.stamp $(VENV)/bin/rankwire
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" examples/demo.sh
 
-test: system-test $(VENV)/.stamp-test debian-cache lint
+test: system-test $(VENV)/.stamp-test $(VENV)/bin/rankwire debian-cache lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The Debian 12 minbase rootfs and a flat apt repo (libmpich-dev, gcc, libc6-dev) that
@@ -53,6 +53,11 @@ $(VENV)/.stamp: pyproject.toml | $(VENV)/bin/python
 	@$(PY) -c "import rankwire.runtime"
 	@touch $@
 
+# The C front end: setup.py builds it for `pip install .`; built here too, because the
+# editable install may leave data_files out (setuptools 66 does).
+$(VENV)/bin/rankwire: runtime/front.c | $(VENV)/.stamp
+	@$(CC) -O2 -Wall -Werror -o $@ runtime/front.c
+
 # PyPI's MPICH 5 and Open MPI 5 (newer "container MPIs") go to their own prefixes: on
 # PATH they would shadow the system's launchers. Tests look for them under .venv/opt.
 MPICH_WHEEL := mpich==5.0.2
@@ -76,7 +81,7 @@ clean:
 # after, every get checked), 8 rounds of 8 concurrent `rankwire exec`, and 16 concurrent
 # `srun --container-image` steps through the plugin on a throwaway single-node Slurm.
 .PHONY: load
-load: system-test $(VENV)/.stamp-test
+load: system-test $(VENV)/.stamp-test $(VENV)/bin/rankwire
 	$(PY) bench/pmi_load.py
 	$(PY) bench/exec_load.py
 
@@ -85,7 +90,7 @@ load: system-test $(VENV)/.stamp-test
 # Charliecloud (and matplotlib into the venv for FASTPATH_ARGS="--png FILE") when missing.
 FASTPATH_ARGS ?=
 .PHONY: bench-fastpath
-bench-fastpath: system-test $(VENV)/.stamp-test
+bench-fastpath: system-test $(VENV)/.stamp-test $(VENV)/bin/rankwire
 	$(PY) bench/fastpath.py $(FASTPATH_ARGS)
 
 # A Slurm cluster in network namespaces for humans (root; tests/harness/multinode.py):
@@ -101,7 +106,7 @@ CLUSTER_SHARED ?=
 .PHONY: cluster-up cluster-down
 
 PLUGIN ?= 1
-cluster-up: $(VENV)/.stamp
+cluster-up: $(VENV)/.stamp $(VENV)/bin/rankwire
 	@$(PY) tests/harness/multinode.py up -n $(NODES) --state $(CLUSTER_STATE) \
 		$(foreach d,$(CLUSTER_SHARED),--shared $(d)) $(if $(filter 0,$(PLUGIN)),--no-plugin)
 

@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> NoReturn:
         from rankwire.pmi.pmix.pmi2bridge import for_task
 
         exit_now(for_task(3, 4, os.environ, args[2]))
+    if len(args) == 3 and args[0] == "front-end-holder-gone" and args[2].isdigit():
+        # runtime/front.c: the holder of the instance its command ran in ended without
+        # answering `leave` (SIGKILL): remove what it left, as `Lease.close` does, and exit
+        # with the command's code.
+        from rankwire.runtime.instance import prune_instance
+
+        prune_instance(args[1])
+        exit_now(int(args[2]))
     from rankwire.cli import main as cli_main
 
     cli_main(argv)

@@ -194,8 +194,12 @@ def _show_plan(
 
 
 def _execute(
-    image: str, argv_of: Callable[[ImageFacts], Sequence[str]], kw: dict[str, Any]
+    image: str,
+    argv_of: Callable[[ImageFacts], Sequence[str]],
+    kw: dict[str, Any],
+    command: Optional[tuple[str, ...]] = None,
 ) -> None:
+    """`command`: exec's (the front end's join plan is for exec only)."""
     container_kw = take_options(kw, "container")
     process_kw = take_options(kw, "process")
     source_kw = take_options(kw, "source", "trust")
@@ -213,13 +217,17 @@ def _execute(
         from rankwire.runtime.userfacts import user_facts
 
         name = image[len(INSTANCE_PREFIX) :]
-        meta = inst.instance_info(name)["meta"]
+        info = inst.instance_info(name)
+        meta = info["meta"]
         image_of = ImageFacts(**meta["image_facts"])
         user, opts = user_facts(), exec_options(process_kw)
         argv = argv_of(image_of)
         proc = plan_process(image_of, user, opts, argv, fabric_env=meta.get("fabric_env", {}))
         needs: tuple[Optional[str], Optional[str]] = (None, None)
-        if needs_image_facts(bridge_choice(opts.pmi_bridge, user.environ), user_offer(user)):
+        by_command = needs_image_facts(
+            bridge_choice(opts.pmi_bridge, user.environ), user_offer(user)
+        )
+        if by_command:
             from rankwire.runtime.facts import pmi_needs  # a join outside PMIx: not imported
 
             needs = pmi_needs(image_of, opts, user, lambda _image: argv)
@@ -228,8 +236,24 @@ def _execute(
         if dry_run:
             _show_plan(None, proc, as_json, bridge=bridge)
             return
+        sock = inst.instance_socket(name)
+        if (
+            command is not None
+            and all(process_kw[o.dest] == o.default for o in in_scope("process"))
+            and not by_command  # the bridge's choice may depend on the command's own MPI
+            and bridge.bridge is None
+            and not bridge.warning
+            and not inst.parent_is_slurmstepd(os.getppid())
+        ):
+            from rankwire.runtime import joinplan
+
+            probe = plan_process(
+                image_of, user, opts, joinplan.PROBE, fabric_env=meta.get("fabric_env", {})
+            )
+            if joinplan.command_free(proc, bridged_process(bridge, probe), command):
+                joinplan.remember(sock, int(info["pid"]), user, proc)
         inst.end_with_slurmstepd()
-        with inst.leased(inst.instance_socket(name)) as lease:
+        with inst.leased(sock) as lease:
             sys.exit(_run_bridged(bridge, proc, lambda p: inst.run_in(lease, p)))
     from rankwire.runtime.assemble import plan_image
     from rankwire.runtime.facts import gather
@@ -286,7 +310,7 @@ def _run_bridged(bridge: BridgePlan, proc: ProcessPlan, run: Callable[[ProcessPl
 def exec_(image: str, command: tuple[str, ...], **kw: Any) -> None:
     """Run COMMAND inside IMAGE (a SIF file, docker://…, oras://…, or instance://NAME to
     join one)."""
-    _execute(image, lambda _facts: command, kw)
+    _execute(image, lambda _facts: command, kw, command)
 
 
 @click.command("shell")

@@ -49,6 +49,7 @@ from rankwire.runtime import frame, loopdev
 from rankwire.runtime import syscalls as sc
 from rankwire.runtime.imagefacts import partition_digest
 from rankwire.runtime.imagepath import host_path
+from rankwire.runtime.joinplan import plan_path
 from rankwire.runtime.plan import ContainerPlan, Mount, hidden_by, sandbox_dir, within
 
 MOUNT_WAIT_S = 10.0
@@ -917,8 +918,11 @@ class Holder:
                 proc.kill()
                 proc.wait()
         if self.sock_dir_fd >= 0 and self.bound:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.basename(self.sock_path), dir_fd=self.sock_dir_fd)
+            # the socket first: a join that writes a plan meanwhile sees it gone and
+            # removes its plan (`joinplan.remember`)
+            for path in (self.sock_path, plan_path(self.sock_path)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.basename(path), dir_fd=self.sock_dir_fd)
         if self.session_parent_fd >= 0:
             # A setup that failed before pivot_root still has the session tmpfs (and what
             # is below it) mounted here; after pivot_root this finds nothing to unmount.

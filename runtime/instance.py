@@ -28,6 +28,7 @@ from typing import Any, NoReturn, Optional
 from rankwire.errors import UserError, exec_failure, shown, workdir_failure
 from rankwire.runtime import frame
 from rankwire.runtime import syscalls as sc
+from rankwire.runtime.joinplan import plan_path
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan, check_name
 
 FORWARDED_SIGNALS = (
@@ -44,6 +45,13 @@ FORWARDED_SIGNALS = (
 STEPD_GONE = signal.SIGRTMIN + 2
 
 
+def parent_is_slurmstepd(parent: int) -> bool:
+    try:
+        return Path(f"/proc/{parent}/comm").read_text().strip() == "slurmstepd"
+    except OSError:
+        return False
+
+
 def end_with_slurmstepd() -> None:
     """When our parent is slurmstepd (a task of a step): end, through our normal
     teardown, if it dies (SIGKILL leaves Slurm no chance to kill the step), as if
@@ -54,11 +62,7 @@ def end_with_slurmstepd() -> None:
     The parent-death signal comes when the *thread* that forked us ends: the handler
     acts only once we have really been orphaned (our parent pid changed)."""
     parent = os.getppid()
-    try:
-        comm = Path(f"/proc/{parent}/comm").read_text().strip()
-    except OSError:
-        return
-    if comm != "slurmstepd":
+    if not parent_is_slurmstepd(parent):
         return
 
     def gone(_sig: int, _frame: object) -> None:
@@ -251,6 +255,9 @@ def prune_stale(base: Path) -> None:
     for sock in [*base.glob("e-*.sock"), *(base / "instances").glob("*.sock"), *bridges]:
         if not sock.name.startswith("t-"):  # a holder's name before it listens
             unlink_if_dead(sock)
+    for plan in (base / "instances").glob("*.plan"):  # the C front end's, of a gone socket
+        if not os.path.lexists(plan.with_suffix(".sock")):
+            plan.unlink(missing_ok=True)
 
 
 def prune_session(session: Path) -> None:
@@ -286,8 +293,9 @@ def unlink_if_dead(sock: Path) -> None:
         probe.setblocking(False)  # a live holder's full backlog: EAGAIN, not a wait
         probe.connect(str(sock))
     except ConnectionRefusedError:
-        with contextlib.suppress(OSError):
-            os.unlink(sock.name, dir_fd=dir_fd)
+        for name in (os.path.basename(plan_path(str(sock))), sock.name):  # and its join plan
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
     finally:
@@ -324,6 +332,14 @@ def listen_at(path: str) -> socket.socket:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def prune_instance(name: str) -> None:
+    """After the holder of instance `name` ended without its teardown (the C front end's
+    join found it gone): what `prune_holder` removes, if it is still there."""
+    with contextlib.suppress(UserError, KeyError, TypeError):
+        report = instance_info(name)["report"]
+        prune_holder(str(report["socket"]), str(report["session"]))
 
 
 def prune_holder(sock: str, session: str) -> None:
@@ -661,6 +677,7 @@ def list_instances() -> list[dict[str, Any]]:
         live = _ping(info["socket"])
         if live is None:
             info_path.unlink(missing_ok=True)
+            Path(plan_path(info["socket"])).unlink(missing_ok=True)
             Path(info["socket"]).unlink(missing_ok=True)
             continue
         info["leases"] = live.get("leases", 0)

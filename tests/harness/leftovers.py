@@ -16,6 +16,7 @@ from harness.users import User
 # harness.mpi, the PMI and fabric tests, harness.multinode and test_faults compile to).
 WATCHED = (
     "rankwire",
+    "rankwire-py",
     "apptainer-mpiru",
     "rankwire-holder",
     "rankwire-init",
@@ -115,10 +116,10 @@ def paths_in_use() -> set[str]:
 
 
 def is_used(path: Path, busy: set[str]) -> bool:
-    """Whether `path`, or anything in it, is in use; an instance's .json goes with its
+    """Whether `path`, or anything in it, is in use; an instance's .json and .plan go with its
     socket, a session dir s-<id> with its e-<id>.sock."""
     names = [str(path)]
-    if path.suffix == ".json":
+    if path.suffix in (".json", ".plan"):
         names.append(str(path.with_suffix(".sock")))
     if path.name.startswith("s-"):
         names.append(str(path.with_name(f"e-{path.name[2:]}.sock")))

@@ -1,0 +1,810 @@
+/*
+ * The `rankwire` command. `rankwire exec instance://NAME CMD [ARG...]` joins the running
+ * instance NAME right here, without starting Python, when the Python planner left a plan
+ * for exactly this request (runtime/joinplan.py writes it, NAME.plan next to the
+ * instance's socket): the same user, working directory and environment, the same instance
+ * (its socket's identity and holder pid) and the same planner code (its files'
+ * identities). Everything else, and any doubt before the join, runs the Python CLI
+ * (`rankwire-py`, installed next to this program) with the same arguments; so the plan
+ * always comes from the one planner, and every message but the command's own start
+ * failures (said here as runtime/instance.py says them) is the Python CLI's.
+ *
+ * The join is runtime/instance.py's, step for step: connect to the holder's socket, send
+ * "join", receive its report and the container's user, mount (and PID) namespace
+ * descriptors; a child enters them (and, with a PID namespace, makes its successor there
+ * as our child: CLONE_PARENT), enters the planned working directory and execs the command
+ * with the planned environment; we forward signals, wait, send "leave" and, if we were the
+ * last lease of a non-persistent holder, wait for it to end. Not under slurmstepd (a task
+ * of a step needs `end_with_slurmstepd`): the Python CLI runs those.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+
+#define MAGIC "rankwire-join-plan 1"
+#define MAX_PLAN (4 << 20)
+#define LEAVE_TIMEOUT_MS 10000
+
+extern char **environ;
+
+static const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+#define NFORWARDED (sizeof forwarded / sizeof forwarded[0])
+
+/* ---- the Python CLI --------------------------------------------------------------- */
+
+static char **saved_argv;
+
+/* Exec `rankwire-py`, next to this program (/proc/self/exe; else argv[0] if it is a path),
+ * with `argv`. */
+static void exec_python(char **argv) __attribute__((noreturn));
+static void exec_python(char **argv)
+{
+    char self[PATH_MAX], py[PATH_MAX + 16];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n > 0)
+        self[n] = '\0';
+    else if (strchr(saved_argv[0], '/') && strlen(saved_argv[0]) < sizeof self)
+        strcpy(self, saved_argv[0]);
+    else {
+        fprintf(stderr, "rankwire: cannot find this program's path (/proc/self/exe: %s); "
+                "run rankwire-py instead\n", strerror(errno));
+        exit(125);
+    }
+    *strrchr(self, '/') = '\0';
+    snprintf(py, sizeof py, "%s/rankwire-py", self);
+    execv(py, argv);
+    fprintf(stderr, "rankwire: cannot run %s: %s; reinstall rankwire\n", py, strerror(errno));
+    exit(125);
+}
+
+/* Anything this program does not do itself: the Python CLI, with our arguments. */
+static void run_python(void) __attribute__((noreturn));
+static void run_python(void)
+{
+    exec_python(saved_argv);
+}
+
+/* ---- the plan ------------------------------------------------------------------------ */
+
+struct plan {
+    char *buf;
+    const char *uid, *gid, *cwd, *sock, *sock_id, *holder, *workdir, *nnp;
+    const char **files, **key_env, **env;
+    size_t nfiles, nkey_env, nenv;
+    int complete;
+};
+
+static int add(const char ***list, size_t *n, const char *value)
+{
+    const char **grown = realloc(*list, (*n + 2) * sizeof **list);
+    if (!grown)
+        return -1;
+    grown[(*n)++] = value;
+    grown[*n] = NULL;
+    *list = grown;
+    return 0;
+}
+
+/* NAME.plan: "key=value" records, each ending in a NUL (runtime/frame.py's format);
+ * -1 for anything unexpected (the caller then runs Python). */
+static int parse_plan(char *buf, size_t len, struct plan *p)
+{
+    size_t at = 0;
+    int first = 1;
+    if (len == 0 || buf[len - 1] != '\0')
+        return -1;
+    while (at < len) {
+        char *rec = buf + at;
+        at += strlen(rec) + 1;
+        char *eq = strchr(rec, '=');
+        if (!eq || eq == rec)
+            return -1;
+        *eq = '\0';
+        const char *key = rec, *value = eq + 1;
+        if (first) {
+            if (strcmp(key, "magic") || strcmp(value, MAGIC))
+                return -1;
+            first = 0;
+            continue;
+        }
+        if (p->complete)
+            return -1; /* nothing after the end */
+        if (!strcmp(key, "uid")) p->uid = value;
+        else if (!strcmp(key, "gid")) p->gid = value;
+        else if (!strcmp(key, "cwd")) p->cwd = value;
+        else if (!strcmp(key, "socket")) p->sock = value;
+        else if (!strcmp(key, "socket_id")) p->sock_id = value;
+        else if (!strcmp(key, "holder")) p->holder = value;
+        else if (!strcmp(key, "workdir")) p->workdir = value;
+        else if (!strcmp(key, "no_new_privs")) p->nnp = value;
+        else if (!strcmp(key, "file")) { if (add(&p->files, &p->nfiles, value)) return -1; }
+        else if (!strcmp(key, "key_env")) { if (add(&p->key_env, &p->nkey_env, value)) return -1; }
+        else if (!strcmp(key, "env")) { if (add(&p->env, &p->nenv, value)) return -1; }
+        else if (!strcmp(key, "end")) p->complete = 1;
+        else return -1;
+    }
+    if (!p->complete || !p->uid || !p->gid || !p->cwd || !p->sock || !p->sock_id ||
+        !p->holder || !p->workdir || !p->nnp)
+        return -1;
+    static const char *no_env[] = {NULL};
+    if (!p->env)
+        p->env = no_env;
+    if (!p->key_env)
+        p->key_env = no_env;
+    return 0;
+}
+
+static int read_private_file(int dirfd, const char *name, char **out, size_t *len)
+{
+    int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return -1;
+    struct stat st;
+    if (fstat(fd, &st) || !S_ISREG(st.st_mode) || st.st_uid != getuid() ||
+        (st.st_mode & 077) || st.st_size <= 0 || st.st_size > MAX_PLAN) {
+        close(fd);
+        return -1;
+    }
+    char *buf = malloc((size_t)st.st_size);
+    size_t got = 0;
+    while (buf && got < (size_t)st.st_size) {
+        ssize_t n = read(fd, buf + got, (size_t)st.st_size - got);
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(fd);
+    if (!buf || got != (size_t)st.st_size) {
+        free(buf);
+        return -1;
+    }
+    *out = buf;
+    *len = got;
+    return 0;
+}
+
+static int private_dir(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == getuid() &&
+           !(st.st_mode & 077);
+}
+
+/* `path` as Python's pathlib writes it: no repeated or trailing slash, no "." part;
+ * -1 for a relative path (Python decides those). */
+static int normalize(char *path)
+{
+    if (path[0] != '/')
+        return -1;
+    char *out = path;
+    for (const char *in = path; *in;) {
+        while (*in == '/')
+            in++;
+        if (in[0] == '.' && (in[1] == '/' || in[1] == '\0')) {
+            in++;
+            continue;
+        }
+        if (!*in)
+            break;
+        *out++ = '/';
+        while (*in && *in != '/')
+            *out++ = *in++;
+    }
+    if (out == path)
+        *out++ = '/';
+    *out = '\0';
+    return 0;
+}
+
+/* The user's private runtime dir, as runtime/instance.py `runtime_dir` finds it; -1
+ * where that dir is not there and private (Python makes it, or falls back, and says). */
+static int runtime_dir(char *out, size_t size)
+{
+    const char *forced = getenv("RANKWIRE_RUNTIME_DIR");
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    const char *tmp = getenv("TMPDIR");
+    int n;
+    if (forced && *forced)
+        n = snprintf(out, size, "%s", forced);
+    else if (xdg && *xdg && access(xdg, W_OK) == 0)
+        n = snprintf(out, size, "%s/rankwire", xdg);
+    else
+        n = snprintf(out, size, "%s/rankwire-%u", tmp ? tmp : "/tmp", (unsigned)getuid());
+    if (n <= 0 || (size_t)n >= size || normalize(out) || !private_dir(out))
+        return -1;
+    return 0;
+}
+
+static int same_number(const char *recorded, unsigned long long actual)
+{
+    char buf[32];
+    snprintf(buf, sizeof buf, "%llu", actual);
+    return !strcmp(recorded, buf);
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* The request is the one the plan was made for: user, directory, environment, planner
+ * code, instance. */
+static int plan_matches(const struct plan *p, const char *sock_path)
+{
+    char cwd[PATH_MAX];
+    if (!same_number(p->uid, getuid()) || !same_number(p->gid, getgid()))
+        return 0;
+    if (!getcwd(cwd, sizeof cwd) || strcmp(cwd, p->cwd))
+        return 0;
+    if (strcmp(p->sock, sock_path))
+        return 0;
+    size_t n = 0;
+    while (environ[n])
+        n++;
+    if (n != p->nkey_env)
+        return 0;
+    const char **mine = malloc((n + 1) * sizeof *mine);
+    if (!mine)
+        return 0;
+    memcpy(mine, environ, n * sizeof *mine);
+    qsort(mine, n, sizeof *mine, cmp_str);
+    int same = 1;
+    for (size_t i = 0; same && i < n; i++)
+        same = !strcmp(mine[i], p->key_env[i]);
+    free(mine);
+    if (!same)
+        return 0;
+    /* file=DEV:INO:SIZE:MTIME_NS:CTIME_NS:PATH, the planner code as Python saw it */
+    for (size_t i = 0; i < p->nfiles; i++) {
+        unsigned long long dev, ino, size, mt, ct;
+        int used = 0;
+        if (sscanf(p->files[i], "%llu:%llu:%llu:%llu:%llu:%n", &dev, &ino, &size, &mt, &ct,
+                   &used) != 5 || used <= 0)
+            return 0;
+        struct stat st;
+        if (stat(p->files[i] + used, &st) || st.st_dev != dev || st.st_ino != ino ||
+            (unsigned long long)st.st_size != size ||
+            (unsigned long long)st.st_mtim.tv_sec * 1000000000ULL + st.st_mtim.tv_nsec != mt ||
+            (unsigned long long)st.st_ctim.tv_sec * 1000000000ULL + st.st_ctim.tv_nsec != ct)
+            return 0;
+    }
+    struct stat st;
+    char id[64];
+    if (lstat(sock_path, &st) || !S_ISSOCK(st.st_mode))
+        return 0;
+    snprintf(id, sizeof id, "%llu:%llu", (unsigned long long)st.st_dev,
+             (unsigned long long)st.st_ino);
+    return !strcmp(id, p->sock_id);
+}
+
+/* ---- the join ------------------------------------------------------------------------ */
+
+/* poll(2), retried on EINTR with the time left. */
+static int poll_for(struct pollfd *fd, int ms)
+{
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long spent = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+        int ready = poll(fd, 1, spent >= ms ? 0 : (int)(ms - spent));
+        if (ready >= 0 || errno != EINTR)
+            return ready;
+    }
+}
+
+struct lease {
+    int conn, userns, mntns, pidns; /* pidns -1: the container has none */
+};
+
+static int join(const char *sock_path, const char *holder, struct lease *l)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(sock_path) >= sizeof addr.sun_path)
+        return -1;
+    strcpy(addr.sun_path, sock_path);
+    int conn = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (conn < 0)
+        return -1;
+    if (connect(conn, (struct sockaddr *)&addr, sizeof addr) ||
+        send(conn, "join\n", 5, MSG_NOSIGNAL) != 5) {
+        close(conn);
+        return -1;
+    }
+    char data[4096];
+    union {
+        struct cmsghdr h;
+        char space[CMSG_SPACE(3 * sizeof(int))];
+    } ctl;
+    struct iovec iov = {data, sizeof data - 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.space,
+                         .msg_controllen = sizeof ctl.space};
+    ssize_t n;
+    do
+        n = recvmsg(conn, &msg, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    int fds[3], nfds = 0;
+    for (struct cmsghdr *c = n > 0 ? CMSG_FIRSTHDR(&msg) : NULL; c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int got = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < got; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+            if (nfds < 3)
+                fds[nfds++] = fd;
+            else
+                close(fd);
+        }
+    }
+    int ok = n > 0 && !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) && (nfds == 2 || nfds == 3);
+    if (ok) { /* the report names the holder the plan was made with */
+        char want[48];
+        data[n] = '\0';
+        snprintf(want, sizeof want, "\"pid\": %s", holder);
+        const char *at = strstr(data, want);
+        ok = at && (at[strlen(want)] == ',' || at[strlen(want)] == '}');
+    }
+    if (!ok) {
+        for (int i = 0; i < nfds; i++)
+            close(fds[i]);
+        close(conn); /* EOF: the holder ends the lease */
+        return -1;
+    }
+    l->conn = conn;
+    l->userns = fds[0];
+    l->mntns = fds[1];
+    l->pidns = nfds == 3 ? fds[2] : -1;
+    return 0;
+}
+
+static void close_ns(struct lease *l)
+{
+    close(l->userns);
+    close(l->mntns);
+    if (l->pidns >= 0)
+        close(l->pidns);
+}
+
+/* Wait (without reaping) until `pid` has exited, at most `ms`; 1 if it has. */
+static int wait_exit(pid_t pid, int ms)
+{
+    int fd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (fd < 0)
+        return errno == ESRCH;
+    struct pollfd gone = {fd, POLLIN, 0};
+    int ready = poll_for(&gone, ms);
+    close(fd);
+    return ready == 1;
+}
+
+/* Leave, as `Lease.close`: if we were the last lease, wait (bounded) until the holder has
+ * cleaned up; if it does not answer (SIGKILLed), wait until it has gone, and the Python CLI
+ * removes what it left (its socket, session dir and plan), then exits with `code`. */
+static void leave(struct lease *l, pid_t holder, const char *name, int code)
+{
+    char said[64];
+    ssize_t n = -1;
+    struct pollfd pfd = {l->conn, POLLIN, 0};
+    if (send(l->conn, "leave\n", 6, MSG_NOSIGNAL) == 6 && poll_for(&pfd, LEAVE_TIMEOUT_MS) == 1)
+        do
+            n = read(l->conn, said, sizeof said - 1);
+        while (n < 0 && errno == EINTR);
+    close(l->conn);
+    if (n > 0) {
+        if ((size_t)n == sizeof "last=1" && !memcmp(said, "last=1", sizeof "last=1"))
+            wait_exit(holder, LEAVE_TIMEOUT_MS);
+        return;
+    }
+    if (!wait_exit(holder, LEAVE_TIMEOUT_MS))
+        return;
+    char status[16];
+    snprintf(status, sizeof status, "%d", code);
+    char *argv[] = {saved_argv[0], "front-end-holder-gone", (char *)name, status, NULL};
+    exec_python(argv);
+}
+
+/* ---- the command's start failures, said as rankwire/errors.py says them ------------- */
+
+/* One message line, written at once (as `instance._say`): never interleaved with another
+ * process's on a shared stderr. */
+struct line {
+    char text[8192];
+    size_t len;
+};
+
+static void put(struct line *m, const char *text, size_t len)
+{
+    if (len > sizeof m->text - 1 - m->len)
+        len = sizeof m->text - 1 - m->len;
+    memcpy(m->text + m->len, text, len);
+    m->len += len;
+}
+
+static void puts_(struct line *m, const char *text)
+{
+    put(m, text, strlen(text));
+}
+
+static void say(struct line *m)
+{
+    put(m, "\n", 1);
+    if (m->text[m->len - 1] != '\n')
+        m->text[m->len - 1] = '\n';
+    ssize_t n = write(2, m->text, m->len);
+    (void)n; /* nowhere to say it: the exit code still does */
+}
+
+/* rankwire/errors.py `shown`: one printable line, control characters and bytes that are
+ * not UTF-8 escaped. */
+static void shown(struct line *m, const char *text)
+{
+    const unsigned char *s = (const unsigned char *)text;
+    char esc[8];
+    while (*s) {
+        unsigned char c = *s;
+        size_t len = 0;
+        if (c == '\n' || c == '\r' || c == '\t') {
+            puts_(m, c == '\n' ? "\\n" : c == '\r' ? "\\r" : "\\t");
+            s++;
+            continue;
+        }
+        if (c < 0x20 || c == 0x7f) {
+            snprintf(esc, sizeof esc, "\\x%02x", c);
+            puts_(m, esc);
+            s++;
+            continue;
+        }
+        if (c < 0x80) {
+            put(m, (const char *)s, 1);
+            s++;
+            continue;
+        }
+        unsigned char lo = 0x80, hi = 0xbf;
+        if (c >= 0xc2 && c <= 0xdf)
+            len = 2;
+        else if (c >= 0xe0 && c <= 0xef) {
+            len = 3;
+            if (c == 0xe0)
+                lo = 0xa0;
+            if (c == 0xed)
+                hi = 0x9f;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            len = 4;
+            if (c == 0xf0)
+                lo = 0x90;
+            if (c == 0xf4)
+                hi = 0x8f;
+        }
+        size_t ok = len ? 1 : 0;
+        while (ok && ok < len && s[ok] >= (ok == 1 ? lo : 0x80) && s[ok] <= (ok == 1 ? hi : 0xbf))
+            ok++;
+        if (len && ok == len) {
+            put(m, (const char *)s, len);
+            s += len;
+        } else {
+            snprintf(esc, sizeof esc, "\\x%02x", c);
+            puts_(m, esc);
+            s++;
+        }
+    }
+}
+
+#define WHERE "in the container"
+
+/* `cannot start PROGRAM in the container: [Errno N] CALL: STRERROR`, as Python words a
+ * failed system call in `_child` (`syscalls._check`). */
+static void say_call(const char *program, const char *call, int err)
+{
+    struct line m = {.len = 0};
+    char num[64];
+    puts_(&m, "rankwire: cannot start ");
+    shown(&m, program);
+    snprintf(num, sizeof num, " " WHERE ": [Errno %d] ", err);
+    puts_(&m, num);
+    puts_(&m, call);
+    puts_(&m, ": ");
+    puts_(&m, strerror(err));
+    say(&m);
+}
+
+static void say_workdir(const char *workdir, int err)
+{
+    struct line m = {.len = 0};
+    puts_(&m, "rankwire: working directory ");
+    shown(&m, workdir);
+    if (err == ENOENT)
+        puts_(&m, " does not exist");
+    else if (err == ENOTDIR)
+        puts_(&m, " is not a directory");
+    else if (err == EACCES)
+        puts_(&m, " cannot be entered (permission denied)");
+    else {
+        puts_(&m, " cannot be entered (");
+        puts_(&m, strerror(err));
+        puts_(&m, ")");
+    }
+    puts_(&m, " " WHERE ": pass --pwd DIR or bind it with -B");
+    say(&m);
+}
+
+static int say_exec(const char *program, int err)
+{
+    struct line m = {.len = 0};
+    struct stat st;
+    int has_slash = strchr(program, '/') != NULL;
+    int code = 126;
+    puts_(&m, "rankwire: ");
+    if (err == ENOENT && !has_slash) {
+        shown(&m, program);
+        puts_(&m, ": command not found " WHERE);
+        code = 127;
+    } else if (err == ENOENT && stat(program, &st) != 0) {
+        shown(&m, program);
+        puts_(&m, ": no such file " WHERE ": check the path, or bind it in with -B");
+        code = 127;
+    } else if (err == ENOENT) {
+        shown(&m, program);
+        puts_(&m, ": cannot run it " WHERE ": its #! interpreter or loader is missing");
+    } else if (err == EACCES && stat(program, &st) == 0 && S_ISDIR(st.st_mode)) {
+        shown(&m, program);
+        puts_(&m, ": is a directory " WHERE ", not a program: give the program's path");
+    } else if (err == EACCES) {
+        shown(&m, program);
+        puts_(&m, ": permission denied " WHERE ": it is not an executable file (chmod +x it, "
+                  "or run it through its interpreter)");
+    } else if (err == ENOEXEC) {
+        shown(&m, program);
+        puts_(&m, ": exec format error " WHERE ": not a program for this machine, or a "
+                  "script without a #! line");
+    } else {
+        puts_(&m, "cannot start ");
+        shown(&m, program);
+        puts_(&m, " " WHERE ": ");
+        puts_(&m, strerror(err));
+        code = 125;
+    }
+    say(&m);
+    return code;
+}
+
+/* Python's os.execvpe: PATH from the planned environment (else /bin:/usr/bin); the first
+ * error other than "not there", else the last. Returns that errno. */
+static int exec_planned(char **argv, char **envp)
+{
+    const char *file = argv[0];
+    if (strchr(file, '/')) {
+        execve(file, argv, envp);
+        return errno;
+    }
+    const char *path = "/bin:/usr/bin";
+    for (char **e = envp; *e; e++)
+        if (!strncmp(*e, "PATH=", 5))
+            path = *e + 5;
+    int saved = 0, last = ENOENT;
+    for (const char *dir = path;; dir++) {
+        const char *end = strchrnul(dir, ':');
+        size_t dlen = (size_t)(end - dir);
+        char full[PATH_MAX * 2];
+        int n;
+        if (dlen == 0)
+            n = snprintf(full, sizeof full, "%s", file);
+        else
+            n = snprintf(full, sizeof full, "%.*s%s%s", (int)dlen, dir,
+                         dir[dlen - 1] == '/' ? "" : "/", file);
+        if (n < 0 || (size_t)n >= sizeof full)
+            errno = ENAMETOOLONG;
+        else
+            execve(full, argv, envp);
+        last = errno;
+        if (last != ENOENT && last != ENOTDIR && !saved)
+            saved = last;
+        if (!*end)
+            break;
+        dir = end;
+    }
+    return saved ? saved : last;
+}
+
+/* ---- the run --------------------------------------------------------------------------- */
+
+/* fork(), except that the child's parent is our parent (CLONE_PARENT): `syscalls.fork_sibling` */
+static long fork_sibling(void)
+{
+#if defined(__s390x__) || defined(__s390__)
+    return syscall(SYS_clone, 0, CLONE_PARENT, 0, 0, 0);
+#else
+    return syscall(SYS_clone, CLONE_PARENT, 0, 0, 0, 0);
+#endif
+}
+
+static volatile int child_pidfd = -1;
+
+static void forward(int sig)
+{
+    int saved = errno;
+    if (child_pidfd >= 0) /* names the child, even once its pid is reused */
+        syscall(SYS_pidfd_send_signal, child_pidfd, sig, NULL, 0);
+    errno = saved;
+}
+
+static void child(struct lease *l, const struct plan *p, char **argv, pid_t parent,
+                  int report) __attribute__((noreturn));
+static void child(struct lease *l, const struct plan *p, char **argv, pid_t parent, int report)
+{
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) || getppid() != parent)
+        _exit(125); /* rankwire is gone: so must the command be */
+    close(l->conn);
+    int parent_fd = -1;
+    if (report >= 0 && (parent_fd = (int)syscall(SYS_pidfd_open, parent, 0)) < 0) {
+        say_call(argv[0], "pidfd_open", errno);
+        _exit(125);
+    }
+    if (setns(l->userns, CLONE_NEWUSER) ||
+        (l->pidns >= 0 && setns(l->pidns, CLONE_NEWPID)) || setns(l->mntns, CLONE_NEWNS)) {
+        say_call(argv[0], "setns", errno);
+        _exit(125);
+    }
+    close_ns(l);
+    if (report >= 0) { /* our successor, in the PID namespace, is our parent's child */
+        long pid = fork_sibling();
+        if (pid < 0) {
+            say_call(argv[0], "clone", errno);
+            _exit(125);
+        }
+        if (pid > 0) {
+            char buf[24];
+            int len = snprintf(buf, sizeof buf, "%ld", pid);
+            _exit(write(report, buf, (size_t)len) == len ? 0 : 125);
+        }
+        close(report);
+        struct pollfd died = {parent_fd, POLLIN, 0};
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) || poll(&died, 1, 0) != 0)
+            _exit(125);
+        close(parent_fd);
+    }
+    if (chdir(p->workdir)) {
+        say_workdir(p->workdir, errno);
+        _exit(125);
+    }
+    if (!strcmp(p->nnp, "1") && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) {
+        say_call(argv[0], "prctl", errno);
+        _exit(125);
+    }
+    int err = exec_planned(argv, (char **)p->env);
+    _exit(say_exec(argv[0], err));
+}
+
+/* `runtime/instance.py` `run_in`: start the command in the container, forward signals to
+ * it, return its exit code (128+N for signal N); -1 if nothing started. */
+static int run(struct lease *l, const struct plan *p, char **argv)
+{
+    pid_t parent = getpid();
+    int pipefd[2] = {-1, -1};
+    if (l->pidns >= 0 && pipe2(pipefd, O_CLOEXEC))
+        return -1;
+    pid_t pid = fork();
+    if (pid < 0) {
+        if (pipefd[0] >= 0) {
+            close(pipefd[0]);
+            close(pipefd[1]);
+        }
+        return -1;
+    }
+    if (pid == 0) {
+        for (size_t i = 0; i < NFORWARDED; i++)
+            signal(forwarded[i], SIG_DFL);
+        signal(SIGPIPE, SIG_DFL); /* as runtime/instance.py `_child` */
+        signal(SIGXFSZ, SIG_DFL);
+        if (pipefd[0] >= 0)
+            close(pipefd[0]);
+        child(l, p, argv, parent, pipefd[1]);
+    }
+    if (pipefd[0] >= 0) {
+        char buf[24] = {0};
+        close(pipefd[1]);
+        ssize_t n;
+        do
+            n = read(pipefd[0], buf, sizeof buf - 1);
+        while (n < 0 && errno == EINTR);
+        close(pipefd[0]);
+        if (n > 0) { /* the first child made the successor and left */
+            while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+                ;
+            pid = (pid_t)atol(buf);
+        }
+    }
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    struct sigaction sa = {.sa_handler = forward, .sa_flags = SA_RESTART}, old[NFORWARDED];
+    sigemptyset(&sa.sa_mask);
+    child_pidfd = pidfd;
+    for (size_t i = 0; i < NFORWARDED; i++)
+        sigaction(forwarded[i], &sa, &old[i]);
+    int status = 0, got;
+    while ((got = waitpid(pid, &status, 0)) < 0 && errno == EINTR)
+        ;
+    for (size_t i = 0; i < NFORWARDED; i++)
+        sigaction(forwarded[i], &old[i], NULL);
+    child_pidfd = -1;
+    if (pidfd >= 0)
+        close(pidfd);
+    if (got < 0)
+        return 125;
+    if (WIFSIGNALED(status))
+        return 128 + WTERMSIG(status);
+    return WEXITSTATUS(status);
+}
+
+static int under_slurmstepd(void)
+{
+    char path[64], comm[32] = {0};
+    snprintf(path, sizeof path, "/proc/%d/comm", (int)getppid());
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1; /* unsure: Python decides */
+    ssize_t n = read(fd, comm, sizeof comm - 1);
+    close(fd);
+    return n <= 0 || !strcmp(comm, "slurmstepd\n");
+}
+
+int main(int argc, char **argv)
+{
+    saved_argv = argv;
+    static const char prefix[] = "instance://";
+    if (argc < 4 || strcmp(argv[1], "exec") || strncmp(argv[2], prefix, sizeof prefix - 1))
+        run_python();
+    const char *name = argv[2] + sizeof prefix - 1;
+    if (!*name || name[0] == '.' || strchr(name, '/') || under_slurmstepd())
+        run_python();
+    char dir[PATH_MAX], instances[PATH_MAX + 16], sock[PATH_MAX + 64], planfile[PATH_MAX];
+    if (runtime_dir(dir, sizeof dir))
+        run_python();
+    snprintf(instances, sizeof instances, "%s/instances", dir);
+    int n = snprintf(sock, sizeof sock, "%s/%s.sock", instances, name);
+    if (n <= 0 || (size_t)n >= sizeof((struct sockaddr_un *)0)->sun_path ||
+        !private_dir(instances) || snprintf(planfile, sizeof planfile, "%s.plan", name) <= 0)
+        run_python();
+    int dirfd = open(instances, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    struct plan p = {0};
+    size_t len;
+    if (dirfd < 0 || read_private_file(dirfd, planfile, &p.buf, &len))
+        run_python();
+    close(dirfd);
+    if (parse_plan(p.buf, len, &p) || !plan_matches(&p, sock))
+        run_python();
+    struct lease l;
+    if (join(sock, p.holder, &l))
+        run_python();
+    int code = run(&l, &p, argv + 3);
+    close_ns(&l);
+    if (code < 0) { /* nothing started: leave, and let Python try (and say why) */
+        close(l.conn);
+        run_python();
+    }
+    leave(&l, (pid_t)atol(p.holder), name, code);
+    return code;
+}
