@@ -5,7 +5,9 @@ the same squashfs content (the SIF's own partition, copied out for Charliecloud)
      /bin/true                                   (the floor)
      ch-run app.sqfs -- /bin/true                (the peer: Charliecloud, squashfuse too)
      rankwire exec app.sif /bin/true
-2. Joining a running instance: `rankwire exec instance://x /bin/true` vs bare `/bin/true`.
+2. Joining a running instance: `rankwire exec instance://x /bin/true` vs bare `/bin/true`
+   (the warm-up join plans in Python and leaves its plan: the measured ones join in C),
+   and the Python CLI's own join, `rankwire-py exec instance://x /bin/true`.
 3. MPICH hello (init + allreduce + finalize) at N ranks, one shared container:
      mpiexec.hydra -n N hello                    (bare, on the host)
      mpiexec.hydra -n N ch-run --join-ct=N --join-tag=T app.sqfs -- /opt/hello_mpich
@@ -250,6 +252,8 @@ def joining(
                 ("/bin/true", ["/bin/true"]),
                 (f"rankwire exec instance://{name} /bin/true",
                  [RW, "exec", f"instance://{name}", "/bin/true"]),
+                (f"rankwire-py exec instance://{name} /bin/true",
+                 [RW + "-py", "exec", f"instance://{name}", "/bin/true"]),
             ]  # fmt: skip
             got = interleaved(runner, cases, repeat, lambda out: None)
             held = memory_of(holder)
