@@ -39,12 +39,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
         exit_now(for_task(3, 4, os.environ, args[2]))
     if len(args) == 3 and args[0] == "front-end-holder-gone" and args[2].isdigit():
-        # runtime/front.c: the holder of the instance its command ran in ended without
+        # runtime/front.c: the holder its command ran in (args[1]: its report) ended without
         # answering `leave` (SIGKILL): remove what it left, as `Lease.close` does, and exit
         # with the command's code.
-        from rankwire.runtime.instance import prune_instance
+        from rankwire.runtime.instance import prune_reported
 
-        prune_instance(args[1])
+        prune_reported(args[1])
         exit_now(int(args[2]))
     from rankwire.cli import main as cli_main
 

@@ -251,7 +251,7 @@ def _execute(
                 image_of, user, opts, joinplan.PROBE, fabric_env=meta.get("fabric_env", {})
             )
             if joinplan.command_free(proc, bridged_process(bridge, probe), command):
-                joinplan.remember(sock, int(info["pid"]), user, proc)
+                joinplan.remember(sock, info["report"], user, proc)
         inst.end_with_slurmstepd()
         with inst.leased(sock) as lease:
             sys.exit(_run_bridged(bridge, proc, lambda p: inst.run_in(lease, p)))

@@ -92,7 +92,7 @@ static void run_python(void)
 
 struct plan {
     char *buf;
-    const char *uid, *gid, *cwd, *sock, *sock_id, *holder, *workdir, *nnp;
+    const char *uid, *gid, *cwd, *sock, *sock_id, *holder, *session, *workdir, *nnp;
     const char **files, **key_env, **env;
     size_t nfiles, nkey_env, nenv;
     int complete;
@@ -139,6 +139,7 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
         else if (!strcmp(key, "socket")) p->sock = value;
         else if (!strcmp(key, "socket_id")) p->sock_id = value;
         else if (!strcmp(key, "holder")) p->holder = value;
+        else if (!strcmp(key, "session")) p->session = value;
         else if (!strcmp(key, "workdir")) p->workdir = value;
         else if (!strcmp(key, "no_new_privs")) p->nnp = value;
         else if (!strcmp(key, "file")) { if (add(&p->files, &p->nfiles, value)) return -1; }
@@ -148,7 +149,7 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
         else return -1;
     }
     if (!p->complete || !p->uid || !p->gid || !p->cwd || !p->sock || !p->sock_id ||
-        !p->holder || !p->workdir || !p->nnp)
+        !p->holder || !p->session || !p->workdir || !p->nnp)
         return -1;
     static const char *no_env[] = {NULL};
     if (!p->env)
@@ -232,6 +233,8 @@ static int runtime_dir(char *out, size_t size)
         n = snprintf(out, size, "%s", forced);
     else if (xdg && *xdg && access(xdg, W_OK) == 0)
         n = snprintf(out, size, "%s/rankwire", xdg);
+    else if (tmp && !*tmp)
+        return -1; /* Python's is then relative */
     else
         n = snprintf(out, size, "%s/rankwire-%u", tmp ? tmp : "/tmp", (unsigned)getuid());
     if (n <= 0 || (size_t)n >= size || normalize(out) || !private_dir(out))
@@ -319,9 +322,23 @@ static int poll_for(struct pollfd *fd, int ms)
 
 struct lease {
     int conn, userns, mntns, pidns; /* pidns -1: the container has none */
+    char report[4096];              /* the holder's, as JSON */
 };
 
-static int join(const char *sock_path, const char *holder, struct lease *l)
+/* `"key": value` in the JSON `text`, followed by its end (`,` or `}`). */
+static int has_member(const char *text, const char *key, const char *value)
+{
+    char want[PATH_MAX + 64];
+    int n = snprintf(want, sizeof want, "\"%s\": %s", key, value);
+    if (n <= 0 || (size_t)n >= sizeof want)
+        return 0;
+    const char *at = strstr(text, want);
+    return at && (at[n] == ',' || at[n] == '}');
+}
+
+/* Join the holder at `sock_path`, if it is the one the plan was made with (its pid and
+ * its session dir, a random name, in its report); -1 for anything else. */
+static int join(const char *sock_path, const struct plan *p, struct lease *l)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(sock_path) >= sizeof addr.sun_path)
@@ -335,12 +352,12 @@ static int join(const char *sock_path, const char *holder, struct lease *l)
         close(conn);
         return -1;
     }
-    char data[4096];
+    char *data = l->report;
     union {
         struct cmsghdr h;
         char space[CMSG_SPACE(3 * sizeof(int))];
     } ctl;
-    struct iovec iov = {data, sizeof data - 1};
+    struct iovec iov = {data, sizeof l->report - 1};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.space,
                          .msg_controllen = sizeof ctl.space};
     ssize_t n;
@@ -362,12 +379,9 @@ static int join(const char *sock_path, const char *holder, struct lease *l)
         }
     }
     int ok = n > 0 && !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) && (nfds == 2 || nfds == 3);
-    if (ok) { /* the report names the holder the plan was made with */
-        char want[48];
+    if (ok) {
         data[n] = '\0';
-        snprintf(want, sizeof want, "\"pid\": %s", holder);
-        const char *at = strstr(data, want);
-        ok = at && (at[strlen(want)] == ',' || at[strlen(want)] == '}');
+        ok = has_member(data, "pid", p->holder) && has_member(data, "session", p->session);
     }
     if (!ok) {
         for (int i = 0; i < nfds; i++)
@@ -404,8 +418,9 @@ static int wait_exit(pid_t pid, int ms)
 
 /* Leave, as `Lease.close`: if we were the last lease, wait (bounded) until the holder has
  * cleaned up; if it does not answer (SIGKILLed), wait until it has gone, and the Python CLI
- * removes what it left (its socket, session dir and plan), then exits with `code`. */
-static void leave(struct lease *l, pid_t holder, const char *name, int code)
+ * removes what it left (its socket, session dir and plan: its report names them), then
+ * exits with `code`. */
+static void leave(struct lease *l, pid_t holder, int code)
 {
     char said[64];
     ssize_t n = -1;
@@ -424,7 +439,8 @@ static void leave(struct lease *l, pid_t holder, const char *name, int code)
         return;
     char status[16];
     snprintf(status, sizeof status, "%d", code);
-    char *argv[] = {saved_argv[0], "front-end-holder-gone", (char *)name, status, NULL};
+    char *report = strtok(l->report, "\n");
+    char *argv[] = {saved_argv[0], "front-end-holder-gone", report ? report : "{}", status, NULL};
     exec_python(argv);
 }
 
@@ -517,7 +533,8 @@ static void shown(struct line *m, const char *text)
 #define WHERE "in the container"
 
 /* `cannot start PROGRAM in the container: [Errno N] CALL: STRERROR`, as Python words a
- * failed system call in `_child` (`syscalls._check`). */
+ * failed system call in `_child` (`syscalls._check`; os.pidfd_open's, call NULL, has no
+ * CALL: part). */
 static void say_call(const char *program, const char *call, int err)
 {
     struct line m = {.len = 0};
@@ -526,8 +543,10 @@ static void say_call(const char *program, const char *call, int err)
     shown(&m, program);
     snprintf(num, sizeof num, " " WHERE ": [Errno %d] ", err);
     puts_(&m, num);
-    puts_(&m, call);
-    puts_(&m, ": ");
+    if (call) {
+        puts_(&m, call);
+        puts_(&m, ": ");
+    }
     puts_(&m, strerror(err));
     say(&m);
 }
@@ -643,12 +662,15 @@ static long fork_sibling(void)
 }
 
 static volatile int child_pidfd = -1;
+static volatile pid_t child_pid;
 
 static void forward(int sig)
 {
     int saved = errno;
     if (child_pidfd >= 0) /* names the child, even once its pid is reused */
         syscall(SYS_pidfd_send_signal, child_pidfd, sig, NULL, 0);
+    else if (child_pid > 0) /* unreaped until our waitpid returns: still ours */
+        kill(child_pid, sig);
     errno = saved;
 }
 
@@ -656,12 +678,16 @@ static void child(struct lease *l, const struct plan *p, char **argv, pid_t pare
                   int report) __attribute__((noreturn));
 static void child(struct lease *l, const struct plan *p, char **argv, pid_t parent, int report)
 {
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL) || getppid() != parent)
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL)) {
+        say_call(argv[0], "prctl", errno);
+        _exit(125);
+    }
+    if (getppid() != parent)
         _exit(125); /* rankwire is gone: so must the command be */
     close(l->conn);
     int parent_fd = -1;
     if (report >= 0 && (parent_fd = (int)syscall(SYS_pidfd_open, parent, 0)) < 0) {
-        say_call(argv[0], "pidfd_open", errno);
+        say_call(argv[0], NULL, errno);
         _exit(125);
     }
     if (setns(l->userns, CLONE_NEWUSER) ||
@@ -683,8 +709,12 @@ static void child(struct lease *l, const struct plan *p, char **argv, pid_t pare
         }
         close(report);
         struct pollfd died = {parent_fd, POLLIN, 0};
-        if (prctl(PR_SET_PDEATHSIG, SIGKILL) || poll(&died, 1, 0) != 0)
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL)) {
+            say_call(argv[0], "prctl", errno);
             _exit(125);
+        }
+        if (poll(&died, 1, 0) != 0)
+            _exit(125); /* the parent died before the prctl */
         close(parent_fd);
     }
     if (chdir(p->workdir)) {
@@ -742,14 +772,21 @@ static int run(struct lease *l, const struct plan *p, char **argv)
     struct sigaction sa = {.sa_handler = forward, .sa_flags = SA_RESTART}, old[NFORWARDED];
     sigemptyset(&sa.sa_mask);
     child_pidfd = pidfd;
+    child_pid = pid;
     for (size_t i = 0; i < NFORWARDED; i++)
         sigaction(forwarded[i], &sa, &old[i]);
+    /* wait without reaping: until the handlers are gone, the pid stays the child's */
+    siginfo_t info;
     int status = 0, got;
-    while ((got = waitpid(pid, &status, 0)) < 0 && errno == EINTR)
+    while ((got = waitid(P_PID, (id_t)pid, &info, WEXITED | WNOWAIT)) < 0 && errno == EINTR)
         ;
     for (size_t i = 0; i < NFORWARDED; i++)
         sigaction(forwarded[i], &old[i], NULL);
     child_pidfd = -1;
+    child_pid = 0;
+    if (got == 0)
+        while ((got = waitpid(pid, &status, 0)) < 0 && errno == EINTR)
+            ;
     if (pidfd >= 0)
         close(pidfd);
     if (got < 0)
@@ -778,8 +815,9 @@ int main(int argc, char **argv)
     if (argc < 4 || strcmp(argv[1], "exec") || strncmp(argv[2], prefix, sizeof prefix - 1))
         run_python();
     const char *name = argv[2] + sizeof prefix - 1;
-    if (!*name || name[0] == '.' || strchr(name, '/') || under_slurmstepd())
+    if (!*name || name[0] == '.' || strchr(name, '/') || !*argv[3] || under_slurmstepd())
         run_python();
+    signal(SIGCHLD, SIG_DFL); /* an inherited SIG_IGN would reap our children for us */
     char dir[PATH_MAX], instances[PATH_MAX + 16], sock[PATH_MAX + 64], planfile[PATH_MAX];
     if (runtime_dir(dir, sizeof dir))
         run_python();
@@ -797,7 +835,7 @@ int main(int argc, char **argv)
     if (parse_plan(p.buf, len, &p) || !plan_matches(&p, sock))
         run_python();
     struct lease l;
-    if (join(sock, p.holder, &l))
+    if (join(sock, &p, &l))
         run_python();
     int code = run(&l, &p, argv + 3);
     close_ns(&l);
@@ -805,6 +843,6 @@ int main(int argc, char **argv)
         close(l.conn);
         run_python();
     }
-    leave(&l, (pid_t)atol(p.holder), name, code);
+    leave(&l, (pid_t)atol(p.holder), code);
     return code;
 }

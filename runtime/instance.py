@@ -334,12 +334,12 @@ def listen_at(path: str) -> socket.socket:
         raise
 
 
-def prune_instance(name: str) -> None:
-    """After the holder of instance `name` ended without its teardown (the C front end's
-    join found it gone): what `prune_holder` removes, if it is still there."""
-    with contextlib.suppress(UserError, KeyError, TypeError):
-        report = instance_info(name)["report"]
-        prune_holder(str(report["socket"]), str(report["session"]))
+def prune_reported(report: str) -> None:
+    """`prune_holder` for the holder whose join reply (JSON) was `report`: the C front
+    end's lease found it gone."""
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        said = json.loads(report)
+        prune_holder(str(said["socket"]), str(said["session"]))
 
 
 def prune_holder(sock: str, session: str) -> None:

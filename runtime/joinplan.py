@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import sys
+from typing import Any
 
 from rankwire.runtime import frame
 from rankwire.runtime.plan import ProcessPlan, UserFacts
@@ -85,7 +87,7 @@ def socket_id(sock: str) -> str:
 
 
 def records(
-    sock: str, sock_id: str, holder: int, user: UserFacts, proc: ProcessPlan
+    sock: str, sock_id: str, holder: dict[str, Any], user: UserFacts, proc: ProcessPlan
 ) -> list[tuple[str, str]]:
     """KeyError: a deciding module is not loaded (then no plan)."""
     out = [
@@ -95,7 +97,9 @@ def records(
         ("cwd", user.cwd),
         ("socket", sock),
         ("socket_id", sock_id),
-        ("holder", str(holder)),
+        ("holder", str(holder["pid"])),
+        # as the join's reply has it (json.dumps): a random name, unlike inode numbers
+        ("session", json.dumps(holder["session"])),
     ]
     out += [("file", _identity(str(sys.modules[name].__file__))) for name in DECIDING]
     out += [("key_env", entry) for entry in started_environment()]
@@ -105,17 +109,21 @@ def records(
     return out
 
 
-def remember(sock: str, holder: int, user: UserFacts, proc: ProcessPlan) -> None:
-    """Write NAME.plan for the instance at `sock`; on any failure, nothing (the next
-    join plans in Python again). Under the instances dir's lock (the one a holder takes to
-    link its socket), and checked after: if the socket is gone or another, the plan goes
-    (the holder's teardown removes its socket, then the plan)."""
+def remember(sock: str, holder: dict[str, Any], user: UserFacts, proc: ProcessPlan) -> None:
+    """Write NAME.plan for the instance at `sock` (`holder`: its report); on any failure,
+    or where the front end would not do as Python does, nothing (the next join plans in
+    Python again): under a file system encoding other than UTF-8 (the plan's), or with an
+    environment name Python's execve refuses. Under the instances dir's lock (the one a
+    holder takes to link its socket), and checked after: if the socket is gone or another,
+    the plan goes (the holder's teardown removes its socket, then the plan)."""
     name = os.path.basename(plan_path(sock))
+    if sys.getfilesystemencoding() != "utf-8" or any(not k or "=" in k for k in proc.env):
+        return
     try:
         sock_id = socket_id(sock)
         data = frame.encode(records(sock, sock_id, holder, user, proc))
         dir_fd = os.open(os.path.dirname(sock), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (OSError, ValueError, KeyError):  # ValueError: a NUL in the environment, say
+    except (OSError, ValueError, KeyError, TypeError):  # ValueError: a NUL in a value, say
         return
     fd, linked = -1, False
     try:
