@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slurm
 # What a container of `rankwire exec` run by 2 tasks of a step is, process by process
 # (`ranks_forking`: each rank sleeps and has forked a sleep).
 EXEC_CONTAINER = {
-    "rankwire": 2,  # `rankwire exec` of each task
+    "rankwire-py": 2,  # `rankwire exec` of each task (the front end runs the Python CLI)
     "rankwire-holder": 1,  # the node's shared container, started by one of them
     "rankwire-init": 1,  # its PID namespace's init
     "squashfuse_ll": 1,  # the image
