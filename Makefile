@@ -55,8 +55,8 @@ $(VENV)/.stamp: pyproject.toml | $(VENV)/bin/python
 
 # The C front end: setup.py builds it for `pip install .`; built here too, because the
 # editable install may leave data_files out (setuptools 66 does).
-$(VENV)/bin/rankwire: runtime/front.c | $(VENV)/.stamp
-	@$(CC) -O2 -Wall -Werror -o $@ runtime/front.c
+$(VENV)/bin/rankwire: runtime/front.c spank/frame.c spank/frame.h | $(VENV)/.stamp
+	@$(CC) -O2 -Wall -Werror -Ispank -o $@ runtime/front.c spank/frame.c
 
 # PyPI's MPICH 5 and Open MPI 5 (newer "container MPIs") go to their own prefixes: on
 # PATH they would shadow the system's launchers. Tests look for them under .venv/opt.

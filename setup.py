@@ -12,7 +12,8 @@ import sys
 
 from setuptools import Distribution, setup
 
-SOURCE = os.path.join("runtime", "front.c")
+# the front end, and the shim's record parser and buffer it shares
+SOURCES = [os.path.join("runtime", "front.c"), os.path.join("spank", "frame.c")]
 FRONT = os.path.join("build", "front", "rankwire")
 SCRIPT = '#!/bin/sh\nexec "$(dirname "$(readlink -f "$0")")/rankwire-py" "$@"\n'
 
@@ -25,7 +26,7 @@ class NativeDistribution(Distribution):
 os.makedirs(os.path.dirname(FRONT), exist_ok=True)
 try:
     cc = shlex.split(os.environ.get("CC", "cc"))
-    subprocess.run([*cc, "-O2", "-Wall", "-o", FRONT, SOURCE], check=True)
+    subprocess.run([*cc, "-O2", "-Wall", "-Ispank", "-o", FRONT, *SOURCES], check=True)
 except (OSError, subprocess.CalledProcessError) as err:
     print(f"rankwire: cannot build the C front end ({err}); installing a script", file=sys.stderr)
     with open(FRONT, "w") as f:

@@ -38,6 +38,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "frame.h" /* spank/frame.c: the framed records and a growing buffer */
+
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
@@ -46,7 +48,6 @@
 #endif
 
 #define MAGIC "rankwire-join-plan 1"
-#define MAX_PLAN (4 << 20)
 #define LEAVE_TIMEOUT_MS 10000
 
 extern char **environ;
@@ -95,61 +96,53 @@ struct plan {
     const char *uid, *gid, *cwd, *sock, *sock_id, *holder, *session, *workdir, *nnp;
     const char **files, **key_env, **env;
     size_t nfiles, nkey_env, nenv;
-    int complete;
+    int magic, complete, bad;
 };
 
-static int add(const char ***list, size_t *n, const char *value)
+static void add(struct plan *p, const char ***list, size_t *n, const char *value)
 {
     const char **grown = realloc(*list, (*n + 2) * sizeof **list);
-    if (!grown)
-        return -1;
+    if (!grown) {
+        p->bad = 1;
+        return;
+    }
     grown[(*n)++] = value;
     grown[*n] = NULL;
     *list = grown;
-    return 0;
 }
 
-/* NAME.plan: "key=value" records, each ending in a NUL (runtime/frame.py's format);
- * -1 for anything unexpected (the caller then runs Python). */
+static void plan_record(const char *key, char *value, void *ctx)
+{
+    struct plan *p = ctx;
+    if (!p->magic) { /* the first record */
+        p->magic = 1;
+        p->bad |= strcmp(key, "magic") || strcmp(value, MAGIC);
+        return;
+    }
+    p->bad |= p->complete; /* nothing after the end */
+    if (!strcmp(key, "uid")) p->uid = value;
+    else if (!strcmp(key, "gid")) p->gid = value;
+    else if (!strcmp(key, "cwd")) p->cwd = value;
+    else if (!strcmp(key, "socket")) p->sock = value;
+    else if (!strcmp(key, "socket_id")) p->sock_id = value;
+    else if (!strcmp(key, "holder")) p->holder = value;
+    else if (!strcmp(key, "session")) p->session = value;
+    else if (!strcmp(key, "workdir")) p->workdir = value;
+    else if (!strcmp(key, "no_new_privs")) p->nnp = value;
+    else if (!strcmp(key, "file")) add(p, &p->files, &p->nfiles, value);
+    else if (!strcmp(key, "key_env")) add(p, &p->key_env, &p->nkey_env, value);
+    else if (!strcmp(key, "env")) add(p, &p->env, &p->nenv, value);
+    else if (!strcmp(key, "end")) p->complete = 1;
+    else p->bad = 1;
+}
+
+/* NAME.plan, parsed by spank/frame.c's `frame_parse`; -1 for anything unexpected (the
+ * caller then runs Python). */
 static int parse_plan(char *buf, size_t len, struct plan *p)
 {
-    size_t at = 0;
-    int first = 1;
-    if (len == 0 || buf[len - 1] != '\0')
-        return -1;
-    while (at < len) {
-        char *rec = buf + at;
-        at += strlen(rec) + 1;
-        char *eq = strchr(rec, '=');
-        if (!eq || eq == rec)
-            return -1;
-        *eq = '\0';
-        const char *key = rec, *value = eq + 1;
-        if (first) {
-            if (strcmp(key, "magic") || strcmp(value, MAGIC))
-                return -1;
-            first = 0;
-            continue;
-        }
-        if (p->complete)
-            return -1; /* nothing after the end */
-        if (!strcmp(key, "uid")) p->uid = value;
-        else if (!strcmp(key, "gid")) p->gid = value;
-        else if (!strcmp(key, "cwd")) p->cwd = value;
-        else if (!strcmp(key, "socket")) p->sock = value;
-        else if (!strcmp(key, "socket_id")) p->sock_id = value;
-        else if (!strcmp(key, "holder")) p->holder = value;
-        else if (!strcmp(key, "session")) p->session = value;
-        else if (!strcmp(key, "workdir")) p->workdir = value;
-        else if (!strcmp(key, "no_new_privs")) p->nnp = value;
-        else if (!strcmp(key, "file")) { if (add(&p->files, &p->nfiles, value)) return -1; }
-        else if (!strcmp(key, "key_env")) { if (add(&p->key_env, &p->nkey_env, value)) return -1; }
-        else if (!strcmp(key, "env")) { if (add(&p->env, &p->nenv, value)) return -1; }
-        else if (!strcmp(key, "end")) p->complete = 1;
-        else return -1;
-    }
-    if (!p->complete || !p->uid || !p->gid || !p->cwd || !p->sock || !p->sock_id ||
-        !p->holder || !p->session || !p->workdir || !p->nnp)
+    if (frame_parse(buf, len, plan_record, p) || p->bad || !p->complete || !p->uid ||
+        !p->gid || !p->cwd || !p->sock || !p->sock_id || !p->holder || !p->session ||
+        !p->workdir || !p->nnp)
         return -1;
     static const char *no_env[] = {NULL};
     if (!p->env)
@@ -166,7 +159,7 @@ static int read_private_file(int dirfd, const char *name, char **out, size_t *le
         return -1;
     struct stat st;
     if (fstat(fd, &st) || !S_ISREG(st.st_mode) || st.st_uid != getuid() ||
-        (st.st_mode & 077) || st.st_size <= 0 || st.st_size > MAX_PLAN) {
+        (st.st_mode & 077) || st.st_size <= 0 || st.st_size > FRAME_MAX) {
         close(fd);
         return -1;
     }
@@ -447,37 +440,25 @@ static void leave(struct lease *l, pid_t holder, int code)
 /* ---- the command's start failures, said as rankwire/errors.py says them ------------- */
 
 /* One message line, written at once (as `instance._say`): never interleaved with another
- * process's on a shared stderr. */
-struct line {
-    char text[8192];
-    size_t len;
-};
-
-static void put(struct line *m, const char *text, size_t len)
+ * process's on a shared stderr. The buffer is spank/frame.c's. */
+static void puts_(struct buf *m, const char *text)
 {
-    if (len > sizeof m->text - 1 - m->len)
-        len = sizeof m->text - 1 - m->len;
-    memcpy(m->text + m->len, text, len);
-    m->len += len;
+    buf_put(m, text, strlen(text));
 }
 
-static void puts_(struct line *m, const char *text)
+static void say(struct buf *m)
 {
-    put(m, text, strlen(text));
-}
-
-static void say(struct line *m)
-{
-    put(m, "\n", 1);
-    if (m->text[m->len - 1] != '\n')
-        m->text[m->len - 1] = '\n';
-    ssize_t n = write(2, m->text, m->len);
-    (void)n; /* nowhere to say it: the exit code still does */
+    buf_put(m, "\n", 1);
+    if (!m->oom) {
+        ssize_t n = write(2, m->p, m->len);
+        (void)n; /* nowhere to say it: the exit code still does */
+    }
+    free(m->p);
 }
 
 /* rankwire/errors.py `shown`: one printable line, control characters and bytes that are
  * not UTF-8 escaped. */
-static void shown(struct line *m, const char *text)
+static void shown(struct buf *m, const char *text)
 {
     const unsigned char *s = (const unsigned char *)text;
     char esc[8];
@@ -496,7 +477,7 @@ static void shown(struct line *m, const char *text)
             continue;
         }
         if (c < 0x80) {
-            put(m, (const char *)s, 1);
+            buf_put(m, (const char *)s, 1);
             s++;
             continue;
         }
@@ -520,7 +501,7 @@ static void shown(struct line *m, const char *text)
         while (ok && ok < len && s[ok] >= (ok == 1 ? lo : 0x80) && s[ok] <= (ok == 1 ? hi : 0xbf))
             ok++;
         if (len && ok == len) {
-            put(m, (const char *)s, len);
+            buf_put(m, (const char *)s, len);
             s += len;
         } else {
             snprintf(esc, sizeof esc, "\\x%02x", c);
@@ -537,7 +518,7 @@ static void shown(struct line *m, const char *text)
  * CALL: part). */
 static void say_call(const char *program, const char *call, int err)
 {
-    struct line m = {.len = 0};
+    struct buf m = {0};
     char num[64];
     puts_(&m, "rankwire: cannot start ");
     shown(&m, program);
@@ -553,7 +534,7 @@ static void say_call(const char *program, const char *call, int err)
 
 static void say_workdir(const char *workdir, int err)
 {
-    struct line m = {.len = 0};
+    struct buf m = {0};
     puts_(&m, "rankwire: working directory ");
     shown(&m, workdir);
     if (err == ENOENT)
@@ -573,7 +554,7 @@ static void say_workdir(const char *workdir, int err)
 
 static int say_exec(const char *program, int err)
 {
-    struct line m = {.len = 0};
+    struct buf m = {0};
     struct stat st;
     int has_slash = strchr(program, '/') != NULL;
     int code = 126;
