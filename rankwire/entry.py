@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         from rankwire.runtime.instance import prune_reported
 
         prune_reported(args[1])
-        exit_now(int(args[2]))
+        exit_now(min(int(args[2]), 255))
     from rankwire.cli import main as cli_main
 
     cli_main(argv)

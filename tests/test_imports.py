@@ -144,27 +144,24 @@ def test_the_plugins_pmi2_bridge_starts_without_the_cli(tmp_path: Path) -> None:
     ]
 
 
+def modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded once it ran `code`."""
+    script = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
 def test_a_pmi2_bridge_follower_imports_no_server_code() -> None:
     """The node's other tasks only connect and hand over their PMI-2 socket: the bridge
     process's asyncio loop and PMI codec (`pmi2serve`) are the first task's alone."""
-    import subprocess
-
-    probe = "import sys, rankwire.pmi.pmix.pmi2bridge; print(' '.join(sorted(sys.modules)))"
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    loaded = modules_after("import rankwire.pmi.pmix.pmi2bridge")
     heavy = {"asyncio", "rankwire.pmi.codec", "rankwire.pmi.pmix.pmi2serve", "logging"}
-    assert sorted(set(proc.stdout.split()) & heavy) == []
+    assert sorted(loaded & heavy) == []
 
 
 def test_loading_libpmix_runs_no_ldconfig() -> None:
     """Every PMI bridge and PMIx server process loads libpmix: by its soname, without
     `ctypes.util` (whose import brings subprocess, tempfile and shutil, about 5 ms)."""
-    code = (
-        "import sys\n"
-        "from rankwire.pmi.pmix import abi\n"
-        "abi.lib()\n"
-        "print(' '.join(sorted(sys.modules)))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert sorted({"ctypes.util", "subprocess"} & set(proc.stdout.split())) == []
+    loaded = modules_after("from rankwire.pmi.pmix import abi\nabi.lib()")
+    assert sorted({"ctypes.util", "subprocess"} & loaded) == []
