@@ -32,15 +32,51 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PAT
 os.environ[SESSION_VAR] = os.urandom(8).hex()
 
 
+# Signals that end the session. They raise KeyboardInterrupt (pytest then runs every
+# fixture's teardown: clusters, netns, registries), but never inside a teardown: one cut
+# short there (a cluster half stopped) leaves daemons, cgroups and sockets behind, and
+# pytest drops the finalizers queued after it. A signal during teardown waits until it ends.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_interrupt_state = {"tearing_down": 0, "pending": 0, "raised": False}
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM (a CI or shell timeout) ends the session as Ctrl-C does: pytest then runs
-    every fixture's teardown (clusters, netns). Further SIGTERMs let that teardown finish."""
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    if _interrupt_state["raised"]:
+        return  # the session is already ending: let its teardown finish
+    if _interrupt_state["tearing_down"]:
+        _interrupt_state["pending"] = signum
+        return
+    _interrupt_state["raised"] = True
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _raise_pending() -> None:
+    signum = _interrupt_state["pending"]
+    if signum and not _interrupt_state["raised"]:
+        _interrupt_state["raised"] = True
+        raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: object) -> Iterator[None]:
+    _interrupt_state["tearing_down"] += 1
+    try:
+        yield
+    finally:
+        _interrupt_state["tearing_down"] -= 1
+    _raise_pending()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
+    """The teardown left after an interrupt runs here; nothing interrupts it."""
+    _interrupt_state["tearing_down"] += 1
+    yield
 
 
 @pytest.fixture(scope="session")

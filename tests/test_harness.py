@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,51 @@ def test_next_start_reaps_clusters_of_a_killed_session(tmp_path: Path, shared_di
     assert box.leftovers() == []
     # Not a cluster: the killed session's temp dir, which only its teardown removes.
     shutil.rmtree(info["shared_dir"])
+
+
+# -- a signal during teardown waits for it ---------------------------------------------
+TEARDOWN_VAR = "RANKWIRE_TEST_TEARDOWN"  # the dir where the held teardown leaves its marks
+
+
+@pytest.fixture
+def slow_teardown() -> Iterator[Path]:
+    marks = Path(os.environ[TEARDOWN_VAR])
+    yield marks
+    (marks / "started").touch()
+    time.sleep(3)
+    (marks / "finished").touch()
+
+
+@pytest.mark.skipif(TEARDOWN_VAR not in os.environ, reason="run by test_a_signal_during_*")
+def test_hold_teardown(slow_teardown: Path) -> None:
+    """A test whose fixture takes 3 s to tear down (a cluster stopping, say)."""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_teardown_waits_for_it(tmp_path: Path, sig: signal.Signals) -> None:
+    """The signal that ends a session does not cut short a teardown under way (a cluster
+    half stopped leaves daemons behind): the teardown finishes, then the session ends as
+    interrupted."""
+    with open(tmp_path / "session.out", "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             f"{__file__}::test_hold_teardown"],
+            env={**os.environ, TEARDOWN_VAR: str(tmp_path)},
+            cwd=Path(__file__).parent.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail((tmp_path / "session.out").read_text())
+        time.sleep(0.05)
+    os.kill(proc.pid, sig)
+    rc = proc.wait(30)
+    output = (tmp_path / "session.out").read_text()
+    assert (tmp_path / "finished").exists(), output
+    assert rc == pytest.ExitCode.INTERRUPTED, output
+    assert f"KeyboardInterrupt: signal {int(sig)}" in output, output
