@@ -272,6 +272,8 @@ class _Job:
     # -- the whole job ----------------------------------------------------------------
     async def run(self) -> int:
         await self.server.start()
+        # asyncio puts back SIG_DFL, not what a caller had (a caller embedding us, say)
+        previous = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
         for sig in FORWARDED_SIGNALS:
             self.loop.add_signal_handler(sig, self.on_signal, sig)
         events = self.loop.create_task(self.watch_events())
@@ -298,8 +300,10 @@ class _Job:
             if timer:
                 timer.cancel()
             events.cancel()
-            for sig in FORWARDED_SIGNALS:
+            for sig, handler in previous.items():
                 self.loop.remove_signal_handler(sig)
+                if handler is not None:
+                    signal.signal(sig, handler)
             self.signal_all(signal.SIGKILL)  # only if we are unwinding from an error
             await self.server.close()
         for why, ranks in self.not_started.items():  # one line for N ranks, not N lines

@@ -69,6 +69,10 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: object) -> Iterator[Non
         yield
     finally:
         _interrupt_state["tearing_down"] -= 1
+    for sig in _STOP_SIGNALS:  # code run in this process must give its handlers back
+        if signal.getsignal(sig) is not _interrupt:
+            signal.signal(sig, _interrupt)
+            item.warn(pytest.PytestWarning(f"{item.nodeid} left signal {int(sig)} unhandled"))
     _raise_pending()
 
 

@@ -114,6 +114,27 @@ def test_non_mpi_ranks_that_never_connect_are_fine(capfd: pytest.CaptureFixture[
 
 
 @clean
+def test_a_job_gives_the_caller_its_signal_handlers_back() -> None:
+    """The executor forwards signals to the ranks while they run; after, the caller's own
+    handlers are back (asyncio alone would leave SIG_DFL: a test session's SIGTERM
+    handler, gone, let the next SIGTERM kill it without its teardown)."""
+    from rankwire.launcher.execute import FORWARDED_SIGNALS
+
+    def mine(signum: int, frame: object) -> None:
+        pass
+
+    before = {sig: signal.signal(sig, mine) for sig in FORWARDED_SIGNALS}
+    try:
+        assert _singleton_job(["/bin/true"], None) == 0
+        assert {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS} == {
+            sig: mine for sig in FORWARDED_SIGNALS
+        }
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+@clean
 @pytest.mark.mpi
 @pytest.mark.parametrize("transport", ["fd", "port"])
 def test_mpi_ranks_that_connect_are_not_singletons(
