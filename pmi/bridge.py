@@ -39,20 +39,23 @@ How PMI maps onto PMIx:
 * abort → `PMIx_Abort(code, message)` (Slurm ends the step); finalize → `PMIx_Finalize`,
   the bridge exits 0.
 
-Lifetime: the bridge never outlives its task. It gets SIGKILL when the process that forked
-it dies (`PR_SET_PDEATHSIG`; `rankwire pmi bridge -- CMD` execs CMD in that process), and
-ends on EOF of its socket (the task closed it without finalize: exit 1, without
-`PMIx_Finalize`, so the PMIx server sees a lost rank; a task that never spoke PMI ends it
-quietly). It keeps no other descriptor of its parent (no lease, no pipe but stderr).
+Lifetime: the bridge never outlives its task. One that `spawn` forked gets SIGKILL when
+the process that forked it dies (`PR_SET_PDEATHSIG`); one the node's server forked ends with
+the step (Slurm kills the step's processes). Each ends on EOF of its socket (the task
+closed it without finalize: exit 1, without `PMIx_Finalize`, so the PMIx server sees a lost
+rank; a task that never spoke PMI ends it quietly). It keeps no other descriptor of its
+parent (no lease, no pipe but stderr).
 
-Entry points: `spawn(environ)` is what an executor calls (before it joins a container: the
-bridge is a PMIx client on the host, as the task's user, from the thread that outlives the
-task); `serve_fd(fd, environ)` makes the calling process the bridge on a socket the SPANK
-shim made (`rankwire spank-helper pmi-bridge`, on fd 3); `rankwire pmi bridge -- CMD` spawns one
-and execs CMD. `pmi_env`, `task_env`, `EpochKvs`, `nodes_from_peers` and
-`JobInfo.attr` are pure. This module is the parent's side and what both share; the
-bridge process's own (the PMI codec, libpmix, `Session`) is `pmi/bridgeserve.py`, imported
-after the fork only, so that the task's start does not wait for those imports.
+Entry points: `task_pmi_env(environ)` is what an executor calls (before it joins a
+container: the bridge is a PMIx client on the host, as the task's user). In a Slurm step the
+node's first task forks the node's bridge server (`bridgeserve.serve_node`, also what the
+SPANK shim starts as `rankwire spank-helper pmi-bridge`), which forks every bridge of the
+node as its tasks hand over their socket ends; elsewhere `spawn(environ)` forks one for the
+task. `rankwire pmi bridge -- CMD` does the same and execs CMD. `pmi_env`, `task_env`,
+`EpochKvs`, `nodes_from_peers` and `JobInfo.attr` are pure. This module is the parent's
+side and what both share; the bridge process's own (the PMI codec, libpmix, `Session`) is
+`pmi/bridgeserve.py`, imported after the fork only, so that the task's start does not wait
+for those imports.
 """
 
 from __future__ import annotations
@@ -422,6 +425,139 @@ def spawn(
     os.set_inheritable(fd, True)
     env = pmi_env(fd, info.rank, info.size, info.jobid, info.spawned, pmi)
     return Bridge(pid, fd, env, info)
+
+
+NODE_WAIT = 60.0  # the node's other tasks reach the node's bridge server within this
+
+
+def node_socket(environ: Mapping[str, str], base: str) -> Optional[str]:
+    """Where the node's other tasks find its bridge server: in the user's private runtime
+    dir `base`, after the step and the node (the SPANK shim's `pmi_node_socket` names it
+    the same way); None outside a Slurm task."""
+    job, step, node = (
+        environ.get(k, "") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_NODEID")
+    )
+    if not (job.isdigit() and step.isdigit() and node.isdigit()):
+        return None
+    return os.path.join(base, f"pmibridge.{job}.{step}.{node}")
+
+
+def task_pmi_env(environ: Mapping[str, str], pmi: str = "pmi2") -> dict[str, str]:
+    """The task's PMI variables (`PMI_FD` inheritable), its bridge started: in a Slurm
+    step, by the node's bridge server (`bridgeserve.serve_node`, as under the SPANK plugin:
+    one process whose imports and libpmix are loaded once forks every bridge of the node);
+    elsewhere, a bridge of the task's own (`spawn`). UserError when it cannot be; nothing
+    is left then."""
+    from rankwire.runtime.instance import runtime_dir
+
+    known = slurm_job_info(environ)
+    base = str(runtime_dir())
+    local = environ.get("SLURM_LOCALID", "")
+    if known is None or not local.isdigit() or node_socket(environ, base) is None:
+        return dict(spawn(environ, pmi).env)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if local == "0":
+            _start_node_server(ours.fileno(), environ, base)
+        else:
+            _hand_over(ours.fileno(), environ, base)
+    except BaseException:
+        theirs.close()
+        raise
+    finally:
+        ours.close()
+    fd = theirs.detach()
+    os.set_inheritable(fd, True)
+    return pmi_env(fd, known.rank, known.size, known.jobid, False, pmi)
+
+
+def _start_node_server(fd: int, environ: Mapping[str, str], base: str) -> None:
+    """The node's first task: fork the node's bridge server, detached (a grandchild:
+    nobody's to reap), serving this task on `fd`; its messages go to our stderr."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the server, exercised under srun
+        code = 1
+        try:
+            if os.fork() == 0:
+                _quiet({fd})
+                from rankwire.pmi.bridgeserve import serve_node
+
+                try:
+                    code = serve_node(fd, environ, base)
+                except UserError as err:
+                    _say(str(err))
+                    code = err.exit_code
+            else:
+                code = 0
+        except BaseException as err:
+            with contextlib.suppress(BaseException):
+                _say(f"PMI bridge server failed: {err}")
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise UserError("cannot start the node's PMI bridge server (fork); retry the step")
+
+
+def _hand_over(fd: int, environ: Mapping[str, str], base: str) -> None:
+    """Not the node's first task: hand `fd` (the bridge's end of our PMI_FD socketpair),
+    our stderr and our environment (`env=K=V` records, `cpus=` our CPUs, `end=1`) to the
+    node's bridge server, which forks our bridge (the SPANK shim's join_pmi_bridge, the
+    same way). Nothing comes back: our task's PMI client waits on PMI_FD."""
+    from rankwire.runtime import frame
+
+    path = node_socket(environ, base)
+    assert path is not None
+    deadline = time.monotonic() + NODE_WAIT
+    late = (
+        "the node's PMI bridge server (its task with SLURM_LOCALID=0) did not listen within "
+        f"{NODE_WAIT:.0f} s (it did not start, or ended); see that task's message (srun -l)"
+    )
+    records = [("env", f"{k}={v}") for k, v in environ.items() if k and "=" not in k]
+    with contextlib.suppress(OSError):
+        records.append(("cpus", ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))))
+    data = frame.encode([*records, ("end", "1")])
+    with connect_node_server(path, deadline, late, "PMI bridge server") as sock:
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sent = socket.send_fds(sock, [data], [fd, 2], socket.MSG_NOSIGNAL)
+            sock.sendall(data[sent:])
+        except OSError as err:
+            raise UserError(
+                "cannot hand the task to the node's PMI bridge server: "
+                f"{err.strerror or 'no room within 60 s'}"
+            ) from None
+
+
+def connect_node_server(path: str, deadline: float, late: str, what: str) -> socket.socket:
+    """Connect to a node's bridge server at `path` (it may not listen yet: retried until
+    `deadline`, then UserError `late`) and check that our own user serves it."""
+    from rankwire.runtime.peercred import peer_creds
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                if time.monotonic() >= deadline:
+                    raise UserError(late) from None
+                time.sleep(0.005)
+            except OSError as err:
+                raise UserError(f"cannot join the {what} at {path}: {err.strerror}") from None
+        _pid, uid, _gid = peer_creds(sock)
+        if uid != os.getuid():
+            raise UserError(
+                f"the {what}'s socket {path} is held by uid {uid}, not by you; ask the "
+                "node's admin to find that process"
+            )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def read_report(fd: int, timeout: float, late: str) -> str:

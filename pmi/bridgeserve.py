@@ -1,8 +1,9 @@
 """The PMI bridge process's side (see `pmi/bridge.py` for the design): PMIx_Init as the
 task's rank, the job's info, and `Session`, the blocking loop that serves the task's one
-PMI-1/PMI-2 connection through the sans-I/O `ServerCodec`. Imported only in the bridge
-process (after `bridge.spawn`'s fork, or by `rankwire spank-helper pmi-bridge`, the SPANK
-shim's way)."""
+PMI-1/PMI-2 connection through the sans-I/O `ServerCodec`; `serve_node`, the node's bridge
+server that forks them. Imported only in those processes (after `bridge.spawn`'s fork, in
+the node server `bridge.task_pmi_env` forks, or by `rankwire spank-helper pmi-bridge`, the
+SPANK shim's way)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ from rankwire.pmi.bridge import (
     _NO_PMIX,
     ABORT_GRACE,
     MAPPING_ATTR,
+    NODE_WAIT,
     EpochKvs,
     JobInfo,
     _quiet,
     _say,
     epoch_key,
     jobid_for,
+    node_socket,
     nodes_from_peers,
 )
 from rankwire.pmi.bridgeplan import step_offer
@@ -107,21 +110,6 @@ def _socket_of(fd: int) -> socket.socket:
         sock.detach()
         raise UserError(f"fd {fd}: not a Unix stream socket; pass a socketpair end")
     return sock
-
-
-NODE_WAIT = 60.0  # the node's other tasks reach the node's bridge server within this
-
-
-def node_socket(environ: Mapping[str, str], base: str) -> Optional[str]:
-    """Where the node's other tasks find its bridge server: in the user's private runtime
-    dir `base`, after the step and the node (the SPANK shim's `pmi_node_socket` names it
-    the same way); None outside a Slurm task."""
-    job, step, node = (
-        environ.get(k, "") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_NODEID")
-    )
-    if not (job.isdigit() and step.isdigit() and node.isdigit()):
-        return None
-    return os.path.join(base, f"pmibridge.{job}.{step}.{node}")
 
 
 def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:

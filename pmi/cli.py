@@ -61,11 +61,9 @@ def bridge_cmd(version: str, command: tuple[str, ...]) -> None:
 
     if not command:
         raise UserError("pmi bridge: no command: give -- COMMAND [ARGS...]")
-    bridge = pmi_bridge.spawn(os.environ, version)
-    env = bridge.task_env(os.environ)
+    env = pmi_bridge.task_env(os.environ, pmi_bridge.task_pmi_env(os.environ, version))
     try:
         os.execvpe(command[0], list(command), env)
-    except OSError as err:
+    except OSError as err:  # our end of PMI_FD closes as we exit: the bridge ends quietly
         code, message = exec_failure(command[0], err, "on this host")
-        bridge.end()
         raise UserError(message, exit_code=code) from err

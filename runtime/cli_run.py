@@ -288,8 +288,8 @@ def _run_bridged(bridge: BridgePlan, proc: ProcessPlan, run: Callable[[ProcessPl
     if bridge.bridge == PMIX_TO_PMI:
         from rankwire.pmi import bridge as pmi_bridge
 
-        client = pmi_bridge.spawn(os.environ, wait=False)  # its PMIx_Init overlaps our start
-        return run(dataclasses.replace(proc, env={**proc.env, **client.env}))
+        env = pmi_bridge.task_pmi_env(os.environ)  # the bridge's PMIx_Init overlaps our start
+        return run(dataclasses.replace(proc, env={**proc.env, **env}))
     from rankwire.pmi.pmix import pmi2bridge
 
     server = pmi2bridge.spawn(os.environ)

@@ -22,9 +22,11 @@ import test_multinode
 from harness.mpi import MpiPrograms, assert_hello
 from harness.slurm import without_queue_lines
 from harness.users import User
+from rankwire.errors import UserError
 from rankwire.pmi.bridge import (
     EpochKvs,
     JobInfo,
+    connect_node_server,
     decode_blob,
     encode_blob,
     epoch_key,
@@ -520,6 +522,65 @@ def test_exec_bridges_an_mpich_image_under_pmix(slurm_cluster, mpich_image: Path
     assert proc.returncode == 0, proc.stderr
     assert_hello(proc.stdout, 4)
     assert proc.stderr == ""
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_exec_tasks_each_hear_why_their_bridge_failed(slurm_cluster, mpich_image: Path):
+    """The node's bridges are forked by one server (its first task's), as under the plugin,
+    yet each bridge's message reaches its own task's stderr: three tasks, three lines."""
+    missing = "/nonexistent/libpmix.so.2"
+    env = {**slurm_cluster.env, "RANKWIRE_LIBPMIX": missing}
+    proc = without_queue_lines(
+        ME.run(["srun", "--mpi=pmix", "-n", "3", "rankwire", "exec", str(mpich_image),
+                "/opt/hello_mpich"], env=env, cwd="/tmp", timeout=90)
+    )  # fmt: skip
+    assert proc.returncode != 0
+    line = (
+        f"rankwire: cannot load the PMIx library '{missing}' ({missing}: cannot open shared "
+        "object file: No such file or directory): install libpmix2 or set RANKWIRE_LIBPMIX "
+        "to its path"
+    )
+    assert proc.stderr.splitlines().count(line) == 3, proc.stderr
+
+
+def test_a_node_server_that_never_listens_is_named(tmp_path: Path) -> None:
+    late = "the server did not listen"
+    t = time.monotonic()
+    with pytest.raises(UserError) as err:
+        connect_node_server(str(tmp_path / "absent"), time.monotonic() + 0.2, late, "server")
+    assert str(err.value) == late
+    assert time.monotonic() - t >= 0.2
+
+
+def test_a_node_server_of_another_user_is_refused(shared_dir: Path, unprivileged_user) -> None:
+    """A socket at the node server's path that another user (root) listens on: refused,
+    by uid, before anything is handed over."""
+    if os.getuid() != 0:
+        pytest.skip("needs root (the socket is another user's)")
+    path = shared_dir / "pmibridge.other-user"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    path.chmod(0o777)
+    code = (
+        "import sys\n"
+        "from rankwire.pmi.bridge import connect_node_server\n"
+        "try:\n"
+        "    connect_node_server(sys.argv[1], 0, 'late', 'PMI bridge server')\n"
+        "except Exception as err:\n"
+        "    print(err)\n"
+    )
+    try:
+        proc = unprivileged_user.run([python_for(unprivileged_user), "-c", code, str(path)])
+    finally:
+        listener.close()
+        path.unlink()
+    assert proc.stdout == (
+        f"the PMI bridge server's socket {path} is held by uid 0, not by you; ask the node's "
+        "admin to find that process\n"
+    ), proc.stderr
 
 
 @pytest.mark.slurm

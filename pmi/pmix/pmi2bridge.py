@@ -92,9 +92,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from rankwire.errors import UserError, exec_failure, shown
+from rankwire.pmi.bridge import connect_node_server
 from rankwire.pmi.job import nodes_of
 from rankwire.runtime import frame
-from rankwire.runtime.peercred import peer_creds
 
 VALUE_MAX = 1024  # Slurm's and MPICH's PMI2_MAX_VALLEN
 KEY_PREFIX = "rw"
@@ -449,22 +449,8 @@ def _follow(step: Step, timeout: float, base: Optional[str] = None) -> Pmi2Bridg
     )
     gone = "the node's PMI-2 bridge ended during start-up; see its message"
     path = socket_path(step, base or _runtime_dir())
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = connect_node_server(path, deadline, late, "PMI-2 bridge")
     try:
-        while True:
-            try:
-                sock.connect(path)
-                break
-            except (ConnectionRefusedError, FileNotFoundError):
-                if time.monotonic() >= deadline:
-                    raise UserError(late) from None
-                time.sleep(0.005)
-        _pid, uid, _gid = peer_creds(sock)
-        if uid != os.getuid():
-            raise UserError(
-                f"the PMI-2 bridge's socket {path} is held by uid {uid}, not by you; ask the "
-                "node's admin to find that process"
-            )
         socket.send_fds(sock, [f"{step.rank}\n".encode()], [step.fd], socket.MSG_NOSIGNAL)
         text = b""
         while not reply_ended(text):
