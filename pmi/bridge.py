@@ -507,6 +507,7 @@ def _hand_over(fd: int, environ: Mapping[str, str], base: str) -> None:
     node's bridge server, which forks our bridge (the SPANK shim's join_pmi_bridge, the
     same way). Nothing comes back: our task's PMI client waits on PMI_FD."""
     from rankwire.runtime import frame
+    from rankwire.runtime.peercred import connect_own
 
     path = node_socket(environ, base)
     assert path is not None
@@ -519,7 +520,7 @@ def _hand_over(fd: int, environ: Mapping[str, str], base: str) -> None:
     with contextlib.suppress(OSError):
         records.append(("cpus", ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))))
     data = frame.encode([*records, ("end", "1")])
-    with connect_node_server(path, deadline, late, "PMI bridge server") as sock:
+    with connect_own(path, deadline, late, "PMI bridge server") as sock:
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sent = socket.send_fds(sock, [data], [fd, 2], socket.MSG_NOSIGNAL)
@@ -529,35 +530,6 @@ def _hand_over(fd: int, environ: Mapping[str, str], base: str) -> None:
                 "cannot hand the task to the node's PMI bridge server: "
                 f"{err.strerror or 'no room within 60 s'}"
             ) from None
-
-
-def connect_node_server(path: str, deadline: float, late: str, what: str) -> socket.socket:
-    """Connect to a node's bridge server at `path` (it may not listen yet: retried until
-    `deadline`, then UserError `late`) and check that our own user serves it."""
-    from rankwire.runtime.peercred import peer_creds
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        while True:
-            try:
-                sock.connect(path)
-                break
-            except (ConnectionRefusedError, FileNotFoundError):
-                if time.monotonic() >= deadline:
-                    raise UserError(late) from None
-                time.sleep(0.005)
-            except OSError as err:
-                raise UserError(f"cannot join the {what} at {path}: {err.strerror}") from None
-        _pid, uid, _gid = peer_creds(sock)
-        if uid != os.getuid():
-            raise UserError(
-                f"the {what}'s socket {path} is held by uid {uid}, not by you; ask the "
-                "node's admin to find that process"
-            )
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def read_report(fd: int, timeout: float, late: str) -> str:

@@ -26,7 +26,6 @@ from rankwire.errors import UserError
 from rankwire.pmi.bridge import (
     EpochKvs,
     JobInfo,
-    connect_node_server,
     decode_blob,
     encode_blob,
     epoch_key,
@@ -35,6 +34,7 @@ from rankwire.pmi.bridge import (
     pmi_env,
     task_env,
 )
+from rankwire.runtime.peercred import connect_own
 
 ME = User("self", os.getuid(), os.getgid(), "")
 slurm_multinode = test_multinode.slurm_multinode  # the two-node cluster fixture
@@ -549,7 +549,7 @@ def test_a_node_server_that_never_listens_is_named(tmp_path: Path) -> None:
     late = "the server did not listen"
     t = time.monotonic()
     with pytest.raises(UserError) as err:
-        connect_node_server(str(tmp_path / "absent"), time.monotonic() + 0.2, late, "server")
+        connect_own(str(tmp_path / "absent"), time.monotonic() + 0.2, late, "server")
     assert str(err.value) == late
     assert time.monotonic() - t >= 0.2
 
@@ -566,9 +566,9 @@ def test_a_node_server_of_another_user_is_refused(shared_dir: Path, unprivileged
     path.chmod(0o777)
     code = (
         "import sys\n"
-        "from rankwire.pmi.bridge import connect_node_server\n"
+        "from rankwire.runtime.peercred import connect_own\n"
         "try:\n"
-        "    connect_node_server(sys.argv[1], 0, 'late', 'PMI bridge server')\n"
+        "    connect_own(sys.argv[1], 0, 'late', 'PMI bridge server')\n"
         "except Exception as err:\n"
         "    print(err)\n"
     )

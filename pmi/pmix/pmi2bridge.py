@@ -92,9 +92,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from rankwire.errors import UserError, exec_failure, shown
-from rankwire.pmi.bridge import connect_node_server
 from rankwire.pmi.job import nodes_of
 from rankwire.runtime import frame
+from rankwire.runtime.peercred import connect_own
 
 VALUE_MAX = 1024  # Slurm's and MPICH's PMI2_MAX_VALLEN
 KEY_PREFIX = "rw"
@@ -449,7 +449,7 @@ def _follow(step: Step, timeout: float, base: Optional[str] = None) -> Pmi2Bridg
     )
     gone = "the node's PMI-2 bridge ended during start-up; see its message"
     path = socket_path(step, base or _runtime_dir())
-    sock = connect_node_server(path, deadline, late, "PMI-2 bridge")
+    sock = connect_own(path, deadline, late, "PMI-2 bridge")
     try:
         socket.send_fds(sock, [f"{step.rank}\n".encode()], [step.fd], socket.MSG_NOSIGNAL)
         text = b""
