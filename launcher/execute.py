@@ -300,10 +300,16 @@ class _Job:
             if timer:
                 timer.cancel()
             events.cancel()
-            for sig, handler in previous.items():
-                self.loop.remove_signal_handler(sig)
-                if handler is not None:
-                    signal.signal(sig, handler)
+            # blocked meanwhile: between asyncio's SIG_DFL and the caller's handler, a
+            # signal would end the caller without its own cleanup
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+            try:
+                for sig, handler in previous.items():
+                    self.loop.remove_signal_handler(sig)
+                    if handler is not None:
+                        signal.signal(sig, handler)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self.signal_all(signal.SIGKILL)  # only if we are unwinding from an error
             await self.server.close()
         for why, ranks in self.not_started.items():  # one line for N ranks, not N lines

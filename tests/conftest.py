@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,12 +36,20 @@ os.environ[SESSION_VAR] = os.urandom(8).hex()
 # Signals that end the session. They raise KeyboardInterrupt (pytest then runs every
 # fixture's teardown: clusters, netns, registries), but never inside a teardown: one cut
 # short there (a cluster half stopped) leaves daemons, cgroups and sockets behind, and
-# pytest drops the finalizers queued after it. A signal during teardown waits until it ends.
+# pytest drops the finalizers queued after it. A signal during teardown waits until it ends;
+# the third signal ends the session at once (a hung teardown), saying so.
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_interrupt_state = {"tearing_down": 0, "pending": 0, "raised": False}
+_interrupt_state: dict[str, Any] = {"tearing_down": 0, "pending": 0, "raised": False, "count": 0}
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    _interrupt_state["count"] += 1
+    if _interrupt_state["count"] >= 3:
+        say = _interrupt_state["say"]  # the terminal: fd 2 may be a capture file now
+        say(f"signal {signum} a third time: ending without the teardown")
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     if _interrupt_state["raised"]:
         return  # the session is already ending: let its teardown finish
     if _interrupt_state["tearing_down"]:
@@ -50,37 +59,46 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _raise_pending() -> None:
-    signum = _interrupt_state["pending"]
-    if signum and not _interrupt_state["raised"]:
-        _interrupt_state["raised"] = True
-        raise KeyboardInterrupt(f"signal {signum}")
-
-
 def pytest_sessionstart(session: pytest.Session) -> None:
+    capture = session.config.pluginmanager.get_plugin("capturemanager")
+
+    def say(line: str) -> None:  # on the terminal, not into a test's capture
+        if capture is not None:
+            capture.suspend_global_capture(in_=True)
+        print(f"\n{line}", file=sys.stderr, flush=True)
+
+    _interrupt_state["say"] = say
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _interrupt)
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: object) -> Iterator[None]:
     _interrupt_state["tearing_down"] += 1
     try:
-        yield
+        return (yield)
     finally:
         _interrupt_state["tearing_down"] -= 1
-    for sig in _STOP_SIGNALS:  # code run in this process must give its handlers back
-        if signal.getsignal(sig) is not _interrupt:
-            signal.signal(sig, _interrupt)
-            item.warn(pytest.PytestWarning(f"{item.nodeid} left signal {int(sig)} unhandled"))
-    _raise_pending()
+        for sig in _STOP_SIGNALS:  # code run in this process must give its handlers back
+            if signal.getsignal(sig) is not _interrupt:
+                signal.signal(sig, _interrupt)
+                item.warn(pytest.PytestWarning(f"{item.nodeid} left signal {int(sig)} unhandled"))
+        signum = _interrupt_state["pending"]
+        if signum and not _interrupt_state["raised"]:
+            _interrupt_state["raised"] = True
+            raise KeyboardInterrupt(f"signal {signum}")
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
-    """The teardown left after an interrupt runs here; nothing interrupts it."""
+    """The teardown left after an interrupt runs here; nothing interrupts it, and a signal
+    that came meanwhile makes the session's end an interrupted one."""
     _interrupt_state["tearing_down"] += 1
-    yield
+    try:
+        return (yield)
+    finally:
+        if _interrupt_state["pending"] and not _interrupt_state["raised"]:
+            session.exitstatus = pytest.ExitCode.INTERRUPTED
 
 
 @pytest.fixture(scope="session")

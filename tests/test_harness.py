@@ -229,11 +229,8 @@ def test_hold_teardown(slow_teardown: Path) -> None:
     """A test whose fixture takes 3 s to tear down (a cluster stopping, say)."""
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_during_teardown_waits_for_it(tmp_path: Path, sig: signal.Signals) -> None:
-    """The signal that ends a session does not cut short a teardown under way (a cluster
-    half stopped leaves daemons behind): the teardown finishes, then the session ends as
-    interrupted."""
+def _held_teardown(tmp_path: Path) -> subprocess.Popen:
+    """A pytest session of test_hold_teardown, once its fixture's teardown has begun."""
     with open(tmp_path / "session.out", "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -251,9 +248,42 @@ def test_a_signal_during_teardown_waits_for_it(tmp_path: Path, sig: signal.Signa
             proc.wait()
             pytest.fail((tmp_path / "session.out").read_text())
         time.sleep(0.05)
-    os.kill(proc.pid, sig)
-    rc = proc.wait(30)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_teardown_waits_for_it(tmp_path: Path, sig: signal.Signals) -> None:
+    """The signal that ends a session does not cut short a teardown under way (a cluster
+    half stopped leaves daemons behind): the teardown finishes, then the session ends as
+    interrupted."""
+    proc = _held_teardown(tmp_path)
+    try:
+        os.kill(proc.pid, sig)
+        rc = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     output = (tmp_path / "session.out").read_text()
     assert (tmp_path / "finished").exists(), output
     assert rc == pytest.ExitCode.INTERRUPTED, output
     assert f"KeyboardInterrupt: signal {int(sig)}" in output, output
+
+
+def test_a_third_signal_ends_a_hung_teardown(tmp_path: Path) -> None:
+    """A teardown that does not end (hung) must not make the session unkillable but by
+    SIGKILL: the third signal ends it at once, saying so."""
+    proc = _held_teardown(tmp_path)
+    try:
+        for _ in range(3):
+            os.kill(proc.pid, signal.SIGTERM)
+            time.sleep(0.2)
+        rc = proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = (tmp_path / "session.out").read_text()
+    assert rc == -signal.SIGTERM, output
+    assert "signal 15 a third time: ending without the teardown" in output, output
+    assert not (tmp_path / "finished").exists(), output
