@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import select
@@ -69,7 +70,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn, Optional
 
 from rankwire.errors import UserError
@@ -364,21 +365,12 @@ def slurm_job_info(environ: Mapping[str, str]) -> Optional[JobInfo]:
     return JobInfo(nspace, rank, size, jobid_for(environ, nspace))
 
 
-def spawn(
-    environ: Mapping[str, str],
-    pmi: str = "pmi2",
-    timeout: float = START_TIMEOUT,
-    wait: bool = True,
-) -> Bridge:
+def spawn(environ: Mapping[str, str], pmi: str = "pmi2", timeout: float = START_TIMEOUT) -> Bridge:
     """Fork a bridge for the task whose PMIx identity `environ` holds; returns once it is
     the PMIx client of that rank and knows the job (UserError otherwise, nothing left).
     The task must inherit `bridge.fd` (keep its number) and get `bridge.task_env(...)`;
-    then call `bridge.handed_over()`.
-
-    `wait=False` under a Slurm step: return at once with the task's variables from the
-    step's environment (`slurm_job_info`), so that the bridge's imports and PMIx_Init
-    overlap the task's own start; a bridge that cannot connect then says why on stderr
-    and closes the socket, which the task's PMI_Init reports as a failure."""
+    then call `bridge.handed_over()`. Outside a Slurm step (in one, `task_pmi_env` has the
+    node's server fork it)."""
     if pmi not in PMI_CHOICES:
         raise UserError(f"--pmi {pmi}: use pmi1 or pmi2")
     if step_offer(environ) != "pmix":
@@ -388,19 +380,13 @@ def spawn(
     parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
-    known = None if wait else slurm_job_info(environ)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child's code path, exercised under srun
         theirs.close()
         os.close(rpipe)
-        _child(ours, -1 if known else wpipe, parent, environ)
+        _child(ours, wpipe, parent, environ)
     ours.close()
     os.close(wpipe)
-    if known is not None:
-        os.close(rpipe)
-        fd = theirs.detach()
-        os.set_inheritable(fd, True)
-        return Bridge(pid, fd, pmi_env(fd, known.rank, known.size, known.jobid, False, pmi), known)
     try:
         text = read_report(
             rpipe,
@@ -448,13 +434,13 @@ def task_pmi_env(environ: Mapping[str, str], pmi: str = "pmi2") -> dict[str, str
     one process whose imports and libpmix are loaded once forks every bridge of the node);
     elsewhere, a bridge of the task's own (`spawn`). UserError when it cannot be; nothing
     is left then."""
+    known = slurm_job_info(environ)
+    local = environ.get("SLURM_LOCALID", "")
+    if known is None or not local.isdigit() or node_socket(environ, "") is None:  # no step
+        return dict(spawn(environ, pmi).env)
     from rankwire.runtime.instance import runtime_dir
 
-    known = slurm_job_info(environ)
     base = str(runtime_dir())
-    local = environ.get("SLURM_LOCALID", "")
-    if known is None or not local.isdigit() or node_socket(environ, base) is None:
-        return dict(spawn(environ, pmi).env)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if local == "0":
@@ -472,33 +458,60 @@ def task_pmi_env(environ: Mapping[str, str], pmi: str = "pmi2") -> dict[str, str
 
 
 def _start_node_server(fd: int, environ: Mapping[str, str], base: str) -> None:
-    """The node's first task: fork the node's bridge server, detached (a grandchild:
-    nobody's to reap), serving this task on `fd`; its messages go to our stderr."""
+    """The node's first task: fork the node's bridge server, detached, serving this task
+    on `fd`; its messages go to our stderr."""
+
+    def server() -> int:  # pragma: no cover - the server, exercised under srun
+        _quiet({fd})
+        from rankwire.pmi.bridgeserve import serve_node
+
+        try:
+            return serve_node(fd, environ, base)
+        except UserError as err:
+            _say(str(err))
+            return err.exit_code
+
+    try:
+        fork_detached(server)
+    except OSError as err:
+        raise UserError(
+            f"cannot start the node's PMI bridge server ({err.strerror}); retry the step"
+        ) from None
+
+
+def fork_detached(body: Callable[[], int]) -> None:
+    """Run `body` in a grandchild (nobody's child to reap; it exits with what `body`
+    returns, 143 on SystemExit from a SIGTERM handler, 1 on anything else, said on
+    stderr). OSError when it could not be forked."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover - the server, exercised under srun
+    if pid == 0:  # pragma: no cover - exercised under srun
         code = 1
         try:
-            if os.fork() == 0:
-                _quiet({fd})
-                from rankwire.pmi.bridgeserve import serve_node
-
-                try:
-                    code = serve_node(fd, environ, base)
-                except UserError as err:
-                    _say(str(err))
-                    code = err.exit_code
-            else:
+            child = os.fork()
+        except OSError as failure:
+            code = failure.errno or 1  # said by the caller
+        else:
+            if child:
                 code = 0
-        except BaseException as err:
-            with contextlib.suppress(BaseException):
-                _say(f"PMI bridge server failed: {err}")
+            else:
+                try:
+                    code = body()
+                except SystemExit as end:
+                    code = end.code if isinstance(end.code, int) else 1
+                except BaseException:  # never unwind into the caller's code
+                    with contextlib.suppress(BaseException):
+                        import traceback
+
+                        traceback.print_exc()
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise UserError("cannot start the node's PMI bridge server (fork); retry the step")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:  # the errno of the inner fork; killed: EINTR
+        why = code if code > 0 else errno.EINTR
+        raise OSError(why, os.strerror(why))
 
 
 def _hand_over(fd: int, environ: Mapping[str, str], base: str) -> None:
@@ -526,9 +539,9 @@ def _hand_over(fd: int, environ: Mapping[str, str], base: str) -> None:
             sent = socket.send_fds(sock, [data], [fd, 2], socket.MSG_NOSIGNAL)
             sock.sendall(data[sent:])
         except OSError as err:
+            why = "it took no data in time" if isinstance(err, TimeoutError) else err.strerror
             raise UserError(
-                "cannot hand the task to the node's PMI bridge server: "
-                f"{err.strerror or 'no room within 60 s'}"
+                f"cannot hand the task to the node's PMI bridge server ({why}); retry the step"
             ) from None
 
 

@@ -8,7 +8,6 @@ SPANK shim's way)."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import signal
@@ -29,6 +28,7 @@ from rankwire.pmi.bridge import (
     _quiet,
     _say,
     epoch_key,
+    fork_detached,
     jobid_for,
     node_socket,
     nodes_from_peers,
@@ -67,20 +67,15 @@ def _connect(environ: Mapping[str, str]) -> tuple[Client, JobInfo]:
 
 
 def run(sock: socket.socket, wpipe: int, environ: Mapping[str, str]) -> int:
-    """The forked bridge: connect, tell the parent (on `wpipe`; -1: the parent did not
-    wait, so a failure goes to stderr), serve."""
+    """The forked bridge: connect, tell the parent on `wpipe`, serve."""
     try:
         client, info = _connect(environ)
     except UserError as err:
-        if wpipe < 0:
-            _say(str(err))
-            return 1
         os.write(wpipe, json.dumps({"error": str(err)}).encode())
         os.close(wpipe)
         return 1
-    if wpipe >= 0:
-        os.write(wpipe, info.to_json().encode())
-        os.close(wpipe)
+    os.write(wpipe, info.to_json().encode())
+    os.close(wpipe)
     return Session(sock, client, info).serve()
 
 
@@ -113,11 +108,13 @@ def _socket_of(fd: int) -> socket.socket:
 
 
 def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
-    """The SPANK shim's way, in the node's first task (`rankwire spank-helper pmi-bridge
-    DIR`): every task of the node gets a bridge forked from this process, whose imports are
-    done once (a Python start and its imports per task cost the node's cores more than the
-    bridges' work). This task's bridge serves `fd`; the node's other tasks connect to
-    `node_socket` in `base` (their shims, in C), each handing over its end of its PMI_FD
+    """The node's bridge server, in the node's first task: started by its SPANK shim
+    (`rankwire spank-helper pmi-bridge DIR`) or forked by its `rankwire exec`
+    (`bridge.task_pmi_env`). Every task of the node gets a bridge forked from this
+    process, whose imports and libpmix are loaded once (per task they cost the node's cores
+    more than the bridges' work). This task's bridge serves `fd`; the node's other tasks
+    connect to `node_socket` in `base` (their shims in C, or `bridge._hand_over`), each
+    handing over its end of its PMI_FD
     socketpair and its stderr, then its environment as framed `env=K=V` records (and
     `cpus=` its CPU set, which its bridge takes: it would otherwise run on this task's)
     ending with `end=1`. Same user only (SO_PEERCRED). A task whose hand-over fails hears
@@ -273,33 +270,17 @@ def _tell_no_bridge(err: int, why: str) -> None:
 def _fork_bridge(
     fd: int, err: int, environ: dict[str, str], cpus: frozenset[int] = frozenset()
 ) -> None:
-    """A detached bridge (a grandchild: nobody's child to reap) serving `fd` as the task
-    whose environment `environ` is, on its CPUs `cpus` (none given: ours), its messages on
-    `err`. OSError when it could not be forked."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the bridge, exercised under srun
-        code = 1
-        try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's handler
-            if err != 2:
-                os.dup2(err, 2)
-            try:
-                child = os.fork()
-            except OSError as failure:
-                code = failure.errno or 1  # said by the caller
-            else:
-                code = 0 if child else _bridge(fd, environ, cpus)
-        except BaseException:  # never unwind into the server's loop
-            import traceback
+    """A detached bridge serving `fd` as the task whose environment `environ` is, on its
+    CPUs `cpus` (none given: ours), its messages on `err`. OSError when it could not be
+    forked."""
 
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:  # the errno of the inner fork; killed: EINTR
-        why = code if code > 0 else errno.EINTR
-        raise OSError(why, os.strerror(why))
+    def bridge() -> int:  # pragma: no cover - the bridge, exercised under srun
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's handler
+        if err != 2:
+            os.dup2(err, 2)
+        return _bridge(fd, environ, cpus)
+
+    fork_detached(bridge)
 
 
 def _bridge(fd: int, environ: dict[str, str], cpus: frozenset[int]) -> int:  # pragma: no cover

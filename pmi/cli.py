@@ -53,7 +53,9 @@ def probe_cmd(version: str) -> None:
 def bridge_cmd(version: str, command: tuple[str, ...]) -> None:
     """Under `srun --mpi=pmix`: run COMMAND with a PMI_FD whose PMI-1/PMI-2 is carried out
     through the step's PMIx server as this task's rank (and without the PMIX_* variables,
-    so its MPI does not try PMIx)."""
+    so its MPI does not try PMIx). In a Slurm step the node's bridge server forks the
+    bridge while COMMAND starts: a bridge that cannot reach PMIx says why on stderr and
+    closes PMI_FD, which COMMAND's PMI_Init reports."""
     import os
 
     from rankwire.errors import UserError, exec_failure

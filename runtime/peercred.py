@@ -27,15 +27,19 @@ def connect_own(path: str, deadline: float, late: str, what: str) -> socket.sock
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         while True:
+            # a full backlog blocks connect: never past the deadline
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
                 sock.connect(path)
                 break
-            except (ConnectionRefusedError, FileNotFoundError):
+            except (ConnectionRefusedError, FileNotFoundError, TimeoutError, BlockingIOError):
                 if time.monotonic() >= deadline:
                     raise UserError(late) from None
                 time.sleep(0.005)
             except OSError as err:
-                raise UserError(f"cannot join the {what} at {path}: {err.strerror}") from None
+                why = err.strerror or str(err)
+                raise UserError(f"cannot join the {what} at {path}: {why}") from None
+        sock.settimeout(None)
         _pid, uid, _gid = peer_creds(sock)
         if uid != os.getuid():
             raise UserError(

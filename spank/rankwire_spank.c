@@ -708,7 +708,7 @@ static void start_pmi2_bridge(spank_t sp)
 		rw_close(ctl[1]);
 }
 
-/* pmi/bridgeserve.node_socket: the node's PMI bridge server, in the job user's runtime
+/* pmi/bridge.node_socket: the node's PMI bridge server, in the job user's runtime
  * dir, after SLURM_JOB_ID, SLURM_STEP_ID and SLURM_NODEID (digits only). */
 static int pmi_node_socket(spank_t sp, char *dir, size_t dirlen, struct sockaddr_un *sa)
 {
