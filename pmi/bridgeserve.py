@@ -127,7 +127,8 @@ def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
     _socket_of(fd).detach()  # checked before anything forks
     if step_offer(environ) != "pmix":
         raise UserError(_NO_PMIX)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the `finally` below runs
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the `finally` below runs
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
@@ -275,7 +276,8 @@ def _fork_bridge(
     forked."""
 
     def bridge() -> int:  # pragma: no cover - the bridge, exercised under srun
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's handler
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # not the server's
+            signal.signal(sig, signal.SIG_DFL)
         if err != 2:
             os.dup2(err, 2)
         return _bridge(fd, environ, cpus)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -255,6 +256,46 @@ def test_tasks_queued_when_the_node_server_ends_hear_why(tmp_path: Path) -> None
         assert said.read().decode().splitlines() == [
             "rankwire: this task has no PMI bridge: the node's PMI bridge server ended"
         ]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])  # fmt: skip
+def test_a_node_server_ended_by_a_signal_removes_its_socket(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The node's bridge server, waiting for its node's other task, ended by the step's
+    SIGTERM, a Ctrl-C's SIGINT or a SIGHUP: its socket goes with it (a forked server has
+    no other handler), and it exits 128 + the signal."""
+    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NODEID": "0",
+            "SLURM_GTIDS": "0,1", "RANKWIRE_LIBPMIX": "/nonexistent"}  # fmt: skip
+    server = (  # as the shim starts it: its task's end on fd 3
+        "import os, sys; os.dup2(int(sys.argv[1]), 3)\n"
+        "from rankwire.entry import main; main(sys.argv[2:])"
+    )
+    ours, theirs = socket.socketpair()
+    with ours:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", server, str(theirs.fileno()),
+             "spank-helper", "pmi-bridge", str(tmp_path)],
+            env={**os.environ, **PMIX_ENV, **step}, pass_fds=(theirs.fileno(),),
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        theirs.close()
+        path = tmp_path / "pmibridge.7.0.0"
+        deadline = time.monotonic() + 30
+        try:
+            while not path.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.02)
+            proc.send_signal(sig)
+            assert proc.wait(10) == 128 + sig
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            assert proc.stderr is not None
+            proc.stderr.close()
+    assert not path.exists()
 
 
 def test_bridge_outside_a_pmix_step_is_a_user_error(unprivileged_user: User) -> None:
