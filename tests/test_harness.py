@@ -128,26 +128,37 @@ def test_hold_clusters(
     time.sleep(300)
 
 
-def _held_session(tmp_path: Path) -> tuple[subprocess.Popen, dict]:
-    """A pytest session running test_hold_clusters, once both clusters are up."""
-    hold = tmp_path / "hold.json"
+def _held(
+    tmp_path: Path, test: str, env: dict[str, str], ready: Path, within: float, *options: str
+) -> subprocess.Popen:
+    """A child pytest session (a session of its own) of `test` in this file, its output in
+    tmp_path/session.out, once `ready` exists; fails the test if it ends or takes longer
+    than `within` seconds first."""
     with open(tmp_path / "session.out", "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "multinode",
-             f"{__file__}::test_hold_clusters"],
-            env={**os.environ, HOLD_VAR: str(hold)},
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options,
+             f"{__file__}::{test}"],
+            env={**os.environ, **env},
             cwd=Path(__file__).parent.parent,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-    deadline = time.monotonic() + 90
-    while not hold.exists():
+    deadline = time.monotonic() + within
+    while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
             pytest.fail((tmp_path / "session.out").read_text())
-        time.sleep(0.1)
+        time.sleep(0.05)
+    return proc
+
+
+def _held_session(tmp_path: Path) -> tuple[subprocess.Popen, dict]:
+    """A pytest session running test_hold_clusters, once both clusters are up."""
+    hold = tmp_path / "hold.json"
+    proc = _held(tmp_path, "test_hold_clusters", {HOLD_VAR: str(hold)}, hold, 90,
+                 "-m", "multinode")  # fmt: skip
     return proc, json.loads(hold.read_text())
 
 
@@ -231,24 +242,8 @@ def test_hold_teardown(slow_teardown: Path) -> None:
 
 def _held_teardown(tmp_path: Path) -> subprocess.Popen:
     """A pytest session of test_hold_teardown, once its fixture's teardown has begun."""
-    with open(tmp_path / "session.out", "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             f"{__file__}::test_hold_teardown"],
-            env={**os.environ, TEARDOWN_VAR: str(tmp_path)},
-            cwd=Path(__file__).parent.parent,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "started").exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail((tmp_path / "session.out").read_text())
-        time.sleep(0.05)
-    return proc
+    return _held(tmp_path, "test_hold_teardown", {TEARDOWN_VAR: str(tmp_path)},
+                 tmp_path / "started", 60)  # fmt: skip
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
