@@ -480,9 +480,9 @@ def _start_node_server(fd: int, environ: Mapping[str, str], base: str) -> None:
 
 
 def fork_detached(body: Callable[[], int]) -> None:
-    """Run `body` in a grandchild (nobody's child to reap; it exits with what `body`
-    returns, 143 on SystemExit from a SIGTERM handler, 1 on anything else, said on
-    stderr). OSError when it could not be forked."""
+    """Run `body` in a grandchild (nobody's child to reap). It exits with what `body`
+    returns, with a SystemExit's code (a signal handler's 128 + N), or 1 on anything else,
+    said on stderr. OSError when it could not be forked."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
