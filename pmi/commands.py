@@ -15,7 +15,6 @@ listed in UNSUPPORTED; they decode to `Unsupported(cmd)` (MPICH's multi-line
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, cast
@@ -71,9 +70,10 @@ from rankwire.pmi.messages import (
     UniverseSizeReply,
     Unsupported,
 )
+from rankwire.pmi.record import record
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Spelling:
     """A message in one protocol. `name` None: named after the request it answers.
     `set_lines` (PMI-1 `initack`): `cmd=<name>` then one `cmd=set <field>` line per field.
@@ -92,7 +92,7 @@ class Spelling:
         return [pair for f in self.fields for pair in f.write(message)]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Command:
     """One message: its spelling per protocol (None: that protocol cannot carry it) and, for
     a request, the reply that answers it (None: none does)."""
@@ -292,7 +292,7 @@ def read_request(version: int, cmd: str, fields: Fields) -> Request:
     return cast(Request, spelling.read(command.message, fields, cmd))
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class SpelledReply:
     name: str
     pairs: list[Pair]

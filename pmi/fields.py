@@ -9,13 +9,13 @@ for what is missing or malformed; every message names the command (`put: missing
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Callable, Optional
 
 from rankwire.pmi.errors import LocalProtocolError, RemoteProtocolError
 from rankwire.pmi.framing import Fields, as_raw
 from rankwire.pmi.messages import KEY_MAX, VALUE_MAX
+from rankwire.pmi.record import record
 
 ERROR_MSG_MAX = 256
 
@@ -80,7 +80,7 @@ class Kind:
         return [(name, str(value))]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Const(Kind):
     """Always `text` on the wire; never read back (the field has no attribute)."""
 
@@ -93,7 +93,7 @@ class Const(Kind):
         return [(name, self.text)]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Int(Kind):
     """A decimal integer; `default` when absent (None: required)."""
 
@@ -113,7 +113,7 @@ class OptionalInt(Kind):
         return [] if value is None else [(name, str(value))]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Text(Kind):
     """A string; `default` when absent (None: required). `spell` rewrites it for the wire,
     `omit_empty` leaves an empty one out."""
@@ -149,7 +149,7 @@ class Key(Kind):
         return [(name, str(value))]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Value(Kind):
     """A KVS or attribute value of at most VALUE_MAX bytes. `checked`: check the size when
     writing (PMI-2 frames check the size of every value themselves)."""
@@ -194,7 +194,7 @@ class FoundByRc(Kind):
         return [("rc", "0"), ("msg", "success"), (name, str(value))]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FoundByFlag(Kind):
     """PMI-2 lookup result: `found=TRUE;value=v;` or `found=FALSE;` ↔ v or None."""
 
@@ -209,7 +209,7 @@ class FoundByFlag(Kind):
         return [(self.flag, "TRUE"), (name, str(value))]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Field:
     """One `name=value` of a message: the message attribute `attr` (None: a constant, written
     and never read) spelled as `kind`. `aliases`: more names accepted when reading, the first

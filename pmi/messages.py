@@ -6,8 +6,9 @@ the server maps requests onto `pmi.job.Job`, the clients map API calls onto requ
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Union
+
+from rankwire.pmi.record import record
 
 KEY_MAX = 64
 VALUE_MAX = 1024
@@ -15,7 +16,7 @@ KVSNAME_MAX = 256
 
 
 # -- requests (client → server) ------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@record
 class Init:
     """First message of both protocols (a PMI-1 line); version 2 switches to PMI-2."""
 
@@ -23,14 +24,14 @@ class Init:
     subversion: int
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class InitAck:
     """PMI-1 over PMI_PORT: identifies the connection by the PMI_ID it was given."""
 
     pmiid: int
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FullInit:
     """PMI-2 `fullinit`; `pmiid` is what the client sent as pmirank/srcid/pmiid."""
 
@@ -39,73 +40,73 @@ class FullInit:
     threaded: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class GetMaxes:
     pass
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class GetAppnum:
     pass
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class GetKvsName:
     """PMI-1 `get_my_kvsname`, PMI-2 `job-getid`."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class GetUniverseSize:
     pass
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Put:
     key: str
     value: str
     kvsname: str = ""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Get:
     key: str
     kvsname: str = ""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class GetJobAttr:
     key: str
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class PutNodeAttr:
     key: str
     value: str
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class GetNodeAttr:
     key: str
     wait: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Fence:
     """PMI-1 `barrier_in`, PMI-2 `kvs-fence`."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Finalize:
     pass
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Abort:
     code: int = 1
     message: str = ""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Unsupported:
     """A well-formed command this implementation does not serve (spawn, name service...)."""
 
@@ -119,70 +120,70 @@ Request = Union[
 
 
 # -- replies (server → client) ---------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@record
 class InitReply:
     version: int
     subversion: int
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class InitAckReply:
     rank: int
     size: int
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FullInitReply:
     rank: int
     size: int
     appnum: int
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class MaxesReply:
     kvsname_max: int = KVSNAME_MAX
     keylen_max: int = KEY_MAX
     vallen_max: int = VALUE_MAX
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class AppnumReply:
     appnum: int
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class KvsNameReply:
     name: str
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class UniverseSizeReply:
     size: int
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class PutReply:
     """Answers Put and PutNodeAttr."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class GetReply:
     """Answers Get, GetJobAttr and GetNodeAttr; None = not found."""
 
     value: Optional[str]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FenceReply:
     pass
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FinalizeReply:
     pass
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ErrorReply:
     """Any request failed (rc != 0); `message` is one line."""
 

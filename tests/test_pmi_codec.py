@@ -729,6 +729,79 @@ def test_field_kinds_are_frozen_and_default_as_documented() -> None:
     assert FoundByRc().read({"rc": "1", "value": "v"}, "value", "get_result") is None
 
 
+# -- @record: what a frozen dataclass gives, without its per-class code generation ----------
+def test_a_record_behaves_as_the_frozen_dataclass_it_replaces() -> None:
+    from rankwire.pmi.record import record
+
+    @record
+    class Rec:
+        key: str
+        value: int = 1
+        note: Optional[str] = None
+
+    @dataclasses.dataclass(frozen=True)
+    class Dc:
+        key: str
+        value: int = 1
+        note: Optional[str] = None
+
+    for make in (Rec, Dc):
+        a = make("k", 2, note="n")
+        assert (a.key, a.value, a.note) == ("k", 2, "n")
+        assert make("k") == make(key="k", value=1) and make("k") != make("k", 2)
+        assert hash(make("k", 2)) == hash(make("k", 2))
+        assert repr(make("k")) == f"{make.__qualname__}(key='k', value=1, note=None)"
+        assert make.__match_args__ == ("key", "value", "note")  # type: ignore[attr-defined]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            a.key = "x"  # type: ignore[misc]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            del a.value  # type: ignore[misc]
+        bad: list[tuple[tuple[object, ...], dict[str, object], str]] = [
+            ((), {}, "missing"),
+            (("k", 1, None, 4), {}, "takes" if make is Rec else "positional"),
+            (("k",), {"key": "j"}, "multiple values for argument 'key'"),
+            (("k",), {"other": 1}, "unexpected keyword argument 'other'"),
+        ]
+        for args, kwargs, said in bad:
+            with pytest.raises(TypeError, match=said):
+                make(*args, **kwargs)
+    # equal fields, another class: not equal (a tuple's equality would say so)
+    assert Rec("k") != Dc("k") and Rec("k") != ("k", 1, None)
+
+    @record
+    class More(Rec):
+        extra: bool = False
+
+    assert More("k", extra=True).extra and More("k") != Rec("k")
+    assert More.__match_args__ == ("key", "value", "note", "extra")  # type: ignore[attr-defined]
+
+
+def test_a_record_refuses_what_it_does_not_support() -> None:
+    from rankwire.pmi.record import record
+
+    with pytest.raises(TypeError, match=r"^Late: non-default field b follows a default one$"):
+
+        @record
+        class Late:
+            a: int = 0
+            b: int  # type: ignore[misc]
+
+    with pytest.raises(TypeError, match=r"^Fac.a: dataclasses.field\(\) is not supported$"):
+
+        @record
+        class Fac:
+            a: list[int] = dataclasses.field(default_factory=list)
+
+    class Plain:
+        a: int
+
+    with pytest.raises(TypeError, match=r"^Sub: base Plain has fields but is no record$"):
+
+        @record
+        class Sub(Plain):
+            b: int
+
+
 # -- framing limits, exact (mutation-testing kills) ----------------------------------------
 def test_framing_limits_are_exact() -> None:
     from rankwire.pmi.framing import (
