@@ -18,7 +18,8 @@ TEST_PKGS := $(DEMO_PKGS) slurm-wlm munge libslurm-dev libpmi2-0-dev openmpi-bin
              docker-registry umoci skopeo busybox-static apache2-utils openssl fakeroot uidmap \
              mmdebstrap dpkg-dev apt-utils
 
-PYTEST_ARGS ?=
+# The slowest tests are listed at the end of every run: where the 30-minute budget goes.
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: demo test lint system-demo system-test debian-cache clean
 
