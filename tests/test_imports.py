@@ -160,6 +160,30 @@ def test_a_pmi2_bridge_follower_imports_no_server_code() -> None:
     assert sorted(loaded & heavy) == []
 
 
+def test_the_pmi2_bridge_process_loads_no_tls_and_no_launcher_server() -> None:
+    """The node's PMI-2 bridge process (`pmi2bridge.spawn` forks it and keeps `ssl` out:
+    about 10 ms) runs its asyncio loop without ssl, and takes libpmix's settings from
+    `serverenv`, not from the launcher's PMIx server (about 12 ms more)."""
+    loaded = modules_after(
+        "sys.modules['ssl'] = None\n"
+        "from rankwire.pmi.pmix import helper, pmi2serve\n"
+        "import asyncio\n"
+        "assert asyncio.run(asyncio.to_thread(int, '7')) == 7\n"
+    )
+    heavy = {"_ssl", "rankwire.pmi.pmix.server", "rankwire.pmi.server", "secrets"}
+    assert "rankwire.pmi.pmix.serverenv" in loaded
+    assert sorted(loaded & heavy) == []
+
+
+def test_the_launcher_loads_the_pmix_server_only_for_a_pmix_job() -> None:
+    """`apptainer-mpirun`/`rankwire run` of an MPICH (PMI-1/PMI-2) job does not import the
+    PMIx server (about 20 ms of its start); `launcher.execute` does where the plan says
+    pmix."""
+    loaded = modules_after("import rankwire.launcher.cli, rankwire.launcher.execute")
+    assert "rankwire.pmi.server" in loaded
+    assert "rankwire.pmi.pmix.server" not in loaded
+
+
 def test_loading_libpmix_runs_no_ldconfig() -> None:
     """Every PMI bridge and PMIx server process loads libpmix: by its soname, without
     `ctypes.util` (whose import brings subprocess, tempfile and shutil, about 5 ms)."""

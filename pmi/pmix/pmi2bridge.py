@@ -407,6 +407,9 @@ def spawn(
     if pid == 0:  # pragma: no cover - the bridge process, exercised under srun
         os.close(report_r)
         os.close(control_w)
+        # asyncio imports ssl if it can (10 ms of this start, on the task's path): this
+        # process never speaks TLS, and asyncio runs without ssl when the import fails.
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
         from rankwire.pmi.pmix.pmi2serve import child  # asyncio, the codec: its own
 
         child(step, report_w, control_r, parent, base)

@@ -67,6 +67,7 @@ from rankwire.pmi.pmix.pmi2bridge import (
     task_ending,
     whole_job,
 )
+from rankwire.pmi.pmix.serverenv import HELPER_ENV, claim_tmpdir
 from rankwire.runtime.peercred import peer_creds
 
 R = TypeVar("R")
@@ -234,8 +235,6 @@ class Bridge:
             self.done.set_result(code)
 
     async def run(self) -> int:
-        from rankwire.pmi.pmix.server import HELPER_ENV, claim_tmpdir
-
         self.loop = loop = asyncio.get_running_loop()
         self.fences = asyncio.Queue()
         done: asyncio.Future[int] = loop.create_future()

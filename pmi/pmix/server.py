@@ -81,25 +81,19 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
-from rankwire import lockdirs
 from rankwire.errors import UserError
 from rankwire.pmi.job import FenceFailed, Job, format_ranks
 from rankwire.pmi.pmix import wire
+from rankwire.pmi.pmix.serverenv import HELPER_ENV, claim_tmpdir
 from rankwire.pmi.server import Aborted, Finalized
 
 Event = Union[Aborted, FenceFailed, Finalized]
 
 WILDCARD = 0xFFFFFFFE
-HELPER_ENV = {
-    "PMIX_MCA_gds": "hash",
-    "PMIX_MCA_psec": "none",
-    "PMIX_MCA_pmix_server_fence_localonly_opt": "0",
-}
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 ERR_TIMEOUT = -24
@@ -130,17 +124,6 @@ class _Round:
     def __init__(self, nodes: frozenset[int]) -> None:
         self.nodes = nodes
         self.parts: dict[int, tuple[int, bytes]] = {}
-
-
-TMPDIR_PREFIX = "rankwire-pmix-"
-
-
-def claim_tmpdir() -> tuple[str, int]:
-    """A new private dir for the helpers' PMIx files, and the descriptor whose lock says
-    its launcher lives; first, those of killed launchers go (`rankwire.lockdirs`)."""
-    base = tempfile.gettempdir()
-    lockdirs.prune(base, TMPDIR_PREFIX, lambda path: shutil.rmtree(path, ignore_errors=True))
-    return lockdirs.claim(base, TMPDIR_PREFIX)
 
 
 class PmixServer:
