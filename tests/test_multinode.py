@@ -249,7 +249,7 @@ def run_job(
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            cluster.reap()
+            cluster.reap(grace=1.0)  # a hung rank ends by SIGKILL anyway: no waiting on it
             break
         time.sleep(0.1)
     stdout = source.read_text(errors="replace") if source.exists() else ""
