@@ -29,6 +29,7 @@ from rankwire.errors import UserError, exec_failure, shown, workdir_failure
 from rankwire.runtime import frame
 from rankwire.runtime import syscalls as sc
 from rankwire.runtime.joinplan import plan_path
+from rankwire.runtime.peercred import peer_creds
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan, check_name
 
 FORWARDED_SIGNALS = (
@@ -403,13 +404,25 @@ def _wait_exit(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def _join(sock_path: str, timeout: Optional[float] = None) -> Lease:
+class NotTheHolder(OSError):
+    """`_join(..., holder=PID)`: another process listens at the socket (`answered_by`)."""
+
+    def __init__(self, answered_by: int) -> None:
+        super().__init__(errno.EPERM, f"answered by pid {answered_by}")
+        self.answered_by = answered_by
+
+
+def _join(sock_path: str, timeout: Optional[float] = None, holder: Optional[int] = None) -> Lease:
     """Connect and take a lease; OSError when nobody serves `sock_path` (any more), or
-    nobody answers within `timeout` seconds."""
+    nobody answers within `timeout` seconds. With `holder`, the process listening must be
+    that pid, checked before `join` is sent (NotTheHolder): a socket swapped for another
+    listener is refused at once, not after `timeout` of its silence."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(timeout)
         conn.connect(sock_path)
+        if holder is not None and (peer := peer_creds(conn)[0]) != holder:
+            raise NotTheHolder(peer)
         conn.sendall(b"join\n")
         msg, fds, _, _ = socket.recv_fds(conn, 4096, 3)
         conn.settimeout(None)
@@ -428,9 +441,13 @@ def _join(sock_path: str, timeout: Optional[float] = None) -> Lease:
     return Lease(conn, fds[0], fds[1], json.loads(msg.decode().strip() or "{}"), pidns)
 
 
-def join(sock_path: str, timeout: Optional[float] = None) -> Lease:
+def join(sock_path: str, timeout: Optional[float] = None, holder: Optional[int] = None) -> Lease:
+    """`_join`, its failures as one UserError line (NotTheHolder as it is: the caller says
+    what a replaced socket means)."""
     try:
-        return _join(sock_path, timeout)
+        return _join(sock_path, timeout, holder)
+    except NotTheHolder:
+        raise
     except OSError as err:
         raise UserError(
             f"cannot join the container at {sock_path}: {err.strerror or err}; "

@@ -64,7 +64,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional
 from rankwire.errors import UserError
 from rankwire.pmi.bridgeplan import NAMES, PMI2_TO_PMIX, PMIX_TO_PMI, BridgePlan
 from rankwire.runtime import frame
-from rankwire.runtime.peercred import peer_creds
 from rankwire.runtime.plan import ContainerPlan, ImageFacts, Mount, entrypoint_words
 from rankwire.runtime.reference import is_remote, parse_reference
 from rankwire.spank import plan
@@ -790,7 +789,7 @@ def _start_and_join(
 ) -> Lease:
     """Start the step's holder and join it, both bounded; whoever answers its socket
     must be that holder (a user's dir can be raced: `start`)."""
-    from rankwire.runtime.instance import join, start_holder
+    from rankwire.runtime.instance import NotTheHolder, join, start_holder
 
     holder = start_holder(
         container,
@@ -801,15 +800,14 @@ def _start_and_join(
         keep_fds=keep_fds,
         setup_timeout=SETUP_TIMEOUT_S,
     )
-    lease = join(holder.socket, timeout=JOIN_TIMEOUT_S)
-    peer = peer_creds(lease.conn)
-    if peer[0] != holder.pid:
+    try:
+        return join(holder.socket, timeout=JOIN_TIMEOUT_S, holder=holder.pid)
+    except NotTheHolder as err:
         os.kill(holder.pid, signal.SIGTERM)
         raise UserError(
-            f"cannot join the container: {holder.socket} was answered by pid {peer[0]}, not "
-            f"by its holder {holder.pid}; was it replaced?"
-        )
-    return lease
+            f"cannot join the container: {holder.socket} was answered by pid "
+            f"{err.answered_by}, not by its holder {holder.pid}; was it replaced?"
+        ) from None
 
 
 def _handed_over(conn: socket.socket, *ns_fds: int) -> list[int]:
@@ -886,7 +884,13 @@ def _join_or_start_named(
     dir of the user's); the holder is persistent: it stays when the step ends, until the
     job's epilog (or the reaper) stops it; in global scope it is listed as an instance
     (`rankwire instance list|stop`). (lease, whether it ran already)."""
-    from rankwire.runtime.instance import _join, runtime_dir, start_holder, unlink_if_dead
+    from rankwire.runtime.instance import (
+        NotTheHolder,
+        _join,
+        runtime_dir,
+        start_holder,
+        unlink_if_dead,
+    )
 
     name, key = str(want.name), plan.named_key(facts, want)
     sock = Path(plan.named_socket(str(runtime_dir()), facts, want))
@@ -919,12 +923,13 @@ def _join_or_start_named(
             keep_fds=keep_fds,
             setup_timeout=SETUP_TIMEOUT_S,
         )
-        lease = _join(holder.socket, timeout=JOIN_TIMEOUT_S)
-        if int(lease.report.get("pid", 0)) != holder.pid:
-            lease.close()
+        try:  # its socket is in the user's dir: whoever answers must be that holder
+            return _join(holder.socket, timeout=JOIN_TIMEOUT_S, holder=holder.pid), False
+        except NotTheHolder:
             os.kill(holder.pid, signal.SIGTERM)
-            raise UserError(f"cannot join the job's container {name}: its socket was replaced")
-        return lease, False
+            raise UserError(
+                f"cannot join the job's container {name}: its socket was replaced"
+            ) from None
     finally:
         os.close(lock)
 
