@@ -240,10 +240,25 @@ def test_hold_teardown(slow_teardown: Path) -> None:
     """A test whose fixture takes 3 s to tear down (a cluster stopping, say)."""
 
 
-def _held_teardown(tmp_path: Path) -> subprocess.Popen:
-    """A pytest session of test_hold_teardown, once its fixture's teardown has begun."""
-    return _held(tmp_path, "test_hold_teardown", {TEARDOWN_VAR: str(tmp_path)},
+def _signal_held_teardown(
+    tmp_path: Path, signals: list[signal.Signals], within: float
+) -> tuple[int, str]:
+    """A pytest session of test_hold_teardown, sent `signals` (0.2 s apart) once its
+    fixture's teardown has begun: its exit status (killed if still running after
+    `within` s) and what it printed."""
+    proc = _held(tmp_path, "test_hold_teardown", {TEARDOWN_VAR: str(tmp_path)},
                  tmp_path / "started", 60)  # fmt: skip
+    try:
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(0.2)
+            os.kill(proc.pid, sig)
+        rc = proc.wait(within)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return rc, (tmp_path / "session.out").read_text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -251,15 +266,7 @@ def test_a_signal_during_teardown_waits_for_it(tmp_path: Path, sig: signal.Signa
     """The signal that ends a session does not cut short a teardown under way (a cluster
     half stopped leaves daemons behind): the teardown finishes, then the session ends as
     interrupted."""
-    proc = _held_teardown(tmp_path)
-    try:
-        os.kill(proc.pid, sig)
-        rc = proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    output = (tmp_path / "session.out").read_text()
+    rc, output = _signal_held_teardown(tmp_path, [sig], 30)
     assert (tmp_path / "finished").exists(), output
     assert rc == pytest.ExitCode.INTERRUPTED, output
     assert f"KeyboardInterrupt: signal {int(sig)}" in output, output
@@ -268,17 +275,7 @@ def test_a_signal_during_teardown_waits_for_it(tmp_path: Path, sig: signal.Signa
 def test_a_third_signal_ends_a_hung_teardown(tmp_path: Path) -> None:
     """A teardown that does not end (hung) must not make the session unkillable but by
     SIGKILL: the third signal ends it at once, saying so."""
-    proc = _held_teardown(tmp_path)
-    try:
-        for _ in range(3):
-            os.kill(proc.pid, signal.SIGTERM)
-            time.sleep(0.2)
-        rc = proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    output = (tmp_path / "session.out").read_text()
+    rc, output = _signal_held_teardown(tmp_path, [signal.SIGTERM] * 3, 10)
     assert rc == -signal.SIGTERM, output
     assert "signal 15 a third time: ending without the teardown" in output, output
     assert not (tmp_path / "finished").exists(), output
