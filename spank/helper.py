@@ -841,12 +841,22 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
             check_target(container.save)
         except UserError as err:
             raise UserError(str(err).replace("--save", "--container-save", 1)) from None
-    joined = False
-    if want.name is None:
-        lease = _start_and_join(container, facts, IMAGE_FD, tuple(binds.values()))
-    else:
-        lease, joined = _join_or_start_named(container, facts, want, tuple(binds.values()))
+    server = None
+    if bridge.bridge == PMI2_TO_PMIX and want.name_mode != "no_exec":
+        server = _start_pmi2_server(facts, checked["runtime_dir"])
+    try:
+        joined = False
+        if want.name is None:
+            lease = _start_and_join(container, facts, IMAGE_FD, tuple(binds.values()))
+        else:
+            lease, joined = _join_or_start_named(container, facts, want, tuple(binds.values()))
+    except BaseException:
+        if server is not None:
+            _stop_pmi2_server(server[0])
+        raise
     records = _task_records(facts, want, env, workdir, bridge, image)
+    if server is not None:  # the shim's tasks all follow it (else the first task starts one)
+        records.append(("pmi2_server", server[1]))
     records.append(("argv_used", "1" if read_argv else "0"))  # for the shim's ticket
     if joined and want.mounts:  # as Pyxis: a running container's mounts are its own
         records.append(
@@ -870,6 +880,35 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
         return [("skip", "no_exec"), *(r for r in records if r[0] == "save")], []
     fds = _handed_over(lease.conn, lease.userns_fd, lease.mntns_fd)
     return records, fds
+
+
+def _start_pmi2_server(facts: JobFacts, base: str) -> Optional[tuple[int, str]]:
+    """The node's PMI-2 → PMIx bridge, started now, while the container and the tasks
+    start (`pmi2bridge.start_node_server`); None if it cannot (the shim's first task
+    starts one then, the way `rankwire exec` does)."""
+    from rankwire.pmi.pmix.pmi2bridge import start_node_server
+
+    try:
+        return start_node_server(
+            facts.job_id,
+            facts.step_id,
+            facts.node_id,
+            facts.local_tasks,
+            facts.stepd_pid,
+            facts.env,
+            base,
+        )
+    except OSError as err:
+        print(f"rankwire: the node's first task starts its PMI-2 bridge: {err}", file=sys.stderr)
+        return None
+
+
+def _stop_pmi2_server(pid: int) -> None:
+    """The step fails before its tasks: the bridge started for them goes (it is ours)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 NAMED_LOCK_S = 60.0  # a step waits that long for another starting the same container

@@ -29,6 +29,7 @@ static struct {
 	int active, enforced, bridge, ns[2], lease, pidfd, tasks, exited; /* ns: user, mount */
 	pid_t holder; /* the lease's peer */
 	char error[1024], *workdir, *helper, *warning, *save; /* save: the start phase's */
+	char *pmi2_server; /* the node's PMI-2 bridge, started by the start phase: its socket */
 	struct buf env; /* the reply's setenv/unsetenv/copyenv records, for the tasks */
 	struct buf entry; /* the reply's entrypoint words, "LEN:WORD" each (`through_entrypoint`) */
 	struct rw_helper h; /* for the save phase, after the last task */
@@ -99,6 +100,7 @@ struct reply {
 	struct buf *req, *keep;
 	int skip, last, enforced, checked, started, bridge, fast, argv_used;
 	char *socket; /* the check phase's join_socket */
+	char *pmi2_server; /* the start phase's: the node's PMI-2 bridge runs, at this socket */
 };
 
 /* The records a step that joins the named container without the helper replays. */
@@ -157,6 +159,9 @@ static void on_reply(const char *key, char *val, void *ctx)
 		rw_fail("rankwire: out of memory");
 	else if (!strcmp(key, "argv_used")) /* the start phase's: the key holds the command */
 		r->argv_used = !strcmp(val, "1");
+	else if (!strcmp(key, "pmi2_server") && /* not replayed: a ticket's step starts one */
+		 (free(r->pmi2_server), !(r->pmi2_server = strdup(val))))
+		rw_fail("rankwire: out of memory");
 }
 
 /* What a phase handed over: exactly [lease, user ns (not if enforced), mount ns]. The lease
@@ -310,7 +315,9 @@ static void setup(spank_t sp, int ac, char **av)
 		rw_ticket_write(dir, job.uid, &req, asked, run.argv_used || chk.argv_used,
 				st.holder, st.ns, chk.socket, &keep);
 	if (chk.started)
-		run.bridge = chk.bridge;
+		run.bridge = chk.bridge, run.pmi2_server = chk.pmi2_server, chk.pmi2_server = NULL;
+	if (run.bridge == 2)
+		st.pmi2_server = run.pmi2_server, run.pmi2_server = NULL;
 joined:
 	st.bridge = run.bridge;
 	if ((st.bridge || st.save) && !(st.helper = strdup(h.path)))
@@ -324,7 +331,7 @@ out:
 	if (st.active && !st.workdir)
 		rw_fail("rankwire: the helper named no working directory in the container");
 	rw_close_fds(&fds), rw_close_fds(&held), free(req.p), free(keep.p);
-	free(chk.socket), free(run.socket);
+	free(chk.socket), free(run.socket), free(chk.pmi2_server), free(run.pmi2_server);
 }
 
 int slurm_spank_init(spank_t sp, int ac UNUSED, char **av UNUSED)
@@ -535,7 +542,12 @@ static int pmi2_socket(spank_t sp, char *dir, size_t dirlen, struct sockaddr_un 
 	    (size_t)n >= dirlen)
 		return -1;
 	memset(sa, 0, sizeof *sa), sa->sun_family = AF_UNIX;
-	n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s/pmi2bridge.%s.%s", dir, jobid, node);
+	if (st.pmi2_server) /* the start phase's, in the same dir */
+		n = strncmp(st.pmi2_server, dir, strlen(dir)) || st.pmi2_server[strlen(dir)] != '/' ?
+		    -1 : snprintf(sa->sun_path, sizeof sa->sun_path, "%s", st.pmi2_server);
+	else
+		n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s/pmi2bridge.%s.%s", dir, jobid,
+			     node);
 	return n > 0 && (size_t)n < sizeof sa->sun_path ? 0 : -1;
 }
 
@@ -565,11 +577,11 @@ static void on_follower(const char *key, char *val, void *ctx)
 }
 
 /* A node bridge's server (`what`) at `sa`, for a task that joins it: connect (it may not
- * listen yet: retried until `deadline`; non-blocking, so a full backlog is EAGAIN and
- * retried, not a wait) and check that the job user serves it. The descriptor, or -1 after
- * rw_fail. */
+ * listen yet: retried until `deadline`, unless it `listened` before the tasks started;
+ * non-blocking, so a full backlog is EAGAIN and retried, not a wait) and check that the
+ * job user serves it. The descriptor, or -1 after rw_fail. */
 static int connect_node_server(const struct sockaddr_un *sa, int64_t deadline,
-			       const char *what)
+			       const char *what, int listened)
 {
 	struct ucred cred = {0, (uid_t)-1, (gid_t)-1};
 	socklen_t len = sizeof cred;
@@ -581,6 +593,10 @@ static int connect_node_server(const struct sockaddr_un *sa, int64_t deadline,
 		if (errno != ENOENT && errno != ECONNREFUSED && errno != EINTR && errno != EAGAIN)
 			return rw_close(fd), rw_fail("rankwire: cannot join the %s at %s: %s", what,
 						     sa->sun_path, strerror(errno)), -1;
+		if (listened && errno != EINTR && errno != EAGAIN)
+			return rw_close(fd), rw_fail("rankwire: the node's %s, started with the "
+				"step, ended before this task joined it (%s); see the step's first "
+				"message (srun -l)", what, strerror(errno)), -1;
 		if (rw_now_ms() >= deadline)
 			return rw_close(fd), rw_fail("rankwire: the node's %s (its task with "
 				"SLURM_LOCALID=0) did not listen within %d s (it did not start, or "
@@ -598,16 +614,17 @@ static int connect_node_server(const struct sockaddr_un *sa, int64_t deadline,
 	return fd;
 }
 
-/* A task that is not its node's first under the PMI-2 bridge joins the bridge its node's
- * first task started (pmi2bridge's followers), here, without a process of its own:
- * connect (it may not listen yet), check that the job user serves it, hand over the
- * task's rank and Slurm socket, read its records (pmi2bridge.follower_reply: the rank's
- * PMIX_* or the leader's error, then end=1). The connection is the task's across exec:
- * its EOF is the task's end. */
+/* A task joins its node's PMI-2 bridge (pmi2bridge's followers), the one the start phase
+ * started (every task, st.pmi2_server) or else its node's first task: here, without a
+ * process of its own: connect (it may not listen yet), check that the job user serves it,
+ * hand over the task's rank, Slurm socket and stderr (the started one's messages go there),
+ * read its records (pmi2bridge.follower_reply: the rank's PMIX_* or the bridge's error,
+ * then end=1). The connection is the task's across exec: its EOF is the task's end. */
 static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 {
 	char dir[64], rank[18], data[4096];
-	union { struct cmsghdr h; char b[CMSG_SPACE(sizeof(int))]; } cbuf = {0};
+	int fds[2] = {slurm_fd, 2};
+	union { struct cmsghdr h; char b[CMSG_SPACE(sizeof fds)]; } cbuf = {0};
 	struct iovec iov = {rank, 0};
 	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf.b,
 			     .msg_controllen = sizeof cbuf.b};
@@ -623,11 +640,11 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 	    pmi2_socket(sp, dir, sizeof dir, &sa))
 		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_RANK, PMI_JOBID "
 			       "and SLURM_NODEID (short, without '/'): run with srun --mpi=pmi2");
-	if ((fd = connect_node_server(&sa, deadline, "PMI-2 bridge")) < 0)
+	if ((fd = connect_node_server(&sa, deadline, "PMI-2 bridge", !!st.pmi2_server)) < 0)
 		return;
 	iov.iov_len = strlen(strcat(rank, "\n"));
-	c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS, c->cmsg_len = CMSG_LEN(sizeof(int));
-	memcpy(CMSG_DATA(c), &slurm_fd, sizeof(int));
+	c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS, c->cmsg_len = CMSG_LEN(sizeof fds);
+	memcpy(CMSG_DATA(c), fds, sizeof fds);
 	if (sendmsg(fd, &msg, MSG_NOSIGNAL) != (ssize_t)iov.iov_len)
 		return rw_close(fd), rw_fail("rankwire: cannot join the PMI-2 bridge: %s",
 					    strerror(errno));
@@ -662,7 +679,8 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 				      "the task");
 }
 
-/* The PMI-2 to PMIx bridge (pmi/pmix/pmi2bridge.py) of this task, still on the host: the
+/* The PMI-2 to PMIx bridge (pmi/pmix/pmi2bridge.py) of this task, still on the host. The
+ * start phase started the node's (st.pmi2_server): every task joins it. Else the
  * node's first task runs `rankwire spank-helper pmi2-bridge DIR` as the job user with the task's
  * environment, which takes over the task's Slurm PMI_FD and becomes the node's PMIx
  * server; its report (the task's PMIX_* in, PMI_* out) is applied here, bounded; EOF on
@@ -683,7 +701,7 @@ static void start_pmi2_bridge(spank_t sp)
 	    pmi2_socket(sp, dir, sizeof dir, &sa))
 		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_FD, PMI_JOBID, "
 			       "SLURM_LOCALID and SLURM_NODEID: run with srun --mpi=pmi2");
-	if (strcmp(local, "0"))
+	if (strcmp(local, "0") || st.pmi2_server)
 		return join_pmi2_bridge(sp, (int)strtol(slurm_fd, NULL, 10));
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, rep) || pipe2(ctl, O_CLOEXEC))
 		return rw_close(rep[0]), rw_close(rep[1]),
@@ -768,7 +786,7 @@ static void join_pmi_bridge(spank_t sp, int bridge_end)
 	frame_add(&b, "end", "1");
 	if (b.oom)
 		return free(b.p), rw_fail("rankwire: cannot join the PMI bridge: out of memory");
-	if ((fd = connect_node_server(&sa, deadline, "PMI bridge server")) < 0)
+	if ((fd = connect_node_server(&sa, deadline, "PMI bridge server", 0)) < 0)
 		return free(b.p);
 	while ((size_t)sent < b.len) { /* the fds go with the first bytes */
 		struct iovec iov = {b.p + sent, b.len - (size_t)sent};

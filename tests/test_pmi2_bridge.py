@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -255,6 +256,40 @@ def test_a_follower_hands_its_pmi_socket_only_to_its_own_user(unprivileged_user:
         squatter.kill()
         squatter.wait()
         shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("end", ["slurmstepd ends", "SIGTERM"])
+def test_a_bridge_started_before_its_tasks_goes_with_the_step_when_none_comes(
+    tmp_path: Path, end: str
+) -> None:
+    """The plugin's start phase starts the node's bridge before its tasks exist
+    (`start_node_server`): it listens at once, and when no task ever comes it ends with
+    slurmstepd (here a stand-in process) or at Slurm's SIGTERM, its socket with it."""
+    stepd = subprocess.Popen(["sleep", "60"])
+    pid = 0
+    try:
+        pid, path = pb.start_node_server(9, 3, 1, 2, stepd.pid, dict(os.environ), str(tmp_path))
+        assert path == str(tmp_path / "pmi2bridge.9.3.1")
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(path)  # no rank, no socket: refused, and the bridge waits on
+        time.sleep(0.5)  # its imports and PMIx_server_init
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)
+        if end == "SIGTERM":
+            os.kill(pid, signal.SIGTERM)
+        else:
+            stepd.kill()
+        deadline = time.monotonic() + 5
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            assert time.monotonic() < deadline, f"the bridge outlived {end}"
+            time.sleep(0.02)
+        pid = 0
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        stepd.kill()
+        stepd.wait()
 
 
 def test_why_a_task_ends_the_step() -> None:

@@ -654,3 +654,28 @@ def test_open_mpi_pmix_in_a_named_container_step_after_step(
             assert_hello(ran.stdout, 2)
     finally:
         end_job(spank_cluster, job)
+
+
+def test_open_mpi_under_pmi2_is_bridged_with_or_without_the_helper(
+    spank_cluster: SlurmCluster, ompi_image: Path, runner: User, no_named_left: None
+) -> None:
+    """The PMI-2 → PMIx bridge both ways the plugin starts it: a step whose helper runs
+    has the node's server started by the start phase (every task joins it); a step that
+    joins the named container from the shim's ticket has no start phase, and its first
+    task starts the server (the others join it)."""
+    from harness.mpi import assert_hello
+
+    job = allocate(spank_cluster, runner, "-n", "2")
+    ticket = slurmd_dir(spank_cluster) / str(job) / f".{runner.uid}.join"
+    args = ("-n", "2", "--mpi=pmi2", f"--container-image={ompi_image}", "--container-name=mpi")
+    try:
+        helped = step(spank_cluster, runner, job, *args, "/opt/hello_ompi")
+        assert helped.returncode == 0, helped.stderr
+        assert_hello(helped.stdout, 2)
+        kept = ticket.stat().st_ino
+        joined = step(spank_cluster, runner, job, *args, "/opt/hello_ompi")
+        assert joined.returncode == 0, joined.stderr
+        assert_hello(joined.stdout, 2)
+        assert ticket.stat().st_ino == kept, "the helper ran"
+    finally:
+        end_job(spank_cluster, job)

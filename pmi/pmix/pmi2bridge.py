@@ -31,6 +31,17 @@ sockets, the control pipe and the followers' connections; libpmix's upcalls reac
 through `loop.call_soon_threadsafe`, as in the helper. It ends when every task of the node
 ended, so the leader's `finish` waits for the node's last task.
 
+Under the SPANK plugin the node's server starts earlier: the start phase (the job user,
+which knows from the plan that the image needs the bridge) forks it with
+`start_node_server` while it starts the container, listening at once, so that its imports
+and `PMIx_server_init` overlap the container's start and slurmstepd's; then *every* task of
+the node follows, the first included (the shim's `join_pmi2_bridge`, which also hands
+over the task's stderr: the server's messages go to the first one's). It learns the
+step's rank, size and layout from the first task that comes, ends with the node's last
+task as the leader's does, and with slurmstepd (a pidfd) or at SIGTERM if no task ever
+comes. A step that joins a named container without the helper (its ticket) has no start
+phase: its first task leads as above.
+
 Because the node's ranks share one server, Open MPI sees its local peers and uses shared
 memory between them (before, each task had a server of its own, emulating one node per
 task: local ranks talked TCP). If the leader cannot start, it tells every follower that
@@ -171,9 +182,9 @@ class Layout:
         return sorted(set(self.node_of))
 
 
-def layout_of(mapping: Optional[str], step: Step) -> Layout:
+def layout_of(mapping: Optional[str], step: Step, leads: bool = True) -> Layout:
     """The step's layout from Slurm's `PMI_process_mapping`; UserError unless it is one
-    this task can lead (its rank the first of its node)."""
+    this task can lead (`leads`: its rank the first of its node)."""
     if not mapping:
         raise UserError(
             "Slurm's PMI-2 server gives no PMI_process_mapping, which the PMI-2 bridge needs "
@@ -193,7 +204,7 @@ def layout_of(mapping: Optional[str], step: Step) -> Layout:
             f"(SLURM_GTIDS={','.join(map(str, step.gtids))}) run, which the PMI-2 bridge needs; "
             "run without --distribution=arbitrary or SLURM_HOSTFILE, or under srun --mpi=pmix"
         )
-    if layout.local[0] != step.rank:
+    if leads and layout.local[0] != step.rank:
         raise UserError(
             f"SLURM_LOCALID=0 is rank {step.rank}, but PMI_process_mapping {mapping} puts rank "
             f"{layout.local[0]} first on this node; the PMI-2 bridge needs them to agree"
@@ -480,6 +491,56 @@ def _follow(step: Step, timeout: float, base: Optional[str] = None) -> Pmi2Bridg
         sock.close()
         raise
     return Pmi2Bridge(0, sock.detach(), env)
+
+
+def start_node_server(
+    job_id: int,
+    step_id: int,
+    node_id: int,
+    local_tasks: int,
+    stepd_pid: int,
+    environ: Mapping[str, str],
+    base: str,
+) -> tuple[int, str]:
+    """The SPANK plugin's way, before the node's tasks exist (its start phase, the job
+    user, knows the image needs the bridge): fork the node's bridge process, listening at
+    once, so that its start (imports, PMIx_server_init) overlaps the container's and
+    slurmstepd's; every task of the node then follows it, the first included (the shim's
+    `join_pmi2_bridge`). It ends with the node's last task, or with slurmstepd
+    (`stepd_pid`) if no task ever comes. Returns (its pid, its socket); OSError if it
+    cannot listen or fork (the shim's first task then starts one as today)."""
+    from rankwire.runtime.instance import listen_at
+
+    step = Step(-1, f"{job_id}.{step_id}", -1, 0, 0, node_id)
+    path = socket_path(step, base)
+    life = os.pidfd_open(stepd_pid)  # our ancestor, waiting for our reply: it is that one
+    try:
+        listener = listen_at(path)
+    except OSError:
+        os.close(life)
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError:
+        listener.close()
+        os.close(life)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    if pid == 0:  # pragma: no cover - the bridge process, exercised under srun
+        global DEBUG
+        os.environ.clear()
+        os.environ.update(environ)  # the step's: RANKWIRE_LIBPMIX, the debug switch, TMPDIR
+        DEBUG = bool(environ.get("RANKWIRE_PMI2BRIDGE_DEBUG"))
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # as in spawn
+        from rankwire.pmi.pmix.pmi2serve import served
+
+        served(step, listener.detach(), life, local_tasks, base)
+    listener.close()
+    os.close(life)
+    return pid, path
 
 
 # -- the hidden CLI ---------------------------------------------------------------------------

@@ -75,6 +75,7 @@ NOSIGNAL = socket.MSG_NOSIGNAL  # a gone follower is an error, not the bridge's 
 
 
 def child(step: Step, report: int, control: int, parent: int, base: str) -> NoReturn:
+    """The leader's bridge (forked by `pmi2bridge.spawn`): it dies with its task's caller."""
     code = 1
     try:
         from rankwire.runtime import syscalls as sc
@@ -82,28 +83,49 @@ def child(step: Step, report: int, control: int, parent: int, base: str) -> NoRe
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the task decides; ^C reaches it
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
-        os.close(null)
-        keep = sorted({0, 1, 2, step.fd, report, control})
-        low = 3
-        for fd in keep:
-            if fd >= low:
-                os.closerange(low, fd)
-                low = fd + 1
-        os.closerange(low, 65536)
-        logging.basicConfig(format="rankwire pmix server: %(message)s", level=logging.WARNING)
-        code = asyncio.run(Bridge(step, report, control, base).run())
+        _detach({step.fd, report, control})
+        code = asyncio.run(Bridge(step, base, report=report, control=control).run())
     except BaseException as err:  # the child must never unwind into the parent's code
         with contextlib.suppress(BaseException):
             _say(f"PMI-2 bridge failed: {err}")
     finally:
         os._exit(code)
+
+
+def served(step: Step, listener: int, life: int, local_tasks: int, base: str) -> NoReturn:
+    """The node's server started before its tasks (`pmi2bridge.start_node_server`): every
+    task of the node follows; it ends with the node's last task, or when slurmstepd
+    (`life`, a pidfd) ends first."""
+    code = 1
+    try:
+        _detach({listener, life})
+        bridge = Bridge(step, base, listener=listener, life=life, local_tasks=local_tasks)
+        code = asyncio.run(bridge.run())
+    except BaseException as err:  # the child must never unwind into the parent's code
+        with contextlib.suppress(BaseException):
+            _say(f"PMI-2 bridge failed: {err}")
+    finally:
+        os._exit(code)
+
+
+def _detach(keep: set[int]) -> None:
+    """Signals as the task decides them, stdin and stdout on /dev/null, every descriptor
+    but stderr and `keep` closed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the task decides; ^C reaches it
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    low = 3
+    for fd in sorted({0, 1, 2, *keep}):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, 65536)
+    logging.basicConfig(format="rankwire pmix server: %(message)s", level=logging.WARNING)
 
 
 def _say(text: str) -> None:
@@ -197,21 +219,43 @@ class _Sink:
 class Bridge:
     """The bridge process's loop: libpmix's server for the node's ranks (through
     `helper.Helper`), their PMI-2 connections, the leader's control pipe and the
-    followers' connections."""
+    followers' connections. Either the leader's (`report`/`control`: its own task's Slurm
+    socket is `step.fd`) or the node's server started before its tasks (`listener`,
+    `life`: every task follows; the step's rank and size come from the first one)."""
 
-    def __init__(self, step: Step, report: int, control: int, base: str) -> None:
+    def __init__(
+        self,
+        step: Step,
+        base: str,
+        *,
+        report: int = -1,
+        control: int = -1,
+        listener: int = -1,
+        life: int = -1,
+        local_tasks: int = 0,
+    ) -> None:
         self.step = step
         self.base = base  # the private dir of the node's socket
         self.report = report
         self.control = control
+        self.life = life  # slurmstepd's pidfd (a server started before its tasks)
+        self.served = listener >= 0  # every task follows, the first's socket is `pmi`
+        self.local_tasks = local_tasks  # the node's task count, as slurmstepd knows it
         self.nspace = nspace_for(step.jobid)
-        self.pmi = AsyncPmi2(socket.socket(fileno=step.fd))  # the leader's own task's
-        self.conns: dict[int, AsyncPmi2] = {step.rank: self.pmi}  # rank → its PMI-2 socket
+        self.pmi: Optional[AsyncPmi2] = None  # the connection that puts, gets and aborts
+        self.conns: dict[int, AsyncPmi2] = {}  # rank → its PMI-2 socket
+        if not self.served:
+            self.pmi = self.conns[step.rank] = AsyncPmi2(socket.socket(fileno=step.fd))
         self.tasks: dict[int, socket.socket] = {}  # follower rank → its connection
         self.said: dict[int, bytes] = {}  # what a follower wrote so far
         self.layout: Optional[Layout] = None
         self.listener: Optional[socket.socket] = None
         self.path = ""  # the listener's socket file
+        if self.served:
+            self.listener = socket.socket(fileno=listener)
+            self.listener.setblocking(False)
+            self.path = socket_path(step, base)
+        self.stderr = False  # a follower's stderr is ours (a served bridge has none before)
         self.inited: set[int] = set()  # ranks whose PMI-2 connection completed init
         self.helper: Any = None  # helper.Helper, imported in the bridge process only
         self.sink = _Sink(self._from_helper)
@@ -219,6 +263,8 @@ class Bridge:
         self.fences: Optional[asyncio.Queue[dict[str, Any]]] = None
         self.done: Optional[asyncio.Future[int]] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.main: Optional[asyncio.Task[Any]] = None
+        self.up = False  # started: the node's tasks have their PMIx environment
         self.aborted = False
         self.connected: set[int] = set()  # ranks whose PMIx_Init reached the server
         self.finalized: set[int] = set()
@@ -239,7 +285,10 @@ class Bridge:
         self.fences = asyncio.Queue()
         done: asyncio.Future[int] = loop.create_future()
         self.done = done
-        loop.add_signal_handler(signal.SIGTERM, self.end, 143)
+        self.main = asyncio.current_task()
+        loop.add_signal_handler(signal.SIGTERM, self._quit, 143, "SIGTERM")
+        if self.life >= 0:
+            loop.add_reader(self.life, self._quit, 1, "slurmstepd ended")
         for key in [k for k in os.environ if k.startswith(("PMIX_", "PMI_"))]:
             del os.environ[key]
         os.environ.update(HELPER_ENV)  # read by PMIx_server_init
@@ -253,14 +302,19 @@ class Bridge:
                 if len(self.layout.nodes) > 1:  # one node: this server is the step's
                     await asyncio.gather(*(c.fence() for c in self.conns.values()))
                     _debug(f"node {self.step.node_id}: start fence done")
+            except asyncio.CancelledError:  # ended (`_quit`) before the node's tasks came
+                return done.result() if done.done() else 1
             except Exception as err:  # UserError, PmixError, PMI-2 failures: one line
                 line = str(err).splitlines()[0]
-                os.write(self.report, json.dumps({"error": line}).encode())
-                os.close(self.report)
+                if self.report >= 0:
+                    os.write(self.report, json.dumps({"error": line}).encode())
+                    os.close(self.report)
                 await self._refuse_followers(follower_reply(error=line))
                 return 1
-            os.write(self.report, json.dumps({"env": envs[self.step.rank]}).encode())
-            os.close(self.report)
+            self.up = True
+            if self.report >= 0:
+                os.write(self.report, json.dumps({"env": envs[self.step.rank]}).encode())
+                os.close(self.report)
             for rank, conn in self.tasks.items():
                 try:
                     conn.sendall(follower_reply(env=envs[rank]), NOSIGNAL)
@@ -272,7 +326,8 @@ class Bridge:
                 conn.setblocking(False)
                 loop.add_reader(conn.fileno(), self._follower, rank)
             fences = loop.create_task(self._fences())
-            loop.add_reader(self.control, self._control)
+            if self.control >= 0:
+                loop.add_reader(self.control, self._control)
             try:
                 return await done
             finally:
@@ -282,17 +337,33 @@ class Bridge:
                     with contextlib.suppress(ValueError, OSError):
                         loop.remove_reader(conn.fileno())
         finally:
+            if self.life >= 0:
+                with contextlib.suppress(ValueError, OSError):
+                    loop.remove_reader(self.life)
             if fences is not None:
                 fences.cancel()
             await self._stop()
+
+    def _quit(self, code: int, why: str) -> None:
+        """SIGTERM (Slurm ending the step), or slurmstepd's end: the step is over, whether
+        or not the node's tasks came."""
+        assert self.loop is not None
+        _debug(f"node {self.step.node_id}: {why}")
+        if self.life >= 0:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.life)
+        if not self.up and self.main is not None:
+            self.main.cancel()  # still starting: waiting for the tasks, or for PMIx
+        self.end(code)
 
     async def _start(
         self, claim_tmpdir: Callable[[], tuple[str, int]]
     ) -> dict[int, dict[str, str]]:
         from rankwire.pmi.pmix import helper as hp
 
-        _debug(f"rank {self.step.rank}: bridge process up")
-        self._listen()  # first: the node's tasks hear of any failure from here on
+        _debug(f"node {self.step.node_id}: bridge process up")
+        if self.listener is None:
+            self._listen()  # first: the node's tasks hear of any failure from here on
         assert self.loop is not None
         self.helper = helper = hp.Helper(self.loop, cast(asyncio.StreamWriter, self.sink))
         # libpmix (gds=hash, TCP, not a system server) keeps nothing in its tmpdir once it
@@ -327,20 +398,45 @@ class Bridge:
         return {r: pmix_env(ready["envs"][str(r)], self.nspace) for r in layout.local}
 
     async def _job_layout(self) -> Layout:
-        """This task's PMI-2 init, where Slurm placed the step, and the node's other tasks."""
+        """This task's PMI-2 init, where Slurm placed the step, and the node's other tasks.
+        A served bridge's "this task" is the first that hands over its socket."""
+        if self.served:
+            await self._first_follower()
+        assert self.pmi is not None
         reply = await self.pmi.init(self.step)
         self.inited.add(self.step.rank)
+        if self.served:  # the size is Slurm's to say
+            self.step = dataclasses.replace(self.step, size=reply.size)
         if (reply.rank, reply.size) != (self.step.rank, self.step.size):
             raise UserError(
                 f"Slurm's PMI-2 server says rank {reply.rank} of {reply.size}, the environment "
                 f"rank {self.step.rank} of {self.step.size}; fix PMI_RANK/PMI_SIZE"
             )
         mapping = (await self.pmi.call(GetJobAttr("PMI_process_mapping"), GetReply)).value
-        self.layout = layout = layout_of(mapping, self.step)
+        self.layout = layout = layout_of(mapping, self.step, leads=not self.served)
+        if self.served and self.local_tasks and len(layout.local) != self.local_tasks:
+            raise UserError(
+                f"Slurm's PMI_process_mapping {mapping} puts {len(layout.local)} ranks on this "
+                f"node, slurmstepd {self.local_tasks}, which the PMI-2 bridge needs to agree; "
+                "run without --distribution=arbitrary or SLURM_HOSTFILE, or under srun --mpi=pmix"
+            )
         _debug(f"rank {self.step.rank}: PMI-2 init done, mapping {mapping}")
         await self._gather_followers(layout)
         _debug(f"node {self.step.node_id}: {len(self.tasks)} followers")
         return layout
+
+    async def _first_follower(self) -> None:
+        """A served bridge waits for the node's first task, however late (slurmstepd's end
+        cancels the wait): its Slurm socket is the one that asks where the ranks are."""
+        assert self.loop is not None and self.listener is not None
+        while not self.tasks:
+            conn, _ = await self.loop.sock_accept(self.listener)
+            rank = self._take_follower(conn, None)
+            if rank is None:
+                conn.close()
+                continue
+            self.step = dataclasses.replace(self.step, rank=rank)
+            self.pmi = self.conns[rank]
 
     def _listen(self) -> None:
         """The node's socket, in the user's private runtime dir (over a dead bridge's)."""
@@ -379,25 +475,37 @@ class Bridge:
                     f"ranks {','.join(map(str, sorted(waiting)))} of this node did not reach "
                     f"the PMI-2 bridge within {GATHER_TIMEOUT:g} s; see their messages"
                 ) from None
-            rank = self._take_follower(conn, waiting)
+            # a served bridge takes any rank: one that is not this node's is Slurm's error
+            rank = self._take_follower(conn, None if self.served else waiting)
             if rank is None:
                 conn.close()
                 continue
+            if rank not in layout.local:
+                raise UserError(
+                    f"Slurm's PMI_process_mapping puts rank {rank} on node "
+                    f"{layout.node_of[rank] if rank < len(layout.node_of) else '?'}, yet it runs "
+                    f"on node {layout.node} with rank {self.step.rank}, which the PMI-2 bridge "
+                    "needs to agree; run without --distribution=arbitrary or SLURM_HOSTFILE, or "
+                    "under srun --mpi=pmix"
+                )
             waiting.discard(rank)
         self._unlisten()
+        ranks = [r for r in self.tasks if r not in self.inited]
         replies = await asyncio.gather(
-            *(self.conns[r].init(dataclasses.replace(self.step, rank=r, fd=-1)) for r in self.tasks)
+            *(self.conns[r].init(dataclasses.replace(self.step, rank=r, fd=-1)) for r in ranks)
         )
-        self.inited.update(self.tasks)
-        for rank, reply in zip(self.tasks, replies):
+        self.inited.update(ranks)
+        for rank, reply in zip(ranks, replies):
             if reply.rank != rank:
                 raise UserError(
                     f"a task of this node claimed rank {rank}, Slurm says it is rank "
                     f"{reply.rank}; fix PMI_RANK"
                 )
 
-    def _take_follower(self, conn: socket.socket, waiting: set[int]) -> Optional[int]:
-        """A follower's rank and PMI-2 socket; None (and a line) for anything else."""
+    def _take_follower(self, conn: socket.socket, waiting: Optional[set[int]]) -> Optional[int]:
+        """A follower's rank and PMI-2 socket (and, from the shim, its stderr: a served
+        bridge's from the first); None (and a line) for anything else. `waiting` None:
+        any rank (a served bridge's first task)."""
         pid, uid, _gid = peer_creds(conn)
         if uid != os.getuid():
             _say(f"PMI-2 bridge: refused a connection from uid {uid} (pid {pid})")
@@ -405,12 +513,18 @@ class Bridge:
         conn.setblocking(True)
         conn.settimeout(STOP_TIMEOUT)
         try:
-            data, fds, _flags, _addr = socket.recv_fds(conn, 64, 1)
+            data, fds, _flags, _addr = socket.recv_fds(conn, 64, 2)
         except OSError:
             return None
+        if len(fds) == 2:
+            if self.served and not self.stderr:
+                os.dup2(fds[1], 2)
+                self.stderr = True
+            os.close(fds.pop())
         text = data.decode(errors="replace").strip()
         rank = int(text) if text.isascii() and text.isdigit() else -1
-        if len(fds) != 1 or rank not in waiting or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
+        wanted = rank >= 0 and rank not in self.tasks if waiting is None else rank in waiting
+        if len(fds) != 1 or not wanted or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
             for fd in fds:
                 os.close(fd)
             _say(f"PMI-2 bridge: refused pid {pid}: rank {text!r} is not one this node waits for")
@@ -427,9 +541,12 @@ class Bridge:
         if self.listener is None:
             return
         assert self.loop is not None
-        deadline = time.monotonic() + STOP_TIMEOUT
+        # a served bridge's tasks may still be on their way (it started before them)
+        deadline = time.monotonic() + (GATHER_TIMEOUT if self.served else STOP_TIMEOUT)
         told = len(self.tasks)
-        expected = len(self.layout.local) - 1 if self.layout else None
+        expected: Optional[int] = self.local_tasks or None
+        if self.layout:
+            expected = len(self.layout.local) - (0 if self.served else 1)
         while (expected is None or told < expected) and time.monotonic() < deadline:
             try:
                 conn, _ = await asyncio.wait_for(
@@ -517,7 +634,8 @@ class Bridge:
         if not quiet:
             _say(f"rank {rank} aborted the job (code {code}): {message}")
         self._drop_clients()
-        self.pmi.abort(code, message or f"rank {rank} aborted")
+        if self.pmi is not None:
+            self.pmi.abort(code, message or f"rank {rank} aborted")
 
     def _drop_clients(self) -> None:
         """Before a PMI-2 abort: deregister the node's ranks from libpmix, which removes the
@@ -581,6 +699,7 @@ class Bridge:
         self.epoch += 1
         epoch, me = self.epoch, self.layout.node
         _debug(f"node {me}: fence {epoch} ({len(data)} bytes) in")
+        assert self.pmi is not None
         if data:
             for i, chunk in enumerate(split_blob(data)):
                 await self.pmi.put(chunk_key(epoch, me, i), chunk)
@@ -594,6 +713,7 @@ class Bridge:
         return 0, b"".join(parts)
 
     async def _fetch(self, epoch: int, node: int) -> bytes:
+        assert self.pmi is not None
         first = await self.pmi.get(chunk_key(epoch, node, 0))
         if first is None:
             return b""
