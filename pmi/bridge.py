@@ -444,7 +444,7 @@ def task_pmi_env(environ: Mapping[str, str], pmi: str = "pmi2") -> dict[str, str
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if local == "0":
-            _start_node_server(ours.fileno(), environ, base)
+            _fork_node_server(ours.fileno(), environ, base)
         else:
             _hand_over(ours.fileno(), environ, base)
     except BaseException:
@@ -457,7 +457,7 @@ def task_pmi_env(environ: Mapping[str, str], pmi: str = "pmi2") -> dict[str, str
     return pmi_env(fd, known.rank, known.size, known.jobid, False, pmi)
 
 
-def _start_node_server(fd: int, environ: Mapping[str, str], base: str) -> None:
+def _fork_node_server(fd: int, environ: Mapping[str, str], base: str) -> None:
     """The node's first task: fork the node's bridge server, detached, serving this task
     on `fd`; its messages go to our stderr."""
 
@@ -477,6 +477,63 @@ def _start_node_server(fd: int, environ: Mapping[str, str], base: str) -> None:
         raise UserError(
             f"cannot start the node's PMI bridge server ({err.strerror}); retry the step"
         ) from None
+
+
+def start_node_server(
+    job_id: int,
+    step_id: int,
+    node_id: int,
+    local_tasks: int,
+    stepd_pid: int,
+    environ: Mapping[str, str],
+    base: str,
+) -> tuple[int, str]:
+    """The SPANK plugin's way, before the node's tasks exist (its start phase, the job
+    user, knows the image needs the bridge): fork the node's bridge server, listening at
+    once, so that its imports and libpmix load while the container and the tasks start;
+    every task of the node then joins it, the first included (the shim's
+    `join_pmi_bridge`). It ends once the node's `local_tasks` tasks have their bridges,
+    or with slurmstepd (`stepd_pid`) or at SIGTERM if they do not come. Returns (its pid,
+    its socket); OSError if it cannot listen or fork (the shim's first task then starts
+    one as today)."""
+    from rankwire.runtime.instance import listen_at
+
+    path = os.path.join(base, f"pmibridge.{job_id}.{step_id}.{node_id}")  # as node_socket
+    life = os.pidfd_open(stepd_pid)  # our ancestor, waiting for our reply: it is that one
+    try:
+        listener = listen_at(path)
+    except OSError:
+        os.close(life)
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError:
+        listener.close()
+        os.close(life)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    if pid == 0:  # pragma: no cover - the server, exercised under srun
+        code = 1
+        try:
+            os.environ.clear()
+            os.environ.update(environ)  # the step's: RANKWIRE_LIBPMIX, before libpmix loads
+            _quiet({listener.fileno(), life})
+            from rankwire.pmi.bridgeserve import serve_started
+
+            code = serve_started(listener, path, life, local_tasks)
+        except SystemExit as end:  # a signal's 128 + N
+            code = end.code if isinstance(end.code, int) else 1
+        except BaseException as err:  # never unwind into the start phase's code
+            with contextlib.suppress(BaseException):
+                _say(f"the node's PMI bridge server failed: {err}")
+        finally:
+            os._exit(code)
+    listener.close()
+    os.close(life)
+    return pid, path
 
 
 def fork_detached(body: Callable[[], int]) -> None:

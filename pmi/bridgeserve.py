@@ -121,30 +121,16 @@ def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
     why on its own stderr, as does each task still waiting when this server ends. Returns
     once every task of the node (SLURM_GTIDS) has its bridge, or after NODE_WAIT; SIGTERM
     (the step's end) ends it too."""
-    import select
-    import time
-
     _socket_of(fd).detach()  # checked before anything forks
     if step_offer(environ) != "pmix":
         raise UserError(_NO_PMIX)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the `finally` below runs
-        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    os.close(null)
+    _on_signals_exit()
     others = len([t for t in environ.get("SLURM_GTIDS", "").split(",") if t]) - 1
-    # libpmix and its dependencies loaded and declared once, here, not in each bridge
-    # (measured: a bridge's PMIx_Init and job info then take 4 ms of CPU instead of 14)
-    from rankwire.pmi.pmix.abi import lib
-    from rankwire.pmi.pmix.client_lib import Client  # noqa: F401
-
-    with contextlib.suppress(UserError):  # no libpmix: each bridge says so to its task
-        lib()
+    _load_libpmix()
     path = node_socket(environ, base) if others > 0 else None
     listener = _listen(path) if path else None
     why = "the node's PMI bridge server ended"
-    try:
+    try:  # a signal from here on: the socket goes too
         try:
             _fork_bridge(fd, 2, dict(environ))
         except OSError as err:
@@ -152,10 +138,68 @@ def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
             _say(f"cannot fork this task's PMI bridge ({err.strerror}); retry the step")
             return 1
         os.close(fd)
-        deadline = time.monotonic() + NODE_WAIT
-        while listener is not None and others > 0:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([listener], [], [], left)[0]:
+        if listener is None:
+            return 0
+        serving, listener = listener, None  # `_serve_tasks` closes it
+        return _serve_tasks(serving, str(path), others, NODE_WAIT)
+    finally:
+        if listener is not None:
+            _close(listener, str(path), why)
+
+
+def serve_started(listener: socket.socket, path: str, life: int, tasks: int) -> int:
+    """The node's bridge server started before its tasks (`bridge.start_node_server`,
+    the SPANK plugin's start phase): each of the node's `tasks` joins it, as the other
+    tasks join `serve_node`'s; its messages go to the first one's stderr. Returns once
+    each has its bridge; when they do not come within NODE_WAIT of the first, or
+    slurmstepd (`life`, a pidfd) ends first, or at SIGTERM, after saying so."""
+    _on_signals_exit()
+    _load_libpmix()
+    return _serve_tasks(listener, path, tasks, None, life)
+
+
+def _on_signals_exit() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the `finally`s run
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+
+
+def _load_libpmix() -> None:
+    """libpmix and its dependencies loaded and declared once, in the server, not in each
+    bridge (measured: a bridge's PMIx_Init and job info then take 4 ms of CPU instead of
+    14); without libpmix, each bridge says so to its task."""
+    from rankwire.pmi.pmix.abi import lib
+    from rankwire.pmi.pmix.client_lib import Client  # noqa: F401
+
+    with contextlib.suppress(UserError):
+        lib()
+
+
+def _serve_tasks(
+    listener: socket.socket, path: str, others: int, wait: Optional[float], life: int = -1
+) -> int:
+    """Fork the bridge of each of `others` tasks as it joins at `listener` (`path`), within
+    `wait` seconds (None: NODE_WAIT from the first that comes; before it, as long as
+    slurmstepd, `life`, lives); a server started before its tasks takes the first one's
+    stderr. 0 once all came; 1, said, if not."""
+    import select
+    import time
+
+    served = wait is None
+    deadline = time.monotonic() + wait if wait is not None else None
+    why = "the node's PMI bridge server ended"
+    try:
+        while others > 0:
+            left = deadline - time.monotonic() if deadline is not None else None
+            watched = [listener.fileno(), *([life] if life >= 0 else [])]
+            ready = select.select(watched, [], [], left)[0] if left is None or left > 0 else []
+            if life >= 0 and life in ready:
+                why = "slurmstepd ended first"
+                return 1
+            if not ready:
                 why = f"the node's PMI bridge server waited {NODE_WAIT:.0f} s for it"
                 _say(
                     f"{others} task(s) of this node did not reach its PMI bridge server "
@@ -167,14 +211,22 @@ def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
             except OSError:
                 continue
             with conn:
-                others -= _take_task(conn, deadline)
+                took = _take_task(conn, deadline or time.monotonic() + NODE_WAIT, served)
+            if took and deadline is None:
+                deadline = time.monotonic() + NODE_WAIT
+                served = False  # the first one's stderr is ours now
+            others -= took
         return 0
     finally:
-        if listener is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(str(path))
-            _refuse_waiting(listener, why)
-            listener.close()
+        _close(listener, path, why)
+
+
+def _close(listener: socket.socket, path: str, why: str) -> None:
+    """No task joins any more: the socket goes; each already queued hears `why`."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    _refuse_waiting(listener, why)
+    listener.close()
 
 
 def _listen(path: str) -> Optional[socket.socket]:
@@ -211,9 +263,10 @@ def _refuse_waiting(listener: socket.socket, why: str) -> None:
                 os.close(got)
 
 
-def _take_task(conn: socket.socket, deadline: float) -> int:
+def _take_task(conn: socket.socket, deadline: float, adopt: bool = False) -> int:
     """One task's hand-over, within 5 s and `deadline`: 1 when the task is dealt with (its
-    bridge forked, or, when it gave its stderr but no bridge could be, told why), else 0."""
+    bridge forked, or, when it gave its stderr but no bridge could be, told why), else 0.
+    `adopt`: its stderr becomes ours too."""
     import time
 
     from rankwire.runtime import frame
@@ -239,6 +292,8 @@ def _take_task(conn: socket.socket, deadline: float) -> int:
             why = "its hand-over was cut short"
         except (OSError, frame.FrameError) as err:
             records, why = [], f"its hand-over failed ({err})"
+        if len(fds) == 2 and adopt:
+            os.dup2(fds[1], 2)
         if len(fds) == 2 and records[-1:] == [("end", "1")]:
             env = frame.pairs(frame.every(records, "env"))
             cpus = {

@@ -842,8 +842,8 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
         except UserError as err:
             raise UserError(str(err).replace("--save", "--container-save", 1)) from None
     server = None
-    if bridge.bridge == PMI2_TO_PMIX and want.name_mode != "no_exec":
-        server = _start_pmi2_server(facts, checked["runtime_dir"])
+    if bridge.bridge and want.name_mode != "no_exec":
+        server = _start_bridge_server(bridge.bridge, facts, checked["runtime_dir"])
     try:
         joined = False
         if want.name is None:
@@ -852,11 +852,11 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
             lease, joined = _join_or_start_named(container, facts, want, tuple(binds.values()))
     except BaseException:
         if server is not None:
-            _stop_pmi2_server(server[0])
+            _stop_bridge_server(server[0])
         raise
     records = _task_records(facts, want, env, workdir, bridge, image)
     if server is not None:  # the shim's tasks all follow it (else the first task starts one)
-        records.append(("pmi2_server", server[1]))
+        records.append(("bridge_server", server[1]))
     records.append(("argv_used", "1" if read_argv else "0"))  # for the shim's ticket
     if joined and want.mounts:  # as Pyxis: a running container's mounts are its own
         records.append(
@@ -882,12 +882,15 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
     return records, fds
 
 
-def _start_pmi2_server(facts: JobFacts, base: str) -> Optional[tuple[int, str]]:
-    """The node's PMI-2 → PMIx bridge, started now, while the container and the tasks
-    start (`pmi2bridge.start_node_server`); None if it cannot (the shim's first task
-    starts one then, the way `rankwire exec` does)."""
-    from rankwire.pmi.pmix.pmi2bridge import start_node_server
-
+def _start_bridge_server(way: str, facts: JobFacts, base: str) -> Optional[tuple[int, str]]:
+    """The node's PMI bridge server (`way`: PMIX_TO_PMI or PMI2_TO_PMIX), started now,
+    while the container and the tasks start (`bridge.start_node_server`,
+    `pmi2bridge.start_node_server`); None if it cannot (the shim's first task starts one
+    then, the way `rankwire exec` does)."""
+    if way == PMI2_TO_PMIX:
+        from rankwire.pmi.pmix.pmi2bridge import start_node_server
+    else:
+        from rankwire.pmi.bridge import start_node_server
     try:
         return start_node_server(
             facts.job_id,
@@ -899,11 +902,11 @@ def _start_pmi2_server(facts: JobFacts, base: str) -> Optional[tuple[int, str]]:
             base,
         )
     except OSError as err:
-        print(f"rankwire: the node's first task starts its PMI-2 bridge: {err}", file=sys.stderr)
+        print(f"rankwire: the node's first task starts its PMI bridge: {err}", file=sys.stderr)
         return None
 
 
-def _stop_pmi2_server(pid: int) -> None:
+def _stop_bridge_server(pid: int) -> None:
     """The step fails before its tasks: the bridge started for them goes (it is ours)."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)

@@ -29,7 +29,7 @@ static struct {
 	int active, enforced, bridge, ns[2], lease, pidfd, tasks, exited; /* ns: user, mount */
 	pid_t holder; /* the lease's peer */
 	char error[1024], *workdir, *helper, *warning, *save; /* save: the start phase's */
-	char *pmi2_server; /* the node's PMI-2 bridge, started by the start phase: its socket */
+	char *bridge_server; /* the node's bridge server, started by the start phase: its socket */
 	struct buf env; /* the reply's setenv/unsetenv/copyenv records, for the tasks */
 	struct buf entry; /* the reply's entrypoint words, "LEN:WORD" each (`through_entrypoint`) */
 	struct rw_helper h; /* for the save phase, after the last task */
@@ -100,7 +100,7 @@ struct reply {
 	struct buf *req, *keep;
 	int skip, last, enforced, checked, started, bridge, fast, argv_used;
 	char *socket; /* the check phase's join_socket */
-	char *pmi2_server; /* the start phase's: the node's PMI-2 bridge runs, at this socket */
+	char *bridge_server; /* the start phase's: the node's bridge server runs, at this socket */
 };
 
 /* The records a step that joins the named container without the helper replays. */
@@ -159,8 +159,8 @@ static void on_reply(const char *key, char *val, void *ctx)
 		rw_fail("rankwire: out of memory");
 	else if (!strcmp(key, "argv_used")) /* the start phase's: the key holds the command */
 		r->argv_used = !strcmp(val, "1");
-	else if (!strcmp(key, "pmi2_server") && /* not replayed: a ticket's step starts one */
-		 (free(r->pmi2_server), !(r->pmi2_server = strdup(val))))
+	else if (!strcmp(key, "bridge_server") && /* not replayed: a ticket's step starts one */
+		 (free(r->bridge_server), !(r->bridge_server = strdup(val))))
 		rw_fail("rankwire: out of memory");
 }
 
@@ -315,9 +315,9 @@ static void setup(spank_t sp, int ac, char **av)
 		rw_ticket_write(dir, job.uid, &req, asked, run.argv_used || chk.argv_used,
 				st.holder, st.ns, chk.socket, &keep);
 	if (chk.started)
-		run.bridge = chk.bridge, run.pmi2_server = chk.pmi2_server, chk.pmi2_server = NULL;
-	if (run.bridge == 2)
-		st.pmi2_server = run.pmi2_server, run.pmi2_server = NULL;
+		run.bridge = chk.bridge, run.bridge_server = chk.bridge_server, chk.bridge_server = NULL;
+	if (run.bridge)
+		st.bridge_server = run.bridge_server, run.bridge_server = NULL;
 joined:
 	st.bridge = run.bridge;
 	if ((st.bridge || st.save) && !(st.helper = strdup(h.path)))
@@ -331,7 +331,7 @@ out:
 	if (st.active && !st.workdir)
 		rw_fail("rankwire: the helper named no working directory in the container");
 	rw_close_fds(&fds), rw_close_fds(&held), free(req.p), free(keep.p);
-	free(chk.socket), free(run.socket), free(chk.pmi2_server), free(run.pmi2_server);
+	free(chk.socket), free(run.socket), free(chk.bridge_server), free(run.bridge_server);
 }
 
 int slurm_spank_init(spank_t sp, int ac UNUSED, char **av UNUSED)
@@ -527,6 +527,20 @@ static void unset_prefixed(spank_t sp, const char *prefix)
 
 #define PMI2_JOIN_MS 60000 /* pmi/pmix/pmi2bridge.START_TIMEOUT */
 
+/* The node's bridge server that the start phase started (st.bridge_server): its socket,
+ * which must be in the user's runtime dir `dir`. */
+static int started_socket(const char *dir, struct sockaddr_un *sa)
+{
+	size_t len = strlen(dir);
+	int n;
+
+	if (strncmp(st.bridge_server, dir, len) || st.bridge_server[len] != '/')
+		return -1;
+	memset(sa, 0, sizeof *sa), sa->sun_family = AF_UNIX;
+	n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s", st.bridge_server);
+	return n > 0 && (size_t)n < sizeof sa->sun_path ? 0 : -1;
+}
+
 /* The node's PMI-2 bridge socket, as pmi/pmix/pmi2bridge.socket_path names it: in the job
  * user's runtime dir (root made it, 0700), after PMI_JOBID ("job.step") and the node. */
 static int pmi2_socket(spank_t sp, char *dir, size_t dirlen, struct sockaddr_un *sa)
@@ -541,13 +555,10 @@ static int pmi2_socket(spank_t sp, char *dir, size_t dirlen, struct sockaddr_un 
 	if ((n = snprintf(dir, dirlen, RW_RUN_DIR "/%u", (unsigned)getuid())) < 0 ||
 	    (size_t)n >= dirlen)
 		return -1;
+	if (st.bridge_server)
+		return started_socket(dir, sa);
 	memset(sa, 0, sizeof *sa), sa->sun_family = AF_UNIX;
-	if (st.pmi2_server) /* the start phase's, in the same dir */
-		n = strncmp(st.pmi2_server, dir, strlen(dir)) || st.pmi2_server[strlen(dir)] != '/' ?
-		    -1 : snprintf(sa->sun_path, sizeof sa->sun_path, "%s", st.pmi2_server);
-	else
-		n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s/pmi2bridge.%s.%s", dir, jobid,
-			     node);
+	n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s/pmi2bridge.%s.%s", dir, jobid, node);
 	return n > 0 && (size_t)n < sizeof sa->sun_path ? 0 : -1;
 }
 
@@ -615,7 +626,7 @@ static int connect_node_server(const struct sockaddr_un *sa, int64_t deadline,
 }
 
 /* A task joins its node's PMI-2 bridge (pmi2bridge's followers), the one the start phase
- * started (every task, st.pmi2_server) or else its node's first task: here, without a
+ * started (every task, st.bridge_server) or else its node's first task: here, without a
  * process of its own: connect (it may not listen yet), check that the job user serves it,
  * hand over the task's rank, Slurm socket and stderr (the started one's messages go there),
  * read its records (pmi2bridge.follower_reply: the rank's PMIX_* or the bridge's error,
@@ -640,7 +651,7 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 	    pmi2_socket(sp, dir, sizeof dir, &sa))
 		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_RANK, PMI_JOBID "
 			       "and SLURM_NODEID (short, without '/'): run with srun --mpi=pmi2");
-	if ((fd = connect_node_server(&sa, deadline, "PMI-2 bridge", !!st.pmi2_server)) < 0)
+	if ((fd = connect_node_server(&sa, deadline, "PMI-2 bridge", !!st.bridge_server)) < 0)
 		return;
 	iov.iov_len = strlen(strcat(rank, "\n"));
 	c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS, c->cmsg_len = CMSG_LEN(sizeof fds);
@@ -680,7 +691,7 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 }
 
 /* The PMI-2 to PMIx bridge (pmi/pmix/pmi2bridge.py) of this task, still on the host. The
- * start phase started the node's (st.pmi2_server): every task joins it. Else the
+ * start phase started the node's (st.bridge_server): every task joins it. Else the
  * node's first task runs `rankwire spank-helper pmi2-bridge DIR` as the job user with the task's
  * environment, which takes over the task's Slurm PMI_FD and becomes the node's PMIx
  * server; its report (the task's PMIX_* in, PMI_* out) is applied here, bounded; EOF on
@@ -701,7 +712,7 @@ static void start_pmi2_bridge(spank_t sp)
 	    pmi2_socket(sp, dir, sizeof dir, &sa))
 		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_FD, PMI_JOBID, "
 			       "SLURM_LOCALID and SLURM_NODEID: run with srun --mpi=pmi2");
-	if (strcmp(local, "0") || st.pmi2_server)
+	if (strcmp(local, "0") || st.bridge_server)
 		return join_pmi2_bridge(sp, (int)strtol(slurm_fd, NULL, 10));
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, rep) || pipe2(ctl, O_CLOEXEC))
 		return rw_close(rep[0]), rw_close(rep[1]),
@@ -742,15 +753,18 @@ static int pmi_node_socket(spank_t sp, char *dir, size_t dirlen, struct sockaddr
 	if ((n = snprintf(dir, dirlen, RW_RUN_DIR "/%u", (unsigned)getuid())) < 0 ||
 	    (size_t)n >= dirlen)
 		return -1;
+	if (st.bridge_server)
+		return started_socket(dir, sa);
 	memset(sa, 0, sizeof *sa), sa->sun_family = AF_UNIX;
 	n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s/pmibridge.%s.%s.%s", dir, job, step,
 		     node);
 	return n > 0 && (size_t)n < sizeof sa->sun_path ? 0 : -1;
 }
 
-/* A task that is not its node's first hands its end of the PMI_FD socketpair, its stderr
- * and its environment (framed `env=K=V` records, then end=1) to the node's bridge server
- * (pmi/bridgeserve.serve_node, which the first task's shim started), which forks its
+/* A task hands its end of the PMI_FD socketpair, its stderr and its environment (framed
+ * `env=K=V` records, then end=1) to the node's bridge server (pmi/bridgeserve: the one the
+ * start phase started, st.bridge_server, which every task joins; or the one the first
+ * task's shim started, which the others join), which forks its
  * bridge: connect (it may not listen yet), check that the job user serves it, send,
  * close. Nothing comes back, as from a bridge of the task's own: the task's PMI client
  * waits on PMI_FD. */
@@ -786,7 +800,7 @@ static void join_pmi_bridge(spank_t sp, int bridge_end)
 	frame_add(&b, "end", "1");
 	if (b.oom)
 		return free(b.p), rw_fail("rankwire: cannot join the PMI bridge: out of memory");
-	if ((fd = connect_node_server(&sa, deadline, "PMI bridge server", 0)) < 0)
+	if ((fd = connect_node_server(&sa, deadline, "PMI bridge server", !!st.bridge_server)) < 0)
 		return free(b.p);
 	while ((size_t)sent < b.len) { /* the fds go with the first bytes */
 		struct iovec iov = {b.p + sent, b.len - (size_t)sent};
@@ -825,7 +839,8 @@ static void join_pmi_bridge(spank_t sp, int bridge_end)
  * spank-helper pmi-bridge DIR` (rankwire/entry.py; as the job user, the task's
  * environment; detached: a grandchild, never the task's child to reap), which forks this
  * task's bridge on fd 3 and the other tasks' as they join (join_pmi_bridge); a bridge ends
- * when its task's end of the socket closes, or with the step (proctrack). */
+ * when its task's end of the socket closes, or with the step (proctrack). When the start
+ * phase started the node's server (st.bridge_server), every task joins it. */
 static void start_bridge(spank_t sp)
 {
 	char **env = NULL, rank[16], fd[16], size[16], local[16], dir[64], *argv[] = {st.helper,
@@ -841,7 +856,7 @@ static void start_bridge(spank_t sp)
 	    spank_getenv(sp, "SLURM_LOCALID", local, sizeof local) != ESPANK_SUCCESS)
 		return rw_fail("rankwire: the PMI bridge needs the task's PMIX_RANK and "
 			       "SLURM_LOCALID: run with srun --mpi=pmix");
-	first = !strcmp(local, "0");
+	first = !strcmp(local, "0") && !st.bridge_server;
 	if (first && pmi_node_socket(sp, dir, sizeof dir, &sa))
 		snprintf(dir, sizeof dir, "%s", "/nonexistent"); /* no node socket: serves only us */
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))

@@ -259,17 +259,25 @@ def test_a_follower_hands_its_pmi_socket_only_to_its_own_user(unprivileged_user:
 
 
 @pytest.mark.parametrize("end", ["slurmstepd ends", "SIGTERM"])
+@pytest.mark.parametrize("way", ["pmi2-to-pmix", "pmix-to-pmi"])
 def test_a_bridge_started_before_its_tasks_goes_with_the_step_when_none_comes(
-    tmp_path: Path, end: str
+    tmp_path: Path, end: str, way: str
 ) -> None:
-    """The plugin's start phase starts the node's bridge before its tasks exist
-    (`start_node_server`): it listens at once, and when no task ever comes it ends with
-    slurmstepd (here a stand-in process) or at Slurm's SIGTERM, its socket with it."""
+    """The plugin's start phase starts the node's bridge server (either way) before its
+    tasks exist (`start_node_server`): it listens at once, and when no task ever comes it
+    ends with slurmstepd (here a stand-in process) or at Slurm's SIGTERM, its socket with
+    it."""
+    from rankwire.pmi import bridge
+
+    start, name = (
+        (pb.start_node_server, "pmi2bridge") if way == "pmi2-to-pmix" else
+        (bridge.start_node_server, "pmibridge")
+    )  # fmt: skip
     stepd = subprocess.Popen(["sleep", "60"])
     pid = 0
     try:
-        pid, path = pb.start_node_server(9, 3, 1, 2, stepd.pid, dict(os.environ), str(tmp_path))
-        assert path == str(tmp_path / "pmi2bridge.9.3.1")
+        pid, path = start(9, 3, 1, 2, stepd.pid, dict(os.environ), str(tmp_path))
+        assert path == str(tmp_path / f"{name}.9.3.1")
         with socket.socket(socket.AF_UNIX) as probe:
             probe.connect(path)  # no rank, no socket: refused, and the bridge waits on
         time.sleep(0.5)  # its imports and PMIx_server_init
