@@ -518,9 +518,14 @@ def start_node_server(
     if pid == 0:  # pragma: no cover - the server, exercised under srun
         code = 1
         try:
+            _quiet({listener.fileno(), life})
+            null = os.open(os.devnull, os.O_WRONLY)  # not the helper's stderr: the first
+            os.dup2(null, 2)  # task's, once it comes (each task hears of its own failure)
+            os.close(null)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the `finally` runs
+                signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
             os.environ.clear()
             os.environ.update(environ)  # the step's: RANKWIRE_LIBPMIX, before libpmix loads
-            _quiet({listener.fileno(), life})
             from rankwire.pmi.bridgeserve import serve_started
 
             code = serve_started(listener, path, life, local_tasks)
@@ -528,8 +533,10 @@ def start_node_server(
             code = end.code if isinstance(end.code, int) else 1
         except BaseException as err:  # never unwind into the start phase's code
             with contextlib.suppress(BaseException):
-                _say(f"the node's PMI bridge server failed: {err}")
+                _say(f"the node's PMI bridge server failed: {err!r}")
         finally:
+            with contextlib.suppress(BaseException):
+                os.unlink(path)  # a no-op once the tasks came
             os._exit(code)
     listener.close()
     os.close(life)

@@ -153,8 +153,12 @@ def serve_started(listener: socket.socket, path: str, life: int, tasks: int) -> 
     tasks join `serve_node`'s; its messages go to the first one's stderr. Returns once
     each has its bridge; when they do not come within NODE_WAIT of the first, or
     slurmstepd (`life`, a pidfd) ends first, or at SIGTERM, after saying so."""
-    _on_signals_exit()
-    _load_libpmix()
+    try:
+        _on_signals_exit()
+        _load_libpmix()
+    except BaseException:  # SIGTERM meanwhile: the socket goes too
+        _close(listener, path, "the node's PMI bridge server ended")
+        raise
     return _serve_tasks(listener, path, tasks, None, life)
 
 

@@ -907,11 +907,20 @@ def _start_bridge_server(way: str, facts: JobFacts, base: str) -> Optional[tuple
 
 
 def _stop_bridge_server(pid: int) -> None:
-    """The step fails before its tasks: the bridge started for them goes (it is ours)."""
+    """The step fails before its tasks: the bridge started for them goes (it is ours),
+    within 6 s (its libpmix start-up may take STOP_TIMEOUT to give up), else by SIGKILL."""
+    import time
+
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 6.0
     with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
 
 
 NAMED_LOCK_S = 60.0  # a step waits that long for another starting the same container

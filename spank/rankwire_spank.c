@@ -608,6 +608,10 @@ static int connect_node_server(const struct sockaddr_un *sa, int64_t deadline,
 			return rw_close(fd), rw_fail("rankwire: the node's %s, started with the "
 				"step, ended before this task joined it (%s); see the step's first "
 				"message (srun -l)", what, strerror(errno)), -1;
+		if (rw_now_ms() >= deadline && listened)
+			return rw_close(fd), rw_fail("rankwire: the node's %s, started with the "
+				"step, took no connection within %d s", what,
+				(int)(PMI2_JOIN_MS / 1000)), -1;
 		if (rw_now_ms() >= deadline)
 			return rw_close(fd), rw_fail("rankwire: the node's %s (its task with "
 				"SLURM_LOCALID=0) did not listen within %d s (it did not start, or "
@@ -633,10 +637,10 @@ static int connect_node_server(const struct sockaddr_un *sa, int64_t deadline,
  * then end=1). The connection is the task's across exec: its EOF is the task's end. */
 static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 {
-	char dir[64], rank[18], data[4096];
+	char dir[64], rank[18], jobid[64], said[96], data[4096];
 	int fds[2] = {slurm_fd, 2};
 	union { struct cmsghdr h; char b[CMSG_SPACE(sizeof fds)]; } cbuf = {0};
-	struct iovec iov = {rank, 0};
+	struct iovec iov = {said, 0};
 	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf.b,
 			     .msg_controllen = sizeof cbuf.b};
 	struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
@@ -647,13 +651,14 @@ static void join_pmi2_bridge(spank_t sp, int slurm_fd)
 	ssize_t n = 0;
 	int fd;
 
-	if (spank_getenv(sp, "PMI_RANK", rank, sizeof rank - 1) != ESPANK_SUCCESS ||
-	    pmi2_socket(sp, dir, sizeof dir, &sa))
+	if (spank_getenv(sp, "PMI_RANK", rank, sizeof rank) != ESPANK_SUCCESS ||
+	    spank_getenv(sp, "PMI_JOBID", jobid, sizeof jobid) != ESPANK_SUCCESS ||
+	    strpbrk(jobid, " \n") || pmi2_socket(sp, dir, sizeof dir, &sa))
 		return rw_fail("rankwire: the PMI-2 bridge needs the task's PMI_RANK, PMI_JOBID "
 			       "and SLURM_NODEID (short, without '/'): run with srun --mpi=pmi2");
 	if ((fd = connect_node_server(&sa, deadline, "PMI-2 bridge", !!st.bridge_server)) < 0)
 		return;
-	iov.iov_len = strlen(strcat(rank, "\n"));
+	iov.iov_len = (size_t)snprintf(said, sizeof said, "%s %s\n", rank, jobid); /* fits */
 	c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS, c->cmsg_len = CMSG_LEN(sizeof fds);
 	memcpy(CMSG_DATA(c), fds, sizeof fds);
 	if (sendmsg(fd, &msg, MSG_NOSIGNAL) != (ssize_t)iov.iov_len)

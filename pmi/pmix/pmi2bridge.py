@@ -100,7 +100,7 @@ import sys
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from rankwire.errors import UserError, exec_failure, shown
 from rankwire.pmi.job import nodes_of
@@ -530,17 +530,46 @@ def start_node_server(
             os.unlink(path)
         raise
     if pid == 0:  # pragma: no cover - the bridge process, exercised under srun
-        global DEBUG
+        _serve_node(step, listener, life, local_tasks, environ, base)
+    listener.close()
+    os.close(life)
+    return pid, path
+
+
+def _serve_node(
+    step: Step,
+    listener: socket.socket,
+    life: int,
+    local_tasks: int,
+    environ: Mapping[str, str],
+    base: str,
+) -> NoReturn:  # pragma: no cover - the bridge process, exercised under srun
+    """`start_node_server`'s child: never back into the start phase's code, whatever
+    happens (it holds the shim's reply socket until `served` detaches)."""
+    global DEBUG
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, _exit_on_signal)  # until its loop handles it
         os.environ.clear()
         os.environ.update(environ)  # the step's: RANKWIRE_LIBPMIX, the debug switch, TMPDIR
         DEBUG = bool(environ.get("RANKWIRE_PMI2BRIDGE_DEBUG"))
         sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # as in spawn
         from rankwire.pmi.pmix.pmi2serve import served
 
-        served(step, listener.detach(), life, local_tasks, base)
-    listener.close()
-    os.close(life)
-    return pid, path
+        code = served(step, listener.detach(), life, local_tasks, base)
+    except SystemExit as end:  # SIGTERM before the loop
+        code = end.code if isinstance(end.code, int) else 1
+    except BaseException as err:
+        with contextlib.suppress(BaseException):
+            os.write(2, f"rankwire: PMI-2 bridge failed: {err!r}\n".encode(errors="replace"))
+    finally:
+        with contextlib.suppress(BaseException):
+            os.unlink(socket_path(step, base))  # no-op once the tasks are in
+        os._exit(code)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 # -- the hidden CLI ---------------------------------------------------------------------------

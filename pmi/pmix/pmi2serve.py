@@ -1,9 +1,10 @@
 """The PMI-2 → PMIx bridge's own process: libpmix's server for the node's ranks, their
 Slurm PMI-2 connections, one asyncio loop (see `pmi2bridge`'s docstring for the design).
 
-Forked by `pmi2bridge.spawn` in the node's first task; kept out of `pmi2bridge` so that
-the node's other tasks, which only connect and hand over their socket, import neither
-asyncio nor the PMI codec (about 50 ms of each task's start).
+Forked by `pmi2bridge.spawn` in the node's first task (`child`), or by the SPANK plugin's
+start phase before the tasks (`pmi2bridge.start_node_server` → `served`); kept out of
+`pmi2bridge` so that the node's other tasks, which only connect and hand over their
+socket, import neither asyncio nor the PMI codec (about 50 ms of each task's start).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def child(step: Step, report: int, control: int, parent: int, base: str) -> NoRe
         if os.getppid() != parent:
             os._exit(1)
         _detach({step.fd, report, control})
-        code = asyncio.run(Bridge(step, base, report=report, control=control).run())
+        code = _run(Bridge(step, base, report=report, control=control))
     except BaseException as err:  # the child must never unwind into the parent's code
         with contextlib.suppress(BaseException):
             _say(f"PMI-2 bridge failed: {err}")
@@ -92,20 +93,24 @@ def child(step: Step, report: int, control: int, parent: int, base: str) -> NoRe
         os._exit(code)
 
 
-def served(step: Step, listener: int, life: int, local_tasks: int, base: str) -> NoReturn:
-    """The node's server started before its tasks (`pmi2bridge.start_node_server`): every
-    task of the node follows; it ends with the node's last task, or when slurmstepd
-    (`life`, a pidfd) ends first."""
-    code = 1
-    try:
-        _detach({listener, life})
-        bridge = Bridge(step, base, listener=listener, life=life, local_tasks=local_tasks)
-        code = asyncio.run(bridge.run())
-    except BaseException as err:  # the child must never unwind into the parent's code
-        with contextlib.suppress(BaseException):
-            _say(f"PMI-2 bridge failed: {err}")
-    finally:
-        os._exit(code)
+def served(step: Step, listener: int, life: int, local_tasks: int, base: str) -> int:
+    """The node's server started before its tasks (`pmi2bridge.start_node_server`, whose
+    child calls this and exits with what it returns): every task of the node follows; it
+    ends with the node's last task, or when slurmstepd (`life`, a pidfd) ends first, or
+    at SIGTERM."""
+    _detach({listener, life})
+    null = os.open(os.devnull, os.O_WRONLY)  # not the helper's stderr: the first task's,
+    os.dup2(null, 2)  # once it comes (its failures reach each task anyway)
+    os.close(null)
+    return _run(Bridge(step, base, listener=listener, life=life, local_tasks=local_tasks))
+
+
+def _run(bridge: Bridge) -> int:
+    """The bridge's loop, in a process that exits right after it: not `asyncio.run`,
+    which would wait for libpmix's start-up thread, without a limit, if it hangs."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    return loop.run_until_complete(bridge.run())
 
 
 def _detach(keep: set[int]) -> None:
@@ -263,8 +268,8 @@ class Bridge:
         self.fences: Optional[asyncio.Queue[dict[str, Any]]] = None
         self.done: Optional[asyncio.Future[int]] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.main: Optional[asyncio.Task[Any]] = None
-        self.up = False  # started: the node's tasks have their PMIx environment
+        self.starting: Optional[asyncio.Task[dict[int, dict[str, str]]]] = None  # `_start`
+        self.quitting = False  # SIGTERM or slurmstepd's end came
         self.aborted = False
         self.connected: set[int] = set()  # ranks whose PMIx_Init reached the server
         self.finalized: set[int] = set()
@@ -285,7 +290,6 @@ class Bridge:
         self.fences = asyncio.Queue()
         done: asyncio.Future[int] = loop.create_future()
         self.done = done
-        self.main = asyncio.current_task()
         loop.add_signal_handler(signal.SIGTERM, self._quit, 143, "SIGTERM")
         if self.life >= 0:
             loop.add_reader(self.life, self._quit, 1, "slurmstepd ended")
@@ -295,14 +299,15 @@ class Bridge:
         fences: Optional[asyncio.Task[None]] = None
         try:
             try:
-                envs = await self._start(claim_tmpdir)
+                self.starting = loop.create_task(self._start(claim_tmpdir))
+                envs = await self.starting
                 # Every node's server is up (and its tmpdir gone) before any task starts:
                 # so no task can end the step (PMI-2 abort: SIGKILL) while a server starts.
                 assert self.layout is not None
                 if len(self.layout.nodes) > 1:  # one node: this server is the step's
                     await asyncio.gather(*(c.fence() for c in self.conns.values()))
                     _debug(f"node {self.step.node_id}: start fence done")
-            except asyncio.CancelledError:  # ended (`_quit`) before the node's tasks came
+            except asyncio.CancelledError:  # `_start` ended by `_quit`: no task came
                 return done.result() if done.done() else 1
             except Exception as err:  # UserError, PmixError, PMI-2 failures: one line
                 line = str(err).splitlines()[0]
@@ -311,7 +316,6 @@ class Bridge:
                     os.close(self.report)
                 await self._refuse_followers(follower_reply(error=line))
                 return 1
-            self.up = True
             if self.report >= 0:
                 os.write(self.report, json.dumps({"env": envs[self.step.rank]}).encode())
                 os.close(self.report)
@@ -352,8 +356,9 @@ class Bridge:
         if self.life >= 0:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.life)
-        if not self.up and self.main is not None:
-            self.main.cancel()  # still starting: waiting for the tasks, or for PMIx
+        if self.starting is not None and not self.quitting:
+            self.starting.cancel()  # once: still starting (waiting for the tasks, or PMIx)?
+        self.quitting = True
         self.end(code)
 
     async def _start(
@@ -380,13 +385,14 @@ class Bridge:
             )
             try:
                 layout = await self._job_layout()
+                await starting
             except BaseException:
-                # a thread cannot be cancelled: it ends first, unless it hangs
-                await asyncio.wait({starting}, timeout=STOP_TIMEOUT)
-                if starting.done():
-                    starting.exception()  # this one's line is the caller's, not libpmix's
+                # a thread cannot be cancelled: it ends first (its dir is removed below),
+                # unless it hangs
+                await asyncio.shield(asyncio.wait({starting}, timeout=STOP_TIMEOUT))
+                if starting.done() and not starting.cancelled():
+                    starting.exception()  # retrieved: the line that counts is raised here
                 raise
-            await starting
             _debug(f"node {self.step.node_id}: PMIx server up")
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -503,9 +509,9 @@ class Bridge:
                 )
 
     def _take_follower(self, conn: socket.socket, waiting: Optional[set[int]]) -> Optional[int]:
-        """A follower's rank and PMI-2 socket (and, from the shim, its stderr: a served
-        bridge's from the first); None (and a line) for anything else. `waiting` None:
-        any rank (a served bridge's first task)."""
+        """A follower's rank and PMI-2 socket (the shim's also say the task's PMI_JOBID
+        and hand over its stderr: a served bridge takes the first one's); None (and a
+        line) for anything else. `waiting` None: any rank (a served bridge's first)."""
         pid, uid, _gid = peer_creds(conn)
         if uid != os.getuid():
             _say(f"PMI-2 bridge: refused a connection from uid {uid} (pid {pid})")
@@ -513,22 +519,30 @@ class Bridge:
         conn.setblocking(True)
         conn.settimeout(STOP_TIMEOUT)
         try:
-            data, fds, _flags, _addr = socket.recv_fds(conn, 64, 2)
+            data, fds, _flags, _addr = socket.recv_fds(conn, 256, 2)
         except OSError:
             return None
-        if len(fds) == 2:
-            if self.served and not self.stderr:
-                os.dup2(fds[1], 2)
-                self.stderr = True
-            os.close(fds.pop())
+        if not data and not fds:
+            return None  # a liveness probe (`instance.prune_stale` tries every socket)
+        stderr = fds.pop() if len(fds) == 2 else -1
         text = data.decode(errors="replace").strip()
-        rank = int(text) if text.isascii() and text.isdigit() else -1
+        said, _, jobid = text.partition(" ")
+        rank = int(said) if said.isascii() and said.isdigit() else -1
         wanted = rank >= 0 and rank not in self.tasks if waiting is None else rank in waiting
         if len(fds) != 1 or not wanted or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
-            for fd in fds:
-                os.close(fd)
+            for fd in [*fds, stderr]:
+                if fd >= 0:
+                    os.close(fd)
             _say(f"PMI-2 bridge: refused pid {pid}: rank {text!r} is not one this node waits for")
             return None
+        if stderr >= 0:
+            if self.served and not self.stderr:
+                os.dup2(stderr, 2)
+                self.stderr = True
+            os.close(stderr)
+        if self.served and not self.tasks and jobid:  # the step's id as Slurm's PMI-2 says
+            self.step = dataclasses.replace(self.step, jobid=jobid)  # it (a het job's too)
+            self.nspace = nspace_for(jobid)
         self.tasks[rank] = conn
         self.conns[rank] = AsyncPmi2(socket.socket(fileno=fds[0]))
         return rank
@@ -540,24 +554,27 @@ class Bridge:
                 conn.sendall(error, NOSIGNAL)
         if self.listener is None:
             return
-        assert self.loop is not None
-        # a served bridge's tasks may still be on their way (it started before them)
-        deadline = time.monotonic() + (GATHER_TIMEOUT if self.served else STOP_TIMEOUT)
+        assert self.loop is not None and self.done is not None
+        # a served bridge's tasks may still be on their way (it started before them): it
+        # tells each as it comes, until slurmstepd ends (`done`)
+        deadline = None if self.served else time.monotonic() + STOP_TIMEOUT
         told = len(self.tasks)
         expected: Optional[int] = self.local_tasks or None
         if self.layout:
             expected = len(self.layout.local) - (0 if self.served else 1)
-        while (expected is None or told < expected) and time.monotonic() < deadline:
-            try:
-                conn, _ = await asyncio.wait_for(
-                    self.loop.sock_accept(self.listener), max(deadline - time.monotonic(), 0)
-                )
-            except asyncio.TimeoutError:
+        while expected is None or told < expected:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            accept = asyncio.ensure_future(self.loop.sock_accept(self.listener))
+            watched: set[asyncio.Future[Any]] = {accept, self.done}
+            await asyncio.wait(watched, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if not accept.done() or accept.exception() is not None:
+                accept.cancel()
                 break
+            conn, _ = accept.result()
             with conn, contextlib.suppress(OSError):
                 conn.setblocking(True)
                 conn.settimeout(STOP_TIMEOUT)
-                for fd in socket.recv_fds(conn, 64, 1)[1]:
+                for fd in socket.recv_fds(conn, 256, 2)[1]:
                     os.close(fd)
                 conn.sendall(error, NOSIGNAL)
             told += 1
