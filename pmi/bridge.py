@@ -519,6 +519,9 @@ def start_node_server(
         code = 1
         try:
             _quiet({listener.fileno(), life})
+            from rankwire.runtime import syscalls as sc
+
+            sc.set_comm("rankwire-bridge")  # in ps, not the start phase's name
             null = os.open(os.devnull, os.O_WRONLY)  # not the helper's stderr: the first
             os.dup2(null, 2)  # task's, once it comes (each task hears of its own failure)
             os.close(null)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.mpi import assert_hello
+from harness.mpi import assert_hello, ompi_env
 from harness.slurm import SlurmCluster
-from harness.spank import SpankInstall, srun
+from harness.spank import SpankInstall, plugin_processes, srun
 from harness.users import User
 
 pytestmark = [pytest.mark.slurm]
@@ -162,6 +162,29 @@ def test_a_pmi2_bridge_that_cannot_start_fails_every_task_in_one_line(
     assert proc.returncode != 0
     ours = [x.split("error: ", 1)[-1] for x in proc.stderr.splitlines() if "rankwire: " in x]
     assert ours == [NO_LIBPMIX] * 3, proc.stderr
+
+
+@pytest.mark.mpi
+def test_a_cancelled_bridged_step_leaves_nothing(
+    spank_cluster: SlurmCluster, ompi_image: Path, runner: User, nothing_left: None
+) -> None:
+    """scancel of a step whose tasks joined the node's PMI-2 bridge server, which the start
+    phase started (no task's child, out of Slurm's reach): it ends with the tasks; no
+    process (`rankwire-bridge`), socket or PMIx dir stays (`nothing_left`)."""
+    env = ompi_env({**spank_cluster.env, "OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "self,vader"})
+    argv = ["srun", "--mpi=pmi2", "-J", "plugin-bridge-cancel", "-n", "2",
+            f"--container-image={ompi_image}", "/opt/fail_ompi", "sleep", "60"]  # fmt: skip
+    with subprocess.Popen(
+        runner.argv(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd="/tmp",
+    ) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        ready = [proc.stdout.readline(), proc.stdout.readline()]
+        assert all(line.startswith("ready rank=") for line in ready), ready
+        assert [c for _, c in plugin_processes(["rankwire-bridge"])] == ["rankwire-bridge"]
+        subprocess.run(["scancel", "-n", "plugin-bridge-cancel"], env=env, check=True, timeout=30)
+        proc.communicate(timeout=60)
+    assert proc.returncode != 0
 
 
 def test_job_without_container_is_untouched(

@@ -550,6 +550,9 @@ def _serve_node(
     code = 1
     try:
         signal.signal(signal.SIGTERM, _exit_on_signal)  # until its loop handles it
+        from rankwire.runtime import syscalls as sc
+
+        sc.set_comm("rankwire-bridge")  # in ps, not the start phase's name
         os.environ.clear()
         os.environ.update(environ)  # the step's: RANKWIRE_LIBPMIX, the debug switch, TMPDIR
         DEBUG = bool(environ.get("RANKWIRE_PMI2BRIDGE_DEBUG"))

@@ -19,6 +19,7 @@ WATCHED = (
     "rankwire-py",
     "apptainer-mpiru",
     "rankwire-holder",
+    "rankwire-bridge",
     "rankwire-init",
     "rankwire-watch",
     "squashfuse",
