@@ -496,9 +496,30 @@ def start_node_server(
     or with slurmstepd (`stepd_pid`) or at SIGTERM if they do not come. Returns (its pid,
     its socket); OSError if it cannot listen or fork (the shim's first task then starts
     one as today)."""
+    path = os.path.join(base, f"pmibridge.{job_id}.{step_id}.{node_id}")  # as node_socket
+
+    def serve(listener: socket.socket, life: int) -> int:  # pragma: no cover - under srun
+        from rankwire.pmi.bridgeserve import serve_started
+
+        return serve_started(listener, path, life, local_tasks)
+
+    return fork_started_server(path, stepd_pid, environ, serve), path
+
+
+def fork_started_server(
+    path: str,
+    stepd_pid: int,
+    environ: Mapping[str, str],
+    serve: Callable[[socket.socket, int], int],
+) -> int:
+    """Listen at `path` and fork a node's bridge server started before its tasks (both
+    bridges' `start_node_server`): named `rankwire-bridge`, stdin, stdout and stderr on
+    /dev/null (the helper's are not its; a task's stderr comes with the first task), no
+    other descriptor but the listener and slurmstepd's pidfd, the step's `environ`, and
+    SIGTERM, SIGINT, SIGHUP as SystemExit; it exits with what `serve(listener, pidfd)`
+    returns, its socket removed. Returns its pid; OSError if it cannot listen or fork."""
     from rankwire.runtime.instance import listen_at
 
-    path = os.path.join(base, f"pmibridge.{job_id}.{step_id}.{node_id}")  # as node_socket
     life = os.pidfd_open(stepd_pid)  # our ancestor, waiting for our reply: it is that one
     try:
         listener = listen_at(path)
@@ -519,19 +540,17 @@ def start_node_server(
         code = 1
         try:
             _quiet({listener.fileno(), life})
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the `finally` runs
+                signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
             from rankwire.runtime import syscalls as sc
 
             sc.set_comm("rankwire-bridge")  # in ps, not the start phase's name
-            null = os.open(os.devnull, os.O_WRONLY)  # not the helper's stderr: the first
-            os.dup2(null, 2)  # task's, once it comes (each task hears of its own failure)
-            os.close(null)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the `finally` runs
-                signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
             os.environ.clear()
             os.environ.update(environ)  # the step's: RANKWIRE_LIBPMIX, before libpmix loads
-            from rankwire.pmi.bridgeserve import serve_started
-
-            code = serve_started(listener, path, life, local_tasks)
+            code = serve(listener, life)
         except SystemExit as end:  # a signal's 128 + N
             code = end.code if isinstance(end.code, int) else 1
         except BaseException as err:  # never unwind into the start phase's code
@@ -543,7 +562,7 @@ def start_node_server(
             os._exit(code)
     listener.close()
     os.close(life)
-    return pid, path
+    return pid
 
 
 def fork_detached(body: Callable[[], int]) -> None:

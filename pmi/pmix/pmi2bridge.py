@@ -100,7 +100,7 @@ import sys
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 from rankwire.errors import UserError, exec_failure, shown
 from rankwire.pmi.job import nodes_of
@@ -509,70 +509,20 @@ def start_node_server(
     `join_pmi2_bridge`). It ends with the node's last task, or with slurmstepd
     (`stepd_pid`) if no task ever comes. Returns (its pid, its socket); OSError if it
     cannot listen or fork (the shim's first task then starts one as today)."""
-    from rankwire.runtime.instance import listen_at
+    from rankwire.pmi.bridge import fork_started_server
 
     step = Step(-1, f"{job_id}.{step_id}", -1, 0, 0, node_id)
     path = socket_path(step, base)
-    life = os.pidfd_open(stepd_pid)  # our ancestor, waiting for our reply: it is that one
-    try:
-        listener = listen_at(path)
-    except OSError:
-        os.close(life)
-        raise
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        pid = os.fork()
-    except OSError:
-        listener.close()
-        os.close(life)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
-    if pid == 0:  # pragma: no cover - the bridge process, exercised under srun
-        _serve_node(step, listener, life, local_tasks, environ, base)
-    listener.close()
-    os.close(life)
-    return pid, path
 
-
-def _serve_node(
-    step: Step,
-    listener: socket.socket,
-    life: int,
-    local_tasks: int,
-    environ: Mapping[str, str],
-    base: str,
-) -> NoReturn:  # pragma: no cover - the bridge process, exercised under srun
-    """`start_node_server`'s child: never back into the start phase's code, whatever
-    happens (it holds the shim's reply socket until `served` detaches)."""
-    global DEBUG
-    code = 1
-    try:
-        signal.signal(signal.SIGTERM, _exit_on_signal)  # until its loop handles it
-        from rankwire.runtime import syscalls as sc
-
-        sc.set_comm("rankwire-bridge")  # in ps, not the start phase's name
-        os.environ.clear()
-        os.environ.update(environ)  # the step's: RANKWIRE_LIBPMIX, the debug switch, TMPDIR
+    def serve(listener: socket.socket, life: int) -> int:  # pragma: no cover - under srun
+        global DEBUG
         DEBUG = bool(environ.get("RANKWIRE_PMI2BRIDGE_DEBUG"))
         sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # as in spawn
         from rankwire.pmi.pmix.pmi2serve import served
 
-        code = served(step, listener.detach(), life, local_tasks, base)
-    except SystemExit as end:  # SIGTERM before the loop
-        code = end.code if isinstance(end.code, int) else 1
-    except BaseException as err:
-        with contextlib.suppress(BaseException):
-            os.write(2, f"rankwire: PMI-2 bridge failed: {err!r}\n".encode(errors="replace"))
-    finally:
-        with contextlib.suppress(BaseException):
-            os.unlink(socket_path(step, base))  # no-op once the tasks are in
-        os._exit(code)
+        return served(step, listener.detach(), life, local_tasks, base)
 
-
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+    return fork_started_server(path, stepd_pid, environ, serve), path
 
 
 # -- the hidden CLI ---------------------------------------------------------------------------

@@ -95,13 +95,10 @@ def child(step: Step, report: int, control: int, parent: int, base: str) -> NoRe
 
 def served(step: Step, listener: int, life: int, local_tasks: int, base: str) -> int:
     """The node's server started before its tasks (`pmi2bridge.start_node_server`, whose
-    child calls this and exits with what it returns): every task of the node follows; it
-    ends with the node's last task, or when slurmstepd (`life`, a pidfd) ends first, or
-    at SIGTERM."""
-    _detach({listener, life})
-    null = os.open(os.devnull, os.O_WRONLY)  # not the helper's stderr: the first task's,
-    os.dup2(null, 2)  # once it comes (its failures reach each task anyway)
-    os.close(null)
+    child, set up by `bridge.fork_started_server`, calls this and exits with what it
+    returns): every task of the node follows; it ends with the node's last task, or when
+    slurmstepd (`life`, a pidfd) ends first, or at SIGTERM."""
+    logging.basicConfig(format="rankwire pmix server: %(message)s", level=logging.WARNING)
     return _run(Bridge(step, base, listener=listener, life=life, local_tasks=local_tasks))
 
 
