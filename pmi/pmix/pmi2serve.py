@@ -568,13 +568,15 @@ class Bridge:
                 accept.cancel()
                 break
             conn, _ = accept.result()
+            data, fds = b"", list[int]()
             with conn, contextlib.suppress(OSError):
                 conn.setblocking(True)
                 conn.settimeout(STOP_TIMEOUT)
-                for fd in socket.recv_fds(conn, 256, 2)[1]:
+                data, fds, _, _ = socket.recv_fds(conn, 256, 2)
+                for fd in fds:
                     os.close(fd)
                 conn.sendall(error, NOSIGNAL)
-            told += 1
+            told += bool(data or fds)  # not a liveness probe (`instance.prune_stale`)
 
     def _control(self) -> None:
         try:
