@@ -1147,14 +1147,17 @@ def _check_then_start(facts: JobFacts) -> int:
 
 
 def main(phase: str) -> int:
-    """Serve one request; the exit code is 0 whenever a reply was sent."""
+    """Serve one request; the exit code is 0 whenever a reply was sent, or none was asked for."""
     fds: list[int] = []
     try:
         if phase == "start":  # from here on our own user cannot ptrace or read us
             from rankwire.runtime import syscalls as sc
 
             sc.prctl(sc.PR_SET_DUMPABLE, 0)
-        req = frame.decode(sys.stdin.buffer.read())
+        data = sys.stdin.buffer.read()
+        if not data:  # the shim started us early and its step ended before it asked
+            return 0
+        req = frame.decode(data)
         if phase == "pull":
             reply = pull_as_user(req)
         elif phase == "check" and frame.one(req, "phases") == "check+start":

@@ -11,12 +11,12 @@ helper_child(const char *helper, const char *phase, const int *io, const struct 
 {
 	char *const argv[] = {(char *)helper, "spank-helper", (char *)phase, NULL};
 	char *const envp[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C.UTF-8", NULL};
-	int n = 3 + pass->n, src[3 + RW_MAX_FDS] = {io[3], io[1], io[2]}, fd[3 + RW_MAX_FDS];
+	int n = 3 + pass->n, src[3 + RW_MAX_FDS] = {io[0], io[1], io[2]}, fd[3 + RW_MAX_FDS];
 	uid_t uid = job ? job->uid : 0, ru, eu, su;
 	gid_t gid = job ? job->gid : 0, rg, eg, sg;
 	sigset_t none;
 
-	/* stdin: the request, stdout: the reply socket, stderr: a memfd, then pass as 3, 4, ... */
+	/* stdin: the request's socket, stdout: the reply's, stderr: a memfd, then pass as 3, 4, ... */
 	MUST(pass->n <= RW_MAX_FDS && memcpy(src + 3, pass->fd, pass->n * sizeof *src));
 	for (int i = 0; i < n; i++)
 		MUST((fd[i] = fcntl(src[i], F_DUPFD, FD_HIGH)) >= 0);
@@ -95,53 +95,117 @@ int rw_read_frame(int fd, int until, int64_t deadline, struct rw_fds *got, struc
 	}
 }
 
-int rw_run_helper(const struct rw_helper *h, const char *phase, const struct buf *req,
-		  const struct rw_job *as_user, const struct rw_fds *pass, struct rw_fds *got,
-		  frame_fn *fn, void *ctx)
+int rw_spawn_helper(const struct rw_helper *h, const char *phase, const struct rw_job *as_user,
+		    const struct rw_fds *pass, struct rw_run *run)
 {
-	struct buf reply = {0};
-	int io[5] = {-1, -1, -1, -1, -1}, status = 0, e, bad; /* pair, stderr, request, pidfd */
-	int64_t deadline = rw_now_ms() + (int64_t)h->timeout_s * 1000;
-	char data[65536], why[64], *line;
+	int in[2] = {-1, -1}, out[2] = {-1, -1}, err = -1;
 	struct stat sb;
-	pid_t pid, r = 0;
-	ssize_t n;
+	pid_t pid = -1;
 
+	*run = (struct rw_run){0, -1, -1, -1, -1, rw_now_ms() + (int64_t)h->timeout_s * 1000,
+			       h->timeout_s, phase};
 	if (stat(h->path, &sb) || sb.st_uid != 0 || (sb.st_mode & 022))
 		return rw_fail("rankwire: the helper %s must exist, be owned by root and not be "
 			       "group/world-writable (plugstack.conf helper=)", h->path), -1;
-	if (req->oom || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, io) ||
-	    (io[2] = memfd_create("rankwire-helper", MFD_CLOEXEC)) < 0 ||
-	    (io[3] = memfd_create("rankwire-request", MFD_CLOEXEC)) < 0 || (errno = EIO,
-	    pwrite(io[3], req->p, req->len, 0) != (ssize_t)req->len) || (pid = fork()) < 0) {
-		rw_fail("rankwire: cannot run the helper: %s", strerror(req->oom ? ENOMEM : errno));
-		return rw_close(io[0]), rw_close(io[1]), rw_close(io[2]), rw_close(io[3]), -1;
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, in) ||
+	    socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, out) ||
+	    (err = memfd_create("rankwire-helper", MFD_CLOEXEC)) < 0 || (pid = fork()) < 0) {
+		rw_fail("rankwire: cannot run the helper: %s", strerror(errno));
+		return rw_close(in[0]), rw_close(in[1]), rw_close(out[0]), rw_close(out[1]),
+		       rw_close(err), -1;
 	}
 	if (pid == 0)
-		helper_child(h->path, phase, io, pass, as_user);
-	rw_close(io[1]), rw_close(io[3]), io[4] = (int)syscall(SYS_pidfd_open, pid, 0);
-	e = rw_read_frame(io[0], io[4], deadline, got, &reply); /* until it exits (or EOF) */
+		helper_child(h->path, phase, (int[]){in[1], out[1], err}, pass, as_user);
+	rw_close(in[1]), rw_close(out[1]);
+	run->pid = pid, run->in = in[0], run->reply = out[0], run->err = err;
+	run->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+	return 0;
+}
+
+/* The request to the helper's stdin, then its end (EOF), by the deadline: 0 or an errno. */
+static int send_request(int fd, const struct buf *req, int64_t deadline)
+{
+	for (size_t sent = 0; sent < req->len;) {
+		struct pollfd p = {fd, POLLOUT, 0};
+		int64_t left = deadline - rw_now_ms();
+		ssize_t n;
+		if (left <= 0)
+			return ETIMEDOUT;
+		if (poll(&p, 1, left < INT_MAX ? (int)left : INT_MAX) < 0 ||
+		    (n = send(fd, req->p + sent, req->len - sent, MSG_NOSIGNAL | MSG_DONTWAIT)) < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			return errno;
+		}
+		sent += (size_t)n;
+	}
+	return shutdown(fd, SHUT_WR) ? errno : 0;
+}
+
+void rw_abandon_helper(struct rw_run *run)
+{
+	int status;
+
+	if (run->pid <= 0)
+		return;
+	(void)kill(-run->pid, SIGKILL), (void)kill(run->pid, SIGKILL);
+	while (waitpid(run->pid, &status, 0) < 0 && errno == EINTR)
+		;
+	rw_close(run->in), rw_close(run->reply), rw_close(run->err), rw_close(run->pidfd);
+	run->pid = 0;
+}
+
+int rw_finish_helper(struct rw_run *run, const struct buf *req, struct rw_fds *got,
+		     frame_fn *fn, void *ctx)
+{
+	struct buf reply = {0};
+	int status = 0, e, bad;
+	char data[65536], why[64], *line;
+	pid_t pid = run->pid, r = 0;
+	ssize_t n;
+
+	if (req->oom)
+		return rw_abandon_helper(run), rw_fail("rankwire: cannot run the helper: %s",
+						       strerror(ENOMEM)), -1;
+	/* A helper that ended before it read it (EPIPE) says why in its stderr, read below. */
+	if ((e = send_request(run->in, req, run->deadline)) == EPIPE || e == ECONNRESET)
+		e = 0;
+	rw_close(run->in);
+	if (!e) /* until it exits (or EOF) */
+		e = rw_read_frame(run->reply, run->pidfd, run->deadline, got, &reply);
 	/* Its exit, by the same deadline (ECHILD: reaped elsewhere, the reply decides). */
 	while (!e && (r = waitpid(pid, &status, WNOHANG)) == 0)
-		e = rw_now_ms() < deadline ? (void)poll(NULL, 0, 10), 0 : ETIMEDOUT;
+		e = rw_now_ms() < run->deadline ? (void)poll(NULL, 0, 10), 0 : ETIMEDOUT;
 	if (e) /* ESRCH: gone already */
 		(void)kill(-pid, SIGKILL), (void)kill(pid, SIGKILL);
 	while (r == 0 && waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
+	run->pid = 0;
 	/* Its stderr (a traceback) to slurmd's log; with no reply, its last line to the user. */
-	data[(n = pread(io[2], data, sizeof data - 1, 0)) > 0 ? n : 0] = 0;
+	data[(n = pread(run->err, data, sizeof data - 1, 0)) > 0 ? n : 0] = 0;
 	for (n = (ssize_t)strlen(data); n > 0 && data[n - 1] == '\n';)
 		data[--n] = 0;
 	if (*data)
-		slurm_error("rankwire: helper %s phase: %s", phase, data);
+		slurm_error("rankwire: helper %s phase: %s", run->phase, data);
 	if ((bad = e || !reply.len || !WIFEXITED(status) || WEXITSTATUS(status))) {
 		line = strrchr(data, '\n') ? strrchr(data, '\n') + 1 : *data ? data : "no reply";
-		snprintf(why, sizeof why, "no reply within %d s", h->timeout_s);
-		rw_fail("rankwire: the helper's %s phase failed: %s", phase, e == ETIMEDOUT ? why :
-			e == EMSGSIZE ? "a reply over 4 MiB" : e ? strerror(e) : line);
+		snprintf(why, sizeof why, "no reply within %d s", run->timeout_s);
+		rw_fail("rankwire: the helper's %s phase failed: %s", run->phase,
+			e == ETIMEDOUT ? why : e == EMSGSIZE ? "a reply over 4 MiB" :
+			e ? strerror(e) : line);
 	} else if ((bad = frame_parse(reply.p, reply.len, fn, ctx))) {
-		rw_fail("rankwire: bad reply from the helper's %s phase", phase);
+		rw_fail("rankwire: bad reply from the helper's %s phase", run->phase);
 	}
-	rw_close(io[0]), rw_close(io[2]), rw_close(io[4]), free(reply.p);
+	rw_close(run->reply), rw_close(run->err), rw_close(run->pidfd), free(reply.p);
 	return bad ? -1 : 0;
+}
+
+int rw_run_helper(const struct rw_helper *h, const char *phase, const struct buf *req,
+		  const struct rw_job *as_user, const struct rw_fds *pass, struct rw_fds *got,
+		  frame_fn *fn, void *ctx)
+{
+	struct rw_run run;
+
+	return rw_spawn_helper(h, phase, as_user, pass, &run) ? -1 :
+	       rw_finish_helper(&run, req, got, fn, ctx);
 }

@@ -34,6 +34,7 @@ static struct {
 	struct buf entry; /* the reply's entrypoint words, "LEN:WORD" each (`through_entrypoint`) */
 	struct rw_helper h; /* for the save phase, after the last task */
 	struct rw_job job; /* its gids our copy */
+	struct rw_run check; /* the check phase's helper, started in init_post_opt */
 } st = {.ns = {-1, -1}, .lease = -1, .pidfd = -1};
 
 void rw_fail(const char *fmt, ...)
@@ -293,7 +294,8 @@ static void setup(spank_t sp, int ac, char **av)
 	}
 	if (*dir) /* a ticket is the last helper's: this one's replies may differ */
 		rw_ticket_drop(dir, job.uid);
-	if (rw_run_helper(&h, "check", &req, NULL, &held, &fds, on_reply, &chk) || *st.error)
+	if ((st.check.pid ? rw_finish_helper(&st.check, &req, &fds, on_reply, &chk) :
+	     rw_run_helper(&h, "check", &req, NULL, &held, &fds, on_reply, &chk)) || *st.error)
 		goto out;
 	if (chk.skip)
 		st.active = 0; /* e.g. a batch step, or srun --container with an oci.conf */
@@ -328,6 +330,7 @@ joined:
 	else if (st.save && job.ngids > 0)
 		rw_fail("rankwire: out of memory");
 out:
+	rw_abandon_helper(&st.check); /* unused if setup failed before it */
 	if (st.active && !st.workdir)
 		rw_fail("rankwire: the helper named no working directory in the container");
 	rw_close_fds(&fds), rw_close_fds(&held), free(req.p), free(keep.p);
@@ -367,11 +370,38 @@ static int asked_for(spank_t sp, int i)
 	return i >= 0 && (opt_val[i] || has_env(sp, opt_env[i]));
 }
 
+/* Not slurmstepd, or no container asked for: no helper runs, the step is untouched. */
+static int wants_container(spank_t sp)
+{
+	return spank_remote(sp) == 1 && (asked_for(sp, RW_OPT_IMAGE) ||
+	       asked_for(sp, opt_index("container-name")) || has_env(sp, "SLURM_CONTAINER"));
+}
+
+/* Still root, before slurmstepd starts the MPI plugin's server (mpi/pmix: tens of ms) and
+ * forks the tasks: start the check phase's helper, whose interpreter and imports then
+ * overlap that; user_init sends it the request (its facts: the cwd, the PMIx dir, are
+ * only known then). Not for a named container's step, which may join through its ticket
+ * without the helper. If the step ends before user_init, slurm_spank_exit kills it; if
+ * slurmstepd dies, the helper reads EOF and exits. */
+int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
+{
+	struct rw_helper h = {RANKWIRE_HELPER, HELPER_TIMEOUT_S};
+	struct rw_fds none = {.n = 0};
+	struct buf args = {0};
+	const char *base = RW_JOBS_DIR;
+
+	if (!wants_container(sp) || asked_for(sp, opt_index("container-name")))
+		return 0;
+	plugstack_args(ac, av, &args, &h, &base);
+	free(args.p);
+	if (!*st.error && rw_spawn_helper(&h, "check", NULL, &none, &st.check))
+		*st.error = 0; /* user_init runs it the usual way, and says why it cannot */
+	return 0;
+}
+
 int slurm_spank_user_init(spank_t sp, int ac, char **av)
 {
-	/* Not slurmstepd, or no container asked for: no helper runs, the step is untouched. */
-	if (spank_remote(sp) != 1 || (!asked_for(sp, RW_OPT_IMAGE) &&
-	    !asked_for(sp, opt_index("container-name")) && !has_env(sp, "SLURM_CONTAINER")))
+	if (!wants_container(sp))
 		return 0;
 	st.active = 1;
 	setup(sp, ac, av);
@@ -1028,7 +1058,7 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 int slurm_spank_exit(spank_t sp, int ac UNUSED, char **av UNUSED)
 {
 	if (spank_remote(sp) == 1)
-		release();
+		rw_abandon_helper(&st.check), release();
 	for (int i = 0; i < RW_N_OPTS; i++)
 		free(opt_val[i]), opt_val[i] = NULL;
 	free(st.helper), free(st.warning), free(st.save), free(st.job.gids);

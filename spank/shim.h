@@ -1,6 +1,9 @@
 /*
  * rankwire SPANK shim: `srun --container-image=app.sif ./mpi_app` (or srun --container=).
  * Mechanism only; every decision is the Python helper's (`rankwire spank-helper`):
+ *   init_post_opt (slurmstepd, root, before the MPI plugin's setup): start the helper's
+ *     "check" phase, which loads its code while slurmstepd sets up the step (not for a
+ *     named container's step, which may join through its ticket without the helper).
  *   user_init (slurmstepd, once per node): run the helper's "check" phase as root (site
  *     policy; it opens the image and binds), asking it to run the "start" phase too: a
  *     child of it that becomes exactly the job user starts the container from those
@@ -18,8 +21,8 @@
  *   A step that joins a job's named container as an earlier step did, with the same
  *     request, joins its holder without the helper (ticket.c: the phases' replies kept).
  * Every wait has a deadline. rankwire_spank.c: the callbacks, the lease; helper_run.c:
- * running the helper (fork, exact ids, fixed env, execve; the request in a memfd, the
- * reply over a socketpair with fds by SCM_RIGHTS, stderr in a memfd); frame.c: the only
+ * running the helper (fork, exact ids, fixed env, execve; the request on a socketpair,
+ * the reply over another with fds by SCM_RIGHTS, stderr in a memfd); frame.c: the only
  * wire format, framed records (no JSON). options.h is generated from runtime/options.py.
  */
 #ifndef RANKWIRE_SHIM_H
@@ -66,14 +69,28 @@ struct rw_helper { const char *path; int timeout_s; };
 /* Descriptors that came with a reply: n counts all, fd[] keeps the first RW_MAX_FDS. */
 struct rw_fds { int fd[RW_MAX_FDS], n; };
 
+/* A helper phase under way (pid 0: none): our ends of its stdin and of its reply socket,
+ * its stderr (a memfd), its pidfd; the phase's deadline, counted from its start. */
+struct rw_run { pid_t pid; int in, reply, err, pidfd; int64_t deadline; int timeout_s;
+		const char *phase; };
+
 /* Keep the first one-line error; task_init reports it to srun. */
 void rw_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Run `helper spank-helper PHASE` (as_user NULL: as root) with pass as fds 3, 4, ...: req
  * in; its reply's records to fn(ctx), its fds into got. 0, or -1 with the reason given to
- * rw_fail. */
+ * rw_fail. It is rw_spawn_helper, then rw_finish_helper. */
 int rw_run_helper(const struct rw_helper *h, const char *phase, const struct buf *req,
 		  const struct rw_job *as_user, const struct rw_fds *pass, struct rw_fds *got,
 		  frame_fn *fn, void *ctx);
+/* Start the phase's helper, which starts its interpreter and imports while it waits for
+ * the request on stdin: 0, or -1 after rw_fail. */
+int rw_spawn_helper(const struct rw_helper *h, const char *phase, const struct rw_job *as_user,
+		    const struct rw_fds *pass, struct rw_run *run);
+/* Send the request, then read the reply and reap the helper, all by its deadline. */
+int rw_finish_helper(struct rw_run *run, const struct buf *req, struct rw_fds *got,
+		     frame_fn *fn, void *ctx);
+/* A started helper not wanted after all: killed, reaped, its descriptors closed. */
+void rw_abandon_helper(struct rw_run *run);
 int64_t rw_now_ms(void); /* CLOCK_MONOTONIC: deadlines */
 /* A frame until EOF (or the exit of pidfd until's process) by the deadline, its fds into
  * got (NULL: closed): 0 or an errno. */

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -385,6 +386,50 @@ def test_sbatch_container_puts_every_step_inside(
     assert lines == [f"batch {host_id}", "step ID=rankwire-test", "step ID=rankwire-test"]
 
 
+FAIL_POST_OPT = """#include <slurm/spank.h>
+SPANK_PLUGIN(failpostopt, 1);
+int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
+{
+	return spank_remote(sp) == 1 ? -1 : 0;
+}
+"""
+
+
+def test_a_check_started_early_ends_with_a_step_that_ends_before_it_asks(
+    spank_cluster: SlurmCluster, spank_install: SpankInstall, base_image: Path, tmp_path: Path
+) -> None:
+    """The shim starts the check phase's helper in init_post_opt, before slurmstepd sets
+    up the MPI plugin, and sends it the request in user_init. A required plugin after ours
+    that fails its init_post_opt ends the step before user_init: the helper, which did
+    start (the wrapper says so), must be gone with the step."""
+    src = tmp_path / "failpostopt.c"
+    src.write_text(FAIL_POST_OPT)
+    failing = tmp_path / "failpostopt.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(failing), str(src)], check=True)
+    started = tmp_path / "started"
+    wrapper = tmp_path / "helper"
+    wrapper.write_text(f'#!/bin/sh\necho $$ >> {started}\nexec {spank_install.helper} "$@"\n')
+    wrapper.chmod(0o755)
+    line = spank_install.conf.read_text().replace(
+        f"helper={spank_install.helper}", f"helper={wrapper}"
+    )
+    assert f"helper={wrapper}" in line
+    spank_cluster.plugstack.write_text(f"{line}\nrequired {failing}\n")
+    try:
+        root = User("root", 0, 0, "/root")
+        proc = srun(spank_cluster, root, "-n", "1", f"--container-image={base_image}", "true")
+        # (srun's own exit code stays 0 here: a Slurm 22.05 quirk)
+        assert "srun: error: task 0 launch failed: Plugin initialization failed" in proc.stderr
+        pids = [int(x) for x in started.read_text().split()]
+        assert len(pids) == 1  # started before the step failed, and only once
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pids[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{pids[0]}").exists()
+    finally:
+        spank_cluster.plugstack.write_text(spank_install.plugstack_line())
+
+
 @pytest.mark.parametrize(
     ("helper", "reason"),
     [
@@ -421,6 +466,7 @@ def test_plugin_exports_only_what_slurm_looks_up(spank_install: SpankInstall) ->
     plugin_symbols = {"plugin_name", "plugin_type", "plugin_version", "spank_plugin_version"}
     assert names - plugin_symbols == {
         "slurm_spank_init",
+        "slurm_spank_init_post_opt",
         "slurm_spank_user_init",
         "slurm_spank_task_init_privileged",
         "slurm_spank_task_init",
