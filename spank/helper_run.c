@@ -144,13 +144,19 @@ static int send_request(int fd, const struct buf *req, int64_t deadline)
 
 void rw_abandon_helper(struct rw_run *run)
 {
+	struct pollfd p = {run->pidfd, POLLIN, 0};
 	int status;
 
 	if (run->pid <= 0)
 		return;
-	(void)kill(-run->pid, SIGKILL), (void)kill(run->pid, SIGKILL);
-	while (waitpid(run->pid, &status, 0) < 0 && errno == EINTR)
-		;
+	/* It waits for its request: it has started nothing. Through its pidfd, so that a pid
+	 * reused after someone else reaped it is safe; its exit awaited, bounded. */
+	if (run->pidfd >= 0 && !syscall(SYS_pidfd_send_signal, run->pidfd, SIGKILL, NULL, 0))
+		while (poll(&p, 1, HOLDER_WAIT_MS) < 0 && errno == EINTR)
+			;
+	else if (run->pidfd < 0)
+		(void)kill(run->pid, SIGKILL);
+	(void)waitpid(run->pid, &status, WNOHANG); /* else slurmstepd reaps it */
 	rw_close(run->in), rw_close(run->reply), rw_close(run->err), rw_close(run->pidfd);
 	run->pid = 0;
 }

@@ -270,6 +270,35 @@ static int join_fast(const char *dir, uid_t uid, const struct buf *req, size_t l
 	return ok;
 }
 
+/* The contents of /proc/self/NAME and of /proc/PID/NAME are the same. */
+static int same_proc_file(pid_t pid, const char *name)
+{
+	char path[64], a[8192], b[8192];
+	ssize_t n[2] = {-1, -1};
+	int fd;
+
+	for (int i = 0; i < 2; i++) {
+		if (i)
+			snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, name);
+		else
+			snprintf(path, sizeof path, "/proc/self/%s", name);
+		if ((fd = open(path, O_RDONLY | O_CLOEXEC)) >= 0)
+			n[i] = read(fd, i ? b : a, sizeof a), rw_close(fd);
+	}
+	return n[0] >= 0 && n[0] < (ssize_t)sizeof a && n[0] == n[1] && !memcmp(a, b, n[0]);
+}
+
+/* The check helper started in init_post_opt is where a helper started now would be:
+ * slurmstepd's cgroups (Slurm's task/cgroup moves slurmstepd into the step's cpuset,
+ * memory and devices cgroups after init_post_opt on cgroup v1), resource limits and
+ * audit login uid (which a PAM session, UsePAM, may set after it too). The holder and
+ * the FUSE daemons it starts inherit all of them. */
+static int same_context(pid_t pid)
+{
+	return same_proc_file(pid, "cgroup") && same_proc_file(pid, "limits") &&
+	       same_proc_file(pid, "loginuid");
+}
+
 static void setup(spank_t sp, int ac, char **av)
 {
 	struct rw_helper h = {RANKWIRE_HELPER, HELPER_TIMEOUT_S};
@@ -294,6 +323,10 @@ static void setup(spank_t sp, int ac, char **av)
 	}
 	if (*dir) /* a ticket is the last helper's: this one's replies may differ */
 		rw_ticket_drop(dir, job.uid);
+	if (st.check.pid && !same_context(st.check.pid))
+		rw_abandon_helper(&st.check); /* run below as before: in the step's cgroups */
+	if (st.check.pid) /* its phase's time from now, as for a helper started now */
+		st.check.deadline = rw_now_ms() + (int64_t)st.check.timeout_s * 1000;
 	if ((st.check.pid ? rw_finish_helper(&st.check, &req, &fds, on_reply, &chk) :
 	     rw_run_helper(&h, "check", &req, NULL, &held, &fds, on_reply, &chk)) || *st.error)
 		goto out;
@@ -380,9 +413,11 @@ static int wants_container(spank_t sp)
 /* Still root, before slurmstepd starts the MPI plugin's server (mpi/pmix: tens of ms) and
  * forks the tasks: start the check phase's helper, whose interpreter and imports then
  * overlap that; user_init sends it the request (its facts: the cwd, the PMIx dir, are
- * only known then). Not for a named container's step, which may join through its ticket
- * without the helper. If the step ends before user_init, slurm_spank_exit kills it; if
- * slurmstepd dies, the helper reads EOF and exits. */
+ * only known then), if slurmstepd's cgroups and limits are still the helper's
+ * (`same_context`; else it runs a new one, as for any step before). Not for a named
+ * container's step, which may join through its ticket without the helper. If the step
+ * fails after spank_init, slurm_spank_exit kills it; if it fails in spank_init (Slurm
+ * then skips slurm_spank_exit) or slurmstepd dies, the helper reads EOF and exits. */
 int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 {
 	struct rw_helper h = {RANKWIRE_HELPER, HELPER_TIMEOUT_S};
@@ -401,8 +436,8 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 
 int slurm_spank_user_init(spank_t sp, int ac, char **av)
 {
-	if (!wants_container(sp))
-		return 0;
+	if (!wants_container(sp)) /* another plugin changed the step's environment */
+		return rw_abandon_helper(&st.check), 0;
 	st.active = 1;
 	setup(sp, ac, av);
 	return 0; /* failures are reported by task_init: Slurm 22.05 drops user_init's */

@@ -4,7 +4,8 @@
  *   init_post_opt (slurmstepd, root, before the MPI plugin's setup): start the helper's
  *     "check" phase, which loads its code while slurmstepd sets up the step (not for a
  *     named container's step, which may join through its ticket without the helper).
- *   user_init (slurmstepd, once per node): run the helper's "check" phase as root (site
+ *   user_init (slurmstepd, once per node): run the helper's "check" phase as root (the
+ *     started one, if its cgroups and limits are still slurmstepd's, else a new one; site
  *     policy; it opens the image and binds), asking it to run the "start" phase too: a
  *     child of it that becomes exactly the job user starts the container from those
  *     descriptors (`started=1`). A helper that did not (nor enforced the container

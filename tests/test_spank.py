@@ -386,40 +386,122 @@ def test_sbatch_container_puts_every_step_inside(
     assert lines == [f"batch {host_id}", "step ID=rankwire-test", "step ID=rankwire-test"]
 
 
-FAIL_POST_OPT = """#include <slurm/spank.h>
-SPANK_PLUGIN(failpostopt, 1);
-int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
+FAILING_PLUGIN = """#include <slurm/spank.h>
+SPANK_PLUGIN(failing, 1);
+int slurm_spank_%s(spank_t sp, int ac, char **av)
 {
 	return spank_remote(sp) == 1 ? -1 : 0;
 }
 """
 
 
-def test_a_check_started_early_ends_with_a_step_that_ends_before_it_asks(
-    spank_cluster: SlurmCluster, spank_install: SpankInstall, base_image: Path, tmp_path: Path
-) -> None:
-    """The shim starts the check phase's helper in init_post_opt, before slurmstepd sets
-    up the MPI plugin, and sends it the request in user_init. A required plugin after ours
-    that fails its init_post_opt ends the step before user_init: the helper, which did
-    start (the wrapper says so), must be gone with the step."""
-    src = tmp_path / "failpostopt.c"
-    src.write_text(FAIL_POST_OPT)
-    failing = tmp_path / "failpostopt.so"
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(failing), str(src)], check=True)
-    started = tmp_path / "started"
-    wrapper = tmp_path / "helper"
+def _counting_helper(spank_install: SpankInstall, where: Path) -> tuple[Path, str]:
+    """A helper that appends its pid to `where`/started, then is the real one; and the
+    plugstack line of the rankwire plugin run with it."""
+    started = where / "started"
+    wrapper = where / "helper"
     wrapper.write_text(f'#!/bin/sh\necho $$ >> {started}\nexec {spank_install.helper} "$@"\n')
     wrapper.chmod(0o755)
     line = spank_install.conf.read_text().replace(
         f"helper={spank_install.helper}", f"helper={wrapper}"
     )
     assert f"helper={wrapper}" in line
-    spank_cluster.plugstack.write_text(f"{line}\nrequired {failing}\n")
+    return started, line
+
+
+def test_a_step_uses_the_check_helper_started_early(
+    spank_cluster: SlurmCluster,
+    spank_install: SpankInstall,
+    base_image: Path,
+    runner: User,
+    tmp_path: Path,
+) -> None:
+    """One helper per step: the one started in init_post_opt gets the request in user_init
+    (this cluster's task plugin does not move slurmstepd between cgroups, and no PAM)."""
+    tmp_path.chmod(0o755)
+    started, line = _counting_helper(spank_install, tmp_path)
+    spank_cluster.plugstack.write_text(line)
+    try:
+        proc = srun(spank_cluster, runner, "-n", "2", f"--container-image={base_image}", "true")
+        assert proc.returncode == 0, proc.stderr
+        assert len(started.read_text().split()) == 1
+    finally:
+        spank_cluster.plugstack.write_text(spank_install.plugstack_line())
+
+
+LIMITING_PLUGIN = """#include <sys/resource.h>
+#include <slurm/spank.h>
+SPANK_PLUGIN(limiting, 1);
+int slurm_spank_user_init(spank_t sp, int ac, char **av)
+{
+\tstruct rlimit r;
+\tif (getrlimit(RLIMIT_NOFILE, &r) || r.rlim_cur < 64)
+\t\treturn -1;
+\tr.rlim_cur -= 1;
+\treturn setrlimit(RLIMIT_NOFILE, &r);
+}
+"""
+
+
+def test_a_check_started_early_is_given_up_when_slurmstepd_changed_since(
+    spank_cluster: SlurmCluster, spank_install: SpankInstall, base_image: Path, tmp_path: Path
+) -> None:
+    """The helper started in init_post_opt is used only if it runs where one started in
+    user_init would (slurmstepd's cgroups, limits, login uid: task/cgroup on cgroup v1 and
+    a PAM session change them in between). A plugin before ours lowers slurmstepd's open
+    files limit in its user_init: the shim gives up the early helper and runs another,
+    which serves the step; the first is gone."""
+    src = tmp_path / "limiting.c"
+    src.write_text(LIMITING_PLUGIN)
+    limiting = tmp_path / "limiting.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(limiting), str(src)], check=True)
+    started, line = _counting_helper(spank_install, tmp_path)
+    spank_cluster.plugstack.write_text(f"required {limiting}\n{line.strip()}\n")
     try:
         root = User("root", 0, 0, "/root")
         proc = srun(spank_cluster, root, "-n", "1", f"--container-image={base_image}", "true")
-        # (srun's own exit code stays 0 here: a Slurm 22.05 quirk)
-        assert "srun: error: task 0 launch failed: Plugin initialization failed" in proc.stderr
+        assert proc.returncode == 0, proc.stderr
+        pids = [int(x) for x in started.read_text().split()]
+        assert len(pids) == 2
+        assert not Path(f"/proc/{pids[0]}").exists()
+    finally:
+        spank_cluster.plugstack.write_text(spank_install.plugstack_line())
+
+
+@pytest.mark.parametrize(
+    ("fails", "error"),
+    [
+        # after ours: Slurm's spank_init fails, and it skips slurm_spank_exit (EOF ends it)
+        ("init_post_opt", "srun: error: task 0 launch failed: Plugin initialization failed"),
+        # before ours: our user_init never runs, our slurm_spank_exit kills it
+        ("user_init", "error: spank: required plugin failing.so: user_init() failed with rc=-1"),
+    ],
+)
+def test_a_check_started_early_ends_with_a_step_that_ends_before_it_asks(
+    spank_cluster: SlurmCluster,
+    spank_install: SpankInstall,
+    base_image: Path,
+    tmp_path: Path,
+    fails: str,
+    error: str,
+) -> None:
+    """The shim starts the check phase's helper in init_post_opt, before slurmstepd sets
+    up the MPI plugin, and sends it the request in user_init. A required plugin that fails
+    its init_post_opt (after ours) or its user_init (before ours) ends the step before our
+    user_init: the helper, which did start (the wrapper says so), must be gone with it."""
+    src = tmp_path / "failing.c"
+    src.write_text(FAILING_PLUGIN % fails)
+    failing = tmp_path / "failing.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(failing), str(src)], check=True)
+    started, line = _counting_helper(spank_install, tmp_path)
+    ours, theirs = line.strip(), f"required {failing}"
+    stack = [ours, theirs] if fails == "init_post_opt" else [theirs, ours]
+    spank_cluster.plugstack.write_text("\n".join(stack) + "\n")
+    try:
+        root = User("root", 0, 0, "/root")
+        proc = srun(spank_cluster, root, "-n", "1", f"--container-image={base_image}", "true")
+        # (srun's own exit code can stay 0 here: a Slurm 22.05 quirk)
+        assert error in proc.stderr, proc.stderr
         pids = [int(x) for x in started.read_text().split()]
         assert len(pids) == 1  # started before the step failed, and only once
         deadline = time.monotonic() + 10
