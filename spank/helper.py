@@ -1155,7 +1155,7 @@ def main(phase: str) -> int:
 
             sc.prctl(sc.PR_SET_DUMPABLE, 0)
         data = sys.stdin.buffer.read()
-        if not data:  # the shim started us early and its step ended before it asked
+        if not data and phase == "check":  # started early; the step ended before it asked
             return 0
         req = frame.decode(data)
         if phase == "pull":

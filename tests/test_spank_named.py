@@ -132,35 +132,38 @@ def test_a_repeated_join_skips_the_helper(
     args = (f"--container-image={base_image}", "--container-name=box")
     show = ("sh", "-c", "pwd; env")
 
-    def ino(path: Path) -> int:
-        return path.stat().st_ino
+    def version(path: Path) -> tuple[int, int]:
+        """A rewrite (a new file renamed over it) changes it: the inode number alone may
+        be the old one's again where /run is no tmpfs (ext4 reuses a freed one)."""
+        st = path.stat()
+        return st.st_ino, st.st_ctime_ns
 
     try:
         first = step(spank_cluster, runner, job, *args, *show)
         made = ticket.stat()
         assert (made.st_uid, made.st_mode & 0o777, task_view(first)[0]) == (0, 0o600, "/tmp")
-        kept = (ino(ticket), ino(record))
+        kept = (version(ticket), version(record))
         joined = step(spank_cluster, runner, job, *args, *show)
-        assert (ino(ticket), ino(record)) == kept, "the helper ran"
+        assert (version(ticket), version(record)) == kept, "the helper ran"
         ticket.unlink()
         helped = step(spank_cluster, runner, job, *args, *show)
-        assert ino(record) != kept[1] and ticket.exists(), "the helper did not run"
+        assert version(record) != kept[1] and ticket.exists(), "the helper did not run"
         assert task_view(joined) == task_view(helped) == task_view(first)
         assert "SLURM_STEP_ID=1" in joined.stdout.splitlines()  # the step's own values
 
-        kept = (ino(ticket), ino(record))
+        kept = (version(ticket), version(record))
         env = {**spank_cluster.env, "RANKWIRE_TEST_ONE_MORE": "1"}
         other = step(spank_cluster, runner, job, *args, *show, env=env)
         assert "RANKWIRE_TEST_ONE_MORE=1" in task_view(other)
-        assert ino(ticket) != kept[0] and ino(record) != kept[1], "the ticket was replayed"
+        assert version(ticket) != kept[0] and version(record) != kept[1], "the ticket was replayed"
 
-        kept = (ino(ticket), ino(record))
+        kept = (version(ticket), version(record))
         same = step(spank_cluster, runner, job, *args, *show, env=env)
-        assert (ino(ticket), ino(record)) == kept, "the helper ran"
+        assert (version(ticket), version(record)) == kept, "the helper ran"
         os.utime(base_image)  # a file the check read changed: the check runs again
         touched = step(spank_cluster, runner, job, *args, *show, env=env)
         assert task_view(touched) == task_view(same) == task_view(other)
-        assert ino(ticket) != kept[0] and ino(record) != kept[1], "the image was not checked"
+        assert version(ticket) != kept[0] and version(record) != kept[1], "no check of the image"
 
         policy.write_text(policy.read_text() + "allow_writable = false\n")
         refused = step(spank_cluster, runner, job, *args, *show, env=env)
@@ -178,10 +181,10 @@ def test_a_repeated_join_skips_the_helper(
         info = _ping(str(sock))
         assert info is not None
         os.kill(int(info["pid"]), signal.SIGKILL)
-        kept = (ino(ticket), ino(record))
+        kept = (version(ticket), version(record))
         again = step(spank_cluster, runner, job, *args, *show, env=env)
         assert task_view(again) == task_view(other)
-        assert ino(ticket) != kept[0] and ino(record) != kept[1], "no new holder's ticket"
+        assert version(ticket) != kept[0] and version(record) != kept[1], "no new holder's ticket"
         assert (_ping(str(sock)) or {}).get("pid") not in (None, info["pid"])
     finally:
         end_job(spank_cluster, job)
@@ -672,10 +675,10 @@ def test_open_mpi_under_pmi2_is_bridged_with_or_without_the_helper(
         helped = step(spank_cluster, runner, job, *args, "/opt/hello_ompi")
         assert helped.returncode == 0, helped.stderr
         assert_hello(helped.stdout, 2)
-        kept = ticket.stat().st_ino
+        kept = (ticket.stat().st_ino, ticket.stat().st_ctime_ns)  # ext4 reuses inodes
         joined = step(spank_cluster, runner, job, *args, "/opt/hello_ompi")
         assert joined.returncode == 0, joined.stderr
         assert_hello(joined.stdout, 2)
-        assert ticket.stat().st_ino == kept, "the helper ran"
+        assert (ticket.stat().st_ino, ticket.stat().st_ctime_ns) == kept, "the helper ran"
     finally:
         end_job(spank_cluster, job)
