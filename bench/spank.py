@@ -10,8 +10,13 @@
    container that runs already, as the shim does from its ticket and as the helper does
    (the ticket removed before each run), against a fresh container per step and bare.
 Medians of wall time over --repeat runs (after one warm-up), and ratios against bare.
+`--shim-baseline REV` adds to section 2 the plugin step with the C shim of git revision
+REV (the Python helper stays this checkout's), in the same alternation: an A/B of a shim
+change in one run. `--mpi pmix` runs section 2's container rows under Slurm's PMIx plugin
+(through the PMI bridge; bare srun stays at `--mpi=pmi2`: Debian's MPICH speaks PMI only).
 
-    .venv/bin/python bench/spank.py [--repeat 7] [--sizes 2,8]
+    .venv/bin/python bench/spank.py [--repeat 7] [--sizes 2,8] [--mpi pmi2|pmix]
+                                    [--shim-baseline REV]
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from harness.images import make_rootfs  # noqa: E402
 from harness.mpi import assert_hello, compile_hello  # noqa: E402
 from harness.slurm import SlurmCluster  # noqa: E402
-from harness.spank import install_plugin  # noqa: E402
+from harness.spank import SpankInstall, install_plugin  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -69,6 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--sizes", default="2,8")
+    ap.add_argument("--mpi", choices=("pmi2", "pmix"), default="pmi2")
+    ap.add_argument("--shim-baseline", metavar="REV")
     args = ap.parse_args()
     if os.getuid() != 0:
         raise SystemExit("bench/spank.py needs root (it runs a throwaway slurmd)")
@@ -91,6 +98,7 @@ def main() -> None:
         subprocess.run([str(BIN / "rankwire"), "build", str(image), str(rootfs)], check=True,
                        capture_output=True)  # fmt: skip
         install = install_plugin(REPO, work / "prefix", str(BIN / "rankwire"))
+        baseline = shim_of(args.shim_baseline, work) if args.shim_baseline else None
         # Loaded at slurmd's start, as at a site: slurmd runs SPANK job epilogs (which end
         # the named containers of section 3) only for the plugins it loaded then.
         cluster = SlurmCluster(plugstack=install.plugstack_line())
@@ -116,38 +124,57 @@ def main() -> None:
         for name, ms in noop.items():
             print(f"| {name} | {ms:.0f} | {ms / base:.2f} |")
 
-        print(f"\n## MPICH hello, `--mpi=pmi2`, medians of {args.repeat}\n")
-        print("| N | bare srun ms | --container-image ms | ratio | srun rankwire exec ms | ratio |")
-        print("|---|---|---|---|---|---|")
+        print(f"\n## MPICH hello, `--mpi={args.mpi}`, medians of {args.repeat}\n")
+        head = "| N | bare srun ms | --container-image ms | ratio | srun rankwire exec ms | ratio |"
+        if baseline is not None:
+            head += f" with {args.shim_baseline}'s shim ms | ratio | now / {args.shim_baseline} |"
+        print(head)
+        print("|---" * (head.count("|") - 1) + "|")
         loaded()
         for n in (int(s) for s in args.sizes.split(",")):
-            common = ["srun", "-n", str(n), "--mpi=pmi2"]
-            res = alternate(
-                {
-                    "bare": ([*common, str(progs.hello_mpich)], loaded),
-                    "plugin": (
-                        [*common, f"--container-image={image}", "/opt/hello_mpich"],
-                        loaded,
-                    ),
-                    "exec": (
-                        [*common, str(BIN / "rankwire"), "exec", str(image), "/opt/hello_mpich"],
-                        loaded,
-                    ),
-                },
-                env,
-                args.repeat,
-                lambda out, n=n: assert_hello(out, n),
-            )
+            common = ["srun", "-n", str(n), f"--mpi={args.mpi}"]
+            in_image = [*common, f"--container-image={image}", "/opt/hello_mpich"]
+            rows = {
+                # Debian's MPICH speaks PMI only: bare srun stays at --mpi=pmi2
+                "bare": (["srun", "-n", str(n), "--mpi=pmi2", str(progs.hello_mpich)], loaded),
+                "plugin": (in_image, loaded),
+                "exec": (
+                    [*common, str(BIN / "rankwire"), "exec", str(image), "/opt/hello_mpich"],
+                    loaded,
+                ),
+            }
+            if baseline is not None:
+                rows["baseline"] = (in_image, plugstack(baseline.plugstack_line()))
+            res = alternate(rows, env, args.repeat, lambda out, n=n: assert_hello(out, n))
+            loaded()
             bare = res["bare"]
-            print(
+            line = (
                 f"| {n} | {bare:.0f} | {res['plugin']:.0f} | {res['plugin'] / bare:.2f} "
                 f"| {res['exec']:.0f} | {res['exec'] / bare:.2f} |"
             )
+            if baseline is not None:
+                old = res["baseline"]
+                line += f" {old:.0f} | {old / bare:.2f} | {res['plugin'] / old:.3f} |"
+            print(line)
         named(cluster, image, args.repeat)
     finally:
         if cluster is not None:
             cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def shim_of(rev: str, work: Path) -> SpankInstall:
+    """The plugin built from git revision `rev`'s spank/ (a throwaway worktree), run with
+    this checkout's helper."""
+    tree = work / "baseline"
+    git = ["git", "-C", str(REPO)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(tree), rev], check=True,
+                   capture_output=True)  # fmt: skip
+    try:
+        return install_plugin(tree, work / "prefix-baseline", str(BIN / "rankwire"))
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=True,
+                       capture_output=True)  # fmt: skip
 
 
 def named(cluster: SlurmCluster, image: Path, repeat: int) -> None:
