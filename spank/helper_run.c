@@ -1,5 +1,5 @@
 /* Running the helper: no shell, no user string in argv, every id change checked, and one
- * deadline for the whole phase (fork to exit): a helper that stalls or trickles is killed. */
+ * deadline for the whole phase (request to exit): a helper that stalls or trickles is killed. */
 #include "shim.h"
 
 #define MUST(ok) do { if (!(ok)) _exit(126); } while (0) /* in the child */
@@ -102,8 +102,7 @@ int rw_spawn_helper(const struct rw_helper *h, const char *phase, const struct r
 	struct stat sb;
 	pid_t pid = -1;
 
-	*run = (struct rw_run){0, -1, -1, -1, -1, rw_now_ms() + (int64_t)h->timeout_s * 1000,
-			       h->timeout_s, phase};
+	*run = (struct rw_run){0, -1, -1, -1, -1, h->timeout_s, phase};
 	if (stat(h->path, &sb) || sb.st_uid != 0 || (sb.st_mode & 022))
 		return rw_fail("rankwire: the helper %s must exist, be owned by root and not be "
 			       "group/world-writable (plugstack.conf helper=)", h->path), -1;
@@ -166,6 +165,8 @@ int rw_finish_helper(struct rw_run *run, const struct buf *req, struct rw_fds *g
 {
 	struct buf reply = {0};
 	int status = 0, e, bad;
+	/* From the request on: a helper started early waited for it, on nobody's clock. */
+	int64_t deadline = rw_now_ms() + (int64_t)run->timeout_s * 1000;
 	char data[65536], why[64], *line;
 	pid_t pid = run->pid, r = 0;
 	ssize_t n;
@@ -174,14 +175,14 @@ int rw_finish_helper(struct rw_run *run, const struct buf *req, struct rw_fds *g
 		return rw_abandon_helper(run), rw_fail("rankwire: cannot run the helper: %s",
 						       strerror(ENOMEM)), -1;
 	/* A helper that ended before it read it (EPIPE) says why in its stderr, read below. */
-	if ((e = send_request(run->in, req, run->deadline)) == EPIPE || e == ECONNRESET)
+	if ((e = send_request(run->in, req, deadline)) == EPIPE || e == ECONNRESET)
 		e = 0;
 	rw_close(run->in);
 	if (!e) /* until it exits (or EOF) */
-		e = rw_read_frame(run->reply, run->pidfd, run->deadline, got, &reply);
+		e = rw_read_frame(run->reply, run->pidfd, deadline, got, &reply);
 	/* Its exit, by the same deadline (ECHILD: reaped elsewhere, the reply decides). */
 	while (!e && (r = waitpid(pid, &status, WNOHANG)) == 0)
-		e = rw_now_ms() < run->deadline ? (void)poll(NULL, 0, 10), 0 : ETIMEDOUT;
+		e = rw_now_ms() < deadline ? (void)poll(NULL, 0, 10), 0 : ETIMEDOUT;
 	if (e) /* ESRCH: gone already */
 		(void)kill(-pid, SIGKILL), (void)kill(pid, SIGKILL);
 	while (r == 0 && waitpid(pid, &status, 0) < 0 && errno == EINTR)

@@ -325,8 +325,6 @@ static void setup(spank_t sp, int ac, char **av)
 		rw_ticket_drop(dir, job.uid);
 	if (st.check.pid && !same_context(st.check.pid))
 		rw_abandon_helper(&st.check); /* run below as before: in the step's cgroups */
-	if (st.check.pid) /* its phase's time from now, as for a helper started now */
-		st.check.deadline = rw_now_ms() + (int64_t)st.check.timeout_s * 1000;
 	if ((st.check.pid ? rw_finish_helper(&st.check, &req, &fds, on_reply, &chk) :
 	     rw_run_helper(&h, "check", &req, NULL, &held, &fds, on_reply, &chk)) || *st.error)
 		goto out;

@@ -71,9 +71,8 @@ struct rw_helper { const char *path; int timeout_s; };
 struct rw_fds { int fd[RW_MAX_FDS], n; };
 
 /* A helper phase under way (pid 0: none): our ends of its stdin and of its reply socket,
- * its stderr (a memfd), its pidfd; the phase's deadline, counted from its start. */
-struct rw_run { pid_t pid; int in, reply, err, pidfd; int64_t deadline; int timeout_s;
-		const char *phase; };
+ * its stderr (a memfd), its pidfd; the phase's time limit, counted from the request. */
+struct rw_run { pid_t pid; int in, reply, err, pidfd, timeout_s; const char *phase; };
 
 /* Keep the first one-line error; task_init reports it to srun. */
 void rw_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -87,7 +86,8 @@ int rw_run_helper(const struct rw_helper *h, const char *phase, const struct buf
  * the request on stdin: 0, or -1 after rw_fail. */
 int rw_spawn_helper(const struct rw_helper *h, const char *phase, const struct rw_job *as_user,
 		    const struct rw_fds *pass, struct rw_run *run);
-/* Send the request, then read the reply and reap the helper, all by its deadline. */
+/* Send the request, then read the reply and reap the helper, all within the phase's
+ * timeout from now. */
 int rw_finish_helper(struct rw_run *run, const struct buf *req, struct rw_fds *got,
 		     frame_fn *fn, void *ctx);
 /* A started helper not wanted after all: killed, reaped, its descriptors closed. */

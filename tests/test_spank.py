@@ -395,6 +395,15 @@ int slurm_spank_%s(spank_t sp, int ac, char **av)
 """
 
 
+def _plugin(where: Path, name: str, source: str) -> Path:
+    """A SPANK plugin of the test's own, built from `source` into `where`/NAME.so."""
+    src = where / f"{name}.c"
+    src.write_text(source)
+    built = where / f"{name}.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(built), str(src)], check=True)
+    return built
+
+
 def _counting_helper(spank_install: SpankInstall, where: Path) -> tuple[Path, str]:
     """A helper that appends its pid to `where`/started, then is the real one; and the
     plugstack line of the rankwire plugin run with it."""
@@ -451,10 +460,7 @@ def test_a_check_started_early_is_given_up_when_slurmstepd_changed_since(
     a PAM session change them in between). A plugin before ours lowers slurmstepd's open
     files limit in its user_init: the shim gives up the early helper and runs another,
     which serves the step; the first is gone."""
-    src = tmp_path / "limiting.c"
-    src.write_text(LIMITING_PLUGIN)
-    limiting = tmp_path / "limiting.so"
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(limiting), str(src)], check=True)
+    limiting = _plugin(tmp_path, "limiting", LIMITING_PLUGIN)
     started, line = _counting_helper(spank_install, tmp_path)
     spank_cluster.plugstack.write_text(f"required {limiting}\n{line.strip()}\n")
     try:
@@ -489,10 +495,7 @@ def test_a_check_started_early_ends_with_a_step_that_ends_before_it_asks(
     up the MPI plugin, and sends it the request in user_init. A required plugin that fails
     its init_post_opt (after ours) or its user_init (before ours) ends the step before our
     user_init: the helper, which did start (the wrapper says so), must be gone with it."""
-    src = tmp_path / "failing.c"
-    src.write_text(FAILING_PLUGIN % fails)
-    failing = tmp_path / "failing.so"
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(failing), str(src)], check=True)
+    failing = _plugin(tmp_path, "failing", FAILING_PLUGIN % fails)
     started, line = _counting_helper(spank_install, tmp_path)
     ours, theirs = line.strip(), f"required {failing}"
     stack = [ours, theirs] if fails == "init_post_opt" else [theirs, ours]
