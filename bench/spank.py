@@ -12,11 +12,14 @@
 Medians of wall time over --repeat runs (after one warm-up), and ratios against bare.
 `--shim-baseline REV` adds to section 2 the plugin step with the C shim of git revision
 REV (the Python helper stays this checkout's), in the same alternation: an A/B of a shim
-change in one run. `--mpi pmix` runs section 2's container rows under Slurm's PMIx plugin
-(through the PMI bridge; bare srun stays at `--mpi=pmi2`: Debian's MPICH speaks PMI only).
+change in one run. `--front-baseline REV` adds `srun rankwire exec` with the C front end
+(`runtime/front.c`) of revision REV (the Python CLI stays this checkout's, whose step plans
+only a front end that hands it the step's lock uses). `--mpi pmix` runs section 2's
+container rows under Slurm's PMIx plugin (through the PMI bridge; bare srun stays at
+`--mpi=pmi2`: Debian's MPICH speaks PMI only).
 
     .venv/bin/python bench/spank.py [--repeat 7] [--sizes 2,8] [--mpi pmi2|pmix]
-                                    [--shim-baseline REV]
+                                    [--shim-baseline REV] [--front-baseline REV]
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="2,8")
     ap.add_argument("--mpi", choices=("pmi2", "pmix"), default="pmi2")
     ap.add_argument("--shim-baseline", metavar="REV")
+    ap.add_argument("--front-baseline", metavar="REV")
     args = ap.parse_args()
     if os.getuid() != 0:
         raise SystemExit("bench/spank.py needs root (it runs a throwaway slurmd)")
@@ -99,6 +103,7 @@ def main() -> None:
                        capture_output=True)  # fmt: skip
         install = install_plugin(REPO, work / "prefix", str(BIN / "rankwire"))
         baseline = shim_of(args.shim_baseline, work) if args.shim_baseline else None
+        old_front = front_of(args.front_baseline, work) if args.front_baseline else None
         # Loaded at slurmd's start, as at a site: slurmd runs SPANK job epilogs (which end
         # the named containers of section 3) only for the plugins it loaded then.
         cluster = SlurmCluster(plugstack=install.plugstack_line())
@@ -128,6 +133,9 @@ def main() -> None:
         head = "| N | bare srun ms | --container-image ms | ratio | srun rankwire exec ms | ratio |"
         if baseline is not None:
             head += f" with {args.shim_baseline}'s shim ms | ratio | now / {args.shim_baseline} |"
+        if old_front is not None:
+            rev = args.front_baseline
+            head += f" exec with {rev}'s front end ms | ratio | exec now / {rev} |"
         print(head)
         print("|---" * (head.count("|") - 1) + "|")
         loaded()
@@ -145,6 +153,9 @@ def main() -> None:
             }
             if baseline is not None:
                 rows["baseline"] = (in_image, plugstack(baseline.plugstack_line()))
+            if old_front is not None:
+                old_exec = [*common, str(old_front), "exec", str(image), "/opt/hello_mpich"]
+                rows["old front"] = (old_exec, loaded)
             res = alternate(rows, env, args.repeat, lambda out, n=n: assert_hello(out, n))
             loaded()
             bare = res["bare"]
@@ -155,12 +166,30 @@ def main() -> None:
             if baseline is not None:
                 old = res["baseline"]
                 line += f" {old:.0f} | {old / bare:.2f} | {res['plugin'] / old:.3f} |"
+            if old_front is not None:
+                old = res["old front"]
+                line += f" {old:.0f} | {old / bare:.2f} | {res['exec'] / old:.3f} |"
             print(line)
         named(cluster, image, args.repeat)
     finally:
         if cluster is not None:
             cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def front_of(rev: str, work: Path) -> Path:
+    """The C front end built from git revision `rev`, beside a link to this checkout's
+    Python CLI (the front end runs the `rankwire-py` next to it)."""
+    where = work / "front-baseline"
+    where.mkdir()
+    for path in ("runtime/front.c", "spank/frame.c", "spank/frame.h"):
+        text = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], check=True,
+                              capture_output=True).stdout  # fmt: skip
+        (where / Path(path).name).write_bytes(text)
+    subprocess.run(["cc", "-O2", "-I", str(where), "-o", str(where / "rankwire"),
+                    str(where / "front.c"), str(where / "frame.c")], check=True)  # fmt: skip
+    (where / "rankwire-py").symlink_to(BIN / "rankwire-py")
+    return where / "rankwire"
 
 
 def shim_of(rev: str, work: Path) -> SpankInstall:

@@ -11,12 +11,19 @@ import os
 import sys
 from typing import NoReturn
 
+# runtime/front.c's: the step plan's locked descriptor, for the first task's Python
+# (runtime/joinplan.py `take_step_lock`).
+STEP_LOCK_VAR = "RANKWIRE_STEP_LOCK"
 # `rankwire spank-helper PHASE`'s phases (spank/helper.py `main`).
 PHASES = ("check", "start", "pull", "save", "epilog", "teardown")
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
     args = sys.argv[1:] if argv is None else argv
+    if STEP_LOCK_VAR in os.environ:
+        from rankwire.runtime.joinplan import take_step_lock
+
+        take_step_lock()
     if len(args) == 2 and args[0] == "spank-helper" and args[1] in PHASES:
         from rankwire.spank.helper import main as serve
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import click
 
@@ -30,6 +30,9 @@ from rankwire.runtime.plan import (
     parse_binds,
     plan_process,
 )
+
+if TYPE_CHECKING:
+    from rankwire.runtime.assemble import Facts, ImagePlan
 
 # Joining an instance (`exec instance://NAME`) needs none of an image's facts or
 # planners: those (rankwire.runtime.assemble, .facts, the fabric) and csv/json are
@@ -259,6 +262,10 @@ def _execute(
     from rankwire.runtime.facts import gather
 
     opts = exec_options({**container_kw, **process_kw})
+    values = {**container_kw, **process_kw, **source_kw}
+    scopes = ("container", "process", "source", "trust")
+    bare = all(values[o.dest] == o.default for o in in_scope(*scopes))  # the front end's too
+    image_arg = image
     image, _ = local_image(image, source_kw)
     facts = gather(image, opts, argv_of=argv_of)
     plan = plan_image(facts, opts, argv_of(facts.image))
@@ -268,9 +275,59 @@ def _execute(
         return
     inst.end_with_slurmstepd()
     container = plan.container
-    sys.exit(
-        _run_bridged(plan.pmi_bridge, plan.process, lambda p: inst.run_container(container, p))
+    from rankwire.runtime import joinplan
+
+    step = (
+        command is not None
+        and bare
+        and "://" not in image_arg
+        and _step_plan(facts, opts, plan, command)
     )
+    if not step:
+        joinplan.release_step_lock()  # the step's other tasks plan in Python
+
+    def run(p: ProcessPlan) -> int:
+        if not step:
+            return inst.run_container(container, p)
+        with inst.open_container(container) as lease:
+            joinplan.remember_step(image_arg, facts.image.path, lease, facts.user, p)
+            joinplan.release_step_lock()
+            return inst.run_in(lease, p)
+
+    sys.exit(_run_bridged(plan.pmi_bridge, plan.process, run))
+
+
+def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[str, ...]) -> bool:
+    """This task's plan may be every task's of its step (`runtime/joinplan.py`): the
+    step's first task here (the front end handed it the plan's lock), a task of
+    slurmstepd joining the node's shared container, no PMI bridge nor warning, the same
+    plan for any command and any task."""
+    import dataclasses
+
+    from rankwire.runtime import joinplan
+    from rankwire.runtime.assemble import plan_image
+
+    if (
+        not joinplan.holds_step_lock()
+        or joinplan.step_file(facts.user.environ) is None
+        or not plan.container.share
+        or plan.pmi_bridge.bridge is not None
+        or plan.pmi_bridge.warning
+        or not inst.parent_is_slurmstepd(os.getppid())
+    ):
+        return False
+    probe = plan_image(facts, opts, joinplan.PROBE).process
+    assert plan.process is not None and probe is not None
+    if not joinplan.command_free(plan.process, probe, command):
+        return False
+
+    def plan_for(env: dict[str, str]) -> tuple[ContainerPlan, ProcessPlan, object]:
+        user = dataclasses.replace(facts.user, environ=env)
+        got = plan_image(dataclasses.replace(facts, user=user), opts, command)
+        assert got.process is not None
+        return got.container, got.process, got.pmi_bridge
+
+    return joinplan.task_free(plan_for, facts.user.environ)
 
 
 def _run_bridged(bridge: BridgePlan, proc: ProcessPlan, run: Callable[[ProcessPlan], int]) -> int:

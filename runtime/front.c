@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -48,6 +49,9 @@
 #endif
 
 #define MAGIC "rankwire-join-plan 1"
+#define STEP_MAGIC "rankwire-step-plan 1"
+#define STEP_LOCK_VAR "RANKWIRE_STEP_LOCK" /* rankwire/entry.py's */
+#define STEP_WAIT_S 30 /* for the step's first task to plan; then Python */
 #define LEAVE_TIMEOUT_MS 10000
 
 extern char **environ;
@@ -94,9 +98,10 @@ static void run_python(void)
 struct plan {
     char *buf;
     const char *uid, *gid, *cwd, *sock, *sock_id, *holder, *session, *workdir, *nnp;
-    const char **files, **key_env, **env;
-    size_t nfiles, nkey_env, nenv;
-    int magic, complete, bad;
+    const char *image, *image_id; /* a step plan's */
+    const char **files, **key_env, **env, **task_vars;
+    size_t nfiles, nkey_env, nenv, ntask_vars;
+    int magic, step, complete, bad;
 };
 
 static void add(struct plan *p, const char ***list, size_t *n, const char *value)
@@ -116,7 +121,8 @@ static void plan_record(const char *key, char *value, void *ctx)
     struct plan *p = ctx;
     if (!p->magic) { /* the first record */
         p->magic = 1;
-        p->bad |= strcmp(key, "magic") || strcmp(value, MAGIC);
+        p->step = !strcmp(key, "magic") && !strcmp(value, STEP_MAGIC);
+        p->bad |= strcmp(key, "magic") || (strcmp(value, MAGIC) && !p->step);
         return;
     }
     p->bad |= p->complete; /* nothing after the end */
@@ -133,6 +139,9 @@ static void plan_record(const char *key, char *value, void *ctx)
     else if (!strcmp(key, "key_env")) add(p, &p->key_env, &p->nkey_env, value);
     else if (!strcmp(key, "env")) add(p, &p->env, &p->nenv, value);
     else if (!strcmp(key, "end")) p->complete = 1;
+    else if (p->step && !strcmp(key, "image")) p->image = value;
+    else if (p->step && !strcmp(key, "image_id")) p->image_id = value;
+    else if (p->step && !strcmp(key, "task_var")) add(p, &p->task_vars, &p->ntask_vars, value);
     else p->bad = 1;
 }
 
@@ -142,13 +151,41 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
 {
     if (frame_parse(buf, len, plan_record, p) || p->bad || !p->complete || !p->uid ||
         !p->gid || !p->cwd || !p->sock || !p->sock_id || !p->holder || !p->session ||
-        !p->workdir || !p->nnp)
+        !p->workdir || !p->nnp || (p->step && (!p->image || !p->image_id)))
         return -1;
     static const char *no_env[] = {NULL};
     if (!p->env)
         p->env = no_env;
     if (!p->key_env)
         p->key_env = no_env;
+    if (!p->task_vars)
+        p->task_vars = no_env;
+    return 0;
+}
+
+/* The whole of the regular file `fd`, ours and private (0600), into a new buffer. */
+static int read_private_fd(int fd, char **out, size_t *len)
+{
+    struct stat st;
+    if (fstat(fd, &st) || !S_ISREG(st.st_mode) || st.st_uid != getuid() ||
+        (st.st_mode & 077) || st.st_size <= 0 || st.st_size > FRAME_MAX)
+        return -1;
+    char *buf = malloc((size_t)st.st_size);
+    size_t got = 0;
+    while (buf && got < (size_t)st.st_size) {
+        ssize_t n = pread(fd, buf + got, (size_t)st.st_size - got, (off_t)got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    if (!buf || got != (size_t)st.st_size) {
+        free(buf);
+        return -1;
+    }
+    *out = buf;
+    *len = got;
     return 0;
 }
 
@@ -157,28 +194,9 @@ static int read_private_file(int dirfd, const char *name, char **out, size_t *le
     int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return -1;
-    struct stat st;
-    if (fstat(fd, &st) || !S_ISREG(st.st_mode) || st.st_uid != getuid() ||
-        (st.st_mode & 077) || st.st_size <= 0 || st.st_size > FRAME_MAX) {
-        close(fd);
-        return -1;
-    }
-    char *buf = malloc((size_t)st.st_size);
-    size_t got = 0;
-    while (buf && got < (size_t)st.st_size) {
-        ssize_t n = read(fd, buf + got, (size_t)st.st_size - got);
-        if (n <= 0)
-            break;
-        got += (size_t)n;
-    }
+    int failed = read_private_fd(fd, out, len);
     close(fd);
-    if (!buf || got != (size_t)st.st_size) {
-        free(buf);
-        return -1;
-    }
-    *out = buf;
-    *len = got;
-    return 0;
+    return failed;
 }
 
 static int private_dir(const char *path)
@@ -247,50 +265,74 @@ static int cmp_str(const void *a, const void *b)
     return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
-/* The request is the one the plan was made for: user, directory, environment, planner
- * code, instance. */
-static int plan_matches(const struct plan *p, const char *sock_path)
+/* `entry` (NAME=VALUE) names one of the plan's task variables (a step plan's). */
+static int task_var(const struct plan *p, const char *entry)
+{
+    for (size_t i = 0; i < p->ntask_vars; i++) {
+        size_t n = strlen(p->task_vars[i]);
+        if (!strncmp(entry, p->task_vars[i], n) && entry[n] == '=')
+            return 1;
+    }
+    return 0;
+}
+
+/* `id` (DEV:INO:SIZE:MTIME_NS:CTIME_NS, then `:` or the end) is `st`'s; returns where the
+ * identity ends, or NULL. */
+static const char *same_file(const char *id, const struct stat *st)
+{
+    unsigned long long dev, ino, size, mt, ct;
+    int used = 0;
+    if (sscanf(id, "%llu:%llu:%llu:%llu:%llu%n", &dev, &ino, &size, &mt, &ct, &used) != 5 ||
+        used <= 0 || (id[used] != ':' && id[used] != '\0'))
+        return NULL;
+    if (st->st_dev != dev || st->st_ino != ino || (unsigned long long)st->st_size != size ||
+        (unsigned long long)st->st_mtim.tv_sec * 1000000000ULL + st->st_mtim.tv_nsec != mt ||
+        (unsigned long long)st->st_ctim.tv_sec * 1000000000ULL + st->st_ctim.tv_nsec != ct)
+        return NULL;
+    return id + used;
+}
+
+/* The request is the one the plan was made for: user, directory, environment (but a step
+ * plan's task variables), planner code, instance (`sock_path`; a step plan names its
+ * own) and a step plan's image, as given (`image`) and by identity. */
+static int plan_matches(const struct plan *p, const char *sock_path, const char *image)
 {
     char cwd[PATH_MAX];
+    struct stat st;
     if (!same_number(p->uid, getuid()) || !same_number(p->gid, getgid()))
         return 0;
     if (!getcwd(cwd, sizeof cwd) || strcmp(cwd, p->cwd))
         return 0;
-    if (strcmp(p->sock, sock_path))
+    if (p->step ? !image || strcmp(image, p->image) || stat(image, &st) ||
+                      !same_file(p->image_id, &st) || *same_file(p->image_id, &st)
+                : !sock_path || strcmp(p->sock, sock_path))
         return 0;
-    size_t n = 0;
+    size_t n = 0, kept = 0;
     while (environ[n])
         n++;
-    if (n != p->nkey_env)
-        return 0;
     const char **mine = malloc((n + 1) * sizeof *mine);
     if (!mine)
         return 0;
-    memcpy(mine, environ, n * sizeof *mine);
-    qsort(mine, n, sizeof *mine, cmp_str);
-    int same = 1;
-    for (size_t i = 0; same && i < n; i++)
+    for (size_t i = 0; i < n; i++)
+        if (!task_var(p, environ[i]))
+            mine[kept++] = environ[i];
+    int same = kept == p->nkey_env;
+    qsort(mine, kept, sizeof *mine, cmp_str);
+    for (size_t i = 0; same && i < kept; i++)
         same = !strcmp(mine[i], p->key_env[i]);
     free(mine);
     if (!same)
         return 0;
     /* file=DEV:INO:SIZE:MTIME_NS:CTIME_NS:PATH, the planner code as Python saw it */
     for (size_t i = 0; i < p->nfiles; i++) {
-        unsigned long long dev, ino, size, mt, ct;
-        int used = 0;
-        if (sscanf(p->files[i], "%llu:%llu:%llu:%llu:%llu:%n", &dev, &ino, &size, &mt, &ct,
-                   &used) != 5 || used <= 0)
-            return 0;
-        struct stat st;
-        if (stat(p->files[i] + used, &st) || st.st_dev != dev || st.st_ino != ino ||
-            (unsigned long long)st.st_size != size ||
-            (unsigned long long)st.st_mtim.tv_sec * 1000000000ULL + st.st_mtim.tv_nsec != mt ||
-            (unsigned long long)st.st_ctim.tv_sec * 1000000000ULL + st.st_ctim.tv_nsec != ct)
+        const char *path = strchr(p->files[i], ':');
+        for (int colons = 1; path && colons < 5; colons++)
+            path = strchr(path + 1, ':');
+        if (!path || stat(path + 1, &st) || !same_file(p->files[i], &st))
             return 0;
     }
-    struct stat st;
     char id[64];
-    if (lstat(sock_path, &st) || !S_ISSOCK(st.st_mode))
+    if (lstat(p->sock, &st) || !S_ISSOCK(st.st_mode))
         return 0;
     snprintf(id, sizeof id, "%llu:%llu", (unsigned long long)st.st_dev,
              (unsigned long long)st.st_ino);
@@ -777,44 +819,165 @@ static int run(struct lease *l, const struct plan *p, char **argv)
     return WEXITSTATUS(status);
 }
 
-static int under_slurmstepd(void)
+/* Our parent's name is `comm` (1), is not (0), or we cannot tell (-1). */
+static int parent_is(const char *comm)
 {
-    char path[64], comm[32] = {0};
+    char path[64], got[32] = {0};
     snprintf(path, sizeof path, "/proc/%d/comm", (int)getppid());
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return 1; /* unsure: Python decides */
-    ssize_t n = read(fd, comm, sizeof comm - 1);
+        return -1;
+    ssize_t n = read(fd, got, sizeof got - 1);
     close(fd);
-    return n <= 0 || !strcmp(comm, "slurmstepd\n");
+    if (n <= 0)
+        return -1;
+    got[strcspn(got, "\n")] = '\0';
+    return !strcmp(got, comm);
+}
+
+/* ---- a task of a step: the step plan ---------------------------------------------- */
+
+static pid_t stepd;
+
+/* `instance.end_with_slurmstepd`: slurmstepd died (the parent-death signal; it also
+ * comes when the thread that forked us ends, hence the check): end as on SIGTERM. */
+static void stepd_gone(int sig)
+{
+    (void)sig;
+    if (getppid() == stepd)
+        return;
+    if (child_pidfd >= 0 || child_pid > 0)
+        forward(SIGTERM);
+    else {
+        signal(SIGTERM, SIG_DFL);
+        raise(SIGTERM);
+    }
+}
+
+static void alarm_rang(int sig)
+{
+    (void)sig;
+}
+
+static int digits(const char *s)
+{
+    if (!s || !*s || strlen(s) > 20)
+        return 0;
+    for (; *s; s++)
+        if (*s < '0' || *s > '9')
+            return 0;
+    return 1;
+}
+
+/* The step plan in `fd` (locked) is for this request; its exec environment then takes
+ * this task's own task variables. */
+static int step_plan_fits(int fd, struct plan *p, const char *image)
+{
+    size_t len;
+    if (read_private_fd(fd, &p->buf, &len) || parse_plan(p->buf, len, p) || !p->step ||
+        !plan_matches(p, NULL, image))
+        return 0;
+    size_t n = 0, used = 0;
+    for (char **e = environ; *e; e++)
+        n++;
+    const char **env = malloc((p->nenv + n + 1) * sizeof *env);
+    if (!env)
+        return 0;
+    for (size_t i = 0; i < p->nenv; i++)
+        if (!task_var(p, p->env[i]))
+            env[used++] = p->env[i];
+    for (char **e = environ; *e; e++)
+        if (task_var(p, *e))
+            env[used++] = *e;
+    env[used] = NULL;
+    p->env = env;
+    return 1;
+}
+
+/* `srun … rankwire exec IMAGE CMD…` (no option; runtime/joinplan.py): the step's first
+ * task to come locks instances/step-JOB.STEP.plan and runs Python, which plans, starts or
+ * joins the node's shared container and writes the plan there; the others wait for that
+ * lock, and join in C if the plan fits them. Returns only to join (`p` filled). */
+static void step_plan(const char *image, struct plan *p)
+{
+    const char *job = getenv("SLURM_JOB_ID"), *step = getenv("SLURM_STEP_ID");
+    char dir[PATH_MAX], instances[PATH_MAX + 16], name[64], num[16];
+    if (!digits(job) || !digits(step) || getenv(STEP_LOCK_VAR) || parent_is("slurmstepd") != 1 ||
+        runtime_dir(dir, sizeof dir))
+        run_python();
+    snprintf(instances, sizeof instances, "%s/instances", dir);
+    snprintf(name, sizeof name, "step-%s.%s.plan", job, step);
+    int dirfd = private_dir(instances) ? open(instances, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+    int fd = dirfd < 0 ? -1 :
+             openat(dirfd, name, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0600);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) || !S_ISREG(st.st_mode) || st.st_uid != getuid() ||
+        (st.st_mode & 077))
+        run_python();
+    close(dirfd);
+    if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
+        if (step_plan_fits(fd, p, image)) {
+            close(fd);
+            return;
+        }
+        /* the first: Python plans holding the lock (rankwire/entry.py takes it) */
+        snprintf(num, sizeof num, "%d", fd);
+        if (fcntl(fd, F_SETFD, 0) || setenv(STEP_LOCK_VAR, num, 1))
+            run_python(); /* the lock goes with the exec */
+        run_python();
+    }
+    struct sigaction ring = {.sa_handler = alarm_rang}, old;
+    sigemptyset(&ring.sa_mask);
+    sigaction(SIGALRM, &ring, &old); /* no SA_RESTART: the alarm ends flock's wait */
+    alarm(STEP_WAIT_S);
+    int locked = flock(fd, LOCK_SH) == 0;
+    alarm(0);
+    sigaction(SIGALRM, &old, NULL);
+    if (!locked || !step_plan_fits(fd, p, image))
+        run_python();
+    close(fd);
 }
 
 int main(int argc, char **argv)
 {
     saved_argv = argv;
     static const char prefix[] = "instance://";
-    if (argc < 4 || strcmp(argv[1], "exec") || strncmp(argv[2], prefix, sizeof prefix - 1))
-        run_python();
-    const char *name = argv[2] + sizeof prefix - 1;
-    if (!*name || name[0] == '.' || strchr(name, '/') || !*argv[3] || under_slurmstepd())
+    if (argc < 4 || strcmp(argv[1], "exec") || !*argv[3] || argv[2][0] == '-')
         run_python();
     signal(SIGCHLD, SIG_DFL); /* an inherited SIG_IGN would reap our children for us */
-    char dir[PATH_MAX], instances[PATH_MAX + 16], sock[PATH_MAX + 64], planfile[PATH_MAX];
-    if (runtime_dir(dir, sizeof dir))
-        run_python();
-    snprintf(instances, sizeof instances, "%s/instances", dir);
-    int n = snprintf(sock, sizeof sock, "%s/%s.sock", instances, name);
-    if (n <= 0 || (size_t)n >= sizeof((struct sockaddr_un *)0)->sun_path ||
-        !private_dir(instances) || snprintf(planfile, sizeof planfile, "%s.plan", name) <= 0)
-        run_python();
-    int dirfd = open(instances, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     struct plan p = {0};
-    size_t len;
-    if (dirfd < 0 || read_private_file(dirfd, planfile, &p.buf, &len))
-        run_python();
-    close(dirfd);
-    if (parse_plan(p.buf, len, &p) || !plan_matches(&p, sock))
-        run_python();
+    char sock[PATH_MAX + 64];
+    if (strncmp(argv[2], prefix, sizeof prefix - 1)) {
+        if (strstr(argv[2], "://"))
+            run_python();
+        step_plan(argv[2], &p);
+        snprintf(sock, sizeof sock, "%s", p.sock);
+        stepd = getppid();
+        struct sigaction gone = {.sa_handler = stepd_gone, .sa_flags = SA_RESTART};
+        sigemptyset(&gone.sa_mask);
+        if (sigaction(SIGRTMIN + 2, &gone, NULL) || prctl(PR_SET_PDEATHSIG, SIGRTMIN + 2))
+            run_python();
+        stepd_gone(SIGRTMIN + 2); /* it died before the prctl */
+    } else {
+        const char *name = argv[2] + sizeof prefix - 1;
+        if (!*name || name[0] == '.' || strchr(name, '/') || parent_is("slurmstepd") != 0)
+            run_python();
+        char dir[PATH_MAX], instances[PATH_MAX + 16], planfile[PATH_MAX];
+        if (runtime_dir(dir, sizeof dir))
+            run_python();
+        snprintf(instances, sizeof instances, "%s/instances", dir);
+        int n = snprintf(sock, sizeof sock, "%s/%s.sock", instances, name);
+        if (n <= 0 || (size_t)n >= sizeof((struct sockaddr_un *)0)->sun_path ||
+            !private_dir(instances) || snprintf(planfile, sizeof planfile, "%s.plan", name) <= 0)
+            run_python();
+        int dirfd = open(instances, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        size_t len;
+        if (dirfd < 0 || read_private_file(dirfd, planfile, &p.buf, &len))
+            run_python();
+        close(dirfd);
+        if (parse_plan(p.buf, len, &p) || p.step || !plan_matches(&p, sock, NULL))
+            run_python();
+    }
     struct lease l;
     if (join(sock, &p, &l))
         run_python();

@@ -156,6 +156,9 @@ class Holder:
         # "ephemeral": ends with its last lease or its owner; "shared": ends with its last
         # lease; "persistent": ends on `stop`.
         self.mode: str = req["mode"]
+        # The step plan of the step whose tasks share us (runtime/joinplan.py), a name
+        # beside our socket: it goes with us.
+        self.step_file: Optional[str] = req.get("step_file")
         self.owner: Optional[int] = req.get("owner")
         # An image the caller opened (the SPANK check phase): mounted through this
         # descriptor, never looked up again by path.
@@ -920,9 +923,10 @@ class Holder:
         if self.sock_dir_fd >= 0 and self.bound:
             # the socket first: a join that writes a plan meanwhile sees it gone and
             # removes its plan (`joinplan.remember`)
-            for path in (self.sock_path, plan_path(self.sock_path)):
+            for path in (self.sock_path, plan_path(self.sock_path), self.step_file):
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.basename(path), dir_fd=self.sock_dir_fd)
+                    if path:
+                        os.unlink(os.path.basename(path), dir_fd=self.sock_dir_fd)
         if self.session_parent_fd >= 0:
             # A setup that failed before pivot_root still has the session tmpfs (and what
             # is below it) mounted here; after pivot_root this finds nothing to unmount.

@@ -28,7 +28,7 @@ from typing import Any, NoReturn, Optional
 from rankwire.errors import UserError, exec_failure, shown, workdir_failure
 from rankwire.runtime import frame
 from rankwire.runtime import syscalls as sc
-from rankwire.runtime.joinplan import plan_path
+from rankwire.runtime.joinplan import plan_path, prune_step_plan, step_file
 from rankwire.runtime.peercred import peer_creds
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan, check_name
 
@@ -167,13 +167,15 @@ def start_holder(
     image_fd: Optional[int] = None,
     keep_fds: Sequence[int] = (),
     setup_timeout: Optional[float] = None,
+    step: Optional[str] = None,
 ) -> HolderHandle:
     """Fork a holder for `plan` and wait until it is ready (or say why it is not).
 
     `name`: serve at instances/NAME.sock; `register`: also list it in `instance list`;
     `image_fd`: mount the image open on this descriptor instead of `plan.image`;
     `keep_fds`: descriptors the holder keeps (under the same numbers) until its mounts are
-    made, for binds whose source is /proc/self/fd/N.
+    made, for binds whose source is /proc/self/fd/N; `step`: the step plan's file
+    (instances/STEP) that goes with the holder.
     """
     from rankwire.runtime.holder import run_holder
 
@@ -198,6 +200,8 @@ def start_holder(
         "mode": mode,
         "owner": owner,
     }
+    if step is not None:
+        req["step_file"] = str(base / "instances" / step)
     if image_fd is not None:
         req["image_fd"] = image_fd
     if keep_fds:
@@ -257,7 +261,9 @@ def prune_stale(base: Path) -> None:
         if not sock.name.startswith("t-"):  # a holder's name before it listens
             unlink_if_dead(sock)
     for plan in (base / "instances").glob("*.plan"):  # the C front end's, of a gone socket
-        if not os.path.lexists(plan.with_suffix(".sock")):
+        if plan.name.startswith("step-"):
+            prune_step_plan(plan)
+        elif not os.path.lexists(plan.with_suffix(".sock")):
             plan.unlink(missing_ok=True)
 
 
@@ -471,7 +477,14 @@ def join_or_start(container: ContainerPlan, key: str) -> Lease:
         except (FileNotFoundError, ConnectionResetError):
             pass
         try:
-            start_holder(container, mode="shared", owner=None, name=key, register=False)
+            start_holder(
+                container,
+                mode="shared",
+                owner=None,
+                name=key,
+                register=False,
+                step=step_file(os.environ),
+            )
         except NameTaken:
             continue  # another rank won the race: join its holder
     raise UserError(

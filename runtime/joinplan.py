@@ -12,26 +12,58 @@ and the front end runs this planner again, which writes the plan anew.
 Only a plan that does not depend on the command is written (`command_free`), and only
 where the front end may use it: no PMI bridge, no warning to say, not a Slurm task.
 
+A task of a step (`srun rankwire exec IMG CMD…`, no option) leaves a step plan instead:
+instances/step-JOB.STEP.plan (`remember_step`), for the node's shared container the step's
+tasks join. The step's tasks differ only in Slurm's per-task variables (`TASK_VARS`): the
+plan's key leaves them out, and the planned environment passes each task's own through,
+which `task_free` checks by planning again with other values. The file is also the step's
+lock: the front end of the first task to come takes it (exclusive) and runs this planner
+holding it (`RANKWIRE_STEP_LOCK`), which alone writes the plan there, if the plan fits
+every task, then lets go; the others wait for it (shared), then join in C or, with no plan
+for them, plan in Python (at once: they do not write). A step plan serves only its
+step's tasks on its node, and lives as long as the shared container: its holder removes
+the file when it ends (`prune_stale` when it was killed).
+
 Format: `runtime/frame.py` records (KEY=VALUE, each ending in a NUL), first
-`magic=rankwire-join-plan 1`, last `end=1`. The file is made whole before it gets its
-name (O_TMPFILE, then linked), so a reader sees all of it or nothing, and a writer killed
-midway leaves nothing. The holder's teardown and `instance stop` remove it.
+`magic=rankwire-join-plan 1` (`rankwire-step-plan 1`), last `end=1`. A join plan is made
+whole before it gets its name (O_TMPFILE, then linked), so a reader sees all of it or
+nothing, and a writer killed midway leaves nothing; a step plan is written under its lock,
+and one cut short has no `end=1`. The holder's teardown and `instance stop` remove it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import fcntl
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
+from rankwire.entry import STEP_LOCK_VAR
 from rankwire.runtime import frame
-from rankwire.runtime.plan import ProcessPlan, UserFacts
+from rankwire.runtime.plan import ContainerPlan, ProcessPlan, UserFacts
 
 MAGIC = "rankwire-join-plan 1"
+STEP_MAGIC = "rankwire-step-plan 1"
+# What Slurm sets per task of a step (Slurm 22.05 also sets TMPDIR=/tmp in a node's first
+# task alone, when the step has none); GPU binding sets the device lists per task.
+TASK_VARS = (
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_TASK_PID",
+    "PMI_RANK",
+    "PMI_FD",
+    "PMIX_RANK",
+    "TMPDIR",
+    "CUDA_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "ZE_AFFINITY_MASK",
+    "GPU_DEVICE_ORDINAL",
+)
 # The modules whose code decides a join's process plan: an edit or an upgrade of any of
 # them (their identity changes) makes the front end plan in Python again.
 DECIDING = (
@@ -67,17 +99,22 @@ def command_free(proc: ProcessPlan, probe: ProcessPlan, command: tuple[str, ...]
     )
 
 
-def _identity(path: str) -> str:
+def _stat_id(path: str) -> str:
     st = os.stat(path)
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{path}"
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _identity(path: str) -> str:
+    return f"{_stat_id(path)}:{path}"
 
 
 def started_environment() -> list[str]:
     """The environment this process was started with, sorted as bytes, which is what the
     front end compares: not `os.environ`, which Python itself may have changed since
     (PEP 538 sets LC_CTYPE under the C locale)."""
+    lock = STEP_LOCK_VAR.encode() + b"="
     with open("/proc/self/environ", "rb") as f:
-        entries = [e for e in f.read().split(b"\0") if e]
+        entries = [e for e in f.read().split(b"\0") if e and not e.startswith(lock)]
     return [os.fsdecode(e) for e in sorted(entries)]
 
 
@@ -87,11 +124,27 @@ def socket_id(sock: str) -> str:
 
 
 def records(
-    sock: str, sock_id: str, holder: dict[str, Any], user: UserFacts, proc: ProcessPlan
+    sock: str,
+    sock_id: str,
+    holder: dict[str, Any],
+    user: UserFacts,
+    proc: ProcessPlan,
+    step: Optional[tuple[str, str]] = None,
 ) -> list[tuple[str, str]]:
-    """KeyError: a deciding module is not loaded (then no plan)."""
+    """`step`: the image as given and its identity, for a step plan (the key then leaves
+    out `TASK_VARS` and every rankwire module's file counts). KeyError: a deciding module
+    is not loaded (then no plan)."""
+    env = started_environment()
+    modules: tuple[str, ...] = DECIDING
+    head = [("magic", MAGIC)]
+    if step is not None:
+        names = [f"{v}=".encode() for v in TASK_VARS]
+        env = [e for e in env if not os.fsencode(e).startswith(tuple(names))]
+        modules = tuple(sorted(n for n in sys.modules if n.startswith("rankwire.")))
+        head = [("magic", STEP_MAGIC), ("image", step[0]), ("image_id", step[1])]
+        head += [("task_var", v) for v in TASK_VARS]
     out = [
-        ("magic", MAGIC),
+        *head,
         ("uid", str(user.uid)),
         ("gid", str(user.gid)),
         ("cwd", user.cwd),
@@ -101,8 +154,9 @@ def records(
         # as the join's reply has it (json.dumps): a random name, unlike inode numbers
         ("session", json.dumps(holder["session"])),
     ]
-    out += [("file", _identity(str(sys.modules[name].__file__))) for name in DECIDING]
-    out += [("key_env", entry) for entry in started_environment()]
+    files = [getattr(sys.modules[name], "__file__", None) for name in modules]
+    out += [("file", _identity(f)) for f in files if f]
+    out += [("key_env", entry) for entry in env]
     out += [("workdir", proc.workdir), ("no_new_privs", "1" if proc.no_new_privs else "0")]
     out += [("env", f"{k}={v}") for k, v in proc.env.items()]
     out.append(("end", "1"))
@@ -148,3 +202,135 @@ def remember(sock: str, holder: dict[str, Any], user: UserFacts, proc: ProcessPl
         if fd >= 0:
             os.close(fd)
         os.close(dir_fd)  # and with it the lock
+
+
+# ---- the step plan -------------------------------------------------------------------
+
+_step_lock: Optional[int] = None
+
+
+def take_step_lock() -> None:
+    """At start: take the locked step plan's descriptor the front end handed us (and the
+    variable out of our environment, so that nothing we start inherits either); it is
+    let go at the latest when we exit."""
+    global _step_lock
+    value = os.environ.pop(STEP_LOCK_VAR, None)
+    if value is None or not (value.isascii() and value.isdigit()):
+        return
+    with contextlib.suppress(OSError):
+        os.set_inheritable(int(value), False)
+        _step_lock = int(value)
+        atexit.register(release_step_lock)
+
+
+def release_step_lock() -> None:
+    """Let the step's other tasks read the plan (written or not); a file the front end
+    made for a plan that was not written goes. Once; then a no-op."""
+    global _step_lock
+    fd, _step_lock = _step_lock, None
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        st = os.fstat(fd)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        now = os.lstat(path)
+        if st.st_size == 0 and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)  # copies in forked children hold it too
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def step_file(environ: Mapping[str, str]) -> Optional[str]:
+    """step-JOB.STEP.plan (in the instances dir) for a task of a step, else None."""
+    job, step = environ.get("SLURM_JOB_ID", ""), environ.get("SLURM_STEP_ID", "")
+    if not all(x.isascii() and x.isdigit() for x in (job, step)):
+        return None
+    return f"step-{job}.{step}.plan"
+
+
+def task_free(
+    plan_for: Callable[[dict[str, str]], tuple[ContainerPlan, ProcessPlan, object]],
+    environ: Mapping[str, str],
+) -> bool:
+    """What `plan_for(env)` plans (container, process, PMI bridge) is every task's: planned
+    again with other values of `TASK_VARS` and with none of them, the container and the
+    bridge are the same and the process differs only in those variables, passed through
+    from the task's own environment."""
+
+    def others(env: Mapping[str, str]) -> dict[str, str]:
+        return {k: v for k, v in env.items() if k not in TASK_VARS}
+
+    container, proc, bridge = plan_for(dict(environ))
+    if any(proc.env.get(v) != environ.get(v) for v in TASK_VARS):
+        return False
+    own = others(environ)
+    for env in ({**own, **{v: f"rankwire-task-probe-{v}" for v in TASK_VARS}}, own):
+        c, p, b = plan_for(env)
+        if (
+            (c, b) != (container, bridge)
+            or dataclasses.replace(p, env={}) != dataclasses.replace(proc, env={})
+            or others(p.env) != others(proc.env)
+            or any(p.env.get(v) != env.get(v) for v in TASK_VARS)
+        ):
+            return False
+    return True
+
+
+def holds_step_lock() -> bool:
+    """The front end handed us the step plan's lock: we are the step's first task here,
+    whose plan the others wait for (only that task writes it)."""
+    return _step_lock is not None
+
+
+def remember_step(
+    image: str,
+    image_path: str,
+    lease: Any,
+    user: UserFacts,
+    proc: ProcessPlan,
+) -> None:
+    """Write the step plan, into the file whose lock the front end handed us, for the
+    shared container of `lease` (its join reply names the holder); on any failure none
+    (the other tasks then plan in Python)."""
+    fd = _step_lock
+    if (
+        fd is None
+        or sys.getfilesystemencoding() != "utf-8"
+        or any(not k or "=" in k for k in proc.env)
+    ):
+        return
+    sock = str(lease.report.get("socket", ""))
+    try:
+        step = (image, _stat_id(image_path))
+        data = frame.encode(records(sock, socket_id(sock), lease.report, user, proc, step))
+        os.ftruncate(fd, 0)
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(fd, view, len(data) - len(view)) :]
+    except (OSError, ValueError, KeyError, TypeError):
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+
+
+def prune_step_plan(path: Any) -> None:
+    """Remove the step plan at `path` if no task uses it (locked) and its holder's socket
+    is gone (a holder killed by SIGKILL), or it holds no plan."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        data = os.read(fd, frame.MAX_FRAME)
+        try:
+            sock = frame.one(frame.decode(data), "socket")
+        except frame.FrameError:
+            sock = ""
+        if not sock or not os.path.lexists(sock):
+            os.unlink(path)
+    except OSError:
+        pass  # locked: in use
+    finally:
+        os.close(fd)

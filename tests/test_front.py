@@ -8,6 +8,7 @@ runs) is a wrapper that logs each start: the log says which of the two ran."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,8 +53,9 @@ class Front:
         return len(self.log.read_text().splitlines())
 
 
-@pytest.fixture
-def front(runner: User, base_image: Path, shared_dir: Path) -> Iterator[Front]:
+def front_copy(runner: User, shared_dir: Path) -> tuple[Path, Path, Path]:
+    """A copy of the installed front end whose `rankwire-py` logs each start: (the copy,
+    the log, the installed dir)."""
     installed = Path(runner.bindir or Path(sys.executable).parent)
     assert (installed / "rankwire").read_bytes()[:4] == b"\x7fELF", "not the C front end"
     where = Path(tempfile.mkdtemp(prefix="front-", dir=shared_dir))
@@ -72,11 +75,17 @@ def front(runner: User, base_image: Path, shared_dir: Path) -> Iterator[Front]:
         f"os.execve({str(installed / 'rankwire-py')!r}, sys.argv, env)\n"
     )
     wrapper.chmod(0o755)
+    return where / "rankwire", log, installed
+
+
+@pytest.fixture
+def front(runner: User, base_image: Path, shared_dir: Path) -> Iterator[Front]:
+    exe, log, installed = front_copy(runner, shared_dir)
     name = f"front-{runner.name}"
     start = rw(runner, "instance", "start", str(base_image), name)
     assert start.returncode == 0, start.stderr
     try:
-        yield Front(runner, where / "rankwire", installed / "rankwire-py", log, name, base_image)
+        yield Front(runner, exe, installed / "rankwire-py", log, name, base_image)
     finally:
         stop = rw(runner, "instance", "stop", name)
         assert stop.returncode == 0, stop.stderr
@@ -219,3 +228,102 @@ def test_under_the_c_locale_the_plan_is_used_too(front: Front) -> None:
     for _ in range(2):
         assert front.join("sh", "-c", "echo $LC_CTYPE", env=bare) == (0, "C.UTF-8\n", "")
     assert front.pythons() == 1
+
+
+# -- a step's tasks: the step plan ----------------------------------------------------
+
+
+def step_files(runner: User) -> list[Path]:
+    return sorted(Path(f"/tmp/rankwire-{runner.uid}/instances").glob("step-*"))
+
+
+def srun_front(
+    runner: User, cluster: Any, exe: Path, image: Path, script: str, *, n: int = 4
+) -> subprocess.CompletedProcess:
+    # The sleep keeps the first task's container until the others have joined it.
+    argv = ["srun", f"-n{n}", "--mpi=pmi2", str(exe), "exec", str(image), "sh", "-c", script]
+    return runner.run(argv, env=cluster.env, cwd="/tmp", timeout=90)
+
+
+def test_a_steps_tasks_plan_once_and_keep_their_own_variables(
+    runner: User, slurm_cluster: Any, base_image: Path, shared_dir: Path
+) -> None:
+    """`srun rankwire exec IMG CMD`: the first task plans in Python and leaves the step
+    plan; the others wait for it and join the node's container in C, each with its own
+    Slurm task variables; the plan goes with the container."""
+    exe, log, _ = front_copy(runner, shared_dir)
+    script = 'echo "$SLURM_PROCID $PMI_RANK $SLURM_LOCALID $0"; sleep 1'
+    got = srun_front(runner, slurm_cluster, exe, base_image, script)
+    assert got.returncode == 0, got.stderr
+    assert sorted(got.stdout.splitlines()) == [f"{i} {i} {i} sh" for i in range(4)]
+    assert len(log.read_text().splitlines()) == 1
+    assert step_files(runner) == []
+
+
+def test_a_task_whose_environment_differs_plans_in_python(
+    runner: User, slurm_cluster: Any, base_image: Path, shared_dir: Path
+) -> None:
+    exe, log, _ = front_copy(runner, shared_dir)
+    argv = [
+        "srun", "-n2", "--mpi=pmi2", "sh", "-c",
+        f'[ "$SLURM_PROCID" = 1 ] && export EXTRA=x; exec {exe} exec {base_image} '
+        'sh -c \'echo "$SLURM_PROCID ${EXTRA-none}"; sleep 1\'',
+    ]  # fmt: skip
+    got = runner.run(argv, env=slurm_cluster.env, cwd="/tmp", timeout=90)
+    assert got.returncode == 0, got.stderr
+    assert sorted(got.stdout.splitlines()) == ["0 none", "1 x"]
+    assert len(log.read_text().splitlines()) == 2
+    assert step_files(runner) == []
+
+
+def test_a_plan_that_depends_on_a_task_variable_is_not_the_steps() -> None:
+    env = {"SLURM_PROCID": "3", "TMPDIR": "/tmp", "HOME": "/h"}
+
+    def plan(derive: bool) -> Any:
+        def plan_for(e: dict[str, str]) -> tuple[Any, ProcessPlan, object]:
+            out = dict(e)
+            if derive:
+                out["RANK"] = e.get("SLURM_PROCID", "")
+            return "container", plan_of(("x",), out), None
+
+        return plan_for
+
+    assert joinplan.task_free(plan(False), env)
+    assert not joinplan.task_free(plan(True), env)
+    # the container or the bridge by task: not the step's either
+    assert not joinplan.task_free(lambda e: (e.get("SLURM_PROCID"), plan_of(("x",), e), None), env)
+
+
+def test_a_step_plan_of_a_dead_holder_is_pruned(tmp_path: Path) -> None:
+    from rankwire.runtime import frame
+    from rankwire.runtime.instance import prune_stale
+
+    (tmp_path / "instances").mkdir()
+    dead = tmp_path / "instances" / "step-1.0.plan"
+    dead.write_bytes(frame.encode([("magic", joinplan.STEP_MAGIC), ("socket", "/nonexistent")]))
+    live = tmp_path / "instances" / "step-2.0.plan"
+    live.write_bytes(b"")
+    with open(live) as held:
+        fcntl.flock(held, fcntl.LOCK_SH)  # a task reads it
+        prune_stale(tmp_path)
+    assert not dead.exists() and live.exists()
+    prune_stale(tmp_path)
+    assert not live.exists()  # no plan in it, and nobody's
+
+
+def test_a_step_without_a_step_plan_leaves_no_file(
+    runner: User, slurm_cluster: Any, base_image: Path, shared_dir: Path
+) -> None:
+    """The first task's front end makes the step plan's file; when Python writes no plan
+    (one task: no shared container; an image that is not there), the file goes too."""
+    exe, log, _ = front_copy(runner, shared_dir)
+    got = srun_front(runner, slurm_cluster, exe, base_image, "echo $SLURM_PROCID", n=1)
+    assert (got.returncode, got.stdout) == (0, "0\n"), got.stderr
+    assert step_files(runner) == []
+    missing = "/nonexistent/app.sif"
+    got = srun_front(runner, slurm_cluster, exe, Path(missing), "true", n=2)
+    said = f"rankwire: image {missing} not found: check the path"
+    assert got.returncode != 0
+    assert [line for line in got.stderr.splitlines() if line.startswith("rankwire")] == [said] * 2
+    assert len(log.read_text().splitlines()) == 3
+    assert step_files(runner) == []
