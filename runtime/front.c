@@ -869,6 +869,44 @@ static int digits(const char *s)
     return 1;
 }
 
+/* This node's tasks of the step (SLURM_STEP_TASKS_PER_NODE, as "2(x3),1", at
+ * SLURM_NODEID) outnumber the CPUs slurmstepd may run on (the step's). Only then do the
+ * tasks wait for the first one's plan: their Pythons would queue for the CPUs anyway, and
+ * a join in C spares them. With a CPU each, a Python per task runs alongside the first
+ * one's; waiting for it would only cost, a whole planning time when the plan does not
+ * fit them (a PMI bridge). */
+static int tasks_outnumber_cpus(void)
+{
+    const char *s = getenv("SLURM_STEP_TASKS_PER_NODE"), *node = getenv("SLURM_NODEID");
+    if (!s || !digits(node))
+        return 0;
+    long want = atol(node), first = 0, tasks = -1;
+    while (*s && tasks < 0) {
+        char *end;
+        long count = strtol(s, &end, 10), reps = 1;
+        if (end == s || count < 0)
+            return 0;
+        if (end[0] == '(') {
+            if (end[1] != 'x')
+                return 0;
+            reps = strtol(end + 2, &end, 10);
+            if (*end++ != ')' || reps < 1)
+                return 0;
+        }
+        if (want < first + reps)
+            tasks = count;
+        first += reps;
+        if (*end == ',')
+            end++;
+        else if (*end)
+            return 0;
+        s = end;
+    }
+    cpu_set_t cpus;
+    return tasks > 0 && !sched_getaffinity(getppid(), sizeof cpus, &cpus) &&
+           tasks > CPU_COUNT(&cpus);
+}
+
 /* The step plan in `fd` (locked) is for this request; its exec environment then takes
  * this task's own task variables. */
 static int step_plan_fits(int fd, struct plan *p, const char *image)
@@ -894,8 +932,8 @@ static int step_plan_fits(int fd, struct plan *p, const char *image)
     return 1;
 }
 
-/* `srun … rankwire exec IMAGE CMD…` (no option; runtime/joinplan.py): the step's first
- * task to come locks instances/step-JOB.STEP.plan and runs Python, which plans, starts or
+/* `srun … rankwire exec IMAGE CMD…` (no option; runtime/joinplan.py), with more of the
+ * step's tasks on this node than CPUs: the step's first task to come locks instances/step-JOB.STEP.plan and runs Python, which plans, starts or
  * joins the node's shared container and writes the plan there; the others wait for that
  * lock, and join in C if the plan fits them. Returns only to join (`p` filled). */
 static void step_plan(const char *image, struct plan *p)
@@ -903,7 +941,7 @@ static void step_plan(const char *image, struct plan *p)
     const char *job = getenv("SLURM_JOB_ID"), *step = getenv("SLURM_STEP_ID");
     char dir[PATH_MAX], instances[PATH_MAX + 16], name[64], num[16];
     if (!digits(job) || !digits(step) || getenv(STEP_LOCK_VAR) || parent_is("slurmstepd") != 1 ||
-        runtime_dir(dir, sizeof dir))
+        !tasks_outnumber_cpus() || runtime_dir(dir, sizeof dir))
         run_python();
     snprintf(instances, sizeof instances, "%s/instances", dir);
     snprintf(name, sizeof name, "step-%s.%s.plan", job, step);

@@ -233,12 +233,16 @@ def test_under_the_c_locale_the_plan_is_used_too(front: Front) -> None:
 # -- a step's tasks: the step plan ----------------------------------------------------
 
 
+# The front end shares a step plan only where the node's tasks outnumber its CPUs.
+CPUS = len(os.sched_getaffinity(0))
+
+
 def step_files(runner: User) -> list[Path]:
     return sorted(Path(f"/tmp/rankwire-{runner.uid}/instances").glob("step-*"))
 
 
 def srun_front(
-    runner: User, cluster: Any, exe: Path, image: Path, script: str, *, n: int = 4
+    runner: User, cluster: Any, exe: Path, image: Path, script: str, *, n: int = CPUS + 2
 ) -> subprocess.CompletedProcess:
     # The sleep keeps the first task's container until the others have joined it.
     argv = ["srun", f"-n{n}", "--mpi=pmi2", str(exe), "exec", str(image), "sh", "-c", script]
@@ -255,8 +259,23 @@ def test_a_steps_tasks_plan_once_and_keep_their_own_variables(
     script = 'echo "$SLURM_PROCID $PMI_RANK $SLURM_LOCALID $0"; sleep 1'
     got = srun_front(runner, slurm_cluster, exe, base_image, script)
     assert got.returncode == 0, got.stderr
-    assert sorted(got.stdout.splitlines()) == [f"{i} {i} {i} sh" for i in range(4)]
+    assert sorted(got.stdout.splitlines()) == sorted(f"{i} {i} {i} sh" for i in range(CPUS + 2))
     assert len(log.read_text().splitlines()) == 1
+    assert step_files(runner) == []
+
+
+def test_with_a_cpu_per_task_each_task_plans_for_itself(
+    runner: User, slurm_cluster: Any, base_image: Path, shared_dir: Path
+) -> None:
+    """Where the node's tasks do not outnumber its CPUs, their Pythons run side by side:
+    none waits for another's plan (that would only cost), and no step plan is made."""
+    if CPUS > 8:
+        pytest.skip("more CPUs than a test step should start Pythons")
+    exe, log, _ = front_copy(runner, shared_dir)
+    got = srun_front(runner, slurm_cluster, exe, base_image, "echo $SLURM_PROCID", n=CPUS)
+    assert got.returncode == 0, got.stderr
+    assert sorted(got.stdout.splitlines()) == sorted(str(i) for i in range(CPUS))
+    assert len(log.read_text().splitlines()) == CPUS
     assert step_files(runner) == []
 
 
@@ -265,14 +284,16 @@ def test_a_task_whose_environment_differs_plans_in_python(
 ) -> None:
     exe, log, _ = front_copy(runner, shared_dir)
     argv = [
-        "srun", "-n2", "--mpi=pmi2", "sh", "-c",
+        "srun", f"-n{CPUS + 2}", "--mpi=pmi2", "sh", "-c",
         f'[ "$SLURM_PROCID" = 1 ] && export EXTRA=x; exec {exe} exec {base_image} '
         'sh -c \'echo "$SLURM_PROCID ${EXTRA-none}"; sleep 1\'',
     ]  # fmt: skip
     got = runner.run(argv, env=slurm_cluster.env, cwd="/tmp", timeout=90)
     assert got.returncode == 0, got.stderr
-    assert sorted(got.stdout.splitlines()) == ["0 none", "1 x"]
-    assert len(log.read_text().splitlines()) == 2
+    assert sorted(got.stdout.splitlines()) == sorted(
+        f"{i} {'x' if i == 1 else 'none'}" for i in range(CPUS + 2)
+    )
+    assert len(log.read_text().splitlines()) == 2  # the first task's, and task 1's
     assert step_files(runner) == []
 
 
@@ -314,16 +335,14 @@ def test_a_step_plan_of_a_dead_holder_is_pruned(tmp_path: Path) -> None:
 def test_a_step_without_a_step_plan_leaves_no_file(
     runner: User, slurm_cluster: Any, base_image: Path, shared_dir: Path
 ) -> None:
-    """The first task's front end makes the step plan's file; when Python writes no plan
-    (one task: no shared container; an image that is not there), the file goes too."""
+    """The first task's front end makes the step plan's file; when its Python writes no
+    plan (here: the image is not there), the file goes, and each task says why."""
     exe, log, _ = front_copy(runner, shared_dir)
-    got = srun_front(runner, slurm_cluster, exe, base_image, "echo $SLURM_PROCID", n=1)
-    assert (got.returncode, got.stdout) == (0, "0\n"), got.stderr
-    assert step_files(runner) == []
     missing = "/nonexistent/app.sif"
-    got = srun_front(runner, slurm_cluster, exe, Path(missing), "true", n=2)
+    got = srun_front(runner, slurm_cluster, exe, Path(missing), "true")
     said = f"rankwire: image {missing} not found: check the path"
     assert got.returncode != 0
-    assert [line for line in got.stderr.splitlines() if line.startswith("rankwire")] == [said] * 2
-    assert len(log.read_text().splitlines()) == 3
+    told = [line for line in got.stderr.splitlines() if line.startswith("rankwire")]
+    assert told == [said] * (CPUS + 2)
+    assert len(log.read_text().splitlines()) == CPUS + 2
     assert step_files(runner) == []
