@@ -313,12 +313,9 @@ def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[
         or not plan.container.share
         or plan.pmi_bridge.bridge is not None
         or plan.pmi_bridge.warning
+        or facts.pmi_need == "both"  # the bridge then depends on the command's own MPI
         or not inst.parent_is_slurmstepd(os.getppid())
     ):
-        return False
-    probe = plan_image(facts, opts, joinplan.PROBE).process
-    assert plan.process is not None and probe is not None
-    if not joinplan.command_free(plan.process, probe, command):
         return False
 
     def plan_for(env: dict[str, str]) -> tuple[ContainerPlan, ProcessPlan, object]:
@@ -327,7 +324,14 @@ def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[
         assert got.process is not None
         return got.container, got.process, got.pmi_bridge
 
-    return joinplan.task_free(plan_for, facts.user.environ)
+    try:
+        probe = plan_image(facts, opts, joinplan.PROBE).process
+        assert plan.process is not None and probe is not None
+        return joinplan.command_free(plan.process, probe, command) and joinplan.task_free(
+            plan_for, facts.user.environ
+        )
+    except UserError:  # a probe's plan: then no step plan, and this task runs
+        return False
 
 
 def _run_bridged(bridge: BridgePlan, proc: ProcessPlan, run: Callable[[ProcessPlan], int]) -> int:

@@ -81,6 +81,7 @@ static void exec_python(char **argv)
     }
     *strrchr(self, '/') = '\0';
     snprintf(py, sizeof py, "%s/rankwire-py", self);
+    (void)prctl(PR_SET_PDEATHSIG, 0); /* a task's: Python arms its own (end_with_slurmstepd) */
     execv(py, argv);
     fprintf(stderr, "rankwire: cannot run %s: %s; reinstall rankwire\n", py, strerror(errno));
     exit(125);
@@ -907,20 +908,24 @@ static int tasks_outnumber_cpus(void)
            tasks > CPU_COUNT(&cpus);
 }
 
-/* The step plan in `fd` (locked) is for this request; its exec environment then takes
- * this task's own task variables. */
+/* The step plan in `fd` (locked), parsed into `p`: 0 none (empty, cut short, not a step
+ * plan, its container gone), 1 one that does not fit this request, 2 one that does (its
+ * exec environment then takes this task's own task variables). */
 static int step_plan_fits(int fd, struct plan *p, const char *image)
 {
     size_t len;
+    struct stat st;
     if (read_private_fd(fd, &p->buf, &len) || parse_plan(p->buf, len, p) || !p->step ||
-        !plan_matches(p, NULL, image))
+        lstat(p->sock, &st) || !S_ISSOCK(st.st_mode))
         return 0;
+    if (!plan_matches(p, NULL, image))
+        return 1;
     size_t n = 0, used = 0;
     for (char **e = environ; *e; e++)
         n++;
     const char **env = malloc((p->nenv + n + 1) * sizeof *env);
     if (!env)
-        return 0;
+        return 1;
     for (size_t i = 0; i < p->nenv; i++)
         if (!task_var(p, p->env[i]))
             env[used++] = p->env[i];
@@ -929,7 +934,7 @@ static int step_plan_fits(int fd, struct plan *p, const char *image)
             env[used++] = *e;
     env[used] = NULL;
     p->env = env;
-    return 1;
+    return 2;
 }
 
 /* `srun … rankwire exec IMAGE CMD…` (no option; runtime/joinplan.py), with more of the
@@ -953,25 +958,41 @@ static void step_plan(const char *image, struct plan *p)
         (st.st_mode & 077))
         run_python();
     close(dirfd);
+    pid_t parent = getppid();
     if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
-        if (step_plan_fits(fd, p, image)) {
+        int fits = step_plan_fits(fd, p, image);
+        if (fits == 2) {
             close(fd);
             return;
         }
-        /* the first: Python plans holding the lock (rankwire/entry.py takes it) */
+        /* Another task's plan, whose container runs: theirs to keep (we plan in Python,
+         * without the lock). None: we are the first, and plan holding the lock
+         * (rankwire/entry.py takes it), the others waiting for it. */
         snprintf(num, sizeof num, "%d", fd);
-        if (fcntl(fd, F_SETFD, 0) || setenv(STEP_LOCK_VAR, num, 1))
-            run_python(); /* the lock goes with the exec */
+        if (fits == 1 || fcntl(fd, F_SETFD, 0) || setenv(STEP_LOCK_VAR, num, 1)) {
+            close(fd);
+            run_python();
+        }
         run_python();
     }
     struct sigaction ring = {.sa_handler = alarm_rang}, old;
+    sigset_t alarm_only, mask;
     sigemptyset(&ring.sa_mask);
+    sigemptyset(&alarm_only);
+    sigaddset(&alarm_only, SIGALRM);
     sigaction(SIGALRM, &ring, &old); /* no SA_RESTART: the alarm ends flock's wait */
+    sigprocmask(SIG_UNBLOCK, &alarm_only, &mask);
     alarm(STEP_WAIT_S);
     int locked = flock(fd, LOCK_SH) == 0;
     alarm(0);
+    sigprocmask(SIG_SETMASK, &mask, NULL);
     sigaction(SIGALRM, &old, NULL);
-    if (!locked || !step_plan_fits(fd, p, image))
+    if (getppid() != parent) { /* slurmstepd died meanwhile: end_with_slurmstepd */
+        signal(SIGTERM, SIG_DFL);
+        raise(SIGTERM);
+        _exit(128 + SIGTERM);
+    }
+    if (!locked || step_plan_fits(fd, p, image) != 2)
         run_python();
     close(fd);
 }

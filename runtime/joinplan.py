@@ -39,6 +39,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
@@ -140,7 +141,7 @@ def records(
     if step is not None:
         names = [f"{v}=".encode() for v in TASK_VARS]
         env = [e for e in env if not os.fsencode(e).startswith(tuple(names))]
-        modules = tuple(sorted(n for n in sys.modules if n.startswith("rankwire.")))
+        modules = tuple(sorted(n for n in list(sys.modules) if n.startswith("rankwire.")))
         head = [("magic", STEP_MAGIC), ("image", step[0]), ("image_id", step[1])]
         head += [("task_var", v) for v in TASK_VARS]
     out = [
@@ -206,30 +207,40 @@ def remember(sock: str, holder: dict[str, Any], user: UserFacts, proc: ProcessPl
 
 # ---- the step plan -------------------------------------------------------------------
 
-_step_lock: Optional[int] = None
+_step_lock: Optional[tuple[int, int]] = None  # (descriptor, our pid)
 
 
 def take_step_lock() -> None:
     """At start: take the locked step plan's descriptor the front end handed us (and the
-    variable out of our environment, so that nothing we start inherits either); it is
-    let go at the latest when we exit."""
+    variable out of our environment, so that nothing we start inherits either), if it is
+    that: a file of ours named step-*.plan. It is let go at the latest when we exit."""
     global _step_lock
     value = os.environ.pop(STEP_LOCK_VAR, None)
     if value is None or not (value.isascii() and value.isdigit()):
         return
+    fd = int(value)
     with contextlib.suppress(OSError):
-        os.set_inheritable(int(value), False)
-        _step_lock = int(value)
-        atexit.register(release_step_lock)
+        st = os.fstat(fd)
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if (
+            stat.S_ISREG(st.st_mode)
+            and st.st_uid == os.getuid()
+            and (name.startswith("step-") and name.endswith(".plan"))
+        ):
+            os.set_inheritable(fd, False)
+            _step_lock = (fd, os.getpid())
+            atexit.register(release_step_lock)
 
 
 def release_step_lock() -> None:
     """Let the step's other tasks read the plan (written or not); a file the front end
-    made for a plan that was not written goes. Once; then a no-op."""
+    made for a plan that was not written goes. Once, and only in the process that took
+    the lock (not in a child forked since); then a no-op."""
     global _step_lock
-    fd, _step_lock = _step_lock, None
-    if fd is None:
+    held, _step_lock = _step_lock, None
+    if held is None or held[1] != os.getpid():
         return
+    fd = held[0]
     with contextlib.suppress(OSError):
         st = os.fstat(fd)
         path = os.readlink(f"/proc/self/fd/{fd}")
@@ -266,7 +277,8 @@ def task_free(
     if any(proc.env.get(v) != environ.get(v) for v in TASK_VARS):
         return False
     own = others(environ)
-    for env in ({**own, **{v: f"rankwire-task-probe-{v}" for v in TASK_VARS}}, own):
+    probes = [{**own, **{v: value for v in TASK_VARS}} for value in ("0", "rankwire-task-probe")]
+    for env in (*probes, own):
         c, p, b = plan_for(env)
         if (
             (c, b) != (container, bridge)
@@ -294,7 +306,7 @@ def remember_step(
     """Write the step plan, into the file whose lock the front end handed us, for the
     shared container of `lease` (its join reply names the holder); on any failure none
     (the other tasks then plan in Python)."""
-    fd = _step_lock
+    fd = _step_lock[0] if _step_lock is not None else None
     if (
         fd is None
         or sys.getfilesystemencoding() != "utf-8"

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -238,7 +239,9 @@ CPUS = len(os.sched_getaffinity(0))
 
 
 def step_files(runner: User) -> list[Path]:
-    return sorted(Path(f"/tmp/rankwire-{runner.uid}/instances").glob("step-*"))
+    instances = Path(f"/tmp/rankwire-{runner.uid}/instances")
+    assert instances.is_dir()  # the runtime dir the tasks used (no XDG_RUNTIME_DIR here)
+    return sorted(instances.glob("step-*"))
 
 
 def srun_front(
@@ -256,10 +259,15 @@ def test_a_steps_tasks_plan_once_and_keep_their_own_variables(
     plan; the others wait for it and join the node's container in C, each with its own
     Slurm task variables; the plan goes with the container."""
     exe, log, _ = front_copy(runner, shared_dir)
-    script = 'echo "$SLURM_PROCID $PMI_RANK $SLURM_LOCALID $0"; sleep 1'
+    # Each task: its own variables; neither the lock's variable nor its descriptor.
+    script = (
+        'echo "$SLURM_PROCID $PMI_RANK $SLURM_LOCALID $0 ${RANKWIRE_STEP_LOCK-none}'
+        ' $(ls -l /proc/$$/fd | grep -c step-)"; sleep 1'
+    )
     got = srun_front(runner, slurm_cluster, exe, base_image, script)
     assert got.returncode == 0, got.stderr
-    assert sorted(got.stdout.splitlines()) == sorted(f"{i} {i} {i} sh" for i in range(CPUS + 2))
+    want = sorted(f"{i} {i} {i} sh none 0" for i in range(CPUS + 2))
+    assert sorted(got.stdout.splitlines()) == want
     assert len(log.read_text().splitlines()) == 1
     assert step_files(runner) == []
 
@@ -324,12 +332,22 @@ def test_a_step_plan_of_a_dead_holder_is_pruned(tmp_path: Path) -> None:
     dead.write_bytes(frame.encode([("magic", joinplan.STEP_MAGIC), ("socket", "/nonexistent")]))
     live = tmp_path / "instances" / "step-2.0.plan"
     live.write_bytes(b"")
-    with open(live) as held:
-        fcntl.flock(held, fcntl.LOCK_SH)  # a task reads it
+    serving = tmp_path / "instances" / "step-3.0.plan"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(tmp_path / "holder.sock"))
+        listener.listen()
+        serving.write_bytes(
+            frame.encode(
+                [("magic", joinplan.STEP_MAGIC), ("socket", str(tmp_path / "holder.sock"))]
+            )
+        )
+        with open(live) as held:
+            fcntl.flock(held, fcntl.LOCK_SH)  # a task reads it
+            prune_stale(tmp_path)
+        assert not dead.exists() and live.exists() and serving.exists()
         prune_stale(tmp_path)
-    assert not dead.exists() and live.exists()
-    prune_stale(tmp_path)
-    assert not live.exists()  # no plan in it, and nobody's
+        assert not live.exists()  # no plan in it, and nobody's
+        assert serving.exists()  # its container runs
 
 
 def test_a_step_without_a_step_plan_leaves_no_file(
