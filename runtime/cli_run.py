@@ -262,10 +262,7 @@ def _execute(
     from rankwire.runtime.facts import gather
 
     opts = exec_options({**container_kw, **process_kw})
-    values = {**container_kw, **process_kw, **source_kw}
-    scopes = ("container", "process", "source", "trust")
-    bare = all(values[o.dest] == o.default for o in in_scope(*scopes))  # the front end's too
-    image_arg = image
+    image_arg = image  # as given: what the front end compares with a step plan's
     image, _ = local_image(image, source_kw)
     facts = gather(image, opts, argv_of=argv_of)
     plan = plan_image(facts, opts, argv_of(facts.image))
@@ -277,12 +274,7 @@ def _execute(
     container = plan.container
     from rankwire.runtime import joinplan
 
-    step = (
-        command is not None
-        and bare
-        and "://" not in image_arg
-        and _step_plan(facts, opts, plan, command)
-    )
+    step = command is not None and _step_plan(facts, opts, plan, command)
     if not step:
         joinplan.release_step_lock()  # the step's other tasks plan in Python
 
@@ -299,7 +291,8 @@ def _execute(
 
 def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[str, ...]) -> bool:
     """This task's plan may be every task's of its step (`runtime/joinplan.py`): the
-    step's first task here (the front end handed it the plan's lock), a task of
+    step's first task here (the front end handed it the plan's lock, which it does only
+    for `exec IMAGE CMD…` without option, IMAGE a path, in a task of a step), a task of
     slurmstepd joining the node's shared container, no PMI bridge nor warning, the same
     plan for any command and any task."""
     import dataclasses
@@ -309,7 +302,6 @@ def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[
 
     if (
         not joinplan.holds_step_lock()
-        or joinplan.step_file(facts.user.environ) is None
         or not plan.container.share
         or plan.pmi_bridge.bridge is not None
         or plan.pmi_bridge.warning

@@ -938,9 +938,10 @@ static int step_plan_fits(int fd, struct plan *p, const char *image)
 }
 
 /* `srun … rankwire exec IMAGE CMD…` (no option; runtime/joinplan.py), with more of the
- * step's tasks on this node than CPUs: the step's first task to come locks instances/step-JOB.STEP.plan and runs Python, which plans, starts or
- * joins the node's shared container and writes the plan there; the others wait for that
- * lock, and join in C if the plan fits them. Returns only to join (`p` filled). */
+ * step's tasks on this node than CPUs: the step's first task to come locks
+ * instances/step-JOB.STEP.plan and runs Python, which plans, starts or joins the node's
+ * shared container and writes the plan there; the others wait for that lock, and join in
+ * C if the plan fits them. Returns only to join (`p` filled). */
 static void step_plan(const char *image, struct plan *p)
 {
     const char *job = getenv("SLURM_JOB_ID"), *step = getenv("SLURM_STEP_ID");

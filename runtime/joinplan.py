@@ -164,6 +164,12 @@ def records(
     return out
 
 
+def _writable(proc: ProcessPlan) -> bool:
+    """The front end would do with `proc` as Python does: the file system encoding is
+    the plan's (UTF-8), and Python's execve would take every environment name."""
+    return sys.getfilesystemencoding() == "utf-8" and all(k and "=" not in k for k in proc.env)
+
+
 def remember(sock: str, holder: dict[str, Any], user: UserFacts, proc: ProcessPlan) -> None:
     """Write NAME.plan for the instance at `sock` (`holder`: its report); on any failure,
     or where the front end would not do as Python does, nothing (the next join plans in
@@ -172,7 +178,7 @@ def remember(sock: str, holder: dict[str, Any], user: UserFacts, proc: ProcessPl
     holder takes to link its socket), and checked after: if the socket is gone or another,
     the plan goes (the holder's teardown removes its socket, then the plan)."""
     name = os.path.basename(plan_path(sock))
-    if sys.getfilesystemencoding() != "utf-8" or any(not k or "=" in k for k in proc.env):
+    if not _writable(proc):
         return
     try:
         sock_id = socket_id(sock)
@@ -307,11 +313,7 @@ def remember_step(
     shared container of `lease` (its join reply names the holder); on any failure none
     (the other tasks then plan in Python)."""
     fd = _step_lock[0] if _step_lock is not None else None
-    if (
-        fd is None
-        or sys.getfilesystemencoding() != "utf-8"
-        or any(not k or "=" in k for k in proc.env)
-    ):
+    if fd is None or not _writable(proc):
         return
     sock = str(lease.report.get("socket", ""))
     try:

@@ -293,7 +293,9 @@ def test_a_task_whose_environment_differs_plans_in_python(
     exe, log, _ = front_copy(runner, shared_dir)
     argv = [
         "srun", f"-n{CPUS + 2}", "--mpi=pmi2", "sh", "-c",
-        f'[ "$SLURM_PROCID" = 1 ] && export EXTRA=x; exec {exe} exec {base_image} '
+        # task 1 comes last: the first to come plans for the step (were it task 1, its
+        # plan would fit no other task, and each would plan in Python)
+        f'[ "$SLURM_PROCID" = 1 ] && export EXTRA=x && sleep 0.5; exec {exe} exec {base_image} '
         'sh -c \'echo "$SLURM_PROCID ${EXTRA-none}"; sleep 1\'',
     ]  # fmt: skip
     got = runner.run(argv, env=slurm_cluster.env, cwd="/tmp", timeout=90)
