@@ -428,23 +428,45 @@ def node_socket(environ: Mapping[str, str], base: str) -> Optional[str]:
     return os.path.join(base, f"pmibridge.{job}.{step}.{node}")
 
 
+def node_tasks(environ: Mapping[str, str]) -> int:
+    """How many of the step's tasks run on this node (SLURM_GTIDS)."""
+    return len([t for t in environ.get("SLURM_GTIDS", "").split(",") if t])
+
+
 def task_pmi_env(environ: Mapping[str, str], pmi: str = "pmi2") -> dict[str, str]:
     """The task's PMI variables (`PMI_FD` inheritable), its bridge started: in a Slurm
     step, by the node's bridge server (`bridgeserve.serve_node`, as under the SPANK plugin:
     one process whose imports and libpmix are loaded once forks every bridge of the node);
-    elsewhere, a bridge of the task's own (`spawn`). UserError when it cannot be; nothing
-    is left then."""
+    elsewhere, a bridge of the task's own (`spawn`). The node's server is started by the
+    first of its tasks to get here, the one that takes the node's socket (its name, here,
+    before the server forks: the tasks that find it taken hand over, from Python or from
+    the front end's step plan, `runtime/front.c`); not a task picked in advance, which a
+    task that joins in C or comes late would leave without one. UserError when it cannot
+    be; nothing is left then."""
     known = slurm_job_info(environ)
-    local = environ.get("SLURM_LOCALID", "")
-    if known is None or not local.isdigit() or node_socket(environ, "") is None:  # no step
-        return dict(spawn(environ, pmi).env)
-    from rankwire.runtime.instance import runtime_dir
+    path = node_socket(environ, "")
+    if known is None or not environ.get("SLURM_LOCALID", "").isdigit() or path is None:
+        return dict(spawn(environ, pmi).env)  # not a task of a step
+    from rankwire.runtime.instance import listen_at, runtime_dir
 
     base = str(runtime_dir())
+    path = os.path.join(base, path)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if local == "0":
-            _fork_node_server(ours.fileno(), environ, base)
+        listener: Optional[socket.socket] = None
+        first = True
+        if node_tasks(environ) > 1:
+            try:
+                listener = listen_at(path)
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise UserError(
+                        f"cannot serve the node's PMI bridges at {path} ({err.strerror}); "
+                        "retry the step"
+                    ) from None
+                first = False
+        if first:
+            _fork_node_server(ours.fileno(), environ, base, listener)
         else:
             _hand_over(ours.fileno(), environ, base)
     except BaseException:
@@ -457,16 +479,20 @@ def task_pmi_env(environ: Mapping[str, str], pmi: str = "pmi2") -> dict[str, str
     return pmi_env(fd, known.rank, known.size, known.jobid, False, pmi)
 
 
-def _fork_node_server(fd: int, environ: Mapping[str, str], base: str) -> None:
+def _fork_node_server(
+    fd: int, environ: Mapping[str, str], base: str, listener: Optional[socket.socket]
+) -> None:
     """The node's first task: fork the node's bridge server, detached, serving this task
-    on `fd`; its messages go to our stderr."""
+    on `fd` and the node's other tasks at `listener` (None: the only task of its node);
+    its messages go to our stderr. Our copy of `listener` is closed, its name removed if
+    the server could not be forked."""
 
     def server() -> int:  # pragma: no cover - the server, exercised under srun
-        _quiet({fd})
+        _quiet({fd} if listener is None else {fd, listener.fileno()})
         from rankwire.pmi.bridgeserve import serve_node
 
         try:
-            return serve_node(fd, environ, base)
+            return serve_node(fd, environ, base, listener)
         except UserError as err:
             _say(str(err))
             return err.exit_code
@@ -474,9 +500,16 @@ def _fork_node_server(fd: int, environ: Mapping[str, str], base: str) -> None:
     try:
         fork_detached(server)
     except OSError as err:
+        path = node_socket(environ, base)
+        if listener is not None and path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         raise UserError(
             f"cannot start the node's PMI bridge server ({err.strerror}); retry the step"
         ) from None
+    finally:
+        if listener is not None:
+            listener.close()
 
 
 def start_node_server(
@@ -612,7 +645,7 @@ def _hand_over(fd: int, environ: Mapping[str, str], base: str) -> None:
     assert path is not None
     deadline = time.monotonic() + NODE_WAIT
     late = (
-        "the node's PMI bridge server (its task with SLURM_LOCALID=0) did not listen within "
+        "the node's PMI bridge server (its first task's) did not listen within "
         f"{NODE_WAIT:.0f} s (it did not start, or ended); see that task's message (srun -l)"
     )
     records = [("env", f"{k}={v}") for k, v in environ.items() if k and "=" not in k]

@@ -31,6 +31,7 @@ from rankwire.pmi.bridge import (
     fork_detached,
     jobid_for,
     node_socket,
+    node_tasks,
     nodes_from_peers,
 )
 from rankwire.pmi.bridgeplan import step_offer
@@ -107,7 +108,9 @@ def _socket_of(fd: int) -> socket.socket:
     return sock
 
 
-def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
+def serve_node(
+    fd: int, environ: Mapping[str, str], base: str, listener: Optional[socket.socket] = None
+) -> int:
     """The node's bridge server, in the node's first task: started by its SPANK shim
     (`rankwire spank-helper pmi-bridge DIR`) or forked by its `rankwire exec`
     (`bridge.task_pmi_env`). Every task of the node gets a bridge forked from this
@@ -121,16 +124,16 @@ def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
     why on its own stderr, as does each task still waiting when this server ends. Returns
     once every task of the node (SLURM_GTIDS) has its bridge, or after NODE_WAIT; SIGTERM
     (the step's end) ends it too."""
-    _socket_of(fd).detach()  # checked before anything forks
-    if step_offer(environ) != "pmix":
-        raise UserError(_NO_PMIX)
-    _on_signals_exit()
-    others = len([t for t in environ.get("SLURM_GTIDS", "").split(",") if t]) - 1
-    _load_libpmix()
-    path = node_socket(environ, base) if others > 0 else None
-    listener = _listen(path) if path else None
+    path = node_socket(environ, base) if node_tasks(environ) > 1 else None
     why = "the node's PMI bridge server ended"
     try:  # a signal from here on: the socket goes too
+        _socket_of(fd).detach()  # checked before anything forks
+        if step_offer(environ) != "pmix":
+            raise UserError(_NO_PMIX)
+        _on_signals_exit()
+        _load_libpmix()
+        if listener is None and path:
+            listener = _listen(path)
         try:
             _fork_bridge(fd, 2, dict(environ))
         except OSError as err:
@@ -141,7 +144,7 @@ def serve_node(fd: int, environ: Mapping[str, str], base: str) -> int:
         if listener is None:
             return 0
         serving, listener = listener, None  # `_serve_tasks` closes it
-        return _serve_tasks(serving, str(path), others, NODE_WAIT)
+        return _serve_tasks(serving, str(path), node_tasks(environ) - 1, NODE_WAIT)
     finally:
         if listener is not None:
             _close(listener, str(path), why)

@@ -282,7 +282,9 @@ def _execute(
         if not step:
             return inst.run_container(container, p)
         with inst.open_container(container) as lease:
-            joinplan.remember_step(image_arg, facts.image.path, lease, facts.user, p)
+            joinplan.remember_step(
+                image_arg, facts.image.path, lease, facts.user, p, plan.pmi_bridge.bridge
+            )
             joinplan.release_step_lock()
             return inst.run_in(lease, p)
 
@@ -293,8 +295,9 @@ def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[
     """This task's plan may be every task's of its step (`runtime/joinplan.py`): the
     step's first task here (the front end handed it the plan's lock, which it does only
     for `exec IMAGE CMD…` without option, IMAGE a path, in a task of a step), a task of
-    slurmstepd joining the node's shared container, no PMI bridge nor warning, the same
-    plan for any command and any task."""
+    slurmstepd joining the node's shared container, no warning, no PMI bridge but PMIx to
+    PMI (whose node server each task's front end joins), the same plan for any command and
+    any task."""
     import dataclasses
 
     from rankwire.runtime import joinplan
@@ -303,14 +306,14 @@ def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[
     if (
         not joinplan.holds_step_lock()
         or not plan.container.share
-        or plan.pmi_bridge.bridge is not None
+        or plan.pmi_bridge.bridge not in (None, PMIX_TO_PMI)
         or plan.pmi_bridge.warning
         or facts.pmi_need == "both"  # the bridge then depends on the command's own MPI
         or not inst.parent_is_slurmstepd(os.getppid())
     ):
         return False
 
-    def plan_for(env: dict[str, str]) -> tuple[ContainerPlan, ProcessPlan, object]:
+    def plan_for(env: dict[str, str]) -> tuple[ContainerPlan, ProcessPlan, BridgePlan]:
         user = dataclasses.replace(facts.user, environ=env)
         got = plan_image(dataclasses.replace(facts, user=user), opts, command)
         assert got.process is not None

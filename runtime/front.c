@@ -52,6 +52,8 @@
 #define STEP_MAGIC "rankwire-step-plan 1"
 #define STEP_LOCK_VAR "RANKWIRE_STEP_LOCK" /* rankwire/entry.py's */
 #define STEP_WAIT_S 30 /* for the step's first task to plan; then Python */
+#define BRIDGE_PMIX_TO_PMI "pmix-to-pmi" /* pmi/bridgeplan.py PMIX_TO_PMI */
+#define NODE_WAIT_MS 60000 /* pmi/bridge.py NODE_WAIT */
 #define LEAVE_TIMEOUT_MS 10000
 
 extern char **environ;
@@ -99,7 +101,7 @@ static void run_python(void)
 struct plan {
     char *buf;
     const char *uid, *gid, *cwd, *sock, *sock_id, *holder, *session, *workdir, *nnp;
-    const char *image, *image_id; /* a step plan's */
+    const char *image, *image_id, *bridge; /* a step plan's */
     const char **files, **key_env, **env, **task_vars;
     size_t nfiles, nkey_env, nenv, ntask_vars;
     int magic, step, complete, bad;
@@ -143,6 +145,7 @@ static void plan_record(const char *key, char *value, void *ctx)
     else if (p->step && !strcmp(key, "image")) p->image = value;
     else if (p->step && !strcmp(key, "image_id")) p->image_id = value;
     else if (p->step && !strcmp(key, "task_var")) add(p, &p->task_vars, &p->ntask_vars, value);
+    else if (p->step && !strcmp(key, "bridge")) p->bridge = value;
     else p->bad = 1;
 }
 
@@ -152,7 +155,8 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
 {
     if (frame_parse(buf, len, plan_record, p) || p->bad || !p->complete || !p->uid ||
         !p->gid || !p->cwd || !p->sock || !p->sock_id || !p->holder || !p->session ||
-        !p->workdir || !p->nnp || (p->step && (!p->image || !p->image_id)))
+        !p->workdir || !p->nnp || (p->step && (!p->image || !p->image_id)) ||
+        (p->bridge && strcmp(p->bridge, BRIDGE_PMIX_TO_PMI)))
         return -1;
     static const char *no_env[] = {NULL};
     if (!p->env)
@@ -249,9 +253,10 @@ static int runtime_dir(char *out, size_t size)
         return -1; /* Python's is then relative */
     else
         n = snprintf(out, size, "%s/rankwire-%u", tmp ? tmp : "/tmp", (unsigned)getuid());
-    if (n <= 0 || (size_t)n >= size || normalize(out) || !private_dir(out))
+    if (n <= 0 || (size_t)n >= size || normalize(out))
         return -1;
-    return 0;
+    (void)mkdir(out, 0700); /* as Python makes it (a node's first use): checked next */
+    return private_dir(out) ? 0 : -1;
 }
 
 static int same_number(const char *recorded, unsigned long long actual)
@@ -685,6 +690,7 @@ static long fork_sibling(void)
 #endif
 }
 
+static int bridge_fd = -1; /* a step plan's PMI bridge: the command's PMI_FD (join_node_bridge) */
 static volatile int child_pidfd = -1;
 static volatile pid_t child_pid;
 
@@ -749,6 +755,10 @@ static void child(struct lease *l, const struct plan *p, char **argv, pid_t pare
         say_call(argv[0], "prctl", errno);
         _exit(125);
     }
+    if (bridge_fd >= 0 && fcntl(bridge_fd, F_SETFD, 0)) {
+        say_call(argv[0], "fcntl", errno);
+        _exit(125);
+    }
     int err = exec_planned(argv, (char **)p->env);
     _exit(say_exec(argv[0], err));
 }
@@ -777,6 +787,10 @@ static int run(struct lease *l, const struct plan *p, char **argv)
         if (pipefd[0] >= 0)
             close(pipefd[0]);
         child(l, p, argv, parent, pipefd[1]);
+    }
+    if (bridge_fd >= 0) { /* the command's now: its exit is its bridge's EOF */
+        close(bridge_fd);
+        bridge_fd = -1;
     }
     if (pipefd[0] >= 0) {
         char buf[24] = {0};
@@ -923,17 +937,18 @@ static int step_plan_fits(int fd, struct plan *p, const char *image)
     size_t n = 0, used = 0;
     for (char **e = environ; *e; e++)
         n++;
-    const char **env = malloc((p->nenv + n + 1) * sizeof *env);
+    const char **env = malloc((p->nenv + n + 3) * sizeof *env); /* + a bridge's two */
     if (!env)
         return 1;
     for (size_t i = 0; i < p->nenv; i++)
         if (!task_var(p, p->env[i]))
             env[used++] = p->env[i];
-    for (char **e = environ; *e; e++)
-        if (task_var(p, *e))
+    for (char **e = environ; *e; e++) /* a bridge's task gets PMI_RANK and PMI_FD instead */
+        if (task_var(p, *e) && !(p->bridge && (!strncmp(*e, "PMI_", 4) || !strncmp(*e, "PMIX_", 5))))
             env[used++] = *e;
     env[used] = NULL;
     p->env = env;
+    p->nenv = used;
     return 2;
 }
 
@@ -950,6 +965,7 @@ static void step_plan(const char *image, struct plan *p)
         !tasks_outnumber_cpus() || runtime_dir(dir, sizeof dir))
         run_python();
     snprintf(instances, sizeof instances, "%s/instances", dir);
+    (void)mkdir(instances, 0700); /* as Python's runtime_dir makes it: checked next */
     snprintf(name, sizeof name, "step-%s.%s.plan", job, step);
     int dirfd = private_dir(instances) ? open(instances, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
     int fd = dirfd < 0 ? -1 :
@@ -998,6 +1014,123 @@ static void step_plan(const char *image, struct plan *p)
     close(fd);
 }
 
+/* A step plan's PMIx-to-PMI bridge (pmi/bridge.py `task_pmi_env`, as a task that is not
+ * the node's first): a socketpair whose one end this task's command gets as PMI_FD, the
+ * other handed, with our stderr, our environment (`env=K=V` records) and CPUs (`cpus=`),
+ * to the node's bridge server, which forks our bridge (pmi/bridgeserve.py; the SPANK
+ * shim's join_pmi_bridge, the same way). Nothing comes back: the command's PMI client
+ * waits on PMI_FD. 0 with PMI_RANK (our PMIX_RANK) and PMI_FD added to `p->env` (its end
+ * in `bridge_fd`, close-on-exec until the command's exec); -1, nothing handed over, when
+ * the server does not listen (Python then waits for it and says why) or anything fails. */
+static int join_node_bridge(struct plan *p)
+{
+    const char *job = getenv("SLURM_JOB_ID"), *step = getenv("SLURM_STEP_ID"),
+               *node = getenv("SLURM_NODEID"), *rank = getenv("PMIX_RANK");
+    char dir[PATH_MAX];
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (!digits(job) || !digits(step) || !digits(node) || !digits(rank) ||
+        runtime_dir(dir, sizeof dir))
+        return -1;
+    int n = snprintf(sa.sun_path, sizeof sa.sun_path, "%s/pmibridge.%s.%s.%s", dir, job, step,
+                     node);
+    if (n <= 0 || (size_t)n >= sizeof sa.sun_path)
+        return -1;
+    struct buf b = {0};
+    for (char **e = environ; *e; e++)
+        if (**e != '=' && strchr(*e, '='))
+            frame_add(&b, "env", "%s", *e);
+    cpu_set_t cpus;
+    if (!sched_getaffinity(0, sizeof cpus, &cpus)) { /* our bridge runs where we run */
+        struct buf list = {0};
+        char one[16];
+        for (int c = 0; c < CPU_SETSIZE; c++)
+            if (CPU_ISSET(c, &cpus))
+                buf_put(&list, one, (size_t)snprintf(one, sizeof one, "%s%d",
+                                                     list.len ? "," : "", c));
+        buf_put(&list, "", 1);
+        if (!list.oom)
+            frame_add(&b, "cpus", "%s", list.p);
+        free(list.p);
+    }
+    frame_add(&b, "end", "1");
+    int sv[2] = {-1, -1}, fd = -1, ok = 0;
+    if (b.oom || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) ||
+        (fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
+        goto out;
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    long long deadline = t0.tv_sec * 1000LL + t0.tv_nsec / 1000000 + NODE_WAIT_MS;
+    /* a full backlog (EAGAIN) is waited for; no server (ENOENT, ECONNREFUSED) is not: the
+     * node's first task took the socket before it let us read its plan */
+    while (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if ((errno != EAGAIN && errno != EINTR) ||
+            now.tv_sec * 1000LL + now.tv_nsec / 1000000 >= deadline)
+            goto out;
+        (void)poll(NULL, 0, 5);
+    }
+    struct ucred cred = {0, (uid_t)-1, (gid_t)-1};
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) || cred.uid != getuid())
+        goto out;
+    int fds[2] = {sv[1], 2};
+    union {
+        struct cmsghdr h;
+        char b[CMSG_SPACE(sizeof fds)];
+    } cbuf;
+    memset(&cbuf, 0, sizeof cbuf);
+    size_t sent = 0;
+    while (sent < b.len) { /* the descriptors go with the first bytes */
+        struct iovec iov = {b.p + sent, b.len - sent};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+        if (!sent) {
+            msg.msg_control = cbuf.b;
+            msg.msg_controllen = sizeof cbuf.b;
+            struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN(sizeof fds);
+            memcpy(CMSG_DATA(c), fds, sizeof fds);
+        }
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long long left = deadline - (now.tv_sec * 1000LL + now.tv_nsec / 1000000);
+        struct pollfd out = {fd, POLLOUT, 0};
+        if (left <= 0 || poll_for(&out, (int)left) <= 0)
+            goto out;
+        ssize_t got = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (got < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (got < 0)
+            goto out;
+        sent += (size_t)got;
+    }
+    char *pmi_rank = malloc(strlen(rank) + 10), *pmi_fd = malloc(32);
+    if (!pmi_rank || !pmi_fd) {
+        free(pmi_rank);
+        free(pmi_fd);
+        goto out;
+    }
+    sprintf(pmi_rank, "PMI_RANK=%s", rank);
+    sprintf(pmi_fd, "PMI_FD=%d", sv[0]);
+    p->env[p->nenv++] = pmi_rank;
+    p->env[p->nenv++] = pmi_fd;
+    p->env[p->nenv] = NULL;
+    bridge_fd = sv[0];
+    sv[0] = -1;
+    ok = 1;
+out:
+    if (fd >= 0)
+        close(fd);
+    if (sv[0] >= 0)
+        close(sv[0]);
+    if (sv[1] >= 0)
+        close(sv[1]);
+    free(b.p);
+    return ok ? 0 : -1;
+}
+
 int main(int argc, char **argv)
 {
     saved_argv = argv;
@@ -1041,9 +1174,17 @@ int main(int argc, char **argv)
     struct lease l;
     if (join(sock, &p, &l))
         run_python();
+    if (p.bridge && join_node_bridge(&p)) { /* nothing handed over: Python (says why) */
+        close_ns(&l);
+        close(l.conn);
+        run_python();
+    }
     int code = run(&l, &p, argv + 3);
     close_ns(&l);
-    if (code < 0) { /* nothing started: leave, and let Python try (and say why) */
+    if (code < 0 && p.bridge) { /* handed over: a second bridge for our rank would not do */
+        say_call(argv[3], "fork", errno);
+        code = 125;
+    } else if (code < 0) { /* nothing started: leave, and let Python try (and say why) */
         close(l.conn);
         run_python();
     }

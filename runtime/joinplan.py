@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 from rankwire.entry import STEP_LOCK_VAR
+from rankwire.pmi.bridgeplan import PMIX_TO_PMI, BridgePlan
 from rankwire.runtime import frame
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan, UserFacts
 
@@ -131,10 +132,11 @@ def records(
     user: UserFacts,
     proc: ProcessPlan,
     step: Optional[tuple[str, str]] = None,
+    bridge: Optional[str] = None,
 ) -> list[tuple[str, str]]:
     """`step`: the image as given and its identity, for a step plan (the key then leaves
-    out `TASK_VARS` and every rankwire module's file counts). KeyError: a deciding module
-    is not loaded (then no plan)."""
+    out `TASK_VARS` and every rankwire module's file counts; `bridge`, its PMI bridge:
+    PMIX_TO_PMI or None). KeyError: a deciding module is not loaded (then no plan)."""
     env = started_environment()
     modules: tuple[str, ...] = DECIDING
     head = [("magic", MAGIC)]
@@ -144,6 +146,7 @@ def records(
         modules = tuple(sorted(n for n in list(sys.modules) if n.startswith("rankwire.")))
         head = [("magic", STEP_MAGIC), ("image", step[0]), ("image_id", step[1])]
         head += [("task_var", v) for v in TASK_VARS]
+        head += [("bridge", bridge)] if bridge else []
     out = [
         *head,
         ("uid", str(user.uid)),
@@ -268,19 +271,25 @@ def step_file(environ: Mapping[str, str]) -> Optional[str]:
 
 
 def task_free(
-    plan_for: Callable[[dict[str, str]], tuple[ContainerPlan, ProcessPlan, object]],
+    plan_for: Callable[[dict[str, str]], tuple[ContainerPlan, ProcessPlan, BridgePlan]],
     environ: Mapping[str, str],
 ) -> bool:
     """What `plan_for(env)` plans (container, process, PMI bridge) is every task's: planned
     again with other values of `TASK_VARS` and with none of them, the container and the
     bridge are the same and the process differs only in those variables, passed through
-    from the task's own environment."""
+    from the task's own environment (but the PMIx ones, which a PMIx-to-PMI bridge takes
+    out: the front end passes PMI_RANK and PMI_FD instead, as `bridge.task_pmi_env`)."""
 
     def others(env: Mapping[str, str]) -> dict[str, str]:
         return {k: v for k, v in env.items() if k not in TASK_VARS}
 
     container, proc, bridge = plan_for(dict(environ))
-    if any(proc.env.get(v) != environ.get(v) for v in TASK_VARS):
+    taken = ("PMIX_",) if bridge.bridge == PMIX_TO_PMI else ()
+
+    def passed(env: Mapping[str, str], name: str) -> Optional[str]:
+        return None if name.startswith(taken) else env.get(name)
+
+    if any(proc.env.get(v) != passed(environ, v) for v in TASK_VARS):
         return False
     own = others(environ)
     probes = [{**own, **{v: value for v in TASK_VARS}} for value in ("0", "rankwire-task-probe")]
@@ -290,7 +299,7 @@ def task_free(
             (c, b) != (container, bridge)
             or dataclasses.replace(p, env={}) != dataclasses.replace(proc, env={})
             or others(p.env) != others(proc.env)
-            or any(p.env.get(v) != env.get(v) for v in TASK_VARS)
+            or any(p.env.get(v) != passed(env, v) for v in TASK_VARS)
         ):
             return False
     return True
@@ -308,17 +317,21 @@ def remember_step(
     lease: Any,
     user: UserFacts,
     proc: ProcessPlan,
+    bridge: Optional[str] = None,
 ) -> None:
     """Write the step plan, into the file whose lock the front end handed us, for the
-    shared container of `lease` (its join reply names the holder); on any failure none
-    (the other tasks then plan in Python)."""
+    shared container of `lease` (its join reply names the holder) and the PMI bridge
+    `bridge` (PMIX_TO_PMI: each task's front end hands its PMI_FD socketpair end to the
+    node's bridge server, `pmi/bridge.task_pmi_env`, and passes PMI_RANK=PMIX_RANK and
+    PMI_FD instead of the PMIx task variables); on any failure none (the other tasks then
+    plan in Python)."""
     fd = _step_lock[0] if _step_lock is not None else None
     if fd is None or not _writable(proc):
         return
     sock = str(lease.report.get("socket", ""))
     try:
         step = (image, _stat_id(image_path))
-        data = frame.encode(records(sock, socket_id(sock), lease.report, user, proc, step))
+        data = frame.encode(records(sock, socket_id(sock), lease.report, user, proc, step, bridge))
         os.ftruncate(fd, 0)
         view = memoryview(data)
         while view:

@@ -24,7 +24,9 @@ from typing import Any
 
 import pytest
 
+from harness.mpi import assert_hello
 from harness.users import User, rw
+from rankwire.pmi.bridgeplan import PMIX_TO_PMI, BridgePlan
 from rankwire.runtime import joinplan
 from rankwire.runtime.plan import ProcessPlan
 
@@ -307,22 +309,68 @@ def test_a_task_whose_environment_differs_plans_in_python(
     assert step_files(runner) == []
 
 
+NO_BRIDGE = BridgePlan("pmi2", None, None, "no MPI in the image: nothing to bridge")
+BRIDGED = BridgePlan("pmix", "pmi1/2", PMIX_TO_PMI, "bridged")
+
+
+@pytest.mark.mpi
+def test_a_bridged_steps_tasks_plan_once_and_join_the_nodes_bridge_server(
+    runner: User, slurm_cluster: Any, mpich_image: Path, shared_dir: Path
+) -> None:
+    """`srun --mpi=pmix rankwire exec MPICH_IMAGE`: the PMIx-to-PMI bridge is in the step
+    plan; the first task plans in Python and starts the node's bridge server, the others
+    join the container in C and hand their PMI_FD to that server: one MPI job, one
+    Python, and neither the step plan nor the server's socket is left."""
+    exe, log, _ = front_copy(runner, shared_dir)
+    n = CPUS + 2
+    argv = ["srun", f"-n{n}", "--mpi=pmix", str(exe), "exec", str(mpich_image),
+            "/opt/hello_mpich"]  # fmt: skip
+    got = runner.run(argv, env=slurm_cluster.env, cwd="/tmp", timeout=90)
+    assert got.returncode == 0, got.stderr
+    assert_hello(got.stdout, n)
+    assert len(log.read_text().splitlines()) == 1
+    assert step_files(runner) == []
+    assert not list(Path(f"/tmp/rankwire-{runner.uid}").glob("pmibridge.*"))
+
+
 def test_a_plan_that_depends_on_a_task_variable_is_not_the_steps() -> None:
     env = {"SLURM_PROCID": "3", "TMPDIR": "/tmp", "HOME": "/h"}
 
     def plan(derive: bool) -> Any:
-        def plan_for(e: dict[str, str]) -> tuple[Any, ProcessPlan, object]:
+        def plan_for(e: dict[str, str]) -> tuple[Any, ProcessPlan, BridgePlan]:
             out = dict(e)
             if derive:
                 out["RANK"] = e.get("SLURM_PROCID", "")
-            return "container", plan_of(("x",), out), None
+            return "container", plan_of(("x",), out), NO_BRIDGE
 
         return plan_for
 
     assert joinplan.task_free(plan(False), env)
     assert not joinplan.task_free(plan(True), env)
     # the container or the bridge by task: not the step's either
-    assert not joinplan.task_free(lambda e: (e.get("SLURM_PROCID"), plan_of(("x",), e), None), env)
+    assert not joinplan.task_free(
+        lambda e: (e.get("SLURM_PROCID"), plan_of(("x",), e), NO_BRIDGE), env
+    )
+    by_task = [NO_BRIDGE, BRIDGED]
+    assert not joinplan.task_free(
+        lambda e: ("c", plan_of(("x",), e), by_task[e.get("SLURM_PROCID") == "3"]), env
+    )
+
+
+def test_a_pmix_to_pmi_bridge_takes_the_pmix_task_variables_out() -> None:
+    """Bridged, a task's process has none of its PMIx variables (the front end passes
+    PMI_RANK and PMI_FD instead); one that kept PMIX_RANK would not be the bridge's."""
+    env = {"SLURM_PROCID": "3", "PMIX_RANK": "3", "PMIX_NAMESPACE": "slurm.pmix.1.0"}
+
+    def plan_for(keep: tuple[str, ...]) -> Any:
+        def planned(e: dict[str, str]) -> tuple[Any, ProcessPlan, BridgePlan]:
+            out = {k: v for k, v in e.items() if not k.startswith("PMIX_") or k in keep}
+            return "c", plan_of(("x",), out), BRIDGED
+
+        return planned
+
+    assert joinplan.task_free(plan_for(()), env)
+    assert not joinplan.task_free(plan_for(("PMIX_RANK",)), env)
 
 
 def test_a_step_plan_of_a_dead_holder_is_pruned(tmp_path: Path) -> None:
