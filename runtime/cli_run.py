@@ -11,6 +11,7 @@ import click
 
 from rankwire.errors import UserError, shown
 from rankwire.pmi.bridgeplan import (
+    PMI2_TO_PMIX,
     PMIX_TO_PMI,
     BridgePlan,
     bridge_choice,
@@ -278,6 +279,19 @@ def _execute(
     if not step:
         joinplan.release_step_lock()  # the step's other tasks plan in Python
 
+    if step and plan.pmi_bridge.bridge == PMI2_TO_PMIX:
+        # The node's PMI-2 bridge answers its tasks once all of them follow it: the others
+        # must read the plan (and find the bridge's socket) before this task follows.
+        from rankwire.pmi.pmix import pmi2bridge
+
+        pmi2bridge.start_node(os.environ)
+        with inst.open_container(container) as lease:
+            joinplan.remember_step(
+                image_arg, facts.image.path, lease, facts.user, plan.process, PMI2_TO_PMIX
+            )
+            joinplan.release_step_lock()
+            sys.exit(_run_bridged(plan.pmi_bridge, plan.process, lambda p: inst.run_in(lease, p)))
+
     def run(p: ProcessPlan) -> int:
         if not step:
             return inst.run_container(container, p)
@@ -295,9 +309,9 @@ def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[
     """This task's plan may be every task's of its step (`runtime/joinplan.py`): the
     step's first task here (the front end handed it the plan's lock, which it does only
     for `exec IMAGE CMD…` without option, IMAGE a path, in a task of a step), a task of
-    slurmstepd joining the node's shared container, no warning, no PMI bridge but PMIx to
-    PMI (whose node server each task's front end joins), the same plan for any command and
-    any task."""
+    slurmstepd joining the node's shared container, no warning, the same plan for any
+    command and any task (a PMI bridge too: each task's front end joins its node's
+    server)."""
     import dataclasses
 
     from rankwire.runtime import joinplan
@@ -306,7 +320,6 @@ def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[
     if (
         not joinplan.holds_step_lock()
         or not plan.container.share
-        or plan.pmi_bridge.bridge not in (None, PMIX_TO_PMI)
         or plan.pmi_bridge.warning
         or facts.pmi_need == "both"  # the bridge then depends on the command's own MPI
         or not inst.parent_is_slurmstepd(os.getppid())
@@ -348,7 +361,8 @@ def _run_bridged(bridge: BridgePlan, proc: ProcessPlan, run: Callable[[ProcessPl
         return run(dataclasses.replace(proc, env={**proc.env, **env}))
     from rankwire.pmi.pmix import pmi2bridge
 
-    server = pmi2bridge.spawn(os.environ)
+    pmi2bridge.start_node(os.environ)  # the first of the node's tasks; the others follow it
+    server = pmi2bridge.follow(os.environ)
     code: Optional[int] = None
     try:
         code = run(dataclasses.replace(proc, env={**proc.env, **server.env}))

@@ -53,7 +53,8 @@
 #define STEP_LOCK_VAR "RANKWIRE_STEP_LOCK" /* rankwire/entry.py's */
 #define STEP_WAIT_S 30 /* for the step's first task to plan; then Python */
 #define BRIDGE_PMIX_TO_PMI "pmix-to-pmi" /* pmi/bridgeplan.py PMIX_TO_PMI */
-#define NODE_WAIT_MS 60000 /* pmi/bridge.py NODE_WAIT */
+#define BRIDGE_PMI2_TO_PMIX "pmi2-to-pmix" /* pmi/bridgeplan.py PMI2_TO_PMIX */
+#define NODE_WAIT_MS 60000 /* pmi/bridge.py NODE_WAIT, pmi/pmix/pmi2bridge.py START_TIMEOUT */
 #define LEAVE_TIMEOUT_MS 10000
 
 extern char **environ;
@@ -156,7 +157,8 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
     if (frame_parse(buf, len, plan_record, p) || p->bad || !p->complete || !p->uid ||
         !p->gid || !p->cwd || !p->sock || !p->sock_id || !p->holder || !p->session ||
         !p->workdir || !p->nnp || (p->step && (!p->image || !p->image_id)) ||
-        (p->bridge && strcmp(p->bridge, BRIDGE_PMIX_TO_PMI)))
+        (p->bridge && strcmp(p->bridge, BRIDGE_PMIX_TO_PMI) &&
+         strcmp(p->bridge, BRIDGE_PMI2_TO_PMIX)))
         return -1;
     static const char *no_env[] = {NULL};
     if (!p->env)
@@ -1131,6 +1133,132 @@ out:
     return ok ? 0 : -1;
 }
 
+/* pmi/pmix/pmi2bridge.py `reply_ended`: a whole `follower_reply`. */
+static int reply_ended(const struct buf *b)
+{
+    static const char end[] = "end=1"; /* and its NUL */
+    return b->len >= sizeof end && !memcmp(b->p + b->len - sizeof end, end, sizeof end) &&
+           (b->len == sizeof end || b->p[b->len - sizeof end - 1] == '\0');
+}
+
+struct pmi2_reply {
+    struct plan *p;
+    const char *error;
+    size_t set;
+};
+
+static void on_pmi2_reply(const char *key, char *value, void *ctx)
+{
+    struct pmi2_reply *r = ctx;
+    if (!strcmp(key, "error") && !r->error)
+        r->error = value;
+    else if (!strcmp(key, "setenv") && strchr(value, '=')) {
+        add(r->p, &r->p->env, &r->p->nenv, value);
+        r->set++;
+    }
+}
+
+/* A step plan's PMI-2-to-PMIx bridge (pmi/pmix/pmi2bridge.py `follow`, the shim's
+ * join_pmi2_bridge): connect to the node's server (the first task's `start_node` took its
+ * socket before it let us read its plan), hand over our Slurm PMI-2 socket and stderr with
+ * "RANK JOBID", read our rank's PMIx variables (`setenv=K=V`, or `error=LINE`; `end=1`)
+ * into `p->env`. 0 with `*conn` the connection, which we keep until the command ended
+ * (then its exit code goes on it, as `Pmi2Bridge.finish`); -1, nothing handed over (then
+ * Python); 2 after saying why the bridge failed, our PMI-2 socket gone to it. */
+static int join_pmi2_node(struct plan *p, int *conn)
+{
+    const char *pmi_fd = getenv("PMI_FD"), *rank = getenv("PMI_RANK"),
+               *jobid = getenv("PMI_JOBID"), *node = getenv("SLURM_NODEID");
+    char dir[PATH_MAX];
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    struct stat st;
+    if (!digits(pmi_fd) || !digits(rank) || !digits(node) || !jobid || !*jobid ||
+        strpbrk(jobid, "/ \n") || strlen(jobid) > 64 || runtime_dir(dir, sizeof dir) ||
+        fstat(atoi(pmi_fd), &st) || !S_ISSOCK(st.st_mode))
+        return -1;
+    int n = snprintf(sa.sun_path, sizeof sa.sun_path, "%s/pmi2bridge.%s.%s", dir, jobid, node);
+    if (n <= 0 || (size_t)n >= sizeof sa.sun_path)
+        return -1;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0)
+        return -1;
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    long long deadline = t0.tv_sec * 1000LL + t0.tv_nsec / 1000000 + NODE_WAIT_MS;
+    while (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if ((errno != EAGAIN && errno != EINTR) ||
+            now.tv_sec * 1000LL + now.tv_nsec / 1000000 >= deadline)
+            return close(fd), -1;
+        (void)poll(NULL, 0, 5);
+    }
+    struct ucred cred = {0, (uid_t)-1, (gid_t)-1};
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) || cred.uid != getuid())
+        return close(fd), -1;
+    char said[96];
+    int fds[2] = {atoi(pmi_fd), 2};
+    union {
+        struct cmsghdr h;
+        char b[CMSG_SPACE(sizeof fds)];
+    } cbuf;
+    memset(&cbuf, 0, sizeof cbuf);
+    struct iovec iov = {said, (size_t)snprintf(said, sizeof said, "%s %s\n", rank, jobid)};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf.b,
+                         .msg_controllen = sizeof cbuf.b};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof fds);
+    memcpy(CMSG_DATA(c), fds, sizeof fds);
+    ssize_t sent;
+    do
+        sent = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    while (sent < 0 && errno == EINTR);
+    if (sent != (ssize_t)iov.iov_len) /* all or nothing: a few bytes into an empty socket */
+        return close(fd), -1;
+    close(fds[0]); /* the bridge's now */
+    struct buf b = {0};
+    int late = 0;
+    char data[4096];
+    while (!b.oom && b.len <= FRAME_MAX && !reply_ended(&b)) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long long left = deadline - (now.tv_sec * 1000LL + now.tv_nsec / 1000000);
+        struct pollfd in = {fd, POLLIN, 0};
+        if (left <= 0 || poll_for(&in, (int)left) <= 0) {
+            late = 1;
+            break;
+        }
+        ssize_t got = recv(fd, data, sizeof data, 0);
+        if (got < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (got <= 0)
+            break;
+        buf_put(&b, data, (size_t)got);
+    }
+    struct pmi2_reply r = {p, NULL, 0};
+    struct buf m = {0};
+    puts_(&m, "rankwire: ");
+    if (late)
+        puts_(&m, "the node's PMI-2 bridge (its first task's) did not start within 60 s; "
+                  "see that task's message");
+    else if (b.oom || b.len > FRAME_MAX || !reply_ended(&b) ||
+             frame_parse(b.p, b.len, on_pmi2_reply, &r) || p->bad)
+        puts_(&m, "the node's PMI-2 bridge ended during start-up; see its message");
+    else if (r.error)
+        shown(&m, r.error);
+    else {
+        free(m.p);
+        *conn = fd; /* b's records are p->env's now: kept */
+        return 0;
+    }
+    say(&m);
+    close(fd);
+    return 2;
+}
+
 int main(int argc, char **argv)
 {
     saved_argv = argv;
@@ -1174,12 +1302,26 @@ int main(int argc, char **argv)
     struct lease l;
     if (join(sock, &p, &l))
         run_python();
-    if (p.bridge && join_node_bridge(&p)) { /* nothing handed over: Python (says why) */
+    int pmi2 = -1, said = p.bridge && !strcmp(p.bridge, BRIDGE_PMI2_TO_PMIX) ?
+                                 join_pmi2_node(&p, &pmi2) : p.bridge ? join_node_bridge(&p) : 0;
+    if (said < 0) { /* nothing handed over: Python (says why) */
         close_ns(&l);
         close(l.conn);
         run_python();
     }
+    if (said > 0) { /* the bridge failed, our PMI-2 socket is gone: said, as Python */
+        close_ns(&l);
+        leave(&l, (pid_t)atol(p.holder), said);
+        return said;
+    }
     int code = run(&l, &p, argv + 3);
+    if (pmi2 >= 0) { /* `Pmi2Bridge.finish`: how the task ended */
+        char num[24];
+        int len = snprintf(num, sizeof num, "%d\n", code);
+        if (code >= 0 && write(pmi2, num, (size_t)len) != len) {
+        } /* as finish: a bridge gone meanwhile has nothing to hear */
+        close(pmi2);
+    }
     close_ns(&l);
     if (code < 0 && p.bridge) { /* handed over: a second bridge for our rank would not do */
         say_call(argv[3], "fork", errno);

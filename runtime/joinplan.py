@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 from rankwire.entry import STEP_LOCK_VAR
-from rankwire.pmi.bridgeplan import PMIX_TO_PMI, BridgePlan
+from rankwire.pmi.bridgeplan import PMI2_TO_PMIX, PMIX_TO_PMI, BridgePlan
 from rankwire.runtime import frame
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan, UserFacts
 
@@ -277,14 +277,16 @@ def task_free(
     """What `plan_for(env)` plans (container, process, PMI bridge) is every task's: planned
     again with other values of `TASK_VARS` and with none of them, the container and the
     bridge are the same and the process differs only in those variables, passed through
-    from the task's own environment (but the PMIx ones, which a PMIx-to-PMI bridge takes
-    out: the front end passes PMI_RANK and PMI_FD instead, as `bridge.task_pmi_env`)."""
+    from the task's own environment (but those a PMI bridge takes out: PMIx to PMI, the
+    PMIx ones, for which the front end passes PMI_RANK and PMI_FD, as
+    `bridge.task_pmi_env`; PMI-2 to PMIx, Slurm's PMI ones and the PMIx ones, for which it
+    passes what the node's bridge answers)."""
 
     def others(env: Mapping[str, str]) -> dict[str, str]:
         return {k: v for k, v in env.items() if k not in TASK_VARS}
 
     container, proc, bridge = plan_for(dict(environ))
-    taken = ("PMIX_",) if bridge.bridge == PMIX_TO_PMI else ()
+    taken = {PMIX_TO_PMI: ("PMIX_",), PMI2_TO_PMIX: ("PMI_", "PMIX_")}.get(bridge.bridge or "", ())
 
     def passed(env: Mapping[str, str], name: str) -> Optional[str]:
         return None if name.startswith(taken) else env.get(name)
@@ -323,8 +325,9 @@ def remember_step(
     shared container of `lease` (its join reply names the holder) and the PMI bridge
     `bridge` (PMIX_TO_PMI: each task's front end hands its PMI_FD socketpair end to the
     node's bridge server, `pmi/bridge.task_pmi_env`, and passes PMI_RANK=PMIX_RANK and
-    PMI_FD instead of the PMIx task variables); on any failure none (the other tasks then
-    plan in Python)."""
+    PMI_FD instead of the PMIx task variables; PMI2_TO_PMIX: it follows the node's PMI-2
+    bridge, `pmi2bridge.follow`, and passes the PMIx variables it answers); on any failure
+    none (the other tasks then plan in Python)."""
     fd = _step_lock[0] if _step_lock is not None else None
     if fd is None or not _writable(proc):
         return

@@ -314,23 +314,29 @@ BRIDGED = BridgePlan("pmix", "pmi1/2", PMIX_TO_PMI, "bridged")
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("mpi", ["pmix", "pmi2"])
 def test_a_bridged_steps_tasks_plan_once_and_join_the_nodes_bridge_server(
-    runner: User, slurm_cluster: Any, mpich_image: Path, shared_dir: Path
+    mpi: str, request: Any, runner: User, slurm_cluster: Any, shared_dir: Path
 ) -> None:
-    """`srun --mpi=pmix rankwire exec MPICH_IMAGE`: the PMIx-to-PMI bridge is in the step
+    """A bridged step: `srun --mpi=pmix rankwire exec MPICH_IMAGE` (PMIx to PMI) and
+    `srun --mpi=pmi2 rankwire exec OMPI_IMAGE` (PMI-2 to PMIx). The bridge is in the step
     plan; the first task plans in Python and starts the node's bridge server, the others
-    join the container in C and hand their PMI_FD to that server: one MPI job, one
-    Python, and neither the step plan nor the server's socket is left."""
+    join the container in C and hand over to that server: one MPI job, one Python, and
+    neither the step plan nor the server's socket is left."""
+    image, hello = (
+        (request.getfixturevalue("mpich_image"), "/opt/hello_mpich")
+        if mpi == "pmix"
+        else (request.getfixturevalue("ompi_image"), "/opt/hello_ompi")
+    )
     exe, log, _ = front_copy(runner, shared_dir)
     n = CPUS + 2
-    argv = ["srun", f"-n{n}", "--mpi=pmix", str(exe), "exec", str(mpich_image),
-            "/opt/hello_mpich"]  # fmt: skip
+    argv = ["srun", f"-n{n}", f"--mpi={mpi}", str(exe), "exec", str(image), hello]
     got = runner.run(argv, env=slurm_cluster.env, cwd="/tmp", timeout=90)
     assert got.returncode == 0, got.stderr
     assert_hello(got.stdout, n)
     assert len(log.read_text().splitlines()) == 1
     assert step_files(runner) == []
-    assert not list(Path(f"/tmp/rankwire-{runner.uid}").glob("pmibridge.*"))
+    assert not list(Path(f"/tmp/rankwire-{runner.uid}").glob("pmi*bridge.*"))
 
 
 def test_a_plan_that_depends_on_a_task_variable_is_not_the_steps() -> None:

@@ -167,9 +167,11 @@ def _leader(path: str, answer: bytes) -> threading.Thread:
         with listener:
             conn, _ = listener.accept()
             with conn:
-                data, fds, _, _ = socket.recv_fds(conn, 64, 1)
-                assert data == b"1\n" and len(fds) == 1
-                os.close(fds[0])
+                data, fds, _, _ = socket.recv_fds(conn, 64, 2)
+                for fd in fds:
+                    os.close(fd)
+                # its rank and PMI_JOBID; its PMI-2 socket and stderr, as the shim's
+                assert data == b"1 9.0\n" and len(fds) == 2
                 conn.sendall(answer)
 
     thread = threading.Thread(target=serve)

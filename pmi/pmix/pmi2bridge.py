@@ -40,7 +40,10 @@ over the task's stderr: the server's messages go to the first one's). It learns 
 step's rank, size and layout from the first task that comes, ends with the node's last
 task as the leader's does, and with slurmstepd (a pidfd) or at SIGTERM if no task ever
 comes. A step that joins a named container without the helper (its ticket) has no start
-phase: its first task leads as above.
+phase: its first task leads as above. `rankwire exec` does as the plugin does, from its
+tasks: the first of the node's tasks to take the socket starts the server there
+(`start_node`), and every task follows it (`follow`; the front end's step plan follows in
+C), so that no task picked in advance has to come first.
 
 Because the node's ranks share one server, Open MPI sees its local peers and uses shared
 memory between them (before, each task had a server of its own, emulating one node per
@@ -91,6 +94,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -392,16 +396,7 @@ def spawn(
     task starts it, the others join it; returns once the node's PMIx server is up. The
     caller's copy of PMI_FD is closed (the bridge owns it now). UserError if it cannot
     start; nothing is left then."""
-    step = step_of(environ)
-    try:
-        is_socket = stat.S_ISSOCK(os.fstat(step.fd).st_mode)
-    except OSError:
-        is_socket = False
-    if not is_socket:
-        raise UserError(
-            f"PMI_FD={step.fd} is not an open socket; run the PMI-2 bridge as the task "
-            "srun started, not from a child that closed it"
-        )
+    step = _with_socket(step_of(environ))
     if step.local_id:
         try:
             return _follow(step, timeout, base)
@@ -453,19 +448,34 @@ def spawn(
     return Pmi2Bridge(pid, control_w, env)
 
 
+def _with_socket(step: Step) -> Step:
+    """`step`, whose PMI_FD is an open socket (else UserError)."""
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(step.fd).st_mode)
+    except OSError:
+        is_socket = False
+    if not is_socket:
+        raise UserError(
+            f"PMI_FD={step.fd} is not an open socket; run the PMI-2 bridge as the task "
+            "srun started, not from a child that closed it"
+        )
+    return step
+
+
 def _follow(step: Step, timeout: float, base: Optional[str] = None) -> Pmi2Bridge:
     """Join the node's bridge: connect (the leader may not listen yet), check it is ours,
     hand over the task's PMI-2 socket, wait for the task's PMIx environment."""
     deadline = time.monotonic() + timeout
     late = (
-        f"the node's PMI-2 bridge (its task with SLURM_LOCALID=0) did not start within "
-        f"{timeout:g} s; see that task's message"
+        f"the node's PMI-2 bridge (its first task's) did not start within {timeout:g} s; "
+        "see that task's message"
     )
     gone = "the node's PMI-2 bridge ended during start-up; see its message"
     path = socket_path(step, base or _runtime_dir())
     sock = connect_own(path, deadline, late, "PMI-2 bridge")
     try:
-        socket.send_fds(sock, [f"{step.rank}\n".encode()], [step.fd], socket.MSG_NOSIGNAL)
+        said = f"{step.rank} {step.jobid}\n".encode()  # and our stderr, as the shim's
+        socket.send_fds(sock, [said], [step.fd, 2], socket.MSG_NOSIGNAL)
         text = b""
         while not reply_ended(text):
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -491,6 +501,46 @@ def _follow(step: Step, timeout: float, base: Optional[str] = None) -> Pmi2Bridg
         sock.close()
         raise
     return Pmi2Bridge(0, sock.detach(), env)
+
+
+def start_node(environ: Mapping[str, str], base: Optional[str] = None) -> None:
+    """`rankwire exec` in a task of a PMI-2 step, whose node's tasks come in any order
+    (some join in C, `runtime/front.c`'s step plan): the first to take the node's socket
+    starts the node's server there, as the plugin's start phase does
+    (`start_node_server`), listening at once; then every task follows it (`follow`).
+    Taken: another task's. UserError if it cannot listen or fork."""
+    from rankwire.pmi.bridge import fork_started_server, node_tasks
+
+    step = step_of(environ)
+    base = base or _runtime_dir()
+    path = socket_path(step, base)
+    key = Step(-1, step.jobid, -1, 0, 0, step.node_id)
+
+    def serve(listener: socket.socket, life: int) -> int:  # pragma: no cover - under srun
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # as in spawn
+        from rankwire.pmi.pmix.pmi2serve import served
+
+        return served(key, listener.detach(), life, node_tasks(environ), base)
+
+    try:
+        fork_started_server(path, os.getppid(), environ, serve)
+    except OSError as err:
+        if err.errno != errno.EADDRINUSE:
+            raise UserError(
+                f"cannot start the node's PMI-2 bridge at {path} ({err.strerror}); retry the step"
+            ) from None
+
+
+def follow(environ: Mapping[str, str], timeout: float = START_TIMEOUT) -> Pmi2Bridge:
+    """Follow the node's server `start_node` started: hand over the task's PMI-2 socket
+    (closed here: the bridge's now) and stderr, and wait for the task's PMIx
+    environment. UserError if that fails."""
+    step = _with_socket(step_of(environ))
+    try:
+        return _follow(step, timeout)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(step.fd)
 
 
 def start_node_server(
