@@ -290,7 +290,11 @@ def _execute(
                 image_arg, facts.image.path, lease, facts.user, plan.process, PMI2_TO_PMIX
             )
             joinplan.release_step_lock()
-            sys.exit(_run_bridged(plan.pmi_bridge, plan.process, lambda p: inst.run_in(lease, p)))
+            sys.exit(
+                _run_bridged(
+                    plan.pmi_bridge, plan.process, lambda p: inst.run_in(lease, p), started=True
+                )
+            )
 
     def run(p: ProcessPlan) -> int:
         if not step:
@@ -342,7 +346,9 @@ def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[
         return False
 
 
-def _run_bridged(bridge: BridgePlan, proc: ProcessPlan, run: Callable[[ProcessPlan], int]) -> int:
+def _run_bridged(
+    bridge: BridgePlan, proc: ProcessPlan, run: Callable[[ProcessPlan], int], started: bool = False
+) -> int:
     """`run(proc)` with the PMI bridge the plan asks for, started on the host before the
     task: PMIx to PMI, the task's PMIx client, whose socket the task inherits as PMI_FD
     (it ends when the task closes it or finalizes, or with us); PMI-2 to PMIx, the task's
@@ -361,7 +367,8 @@ def _run_bridged(bridge: BridgePlan, proc: ProcessPlan, run: Callable[[ProcessPl
         return run(dataclasses.replace(proc, env={**proc.env, **env}))
     from rankwire.pmi.pmix import pmi2bridge
 
-    pmi2bridge.start_node(os.environ)  # the first of the node's tasks; the others follow it
+    if not started:  # `started`: the caller did, before it let the others read its plan
+        pmi2bridge.start_node(os.environ)  # the first of the node's tasks; all follow it
     server = pmi2bridge.follow(os.environ)
     code: Optional[int] = None
     try:

@@ -1023,7 +1023,9 @@ static void step_plan(const char *image, struct plan *p)
  * shim's join_pmi_bridge, the same way). Nothing comes back: the command's PMI client
  * waits on PMI_FD. 0 with PMI_RANK (our PMIX_RANK) and PMI_FD added to `p->env` (its end
  * in `bridge_fd`, close-on-exec until the command's exec); -1, nothing handed over, when
- * the server does not listen (Python then waits for it and says why) or anything fails. */
+ * the server does not listen (Python then waits for it and says why) or anything fails
+ * before; 2, said as Python says it, when the hand-over was cut short (the server has
+ * our socket end: handing over again would take another task's place). */
 static int join_node_bridge(struct plan *p)
 {
     const char *job = getenv("SLURM_JOB_ID"), *step = getenv("SLURM_STEP_ID"),
@@ -1099,13 +1101,15 @@ static int join_node_bridge(struct plan *p)
         clock_gettime(CLOCK_MONOTONIC, &now);
         long long left = deadline - (now.tv_sec * 1000LL + now.tv_nsec / 1000000);
         struct pollfd out = {fd, POLLOUT, 0};
-        if (left <= 0 || poll_for(&out, (int)left) <= 0)
-            goto out;
+        if (left <= 0 || poll_for(&out, (int)left) <= 0) {
+            errno = ETIMEDOUT;
+            goto cut;
+        }
         ssize_t got = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (got < 0 && (errno == EINTR || errno == EAGAIN))
             continue;
         if (got < 0)
-            goto out;
+            goto cut;
         sent += (size_t)got;
     }
     char *pmi_rank = malloc(strlen(rank) + 10), *pmi_fd = malloc(32);
@@ -1122,6 +1126,16 @@ static int join_node_bridge(struct plan *p)
     bridge_fd = sv[0];
     sv[0] = -1;
     ok = 1;
+    goto out;
+cut: /* pmi/bridge.py `_hand_over`'s words */
+    if (sent > 0) {
+        struct buf m = {0};
+        puts_(&m, "rankwire: cannot hand the task to the node's PMI bridge server (");
+        puts_(&m, errno == ETIMEDOUT ? "it took no data in time" : strerror(errno));
+        puts_(&m, "); retry the step");
+        say(&m);
+        ok = 2;
+    }
 out:
     if (fd >= 0)
         close(fd);
@@ -1130,7 +1144,7 @@ out:
     if (sv[1] >= 0)
         close(sv[1]);
     free(b.p);
-    return ok ? 0 : -1;
+    return ok == 1 ? 0 : ok == 2 ? 2 : -1;
 }
 
 /* pmi/pmix/pmi2bridge.py `reply_ended`: a whole `follower_reply`. */
@@ -1152,8 +1166,14 @@ static void on_pmi2_reply(const char *key, char *value, void *ctx)
     struct pmi2_reply *r = ctx;
     if (!strcmp(key, "error") && !r->error)
         r->error = value;
-    else if (!strcmp(key, "setenv") && strchr(value, '=')) {
-        add(r->p, &r->p->env, &r->p->nenv, value);
+    else if (!strcmp(key, "setenv") && strchr(value, '=')) { /* the bridge's value wins */
+        size_t name = (size_t)(strchr(value, '=') - value) + 1, i = 0;
+        while (i < r->p->nenv && strncmp(r->p->env[i], value, name))
+            i++;
+        if (i < r->p->nenv)
+            r->p->env[i] = value;
+        else
+            add(r->p, &r->p->env, &r->p->nenv, value);
         r->set++;
     }
 }
@@ -1318,8 +1338,8 @@ int main(int argc, char **argv)
     if (pmi2 >= 0) { /* `Pmi2Bridge.finish`: how the task ended */
         char num[24];
         int len = snprintf(num, sizeof num, "%d\n", code);
-        if (code >= 0 && write(pmi2, num, (size_t)len) != len) {
-        } /* as finish: a bridge gone meanwhile has nothing to hear */
+        if (code >= 0 && send(pmi2, num, (size_t)len, MSG_NOSIGNAL) != len) {
+        } /* as finish: a bridge gone meanwhile (the step's end) has nothing to hear */
         close(pmi2);
     }
     close_ns(&l);
