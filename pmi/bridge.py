@@ -442,7 +442,8 @@ def task_pmi_env(environ: Mapping[str, str], pmi: str = "pmi2") -> dict[str, str
     before the server forks: the tasks that find it taken hand over, from Python or from
     the front end's step plan, `runtime/front.c`); not a task picked in advance, which a
     task that joins in C or comes late would leave without one. UserError when it cannot
-    be; nothing is left then."""
+    be outside a step; in one, `abort_step` (the step's other ranks would wait for ours);
+    nothing is left then."""
     known = slurm_job_info(environ)
     path = node_socket(environ, "")
     if known is None or not environ.get("SLURM_LOCALID", "").isdigit() or path is None:
@@ -469,6 +470,10 @@ def task_pmi_env(environ: Mapping[str, str], pmi: str = "pmi2") -> dict[str, str
             _fork_node_server(ours.fileno(), environ, base, listener)
         else:
             _hand_over(ours.fileno(), environ, base)
+    except UserError as err:
+        theirs.close()
+        ours.close()
+        abort_step(str(err), err.exit_code)
     except BaseException:
         theirs.close()
         raise
@@ -479,20 +484,65 @@ def task_pmi_env(environ: Mapping[str, str], pmi: str = "pmi2") -> dict[str, str
     return pmi_env(fd, known.rank, known.size, known.jobid, False, pmi)
 
 
+def abort_step(why: str, code: int = 2, said: bool = False) -> NoReturn:
+    """A task of a PMIx step that cannot have its bridge: say `why`, then end the whole
+    step with PMIx_Abort as this task's rank (our PMIX_* variables), as a bridged rank's
+    MPI_Abort does; without it the step's other ranks would wait for this one in their
+    MPI's first fence as long as the step lasts. Slurm kills the step's tasks, us
+    included (we wait ABORT_GRACE for that); exits with `code` (at once when PMIx cannot
+    be reached: then only this task ends). `said`: `why` was said already. The node's
+    bridge server, if it still waits for tasks, is told first (`abort=1`): it would hold
+    the first task's stderr, and so the step, until NODE_WAIT."""
+    if not said:
+        _say(why)
+    with contextlib.suppress(Exception):
+        from rankwire.runtime import frame
+        from rankwire.runtime.instance import runtime_dir
+
+        path = node_socket(os.environ, str(runtime_dir()))
+        if path is not None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.setblocking(False)  # a server that does not listen: nothing to tell
+                sock.connect(path)
+                sock.send(frame.encode([("abort", "1"), ("end", "1")]), socket.MSG_NOSIGNAL)
+    try:
+        from rankwire.pmi.pmix.client_lib import Client
+
+        client = Client()
+        client.init()
+        client.abort(code, f"rankwire: {why}")
+        time.sleep(ABORT_GRACE)
+    except Exception:  # no PMIx here: this task ends alone, said above
+        pass
+    raise SystemExit(code)
+
+
 def _fork_node_server(
     fd: int, environ: Mapping[str, str], base: str, listener: Optional[socket.socket]
 ) -> None:
     """The node's first task: fork the node's bridge server, detached, serving this task
     on `fd` and the node's other tasks at `listener` (None: the only task of its node);
-    its messages go to our stderr. Our copy of `listener` is closed, its name removed if
-    the server could not be forked."""
+    its messages go to our stderr; it ends with our parent (slurmstepd) if they do not
+    all come. Our copy of `listener` is closed, its name removed if the server could not
+    be forked."""
+    try:
+        life = os.pidfd_open(os.getppid())
+    except OSError as err:
+        path = node_socket(environ, base)
+        if listener is not None and path is not None:
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise UserError(
+            f"cannot start the node's PMI bridge server ({err.strerror}); retry the step"
+        ) from None
 
     def server() -> int:  # pragma: no cover - the server, exercised under srun
-        _quiet({fd} if listener is None else {fd, listener.fileno()})
+        _quiet({fd, life} if listener is None else {fd, life, listener.fileno()})
         from rankwire.pmi.bridgeserve import serve_node
 
         try:
-            return serve_node(fd, environ, base, listener)
+            return serve_node(fd, environ, base, listener, life)
         except UserError as err:
             _say(str(err))
             return err.exit_code
@@ -508,6 +558,7 @@ def _fork_node_server(
             f"cannot start the node's PMI bridge server ({err.strerror}); retry the step"
         ) from None
     finally:
+        os.close(life)
         if listener is not None:
             listener.close()
 

@@ -109,7 +109,11 @@ def _socket_of(fd: int) -> socket.socket:
 
 
 def serve_node(
-    fd: int, environ: Mapping[str, str], base: str, listener: Optional[socket.socket] = None
+    fd: int,
+    environ: Mapping[str, str],
+    base: str,
+    listener: Optional[socket.socket] = None,
+    life: int = -1,
 ) -> int:
     """The node's bridge server, in the node's first task: started by its SPANK shim
     (`rankwire spank-helper pmi-bridge DIR`) or forked by its `rankwire exec`
@@ -123,7 +127,8 @@ def serve_node(
     ending with `end=1`. Same user only (SO_PEERCRED). A task whose hand-over fails hears
     why on its own stderr, as does each task still waiting when this server ends. Returns
     once every task of the node (SLURM_GTIDS) has its bridge, or after NODE_WAIT; SIGTERM
-    (the step's end) ends it too."""
+    (the step's end) ends it too, as does the end of `life` (a pidfd: `rankwire exec`'s
+    slurmstepd, which an aborted step's end does not always signal us)."""
     path = node_socket(environ, base) if node_tasks(environ) > 1 else None
     why = "the node's PMI bridge server ended"
     try:  # a signal from here on: the socket goes too
@@ -144,7 +149,7 @@ def serve_node(
         if listener is None:
             return 0
         serving, listener = listener, None  # `_serve_tasks` closes it
-        return _serve_tasks(serving, str(path), node_tasks(environ) - 1, NODE_WAIT)
+        return _serve_tasks(serving, str(path), node_tasks(environ) - 1, NODE_WAIT, life)
     finally:
         if listener is not None:
             _close(listener, str(path), why)
@@ -219,6 +224,9 @@ def _serve_tasks(
                 continue
             with conn:
                 took = _take_task(conn, deadline or time.monotonic() + NODE_WAIT, served)
+            if took < 0:
+                why = "a task of this node ended the step"
+                return 1
             if took and deadline is None:
                 deadline = time.monotonic() + NODE_WAIT
                 served = False  # the first one's stderr is ours now
@@ -272,7 +280,8 @@ def _refuse_waiting(listener: socket.socket, why: str) -> None:
 
 def _take_task(conn: socket.socket, deadline: float, adopt: bool = False) -> int:
     """One task's hand-over, within 5 s and `deadline`: 1 when the task is dealt with (its
-    bridge forked, or, when it gave its stderr but no bridge could be, told why), else 0.
+    bridge forked, or, when it gave its stderr but no bridge could be, told why), else 0;
+    -1 for a task that ends the step (`bridge.abort_step`: `abort=1`, no descriptor).
     `adopt`: its stderr becomes ours too."""
     import time
 
@@ -314,6 +323,8 @@ def _take_task(conn: socket.socket, deadline: float, adopt: bool = False) -> int
                 return 1
             except OSError as err:
                 why = f"cannot fork its PMI bridge ({err.strerror}); retry the step"
+        if not fds and records == [("abort", "1"), ("end", "1")]:
+            return -1
         if len(fds) != 2:
             return 0
         _tell_no_bridge(fds[1], why)

@@ -45,6 +45,14 @@ def main(argv: list[str] | None = None) -> NoReturn:
         from rankwire.pmi.pmix.pmi2bridge import for_task
 
         exit_now(for_task(3, 4, os.environ, args[2]))
+    if len(args) == 2 and args[0] == "front-end-pmi-abort" and args[1].isdigit():
+        # runtime/front.c: a step plan's task whose hand-over to the node's PMI bridge
+        # server failed midway (said): end the step, as pmi/bridge.task_pmi_env does.
+        from rankwire.pmi.bridge import abort_step
+
+        abort_step(
+            "the task's hand-over to the node's PMI bridge server failed", int(args[1]), True
+        )
     if len(args) == 3 and args[0] == "front-end-holder-gone" and args[2].isdigit():
         # runtime/front.c: the holder its command ran in (args[1]: its report) ended without
         # answering `leave` (SIGKILL): remove what it left, as `Lease.close` does, and exit

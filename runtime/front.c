@@ -1329,9 +1329,14 @@ int main(int argc, char **argv)
         close(l.conn);
         run_python();
     }
-    if (said > 0) { /* the bridge failed, our PMI-2 socket is gone: said, as Python */
+    if (said > 0) { /* the bridge failed, our PMI socket is gone: said, as Python */
         close_ns(&l);
         leave(&l, (pid_t)atol(p.holder), said);
+        if (strcmp(p.bridge, BRIDGE_PMI2_TO_PMIX)) { /* the step's other ranks would wait */
+            char code[16], *args[] = {saved_argv[0], "front-end-pmi-abort", code, NULL};
+            snprintf(code, sizeof code, "%d", said);
+            exec_python(args);
+        }
         return said;
     }
     int code = run(&l, &p, argv + 3);

@@ -484,6 +484,31 @@ def test_abort_through_the_bridge_ends_the_step(
 
 
 @pytest.mark.slurm
+@pytest.mark.mpi
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_a_task_without_its_bridge_ends_the_step(
+    slurm_cluster, mpi_programs: MpiPrograms, runner: User
+) -> None:
+    """A task whose hand-over to the node's bridge server failed ends the whole step
+    (`bridge.abort_step`, PMIx_Abort as its rank; here as the front end runs it): the
+    other ranks, waiting for it in MPI_Init's fence, would wait as long as the step lasts."""
+    rankwire_py = os.path.join(os.path.dirname(python_for(runner)), "rankwire-py")
+    # after the others' hand-over: their node's bridge server hears of it and goes
+    script = (
+        f'[ "$SLURM_PROCID" = 1 ] && sleep 2 && exec {rankwire_py} front-end-pmi-abort 2; '
+        f"exec rankwire pmi bridge -- {mpi_programs.hello_mpich}"
+    )
+    started = time.monotonic()
+    proc = srun(runner, slurm_cluster, "-n", "3", "sh", "-c", script, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - started < 30, proc.stderr  # not the hang it replaces
+    assert "srun: Job step aborted: Waiting up to 4 seconds for job step to finish." in (
+        proc.stderr.splitlines()
+    ), proc.stderr
+    assert "hello" not in proc.stdout
+
+
+@pytest.mark.slurm
 @pytest.mark.usefixtures("nothing_left_behind")
 def test_a_task_killed_in_a_fence_ends_the_step(
     slurm_cluster, rank_script: Path, shared_dir: Path, runner: User
