@@ -1016,6 +1016,34 @@ static void step_plan(const char *image, struct plan *p)
     close(fd);
 }
 
+static long long now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000LL + t.tv_nsec / 1000000;
+}
+
+/* Connect to a node's bridge server at `sa` that our user serves (SO_PEERCRED), by
+ * `deadline` (now_ms): a full backlog (EAGAIN) is waited for; no server (ENOENT,
+ * ECONNREFUSED) is not, the node's first task having taken the socket before it let us
+ * read its plan. The descriptor (non-blocking), or -1. */
+static int connect_node(const struct sockaddr_un *sa, long long deadline)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0)
+        return -1;
+    while (connect(fd, (const struct sockaddr *)sa, sizeof *sa)) {
+        if ((errno != EAGAIN && errno != EINTR) || now_ms() >= deadline)
+            return close(fd), -1;
+        (void)poll(NULL, 0, 5);
+    }
+    struct ucred cred = {0, (uid_t)-1, (gid_t)-1};
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) || cred.uid != getuid())
+        return close(fd), -1;
+    return fd;
+}
+
 /* A step plan's PMIx-to-PMI bridge (pmi/bridge.py `task_pmi_env`, as a task that is not
  * the node's first): a socketpair whose one end this task's command gets as PMI_FD, the
  * other handed, with our stderr, our environment (`env=K=V` records) and CPUs (`cpus=`),
@@ -1040,43 +1068,11 @@ static int join_node_bridge(struct plan *p)
     if (n <= 0 || (size_t)n >= sizeof sa.sun_path)
         return -1;
     struct buf b = {0};
-    for (char **e = environ; *e; e++)
-        if (**e != '=' && strchr(*e, '='))
-            frame_add(&b, "env", "%s", *e);
-    cpu_set_t cpus;
-    if (!sched_getaffinity(0, sizeof cpus, &cpus)) { /* our bridge runs where we run */
-        struct buf list = {0};
-        char one[16];
-        for (int c = 0; c < CPU_SETSIZE; c++)
-            if (CPU_ISSET(c, &cpus))
-                buf_put(&list, one, (size_t)snprintf(one, sizeof one, "%s%d",
-                                                     list.len ? "," : "", c));
-        buf_put(&list, "", 1);
-        if (!list.oom)
-            frame_add(&b, "cpus", "%s", list.p);
-        free(list.p);
-    }
-    frame_add(&b, "end", "1");
+    frame_hand_over(&b, environ);
     int sv[2] = {-1, -1}, fd = -1, ok = 0;
+    long long deadline = now_ms() + NODE_WAIT_MS;
     if (b.oom || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) ||
-        (fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0)
-        goto out;
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    long long deadline = t0.tv_sec * 1000LL + t0.tv_nsec / 1000000 + NODE_WAIT_MS;
-    /* a full backlog (EAGAIN) is waited for; no server (ENOENT, ECONNREFUSED) is not: the
-     * node's first task took the socket before it let us read its plan */
-    while (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if ((errno != EAGAIN && errno != EINTR) ||
-            now.tv_sec * 1000LL + now.tv_nsec / 1000000 >= deadline)
-            goto out;
-        (void)poll(NULL, 0, 5);
-    }
-    struct ucred cred = {0, (uid_t)-1, (gid_t)-1};
-    socklen_t len = sizeof cred;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) || cred.uid != getuid())
+        (fd = connect_node(&sa, deadline)) < 0)
         goto out;
     int fds[2] = {sv[1], 2};
     union {
@@ -1097,9 +1093,7 @@ static int join_node_bridge(struct plan *p)
             c->cmsg_len = CMSG_LEN(sizeof fds);
             memcpy(CMSG_DATA(c), fds, sizeof fds);
         }
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        long long left = deadline - (now.tv_sec * 1000LL + now.tv_nsec / 1000000);
+        long long left = deadline - now_ms();
         struct pollfd out = {fd, POLLOUT, 0};
         if (left <= 0 || poll_for(&out, (int)left) <= 0) {
             errno = ETIMEDOUT;
@@ -1199,24 +1193,10 @@ static int join_pmi2_node(struct plan *p, int *conn)
     int n = snprintf(sa.sun_path, sizeof sa.sun_path, "%s/pmi2bridge.%s.%s", dir, jobid, node);
     if (n <= 0 || (size_t)n >= sizeof sa.sun_path)
         return -1;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    long long deadline = now_ms() + NODE_WAIT_MS;
+    int fd = connect_node(&sa, deadline);
     if (fd < 0)
         return -1;
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    long long deadline = t0.tv_sec * 1000LL + t0.tv_nsec / 1000000 + NODE_WAIT_MS;
-    while (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if ((errno != EAGAIN && errno != EINTR) ||
-            now.tv_sec * 1000LL + now.tv_nsec / 1000000 >= deadline)
-            return close(fd), -1;
-        (void)poll(NULL, 0, 5);
-    }
-    struct ucred cred = {0, (uid_t)-1, (gid_t)-1};
-    socklen_t len = sizeof cred;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) || cred.uid != getuid())
-        return close(fd), -1;
     char said[96];
     int fds[2] = {atoi(pmi_fd), 2};
     union {
@@ -1243,9 +1223,7 @@ static int join_pmi2_node(struct plan *p, int *conn)
     int late = 0;
     char data[4096];
     while (!b.oom && b.len <= FRAME_MAX && !reply_ended(&b)) {
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        long long left = deadline - (now.tv_sec * 1000LL + now.tv_nsec / 1000000);
+        long long left = deadline - now_ms();
         struct pollfd in = {fd, POLLIN, 0};
         if (left <= 0 || poll_for(&in, (int)left) <= 0) {
             late = 1;

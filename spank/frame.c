@@ -1,6 +1,8 @@
 /* Framed records: the shim's only wire format (no JSON in slurmstepd). */
 #include "frame.h"
 
+#include <sched.h>
+
 void buf_put(struct buf *b, const void *s, size_t n)
 {
 	char *p;
@@ -11,6 +13,31 @@ void buf_put(struct buf *b, const void *s, size_t n)
 		b->p = p, b->cap = b->cap * 2 + n;
 	if (!(b->oom = b->len + n > b->cap))
 		memcpy(b->p + b->len, s, n), b->len += n;
+}
+
+/* What a task hands the node's PMI bridge server (pmi/bridgeserve.py `_take_task`):
+ * `env=K=V` for each entry of `env`, `cpus=` the CPUs we may run on (its bridge runs
+ * there), `end=1`. The shim's join_pmi_bridge and the front end's join_node_bridge. */
+void frame_hand_over(struct buf *b, char **env)
+{
+	cpu_set_t cpus;
+
+	for (char **e = env; *e; e++)
+		if (**e != '=' && strchr(*e, '='))
+			frame_add(b, "env", "%s", *e);
+	if (!sched_getaffinity(0, sizeof cpus, &cpus)) {
+		struct buf list = {0};
+		char one[16];
+		for (int c = 0; c < CPU_SETSIZE; c++)
+			if (CPU_ISSET(c, &cpus))
+				buf_put(&list, one, (size_t)snprintf(one, sizeof one, "%s%d",
+								   list.len ? "," : "", c));
+		buf_put(&list, "", 1);
+		if (!list.oom)
+			frame_add(b, "cpus", "%s", list.p);
+		free(list.p);
+	}
+	frame_add(b, "end", "1");
 }
 
 /* Keys are the shim's own, values C strings: no NUL, no '=' in a key. */

@@ -20,6 +20,8 @@ void buf_put(struct buf *b, const void *s, size_t n);
 /* Append the record KEY=VALUE, VALUE printf-formatted. */
 void frame_add(struct buf *b, const char *key, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
+/* A task's hand-over records to the node's PMI bridge server: env=, cpus=, end=1. */
+void frame_hand_over(struct buf *b, char **env);
 /* fn(key, value, ctx) per record, in order, both NUL-terminated in place; -1 (and no call
  * at all) unless data[0..len) is a well-formed frame. */
 typedef void frame_fn(const char *key, char *val, void *ctx);

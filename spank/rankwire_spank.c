@@ -844,28 +844,12 @@ static void join_pmi_bridge(spank_t sp, int bridge_end)
 	struct sockaddr_un sa;
 	int64_t deadline = rw_now_ms() + PMI2_JOIN_MS, left;
 	struct buf b = {0};
-	cpu_set_t cpus;
 
 	if (pmi_node_socket(sp, dir, sizeof dir, &sa) ||
 	    spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env)
 		return rw_fail("rankwire: the PMI bridge needs the task's SLURM_JOB_ID, "
 			       "SLURM_STEP_ID and SLURM_NODEID: run with srun --mpi=pmix");
-	for (char **e = env; *e; e++)
-		if (strchr(*e, '=') && **e != '=')
-			frame_add(&b, "env", "%s", *e);
-	if (!sched_getaffinity(0, sizeof cpus, &cpus)) { /* its bridge runs where it runs */
-		struct buf list = {0};
-		char one[16];
-		for (int c = 0; c < CPU_SETSIZE; c++)
-			if (CPU_ISSET(c, &cpus))
-				buf_put(&list, one, (size_t)snprintf(one, sizeof one, "%s%d",
-								   list.len ? "," : "", c));
-		buf_put(&list, "", 1);
-		if (!list.oom)
-			frame_add(&b, "cpus", "%s", list.p);
-		free(list.p);
-	}
-	frame_add(&b, "end", "1");
+	frame_hand_over(&b, env);
 	if (b.oom)
 		return free(b.p), rw_fail("rankwire: cannot join the PMI bridge: out of memory");
 	if ((fd = connect_node_server(&sa, deadline, "PMI bridge server", !!st.bridge_server)) < 0)
