@@ -138,7 +138,14 @@ def serve_node(
         _on_signals_exit()
         _load_libpmix()
         if listener is None and path:
-            listener = _listen(path)
+            # a signal while the socket takes its name, before `listener` has it, would
+            # leave the name behind: held until then (the `finally` below removes it)
+            held = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+            try:
+                listener = _listen(path)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
         try:
             _fork_bridge(fd, 2, dict(environ))
         except OSError as err:
