@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 
 # What the runtime and the demo need on the host.
-DEMO_PKGS := python3-venv gcc make squashfuse squashfs-tools fuse3 fuse-overlayfs \
+DEMO_PKGS := python3-venv gcc libc6-dev make squashfuse squashfs-tools fuse3 fuse-overlayfs \
              mpich libmpich-dev
 # Everything the tests drive for real: Slurm, both MPIs, PMIx, libfabric, siftool, a
 # registry and the OCI tools that make and push images independently of us.
@@ -21,12 +21,15 @@ TEST_PKGS := $(DEMO_PKGS) slurm-wlm munge libslurm-dev libpmi2-0-dev openmpi-bin
 # The slowest tests are listed at the end of every run: where the 30-minute budget goes.
 PYTEST_ARGS ?= --durations=25
 
+# the C programs (see their rules below)
+NATIVE := $(VENV)/bin/rankwire runtime/rankwire-holder
+
 .PHONY: demo test lint system-demo system-test debian-cache clean
 
-demo: system-demo $(VENV)/.stamp $(VENV)/bin/rankwire
+demo: system-demo $(VENV)/.stamp $(NATIVE)
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" examples/demo.sh
 
-test: system-test $(VENV)/.stamp-test $(VENV)/bin/rankwire debian-cache lint
+test: system-test $(VENV)/.stamp-test $(NATIVE) debian-cache lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The Debian 12 minbase rootfs and a flat apt repo (libmpich-dev, gcc, libc6-dev) that
@@ -55,9 +58,13 @@ $(VENV)/.stamp: pyproject.toml | $(VENV)/bin/python
 	@touch $@
 
 # The C front end: setup.py builds it for `pip install .`; built here too, because the
-# editable install may leave data_files out (setuptools 66 does).
+# editable install may leave data_files out (setuptools 66 does). With it, the holder's
+# serving half (static: it is exec'd from inside the container), which the editable
+# install finds next to runtime/holder.py.
 $(VENV)/bin/rankwire: runtime/front.c spank/frame.c spank/frame.h | $(VENV)/.stamp
 	@$(CC) -O2 -Wall -Werror -Ispank -o $@ runtime/front.c spank/frame.c
+runtime/rankwire-holder: runtime/holdserve.c spank/frame.c spank/frame.h
+	@$(CC) -O2 -Wall -Werror -static -Ispank -o $@ runtime/holdserve.c spank/frame.c
 
 # PyPI's MPICH 5 and Open MPI 5 (newer "container MPIs") go to their own prefixes: on
 # PATH they would shadow the system's launchers. Tests look for them under .venv/opt.
@@ -75,14 +82,14 @@ $(VENV)/.stamp-test: pyproject.toml | $(VENV)/bin/python
 	@touch $@ $(VENV)/.stamp
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info runtime/rankwire-holder
 
 # Load, outside `make test` (about a minute; the Slurm part needs root):
 # the PMI server with 4096 simulated PMI-1/PMI-2 clients (fence time, peak RSS, fds before/
 # after, every get checked), 8 rounds of 8 concurrent `rankwire exec`, and 16 concurrent
 # `srun --container-image` steps through the plugin on a throwaway single-node Slurm.
 .PHONY: load
-load: system-test $(VENV)/.stamp-test $(VENV)/bin/rankwire
+load: system-test $(VENV)/.stamp-test $(NATIVE)
 	$(PY) bench/pmi_load.py
 	$(PY) bench/exec_load.py
 
@@ -91,7 +98,7 @@ load: system-test $(VENV)/.stamp-test $(VENV)/bin/rankwire
 # Charliecloud (and matplotlib into the venv for FASTPATH_ARGS="--png FILE") when missing.
 FASTPATH_ARGS ?=
 .PHONY: bench-fastpath
-bench-fastpath: system-test $(VENV)/.stamp-test $(VENV)/bin/rankwire
+bench-fastpath: system-test $(VENV)/.stamp-test $(NATIVE)
 	$(PY) bench/fastpath.py $(FASTPATH_ARGS)
 
 # A Slurm cluster in network namespaces for humans (root; tests/harness/multinode.py):
@@ -107,7 +114,7 @@ CLUSTER_SHARED ?=
 .PHONY: cluster-up cluster-down
 
 PLUGIN ?= 1
-cluster-up: $(VENV)/.stamp $(VENV)/bin/rankwire
+cluster-up: $(VENV)/.stamp $(NATIVE)
 	@$(PY) tests/harness/multinode.py up -n $(NODES) --state $(CLUSTER_STATE) \
 		$(foreach d,$(CLUSTER_SHARED),--shared $(d)) $(if $(filter 0,$(PLUGIN)),--no-plugin)
 

@@ -1,9 +1,10 @@
-"""Builds `rankwire`, the C front end (runtime/front.c), and installs it into the scripts
-dir next to `rankwire-py`, the Python CLI it runs for everything it does not do itself.
-Everything else is in pyproject.toml. The wheel is platform-specific (it holds a native
-program). Without a working C compiler, `rankwire` is a two-line shell script that runs
-`rankwire-py` (said on stderr): every command works, and every `exec instance://` join
-plans in Python."""
+"""Builds the two C programs and installs them: `rankwire`, the front end
+(runtime/front.c), into the scripts dir next to `rankwire-py`, the Python CLI it runs for
+everything it does not do itself; and `rankwire-holder`, the holder's serving half
+(runtime/holdserve.c), statically linked (the holder execs it from inside the container),
+into the package next to runtime/holder.py. Everything else is in pyproject.toml. The
+wheel is platform-specific (it holds native programs). Without a C compiler and a static
+C library (Debian: gcc, libc6-dev) the install stops and says so."""
 
 import os
 import shlex
@@ -12,25 +13,29 @@ import sys
 
 from setuptools import Distribution, setup
 
-# the front end, and the shim's record parser and buffer it shares
-SOURCES = [os.path.join("runtime", "front.c"), os.path.join("spank", "frame.c")]
 FRONT = os.path.join("build", "front", "rankwire")
-SCRIPT = '#!/bin/sh\nexec "$(dirname "$(readlink -f "$0")")/rankwire-py" "$@"\n'
+HOLDER = os.path.join("runtime", "rankwire-holder")
+FRAME = os.path.join("spank", "frame.c")  # the shim's record parser and buffer, shared
+BUILDS = [
+    ([], FRONT, [os.path.join("runtime", "front.c"), FRAME]),
+    (["-static"], HOLDER, [os.path.join("runtime", "holdserve.c"), FRAME]),
+]
 
 
 class NativeDistribution(Distribution):
     def has_ext_modules(self) -> bool:
-        return True  # a platform wheel: `rankwire` is a native program
+        return True  # a platform wheel: it holds native programs
 
 
 os.makedirs(os.path.dirname(FRONT), exist_ok=True)
-try:
-    cc = shlex.split(os.environ.get("CC", "cc"))
-    subprocess.run([*cc, "-O2", "-Wall", "-Ispank", "-o", FRONT, *SOURCES], check=True)
-except (OSError, subprocess.CalledProcessError) as err:
-    print(f"rankwire: cannot build the C front end ({err}); installing a script", file=sys.stderr)
-    with open(FRONT, "w") as f:
-        f.write(SCRIPT)
-    os.chmod(FRONT, 0o755)
+cc = shlex.split(os.environ.get("CC", "cc"))
+for flags, out, sources in BUILDS:
+    try:
+        subprocess.run([*cc, "-O2", "-Wall", *flags, "-Ispank", "-o", out, *sources], check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        sys.exit(
+            f"rankwire: cannot build {out} ({err}): it needs a C compiler and a static C "
+            "library (Debian: apt-get install gcc libc6-dev)"
+        )
 
 setup(distclass=NativeDistribution, data_files=[("bin", [FRONT])])

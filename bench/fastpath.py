@@ -14,7 +14,8 @@ the same squashfs content (the SIF's own partition, copied out for Charliecloud)
      apptainer-mpirun -n N app.sif /opt/hello_mpich
 4. Open MPI hello (PMIx): mpirun.openmpi vs `rankwire run --pmi pmix` vs
    `apptainer-mpirun -n N ompi.sif`.
-5. RSS: the launcher's own peak and its holder's at N = 16 (and 32), an instance's holder.
+5. RSS: the launcher's own peak and its holder's at N = 16 (and 32) (while it sets up, in
+   Python, and while it serves, as rankwire-holder), its init's, an idle instance's holder.
 Each group's rows take turns (interleaved) so that noise hits them alike; medians of
 --repeat runs after one warm-up round. `--png FILE` draws launch time vs N per launcher
 and container start per runtime (matplotlib, installed into this venv when missing).
@@ -149,27 +150,35 @@ def memory_of(pid: int) -> Optional[tuple[int, int]]:
     return fields["VmHWM"], fields["Pss"]
 
 
-def holders() -> set[int]:
-    found = set()
+def container_processes() -> dict[int, str]:
+    """{pid: "holder" | "holder setup" | "init"}: holders while they set up (the Python
+    process forked from the CLI) and once they serve (rankwire-holder, runtime/holdserve.c,
+    exec'd in its place), and their PID namespaces' inits."""
+    found = {}
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "rankwire-holder":
-                found.add(int(proc.name))
+            comm = (proc / "comm").read_text().strip() if proc.name.isdigit() else ""
+            if comm == "rankwire-holder":
+                serving = os.readlink(proc / "exe").endswith("/rankwire-holder")
+                found[int(proc.name)] = "holder" if serving else "holder setup"
+            elif comm == "rankwire-init":
+                found[int(proc.name)] = "init"
         except OSError:
             pass
     return found
 
 
 def peak_memory(runner: Runner, argv: list[str]) -> dict[str, tuple[int, int]]:
-    """{"launcher"|"holder": (peak RSS, peak PSS) in KiB} over one run, polled."""
-    before = holders()
+    """{"launcher"|"holder setup"|"holder"|"init": (peak RSS, peak PSS) in KiB} over one
+    run, polled."""
+    before = set(container_processes())
     proc = runner.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peaks: dict[str, tuple[int, int]] = {}
     while proc.poll() is None:
-        for pid in {proc.pid} | (holders() - before):
+        ours = {pid: who for pid, who in container_processes().items() if pid not in before}
+        for pid, who in {proc.pid: "launcher", **ours}.items():
             got = memory_of(pid)
             if got is not None:
-                who = "launcher" if pid == proc.pid else "holder"
                 old = peaks.get(who, (0, 0))
                 peaks[who] = (max(old[0], got[0]), max(old[1], got[1]))
         time.sleep(0.002)
@@ -312,7 +321,9 @@ def memory(runner: Runner, img: dict[str, Path], sizes: list[int], res: dict[str
     for n in sizes:
         peaks = peak_memory(runner, [AMR, "-n", str(n), str(img["sif"]), "/opt/hello_mpich"])
         for who, label in (("launcher", "apptainer-mpirun (the launcher itself)"),
-                           ("holder", "its holder")):  # fmt: skip
+                           ("holder setup", "its holder, setting up (Python, forked)"),
+                           ("holder", "its holder, serving (rankwire-holder)"),
+                           ("init", "its PID namespace's init")):  # fmt: skip
             rss, pss = peaks.get(who, (0, 0))
             print(f"| {n} | {label} | {rss / 1024:.1f} | {pss / 1024:.1f} |", flush=True)
     rss, pss = res["instance_holder_kib"]

@@ -1,20 +1,24 @@
 """The holder: one process that owns a container's namespaces and image mount.
 
-Forked by `instance.start_holder` with a request (the ContainerPlan, socket path, session
-dir, mode, owner pid); applies the plan, reports one JSON line on a status pipe
-(`{"ok": true, ...}` or `{"ok": false, "error": "<one line>"}`) and then serves a Unix
-socket. A client that sends `join` gets the user and mount namespace fds (SCM_RIGHTS) and
-holds a lease for as long as it keeps the connection open. It tears everything down on
-`stop`, when the owner process dies, when the image driver dies, or (ephemeral mode) when
-the last lease closes. It decides nothing: every choice is in the plan.
+Forked by `instance.start_holder` with a request (the ContainerPlan, socket path,
+session dir, mode, owner pid); applies the plan, then execs its serving half in its
+place, `rankwire-holder` (runtime/holdserve.c: a small static C program, so that a
+long-lived holder is not a Python interpreter forked from the CLI; its init and watcher
+are that program too), which reports one JSON line on a status pipe (`{"ok": true, ...}`
+or `{"ok": false, "error": "<one line>"}`), serves a Unix socket and tears down (after a
+failed setup too: one teardown). A client that sends `join` gets the user and mount
+namespace fds (SCM_RIGHTS) and holds a lease for as long as it keeps the connection
+open. It tears everything down on `stop`, when the owner process dies, when the image
+driver dies, or (ephemeral mode) when the last lease closes. It decides nothing: every
+choice is in the plan.
 
 With "pid" in `plan.namespaces` the container owns its processes: the holder makes a PID
-namespace whose init is a child of its own (`_run_init`), mounts that namespace's /proc,
-and `join` hands over its descriptor too. Whatever joins and forks inside is in it; when
-the holder ends, init ends, and the kernel kills every process left in the namespace
-(backgrounded, double-forked, or not). A fresh /proc that cannot be mounted (a /proc
-partly hidden by a container runtime) leaves the container without a PID namespace
-(the report's "pid_namespace_fallback" says why).
+namespace whose init is a child of its own (holdserve.c `run_init`), mounts that
+namespace's /proc, and `join` hands over its descriptor too. Whatever joins and forks
+inside is in it; when the holder ends, init ends, and the kernel kills every process
+left in the namespace (backgrounded, double-forked, or not). A fresh /proc that cannot
+be mounted (a /proc partly hidden by a container runtime) leaves the container without a
+PID namespace (the report's "pid_namespace_fallback" says why).
 
 Root mode (a holder running as root, `"user"` not in `plan.namespaces`): a container the
 job user who joins it cannot change. Only a mount namespace (owned by the initial user
@@ -34,18 +38,18 @@ import json
 import os
 import re
 import select
-import selectors
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn, Optional, cast
 
 from rankwire import lockdirs
 from rankwire.errors import UserError
-from rankwire.runtime import frame, loopdev
+from rankwire.runtime import loopdev
 from rankwire.runtime import syscalls as sc
 from rankwire.runtime.imagefacts import partition_digest
 from rankwire.runtime.imagepath import host_path
@@ -53,9 +57,15 @@ from rankwire.runtime.joinplan import plan_path
 from rankwire.runtime.plan import ContainerPlan, Mount, hidden_by, sandbox_dir, within
 
 MOUNT_WAIT_S = 10.0
-INIT_EXIT_S = 1.0
-WATCHER_EXIT_S = 5.0
-FIRST_JOIN_S = 10.0
+# rankwire-holder's arguments that name a descriptor of ours to hand down
+HANDED = ("life", "status", "conn")
+# The watcher's command after the holder's death (`prune_after`; argv: holder, sock, session)
+PRUNE = (
+    "import sys; from rankwire.runtime.holder import prune_after; "
+    "prune_after(int(sys.argv[1]), sys.argv[2], sys.argv[3])"
+)
+# The holder's serving half (runtime/holdserve.c), built next to this file.
+SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rankwire-holder")
 # A bind's source given as a descriptor the holder was handed (`req["keep_fds"]`).
 FD_SOURCE = re.compile(r"/proc/self/fd/([0-9]+)")
 
@@ -149,7 +159,14 @@ def _remove_tree(path: str) -> None:
 
 
 class Holder:
-    def __init__(self, req: dict[str, Any]) -> None:
+    def __init__(self, req: dict[str, Any], server: int) -> None:
+        self.server = server  # rankwire-holder (runtime/holdserve.c), opened to exec
+        # and the environment to exec it with: the one we started with (read while the
+        # host's /proc is in view), as `ps e` showed for a holder before it exec'd
+        with open("/proc/self/environ", "rb") as f:
+            self.environ = dict(
+                entry.partition(b"=")[::2] for entry in f.read().split(b"\0") if entry
+            )
         self.plan = ContainerPlan.from_dict(req["plan"])
         self.sock_path: str = req["socket"]
         self.session: str = req["session"]
@@ -175,8 +192,6 @@ class Holder:
         self.sources: dict[int, str] = {}
         self.root_mode = "user" not in self.plan.namespaces
         self.daemons: list[subprocess.Popen[bytes]] = []
-        self.leases: set[socket.socket] = set()
-        self.joined_once = False
         self.report: dict[str, Any] = {
             "ok": True,
             "pid": os.getpid(),
@@ -187,6 +202,7 @@ class Holder:
         }
         self.sock_dir_fd = -1
         self.session_parent_fd = -1
+        self.session_lock = -1  # the session dir's, held until we exit
         self.listener: Optional[socket.socket] = None
         self.bound = False
         self.ns_fds: list[int] = []
@@ -404,9 +420,9 @@ class Holder:
         os.mkdir(staging)
         life_r, life_w = os.pipe()
         status_r, status_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            _run_init(life_r, status_w, staging)
+        pid = self._fork_server(
+            "init", f"life={life_r}", f"status={status_w}", f"staging={staging}"
+        )
         os.close(life_r)
         os.close(status_w)
         self.init, self.init_life = pid, life_w
@@ -416,62 +432,43 @@ class Holder:
         if said == "ok":
             self.proc_staging = staging
             return
-        self._end_init()
-        self._reap_init()
+        os.close(self.init_life)  # nothing has joined: its exit waits for no member
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        self.init, self.init_life = None, -1
         self.report["namespaces"].remove("pid")
         self.report["pid_namespace_fallback"] = said or "its init did not start"
+
+    def _fork_server(self, *args: str) -> int:
+        """A child running rankwire-holder `args` (its init and watch modes); the
+        descriptors named `KEY=FD` in `args` are handed down, no other."""
+        fds = [int(a.split("=", 1)[1]) for a in args if a.split("=", 1)[0] in HANDED]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for fd in fds:
+                    os.set_inheritable(fd, True)
+                os.execve(self.server, ["rankwire-holder", *args], self.environ)
+            finally:
+                os._exit(127)
+        return pid
 
     def _start_watcher(self) -> None:
         """Without a PID namespace (the plugin's containers: Slurm execs the tasks, which
         join our namespaces), nothing else ends what runs in the container when we die:
-        a process forked now, outside our namespaces, that kills it then (`_run_watcher`).
+        a process forked now, outside our namespaces, that kills it then (`holdserve.c `run_watch`).
         """
         ours, theirs = socket.socketpair()
-        pid = os.fork()
-        if pid == 0:
-            ours.close()
-            _run_watcher(theirs, os.getppid(), self.sock_path, self.session)
+        # After our death (no "end" said), the watcher removes our files through Python.
+        then = [sys.executable, "-I", "-c", PRUNE, str(os.getpid()), self.sock_path, self.session]
+        pid = self._fork_server(
+            "watch",
+            f"conn={theirs.fileno()}",
+            f"holder={os.getpid()}",
+            *(f"then={a}" for a in then),
+        )
         theirs.close()
         self.watcher, self.watcher_conn = pid, ours
-
-    def _end_watcher(self) -> None:
-        """Our end: the watcher ends what still runs in the container, then exits."""
-        if self.watcher_conn is not None:
-            with contextlib.suppress(OSError):
-                self.watcher_conn.sendall(b"end")  # not a death: our files are gone
-            self.watcher_conn.close()
-        if self.watcher is not None:
-            fd = os.pidfd_open(self.watcher)
-            try:
-                if not select.select([fd], [], [], WATCHER_EXIT_S)[0]:
-                    os.kill(self.watcher, signal.SIGKILL)
-            finally:
-                os.close(fd)
-            os.waitpid(self.watcher, 0)
-            self.watcher = None
-
-    def _end_init(self) -> None:
-        """Kill init: the kernel kills every process of the namespace at once."""
-        if self.init is not None and self.init_life >= 0:
-            os.close(self.init_life)
-            self.init_life = -1
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.init, signal.SIGKILL)
-
-    def _reap_init(self) -> None:
-        """Reap the killed init, waiting a little: its exit waits until every process of
-        the namespace is reaped, by their parents (a rank by the launcher that forked
-        it, by the host's init if that died), which we must not wait for. One still
-        exiting is reaped by whoever inherits it."""
-        if self.init is None:
-            return
-        pid, self.init = self.init, None
-        fd = os.pidfd_open(pid)
-        try:
-            if select.select([fd], [], [], INIT_EXIT_S)[0]:
-                os.waitpid(pid, 0)
-        finally:
-            os.close(fd)
 
     def _pin_descriptors(self) -> dict[int, str]:
         """Before `unshare`: root mode clones each descriptor's mount (`trees`); a user
@@ -821,121 +818,37 @@ class Holder:
         ):
             os.symlink(dest, os.path.join(target, link))
 
-    # -- serving ---------------------------------------------------------------------
-    def serve(self) -> None:
-        assert self.listener is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.listener, selectors.EVENT_READ, "accept")
-        watched: list[int] = []
-        if self.owner is not None:
-            try:
-                fd = os.pidfd_open(self.owner)
-            except ProcessLookupError:
-                return
-            watched.append(fd)
-            sel.register(fd, selectors.EVENT_READ, "owner")
-        # Init too: if it dies, so did every process of the container.
-        for pid in [proc.pid for proc in self.daemons] + ([self.init] if self.init else []):
-            fd = os.pidfd_open(pid)
-            watched.append(fd)
-            sel.register(fd, selectors.EVENT_READ, "daemon")
-        # A shared or ephemeral holder that nobody joins (its starter died, or lost a
-        # race for the name after unlinking a stale socket) must not linger.
-        first_join_deadline = time.monotonic() + FIRST_JOIN_S
-        try:
-            while True:
-                timeout = None
-                if self.mode != "persistent" and not self.joined_once:
-                    timeout = first_join_deadline - time.monotonic()
-                    if timeout <= 0:
-                        return
-                for key, _ in sel.select(timeout):
-                    if key.data in ("owner", "daemon"):
-                        return
-                    if key.data == "accept":
-                        conn, _ = self.listener.accept()
-                        sel.register(conn, selectors.EVENT_READ, "client")
-                        continue
-                    client = key.fileobj
-                    assert isinstance(client, socket.socket)
-                    if self._client(client, sel) == "stop":
-                        return
-                    if self.mode != "persistent" and self.joined_once and not self.leases:
-                        return
-        finally:
-            for fd in watched:
-                os.close(fd)
-
-    def _client(self, conn: socket.socket, sel: selectors.BaseSelector) -> Optional[str]:
-        try:
-            data = conn.recv(64)
-        except OSError:
-            data = b""
-        cmd = data.strip().decode(errors="replace")
-        if conn in self.leases:
-            # A lease ends: `leave` (the client waits for our exit if it was the last),
-            # or EOF when its holder process died.
-            self.leases.discard(conn)
-            sel.unregister(conn)
-            if cmd == "leave":
-                with contextlib.suppress(OSError):
-                    # "last": we are about to tear down, so the leaver may wait for it; a
-                    # persistent instance stays (no one should wait for its exit).
-                    last = not self.leases and self.mode != "persistent"
-                    conn.sendall(frame.encode([("last", "1" if last else "0")]))
-            conn.close()
-            return None
-        reply = dict(self.report)
-        try:
-            if cmd == "join":
-                socket.send_fds(conn, [json.dumps(reply).encode() + b"\n"], self.ns_fds)
-                self.leases.add(conn)
-                self.joined_once = True
-                return None
-            if cmd in ("info", "stop"):
-                reply["leases"] = len(self.leases)
-                conn.sendall(json.dumps(reply).encode() + b"\n")
-            if cmd == "upper":  # the overlay's upper dir, for --save (`runtime/save.py`)
-                fds = [self.upper_fd] if self.upper_fd >= 0 else []
-                socket.send_fds(conn, [json.dumps(reply).encode() + b"\n"], fds)
-        except OSError:
-            pass
-        sel.unregister(conn)
-        conn.close()
-        return cmd if cmd == "stop" else None
-
-    # -- teardown --------------------------------------------------------------------
-    def teardown(self) -> None:
-        self._end_init()  # first: the container's processes go before its mounts
-        for conn in list(self.leases):
-            conn.close()
+    # -- hand-over -----------------------------------------------------------------
+    def server_args(self, status_fd: int, said: str, serve: bool) -> list[str]:
+        """`rankwire-holder`'s arguments (runtime/holdserve.c, which serves and tears down
+        in our place): what we hold, by descriptor and pid. The descriptors it names, and
+        the locks it keeps without naming them, become inheritable; the rest close."""
+        args = [f"mode={self.mode}", f"said={said}"] + (["serve=1"] if serve else [])
+        fds: dict[str, int] = {"status": status_fd}
         if self.listener is not None:
-            self.listener.close()
-        for proc in self.daemons:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.daemons:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self.sock_dir_fd >= 0 and self.bound:
-            # the socket first: a join that writes a plan meanwhile sees it gone and
-            # removes its plan (`joinplan.remember`)
-            for path in (self.sock_path, plan_path(self.sock_path), self.step_file):
-                with contextlib.suppress(OSError):
-                    if path:
-                        os.unlink(os.path.basename(path), dir_fd=self.sock_dir_fd)
+            fds["listener"] = self.listener.fileno()
+        if self.bound:  # the socket first (see holdserve.c `teardown`), then its plans
+            fds["dir"] = self.sock_dir_fd
+            names = (self.sock_path, plan_path(self.sock_path), self.step_file)
+            args += [f"unlink={os.path.basename(path)}" for path in names if path]
         if self.session_parent_fd >= 0:
-            # A setup that failed before pivot_root still has the session tmpfs (and what
-            # is below it) mounted here; after pivot_root this finds nothing to unmount.
-            with contextlib.suppress(OSError):
-                sc.umount2(self.session, sc.MNT_DETACH)
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.basename(self.session), dir_fd=self.session_parent_fd)
-        self._reap_init()  # last: nothing above waits for it
-        self._end_watcher()
+            fds["session_dir"] = self.session_parent_fd
+            args.append(f"session={self.session}")
+        fds.update(upper=self.upper_fd, init_life=self.init_life)
+        if self.watcher_conn is not None:
+            fds["watcher_conn"] = self.watcher_conn.fileno()
+        for key, fd in fds.items():
+            if fd >= 0:
+                args.append(f"{key}={fd}")
+        args += [f"ns={fd}" for fd in self.ns_fds]
+        pids = {"owner": self.owner, "init": self.init, "watcher": self.watcher}
+        args += [f"{key}={pid}" for key, pid in pids.items() if pid is not None]
+        args += [f"daemon={proc.pid}" for proc in self.daemons]
+        kept = [*fds.values(), *self.ns_fds, self.session_lock, self.overlay_lock]
+        for fd in kept:
+            if fd >= 0:
+                os.set_inheritable(fd, True)
+        return args
 
 
 def _readable_root(lower: str) -> None:
@@ -961,59 +874,7 @@ def _close_fds_except(keep: set[int]) -> None:
     os.closerange(low, 1 << 20)
 
 
-def _run_init(life: int, status: int, staging: str) -> NoReturn:
-    """PID 1 of the container's PID namespace, forked by the holder: mounts the
-    namespace's /proc on `staging`, says "ok" (or why not) on `status`, then waits
-    until the holder is gone (`life` at EOF, or the parent-death signal). Orphans of the
-    namespace are reparented to it; with SIGCHLD ignored the kernel reaps them. Members
-    cannot signal it: init gets only the signals it handles, and it handles none."""
-    try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        sc.set_comm("rankwire-init")
-        for sig in signal.valid_signals():
-            with contextlib.suppress(OSError, ValueError):
-                signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-        _close_fds_except({life, status})
-        if select.select([life], [], [], 0)[0]:  # the holder died before the prctl
-            os._exit(0)
-        sc.mount("proc", staging, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-        os.write(status, b"ok\n")
-        os.close(status)
-        while os.read(life, 1):
-            pass
-    except BaseException as err:  # never return into the holder's code
-        with contextlib.suppress(OSError):
-            os.write(status, f"cannot mount a /proc for it: {err}\n".encode())
-    os._exit(0)
-
-
-def _run_watcher(conn: socket.socket, holder: int, sock: str, session: str) -> NoReturn:
-    """Forked by a holder whose container has no PID namespace, before it makes its
-    namespaces: takes the container's mount namespace (a descriptor, which also keeps
-    its inode from being reused), waits until the holder is gone (EOF: the end of its
-    teardown, said with "end", or its death by SIGKILL), then SIGKILLs every process in
-    that namespace but the holder, so that tasks never run on in a dead container; after
-    a death, also removes the holder's socket and session dir; exits."""
-    try:
-        sc.set_comm("rankwire-watch")
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)  # the holder's group's signals are its own
-        _close_fds_except({conn.fileno()})
-        _, fds, _, _ = socket.recv_fds(conn, 16, 1)
-        if fds:
-            said = b""
-            while chunk := conn.recv(16):
-                said += chunk
-            _kill_members(fds[0], holder)
-            if not said.endswith(b"end"):
-                _prune_after(holder, sock, session)
-    except BaseException:  # never return into the holder's code
-        pass
-    os._exit(0)
-
-
-def _prune_after(holder: int, sock: str, session: str) -> None:
+def prune_after(holder: int, sock: str, session: str) -> None:
     """Once the dead holder has fully exited (its descriptors closed, its session lock
     released: we are reparented then), remove its files (`instance.prune_holder`)."""
     from rankwire.runtime.instance import prune_holder
@@ -1024,27 +885,10 @@ def _prune_after(holder: int, sock: str, session: str) -> None:
     prune_holder(sock, session)
 
 
-def _kill_members(mntns: int, spare: int) -> None:
-    """SIGKILL every process whose mount namespace is `mntns` (but `spare`), until none
-    is left (those forking meanwhile included), for a second at most."""
-    st = os.fstat(mntns)
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        found = False
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == spare:
-                continue
-            with contextlib.suppress(OSError):
-                ns = os.stat(f"/proc/{entry}/ns/mnt")
-                if (ns.st_dev, ns.st_ino) == (st.st_dev, st.st_ino):
-                    os.kill(int(entry), signal.SIGKILL)
-                    found = True
-        if not found:
-            return
-        time.sleep(0.02)
-
-
-def _exit_on_signal(signum: int, _frame: object) -> None:
+def _stop_setup(signum: int, _frame: object) -> None:
+    """SIGTERM during setup: stop it; the teardown follows, not to be cut short by
+    another SIGTERM (rankwire-holder takes any that comes later)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     raise SystemExit(0)
 
 
@@ -1053,13 +897,14 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
 
     Keeps no descriptor of its parent's but `status_fd`, the image's (`req["image_fd"]`)
     and those for binds (`req["keep_fds"]`): a caller's stdout pipe or PMI socket must not
-    be held open by a long-lived holder. Reports the setup outcome on `status_fd` as one
-    JSON line, then serves until teardown.
+    be held open by a long-lived holder. Sets the container up, then execs
+    `rankwire-holder` (runtime/holdserve.c) in its place, which reports the outcome on
+    `status_fd` as one JSON line and serves until it tears down; after a failed setup,
+    it only tears down, then reports.
     """
-    code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C is for the ranks
-        signal.signal(signal.SIGTERM, _exit_on_signal)
+        signal.signal(signal.SIGTERM, _stop_setup)
         for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
         sc.set_comm("rankwire-holder")
@@ -1076,29 +921,35 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
         # (uid_map, setgroups); a holder's user owns its container in any case. Only now:
         # our user may then read and trace us, and nothing of our parent's is open.
         sc.prctl(sc.PR_SET_DUMPABLE, 1)
-        holder = Holder(req)
+        # Opened while the host's files are in view: we exec it from inside the container.
+        server = os.open(SERVER, os.O_RDONLY | os.O_CLOEXEC)
+    except BaseException as err:  # nothing to undo yet; never return into the caller's code
+        with contextlib.suppress(BaseException):
+            failure = {"ok": False, "error": f"cannot start the holder: {err}"}
+            os.write(status_fd, json.dumps(failure).encode() + b"\n")
+        os._exit(1)
+    holder = Holder(req, server)
+    serve = True
+    try:
         try:
             holder.setup()
-        except (SetupError, OSError, SystemExit) as err:  # SystemExit: SIGTERM meanwhile
-            holder.teardown()
-            why = "stopped during setup" if isinstance(err, SystemExit) else str(err)
+            # SIGTERM waits for rankwire-holder from here on, which tears down when it comes
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            said = json.dumps(holder.report)
+        except (SetupError, OSError, SystemExit) as err:  # SystemExit: `_stop_setup`
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            serve = False
             failure = {
                 "ok": False,
-                "error": why,
+                "error": "stopped during setup" if isinstance(err, SystemExit) else str(err),
                 "taken": getattr(err, "taken", False),
                 "whole": isinstance(err, (ImageError, OverlayError)),
             }
-            with contextlib.suppress(OSError):
-                os.write(status_fd, json.dumps(failure).encode() + b"\n")
-            os._exit(1)
-        try:  # from here on, whatever ends us (SIGTERM included) tears down first
-            os.write(status_fd, json.dumps(holder.report).encode() + b"\n")
-            os.close(status_fd)
-            holder.serve()
-        except SystemExit:
-            pass
-        finally:
-            holder.teardown()
-        code = 0
-    finally:
-        os._exit(code)
+            said = json.dumps(failure)
+        args = holder.server_args(status_fd, said, serve)
+        os.execve(server, ["rankwire-holder", *args], holder.environ)
+    except BaseException as err:  # never return into the caller's code
+        with contextlib.suppress(BaseException):
+            failure = {"ok": False, "error": f"cannot run {SERVER}: {err}"}
+            os.write(status_fd, json.dumps(failure).encode() + b"\n")
+    os._exit(1)

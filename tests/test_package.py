@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from elftools.elf.elffile import ELFFile
 
 REPO = Path(__file__).resolve().parent.parent
 SUBPACKAGES = ("launcher", "runtime", "fabric", "pmi", "pmi.pmix", "spank")
@@ -50,6 +51,14 @@ def test_non_editable_install_imports(tmp_path: Path) -> None:
     assert len(out) == 1 + len(SUBPACKAGES)
     for path in out:
         assert path.startswith(str(target / "rankwire")), path
+    # The holder's serving half, next to runtime/holder.py, static: the holder execs it
+    # from inside the container, where the host's dynamic loader is out of view.
+    holder = target / "rankwire" / "runtime" / "rankwire-holder"
+    assert os.access(holder, os.X_OK)
+    with open(holder, "rb") as f:
+        assert [
+            seg["p_type"] for seg in ELFFile(f).iter_segments() if seg["p_type"] == "PT_INTERP"
+        ] == []
     # No top-level name other than ours (e.g. no `fabric` shadowing the PyPI package).
     tops = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", "bin"))}
     assert tops == {"rankwire"}
