@@ -922,7 +922,13 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
         # our user may then read and trace us, and nothing of our parent's is open.
         sc.prctl(sc.PR_SET_DUMPABLE, 1)
         # Opened while the host's files are in view: we exec it from inside the container.
-        server = os.open(SERVER, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            server = os.open(SERVER, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise SetupError(
+                f"{SERVER}: {err.strerror}: reinstall rankwire (its install builds this "
+                "program; in a checkout: make)"
+            ) from None
     except BaseException as err:  # nothing to undo yet; never return into the caller's code
         with contextlib.suppress(BaseException):
             failure = {"ok": False, "error": f"cannot start the holder: {err}"}
