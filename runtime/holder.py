@@ -33,6 +33,7 @@ only; the report's "namespaces" says which.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -432,10 +433,11 @@ class Holder:
         if said == "ok":
             self.proc_staging = staging
             return
-        os.close(self.init_life)  # nothing has joined: its exit waits for no member
+        life, self.init_life = self.init_life, -1
+        os.close(life)  # nothing has joined: its exit waits for no member
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        self.init, self.init_life = None, -1
+        self.init = None
         self.report["namespaces"].remove("pid")
         self.report["pid_namespace_fallback"] = said or "its init did not start"
 
@@ -924,34 +926,22 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
         # Opened while the host's files are in view: we exec it from inside the container.
         try:
             server = os.open(SERVER, os.O_RDONLY | os.O_CLOEXEC)
+            if not os.access(SERVER, os.X_OK):
+                raise PermissionError(errno.EACCES, "not executable")
         except OSError as err:
             raise SetupError(
                 f"{SERVER}: {err.strerror}: reinstall rankwire (its install builds this "
                 "program; in a checkout: make)"
             ) from None
+        holder = Holder(req, server)
     except BaseException as err:  # nothing to undo yet; never return into the caller's code
         with contextlib.suppress(BaseException):
-            failure = {"ok": False, "error": f"cannot start the holder: {err}"}
+            why = "stopped" if isinstance(err, SystemExit) else str(err)
+            failure = {"ok": False, "error": f"cannot start the holder: {why}"}
             os.write(status_fd, json.dumps(failure).encode() + b"\n")
         os._exit(1)
-    holder = Holder(req, server)
-    serve = True
+    said, serve = _set_up(holder)  # SIGTERM is blocked from here on
     try:
-        try:
-            holder.setup()
-            # SIGTERM waits for rankwire-holder from here on, which tears down when it comes
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-            said = json.dumps(holder.report)
-        except (SetupError, OSError, SystemExit) as err:  # SystemExit: `_stop_setup`
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-            serve = False
-            failure = {
-                "ok": False,
-                "error": "stopped during setup" if isinstance(err, SystemExit) else str(err),
-                "taken": getattr(err, "taken", False),
-                "whole": isinstance(err, (ImageError, OverlayError)),
-            }
-            said = json.dumps(failure)
         args = holder.server_args(status_fd, said, serve)
         os.execve(server, ["rankwire-holder", *args], holder.environ)
     except BaseException as err:  # never return into the caller's code
@@ -959,3 +949,28 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
             failure = {"ok": False, "error": f"cannot run {SERVER}: {err}"}
             os.write(status_fd, json.dumps(failure).encode() + b"\n")
     os._exit(1)
+
+
+def _set_up(holder: Holder) -> tuple[str, bool]:
+    """Set the container up: (the line to report, whether to serve). Returns with SIGTERM
+    blocked: one that comes later waits for rankwire-holder, which tears down then; one
+    that came during the setup (`_stop_setup`), or anything unforeseen, ends in the
+    teardown of what was set up."""
+    try:
+        try:
+            holder.setup()
+            said, serve = json.dumps(holder.report), True
+        except (SetupError, OSError) as err:
+            failure = {
+                "ok": False,
+                "error": str(err),
+                "taken": getattr(err, "taken", False),
+                "whole": isinstance(err, (ImageError, OverlayError)),
+            }
+            said, serve = json.dumps(failure), False
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        return said, serve
+    except BaseException as err:  # SystemExit: `_stop_setup`
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        why = "stopped during setup" if isinstance(err, SystemExit) else f"setup failed: {err!r}"
+        return json.dumps({"ok": False, "error": why, "taken": False, "whole": False}), False

@@ -55,6 +55,7 @@
 #define INIT_EXIT_MS 1000 /* see reap_init */
 #define WATCHER_EXIT_MS 5000
 #define MAX_LIST 16 /* unlink=, ns=, daemon= */
+#define SPACE " \t\r\n\v\f" /* what Python's bytes.strip() strips */
 
 struct list { int n; long v[MAX_LIST]; };
 
@@ -150,11 +151,11 @@ static int client(int i)
 	ssize_t n;
 	while ((n = recv(clients[i].fd, cmd, 64, 0)) < 0 && errno == EINTR)
 		;
-	size_t len = n > 0 ? (size_t)n : 0;
-	while (len && strchr(" \t\r\n", cmd[len - 1]))
+	size_t len = n > 0 && !memchr(cmd, '\0', (size_t)n) ? (size_t)n : 0; /* a NUL: no command */
+	while (len && strchr(SPACE, cmd[len - 1]))
 		len--;
 	cmd[len] = '\0';
-	char *c = cmd + strspn(cmd, " \t\r\n");
+	char *c = cmd + strspn(cmd, SPACE);
 	int fd = clients[i].fd;
 	if (clients[i].lease) { /* a lease ends: "leave", or EOF when its holder died */
 		if (!strcmp(c, "leave")) {
@@ -226,6 +227,8 @@ static void serve(int sig)
 			goto out; /* gone already */
 		watched[n_watched++] = fd;
 	}
+	/* a connection reset between poll and accept must not block us */
+	fcntl(h.listener, F_SETFL, fcntl(h.listener, F_GETFL) | O_NONBLOCK);
 	long deadline = now_ms() + FIRST_JOIN_MS;
 	for (;;) {
 		int timeout = -1;
@@ -266,6 +269,8 @@ static void serve(int sig)
 			int fd = accept4(h.listener, NULL, NULL, SOCK_CLOEXEC);
 			if (fd >= 0)
 				add_client(fd);
+			else if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
+				end = 1; /* EMFILE and the like: the listener would stay readable */
 		}
 		free(p);
 		if (end)
@@ -339,15 +344,16 @@ static void teardown(void)
 	end_watcher();
 }
 
-static void say(void)
+/* Report `said` on the status pipe, once; 0 if the whole line went. */
+static int say(void)
 {
 	if (h.status < 0)
-		return;
-	size_t n = strlen(h.said);
+		return -1;
+	size_t n = strlen(h.said), done = 0;
 	char line[n + 1];
 	memcpy(line, h.said, n);
 	line[n] = '\n';
-	for (size_t done = 0; done < n + 1;) {
+	while (done < n + 1) {
 		ssize_t w = write(h.status, line + done, n + 1 - done);
 		if (w < 0 && errno == EINTR)
 			continue;
@@ -357,6 +363,7 @@ static void say(void)
 	}
 	close(h.status);
 	h.status = -1;
+	return done == n + 1 ? 0 : -1;
 }
 
 static long number(const char *arg, const char *val)
@@ -430,16 +437,23 @@ static void parse(int argc, char **argv)
 	}
 }
 
-/* Close every descriptor above 2 but `a` and `b`: the holder's inheritable ones (a bind's
- * source, the image) are not ours to keep open. */
+static void close_from(unsigned lo, unsigned hi)
+{
+	if (lo > hi || close_range(lo, hi, 0) == 0)
+		return;
+	long max = sysconf(_SC_OPEN_MAX); /* no close_range (Linux < 5.9) */
+	for (long fd = lo; fd <= (long)hi && fd < (max > 0 ? max : 1024); fd++)
+		close((int)fd);
+}
+
+/* Close every descriptor above 2 but `a` and `b` (both above 2): the holder's inheritable
+ * ones (a bind's source, the image) are not ours to keep open. */
 static void close_others(int a, int b)
 {
-	int lo = a < b ? a : b, hi = a < b ? b : a;
-	if (lo > 3)
-		close_range(3, (unsigned)lo - 1, 0);
-	if (hi > lo + 1)
-		close_range((unsigned)lo + 1, (unsigned)hi - 1, 0);
-	close_range((unsigned)hi + 1, ~0U, 0);
+	unsigned lo = (unsigned)(a < b ? a : b), hi = (unsigned)(a < b ? b : a);
+	close_from(3, lo - 1);
+	close_from(lo + 1, hi - 1);
+	close_from(hi + 1, ~0U);
 }
 
 /* `rankwire-holder init life=FD status=FD staging=PATH`: PID 1 of the container's PID
@@ -595,10 +609,10 @@ int main(int argc, char **argv)
 	int sig = signalfd(-1, &term, SFD_CLOEXEC);
 	if (sig < 0) /* then SIGTERM ends us without the teardown, as SIGKILL would */
 		sigprocmask(SIG_UNBLOCK, &term, NULL);
-	if (h.serve) {
-		say();
+	/* a starter gone before our report (^C meanwhile) leaves a container nobody knows of:
+	 * no serving then */
+	if (h.serve && say() == 0)
 		serve(sig);
-	}
 	teardown();
 	say();
 	return h.serve ? 0 : 1;
