@@ -58,8 +58,6 @@ from rankwire.runtime.joinplan import plan_path
 from rankwire.runtime.plan import ContainerPlan, Mount, hidden_by, sandbox_dir, within
 
 MOUNT_WAIT_S = 10.0
-# rankwire-holder's arguments that name a descriptor of ours to hand down
-HANDED = ("life", "status", "conn")
 # The watcher's command after the holder's death (`prune_after`; argv: holder, sock, session)
 PRUNE = (
     "import sys; from rankwire.runtime.holder import prune_after; "
@@ -421,9 +419,8 @@ class Holder:
         os.mkdir(staging)
         life_r, life_w = os.pipe()
         status_r, status_w = os.pipe()
-        pid = self._fork_server(
-            "init", f"life={life_r}", f"status={status_w}", f"staging={staging}"
-        )
+        args = ["init", f"life={life_r}", f"status={status_w}", f"staging={staging}"]
+        pid = self._fork_server(args, (life_r, status_w))
         os.close(life_r)
         os.close(status_w)
         self.init, self.init_life = pid, life_w
@@ -441,10 +438,9 @@ class Holder:
         self.report["namespaces"].remove("pid")
         self.report["pid_namespace_fallback"] = said or "its init did not start"
 
-    def _fork_server(self, *args: str) -> int:
-        """A child running rankwire-holder `args` (its init and watch modes); the
-        descriptors named `KEY=FD` in `args` are handed down, no other."""
-        fds = [int(a.split("=", 1)[1]) for a in args if a.split("=", 1)[0] in HANDED]
+    def _fork_server(self, args: list[str], fds: tuple[int, ...]) -> int:
+        """A child running rankwire-holder `args` (its init and watch modes), with `fds`
+        handed down (no other of ours)."""
         pid = os.fork()
         if pid == 0:
             try:
@@ -458,17 +454,14 @@ class Holder:
     def _start_watcher(self) -> None:
         """Without a PID namespace (the plugin's containers: Slurm execs the tasks, which
         join our namespaces), nothing else ends what runs in the container when we die:
-        a process forked now, outside our namespaces, that kills it then (`holdserve.c `run_watch`).
+        a process forked now, outside our namespaces, that kills it then (holdserve.c
+        `run_watch`).
         """
         ours, theirs = socket.socketpair()
         # After our death (no "end" said), the watcher removes our files through Python.
         then = [sys.executable, "-I", "-c", PRUNE, str(os.getpid()), self.sock_path, self.session]
-        pid = self._fork_server(
-            "watch",
-            f"conn={theirs.fileno()}",
-            f"holder={os.getpid()}",
-            *(f"then={a}" for a in then),
-        )
+        args = ["watch", f"conn={theirs.fileno()}", f"holder={os.getpid()}"]
+        pid = self._fork_server(args + [f"then={a}" for a in then], (theirs.fileno(),))
         theirs.close()
         self.watcher, self.watcher_conn = pid, ours
 

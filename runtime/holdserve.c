@@ -57,7 +57,7 @@
 #define MAX_LIST 16 /* unlink=, ns=, daemon= */
 #define SPACE " \t\r\n\v\f" /* what Python's bytes.strip() strips */
 
-struct list { int n; long v[MAX_LIST]; };
+struct list { int n, v[MAX_LIST]; };
 
 static struct {
 	int persistent, serve, status;
@@ -168,10 +168,7 @@ static int client(int i)
 		return 0;
 	}
 	if (!strcmp(c, "join")) {
-		int fds[MAX_LIST];
-		for (int k = 0; k < h.ns.n; k++)
-			fds[k] = (int)h.ns.v[k];
-		if (send_report(fd, fds, h.ns.n) == 0) {
+		if (send_report(fd, h.ns.v, h.ns.n) == 0) {
 			clients[i].lease = 1;
 			leases++;
 			joined = 1;
@@ -218,7 +215,7 @@ static void serve(int sig)
 	if (h.owner > 0)
 		pids[n_pids++] = h.owner;
 	for (int k = 0; k < h.daemons.n; k++)
-		pids[n_pids++] = (pid_t)h.daemons.v[k];
+		pids[n_pids++] = h.daemons.v[k];
 	if (h.init > 0)
 		pids[n_pids++] = h.init;
 	for (int k = 0; k < n_pids; k++) {
@@ -322,9 +319,9 @@ static void teardown(void)
 	if (h.listener >= 0)
 		close(h.listener);
 	for (int k = 0; k < h.daemons.n; k++)
-		kill((pid_t)h.daemons.v[k], SIGTERM);
+		kill(h.daemons.v[k], SIGTERM);
 	for (int k = 0; k < h.daemons.n; k++) {
-		pid_t pid = (pid_t)h.daemons.v[k];
+		pid_t pid = h.daemons.v[k];
 		if (!exits_within(pid, DAEMON_EXIT_MS))
 			kill(pid, SIGKILL);
 		waitpid(pid, NULL, 0);
@@ -384,7 +381,7 @@ static void append(struct list *l, const char *arg, const char *val)
 		fprintf(stderr, "rankwire-holder: %s: more than %d of them\n", arg, MAX_LIST);
 		exit(2);
 	}
-	l->v[l->n++] = number(arg, val);
+	l->v[l->n++] = (int)number(arg, val);
 }
 
 /* argv[i] is KEY=VALUE with this key? Then its value. (argv stays as it is: `ps` shows it.) */
