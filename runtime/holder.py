@@ -927,20 +927,23 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
                 "program; in a checkout: make)"
             ) from None
         holder = Holder(req, server)
-    except BaseException as err:  # nothing to undo yet; never return into the caller's code
-        with contextlib.suppress(BaseException):
-            why = "stopped" if isinstance(err, SystemExit) else str(err)
-            failure = {"ok": False, "error": f"cannot start the holder: {why}"}
-            os.write(status_fd, json.dumps(failure).encode() + b"\n")
-        os._exit(1)
+    except BaseException as err:  # nothing to undo yet
+        _fail(
+            status_fd,
+            f"cannot start the holder: {'stopped' if isinstance(err, SystemExit) else err}",
+        )
     said, serve = _set_up(holder)  # SIGTERM is blocked from here on
     try:
         args = holder.server_args(status_fd, said, serve)
         os.execve(server, ["rankwire-holder", *args], holder.environ)
-    except BaseException as err:  # never return into the caller's code
-        with contextlib.suppress(BaseException):
-            failure = {"ok": False, "error": f"cannot run {SERVER}: {err}"}
-            os.write(status_fd, json.dumps(failure).encode() + b"\n")
+    except BaseException as err:
+        _fail(status_fd, f"cannot run {SERVER}: {err}")
+
+
+def _fail(status_fd: int, error: str) -> NoReturn:
+    """Report `error` to the starter and exit, never returning into the caller's code."""
+    with contextlib.suppress(BaseException):
+        os.write(status_fd, json.dumps({"ok": False, "error": error}).encode() + b"\n")
     os._exit(1)
 
 
