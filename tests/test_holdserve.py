@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -66,6 +66,10 @@ class Served:
             conn.shutdown(socket.SHUT_WR)  # all said: EOF, for one that says nothing
             return conn.makefile("rb").readline()
 
+    def tore_down(self, code: int) -> bool:
+        """It exited with `code` within 5 s and its socket is gone."""
+        return self.proc.wait(5) == code and not self.sock.exists()
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -75,18 +79,21 @@ class Served:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[list[Served]]:
+def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    """serve(mode, *args, starter_gone=False): a rankwire-holder, killed after the test."""
     made: list[Served] = []
-    yield made
+
+    def start(mode: str, *extra: str, starter_gone: bool = False) -> Served:
+        made.append(Served(tmp_path, mode, *extra, starter_gone=starter_gone))
+        return made[-1]
+
+    yield start
     for one in made:
         one.close()
 
 
-def test_it_reports_serves_joins_and_ends_with_the_last_lease(
-    tmp_path: Path, served: list[Served]
-) -> None:
-    holder = Served(tmp_path, "ephemeral", "serve=1")
-    served.append(holder)
+def test_it_reports_serves_joins_and_ends_with_the_last_lease(serve: Callable[..., Served]) -> None:
+    holder = serve("ephemeral", "serve=1")
     assert holder.said() == json.dumps(REPORT).encode() + b"\n"
     lease = holder.connect(b"join\n")
     msg, fds, _, _ = socket.recv_fds(lease, 4096, 4)
@@ -98,15 +105,11 @@ def test_it_reports_serves_joins_and_ends_with_the_last_lease(
     lease.sendall(b"leave\n")
     assert lease.recv(64) == b"last=1\0"
     lease.close()
-    assert holder.proc.wait(5) == 0
-    assert not holder.sock.exists()
+    assert holder.tore_down(0)
 
 
-def test_a_persistent_one_outlives_its_leases_until_stop(
-    tmp_path: Path, served: list[Served]
-) -> None:
-    holder = Served(tmp_path, "persistent", "serve=1")
-    served.append(holder)
+def test_a_persistent_one_outlives_its_leases_until_stop(serve: Callable[..., Served]) -> None:
+    holder = serve("persistent", "serve=1")
     holder.said()
     with holder.connect(b"join\n") as lease:
         socket.recv_fds(lease, 4096, 4)
@@ -115,52 +118,42 @@ def test_a_persistent_one_outlives_its_leases_until_stop(
     assert json.loads(holder.ask(b"info\n"))["leases"] == 0
     assert holder.proc.poll() is None
     assert json.loads(holder.ask(b"stop\n")) == {**REPORT, "leases": 0}
-    assert holder.proc.wait(5) == 0
-    assert not holder.sock.exists()
+    assert holder.tore_down(0)
 
 
 @pytest.mark.parametrize("end", ["SIGTERM", "owner"])
-def test_sigterm_or_its_owners_death_tears_down(
-    tmp_path: Path, served: list[Served], end: str
-) -> None:
+def test_sigterm_or_its_owners_death_tears_down(serve: Callable[..., Served], end: str) -> None:
     owner = subprocess.Popen(["sleep", "60"])
-    holder = Served(tmp_path, "persistent", "serve=1", f"owner={owner.pid}")
-    served.append(holder)
-    holder.said()
-    if end == "SIGTERM":
-        holder.proc.send_signal(signal.SIGTERM)
-    owner.kill()
-    owner.wait()
-    assert holder.proc.wait(5) == 0
-    assert not holder.sock.exists()
+    try:
+        holder = serve("persistent", "serve=1", f"owner={owner.pid}")
+        holder.said()
+        if end == "SIGTERM":
+            holder.proc.send_signal(signal.SIGTERM)
+        else:
+            owner.kill()
+        assert holder.tore_down(0)
+    finally:
+        owner.kill()
+        owner.wait()
 
 
-def test_a_starter_gone_before_the_report_leaves_no_container(
-    tmp_path: Path, served: list[Served]
-) -> None:
+def test_a_starter_gone_before_the_report_leaves_no_container(serve: Callable[..., Served]) -> None:
     """Its starter killed during the setup (^C): nobody would know of the container (no
     `instance list` entry), so it does not serve; it tears down."""
-    holder = Served(tmp_path, "persistent", "serve=1", starter_gone=True)
-    served.append(holder)
-    assert holder.proc.wait(5) == 0
-    assert not holder.sock.exists()
+    holder = serve("persistent", "serve=1", starter_gone=True)
+    assert holder.tore_down(0)
 
 
-def test_after_a_failed_setup_it_tears_down_then_reports(
-    tmp_path: Path, served: list[Served]
-) -> None:
-    holder = Served(tmp_path, "ephemeral")  # no serve=1: the setup failed
-    served.append(holder)
+def test_after_a_failed_setup_it_tears_down_then_reports(serve: Callable[..., Served]) -> None:
+    holder = serve("ephemeral")  # no serve=1: the setup failed
     assert holder.said() == json.dumps(REPORT).encode() + b"\n"
-    assert holder.proc.wait(5) == 1
-    assert not holder.sock.exists()  # gone before the report
+    assert holder.tore_down(1)  # the socket went before the report
 
 
 def test_commands_it_does_not_know_are_closed_without_an_answer(
-    tmp_path: Path, served: list[Served]
+    serve: Callable[..., Served],
 ) -> None:
-    holder = Served(tmp_path, "persistent", "serve=1")
-    served.append(holder)
+    holder = serve("persistent", "serve=1")
     holder.said()
     for cmd in (b"join\0x\n", b"bogus\n", b""):
         assert holder.ask(cmd) == b""
