@@ -6,12 +6,12 @@ A missing libfabric is a `UserError`.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Optional
 
 from rankwire.errors import UserError
 from rankwire.fabric import _ffi
+from rankwire.record import record
 
 FI_ENODATA = 61
 FI_PROV_ATTR_ONLY = 1 << 54
@@ -32,7 +32,7 @@ def version_text(version: int) -> str:
     return f"{version >> 16}.{version & 0xFFFF}"
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class NicInfo:
     """`fi_info->nic`; filled by hardware providers (verbs, efa, cxi), NULL for tcp/shm."""
 
@@ -48,7 +48,7 @@ class NicInfo:
     speed: int
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FabricInfo:
     """One `fi_info` entry: a provider on a fabric/domain with an endpoint type."""
 
@@ -69,7 +69,7 @@ class FabricInfo:
         return self.provider.split(";", 1)[0]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Library:
     path: str  # the file the dynamic loader picked, as mapped in this process
     version: str  # "1.17"

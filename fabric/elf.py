@@ -6,12 +6,12 @@ plain frozen data. Only the dynamic section and the GNU version sections are loo
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import re
 from typing import BinaryIO, Union
 
 from rankwire.errors import UserError
+from rankwire.record import record
 
 # glibc's own objects: they always come from the image, never from the host.
 GLIBC_SONAMES = frozenset(
@@ -56,7 +56,7 @@ def newest(names: set[str] | frozenset[str] | tuple[str, ...], prefix: str) -> s
     return max(found, key=lambda n: version_key(n)[1]) if found else ""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ElfFacts:
     """What the loader needs of one ELF object.
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 from rankwire.fabric.elf import ElfFacts, is_glibc, read_elf
+from rankwire.record import record
 
 # PCI ids of fabric adapters: (vendor, device) -> (kind, model).
 # Sources: rdma-core providers/{mlx5,efa,hfi1verbs}, HPE shs-cxi-driver cass_core.h.
@@ -58,7 +59,7 @@ VERBS_CONFIG_DIR = "/etc/libibverbs.d"
 _CACHE_LINE = re.compile(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(\S+)\s*$")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Adapter:
     """One fabric adapter: a known PCI function and/or a kernel fabric device."""
 
@@ -84,7 +85,7 @@ class Adapter:
         return f"{label} ({where})" if where else label
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class HostObject:
     """One host ELF that a bind plan may bring into a container."""
 
@@ -95,7 +96,7 @@ class HostObject:
     missing: tuple[str, ...]  # non-glibc DT_NEEDED names not found on the host
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class HostLibfabric:
     path: str  # the libfabric.so.1 the host loader picks
     version: str  # "1.17"
@@ -137,7 +138,7 @@ def closure(
     return out
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FabricHostFacts:
     adapters: tuple[Adapter, ...]
     devices: tuple[str, ...]  # fabric device nodes present: /dev/infiniband/*, /dev/cxi*, ...

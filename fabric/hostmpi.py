@@ -22,9 +22,10 @@ from rankwire.errors import UserError
 from rankwire.fabric.elf import ElfFacts, read_elf
 from rankwire.fabric.hostfacts import MULTIARCH, HostObject, Resolver, library_graph
 from rankwire.fabric.imagefacts import MPI_FAMILIES, MPI_SONAMES
+from rankwire.record import record
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class HostMpi:
     prefix: str
     found_by: str  # "--host-mpi PREFIX" | "mpichversion on PATH (/usr/bin/mpichversion)" …

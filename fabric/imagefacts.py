@@ -21,6 +21,7 @@ from typing import Any, Optional
 from rankwire.errors import UserError
 from rankwire.fabric.elf import GLIBC_SONAMES, ElfFacts, newest, read_elf
 from rankwire.fabric.hostfacts import MULTIARCH
+from rankwire.record import record
 from rankwire.runtime.imagepath import resolve_in_image
 from rankwire.runtime.plan import ImageFacts
 
@@ -53,19 +54,19 @@ MPI_SONAMES = frozenset(MPI_FAMILIES)
 _LLS = re.compile(r"^(\S)\S{9}\s+\S+\s+(\d+|\d+,\s*\d+)\s+\S+\s+\S+\s+R(/.*)?$")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ImageObject:
     path: str  # as the loader names it in the image (may be a symlink)
     elf: ElfFacts
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ImageLib:
     path: str  # a name the loader finds it by in the image (may be a symlink)
     soname: str
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FabricImageFacts:
     glibc: tuple[ImageObject, ...]  # glibc's objects found in the standard lib dirs
     libfabric: tuple[ImageObject, ...]  # every libfabric.so.1 in the image

@@ -26,6 +26,7 @@ from rankwire.fabric.imagefacts import MPI_FAMILIES, FabricImageFacts
 from rankwire.fabric.plan import LIB_DIR as FABRIC_LIB_DIR
 from rankwire.fabric.plan import SONAME as LIBFABRIC
 from rankwire.fabric.plan import FabricPlan, check_glibc, check_installed
+from rankwire.record import record
 from rankwire.runtime.plan import Mount
 
 if TYPE_CHECKING:  # the facts' type only: exec without --host-mpi does not import them
@@ -39,7 +40,7 @@ _FAMILY_NAMES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class MpiPlan:
     choice: str  # as asked: none | auto | PREFIX
     reason: str  # one line: what was replaced by what, or why nothing

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from rankwire.errors import UserError
 from rankwire.fabric.plan import PRIVATE_DIR, FabricPlan
+from rankwire.record import record
 
 SOURCE = Path(__file__).with_name("pingpong.c")
 NAME = "rankwire-fi-pingpong"
@@ -30,7 +31,7 @@ IN_CONTAINER = f"{PRIVATE_DIR}/bin/{NAME}"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(i?[bB])?\s*$")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class PingPongResult:
     size: int
     iterations: int
@@ -40,7 +41,7 @@ class PingPongResult:
     bandwidth_MBps: float  # size / one-way time, 10^6 bytes per second
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class PingPongRun:
     provider: str  # as libfabric reports it, e.g. "tcp;ofi_rxm"
     fabric: str

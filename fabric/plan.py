@@ -24,6 +24,7 @@ from rankwire.errors import UserError
 from rankwire.fabric.elf import ElfFacts, is_glibc, newest, version_key
 from rankwire.fabric.hostfacts import FabricHostFacts, HostLibfabric, HostObject
 from rankwire.fabric.imagefacts import FabricImageFacts
+from rankwire.record import record
 from rankwire.runtime.plan import Mount
 
 SONAME = "libfabric.so.1"
@@ -50,7 +51,7 @@ PROVIDER_DEVICES = {
 EMPTY_IMAGE = FabricImageFacts(glibc=(), libfabric=(), consumers=(), ld_library_path="")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FabricPlan:
     """What `--fabric CHOICE` adds to a container: mounts (after the others) and env."""
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn, Optional
 
 from rankwire.errors import UserError
+from rankwire.record import record
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan
 
 PMI_CHOICES = ("auto", "pmi1", "pmi2", "pmix")
@@ -24,7 +25,7 @@ MAX_LOCAL_RANKS = 2**22
 SRUN_MPI = {"pmi1": "pmi2", "pmi2": "pmi2", "pmix": "pmix"}
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class LaunchOptions:
     ntasks: int = 1
     pmi: str = "auto"
@@ -37,7 +38,7 @@ class LaunchOptions:
     no_slurm: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class LaunchPlan:
     """Local launch: `ranks` copies of `process` (PMI env added per rank at spawn time)."""
 
@@ -147,7 +148,7 @@ def check_pmi(choice: str, kind: Optional[str], whose: str) -> None:
         )
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class SlurmMpi:
     """What the site's srun offers: `srun --mpi=list` (pmix_v4 and the like included) and
     MpiDefault ("none" when unset, "" when unknown)."""

@@ -76,6 +76,7 @@ from typing import NoReturn, Optional
 from rankwire.errors import UserError
 from rankwire.pmi.bridgeplan import step_offer
 from rankwire.pmi.job import process_mapping
+from rankwire.record import record
 
 PMI_CHOICES = ("pmi1", "pmi2")
 EPOCH_PREFIX = "rankwire.kvs."
@@ -263,7 +264,7 @@ class EpochKvs:
         return self._node.get(key)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class JobInfo:
     """What the bridge learned from PMIx at start (read once) and tells its parent."""
 
@@ -308,7 +309,7 @@ def jobid_for(environ: Mapping[str, str], nspace: str) -> str:
 
 
 # -- the parent's side ------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@record
 class Bridge:
     """A running bridge: `fd` is the task's end of the socket (inheritable; `env` names
     it as PMI_FD), `pid` the bridge process, `info` what it learned from PMIx."""

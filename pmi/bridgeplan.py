@@ -19,6 +19,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Optional
 
+from rankwire.record import record
+
 if TYPE_CHECKING:
     from rankwire.runtime.plan import ProcessPlan, UserFacts
 
@@ -42,7 +44,7 @@ SERVED_BY = {"pmi1/2": ("pmi2",), "pmix": ("pmix",), "both": ("pmi2", "pmix")}
 BRIDGED_FROM = {"pmi1/2": "pmix", "pmix": "pmi2"}
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class SlurmWireup:
     """How a Slurm with given `srun --mpi` plugins wires up an MPI that speaks `need`: the
     one answer `rankwire doctor IMAGE` and `rankwire recipe def` both give."""
@@ -64,7 +66,7 @@ def slurm_wireup(plugins: Sequence[str], mpi_default: str, need: str) -> SlurmWi
     return SlurmWireup(direct, via if via in bases else "", by_default)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class BridgePlan:
     offer: Optional[str]  # what the step serves: "pmix" | "pmi2" | "pmi1" | None
     need: Optional[str]  # what the task's MPI speaks: "pmix" | "pmi1/2" | "both" | None

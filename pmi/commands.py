@@ -70,7 +70,7 @@ from rankwire.pmi.messages import (
     UniverseSizeReply,
     Unsupported,
 )
-from rankwire.pmi.record import record
+from rankwire.record import record
 
 
 @record

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from rankwire.pmi.errors import LocalProtocolError, RemoteProtocolError
 from rankwire.pmi.framing import Fields, as_raw
 from rankwire.pmi.messages import KEY_MAX, VALUE_MAX
-from rankwire.pmi.record import record
+from rankwire.record import record
 
 ERROR_MSG_MAX = 256
 

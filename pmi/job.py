@@ -24,11 +24,12 @@ correct `(vector,(start,count,ppn),...)` description of `nodes`, or absent.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 from collections.abc import Iterable, Sequence
 from typing import Optional, Union
+
+from rankwire.record import record
 
 # MPICH's PMI-1 client clamps its value buffer to 1024 - kvsname_max(256) - keylen_max(64) - 30
 # = 674 bytes (NUL included) and would truncate a longer mapping into a malformed one.
@@ -42,14 +43,14 @@ class RequestRejected(Exception):
     """A rank asked for something the job cannot do (the transport replies with an error)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FenceDone:
     """The fence completed: reply to every rank in `ranks`."""
 
     ranks: tuple[int, ...]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FenceFailed:
     """A fence cannot complete. `missing` are the ranks it waited for, `waiting` the ranks
     that were in it (they get an error reply), `reason` one line naming the missing ranks."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from rankwire.pmi.record import record
+from rankwire.record import record
 
 KEY_MAX = 64
 VALUE_MAX = 1024

@@ -43,7 +43,6 @@ Events
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import secrets
 import socket
 from typing import Optional, Union
@@ -84,27 +83,28 @@ from rankwire.pmi.messages import (
     UniverseSizeReply,
     Unsupported,
 )
+from rankwire.record import record
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Aborted:
     rank: int
     code: int
     message: str
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Finalized:
     rank: int
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class RankLost:
     rank: int
     during_fence: bool = False  # it had sent its fence request: that fence failed with it
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ProtocolViolation:
     rank: Optional[int]  # None: a PMI_PORT connection not yet identified
     message: str

@@ -12,6 +12,7 @@ from rankwire.fabric.imagefacts import FabricImageFacts
 from rankwire.fabric.mpiplan import MpiPlan, plan_host_mpi
 from rankwire.fabric.plan import FabricPlan, plan_fabric
 from rankwire.pmi.bridgeplan import BridgePlan, bridged_process, plan_for
+from rankwire.record import record
 from rankwire.runtime.hostfacts import HostFacts
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ from rankwire.runtime.plan import (
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Facts:
     """Everything the planners know of the world for one image."""
 
@@ -46,7 +47,7 @@ class Facts:
     program_need: Optional[str] = None
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ImagePlan:
     container: ContainerPlan
     env: dict[str, str]  # the container's environment (`plan_env`)

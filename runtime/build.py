@@ -8,7 +8,6 @@ Those formats, and `read_image_metadata` which reads them back, are in `imagemet
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -23,6 +22,7 @@ from typing import Callable, Mapping, Optional, Union
 from rankwire import __version__
 from rankwire.errors import UserError
 from rankwire.errors import shown as _shown
+from rankwire.record import record
 from rankwire.runtime.imagemeta import (
     ENV_NAME,
     ENV_SCRIPT,
@@ -174,7 +174,7 @@ def _meta_dir_state(rootfs: Path) -> tuple[list[str], list[str]]:
     return create, exclude
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class MetaFile:
     """A file added to the squashfs through a mksquashfs pseudo definition."""
 
@@ -187,7 +187,7 @@ class MetaFile:
         return work / self.path.replace("/", "_")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class BuildPlan:
     """Everything `rankwire build` will pack, decided before anything is written.
 
@@ -250,7 +250,7 @@ class BuildPlan:
         ]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class _Definition:
     """The definition file text and what it says once the caller's overrides apply."""
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 from rankwire.errors import UserError, shown
+from rankwire.record import record
 from rankwire.runtime.deffile import DefFile, FileCopy, parse
 from rankwire.runtime.reference import Access
 
@@ -62,7 +63,7 @@ _STAGE_LINE = re.compile(r"bootstrap:", re.IGNORECASE)
 SIGNED_BOOTSTRAPS = ("localimage", "oras")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class BuildFacts:
     """What the planner needs to know about the caller and the host, read once."""
 
@@ -153,7 +154,7 @@ def gather_facts(defn: DefFile, ignore_subuid: bool = False) -> BuildFacts:
 # -- plan -------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Copy:
     """One %files line: `sources` (host paths, or paths in stage `from_stage`) to `dst`."""
 
@@ -163,7 +164,7 @@ class Copy:
     from_stage: Optional[int]  # index of the stage copied from, None: the host
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class StagePlan:
     index: int
     label: str  # "stage build" or "stage 2"
@@ -187,7 +188,7 @@ class StagePlan:
     fingerprints: tuple[str, ...] = ()  # Fingerprints: the base SIF must be signed by these
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class DefBuildPlan:
     recipe: str
     text: str

@@ -28,6 +28,7 @@ import re
 from typing import Optional, Union
 
 from rankwire.errors import UserError, shown
+from rankwire.record import record
 
 BOOTSTRAPS = ("docker", "oras", "localimage", "scratch")
 USED_HEADERS = ("bootstrap", "from", "stage", "fingerprints")
@@ -94,14 +95,14 @@ _FILE_WORD = re.compile(
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FileCopy:
     src: str
     dst: str  # "" copies to the same path as src
     from_stage: Optional[str]  # None: from the host
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Stage:
     name: Optional[str]  # its `Stage:` header, None when it has none
     bootstrap: str
@@ -131,7 +132,7 @@ class Stage:
         return out
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class DefFile:
     stages: tuple[Stage, ...]  # in build order; the last one is the image
     warnings: tuple[str, ...]  # one line each, for headers rankwire keeps but does not use
@@ -251,7 +252,7 @@ def _check_preamble(lines: list[str], recipe: str) -> None:
         )
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class _Context:
     recipe: str
     named: dict[str, int]  # stages parsed so far: name -> line of its Stage: header

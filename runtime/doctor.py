@@ -16,6 +16,7 @@ from rankwire.errors import UserError
 from rankwire.fabric.mpiplan import plan_host_mpi
 from rankwire.fabric.plan import SONAME, check_abi, plan_fabric
 from rankwire.pmi.bridgeplan import BRIDGED_FROM, slurm_wireup
+from rankwire.record import record
 from rankwire.runtime.doctorfacts import DoctorFacts, DoctorImageFacts
 from rankwire.runtime.doctorhost import DirFacts, DoctorHostFacts
 
@@ -28,7 +29,7 @@ NO_BRIDGE = "rankwire's PMI bridge needs Slurm's pmi2 or pmix plugin"
 PMI_NAMES_BY_PLUGIN = {"pmix": "PMIx", "pmi2": "PMI-2"}
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Check:
     name: str
     verdict: str  # ok | warn | fail

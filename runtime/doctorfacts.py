@@ -24,6 +24,7 @@ from rankwire.fabric.hostfacts import FabricHostFacts
 from rankwire.fabric.hostmpi import HostMpi, host_mpi
 from rankwire.fabric.imagefacts import FabricImageFacts, Listing, list_image
 from rankwire.fabric.plan import EMPTY_IMAGE
+from rankwire.record import record
 from rankwire.runtime.doctorhost import DoctorHostFacts, collect_doctor_host_facts
 from rankwire.runtime.plan import ImageFacts
 
@@ -37,14 +38,14 @@ ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
 MAX_ACCOUNT_BYTES = 16 << 20
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class MpiLibrary:
     family: str  # "Open MPI", "MPICH", "Intel MPI", "MVAPICH"
     version: str  # the library's own version string; "" when it has none we know
     path: str  # the file in the image
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class DoctorImageFacts:
     path: str
     arch: str  # the primary partition's (Go name, "unknown" when unrecognised)
@@ -80,7 +81,7 @@ class DoctorImageFacts:
         }
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class DoctorFacts:
     host: DoctorHostFacts
     image: Optional[DoctorImageFacts]

@@ -28,6 +28,7 @@ from typing import Any, Optional
 from rankwire.errors import UserError
 from rankwire.fabric.elf import is_glibc, newest
 from rankwire.fabric.hostfacts import Adapter, HostLibfabric, detect_adapters, host_libfabric
+from rankwire.record import record
 from rankwire.runtime.hostfacts import HostFacts, collect_host_facts, read_int
 
 # -- what `rankwire doctor` tries for real ------------------------------------------------
@@ -36,7 +37,7 @@ SLURM_TIMEOUT = 5.0  # seconds each Slurm command may take (scontrol waits for s
 SPANK_PLUGIN = "rankwire_spank.so"
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class NamespaceProbe:
     """What a forked child managed: `unshare(CLONE_NEWUSER | CLONE_NEWNS)` ("unshare"),
     map its own uid and gid ("uid_map"), mount two tmpfs ("tmpfs"), a kernel overlay of
@@ -48,21 +49,21 @@ class NamespaceProbe:
     detail: str = ""
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class FuseFacts:
     mode: Optional[int]  # permission bits of /dev/fuse; None when there is none
     open_errno: int  # opening it read-write: 0, or the error
     squashfuse: Optional[str]  # squashfuse_ll or squashfuse
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class PmixLibFacts:
     library: str  # what was loaded: $RANKWIRE_LIBPMIX, ldconfig's answer or libpmix.so.2
     version: str  # PMIx_Get_version(); "" when it could not be loaded and checked
     error: str  # why not, one line
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class SlurmInstall:
     """The Slurm this host's users reach (not the step we run in: see slurmfacts)."""
 
@@ -79,14 +80,14 @@ class SlurmInstall:
     spank_error: str  # what srun said when it could not load that plugin ("" when it did)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class DirFacts:
     path: str  # "" when it could not even be named (see error)
     error: str  # "" when a file could be made in it
     free_bytes: Optional[int]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class DoctorHostFacts:
     host: HostFacts
     goarch: str  # this machine as SIF/Go names it ("amd64"), or its machine name
@@ -405,7 +406,7 @@ def collect_doctor_host_facts() -> DoctorHostFacts:
 
 
 # -- what `rankwire recipe` matches an image to ------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@record
 class CpuFacts:
     """/proc/cpuinfo's first processor, as far as a target name needs it."""
 
@@ -418,7 +419,7 @@ class CpuFacts:
     flags: tuple[str, ...]  # x86 "flags" / aarch64 "Features"
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class RecipeHostFacts:
     """What `rankwire recipe` matches an MPI image to, read once (`collect_recipe_host_facts`)
     or loaded from a recorded file (`from_json`): Slurm's MPI plugins, the fabric, glibc,

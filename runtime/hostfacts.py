@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from rankwire.record import record
+
 # Tools the runtime can use, in order of preference within each role.
 TOOLS = (
     "squashfuse_ll",
@@ -34,7 +36,7 @@ def read_int(path: Path) -> Optional[int]:
         return None
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class HostFacts:
     """What this host offers; `root` lets tests point it at a recorded tree."""
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 
 from rankwire.errors import UserError
 from rankwire.errors import shown as _shown
+from rankwire.record import record
 from rankwire.runtime.sif_format import DataType, Descriptor, SifError
 from rankwire.runtime.sif_read import SifImage
 
@@ -38,7 +39,7 @@ _SECTIONS = frozenset(
 )  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Deffile:
     """A parsed definition file: header keys (lower-case) and section bodies."""
 
@@ -144,7 +145,7 @@ def environment_file(env: Mapping[str, str], literal: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ImageMetadata:
     """What the planner needs from an image, read without touching the file data.
 

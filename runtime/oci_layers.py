@@ -17,7 +17,6 @@ content would pass the cap is refused from its header, before any of it is writt
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gzip
 import importlib
 import io
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Tuple
 
 from rankwire.errors import UserError, shown
+from rankwire.record import record
 
 MIB = 1 << 20
 MAX_ENTRIES = 2_000_000
@@ -66,7 +66,7 @@ class _Source(Protocol):
     def read(self, size: int, /) -> bytes: ...
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Layer:
     """One layer blob to apply (its digest already checked by the caller)."""
 

@@ -13,14 +13,15 @@ This file imports nothing of rankwire: `make -C spank` runs it as a script
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from typing import Optional, Union
+
+from rankwire.record import record
 
 Value = Union[bool, str, None, tuple[str, ...]]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Option:
     dest: str  # the ExecOptions field (scope container/process), or the plugin's name for it
     kind: str  # "flag" | "value" | "list" (repeatable; the planner may split commas)

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 from rankwire.errors import UserError
+from rankwire.record import record
 from rankwire.runtime.options import option
 from rankwire.runtime.slurmfacts import SlurmStep
 
@@ -42,7 +43,7 @@ KERNEL_DIRS = ("/proc", "/sys", "/dev")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Mount:
     """One mount inside the container, applied in plan order.
 
@@ -63,7 +64,7 @@ class Mount:
         return f"{self.source}:{self.target}:{'ro' if self.readonly else 'rw'}"
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ContainerPlan:
     image: str
     partition_offset: int
@@ -101,7 +102,7 @@ class ContainerPlan:
         return cls(**fields)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ProcessPlan:
     argv: tuple[str, ...]
     env: dict[str, str]
@@ -112,7 +113,7 @@ class ProcessPlan:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ImageFacts:
     """What the planner needs to know of an image (read once by `image_facts`)."""
 
@@ -133,7 +134,7 @@ class ImageFacts:
     entrypoint: Optional[tuple[str, ...]] = None
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ExecOptions:
     """The container and process options (declared in `runtime/options.py`)."""
 
@@ -174,7 +175,7 @@ def cache_dir(environ: Mapping[str, str], home: str) -> str:
     return posixpath.join(environ.get("XDG_CACHE_HOME") or f"{home}/.cache", "rankwire")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class UserFacts:
     """The invoking user and where they stand (read once by `runtime/userfacts.py`)."""
 

@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from rankwire import lockdirs
 from rankwire.errors import UserError, shown
+from rankwire.record import record
 from rankwire.runtime.reference import Access, Reference, is_remote, parse_reference
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ SIF_LAYER_LEGACY = "appliciation/vnd.sylabs.sif.layer.tar"  # sic: older Apptain
 EMPTY_CONFIG = b"{}"
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class PullResult:
     reference: str  # as given, pinned to the digest it resolved to
     digest: str  # the image manifest's (docker) or the artifact manifest's (oras)

@@ -19,7 +19,6 @@ run through `spack containerize`/`spack concretize` (no Spack on the test machin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from typing import Optional
 
 from rankwire.errors import UserError, shown
 from rankwire.pmi.bridgeplan import slurm_wireup
+from rankwire.record import record
 from rankwire.runtime.doctorhost import CpuFacts, RecipeHostFacts
 
 MPIS = ("mpich", "openmpi")
@@ -73,14 +73,14 @@ PORTABLE_PROVIDERS = ("tcp", "rxm", "shm")
 SPACK_PROVIDER = {"efa": "efa", "verbs": "verbs", "psm2": "psm2", "opx": "opx"}
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Choice:
     what: str
     value: str
     why: str
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Recipe:
     kind: str  # spack | def
     text: str
@@ -91,7 +91,7 @@ class Recipe:
         return [f"{c.what:<{width}}  {c.value}: {c.why}" for c in self.choices]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Distro:
     """What a distribution's packages give an MPI image. `verified`: checked on that
     distribution (/work/shared/research/pmi.md, libfabric.md); the others are from the
@@ -152,7 +152,7 @@ DISTROS = {
 
 
 # -- facts, as the recipes see them -----------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@record
 class SlurmPmi:
     present: bool  # a working srun
     pmi2: bool
@@ -181,7 +181,7 @@ def slurm_pmi(f: RecipeHostFacts) -> SlurmPmi:
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Fabric:
     kind: str  # adapter kind; "" when no fast adapter was found
     adapters: str  # how they are described

@@ -12,6 +12,7 @@ import re
 from typing import Optional
 
 from rankwire.errors import UserError, shown
+from rankwire.record import record
 
 TRANSPORTS = ("docker://", "oras://")
 DOCKER_HUB = "docker.io"
@@ -27,7 +28,7 @@ def is_remote(image: str) -> bool:
     return image.startswith(TRANSPORTS)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Reference:
     transport: str  # "docker" | "oras"
     registry: str  # host[:port] as written (docker.io for Docker Hub)
@@ -101,7 +102,7 @@ def parse_reference(text: str) -> Reference:
     return Reference(transport[:-3], registry, "/".join(path), tag, digest)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Access:
     """How to reach a registry: the choices a user makes on the command line."""
 

@@ -8,7 +8,6 @@ aligned to 4096. Everything is packed little-endian. Reading is in `sif_read`, w
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import os
 import platform
@@ -18,6 +17,7 @@ import uuid
 from typing import Optional, Union
 
 from rankwire.errors import UserError
+from rankwire.record import record
 
 HEADER = struct.Struct("<32s10s3s3s16s8q")
 DESCRIPTOR = struct.Struct("<iBIIIqqqqqqq128s384s")
@@ -193,7 +193,7 @@ def _enum_or_int(cls: type[enum.IntEnum], value: int) -> int:
         return value
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Header:
     """The global header; times are Unix seconds (ZERO_TIME in deterministic images)."""
 
@@ -220,7 +220,7 @@ class Header:
         )
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Descriptor:
     """One used descriptor. `group_id` is the plain group number (0: no group).
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from rankwire.errors import UserError, shown
+from rankwire.record import record
 from rankwire.runtime.sif_digest import descriptor_digest, header_digest, partition_digest
 from rankwire.runtime.sif_format import DataType, Descriptor, PathLike
 from rankwire.runtime.sif_read import SifImage
@@ -72,7 +73,7 @@ def _read_key_file(path: PathLike, what: str) -> bytes:
         ) from None
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class PemKey:
     """A DSSE key: private for signing, public for verifying. `fingerprint` is the SHA-256
     of its SSH public key blob, hex (the signature's descriptor records no fingerprint)."""
@@ -185,7 +186,7 @@ def pem_public_of(path: PathLike, data: bytes) -> PemKey:
     return PemKey(str(path), public, None, _pem_fingerprint(public))
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class PgpSigner:
     """An OpenPGP secret key for `sign --key`."""
 
@@ -240,7 +241,7 @@ def load_pgp_signer(path: PathLike) -> PgpSigner:
     return PgpSigner(str(path), tsk, cert.fingerprint.lower(), uids[0] if uids else "")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Keyring:
     """OpenPGP certificates, indexed by every (sub)key fingerprint and key ID they hold."""
 
@@ -407,7 +408,7 @@ def _pgp_issuer(data: bytes) -> str:
 Key = Union[PgpSigner, PemKey]
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Signed:
     group_id: int
     object_ids: tuple[int, ...]
@@ -508,7 +509,7 @@ def sign_image(
 # --- verifying --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Signer:
     """Who made one verified signature."""
 
@@ -522,7 +523,7 @@ class Signer:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class GroupResult:
     group_id: int
     object_ids: tuple[int, ...]
@@ -536,7 +537,7 @@ class GroupResult:
         }
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class TrustedKeys:
     keyring: Optional[Keyring] = None
     pem_keys: tuple[PemKey, ...] = ()

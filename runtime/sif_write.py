@@ -5,7 +5,6 @@ edit one in place as `siftool add` / `siftool del` do.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import secrets
@@ -15,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Sequence
 
+from rankwire.record import record
 from rankwire.runtime.sif_format import (
     CHUNK_SIZE,
     DEFAULT_CAPACITY,
@@ -40,7 +40,7 @@ from rankwire.runtime.sif_read import SifImage
 _PARTITION_EXTRA = struct.Struct("<ii3s")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class ObjectInput:
     """A data object to write: exactly one of `data` (bytes), `path` (streamed) or
     `writer`: a function that writes the object itself into the new SIF (its temp file's

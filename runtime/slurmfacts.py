@@ -6,13 +6,14 @@ would load it for nothing; TmpFS is read from the slurm.conf the step uses.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Optional
 
+from rankwire.record import record
 
-@dataclasses.dataclass(frozen=True)
+
+@record
 class SlurmStep:
     job_id: str
     step_id: str

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rankwire.errors import UserError, shown
+from rankwire.record import record
 
 VERIFY_VAR = "RANKWIRE_VERIFY"
 KEYRING_VAR = "RANKWIRE_KEYRING"  # colon-separated keyring files
@@ -42,7 +43,7 @@ _SETTLE_NS = 2_000_000_000
 _FUSE_TYPES = ("fuse", "fuseblk")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Requirement:
     """Every object group must be signed, and only by keys with these fingerprints
     (lowercase hex), checked with the keys in these files (OpenPGP or PEM public keys).
@@ -95,7 +96,7 @@ def requirement(
     return Requirement(parse_fingerprints(verify, named), default, keyrings_given=False)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Verified:
     signers: tuple[str, ...]  # uppercase fingerprints, in group order
     cached: bool

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 from rankwire.errors import UserError
 from rankwire.pmi.bridgeplan import NAMES, PMI2_TO_PMIX, PMIX_TO_PMI, BridgePlan
+from rankwire.record import record
 from rankwire.runtime import frame
 from rankwire.runtime.plan import ContainerPlan, ImageFacts, Mount, entrypoint_words
 from rankwire.runtime.reference import is_remote, parse_reference
@@ -426,7 +427,7 @@ def _depends(
     return out
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class _Allowed:
     """Root's record, in root's JOB (or global) dir, of the image policy allowed for the
     container NAME of user UID: a later step of it runs that image (from its overlay

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Optional
 
 from rankwire.errors import UserError
+from rankwire.record import record
 from rankwire.runtime import frame
 from rankwire.runtime.options import option, spank_options
 from rankwire.runtime.plan import (
@@ -35,7 +36,7 @@ SPECIAL_STEPS = frozenset({0xFFFFFFFA, 0xFFFFFFFB, 0xFFFFFFFC, 0xFFFFFFFD})
 PLAN_ENV_DROP = option("binds").env
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class JobFacts:
     """What slurmstepd told the helper (see spank/rankwire_spank.c `put_facts`)."""
 
@@ -95,7 +96,7 @@ class JobFacts:
         return None
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Asked:
     """The container a step asked for, before any check."""
 
@@ -346,7 +347,7 @@ def named_dir(facts: JobFacts, want: Asked) -> str:
     return posixpath.join(base, where, str(facts.uid), want.name)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Named:
     """What the check phase decides for a named container, from what it found."""
 
@@ -405,7 +406,7 @@ PULL_ENV_KEEP = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Pull:
     """How the check phase pulls a remote image: as the job user, into `root`."""
 
@@ -493,7 +494,7 @@ def step_env(facts: JobFacts) -> dict[str, str]:
     }
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class TaskEnv:
     """Changes to each task's environment, applied by the shim in task_init."""
 

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from rankwire.errors import UserError
+from rankwire.record import record
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,7 +60,7 @@ class PolicyError(UserError):
         super().__init__(f"policy: {reason}")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Policy:
     source: Optional[str] = None  # the file it came from; None: no policy configured
     image_dirs: Optional[tuple[str, ...]] = None

@@ -7,7 +7,7 @@ import dataclasses
 import re
 import socket
 import typing
-from typing import Optional
+from typing import ClassVar, Optional
 
 import pytest
 from hypothesis import given, settings
@@ -732,53 +732,75 @@ def test_field_kinds_are_frozen_and_default_as_documented() -> None:
 
 # -- @record: what a frozen dataclass gives, without its per-class code generation ----------
 def test_a_record_behaves_as_the_frozen_dataclass_it_replaces() -> None:
-    from rankwire.pmi.record import record
+    from rankwire.record import record
 
     @record
     class Rec:
         key: str
         value: int = 1
         note: Optional[str] = None
+        tags: list[str] = dataclasses.field(default_factory=list)
+        kind: ClassVar[str] = "k"
 
     @dataclasses.dataclass(frozen=True)
     class Dc:
         key: str
         value: int = 1
         note: Optional[str] = None
+        tags: list[str] = dataclasses.field(default_factory=list)
+        kind: ClassVar[str] = "k"
 
     for make in (Rec, Dc):
         a = make("k", 2, note="n")
-        assert (a.key, a.value, a.note) == ("k", 2, "n")
+        assert (a.key, a.value, a.note, a.tags) == ("k", 2, "n", [])
+        assert make("k").tags is not make("k").tags  # a new list each time
         assert make("k") == make(key="k", value=1) and make("k") != make("k", 2)
-        assert hash(make("k", 2)) == hash(make("k", 2))
-        assert repr(make("k")) == f"{make.__qualname__}(key='k', value=1, note=None)"
-        assert make.__match_args__ == ("key", "value", "note")  # type: ignore[attr-defined]
+        assert hash(make("k", 2, tags=())) == hash(make("k", 2, tags=()))  # type: ignore[arg-type]
+        assert repr(make("k")) == f"{make.__qualname__}(key='k', value=1, note=None, tags=[])"
+        assert make.__match_args__ == ("key", "value", "note", "tags")  # type: ignore[attr-defined]
+        assert [f.name for f in dataclasses.fields(make)] == ["key", "value", "note", "tags"]
+        assert dataclasses.asdict(a) == {"key": "k", "value": 2, "note": "n", "tags": []}
+        assert dataclasses.replace(a, value=3) == make("k", 3, note="n")
+        assert dataclasses.is_dataclass(a) and make.kind == "k"
         with pytest.raises(dataclasses.FrozenInstanceError):
             a.key = "x"  # type: ignore[misc]
         with pytest.raises(dataclasses.FrozenInstanceError):
             del a.value  # type: ignore[misc]
         bad: list[tuple[tuple[object, ...], dict[str, object], str]] = [
             ((), {}, "missing"),
-            (("k", 1, None, 4), {}, "positional arguments but"),
+            (("k", 1, None, [], 5), {}, "positional arguments but"),
             (("k",), {"key": "j"}, "multiple values for argument 'key'"),
             (("k",), {"other": 1}, "unexpected keyword argument 'other'"),
         ]
         for args, kwargs, said in bad:
             with pytest.raises(TypeError, match=said):
                 make(*args, **kwargs)
+    assert Rec.__doc__ == "Rec(key, value, note, tags)"  # made without inspect.signature
     # equal fields, another class: not equal (a tuple's equality would say so)
-    assert Rec("k") != Dc("k") and Rec("k") != ("k", 1, None)
+    assert Rec("k") != Dc("k") and Rec("k") != ("k", 1, None, [])
 
     @record
     class More(Rec):
         extra: bool = False
 
     assert More("k", extra=True).extra and More("k") != Rec("k")
-    assert More.__match_args__ == ("key", "value", "note", "extra")  # type: ignore[attr-defined]
+    assert More.__match_args__ == ("key", "value", "note", "tags", "extra")  # type: ignore[attr-defined]
+
+    @record
+    class Checked:
+        n: int
+
+        def __post_init__(self) -> None:
+            if self.n < 0:
+                raise ValueError("n < 0")
+
+    assert Checked(1).n == 1
+    with pytest.raises(ValueError, match=r"^n < 0$"):
+        Checked(-1)
 
 
 def test_a_record_refuses_what_it_does_not_support() -> None:
-    from rankwire.pmi.record import record
+    from rankwire.record import record
 
     class Plain:
         a: int
@@ -792,16 +814,16 @@ def test_a_record_refuses_what_it_does_not_support() -> None:
 
     keep = "which a record does not keep"
     not_record = "base Plain has annotations but is no record"
+    flags = "a field's init, repr, compare or hash flag is not supported"
     cases: list[tuple[str, tuple[type, ...], dict[str, object], str]] = [
         ("Late", (), {**ann(a="int", b="int"), "a": 0},
          "non-default field b follows a default one"),
-        ("Fac", (), {**ann(a="list[int]"), "a": dataclasses.field(default_factory=list)},
-         "a: dataclasses.field() is not supported"),
-        ("Mut", (), {**ann(a="list[int]"), "a": []}, "a: a mutable default (list) is not allowed"),
-        ("Cv", (), {**ann(k="ClassVar[int]"), "k": 1},
-         "k is a ClassVar, which a record does not support"),
+        ("Fac", (), {**ann(a="list[int]", b="int"), "a": dataclasses.field(default_factory=list)},
+         "non-default field b follows a default one"),
         ("Own", (), {**ann(a="int"), "__repr__": repr}, f"defines __repr__, {keep}"),
-        ("Post", (), {**ann(a="int"), "__post_init__": id}, f"defines __post_init__, {keep}"),
+        ("Hidden", (), {**ann(a="int"), "a": dataclasses.field(repr=False)}, f"a: {flags}"),
+        ("Uncompared", (), {**ann(a="int"), "a": dataclasses.field(compare=False)},
+         f"a: {flags}"),
         ("Sub", (Plain,), ann(b="int"), not_record),
         ("Left", (Plain, Rec), ann(b="int"), not_record),
         ("Right", (Rec, Plain), ann(b="int"), not_record),
@@ -809,6 +831,9 @@ def test_a_record_refuses_what_it_does_not_support() -> None:
     for name, bases, namespace, said in cases:
         with pytest.raises(TypeError, match=f"^{re.escape(f'{name}: {said}')}$"):
             record(type(name, bases, namespace))
+    # what a dataclass refuses, a record refuses the same way
+    with pytest.raises(ValueError, match=r"^mutable default <class 'list'> for field a is not"):
+        record(type("Mut", (), {**ann(a="list[int]"), "a": []}))
 
 
 # -- framing limits, exact (mutation-testing kills) ----------------------------------------

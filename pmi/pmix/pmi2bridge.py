@@ -108,6 +108,7 @@ from typing import Any, Optional
 
 from rankwire.errors import UserError, exec_failure, shown
 from rankwire.pmi.job import nodes_of
+from rankwire.record import record
 from rankwire.runtime import frame
 from rankwire.runtime.peercred import connect_own
 
@@ -125,7 +126,7 @@ STEP_VARS = ("PMI_FD", "PMI_JOBID", "PMI_RANK", "PMI_SIZE", "SLURM_LOCALID", "SL
 
 
 # -- pure: the step, the keys, the chunks, the task's environment ------------------------------
-@dataclasses.dataclass(frozen=True)
+@record
 class Step:
     """This task in Slurm's PMI-2 step (from its environment)."""
 
@@ -170,7 +171,7 @@ def step_of(environ: Mapping[str, str]) -> Step:
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Layout:
     """Where Slurm placed the step's ranks: `node_of[rank]`, and this task's node."""
 

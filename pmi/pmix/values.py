@@ -10,7 +10,6 @@ for malloc'ed strings and argv arrays libpmix hands over live here too.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, Union
 
@@ -50,9 +49,10 @@ from rankwire.pmi.pmix.abi import (
     free,
     lib,
 )
+from rankwire.record import record
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Typed:
     """A value with an explicit PMIx data type, e.g. `Typed(UINT16, 3)`."""
 
@@ -60,7 +60,7 @@ class Typed:
     value: Any
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Opaque:
     """A value of a type these bindings do not decode."""
 

@@ -1,22 +1,24 @@
 """`@record`: a frozen dataclass without `dataclasses`' per-class code generation.
 
-The PMI codec declares about 40 small immutable types (`pmi.messages`, `pmi.fields`,
-`pmi.commands`). `@dataclasses.dataclass(frozen=True)` compiles six methods for each
-(`exec`, Python 3.11): about 1 ms per class, 30-40 ms of the start of every process that
-speaks PMI (the bridges, their node servers, the launcher's server), which is on the path
-of each bridged task. Here the methods are written once and shared (each call costs
-about 1.5 µs more than a generated one: nothing next to a PMI round trip). Kept from a
-frozen dataclass: the constructor (positional or keyword, class-level defaults), `==`
-between instances of the same class only, `hash`, `repr`, `__match_args__` and
+Every immutable type of the project is a record: facts, options, plans, the PMI codec's
+messages, SIF descriptors (about 100 types; 30-40 on the path of each `rankwire exec`,
+launch or plugin helper). `@dataclasses.dataclass(frozen=True)` compiles six methods for
+each (one `exec` apiece, Python 3.11): 0.3-0.6 ms a class, 15-20 ms of every start of
+those commands. A record is still a dataclass — `dataclasses.dataclass(init=False,
+repr=False, eq=False)` collects its fields and generates nothing — so `dataclasses.fields`,
+`asdict`, `replace`, `is_dataclass`, `field(default_factory=...)`, `ClassVar` and
+`__match_args__` work as they do for any dataclass; the six methods are written once, here,
+and shared (each call costs about 1.5 µs more than a generated one). Kept from a frozen
+dataclass: the constructor (positional or keyword, defaults and default factories, then
+`__post_init__`), `==` between instances of the same class only, `hash`, `repr` and
 `dataclasses.FrozenInstanceError` on assignment or deletion. Type checkers see a frozen
 dataclass (PEP 681).
 
-Not kept: `dataclasses.fields/asdict/replace/is_dataclass` (a record is no dataclass to
-them; a type checker does not see that), a constructor signature for introspection
-(`inspect.signature`, hypothesis's `st.builds`). Refused at declaration: `ClassVar` and
-`dataclasses.field(...)` annotations or defaults, mutable defaults (list, dict, set),
-`__post_init__` and the class's own `__init__`, `__eq__`, `__hash__`, `__repr__`,
-`__setattr__` or `__delattr__`, and a base class that is no record but has annotations.
+Not kept: a constructor signature for introspection (`inspect.signature`, hypothesis's
+`st.builds`), per-field `init`/`repr`/`compare`/`hash` flags (refused). Refused at
+declaration too: the class's own `__init__`, `__eq__`, `__hash__`, `__repr__`,
+`__setattr__` or `__delattr__`, a field without a default after one with, and a base
+class that is no record but has annotations.
 """
 
 from __future__ import annotations
@@ -36,48 +38,43 @@ T = TypeVar("T", bound=type)
 
 
 _METHODS = ("__init__", "__setattr__", "__delattr__", "__eq__", "__hash__", "__repr__")
+_FLAGS = ("init", "repr", "compare")  # a field's flags that must stay True (hash: None)
 
 
-@dataclass_transform(frozen_default=True, eq_default=True)
+@dataclass_transform(frozen_default=True, eq_default=True, field_specifiers=(dataclasses.field,))
 def record(cls: T) -> T:
     def refuse(why: str) -> NoReturn:
         raise TypeError(f"{cls.__name__}: {why}")
 
     c: Any = cls  # gets attributes a type checker does not know of
-    # the class's own annotations (3.9: only through its __dict__)
-    own = dict(cls.__dict__.get("__annotations__", {}))  # noqa: RUF063
-    inherited: tuple[str, ...] = ()
     for base in cls.__mro__[1:-1]:  # not object
-        if "__record_fields__" in base.__dict__:
-            inherited = inherited or base.__dict__["__record_fields__"]
-        elif base.__dict__.get("__annotations__"):  # noqa: RUF063
+        if "__record_fields__" not in base.__dict__ and base.__dict__.get("__annotations__"):  # noqa: RUF063
             refuse(f"base {base.__name__} has annotations but is no record")
-    for name, annotation in own.items():
-        if str(annotation).startswith(("ClassVar", "typing.ClassVar")):
-            refuse(f"{name} is a ClassVar, which a record does not support")
-    for method in (*_METHODS, "__post_init__"):
+    for method in _METHODS:
         if method in cls.__dict__:
             refuse(f"defines {method}, which a record does not keep")
-    names = inherited + tuple(n for n in own if n not in inherited)
-    defaults = {}
-    for base in reversed(cls.__mro__):
-        for name in names:
-            if name in base.__dict__:
-                defaults[name] = base.__dict__[name]
-    for name, value in defaults.items():
-        if isinstance(value, dataclasses.Field):
-            refuse(f"{name}: dataclasses.field() is not supported")
-        if isinstance(value, (list, dict, set)):
-            refuse(f"{name}: a mutable default ({type(value).__name__}) is not allowed")
-    seen_default = False
-    for name in names:
-        if name in defaults:
-            seen_default = True
-        elif seen_default:
-            refuse(f"non-default field {name} follows a default one")
-    c.__record_fields__ = names
+    undocumented = not cls.__doc__
+    if undocumented:  # else `dataclass` makes one with `inspect.signature`: slow, and ours
+        c.__doc__ = "-"  # would say (*args, **kwargs)
+    dataclasses.dataclass(cls, init=False, repr=False, eq=False)
+    fields = dataclasses.fields(cls)
+    if undocumented:
+        c.__doc__ = f"{cls.__name__}({', '.join(f.name for f in fields)})"
+    defaults: dict[str, Any] = {}
+    factories: dict[str, Any] = {}
+    for f in fields:
+        if not all(getattr(f, flag) for flag in _FLAGS) or f.hash is not None:
+            refuse(f"{f.name}: a field's init, repr, compare or hash flag is not supported")
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            factories[f.name] = f.default_factory
+        elif defaults or factories:
+            refuse(f"non-default field {f.name} follows a default one")
+    c.__record_fields__ = tuple(f.name for f in fields)
     c.__record_defaults__ = defaults
-    setattr(c, "__match_args__", names)  # noqa: B010 (a type checker refuses it plainly)
+    c.__record_factories__ = factories
+    c.__record_post_init__ = getattr(cls, "__post_init__", None)
     c.__init__ = _init
     c.__setattr__ = _setattr
     c.__delattr__ = _delattr
@@ -106,11 +103,16 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
             set_field(self, name, kwargs.pop(name))
         elif name in defaults:
             set_field(self, name, defaults[name])
+        elif name in cls.__record_factories__:
+            set_field(self, name, cls.__record_factories__[name]())
         else:
             raise TypeError(f"{cls.__name__}() missing required argument: {name!r}")
     if kwargs:  # a positional one given again raised above: these are unknown
         unknown = next(iter(kwargs))
         raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {unknown!r}")
+    post_init = cls.__record_post_init__
+    if post_init is not None:
+        post_init(self)
 
 
 def _values(self: Any) -> tuple[Any, ...]:
