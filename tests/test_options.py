@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from rankwire.record import record
 from rankwire.runtime import options, plan
 from rankwire.runtime.options import OPTIONS, Option, delegation_argv, spank_header
 
@@ -32,12 +33,8 @@ DUMMY = Option(
 def with_dummy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The table with DUMMY added, and ExecOptions with its field (its planner logic);
     the CLI modules rebuilt from them, and rebuilt again from the real table after."""
-    exec_options = dataclasses.make_dataclass(
-        "ExecOptions",
-        [("dummy_knob", "object", dataclasses.field(default=None))],
-        bases=(plan.ExecOptions,),
-        frozen=True,
-    )
+    namespace = {"__annotations__": {"dummy_knob": "object"}, "dummy_knob": None}
+    exec_options = record(type("ExecOptions", (plan.ExecOptions,), namespace))
     monkeypatch.setattr(options, "OPTIONS", (*OPTIONS, DUMMY))
     monkeypatch.setattr(plan, "ExecOptions", exec_options)
     modules = [
