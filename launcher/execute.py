@@ -48,7 +48,9 @@ def say(message: str) -> None:
 
 
 class _Job:
-    def __init__(self, plan: LaunchPlan, lease: Optional[Lease]) -> None:
+    def __init__(
+        self, plan: LaunchPlan, lease: Optional[Lease], server: Union[PmiServer, PmixServer]
+    ) -> None:
         self.plan = plan
         self.lease = lease
         self.loop = asyncio.get_running_loop()
@@ -71,14 +73,7 @@ class _Job:
         self.errors_buf = bytearray()
         self.not_started: dict[str, list[int]] = {}  # why -> ranks
         self.done = self.loop.create_future()
-        job = Job(size=plan.ntasks, fence_timeout=plan.fence_timeout)
-        self.server: Union[PmiServer, PmixServer]
-        if plan.pmi == "pmix":
-            from rankwire.pmi.pmix.server import PmixServer
-
-            self.server = PmixServer(job)
-        else:
-            self.server = PmiServer(job, mode=plan.pmi_transport)
+        self.server = server
 
     # -- failures and teardown --------------------------------------------------------
     def fail(self, code: int, why: Optional[str] = None) -> None:
@@ -336,10 +331,25 @@ def execute(plan: LaunchPlan) -> int:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (plan.open_files, hard))
 
-    async def main(lease: Optional[Lease]) -> int:
-        return await _Job(plan, lease).run()
+    async def main() -> int:
+        job = Job(size=plan.ntasks, fence_timeout=plan.fence_timeout)
+        server: Union[PmiServer, PmixServer]
+        if plan.pmi == "pmix":
+            from rankwire.pmi.pmix.server import PmixServer
 
-    if plan.container is None:
-        return asyncio.run(main(None))
-    with open_container(plan.container) as lease:
-        return asyncio.run(main(lease))
+            server = PmixServer(job)
+        else:
+            server = PmiServer(job, mode=plan.pmi_transport)
+        with contextlib.ExitStack() as stack:
+            try:
+                if not isinstance(server, PmiServer):
+                    server.launch()  # its helpers start while the container does
+                lease = None
+                if plan.container is not None:
+                    lease = stack.enter_context(open_container(plan.container))
+            except BaseException:
+                await server.close()  # `_Job.run` closes it from here on
+                raise
+            return await _Job(plan, lease, server).run()
+
+    return asyncio.run(main())

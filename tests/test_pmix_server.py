@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -88,6 +89,64 @@ def test_rank_env_and_close() -> None:
             assert not os.path.exists(f"/proc/{pid}"), f"helper {pid} left behind"
 
     asyncio.run(main())
+
+
+def test_launched_helpers_stop_without_a_start() -> None:
+    """`launch` starts the helpers and sends them the job; a caller that then fails (its
+    container did not start) closes the server: each helper ends on the EOF by itself,
+    and the tmpdir goes."""
+
+    async def main() -> tuple[str, list[subprocess.Popen[bytes]]]:
+        server = PmixServer(Job(3, nodes=[0, 1, 1]))
+        server.launch()
+        procs = [n.proc for n in server.nodes if n.proc is not None]
+        tmpdir = server._tmpdir
+        assert tmpdir is not None and len(procs) == 2
+        await server.close()
+        return tmpdir, procs
+
+    tmpdir, procs = asyncio.run(main())
+    assert [p.returncode for p in procs] == [0, 0]  # ended by themselves, not killed
+    assert not os.path.exists(tmpdir)
+
+
+def test_the_launcher_stops_its_helpers_when_the_container_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The executor launches a PMIx job's helpers before it opens the container (their
+    start overlaps the container's); a container that fails to open leaves none behind."""
+    from rankwire.launcher import execute
+    from rankwire.launcher.plan import LaunchPlan
+    from rankwire.runtime.plan import ContainerPlan, ProcessPlan
+
+    launched: list[tuple[Optional[str], list[subprocess.Popen[bytes]]]] = []
+    real_launch = PmixServer.launch
+
+    def launch(self: PmixServer) -> None:
+        real_launch(self)
+        launched.append((self._tmpdir, [n.proc for n in self.nodes if n.proc is not None]))
+
+    def open_container(plan: ContainerPlan) -> None:
+        raise UserError("the container did not start")
+
+    monkeypatch.setattr(PmixServer, "launch", launch)
+    monkeypatch.setattr(execute, "open_container", open_container)
+    plan = LaunchPlan(
+        ntasks=2,
+        pmi="pmix",
+        pmi_transport="fd",
+        tag_output=False,
+        timeout=None,
+        fence_timeout=None,
+        grace=1.0,
+        container=typing.cast(ContainerPlan, "app.sif"),  # open_container above takes it
+        process=ProcessPlan(argv=("/bin/true",), env={}, workdir="/"),
+    )
+    with pytest.raises(UserError, match=r"^the container did not start$"):
+        execute.execute(plan)
+    ((tmpdir, procs),) = launched
+    assert tmpdir is not None and not os.path.exists(tmpdir)
+    assert [p.returncode for p in procs] == [0]  # stopped and reaped
 
 
 def test_a_helper_that_cannot_load_libpmix_is_a_user_error() -> None:

@@ -21,6 +21,7 @@ Environment (set by PmixServer, read by libpmix at server init):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -221,13 +222,17 @@ async def serve(fd: int) -> int:
     except Exception as err:  # a UserError or PmixError the launcher shows to the user
         log.debug("PMIx helper start failed", exc_info=True)
         helper.send({"op": "error", "message": str(err).splitlines()[0]})
-        await writer.drain()
+        with contextlib.suppress(OSError):  # the launcher may be gone
+            await writer.drain()
         return 1
     try:
         while True:
-            line = await reader.readline()
+            try:
+                line = await reader.readline()
+            except OSError:  # a write to the launcher failed: it closed its end
+                line = b""
             if not line:
-                break  # the launcher is gone
+                break  # the launcher is gone (or stopped a helper it never waited for)
             msg = wire.decode(line)
             op = msg["op"]
             if op in ("fence_done", "dmodex_done"):

@@ -108,6 +108,7 @@ class _Node:
         self.name = name
         self.ranks = ranks
         self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.sock: Optional[socket.socket] = None  # ours, until `start` opens the streams
         self.reader: Optional[asyncio.StreamReader] = None
         self.writer: Optional[asyncio.StreamWriter] = None
         self.task: Optional[asyncio.Task[None]] = None
@@ -181,14 +182,27 @@ class PmixServer:
         self._closing = False
 
     # -- the launcher's API -------------------------------------------------------------------
+    def launch(self) -> None:
+        """Start one helper per node and send it the job, without waiting for it: the
+        helpers come up (Python, libpmix, hwloc: 60-100 ms) while the caller goes on (the
+        launcher starts its container meanwhile). `start` waits for them; `close` stops
+        them, started or not."""
+        self._tmpdir, self._tmpdir_lock = claim_tmpdir()
+        for node in self.nodes:
+            self._spawn_helper(node)
+
     async def start(self) -> None:
-        """Start one helper per node; returns once every rank is registered."""
+        """Start the helpers (unless `launch` did); returns once every rank is registered."""
         self._loop = asyncio.get_running_loop()
         self._events = asyncio.Queue()
-        self._tmpdir, self._tmpdir_lock = claim_tmpdir()
         try:
+            if self._tmpdir is None:
+                self.launch()
             for node in self.nodes:
-                await self._spawn_helper(node)
+                sock, node.sock = node.sock, None
+                node.reader, node.writer = await asyncio.open_connection(
+                    sock=sock, limit=wire.LINE_LIMIT
+                )
             await asyncio.wait_for(
                 asyncio.gather(*(self._handshake(n) for n in self.nodes)), START_TIMEOUT
             )
@@ -275,7 +289,12 @@ class PmixServer:
         env.update(self.helper_env)
         return env
 
-    async def _spawn_helper(self, node: _Node) -> None:
+    def _spawn_helper(self, node: _Node) -> None:
+        """Start the node's helper and send it `init` (a few hundred bytes: the socket
+        takes them whole, before the helper reads)."""
+        assert self._tmpdir is not None
+        tmpdir = os.path.join(self._tmpdir, f"node{node.index}")
+        os.mkdir(tmpdir, 0o700)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             node.proc = subprocess.Popen(
@@ -289,28 +308,29 @@ class PmixServer:
             raise UserError(f"cannot start the PMIx helper with {self.python}: {err}") from err
         finally:
             theirs.close()
-        node.reader, node.writer = await asyncio.open_connection(sock=ours, limit=wire.LINE_LIMIT)
+        node.sock = ours
+        with contextlib.suppress(OSError):  # gone already: `start` says how it exited
+            ours.sendall(
+                wire.encode(
+                    {
+                        "op": "init",
+                        "nspace": self.nspace,
+                        "jobid": self.job.jobid,
+                        "appnum": self.job.appnum,
+                        "size": self.job.size,
+                        "hostname": node.name,
+                        "local_ranks": node.ranks,
+                        "node_ranks": [n.ranks for n in self.nodes],
+                        "node_names": [n.name for n in self.nodes],
+                        "tmpdir": tmpdir,
+                        "uid": os.getuid(),
+                        "gid": os.getgid(),
+                    }
+                )
+            )
 
     async def _handshake(self, node: _Node) -> None:
-        assert node.reader is not None and self._tmpdir is not None
-        tmpdir = os.path.join(self._tmpdir, f"node{node.index}")
-        os.mkdir(tmpdir, 0o700)
-        node.send(
-            {
-                "op": "init",
-                "nspace": self.nspace,
-                "jobid": self.job.jobid,
-                "appnum": self.job.appnum,
-                "size": self.job.size,
-                "hostname": node.name,
-                "local_ranks": node.ranks,
-                "node_ranks": [n.ranks for n in self.nodes],
-                "node_names": [n.name for n in self.nodes],
-                "tmpdir": tmpdir,
-                "uid": os.getuid(),
-                "gid": os.getgid(),
-            }
-        )
+        assert node.reader is not None
         line = await node.reader.readline()
         if not line:
             code = node.proc.wait() if node.proc is not None else None
@@ -330,6 +350,9 @@ class PmixServer:
                 await asyncio.wait_for(asyncio.shield(node.task), STOP_TIMEOUT)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 node.task.cancel()
+        if node.sock is not None:  # launched, never started: this EOF is its shutdown
+            node.sock.close()
+            node.sock = None
         proc = node.proc
         if proc is not None:
             if not await _wait_exit(proc, STOP_TIMEOUT):
