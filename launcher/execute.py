@@ -325,6 +325,16 @@ class _Job:
         return self.failure or 0
 
 
+def pmi_server(plan: LaunchPlan) -> Union[PmiServer, PmixServer]:
+    """The job's PMI server, not started yet (its owner, `_Job.run`, starts and closes it)."""
+    job = Job(size=plan.ntasks, fence_timeout=plan.fence_timeout)
+    if plan.pmi == "pmix":
+        from rankwire.pmi.pmix.server import PmixServer
+
+        return PmixServer(job)
+    return PmiServer(job, mode=plan.pmi_transport)
+
+
 def execute(plan: LaunchPlan) -> int:
     """Run the job; returns the launcher's exit code."""
     if plan.open_files is not None:  # the planner found the job needs more (up to hard)
@@ -332,14 +342,7 @@ def execute(plan: LaunchPlan) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (plan.open_files, hard))
 
     async def main() -> int:
-        job = Job(size=plan.ntasks, fence_timeout=plan.fence_timeout)
-        server: Union[PmiServer, PmixServer]
-        if plan.pmi == "pmix":
-            from rankwire.pmi.pmix.server import PmixServer
-
-            server = PmixServer(job)
-        else:
-            server = PmiServer(job, mode=plan.pmi_transport)
+        server = pmi_server(plan)
         with contextlib.ExitStack() as stack:
             try:
                 if not isinstance(server, PmiServer):

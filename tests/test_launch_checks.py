@@ -21,7 +21,7 @@ import pytest
 from harness.users import User
 from rankwire.errors import UserError
 from rankwire.launcher import plan as launch_plan
-from rankwire.launcher.execute import ABORT_GRACE_S, _Job, execute
+from rankwire.launcher.execute import ABORT_GRACE_S, _Job, execute, pmi_server
 from rankwire.launcher.plan import LaunchOptions, host_process, plan_launch
 from rankwire.pmi.job import FenceFailed
 from rankwire.pmi.server import Aborted, ProtocolViolation, RankLost
@@ -221,7 +221,7 @@ def _decisions(pmi: str, script: Callable[[_Job], Awaitable[None]]) -> tuple[Opt
     err = io.StringIO()
 
     async def main() -> Optional[int]:
-        job = _Job(plan, None)
+        job = _Job(plan, None, pmi_server(plan))
         try:
             await script(job)
             return job.failure
