@@ -341,18 +341,25 @@ def execute(plan: LaunchPlan) -> int:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (plan.open_files, hard))
 
-    async def main() -> int:
-        server = pmi_server(plan)
-        with contextlib.ExitStack() as stack:
-            try:
-                if not isinstance(server, PmiServer):
-                    server.launch()  # its helpers start while the container does
-                lease = None
-                if plan.container is not None:
-                    lease = stack.enter_context(open_container(plan.container))
-            except BaseException:
-                await server.close()  # `_Job.run` closes it from here on
-                raise
-            return await _Job(plan, lease, server).run()
+    server = pmi_server(plan)
+    with contextlib.ExitStack() as stack:
+        # The container opens outside asyncio's loop: there ^C stops a long setup at once.
+        try:
+            if not isinstance(server, PmiServer):
+                server.launch()  # its helpers start while the container does
+            lease = None
+            if plan.container is not None:
+                lease = stack.enter_context(open_container(plan.container))
+        except BaseException:
+            asyncio.run(server.close())
+            raise
 
-    return asyncio.run(main())
+        async def main() -> int:
+            try:
+                job = _Job(plan, lease, server)
+            except BaseException:
+                await server.close()
+                raise
+            return await job.run()  # which closes the server
+
+        return asyncio.run(main())

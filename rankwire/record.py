@@ -15,10 +15,10 @@ dataclass: the constructor (positional or keyword, defaults and default factorie
 dataclass (PEP 681).
 
 Not kept: a constructor signature for introspection (`inspect.signature`, hypothesis's
-`st.builds`), per-field `init`/`repr`/`compare`/`hash` flags (refused). Refused at
-declaration too: the class's own `__init__`, `__eq__`, `__hash__`, `__repr__`,
-`__setattr__` or `__delattr__`, a field without a default after one with, and a base
-class that is no record but has annotations.
+`st.builds`). Refused at declaration: per-field `init`/`repr`/`compare`/`hash` flags,
+keyword-only fields, `InitVar`, the class's own `__init__`, `__eq__`, `__hash__`,
+`__repr__`, `__setattr__` or `__delattr__`, a field without a default after one with, and
+a base class that is no record but has annotations.
 """
 
 from __future__ import annotations
@@ -62,9 +62,14 @@ def record(cls: T) -> T:
         c.__doc__ = f"{cls.__name__}({', '.join(f.name for f in fields)})"
     defaults: dict[str, Any] = {}
     factories: dict[str, Any] = {}
+    for name, f in cls.__dataclass_fields__.items():  # type: ignore[attr-defined]
+        if f not in fields and "InitVar" in str(f.type):  # ClassVars are fine
+            refuse(f"{name} is an InitVar, which a record does not support")
     for f in fields:
         if not all(getattr(f, flag) for flag in _FLAGS) or f.hash is not None:
             refuse(f"{f.name}: a field's init, repr, compare or hash flag is not supported")
+        if getattr(f, "kw_only", False) is True:  # Python 3.10+: KW_ONLY, kw_only=True
+            refuse(f"{f.name}: keyword-only fields are not supported")
         if f.default is not dataclasses.MISSING:
             defaults[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:

@@ -12,6 +12,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import typing
@@ -157,6 +158,18 @@ def test_a_helper_that_cannot_load_libpmix_is_a_user_error() -> None:
     with pytest.raises(UserError, match="cannot load the PMIx library") as err:
         asyncio.run(main())
     assert str(err.value).startswith("PMIx server start failed on ")
+
+
+def test_a_helper_gone_before_it_read_the_job_is_a_user_error() -> None:
+    async def main() -> None:
+        server = PmixServer(Job(1), python="/bin/false")  # exits 1 at once, unread init
+        await server.start()
+
+    with pytest.raises(UserError) as err:
+        asyncio.run(main())
+    assert str(err.value) == (
+        f"the PMIx helper for node {socket.gethostname()} exited at start (code 1)"
+    )
 
 
 def test_a_dead_helper_is_reported() -> None:

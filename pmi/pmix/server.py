@@ -290,8 +290,10 @@ class PmixServer:
         return env
 
     def _spawn_helper(self, node: _Node) -> None:
-        """Start the node's helper and send it `init` (a few hundred bytes: the socket
-        takes them whole, before the helper reads)."""
+        """Start the node's helper and send it `init` (the socket buffer takes it whole
+        before the helper reads, up to tens of thousands of ranks; past that, or if the
+        helper hangs before it reads, the send gives up after START_TIMEOUT and `start`
+        says the helper did not start)."""
         assert self._tmpdir is not None
         tmpdir = os.path.join(self._tmpdir, f"node{node.index}")
         os.mkdir(tmpdir, 0o700)
@@ -309,6 +311,7 @@ class PmixServer:
         finally:
             theirs.close()
         node.sock = ours
+        ours.settimeout(START_TIMEOUT)
         with contextlib.suppress(OSError):  # gone already: `start` says how it exited
             ours.sendall(
                 wire.encode(
@@ -331,9 +334,14 @@ class PmixServer:
 
     async def _handshake(self, node: _Node) -> None:
         assert node.reader is not None
-        line = await node.reader.readline()
+        try:
+            line = await node.reader.readline()
+        except OSError:  # ECONNRESET: it ended with our `init` unread
+            line = b""
         if not line:
-            code = node.proc.wait() if node.proc is not None else None
+            code = None
+            if node.proc is not None and await _wait_exit(node.proc, STOP_TIMEOUT):
+                code = node.proc.returncode
             raise UserError(f"the PMIx helper for node {node.name} exited at start (code {code})")
         msg = wire.decode(line)
         if msg["op"] == "error":
