@@ -1,7 +1,7 @@
 """`@record`: a frozen dataclass without `dataclasses`' per-class code generation.
 
 Every immutable type of the project is a record: facts, options, plans, the PMI codec's
-messages, SIF descriptors (about 100 types; 30-40 on the path of each `rankwire exec`,
+messages, SIF descriptors (about 130 types; 30-80 on the path of each `rankwire exec`,
 launch or plugin helper). `@dataclasses.dataclass(frozen=True)` compiles six methods for
 each (one `exec` apiece, Python 3.11): 0.3-0.6 ms a class, 15-20 ms of every start of
 those commands. A record is still a dataclass — `dataclasses.dataclass(init=False,

@@ -199,10 +199,11 @@ class PmixServer:
             if self._tmpdir is None:
                 self.launch()
             for node in self.nodes:
-                sock, node.sock = node.sock, None
+                assert node.sock is not None
                 node.reader, node.writer = await asyncio.open_connection(
-                    sock=sock, limit=wire.LINE_LIMIT
+                    sock=node.sock, limit=wire.LINE_LIMIT
                 )
+                node.sock = None  # the stream's now
             await asyncio.wait_for(
                 asyncio.gather(*(self._handshake(n) for n in self.nodes)), START_TIMEOUT
             )
