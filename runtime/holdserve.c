@@ -11,7 +11,8 @@
  *              is then a lease, which ends with "leave" (answered `last=1|0`, a frame) or EOF
  *   "info", "stop" -> the report with "leases": N ("stop" then ends us)
  *   "upper" -> the report with the overlay's upper dir (runtime/save.py)
- * and ends, tearing down, when: SIGTERM; "stop"; its owner, a FUSE daemon or init died; the
+ * and ends, tearing down, when: SIGTERM (with leases: once they have left, or TERM_GRACE_MS
+ * after it, or at a second SIGTERM); "stop"; its owner, a FUSE daemon or init died; the
  * last lease of a non-persistent holder ended; nobody joined a non-persistent holder within
  * FIRST_JOIN_MS. Without serve=1 it only tears down (a setup that failed).
  *
@@ -51,6 +52,10 @@
 #endif
 
 #define FIRST_JOIN_MS 10000 /* a non-persistent holder nobody joins goes */
+/* After SIGTERM, how long the leases' commands get to end by their own SIGTERM: scancel
+ * signals a step's tasks and its container's holder in one sweep, and a teardown first
+ * would SIGKILL the commands (exit 137, no chance to act on the SIGTERM). */
+#define TERM_GRACE_MS 1000
 #define DAEMON_EXIT_MS 5000 /* a FUSE daemon's unmount after SIGTERM */
 #define INIT_EXIT_MS 1000 /* see reap_init */
 #define WATCHER_EXIT_MS 5000
@@ -227,6 +232,7 @@ static void serve(int sig)
 	/* a connection reset between poll and accept must not block us */
 	fcntl(h.listener, F_SETFL, fcntl(h.listener, F_GETFL) | O_NONBLOCK);
 	long deadline = now_ms() + FIRST_JOIN_MS;
+	long drain = 0; /* SIGTERM came with leases: when we go all the same */
 	for (;;) {
 		int timeout = -1;
 		if (!h.persistent && !joined) {
@@ -235,21 +241,35 @@ static void serve(int sig)
 				goto out;
 			timeout = (int)left;
 		}
+		if (drain) {
+			long left = drain - now_ms();
+			if (!leases || left <= 0)
+				goto out;
+			if (timeout < 0 || left < timeout)
+				timeout = (int)left;
+		}
 		int fixed = 2 + n_watched, n = fixed + n_clients;
 		struct pollfd *p = calloc((size_t)n, sizeof *p);
 		if (!p)
 			goto out;
 		p[0] = (struct pollfd){ .fd = sig, .events = POLLIN };
-		p[1] = (struct pollfd){ .fd = h.listener, .events = POLLIN };
+		p[1] = (struct pollfd){ .fd = drain ? -1 : h.listener, .events = POLLIN }; /* no joins */
 		for (int k = 0; k < n_watched; k++)
 			p[2 + k] = (struct pollfd){ .fd = watched[k], .events = POLLIN };
 		for (int k = 0; k < n_clients; k++)
 			p[fixed + k] = (struct pollfd){ .fd = clients[k].fd, .events = POLLIN };
 		int r = poll(p, (nfds_t)n, timeout);
 		int end = r < 0 && errno != EINTR;
-		for (int k = 0; r > 0 && k < fixed; k++)
+		for (int k = 1; r > 0 && k < fixed; k++)
 			if (k != 1 && p[k].revents)
 				end = 1;
+		if (r > 0 && p[0].revents) { /* SIGTERM */
+			struct signalfd_siginfo si;
+			if (read(sig, &si, sizeof si) != (ssize_t)sizeof si || !leases || drain)
+				end = 1;
+			else
+				drain = now_ms() + TERM_GRACE_MS;
+		}
 		/* clients by fd, from the last: drop_client moves the last one into a hole */
 		for (int k = n - 1; r > 0 && !end && k >= fixed; k--) {
 			if (!p[k].revents)

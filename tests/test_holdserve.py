@@ -137,6 +137,29 @@ def test_sigterm_or_its_owners_death_tears_down(serve: Callable[..., Served], en
         owner.wait()
 
 
+@pytest.mark.parametrize("then", ["leave", "second SIGTERM", "grace"])
+def test_sigterm_with_a_lease_lets_its_command_end_first(
+    serve: Callable[..., Served], then: str
+) -> None:
+    """scancel signals a step's tasks and its container's holder at once: the holder waits
+    for its leases (the tasks' commands ending by their own SIGTERM), refusing joins, and
+    tears down when they have left, at a second SIGTERM, or after TERM_GRACE_MS (1 s)."""
+    holder = serve("shared", "serve=1")
+    holder.said()
+    lease = holder.connect(b"join\n")
+    socket.recv_fds(lease, 4096, 4)
+    holder.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        holder.proc.wait(0.3)  # still there for the lease
+    if then == "leave":
+        lease.sendall(b"leave\n")
+        assert lease.recv(64) == b"last=1\0"
+    elif then == "second SIGTERM":
+        holder.proc.send_signal(signal.SIGTERM)
+    assert holder.tore_down(0)
+    lease.close()
+
+
 def test_a_starter_gone_before_the_report_leaves_no_container(serve: Callable[..., Served]) -> None:
     """Its starter killed during the setup (^C): nobody would know of the container (no
     `instance list` entry), so it does not serve; it tears down."""
