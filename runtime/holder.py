@@ -857,8 +857,14 @@ def _readable_root(lower: str) -> None:
 
 def _die_with_holder() -> None:
     """In a FUSE daemon before exec: end (and unmount) when the holder ends, even by
-    SIGKILL, instead of staying behind holding the image open."""
-    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGTERM)
+    SIGKILL, instead of staying behind holding the image open; live through the signals
+    Slurm sends every process of a step (scancel's SIGTERM, `--signal=USR1@60`): those are
+    for the commands, and the container must stand while they act on them. libfuse ends on
+    SIGHUP, SIGINT and SIGTERM, unless ignored: SIGHUP is the one left (the parent-death
+    signal, and rankwire-holder's in its teardown)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGHUP)
 
 
 def _close_fds_except(keep: set[int]) -> None:

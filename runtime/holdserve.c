@@ -56,7 +56,7 @@
  * signals a step's tasks and its container's holder in one sweep, and a teardown first
  * would SIGKILL the commands (exit 137, no chance to act on the SIGTERM). */
 #define TERM_GRACE_MS 1000
-#define DAEMON_EXIT_MS 5000 /* a FUSE daemon's unmount after SIGTERM */
+#define DAEMON_EXIT_MS 5000 /* a FUSE daemon's unmount after SIGHUP */
 #define INIT_EXIT_MS 1000 /* see reap_init */
 #define WATCHER_EXIT_MS 5000
 #define MAX_LIST 16 /* unlink=, ns=, daemon= */
@@ -338,8 +338,8 @@ static void teardown(void)
 		close(clients[i].fd);
 	if (h.listener >= 0)
 		close(h.listener);
-	for (int k = 0; k < h.daemons.n; k++)
-		kill(h.daemons.v[k], SIGTERM);
+	for (int k = 0; k < h.daemons.n; k++) /* SIGHUP: the end they do not ignore */
+		kill(h.daemons.v[k], SIGHUP);     /* (holder.py `_die_with_holder`) */
 	for (int k = 0; k < h.daemons.n; k++) {
 		pid_t pid = h.daemons.v[k];
 		if (!exits_within(pid, DAEMON_EXIT_MS))
@@ -477,8 +477,9 @@ static void close_others(int a, int b)
  * namespace, forked by the holder (`Holder._start_init`): mounts the namespace's /proc on
  * `staging`, says "ok" (or why not) on `status`, then waits until the holder is gone
  * (`life` at EOF, or the parent-death signal). Orphans of the namespace are reparented to
- * it; with SIGCHLD ignored the kernel reaps them. Members cannot signal it: init gets only
- * the signals it handles, and it handles none. */
+ * it; with SIGCHLD ignored the kernel reaps them. Init gets only the signals it handles, and
+ * it handles none: from outside the namespace too, where only SIGKILL (and SIGSTOP) reach
+ * a namespace's init (Slurm's scancel and `--signal` do not end the container here). */
 static int run_init(int argc, char **argv)
 {
 	int life = -1, status = -1;
@@ -617,6 +618,11 @@ int main(int argc, char **argv)
 	parse(argc, argv);
 	prctl(PR_SET_NAME, "rankwire-holder");
 	signal(SIGPIPE, SIG_IGN);
+	/* Slurm signals every process of a step (`scancel -s`, `--signal=USR1@60`): those are
+	 * for the commands, which need their container meanwhile. SIGTERM is ours (below). */
+	const int theirs[] = { SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM };
+	for (size_t k = 0; k < sizeof theirs / sizeof theirs[0]; k++)
+		signal(theirs[k], SIG_IGN);
 	/* SIGTERM ends us through the teardown; the holder blocked it before exec, so one
 	 * sent meanwhile is pending here */
 	sigset_t term;

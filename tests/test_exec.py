@@ -414,6 +414,36 @@ def test_a_running_holder_is_the_small_c_program(runner: User, base_image: Path)
     assert stop.returncode == 0, stop.stderr
 
 
+def test_signals_for_the_commands_leave_the_container_standing(
+    runner: User, base_image: Path
+) -> None:
+    """Slurm signals every process of a step (scancel's SIGTERM, `--signal=USR1@60`), the
+    container's own included: those are for the commands, which need the container while
+    they act on them (a checkpoint). Its init, FUSE daemon and holder live through them
+    (the holder's own end is SIGTERM: test_holdserve.py)."""
+    name = f"signalled-{runner.name}"
+    started = rw(runner, "instance", "start", str(base_image), name)
+    assert started.returncode == 0, started.stderr
+    try:
+        listed = json.loads(rw(runner, "instance", "list", "--json").stdout)
+        (holder,) = [row["pid"] for row in listed if row["name"] == name]
+        init = child_of(holder, "rankwire-init")
+        fuse = child_of(holder, "squashfuse_ll")
+        their = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+        sent = [(init, sig) for sig in their] + [(fuse, sig) for sig in their]
+        sent += [(holder, sig) for sig in their if sig != signal.SIGTERM]
+        for pid, sig in sent:
+            os.kill(pid, sig)
+        time.sleep(0.3)
+        for pid, what in ((holder, "holder"), (init, "init"), (fuse, "squashfuse_ll")):
+            assert Path(f"/proc/{pid}").exists(), f"the {what} died of a command's signal"
+        joined = rw(runner, "exec", f"instance://{name}", "true")
+        assert joined.returncode == 0, joined.stderr
+    finally:
+        stop = rw(runner, "instance", "stop", name)
+    assert stop.returncode == 0, stop.stderr
+
+
 @pytest.mark.usefixtures("nothing_left_behind")
 def test_fuse_daemon_ends_with_a_killed_holder(runner: User, base_image: Path) -> None:
     """A holder killed with SIGKILL (no teardown) takes its squashfuse with it (parent-death
