@@ -862,8 +862,10 @@ def _die_with_holder() -> None:
     for the commands, and the container must stand while they act on them. libfuse ends on
     SIGHUP, SIGINT and SIGTERM, unless ignored: SIGHUP is the one left (the parent-death
     signal, and rankwire-holder's in its teardown)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+    theirs = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+    for sig in (*theirs, signal.SIGALRM):
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a starter's mask: not here
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGHUP)
 
 

@@ -78,6 +78,7 @@ static struct {
 struct client { int fd, lease; };
 static struct client *clients;
 static int n_clients, cap_clients, leases, joined;
+static long drain; /* SIGTERM came with leases: no more joins, and when we go all the same */
 
 static int pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
 
@@ -166,14 +167,14 @@ static int client(int i)
 		if (!strcmp(c, "leave")) {
 			/* "last": we are about to tear down, so the leaver may wait for it; a
 			 * persistent instance stays (no one should wait for its exit) */
-			const char *last = leases == 1 && !h.persistent ? "last=1" : "last=0";
+			const char *last = leases == 1 && (!h.persistent || drain) ? "last=1" : "last=0";
 			put_all(fd, last, strlen(last) + 1);
 		}
 		drop_client(i);
 		return 0;
 	}
 	if (!strcmp(c, "join")) {
-		if (send_report(fd, h.ns.v, h.ns.n) == 0) {
+		if (!drain && send_report(fd, h.ns.v, h.ns.n) == 0) {
 			clients[i].lease = 1;
 			leases++;
 			joined = 1;
@@ -232,7 +233,6 @@ static void serve(int sig)
 	/* a connection reset between poll and accept must not block us */
 	fcntl(h.listener, F_SETFL, fcntl(h.listener, F_GETFL) | O_NONBLOCK);
 	long deadline = now_ms() + FIRST_JOIN_MS;
-	long drain = 0; /* SIGTERM came with leases: when we go all the same */
 	for (;;) {
 		int timeout = -1;
 		if (!h.persistent && !joined) {
@@ -260,8 +260,8 @@ static void serve(int sig)
 			p[fixed + k] = (struct pollfd){ .fd = clients[k].fd, .events = POLLIN };
 		int r = poll(p, (nfds_t)n, timeout);
 		int end = r < 0 && errno != EINTR;
-		for (int k = 1; r > 0 && k < fixed; k++)
-			if (k != 1 && p[k].revents)
+		for (int k = 2; r > 0 && k < fixed; k++)
+			if (p[k].revents)
 				end = 1;
 		if (r > 0 && p[0].revents) { /* SIGTERM */
 			struct signalfd_siginfo si;
@@ -580,8 +580,10 @@ static int run_watch(int argc, char **argv)
 		return 2;
 	prctl(PR_SET_NAME, "rankwire-watch");
 	close_others(conn, conn);
-	signal(SIGINT, SIG_IGN); /* the holder's group's signals are its own */
-	signal(SIGTERM, SIG_IGN);
+	/* the holder's group's signals are its own, and Slurm's for a step's commands too */
+	const int theirs[] = { SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM };
+	for (size_t k = 0; k < sizeof theirs / sizeof theirs[0]; k++)
+		signal(theirs[k], SIG_IGN);
 	char data[16];
 	struct iovec iov = { .iov_base = data, .iov_len = sizeof data };
 	union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;

@@ -419,8 +419,8 @@ def test_signals_for_the_commands_leave_the_container_standing(
 ) -> None:
     """Slurm signals every process of a step (scancel's SIGTERM, `--signal=USR1@60`), the
     container's own included: those are for the commands, which need the container while
-    they act on them (a checkpoint). Its init, FUSE daemon and holder live through them
-    (the holder's own end is SIGTERM: test_holdserve.py)."""
+    they act on them. Its init, FUSE daemon and holder live through them (the holder's own
+    end is SIGTERM: test_holdserve.py; the daemons' is SIGHUP)."""
     name = f"signalled-{runner.name}"
     started = rw(runner, "instance", "start", str(base_image), name)
     assert started.returncode == 0, started.stderr
@@ -429,9 +429,10 @@ def test_signals_for_the_commands_leave_the_container_standing(
         (holder,) = [row["pid"] for row in listed if row["name"] == name]
         init = child_of(holder, "rankwire-init")
         fuse = child_of(holder, "squashfuse_ll")
-        their = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+        their = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                 signal.SIGALRM)  # fmt: skip
         sent = [(init, sig) for sig in their] + [(fuse, sig) for sig in their]
-        sent += [(holder, sig) for sig in their if sig != signal.SIGTERM]
+        sent += [(holder, sig) for sig in (*their, signal.SIGHUP) if sig != signal.SIGTERM]
         for pid, sig in sent:
             os.kill(pid, sig)
         time.sleep(0.3)

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -148,15 +149,24 @@ def test_sigterm_with_a_lease_lets_its_command_end_first(
     holder.said()
     lease = holder.connect(b"join\n")
     socket.recv_fds(lease, 4096, 4)
+    early = holder.connect(b"")  # accepted before the SIGTERM, asks to join after it
+    holder.ask(b"info\n")  # answered: the connection before it is accepted too
     holder.proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        holder.proc.wait(0.3)  # still there for the lease
+        holder.proc.wait(0.2)  # still there for the lease
+    early.sendall(b"join\n")
+    assert early.recv(4096) == b""  # no join while it drains: EOF, no report
+    early.close()
     if then == "leave":
         lease.sendall(b"leave\n")
         assert lease.recv(64) == b"last=1\0"
     elif then == "second SIGTERM":
         holder.proc.send_signal(signal.SIGTERM)
     assert holder.tore_down(0)
+    took = time.monotonic() - t0
+    # by what `then` did, well before the grace; or by the grace, not before
+    assert took < 0.8 if then != "grace" else took >= 0.95, f"{then}: {took:.2f} s"
     lease.close()
 
 
