@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -393,25 +395,32 @@ def test_concurrent_starts_all_succeed(base_image: Path, how: list[str]) -> None
         assert results == [(0, "")] * 8, results
 
 
-def test_a_running_holder_is_the_small_c_program(runner: User, base_image: Path) -> None:
-    """Once its container stands, the holder execs rankwire-holder (runtime/holdserve.c) in
-    its place: a long-lived holder is a small C process, not a Python interpreter forked
-    from the CLI (issue 17 asks for 15 MiB at most; the Python holder took 21)."""
-    name = f"small-{runner.name}"
-    started = rw(runner, "instance", "start", str(base_image), name)
+@contextlib.contextmanager
+def instance_holder(runner: User, image: Path, name: str) -> Iterator[int]:
+    """`rankwire instance start IMAGE NAME`: its holder's pid; after the block, the instance
+    is still joinable and `instance stop` ends it."""
+    started = rw(runner, "instance", "start", str(image), name)
     assert started.returncode == 0, started.stderr
     try:
         listed = json.loads(rw(runner, "instance", "list", "--json").stdout)
         (holder,) = [row["pid"] for row in listed if row["name"] == name]
-        # the user's rankwire may be a copy of ours (harness.users), so the name only
-        assert Path(os.readlink(f"/proc/{holder}/exe")).name == Path(SERVER).name
-        status = Path(f"/proc/{holder}/status").read_text()
-        assert int(status.split("VmRSS:")[1].split()[0]) < 4096  # KiB
+        yield holder
         joined = rw(runner, "exec", f"instance://{name}", "true")
         assert joined.returncode == 0, joined.stderr
     finally:
         stop = rw(runner, "instance", "stop", name)
     assert stop.returncode == 0, stop.stderr
+
+
+def test_a_running_holder_is_the_small_c_program(runner: User, base_image: Path) -> None:
+    """Once its container stands, the holder execs rankwire-holder (runtime/holdserve.c) in
+    its place: a long-lived holder is a small C process, not a Python interpreter forked
+    from the CLI (issue 17 asks for 15 MiB at most; the Python holder took 21)."""
+    with instance_holder(runner, base_image, f"small-{runner.name}") as holder:
+        # the user's rankwire may be a copy of ours (harness.users), so the name only
+        assert Path(os.readlink(f"/proc/{holder}/exe")).name == Path(SERVER).name
+        status = Path(f"/proc/{holder}/status").read_text()
+        assert int(status.split("VmRSS:")[1].split()[0]) < 4096  # KiB
 
 
 def test_signals_for_the_commands_leave_the_container_standing(
@@ -421,12 +430,7 @@ def test_signals_for_the_commands_leave_the_container_standing(
     container's own included: those are for the commands, which need the container while
     they act on them. Its init, FUSE daemon and holder live through them (the holder's own
     end is SIGTERM: test_holdserve.py; the daemons' is SIGHUP)."""
-    name = f"signalled-{runner.name}"
-    started = rw(runner, "instance", "start", str(base_image), name)
-    assert started.returncode == 0, started.stderr
-    try:
-        listed = json.loads(rw(runner, "instance", "list", "--json").stdout)
-        (holder,) = [row["pid"] for row in listed if row["name"] == name]
+    with instance_holder(runner, base_image, f"signalled-{runner.name}") as holder:
         init = child_of(holder, "rankwire-init")
         fuse = child_of(holder, "squashfuse_ll")
         their = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
@@ -438,11 +442,6 @@ def test_signals_for_the_commands_leave_the_container_standing(
         time.sleep(0.3)
         for pid, what in ((holder, "holder"), (init, "init"), (fuse, "squashfuse_ll")):
             assert Path(f"/proc/{pid}").exists(), f"the {what} died of a command's signal"
-        joined = rw(runner, "exec", f"instance://{name}", "true")
-        assert joined.returncode == 0, joined.stderr
-    finally:
-        stop = rw(runner, "instance", "stop", name)
-    assert stop.returncode == 0, stop.stderr
 
 
 @pytest.mark.usefixtures("nothing_left_behind")
