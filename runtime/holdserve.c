@@ -82,6 +82,16 @@ static long drain; /* SIGTERM came with leases: no more joins, and when we go al
 
 static int pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
 
+/* Slurm signals every process of a step (scancel, `scancel -s`, `--signal=USR1@60`): those
+ * are for the commands, which need their container meanwhile; the holder and the watcher
+ * ignore them (the holder's SIGTERM is its own: see main). */
+static void ignore_commands_signals(void)
+{
+	const int theirs[] = { SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM };
+	for (size_t k = 0; k < sizeof theirs / sizeof theirs[0]; k++)
+		signal(theirs[k], SIG_IGN);
+}
+
 static long now_ms(void)
 {
 	struct timespec ts;
@@ -166,7 +176,8 @@ static int client(int i)
 	if (clients[i].lease) { /* a lease ends: "leave", or EOF when its holder died */
 		if (!strcmp(c, "leave")) {
 			/* "last": we are about to tear down, so the leaver may wait for it; a
-			 * persistent instance stays (no one should wait for its exit) */
+			 * persistent instance stays (no one should wait for its exit) unless a
+			 * SIGTERM is draining it */
 			const char *last = leases == 1 && (!h.persistent || drain) ? "last=1" : "last=0";
 			put_all(fd, last, strlen(last) + 1);
 		}
@@ -580,10 +591,8 @@ static int run_watch(int argc, char **argv)
 		return 2;
 	prctl(PR_SET_NAME, "rankwire-watch");
 	close_others(conn, conn);
-	/* the holder's group's signals are its own, and Slurm's for a step's commands too */
-	const int theirs[] = { SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM };
-	for (size_t k = 0; k < sizeof theirs / sizeof theirs[0]; k++)
-		signal(theirs[k], SIG_IGN);
+	ignore_commands_signals(); /* and the holder's group's: they are its own */
+	signal(SIGTERM, SIG_IGN);
 	char data[16];
 	struct iovec iov = { .iov_base = data, .iov_len = sizeof data };
 	union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
@@ -620,11 +629,7 @@ int main(int argc, char **argv)
 	parse(argc, argv);
 	prctl(PR_SET_NAME, "rankwire-holder");
 	signal(SIGPIPE, SIG_IGN);
-	/* Slurm signals every process of a step (`scancel -s`, `--signal=USR1@60`): those are
-	 * for the commands, which need their container meanwhile. SIGTERM is ours (below). */
-	const int theirs[] = { SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM };
-	for (size_t k = 0; k < sizeof theirs / sizeof theirs[0]; k++)
-		signal(theirs[k], SIG_IGN);
+	ignore_commands_signals();
 	/* SIGTERM ends us through the teardown; the holder blocked it before exec, so one
 	 * sent meanwhile is pending here */
 	sigset_t term;
