@@ -9,6 +9,7 @@ tmpdir and reports another uid (what a --fakeroot container looks like to the se
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import sys
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import pytest
 
@@ -97,7 +98,7 @@ def test_launched_helpers_stop_without_a_start() -> None:
     container did not start) closes the server: each helper ends on the EOF by itself,
     and the tmpdir goes."""
 
-    async def main() -> tuple[str, list[subprocess.Popen[bytes]]]:
+    async def main() -> tuple[str, list[Any]]:
         server = PmixServer(Job(3, nodes=[0, 1, 1]))
         server.launch()
         procs = [n.proc for n in server.nodes if n.proc is not None]
@@ -120,7 +121,7 @@ def test_the_launcher_stops_its_helpers_when_the_container_fails(
     from rankwire.launcher.plan import LaunchPlan
     from rankwire.runtime.plan import ContainerPlan, ProcessPlan
 
-    launched: list[tuple[Optional[str], list[subprocess.Popen[bytes]]]] = []
+    launched: list[tuple[Optional[str], list[Any]]] = []
     real_launch = PmixServer.launch
 
     def launch(self: PmixServer) -> None:
@@ -150,7 +151,15 @@ def test_the_launcher_stops_its_helpers_when_the_container_fails(
     assert [p.returncode for p in procs] == [0]  # stopped and reaped
 
 
-def test_a_helper_that_cannot_load_libpmix_is_a_user_error() -> None:
+def test_a_helper_that_cannot_load_libpmix_is_a_user_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rankwire.pmi.pmix import abi
+
+    # The forked helper inherits what this process loaded (the bindings' tests load
+    # libpmix here; a launcher never does): as a launcher's, it has not.
+    monkeypatch.setattr(abi, "_lib", None)
+
     async def main() -> None:
         server = PmixServer(Job(1), helper_env={"RANKWIRE_LIBPMIX": "/nonexistent/libpmix.so.2"})
         await server.start()
@@ -160,9 +169,15 @@ def test_a_helper_that_cannot_load_libpmix_is_a_user_error() -> None:
     assert str(err.value).startswith("PMIx server start failed on ")
 
 
-def test_a_helper_gone_before_it_read_the_job_is_a_user_error() -> None:
+def test_a_helper_gone_before_it_read_the_job_is_a_user_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rankwire.pmi.pmix import helper
+
+    monkeypatch.setattr(helper, "main", lambda fd: 1)  # the forked child: exits 1, init unread
+
     async def main() -> None:
-        server = PmixServer(Job(1), python="/bin/false")  # exits 1 at once, unread init
+        server = PmixServer(Job(1))
         await server.start()
 
     with pytest.raises(UserError) as err:
@@ -170,6 +185,48 @@ def test_a_helper_gone_before_it_read_the_job_is_a_user_error() -> None:
     assert str(err.value) == (
         f"the PMIx helper for node {socket.gethostname()} exited at start (code 1)"
     )
+
+
+def test_a_helper_keeps_nothing_of_the_launcher(tmp_path: Path) -> None:
+    """The helper is forked from the launcher without an exec: none of the launcher's
+    descriptors (inheritable or not) but stdout and stderr, stdin from /dev/null, and the
+    launcher's exit handlers are not run when it ends."""
+    ran = tmp_path / "exit-handler-ran"
+    me = os.getpid()
+
+    def handler() -> None:
+        if os.getpid() != me:
+            ran.write_text(str(os.getpid()))
+
+    r, w = os.pipe()  # below the helper's socket; its copy at 1000, above
+    high = os.dup2(w, 1000, inheritable=True)
+    pipe = os.readlink(f"/proc/self/fd/{r}")
+    atexit.register(handler)
+
+    async def main() -> tuple[int, dict[str, str]]:
+        server = PmixServer(Job(1))
+        await server.start()
+        try:
+            proc = server.nodes[0].proc
+            assert proc is not None
+            fds = {
+                n: os.readlink(f"/proc/{proc.pid}/fd/{n}")
+                for n in os.listdir(f"/proc/{proc.pid}/fd")
+            }
+        finally:
+            await server.close()
+        return proc.returncode, fds
+
+    try:
+        code, fds = asyncio.run(main())
+    finally:
+        atexit.unregister(handler)
+        for fd in (r, w, high):
+            os.close(fd)
+    assert code == 0
+    assert fds["0"] == "/dev/null"
+    assert pipe not in fds.values()
+    assert not ran.exists()
 
 
 def test_a_dead_helper_is_reported() -> None:

@@ -1,9 +1,10 @@
 """The PMIx helper process: hosts libpmix's server for the ranks of one node.
 
-Started by `PmixServer` as `python -m rankwire.pmi.pmix.helper FD` with one end of a Unix
-socketpair as FD (protocol in `wire`). It runs one asyncio loop on its main thread. libpmix
-calls our upcalls on its progress thread; they copy what they got out of C memory and hand
-it to the loop with `loop.call_soon_threadsafe`, which forwards it to the launcher. Answers
+Forked by `PmixServer` (no interpreter of its own to start: the launcher's imports are
+made), which calls `main(FD)` with one end of a Unix socketpair as FD (protocol in `wire`).
+It runs one asyncio loop on its main thread. libpmix calls our upcalls on its progress
+thread; they copy what they got out of C memory and hand it to the loop with
+`loop.call_soon_threadsafe`, which forwards it to the launcher. Answers
 from the launcher are given back to libpmix from the loop thread (libpmix thread-shifts
 every completion callback). The helper exits on `shutdown` or when the launcher's end of
 the socket closes (the launcher died), finalizing the PMIx server first.
@@ -27,7 +28,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 from typing import Any, Optional
 
@@ -265,18 +265,12 @@ async def serve(fd: int) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+def main(fd: int) -> int:
+    """The helper's life on the socket `fd`; its exit code. Run in the child
+    `PmixServer` forks (server `_run_helper`)."""
     logging.basicConfig(format="rankwire pmix helper: %(message)s", level=logging.WARNING)
     # ^C at the terminal reaches the whole process group; the launcher decides when we stop
     # (shutdown, or EOF on the socket when it is gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m rankwire.pmi.pmix.helper FD", file=sys.stderr)
-        return 2
-    return asyncio.run(serve(int(args[0])))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return asyncio.run(serve(fd))

@@ -25,11 +25,16 @@ Design: libpmix in helper processes, never in the launcher
   re-creates the GIL and some module locks, but nothing covers the rest, and a proof would
   have to audit every line the child will ever run (Python 3.12 already warns on fork()
   with threads). So rather than argue, keep the launcher single-threaded: the PMIx server
-  runs in one helper process per node (`python -m rankwire.pmi.pmix.helper`, started here
-  with `subprocess.Popen`, i.e. C fork+exec, before any rank exists), and the launcher
-  talks to it over a Unix socketpair with asyncio streams (`wire`). The launcher process
-  never loads libpmix and never gains a thread. Inside a helper, upcalls from libpmix's
-  thread reach the helper's own asyncio loop through `loop.call_soon_threadsafe`.
+  runs in one helper process per node, forked here before any rank exists (and before the
+  asyncio loop runs), which runs `helper.main` and loads libpmix only then, and the
+  launcher talks to it over a Unix socketpair with asyncio streams (`wire`). The launcher
+  process never loads libpmix and never gains a thread, so the fork itself is as safe as
+  a rank's. The child does not exec a new interpreter: that start (≈ 20 ms, asyncio's
+  imports ≈ 25 more) was what a PMIx job's ranks waited for; it takes the helper's
+  environment, /dev/null for stdin, no descriptor of ours but stdout and stderr, default
+  signal handling, and ends with `os._exit` (the launcher's exit handlers are not its
+  own). Inside a helper, upcalls from libpmix's thread reach the helper's own asyncio loop
+  through `loop.call_soon_threadsafe`.
 
   One helper per node label of `job.nodes` also gives multi-node jobs for free: each helper
   is the PMIx server of its node (own PMIX_HOSTNAME), the launcher is the allgather root of
@@ -75,15 +80,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import secrets
 import shutil
+import signal
 import socket
-import subprocess
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, NoReturn, Optional, Union
 
 from rankwire.errors import UserError
 from rankwire.pmi.job import FenceFailed, Job, format_ranks
@@ -107,7 +113,7 @@ class _Node:
         self.index = index
         self.name = name
         self.ranks = ranks
-        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.proc: Optional[_Forked] = None
         self.sock: Optional[socket.socket] = None  # ours, until `start` opens the streams
         self.reader: Optional[asyncio.StreamReader] = None
         self.writer: Optional[asyncio.StreamWriter] = None
@@ -137,7 +143,6 @@ class PmixServer:
         *,
         node_names: Optional[Sequence[str]] = None,
         direct_launch: str = "flux",
-        python: str = sys.executable,
         helper_env: Optional[Mapping[str, str]] = None,
     ) -> None:
         if mode != "tcp":
@@ -147,7 +152,6 @@ class PmixServer:
         self.job = job
         self.mode = mode
         self.direct_launch = direct_launch
-        self.python = python
         self.helper_env = dict(helper_env or {})
         labels = list(dict.fromkeys(job.nodes))
         host = socket.gethostname()
@@ -299,18 +303,19 @@ class PmixServer:
         tmpdir = os.path.join(self._tmpdir, f"node{node.index}")
         os.mkdir(tmpdir, 0o700)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = self._helper_environ()
+        sys.stdout.flush()
+        sys.stderr.flush()
         try:
-            node.proc = subprocess.Popen(
-                [self.python, "-m", "rankwire.pmi.pmix.helper", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                env=self._helper_environ(),
-                stdin=subprocess.DEVNULL,
-            )
+            pid = os.fork()
         except OSError as err:
             ours.close()
-            raise UserError(f"cannot start the PMIx helper with {self.python}: {err}") from err
-        finally:
             theirs.close()
+            raise UserError(f"cannot start the PMIx helper: {err.strerror}") from err
+        if pid == 0:
+            _run_helper(theirs.fileno(), env)
+        theirs.close()
+        node.proc = _Forked(pid)
         node.sock = ours
         ours.settimeout(START_TIMEOUT)
         with contextlib.suppress(OSError):  # gone already: `start` says how it exited
@@ -542,7 +547,60 @@ class PmixServer:
             self._events.put_nowait(event)
 
 
-async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+class _Forked:
+    """A helper forked from the launcher: what `_wait_exit` and `_reap` use of a Popen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def _run_helper(fd: int, env: dict[str, str]) -> NoReturn:
+    """In the forked child: become the node's helper on `fd` (see the module docstring)."""
+    code = 1
+    try:
+        # What the launcher holds stays as it is: a descriptor closed below whose Python
+        # object a garbage collection freed later would close the number again, maybe
+        # reused by libpmix by then.
+        gc.freeze()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the helper does: the launcher's ^C
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        os.environ.clear()
+        os.environ.update(env)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.closerange(3, fd)
+        os.closerange(fd + 1, max(fd + 1, os.sysconf("SC_OPEN_MAX")))
+        from rankwire.pmi.pmix import helper
+
+        code = helper.main(fd)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+async def _wait_exit(proc: _Forked, timeout: float) -> bool:
     """Wait for a child without threads (pidfd); False on timeout."""
     if proc.poll() is not None:
         return True
@@ -569,5 +627,4 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
-    proc.wait()
-    return True
+    return proc.poll() is not None  # it exited: reaped now
