@@ -1,16 +1,21 @@
 """ELF facts for bind plans: sonames, DT_NEEDED, search paths and symbol versions.
 
-Read with pyelftools from a host path or from bytes (a file extracted from an image), into
-plain frozen data. Only the dynamic section and the GNU version sections are looked at.
+Read from a host path or from bytes (a file extracted from an image), into plain frozen
+data, by our own reader of the ELF tables (32/64-bit, either byte order): only the
+dynamic section and the GNU version sections are looked at (and, for `read_symbol`, the
+dynamic symbols and the program headers). Every offset and count comes from the file, so
+each is checked against it: a malformed file is a ValueError, never a crash or a read
+past its end.
 """
 
 from __future__ import annotations
 
-import io
+import os
 import re
-from typing import BinaryIO, Union
+import struct
+from collections.abc import Callable
+from typing import NamedTuple, Optional, Union
 
-from rankwire.errors import UserError
 from rankwire.record import record
 
 # glibc's own objects: they always come from the image, never from the host.
@@ -81,61 +86,235 @@ class ElfFacts:
 
 
 def read_elf(source: Union[str, bytes], name: str = "") -> ElfFacts:
-    """ELF facts of a file path or of its bytes; `ValueError` when it is not ELF."""
-    try:
-        from elftools.common.exceptions import ELFError
-        from elftools.elf.elffile import ELFFile
-    except ImportError as err:  # pragma: no cover - a packaging problem
-        raise UserError(
-            "pyelftools is missing: reinstall rankwire (pip install pyelftools)"
-        ) from err
+    """ELF facts of a file path or of its bytes; `ValueError` when it is not ELF or its
+    tables do not hold together (each offset and count is checked against the file).
+    A file is read by `pread` where its tables are: header, section headers, the dynamic
+    and version sections and their string tables, never the whole of it."""
     if isinstance(source, bytes):
-        return _read(io.BytesIO(source), name or "<bytes>", ELFFile, ELFError)
+        return _facts(_Image(lambda at, n: source[at : at + n], len(source), name or "<bytes>"))
     with open(source, "rb") as f:
-        return _read(f, name or source, ELFFile, ELFError)
+        fd = f.fileno()
+        return _facts(
+            _Image(lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size, name or source)
+        )
 
 
-def _read(stream: BinaryIO, name: str, elffile: type, elferror: type[Exception]) -> ElfFacts:
-    if stream.read(4) != b"\x7fELF":
-        raise ValueError(f"{name} is not an ELF file")
-    stream.seek(0)
-    try:
-        elf = elffile(stream)
-        soname = ""
-        needed: list[str] = []
-        runpath: list[str] = []
-        rpath: list[str] = []
-        defines: list[str] = []
-        requires: list[tuple[str, tuple[str, ...]]] = []
-        for section in elf.iter_sections():
-            kind = section["sh_type"]
-            if kind == "SHT_DYNAMIC":
-                for tag in section.iter_tags():
-                    if tag.entry.d_tag == "DT_NEEDED":
-                        needed.append(tag.needed)
-                    elif tag.entry.d_tag == "DT_SONAME":
-                        soname = tag.soname
-                    elif tag.entry.d_tag == "DT_RUNPATH":
-                        runpath += [p for p in tag.runpath.split(":") if p]
-                    elif tag.entry.d_tag == "DT_RPATH":
-                        rpath += [p for p in tag.rpath.split(":") if p]
-            elif kind == "SHT_GNU_verdef":
-                for verdef, auxiliaries in section.iter_versions():
-                    names = [aux.name for aux in auxiliaries]
-                    if not verdef["vd_flags"] & 0x1 and names:  # VER_FLG_BASE: the soname
-                        defines.append(names[0])
-            elif kind == "SHT_GNU_verneed":
-                for verneed, auxiliaries in section.iter_versions():
-                    versions = tuple(sorted({aux.name for aux in auxiliaries}, key=version_key))
-                    requires.append((verneed.name, versions))
-    except (elferror, KeyError, ValueError, OSError) as err:
-        raise ValueError(f"{name}: unreadable ELF ({err})") from None
+def read_symbol(path: str, symbol: str, limit: int) -> bytes:
+    """Up to `limit` bytes of the data the dynamic symbol `symbol` of the ELF file at
+    `path` names (its size, else `limit`), as a loaded object holds them in a PT_LOAD
+    segment's file part; b"" when it has no such symbol. `ValueError` as `read_elf`."""
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        elf = _Image(lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size, path)
+        found = elf.dynamic_symbol(symbol)
+        if found is None:
+            return b""
+        addr, size = found
+        for p_type, offset, vaddr, filesz in elf.segments():
+            if p_type == PT_LOAD and vaddr <= addr < vaddr + filesz:
+                want = min(size or limit, limit, vaddr + filesz - addr)
+                return elf.read(offset + addr - vaddr, want)
+    return b""
+
+
+SHT_DYNAMIC, SHT_DYNSYM = 6, 11
+SHT_GNU_VERDEF, SHT_GNU_VERNEED = 0x6FFFFFFD, 0x6FFFFFFE
+DT_NULL, DT_NEEDED, DT_SONAME, DT_RPATH, DT_RUNPATH = 0, 1, 14, 15, 29
+VER_FLG_BASE = 0x1
+PT_LOAD = 1
+# e_machine as pyelftools named it (ElfFacts.machine keeps those names).
+MACHINES = {
+    3: "EM_386",
+    8: "EM_MIPS",
+    20: "EM_PPC",
+    21: "EM_PPC64",
+    22: "EM_S390",
+    40: "EM_ARM",
+    62: "EM_X86_64",
+    183: "EM_AARCH64",
+    243: "EM_RISCV",
+    258: "EM_LOONGARCH",
+}
+# A table larger than this is no table of a library's: refused, not read.
+MAX_TABLE = 64 << 20
+
+
+class _Section(NamedTuple):
+    type: int
+    offset: int
+    size: int
+    link: int
+    info: int
+
+
+class _Image:
+    """The tables of one ELF object, read where they are (`read_at(offset, size)`)."""
+
+    def __init__(self, read_at: Callable[[int, int], bytes], size: int, name: str) -> None:
+        self.read_at, self.size, self.name = read_at, size, name
+        ident = self.read(0, 16) if size >= 16 else b""
+        if ident[:4] != b"\x7fELF":
+            raise ValueError(f"{name} is not an ELF file")
+        if ident[4] not in (1, 2) or ident[5] not in (1, 2):
+            raise self.bad(f"class {ident[4]}, data encoding {ident[5]}")
+        self.elfclass = 64 if ident[4] == 2 else 32
+        self.order = "<" if ident[5] == 1 else ">"
+        wide = self.elfclass == 64
+        head = self.unpack("HHIQQQIHHHHHH" if wide else "HHIIIIIHHHHHH", 16)
+        self.machine_number = head[1]
+        self.phoff, self.shoff = head[4], head[5]
+        self.phentsize, self.phnum, self.shentsize, shnum = head[8], head[9], head[10], head[11]
+        self.sections: list[_Section] = []
+        if self.shoff == 0:
+            return
+        shdr = "IIQQQQIIQQ" if wide else "IIIIIIIIII"
+        if self.shentsize < struct.calcsize(self.order + shdr):
+            raise self.bad(f"section header size {self.shentsize}")
+        if shnum == 0:  # extended numbering: the count is section 0's size
+            shnum = self.unpack(shdr, self.shoff)[5]
+        if shnum > (size - self.shoff) // self.shentsize:
+            raise self.bad(f"{shnum} section headers past the end")
+        table = self.read(self.shoff, shnum * self.shentsize)
+        for i in range(shnum):
+            f = struct.unpack_from(self.order + shdr, table, i * self.shentsize)
+            self.sections.append(_Section(f[1], f[4], f[5], f[6], f[7]))
+
+    def bad(self, why: str) -> ValueError:
+        return ValueError(f"{self.name}: unreadable ELF ({why})")
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0 or offset + size > self.size or size > MAX_TABLE:
+            raise self.bad(f"{size} bytes at {offset} past the end")
+        data = self.read_at(offset, size)
+        if len(data) != size:
+            raise self.bad(f"short read at {offset}")
+        return data
+
+    def unpack(self, fmt: str, offset: int) -> tuple[int, ...]:
+        fmt = self.order + fmt
+        return struct.unpack(fmt, self.read(offset, struct.calcsize(fmt)))
+
+    def of_type(self, kind: int) -> list[_Section]:
+        return [s for s in self.sections if s.type == kind]
+
+    def strings(self, section: _Section) -> Callable[[int], str]:
+        """The string table that `section` links to, as offset → string."""
+        if section.link >= len(self.sections):
+            raise self.bad(f"string table {section.link} of {len(self.sections)} sections")
+        table = self.sections[section.link]
+        data = self.read(table.offset, table.size)
+
+        def at(offset: int) -> str:
+            end = data.find(b"\0", offset)
+            if offset >= len(data) or end < 0:
+                raise self.bad(f"string {offset} outside its table")
+            return data[offset:end].decode("utf-8", "replace")
+
+        return at
+
+    def versions(
+        self, section: _Section, head: str, aux: str
+    ) -> list[tuple[tuple[int, ...], list[tuple[int, ...]]]]:
+        """A GNU version section's entries (`head`) with their auxiliaries (`aux`), each
+        chain followed from its start by its own `next` offsets (the last field)."""
+        data = self.read(section.offset, section.size)
+        head, aux = self.order + head, self.order + aux
+        out = []
+        at = 0
+        if section.info > len(data) // struct.calcsize(head):
+            raise self.bad(f"{section.info} version entries in {len(data)} bytes")
+        for _ in range(section.info):
+            entry = _unpack_in(self, head, data, at)
+            count, first = (entry[3], entry[5]) if len(entry) == 7 else (entry[1], entry[3])
+            if count == 0 or count > len(data) // struct.calcsize(aux):
+                raise self.bad(f"a version entry with {count} auxiliary entries")
+            auxes, where = [], at + first
+            for _ in range(count):
+                one = _unpack_in(self, aux, data, where)
+                auxes.append(one)
+                where += one[-1]
+            out.append((entry, auxes))
+            at += entry[-1]
+        return out
+
+    def dynamic_symbol(self, symbol: str) -> Optional[tuple[int, int]]:
+        """(address, size) of `symbol` in the dynamic symbol table."""
+        wide = self.elfclass == 64
+        fmt = self.order + ("IBBHQQ" if wide else "IIIBBH")
+        step = struct.calcsize(fmt)
+        for section in self.of_type(SHT_DYNSYM):
+            name = self.strings(section)
+            data = self.read(section.offset, section.size)
+            for at in range(0, len(data) - step + 1, step):
+                f = struct.unpack_from(fmt, data, at)
+                value, size = (f[4], f[5]) if wide else (f[1], f[2])
+                if f[0] and name(f[0]) == symbol:
+                    return value, size
+        return None
+
+    def segments(self) -> list[tuple[int, int, int, int]]:
+        """(p_type, p_offset, p_vaddr, p_filesz) of each program header."""
+        wide = self.elfclass == 64
+        fmt = "IIQQQQQQ" if wide else "IIIIIIII"
+        if self.phoff == 0:
+            return []
+        if self.phentsize < struct.calcsize(self.order + fmt):
+            raise self.bad(f"program header size {self.phentsize}")
+        out = []
+        for i in range(self.phnum):
+            f = self.unpack(fmt, self.phoff + i * self.phentsize)
+            out.append((f[0], f[2], f[3], f[5]) if wide else (f[0], f[1], f[2], f[4]))
+        return out
+
+
+def _unpack_in(elf: _Image, fmt: str, data: bytes, at: int) -> tuple[int, ...]:
+    if at < 0 or at + struct.calcsize(fmt) > len(data):
+        raise elf.bad(f"an entry at {at} outside its section")
+    return struct.unpack_from(fmt, data, at)
+
+
+def _facts(elf: _Image) -> ElfFacts:
+    soname = ""
+    needed: list[str] = []
+    runpath: list[str] = []
+    rpath: list[str] = []
+    defines: list[str] = []
+    requires: list[tuple[str, tuple[str, ...]]] = []
+    entry = elf.order + ("qQ" if elf.elfclass == 64 else "iI")
+    step = struct.calcsize(entry)
+    for section in elf.of_type(SHT_DYNAMIC):
+        text = elf.strings(section)
+        data = elf.read(section.offset, section.size)
+        for at in range(0, len(data) - step + 1, step):
+            tag, value = struct.unpack_from(entry, data, at)
+            if tag == DT_NULL:
+                break
+            if tag == DT_NEEDED:
+                needed.append(text(value))
+            elif tag == DT_SONAME:
+                soname = text(value)
+            elif tag == DT_RUNPATH:
+                runpath += [p for p in text(value).split(":") if p]
+            elif tag == DT_RPATH:
+                rpath += [p for p in text(value).split(":") if p]
+    for section in elf.of_type(SHT_GNU_VERDEF):
+        name = elf.strings(section)
+        # Elf_Verdef: version, flags, ndx, cnt, hash, aux, next; Elf_Verdaux: name, next
+        for verdef, auxes in elf.versions(section, "HHHHIII", "II"):
+            if not verdef[1] & VER_FLG_BASE:  # the base entry names the object itself
+                defines.append(name(auxes[0][0]))
+    for section in elf.of_type(SHT_GNU_VERNEED):
+        name = elf.strings(section)
+        # Elf_Verneed: version, cnt, file, aux, next; Elf_Vernaux: hash, flags, other, name, next
+        for verneed, auxes in elf.versions(section, "HHIII", "IHHII"):
+            versions = tuple(sorted({name(a[3]) for a in auxes}, key=version_key))
+            requires.append((name(verneed[2]), versions))
     return ElfFacts(
         soname=soname,
         needed=tuple(needed),
         runpath=tuple(runpath),
         rpath=tuple(rpath),
-        machine=str(elf["e_machine"]),
+        machine=MACHINES.get(elf.machine_number, str(elf.machine_number)),
         elfclass=elf.elfclass,
         defines=tuple(sorted(set(defines), key=version_key)),
         requires=tuple(sorted(requires)),

@@ -178,27 +178,14 @@ def _version_string(local: Optional[str], family: str) -> str:
     symbol = next(s for f, _, s in _FAMILIES if f == family)
     if local is None:
         return ""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
+    from rankwire.fabric.elf import read_symbol
 
     try:
-        with open(local, "rb") as f:
-            elf = ELFFile(f)
-            dynsym: Any = elf.get_section_by_name(".dynsym")
-            found = dynsym.get_symbol_by_name(symbol) if dynsym is not None else None
-            if not found:
-                return ""
-            addr, size = found[0]["st_value"], found[0]["st_size"]
-            for seg in elf.iter_segments():
-                start = seg["p_vaddr"]
-                if seg["p_type"] == "PT_LOAD" and start <= addr < start + seg["p_filesz"]:
-                    f.seek(seg["p_offset"] + addr - start)
-                    raw: bytes = f.read(min(size or 64, 64))
-                    text = raw.split(b"\0", 1)[0].decode("ascii", "replace").strip()
-                    return text if re.fullmatch(r"[0-9][0-9A-Za-z.+~-]*", text) else ""
-    except (OSError, ELFError, ValueError, AttributeError):
+        raw = read_symbol(local, symbol, 64)
+    except (OSError, ValueError):
         return ""
-    return ""
+    text = raw.split(b"\0", 1)[0].decode("ascii", "replace").strip()
+    return text if re.fullmatch(r"[0-9][0-9A-Za-z.+~-]*", text) else ""
 
 
 def _ids(local: Optional[str]) -> Optional[tuple[int, ...]]:

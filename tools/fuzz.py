@@ -10,6 +10,8 @@ Targets (each input is bytes; `TARGETS` says what each does with them):
   frame-py     ... runtime/frame.py (decode, and encode back)
   binds        the bind grammar (runtime/plan.py parse_binds/resolve_bind, spank parse_mounts)
   deffile      the definition-file parser (runtime/deffile.py): a DefFile or one UserError line
+  elf          the ELF reader (fabric/elf.py): ElfFacts or one ValueError line, of synthetic
+               objects (each class and byte order) and /bin/true
 
 A crash is any exception other than the target's documented error (or, for C, a sanitizer
 report or a signal); a hang is an input running past its deadline. Inputs come from a
@@ -277,6 +279,37 @@ def run_deffile(data: bytes) -> None:
         message = str(err)
         if "\n" in message or not message.startswith("RECIPE.def"):
             raise AssertionError(f"not one line naming the recipe: {message!r}") from None
+
+
+def elf_seeds() -> list[bytes]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from harness.elfgen import make_elf
+
+    tables: dict[str, Any] = dict(
+        soname="libx.so.1",
+        needed=["libc.so.6"],
+        runpath="/opt/lib",
+        defines=["X_1.0"],
+        requires={"libc.so.6": ["GLIBC_2.34", "GLIBC_2.2.5"]},
+        symbols={"v": b"4.0\0"},
+    )
+    seeds = [make_elf(wide=w, order=o, **tables) for w in (True, False) for o in "<>"]
+    return [*seeds, Path("/bin/true").read_bytes()]
+
+
+def run_elf(data: bytes) -> None:
+    """Any bytes: ElfFacts, or one ValueError line."""
+    from rankwire.fabric.elf import read_elf
+
+    try:
+        read_elf(data, name="fuzz")
+    except ValueError as err:
+        message = str(err)
+        if not (
+            message.startswith("fuzz: unreadable ELF (") or message == "fuzz is not an ELF file"
+        ):
+            raise AssertionError(f"not the reader's refusal: {message!r}") from None
+        _one_line(err)
 
 
 def _pmi_answer(codec: Any, req: object) -> None:
@@ -594,6 +627,7 @@ TARGETS = {
         Target("frame-py", run_frame_py, FRAME_TOKENS, 4096, lambda: FRAME_SEEDS),
         Target("binds", run_binds, BIND_TOKENS, 512, lambda: BIND_SEEDS),
         Target("deffile", run_deffile, DEFFILE_TOKENS, 2048, lambda: DEFFILE_SEEDS),
+        Target("elf", run_elf, [], 1 << 16, elf_seeds, binary=True),
     ]
 }
 
