@@ -14,7 +14,7 @@ import os
 import re
 import struct
 from collections.abc import Callable
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 from rankwire.record import record
 
@@ -83,6 +83,20 @@ class ElfFacts:
             if file == soname:
                 return versions
         return ()
+
+
+def elf_from_dict(d: dict[str, Any]) -> ElfFacts:
+    """`ElfFacts` back from its `dataclasses.asdict` (a fact cache's JSON)."""
+    return ElfFacts(
+        soname=d["soname"],
+        needed=tuple(d["needed"]),
+        runpath=tuple(d["runpath"]),
+        rpath=tuple(d["rpath"]),
+        machine=d["machine"],
+        elfclass=d["elfclass"],
+        defines=tuple(d["defines"]),
+        requires=tuple((f, tuple(v)) for f, v in d["requires"]),
+    )
 
 
 def read_elf(source: Union[str, bytes], name: str = "") -> ElfFacts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from rankwire.errors import UserError
 from rankwire.fabric.hostfacts import FabricHostFacts
@@ -11,8 +12,9 @@ from rankwire.fabric.plan import EMPTY_IMAGE
 from rankwire.runtime.plan import ImageFacts
 
 
-def host_facts_for(choice: str) -> FabricHostFacts:
-    """Host facts as `choice` needs them: the library is loaded only when it matters."""
+def host_facts_for(choice: str, cache_dir: Optional[str] = None) -> FabricHostFacts:
+    """Host facts as `choice` needs them: the library is loaded only when it matters
+    (and, with the user's `cache_dir`, once while nothing it came from changes)."""
     from rankwire.fabric import hostfacts
 
     if choice.strip() == "none":
@@ -21,7 +23,7 @@ def host_facts_for(choice: str) -> FabricHostFacts:
     if choice.strip() == "auto" and not any(a.devices for a in host.adapters):
         return host  # nothing fast to bind: spare loading libfabric (~0.3 s on Debian)
     try:
-        lib = hostfacts.host_libfabric()
+        lib = hostfacts.host_libfabric(cache_dir, (host.adapters, host.devices))
     except UserError:
         if choice.strip() != "auto":
             raise
@@ -30,14 +32,15 @@ def host_facts_for(choice: str) -> FabricHostFacts:
 
 
 def fabric_facts(
-    image: ImageFacts, choice: str, image_libs: bool = False
+    image: ImageFacts, choice: str, image_libs: bool = False, cache_dir: Optional[str] = None
 ) -> tuple[FabricHostFacts, FabricImageFacts]:
     """(host, image) facts for `plan_fabric(host, image, choice)`; the image's libraries
     are read when a host libfabric is found or `image_libs` (a host MPI goes in).
     Raises UserError."""
-    host = host_facts_for(choice)
+    host = host_facts_for(choice, cache_dir)
     if host.libfabric is None and not image_libs:
         return host, EMPTY_IMAGE
     from rankwire.fabric.imagefacts import read_fabric_image_facts
 
-    return host, read_fabric_image_facts(image, consumers_too=host.libfabric is not None)
+    consumers = host.libfabric is not None
+    return host, read_fabric_image_facts(image, consumers, cache_dir)

@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
-from rankwire.fabric.elf import ElfFacts, is_glibc, read_elf
+from rankwire.fabric.elf import ElfFacts, elf_from_dict, is_glibc, read_elf
 from rankwire.record import record
 
 # PCI ids of fabric adapters: (vendor, device) -> (kind, model).
@@ -56,6 +56,7 @@ MULTIARCH = {
     "ppc64le": "powerpc64le-linux-gnu",
 }
 VERBS_CONFIG_DIR = "/etc/libibverbs.d"
+LD_CACHE = "/etc/ld.so.cache"  # what `ld_cache`'s `ldconfig -p` reads
 _CACHE_LINE = re.compile(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(\S+)\s*$")
 
 
@@ -94,6 +95,20 @@ class HostObject:
     elf: ElfFacts
     deps: tuple[tuple[str, str], ...]  # (DT_NEEDED name, host path) of non-glibc deps
     missing: tuple[str, ...]  # non-glibc DT_NEEDED names not found on the host
+
+
+def objects_from_dicts(objects: Iterable[dict[str, Any]]) -> tuple[HostObject, ...]:
+    """`HostObject`s back from their `dataclasses.asdict` (a fact cache's JSON)."""
+    return tuple(
+        HostObject(
+            path=o["path"],
+            real=o["real"],
+            elf=elf_from_dict(o["elf"]),
+            deps=tuple((n, p) for n, p in o["deps"]),
+            missing=tuple(o["missing"]),
+        )
+        for o in objects
+    )
 
 
 @record
@@ -397,12 +412,68 @@ def libfabric_facts(
     )
 
 
-def host_libfabric() -> HostLibfabric:
-    """The libfabric.so.1 this host loads (UserError when there is none) and its objects."""
+# What the loader, libfabric and its providers' libraries read from the environment:
+# a cached libfabric's facts hold for the same values only.
+LIBFABRIC_ENV = ("LD_LIBRARY_PATH", "FI_", "RDMAV_", "IBV_", "PSM_", "PSM2_", "PSM3_", "HFI_")
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def host_libfabric(cache_dir: Optional[str] = None, hardware: Any = None) -> HostLibfabric:
+    """The libfabric.so.1 this host loads (UserError when there is none) and its objects.
+
+    With `cache_dir`, the facts are kept there (`fabric/factcache.py`) and taken back
+    while this boot, the environment it reads (`LIBFABRIC_ENV`), `hardware` (the
+    adapters and device nodes found) and every file and directory they came from are
+    the same: loading libfabric to ask it for its providers costs 0.2-0.3 s (Debian's
+    pulls in libinfinipath, whose constructor sleeps 200 ms), which every `rankwire exec`
+    on a node with a fabric adapter would pay."""
+    from rankwire.fabric.factcache import FactCache
+
+    cache = None
+    if cache_dir:
+        try:
+            with open(BOOT_ID) as f:
+                boot = f.read().strip()
+        except OSError:
+            boot = ""
+        env = sorted((k, v) for k, v in os.environ.items() if k.startswith(LIBFABRIC_ENV))
+        key = ["libfabric", boot, env, repr(hardware)]
+        lib_path = os.environ.get("LD_LIBRARY_PATH", "")
+        watched = [LD_CACHE, *(d for d in lib_path.split(":") if d)]
+        cache = FactCache(cache_dir, "host-libfabric", key, watched)
+        kept = cache.load(_libfabric_from_dict, _libfabric_paths)
+        if kept is not None:
+            return kept
     from rankwire.fabric import discovery
 
     loaded = discovery.library()
-    return libfabric_facts(loaded.path, loaded.version, discovery.providers())
+    facts = libfabric_facts(loaded.path, loaded.version, discovery.providers())
+    if cache is not None:
+        cache.store(facts, _libfabric_paths(facts))
+    return facts
+
+
+def _libfabric_paths(lib: HostLibfabric) -> list[str]:
+    """What the facts came from: each object (link and file), the dirs libfabric and
+    libibverbs list their plugins from, the verbs config dir."""
+    dirs = dl_provider_dirs(lib.path, os.environ)
+    verbs = [o for o in lib.objects if o.elf.soname == "libibverbs.so.1"]
+    if verbs:
+        dirs.append(os.path.join(os.path.dirname(verbs[0].real), "libibverbs"))
+    objects = [p for o in lib.objects for p in (o.path, o.real)]
+    return [lib.path, *objects, *dirs, VERBS_CONFIG_DIR]
+
+
+def _libfabric_from_dict(d: dict[str, Any]) -> HostLibfabric:
+    return HostLibfabric(
+        path=d["path"],
+        version=d["version"],
+        providers=tuple(d["providers"]),
+        objects=objects_from_dicts(d["objects"]),
+        dl_providers=tuple(d["dl_providers"]),
+        verbs_plugins=tuple(d["verbs_plugins"]),
+        verbs_config=d["verbs_config"],
+    )
 
 
 def collect_fabric_host_facts(root: str = "/", with_library: bool = True) -> FabricHostFacts:

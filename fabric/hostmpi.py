@@ -7,20 +7,25 @@ PATH, and its prefix. The planner (`fabric/mpiplan.py`) decides what to bind.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Optional
 
 from rankwire.errors import UserError
-from rankwire.fabric.elf import ElfFacts, read_elf
-from rankwire.fabric.hostfacts import MULTIARCH, HostObject, Resolver, library_graph
+from rankwire.fabric.elf import read_elf
+from rankwire.fabric.factcache import FactCache
+from rankwire.fabric.hostfacts import (
+    LD_CACHE,
+    MULTIARCH,
+    HostObject,
+    Resolver,
+    library_graph,
+    objects_from_dicts,
+)
 from rankwire.fabric.imagefacts import MPI_FAMILIES, MPI_SONAMES
 from rankwire.record import record
 
@@ -64,7 +69,6 @@ def _version(prefix: str) -> str:
     return ""
 
 
-LD_CACHE = "/etc/ld.so.cache"  # what the resolver's `ldconfig -p` reads
 # Libraries that dlopen plugins from a directory beside their own file.
 _PLUGIN_DIRS = {"libucs.so.0": "ucx", "libfabric.so.1": "libfabric"}
 _TOOLS = {"mpichversion": ("mpich", "abi"), "ompi_info": ("openmpi",)}
@@ -101,14 +105,23 @@ def host_mpi(
         prefix, how = choice.rstrip("/") or "/", f"--host-mpi {choice}"
         families = tuple(sorted(set(MPI_FAMILIES.values())))
     key = [prefix, how, list(families), environ.get("LD_LIBRARY_PATH", "")]
-    cache = _Cache(cache_dir, key, _candidates(prefix, families)) if cache_dir else None
-    kept = cache.load() if cache else None
+    # the candidate names and the loader's cache, besides each object of the closure
+    cache = (
+        FactCache(cache_dir, "host-mpi", key, [*_candidates(prefix, families), LD_CACHE])
+        if cache_dir
+        else None
+    )
+    kept = cache.load(_from_dict, _paths) if cache else None
     if kept is not None:
         return kept
     facts = _read(prefix, how, families, environ)
     if cache:
-        cache.store(facts)
+        cache.store(facts, _paths(facts))
     return facts
+
+
+def _paths(found: HostMpi) -> list[str]:
+    return [p for o in found.objects for p in (o.path, o.real)]
 
 
 def _candidates(prefix: str, families: tuple[str, ...]) -> list[str]:
@@ -151,79 +164,12 @@ def _read(prefix: str, how: str, families: tuple[str, ...], environ: Mapping[str
     )
 
 
-def _stat(path: str) -> Optional[list[int]]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-class _Cache:
-    """One JSON file per (prefix, how it was found, families, LD_LIBRARY_PATH) in the
-    user's cache dir: the facts and the identity of every file they came from (the
-    candidate names, each object of the closure, the loader's cache). Any change there,
-    and the facts are read again."""
-
-    def __init__(self, cache_dir: str, key: list[Any], candidates: list[str]) -> None:
-        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
-        self.path = os.path.join(cache_dir, "host-mpi", f"{digest}.json")
-        self.watched = [*candidates, LD_CACHE]
-
-    def _identity(self, objects: Sequence[HostObject]) -> dict[str, Any]:
-        paths = [*self.watched, *(o.path for o in objects), *(o.real for o in objects)]
-        return {p: _stat(p) for p in dict.fromkeys(paths)}
-
-    def load(self) -> Optional[HostMpi]:
-        try:
-            with open(self.path) as f:
-                doc = json.load(f)
-            found = _from_dict(doc["facts"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return found if doc["identity"] == self._identity(found.objects) else None
-
-    def store(self, found: HostMpi) -> None:
-        doc = {"facts": dataclasses.asdict(found), "identity": self._identity(found.objects)}
-        tmp = f"{self.path}.{os.getpid()}"
-        try:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump(doc, f)
-            os.rename(tmp, self.path)
-        except OSError:  # no cache: the next run reads the facts again
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
 def _from_dict(d: dict[str, Any]) -> HostMpi:
-    def elf(e: dict[str, Any]) -> ElfFacts:
-        return ElfFacts(
-            soname=e["soname"],
-            needed=tuple(e["needed"]),
-            runpath=tuple(e["runpath"]),
-            rpath=tuple(e["rpath"]),
-            machine=e["machine"],
-            elfclass=e["elfclass"],
-            defines=tuple(e["defines"]),
-            requires=tuple((f, tuple(v)) for f, v in e["requires"]),
-        )
-
-    objects = tuple(
-        HostObject(
-            path=o["path"],
-            real=o["real"],
-            elf=elf(o["elf"]),
-            deps=tuple((n, p) for n, p in o["deps"]),
-            missing=tuple(o["missing"]),
-        )
-        for o in d["objects"]
-    )
     return HostMpi(
         prefix=d["prefix"],
         found_by=d["found_by"],
         version=d["version"],
         libs=tuple(d["libs"]),
-        objects=objects,
+        objects=objects_from_dicts(d["objects"]),
         plugin_dirs=tuple((a, b) for a, b in d["plugin_dirs"]),
     )

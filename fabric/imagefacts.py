@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 from rankwire.errors import UserError
-from rankwire.fabric.elf import GLIBC_SONAMES, ElfFacts, newest, read_elf
+from rankwire.fabric.elf import GLIBC_SONAMES, ElfFacts, elf_from_dict, newest, read_elf
 from rankwire.fabric.hostfacts import MULTIARCH
 from rankwire.record import record
 from rankwire.runtime.imagepath import resolve_in_image
@@ -165,11 +165,43 @@ def list_image(image: ImageFacts) -> Listing:
     return Listing.parse(_run(argv, image.path))
 
 
-def read_fabric_image_facts(image: ImageFacts, consumers_too: bool = True) -> FabricImageFacts:
+def read_fabric_image_facts(
+    image: ImageFacts, consumers_too: bool = True, cache_dir: Optional[str] = None
+) -> FabricImageFacts:
     """The image's glibc, libfabric copies, their consumers (read as ELF) and MPI C
     libraries (by the soname the loader looks them up by). Without `consumers_too` (a host
     MPI but no host libfabric to check them against), the consumers are not extracted:
-    an MPI library is tens of MiB."""
+    an MPI library is tens of MiB. With `cache_dir`, kept there under the image's
+    identity (as its MPI kind is): listing an image and extracting its libraries costs
+    tens of ms, and seconds for an image of a hundred thousand files."""
+    cache = None
+    if cache_dir:
+        from rankwire.fabric.factcache import FactCache
+
+        cache = FactCache(cache_dir, "fabric-image", [image.digest, consumers_too], [])
+        kept = cache.load(_image_facts_from_dict, lambda _: ())
+        if kept is not None:
+            return kept
+    facts = _read_fabric_image_facts(image, consumers_too)
+    if cache is not None:
+        cache.store(facts, ())
+    return facts
+
+
+def _image_facts_from_dict(d: dict[str, Any]) -> FabricImageFacts:
+    def objects(key: str) -> tuple[ImageObject, ...]:
+        return tuple(ImageObject(o["path"], elf_from_dict(o["elf"])) for o in d[key])
+
+    return FabricImageFacts(
+        glibc=objects("glibc"),
+        libfabric=objects("libfabric"),
+        consumers=objects("consumers"),
+        ld_library_path=d["ld_library_path"],
+        mpi=tuple(ImageLib(m["path"], m["soname"]) for m in d["mpi"]),
+    )
+
+
+def _read_fabric_image_facts(image: ImageFacts, consumers_too: bool) -> FabricImageFacts:
     listing = list_image(image)
     glibc: dict[str, str] = {}  # path as named -> regular file behind it
     for soname in sorted(GLIBC_SONAMES):

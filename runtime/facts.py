@@ -58,7 +58,11 @@ def gather(
         from rankwire.fabric.hostmpi import host_mpi as read_host_mpi
 
         host_mpi = read_host_mpi(mpi_choice, user.environ, user.cache_dir)
-    fabric_host, fabric_image = fabric_facts(via, opts.fabric, image_libs=host_mpi is not None)
+    # the user's cache, by the user only (root planning a job user's container keeps none)
+    mine = user.cache_dir if os.geteuid() == user.uid else None
+    fabric_host, fabric_image = fabric_facts(
+        via, opts.fabric, image_libs=host_mpi is not None, cache_dir=mine
+    )
     pmi_need, program_need = pmi_needs(facts, opts, user, argv_of)
     return Facts(
         image=facts,

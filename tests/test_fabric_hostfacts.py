@@ -15,6 +15,7 @@ from rankwire.fabric.hostfacts import (
     Resolver,
     detect_adapters,
     fabric_devices,
+    host_libfabric,
     libfabric_facts,
 )
 from rankwire.fabric.imagefacts import Listing
@@ -203,3 +204,39 @@ def test_image_listing_resolves_symlinks_inside_the_image() -> None:
     assert listing.resolve("/usr/lib/out") == ""  # "../.." stops at the image root: no /etc
     assert listing.entries["/dev/null"][0] == "c"
     assert listing.named(["libc.so*"]) == ["/usr/lib/libc.so.6"]
+
+
+def test_host_libfabric_is_kept_in_the_users_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading libfabric costs 0.2-0.3 s: with a cache dir its facts are read once and
+    taken back while the boot, the environment libfabric reads, the hardware and every
+    file they came from are the same; any of those differing, it is loaded again."""
+    from rankwire.fabric import discovery
+
+    loads: list[str] = []
+    real_library = discovery.library
+
+    def library() -> discovery.Library:
+        loads.append(os.environ.get("FI_PROVIDER", ""))
+        return real_library()
+
+    monkeypatch.setattr(discovery, "library", library)
+    libdir = tmp_path / "lib"
+    libdir.mkdir()
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(libdir))
+    monkeypatch.delenv("FI_PROVIDER", raising=False)
+    cache = str(tmp_path / "cache")
+    first = host_libfabric(cache, hardware=("mlx5_0",))
+    assert host_libfabric(cache, hardware=("mlx5_0",)) == first
+    assert len(loads) == 1  # the second came from the cache
+    assert len(os.listdir(tmp_path / "cache" / "host-libfabric")) == 1
+    assert first == host_libfabric()  # and is what loading it says
+
+    host_libfabric(cache, hardware=("mlx5_0", "mlx5_1"))  # another adapter
+    monkeypatch.setenv("FI_PROVIDER", "tcp")  # another provider filter
+    host_libfabric(cache, hardware=("mlx5_0",))
+    monkeypatch.delenv("FI_PROVIDER")
+    (libdir / "libfabric.so.1").write_bytes(b"")  # a file where the loader looks first
+    host_libfabric(cache, hardware=("mlx5_0",))
+    assert loads == ["", "", "", "tcp", ""]

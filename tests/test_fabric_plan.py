@@ -290,6 +290,32 @@ def sif(tmp_path: Path, name: str, rootfs: Path, env: Optional[dict] = None) -> 
     return image_facts(str(out))
 
 
+def test_image_facts_are_kept_under_the_images_identity(tmp_path, monkeypatch):
+    """Listing the image and extracting its libraries costs tens of ms (seconds for a
+    large image): with a cache dir, once per image identity and consumer choice."""
+    from rankwire.fabric import imagefacts
+
+    rootfs = make_rootfs(tmp_path / "rootfs", binaries=["/usr/bin/fi_info"])
+    facts = sif(tmp_path, "img", rootfs, env={"LD_LIBRARY_PATH": "/opt/app/lib"})
+    listed: list[str] = []
+    real_list = imagefacts.list_image
+
+    def list_image(image: ImageFacts) -> imagefacts.Listing:
+        listed.append(image.digest)
+        return real_list(image)
+
+    monkeypatch.setattr(imagefacts, "list_image", list_image)
+    cache = str(tmp_path / "cache")
+    first = read_fabric_image_facts(facts, True, cache)
+    assert first == read_fabric_image_facts(facts)  # what reading it says
+    assert read_fabric_image_facts(facts, True, cache) == first
+    assert len(listed) == 2  # the third came from the cache
+    read_fabric_image_facts(facts, False, cache)  # without the consumers: another entry
+    other = sif(tmp_path, "other", rootfs, env={"LD_LIBRARY_PATH": "/other"})
+    assert read_fabric_image_facts(other, True, cache).ld_library_path == "/other"
+    assert listed == [facts.digest] * 3 + [other.digest]
+
+
 def test_image_facts_find_glibc_and_libfabric_copies(tmp_path):
     rootfs = make_rootfs(tmp_path / "rootfs", binaries=["/usr/bin/fi_info"])
     facts = sif(tmp_path, "img", rootfs, env={"LD_LIBRARY_PATH": "/opt/app/lib"})
