@@ -556,7 +556,10 @@ class _Forked:
 
     def poll(self) -> Optional[int]:
         if self.returncode is None:
-            done, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: ended, how unknown
+                done, status = self.pid, 0  # (as subprocess.Popen.poll says it)
             if done:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
