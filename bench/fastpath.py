@@ -5,6 +5,8 @@ the same squashfs content (the SIF's own partition, copied out for Charliecloud)
      /bin/true                                   (the floor)
      ch-run app.sqfs -- /bin/true                (the peer: Charliecloud, squashfuse too)
      rankwire exec app.sif /bin/true
+     rankwire exec --fabric tcp app.sif /bin/true (the host libfabric bound in, as on a
+                                                 node with a fabric adapter: `auto` there)
 2. Joining a running instance: `rankwire exec instance://x /bin/true` vs bare `/bin/true`
    (the warm-up join plans in Python and leaves its plan: the measured ones join in C),
    and the Python CLI's own join, `rankwire-py exec instance://x /bin/true`.
@@ -239,7 +241,10 @@ def container_start(
             ("/bin/true", ["/bin/true"]),
             ("ch-run app.sqfs -- /bin/true", ["ch-run", str(img["sqfs"]), "--", "/bin/true"]),
             ("rankwire exec app.sif /bin/true", [RW, "exec", str(img["sif"]), "/bin/true"]),
-        ]
+            # what a node with a fabric adapter runs (`--fabric auto` binds its provider)
+            ("rankwire exec --fabric tcp app.sif /bin/true",
+             [RW, "exec", "--fabric", "tcp", str(img["sif"]), "/bin/true"]),
+        ]  # fmt: skip
         got = interleaved(runner, cases, repeat, lambda out: None)
         peer = got["ch-run app.sqfs -- /bin/true"]
         for label, ms in got.items():
@@ -348,7 +353,8 @@ def draw(res: dict[str, Any], path: Path) -> None:
     labels, values = [], []
     for who, got in res["start"].items():
         for label, ms in got.items():
-            labels.append(f"{who}: {label.split(' ')[0]}")
+            fabric = " + fabric" if "--fabric" in label else ""
+            labels.append(f"{who}: {label.split(' ')[0]}{fabric}")
             values.append(ms)
     for who, got in res["join"].items():
         labels.append(f"{who}: join instance")
