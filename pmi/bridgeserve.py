@@ -140,12 +140,11 @@ def serve_node(
         if listener is None and path:
             # a signal while the socket takes its name, before `listener` has it, would
             # leave the name behind: held until then (the `finally` below removes it)
-            held = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+            signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
             try:
                 listener = _listen(path)
             finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
         try:
             _fork_bridge(fd, 2, dict(environ))
         except OSError as err:
@@ -155,7 +154,9 @@ def serve_node(
         os.close(fd)
         if listener is None:
             return 0
-        serving, listener = listener, None  # `_serve_tasks` closes it
+        # `_serve_tasks` closes it: a signal before it holds it would leave the name behind
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+        serving, listener = listener, None
         return _serve_tasks(serving, str(path), node_tasks(environ) - 1, NODE_WAIT, life)
     finally:
         if listener is not None:
@@ -171,10 +172,16 @@ def serve_started(listener: socket.socket, path: str, life: int, tasks: int) -> 
     try:
         _on_signals_exit()
         _load_libpmix()
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD)  # until `_serve_tasks` holds it
     except BaseException:  # SIGTERM meanwhile: the socket goes too
         _close(listener, path, "the node's PMI bridge server ended")
         raise
     return _serve_tasks(listener, path, tasks, None, life)
+
+
+# The signals that end a node's server (`_on_signals_exit`), held while its socket changes
+# hands.
+HELD = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def _on_signals_exit() -> None:
@@ -203,14 +210,16 @@ def _serve_tasks(
     """Fork the bridge of each of `others` tasks as it joins at `listener` (`path`), within
     `wait` seconds (None: NODE_WAIT from the first that comes; before it, as long as
     slurmstepd, `life`, lives); a server started before its tasks takes the first one's
-    stderr. 0 once all came; 1, said, if not."""
+    stderr. 0 once all came; 1, said, if not. Called with `HELD` blocked: a signal
+    delivered from here on ends it through the `finally` that removes the socket."""
     import select
     import time
 
-    served = wait is None
-    deadline = time.monotonic() + wait if wait is not None else None
     why = "the node's PMI bridge server ended"
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+        served = wait is None
+        deadline = time.monotonic() + wait if wait is not None else None
         while others > 0:
             left = deadline - time.monotonic() if deadline is not None else None
             watched = [listener.fileno(), *([life] if life >= 0 else [])]
