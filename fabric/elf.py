@@ -10,10 +10,11 @@ past its end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Optional, Union
 
 from rankwire.record import record
@@ -104,22 +105,16 @@ def read_elf(source: Union[str, bytes], name: str = "") -> ElfFacts:
     tables do not hold together (each offset and count is checked against the file).
     A file is read by `pread` where its tables are: header, section headers, the dynamic
     and version sections and their string tables, never the whole of it."""
-    if isinstance(source, bytes):
-        return _facts(_Image(lambda at, n: source[at : at + n], len(source), name or "<bytes>"))
-    with open(source, "rb") as f:
-        fd = f.fileno()
-        return _facts(
-            _Image(lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size, name or source)
-        )
+    with _opened(source, name) as elf:
+        return _facts(elf)
 
 
-def read_symbol(path: str, symbol: str, limit: int) -> bytes:
-    """Up to `limit` bytes of the data the dynamic symbol `symbol` of the ELF file at
-    `path` names (its size, else `limit`), as a loaded object holds them in a PT_LOAD
-    segment's file part; b"" when it has no such symbol. `ValueError` as `read_elf`."""
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        elf = _Image(lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size, path)
+def read_symbol(source: Union[str, bytes], symbol: str, limit: int, name: str = "") -> bytes:
+    """Up to `limit` bytes of the data the dynamic symbol `symbol` (defined, not only
+    imported) of an ELF file (path or bytes) names (its size, else `limit`), as a loaded
+    object holds them in a PT_LOAD segment's file part; b"" when it has no such symbol.
+    `ValueError` as `read_elf`."""
+    with _opened(source, name) as elf:
         found = elf.dynamic_symbol(symbol)
         if found is None:
             return b""
@@ -131,11 +126,22 @@ def read_symbol(path: str, symbol: str, limit: int) -> bytes:
     return b""
 
 
+@contextlib.contextmanager
+def _opened(source: Union[str, bytes], name: str) -> Iterator[_Image]:
+    if isinstance(source, bytes):
+        yield _Image(lambda at, n: source[at : at + n], len(source), name or "<bytes>")
+        return
+    with open(source, "rb") as f:
+        fd = f.fileno()
+        yield _Image(lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size, name or source)
+
+
 SHT_DYNAMIC, SHT_DYNSYM = 6, 11
 SHT_GNU_VERDEF, SHT_GNU_VERNEED = 0x6FFFFFFD, 0x6FFFFFFE
 DT_NULL, DT_NEEDED, DT_SONAME, DT_RPATH, DT_RUNPATH = 0, 1, 14, 15, 29
 VER_FLG_BASE = 0x1
 PT_LOAD = 1
+SHN_UNDEF = 0
 # e_machine as pyelftools named it (ElfFacts.machine keeps those names).
 MACHINES = {
     3: "EM_386",
@@ -151,6 +157,8 @@ MACHINES = {
 }
 # A table larger than this is no table of a library's: refused, not read.
 MAX_TABLE = 64 << 20
+MAX_DYNAMIC = 1 << 16  # a dynamic section has tens of entries (16 bytes each)
+MAX_STRING = 4096  # a soname, a version name, a RUNPATH: no longer than a path
 
 
 class _Section(NamedTuple):
@@ -211,58 +219,75 @@ class _Image:
     def of_type(self, kind: int) -> list[_Section]:
         return [s for s in self.sections if s.type == kind]
 
-    def strings(self, section: _Section) -> Callable[[int], str]:
-        """The string table that `section` links to, as offset → string."""
+    def string_table(self, section: _Section) -> bytes:
+        """The string table that `section` links to."""
         if section.link >= len(self.sections):
             raise self.bad(f"string table {section.link} of {len(self.sections)} sections")
         table = self.sections[section.link]
-        data = self.read(table.offset, table.size)
+        return self.read(table.offset, table.size)
+
+    def strings(self, section: _Section) -> Callable[[int], str]:
+        """The string table that `section` links to, as offset → string (each at most
+        MAX_STRING bytes, each decoded once)."""
+        data = self.string_table(section)
+        seen: dict[int, str] = {}
 
         def at(offset: int) -> str:
-            end = data.find(b"\0", offset)
+            if offset in seen:
+                return seen[offset]
+            end = data.find(b"\0", offset, offset + MAX_STRING + 1)
             if offset >= len(data) or end < 0:
-                raise self.bad(f"string {offset} outside its table")
-            return data[offset:end].decode("utf-8", "replace")
+                raise self.bad(f"string {offset} outside its table or past {MAX_STRING} bytes")
+            seen[offset] = data[offset:end].decode("utf-8", "replace")
+            return seen[offset]
 
         return at
 
     def versions(
         self, section: _Section, head: str, aux: str
     ) -> list[tuple[tuple[int, ...], list[tuple[int, ...]]]]:
-        """A GNU version section's entries (`head`) with their auxiliaries (`aux`), each
-        chain followed from its start by its own `next` offsets (the last field)."""
+        """A GNU version section's entries (`head`) with their auxiliaries (`aux`): at most
+        its count of each, each chain followed by its `next` offsets (the last field)
+        until one is 0, as the loader does; no more entries in all than its bytes hold."""
         data = self.read(section.offset, section.size)
         head, aux = self.order + head, self.order + aux
+        budget = len(data) // min(struct.calcsize(head), struct.calcsize(aux))
+        if section.info > budget:
+            raise self.bad(f"{section.info} version entries in {len(data)} bytes")
         out = []
         at = 0
-        if section.info > len(data) // struct.calcsize(head):
-            raise self.bad(f"{section.info} version entries in {len(data)} bytes")
         for _ in range(section.info):
             entry = _unpack_in(self, head, data, at)
             count, first = (entry[3], entry[5]) if len(entry) == 7 else (entry[1], entry[3])
-            if count == 0 or count > len(data) // struct.calcsize(aux):
+            budget -= 1 + count
+            if count == 0 or budget < 0:
                 raise self.bad(f"a version entry with {count} auxiliary entries")
             auxes, where = [], at + first
             for _ in range(count):
                 one = _unpack_in(self, aux, data, where)
                 auxes.append(one)
+                if one[-1] == 0:
+                    break
                 where += one[-1]
             out.append((entry, auxes))
+            if entry[-1] == 0:
+                break
             at += entry[-1]
         return out
 
     def dynamic_symbol(self, symbol: str) -> Optional[tuple[int, int]]:
-        """(address, size) of `symbol` in the dynamic symbol table."""
+        """(address, size) of the defined dynamic symbol `symbol`."""
         wide = self.elfclass == 64
         fmt = self.order + ("IBBHQQ" if wide else "IIIBBH")
         step = struct.calcsize(fmt)
-        for section in self.of_type(SHT_DYNSYM):
-            name = self.strings(section)
+        want = symbol.encode() + b"\0"
+        for section in self.of_type(SHT_DYNSYM)[:1]:
+            names = self.string_table(section)
             data = self.read(section.offset, section.size)
             for at in range(0, len(data) - step + 1, step):
                 f = struct.unpack_from(fmt, data, at)
-                value, size = (f[4], f[5]) if wide else (f[1], f[2])
-                if f[0] and name(f[0]) == symbol:
+                value, size, shndx = (f[4], f[5], f[3]) if wide else (f[1], f[2], f[5])
+                if f[0] and shndx != SHN_UNDEF and names.startswith(want, f[0]):
                     return value, size
         return None
 
@@ -296,8 +321,11 @@ def _facts(elf: _Image) -> ElfFacts:
     requires: list[tuple[str, tuple[str, ...]]] = []
     entry = elf.order + ("qQ" if elf.elfclass == 64 else "iI")
     step = struct.calcsize(entry)
-    for section in elf.of_type(SHT_DYNAMIC):
+    # the first of each kind only, as the loader has one of each
+    for section in elf.of_type(SHT_DYNAMIC)[:1]:
         text = elf.strings(section)
+        if section.size > MAX_DYNAMIC:
+            raise elf.bad(f"a dynamic section of {section.size} bytes")
         data = elf.read(section.offset, section.size)
         for at in range(0, len(data) - step + 1, step):
             tag, value = struct.unpack_from(entry, data, at)
@@ -311,13 +339,13 @@ def _facts(elf: _Image) -> ElfFacts:
                 runpath += [p for p in text(value).split(":") if p]
             elif tag == DT_RPATH:
                 rpath += [p for p in text(value).split(":") if p]
-    for section in elf.of_type(SHT_GNU_VERDEF):
+    for section in elf.of_type(SHT_GNU_VERDEF)[:1]:
         name = elf.strings(section)
         # Elf_Verdef: version, flags, ndx, cnt, hash, aux, next; Elf_Verdaux: name, next
         for verdef, auxes in elf.versions(section, "HHHHIII", "II"):
             if not verdef[1] & VER_FLG_BASE:  # the base entry names the object itself
                 defines.append(name(auxes[0][0]))
-    for section in elf.of_type(SHT_GNU_VERNEED):
+    for section in elf.of_type(SHT_GNU_VERNEED)[:1]:
         name = elf.strings(section)
         # Elf_Verneed: version, cnt, file, aux, next; Elf_Vernaux: hash, flags, other, name, next
         for verneed, auxes in elf.versions(section, "HHIII", "IHHII"):

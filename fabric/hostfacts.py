@@ -294,9 +294,14 @@ class Resolver:
     def __init__(self, ld_library_path: str = "", cache: Optional[Mapping[str, list[str]]] = None):
         self.ld_library_path = [p for p in ld_library_path.split(":") if p]
         self.cache = cache if cache is not None else ld_cache()
+        self.defaults = self.default_dirs()
+
+    @staticmethod
+    def default_dirs() -> list[str]:
+        """Where the loader looks last (ld.so(8)'s trusted dirs, multiarch first)."""
         triplet = MULTIARCH.get(platform.machine(), "")
-        self.defaults = [f"/lib/{triplet}", f"/usr/lib/{triplet}"] if triplet else []
-        self.defaults += ["/lib64", "/usr/lib64", "/lib", "/usr/lib"]
+        dirs = [f"/lib/{triplet}", f"/usr/lib/{triplet}"] if triplet else []
+        return [*dirs, "/lib64", "/usr/lib64", "/lib", "/usr/lib"]
 
     def find(self, name: str, requester: str, elf: ElfFacts) -> str:
         if "/" in name:
@@ -414,8 +419,9 @@ def libfabric_facts(
 
 # What the loader, libfabric and its providers' libraries read from the environment:
 # a cached libfabric's facts hold for the same values only.
-LIBFABRIC_ENV = ("LD_LIBRARY_PATH", "FI_", "RDMAV_", "IBV_", "PSM_", "PSM2_", "PSM3_", "HFI_")
+LIBFABRIC_ENV = ("LD_", "FI_", "RDMAV_", "IBV_", "PSM_", "PSM2_", "PSM3_", "HFI_")
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+LD_PRELOAD_FILE = "/etc/ld.so.preload"
 
 
 def host_libfabric(cache_dir: Optional[str] = None, hardware: Any = None) -> HostLibfabric:
@@ -430,16 +436,19 @@ def host_libfabric(cache_dir: Optional[str] = None, hardware: Any = None) -> Hos
     from rankwire.fabric.factcache import FactCache
 
     cache = None
-    if cache_dir:
-        try:
-            with open(BOOT_ID) as f:
-                boot = f.read().strip()
-        except OSError:
-            boot = ""
+    try:
+        with open(BOOT_ID) as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""  # no boot to tie them to: not kept
+    if cache_dir and boot:
         env = sorted((k, v) for k, v in os.environ.items() if k.startswith(LIBFABRIC_ENV))
-        key = ["libfabric", boot, env, repr(hardware)]
+        # a provider opens its device nodes: who we are decides which register
+        access = [os.geteuid(), os.getegid(), sorted(os.getgroups())]
+        key = [boot, env, repr(hardware), access]
         lib_path = os.environ.get("LD_LIBRARY_PATH", "")
-        watched = [LD_CACHE, *(d for d in lib_path.split(":") if d)]
+        dirs = [*(d for d in lib_path.split(":") if d), *Resolver.default_dirs()]
+        watched = [LD_CACHE, LD_PRELOAD_FILE, *dirs]
         cache = FactCache(cache_dir, "host-libfabric", key, watched)
         kept = cache.load(_libfabric_from_dict, _libfabric_paths)
         if kept is not None:
@@ -454,14 +463,17 @@ def host_libfabric(cache_dir: Optional[str] = None, hardware: Any = None) -> Hos
 
 
 def _libfabric_paths(lib: HostLibfabric) -> list[str]:
-    """What the facts came from: each object (link and file), the dirs libfabric and
-    libibverbs list their plugins from, the verbs config dir."""
+    """What the facts came from: each object (link and file) and the dirs they are in
+    (a library added there, or one missing before, would change them), the dirs
+    libfabric and libibverbs list their plugins from, the verbs config dir, the device
+    nodes (their modes decide which providers may open them)."""
     dirs = dl_provider_dirs(lib.path, os.environ)
     verbs = [o for o in lib.objects if o.elf.soname == "libibverbs.so.1"]
     if verbs:
         dirs.append(os.path.join(os.path.dirname(verbs[0].real), "libibverbs"))
     objects = [p for o in lib.objects for p in (o.path, o.real)]
-    return [lib.path, *objects, *dirs, VERBS_CONFIG_DIR]
+    dirs += sorted({os.path.dirname(p) for p in objects})
+    return [lib.path, *objects, *dirs, VERBS_CONFIG_DIR, *fabric_devices("/")]
 
 
 def _libfabric_from_dict(d: dict[str, Any]) -> HostLibfabric:

@@ -178,7 +178,10 @@ def read_fabric_image_facts(
     if cache_dir:
         from rankwire.fabric.factcache import FactCache
 
-        cache = FactCache(cache_dir, "fabric-image", [image.digest, consumers_too], [])
+        # The identity digest covers the image's names, sizes and times, not file data:
+        # the image file itself is watched too. The lib dirs are this machine's.
+        key = [image.digest, consumers_too, platform.machine()]
+        cache = FactCache(cache_dir, "fabric-image", key, [image.path])
         kept = cache.load(_image_facts_from_dict, lambda _: ())
         if kept is not None:
             return kept

@@ -217,13 +217,19 @@ def cache_list(as_json: bool) -> None:
     help="Only entries pulled or last used more than DAYS days ago.",
 )
 def cache_clean(older_than: Optional[float]) -> None:
-    """Remove cached SIFs and blobs, records of verified images and host MPI facts (all,
-    or those older than --older-than DAYS)."""
+    """Remove cached SIFs and blobs, records of verified images, host MPI, host
+    libfabric and image fabric facts (all, or those older than --older-than DAYS)."""
     root = pulling.cache_root()
     cutoff = time.time() - (older_than or 0) * 86400
-    for sub, what in (("verified", "verification"), ("host-mpi", "host MPI")):
+    kinds = (
+        ("verified", "verification"),
+        ("host-mpi", "host MPI"),
+        ("host-libfabric", "host libfabric"),
+        ("fabric-image", "image fabric"),
+    )
+    for sub, what in kinds:
         records = 0
-        for entry in (root.parent / sub).glob("[0-9a-f]*"):
+        for entry in [*(root.parent / sub).glob("[0-9a-f]*"), *(root.parent / sub).glob(".*.tmp")]:
             with contextlib.suppress(OSError):
                 if older_than is None or entry.stat().st_mtime < cutoff:
                     entry.unlink()

@@ -52,14 +52,15 @@ def gather(
         )
         facts = dataclasses.replace(facts, content_digest=digest)
     via = dataclasses.replace(facts, path=fabric_image_path) if fabric_image_path else facts
+    # The user's cache of host facts, by the user only: root planning a job user's
+    # container (the plugin's enforce) neither believes nor writes what is in it.
+    mine = user.cache_dir if os.geteuid() == user.uid else None
     mpi_choice = host_mpi_choice(opts, user.environ)
     host_mpi = None
     if mpi_choice != "none":  # `auto` finding none costs a PATH lookup, no image read
         from rankwire.fabric.hostmpi import host_mpi as read_host_mpi
 
-        host_mpi = read_host_mpi(mpi_choice, user.environ, user.cache_dir)
-    # the user's cache, by the user only (root planning a job user's container keeps none)
-    mine = user.cache_dir if os.geteuid() == user.uid else None
+        host_mpi = read_host_mpi(mpi_choice, user.environ, mine)
     fabric_host, fabric_image = fabric_facts(
         via, opts.fabric, image_libs=host_mpi is not None, cache_dir=mine
     )

@@ -134,8 +134,8 @@ def test_not_elf_and_cut_short(tmp_path: Path) -> None:
 
 
 def test_a_version_chain_that_loops_is_refused() -> None:
-    """Counts and `next` offsets come from the file: a version section claiming more
-    entries than its bytes hold is refused, not followed round and round."""
+    """Counts come from the file: a version section claiming more entries than its
+    bytes hold is refused before any is read."""
     data = bytearray(make_elf(**TABLES))
     shoff = struct.unpack_from("<Q", data, 40)[0]
     verdef = shoff + 64 * 3  # section 3: .gnu.version_d
@@ -144,6 +144,23 @@ def test_a_version_chain_that_loops_is_refused() -> None:
     with pytest.raises(ValueError) as err:
         read_elf(bytes(data), name="loop")
     assert str(err.value) == "loop: unreadable ELF (4294967295 version entries in 84 bytes)"
+
+
+def test_a_chain_ends_at_a_zero_next_and_strings_are_bounded() -> None:
+    """A version entry whose `next` is 0 ends its chain, whatever its section's count
+    says (as the loader reads it; so a chain can never be walked more than once), and a
+    string runs at most 4096 bytes: a small hostile file cannot cost more than linear
+    work."""
+    data = bytearray(make_elf(**TABLES))
+    shoff = struct.unpack_from("<Q", data, 40)[0]
+    verdef_at = struct.unpack_from("<Q", data, shoff + 64 * 3 + 24)[0]
+    struct.pack_into("<I", data, verdef_at + 16, 0)  # the base entry's vd_next
+    assert read_elf(bytes(data)).defines == ()  # the two after it are not reached
+    long = make_elf(soname="libx.so.1", needed=["l" * 5000])
+    with pytest.raises(ValueError) as err:
+        read_elf(long, name="long")
+    assert str(err.value) == "long: unreadable ELF (string 1 outside its table or past 4096 bytes)"
+    assert read_elf(make_elf(needed=["l" * 4096])).needed == ("l" * 4096,)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -159,5 +176,6 @@ def test_mutated_objects_are_read_or_refused(
         data[at % len(data)] = value
     try:
         read_elf(bytes(data), name="m")
+        read_symbol(bytes(data), "version_string", 64, name="m")
     except ValueError as err:
         assert str(err).startswith("m: unreadable ELF (") or str(err) == "m is not an ELF file"

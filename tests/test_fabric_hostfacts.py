@@ -212,8 +212,9 @@ def test_host_libfabric_is_kept_in_the_users_cache(
     """Loading libfabric costs 0.2-0.3 s: with a cache dir its facts are read once and
     taken back while the boot, the environment libfabric reads, the hardware and every
     file they came from are the same; any of those differing, it is loaded again."""
-    from rankwire.fabric import discovery
+    from rankwire.fabric import discovery, factcache
 
+    monkeypatch.setattr(factcache, "SETTLE_NS", 0)  # its LD_LIBRARY_PATH dir is new
     loads: list[str] = []
     real_library = discovery.library
 

@@ -293,8 +293,9 @@ def sif(tmp_path: Path, name: str, rootfs: Path, env: Optional[dict] = None) -> 
 def test_image_facts_are_kept_under_the_images_identity(tmp_path, monkeypatch):
     """Listing the image and extracting its libraries costs tens of ms (seconds for a
     large image): with a cache dir, once per image identity and consumer choice."""
-    from rankwire.fabric import imagefacts
+    from rankwire.fabric import factcache, imagefacts
 
+    monkeypatch.setattr(factcache, "SETTLE_NS", 0)  # its image is new
     rootfs = make_rootfs(tmp_path / "rootfs", binaries=["/usr/bin/fi_info"])
     facts = sif(tmp_path, "img", rootfs, env={"LD_LIBRARY_PATH": "/opt/app/lib"})
     listed: list[str] = []

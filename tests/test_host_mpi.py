@@ -440,6 +440,9 @@ def test_host_mpi_facts_are_kept_while_their_files_are_unchanged(
 ) -> None:
     """Reading them costs ≈ 130 ms (every srun task would pay it): kept in the user's
     cache dir, read again when any file they came from changes."""
+    from rankwire.fabric import factcache
+
+    monkeypatch.setattr(factcache, "SETTLE_NS", 0)  # its files are new
     from rankwire.fabric import hostmpi
 
     prefix = tmp_path / "mpich"

@@ -61,6 +61,15 @@ def fail_ompi(mpi_programs: MpiPrograms) -> Path:
     return mpi_programs.fail_ompi
 
 
+@pytest.fixture(autouse=True)
+def _libpmix_not_loaded_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launcher never loads libpmix itself; this process may have (the bindings'
+    tests): its forked helpers must load it as a launcher's do."""
+    from rankwire.pmi.pmix import abi
+
+    monkeypatch.setattr(abi, "_lib", None)
+
+
 # -- the launcher-facing object, no MPI ------------------------------------------------------------
 def test_rank_env_and_close() -> None:
     async def main() -> None:
@@ -151,15 +160,7 @@ def test_the_launcher_stops_its_helpers_when_the_container_fails(
     assert [p.returncode for p in procs] == [0]  # stopped and reaped
 
 
-def test_a_helper_that_cannot_load_libpmix_is_a_user_error(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from rankwire.pmi.pmix import abi
-
-    # The forked helper inherits what this process loaded (the bindings' tests load
-    # libpmix here; a launcher never does): as a launcher's, it has not.
-    monkeypatch.setattr(abi, "_lib", None)
-
+def test_a_helper_that_cannot_load_libpmix_is_a_user_error() -> None:
     async def main() -> None:
         server = PmixServer(Job(1), helper_env={"RANKWIRE_LIBPMIX": "/nonexistent/libpmix.so.2"})
         await server.start()
@@ -187,10 +188,18 @@ def test_a_helper_gone_before_it_read_the_job_is_a_user_error(
     )
 
 
+def _signal_mask(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1], 16) for ln in f if ln.startswith(field + ":"))
+
+
 def test_a_helper_keeps_nothing_of_the_launcher(tmp_path: Path) -> None:
     """The helper is forked from the launcher without an exec: none of the launcher's
-    descriptors (inheritable or not) but stdout and stderr, stdin from /dev/null, and the
-    launcher's exit handlers are not run when it ends."""
+    descriptors (inheritable or not) but stdout and stderr, stdin from /dev/null, none of
+    its signal handlers or blocked signals, its own name, and the launcher's exit
+    handlers are not run when it ends."""
+    usr1 = signal.signal(signal.SIGUSR1, lambda *_: None)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
     ran = tmp_path / "exit-handler-ran"
     me = os.getpid()
 
@@ -213,20 +222,53 @@ def test_a_helper_keeps_nothing_of_the_launcher(tmp_path: Path) -> None:
                 n: os.readlink(f"/proc/{proc.pid}/fd/{n}")
                 for n in os.listdir(f"/proc/{proc.pid}/fd")
             }
+            caught, held = _signal_mask(proc.pid, "SigCgt"), _signal_mask(proc.pid, "SigBlk")
+            with open(f"/proc/{proc.pid}/comm") as f:
+                name = f.read().strip()
         finally:
             await server.close()
-        return proc.returncode, fds
+        return proc.returncode, fds, caught, held, name
 
     try:
-        code, fds = asyncio.run(main())
+        code, fds, caught, held, name = asyncio.run(main())
     finally:
         atexit.unregister(handler)
         for fd in (r, w, high):
             os.close(fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        signal.signal(signal.SIGUSR1, usr1)
     assert code == 0
     assert fds["0"] == "/dev/null"
     assert pipe not in fds.values()
     assert not ran.exists()
+    assert not caught & (1 << (signal.SIGUSR1 - 1)), hex(caught)
+    assert not held & (1 << (signal.SIGUSR2 - 1)), hex(held)
+    assert name == "rankwire-pmix"
+
+
+def test_a_launcher_started_without_stdout_starts_its_helper() -> None:
+    """A launcher started with stdout closed (no sys.stdout; the socketpair may take fd
+    1): its helper starts, serves and ends."""
+    code = (
+        "import asyncio\n"
+        "from rankwire.pmi.job import Job\n"
+        "from rankwire.pmi.pmix.server import PmixServer\n"
+        "async def main():\n"
+        "    server = PmixServer(Job(1))\n"
+        "    await server.start()\n"
+        "    assert server.rank_env(0)[0]['PMIX_RANK'] == '0'\n"
+        "    await server.close()\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
 
 
 def test_a_dead_helper_is_reported() -> None:

@@ -10,8 +10,8 @@ Targets (each input is bytes; `TARGETS` says what each does with them):
   frame-py     ... runtime/frame.py (decode, and encode back)
   binds        the bind grammar (runtime/plan.py parse_binds/resolve_bind, spank parse_mounts)
   deffile      the definition-file parser (runtime/deffile.py): a DefFile or one UserError line
-  elf          the ELF reader (fabric/elf.py): ElfFacts or one ValueError line, of synthetic
-               objects (each class and byte order) and /bin/true
+  elf          the ELF reader (fabric/elf.py: read_elf, read_symbol): facts or one ValueError
+               line, of synthetic objects (each class and byte order) and /bin/true
 
 A crash is any exception other than the target's documented error (or, for C, a sanitizer
 report or a signal); a hang is an input running past its deadline. Inputs come from a
@@ -299,10 +299,11 @@ def elf_seeds() -> list[bytes]:
 
 def run_elf(data: bytes) -> None:
     """Any bytes: ElfFacts, or one ValueError line."""
-    from rankwire.fabric.elf import read_elf
+    from rankwire.fabric.elf import read_elf, read_symbol
 
     try:
         read_elf(data, name="fuzz")
+        read_symbol(data, "v", 64, name="fuzz")
     except ValueError as err:
         message = str(err)
         if not (

@@ -25,16 +25,18 @@ Design: libpmix in helper processes, never in the launcher
   re-creates the GIL and some module locks, but nothing covers the rest, and a proof would
   have to audit every line the child will ever run (Python 3.12 already warns on fork()
   with threads). So rather than argue, keep the launcher single-threaded: the PMIx server
-  runs in one helper process per node, forked here before any rank exists (and before the
-  asyncio loop runs), which runs `helper.main` and loads libpmix only then, and the
-  launcher talks to it over a Unix socketpair with asyncio streams (`wire`). The launcher
-  process never loads libpmix and never gains a thread, so the fork itself is as safe as
-  a rank's. The child does not exec a new interpreter: that start (≈ 20 ms, asyncio's
-  imports ≈ 25 more) was what a PMIx job's ranks waited for; it takes the helper's
-  environment, /dev/null for stdin, no descriptor of ours but stdout and stderr, default
-  signal handling, and ends with `os._exit` (the launcher's exit handlers are not its
-  own). Inside a helper, upcalls from libpmix's thread reach the helper's own asyncio loop
-  through `loop.call_soon_threadsafe`.
+  runs in one helper process per node, forked here before any rank exists (`launch`,
+  which the launcher calls before its asyncio loop runs; `start` forks them for a caller
+  that did not), which runs `helper.main` and loads libpmix only then, and the launcher
+  talks to it over a Unix socketpair with asyncio streams (`wire`). The launcher process
+  never loads libpmix and never gains a thread, so the fork itself is as safe as a
+  rank's. The child does not exec a new interpreter: that start (≈ 20 ms, asyncio's
+  imports ≈ 25 more) was what a PMIx job's ranks waited for; `_run_helper` gives it the
+  helper's environment, /dev/null for stdin, no descriptor of ours but stdout and stderr,
+  none of our signal handlers or blocked signals, its own name (`rankwire-pmix`), and ends
+  it with `os._exit` (the launcher's exit handlers are not its own). Inside a helper,
+  upcalls from libpmix's thread reach the helper's own asyncio loop through
+  `loop.call_soon_threadsafe`.
 
   One helper per node label of `job.nodes` also gives multi-node jobs for free: each helper
   is the PMIx server of its node (own PMIX_HOSTNAME), the launcher is the allgather root of
@@ -80,7 +82,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import faulthandler
+import fcntl
 import gc
+import logging
 import os
 import secrets
 import shutil
@@ -188,7 +194,7 @@ class PmixServer:
     # -- the launcher's API -------------------------------------------------------------------
     def launch(self) -> None:
         """Start one helper per node and send it the job, without waiting for it: the
-        helpers come up (Python, libpmix, hwloc: 60-100 ms) while the caller goes on (the
+        helpers come up (libpmix and hwloc: ≈ 35 ms) while the caller goes on (the
         launcher starts its container meanwhile). `start` waits for them; `close` stops
         them, started or not."""
         self._tmpdir, self._tmpdir_lock = claim_tmpdir()
@@ -304,8 +310,9 @@ class PmixServer:
         os.mkdir(tmpdir, 0o700)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = self._helper_environ()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):  # what is buffered is the launcher's
+            with contextlib.suppress(Exception):
+                stream.flush()  # (None when started without it)
         try:
             pid = os.fork()
         except OSError as err:
@@ -313,7 +320,7 @@ class PmixServer:
             theirs.close()
             raise UserError(f"cannot start the PMIx helper: {err.strerror}") from err
         if pid == 0:
-            _run_helper(theirs.fileno(), env)
+            _run_helper(theirs.fileno(), ours.fileno(), env)
         theirs.close()
         node.proc = _Forked(pid)
         node.sock = ours
@@ -569,26 +576,42 @@ class _Forked:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def _run_helper(fd: int, env: dict[str, str]) -> NoReturn:
-    """In the forked child: become the node's helper on `fd` (see the module docstring)."""
+def _run_helper(fd: int, launchers: int, env: dict[str, str]) -> NoReturn:
+    """In the forked child: become the node's helper on `fd` (`launchers`: the launcher's
+    end of the pair); see the module docstring."""
     code = 1
     try:
         # What the launcher holds stays as it is: a descriptor closed below whose Python
         # object a garbage collection freed later would close the number again, maybe
         # reused by libpmix by then.
         gc.freeze()
+        for sig in signal.valid_signals():  # the launcher's Python handlers are not ours
+            with contextlib.suppress(OSError, ValueError):
+                if callable(signal.getsignal(sig)):
+                    signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the helper does: the launcher's ^C
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM):
-            signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        if faulthandler.is_enabled():  # it writes to a descriptor closed below
+            faulthandler.disable()
+        # the launcher's log handlers (none in `rankwire`; a test runner's) are not ours:
+        # dropped, not closed (they are the launcher's to flush), so that `helper.main`
+        # sets its own
+        logging.root.handlers.clear()
         os.environ.clear()
         os.environ.update(env)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.closerange(3, fd)
-        os.closerange(fd + 1, max(fd + 1, os.sysconf("SC_OPEN_MAX")))
+        # Our socket above 2, then /dev/null for stdin and for any of 0-2 that was one of
+        # the pair (a launcher started without stdout, say), then only 0-2 and it.
+        given = fd
+        if fd < 3:
+            fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        null = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):
+            if std == 0 or std in (launchers, given):
+                os.dup2(null, std)
+        _close_all_but((0, 1, 2, fd))
+        set_name(b"rankwire-pmix")
         from rankwire.pmi.pmix import helper
 
         code = helper.main(fd)
@@ -600,7 +623,28 @@ def _run_helper(fd: int, env: dict[str, str]) -> NoReturn:
         with contextlib.suppress(BaseException):
             sys.stdout.flush()
             sys.stderr.flush()
+            ctypes.CDLL(None).fflush(None)  # libpmix's and hwloc's stdio too
         os._exit(code)
+
+
+def _close_all_but(keep: tuple[int, ...]) -> None:
+    """Close every descriptor but `keep`, as listed in /proc/self/fd (closerange
+    without the close_range system call walks up to the open-files limit, which the
+    launcher may have raised to a million)."""
+    try:
+        listed = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        listed = list(range(max(keep) + 1, os.sysconf("SC_OPEN_MAX")))
+    for n in listed:
+        if n not in keep:
+            with contextlib.suppress(OSError):
+                os.close(n)
+
+
+def set_name(name: bytes) -> None:
+    """The process's name as ps and pkill show it (PR_SET_NAME, 15 bytes at most)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
 
 
 async def _wait_exit(proc: _Forked, timeout: float) -> bool:
