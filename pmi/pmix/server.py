@@ -611,8 +611,11 @@ def _run_helper(fd: int, launchers: int, env: dict[str, str]) -> NoReturn:
             if std == 0 or std in (launchers, given):
                 os.dup2(null, std)
         _close_all_but((0, 1, 2, fd))
-        set_name(b"rankwire-pmix")
         from rankwire.pmi.pmix import helper
+        from rankwire.runtime import syscalls
+
+        with contextlib.suppress(OSError):
+            syscalls.set_comm("rankwire-pmix")
 
         code = helper.main(fd)
     except BaseException:
@@ -633,18 +636,12 @@ def _close_all_but(keep: tuple[int, ...]) -> None:
     launcher may have raised to a million)."""
     try:
         listed = [int(n) for n in os.listdir("/proc/self/fd")]
-    except OSError:
-        listed = list(range(max(keep) + 1, os.sysconf("SC_OPEN_MAX")))
+    except OSError:  # no /proc: every number
+        listed = list(range(os.sysconf("SC_OPEN_MAX")))
     for n in listed:
         if n not in keep:
             with contextlib.suppress(OSError):
                 os.close(n)
-
-
-def set_name(name: bytes) -> None:
-    """The process's name as ps and pkill show it (PR_SET_NAME, 15 bytes at most)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
 
 
 async def _wait_exit(proc: _Forked, timeout: float) -> bool:
