@@ -56,6 +56,25 @@ def test_auto_picks_pmix_for_open_mpi(mpi_programs: MpiPrograms, ompi_image: Pat
     assert plan["ranks"][1]["env"]["PMIX_RANK"] == "1"
 
 
+def test_a_host_programs_mpi_is_read_from_its_libraries(
+    mpi_programs: MpiPrograms, tmp_path: Path
+) -> None:
+    """`rankwire run PROG` picks the PMI by the MPI library PROG loads (its DT_NEEDED
+    closure as the loader finds it); a script, a program without MPI, a missing one: no
+    MPI."""
+    from rankwire.launcher.facts import program_mpi_kind
+
+    env = dict(os.environ)
+    assert program_mpi_kind(str(mpi_programs.hello_ompi), env) == "pmix"
+    assert program_mpi_kind(str(mpi_programs.hello_mpich), env) == "pmi1/2"
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\nexec true\n")
+    script.chmod(0o755)
+    assert program_mpi_kind(str(script), env) is None
+    assert program_mpi_kind("true", env) is None
+    assert program_mpi_kind("no-such-program-here", env) is None
+
+
 def test_container_openmpi_hello(ompi_image: Path, runner: User) -> None:
     proc = rw(runner, "apptainer-mpirun", "-n", "4", str(ompi_image), "/opt/hello_ompi")
     assert proc.returncode == 0, proc.stderr
