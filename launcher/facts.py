@@ -61,8 +61,8 @@ def image_mpi_kind(
 
 def program_mpi_kind(program: str, environ: Mapping[str, str]) -> Optional[str]:
     """The same for a host program, from the libraries it loads: its DT_NEEDED closure as
-    the host's loader finds it (`fabric.hostfacts.library_graph`: 2-3 ms where `ldd`,
-    which runs the loader three times, took 12)."""
+    the host's loader finds it (`fabric.hostfacts.library_graph`: ≈ 3 ms where running
+    `ldd`, which runs the loader three times, took ≈ 6)."""
     from rankwire.fabric.hostfacts import Resolver, library_graph
 
     path = shutil.which(program, path=environ.get("PATH"))
