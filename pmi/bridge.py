@@ -74,6 +74,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn, Optional
 
 from rankwire.errors import UserError
+from rankwire.fds import close_fds_except
 from rankwire.pmi.bridgeplan import step_offer
 from rankwire.pmi.job import process_mapping
 from rankwire.record import record
@@ -772,19 +773,7 @@ def _quiet(keep: set[int]) -> None:
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
-    low = 3
-    for fd in sorted(keep | {0, 1, 2}):
-        if fd >= low:
-            os.closerange(low, fd)
-            low = fd + 1
-    os.closerange(low, _max_fd())
-
-
-def _max_fd() -> int:
-    try:
-        return int(os.sysconf("SC_OPEN_MAX"))
-    except (ValueError, OSError):
-        return 65536
+    close_fds_except(keep)
 
 
 def _say(text: str) -> None:

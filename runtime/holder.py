@@ -50,6 +50,7 @@ from typing import Any, NoReturn, Optional, cast
 
 from rankwire import lockdirs
 from rankwire.errors import UserError
+from rankwire.fds import close_fds_except
 from rankwire.runtime import loopdev
 from rankwire.runtime import syscalls as sc
 from rankwire.runtime.imagefacts import partition_digest
@@ -869,14 +870,6 @@ def _die_with_holder() -> None:
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGHUP)
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    low = 3
-    for fd in sorted(keep):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 20)
-
-
 def prune_after(holder: int, sock: str, session: str) -> None:
     """Once the dead holder has fully exited (its descriptors closed, its session lock
     released: we are reparented then), remove its files (`instance.prune_holder`)."""
@@ -916,7 +909,7 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        _close_fds_except(
+        close_fds_except(
             {status_fd, devnull, req.get("image_fd", devnull), *req.get("keep_fds", ())}
         )
         os.close(devnull)

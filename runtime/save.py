@@ -36,6 +36,7 @@ from typing import NoReturn
 
 from rankwire import lockdirs
 from rankwire.errors import UserError, shown
+from rankwire.fds import close_fds_except
 from rankwire.runtime import syscalls as sc
 from rankwire.runtime.plan import ContainerPlan
 
@@ -125,7 +126,7 @@ def _guard(scratch: str) -> int:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        os.closerange(3, 1 << 20)  # our copy of the lock included: ours is a new one
+        close_fds_except(())  # our copy of the lock included: ours is a new one
         fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(fd, fcntl.LOCK_EX)
         _remove_tree(scratch)

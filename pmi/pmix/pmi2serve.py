@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, NoReturn, Optional, TypeVar, cast
 
 from rankwire.errors import UserError
+from rankwire.fds import close_fds_except
 from rankwire.pmi.codec import ClientCodec
 from rankwire.pmi.errors import RemoteProtocolError
 from rankwire.pmi.messages import (
@@ -121,12 +122,7 @@ def _detach(keep: set[int]) -> None:
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
-    low = 3
-    for fd in sorted({0, 1, 2, *keep}):
-        if fd >= low:
-            os.closerange(low, fd)
-            low = fd + 1
-    os.closerange(low, 65536)
+    close_fds_except(keep)
     logging.basicConfig(format="rankwire pmix server: %(message)s", level=logging.WARNING)
 
 

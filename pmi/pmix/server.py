@@ -98,6 +98,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn, Optional, Union
 
 from rankwire.errors import UserError
+from rankwire.fds import close_fds_except
 from rankwire.pmi.job import FenceFailed, Job, format_ranks
 from rankwire.pmi.pmix import wire
 from rankwire.pmi.pmix.serverenv import HELPER_ENV, claim_tmpdir
@@ -610,7 +611,7 @@ def _run_helper(fd: int, launchers: int, env: dict[str, str]) -> NoReturn:
         for std in (0, 1, 2):
             if std == 0 or std in (launchers, given):
                 os.dup2(null, std)
-        _close_all_but((0, 1, 2, fd))
+        close_fds_except((fd,))
         from rankwire.pmi.pmix import helper
         from rankwire.runtime import syscalls
 
@@ -628,20 +629,6 @@ def _run_helper(fd: int, launchers: int, env: dict[str, str]) -> NoReturn:
             sys.stderr.flush()
             ctypes.CDLL(None).fflush(None)  # libpmix's and hwloc's stdio too
         os._exit(code)
-
-
-def _close_all_but(keep: tuple[int, ...]) -> None:
-    """Close every descriptor but `keep`, as listed in /proc/self/fd (closerange
-    without the close_range system call walks up to the open-files limit, which the
-    launcher may have raised to a million)."""
-    try:
-        listed = [int(n) for n in os.listdir("/proc/self/fd")]
-    except OSError:  # no /proc: every number
-        listed = list(range(os.sysconf("SC_OPEN_MAX")))
-    for n in listed:
-        if n not in keep:
-            with contextlib.suppress(OSError):
-                os.close(n)
 
 
 async def _wait_exit(proc: _Forked, timeout: float) -> bool:
