@@ -5,7 +5,8 @@ loading alone takes 0.2-0.3 s on Debian: its PSM library's constructor sleeps), 
 task of an srun step would pay it. A `FactCache` keeps one JSON file per key (what the
 facts depend on besides files: the environment, the boot; and `FORMAT`) holding the facts
 and the identity (device, inode, size, mtime, ctime) of every file and directory they
-were read from; any difference, and the caller reads the facts again.
+were read from; any difference, and the caller reads the facts again. Written as
+every cache file is (`runtime/imagefacts.keep`: whole or not at all).
 
 The facts decide what is bound into containers, so only our own files are believed: the
 entry and its dir must belong to us and be writable by us alone (a cache dir shared
@@ -16,16 +17,16 @@ were read are not kept.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, TypeVar
+
+from rankwire.runtime.imagefacts import keep
 
 T = TypeVar("T")
 
@@ -91,19 +92,10 @@ class FactCache:
         if any(s is not None and s[4] >= self.started - SETTLE_NS for s in identity.values()):
             return  # changed while (or just before) they were read
         doc = {"facts": dataclasses.asdict(facts), "identity": identity}
-        tmp = None
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            if not _ours(os.lstat(self.dir)) or not os.path.isdir(self.dir):
-                return
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, os.path.join(self.dir, self.name))
-            tmp = None
+            st = os.lstat(self.dir)
         except OSError:  # no cache: the next run reads the facts again
-            pass
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            return
+        if stat.S_ISDIR(st.st_mode) and _ours(st):
+            keep(os.path.join(self.dir, self.name), json.dumps(doc))

@@ -23,7 +23,7 @@ def host_facts_for(choice: str, cache_dir: Optional[str] = None) -> FabricHostFa
     if choice.strip() == "auto" and not any(a.devices for a in host.adapters):
         return host  # nothing fast to bind: spare loading libfabric (~0.3 s on Debian)
     try:
-        lib = hostfacts.host_libfabric(cache_dir, (host.adapters, host.devices))
+        lib = hostfacts.host_libfabric(cache_dir, host)
     except UserError:
         if choice.strip() != "auto":
             raise

@@ -424,12 +424,15 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 LD_PRELOAD_FILE = "/etc/ld.so.preload"
 
 
-def host_libfabric(cache_dir: Optional[str] = None, hardware: Any = None) -> HostLibfabric:
+def host_libfabric(
+    cache_dir: Optional[str] = None, hardware: Optional[FabricHostFacts] = None
+) -> HostLibfabric:
     """The libfabric.so.1 this host loads (UserError when there is none) and its objects.
 
     With `cache_dir`, the facts are kept there (`fabric/factcache.py`) and taken back
     while this boot, the environment it reads (`LIBFABRIC_ENV`), `hardware` (the
-    adapters and device nodes found) and every file and directory they came from are
+    adapters and device nodes found, as read already) and every file and directory they
+    came from (the device nodes too: their modes decide which providers may open them) are
     the same: loading libfabric to ask it for its providers costs 0.2-0.3 s (Debian's
     pulls in libinfinipath, whose constructor sleeps 200 ms), which every `rankwire exec`
     on a node with a fabric adapter would pay."""
@@ -445,10 +448,11 @@ def host_libfabric(cache_dir: Optional[str] = None, hardware: Any = None) -> Hos
         env = sorted((k, v) for k, v in os.environ.items() if k.startswith(LIBFABRIC_ENV))
         # a provider opens its device nodes: who we are decides which register
         access = [os.geteuid(), os.getegid(), sorted(os.getgroups())]
-        key = [boot, env, repr(hardware), access]
+        adapters, devices = (hardware.adapters, hardware.devices) if hardware else ((), ())
+        key = [boot, env, repr((adapters, devices)), access]
         lib_path = os.environ.get("LD_LIBRARY_PATH", "")
         dirs = [*(d for d in lib_path.split(":") if d), *Resolver.default_dirs()]
-        watched = [LD_CACHE, LD_PRELOAD_FILE, *dirs]
+        watched = [LD_CACHE, LD_PRELOAD_FILE, *dirs, *devices]
         cache = FactCache(cache_dir, "host-libfabric", key, watched)
         kept = cache.load(_libfabric_from_dict, _libfabric_paths)
         if kept is not None:
@@ -465,15 +469,14 @@ def host_libfabric(cache_dir: Optional[str] = None, hardware: Any = None) -> Hos
 def _libfabric_paths(lib: HostLibfabric) -> list[str]:
     """What the facts came from: each object (link and file) and the dirs they are in
     (a library added there, or one missing before, would change them), the dirs
-    libfabric and libibverbs list their plugins from, the verbs config dir, the device
-    nodes (their modes decide which providers may open them)."""
+    libfabric and libibverbs list their plugins from, the verbs config dir."""
     dirs = dl_provider_dirs(lib.path, os.environ)
     verbs = [o for o in lib.objects if o.elf.soname == "libibverbs.so.1"]
     if verbs:
         dirs.append(os.path.join(os.path.dirname(verbs[0].real), "libibverbs"))
     objects = [p for o in lib.objects for p in (o.path, o.real)]
     dirs += sorted({os.path.dirname(p) for p in objects})
-    return [lib.path, *objects, *dirs, VERBS_CONFIG_DIR, *fabric_devices("/")]
+    return [lib.path, *objects, *dirs, VERBS_CONFIG_DIR]
 
 
 def _libfabric_from_dict(d: dict[str, Any]) -> HostLibfabric:

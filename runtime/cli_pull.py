@@ -229,7 +229,7 @@ def cache_clean(older_than: Optional[float]) -> None:
     )
     for sub, what in kinds:
         records = 0
-        for entry in [*(root.parent / sub).glob("[0-9a-f]*"), *(root.parent / sub).glob(".*.tmp")]:
+        for entry in [*(root.parent / sub).glob("[0-9a-f]*"), *(root.parent / sub).glob(".tmp-*")]:
             with contextlib.suppress(OSError):
                 if older_than is None or entry.stat().st_mtime < cutoff:
                     entry.unlink()

@@ -39,22 +39,21 @@ def gather(
     facts = image_facts(image) if isinstance(image, str) else image
     user = user or user_facts()
     host = collect_host_facts()
-    # The content digest names the extract cache: read (and kept in the user's cache)
-    # only when extraction comes first, by the user only: root planning a job user's
-    # container (the plugin's enforce) extracts nothing.
-    if facts.content_digest is None and os.geteuid() == user.uid and extracts_first(host, opts):
+    # The user's cache, by the user only: root planning a job user's container (the
+    # plugin's enforce) neither believes nor writes what is in it, and extracts nothing.
+    mine = user.cache_dir if os.geteuid() == user.uid else None
+    # The content digest names the extract cache: read (and kept) only when extraction
+    # comes first.
+    if facts.content_digest is None and mine is not None and extracts_first(host, opts):
         digest = partition_digest(
             facts.path,
             facts.partition_offset,
             facts.partition_size,
-            user.cache_dir,
+            mine,
             read_at=fabric_image_path,
         )
         facts = dataclasses.replace(facts, content_digest=digest)
     via = dataclasses.replace(facts, path=fabric_image_path) if fabric_image_path else facts
-    # The user's cache of host facts, by the user only: root planning a job user's
-    # container (the plugin's enforce) neither believes nor writes what is in it.
-    mine = user.cache_dir if os.geteuid() == user.uid else None
     mpi_choice = host_mpi_choice(opts, user.environ)
     host_mpi = None
     if mpi_choice != "none":  # `auto` finding none costs a PATH lookup, no image read

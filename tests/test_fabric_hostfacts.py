@@ -12,6 +12,7 @@ import pytest
 from harness.host import LIBFABRIC
 from rankwire.fabric.elf import read_elf, version_key
 from rankwire.fabric.hostfacts import (
+    FabricHostFacts,
     Resolver,
     detect_adapters,
     fabric_devices,
@@ -228,16 +229,18 @@ def test_host_libfabric_is_kept_in_the_users_cache(
     monkeypatch.setenv("LD_LIBRARY_PATH", str(libdir))
     monkeypatch.delenv("FI_PROVIDER", raising=False)
     cache = str(tmp_path / "cache")
-    first = host_libfabric(cache, hardware=("mlx5_0",))
-    assert host_libfabric(cache, hardware=("mlx5_0",)) == first
+    one = FabricHostFacts((), ("/dev/infiniband/uverbs0",), None)
+    first = host_libfabric(cache, hardware=one)
+    assert host_libfabric(cache, hardware=one) == first
     assert len(loads) == 1  # the second came from the cache
     assert len(os.listdir(tmp_path / "cache" / "host-libfabric")) == 1
     assert first == host_libfabric()  # and is what loading it says
 
-    host_libfabric(cache, hardware=("mlx5_0", "mlx5_1"))  # another adapter
+    two = FabricHostFacts((), ("/dev/infiniband/uverbs0", "/dev/infiniband/uverbs1"), None)
+    host_libfabric(cache, hardware=two)  # another device
     monkeypatch.setenv("FI_PROVIDER", "tcp")  # another provider filter
-    host_libfabric(cache, hardware=("mlx5_0",))
+    host_libfabric(cache, hardware=one)
     monkeypatch.delenv("FI_PROVIDER")
     (libdir / "libfabric.so.1").write_bytes(b"")  # a file where the loader looks first
-    host_libfabric(cache, hardware=("mlx5_0",))
+    host_libfabric(cache, hardware=one)
     assert loads == ["", "", "", "tcp", ""]
