@@ -105,6 +105,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         image_mpi_kinds,
         open_files_limit,
         program_mpi_kind,
+        usable_cpus,
     )
     from rankwire.runtime.assemble import plan_image
     from rankwire.runtime.facts import gather
@@ -170,6 +171,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         open_files_limit(),
         slurm_mpi,
         bridge_choice(values.get("pmi_bridge"), user.environ),
+        usable_cpus(),
     )
     if dry_run:
         if as_json:

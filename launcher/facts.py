@@ -1,5 +1,5 @@
-"""Facts the launcher needs beyond the runtime's: which PMI the ranks' MPI speaks, and
-how many files the launcher may open."""
+"""Facts the launcher needs beyond the runtime's: which PMI the ranks' MPI speaks, how
+many files the launcher may open, and on how many CPUs its ranks may run."""
 
 from __future__ import annotations
 
@@ -117,6 +117,12 @@ def image_program_mpi_kind(
         kind = pmi_kind(elf.needed) if elf is not None else None
     _keep(cached, kind or "")
     return kind
+
+
+def usable_cpus() -> int:
+    """The CPUs this process (and so each rank it starts) may run on: its affinity mask,
+    which a cpuset, `taskset` or Slurm's binding narrows."""
+    return len(os.sched_getaffinity(0))
 
 
 def open_files_limit() -> tuple[int, int]:

@@ -23,6 +23,11 @@ MAX_RANKS = 2**31 - 1
 MAX_LOCAL_RANKS = 2**22
 # What srun's --mpi takes for each of our choices (Slurm's pmi2 plugin speaks PMI-1 too).
 SRUN_MPI = {"pmi1": "pmi2", "pmi2": "pmi2", "pmix": "pmix"}
+# Open MPI's ranks busy-poll while they wait (in MPI_Init's exchange, a barrier, a
+# fence); more ranks than CPUs then steal each other's time. mpirun marks such a node
+# oversubscribed and the ranks yield when idle: a launch of ours does the same (Open MPI
+# 4 and 5 read this; a value the ranks' environment already has is kept).
+YIELD_WHEN_IDLE = "OMPI_MCA_mpi_yield_when_idle"
 
 
 @record
@@ -57,6 +62,9 @@ class LaunchPlan:
     expect_pmi: bool = False
     # RLIMIT_NOFILE soft limit to set before the ranks start (None: leave it).
     open_files: Optional[int] = None
+    # More ranks than the CPUs they may run on (a local launch): the ranks are told to
+    # yield when idle (YIELD_WHEN_IDLE), as mpirun's are.
+    oversubscribed: bool = False
     # Set instead when the job is delegated: the srun command line to exec.
     delegate: Optional[tuple[str, ...]] = None
     slurm_job: Optional[str] = None  # the allocation we run in (SLURM_JOB_ID)
@@ -216,6 +224,7 @@ def plan_launch(
     open_files: Optional[tuple[int, int]] = None,
     slurm_mpi: Optional[SlurmMpi] = None,
     bridge: str = "auto",
+    cpus: Optional[int] = None,
 ) -> LaunchPlan:
     """Decide the PMI and local launch vs delegation to srun.
 
@@ -225,7 +234,8 @@ def plan_launch(
     for the ranks' program alone (known only when it links an MPI itself).
     `open_files` is RLIMIT_NOFILE (soft, hard) of a local launch (None: not checked).
     `slurm_mpi`: what the site's srun offers (read only inside an allocation; None:
-    unknown), `bridge` the tasks' --pmi-bridge choice.
+    unknown), `bridge` the tasks' --pmi-bridge choice. `cpus`: how many CPUs the ranks of
+    a local launch may run on (None: not known, never oversubscribed).
     """
     validate(opts)
     kind = program_kind or mpi_kind
@@ -252,6 +262,9 @@ def plan_launch(
     nofile = None
     if delegate is None and open_files is not None:
         nofile = plan_open_files(opts.ntasks, opts.tag_output, open_files)
+    oversubscribed = delegate is None and cpus is not None and opts.ntasks > cpus
+    if oversubscribed and pmi == "pmix" and YIELD_WHEN_IDLE not in process.env:
+        process = dataclasses.replace(process, env={**process.env, YIELD_WHEN_IDLE: "1"})
     return LaunchPlan(
         ntasks=opts.ntasks,
         pmi=pmi,
@@ -264,6 +277,7 @@ def plan_launch(
         process=process,
         expect_pmi=opts.ntasks > 1 and program_kind is not None,
         open_files=nofile,
+        oversubscribed=oversubscribed,
         delegate=delegate,
         slurm_job=environ.get("SLURM_JOB_ID") or None,
     )
@@ -279,4 +293,9 @@ def describe(plan: LaunchPlan) -> str:
     else:
         wire = "inherited socketpairs" if plan.pmi_transport == "fd" else "127.0.0.1 TCP"
         server = f"PMI-1/PMI-2 server over {wire}"
-    return f"launching {plan.ntasks} rank(s) on {where}, {server}"
+    line = f"launching {plan.ntasks} rank(s) on {where}, {server}"
+    if plan.oversubscribed:
+        line += "; more ranks than CPUs"
+        if plan.process.env.get(YIELD_WHEN_IDLE) == "1":
+            line += f" ({YIELD_WHEN_IDLE}=1: Open MPI's ranks yield when idle)"
+    return line

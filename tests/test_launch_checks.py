@@ -488,3 +488,44 @@ def test_exit_decision_while_tearing_down_and_on_malformed_requests() -> None:
         "rankwire: a rank sent a malformed PMI request: no cmd\n"
         "rankwire: rank 1 sent a malformed PMI request: bad key\n",
     )
+
+
+def test_planner_oversubscribed_ranks_yield_when_idle() -> None:
+    """More ranks than CPUs on a local launch: the plan says so, and Open MPI's ranks (the
+    PMIx ones) get OMPI_MCA_mpi_yield_when_idle=1, as mpirun's do; a value already in
+    their environment is kept; srun's tasks and an unknown CPU count are left alone."""
+    proc = host_process(["/bin/true"], {"X": "1"}, "/tmp")
+    yields = {"X": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
+
+    def planned(n: int, pmi: str, cpus: Optional[int], environ: Optional[dict] = None,
+                p=proc) -> tuple[bool, dict]:  # fmt: skip
+        got = plan_launch(LaunchOptions(ntasks=n, pmi=pmi), p, None, environ or {}, [],
+                          cpus=cpus)  # fmt: skip
+        return got.oversubscribed, got.process.env
+
+    assert planned(3, "pmix", 2) == (True, yields)
+    assert planned(2, "pmix", 2) == (False, {"X": "1"})
+    assert planned(3, "pmix", None) == (False, {"X": "1"})
+    assert planned(3, "pmi2", 2) == (True, {"X": "1"})  # MPICH: nothing to tell it
+    assert planned(3, "pmix", 2, {"SLURM_JOB_ID": "9"}) == (False, {"X": "1"})
+    theirs = host_process(["/bin/true"], {"OMPI_MCA_mpi_yield_when_idle": "0"}, "/tmp")
+    assert planned(3, "pmix", 2, p=theirs) == (True, {"OMPI_MCA_mpi_yield_when_idle": "0"})
+    told = plan_launch(LaunchOptions(ntasks=3, pmi="pmix"), proc, None, {}, [], cpus=1)
+    assert launch_plan.describe(told) == (
+        "launching 3 rank(s) on the host, PMIx server (libpmix, in a helper process) over "
+        "127.0.0.1 TCP; more ranks than CPUs (OMPI_MCA_mpi_yield_when_idle=1: Open MPI's "
+        "ranks yield when idle)"
+    )
+    assert told.to_dict()["oversubscribed"] is True
+
+
+@clean
+@pytest.mark.mpi
+def test_ranks_on_fewer_cpus_are_told_to_yield(runner: User) -> None:
+    """A real launch on one CPU (taskset): each of 2 PMIx ranks sees the variable; one
+    rank on it does not."""
+    show = ["sh", "-c", 'echo "$PMIX_RANK=${OMPI_MCA_mpi_yield_when_idle-unset}"']
+    two = rw(runner, "taskset", "-c", "0", "rankwire", "run", "--pmi", "pmix", "-n", "2", *show)
+    assert (two.returncode, sorted(two.stdout.split()), two.stderr) == (0, ["0=1", "1=1"], "")
+    one = rw(runner, "taskset", "-c", "0", "rankwire", "run", "--pmi", "pmix", "-n", "1", *show)
+    assert (one.returncode, one.stdout, one.stderr) == (0, "0=unset\n", "")
