@@ -293,9 +293,18 @@ def describe(plan: LaunchPlan) -> str:
     else:
         wire = "inherited socketpairs" if plan.pmi_transport == "fd" else "127.0.0.1 TCP"
         server = f"PMI-1/PMI-2 server over {wire}"
-    line = f"launching {plan.ntasks} rank(s) on {where}, {server}"
-    if plan.oversubscribed:
-        line += "; more ranks than CPUs"
-        if plan.process.env.get(YIELD_WHEN_IDLE) == "1":
-            line += f" ({YIELD_WHEN_IDLE}=1: Open MPI's ranks yield when idle)"
-    return line
+    return f"launching {plan.ntasks} rank(s) on {where}, {server}"
+
+
+def describe_oversubscription(plan: LaunchPlan) -> Optional[str]:
+    """A second line for -v when the ranks outnumber their CPUs."""
+    if not plan.oversubscribed:
+        return None
+    told = plan.process.env.get(YIELD_WHEN_IDLE)
+    if told == "1":
+        how = f"{YIELD_WHEN_IDLE}=1: Open MPI's ranks yield when idle"
+    elif told is not None:
+        how = f"{YIELD_WHEN_IDLE}={told} kept, as the ranks' environment sets it"
+    else:
+        how = "their MPI is not told: only Open MPI has a setting for it"
+    return f"{plan.ntasks} ranks on fewer CPUs ({how})"

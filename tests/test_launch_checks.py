@@ -505,18 +505,27 @@ def test_planner_oversubscribed_ranks_yield_when_idle() -> None:
 
     assert planned(3, "pmix", 2) == (True, yields)
     assert planned(2, "pmix", 2) == (False, {"X": "1"})
+    one = plan_launch(LaunchOptions(ntasks=2, pmi="pmix"), proc, None, {}, [], cpus=2)
     assert planned(3, "pmix", None) == (False, {"X": "1"})
     assert planned(3, "pmi2", 2) == (True, {"X": "1"})  # MPICH: nothing to tell it
     assert planned(3, "pmix", 2, {"SLURM_JOB_ID": "9"}) == (False, {"X": "1"})
     theirs = host_process(["/bin/true"], {"OMPI_MCA_mpi_yield_when_idle": "0"}, "/tmp")
     assert planned(3, "pmix", 2, p=theirs) == (True, {"OMPI_MCA_mpi_yield_when_idle": "0"})
     told = plan_launch(LaunchOptions(ntasks=3, pmi="pmix"), proc, None, {}, [], cpus=1)
-    assert launch_plan.describe(told) == (
-        "launching 3 rank(s) on the host, PMIx server (libpmix, in a helper process) over "
-        "127.0.0.1 TCP; more ranks than CPUs (OMPI_MCA_mpi_yield_when_idle=1: Open MPI's "
-        "ranks yield when idle)"
+    assert launch_plan.describe_oversubscription(told) == (
+        "3 ranks on fewer CPUs (OMPI_MCA_mpi_yield_when_idle=1: Open MPI's ranks yield when idle)"
     )
     assert told.to_dict()["oversubscribed"] is True
+    kept = plan_launch(LaunchOptions(ntasks=3, pmi="pmix"), theirs, None, {}, [], cpus=1)
+    assert launch_plan.describe_oversubscription(kept) == (
+        "3 ranks on fewer CPUs (OMPI_MCA_mpi_yield_when_idle=0 kept, as the ranks' "
+        "environment sets it)"
+    )
+    mpich = plan_launch(LaunchOptions(ntasks=3, pmi="pmi1"), proc, None, {}, [], cpus=1)
+    assert launch_plan.describe_oversubscription(mpich) == (
+        "3 ranks on fewer CPUs (their MPI is not told: only Open MPI has a setting for it)"
+    )
+    assert launch_plan.describe_oversubscription(one) is None
 
 
 @clean
