@@ -33,6 +33,30 @@ def test_host_openmpi_hello_with_pmix(mpi_programs: MpiPrograms, runner: User) -
     assert_hello(proc.stdout, 4)
 
 
+SHARED_TOPOLOGY = """
+import os
+from rankwire.pmi.pmix.abi import RANK_WILDCARD, Proc
+from rankwire.pmi.pmix.client_lib import Client
+client = Client()
+me = client.init()
+job = Proc(me.nspace, RANK_WILDCARD)
+path = client.get("pmix.hwlocfile", job)
+xml = client.get("pmix.hwlocxml2", job)
+client.finalize()
+print(me.rank, path == os.environ["PMIX_SERVER_TMPDIR"] + "/hwloc.sm", os.path.isfile(path),
+      xml.startswith("<?xml") and "<topology" in xml)
+"""
+
+
+def test_ranks_get_the_servers_topology(runner: User) -> None:
+    """The helper shares its hwloc topology (a shared-memory copy in its tmpdir, and the
+    XML), so that ranks adopt it instead of each discovering the node again."""
+    proc = rw(runner, "rankwire", "run", "--pmi", "pmix", "-n", "2", sys.executable, "-c",
+              SHARED_TOPOLOGY)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == ["0 True True True", "1 True True True"]
+
+
 def test_auto_picks_pmix_for_open_mpi(mpi_programs: MpiPrograms, ompi_image: Path) -> None:
     proc = rw(ME, "rankwire", "run", "-v", "-n", "2", str(mpi_programs.hello_ompi))
     assert proc.returncode == 0, proc.stderr
