@@ -1,7 +1,8 @@
 """Building images, measured against the tools underneath in the same run.
 
 1. pack: `rankwire build OUT.sif ROOTFS` vs plain `mksquashfs ROOTFS OUT.sqfs` with the
-   same options (`-noappend -comp gzip -all-root -no-progress -quiet`): the issue's goal is
+   same options (`-noappend -comp zstd -all-root -no-progress -quiet`: the compressor
+   `rankwire build` uses, `runtime/build.py` COMPRESSIONS[0]): the issue's goal is
    a ratio <= 1.05 (we add metadata, not time).
 2. recipe: `rankwire build OUT.sif RECIPE.def` (`Bootstrap: localimage` of the image of
    step 1, a one-line %post) vs `unsquashfs` of it then `mksquashfs` (what any builder
@@ -26,8 +27,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from rankwire.runtime.build import COMPRESSIONS
+
 BIN = Path(sys.executable).parent
-MKSQUASHFS_OPTS = ["-noappend", "-comp", "gzip", "-all-root", "-no-progress", "-quiet"]
+# The peer writes what `rankwire build` writes: its compressor (the default), all root.
+MKSQUASHFS_OPTS = ["-noappend", "-comp", COMPRESSIONS[0], "-all-root", "-no-progress", "-quiet"]
 
 
 def make_rootfs(root: Path, size_mib: int) -> None:

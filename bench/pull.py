@@ -3,7 +3,8 @@
 1. Pull + convert of a 5-layer image (~200 MiB: a busybox-static rootfs, then host
    libraries and random data; built with umoci and pushed with skopeo, not by rankwire):
    `rankwire pull OUT.sif docker://…` with a fresh cache each run, vs `skopeo copy
-   docker://… oci:DIR:TAG` + `umoci unpack --rootless` + `mksquashfs -comp gzip`.
+   docker://… oci:DIR:TAG` + `umoci unpack --rootless` + `mksquashfs -comp zstd` (the
+   compressor rankwire's conversion uses, `runtime/build.py` COMPRESSIONS[0]).
 2. Cache hit: `rankwire pull` of the cached image by digest and by tag vs `cp` of the
    cached SIF to the same OUT.sif (what any pull to OUT.sif must do), and `rankwire exec
    docker://…@sha256:… /bin/true` vs `rankwire exec CACHED.sif /bin/true`: extra ms.
@@ -42,6 +43,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from harness.oci import busybox_rootfs, read_layout, umoci_image  # noqa: E402
 from harness.registry import Registry, running_registry  # noqa: E402
+from rankwire.runtime.build import COMPRESSIONS  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RW = str(BIN / "rankwire")
@@ -252,8 +254,8 @@ class Bench:
                 "umoci", "unpack", "--rootless", "--image", f"{layout}:v1", str(bundle),
             ],
             "mksquashfs": [
-                "mksquashfs", str(bundle / "rootfs"), str(sqfs), "-comp", "gzip", "-noappend",
-                "-quiet", "-no-progress",
+                "mksquashfs", str(bundle / "rootfs"), str(sqfs), "-comp", COMPRESSIONS[0],
+                "-noappend", "-quiet", "-no-progress",
             ],
         }  # fmt: skip
         try:

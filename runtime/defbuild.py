@@ -206,6 +206,7 @@ class DefBuildPlan:
     verbose: bool
     tmpdir: str
     cwd: str
+    compression: Optional[str] = None  # the SIF's squashfs compressor (None: build's default)
 
     @property
     def image(self) -> StagePlan:
@@ -290,6 +291,7 @@ def plan_defbuild(
     allow_setup: bool = False,
     keep_sandbox: bool = False,
     verbose: bool = False,
+    compression: Optional[str] = None,
 ) -> DefBuildPlan:
     """The build of `defn` (parsed from `text`), decided: pure, no I/O."""
     paths = dict(facts.host_paths)
@@ -387,6 +389,7 @@ def plan_defbuild(
         verbose=verbose,
         tmpdir=facts.tmpdir,
         cwd=facts.cwd,
+        compression=compression,
     )
 
 
@@ -1150,6 +1153,7 @@ def _pack(
         literal_env=True,
         recorded_deffile=(plan.text, dict(stage.header)),
         keep_owners=True,
+        compression=plan.compression,
     )
     saved = {k: os.environ.get(k) for k in fake}
     os.environ.update(fake)
@@ -1190,6 +1194,7 @@ def build_from_deffile(
     verbose: bool = False,
     access: Optional[Access] = None,
     arch: Optional[str] = None,
+    compression: Optional[str] = None,
     warn: Callable[[str], None] = lambda line: print(f"rankwire: {line}", file=sys.stderr),
 ) -> None:
     text, defn = read_recipe(recipe)
@@ -1210,5 +1215,6 @@ def build_from_deffile(
         allow_setup=allow_setup,
         keep_sandbox=keep_sandbox,
         verbose=verbose,
+        compression=compression,
     )
     execute(plan, access, arch)

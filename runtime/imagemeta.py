@@ -258,6 +258,20 @@ def _oci_entrypoint(image: SifImage) -> Optional[tuple[str, ...]]:
     return tuple(str(w) for w in words) if isinstance(words, list) else ()
 
 
+# The squashfs superblock's compression id (a little-endian u16 at byte 20) by name.
+_COMPRESSORS = {1: "gzip", 2: "lzma", 3: "lzo", 4: "xz", 5: "lz4", 6: "zstd"}
+
+
+def squashfs_compression(image: SifImage) -> Optional[str]:
+    """The compressor of the image's primary squashfs (None: not a squashfs, or an id
+    this table does not know)."""
+    part = image.primary_partition()
+    head: bytes = image.read(dataclasses.replace(part, size=min(22, part.size)))
+    if len(head) < 22 or head[:4] != b"hsqs":
+        return None
+    return _COMPRESSORS.get(int.from_bytes(head[20:22], "little"))
+
+
 def _identity(image: SifImage, part: Descriptor) -> str:
     """sha256 of the SIF header, the descriptors and the squashfs superblock and tables.
 

@@ -237,7 +237,11 @@ def save(image_path: str, offset: int, upper: int, out: str) -> None:
     """Pack the image at `image_path` (its partition at `offset`) with the changes in the
     upper dir open on `upper` into a new SIF at `out`."""
     from rankwire.runtime import build
-    from rankwire.runtime.imagemeta import OCI_CONFIG_NAME, read_image_metadata
+    from rankwire.runtime.imagemeta import (
+        OCI_CONFIG_NAME,
+        read_image_metadata,
+        squashfs_compression,
+    )
     from rankwire.runtime.sif_format import DataType, SifError
     from rankwire.runtime.sif_read import SifImage
     from rankwire.runtime.sif_write import create_sif
@@ -246,6 +250,7 @@ def save(image_path: str, offset: int, upper: int, out: str) -> None:
     try:
         with SifImage.open(image_path) as image:
             meta = read_image_metadata(image)
+            compression = squashfs_compression(image)  # kept, when build can write it
             oci = image.find(DataType.GENERIC_JSON, OCI_CONFIG_NAME)
             oci_config = image.read(oci) if oci is not None else None  # its WorkingDir
     except (OSError, SifError) as err:
@@ -286,6 +291,7 @@ def save(image_path: str, offset: int, upper: int, out: str) -> None:
             env=meta.env,
             runscript=meta.runscript,
             oci_config=oci_config,
+            compression=compression if compression in build.COMPRESSIONS else None,
         )
         work = Path(scratch, "work")
         work.mkdir()

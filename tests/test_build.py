@@ -285,6 +285,66 @@ def test_inspect_json_and_text(tmp_path: Path, rootfs: Path) -> None:
         assert needle in text
 
 
+def squashfs_compression(image: Path) -> str:
+    """The compressor unsquashfs (squashfs-tools, not ours) reads in the image's superblock."""
+    out = subprocess.run(
+        ["unsquashfs", "-s", "-o", str(partition_offset(image)), str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return next(ln.split()[1] for ln in out.splitlines() if ln.startswith("Compression "))
+
+
+@pytest.mark.parametrize("asked", [None, "zstd", "lz4", "gzip"])
+def test_compression(tmp_path: Path, rootfs: Path, asked: str | None) -> None:
+    """zstd by default; lz4 and gzip when asked; `inspect` says which."""
+    out = tmp_path / "app.sif"
+    given = ["--compression", asked] if asked else []
+    built = rankwire("build", *given, str(out), str(rootfs))
+    assert built.returncode == 0, built.stderr
+    want = asked or "zstd"
+    assert squashfs_compression(out) == want
+    assert unsquash_cat(out, "etc/os-release") == 'ID="rankwire-test"\n'
+    doc = json.loads(rankwire("inspect", "--json", str(out)).stdout)
+    assert doc["partition"]["compression"] == want
+    text = rankwire("inspect", str(out)).stdout
+    size = doc["partition"]["size"]
+    assert f"Partition: offset {partition_offset(out)}, {size} bytes, {want} squashfs" in text
+
+
+def test_compression_errors(tmp_path: Path, rootfs: Path) -> None:
+    out = tmp_path / "x.sif"
+    bogus = rankwire("build", "--compression", "xz", str(out), str(rootfs))
+    assert bogus.returncode == 2
+    assert bogus.stderr.startswith(
+        "rankwire: invalid value for '--compression': 'xz' is not one of "
+    )
+    recipe = tmp_path / "r.def"
+    recipe.write_text("Bootstrap: localimage\nFrom: nowhere.sif\n")
+    assert_one_line_error(
+        rankwire("build", "--sandbox", "--compression", "lz4", str(tmp_path / "d"), str(recipe)),
+        "--compression is for a SIF and --sandbox writes a directory: drop one of them",
+    )
+    with pytest.raises(UserError) as err:
+        build_image(out, rootfs, compression="lzo")
+    assert str(err.value) == "--compression lzo: choose one of zstd, lz4, gzip"
+    no_zstd = tmp_path / "bin"
+    no_zstd.mkdir()
+    fake = no_zstd / "mksquashfs"  # what a mksquashfs built without zstd says
+    fake.write_text(
+        "#!/bin/sh\necho 'mksquashfs: Compressor \"zstd\" is not supported!' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{no_zstd}:{os.environ['PATH']}"}
+    assert_one_line_error(
+        rankwire("build", str(out), str(rootfs), env=env),
+        f'mksquashfs failed on {rootfs}: mksquashfs: Compressor "zstd" is not supported!; '
+        "this mksquashfs cannot write zstd: give --compression gzip",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "r.def", "rootfs"]
+
+
 def test_existing_metadata_in_rootfs_is_replaced_not_modified(tmp_path: Path, rootfs: Path) -> None:
     meta_dir = rootfs / ".singularity.d"
     (meta_dir / "env").mkdir(parents=True)

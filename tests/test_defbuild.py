@@ -200,7 +200,7 @@ def test_a_localimage_recipe_gives_an_image_exec_sees(
     write(runner, work / "with space.txt", "spaced\n")
     text = RECIPE.format(base=busybox_sif)
     write(runner, work / "app.def", text)
-    proc = build(runner, work, "-v", "app.sif", "app.def")
+    proc = build(runner, work, "-v", "--compression", "lz4", "app.sif", "app.def")
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr.splitlines()
     assert err[0] == mode_line(runner)
@@ -237,7 +237,9 @@ def test_a_localimage_recipe_gives_an_image_exec_sees(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == text
     assert owners(work / "app.sif", "/opt/input.txt") == ["1000/1000 /opt/input.txt"]
-    labels = json.loads(rw(runner, work, "inspect", "--json", "app.sif").stdout)["labels"]
+    doc = json.loads(rw(runner, work, "inspect", "--json", "app.sif").stdout)
+    assert doc["partition"]["compression"] == "lz4"  # as asked (the default: zstd)
+    labels = doc["labels"]
     assert {k: labels[k] for k in ("Author", "Version", "base.label")} == {
         "Author": "rankwire tests",
         "Version": "1.0",

@@ -328,3 +328,33 @@ def test_a_killed_save_leaves_the_old_image_and_no_scratch(
     assert _using(home) == []
     assert sorted(p.name for p in home.iterdir()) == ["out.sif", "ov"]
     assert out.read_bytes() == b"the old image\n"
+
+
+@pytest.mark.parametrize("compression", ["lz4", "gzip"])
+def test_an_image_of_each_compression_runs_and_saves_as_it_was(
+    runner: User, home: Path, shared_dir: Path, compression: str
+) -> None:
+    """Images not in the default zstd: squashfuse reads them, and --save packs the result
+    with the source's compressor (a gzip image stays readable where it had to be)."""
+    from rankwire.runtime.build import build_image
+    from rankwire.runtime.sif_read import SifImage
+
+    source = shared_dir / f"comp-{compression}.sif"
+    if not source.exists():
+        rootfs = make_rootfs(shared_dir / f"comp-{compression}-rootfs", files={"/opt/x": "x\n"})
+        build_image(source, rootfs, compression=compression)
+        make_world_readable(shared_dir)
+    out = home / "saved.sif"
+    script = "cat /opt/x > /opt/y"
+    proc = rw(runner, "exec", "--fakeroot", "--save", str(out), str(source), "sh", "-c", script)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert ok(rw(runner, "exec", str(out), "cat", "/opt/y")) == "x\n"
+    with SifImage.open(out) as img:
+        offset = img.primary_partition().offset
+    said = subprocess.run(
+        ["unsquashfs", "-s", "-o", str(offset), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"Compression {compression}\n" in said
