@@ -30,17 +30,14 @@ from rankwire.launcher.plan import (
 )
 from rankwire.launcher.plan import host_process as plan_host_process
 from rankwire.pmi.bridgeplan import bridge_choice
-from rankwire.runtime.cli_options import take_options
 from rankwire.runtime.cli_run import (
     PASSTHROUGH,
-    cli_values,
     container_options,
     dry_run_options,
-    exec_options,
-    local_image,
     process_options,
 )
-from rankwire.runtime.options import delegation_argv, in_scope
+from rankwire.runtime.execcmd import cli_values, exec_options, local_image
+from rankwire.runtime.options import delegation_argv, in_scope, take_options
 from rankwire.runtime.plan import runscript_argv
 from rankwire.runtime.reference import is_remote
 from rankwire.runtime.sif_format import MAGIC

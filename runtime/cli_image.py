@@ -10,7 +10,8 @@ import click
 
 from rankwire.errors import UserError, shown
 from rankwire.runtime.build import COMPRESSIONS
-from rankwire.runtime.cli_options import click_options, take_options
+from rankwire.runtime.cli_options import click_options
+from rankwire.runtime.options import take_options
 
 if TYPE_CHECKING:
     from rankwire.runtime.sif_read import SifImage

@@ -32,8 +32,3 @@ def click_options(*scopes: str) -> Callable[[F], F]:
         return f
 
     return decorate
-
-
-def take_options(kw: dict[str, Any], *scopes: str) -> dict[str, Any]:
-    """Pop the table's options of these scopes out of click's keyword arguments."""
-    return {o.dest: kw.pop(o.dest) for o in in_scope(*scopes) if o.dest in kw}

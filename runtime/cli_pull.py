@@ -16,7 +16,8 @@ import click
 
 from rankwire.errors import UserError, shown
 from rankwire.runtime import pull as pulling
-from rankwire.runtime.cli_options import click_options, take_options
+from rankwire.runtime.cli_options import click_options
+from rankwire.runtime.options import take_options
 from rankwire.runtime.reference import Access, parse_reference
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -74,6 +74,7 @@ DECIDING = (
     "rankwire.pmi.bridgeplan",
     "rankwire.runtime.cli_options",
     "rankwire.runtime.cli_run",
+    "rankwire.runtime.execcmd",
     "rankwire.runtime.frame",
     "rankwire.runtime.instance",
     "rankwire.runtime.joinplan",

@@ -14,7 +14,7 @@ This file imports nothing of rankwire: `make -C spank` runs it as a script
 from __future__ import annotations
 
 import sys
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from rankwire.record import record
 
@@ -369,6 +369,11 @@ def option(dest: str) -> Option:
 
 def in_scope(*scopes: str) -> tuple[Option, ...]:
     return tuple(o for o in OPTIONS if o.scope in scopes)
+
+
+def take_options(kw: dict[str, Any], *scopes: str) -> dict[str, Any]:
+    """Pop the table's options of these scopes out of a command's keyword arguments."""
+    return {o.dest: kw.pop(o.dest) for o in in_scope(*scopes) if o.dest in kw}
 
 
 def spank_options() -> tuple[Option, ...]:

@@ -189,3 +189,40 @@ def test_loading_libpmix_runs_no_ldconfig() -> None:
     `ctypes.util` (whose import brings subprocess, tempfile and shutil, about 5 ms)."""
     loaded = modules_after("from rankwire.pmi.pmix import abi\nabi.lib()")
     assert sorted({"ctypes.util", "subprocess"} & loaded) == []
+
+
+# `rankwire ARGS` through the console entry point; the modules it imported on stderr.
+ENTRY = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print(' '.join(sorted(sys.modules)), file=sys.stderr))\n"
+    "from rankwire.entry import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
+def test_exec_without_options_starts_without_the_cli(runner: User, base_image: Path) -> None:
+    """`rankwire exec IMAGE CMD…` without an option (what `srun rankwire exec` tasks run)
+    goes straight to `runtime/execcmd.py`: no click, no `rankwire.cli`; with an option it
+    goes through click; both run the command alike, and a user error is the same line."""
+    python = os.path.join(runner.bindir, "python") if runner.bindir else sys.executable
+    script = ["sh", "-c", "echo in; exit 7"]
+
+    def run(*args: str) -> tuple[int, str, set[str]]:
+        proc = runner.run([python, "-c", ENTRY, *args], cwd="/tmp")
+        *said, modules = proc.stderr.rstrip("\n").split("\n")
+        return (
+            proc.returncode,
+            proc.stdout + "".join(f"{ln}\n" for ln in said),
+            set(modules.split()),
+        )
+
+    code, out, fast = run("exec", str(base_image), *script)
+    assert (code, out) == (7, "in\n")
+    assert sorted(fast & {"click", "rankwire.cli"}) == []
+    assert "rankwire.runtime.execcmd" in fast
+    code, out, slow = run("exec", "--fabric", "auto", str(base_image), *script)
+    assert (code, out) == (7, "in\n")
+    assert {"click", "rankwire.cli"} <= slow
+    missing = "rankwire: image /nonexistent.sif not found: check the path\n"
+    assert run("exec", "/nonexistent.sif", "true")[:2] == (2, missing)
+    assert run("exec", "--fabric", "auto", "/nonexistent.sif", "true")[:2] == (2, missing)
