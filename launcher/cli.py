@@ -180,11 +180,11 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         return
     if lopts.verbose:
         click.echo(f"rankwire: {describe(plan)}", err=True)
+        if host_mpi and host_mpi["choice"] != "none":
+            click.echo(f"rankwire: {host_mpi['reason']}", err=True)
         crowded = describe_oversubscription(plan)
         if crowded:
             click.echo(f"rankwire: {crowded}", err=True)
-        if host_mpi and host_mpi["choice"] != "none":
-            click.echo(f"rankwire: {host_mpi['reason']}", err=True)
     if plan.delegate:
         try:
             os.execvp(plan.delegate[0], list(plan.delegate))

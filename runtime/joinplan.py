@@ -66,14 +66,12 @@ TASK_VARS = (
     "ZE_AFFINITY_MASK",
     "GPU_DEVICE_ORDINAL",
 )
-# The modules whose code decides a join's process plan: an edit or an upgrade of any of
-# them (their identity changes) makes the front end plan in Python again.
+# The modules whose code decides a join's process plan (`exec instance://NAME CMD…`
+# without options, which `rankwire/entry.py` runs without the CLI): an edit or an upgrade
+# of any of them (their identity changes) makes the front end plan in Python again.
 DECIDING = (
-    "rankwire.cli",
     "rankwire.entry",
     "rankwire.pmi.bridgeplan",
-    "rankwire.runtime.cli_options",
-    "rankwire.runtime.cli_run",
     "rankwire.runtime.execcmd",
     "rankwire.runtime.frame",
     "rankwire.runtime.instance",

@@ -81,12 +81,15 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(os.fsencode(target), ctypes.c_int(flags)), f"umount {target}")
 
 
-def pivot_root(new_root: str, put_old: str) -> None:
-    import platform
+# This machine, read once: `fork_sibling` runs in a child that has entered a container's
+# mount namespace, where no module can be imported any more (nor read from /proc).
+MACHINE = os.uname().machine
 
-    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    nr = _SYS_PIVOT_ROOT.get(MACHINE)
     if nr is None:
-        raise OSError(0, f"pivot_root: unsupported architecture {platform.machine()}")
+        raise OSError(0, f"pivot_root: unsupported architecture {MACHINE}")
     ret = _libc.syscall(ctypes.c_long(nr), os.fsencode(new_root), os.fsencode(put_old))
     _check(ret, "pivot_root")
 
@@ -99,13 +102,11 @@ def fork_sibling() -> int:
     that `setns`ed into a PID namespace (which only its children enter) makes its
     successor there and leaves, and our parent waits for that one as for its own child.
     Only for a single-threaded process about to exec (no atfork handlers run)."""
-    import platform
-
-    nr = _SYS_CLONE.get(platform.machine())
+    nr = _SYS_CLONE.get(MACHINE)
     if nr is None:
-        raise OSError(0, f"clone: unsupported architecture {platform.machine()}")
+        raise OSError(0, f"clone: unsupported architecture {MACHINE}")
     flags, stack = ctypes.c_ulong(CLONE_PARENT), ctypes.c_ulong(0)
-    first, second = (stack, flags) if platform.machine() == "s390x" else (flags, stack)
+    first, second = (stack, flags) if MACHINE == "s390x" else (flags, stack)
     zero = ctypes.c_ulong(0)
     return _check(_libc.syscall(ctypes.c_long(nr), first, second, zero, zero, zero), "clone")
 
