@@ -301,10 +301,10 @@ def describe_oversubscription(plan: LaunchPlan) -> Optional[str]:
     if not plan.oversubscribed:
         return None
     told = plan.process.env.get(YIELD_WHEN_IDLE)
-    if told == "1":
-        how = f"{YIELD_WHEN_IDLE}=1: Open MPI's ranks yield when idle"
-    elif told is not None:
-        how = f"{YIELD_WHEN_IDLE}={told} kept, as the ranks' environment sets it"
-    else:
+    if plan.pmi != "pmix":
         how = "their MPI is not told: only Open MPI has a setting for it"
+    elif told == "1":
+        how = f"{YIELD_WHEN_IDLE}=1: Open MPI's ranks yield when idle"
+    else:
+        how = f"{YIELD_WHEN_IDLE}={told} kept, as the ranks' environment sets it"
     return f"{plan.ntasks} ranks on fewer CPUs ({how})"

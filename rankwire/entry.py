@@ -76,9 +76,10 @@ def exec_without_options(image: str, command: tuple[str, ...]) -> NoReturn:
     with the outcome is done here (a user error: one line, its exit code; ^C: exit 130;
     stdout closed under us: exit 1)."""
     from rankwire.errors import UserError
-    from rankwire.runtime.execcmd import defaults, execute
 
     try:
+        from rankwire.runtime.execcmd import defaults, execute
+
         execute(image, lambda _facts: command, defaults(), command)
     except UserError as err:
         print(f"rankwire: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
@@ -215,6 +216,7 @@ class BuildPlan:
     oci_config: Optional[bytes] = None  # a pulled image's OCI config, as Apptainer keeps it
     all_root: bool = True  # every file owned by root (False: owners as they are)
     compression: str = COMPRESSIONS[0]  # mksquashfs -comp
+    compression_given: bool = False  # asked for (else a mksquashfs without it packs gzip)
 
     def pseudo_definitions(self, work: Path) -> list[str]:
         """The mksquashfs pseudo file lines: missing directories, then metadata files."""
@@ -387,7 +389,7 @@ def plan_build(
     stored as object 1 while env, labels and runscript come from the arguments;
     `keep_owners`: pack files with their owners (a definition-file build), not all root;
     `compression`: one of COMPRESSIONS (None: the first)."""
-    compression = compression or COMPRESSIONS[0]
+    given, compression = compression is not None, compression or COMPRESSIONS[0]
     check_compression(compression)
     out_path = Path(out).absolute()
     rootfs = _checked_rootfs(rootfs_dir)
@@ -428,6 +430,7 @@ def plan_build(
         oci_config=oci_config,
         all_root=not keep_owners,
         compression=compression,
+        compression_given=given,
     )
 
 
@@ -454,6 +457,14 @@ def _run_mksquashfs(plan: BuildPlan, work: Path, dest: Path, offset: int) -> int
         detail = "; ".join(lines[-3:]) or f"exit status {proc.returncode}"
         fix = ""
         if any("not supported" in ln and plan.compression in ln for ln in lines):
+            if not plan.compression_given and plan.compression != "gzip":
+                # squashfs-tools before 4.4 (no zstd): what `apptainer build` writes, said
+                print(
+                    f"rankwire: warning: this mksquashfs cannot write {plan.compression}: "
+                    "packing with gzip",
+                    file=sys.stderr,
+                )
+                return _run_mksquashfs(_with_gzip(plan), work, dest, offset)
             fix = f"; this mksquashfs cannot write {plan.compression}: give --compression gzip"
         raise UserError(f"mksquashfs failed on {_shown(plan.rootfs)}: {_shown(detail)}{fix}")
     # mksquashfs only warns about files it cannot read, and packs them empty or not at all.
@@ -464,6 +475,12 @@ def _run_mksquashfs(plan: BuildPlan, work: Path, dest: Path, offset: int) -> int
             f"(first: {_shown(unread[0])}); make them readable by this user"
         )
     return dest.stat().st_size - offset
+
+
+def _with_gzip(plan: BuildPlan) -> BuildPlan:
+    import dataclasses
+
+    return dataclasses.replace(plan, compression="gzip", compression_given=True)
 
 
 def apply_build(plan: BuildPlan, scratch: Optional[Path] = None) -> None:

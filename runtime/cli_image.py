@@ -222,7 +222,7 @@ def inspect_cmd(image: str, as_json: bool, only_deffile: bool) -> None:
     click.echo(f"Identity:  {meta.identity}")
     click.echo(
         f"Partition: offset {meta.partition_offset}, {meta.partition_size} bytes, "
-        f"{compression or 'unknown'} squashfs"
+        + (f"{compression} squashfs" if compression else "compression unknown")
     )
     block("Labels", "\n".join(f"{k}: {v}" for k, v in sorted(meta.labels.items())))
     block("Environment", "\n".join(f"{k}={v}" for k, v in meta.env.items()))

@@ -294,6 +294,10 @@ def plan_defbuild(
     compression: Optional[str] = None,
 ) -> DefBuildPlan:
     """The build of `defn` (parsed from `text`), decided: pure, no I/O."""
+    if compression is not None:
+        from rankwire.runtime.build import check_compression
+
+        check_compression(compression)  # before any %post runs
     paths = dict(facts.host_paths)
     starts = _stage_lines(text)
     ends = [*starts[1:], 1 << 30]

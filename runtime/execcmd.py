@@ -44,7 +44,8 @@ INSTANCE_PREFIX = "instance://"
 
 
 def echo(line: str, err: bool = False) -> None:
-    """One line to stdout (or stderr), flushed: as click.echo writes it."""
+    """One line to stdout (or stderr), flushed (as click.echo does; it also strips ANSI
+    escapes off a terminal: the plans and warnings we print hold none)."""
     stream = sys.stderr if err else sys.stdout
     stream.write(line + "\n")
     stream.flush()

@@ -331,17 +331,27 @@ def test_compression_errors(tmp_path: Path, rootfs: Path) -> None:
     assert str(err.value) == "--compression lzo: choose one of zstd, lz4, gzip"
     no_zstd = tmp_path / "bin"
     no_zstd.mkdir()
-    fake = no_zstd / "mksquashfs"  # what a mksquashfs built without zstd says
+    fake = no_zstd / "mksquashfs"  # squashfs-tools before 4.4: no zstd
+    real = shutil.which("mksquashfs")
     fake.write_text(
-        "#!/bin/sh\necho 'mksquashfs: Compressor \"zstd\" is not supported!' >&2\nexit 1\n"
+        '#!/bin/sh\ncase "$*" in *"-comp zstd"*)\n'
+        "  echo 'mksquashfs: Compressor \"zstd\" is not supported!' >&2; exit 1;;\nesac\n"
+        f'exec {real} "$@"\n'
     )
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{no_zstd}:{os.environ['PATH']}"}
     assert_one_line_error(
-        rankwire("build", str(out), str(rootfs), env=env),
+        rankwire("build", "--compression", "zstd", str(out), str(rootfs), env=env),
         f'mksquashfs failed on {rootfs}: mksquashfs: Compressor "zstd" is not supported!; '
         "this mksquashfs cannot write zstd: give --compression gzip",
     )
+    defaulted = rankwire("build", str(out), str(rootfs), env=env)  # as pull and save build
+    assert (defaulted.returncode, defaulted.stderr) == (
+        0,
+        "rankwire: warning: this mksquashfs cannot write zstd: packing with gzip\n",
+    )
+    assert squashfs_compression(out) == "gzip"
+    out.unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "r.def", "rootfs"]
 
 

@@ -37,9 +37,8 @@ def with_dummy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     exec_options = record(type("ExecOptions", (plan.ExecOptions,), namespace))
     monkeypatch.setattr(options, "OPTIONS", (*OPTIONS, DUMMY))
     monkeypatch.setattr(plan, "ExecOptions", exec_options)
-    modules = [
-        importlib.import_module(m) for m in ("rankwire.runtime.cli_run", "rankwire.launcher.cli")
-    ]
+    names = ("rankwire.runtime.execcmd", "rankwire.runtime.cli_run", "rankwire.launcher.cli")
+    modules = [importlib.import_module(m) for m in names]  # in this order: each its users
     for m in modules:
         importlib.reload(m)
     yield
@@ -131,3 +130,15 @@ def test_every_exec_option_is_a_field_and_joining_allows_only_process_options() 
         "container-fabric",
         "container-host-mpi",  # only the site's under enforce (spank/policy.check_options)
     }
+
+
+def test_exec_without_options_gets_what_click_would_give() -> None:
+    """`rankwire/entry.py` runs an option-less exec with `execcmd.defaults()`: exactly the
+    keyword arguments click reads from `exec IMAGE CMD`."""
+    from rankwire.runtime.cli_run import exec_
+    from rankwire.runtime.execcmd import defaults
+
+    with exec_.make_context("exec", ["img.sif", "cmd", "--arg"]) as ctx:
+        params = dict(ctx.params)
+    assert (params.pop("image"), params.pop("command")) == ("img.sif", ("cmd", "--arg"))
+    assert defaults() == params

@@ -177,27 +177,24 @@ class Helper(ServerHandlers):
 
 def start_server(helper: Helper, init: dict[str, Any]) -> dict[str, Any]:
     """PMIx_server_init, register the nspace and every local client; returns `ready`."""
-    init_server(helper, init["tmpdir"], init["hostname"], share_topology=True)
+    init_server(helper, init["tmpdir"], init["hostname"])
     return register_job(helper, init)
 
 
-def init_server(helper: Helper, tmpdir: str, hostname: str, share_topology: bool) -> None:
+def init_server(helper: Helper, tmpdir: str, hostname: str) -> None:
     """PMIx_server_init (≈ 35 ms, most of it hwloc reading the node's topology; the GIL is
     released meanwhile, so a caller may run it in a thread while it waits for the job).
 
-    `share_topology`: the server shares that topology with its clients
-    (PMIX_SERVER_SHARE_TOPOLOGY, as PRRTE's daemons do): a shared-memory copy in `tmpdir`
-    (hwloc.sm, which must live as long as the clients start: removed with the dir) and
-    XML strings in the job's data, so each rank's hwloc adopts it instead of reading /sys
-    and probing PCI, X displays and OpenCL itself (≈ 12 ms of CPU per Open MPI rank: 32
-    ranks on 2 cores, 1.1 → 0.9 s). Where the copy cannot be made, libpmix shares the XML
-    only; a client that cannot map the copy at its address reads the XML, one that cannot
-    open the file (not in its view) discovers the node itself, as without sharing."""
+    The server shares that topology with its clients (PMIX_SERVER_SHARE_TOPOLOGY, as
+    PRRTE's daemons do), as XML in the job's data (see
+    `serverenv.HELPER_ENV`: no shared-memory file), so each rank's hwloc loads it instead
+    of reading /sys and probing PCI, X displays and OpenCL itself (≈ 12 ms of CPU per Open
+    MPI rank: 32 ranks on 2 cores, 1.1 → 0.9 s)."""
     server_info: list[tuple[str, Any]] = [
         ("pmix.srvr.tmpdir", tmpdir),
         ("pmix.srvr.sys", False),
         ("pmix.hname", hostname),
-        *([("pmix.srvr.share", True)] if share_topology else []),
+        ("pmix.srvr.share", True),
     ]
     helper.server = Server(helper, server_info)
 

@@ -372,12 +372,9 @@ class Bridge:
             node_dir = os.path.join(tmpdir, "node")
             os.mkdir(node_dir, 0o700)
             # PMIx_server_init (≈ 35 ms: hwloc) in a thread, while this task's PMI-2 init
-            # and the node's other tasks come: neither needs it, nor it them. Its topology
-            # is not shared: the copy would be in the dir removed below.
+            # and the node's other tasks come: neither needs it, nor it them
             starting = asyncio.ensure_future(
-                asyncio.to_thread(
-                    hp.init_server, helper, node_dir, socket.gethostname(), share_topology=False
-                )
+                asyncio.to_thread(hp.init_server, helper, node_dir, socket.gethostname())
             )
             try:
                 layout = await self._job_layout()
