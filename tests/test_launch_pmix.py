@@ -55,8 +55,8 @@ def test_ranks_get_the_servers_topology(runner: User) -> None:
     """The helper shares its hwloc topology as XML (no shared-memory file: a container's
     private /tmp would hide it), so that ranks load it instead of each discovering the
     node again."""
-    proc = rw(runner, "rankwire", "run", "--pmi", "pmix", "-n", "2", sys.executable, "-c",
-              SHARED_TOPOLOGY)  # fmt: skip
+    python = os.path.join(runner.bindir, "python") if runner.bindir else sys.executable
+    proc = rw(runner, "rankwire", "run", "--pmi", "pmix", "-n", "2", python, "-c", SHARED_TOPOLOGY)
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.splitlines()) == ["0 True no file", "1 True no file"]
 
