@@ -64,13 +64,15 @@ def twins(
     (copies of `base_image`'s rootfs). The file is one whole block of random bytes after
     its line: incompressible, so mksquashfs stores it as it is in both, and no compressor
     makes the two differ in a recorded size (a short file shares a fragment block with
-    others, whose compressed size may depend on its letters)."""
+    others, whose compressed size may depend on its letters). Both are built from the
+    same path, which the image's definition file and labels record (in a fragment)."""
     work = Path(tempfile.mkdtemp(prefix="twins-", dir=shared_dir))
     work.chmod(0o755)
     images = []
     pad = os.urandom(BLOCK - 5)
+    rootfs = work / "rootfs"
     for name, text in (("a", "AAAA\n"), ("b", "BBBB\n")):
-        rootfs = work / f"{name}-rootfs"
+        shutil.rmtree(rootfs, ignore_errors=True)
         shutil.copytree(shared_dir / "base-rootfs", rootfs, symlinks=True)
         (rootfs / "opt").mkdir(exist_ok=True)
         (rootfs / "opt" / "msg").write_bytes(text.encode() + pad)
