@@ -8,6 +8,7 @@ initializes it runs in a child interpreter, never in pytest's process.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -79,8 +80,11 @@ def test_values_survive_a_round_trip_through_pmix_info(value: object) -> None:
 
 
 # The child: a server whose client_connected raises for rank 0 and whose fence raises; a
-# client per rank. Rank 0's PMIx_Init must fail, rank 1's fence must fail, the server
-# process must survive both and finalize.
+# client per rank. Rank 1's fence must fail, the server process must survive both and
+# finalize. Rank 0's PMIx_Init fails, or, now and then, never returns: libpmix 4.2 acks the
+# connection before it calls client_connected and closes the socket when that fails, and
+# its client sometimes misses the close and waits in PMIx_Init (6 runs in 100 with the CPUs
+# busy, none in 40 idle). That wait is the client library's; the child is then killed.
 SERVER = r"""
 import os, shutil, subprocess, sys, tempfile
 from rankwire.pmi.pmix.abi import Proc
@@ -102,9 +106,15 @@ for rank in (0, 1):
     proc = Proc("raise-ns", rank)
     server.register_client(proc, os.getuid(), os.getgid())
     env = {**os.environ, **server.setup_fork(proc)}
-    child = subprocess.run([sys.executable, "-c", sys.argv[1]], env=env, capture_output=True,
-                           text=True, timeout=30)
-    print(f"rank {rank}: {child.stdout.strip()}", flush=True)
+    try:
+        child = subprocess.run([sys.executable, "-c", sys.argv[1]], env=env,
+                               capture_output=True, text=True, timeout=10 if rank == 0 else 30)
+        said = child.stdout.strip()
+    except subprocess.TimeoutExpired:
+        if rank != 0:
+            raise
+        said = "init never returned"
+    print(f"rank {rank}: {said}", flush=True)
 server.finalize()
 shutil.rmtree(tmpdir, ignore_errors=True)
 print("server survived", flush=True)
@@ -136,7 +146,7 @@ def test_a_raising_callback_does_not_crash_the_server() -> None:
     )  # fmt: skip
     out = proc.stdout
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "rank 0: init failed" in out, out + proc.stderr
+    assert re.search(r"^rank 0: init (failed -\d+|never returned)$", out, re.M), out + proc.stderr
     assert "rank 1: fence failed" in out, out + proc.stderr
     assert "server survived" in out
     # both exceptions were logged with their traceback, not swallowed
