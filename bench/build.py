@@ -2,7 +2,7 @@
 
 1. pack: `rankwire build OUT.sif ROOTFS` vs plain `mksquashfs ROOTFS OUT.sqfs` with the
    same options (`-noappend -comp zstd -all-root -no-progress -quiet`: the compressor
-   `rankwire build` uses, `runtime/build.py` COMPRESSIONS[0]): the issue's goal is
+   `rankwire build` uses, `runtime/imagemeta.py` COMPRESSIONS[0]): the issue's goal is
    a ratio <= 1.05 (we add metadata, not time).
 2. recipe: `rankwire build OUT.sif RECIPE.def` (`Bootstrap: localimage` of the image of
    step 1, a one-line %post) vs `unsquashfs` of it then `mksquashfs` (what any builder
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from rankwire.runtime.build import COMPRESSIONS
+from rankwire.runtime.imagemeta import COMPRESSIONS
 
 BIN = Path(sys.executable).parent
 # The peer writes what `rankwire build` writes: its compressor (the default), all root.

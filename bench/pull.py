@@ -4,7 +4,7 @@
    libraries and random data; built with umoci and pushed with skopeo, not by rankwire):
    `rankwire pull OUT.sif docker://…` with a fresh cache each run, vs `skopeo copy
    docker://… oci:DIR:TAG` + `umoci unpack --rootless` + `mksquashfs -comp zstd` (the
-   compressor rankwire's conversion uses, `runtime/build.py` COMPRESSIONS[0]).
+   compressor rankwire's conversion uses, `runtime/imagemeta.py` COMPRESSIONS[0]).
 2. Cache hit: `rankwire pull` of the cached image by digest and by tag vs `cp` of the
    cached SIF to the same OUT.sif (what any pull to OUT.sif must do), and `rankwire exec
    docker://…@sha256:… /bin/true` vs `rankwire exec CACHED.sif /bin/true`: extra ms.
@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from harness.oci import busybox_rootfs, read_layout, umoci_image  # noqa: E402
 from harness.registry import Registry, running_registry  # noqa: E402
-from rankwire.runtime.build import COMPRESSIONS  # noqa: E402
+from rankwire.runtime.imagemeta import COMPRESSIONS  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RW = str(BIN / "rankwire")

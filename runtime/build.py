@@ -25,6 +25,7 @@ from rankwire.errors import UserError
 from rankwire.errors import shown as _shown
 from rankwire.record import record
 from rankwire.runtime.imagemeta import (
+    COMPRESSIONS,
     ENV_NAME,
     ENV_SCRIPT,
     METADATA_NAME,
@@ -41,14 +42,11 @@ from rankwire.runtime.sif_format import DataType, FsType, PartType, goarch_from_
 from rankwire.runtime.sif_write import ObjectInput, create_sif
 
 BOOTSTRAP = "rankwire-dir"
-# The squashfs compressors an image may be packed with (mksquashfs -comp), the default
-# first. zstd: smaller than gzip and, unpacked on every page a container reads (squashfuse
-# on one core, in the ranks' way), about 3x faster: an Open MPI job of 4 ranks in a fresh
-# container starts ~50 ms sooner. lz4: faster still, ~1.6x zstd's size. gzip: what
-# `apptainer build` writes, for readers without zstd (a kernel before 4.14 in Apptainer's
-# setuid mode, squashfuse before 0.1.101).
-COMPRESSIONS = ("zstd", "lz4", "gzip")
-_UNREADABLE = re.compile(r"Could not open|Failed to read|skipping")
+# What an image not asked for a compressor is packed with: the default, then gzip when
+# this mksquashfs cannot write it (squashfs-tools before 4.4 has no zstd), with a warning.
+DEFAULT_COMPRESSIONS = (COMPRESSIONS[0], "gzip")
+# mksquashfs's words for a file it could not read (it packs it empty or not at all)
+UNREADABLE = re.compile(r"Could not open|Failed to read|skipping")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -215,8 +213,9 @@ class BuildPlan:
     exclude: tuple[str, ...]  # rootfs paths the metadata files replace
     oci_config: Optional[bytes] = None  # a pulled image's OCI config, as Apptainer keeps it
     all_root: bool = True  # every file owned by root (False: owners as they are)
-    compression: str = COMPRESSIONS[0]  # mksquashfs -comp
-    compression_given: bool = False  # asked for (else a mksquashfs without it packs gzip)
+    # mksquashfs -comp, tried in order while this mksquashfs cannot write one (warned);
+    # an asked-for compressor alone
+    compressions: tuple[str, ...] = DEFAULT_COMPRESSIONS
 
     def pseudo_definitions(self, work: Path) -> list[str]:
         """The mksquashfs pseudo file lines: missing directories, then metadata files."""
@@ -225,10 +224,10 @@ class BuildPlan:
             pseudo.append(f"{f.path} f {f.mode} 0 0 cat {shlex.quote(str(f.source(work)))}")
         return pseudo
 
-    def mksquashfs_argv(self, work: Path, dest: Path, offset: int = 0) -> list[str]:
+    def mksquashfs_argv(self, work: Path, dest: Path, offset: int, compression: str) -> list[str]:
         """mksquashfs packing the rootfs into `dest`, `offset` bytes in (into the SIF)."""
         argv = [self.mksquashfs, str(self.rootfs), str(dest), "-noappend"]
-        argv += ["-comp", self.compression]
+        argv += ["-comp", compression]
         argv += ["-offset", str(offset)] if offset else []
         argv += ["-all-root"] if self.all_root else []
         argv += ["-no-progress", "-quiet", "-pf", str(work / "pseudo")]
@@ -380,6 +379,7 @@ def plan_build(
     recorded_deffile: Optional[tuple[str, Mapping[str, str]]] = None,
     keep_owners: bool = False,
     compression: Optional[str] = None,
+    prefer: Optional[str] = None,
 ) -> BuildPlan:
     """What `build_image` will pack (same arguments); checks the inputs, writes nothing.
     `oci_config`: the OCI image config of a pulled image, kept as `oci-config.json`;
@@ -388,9 +388,16 @@ def plan_build(
     `recorded_deffile`: (text, header) of a definition file built by `runtime/defbuild`,
     stored as object 1 while env, labels and runscript come from the arguments;
     `keep_owners`: pack files with their owners (a definition-file build), not all root;
-    `compression`: one of COMPRESSIONS (None: the first)."""
-    given, compression = compression is not None, compression or COMPRESSIONS[0]
-    check_compression(compression)
+    `compression`: one of COMPRESSIONS, the only one tried (None: DEFAULT_COMPRESSIONS);
+    `prefer`: one tried first, then those (what `--save` keeps of its source)."""
+    if compression is not None:
+        check_compression(compression)
+        compressions: tuple[str, ...] = (compression,)
+    elif prefer is not None:
+        check_compression(prefer)
+        compressions = tuple(dict.fromkeys((prefer, *DEFAULT_COMPRESSIONS)))
+    else:
+        compressions = DEFAULT_COMPRESSIONS
     out_path = Path(out).absolute()
     rootfs = _checked_rootfs(rootfs_dir)
     _check_output(out_path, rootfs)
@@ -429,8 +436,7 @@ def plan_build(
         exclude=tuple(exclude),
         oci_config=oci_config,
         all_root=not keep_owners,
-        compression=compression,
-        compression_given=given,
+        compressions=compressions,
     )
 
 
@@ -441,46 +447,64 @@ def check_compression(compression: str) -> None:
         )
 
 
-def _run_mksquashfs(plan: BuildPlan, work: Path, dest: Path, offset: int) -> int:
-    """Pack the plan's rootfs into `dest` at `offset`, staging the pseudo and exclude files
-    in `work`: the squashfs's size."""
+def stage(plan: BuildPlan, work: Path) -> None:
+    """Write the metadata files' contents and the pseudo and exclude files into `work`."""
     for f in plan.files:
         f.source(work).write_text(f.content, encoding="utf-8")
     pseudo = plan.pseudo_definitions(work)
     (work / "pseudo").write_text("\n".join(pseudo) + "\n", encoding="utf-8")
     if plan.exclude:
         (work / "exclude").write_text("\n".join(plan.exclude) + "\n", encoding="utf-8")
-    argv = plan.mksquashfs_argv(work, dest, offset)
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-    if proc.returncode != 0:
+
+
+def _run_tool(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace"
+    )
+
+
+def pack(
+    plan: BuildPlan,
+    work: Path,
+    dest: Path,
+    offset: int,
+    failed: str,
+    run: Callable[[list[str]], subprocess.CompletedProcess[str]] = _run_tool,
+) -> list[str]:
+    """Pack the plan's rootfs (staged in `work`) into `dest` at `offset` with the first of
+    its compressions this mksquashfs can write; mksquashfs's output lines. `failed` begins
+    the error; `run` runs mksquashfs (`--save`'s dies with it)."""
+    for i, compression in enumerate(plan.compressions):
+        proc = run(plan.mksquashfs_argv(work, dest, offset, compression))
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        if proc.returncode == 0:
+            return lines
+        cannot = any("not supported" in ln and compression in ln for ln in lines)
+        if cannot and i + 1 < len(plan.compressions):
+            print(
+                f"rankwire: warning: this mksquashfs cannot write {compression}: "
+                f"packing with {plan.compressions[i + 1]}",
+                file=sys.stderr,
+            )
+            continue
         detail = "; ".join(lines[-3:]) or f"exit status {proc.returncode}"
-        fix = ""
-        if any("not supported" in ln and plan.compression in ln for ln in lines):
-            if not plan.compression_given and plan.compression != "gzip":
-                # squashfs-tools before 4.4 (no zstd): what `apptainer build` writes, said
-                print(
-                    f"rankwire: warning: this mksquashfs cannot write {plan.compression}: "
-                    "packing with gzip",
-                    file=sys.stderr,
-                )
-                return _run_mksquashfs(_with_gzip(plan), work, dest, offset)
-            fix = f"; this mksquashfs cannot write {plan.compression}: give --compression gzip"
-        raise UserError(f"mksquashfs failed on {_shown(plan.rootfs)}: {_shown(detail)}{fix}")
-    # mksquashfs only warns about files it cannot read, and packs them empty or not at all.
-    unread = [ln for ln in lines if _UNREADABLE.search(ln)]
+        fix = f"; this mksquashfs cannot write {compression}: give --compression gzip"
+        raise UserError(f"{failed}: {_shown(detail)}{fix if cannot else ''}")
+    raise AssertionError("a plan has at least one compression")
+
+
+def _pack_checked(plan: BuildPlan, work: Path, dest: Path, offset: int) -> int:
+    """`pack` for `apply_build`, which also refuses files mksquashfs could not read: the
+    squashfs's size."""
+    stage(plan, work)
+    lines = pack(plan, work, dest, offset, f"mksquashfs failed on {_shown(plan.rootfs)}")
+    unread = [ln for ln in lines if UNREADABLE.search(ln)]
     if unread:
         raise UserError(
             f"mksquashfs could not read {len(unread)} path(s) under {_shown(plan.rootfs)} "
             f"(first: {_shown(unread[0])}); make them readable by this user"
         )
     return dest.stat().st_size - offset
-
-
-def _with_gzip(plan: BuildPlan) -> BuildPlan:
-    import dataclasses
-
-    return dataclasses.replace(plan, compression="gzip", compression_given=True)
 
 
 def apply_build(plan: BuildPlan, scratch: Optional[Path] = None) -> None:
@@ -490,7 +514,7 @@ def apply_build(plan: BuildPlan, scratch: Optional[Path] = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="rankwire-build-", dir=scratch))
 
     def pack(sif: Path, offset: int) -> int:
-        return _run_mksquashfs(plan, work, sif, offset)
+        return _pack_checked(plan, work, sif, offset)
 
     try:
         create_sif(plan.out, plan.sif_objects(pack), deterministic=plan.deterministic)

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import click
 
 from rankwire.errors import UserError, shown
-from rankwire.runtime.build import COMPRESSIONS
 from rankwire.runtime.cli_options import click_options
+from rankwire.runtime.imagemeta import COMPRESSIONS
 from rankwire.runtime.options import take_options
 
 if TYPE_CHECKING:

@@ -260,6 +260,13 @@ def _oci_entrypoint(image: SifImage) -> Optional[tuple[str, ...]]:
 
 # The squashfs superblock's compression id (a little-endian u16 at byte 20) by name.
 _COMPRESSORS = {1: "gzip", 2: "lzma", 3: "lzo", 4: "xz", 5: "lz4", 6: "zstd"}
+# Those `rankwire build` packs with (mksquashfs -comp), the default first. zstd: smaller
+# than gzip and, unpacked on every page a container reads (squashfuse on one core, in the
+# ranks' way), about 3x faster: an Open MPI job of 4 ranks in a fresh container starts
+# ~50 ms sooner. lz4: faster still, ~1.6x zstd's size. gzip: what `apptainer build`
+# writes, for readers without zstd (a kernel before 4.14 in Apptainer's setuid mode,
+# squashfuse before 0.1.101).
+COMPRESSIONS = ("zstd", "lz4", "gzip")
 
 
 def squashfs_compression(image: SifImage) -> Optional[str]:

@@ -25,7 +25,6 @@ import contextlib
 import datetime
 import fcntl
 import os
-import re
 import shutil
 import signal
 import socket
@@ -49,8 +48,6 @@ LABEL_FROM = "org.rankwire.saved-from"
 LABEL_IDENTITY = "org.rankwire.saved-from.identity"
 LABEL_DATE = "org.rankwire.saved-at"
 BUILD_LABELS = ("org.label-schema.", "org.opencontainers.image.")
-# What mksquashfs only warns about: a file it could not read, packed empty or left out.
-UNREADABLE = re.compile(r"Could not open|Failed to read|skipping")
 
 
 def check_target(out: str) -> None:
@@ -94,9 +91,9 @@ def _die_with_parent() -> None:
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _run(argv: list[str], lock: int, what: str) -> str:
-    """Run a packing tool that holds our lock and dies with us; its output."""
-    proc = subprocess.run(
+def _tool(argv: list[str], lock: int) -> subprocess.CompletedProcess[str]:
+    """Run a packing tool that holds our lock and dies with us."""
+    return subprocess.run(
         argv,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -105,6 +102,11 @@ def _run(argv: list[str], lock: int, what: str) -> str:
         pass_fds=(lock,),
         preexec_fn=_die_with_parent,
     )
+
+
+def _run(argv: list[str], lock: int, what: str) -> str:
+    """`_tool`, its failure said: its output."""
+    proc = _tool(argv, lock)
     lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
     if proc.returncode != 0:
         detail = "; ".join(lines[-2:]) or f"exit status {proc.returncode}"
@@ -238,6 +240,7 @@ def save(image_path: str, offset: int, upper: int, out: str) -> None:
     upper dir open on `upper` into a new SIF at `out`."""
     from rankwire.runtime import build
     from rankwire.runtime.imagemeta import (
+        COMPRESSIONS,
         OCI_CONFIG_NAME,
         read_image_metadata,
         squashfs_compression,
@@ -291,21 +294,20 @@ def save(image_path: str, offset: int, upper: int, out: str) -> None:
             env=meta.env,
             runscript=meta.runscript,
             oci_config=oci_config,
-            compression=compression if compression in build.COMPRESSIONS else None,
+            prefer=compression if compression in COMPRESSIONS else None,
         )
         work = Path(scratch, "work")
         work.mkdir()
-        for f in bplan.files:
-            f.source(work).write_text(f.content, encoding="utf-8")
-        (work / "pseudo").write_text("\n".join(bplan.pseudo_definitions(work)) + "\n")
-        if bplan.exclude:
-            (work / "exclude").write_text("\n".join(bplan.exclude) + "\n")
+        build.stage(bplan, work)
+
+        def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+            return _tool(argv, lock)
 
         def pack(sif: Path, offset: int) -> int:  # straight into the SIF, as build does
-            said = _run(bplan.mksquashfs_argv(work, sif, offset), lock, "mksquashfs")
-            if UNREADABLE.search(said):
-                first = next(ln for ln in said.splitlines() if UNREADABLE.search(ln))
-                raise UserError(f"--save: mksquashfs could not read {shown(first)}")
+            said = build.pack(bplan, work, sif, offset, "--save: mksquashfs failed", run)
+            unread = [ln for ln in said if build.UNREADABLE.search(ln)]
+            if unread:
+                raise UserError(f"--save: mksquashfs could not read {shown(unread[0])}")
             return sif.stat().st_size - offset
 
         create_sif(bplan.out, bplan.sif_objects(pack), deterministic=bplan.deterministic)

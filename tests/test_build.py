@@ -14,7 +14,7 @@ import pytest
 
 from harness.users import User
 from rankwire.errors import UserError
-from rankwire.runtime.build import build_image
+from rankwire.runtime.build import apply_build, build_image, plan_build
 from rankwire.runtime.imagemeta import read_image_metadata
 from rankwire.runtime.sif_format import DataType, SifError, goarch_from_machine
 from rankwire.runtime.sif_read import SifImage
@@ -353,6 +353,34 @@ def test_compression_errors(tmp_path: Path, rootfs: Path) -> None:
     assert squashfs_compression(out) == "gzip"
     out.unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "r.def", "rootfs"]
+
+
+def test_the_plan_holds_the_compressors_tried_in_order(
+    tmp_path: Path, rootfs: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Asked: that alone; not asked: zstd, then gzip; preferred (what `--save` keeps of its
+    source): that first, then those. A mksquashfs that cannot write one goes to the next."""
+    out = tmp_path / "x.sif"
+    assert plan_build(out, rootfs).compressions == ("zstd", "gzip")
+    assert plan_build(out, rootfs, compression="lz4").compressions == ("lz4",)
+    assert plan_build(out, rootfs, prefer="lz4").compressions == ("lz4", "zstd", "gzip")
+    assert plan_build(out, rootfs, prefer="gzip").compressions == ("gzip", "zstd")
+    no_lz4 = tmp_path / "bin"
+    no_lz4.mkdir()
+    fake = no_lz4 / "mksquashfs"
+    fake.write_text(
+        '#!/bin/sh\ncase "$*" in *"-comp lz4"*)\n'
+        "  echo 'mksquashfs: Compressor \"lz4\" is not supported!' >&2; exit 1;;\nesac\n"
+        f'exec {shutil.which("mksquashfs")} "$@"\n'
+    )
+    fake.chmod(0o755)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", f"{no_lz4}:{os.environ['PATH']}")
+        apply_build(plan_build(out, rootfs, prefer="lz4"))
+    assert capfd.readouterr().err == (
+        "rankwire: warning: this mksquashfs cannot write lz4: packing with zstd\n"
+    )
+    assert squashfs_compression(out) == "zstd"
 
 
 def test_existing_metadata_in_rootfs_is_replaced_not_modified(tmp_path: Path, rootfs: Path) -> None:
