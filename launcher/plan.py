@@ -13,9 +13,10 @@ from typing import Any, NoReturn, Optional
 
 from rankwire.errors import UserError
 from rankwire.record import record
+from rankwire.runtime.options import option
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan
 
-PMI_CHOICES = ("auto", "pmi1", "pmi2", "pmix")
+PMI_CHOICES = option("pmi").choices  # ("auto", "pmi1", "pmi2", "pmix")
 # -n bounds: MPI_Comm_size is a C int, and one host never holds more processes than the
 # kernel's PID_MAX_LIMIT (2**22 on 64-bit) whatever its pid_max; the open files limit
 # (`plan_open_files`) is usually the tighter one.

@@ -2,16 +2,17 @@
 for every container step, and `rankwire spank-helper pmi-bridge DIR` (PMIx to PMI-1/PMI-2)
 or `rankwire spank-helper pmi2-bridge DIR` (PMI-2 to PMIx) in the first task of a node
 whose step it bridges; `rankwire exec IMAGE COMMAND…` without options is what `srun
-rankwire exec` tasks and scripts run: those go straight to their code, without click and
-the CLI (about 10 ms of each start, 25-45 with the CLI's other imports); every other
-command goes to `rankwire.cli`."""
+rankwire exec` tasks and scripts run; `rankwire run` and `apptainer-mpirun` (its own
+entry point here) are mostly led by plain launcher options only (`-n N`, `--pmi X`):
+those go straight to their code, without click and the CLI (about 10 ms of each start,
+25-45 with the CLI's other imports); every other command goes to `rankwire.cli`."""
 
 from __future__ import annotations
 
 import atexit
 import os
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 # runtime/front.c's: the step plan's locked descriptor, for the first task's Python
 # (runtime/joinplan.py `take_step_lock`).
@@ -64,28 +65,54 @@ def main(argv: list[str] | None = None) -> NoReturn:
         prune_reported(args[1])
         exit_now(min(int(args[2]), 255))
     if len(args) >= 3 and args[0] == "exec" and not args[1].startswith("-"):
-        exec_without_options(args[1], tuple(args[2:]))
+        without_click("rankwire", lambda: exec_without_options(args[1], tuple(args[2:])))
+    if args[:1] == ["run"]:
+        launch_without_click("rankwire", "run", args[1:])
     from rankwire.cli import main as cli_main
 
     cli_main(argv)
 
 
-def exec_without_options(image: str, command: tuple[str, ...]) -> NoReturn:
+def apptainer_mpirun(argv: list[str] | None = None) -> NoReturn:
+    """Console entry point of `apptainer-mpirun`."""
+    args = sys.argv[1:] if argv is None else argv
+    launch_without_click("apptainer-mpirun", "apptainer-mpirun", args)
+    from rankwire.launcher.cli import apptainer_mpirun as with_click
+
+    with_click(argv)
+
+
+def exec_without_options(image: str, command: tuple[str, ...]) -> None:
     """`rankwire exec IMAGE COMMAND…` without an option (the image's word is no dash
-    word): every option has its default, so click has nothing to read; what it would do
-    with the outcome is done here (a user error: one line, its exit code; ^C: exit 130;
+    word): every option has its default, so click has nothing to read."""
+    from rankwire.runtime.execcmd import defaults, execute
+
+    execute(image, lambda _facts: command, defaults(), command)
+
+
+def launch_without_click(prog: str, command: str, args: list[str]) -> None:
+    """Run the launcher `command` here if its options are plain (`launchcmd.plain`);
+    return if click must parse them."""
+    from rankwire.launcher.launchcmd import plain
+
+    call = plain(command, args)
+    if call is not None:
+        without_click(prog, call)
+
+
+def without_click(prog: str, call: Callable[[], None]) -> NoReturn:
+    """Run a command whose options were read without click, and do with the outcome what
+    `rankwire.cli.run_command` does (a user error: one line, its exit code; ^C: exit 130;
     stdout closed under us: exit 1)."""
     from rankwire.errors import UserError
 
     try:
-        from rankwire.runtime.execcmd import defaults, execute
-
-        execute(image, lambda _facts: command, defaults(), command)
+        call()
     except UserError as err:
-        print(f"rankwire: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         exit_now(err.exit_code)
     except KeyboardInterrupt:
-        print("\nrankwire: aborted", file=sys.stderr)
+        print(f"\n{prog}: aborted", file=sys.stderr)
         exit_now(130)
     except BrokenPipeError:
         exit_now(1)

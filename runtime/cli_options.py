@@ -10,6 +10,7 @@ import click
 from rankwire.runtime.options import in_scope
 
 F = TypeVar("F", bound=Callable[..., Any])
+TYPES = {"str": click.STRING, "int": click.INT, "float": click.FLOAT}
 
 
 def click_options(*scopes: str) -> Callable[[F], F]:
@@ -23,10 +24,11 @@ def click_options(*scopes: str) -> Callable[[F], F]:
             else:
                 f = click.option(
                     *names,
+                    type=click.Choice(opt.choices) if opt.choices else TYPES[opt.type],
                     multiple=opt.kind == "list",
                     default=opt.default,
-                    show_default=isinstance(opt.default, str),
-                    metavar=opt.metavar,
+                    show_default=isinstance(opt.default, (str, int)),
+                    metavar=opt.metavar or None,
                     help=opt.help,
                 )(f)
         return f

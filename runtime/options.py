@@ -1,7 +1,8 @@
-"""Every container and process option, declared once.
+"""Every container, process and launcher option, declared once.
 
 From this table come: the click options of `exec`/`shell`/`instance start`/`run`/
-`apptainer-mpirun` (`rankwire.runtime.cli_options`), the `rankwire exec …` argv of a job
+`apptainer-mpirun` (`rankwire.runtime.cli_options`), their parse without click when only
+plainly spelled options lead (`parse_plain`), the `rankwire exec …` argv of a job
 delegated to srun (`delegation_argv`), the SPANK plugin's options and their
 `RANKWIRE_CONTAINER_*` fallbacks (`spank_header`, compiled into the C shim by
 `make -C spank`; `rankwire.spank.plan.asked`), and which options site policy governs.
@@ -14,11 +15,12 @@ This file imports nothing of rankwire: `make -C spank` runs it as a script
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 from rankwire.record import record
 
-Value = Union[bool, str, None, tuple[str, ...]]
+Value = Union[bool, int, float, str, None, tuple[str, ...]]
 
 
 @record
@@ -27,8 +29,8 @@ class Option:
     kind: str  # "flag" | "value" | "list" (repeatable; the planner may split commas)
     help: str
     scope: str  # "container" (shapes it), "process", "source" (where a remote image comes
-    # from: docker:// and oras://), "trust" (who must have signed the image), or "plugin"
-    # (plugin only)
+    # from: docker:// and oras://), "trust" (who must have signed the image), "launcher"
+    # (`run`/`apptainer-mpirun`: the job), or "plugin" (plugin only)
     flags: tuple[str, ...] = ()  # exec/launcher spellings, the one to show first; () = none
     metavar: str = ""
     default: Value = None
@@ -37,6 +39,8 @@ class Option:
     spank_metavar: str = ""
     spank_help: str = ""
     policy: bool = False  # site policy governs it under the plugin
+    type: str = "str"  # a value's type: "str", "int" or "float"
+    choices: tuple[str, ...] = ()  # the values it takes, if only these
 
     @property
     def join_ok(self) -> bool:
@@ -360,6 +364,75 @@ OPTIONS: tuple[Option, ...] = (
         spank_metavar="NAME[,...]",
         spank_help="Keep the host value of these variables over the image's",
     ),
+    Option(
+        "ntasks",
+        "value",
+        "Number of ranks.",
+        "launcher",
+        flags=("-n", "--ntasks", "-np", "--np"),
+        default=1,
+        type="int",
+    ),
+    Option(
+        "pmi",
+        "value",
+        "PMI the ranks speak (our server serves both).",
+        "launcher",
+        flags=("--pmi",),
+        default="auto",
+        choices=("auto", "pmi1", "pmi2", "pmix"),
+    ),
+    Option(
+        "pmi_transport",
+        "value",
+        "PMI_FD (inherited socketpair) or PMI_PORT (TCP on 127.0.0.1).",
+        "launcher",
+        flags=("--pmi-transport",),
+        default="fd",
+        choices=("fd", "port"),
+    ),
+    Option(
+        "tag_output",
+        "flag",
+        "Prefix every output line with [rank].",
+        "launcher",
+        flags=("--tag-output",),
+        default=False,
+    ),
+    Option(
+        "timeout",
+        "value",
+        "Kill the job after S seconds.",
+        "launcher",
+        flags=("--timeout",),
+        metavar="S",
+        type="float",
+    ),
+    Option(
+        "fence_timeout",
+        "value",
+        "Fail a PMI fence that waits longer than S seconds for a rank.",
+        "launcher",
+        flags=("--fence-timeout",),
+        metavar="S",
+        type="float",
+    ),
+    Option(
+        "no_slurm",
+        "flag",
+        "Launch here even inside a Slurm allocation (default: use srun).",
+        "launcher",
+        flags=("--no-slurm",),
+        default=False,
+    ),
+    Option(
+        "verbose",
+        "flag",
+        "Say how the job is launched.",
+        "launcher",
+        flags=("-v", "--verbose"),
+        default=False,
+    ),
 )
 
 
@@ -374,6 +447,49 @@ def in_scope(*scopes: str) -> tuple[Option, ...]:
 def take_options(kw: dict[str, Any], *scopes: str) -> dict[str, Any]:
     """Pop the table's options of these scopes out of a command's keyword arguments."""
     return {o.dest: kw.pop(o.dest) for o in in_scope(*scopes) if o.dest in kw}
+
+
+def parse_plain(
+    argv: Sequence[str], scopes: tuple[str, ...]
+) -> Optional[tuple[dict[str, Value], list[str]]]:
+    """The values of the options of these scopes that lead `argv` (the others' defaults)
+    and the words after them, as click reads them, when each is plainly spelled (`-x
+    VALUE`, `--name VALUE`, `--name=VALUE`, a flag) with a value click takes. None for
+    anything else (another option, a short option's value glued on, `--`, a value click
+    refuses): click then parses, and says what is wrong."""
+    given = in_scope(*scopes)
+    by_flag = {flag: o for o in given for flag in o.flags}
+    values: dict[str, Value] = {o.dest: o.default for o in given}
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
+        name, eq, text = argv[i].partition("=") if argv[i].startswith("--") else (argv[i], "", "")
+        opt = by_flag.get(name)
+        if opt is None or opt.kind == "list" or (eq and opt.kind == "flag"):
+            return None
+        i += 1
+        if opt.kind == "flag":
+            values[opt.dest] = True
+            continue
+        if not eq:
+            if i == len(argv):
+                return None
+            text, i = argv[i], i + 1
+        value = _typed(opt, text)
+        if value is None:
+            return None
+        values[opt.dest] = value
+    return values, list(argv[i:])
+
+
+def _typed(opt: Option, text: str) -> Value:
+    """`text` as click's type for the option converts it (int(), float(), an exact
+    choice); None where click would refuse it."""
+    if opt.choices:
+        return text if text in opt.choices else None
+    try:
+        return int(text) if opt.type == "int" else float(text) if opt.type == "float" else text
+    except ValueError:
+        return None
 
 
 def spank_options() -> tuple[Option, ...]:

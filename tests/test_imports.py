@@ -227,3 +227,41 @@ def test_exec_without_options_starts_without_the_cli(runner: User, base_image: P
     missing = "rankwire: image /nonexistent.sif not found: check the path\n"
     assert run("exec", "/nonexistent.sif", "true")[:2] == (2, missing)
     assert run("exec", "--fabric", "auto", "/nonexistent.sif", "true")[:2] == (2, missing)
+
+
+def test_a_launch_with_plain_options_starts_without_the_cli(runner: User, base_image: Path) -> None:
+    """`apptainer-mpirun -n N IMAGE CMD…` and `rankwire run -n N …` led by plainly spelled
+    launcher options only go straight to `launcher/launchcmd.py`: no click, no
+    `rankwire.cli`; another option goes through click; both run the job alike, and a user
+    error is the same line."""
+    python = os.path.join(runner.bindir, "python") if runner.bindir else sys.executable
+    amr = ENTRY.replace("import main\nmain(", "import apptainer_mpirun\napptainer_mpirun(")
+
+    def launch(entry: str, *args: str) -> tuple[int, str, set[str]]:
+        proc = runner.run([python, "-c", entry, *args], cwd="/tmp")
+        *said, modules = proc.stderr.rstrip("\n").split("\n")
+        return (
+            proc.returncode,
+            proc.stdout + "".join(f"{ln}\n" for ln in said),
+            set(modules.split()),
+        )
+
+    image = str(base_image)
+    for entry, lead, want in (
+        (amr, [], (0, "in\nin\n")),  # the command
+        (ENTRY, ["run"], (0, "runscript: x\nrunscript: x\n")),  # the image's runscript
+    ):
+        args = ["sh", "-c", "echo in"] if lead == [] else ["x"]
+        code, out, fast = launch(entry, *lead, "-n", "2", "--pmi", "pmi1", image, *args)
+        assert (code, out) == want
+        assert sorted(fast & {"click", "rankwire.cli"}) == []
+        assert "rankwire.launcher.launchcmd" in fast
+        code, out, slow = launch(entry, *lead, "-n", "2", "--fabric", "auto", image, *args)
+        assert (code, out) == want
+        assert {"click", "rankwire.cli"} <= slow
+        prog = "rankwire" if lead else "apptainer-mpirun"
+        few = f"{prog}: -n 0: the number of ranks must be at least 1\n"
+        assert launch(entry, *lead, "-n", "0", image, *args)[:2] == (2, few)
+        assert launch(entry, *lead, "-n", "0", "--fabric", "auto", image, *args)[:2] == (2, few)
+    missing = "apptainer-mpirun: image /nonexistent.sif not found: check the path\n"
+    assert launch(amr, "-n", "2", "/nonexistent.sif", "true")[:2] == (2, missing)

@@ -37,7 +37,12 @@ def with_dummy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     exec_options = record(type("ExecOptions", (plan.ExecOptions,), namespace))
     monkeypatch.setattr(options, "OPTIONS", (*OPTIONS, DUMMY))
     monkeypatch.setattr(plan, "ExecOptions", exec_options)
-    names = ("rankwire.runtime.execcmd", "rankwire.runtime.cli_run", "rankwire.launcher.cli")
+    names = (
+        "rankwire.runtime.execcmd",
+        "rankwire.runtime.cli_run",
+        "rankwire.launcher.launchcmd",
+        "rankwire.launcher.cli",
+    )
     modules = [importlib.import_module(m) for m in names]  # in this order: each its users
     for m in modules:
         importlib.reload(m)
@@ -142,3 +147,60 @@ def test_exec_without_options_gets_what_click_would_give() -> None:
         params = dict(ctx.params)
     assert (params.pop("image"), params.pop("command")) == ("img.sif", ("cmd", "--arg"))
     assert defaults() == params
+
+
+# Launcher argvs whose leading options are plainly spelled: `rankwire/entry.py` reads them
+# without click (`options.parse_plain`), and must read what click reads.
+PLAIN = [
+    ["-n", "4", "img.sif", "cmd"],
+    ["-np", "2", "--pmi", "pmix", "img.sif", "cmd", "-v", "--pmi", "x"],  # after: the command's
+    ["--ntasks=3", "--pmi=pmi2", "--tag-output", "-v", "img.sif", "a", "b"],
+    ["--timeout", "2.5", "--fence-timeout=1e1", "--no-slurm", "--pmi-transport", "port", "i", "c"],
+    ["-n", "4", "--np", "2", "--verbose", "img.sif", "c"],  # the last -n counts
+    ["-n", "-3", "img.sif", "c"],  # taken as click takes it; the planner refuses it
+    ["-n", " 7", "--timeout", "inf", "img.sif", "c"],
+    ["img.sif", "cmd"],
+    ["-", "cmd"],
+]
+# ... and those it leaves to click: other options, glued values, `--`, values click refuses
+# (its error says so), help, a missing value or word.
+NOT_PLAIN = [
+    ["-n4", "img.sif", "c"],
+    ["--fabric", "none", "img.sif", "c"],
+    ["-n", "2", "--dry-run", "img.sif", "c"],
+    ["--", "img.sif", "c"],
+    ["-n", "x", "img.sif", "c"],
+    ["--pmi", "PMIX", "img.sif", "c"],
+    ["--timeout", "soon", "img.sif", "c"],
+    ["--tag-output=1", "img.sif", "c"],
+    ["-h"],
+    ["-n"],
+    ["-n", "2", "img.sif"],  # apptainer-mpirun needs a command
+]
+
+
+@pytest.mark.parametrize("argv", PLAIN, ids=" ".join)
+def test_plain_launcher_options_are_read_as_click_reads_them(argv: list[str]) -> None:
+    from rankwire.launcher.cli import _apptainer_mpirun, run
+    from rankwire.runtime.execcmd import defaults
+    from rankwire.runtime.options import parse_plain
+
+    parsed = parse_plain(argv, ("launcher",))
+    assert parsed is not None
+    values, words = parsed
+    with _apptainer_mpirun.make_context("apptainer-mpirun", list(argv)) as ctx:
+        params = dict(ctx.params)
+    assert [params.pop("image"), *params.pop("command")] == words
+    assert {**defaults(), **values} == params
+    with run.make_context("run", list(argv)) as ctx:
+        params = dict(ctx.params)
+    assert [params.pop("target"), *params.pop("args")] == words
+    assert params.pop("image") is None
+    assert {**defaults(), **values} == params
+
+
+@pytest.mark.parametrize("argv", NOT_PLAIN, ids=" ".join)
+def test_other_launcher_argvs_go_to_click(argv: list[str]) -> None:
+    from rankwire.launcher.launchcmd import plain
+
+    assert plain("apptainer-mpirun", argv) is None
