@@ -82,36 +82,45 @@ def apptainer_mpirun(argv: list[str] | None = None) -> NoReturn:
     with_click(argv)
 
 
-def exec_without_options(image: str, command: tuple[str, ...]) -> None:
+def exec_without_options(image: str, command: tuple[str, ...]) -> bool:
     """`rankwire exec IMAGE COMMAND…` without an option (the image's word is no dash
     word): every option has its default, so click has nothing to read."""
     from rankwire.runtime.execcmd import defaults, execute
 
     execute(image, lambda _facts: command, defaults(), command)
+    return True
 
 
 def launch_without_click(prog: str, command: str, args: list[str]) -> None:
     """Run the launcher `command` here if its options are plain (`launchcmd.plain`);
     return if click must parse them."""
-    from rankwire.launcher.launchcmd import plain
 
-    call = plain(command, args)
-    if call is not None:
-        without_click(prog, call)
+    def call() -> bool:
+        from rankwire.launcher.launchcmd import plain
+
+        launch = plain(command, args)
+        if launch is None:
+            return False
+        launch()
+        return True
+
+    without_click(prog, call)
 
 
-def without_click(prog: str, call: Callable[[], None]) -> NoReturn:
-    """Run a command whose options were read without click, and do with the outcome what
-    `rankwire.cli.run_command` does (a user error: one line, its exit code; ^C: exit 130;
-    stdout closed under us: exit 1)."""
+def without_click(prog: str, call: Callable[[], bool]) -> None:
+    """Run a command whose options are read without click (`call` returns False, and so
+    do we, when click must read them after all), and do with the outcome what
+    `rankwire.cli.run_command` does (a user error: one line, its exit code; ^C or EOF on
+    the terminal: exit 130; stdout closed under us: exit 1)."""
     from rankwire.errors import UserError
 
     try:
-        call()
+        if not call():
+            return
     except UserError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         exit_now(err.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, EOFError):
         print(f"\n{prog}: aborted", file=sys.stderr)
         exit_now(130)
     except BrokenPipeError:

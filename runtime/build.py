@@ -488,8 +488,10 @@ def pack(
             )
             continue
         detail = "; ".join(lines[-3:]) or f"exit status {proc.returncode}"
-        fix = f"; this mksquashfs cannot write {compression}: give --compression gzip"
-        raise UserError(f"{failed}: {_shown(detail)}{fix if cannot else ''}")
+        fix = ""
+        if cannot and plan.compressions == (compression,) and compression != "gzip":
+            fix = f"; this mksquashfs cannot write {compression}: give --compression gzip"
+        raise UserError(f"{failed}: {_shown(detail)}{fix}")
     raise AssertionError("a plan has at least one compression")
 
 
@@ -513,11 +515,11 @@ def apply_build(plan: BuildPlan, scratch: Optional[Path] = None) -> None:
     if this one is killed)."""
     work = Path(tempfile.mkdtemp(prefix="rankwire-build-", dir=scratch))
 
-    def pack(sif: Path, offset: int) -> int:
+    def pack_into(sif: Path, offset: int) -> int:
         return _pack_checked(plan, work, sif, offset)
 
     try:
-        create_sif(plan.out, plan.sif_objects(pack), deterministic=plan.deterministic)
+        create_sif(plan.out, plan.sif_objects(pack_into), deterministic=plan.deterministic)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

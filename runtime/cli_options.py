@@ -14,7 +14,8 @@ TYPES = {"str": click.STRING, "int": click.INT, "float": click.FLOAT}
 
 
 def click_options(*scopes: str) -> Callable[[F], F]:
-    """The click options of these scopes ("container", "process"), from the table."""
+    """The click options of these scopes ("container", "process", "launcher", ...), from
+    the table."""
 
     def decorate(f: F) -> F:
         for opt in reversed(in_scope(*scopes)):

@@ -53,7 +53,8 @@ def echo(line: str, err: bool = False) -> None:
 
 def defaults() -> dict[str, Any]:
     """`exec`'s keyword arguments when no option is given: every option's default, as
-    click gives them (`runtime/options.py`), and neither --dry-run nor --json."""
+    click gives them (`runtime/options.py`), and neither --dry-run nor --json (a launch
+    read without click starts from these too, `launcher/launchcmd.plain`)."""
     scopes = ("container", "process", "source", "trust")
     return {**{o.dest: o.default for o in in_scope(*scopes)}, "dry_run": False, "as_json": False}
 

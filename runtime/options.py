@@ -25,7 +25,8 @@ Value = Union[bool, int, float, str, None, tuple[str, ...]]
 
 @record
 class Option:
-    dest: str  # the ExecOptions field (scope container/process), or the plugin's name for it
+    dest: str  # the ExecOptions field (scope container/process), the LaunchOptions field
+    # (scope launcher), or the plugin's name for it
     kind: str  # "flag" | "value" | "list" (repeatable; the planner may split commas)
     help: str
     scope: str  # "container" (shapes it), "process", "source" (where a remote image comes

@@ -190,13 +190,14 @@ def test_plain_launcher_options_are_read_as_click_reads_them(argv: list[str]) ->
     values, words = parsed
     with _apptainer_mpirun.make_context("apptainer-mpirun", list(argv)) as ctx:
         params = dict(ctx.params)
+    typed = {k: (type(v), v) for k, v in {**defaults(), **values}.items()}  # 3 is not 3.0
     assert [params.pop("image"), *params.pop("command")] == words
-    assert {**defaults(), **values} == params
+    assert typed == {k: (type(v), v) for k, v in params.items()}
     with run.make_context("run", list(argv)) as ctx:
         params = dict(ctx.params)
     assert [params.pop("target"), *params.pop("args")] == words
     assert params.pop("image") is None
-    assert {**defaults(), **values} == params
+    assert typed == {k: (type(v), v) for k, v in params.items()}
 
 
 @pytest.mark.parametrize("argv", NOT_PLAIN, ids=" ".join)
@@ -204,3 +205,6 @@ def test_other_launcher_argvs_go_to_click(argv: list[str]) -> None:
     from rankwire.launcher.launchcmd import plain
 
     assert plain("apptainer-mpirun", argv) is None
+    if argv != ["-n", "2", "img.sif"]:  # `run IMAGE` runs its runscript
+        assert plain("run", argv) is None
+    assert plain("run", ["-n", "2", "--image", "img.sif", "cmd"]) is None  # --image: click
