@@ -28,6 +28,17 @@ mount nosuid and nodev (binds of host device nodes, under /dev, keep their devic
 a socket only root can connect to. `join` still hands over two descriptors, the user
 namespace one being the holder's own (the host's): joiners `setns` the mount namespace
 only; the report's "namespaces" says which.
+
+Asked for its recipe (`req["recipe"]`: `rankwire exec IMAGE CMD` without options), an
+ephemeral user-namespace holder notes each step of its setup as it makes it (`_note`: the
+maps, the session tmpfs, the FUSE driver, the mount points it made, the PID namespace's
+init, each mount with its target resolved in the image) and reports them first on the
+status pipe; `runtime/joinplan.py` keeps them in the image's exec plan, and the C front
+end has `rankwire-holder setup` (holdserve.c `set_up_container`) make the same steps,
+without Python, for the next same request. A step it could not make the same way (another
+image or overlay driver, a descriptor's tree, a mount point made below another mount,
+changes kept) leaves no recipe (`_unrepeatable`). A new step of the setup is noted here and
+made there too, or marks the recipe unrepeatable.
 """
 
 from __future__ import annotations
@@ -213,6 +224,22 @@ class Holder:
         self.watcher_conn: Optional[socket.socket] = None
         self.overlay_lock = -1  # --writable-overlay DIR, locked while we live
         self.upper_fd = -1  # the overlay's upper dir, handed to `upper` (for --save)
+        # What we did, as `rankwire-holder setup` (holdserve.c) can do it again for the C
+        # front end's exec plan (runtime/joinplan.py `remember_exec`): asked for by
+        # `req["recipe"]`; None once a step is one it cannot do (`_unrepeatable`).
+        self.recipe: Optional[list[tuple[str, str]]] = None
+        self._mounted: list[str] = []  # the targets `_apply` mounted on, inside the root
+        if req.get("recipe") and self.mode == "ephemeral" and not self.root_mode:
+            plain = not (self.plan.overlay_dir or self.plan.save or self.keep_fds)
+            if plain and self.image_fd is None and "pid" in self.plan.namespaces:
+                self.recipe = []
+
+    def _note(self, key: str, value: str) -> None:
+        if self.recipe is not None:
+            self.recipe.append((f"r_{key}", value))
+
+    def _unrepeatable(self) -> None:
+        self.recipe = None
 
     # -- setup -----------------------------------------------------------------------
     def setup(self) -> None:
@@ -291,15 +318,13 @@ class Holder:
             sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
             sc.raise_ambient((sc.CAP_SYS_ADMIN, sc.CAP_DAC_OVERRIDE))
             self._reopen_descriptors(paths)
+            self._note("uid_map", "{} {} {}".format(*plan.uid_map))
+            self._note("gid_map", "{} {} {}".format(*plan.gid_map))
 
         s = self.session
-        sc.mount(
-            "tmpfs",
-            s,
-            "tmpfs",
-            sc.MS_NOSUID | sc.MS_NODEV,
-            f"mode=0755,size={plan.tmpfs_size_mib}m",
-        )
+        tmpfs = f"mode=0755,size={plan.tmpfs_size_mib}m"
+        sc.mount("tmpfs", s, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, tmpfs)
+        self._note("tmpfs", tmpfs)
         for sub in ("lower", "upper", "work", "root"):
             os.mkdir(os.path.join(s, sub))
         lower, upper, work, root = (
@@ -325,6 +350,7 @@ class Holder:
             self._apply(root, target, m, self.sources.get(i, m.source), self.trees.pop(i, None))
         flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV
         sc.mount(None, root, None, flags | (0 if plan.writable else sc.MS_RDONLY))
+        self._note("writable", "1" if plan.writable else "0")
         reopened = [int(src.rsplit("/", 1)[1]) for src in self.sources.values()]
         for fd in (*self.keep_fds, *reopened):
             if fd != self.image_fd:
@@ -430,7 +456,9 @@ class Holder:
             said = status.readline().decode(errors="replace").strip() if ready else ""
         if said == "ok":
             self.proc_staging = staging
+            self._note("pid", "1")
             return
+        self._unrepeatable()
         life, self.init_life = self.init_life, -1
         os.close(life)  # nothing has joined: its exit waits for no member
         os.kill(pid, signal.SIGKILL)
@@ -539,6 +567,7 @@ class Holder:
                 if driver == "loop":
                     self._loop_mount(lower)
                 elif driver == "extract":
+                    self._unrepeatable()
                     rootfs = self._extract()
                     sc.mount(rootfs, lower, None, sc.MS_BIND | sc.MS_REC)
                     if self.root_mode:
@@ -547,18 +576,19 @@ class Holder:
                         sc.bind_remount(lower, readonly=True)
                 else:
                     opts = f"ro,offset={plan.partition_offset}"
-                    self._spawn_fuse(
-                        [
-                            driver,
-                            "-f",
-                            "-o",
-                            f"{opts},nosuid,nodev" if self.root_mode else opts,
-                            self.image_source,
-                            lower,
-                        ],
-                        lower,
-                    )
+                    opts = f"{opts},nosuid,nodev" if self.root_mode else opts
+                    self._spawn_fuse([driver, "-f", "-o", opts, self.image_source, lower], lower)
                     _readable_root(lower)
+                    program = shutil.which(driver)  # as the spawn found it
+                    if errors or program is None:
+                        self._unrepeatable()
+                    for key, value in (
+                        ("driver", driver),
+                        ("fuse", os.path.abspath(program or driver)),
+                        ("fuse_opts", opts),
+                        ("image", os.path.abspath(self.image_source)),
+                    ):
+                        self._note(key, value)
                 self.report["image_driver"] = driver
                 if errors:
                     self.report["image_driver_fallback"] = "; ".join(errors)
@@ -662,9 +692,13 @@ class Holder:
         trusted.* need privilege a user namespace lacks; without them a directory
         removed and made again would show the image's files): for changes that are kept
         or saved (`runtime/save.py` reads them)."""
-        errors = []
+        errors: list[str] = []
         opts = f"lowerdir={lowers},upperdir={upper},workdir={work}"
+        if userxattr:
+            self._unrepeatable()
         for driver in self.plan.overlay_drivers:
+            if driver != "kernel" or errors:
+                self._unrepeatable()
             try:
                 if driver == "kernel":
                     kernel_opts = opts + (",userxattr" if userxattr else "")
@@ -689,6 +723,7 @@ class Holder:
         earlier: list[str] = []
         for m in self.plan.mounts:
             if any(m.target.startswith(t.rstrip("/") + "/") for t in earlier):
+                self._unrepeatable()  # resolved when it is mounted: maybe in a host dir
                 targets.append(m.target)
                 earlier.append(m.target)
                 continue
@@ -711,6 +746,7 @@ class Holder:
                 else:
                     os.makedirs(os.path.dirname(path), exist_ok=True)
                     open(path, "a").close()
+                self._note("mkdir" if want_dir else "touch", rel)
             targets.append("/" + rel)
             earlier.append(m.target)
         return targets
@@ -719,10 +755,27 @@ class Holder:
         """Make mount `m` on `resolved` (its target inside the image); a bind is made from
         `source` (m.source, or what stands for its descriptor), or attaches `tree`."""
         target = secure_path(root, resolved)
+        inside = target[len(root) :] or "/"
+        # Below a mount made before (an image symlink led it there): resolved in what
+        # that one brought in, a host dir maybe, which may differ next time.
+        below = any(within(inside, t) and inside != t for t in self._mounted)
+        self._mounted.append(inside)
+        if (
+            m.kind in ("bind", "tmpfs", "proc")
+            and tree is None
+            and not below
+            and os.path.lexists(target)
+        ):
+            self._note("mount", m.kind)
+            for key, value in (("source", source), ("target", inside), ("options", m.options)):
+                self._note(key, value)
+            self._note("rec", "1" if m.recursive else "0")
+            self._note("ro", "1" if m.readonly else "0")
+        else:  # a mount point made below one of ours, a descriptor's tree, a /dev
+            self._unrepeatable()
         if m.kind == "proc":  # a bind of our PID namespace's /proc, or of the host's
             source = self.proc_staging or "/proc"
             m = Mount("bind", m.target, source, recursive=self.proc_staging is None)
-        inside = target[len(root) :] or "/"
         hidden = hidden_by(m.source, inside) if inside != m.target else None
         if hidden is not None:  # a symlink in the image (or a bound tree) led it there
             raise SetupError(
@@ -935,6 +988,8 @@ def run_holder(req: dict[str, Any], status_fd: int, *, new_session: bool) -> NoR
         )
     said, serve = _set_up(holder)  # SIGTERM is blocked from here on
     try:
+        if holder.recipe is not None and serve:  # first, when asked: `start_holder` reads it
+            os.write(status_fd, json.dumps({"recipe": holder.recipe}).encode() + b"\n")
         args = holder.server_args(status_fd, said, serve)
         os.execve(server, ["rankwire-holder", *args], holder.environ)
     except BaseException as err:

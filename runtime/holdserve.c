@@ -6,6 +6,9 @@
  * watcher) and the descriptors it names in its arguments. A long-lived holder is then a
  * small C process instead of a Python interpreter forked from the CLI.
  *
+ * Or it sets the container up itself (`setup`, below: the C front end's exec plan), then
+ * serves the same way.
+ *
  * It serves the holder's socket, one command per connection, as before:
  *   "join"  -> the report (JSON, one line) with the namespace descriptors; the connection
  *              is then a lease, which ends with "leave" (answered `last=1|0`, a frame) or EOF
@@ -491,6 +494,8 @@ static void close_others(int a, int b)
  * it; with SIGCHLD ignored the kernel reaps them. Init gets only the signals it handles, and
  * it handles none: from outside the namespace too, where only SIGKILL (and SIGSTOP) reach
  * a namespace's init (Slurm's scancel and `--signal` do not end the container here). */
+static int init_body(int life, int status, const char *staging);
+
 static int run_init(int argc, char **argv)
 {
 	int life = -1, status = -1;
@@ -505,6 +510,12 @@ static int run_init(int argc, char **argv)
 	}
 	if (life < 3 || status < 3 || !staging)
 		return 2;
+	return init_body(life, status, staging);
+}
+
+/* Init's life, from run_init or forked by `setup` (which is this program already). */
+static int init_body(int life, int status, const char *staging)
+{
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
 	prctl(PR_SET_NAME, "rankwire-init");
 	close_others(life, status);
@@ -620,13 +631,551 @@ static int run_watch(int argc, char **argv)
 	return 0;
 }
 
+/* ---- setup: a container from an exec plan's recipe, without Python ------------------ */
+
+/* `rankwire-holder setup plan=FD status=FD owner=PID socket=PATH session=PATH`: forked by
+ * the C front end (runtime/front.c) for `rankwire exec IMAGE CMD…` when an exec plan
+ * fits the request (runtime/joinplan.py `remember_exec`). The plan's `r_*` records are
+ * what runtime/holder.py did when it set up the same container (`Holder.recipe`): its
+ * uid and gid maps, the session tmpfs, the FUSE driver and its options, the mount points
+ * it made in the upper dir, whether its PID namespace came up, and each mount with its
+ * target already resolved inside the image (whose identity the plan's key holds). This
+ * does those steps in that order, as holder.py does them, decides nothing, and on any
+ * failure tears down and reports it (the front end then runs the Python CLI, which plans
+ * again and says what is wrong). Then it serves, as after holder.py's exec. */
+
+#include <sched.h>
+#include <stdarg.h>
+#include <sys/file.h>
+#include <sys/statvfs.h>
+#include <sys/un.h>
+#include <linux/capability.h>
+
+#define MOUNT_WAIT_MS 10000 /* holder.py MOUNT_WAIT_S */
+#define MAX_RECIPE 64
+
+extern char **environ;
+
+struct rmount { const char *kind, *source, *target, *options; int rec, ro; };
+
+static struct {
+	const char *uid_map, *gid_map, *tmpfs, *driver, *fuse, *fuse_opts, *image;
+	const char *points[MAX_RECIPE];
+	int point_dir[MAX_RECIPE], n_points;
+	struct rmount m[MAX_RECIPE];
+	int n_m, pid, writable, bad;
+} r;
+
+static void recipe_record(const char *key, char *val, void *ctx)
+{
+	(void)ctx;
+	if (strncmp(key, "r_", 2))
+		return; /* the plan's key and process: the front end's */
+	key += 2;
+	struct rmount *m = r.n_m ? &r.m[r.n_m - 1] : NULL;
+	if (!strcmp(key, "uid_map")) r.uid_map = val;
+	else if (!strcmp(key, "gid_map")) r.gid_map = val;
+	else if (!strcmp(key, "tmpfs")) r.tmpfs = val;
+	else if (!strcmp(key, "driver")) r.driver = val;
+	else if (!strcmp(key, "fuse")) r.fuse = val;
+	else if (!strcmp(key, "fuse_opts")) r.fuse_opts = val;
+	else if (!strcmp(key, "image")) r.image = val;
+	else if (!strcmp(key, "pid")) r.pid = !strcmp(val, "1");
+	else if (!strcmp(key, "writable")) r.writable = !strcmp(val, "1");
+	else if (!strcmp(key, "mkdir") || !strcmp(key, "touch")) {
+		if (r.n_points == MAX_RECIPE) {
+			r.bad = 1;
+			return;
+		}
+		r.point_dir[r.n_points] = key[0] == 'm';
+		r.points[r.n_points++] = val;
+	} else if (!strcmp(key, "mount")) {
+		if (r.n_m == MAX_RECIPE) {
+			r.bad = 1;
+			return;
+		}
+		r.m[r.n_m++] = (struct rmount){ .kind = val, .source = "", .options = "" };
+	} else if (m && !strcmp(key, "source")) m->source = val;
+	else if (m && !strcmp(key, "target")) m->target = val;
+	else if (m && !strcmp(key, "options")) m->options = val;
+	else if (m && !strcmp(key, "rec")) m->rec = !strcmp(val, "1");
+	else if (m && !strcmp(key, "ro")) m->ro = !strcmp(val, "1");
+	else r.bad = 1;
+}
+
+static char why[512]; /* the first failure, for the report */
+
+static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int fail(const char *fmt, ...)
+{
+	int err = errno;
+	if (!why[0]) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(why, sizeof why, fmt, ap);
+		va_end(ap);
+	}
+	errno = err;
+	return -1;
+}
+
+/* A path relative to a dir of ours that stays in it: no "..", not absolute, not empty. */
+static int inner(const char *rel)
+{
+	if (!*rel || rel[0] == '/')
+		return 0;
+	for (const char *c = rel; c; c = strchr(c, '/'), c = c ? c + 1 : c)
+		if (c[0] == '.' && c[1] == '.' && (c[2] == '/' || !c[2]))
+			return 0;
+	return 1;
+}
+
+static int join_path(char *out, const char *a, const char *b)
+{
+	int n = snprintf(out, PATH_MAX, "%s/%s", a, b);
+	return n > 0 && n < PATH_MAX ? 0 : fail("path too long: %s/%s", a, b);
+}
+
+static int write_text(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return fail("%s: %s", path, strerror(errno));
+	ssize_t n = write(fd, text, strlen(text));
+	int err = errno;
+	close(fd);
+	errno = err;
+	return n == (ssize_t)strlen(text) ? 0 : fail("%s: %s", path, strerror(errno));
+}
+
+/* os.makedirs(path, exist_ok=True) below a dir we made: every part from `from` on. */
+static int make_dirs(char *path, size_t from)
+{
+	for (char *c = path + from;; c++) {
+		if (*c != '/' && *c)
+			continue;
+		char was = *c;
+		*c = '\0';
+		int ok = mkdir(path, 0777) == 0 || errno == EEXIST;
+		*c = was;
+		if (!ok)
+			return fail("cannot make %s: %s", path, strerror(errno));
+		if (!was)
+			return 0;
+	}
+}
+
+/* syscalls.raise_ambient: keep CAP_SYS_ADMIN and CAP_DAC_OVERRIDE (held in our user
+ * namespace) across the FUSE driver's exec. */
+static int raise_ambient(void)
+{
+	struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+	struct __user_cap_data_struct data[2];
+	const int caps[] = { CAP_SYS_ADMIN, CAP_DAC_OVERRIDE };
+	if (syscall(SYS_capget, &hdr, data))
+		return fail("capget: %s", strerror(errno));
+	for (int k = 0; k < 2; k++)
+		data[caps[k] / 32].inheritable |= 1U << (caps[k] % 32);
+	if (syscall(SYS_capset, &hdr, data))
+		return fail("capset: %s", strerror(errno));
+	for (int k = 0; k < 2; k++)
+		if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, caps[k], 0, 0))
+			return fail("prctl(PR_CAP_AMBIENT_RAISE): %s", strerror(errno));
+	return 0;
+}
+
+/* syscalls.bind_remount: nosuid (ro if asked), keeping the flags it has (some are
+ * locked in a user namespace). */
+static int bind_remount(const char *target, int ro)
+{
+	struct statvfs sv;
+	if (statvfs(target, &sv))
+		return fail("cannot mount on %s: %s", target, strerror(errno));
+	unsigned long kept = sv.f_flag & (ST_RDONLY | ST_NOSUID | ST_NODEV | ST_NOEXEC |
+		ST_NOATIME | ST_NODIRATIME | ST_RELATIME);
+	unsigned long flags = MS_REMOUNT | MS_BIND | MS_NOSUID | kept | (ro ? MS_RDONLY : 0);
+	if (mount(NULL, target, NULL, flags, NULL))
+		return fail("cannot mount on %s: %s", target, strerror(errno));
+	return 0;
+}
+
+/* holder.py `_spawn_fuse` and `_die_with_holder`: the driver, its output in the session's
+ * log, ending with us (SIGHUP) and not on the signals a step's commands get; then wait
+ * until `lower` is mounted. */
+static int spawn_fuse(const char *session, const char *lower)
+{
+	char log[PATH_MAX];
+	struct stat parent;
+	if (snprintf(log, sizeof log, "%s/%s.log", session, r.driver) >= (int)sizeof log ||
+	    stat(session, &parent))
+		return fail("cannot use %s", session);
+	int out = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+	if (out < 0)
+		return fail("%s: %s", log, strerror(errno));
+	pid_t holder = getpid(), pid = fork();
+	if (pid == 0) {
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		const int theirs[] = { SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM };
+		for (size_t k = 0; k < sizeof theirs / sizeof *theirs; k++)
+			signal(theirs[k], SIG_IGN);
+		signal(SIGHUP, SIG_DFL);
+		signal(SIGPIPE, SIG_DFL);
+		prctl(PR_SET_PDEATHSIG, SIGHUP);
+		int null = open("/dev/null", O_RDONLY);
+		if (getppid() != holder || null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 ||
+		    dup2(out, 2) < 0)
+			_exit(127);
+		close_from(3, ~0U);
+		char *argv[] = { (char *)r.driver, "-f", "-o", (char *)r.fuse_opts, (char *)r.image,
+			(char *)lower, NULL };
+		execve(r.fuse, argv, environ);
+		dprintf(2, "%s: %s\n", r.fuse, strerror(errno));
+		_exit(127);
+	}
+	close(out);
+	if (pid < 0)
+		return fail("fork: %s", strerror(errno));
+	h.daemons.v[h.daemons.n++] = pid;
+	for (long deadline = now_ms() + MOUNT_WAIT_MS;;) {
+		struct stat st;
+		if (stat(lower, &st) == 0 && st.st_dev != parent.st_dev)
+			return 0;
+		if (waitpid(pid, NULL, WNOHANG) == pid) {
+			h.daemons.n--;
+			return fail("%s exited", r.driver);
+		}
+		if (now_ms() >= deadline)
+			return fail("timed out mounting %s", lower);
+		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+	}
+}
+
+/* holder.py `_start_init`: a PID namespace for our children from now on, and its init
+ * (init_body), which mounts the namespace's /proc at `staging`. */
+static int start_init(const char *staging)
+{
+	int life[2], status[2];
+	if (unshare(CLONE_NEWPID) || mkdir(staging, 0777))
+		return fail("no PID namespace: %s", strerror(errno));
+	if (pipe2(life, O_CLOEXEC))
+		return fail("pipe: %s", strerror(errno));
+	if (pipe2(status, O_CLOEXEC)) {
+		close(life[0]);
+		close(life[1]);
+		return fail("pipe: %s", strerror(errno));
+	}
+	pid_t pid = fork();
+	if (pid == 0)
+		_exit(init_body(life[0], status[1], staging));
+	close(life[0]);
+	close(status[1]);
+	if (pid < 0) {
+		close(life[1]);
+		close(status[0]);
+		return fail("fork: %s", strerror(errno));
+	}
+	h.init = pid;
+	h.init_life = life[1];
+	char said[128] = { 0 };
+	struct pollfd p = { .fd = status[0], .events = POLLIN };
+	ssize_t n = 0;
+	if (poll(&p, 1, MOUNT_WAIT_MS) == 1)
+		n = read(status[0], said, sizeof said - 1);
+	close(status[0]);
+	if (n == 3 && !memcmp(said, "ok\n", 3))
+		return 0;
+	return fail("no PID namespace: %s", n > 0 ? said : "its init did not start");
+}
+
+/* holder.py `Holder.setup`'s session dir: made under a temporary name, locked (until we
+ * exit: `prune_stale` removes only unlocked ones), then renamed into place. */
+static int make_session(char *session)
+{
+	char *slash = strrchr(session, '/'), making[NAME_MAX + 3];
+	if (!slash || slash == session || snprintf(making, sizeof making, "t-%s", slash + 1) >=
+	    (int)sizeof making)
+		return fail("bad session %s", session);
+	*slash = '\0';
+	h.session_dir = open(session, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	*slash = '/';
+	if (h.session_dir < 0 || mkdirat(h.session_dir, making, 0700))
+		return fail("cannot make %s: %s", session, strerror(errno));
+	int lock = openat(h.session_dir, making, O_RDONLY | O_DIRECTORY); /* kept: never closed */
+	if (lock < 0 || flock(lock, LOCK_EX) || renameat(h.session_dir, making, h.session_dir,
+							   slash + 1)) {
+		int err = errno;
+		unlinkat(h.session_dir, making, AT_REMOVEDIR);
+		errno = err;
+		return fail("cannot make %s: %s", session, strerror(errno));
+	}
+	h.session = session;
+	return 0;
+}
+
+static char plan_name[NAME_MAX + 1];
+
+/* holder.py `Holder.setup`'s socket: bound under a temporary name, listening, then
+ * hard-linked under its own (under the directory's lock: `instance.unlink_if_dead`). */
+static int bind_socket(char *sock, int *taken)
+{
+	char *slash = strrchr(sock, '/'), temp[NAME_MAX + 1];
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	if (!slash || slash == sock || strlen(slash + 1) < 6 ||
+	    strcmp(slash + strlen(slash) - 5, ".sock") ||
+	    snprintf(temp, sizeof temp, "t-%d-%s", (int)getpid(), slash + 1) >= (int)sizeof temp ||
+	    snprintf(sa.sun_path, sizeof sa.sun_path, "%.*s/%s", (int)(slash - sock), sock, temp) >=
+		    (int)sizeof sa.sun_path)
+		return fail("bad socket %s", sock);
+	*slash = '\0';
+	h.dir = open(sock, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	*slash = '/';
+	int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (h.dir < 0 || s < 0 || bind(s, (struct sockaddr *)&sa, sizeof sa))
+		return fail("cannot bind %s: %s", sock, strerror(errno));
+	h.listener = s;
+	int linked = listen(s, 128) == 0 && flock(h.dir, LOCK_EX) == 0 &&
+		     linkat(h.dir, temp, h.dir, slash + 1, 0) == 0;
+	int err = errno;
+	flock(h.dir, LOCK_UN);
+	unlinkat(h.dir, temp, 0);
+	if (!linked) {
+		*taken = err == EEXIST;
+		errno = err;
+		return fail(*taken ? "%s is served by another holder" : "cannot bind %s: %s", sock,
+			    strerror(err));
+	}
+	snprintf(plan_name, sizeof plan_name, "%.*s.plan", (int)strlen(slash + 1) - 5, slash + 1);
+	h.unlink[h.n_unlink++] = slash + 1; /* the socket first (see teardown), then its plan */
+	h.unlink[h.n_unlink++] = plan_name;
+	return 0;
+}
+
+static int map_ids(const char *file, const char *map, unsigned id)
+{
+	unsigned inside, outside, count;
+	char line[96];
+	if (!map || sscanf(map, "%u %u %u", &inside, &outside, &count) != 3 || outside != id)
+		return fail("plan maps %s, but the holder runs as %u", map ? map : "nothing", id);
+	snprintf(line, sizeof line, "%u %u %u\n", inside, outside, count);
+	return write_text(file, line);
+}
+
+/* A mount of the recipe (holder.py `_apply`): its target, already resolved inside the
+ * image, below `root`. */
+static int apply_mount(const char *root, const char *session, const struct rmount *m)
+{
+	char target[PATH_MAX], staging[PATH_MAX];
+	if (!m->target || m->target[0] != '/' || !inner(m->target + 1) ||
+	    join_path(target, root, m->target + 1))
+		return fail("bad mount target %s", m->target ? m->target : "(none)");
+	const char *source = m->source;
+	int rec = m->rec, ro = m->ro;
+	if (!strcmp(m->kind, "proc")) { /* our PID namespace's /proc (holder.py `_apply`) */
+		if (join_path(staging, session, "proc"))
+			return -1;
+		source = staging;
+		rec = ro = 0;
+	} else if (!strcmp(m->kind, "tmpfs")) {
+		if (mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV,
+			  *m->options ? m->options : NULL))
+			return fail("cannot mount tmpfs on %s: %s", m->target, strerror(errno));
+		return 0;
+	} else if (strcmp(m->kind, "bind") || source[0] != '/') {
+		return fail("cannot mount %s on %s", m->kind, m->target);
+	}
+	if (mount(source, target, NULL, MS_BIND | (rec ? MS_REC : 0), NULL))
+		return fail("cannot mount %s on %s: %s", source, m->target, strerror(errno));
+	return bind_remount(target, ro);
+}
+
+static int ascii_path(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s < 0x20 || (unsigned char)*s >= 0x7f || *s == '"' || *s == '\\')
+			return 0;
+	return 1;
+}
+
+/* The steps of the recipe; 0 when the container is ready (we are in it). */
+static int set_up_container(char *sock, char *session, int *taken)
+{
+	char lower[PATH_MAX], upper[PATH_MAX], work[PATH_MAX], root[PATH_MAX], path[PATH_MAX];
+	char opts[3 * PATH_MAX + 40];
+	/* a PID namespace always: it is what ends the container's processes with us (no
+	 * watcher here) */
+	if (r.bad || !r.uid_map || !r.gid_map || !r.tmpfs || !r.driver || !r.fuse ||
+	    !r.fuse_opts || !r.image || !r.pid || strchr(r.driver, '/') || !ascii_path(sock) ||
+	    !ascii_path(session) || !ascii_path(r.driver))
+		return fail("the exec plan holds no recipe");
+	if (make_session(session) || bind_socket(sock, taken))
+		return -1;
+	unsigned uid = getuid(), gid = getgid();
+	if (unshare(CLONE_NEWUSER | CLONE_NEWNS))
+		return fail("unshare: %s", strerror(errno));
+	if (write_text("/proc/self/setgroups", "deny") ||
+	    map_ids("/proc/self/uid_map", r.uid_map, uid) ||
+	    map_ids("/proc/self/gid_map", r.gid_map, gid))
+		return -1;
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
+		return fail("mount: %s", strerror(errno));
+	if (raise_ambient())
+		return -1;
+	if (mount("tmpfs", session, "tmpfs", MS_NOSUID | MS_NODEV, r.tmpfs))
+		return fail("cannot mount tmpfs on %s: %s", session, strerror(errno));
+	if (join_path(lower, session, "lower") || join_path(upper, session, "upper") ||
+	    join_path(work, session, "work") || join_path(root, session, "root"))
+		return -1;
+	const char *subs[] = { lower, upper, work, root };
+	for (int k = 0; k < 4; k++)
+		if (mkdir(subs[k], 0777))
+			return fail("cannot make %s: %s", subs[k], strerror(errno));
+	if (spawn_fuse(session, lower))
+		return -1;
+	DIR *d = opendir(lower); /* holder.py `_readable_root` */
+	errno = 0;
+	if (!d || (!readdir(d) && errno)) {
+		if (d)
+			closedir(d);
+		return fail("cannot read the image's root directory: %s", strerror(errno));
+	}
+	closedir(d);
+	for (int k = 0; k < r.n_points; k++) { /* holder.py `_prepare_mountpoints` */
+		if (!inner(r.points[k]) || join_path(path, upper, r.points[k]))
+			return fail("bad mount point %s", r.points[k]);
+		if (r.point_dir[k]) {
+			if (make_dirs(path, strlen(upper) + 1))
+				return -1;
+			continue;
+		}
+		char *slash = strrchr(path, '/');
+		*slash = '\0';
+		int made = slash == path + strlen(upper) || make_dirs(path, strlen(upper) + 1) == 0;
+		*slash = '/';
+		int fd = made ? open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0666) : -1;
+		if (fd < 0)
+			return made ? fail("cannot make %s: %s", path, strerror(errno)) : -1;
+		close(fd);
+	}
+	if (snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s,workdir=%s", lower, upper, work) >=
+		    (int)sizeof opts ||
+	    mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV, opts))
+		return fail("cannot set up the container root: kernel: %s", strerror(errno));
+	if (join_path(path, session, "proc") || start_init(path))
+		return -1;
+	for (int k = 0; k < r.n_m; k++)
+		if (apply_mount(root, session, &r.m[k]))
+			return -1;
+	if (mount(NULL, root, NULL,
+		  MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (r.writable ? 0 : MS_RDONLY), NULL))
+		return fail("cannot remount the root: %s", strerror(errno));
+	const char *ns[] = { "/proc/self/ns/user", "/proc/self/ns/mnt", "/proc/self/ns/pid_for_children" };
+	for (int k = 0; k < 3; k++) {
+		int fd = open(ns[k], O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			return fail("%s: %s", ns[k], strerror(errno));
+		h.ns.v[h.ns.n++] = fd;
+	}
+	if (chdir(root) || syscall(SYS_pivot_root, ".", ".") || umount2(".", MNT_DETACH) ||
+	    chdir("/"))
+		return fail("pivot_root: %s", strerror(errno));
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+		return fail("prctl: %s", strerror(errno));
+	return 0;
+}
+
+static struct buf report;
+
+static void set_up(int argc, char **argv)
+{
+	int plan = -1, taken = 0;
+	char *sock = NULL, *session = NULL;
+	const char *v;
+	for (int i = 2; i < argc; i++) {
+		if ((v = value(argv[i], "plan")))
+			plan = (int)number(argv[i], v);
+		else if ((v = value(argv[i], "status")))
+			h.status = (int)number(argv[i], v);
+		else if ((v = value(argv[i], "owner")))
+			h.owner = (pid_t)number(argv[i], v);
+		else if ((v = value(argv[i], "socket")))
+			sock = (char *)v;
+		else if ((v = value(argv[i], "session")))
+			session = (char *)v;
+	}
+	if (plan < 3 || h.status < 3 || h.owner <= 0 || !sock || !session) {
+		fprintf(stderr, "rankwire-holder: setup needs plan=, status=, owner=, socket=, "
+				"session=\n");
+		exit(2);
+	}
+	/* as holder.py `run_holder`: ^C is for the command; a SIGTERM waits for the teardown
+	 * (main's signalfd takes it); stdio /dev/null; nothing of the starter's kept open */
+	signal(SIGINT, SIG_IGN);
+	sigset_t term;
+	sigemptyset(&term);
+	sigaddset(&term, SIGTERM);
+	sigprocmask(SIG_BLOCK, &term, NULL);
+	prctl(PR_SET_NAME, "rankwire-holder");
+	int null = open("/dev/null", O_RDWR);
+	for (int fd = 0; fd < 3 && null >= 0; fd++)
+		dup2(null, fd);
+	if (null > 2)
+		close(null);
+	close_others(plan, h.status);
+	h.mode = "ephemeral";
+	struct stat st = { 0 };
+	char *data = NULL;
+	ssize_t got = -1;
+	if (fstat(plan, &st) == 0 && st.st_size > 0 && st.st_size <= FRAME_MAX &&
+	    (data = malloc((size_t)st.st_size)))
+		got = pread(plan, data, (size_t)st.st_size, 0);
+	close(plan);
+	if (got != (ssize_t)st.st_size || frame_parse(data, (size_t)got, recipe_record, NULL))
+		fail("cannot read the exec plan");
+	else if (set_up_container(sock, session, &taken) == 0)
+		h.serve = 1;
+	if (h.serve) {
+		char head[96];
+		snprintf(head, sizeof head, "{\"ok\": true, \"pid\": %d, \"namespaces\": [\"user\", "
+			 "\"mount\", \"pid\"], \"socket\": \"", (int)getpid());
+		buf_put(&report, head, strlen(head));
+		buf_put(&report, sock, strlen(sock));
+		buf_put(&report, "\", \"session\": \"", 15);
+		buf_put(&report, session, strlen(session));
+		buf_put(&report, "\", \"image_driver\": \"", 20);
+		buf_put(&report, r.driver, strlen(r.driver));
+		buf_put(&report, "\"}", 3); /* and its NUL */
+	} else {
+		const char *head = "{\"ok\": false, \"error\": \"";
+		buf_put(&report, head, strlen(head));
+		for (const char *c = why; *c; c++) /* a JSON string, ASCII */
+			if ((unsigned char)*c < 0x20 || (unsigned char)*c >= 0x7f || *c == '"' ||
+			    *c == '\\') {
+				char esc[8];
+				snprintf(esc, sizeof esc, "\\u%04x", (unsigned char)*c);
+				buf_put(&report, esc, 6);
+			} else {
+				buf_put(&report, c, 1);
+			}
+		const char *tail = taken ? "\", \"taken\": true, \"whole\": false}" :
+					   "\", \"taken\": false, \"whole\": false}";
+		buf_put(&report, tail, strlen(tail) + 1);
+	}
+	h.said = report.oom ? "{\"ok\": false, \"error\": \"out of memory\"}" : report.p;
+	free(data);
+}
+
 int main(int argc, char **argv)
 {
 	if (argc > 1 && !strcmp(argv[1], "init"))
 		return run_init(argc, argv);
 	if (argc > 1 && !strcmp(argv[1], "watch"))
 		return run_watch(argc, argv);
-	parse(argc, argv);
+	if (argc > 1 && !strcmp(argv[1], "setup"))
+		set_up(argc, argv);
+	else
+		parse(argc, argv);
 	prctl(PR_SET_NAME, "rankwire-holder");
 	signal(SIGPIPE, SIG_IGN);
 	ignore_commands_signals();

@@ -21,7 +21,7 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -140,6 +140,8 @@ class HolderHandle:
     report: dict[str, Any]
     is_child: bool  # ephemeral holders are our children and must be reaped by us
     session: str = ""
+    # What the holder did, for the C front end's exec plan (`start_holder(recipe=True)`)
+    recipe: Optional[list[tuple[str, str]]] = None
 
     def wait(self, timeout: float = 10.0) -> None:
         """Reap the holder (ephemeral mode: it exits when our last lease closes) and
@@ -168,6 +170,7 @@ def start_holder(
     keep_fds: Sequence[int] = (),
     setup_timeout: Optional[float] = None,
     step: Optional[str] = None,
+    recipe: bool = False,
 ) -> HolderHandle:
     """Fork a holder for `plan` and wait until it is ready (or say why it is not).
 
@@ -175,7 +178,8 @@ def start_holder(
     `image_fd`: mount the image open on this descriptor instead of `plan.image`;
     `keep_fds`: descriptors the holder keeps (under the same numbers) until its mounts are
     made, for binds whose source is /proc/self/fd/N; `step`: the step plan's file
-    (instances/STEP) that goes with the holder.
+    (instances/STEP) that goes with the holder; `recipe`: ask the holder what it did, as
+    `rankwire-holder setup` can do it again (`HolderHandle.recipe`, None if it cannot).
     """
     from rankwire.runtime.holder import run_holder
 
@@ -208,6 +212,8 @@ def start_holder(
         if min(keep_fds) < 3:
             raise ValueError(f"keep_fds {list(keep_fds)}: 0, 1, 2 are /dev/null in the holder")
         req["keep_fds"] = list(keep_fds)
+    if recipe:
+        req["recipe"] = True
     detached = mode != "ephemeral"  # outlives us: own session, reaped by init
     sys.stdout.flush()
     sys.stderr.flush()
@@ -225,6 +231,11 @@ def start_holder(
                 f"setup within {setup_timeout:g} s"
             )
         line = status.readline()
+        steps = None
+        if recipe and line.startswith(b'{"recipe": '):
+            with contextlib.suppress(ValueError, TypeError):
+                steps = [(str(k), str(v)) for k, v in json.loads(line)["recipe"]]
+            line = status.readline()
     try:
         report = json.loads(line) if line else {"ok": False, "error": "the holder died"}
     except ValueError:
@@ -247,7 +258,9 @@ def start_holder(
         }
         (base / "instances" / f"{name}.json").write_text(json.dumps(info))
     # A detached holder has its own session; init reaps it once we have exited.
-    return HolderHandle(str(sock), pid, report, is_child=not detached, session=req["session"])
+    return HolderHandle(
+        str(sock), pid, report, is_child=not detached, session=req["session"], recipe=steps
+    )
 
 
 def prune_stale(base: Path) -> None:
@@ -767,11 +780,14 @@ def stop_instance(name: str, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def open_container(container: ContainerPlan) -> Iterator[Lease]:
+def open_container(
+    container: ContainerPlan, started: Optional[Callable[[HolderHandle], None]] = None
+) -> Iterator[Lease]:
     """A lease on the container of `container`: the node's shared one (joined or started)
     or an ephemeral holder of our own. On exit the lease ends and, if the holder is ours,
     it is reaped: no holder, mount or socket is left. Every runner (exec, the launcher)
-    goes through here."""
+    goes through here. `started`: called with an ephemeral holder of ours once it serves,
+    its recipe asked for (`exec`'s plan for the C front end)."""
     if container.share:
         lease = join_or_start(container, container.share)
         try:
@@ -783,7 +799,9 @@ def open_container(container: ContainerPlan) -> Iterator[Lease]:
         from rankwire.runtime.save import check_target
 
         check_target(container.save)
-    holder = start_holder(container, mode="ephemeral", owner=os.getpid())
+    holder = start_holder(
+        container, mode="ephemeral", owner=os.getpid(), recipe=started is not None
+    )
     try:
         # Said only when FUSE was tried and failed (an asked-for --unsquash is no news).
         if holder.report.get("image_driver") == "extract" and holder.report.get(
@@ -801,6 +819,8 @@ def open_container(container: ContainerPlan) -> Iterator[Lease]:
                 "in the background may outlive it",
                 file=sys.stderr,
             )
+        if started is not None:
+            started(holder)
         with leased(holder.socket) as lease:
             yield lease
             if container.save:  # the command ended (whatever its status): pack it
@@ -811,8 +831,12 @@ def open_container(container: ContainerPlan) -> Iterator[Lease]:
         holder.wait()
 
 
-def run_container(container: ContainerPlan, proc: ProcessPlan) -> int:
+def run_container(
+    container: ContainerPlan,
+    proc: ProcessPlan,
+    started: Optional[Callable[[HolderHandle], None]] = None,
+) -> int:
     """The whole `rankwire exec`: a container, one process inside, teardown. Returns the
-    process's exit code."""
-    with open_container(container) as lease:
+    process's exit code. `started`: see `open_container`."""
+    with open_container(container, started) as lease:
         return run_in(lease, proc)
