@@ -263,6 +263,10 @@ def execute(
     from rankwire.runtime.assemble import plan_image
     from rankwire.runtime.facts import gather
 
+    shaping = {**container_kw, **process_kw, **source_kw}
+    plain = all(
+        shaping[o.dest] == o.default for o in in_scope("container", "process", "source", "trust")
+    )
     opts = exec_options({**container_kw, **process_kw})
     image_arg = image  # as given: what the front end compares with a step plan's
     image, _ = local_image(image, source_kw)
@@ -297,9 +301,13 @@ def execute(
                 )
             )
 
+    started = None
+    if not step and plain and command is not None:
+        started = _exec_plan(image_arg, facts, opts, plan, command)
+
     def run(p: ProcessPlan) -> int:
         if not step:
-            return inst.run_container(container, p)
+            return inst.run_container(container, p, started)
         with inst.open_container(container) as lease:
             joinplan.remember_step(
                 image_arg, facts.image.path, lease, facts.user, p, plan.pmi_bridge.bridge
@@ -345,6 +353,55 @@ def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[
         )
     except UserError:  # a probe's plan: then no step plan, and this task runs
         return False
+
+
+def _exec_plan(
+    image: str, facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[str, ...]
+) -> Optional[Callable[[inst.HolderHandle], None]]:
+    """What writes this exec's plan for the C front end (`joinplan.remember_exec`) once
+    its holder has said what it did, if the front end may start the container of
+    `rankwire exec IMAGE CMD…` (no option, IMAGE a file) itself: outside a Slurm task,
+    without a PMI bridge or its warning, without signature checks, with nothing bound in
+    from the host's fabric or MPI (their facts are host libraries, whose change no key
+    of the plan would show), and the same plan for any command."""
+    from rankwire.runtime import joinplan
+    from rankwire.runtime.assemble import plan_image
+    from rankwire.runtime.plan import paths_to_probe
+    from rankwire.runtime.reference import is_remote
+
+    fabric = facts.fabric_host
+    if (
+        is_remote(image)
+        or plan.pmi_bridge.bridge is not None
+        or plan.pmi_bridge.warning
+        or plan.container.share
+        or facts.host_mpi is not None
+        or fabric.libfabric is not None
+        or any(a.devices for a in fabric.adapters)
+        or os.environ.get("RANKWIRE_VERIFY")
+        or "HOME" not in os.environ  # else the home is the password database's
+        or inst.parent_is_slurmstepd(os.getppid())
+    ):
+        return None
+    try:
+        probe = plan_image(facts, opts, joinplan.PROBE).process
+    except UserError:
+        return None
+    assert plan.process is not None and probe is not None
+    if not joinplan.command_free(plan.process, probe, command):
+        return None
+    probed = {path: path in facts.existing for path in paths_to_probe(facts.user, opts)}
+    probed["/dev/fuse"] = facts.host.dev_fuse_usable
+    proc = plan.process
+
+    def write(holder: inst.HolderHandle) -> None:
+        if holder.recipe is not None:
+            runtime = str(inst.runtime_dir())
+            joinplan.remember_exec(
+                runtime, image, holder.recipe, facts.user, proc, probed, facts.host.tools
+            )
+
+    return write
 
 
 def _run_bridged(

@@ -16,6 +16,15 @@
  * with the planned environment; we forward signals, wait, send "leave" and, if we were the
  * last lease of a non-persistent holder, wait for it to end. Not under slurmstepd (a task
  * of a step needs `end_with_slurmstepd`): the Python CLI runs those.
+ *
+ * `rankwire exec IMAGE CMD [ARG...]` (no option, not a task of a step) starts its
+ * container here too, when the Python CLI left an exec plan for this image that fits the
+ * request (runtime/joinplan.py `remember_exec`: keyed as a step plan is, and on the
+ * boot, the probed host paths and tools): `rankwire-holder setup` (runtime/holdserve.c)
+ * does again what the Python holder did for it (the plan's recipe), as an ephemeral
+ * holder of ours, and we join it as above. A recipe that fails there leaves nothing
+ * (its teardown) and the Python CLI runs. A task of a step shares a step plan instead
+ * (below).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,6 +39,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -50,6 +60,8 @@
 
 #define MAGIC "rankwire-join-plan 1"
 #define STEP_MAGIC "rankwire-step-plan 1"
+#define EXEC_MAGIC "rankwire-exec-plan 1"
+#define BOOT_ID "/proc/sys/kernel/random/boot_id"
 #define STEP_LOCK_VAR "RANKWIRE_STEP_LOCK" /* rankwire/entry.py's */
 #define STEP_WAIT_S 30 /* for the step's first task to plan; then Python */
 #define BRIDGE_PMIX_TO_PMI "pmix-to-pmi" /* pmi/bridgeplan.py PMIX_TO_PMI */
@@ -102,10 +114,11 @@ static void run_python(void)
 struct plan {
     char *buf;
     const char *uid, *gid, *cwd, *sock, *sock_id, *holder, *session, *workdir, *nnp;
-    const char *image, *image_id, *bridge; /* a step plan's */
-    const char **files, **key_env, **env, **task_vars;
-    size_t nfiles, nkey_env, nenv, ntask_vars;
-    int magic, step, complete, bad;
+    const char *image, *image_id, *bridge; /* a step plan's (an exec plan's: the image) */
+    const char *boot, *holder_program;      /* an exec plan's */
+    const char **files, **key_env, **env, **task_vars, **exists, **tools;
+    size_t nfiles, nkey_env, nenv, ntask_vars, nexists, ntools;
+    int magic, step, exec, complete, bad;
 };
 
 static void add(struct plan *p, const char ***list, size_t *n, const char *value)
@@ -126,7 +139,12 @@ static void plan_record(const char *key, char *value, void *ctx)
     if (!p->magic) { /* the first record */
         p->magic = 1;
         p->step = !strcmp(key, "magic") && !strcmp(value, STEP_MAGIC);
-        p->bad |= strcmp(key, "magic") || (strcmp(value, MAGIC) && !p->step);
+        p->exec = !strcmp(key, "magic") && !strcmp(value, EXEC_MAGIC);
+        p->bad |= strcmp(key, "magic") || (strcmp(value, MAGIC) && !p->step && !p->exec);
+        return;
+    }
+    if (p->exec && !strncmp(key, "r_", 2)) { /* the recipe: rankwire-holder's */
+        p->bad |= p->complete;
         return;
     }
     p->bad |= p->complete; /* nothing after the end */
@@ -143,8 +161,12 @@ static void plan_record(const char *key, char *value, void *ctx)
     else if (!strcmp(key, "key_env")) add(p, &p->key_env, &p->nkey_env, value);
     else if (!strcmp(key, "env")) add(p, &p->env, &p->nenv, value);
     else if (!strcmp(key, "end")) p->complete = 1;
-    else if (p->step && !strcmp(key, "image")) p->image = value;
-    else if (p->step && !strcmp(key, "image_id")) p->image_id = value;
+    else if ((p->step || p->exec) && !strcmp(key, "image")) p->image = value;
+    else if ((p->step || p->exec) && !strcmp(key, "image_id")) p->image_id = value;
+    else if (p->exec && !strcmp(key, "boot")) p->boot = value;
+    else if (p->exec && !strcmp(key, "holder_program")) p->holder_program = value;
+    else if (p->exec && !strcmp(key, "exists")) add(p, &p->exists, &p->nexists, value);
+    else if (p->exec && !strcmp(key, "tool")) add(p, &p->tools, &p->ntools, value);
     else if (p->step && !strcmp(key, "task_var")) add(p, &p->task_vars, &p->ntask_vars, value);
     else if (p->step && !strcmp(key, "bridge")) p->bridge = value;
     else p->bad = 1;
@@ -155,8 +177,10 @@ static void plan_record(const char *key, char *value, void *ctx)
 static int parse_plan(char *buf, size_t len, struct plan *p)
 {
     if (frame_parse(buf, len, plan_record, p) || p->bad || !p->complete || !p->uid ||
-        !p->gid || !p->cwd || !p->sock || !p->sock_id || !p->holder || !p->session ||
-        !p->workdir || !p->nnp || (p->step && (!p->image || !p->image_id)) ||
+        !p->gid || !p->cwd || !p->workdir || !p->nnp ||
+        (p->exec ? !p->image || !p->image_id || !p->boot || !p->holder_program
+                 : !p->sock || !p->sock_id || !p->holder || !p->session) ||
+        (p->step && (!p->image || !p->image_id)) ||
         (p->bridge && strcmp(p->bridge, BRIDGE_PMIX_TO_PMI) &&
          strcmp(p->bridge, BRIDGE_PMI2_TO_PMIX)))
         return -1;
@@ -167,6 +191,10 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
         p->key_env = no_env;
     if (!p->task_vars)
         p->task_vars = no_env;
+    if (!p->exists)
+        p->exists = no_env;
+    if (!p->tools)
+        p->tools = no_env;
     return 0;
 }
 
@@ -300,6 +328,61 @@ static const char *same_file(const char *id, const struct stat *st)
     return id + used;
 }
 
+/* shutil.which(name): the first PATH entry (of our environment; else /bin:/usr/bin) where
+ * `name` is an executable file, joined as os.path.join does; 1 if that is `want` ("" for
+ * none). */
+static int which_is(const char *name, const char *want)
+{
+    const char *path = getenv("PATH");
+    char full[PATH_MAX * 2];
+    struct stat st;
+    for (const char *dir = path ? path : "/bin:/usr/bin";; dir++) {
+        const char *end = strchrnul(dir, ':');
+        size_t dlen = (size_t)(end - dir);
+        int n = dlen == 0 ? snprintf(full, sizeof full, "%s", name)
+                          : snprintf(full, sizeof full, "%.*s%s%s", (int)dlen, dir,
+                                     dir[dlen - 1] == '/' ? "" : "/", name);
+        if (n > 0 && (size_t)n < sizeof full && stat(full, &st) == 0 && !S_ISDIR(st.st_mode) &&
+            access(full, X_OK) == 0)
+            return !strcmp(full, want);
+        if (!*end)
+            return !*want;
+        dir = end;
+    }
+}
+
+/* An exec plan's host: the same boot (kernel, modules, devices), the probed paths there
+ * or not as they were (`exists=1|0:PATH`), each host tool where it was (`tool=NAME:PATH`). */
+static int host_matches(const struct plan *p)
+{
+    char boot[64] = {0};
+    int fd = open(BOOT_ID, O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd < 0 ? -1 : read(fd, boot, sizeof boot - 1);
+    if (fd >= 0)
+        close(fd);
+    if (n <= 0)
+        return 0;
+    boot[strcspn(boot, "\n")] = '\0';
+    if (strcmp(boot, p->boot))
+        return 0;
+    struct stat st;
+    for (size_t i = 0; i < p->nexists; i++) {
+        const char *e = p->exists[i];
+        if ((e[0] != '0' && e[0] != '1') || e[1] != ':' || (stat(e + 2, &st) == 0) != (e[0] == '1'))
+            return 0;
+    }
+    for (size_t i = 0; i < p->ntools; i++) {
+        const char *colon = strchr(p->tools[i], ':');
+        char name[64];
+        if (!colon || (size_t)(colon - p->tools[i]) >= sizeof name)
+            return 0;
+        snprintf(name, sizeof name, "%.*s", (int)(colon - p->tools[i]), p->tools[i]);
+        if (!which_is(name, colon + 1))
+            return 0;
+    }
+    return 1;
+}
+
 /* The request is the one the plan was made for: user, directory, environment (but a step
  * plan's task variables), planner code, instance (`sock_path`; a step plan names its
  * own) and a step plan's image, as given (`image`) and by identity. */
@@ -311,9 +394,9 @@ static int plan_matches(const struct plan *p, const char *sock_path, const char 
         return 0;
     if (!getcwd(cwd, sizeof cwd) || strcmp(cwd, p->cwd))
         return 0;
-    if (p->step ? !image || strcmp(image, p->image) || stat(image, &st) ||
-                      !same_file(p->image_id, &st) || *same_file(p->image_id, &st)
-                : !sock_path || strcmp(p->sock, sock_path))
+    if (p->step || p->exec ? !image || strcmp(image, p->image) || stat(image, &st) ||
+                                 !same_file(p->image_id, &st) || *same_file(p->image_id, &st)
+                           : !sock_path || strcmp(p->sock, sock_path))
         return 0;
     size_t n = 0, kept = 0;
     while (environ[n])
@@ -339,6 +422,8 @@ static int plan_matches(const struct plan *p, const char *sock_path, const char 
         if (!path || stat(path + 1, &st) || !same_file(p->files[i], &st))
             return 0;
     }
+    if (p->exec)
+        return host_matches(p);
     char id[64];
     if (lstat(p->sock, &st) || !S_ISSOCK(st.st_mode))
         return 0;
@@ -1257,6 +1342,98 @@ static int join_pmi2_node(struct plan *p, int *conn)
     return 2;
 }
 
+/* ---- `rankwire exec IMAGE CMD…`: the exec plan ------------------------------------ */
+
+/* Start the container of the exec plan `p` (its file open on `fd`): `rankwire-holder setup`
+ * (runtime/holdserve.c) does what the Python holder did for this request, as an
+ * ephemeral holder of ours (its owner: us), at a fresh socket and session dir in the
+ * runtime dir `dir`, as `instance.start_holder` names them; then join it. 0 with `l` the
+ * lease and `*holder` its pid; -1 if it did not start (it has torn down and exited). */
+static int start_exec(struct plan *p, int fd, const char *dir, struct lease *l, pid_t *holder)
+{
+    static char sock[PATH_MAX], session[PATH_MAX], pid_s[24], session_s[PATH_MAX + 2];
+    unsigned char rnd[6];
+    char token[13], a_plan[32], a_status[32], a_owner[32], a_sock[PATH_MAX + 8],
+        a_session[PATH_MAX + 8];
+    if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd)
+        return -1;
+    for (size_t i = 0; i < sizeof rnd; i++)
+        snprintf(token + 2 * i, 3, "%02x", rnd[i]);
+    for (const char *c = dir; *c; c++) /* the report's JSON strings hold them as they are */
+        if ((unsigned char)*c < 0x20 || (unsigned char)*c >= 0x7f || *c == '"' || *c == '\\')
+            return -1;
+    if (snprintf(sock, sizeof sock, "%s/e-%s.sock", dir, token) >=
+            (int)sizeof((struct sockaddr_un *)0)->sun_path - 16 ||
+        snprintf(session, sizeof session, "%s/s-%s", dir, token) >= (int)sizeof session)
+        return -1;
+    int status[2];
+    if (pipe2(status, O_CLOEXEC))
+        return -1;
+    snprintf(a_plan, sizeof a_plan, "plan=%d", fd);
+    snprintf(a_status, sizeof a_status, "status=%d", status[1]);
+    snprintf(a_owner, sizeof a_owner, "owner=%d", (int)getpid());
+    snprintf(a_sock, sizeof a_sock, "socket=%s", sock);
+    snprintf(a_session, sizeof a_session, "session=%s", session);
+    char *args[] = {"rankwire-holder", "setup", a_plan, a_status, a_owner, a_sock, a_session,
+                    NULL};
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (fcntl(fd, F_SETFD, 0) == 0 && fcntl(status[1], F_SETFD, 0) == 0)
+            execve(p->holder_program, args, environ);
+        _exit(127);
+    }
+    close(status[1]);
+    char said[4096];
+    size_t got = 0;
+    while (pid > 0 && got < sizeof said - 1 && !memchr(said, '\n', got)) {
+        ssize_t n = read(status[0], said + got, sizeof said - 1 - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(status[0]);
+    said[got] = '\0';
+    snprintf(pid_s, sizeof pid_s, "%d", (int)pid);
+    snprintf(session_s, sizeof session_s, "\"%s\"", session);
+    p->holder = pid_s;
+    p->session = session_s;
+    if (pid > 0 && !strncmp(said, "{\"ok\": true,", 12) && join(sock, p, l) == 0) {
+        *holder = pid;
+        return 0;
+    }
+    if (pid > 0) { /* its teardown is done once it said; its end, not long after */
+        kill(pid, SIGTERM);
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+    }
+    return -1;
+}
+
+/* `rankwire exec IMAGE CMD…` (no option) not in a task of a step: the exec plan Python
+ * left for this image (runtime/joinplan.py `remember_exec`), if it fits this request, and
+ * the container started from it. Returns only then (`p` filled, `l` the lease). */
+static void exec_plan(const char *image, struct plan *p, struct lease *l, pid_t *holder)
+{
+    char dir[PATH_MAX], name[96];
+    struct stat st;
+    size_t len;
+    if (runtime_dir(dir, sizeof dir) || stat(image, &st))
+        run_python();
+    snprintf(name, sizeof name, "exec-%llu-%llu.plan", (unsigned long long)st.st_dev,
+             (unsigned long long)st.st_ino);
+    int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = dirfd < 0 ? -1 : openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (dirfd >= 0)
+        close(dirfd);
+    if (fd < 0 || read_private_fd(fd, &p->buf, &len) || parse_plan(p->buf, len, p) || !p->exec ||
+        !plan_matches(p, NULL, image) || start_exec(p, fd, dir, l, holder))
+        run_python();
+    close(fd);
+}
+
 int main(int argc, char **argv)
 {
     saved_argv = argv;
@@ -1265,10 +1442,25 @@ int main(int argc, char **argv)
         run_python();
     signal(SIGCHLD, SIG_DFL); /* an inherited SIG_IGN would reap our children for us */
     struct plan p = {0};
+    struct lease l;
     char sock[PATH_MAX + 64];
+    pid_t started = 0;
     if (strncmp(argv[2], prefix, sizeof prefix - 1)) {
         if (strstr(argv[2], "://"))
             run_python();
+        if (parent_is("slurmstepd") == 0) {
+            exec_plan(argv[2], &p, &l, &started);
+            int code = run(&l, &p, argv + 3);
+            close_ns(&l);
+            if (code < 0) { /* nothing started: our holder goes; Python tries, and says why */
+                close(l.conn);
+                while (waitpid(started, NULL, 0) < 0 && errno == EINTR)
+                    ;
+                run_python();
+            }
+            leave(&l, started, code);
+            return code;
+        }
         step_plan(argv[2], &p);
         snprintf(sock, sizeof sock, "%s", p.sock);
         stepd = getppid();
@@ -1297,7 +1489,6 @@ int main(int argc, char **argv)
         if (parse_plan(p.buf, len, &p) || p.step || !plan_matches(&p, sock, NULL))
             run_python();
     }
-    struct lease l;
     if (join(sock, &p, &l))
         run_python();
     int pmi2 = -1, said = p.bridge && !strcmp(p.bridge, BRIDGE_PMI2_TO_PMIX) ?

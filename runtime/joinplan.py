@@ -343,6 +343,101 @@ def remember_step(
             os.ftruncate(fd, 0)
 
 
+# ---- the exec plan -------------------------------------------------------------------
+
+EXEC_MAGIC = "rankwire-exec-plan 1"
+KEPT_EXEC_PLANS = 32
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def exec_plan_name(image: str) -> str:
+    """exec-DEV-INO.plan, in the user's runtime dir: the exec plan of the image at
+    `image` (one per image file: the front end finds it by a stat)."""
+    st = os.stat(image)
+    return f"exec-{st.st_dev}-{st.st_ino}.plan"
+
+
+def remember_exec(
+    runtime: str,
+    image: str,
+    recipe: list[tuple[str, str]],
+    user: UserFacts,
+    proc: ProcessPlan,
+    probed: Mapping[str, bool],
+    tools: Mapping[str, Optional[str]],
+) -> None:
+    """Write the exec plan of `rankwire exec IMAGE CMD…` (no option; `image` as given)
+    for the C front end, which then starts this container without Python
+    (`rankwire-holder setup` replays `recipe`, what the holder did) while its key holds:
+    the user, directory, environment, every loaded rankwire module's file, the holder's
+    program, the FUSE driver's, the image's identity, the boot (a new kernel, modules,
+    devices), which of the paths the planner probed exist (`probed`) and where each host
+    tool is on PATH (`tools`). Made whole before it gets its name, as `remember`; on any
+    failure, nothing."""
+    from rankwire.runtime.holder import SERVER
+
+    if not _writable(proc):
+        return
+    try:
+        with open(BOOT_ID) as f:
+            boot = f.read().strip()
+        modules = sorted(n for n in list(sys.modules) if n.startswith("rankwire."))
+        files = [getattr(sys.modules[name], "__file__", None) for name in modules]
+        files += [SERVER, *(v for k, v in recipe if k == "r_fuse")]
+        out = [
+            ("magic", EXEC_MAGIC),
+            ("image", image),
+            ("image_id", _stat_id(image)),
+            ("uid", str(user.uid)),
+            ("gid", str(user.gid)),
+            ("cwd", user.cwd),
+            ("boot", boot),
+            ("holder_program", SERVER),
+        ]
+        out += [("file", _identity(f)) for f in files if f]
+        out += [("exists", f"{int(there)}:{path}") for path, there in sorted(probed.items())]
+        out += [("tool", f"{name}:{path or ''}") for name, path in sorted(tools.items())]
+        out += [("key_env", entry) for entry in started_environment()]
+        out += [("workdir", proc.workdir), ("no_new_privs", "1" if proc.no_new_privs else "0")]
+        out += [("env", f"{k}={v}") for k, v in proc.env.items()]
+        out += [*recipe, ("end", "1")]
+        data = frame.encode(out)
+        name = exec_plan_name(image)
+        dir_fd = os.open(runtime, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    fd = -1
+    try:
+        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+        os.link(f"/proc/self/fd/{fd}", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        pass  # another exec linked its own meanwhile: either will do
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.close(dir_fd)
+    _prune_exec_plans(runtime)
+
+
+def _prune_exec_plans(runtime: str) -> None:
+    """Keep the `KEPT_EXEC_PLANS` newest exec plans (one per image used): an image that
+    went, or was used once, leaves no file for ever."""
+    with contextlib.suppress(OSError):
+        found = []
+        for entry in os.scandir(runtime):
+            if entry.name.startswith("exec-") and entry.name.endswith(".plan"):
+                with contextlib.suppress(OSError):
+                    found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
+        for _, path in sorted(found, reverse=True)[KEPT_EXEC_PLANS:]:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
 def prune_step_plan(path: Any) -> None:
     """Remove the step plan at `path` if no task uses it (locked) and its holder's socket
     is gone (a holder killed by SIGKILL), or it holds no plan."""

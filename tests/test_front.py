@@ -7,6 +7,7 @@ runs) is a wrapper that logs each start: the log says which of the two ran."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -231,6 +232,169 @@ def test_under_the_c_locale_the_plan_is_used_too(front: Front) -> None:
     for _ in range(2):
         assert front.join("sh", "-c", "echo $LC_CTYPE", env=bare) == (0, "C.UTF-8\n", "")
     assert front.pythons() == 1
+
+
+# -- `rankwire exec IMAGE CMD`: the exec plan -------------------------------------------
+
+
+@pytest.fixture
+def image_front(runner: User, base_image: Path, shared_dir: Path) -> Iterator[Front]:
+    """A front end copy, and an image of this test's own (its own exec plan)."""
+    exe, log, installed = front_copy(runner, shared_dir)
+    image = Path(tempfile.mkdtemp(prefix="image-", dir=shared_dir)) / "app.sif"
+    image.parent.chmod(0o755)
+    shutil.copy(base_image, image)
+    image.chmod(0o644)
+    front = Front(runner, exe, installed / "rankwire-py", log, "", image)
+    yield front
+    exec_plan_of(front).unlink(missing_ok=True)
+
+
+def exec_plan_of(front: Front) -> Path:
+    """The image's exec plan in the runner's runtime dir (no XDG_RUNTIME_DIR here)."""
+    return Path(f"/tmp/rankwire-{front.runner.uid}") / joinplan.exec_plan_name(str(front.image))
+
+
+def exec_in(front: Front, *command: str, **kw: Any) -> tuple[int, str, str]:
+    return front.run("exec", str(front.image), *command, **kw)
+
+
+# What a command sees of its container: the mount points (not the session's random
+# paths), its ids, namespaces' init, directory and environment.
+SHOW = (
+    "sh",
+    "-c",
+    'cut -d" " -f5,6 /proc/self/mountinfo; id; cat /proc/self/uid_map; cat /proc/1/comm; '
+    'grep NoNewPrivs /proc/self/status; pwd; env | sort; echo "args: $0 $*"; exit 3',
+    "a b",
+    "c",
+)
+
+
+def test_a_repeated_exec_starts_its_container_without_python_and_does_the_same(
+    image_front: Front,
+) -> None:
+    front = image_front
+    first = exec_in(front, *SHOW)
+    assert first[0] == 3 and "args: a b c" in first[1] and "rankwire-init" in first[1], first
+    assert front.pythons() == 1  # planned in Python, which left the exec plan
+    plan = exec_plan_of(front)
+    assert (plan.stat().st_uid, plan.stat().st_mode & 0o777) == (front.runner.uid, 0o600)
+    again = exec_in(front, *SHOW)
+    assert front.pythons() == 1  # started in C
+    assert again == first
+    # Any command: the plan holds for all of them.
+    assert exec_in(front, "sh", "-c", "kill -TERM $$") == (143, "", "")
+    assert exec_in(front, "true") == (0, "", "")
+    by_python = front.runner.run(
+        [str(front.python), "exec", str(front.image), "nosuchcmd"], cwd="/tmp"
+    )
+    assert exec_in(front, "nosuchcmd") == (127, "", by_python.stderr)
+    assert front.pythons() == 1
+
+
+def test_another_exec_request_plans_in_python_again(image_front: Front) -> None:
+    front = image_front
+    assert exec_in(front, "true")[0] == 0
+    assert front.pythons() == 1
+    # Another environment: Python plans it (the command sees the variable), then C.
+    for _ in range(2):
+        assert exec_in(front, "sh", "-c", 'echo "$EXTRA"', env=("EXTRA=x",)) == (0, "x\n", "")
+    assert front.pythons() == 2
+    # Another working directory.
+    assert exec_in(front, "sh", "-c", "pwd", cwd="/var/tmp")[1] == "/var/tmp\n"
+    assert front.pythons() == 3
+    # An option: always Python, and it leaves no plan (the next plain exec is C's).
+    for _ in range(2):
+        assert (
+            front.run("exec", "--env", "A=1", str(front.image), "sh", "-c", "echo $A")[1] == "1\n"
+        )
+    assert front.pythons() == 5
+    assert exec_in(front, "sh", "-c", "pwd", cwd="/var/tmp") == (0, "/var/tmp\n", "")
+    assert front.pythons() == 5
+    # A plan that is not the user's private file: not used (Python plans, writes anew).
+    plan = exec_plan_of(front)
+    os.chmod(plan, 0o644)
+    assert exec_in(front, "true", cwd="/var/tmp")[0] == 0
+    assert front.pythons() == 6
+    assert (os.stat(plan).st_mode & 0o777) == 0o600
+    # Another image under the same path (its identity changes): Python.
+    os.utime(front.image)
+    assert exec_in(front, "true", cwd="/var/tmp")[0] == 0
+    assert front.pythons() == 7
+    assert exec_in(front, "true", cwd="/var/tmp")[0] == 0
+    assert front.pythons() == 7
+
+
+def test_a_container_the_plan_cannot_start_is_started_by_python_and_leaves_nothing(
+    image_front: Front,
+) -> None:
+    """The exec plan's recipe fails (its FUSE driver is gone): rankwire-holder tears down
+    what it set up, and the front end runs the Python CLI, which starts the container
+    and writes the plan anew."""
+    front = image_front
+    assert exec_in(front, "true")[0] == 0
+    plan = exec_plan_of(front)
+    data = plan.read_bytes()
+    driver = next(r for r in data.split(b"\0") if r.startswith(b"r_fuse="))
+    with open(plan, "wb") as f:  # the same file: still the user's private one
+        f.write(data.replace(driver, b"r_fuse=/nonexistent/squashfuse_ll"))
+    assert exec_in(front, "sh", "-c", "echo in") == (0, "in\n", "")
+    assert front.pythons() == 2
+    assert plan.read_bytes() == data
+    assert exec_in(front, "sh", "-c", "echo in") == (0, "in\n", "")
+    assert front.pythons() == 2
+
+
+def test_killing_the_front_end_ends_the_container_it_started(image_front: Front) -> None:
+    """SIGKILL of a front end whose container it started (no Python anywhere): its holder
+    sees its owner gone and tears down; the command goes with the PID namespace."""
+    front = image_front
+    assert exec_in(front, "true")[0] == 0
+    marker = str(1000 + os.getpid() % 1000)  # a sleep of ours to look for
+    argv = front.runner.argv([str(front.exe), "exec", str(front.image), "sleep", marker])
+    with subprocess.Popen(argv, cwd="/tmp", start_new_session=True) as proc:
+        deadline = time.monotonic() + 10
+        while not running([str(front.exe), "exec"]) or not running(["sleep", marker]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for pid in running([str(front.exe), "exec"]):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(30)
+    deadline = time.monotonic() + 10
+    while running(["sleep", marker]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(["sleep", marker])
+    assert front.pythons() == 1  # the first exec's
+
+
+def running(argv_start: list[str]) -> list[int]:
+    """Processes whose argv starts with `argv_start`."""
+    want = b"".join(a.encode() + b"\0" for a in argv_start)
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(want):
+                found.append(int(proc.name))
+    return found
+
+
+def test_a_container_the_holder_cannot_repeat_leaves_no_exec_plan(
+    image_front: Front, shared_dir: Path
+) -> None:
+    """A bind below another bind (its target is resolved when it is mounted, in what the
+    first one brought in): the holder notes it cannot repeat that, and no plan is left."""
+    front = image_front
+    inner = Path(tempfile.mkdtemp(prefix="rankwire-front-", dir="/tmp"))
+    try:
+        inner.chmod(0o755)
+        env = (f"RANKWIRE_BIND=/etc:{inner}",)
+        for _ in range(2):
+            assert exec_in(front, "sh", "-c", f"[ -f {inner}/hostname ]", env=env)[0] == 0
+    finally:
+        inner.rmdir()
+    assert front.pythons() == 2
+    assert not exec_plan_of(front).exists()
 
 
 # -- a step's tasks: the step plan ----------------------------------------------------

@@ -58,6 +58,10 @@ def _ours(proc: Path) -> bool:
         return False
 
 
+def _exec_plan(path: Path) -> bool:
+    return path.name.startswith("exec-") and path.name.endswith(".plan") and path.is_file()
+
+
 def user_leftovers(user: User) -> list[str]:
     """Processes, mounts and runtime files of `user` that a finished run must not leave."""
     found, mine = [], ancestors()
@@ -85,7 +89,9 @@ def user_leftovers(user: User) -> list[str]:
         Path(f"/run/rankwire/{user.uid}"),
     ):
         if rdir.is_dir():
-            files += [p for p in rdir.iterdir() if p.name != "instances"]
+            # exec plans (runtime/joinplan.py `remember_exec`) are kept on purpose: the
+            # front end's cache of a plan per image, a few dozen at most
+            files += [p for p in rdir.iterdir() if p.name != "instances" and not _exec_plan(p)]
             if (rdir / "instances").is_dir():
                 files += list((rdir / "instances").iterdir())
     files += _partials(user)
