@@ -282,6 +282,18 @@ def _adapter(
     )
 
 
+# Paths that appear when a fabric adapter's driver comes up (the classes and device nodes
+# `detect_adapters` and `fabric_devices` read): a plan made without one must not outlive
+# its coming (runtime/joinplan.py `remember_exec` keys on their existence).
+ADAPTER_SIGNS = (
+    "/sys/class/infiniband",
+    "/sys/class/cxi",
+    "/dev/infiniband",
+    "/dev/cxi0",
+    "/dev/hfi1_0",
+)
+
+
 def fabric_devices(root: str = "/") -> tuple[str, ...]:
     """Every fabric device node present under `root`/dev."""
     return tuple(_dev(root, "infiniband", "*") + _dev(root, "cxi[0-9]*") + _dev(root, "hfi1_*"))

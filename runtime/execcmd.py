@@ -362,11 +362,13 @@ def _exec_plan(
     its holder has said what it did, if the front end may start the container of
     `rankwire exec IMAGE CMD…` (no option, IMAGE a file) itself: outside a Slurm task,
     without a PMI bridge or its warning, without signature checks, with nothing bound in
-    from the host's fabric or MPI (their facts are host libraries, whose change no key
-    of the plan would show), and the same plan for any command."""
+    from the host's fabric or MPI and no host MPI asked for (their facts are host
+    libraries, whose change no key of the plan would show), and the same container and
+    process plan for any command."""
+    from rankwire.fabric.hostfacts import ADAPTER_SIGNS
     from rankwire.runtime import joinplan
     from rankwire.runtime.assemble import plan_image
-    from rankwire.runtime.plan import paths_to_probe
+    from rankwire.runtime.plan import host_mpi_choice, paths_to_probe
     from rankwire.runtime.reference import is_remote
 
     fabric = facts.fabric_host
@@ -375,7 +377,7 @@ def _exec_plan(
         or plan.pmi_bridge.bridge is not None
         or plan.pmi_bridge.warning
         or plan.container.share
-        or facts.host_mpi is not None
+        or host_mpi_choice(opts, facts.user.environ) != "none"  # its facts: a PATH search
         or fabric.libfabric is not None
         or any(a.devices for a in fabric.adapters)
         or os.environ.get("RANKWIRE_VERIFY")
@@ -384,14 +386,17 @@ def _exec_plan(
     ):
         return None
     try:
-        probe = plan_image(facts, opts, joinplan.PROBE).process
+        probe = plan_image(facts, opts, joinplan.PROBE)
     except UserError:
         return None
-    assert plan.process is not None and probe is not None
-    if not joinplan.command_free(plan.process, probe, command):
+    assert plan.process is not None and probe.process is not None
+    if probe.container != plan.container or not joinplan.command_free(
+        plan.process, probe.process, command
+    ):
         return None
     probed = {path: path in facts.existing for path in paths_to_probe(facts.user, opts)}
     probed["/dev/fuse"] = facts.host.dev_fuse_usable
+    probed.update((path, os.path.exists(path)) for path in ADAPTER_SIGNS)
     proc = plan.process
 
     def write(holder: inst.HolderHandle) -> None:

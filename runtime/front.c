@@ -1429,8 +1429,18 @@ static void exec_plan(const char *image, struct plan *p, struct lease *l, pid_t 
     if (dirfd >= 0)
         close(dirfd);
     if (fd < 0 || read_private_fd(fd, &p->buf, &len) || parse_plan(p->buf, len, p) || !p->exec ||
-        !plan_matches(p, NULL, image) || start_exec(p, fd, dir, l, holder))
+        !plan_matches(p, NULL, image))
         run_python();
+    if (start_exec(p, fd, dir, l, holder)) { /* not to be tried again: Python writes anew */
+        if ((dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
+            struct stat now, was;
+            if (fstatat(dirfd, name, &now, AT_SYMLINK_NOFOLLOW) == 0 && fstat(fd, &was) == 0 &&
+                now.st_dev == was.st_dev && now.st_ino == was.st_ino)
+                unlinkat(dirfd, name, 0);
+            close(dirfd);
+        }
+        run_python();
+    }
     close(fd);
 }
 
@@ -1459,6 +1469,9 @@ int main(int argc, char **argv)
                 run_python();
             }
             leave(&l, started, code);
+            /* reaped here, as Python's `HolderHandle.wait` does (leave waited for its exit) */
+            while (waitpid(started, NULL, WNOHANG) < 0 && errno == EINTR)
+                ;
             return code;
         }
         step_plan(argv[2], &p);

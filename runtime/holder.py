@@ -756,9 +756,10 @@ class Holder:
         `source` (m.source, or what stands for its descriptor), or attaches `tree`."""
         target = secure_path(root, resolved)
         inside = target[len(root) :] or "/"
-        # Below a mount made before (an image symlink led it there): resolved in what
-        # that one brought in, a host dir maybe, which may differ next time.
-        below = any(within(inside, t) and inside != t for t in self._mounted)
+        # Resolved through (or below) a mount made before, not as in the image alone (an
+        # image symlink led it there): in what that one brought in, a host dir maybe,
+        # which may differ next time.
+        below = inside != resolved or any(within(inside, t) and inside != t for t in self._mounted)
         self._mounted.append(inside)
         if (
             m.kind in ("bind", "tmpfs", "proc")

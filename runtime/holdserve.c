@@ -784,6 +784,24 @@ static int raise_ambient(void)
 	return 0;
 }
 
+/* After the setup, as holder.py's exec of this program leaves a holder that is not root in
+ * its user namespace (and init, exec'd the same way): CAP_SYS_ADMIN and CAP_DAC_OVERRIDE
+ * (its ambient ones: the teardown's unmounts, init's /proc) and no other. */
+static int keep_ambient_only(void)
+{
+	struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+	struct __user_cap_data_struct data[2] = { { 0 } };
+	if (getuid() == 0) /* root keeps every capability across exec */
+		return 0;
+	for (int k = 0; k < 2; k++) {
+		int cap = k ? CAP_DAC_OVERRIDE : CAP_SYS_ADMIN;
+		data[cap / 32].effective |= 1U << (cap % 32);
+		data[cap / 32].permitted |= 1U << (cap % 32);
+		data[cap / 32].inheritable |= 1U << (cap % 32);
+	}
+	return syscall(SYS_capset, &hdr, data) ? fail("capset: %s", strerror(errno)) : 0;
+}
+
 /* syscalls.bind_remount: nosuid (ro if asked), keeping the flags it has (some are
  * locked in a user namespace). */
 static int bind_remount(const char *target, int ro)
@@ -868,7 +886,7 @@ static int start_init(const char *staging)
 	}
 	pid_t pid = fork();
 	if (pid == 0)
-		_exit(init_body(life[0], status[1], staging));
+		_exit(keep_ambient_only() ? 1 : init_body(life[0], status[1], staging));
 	close(life[0]);
 	close(status[1]);
 	if (pid < 0) {
@@ -1034,7 +1052,8 @@ static int set_up_container(char *sock, char *session, int *taken)
 	if (spawn_fuse(session, lower))
 		return -1;
 	DIR *d = opendir(lower); /* holder.py `_readable_root` */
-	errno = 0;
+	if (d)
+		errno = 0;
 	if (!d || (!readdir(d) && errno)) {
 		if (d)
 			closedir(d);
@@ -1082,7 +1101,7 @@ static int set_up_container(char *sock, char *session, int *taken)
 		return fail("pivot_root: %s", strerror(errno));
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
 		return fail("prctl: %s", strerror(errno));
-	return 0;
+	return keep_ambient_only();
 }
 
 static struct buf report;
@@ -1145,7 +1164,8 @@ static void set_up(int argc, char **argv)
 		buf_put(&report, session, strlen(session));
 		buf_put(&report, "\", \"image_driver\": \"", 20);
 		buf_put(&report, r.driver, strlen(r.driver));
-		buf_put(&report, "\"}", 3); /* and its NUL */
+		const char *tail = "\", \"overlay_driver\": \"kernel\"}";
+		buf_put(&report, tail, strlen(tail) + 1); /* and its NUL */
 	} else {
 		const char *head = "{\"ok\": false, \"error\": \"";
 		buf_put(&report, head, strlen(head));

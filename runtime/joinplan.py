@@ -347,6 +347,7 @@ def remember_step(
 
 EXEC_MAGIC = "rankwire-exec-plan 1"
 KEPT_EXEC_PLANS = 32
+RECIPE_MAX = 64  # mounts, and mount points, that rankwire-holder takes (MAX_RECIPE)
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
@@ -370,13 +371,14 @@ def remember_exec(
     for the C front end, which then starts this container without Python
     (`rankwire-holder setup` replays `recipe`, what the holder did) while its key holds:
     the user, directory, environment, every loaded rankwire module's file, the holder's
-    program, the FUSE driver's, the image's identity, the boot (a new kernel, modules,
-    devices), which of the paths the planner probed exist (`probed`) and where each host
-    tool is on PATH (`tools`). Made whole before it gets its name, as `remember`; on any
+    program, the FUSE driver's, the image's identity, the boot (a new kernel), which of
+    the paths the planner probed exist (`probed`: a fabric adapter's coming too) and where
+    each host tool is on PATH (`tools`). Made whole before it gets its name, as `remember`; on any
     failure, nothing."""
     from rankwire.runtime.holder import SERVER
 
-    if not _writable(proc):
+    counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
+    if not _writable(proc) or counts[0] > RECIPE_MAX or counts[1] + counts[2] > RECIPE_MAX:
         return
     try:
         with open(BOOT_ID) as f:

@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,16 +260,28 @@ def exec_in(front: Front, *command: str, **kw: Any) -> tuple[int, str, str]:
     return front.run("exec", str(front.image), *command, **kw)
 
 
-# What a command sees of its container: the mount points (not the session's random
-# paths), its ids, namespaces' init, directory and environment.
+# What a command sees of its container: its mounts (where, how, what), ids, the PID
+# namespace's init, directory, environment and arguments (the base image has no sort or
+# cut: `seen` puts it in order).
 SHOW = (
     "sh",
     "-c",
-    'cut -d" " -f5,6 /proc/self/mountinfo; id; cat /proc/self/uid_map; cat /proc/1/comm; '
-    'grep NoNewPrivs /proc/self/status; pwd; env | sort; echo "args: $0 $*"; exit 3',
+    "cat /proc/self/mountinfo; id; cat /proc/self/uid_map; cat /proc/1/comm; "
+    'grep NoNewPrivs /proc/self/status; pwd; env; echo "args: $0 $*"; exit 3',
     "a b",
     "c",
 )
+
+
+def seen(out: tuple[int, str, str]) -> tuple[int, list[str], str]:
+    """`out` of SHOW without what differs between any two containers: mount ids, device
+    numbers and each container's session dir name."""
+    lines = []
+    for line in out[1].splitlines():
+        if " - " in line:  # mountinfo: from the mount point on
+            line = " ".join(line.split()[4:])
+        lines.append(re.sub(r"/s-[0-9a-f]{12}", "/s-SESSION", line))
+    return out[0], sorted(lines), out[2]
 
 
 def test_a_repeated_exec_starts_its_container_without_python_and_does_the_same(
@@ -277,12 +290,13 @@ def test_a_repeated_exec_starts_its_container_without_python_and_does_the_same(
     front = image_front
     first = exec_in(front, *SHOW)
     assert first[0] == 3 and "args: a b c" in first[1] and "rankwire-init" in first[1], first
+    assert " / " in first[1] and "overlay" in first[1] and "NoNewPrivs:\t1" in first[1]
     assert front.pythons() == 1  # planned in Python, which left the exec plan
     plan = exec_plan_of(front)
     assert (plan.stat().st_uid, plan.stat().st_mode & 0o777) == (front.runner.uid, 0o600)
     again = exec_in(front, *SHOW)
     assert front.pythons() == 1  # started in C
-    assert again == first
+    assert seen(again) == seen(first)
     # Any command: the plan holds for all of them.
     assert exec_in(front, "sh", "-c", "kill -TERM $$") == (143, "", "")
     assert exec_in(front, "true") == (0, "", "")
@@ -306,9 +320,8 @@ def test_another_exec_request_plans_in_python_again(image_front: Front) -> None:
     assert front.pythons() == 3
     # An option: always Python, and it leaves no plan (the next plain exec is C's).
     for _ in range(2):
-        assert (
-            front.run("exec", "--env", "A=1", str(front.image), "sh", "-c", "echo $A")[1] == "1\n"
-        )
+        said = front.run("exec", "--env", "A=1", str(front.image), "sh", "-c", "echo $A")
+        assert said[1] == "1\n"
     assert front.pythons() == 5
     assert exec_in(front, "sh", "-c", "pwd", cwd="/var/tmp") == (0, "/var/tmp\n", "")
     assert front.pythons() == 5
@@ -324,23 +337,68 @@ def test_another_exec_request_plans_in_python_again(image_front: Front) -> None:
     assert front.pythons() == 7
     assert exec_in(front, "true", cwd="/var/tmp")[0] == 0
     assert front.pythons() == 7
+    # A path the planner probed appears (a home made since): Python, which binds it.
+    parent = Path(tempfile.mkdtemp(prefix="rankwire-front-", dir="/var/lib"))  # no bind's
+    try:
+        parent.chmod(0o755)
+        home = parent / "h"
+        env = (f"HOME={home}",)
+        probe = ("sh", "-c", f"[ -d {home} ] && echo bound || echo none")
+        assert exec_in(front, *probe, env=env) == (0, "none\n", "")
+        assert front.pythons() == 8
+        home.mkdir()
+        os.chown(home, front.runner.uid, front.runner.gid)
+        for _ in range(2):
+            assert exec_in(front, *probe, env=env) == (0, "bound\n", "")
+        assert front.pythons() == 9
+    finally:
+        shutil.rmtree(parent)
 
 
+def fail_late(records: bytes) -> bytes:
+    """The recipe's last bind from a source that is not there."""
+    last = records.rindex(b"r_source=/")
+    end = records.index(b"\0", last)
+    return records[:last] + b"r_source=/nonexistent/source" + records[end:]
+
+
+def fail_driver(log: Path) -> Callable[[bytes], bytes]:
+    """The recipe's FUSE driver: a program that logs its start and fails."""
+    driver = log.with_suffix(".sh")
+    driver.write_text(f"#!/bin/sh\necho started >> {log}\nexit 1\n")
+    driver.chmod(0o755)
+    log.touch()
+    log.chmod(0o666)
+
+    def change(records: bytes) -> bytes:
+        start = records.index(b"r_fuse=")
+        end = records.index(b"\0", start)
+        return records[:start] + f"r_fuse={driver}".encode() + records[end:]
+
+    return change
+
+
+@pytest.mark.parametrize("where", ["driver", "last-bind"])
 def test_a_container_the_plan_cannot_start_is_started_by_python_and_leaves_nothing(
-    image_front: Front,
+    image_front: Front, shared_dir: Path, where: str
 ) -> None:
-    """The exec plan's recipe fails (its FUSE driver is gone): rankwire-holder tears down
-    what it set up, and the front end runs the Python CLI, which starts the container
-    and writes the plan anew."""
+    """The exec plan's recipe fails (its FUSE driver fails; or its last bind, with the
+    image, overlay, init and the other mounts up): rankwire-holder tears down what it made,
+    the front end drops the plan and runs the Python CLI, which starts the container and
+    writes the plan anew."""
     front = image_front
     assert exec_in(front, "true")[0] == 0
     plan = exec_plan_of(front)
     data = plan.read_bytes()
-    driver = next(r for r in data.split(b"\0") if r.startswith(b"r_fuse="))
+    log = Path(tempfile.mkdtemp(prefix="driver-", dir=shared_dir)) / "started.log"
+    log.parent.chmod(0o755)
+    change = fail_driver(log) if where == "driver" else fail_late
     with open(plan, "wb") as f:  # the same file: still the user's private one
-        f.write(data.replace(driver, b"r_fuse=/nonexistent/squashfuse_ll"))
+        f.write(change(data))
     assert exec_in(front, "sh", "-c", "echo in") == (0, "in\n", "")
     assert front.pythons() == 2
+    if where == "driver":
+        assert log.read_text() == "started\n"  # the C replay ran it
     assert plan.read_bytes() == data
     assert exec_in(front, "sh", "-c", "echo in") == (0, "in\n", "")
     assert front.pythons() == 2
@@ -348,23 +406,26 @@ def test_a_container_the_plan_cannot_start_is_started_by_python_and_leaves_nothi
 
 def test_killing_the_front_end_ends_the_container_it_started(image_front: Front) -> None:
     """SIGKILL of a front end whose container it started (no Python anywhere): its holder
-    sees its owner gone and tears down; the command goes with the PID namespace."""
+    sees its owner gone and tears down, and what the command left running goes with the
+    PID namespace (the command itself has the front end's parent-death signal)."""
     front = image_front
     assert exec_in(front, "true")[0] == 0
-    marker = str(1000 + os.getpid() % 1000)  # a sleep of ours to look for
-    argv = front.runner.argv([str(front.exe), "exec", str(front.image), "sleep", marker])
+    left, command = (str(2000 + os.getpid() % 1000 + k) for k in (0, 1000))
+    script = f"sleep {left} & exec sleep {command}"
+    argv = front.runner.argv([str(front.exe), "exec", str(front.image), "sh", "-c", script])
     with subprocess.Popen(argv, cwd="/tmp", start_new_session=True) as proc:
         deadline = time.monotonic() + 10
-        while not running([str(front.exe), "exec"]) or not running(["sleep", marker]):
+        while not (running(["sleep", left]) and running(["sleep", command])):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        for pid in running([str(front.exe), "exec"]):
-            os.kill(pid, signal.SIGKILL)
+        fronts = running([str(front.exe), "exec"])
+        assert len(fronts) == 1
+        os.kill(fronts[0], signal.SIGKILL)
         proc.wait(30)
     deadline = time.monotonic() + 10
-    while running(["sleep", marker]) and time.monotonic() < deadline:
+    while running(["sleep", left]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not running(["sleep", marker])
+    assert not running(["sleep", left]) and not running(["sleep", command])
     assert front.pythons() == 1  # the first exec's
 
 
@@ -379,11 +440,10 @@ def running(argv_start: list[str]) -> list[int]:
     return found
 
 
-def test_a_container_the_holder_cannot_repeat_leaves_no_exec_plan(
-    image_front: Front, shared_dir: Path
-) -> None:
+def test_a_container_the_holder_cannot_repeat_leaves_no_exec_plan(image_front: Front) -> None:
     """A bind below another bind (its target is resolved when it is mounted, in what the
-    first one brought in): the holder notes it cannot repeat that, and no plan is left."""
+    first one brought in): the holder notes it cannot repeat that, and no plan is left;
+    one that is not below another leaves one."""
     front = image_front
     inner = Path(tempfile.mkdtemp(prefix="rankwire-front-", dir="/tmp"))
     try:
@@ -395,6 +455,11 @@ def test_a_container_the_holder_cannot_repeat_leaves_no_exec_plan(
         inner.rmdir()
     assert front.pythons() == 2
     assert not exec_plan_of(front).exists()
+    env = ("RANKWIRE_BIND=/etc:/opt/host-etc",)
+    for _ in range(2):
+        assert exec_in(front, "sh", "-c", "[ -f /opt/host-etc/hostname ]", env=env)[0] == 0
+    assert front.pythons() == 3
+    assert exec_plan_of(front).exists()
 
 
 # -- a step's tasks: the step plan ----------------------------------------------------
