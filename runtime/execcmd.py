@@ -263,9 +263,11 @@ def execute(
     from rankwire.runtime.assemble import plan_image
     from rankwire.runtime.facts import gather
 
-    shaping = {**container_kw, **process_kw, **source_kw}
-    plain = all(
-        shaping[o.dest] == o.default for o in in_scope("container", "process", "source", "trust")
+    # Options that read what an exec plan's key does not hold (a file's content, keys):
+    # no plan with them.
+    shaping = {**process_kw, **source_kw}
+    plain = not process_kw.get("env_file") and all(
+        shaping[o.dest] == o.default for o in in_scope("source", "trust")
     )
     opts = exec_options({**container_kw, **process_kw})
     image_arg = image  # as given: what the front end compares with a step plan's
@@ -302,8 +304,9 @@ def execute(
             )
 
     started = None
-    if not step and plain and command is not None:
-        started = _exec_plan(image_arg, facts, opts, plan, command)
+    words = _option_words(image_arg, command)
+    if not step and plain and words is not None:
+        started = _exec_plan(image_arg, words, facts, opts, plan, command or ())
 
     def run(p: ProcessPlan) -> int:
         if not step:
@@ -355,12 +358,27 @@ def _step_plan(facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[
         return False
 
 
+def _option_words(image: str, command: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
+    """The words between `exec` and IMAGE on our command line (`rankwire exec OPTIONS…
+    IMAGE CMD…`, as the front end sees it), or None for any other command line."""
+    argv, n = sys.argv, len(sys.argv) - len(command or ()) - 1
+    if not command or n < 2 or argv[1] != "exec" or argv[n] != image:
+        return None
+    return tuple(argv[2:n]) if tuple(argv[n + 1 :]) == command else None
+
+
 def _exec_plan(
-    image: str, facts: Facts, opts: ExecOptions, plan: ImagePlan, command: tuple[str, ...]
+    image: str,
+    words: tuple[str, ...],
+    facts: Facts,
+    opts: ExecOptions,
+    plan: ImagePlan,
+    command: tuple[str, ...],
 ) -> Optional[Callable[[inst.HolderHandle], None]]:
     """What writes this exec's plan for the C front end (`joinplan.remember_exec`) once
     its holder has said what it did, if the front end may start the container of
-    `rankwire exec IMAGE CMD…` (no option, IMAGE a file) itself: outside a Slurm task,
+    `rankwire exec OPTIONS… IMAGE CMD…` (IMAGE a file; OPTIONS, `words`, exactly as given)
+    itself: outside a Slurm task,
     without a PMI bridge or its warning, without signature checks, with nothing bound in
     from the host's fabric or MPI and no host MPI asked for (their facts are host
     libraries, whose change no key of the plan would show), and the same container and
@@ -403,7 +421,7 @@ def _exec_plan(
         if holder.recipe is not None:
             runtime = str(inst.runtime_dir())
             joinplan.remember_exec(
-                runtime, image, holder.recipe, facts.user, proc, probed, facts.host.tools
+                runtime, image, words, holder.recipe, facts.user, proc, probed, facts.host.tools
             )
 
     return write

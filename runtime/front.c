@@ -17,10 +17,10 @@
  * last lease of a non-persistent holder, wait for it to end. Not under slurmstepd (a task
  * of a step needs `end_with_slurmstepd`): the Python CLI runs those.
  *
- * `rankwire exec IMAGE CMD [ARG...]` (no option, not a task of a step) starts its
- * container here too, when the Python CLI left an exec plan for this image that fits the
- * request (runtime/joinplan.py `remember_exec`: keyed as a step plan is, and on the
- * boot, the probed host paths and tools): `rankwire-holder setup` (runtime/holdserve.c)
+ * `rankwire exec [OPTIONS...] IMAGE CMD [ARG...]` (not a task of a step) starts its
+ * container here too, when the Python CLI left an exec plan for this image and exactly
+ * these option words that fits the request (runtime/joinplan.py `remember_exec`: keyed as
+ * a step plan is, and on the boot, the probed host paths and tools): `rankwire-holder setup` (runtime/holdserve.c)
  * does again what the Python holder did for it (the plan's recipe), as an ephemeral
  * holder of ours, and we join it as above. A recipe that fails there leaves nothing
  * (its teardown) and the Python CLI runs. A task of a step shares a step plan instead
@@ -116,8 +116,8 @@ struct plan {
     const char *uid, *gid, *cwd, *sock, *sock_id, *holder, *session, *workdir, *nnp;
     const char *image, *image_id, *bridge; /* a step plan's (an exec plan's: the image) */
     const char *boot, *holder_program;      /* an exec plan's */
-    const char **files, **key_env, **env, **task_vars, **exists, **tools;
-    size_t nfiles, nkey_env, nenv, ntask_vars, nexists, ntools;
+    const char **files, **key_env, **env, **task_vars, **exists, **tools, **options;
+    size_t nfiles, nkey_env, nenv, ntask_vars, nexists, ntools, noptions;
     int magic, step, exec, complete, bad;
 };
 
@@ -167,6 +167,7 @@ static void plan_record(const char *key, char *value, void *ctx)
     else if (p->exec && !strcmp(key, "holder_program")) p->holder_program = value;
     else if (p->exec && !strcmp(key, "exists")) add(p, &p->exists, &p->nexists, value);
     else if (p->exec && !strcmp(key, "tool")) add(p, &p->tools, &p->ntools, value);
+    else if (p->exec && !strcmp(key, "option")) add(p, &p->options, &p->noptions, value);
     else if (p->step && !strcmp(key, "task_var")) add(p, &p->task_vars, &p->ntask_vars, value);
     else if (p->step && !strcmp(key, "bridge")) p->bridge = value;
     else p->bad = 1;
@@ -195,6 +196,8 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
         p->exists = no_env;
     if (!p->tools)
         p->tools = no_env;
+    if (!p->options)
+        p->options = no_env;
     return 0;
 }
 
@@ -1412,24 +1415,62 @@ static int start_exec(struct plan *p, int fd, const char *dir, struct lease *l, 
     return -1;
 }
 
-/* `rankwire exec IMAGE CMD…` (no option) not in a task of a step: the exec plan Python
- * left for this image (runtime/joinplan.py `remember_exec`), if it fits this request, and
- * the container started from it. Returns only then (`p` filled, `l` the lease). */
-static void exec_plan(const char *image, struct plan *p, struct lease *l, pid_t *holder)
+/* 64-bit FNV-1a of `words`, each with its NUL (runtime/joinplan.py `fnv1a`). */
+static unsigned long long fnv1a(char **words, int n)
 {
-    char dir[PATH_MAX], name[96];
+    unsigned long long h = 0xcbf29ce484222325ULL;
+    for (int i = 0; i < n; i++)
+        for (const unsigned char *c = (const unsigned char *)words[i];; c++) {
+            h = (h ^ *c) * 0x100000001b3ULL;
+            if (!*c)
+                break;
+        }
+    return h;
+}
+
+/* `rankwire exec [OPTIONS…] IMAGE CMD…` not in a task of a step: the exec plan Python left
+ * for this image and exactly these option words (runtime/joinplan.py `remember_exec`), if
+ * it fits this request, and the container started from it. IMAGE is argv[2], or, after
+ * options, the first word whose plan was made for the words before it (click reads
+ * options left to right: the words before a word decide whether it is the image). Returns
+ * only then: IMAGE's index (`p` filled, `l` the lease). */
+static int exec_plan(int argc, char **argv, struct plan *p, struct lease *l, pid_t *holder)
+{
+    char dir[PATH_MAX], name[128];
     struct stat st;
     size_t len;
-    if (runtime_dir(dir, sizeof dir) || stat(image, &st))
+    int at = 2, fd = -1, dirfd = -1;
+    if (runtime_dir(dir, sizeof dir) || (dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
         run_python();
-    snprintf(name, sizeof name, "exec-%llu-%llu.plan", (unsigned long long)st.st_dev,
-             (unsigned long long)st.st_ino);
-    int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    int fd = dirfd < 0 ? -1 : openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-    if (dirfd >= 0)
-        close(dirfd);
-    if (fd < 0 || read_private_fd(fd, &p->buf, &len) || parse_plan(p->buf, len, p) || !p->exec ||
-        !plan_matches(p, NULL, image))
+    for (at = argv[2][0] == '-' ? 3 : 2; at < argc - 1; at++) {
+        if (stat(argv[at], &st) || !S_ISREG(st.st_mode)) {
+            if (at == 2)
+                run_python();
+            continue;
+        }
+        snprintf(name, sizeof name, "exec-%llu-%llu-%016llx.plan", (unsigned long long)st.st_dev,
+                 (unsigned long long)st.st_ino, fnv1a(argv + 2, at - 2));
+        fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+        if (fd < 0 && at == 2)
+            run_python();
+        if (fd < 0)
+            continue;
+        *p = (struct plan){0};
+        if (read_private_fd(fd, &p->buf, &len) || parse_plan(p->buf, len, p) || !p->exec)
+            run_python();
+        int same = p->noptions == (size_t)(at - 2);
+        for (int i = 2; same && i < at; i++)
+            same = !strcmp(argv[i], p->options[i - 2]);
+        if (same)
+            break;
+        free(p->buf); /* another request's words with the same hash: not ours */
+        close(fd);
+        fd = -1;
+        if (at == 2)
+            run_python();
+    }
+    close(dirfd);
+    if (fd < 0 || !plan_matches(p, NULL, argv[at]))
         run_python();
     if (start_exec(p, fd, dir, l, holder)) { /* not to be tried again: Python writes anew */
         if ((dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
@@ -1442,25 +1483,26 @@ static void exec_plan(const char *image, struct plan *p, struct lease *l, pid_t 
         run_python();
     }
     close(fd);
+    return at;
 }
 
 int main(int argc, char **argv)
 {
     saved_argv = argv;
     static const char prefix[] = "instance://";
-    if (argc < 4 || strcmp(argv[1], "exec") || !*argv[3] || argv[2][0] == '-')
+    if (argc < 4 || strcmp(argv[1], "exec") || !*argv[3])
         run_python();
     signal(SIGCHLD, SIG_DFL); /* an inherited SIG_IGN would reap our children for us */
     struct plan p = {0};
     struct lease l;
     char sock[PATH_MAX + 64];
     pid_t started = 0;
-    if (strncmp(argv[2], prefix, sizeof prefix - 1)) {
+    if (argv[2][0] == '-' || strncmp(argv[2], prefix, sizeof prefix - 1)) {
         if (strstr(argv[2], "://"))
             run_python();
         if (parent_is("slurmstepd") == 0) {
-            exec_plan(argv[2], &p, &l, &started);
-            int code = run(&l, &p, argv + 3);
+            int at = exec_plan(argc, argv, &p, &l, &started);
+            int code = run(&l, &p, argv + at + 1);
             close_ns(&l);
             if (code < 0) { /* nothing started: our holder goes; Python tries, and says why */
                 close(l.conn);
@@ -1474,6 +1516,8 @@ int main(int argc, char **argv)
                 ;
             return code;
         }
+        if (argv[2][0] == '-') /* options: only an exec plan takes them */
+            run_python();
         step_plan(argv[2], &p);
         snprintf(sock, sizeof sock, "%s", p.sock);
         stepd = getppid();

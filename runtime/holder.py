@@ -29,7 +29,7 @@ a socket only root can connect to. `join` still hands over two descriptors, the 
 namespace one being the holder's own (the host's): joiners `setns` the mount namespace
 only; the report's "namespaces" says which.
 
-Asked for its recipe (`req["recipe"]`: `rankwire exec IMAGE CMD` without options), an
+Asked for its recipe (`req["recipe"]`: `rankwire exec [OPTIONS] IMAGE CMD`), an
 ephemeral user-namespace holder notes each step of its setup as it makes it (`_note`: the
 maps, the session tmpfs, the FUSE driver, the mount points it made, the PID namespace's
 init, each mount with its target resolved in the image) and reports them first on the

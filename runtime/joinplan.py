@@ -24,6 +24,12 @@ for them, plan in Python (at once: they do not write). A step plan serves only i
 step's tasks on its node, and lives as long as the shared container: its holder removes
 the file when it ends (`prune_stale` when it was killed).
 
+`rankwire exec [OPTIONS…] IMAGE CMD…` leaves an exec plan (`remember_exec`):
+exec-DEV-INO-HASH.plan in the runtime dir, for that image file and exactly those option
+words, keyed as a step plan is and on the host paths and tools the planner looked at,
+holding the process plan and the holder's recipe, which the front end has
+`rankwire-holder setup` make again without Python.
+
 Format: `runtime/frame.py` records (KEY=VALUE, each ending in a NUL), first
 `magic=rankwire-join-plan 1` (`rankwire-step-plan 1`), last `end=1`. A join plan is made
 whole before it gets its name (O_TMPFILE, then linked), so a reader sees all of it or
@@ -41,7 +47,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 from rankwire.entry import STEP_LOCK_VAR
@@ -351,24 +357,35 @@ RECIPE_MAX = 64  # mounts, and mount points, that rankwire-holder takes (MAX_REC
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
-def exec_plan_name(image: str) -> str:
-    """exec-DEV-INO.plan, in the user's runtime dir: the exec plan of the image at
-    `image` (one per image file: the front end finds it by a stat)."""
+def exec_plan_name(image: str, options: Sequence[str] = ()) -> str:
+    """exec-DEV-INO-HASH.plan, in the user's runtime dir: the exec plan of the image at
+    `image` given with the command-line words `options` (one per image file and words:
+    the front end finds it by a stat and the words' FNV-1a hash, then compares them)."""
     st = os.stat(image)
-    return f"exec-{st.st_dev}-{st.st_ino}.plan"
+    return f"exec-{st.st_dev}-{st.st_ino}-{fnv1a(options):016x}.plan"
+
+
+def fnv1a(words: Sequence[str]) -> int:
+    """64-bit FNV-1a of the words, each with its NUL (front.c `fnv1a`)."""
+    h = 0xCBF29CE484222325
+    for byte in b"".join(os.fsencode(w) + b"\0" for w in words):
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
 
 
 def remember_exec(
     runtime: str,
     image: str,
+    options: Sequence[str],
     recipe: list[tuple[str, str]],
     user: UserFacts,
     proc: ProcessPlan,
     probed: Mapping[str, bool],
     tools: Mapping[str, Optional[str]],
 ) -> None:
-    """Write the exec plan of `rankwire exec IMAGE CMD…` (no option; `image` as given)
-    for the C front end, which then starts this container without Python
+    """Write the exec plan of `rankwire exec OPTIONS… IMAGE CMD…` (`image` and `options`,
+    the words before it, as given) for the C front end, which then starts this container
+    without Python
     (`rankwire-holder setup` replays `recipe`, what the holder did) while its key holds:
     the user, directory, environment, every loaded rankwire module's file, the holder's
     program, the FUSE driver's, the image's identity, the boot (a new kernel), which of
@@ -388,6 +405,7 @@ def remember_exec(
         files += [SERVER, *(v for k, v in recipe if k == "r_fuse")]
         out = [
             ("magic", EXEC_MAGIC),
+            *(("option", word) for word in options),
             ("image", image),
             ("image_id", _stat_id(image)),
             ("uid", str(user.uid)),
@@ -404,7 +422,7 @@ def remember_exec(
         out += [("env", f"{k}={v}") for k, v in proc.env.items()]
         out += [*recipe, ("end", "1")]
         data = frame.encode(out)
-        name = exec_plan_name(image)
+        name = exec_plan_name(image, options)
         dir_fd = os.open(runtime, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except (OSError, ValueError, KeyError, TypeError):
         return

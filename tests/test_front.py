@@ -307,7 +307,7 @@ def test_a_repeated_exec_starts_its_container_without_python_and_does_the_same(
     assert front.pythons() == 1
 
 
-def test_another_exec_request_plans_in_python_again(image_front: Front) -> None:
+def test_another_exec_request_plans_in_python_again(image_front: Front, shared_dir: Path) -> None:
     front = image_front
     assert exec_in(front, "true")[0] == 0
     assert front.pythons() == 1
@@ -318,25 +318,41 @@ def test_another_exec_request_plans_in_python_again(image_front: Front) -> None:
     # Another working directory.
     assert exec_in(front, "sh", "-c", "pwd", cwd="/var/tmp")[1] == "/var/tmp\n"
     assert front.pythons() == 3
-    # An option: always Python, and it leaves no plan (the next plain exec is C's).
+    # Options: Python plans them and leaves a plan for exactly those words, then C; other
+    # words are another plan; the plain exec's plan stays.
+    echo_a = (str(front.image), "sh", "-c", "echo $A")
     for _ in range(2):
-        said = front.run("exec", "--env", "A=1", str(front.image), "sh", "-c", "echo $A")
-        assert said[1] == "1\n"
-    assert front.pythons() == 5
+        assert front.run("exec", "--env", "A=1", *echo_a) == (0, "1\n", "")
+    assert front.pythons() == 4
+    assert front.run("exec", "--env", "A=2", *echo_a) == (0, "2\n", "")
+    assert front.run("exec", "--env=A=1", *echo_a) == (0, "1\n", "")
+    assert front.pythons() == 6
+    bound = ("-B", "/etc:/opt/e", "--", str(front.image), "sh", "-c", "[ -f /opt/e/hostname ]")
+    for _ in range(2):
+        assert front.run("exec", *bound) == (0, "", "")
+    assert front.pythons() == 7
     assert exec_in(front, "sh", "-c", "pwd", cwd="/var/tmp") == (0, "/var/tmp\n", "")
-    assert front.pythons() == 5
+    assert front.pythons() == 7
+    # An option whose effect no key shows (a file's content): Python each time.
+    env_file = Path(tempfile.mkdtemp(prefix="env-", dir=shared_dir)) / "vars"
+    env_file.parent.chmod(0o755)
+    env_file.write_text("A=3\n")
+    env_file.chmod(0o644)
+    for _ in range(2):
+        assert front.run("exec", "--env-file", str(env_file), *echo_a) == (0, "3\n", "")
+    assert front.pythons() == 9
     # A plan that is not the user's private file: not used (Python plans, writes anew).
     plan = exec_plan_of(front)
     os.chmod(plan, 0o644)
     assert exec_in(front, "true", cwd="/var/tmp")[0] == 0
-    assert front.pythons() == 6
+    assert front.pythons() == 10
     assert (os.stat(plan).st_mode & 0o777) == 0o600
     # Another image under the same path (its identity changes): Python.
     os.utime(front.image)
     assert exec_in(front, "true", cwd="/var/tmp")[0] == 0
-    assert front.pythons() == 7
+    assert front.pythons() == 11
     assert exec_in(front, "true", cwd="/var/tmp")[0] == 0
-    assert front.pythons() == 7
+    assert front.pythons() == 11
     # A path the planner probed appears (a home made since): Python, which binds it.
     parent = Path(tempfile.mkdtemp(prefix="rankwire-front-", dir="/var/lib"))  # no bind's
     try:
@@ -345,12 +361,12 @@ def test_another_exec_request_plans_in_python_again(image_front: Front) -> None:
         env = (f"HOME={home}",)
         probe = ("sh", "-c", f"[ -d {home} ] && echo bound || echo none")
         assert exec_in(front, *probe, env=env) == (0, "none\n", "")
-        assert front.pythons() == 8
+        assert front.pythons() == 12
         home.mkdir()
         os.chown(home, front.runner.uid, front.runner.gid)
         for _ in range(2):
             assert exec_in(front, *probe, env=env) == (0, "bound\n", "")
-        assert front.pythons() == 9
+        assert front.pythons() == 13
     finally:
         shutil.rmtree(parent)
 
