@@ -4,9 +4,12 @@ the same squashfs content (the SIF's own partition, copied out for Charliecloud)
 1. Container start, as root and as the unprivileged test user:
      /bin/true                                   (the floor)
      ch-run app.sqfs -- /bin/true                (the peer: Charliecloud, squashfuse too)
-     rankwire exec app.sif /bin/true
+     rankwire exec app.sif /bin/true              (the warm-up round leaves its exec plan:
+                                                 the measured runs start in C)
+     rankwire exec -B /etc:/opt/e --env A=1 app.sif /bin/true (the same, with options)
      rankwire exec --fabric tcp app.sif /bin/true (the host libfabric bound in, as on a
-                                                 node with a fabric adapter: `auto` there)
+                                                 node with a fabric adapter: `auto` there;
+                                                 planned in Python every time)
 2. Joining a running instance: `rankwire exec instance://x /bin/true` vs bare `/bin/true`
    (the warm-up join plans in Python and leaves its plan: the measured ones join in C),
    and the Python CLI's own join, `rankwire-py exec instance://x /bin/true`.
@@ -241,6 +244,9 @@ def container_start(
             ("/bin/true", ["/bin/true"]),
             ("ch-run app.sqfs -- /bin/true", ["ch-run", str(img["sqfs"]), "--", "/bin/true"]),
             ("rankwire exec app.sif /bin/true", [RW, "exec", str(img["sif"]), "/bin/true"]),
+            # options: the exec plan of exactly these words
+            ("rankwire exec -B /etc:/opt/e --env A=1 app.sif /bin/true",
+             [RW, "exec", "-B", "/etc:/opt/e", "--env", "A=1", str(img["sif"]), "/bin/true"]),
             # what a node with a fabric adapter runs (`--fabric auto` binds its provider)
             ("rankwire exec --fabric tcp app.sif /bin/true",
              [RW, "exec", "--fabric", "tcp", str(img["sif"]), "/bin/true"]),
@@ -353,8 +359,8 @@ def draw(res: dict[str, Any], path: Path) -> None:
     labels, values = [], []
     for who, got in res["start"].items():
         for label, ms in got.items():
-            fabric = " + fabric" if "--fabric" in label else ""
-            labels.append(f"{who}: {label.split(' ')[0]}{fabric}")
+            extra = " + fabric" if "--fabric" in label else " + options" if " -B " in label else ""
+            labels.append(f"{who}: {label.split(' ')[0]}{extra}")
             values.append(ms)
     for who, got in res["join"].items():
         labels.append(f"{who}: join instance")

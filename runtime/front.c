@@ -1443,6 +1443,16 @@ static int exec_plan(int argc, char **argv, struct plan *p, struct lease *l, pid
     if (runtime_dir(dir, sizeof dir) || (dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
         run_python();
     for (at = argv[2][0] == '-' ? 3 : 2; at < argc - 1; at++) {
+        if (at > 2) { /* past the options? click takes a word as an option's value only
+                       * right after an option word, and a dash word as IMAGE only after -- */
+            int after_option = argv[at - 1][0] == '-';
+            int after_value = at > 3 && argv[at - 2][0] == '-' && strcmp(argv[at - 2], "--") &&
+                              !after_option;
+            if (!after_option && !after_value)
+                break; /* nothing of the command is looked at */
+            if (argv[at][0] == '-' && strcmp(argv[at - 1], "--"))
+                continue;
+        }
         if (stat(argv[at], &st) || !S_ISREG(st.st_mode)) {
             if (at == 2)
                 run_python();
@@ -1470,8 +1480,8 @@ static int exec_plan(int argc, char **argv, struct plan *p, struct lease *l, pid
             run_python();
     }
     close(dirfd);
-    if (fd < 0 || !plan_matches(p, NULL, argv[at]))
-        run_python();
+    if (fd < 0 || !*argv[at + 1] || !plan_matches(p, NULL, argv[at]))
+        run_python(); /* an empty command: Python says it */
     if (start_exec(p, fd, dir, l, holder)) { /* not to be tried again: Python writes anew */
         if ((dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
             struct stat now, was;
@@ -1482,6 +1492,7 @@ static int exec_plan(int argc, char **argv, struct plan *p, struct lease *l, pid
         }
         run_python();
     }
+    (void)futimens(fd, NULL); /* used: kept before the plans used least lately */
     close(fd);
     return at;
 }
@@ -1490,7 +1501,7 @@ int main(int argc, char **argv)
 {
     saved_argv = argv;
     static const char prefix[] = "instance://";
-    if (argc < 4 || strcmp(argv[1], "exec") || !*argv[3])
+    if (argc < 4 || strcmp(argv[1], "exec") || (argv[2][0] != '-' && !*argv[3]))
         run_python();
     signal(SIGCHLD, SIG_DFL); /* an inherited SIG_IGN would reap our children for us */
     struct plan p = {0};
@@ -1498,7 +1509,7 @@ int main(int argc, char **argv)
     char sock[PATH_MAX + 64];
     pid_t started = 0;
     if (argv[2][0] == '-' || strncmp(argv[2], prefix, sizeof prefix - 1)) {
-        if (strstr(argv[2], "://"))
+        if (argv[2][0] != '-' && strstr(argv[2], "://"))
             run_python();
         if (parent_is("slurmstepd") == 0) {
             int at = exec_plan(argc, argv, &p, &l, &started);

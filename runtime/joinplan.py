@@ -445,8 +445,8 @@ def remember_exec(
 
 
 def _prune_exec_plans(runtime: str) -> None:
-    """Keep the `KEPT_EXEC_PLANS` newest exec plans (one per image used): an image that
-    went, or was used once, leaves no file for ever."""
+    """Keep the `KEPT_EXEC_PLANS` exec plans used last (written, or used by the front end,
+    which touches them): an image, or option words, used once leave no file for ever."""
     with contextlib.suppress(OSError):
         found = []
         for entry in os.scandir(runtime):

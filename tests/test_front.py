@@ -331,8 +331,28 @@ def test_another_exec_request_plans_in_python_again(image_front: Front, shared_d
     for _ in range(2):
         assert front.run("exec", *bound) == (0, "", "")
     assert front.pythons() == 7
-    assert exec_in(front, "sh", "-c", "pwd", cwd="/var/tmp") == (0, "/var/tmp\n", "")
+    assert front.run("exec", "--env", "A=1", *echo_a) == (0, "1\n", "")  # still C's
     assert front.pythons() == 7
+    # A plan under another request's name (as if their words' hashes met): its words are
+    # compared, and it is not used.
+    runtime = exec_plan_of(front).parent
+    ours = runtime / joinplan.exec_plan_name(str(front.image), ("--env", "A=1"))
+    other = runtime / joinplan.exec_plan_name(str(front.image), ("--env", "A=4"))
+    shutil.copy2(ours, other)
+    assert front.run("exec", "--env", "A=4", *echo_a) == (0, "4\n", "")
+    assert front.pythons() == 8
+    # An empty command after options: Python says it.
+    by_python = front.runner.run(
+        [str(front.python), "exec", "--env", "A=1", str(front.image), ""], cwd="/tmp"
+    )
+    assert front.run("exec", "--env", "A=1", str(front.image), "") == (
+        by_python.returncode,
+        "",
+        by_python.stderr,
+    )
+    assert by_python.returncode == 125 and front.pythons() == 9
+    assert exec_in(front, "sh", "-c", "pwd", cwd="/var/tmp") == (0, "/var/tmp\n", "")
+    assert front.pythons() == 9
     # An option whose effect no key shows (a file's content): Python each time.
     env_file = Path(tempfile.mkdtemp(prefix="env-", dir=shared_dir)) / "vars"
     env_file.parent.chmod(0o755)
@@ -340,19 +360,19 @@ def test_another_exec_request_plans_in_python_again(image_front: Front, shared_d
     env_file.chmod(0o644)
     for _ in range(2):
         assert front.run("exec", "--env-file", str(env_file), *echo_a) == (0, "3\n", "")
-    assert front.pythons() == 9
+    assert front.pythons() == 11
     # A plan that is not the user's private file: not used (Python plans, writes anew).
     plan = exec_plan_of(front)
     os.chmod(plan, 0o644)
     assert exec_in(front, "true", cwd="/var/tmp")[0] == 0
-    assert front.pythons() == 10
+    assert front.pythons() == 12
     assert (os.stat(plan).st_mode & 0o777) == 0o600
     # Another image under the same path (its identity changes): Python.
     os.utime(front.image)
     assert exec_in(front, "true", cwd="/var/tmp")[0] == 0
-    assert front.pythons() == 11
+    assert front.pythons() == 13
     assert exec_in(front, "true", cwd="/var/tmp")[0] == 0
-    assert front.pythons() == 11
+    assert front.pythons() == 13
     # A path the planner probed appears (a home made since): Python, which binds it.
     parent = Path(tempfile.mkdtemp(prefix="rankwire-front-", dir="/var/lib"))  # no bind's
     try:
@@ -361,12 +381,12 @@ def test_another_exec_request_plans_in_python_again(image_front: Front, shared_d
         env = (f"HOME={home}",)
         probe = ("sh", "-c", f"[ -d {home} ] && echo bound || echo none")
         assert exec_in(front, *probe, env=env) == (0, "none\n", "")
-        assert front.pythons() == 12
+        assert front.pythons() == 14
         home.mkdir()
         os.chown(home, front.runner.uid, front.runner.gid)
         for _ in range(2):
             assert exec_in(front, *probe, env=env) == (0, "bound\n", "")
-        assert front.pythons() == 13
+        assert front.pythons() == 15
     finally:
         shutil.rmtree(parent)
 
