@@ -378,11 +378,10 @@ def _exec_plan(
     """What writes this exec's plan for the C front end (`joinplan.remember_exec`) once
     its holder has said what it did, if the front end may start the container of
     `rankwire exec OPTIONS… IMAGE CMD…` (IMAGE a file; OPTIONS, `words`, exactly as given)
-    itself: outside a Slurm task,
-    without a PMI bridge or its warning, without signature checks, with nothing bound in
-    from the host's fabric or MPI and no host MPI asked for (their facts are host
-    libraries, whose change no key of the plan would show), and the same container and
-    process plan for any command."""
+    itself: outside a Slurm task, without a PMI bridge or its warning, without signature
+    checks, with nothing bound in from the host's fabric or MPI and no host MPI asked for
+    (their facts are host libraries, whose change no key of the plan would show), and the
+    same container and process plan for any command."""
     from rankwire.fabric.hostfacts import ADAPTER_SIGNS
     from rankwire.runtime import joinplan
     from rankwire.runtime.assemble import plan_image

@@ -385,13 +385,12 @@ def remember_exec(
 ) -> None:
     """Write the exec plan of `rankwire exec OPTIONS… IMAGE CMD…` (`image` and `options`,
     the words before it, as given) for the C front end, which then starts this container
-    without Python
-    (`rankwire-holder setup` replays `recipe`, what the holder did) while its key holds:
-    the user, directory, environment, every loaded rankwire module's file, the holder's
-    program, the FUSE driver's, the image's identity, the boot (a new kernel), which of
-    the paths the planner probed exist (`probed`: a fabric adapter's coming too) and where
-    each host tool is on PATH (`tools`). Made whole before it gets its name, as `remember`; on any
-    failure, nothing."""
+    without Python (`rankwire-holder setup` makes again what the holder did, `recipe`)
+    while its key holds: the option words, the user, directory, environment, every loaded
+    rankwire module's file, the holder's program, the FUSE driver's, the image's identity,
+    the boot (a new kernel), which of the paths the planner probed exist (`probed`: a
+    fabric adapter's coming too) and where each host tool is on PATH (`tools`). Made
+    whole before it gets its name, as `remember`; on any failure, nothing."""
     from rankwire.runtime.holder import SERVER
 
     counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
