@@ -185,19 +185,12 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
         (p->bridge && strcmp(p->bridge, BRIDGE_PMIX_TO_PMI) &&
          strcmp(p->bridge, BRIDGE_PMI2_TO_PMIX)))
         return -1;
-    static const char *no_env[] = {NULL};
-    if (!p->env)
-        p->env = no_env;
-    if (!p->key_env)
-        p->key_env = no_env;
-    if (!p->task_vars)
-        p->task_vars = no_env;
-    if (!p->exists)
-        p->exists = no_env;
-    if (!p->tools)
-        p->tools = no_env;
-    if (!p->options)
-        p->options = no_env;
+    static const char *none[] = {NULL};
+    const char ***lists[] = {&p->env, &p->key_env, &p->task_vars, &p->exists, &p->tools,
+                             &p->options};
+    for (size_t i = 0; i < sizeof lists / sizeof *lists; i++)
+        if (!*lists[i])
+            *lists[i] = none; /* a list the plan has no record of: empty */
     return 0;
 }
 

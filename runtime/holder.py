@@ -31,14 +31,15 @@ only; the report's "namespaces" says which.
 
 Asked for its recipe (`req["recipe"]`: `rankwire exec [OPTIONS] IMAGE CMD`), an
 ephemeral user-namespace holder notes each step of its setup as it makes it (`_note`: the
-maps, the session tmpfs, the FUSE driver, the mount points it made, the PID namespace's
-init, each mount with its target resolved in the image) and reports them first on the
-status pipe; `runtime/joinplan.py` keeps them in the image's exec plan, and the C front
-end has `rankwire-holder setup` (holdserve.c `set_up_container`) make the same steps,
-without Python, for the next same request. A step it could not make the same way (another
-image or overlay driver, a descriptor's tree, a mount point made below another mount,
-changes kept) leaves no recipe (`_unrepeatable`). A new step of the setup is noted here and
-made there too, or marks the recipe unrepeatable.
+maps, the session tmpfs, the FUSE driver, the mount points it made, each mount with its
+target resolved in the image; a PID namespace and its init always: without, no recipe)
+and reports them first on the status pipe; `runtime/joinplan.py` keeps them in the
+image's exec plan, and the C front end has `rankwire-holder setup` (holdserve.c
+`set_up_container`) make the same steps, without Python, for the next same request. A
+step it could not make the same way (another image or overlay driver, a descriptor's
+tree, a mount point made below another mount, changes kept) leaves no recipe
+(`_unrepeatable`). A new step of the setup is noted here and made there too, or marks the
+recipe unrepeatable.
 """
 
 from __future__ import annotations
@@ -456,7 +457,6 @@ class Holder:
             said = status.readline().decode(errors="replace").strip() if ready else ""
         if said == "ok":
             self.proc_staging = staging
-            self._note("pid", "1")
             return
         self._unrepeatable()
         life, self.init_life = self.init_life, -1

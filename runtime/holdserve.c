@@ -638,7 +638,7 @@ static int run_watch(int argc, char **argv)
  * fits the request (runtime/joinplan.py `remember_exec`). The plan's `r_*` records are
  * what runtime/holder.py did when it set up the same container (`Holder.recipe`): its
  * uid and gid maps, the session tmpfs, the FUSE driver and its options, the mount points
- * it made in the upper dir, whether its PID namespace came up, and each mount with its
+ * it made in the upper dir, and each mount with its
  * target already resolved inside the image (whose identity the plan's key holds). This
  * does those steps in that order, as holder.py does them, decides nothing, and on any
  * failure tears down and reports it (the front end then runs the Python CLI, which plans
@@ -663,7 +663,7 @@ static struct {
 	const char *points[MAX_RECIPE];
 	int point_dir[MAX_RECIPE], n_points;
 	struct rmount m[MAX_RECIPE];
-	int n_m, pid, writable, bad;
+	int n_m, writable, bad;
 } r;
 
 static void recipe_record(const char *key, char *val, void *ctx)
@@ -680,7 +680,6 @@ static void recipe_record(const char *key, char *val, void *ctx)
 	else if (!strcmp(key, "fuse")) r.fuse = val;
 	else if (!strcmp(key, "fuse_opts")) r.fuse_opts = val;
 	else if (!strcmp(key, "image")) r.image = val;
-	else if (!strcmp(key, "pid")) r.pid = !strcmp(val, "1");
 	else if (!strcmp(key, "writable")) r.writable = !strcmp(val, "1");
 	else if (!strcmp(key, "mkdir") || !strcmp(key, "touch")) {
 		if (r.n_points == MAX_RECIPE) {
@@ -1021,10 +1020,10 @@ static int set_up_container(char *sock, char *session, int *taken)
 {
 	char lower[PATH_MAX], upper[PATH_MAX], work[PATH_MAX], root[PATH_MAX], path[PATH_MAX];
 	char opts[3 * PATH_MAX + 40];
-	/* a PID namespace always: it is what ends the container's processes with us (no
-	 * watcher here) */
+	/* a PID namespace always (holder.py notes no recipe without one): it is what ends the
+	 * container's processes with us (no watcher here) */
 	if (r.bad || !r.uid_map || !r.gid_map || !r.tmpfs || !r.driver || !r.fuse ||
-	    !r.fuse_opts || !r.image || !r.pid || strchr(r.driver, '/') || !ascii_path(sock) ||
+	    !r.fuse_opts || !r.image || strchr(r.driver, '/') || !ascii_path(sock) ||
 	    !ascii_path(session) || !ascii_path(r.driver))
 		return fail("the exec plan holds no recipe");
 	if (make_session(session) || bind_socket(sock, taken))
