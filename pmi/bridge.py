@@ -709,7 +709,8 @@ def _hand_over(fd: int, environ: Mapping[str, str], base: str) -> None:
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sent = socket.send_fds(sock, [data], [fd, 2], socket.MSG_NOSIGNAL)
-            sock.sendall(data[sent:])
+            if sent < len(data):  # sendall(b"") still sends: EPIPE once the server took
+                sock.sendall(data[sent:])  # it all and closed (a server that is quick)
         except OSError as err:
             why = "it took no data in time" if isinstance(err, TimeoutError) else err.strerror
             raise UserError(

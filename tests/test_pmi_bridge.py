@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import test_multinode
@@ -256,6 +257,46 @@ def test_tasks_queued_when_the_node_server_ends_hear_why(tmp_path: Path) -> None
         assert said.read().decode().splitlines() == [
             "rankwire: this task has no PMI bridge: the node's PMI bridge server ended"
         ]
+
+
+def test_a_hand_over_the_server_took_and_closed_at_once_is_no_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's bridge server reads a task's whole hand-over, forks its bridge and closes
+    the connection, all before the task's next call: the hand-over is done. (It used to
+    send the empty rest with sendall, which still calls send: EPIPE, and the task ended
+    the step, its bridge forked: the CI's 'Broken pipe' now and then under load.)"""
+    from rankwire.pmi import bridge
+
+    path = tmp_path / "pmibridge.7.0.0"
+    took: list[bytes] = []
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        send_fds = socket.send_fds
+
+        def sent_and_taken(sock: socket.socket, *args: Any) -> int:
+            sent = send_fds(sock, *args)
+            conn, _ = listener.accept()  # the server, quicker than the task
+            with conn:
+                data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
+                while not data.endswith(b"\0end=1\0"):
+                    data += conn.recv(1 << 16)
+                for got in fds:
+                    os.close(got)
+            took.append(data)
+            return sent
+
+        monkeypatch.setattr(socket, "send_fds", sent_and_taken)
+        step = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NODEID": "0"}
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            bridge._hand_over(theirs.fileno(), step, str(tmp_path))
+    from rankwire.runtime import frame
+
+    [records] = [frame.decode(data) for data in took]
+    assert records[:3] == [("env", f"{k}={v}") for k, v in step.items()]
+    assert records[-1] == ("end", "1")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
