@@ -418,16 +418,34 @@ def spawn(environ: Mapping[str, str], pmi: str = "pmi2", timeout: float = START_
 NODE_WAIT = 60.0  # the node's other tasks reach the node's bridge server within this
 
 
+# Where a task finds its slurmstepd's PID: Slurm's PMIx server is slurmstepd, whose
+# namespace libpmix names `pmix-server.PID`, in the first of these a task has.
+SERVER_URI_VARS = ("PMIX_SERVER_URI41", "PMIX_SERVER_URI4", "PMIX_SERVER_URI3",
+                   "PMIX_SERVER_URI21", "PMIX_SERVER_URI2")  # fmt: skip
+
+
+def stepd_of(environ: Mapping[str, str]) -> Optional[str]:
+    """The PID of the task's slurmstepd (its PMIx server's, `pmix-server.PID;URI`), or
+    None when the task has no such variable."""
+    uri = next((environ[k] for k in SERVER_URI_VARS if k in environ), "")
+    head, sep, _ = uri.partition(";")
+    pid = head[len("pmix-server.") :] if head.startswith("pmix-server.") and sep else ""
+    return pid if pid.isascii() and pid.isdigit() else None
+
+
 def node_socket(environ: Mapping[str, str], base: str) -> Optional[str]:
     """Where the node's other tasks find its bridge server: in the user's private runtime
-    dir `base`, after the step and the node (the SPANK shim's `pmi_node_socket` names it
-    the same way); None outside a Slurm task."""
+    dir `base`, after the step, the node and the step's slurmstepd (`stepd_of`: job ids
+    are one cluster's, so two clusters on one host, or one whose controller lost its
+    state, can run steps of one name at once); the SPANK shim's `pmi_node_socket` and the
+    front end's `join_node_bridge` name it the same way. None outside a Slurm task."""
     job, step, node = (
         environ.get(k, "") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_NODEID")
     )
     if not (job.isdigit() and step.isdigit() and node.isdigit()):
         return None
-    return os.path.join(base, f"pmibridge.{job}.{step}.{node}")
+    stepd = stepd_of(environ)
+    return os.path.join(base, f"pmibridge.{job}.{step}.{node}" + (f".{stepd}" if stepd else ""))
 
 
 def node_tasks(environ: Mapping[str, str]) -> int:
@@ -582,7 +600,7 @@ def start_node_server(
     or with slurmstepd (`stepd_pid`) or at SIGTERM if they do not come. Returns (its pid,
     its socket); OSError if it cannot listen or fork (the shim's first task then starts
     one as today)."""
-    path = os.path.join(base, f"pmibridge.{job_id}.{step_id}.{node_id}")  # as node_socket
+    path = os.path.join(base, f"pmibridge.{job_id}.{step_id}.{node_id}.{stepd_pid}")
 
     def serve(listener: socket.socket, life: int) -> int:  # pragma: no cover - under srun
         from rankwire.pmi.bridgeserve import serve_started

@@ -1135,6 +1135,27 @@ static int connect_node(const struct sockaddr_un *sa, long long deadline)
  * the server does not listen (Python then waits for it and says why) or anything fails
  * before; 2, said as Python says it, when the hand-over was cut short (the server has
  * our socket end: handing over again would take another task's place). */
+/* pmi/bridge.py `stepd_of`: the task's slurmstepd PID from its PMIx server's URI
+ * (`pmix-server.PID;…`, in the first of these variables the task has) as a name suffix
+ * `.PID` in `out`; "" when there is none. */
+static void stepd_suffix(char *out, size_t size)
+{
+    static const char *const vars[] = {"PMIX_SERVER_URI41", "PMIX_SERVER_URI4",
+                                       "PMIX_SERVER_URI3", "PMIX_SERVER_URI21",
+                                       "PMIX_SERVER_URI2"};
+    static const char prefix[] = "pmix-server.";
+    const char *uri = NULL;
+    for (size_t i = 0; i < sizeof vars / sizeof *vars && !uri; i++)
+        uri = getenv(vars[i]);
+    out[0] = '\0';
+    if (!uri || strncmp(uri, prefix, sizeof prefix - 1))
+        return;
+    const char *pid = uri + sizeof prefix - 1;
+    size_t n = strspn(pid, "0123456789");
+    if (n && pid[n] == ';' && n + 2 <= size)
+        snprintf(out, size, ".%.*s", (int)n, pid);
+}
+
 static int join_node_bridge(struct plan *p)
 {
     const char *job = getenv("SLURM_JOB_ID"), *step = getenv("SLURM_STEP_ID"),
@@ -1144,8 +1165,10 @@ static int join_node_bridge(struct plan *p)
     if (!digits(job) || !digits(step) || !digits(node) || !digits(rank) ||
         runtime_dir(dir, sizeof dir))
         return -1;
-    int n = snprintf(sa.sun_path, sizeof sa.sun_path, "%s/pmibridge.%s.%s.%s", dir, job, step,
-                     node);
+    char stepd[24];
+    stepd_suffix(stepd, sizeof stepd);
+    int n = snprintf(sa.sun_path, sizeof sa.sun_path, "%s/pmibridge.%s.%s.%s%s", dir, job, step,
+                     node, stepd);
     if (n <= 0 || (size_t)n >= sizeof sa.sun_path)
         return -1;
     struct buf b = {0};

@@ -237,6 +237,33 @@ def test_process_mapping_from_local_peers() -> None:
     assert JobInfo.from_json(info([0, 0, 1, 1]).to_json()) == info([0, 0, 1, 1])
 
 
+@pytest.mark.parametrize(
+    ("uris", "name"),
+    [
+        ({"PMIX_SERVER_URI41": "pmix-server.4242;tcp4://127.0.0.1:1",
+          "PMIX_SERVER_URI2": "pmix-server.1;tcp4://127.0.0.1:1"}, "pmibridge.7.0.3.4242"),
+        ({"PMIX_SERVER_URI2": "pmix-server.77;tcp4://127.0.0.1:1"}, "pmibridge.7.0.3.77"),
+        ({"PMIX_SERVER_URI41": "pmix-server.x1;tcp4://127.0.0.1:1"}, "pmibridge.7.0.3"),
+        ({"PMIX_SERVER_URI41": "pmix-server.12"}, "pmibridge.7.0.3"),
+        ({"PMIX_SERVER_URI41": "slurm.pmix.7.0;tcp4://127.0.0.1:1"}, "pmibridge.7.0.3"),
+        ({}, "pmibridge.7.0.3"),
+    ],
+    ids=["first-of-the-uris", "an-older-uri", "not-a-pid", "no-address", "other-nspace", "none"],
+)  # fmt: skip
+def test_the_node_socket_is_named_after_the_step_node_and_slurmstepd(
+    uris: dict[str, str], name: str
+) -> None:
+    """Job ids are one cluster's: two clusters on one host (or one whose controller lost
+    its state) can run steps of one job, step and node id at once, whose tasks would hand
+    over to each other's server. The step's slurmstepd, the PMIx server whose namespace
+    libpmix names `pmix-server.PID`, tells them apart; without it, the name is the step's
+    and the node's alone (the front end and the shim name it the same way)."""
+    from rankwire.pmi.bridge import node_socket
+
+    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NODEID": "3"}
+    assert node_socket({**step, **uris}, "/run/x") == f"/run/x/{name}"
+
+
 def test_tasks_queued_when_the_node_server_ends_hear_why(tmp_path: Path) -> None:
     """A task whose hand-over is queued when the node's bridge server ends (its wait is
     over, SIGTERM) gets the reason on the stderr it handed over, not a silent EOF."""
@@ -322,7 +349,7 @@ def test_a_node_server_ended_by_a_signal_removes_its_socket(
             stderr=subprocess.PIPE,
         )  # fmt: skip
         theirs.close()
-        path = tmp_path / "pmibridge.7.0.0"
+        path = tmp_path / "pmibridge.7.0.0.1"  # PMIX_ENV's slurmstepd: pid 1
         deadline = time.monotonic() + 30
         try:
             while not path.exists():
