@@ -1125,16 +1125,6 @@ static int connect_node(const struct sockaddr_un *sa, long long deadline)
     return fd;
 }
 
-/* A step plan's PMIx-to-PMI bridge (pmi/bridge.py `task_pmi_env`, as a task that is not
- * the node's first): a socketpair whose one end this task's command gets as PMI_FD, the
- * other handed, with our stderr, our environment (`env=K=V` records) and CPUs (`cpus=`),
- * to the node's bridge server, which forks our bridge (pmi/bridgeserve.py; the SPANK
- * shim's join_pmi_bridge, the same way). Nothing comes back: the command's PMI client
- * waits on PMI_FD. 0 with PMI_RANK (our PMIX_RANK) and PMI_FD added to `p->env` (its end
- * in `bridge_fd`, close-on-exec until the command's exec); -1, nothing handed over, when
- * the server does not listen (Python then waits for it and says why) or anything fails
- * before; 2, said as Python says it, when the hand-over was cut short (the server has
- * our socket end: handing over again would take another task's place). */
 /* pmi/bridge.py `stepd_of`: the task's slurmstepd PID from its PMIx server's URI
  * (`pmix-server.PID;…`, in the first of these variables the task has) as a name suffix
  * `.PID` in `out`; "" when there is none. */
@@ -1156,6 +1146,16 @@ static void stepd_suffix(char *out, size_t size)
         snprintf(out, size, ".%.*s", (int)n, pid);
 }
 
+/* A step plan's PMIx-to-PMI bridge (pmi/bridge.py `task_pmi_env`, as a task that is not
+ * the node's first): a socketpair whose one end this task's command gets as PMI_FD, the
+ * other handed, with our stderr, our environment (`env=K=V` records) and CPUs (`cpus=`),
+ * to the node's bridge server, which forks our bridge (pmi/bridgeserve.py; the SPANK
+ * shim's join_pmi_bridge, the same way). Nothing comes back: the command's PMI client
+ * waits on PMI_FD. 0 with PMI_RANK (our PMIX_RANK) and PMI_FD added to `p->env` (its end
+ * in `bridge_fd`, close-on-exec until the command's exec); -1, nothing handed over, when
+ * the server does not listen (Python then waits for it and says why) or anything fails
+ * before; 2, said as Python says it, when the hand-over was cut short (the server has
+ * our socket end: handing over again would take another task's place). */
 static int join_node_bridge(struct plan *p)
 {
     const char *job = getenv("SLURM_JOB_ID"), *step = getenv("SLURM_STEP_ID"),
