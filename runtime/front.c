@@ -1125,27 +1125,6 @@ static int connect_node(const struct sockaddr_un *sa, long long deadline)
     return fd;
 }
 
-/* pmi/bridge.py `stepd_of`: the task's slurmstepd PID from its PMIx server's URI
- * (`pmix-server.PID;…`, in the first of these variables the task has) as a name suffix
- * `.PID` in `out`; "" when there is none. */
-static void stepd_suffix(char *out, size_t size)
-{
-    static const char *const vars[] = {"PMIX_SERVER_URI41", "PMIX_SERVER_URI4",
-                                       "PMIX_SERVER_URI3", "PMIX_SERVER_URI21",
-                                       "PMIX_SERVER_URI2"};
-    static const char prefix[] = "pmix-server.";
-    const char *uri = NULL;
-    for (size_t i = 0; i < sizeof vars / sizeof *vars && !uri; i++)
-        uri = getenv(vars[i]);
-    out[0] = '\0';
-    if (!uri || strncmp(uri, prefix, sizeof prefix - 1))
-        return;
-    const char *pid = uri + sizeof prefix - 1;
-    size_t n = strspn(pid, "0123456789");
-    if (n && pid[n] == ';' && n + 2 <= size)
-        snprintf(out, size, ".%.*s", (int)n, pid);
-}
-
 /* A step plan's PMIx-to-PMI bridge (pmi/bridge.py `task_pmi_env`, as a task that is not
  * the node's first): a socketpair whose one end this task's command gets as PMI_FD, the
  * other handed, with our stderr, our environment (`env=K=V` records) and CPUs (`cpus=`),
@@ -1166,7 +1145,7 @@ static int join_node_bridge(struct plan *p)
         runtime_dir(dir, sizeof dir))
         return -1;
     char stepd[24];
-    stepd_suffix(stepd, sizeof stepd);
+    stepd_suffix(environ, stepd, sizeof stepd);
     int n = snprintf(sa.sun_path, sizeof sa.sun_path, "%s/pmibridge.%s.%s.%s%s", dir, job, step,
                      node, stepd);
     if (n <= 0 || (size_t)n >= sizeof sa.sun_path)

@@ -40,6 +40,31 @@ void frame_hand_over(struct buf *b, char **env)
 	frame_add(b, "end", "1");
 }
 
+/* The PID in `pmix-server.PID;...`, the PMIx server URI of the first of these variables
+ * `env` has (libpmix's name for Slurm's PMIx server, slurmstepd), as `.PID`; "" when there
+ * is none. The shim's pmi_node_socket and the front end's join_node_bridge. */
+void stepd_suffix(char **env, char *out, size_t size)
+{
+	static const char *const vars[] = {"PMIX_SERVER_URI41=", "PMIX_SERVER_URI4=",
+					   "PMIX_SERVER_URI3=", "PMIX_SERVER_URI21=",
+					   "PMIX_SERVER_URI2="};
+	static const char prefix[] = "pmix-server.";
+	const char *uri = NULL;
+	size_t n;
+
+	for (size_t i = 0; i < sizeof vars / sizeof *vars && !uri; i++)
+		for (char **e = env; *e && !uri; e++)
+			if (!strncmp(*e, vars[i], strlen(vars[i])))
+				uri = *e + strlen(vars[i]);
+	out[0] = '\0';
+	if (!uri || strncmp(uri, prefix, sizeof prefix - 1))
+		return;
+	uri += sizeof prefix - 1;
+	n = strspn(uri, "0123456789");
+	if (n && uri[n] == ';' && n + 2 <= size)
+		snprintf(out, size, ".%.*s", (int)n, uri);
+}
+
 /* Keys are the shim's own, values C strings: no NUL, no '=' in a key. */
 void frame_add(struct buf *b, const char *key, const char *fmt, ...)
 {

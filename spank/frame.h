@@ -22,6 +22,9 @@ void frame_add(struct buf *b, const char *key, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 /* A task's hand-over records to the node's PMI bridge server: env=, cpus=, end=1. */
 void frame_hand_over(struct buf *b, char **env);
+/* pmi/bridge.py `stepd_of`: `.PID` of the task's slurmstepd (`env`'s PMIx server URI), or
+ * "", in `out`: the end of the node's PMI bridge socket name. */
+void stepd_suffix(char **env, char *out, size_t size);
 /* fn(key, value, ctx) per record, in order, both NUL-terminated in place; -1 (and no call
  * at all) unless data[0..len) is a well-formed frame. */
 typedef void frame_fn(const char *key, char *val, void *ctx);

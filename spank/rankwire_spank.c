@@ -805,38 +805,12 @@ static void start_pmi2_bridge(spank_t sp)
 		rw_close(ctl[1]);
 }
 
-/* pmi/bridge.stepd_of: the task's slurmstepd PID from its PMIx server's URI
- * (`pmix-server.PID;...`, in the first of these variables the task has) as a name suffix
- * `.PID` in `out`; "" when there is none. */
-static void stepd_suffix(spank_t sp, char *out, size_t size)
-{
-	static const char *const vars[] = {"PMIX_SERVER_URI41", "PMIX_SERVER_URI4",
-					   "PMIX_SERVER_URI3", "PMIX_SERVER_URI21",
-					   "PMIX_SERVER_URI2"};
-	static const char prefix[] = "pmix-server.";
-	char uri[256];
-	size_t i, n;
-	spank_err_t rc;
-	int found = 0;
-
-	out[0] = '\0';
-	for (i = 0; i < sizeof vars / sizeof *vars && !found; i++) {
-		rc = spank_getenv(sp, vars[i], uri, sizeof uri); /* a long URI: its head is here */
-		found = rc == ESPANK_SUCCESS || rc == ESPANK_NOSPACE;
-	}
-	if (!found || strncmp(uri, prefix, sizeof prefix - 1))
-		return;
-	n = strspn(uri + sizeof prefix - 1, "0123456789");
-	if (n && uri[sizeof prefix - 1 + n] == ';' && n + 2 <= size)
-		snprintf(out, size, ".%.*s", (int)n, uri + sizeof prefix - 1);
-}
-
 /* pmi/bridge.node_socket: the node's PMI bridge server, in the job user's runtime
  * dir, after SLURM_JOB_ID, SLURM_STEP_ID and SLURM_NODEID (digits only) and the step's
  * slurmstepd (stepd_suffix). */
 static int pmi_node_socket(spank_t sp, char *dir, size_t dirlen, struct sockaddr_un *sa)
 {
-	char job[32], step[32], node[16], stepd[24];
+	char job[32], step[32], node[16], stepd[24] = "", **env = NULL;
 	int n;
 
 	if (spank_getenv(sp, "SLURM_JOB_ID", job, sizeof job) != ESPANK_SUCCESS ||
@@ -850,7 +824,8 @@ static int pmi_node_socket(spank_t sp, char *dir, size_t dirlen, struct sockaddr
 		return -1;
 	if (st.bridge_server)
 		return started_socket(dir, sa);
-	stepd_suffix(sp, stepd, sizeof stepd);
+	if (spank_get_item(sp, S_JOB_ENV, &env) == ESPANK_SUCCESS && env)
+		stepd_suffix(env, stepd, sizeof stepd);
 	memset(sa, 0, sizeof *sa), sa->sun_family = AF_UNIX;
 	n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s/pmibridge.%s.%s.%s%s", dir, job, step,
 		     node, stepd);
