@@ -171,6 +171,7 @@ def start_holder(
     setup_timeout: Optional[float] = None,
     step: Optional[str] = None,
     recipe: bool = False,
+    meanwhile: Optional[Callable[[], None]] = None,
 ) -> HolderHandle:
     """Fork a holder for `plan` and wait until it is ready (or say why it is not).
 
@@ -179,7 +180,9 @@ def start_holder(
     `keep_fds`: descriptors the holder keeps (under the same numbers) until its mounts are
     made, for binds whose source is /proc/self/fd/N; `step`: the step plan's file
     (instances/STEP) that goes with the holder; `recipe`: ask the holder what it did, as
-    `rankwire-holder setup` can do it again (`HolderHandle.recipe`, None if it cannot).
+    `rankwire-holder setup` can do it again (`HolderHandle.recipe`, None if it cannot);
+    `meanwhile`: called once the holder is forked, before waiting for it (it must not
+    raise: see `open_container`).
     """
     from rankwire.runtime.holder import run_holder
 
@@ -222,6 +225,8 @@ def start_holder(
     if pid == 0:
         run_holder(req, write_end, new_session=detached)
     os.close(write_end)
+    if meanwhile is not None:
+        meanwhile()
     with os.fdopen(read_end, "rb") as status:
         if setup_timeout is not None and not select.select([status], [], [], setup_timeout)[0]:
             os.kill(pid, signal.SIGKILL)  # stopped or stuck: ours to end
@@ -623,29 +628,52 @@ def spawn_in(
     `<tag>\t<message>\n` (the launcher prints one line for all its ranks) instead of
     `rankwire: <message>` to its stderr.
     """
+    return start_in(lease, proc, inherit=inherit, stdio=stdio, errors=errors)()
+
+
+def start_in(
+    lease: Optional[Lease],
+    proc: ProcessPlan,
+    *,
+    inherit: Sequence[int] = (),
+    stdio: Optional[Sequence[int]] = None,
+    errors: Optional[tuple[int, str]] = None,
+) -> Callable[[], int]:
+    """`spawn_in`'s fork, without waiting for the process's pid: returns the call that
+    gives it (call it once). A launcher forks all its ranks, then asks for their pids, so
+    that their ways into the container overlap instead of taking turns."""
     parent = os.getpid()
     if lease is None or lease.pidns_fd is None:
-        pid = os.fork()
-        if pid == 0:
+        child = os.fork()
+        if child == 0:
             _child(lease, proc, inherit, stdio, parent, errors=errors)
-        return pid
+        return lambda: child
     # Into the container's PID namespace: the child we fork enters it and forks the
     # process that execs (our child too, see `_successor`), whose pid it reports; if it
     # fails before, it reports nothing and its own exit code (125) is the process's.
     report_r, report_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+    try:
+        child = os.fork()
+    except BaseException:
+        os.close(report_r)
+        os.close(report_w)
+        raise
+    if child == 0:
         os.close(report_r)
         _child(lease, proc, inherit, stdio, parent, report_w, errors)
     os.close(report_w)
-    try:
-        said = os.read(report_r, 32)
-    finally:
-        os.close(report_r)
-    if not said:
-        return pid
-    os.waitpid(pid, 0)
-    return int(said)
+
+    def pid() -> int:
+        try:
+            said = os.read(report_r, 32)
+        finally:
+            os.close(report_r)
+        if not said:
+            return child
+        os.waitpid(child, 0)
+        return int(said)
+
+    return pid
 
 
 def exit_code(status: int) -> int:
@@ -781,14 +809,20 @@ def stop_instance(name: str, timeout: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def open_container(
-    container: ContainerPlan, started: Optional[Callable[[HolderHandle], None]] = None
+    container: ContainerPlan,
+    started: Optional[Callable[[HolderHandle], None]] = None,
+    meanwhile: Optional[Callable[[], None]] = None,
 ) -> Iterator[Lease]:
     """A lease on the container of `container`: the node's shared one (joined or started)
     or an ephemeral holder of our own. On exit the lease ends and, if the holder is ours,
     it is reaped: no holder, mount or socket is left. Every runner (exec, the launcher)
     goes through here. `started`: called with an ephemeral holder of ours once it serves,
-    its recipe asked for (`exec`'s plan for the C front end)."""
+    its recipe asked for (`exec`'s plan for the C front end). `meanwhile`: called while
+    our holder sets the container up (the launcher's imports and PMI server); what it
+    raises is raised once the holder is ready, from within the lease, which then ends."""
     if container.share:
+        if meanwhile is not None:
+            meanwhile()
         lease = join_or_start(container, container.share)
         try:
             yield lease
@@ -799,8 +833,21 @@ def open_container(
         from rankwire.runtime.save import check_target
 
         check_target(container.save)
+    failed: list[BaseException] = []
+
+    def overlapped() -> None:
+        assert meanwhile is not None
+        try:
+            meanwhile()
+        except BaseException as err:  # the holder is forked: it must be let go first
+            failed.append(err)
+
     holder = start_holder(
-        container, mode="ephemeral", owner=os.getpid(), recipe=started is not None
+        container,
+        mode="ephemeral",
+        owner=os.getpid(),
+        recipe=started is not None,
+        meanwhile=overlapped if meanwhile is not None else None,
     )
     try:
         # Said only when FUSE was tried and failed (an asked-for --unsquash is no news).
@@ -822,6 +869,8 @@ def open_container(
         if started is not None:
             started(holder)
         with leased(holder.socket) as lease:
+            if failed:
+                raise failed[0]
             yield lease
             if container.save:  # the command ended (whatever its status): pack it
                 from rankwire.runtime.save import save_container

@@ -378,6 +378,32 @@ def test_leave_says_last_only_when_the_holder_will_end(
         holder.wait()
 
 
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_what_meanwhile_raises_is_raised_once_the_holder_is_let_go(base_image: Path) -> None:
+    """`open_container`'s `meanwhile` (the launcher's imports and PMI server) runs while
+    the holder sets up; what it raises is raised from the lease, and the holder, forked
+    already, ends with it: nothing is left (`nothing_left_behind`)."""
+    from rankwire.runtime import instance
+    from rankwire.runtime.assemble import plan_image
+    from rankwire.runtime.facts import gather
+    from rankwire.runtime.plan import ExecOptions
+
+    opts = ExecOptions(fabric="none")
+    container = plan_image(gather(str(base_image), opts), opts, None).container
+    assert container is not None and not container.share
+    ran: list[int] = []
+
+    def meanwhile() -> None:
+        ran.append(os.getpid())
+        raise KeyboardInterrupt  # ^C while the launcher imports
+
+    entered = False
+    with pytest.raises(KeyboardInterrupt):
+        with instance.open_container(container, meanwhile=meanwhile):
+            entered = True
+    assert ran == [os.getpid()] and not entered
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [[], ["--unsquash"]])
 @pytest.mark.usefixtures("nothing_left_behind")

@@ -179,8 +179,16 @@ def test_the_pmi2_bridge_process_loads_no_tls_and_no_launcher_server() -> None:
 def test_the_launcher_loads_the_pmix_server_only_for_a_pmix_job() -> None:
     """`apptainer-mpirun`/`rankwire run` of an MPICH (PMI-1/PMI-2) job does not import the
     PMIx server (about 20 ms of its start); `launcher.execute` does where the plan says
-    pmix."""
-    loaded = modules_after("import rankwire.launcher.cli, rankwire.launcher.execute")
+    pmix. Neither asyncio nor a PMI server is loaded before the container's holder is
+    forked: they load while it sets the container up (`open_container`'s `meanwhile`)."""
+    before = modules_after("import rankwire.launcher.cli, rankwire.launcher.execute")
+    assert sorted(before & {"asyncio", "rankwire.pmi.server", "_ssl"}) == []
+    loaded = modules_after(
+        "from rankwire.launcher import execute, plan\n"
+        "p = plan.plan_launch(plan.LaunchOptions(ntasks=2), plan.host_process(['/bin/true'], "
+        "{}, '/tmp'), None, {}, [], 'pmi1/2', 'pmi1/2')\n"
+        "execute.pmi_server(p)"
+    )
     assert "rankwire.pmi.server" in loaded
     assert "rankwire.pmi.pmix.server" not in loaded
 

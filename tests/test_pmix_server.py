@@ -124,8 +124,8 @@ def test_launched_helpers_stop_without_a_start() -> None:
 def test_the_launcher_stops_its_helpers_when_the_container_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The executor launches a PMIx job's helpers before it opens the container (their
-    start overlaps the container's); a container that fails to open leaves none behind."""
+    """The executor launches a PMIx job's helpers while the container's holder sets it up
+    (`open_container`'s `meanwhile`); a container that fails to open leaves none behind."""
     from rankwire.launcher import execute
     from rankwire.launcher.plan import LaunchPlan
     from rankwire.runtime.plan import ContainerPlan, ProcessPlan
@@ -137,7 +137,8 @@ def test_the_launcher_stops_its_helpers_when_the_container_fails(
         real_launch(self)
         launched.append((self._tmpdir, [n.proc for n in self.nodes if n.proc is not None]))
 
-    def open_container(plan: ContainerPlan) -> None:
+    def open_container(plan: ContainerPlan, meanwhile: Callable[[], None]) -> None:
+        meanwhile()
         raise UserError("the container did not start")
 
     monkeypatch.setattr(PmixServer, "launch", launch)
