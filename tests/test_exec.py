@@ -398,9 +398,8 @@ def test_what_meanwhile_raises_is_raised_once_the_holder_is_let_go(base_image: P
         raise KeyboardInterrupt  # ^C while the launcher imports
 
     entered = False
-    with pytest.raises(KeyboardInterrupt):
-        with instance.open_container(container, meanwhile=meanwhile):
-            entered = True
+    with pytest.raises(KeyboardInterrupt), instance.open_container(container, meanwhile=meanwhile):
+        entered = True
     assert ran == [os.getpid()] and not entered
 
 
