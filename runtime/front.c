@@ -1273,7 +1273,10 @@ static int join_pmi2_node(struct plan *p, int *conn)
         strpbrk(jobid, "/ \n") || strlen(jobid) > 64 || runtime_dir(dir, sizeof dir) ||
         fstat(atoi(pmi_fd), &st) || !S_ISSOCK(st.st_mode))
         return -1;
-    int n = snprintf(sa.sun_path, sizeof sa.sun_path, "%s/pmi2bridge.%s.%s", dir, jobid, node);
+    char stepd[24];
+    maker_suffix(atoi(pmi_fd), stepd, sizeof stepd);
+    int n = snprintf(sa.sun_path, sizeof sa.sun_path, "%s/pmi2bridge.%s.%s%s", dir, jobid, node,
+                     stepd);
     if (n <= 0 || (size_t)n >= sizeof sa.sun_path)
         return -1;
     long long deadline = now_ms() + NODE_WAIT_MS;

@@ -2,6 +2,7 @@
 #include "frame.h"
 
 #include <sched.h>
+#include <sys/socket.h>
 
 void buf_put(struct buf *b, const void *s, size_t n)
 {
@@ -63,6 +64,17 @@ void stepd_suffix(char **env, char *out, size_t size)
 	n = strspn(uri, "0123456789");
 	if (n && uri[n] == ';' && n + 2 <= size)
 		snprintf(out, size, ".%.*s", (int)n, uri);
+}
+
+/* The shim's pmi2_socket and the front end's join_pmi2_node. */
+void maker_suffix(int fd, char *out, size_t size)
+{
+	struct ucred cred;
+	socklen_t len = sizeof cred;
+
+	out[0] = '\0';
+	if (!getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) && cred.pid > 0)
+		snprintf(out, size, ".%d", (int)cred.pid);
 }
 
 /* Keys are the shim's own, values C strings: no NUL, no '=' in a key. */

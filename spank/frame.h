@@ -25,6 +25,10 @@ void frame_hand_over(struct buf *b, char **env);
 /* pmi/bridge.py `stepd_of`: `.PID` of the task's slurmstepd (`env`'s PMIx server URI), or
  * "", in `out`: the end of the node's PMI bridge socket name. */
 void stepd_suffix(char **env, char *out, size_t size);
+/* pmi/pmix/pmi2bridge.py `socket_path`'s `stepd`: `.PID` of the process that made socket
+ * `fd` (SO_PEERCRED; slurmstepd makes each task's PMI_FD socketpair), or "", in `out`:
+ * the end of the node's PMI-2 bridge socket name. */
+void maker_suffix(int fd, char *out, size_t size);
 /* fn(key, value, ctx) per record, in order, both NUL-terminated in place; -1 (and no call
  * at all) unless data[0..len) is a well-formed frame. */
 typedef void frame_fn(const char *key, char *val, void *ctx);

@@ -605,23 +605,27 @@ static int started_socket(const char *dir, struct sockaddr_un *sa)
 }
 
 /* The node's PMI-2 bridge socket, as pmi/pmix/pmi2bridge.socket_path names it: in the job
- * user's runtime dir (root made it, 0700), after PMI_JOBID ("job.step") and the node. */
+ * user's runtime dir (root made it, 0700), after PMI_JOBID ("job.step"), the node and the
+ * slurmstepd that made the task's PMI_FD (maker_suffix). */
 static int pmi2_socket(spank_t sp, char *dir, size_t dirlen, struct sockaddr_un *sa)
 {
-	char jobid[64], node[16];
+	char jobid[64], node[16], slurm_fd[16], stepd[24] = "";
 	int n;
 
 	if (spank_getenv(sp, "PMI_JOBID", jobid, sizeof jobid) != ESPANK_SUCCESS ||
 	    spank_getenv(sp, "SLURM_NODEID", node, sizeof node) != ESPANK_SUCCESS ||
+	    spank_getenv(sp, "PMI_FD", slurm_fd, sizeof slurm_fd) != ESPANK_SUCCESS ||
 	    strchr(jobid, '/') || strchr(node, '/'))
 		return -1;
+	maker_suffix((int)strtol(slurm_fd, NULL, 10), stepd, sizeof stepd);
 	if ((n = snprintf(dir, dirlen, RW_RUN_DIR "/%u", (unsigned)getuid())) < 0 ||
 	    (size_t)n >= dirlen)
 		return -1;
 	if (st.bridge_server)
 		return started_socket(dir, sa);
 	memset(sa, 0, sizeof *sa), sa->sun_family = AF_UNIX;
-	n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s/pmi2bridge.%s.%s", dir, jobid, node);
+	n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s/pmi2bridge.%s.%s%s", dir, jobid, node,
+		     stepd);
 	return n > 0 && (size_t)n < sizeof sa->sun_path ? 0 : -1;
 }
 

@@ -123,6 +123,20 @@ def test_the_node_of_the_first_local_task_serves_its_ranks(
     )
 
 
+def test_the_node_socket_is_named_after_the_slurmstepd_that_made_pmi_fd() -> None:
+    """Job ids are one cluster's: two clusters on one host run steps of the same id. The
+    node's socket also names the process that made the task's PMI_FD socketpair
+    (slurmstepd, `SO_PEERCRED`), which the plugin's start phase knows as its own."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        step = pb._with_socket(pb.Step(ours.fileno(), "9.0", 1, 4, 1, 2))
+        assert step.stepd == os.getpid()
+        assert pb.socket_path(step, "/run/rw") == f"/run/rw/pmi2bridge.9.0.2.{os.getpid()}"
+        assert ours.fileno() >= 0  # read, not taken: the task's own descriptor stays
+        ours.send(b"x")
+        assert theirs.recv(1) == b"x"
+
+
 def test_a_layout_the_bridge_cannot_lead_is_one_line() -> None:
     step = pb.Step(5, "9.0", 3, 4, 0, 1)
     for mapping, said in [
@@ -279,9 +293,8 @@ def test_a_bridge_started_before_its_tasks_goes_with_the_step_when_none_comes(
     pid = 0
     try:
         pid, path = start(9, 3, 1, 2, stepd.pid, dict(os.environ), str(tmp_path))
-        # the PMIx-to-PMI one's after its slurmstepd too (`bridge.node_socket`)
-        suffix = f".{stepd.pid}" if name == "pmibridge" else ""
-        assert path == str(tmp_path / f"{name}.9.3.1{suffix}")
+        # both after their slurmstepd too (`bridge.node_socket`, `pb.socket_path`)
+        assert path == str(tmp_path / f"{name}.9.3.1.{stepd.pid}")
         with socket.socket(socket.AF_UNIX) as probe:
             probe.connect(path)  # no rank, no socket: refused, and the bridge waits on
         time.sleep(0.5)  # its imports and PMIx_server_init

@@ -17,19 +17,19 @@ Shape (per task; the executor calls `spawn`, or `python -m rankwire.pmi.pmix.pmi
 Who serves: the node's first task (`SLURM_LOCALID=0`) *leads*: `spawn` forks the *bridge
 process*, which takes over that task's PMI-2 socket, reads Slurm's `PMI_process_mapping`
 (which ranks share this node), listens on a Unix socket in the user's private runtime dir
-named after the step and the node (`socket_path`; removed once the node's tasks are in),
-and waits for the node's other tasks. Each of those *follows*: `spawn` connects (retrying
-until the leader listens), checks that the peer is the same user (`SO_PEERCRED`), hands
-over its PMI-2 socket with its rank (`SCM_RIGHTS`) and waits for its PMIx environment; no
-process, no libpmix. The connection stays open: its EOF (or the exit code written on it) is that
-task's end, as the control pipe is the leader's own task's. The bridge process hosts
-libpmix's server for the node's ranks with `helper.Helper` / `helper.start_server` (the
-helper's code, in-process). The property `PmixServer` keeps holds: the process that forks
-a task never loads libpmix and never gains a thread; the bridge process, which has
-libpmix's progress thread, never forks. Its main thread is one asyncio loop over the PMI-2
-sockets, the control pipe and the followers' connections; libpmix's upcalls reach it
-through `loop.call_soon_threadsafe`, as in the helper. It ends when every task of the node
-ended, so the leader's `finish` waits for the node's last task.
+named after the step, the node and its slurmstepd (`socket_path`; removed once the node's
+tasks are in), and waits for the node's other tasks. Each of those *follows*: `spawn`
+connects (retrying until the leader listens), checks that the peer is the same user
+(`SO_PEERCRED`), hands over its PMI-2 socket with its rank (`SCM_RIGHTS`) and waits for its
+PMIx environment; no process, no libpmix. The connection stays open: its EOF (or the exit
+code written on it) is that task's end, as the control pipe is the leader's own task's. The
+bridge process hosts libpmix's server for the node's ranks with `helper.Helper` /
+`helper.start_server` (the helper's code, in-process). The property `PmixServer` keeps
+holds: the process that forks a task never loads libpmix and never gains a thread; the
+bridge process, which has libpmix's progress thread, never forks. Its main thread is one
+asyncio loop over the PMI-2 sockets, the control pipe and the followers' connections;
+libpmix's upcalls reach it through `loop.call_soon_threadsafe`, as in the helper. It ends
+when every task of the node ended, so the leader's `finish` waits for the node's last task.
 
 Under the SPANK plugin the node's server starts earlier: the start phase (the job user,
 which knows from the plan that the image needs the bridge) forks it with
@@ -110,7 +110,7 @@ from rankwire.errors import UserError, exec_failure, shown
 from rankwire.pmi.job import nodes_of
 from rankwire.record import record
 from rankwire.runtime import frame
-from rankwire.runtime.peercred import connect_own
+from rankwire.runtime.peercred import connect_own, peer_creds
 
 VALUE_MAX = 1024  # Slurm's and MPICH's PMI2_MAX_VALLEN
 KEY_PREFIX = "rw"
@@ -137,6 +137,7 @@ class Step:
     local_id: int = 0  # SLURM_LOCALID: 0 leads the node
     node_id: int = 0  # SLURM_NODEID: names the node's socket
     gtids: tuple[int, ...] = ()  # SLURM_GTIDS: the node's ranks, as slurmstepd knows them
+    stepd: int = 0  # slurmstepd's pid, who made PMI_FD's socketpair (`_with_socket`); 0: unknown
 
 
 def step_of(environ: Mapping[str, str]) -> Step:
@@ -219,9 +220,11 @@ def layout_of(mapping: Optional[str], step: Step, leads: bool = True) -> Layout:
 
 def socket_path(step: Step, base: str) -> str:
     """The node's bridge socket, in the user's private runtime dir `base` (0700: no other
-    user can take its name): one per step and node. It exists only while the node's tasks
-    gather."""
-    return os.path.join(base, f"pmi2bridge.{step.jobid}.{step.node_id}")
+    user can take its name): one per step, node and slurmstepd (job ids are one cluster's:
+    two clusters on one host run steps of the same id). It exists only while the node's
+    tasks gather."""
+    stepd = f".{step.stepd}" if step.stepd else ""
+    return os.path.join(base, f"pmi2bridge.{step.jobid}.{step.node_id}{stepd}")
 
 
 def _runtime_dir() -> str:
@@ -450,7 +453,9 @@ def spawn(
 
 
 def _with_socket(step: Step) -> Step:
-    """`step`, whose PMI_FD is an open socket (else UserError)."""
+    """`step`, whose PMI_FD is an open socket (else UserError), with its `stepd`: the
+    process that made that socket (`SO_PEERCRED` of a socketpair), slurmstepd, which makes
+    each task's before it forks the task."""
     try:
         is_socket = stat.S_ISSOCK(os.fstat(step.fd).st_mode)
     except OSError:
@@ -460,7 +465,12 @@ def _with_socket(step: Step) -> Step:
             f"PMI_FD={step.fd} is not an open socket; run the PMI-2 bridge as the task "
             "srun started, not from a child that closed it"
         )
-    return step
+    sock = socket.socket(fileno=step.fd)  # the task's descriptor: read, then let go
+    try:
+        stepd = peer_creds(sock)[0]
+    finally:
+        sock.detach()
+    return dataclasses.replace(step, stepd=stepd)
 
 
 def _follow(step: Step, timeout: float, base: Optional[str] = None) -> Pmi2Bridge:
@@ -512,10 +522,10 @@ def start_node(environ: Mapping[str, str], base: Optional[str] = None) -> None:
     Taken: another task's. UserError if it cannot listen or fork."""
     from rankwire.pmi.bridge import fork_started_server, node_tasks
 
-    step = step_of(environ)
+    step = _with_socket(step_of(environ))
     base = base or _runtime_dir()
     path = socket_path(step, base)
-    key = Step(-1, step.jobid, -1, 0, 0, step.node_id)
+    key = Step(-1, step.jobid, -1, 0, 0, step.node_id, stepd=step.stepd)
 
     def serve(listener: socket.socket, life: int) -> int:  # pragma: no cover - under srun
         sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # as in spawn
@@ -562,7 +572,7 @@ def start_node_server(
     cannot listen or fork (the shim's first task then starts one as today)."""
     from rankwire.pmi.bridge import fork_started_server
 
-    step = Step(-1, f"{job_id}.{step_id}", -1, 0, 0, node_id)
+    step = Step(-1, f"{job_id}.{step_id}", -1, 0, 0, node_id, stepd=stepd_pid)
     path = socket_path(step, base)
 
     def serve(listener: socket.socket, life: int) -> int:  # pragma: no cover - under srun
