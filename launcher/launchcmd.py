@@ -23,6 +23,7 @@ from rankwire.launcher.plan import (
 from rankwire.launcher.plan import host_process as plan_host_process
 from rankwire.pmi.bridgeplan import bridge_choice
 from rankwire.runtime.execcmd import cli_values, defaults, echo, exec_options, local_image
+from rankwire.runtime.instance import FRONT_END
 from rankwire.runtime.options import delegation_argv, in_scope, parse_plain, take_options
 from rankwire.runtime.plan import runscript_argv
 from rankwire.runtime.reference import is_remote
@@ -104,12 +105,11 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         planned = plan_image(facts, opts, runscript_argv(facts.image, argv) if runscript else argv)
         assert planned.process is not None
         container, process = planned.container, planned.process
-        rankwire = os.path.join(os.path.dirname(sys.executable), "rankwire")
         # Without --share, the tasks of the step on a node join one container by default.
         # The delegated command is the planned argv, an --entrypoint's words already in
         # front: the tasks' `rankwire exec` must not put them there again.
         argv_opts = delegation_argv({**cli_values(opts), **source, "entrypoint": False})
-        prefix = [rankwire, "exec", *argv_opts, named]
+        prefix = [FRONT_END, "exec", *argv_opts, named]
         # The command's own libmpi decides (not an --entrypoint's shell or tini).
         program = argv[0] if opts.entrypoint and argv else process.argv[0]
         kind, program_kind = image_mpi_kinds(facts.image, program, process.env, user.cache_dir)

@@ -577,11 +577,30 @@ static void puts_(struct buf *m, const char *text)
     buf_put(m, text, strlen(text));
 }
 
+static int say_fd = 2;          /* `__enter` for a launcher: its errors pipe */
+static const char *say_tag;     /* and this rank's tag there */
+
+/* `m`, a message that starts "rankwire: ", as one line on stderr; for a launcher's rank
+ * (`say_tag`), as `instance._say` words it: `TAG\tMESSAGE` in one write of at most
+ * PIPE_BUF bytes, never interleaved with another rank's. */
 static void say(struct buf *m)
 {
+    static const char prefix[] = "rankwire: ";
+    struct buf line = {0};
+    if (say_tag && !m->oom) {
+        size_t skip = m->len >= sizeof prefix - 1 && !memcmp(m->p, prefix, sizeof prefix - 1)
+                          ? sizeof prefix - 1 : 0;
+        puts_(&line, say_tag);
+        puts_(&line, "\t");
+        buf_put(&line, m->p + skip, m->len - skip);
+        if (line.len > PIPE_BUF - 1)
+            line.len = PIPE_BUF - 1;
+        free(m->p);
+        *m = line;
+    }
     buf_put(m, "\n", 1);
     if (!m->oom) {
-        ssize_t n = write(2, m->p, m->len);
+        ssize_t n = write(say_fd, m->p, m->len);
         (void)n; /* nowhere to say it: the exit code still does */
     }
     free(m->p);
@@ -797,7 +816,8 @@ static void child(struct lease *l, const struct plan *p, char **argv, pid_t pare
     }
     if (getppid() != parent)
         _exit(125); /* rankwire is gone: so must the command be */
-    close(l->conn);
+    if (l->conn >= 0)
+        close(l->conn);
     int parent_fd = -1;
     if (report >= 0 && (parent_fd = (int)syscall(SYS_pidfd_open, parent, 0)) < 0) {
         say_call(argv[0], NULL, errno);
@@ -1495,9 +1515,61 @@ static int exec_plan(int argc, char **argv, struct plan *p, struct lease *l, pid
     return at;
 }
 
+/* `rankwire __enter PARENT USERNS MNTNS PIDNS REPORT ERRORS TAG WORKDIR NNP -- CMD...`:
+ * `runtime/instance.py` `start_in`'s way into a container it holds a lease on, for the
+ * process it spawns (posix_spawn: no copy of a Python process per rank): the namespace
+ * descriptors are inherited under those numbers (PIDNS -1: none), REPORT the pipe for the
+ * successor's pid (-1 without a PID namespace: CMD is exec'd in this process), ERRORS and
+ * TAG where a failed start is said (-1: stderr), WORKDIR and NNP ("1": no_new_privs) the
+ * process plan's, and the environment CMD's. Exits as `child` does. */
+static int number(const char *s, int *out)
+{
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (!*s || *end || v < -1 || v > INT_MAX)
+        return -1;
+    *out = (int)v;
+    return 0;
+}
+
+static void enter(int argc, char **argv) __attribute__((noreturn));
+static void enter(int argc, char **argv)
+{
+    int parent, errors, report;
+    struct lease l = {.conn = -1};
+    struct plan p = {0};
+    if (argc < 13 || strcmp(argv[11], "--") || number(argv[2], &parent) || parent <= 0 ||
+        number(argv[3], &l.userns) || l.userns < 0 || number(argv[4], &l.mntns) ||
+        l.mntns < 0 || number(argv[5], &l.pidns) || number(argv[6], &report) ||
+        number(argv[7], &errors) || (strcmp(argv[10], "0") && strcmp(argv[10], "1")))
+        run_python(); /* not ours: the Python CLI says what is wrong with the words */
+    for (size_t i = 0; i < NFORWARDED; i++)
+        signal(forwarded[i], SIG_DFL);
+    signal(SIGPIPE, SIG_DFL); /* Python ignores them; exec keeps what is ignored */
+    signal(SIGXFSZ, SIG_DFL);
+    if (errors >= 0) { /* the launcher's pipe: not the command's */
+        say_fd = errors;
+        say_tag = argv[8];
+        if (fcntl(errors, F_SETFD, FD_CLOEXEC))
+            _exit(125);
+    }
+    if (!*argv[12]) { /* execve refuses it; say what is wrong, not EACCES of a PATH dir */
+        struct buf m = {0};
+        puts_(&m, "rankwire: the command is empty " WHERE ": give the program to run");
+        say(&m);
+        _exit(125);
+    }
+    p.workdir = argv[9];
+    p.nnp = argv[10];
+    p.env = (const char **)environ;
+    child(&l, &p, argv + 12, (pid_t)parent, report);
+}
+
 int main(int argc, char **argv)
 {
     saved_argv = argv;
+    if (argc > 1 && !strcmp(argv[1], "__enter"))
+        enter(argc, argv);
     static const char prefix[] = "instance://";
     if (argc < 4 || strcmp(argv[1], "exec") || (argv[2][0] != '-' && !*argv[3]))
         run_python();

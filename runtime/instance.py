@@ -41,6 +41,9 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR2,
 )
 
+# The C front end (`runtime/front.c`, the `rankwire` command), installed beside the
+# interpreter: every process `start_in` puts into a container enters it through it.
+FRONT_END = os.path.join(os.path.dirname(sys.executable), "rankwire")
 
 # Sent to us when our parent, slurmstepd, dies (PR_SET_PDEATHSIG): see `end_with_slurmstepd`.
 STEPD_GONE = signal.SIGRTMIN + 2
@@ -519,31 +522,6 @@ def leased(sock_path: str) -> Iterator[Lease]:
         lease.close()
 
 
-def enter(lease: Lease) -> None:
-    """In a single-threaded (forked) process: move into the container's namespaces (its
-    PID namespace takes in only the children we fork from now on: `_successor`)."""
-    sc.setns(lease.userns_fd, sc.CLONE_NEWUSER)
-    if lease.pidns_fd is not None:  # with the container's user namespace's privilege
-        sc.setns(lease.pidns_fd, sc.CLONE_NEWPID)
-    sc.setns(lease.mntns_fd, sc.CLONE_NEWNS)
-
-
-def _successor(report: int, parent: int) -> None:
-    """After `enter` into a PID namespace: fork our successor in it as a child of our
-    parent (CLONE_PARENT), tell the parent its pid on `report`, and exit; the successor
-    returns (and goes on to exec). The parent waits for it as for any child of its own."""
-    parent_fd = os.pidfd_open(parent)  # from here, where its pid means it
-    pid = sc.fork_sibling()
-    if pid:
-        os.write(report, str(pid).encode())
-        os._exit(0)
-    os.close(report)
-    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)  # see `_child`
-    if select.select([parent_fd], [], [], 0)[0]:  # the parent died before the prctl
-        os._exit(125)
-    os.close(parent_fd)
-
-
 def _say(errors: Optional[tuple[int, str]], message: str) -> None:
     """Why the process could not start: `rankwire: <message>` on stderr, or
     `<tag>\t<message>\n` on `errors` (fd, tag) for the caller to aggregate (one write of
@@ -557,17 +535,14 @@ def _say(errors: Optional[tuple[int, str]], message: str) -> None:
 
 
 def _child(
-    lease: Optional[Lease],
     proc: ProcessPlan,
-    inherit: Sequence[int],
     stdio: Optional[Sequence[int]],
     parent: int,
-    report: Optional[int] = None,
     errors: Optional[tuple[int, str]] = None,
 ) -> NoReturn:
-    """After fork: wire fds, enter (unless on the host), exec. Errors exit 125/126/127,
-    saying why (`_say`)."""
-    where = "in the container" if lease else "on this host"
+    """After fork, on this host: wire fds, exec. Errors exit 125/126/127, saying why
+    (`_say`)."""
+    where = "on this host"
     try:
         # If rankwire itself is killed (SIGKILL leaves it no chance to forward signals),
         # the command goes too: no rank outlives its launcher.
@@ -584,15 +559,6 @@ def _child(
             for target, fd in enumerate(stdio):
                 if fd != target:
                     os.dup2(fd, target)
-        for fd in inherit:
-            os.set_inheritable(fd, True)
-        if lease is not None:
-            lease.conn.close()  # the lease is the parent's; the command must not hold it
-            enter(lease)
-            for fd in lease.ns_fds:
-                os.close(fd)
-            if report is not None:
-                _successor(report, parent)
         try:
             os.chdir(proc.workdir)
         except OSError as err:
@@ -639,29 +605,59 @@ def start_in(
     stdio: Optional[Sequence[int]] = None,
     errors: Optional[tuple[int, str]] = None,
 ) -> Callable[[], int]:
-    """`spawn_in`'s fork, without waiting for the process's pid: returns the call that
-    gives it (call it once). A launcher forks all its ranks, then asks for their pids, so
-    that their ways into the container overlap instead of taking turns."""
+    """`spawn_in`'s start, without waiting for the process's pid: returns the call that
+    gives it (call it once). A launcher starts all its ranks, then asks for their pids, so
+    that their ways into the container overlap instead of taking turns.
+
+    Into a container, the front end's `__enter` (`runtime/front.c`), posix_spawned (no
+    copy of this process, whose pages a fork would have each rank's start copy and
+    fault): it enters the lease's namespaces and, with a PID namespace, forks the process
+    that execs as our child (`CLONE_PARENT`), whose pid it reports; if it fails before, it
+    reports nothing and its own exit code (125) is the process's. On this host, a fork."""
     parent = os.getpid()
-    if lease is None or lease.pidns_fd is None:
+    if lease is None:
         child = os.fork()
         if child == 0:
-            _child(lease, proc, inherit, stdio, parent, errors=errors)
+            for fd in inherit:
+                os.set_inheritable(fd, True)
+            _child(proc, stdio, parent, errors)
         return lambda: child
-    # Into the container's PID namespace: the child we fork enters it and forks the
-    # process that execs (our child too, see `_successor`), whose pid it reports; if it
-    # fails before, it reports nothing and its own exit code (125) is the process's.
-    report_r, report_w = os.pipe()
+    report_r, report_w = os.pipe() if lease.pidns_fd is not None else (-1, -1)
+    passed = [lease.userns_fd, lease.mntns_fd, *inherit]
+    passed += [fd for fd in (lease.pidns_fd, report_w, errors and errors[0]) if fd and fd >= 0]
+    actions = [
+        (os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio or ()) if fd != target
+    ]
+    actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in passed]  # kept across exec
+    argv = [
+        FRONT_END,
+        "__enter",
+        str(parent),
+        str(lease.userns_fd),
+        str(lease.mntns_fd),
+        str(-1 if lease.pidns_fd is None else lease.pidns_fd),
+        str(report_w),
+        str(errors[0] if errors else -1),
+        errors[1] if errors else "",
+        proc.workdir,
+        "1" if proc.no_new_privs else "0",
+        "--",
+        *proc.argv,
+    ]
     try:
-        child = os.fork()
-    except BaseException:
-        os.close(report_r)
-        os.close(report_w)
-        raise
-    if child == 0:
-        os.close(report_r)
-        _child(lease, proc, inherit, stdio, parent, report_w, errors)
-    os.close(report_w)
+        child = os.posix_spawn(FRONT_END, argv, proc.env, file_actions=actions, setsigmask=())
+    except OSError as err:
+        if report_r >= 0:
+            os.close(report_r)
+        raise UserError(
+            f"cannot start {shown(proc.argv[0])} in the container: cannot run rankwire's "
+            f"front end {FRONT_END} ({err.strerror}); reinstall rankwire"
+        ) from None
+    finally:
+        if report_w >= 0:
+            os.close(report_w)
+    if report_r < 0:
+        return lambda: child
 
     def pid() -> int:
         try:

@@ -14,7 +14,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
-CLONE_PARENT = 0x00008000
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -81,8 +80,7 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(os.fsencode(target), ctypes.c_int(flags)), f"umount {target}")
 
 
-# This machine, read once: `fork_sibling` runs in a child that has entered a container's
-# mount namespace, where no module can be imported any more (nor read from /proc).
+# This machine, read once.
 MACHINE = os.uname().machine
 
 
@@ -92,23 +90,6 @@ def pivot_root(new_root: str, put_old: str) -> None:
         raise OSError(0, f"pivot_root: unsupported architecture {MACHINE}")
     ret = _libc.syscall(ctypes.c_long(nr), os.fsencode(new_root), os.fsencode(put_old))
     _check(ret, "pivot_root")
-
-
-_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "ppc64le": 120, "riscv64": 220, "s390x": 120}
-
-
-def fork_sibling() -> int:
-    """fork(), except that the child's parent is our parent (CLONE_PARENT): a process
-    that `setns`ed into a PID namespace (which only its children enter) makes its
-    successor there and leaves, and our parent waits for that one as for its own child.
-    Only for a single-threaded process about to exec (no atfork handlers run)."""
-    nr = _SYS_CLONE.get(MACHINE)
-    if nr is None:
-        raise OSError(0, f"clone: unsupported architecture {MACHINE}")
-    flags, stack = ctypes.c_ulong(CLONE_PARENT), ctypes.c_ulong(0)
-    first, second = (stack, flags) if MACHINE == "s390x" else (flags, stack)
-    zero = ctypes.c_ulong(0)
-    return _check(_libc.syscall(ctypes.c_long(nr), first, second, zero, zero, zero), "clone")
 
 
 def prctl(option: int, arg2: int) -> None:

@@ -351,6 +351,9 @@ def test_another_exec_request_plans_in_python_again(image_front: Front, shared_d
         by_python.stderr,
     )
     assert by_python.returncode == 125 and front.pythons() == 9
+    assert by_python.stderr == (
+        "rankwire: the command is empty in the container: give the program to run\n"
+    )
     assert exec_in(front, "sh", "-c", "pwd", cwd="/var/tmp") == (0, "/var/tmp\n", "")
     assert front.pythons() == 9
     # An option whose effect no key shows (a file's content): Python each time.

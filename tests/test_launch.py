@@ -329,3 +329,14 @@ def test_a_rank_error_is_said_once_for_all_ranks(base_image: Path, runner: User)
     proc = rw(runner, "rankwire", "run", "-n", "3", "--tag-output", "/nope")
     assert proc.returncode == 127, proc.stderr
     assert proc.stderr == "rankwire: ranks 0-2: /nope: no such file on this host: check the path\n"
+
+
+def test_a_rank_holds_its_stdio_and_pmi_socket_only(base_image: Path, runner: User) -> None:
+    """Ranks enter the container through the front end's `__enter`, which the launcher
+    hands its namespace descriptors, the pid pipe and its errors pipe: the rank keeps none
+    of them, only fds 0-2 and its PMI_FD (what `ls` of its shell's fds shows)."""
+    script = 'ls /proc/$$/fd; echo "pmi=$PMI_FD"'
+    proc = rw(runner, "apptainer-mpirun", "-n", "1", str(base_image), "sh", "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    *fds, pmi = proc.stdout.split()
+    assert sorted(fds, key=int) == ["0", "1", "2", pmi.removeprefix("pmi=")], proc.stdout

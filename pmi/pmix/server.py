@@ -15,8 +15,8 @@ Shaped like `rankwire.pmi.server.PmiServer`::
 
 Design: libpmix in helper processes, never in the launcher
   libpmix's server starts a progress thread and calls its host's callbacks on it. The
-  launcher forks ranks with os.fork() (runtime.instance.spawn_in) and the child runs
-  Python (ctypes setns into the container's user + mount namespaces, chdir, prctl) before
+  launcher forks host ranks with os.fork() (runtime.instance.start_in; a container's it
+  posix_spawns through the C front end) and the child runs Python (chdir, prctl) before
   execve. After a fork only the forking thread survives; every lock another thread held at
   that moment stays locked forever in the child. The child's Python touches the allocator,
   ctypes/libffi closures, logging and import machinery; libpmix's thread takes malloc,
