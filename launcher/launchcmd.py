@@ -23,7 +23,7 @@ from rankwire.launcher.plan import (
 from rankwire.launcher.plan import host_process as plan_host_process
 from rankwire.pmi.bridgeplan import bridge_choice
 from rankwire.runtime.execcmd import cli_values, defaults, echo, exec_options, local_image
-from rankwire.runtime.instance import FRONT_END
+from rankwire.runtime.instance import front_end
 from rankwire.runtime.options import delegation_argv, in_scope, parse_plain, take_options
 from rankwire.runtime.plan import runscript_argv
 from rankwire.runtime.reference import is_remote
@@ -109,7 +109,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         # The delegated command is the planned argv, an --entrypoint's words already in
         # front: the tasks' `rankwire exec` must not put them there again.
         argv_opts = delegation_argv({**cli_values(opts), **source, "entrypoint": False})
-        prefix = [FRONT_END, "exec", *argv_opts, named]
+        prefix = [front_end(), "exec", *argv_opts, named]
         # The command's own libmpi decides (not an --entrypoint's shell or tini).
         program = argv[0] if opts.entrypoint and argv else process.argv[0]
         kind, program_kind = image_mpi_kinds(facts.image, program, process.env, user.cache_dir)

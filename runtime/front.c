@@ -25,6 +25,10 @@
  * holder of ours, and we join it as above. A recipe that fails there leaves nothing
  * (its teardown) and the Python CLI runs. A task of a step shares a step plan instead
  * (below).
+ *
+ * `rankwire __enter ...` is the Python side's own way into a container it holds a lease
+ * on (runtime/instance.py `start_in`: a launcher's ranks, the Python exec's command): the
+ * same child as the join's, for its namespace descriptors (`enter`, below).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -782,7 +786,7 @@ static int exec_planned(char **argv, char **envp)
 
 /* ---- the run --------------------------------------------------------------------------- */
 
-/* fork(), except that the child's parent is our parent (CLONE_PARENT): `syscalls.fork_sibling` */
+/* fork(), except that the child's parent is our parent (CLONE_PARENT) */
 static long fork_sibling(void)
 {
 #if defined(__s390x__) || defined(__s390__)
@@ -1515,13 +1519,15 @@ static int exec_plan(int argc, char **argv, struct plan *p, struct lease *l, pid
     return at;
 }
 
-/* `rankwire __enter PARENT USERNS MNTNS PIDNS REPORT ERRORS TAG WORKDIR NNP -- CMD...`:
- * `runtime/instance.py` `start_in`'s way into a container it holds a lease on, for the
- * process it spawns (posix_spawn: no copy of a Python process per rank): the namespace
- * descriptors are inherited under those numbers (PIDNS -1: none), REPORT the pipe for the
- * successor's pid (-1 without a PID namespace: CMD is exec'd in this process), ERRORS and
- * TAG where a failed start is said (-1: stderr), WORKDIR and NNP ("1": no_new_privs) the
- * process plan's, and the environment CMD's. Exits as `child` does. */
+/* `rankwire __enter PARENT USERNS MNTNS PIDNS REPORT ERRORS TAG WORKDIR NNP N K=V... --
+ * CMD...`: `runtime/instance.py` `start_in`'s way into a container it holds a lease on,
+ * for the process it spawns (posix_spawn: no copy of a Python process per rank). The
+ * namespace descriptors are inherited under those numbers; PIDNS and REPORT (the pipe for
+ * the successor's pid) both -1 without a PID namespace (CMD is then exec'd in this
+ * process); ERRORS and TAG where a failed start is said (-1: stderr); WORKDIR and NNP
+ * ("1": no_new_privs) the process plan's; the N words K=V CMD's environment (ours is the
+ * caller's: the container's LD_PRELOAD is no business of the host's loader). Exits as
+ * `child` does. */
 static int number(const char *s, int *out)
 {
     char *end;
@@ -1535,14 +1541,17 @@ static int number(const char *s, int *out)
 static void enter(int argc, char **argv) __attribute__((noreturn));
 static void enter(int argc, char **argv)
 {
-    int parent, errors, report;
+    int parent, errors, report, nenv;
     struct lease l = {.conn = -1};
     struct plan p = {0};
-    if (argc < 13 || strcmp(argv[11], "--") || number(argv[2], &parent) || parent <= 0 ||
-        number(argv[3], &l.userns) || l.userns < 0 || number(argv[4], &l.mntns) ||
-        l.mntns < 0 || number(argv[5], &l.pidns) || number(argv[6], &report) ||
-        number(argv[7], &errors) || (strcmp(argv[10], "0") && strcmp(argv[10], "1")))
+    if (argc < 14 || number(argv[2], &parent) || parent <= 0 || number(argv[3], &l.userns) ||
+        l.userns < 0 || number(argv[4], &l.mntns) || l.mntns < 0 ||
+        number(argv[5], &l.pidns) || number(argv[6], &report) || (l.pidns < 0) != (report < 0) ||
+        number(argv[7], &errors) || (strcmp(argv[10], "0") && strcmp(argv[10], "1")) ||
+        number(argv[11], &nenv) || nenv < 0 || nenv > argc - 14 || strcmp(argv[12 + nenv], "--"))
         run_python(); /* not ours: the Python CLI says what is wrong with the words */
+    char **cmd = argv + 13 + nenv;
+    argv[12 + nenv] = NULL; /* the end of CMD's environment */
     for (size_t i = 0; i < NFORWARDED; i++)
         signal(forwarded[i], SIG_DFL);
     signal(SIGPIPE, SIG_DFL); /* Python ignores them; exec keeps what is ignored */
@@ -1553,7 +1562,7 @@ static void enter(int argc, char **argv)
         if (fcntl(errors, F_SETFD, FD_CLOEXEC))
             _exit(125);
     }
-    if (!*argv[12]) { /* execve refuses it; say what is wrong, not EACCES of a PATH dir */
+    if (!*cmd[0]) { /* execve refuses it; say what is wrong, not EACCES of a PATH dir */
         struct buf m = {0};
         puts_(&m, "rankwire: the command is empty " WHERE ": give the program to run");
         say(&m);
@@ -1561,8 +1570,8 @@ static void enter(int argc, char **argv)
     }
     p.workdir = argv[9];
     p.nnp = argv[10];
-    p.env = (const char **)environ;
-    child(&l, &p, argv + 12, (pid_t)parent, report);
+    p.env = (const char **)(argv + 12);
+    child(&l, &p, cmd, (pid_t)parent, report);
 }
 
 int main(int argc, char **argv)

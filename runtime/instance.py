@@ -41,10 +41,6 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR2,
 )
 
-# The C front end (`runtime/front.c`, the `rankwire` command), installed beside the
-# interpreter: every process `start_in` puts into a container enters it through it.
-FRONT_END = os.path.join(os.path.dirname(sys.executable), "rankwire")
-
 # Sent to us when our parent, slurmstepd, dies (PR_SET_PDEATHSIG): see `end_with_slurmstepd`.
 STEPD_GONE = signal.SIGRTMIN + 2
 
@@ -536,6 +532,7 @@ def _say(errors: Optional[tuple[int, str]], message: str) -> None:
 
 def _child(
     proc: ProcessPlan,
+    inherit: Sequence[int],
     stdio: Optional[Sequence[int]],
     parent: int,
     errors: Optional[tuple[int, str]] = None,
@@ -559,6 +556,8 @@ def _child(
             for target, fd in enumerate(stdio):
                 if fd != target:
                     os.dup2(fd, target)
+        for fd in inherit:
+            os.set_inheritable(fd, True)
         try:
             os.chdir(proc.workdir)
         except OSError as err:
@@ -585,7 +584,7 @@ def spawn_in(
     stdio: Optional[Sequence[int]] = None,
     errors: Optional[tuple[int, str]] = None,
 ) -> int:
-    """Fork a process that enters the container (`lease`; None: stay on the host) and
+    """Start a process that enters the container (`lease`; None: stay on the host) and
     execs `proc`; return its pid.
 
     Inherited file descriptors (a launcher's PMI_FD, the terminal) stay open; `inherit`
@@ -618,19 +617,19 @@ def start_in(
     if lease is None:
         child = os.fork()
         if child == 0:
-            for fd in inherit:
-                os.set_inheritable(fd, True)
-            _child(proc, stdio, parent, errors)
+            _child(proc, inherit, stdio, parent, errors)
         return lambda: child
     report_r, report_w = os.pipe() if lease.pidns_fd is not None else (-1, -1)
     passed = [lease.userns_fd, lease.mntns_fd, *inherit]
-    passed += [fd for fd in (lease.pidns_fd, report_w, errors and errors[0]) if fd and fd >= 0]
+    passed += [fd for fd in (lease.pidns_fd, report_w, errors and errors[0]) if fd is not None]
+    passed = [fd for fd in passed if fd >= 0]
     actions = [
         (os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio or ()) if fd != target
     ]
-    actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in passed]  # kept across exec
+    env = [f"{k}={v}" for k, v in proc.env.items()]
+    front = front_end()
     argv = [
-        FRONT_END,
+        front,
         "__enter",
         str(parent),
         str(lease.userns_fd),
@@ -641,19 +640,31 @@ def start_in(
         errors[1] if errors else "",
         proc.workdir,
         "1" if proc.no_new_privs else "0",
+        str(len(env)),
+        *env,
         "--",
         *proc.argv,
     ]
     try:
-        child = os.posix_spawn(FRONT_END, argv, proc.env, file_actions=actions, setsigmask=())
-    except OSError as err:
+        # Kept across the front end's exec (this process has no other thread to race), as
+        # posix_spawn's dup2 of an fd onto itself would only from glibc 2.29 on.
+        for fd in passed:
+            os.set_inheritable(fd, True)
+        # Our environment, not the command's: the host's loader must not read the
+        # container's LD_PRELOAD or LD_LIBRARY_PATH (the front end passes it on).
+        child = os.posix_spawn(front, argv, os.environ, file_actions=actions, setsigmask=())
+    except (OSError, ValueError) as err:
         if report_r >= 0:
             os.close(report_r)
-        raise UserError(
-            f"cannot start {shown(proc.argv[0])} in the container: cannot run rankwire's "
-            f"front end {FRONT_END} ({err.strerror}); reinstall rankwire"
-        ) from None
+        if isinstance(err, OSError) and err.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
+            why = f"cannot run rankwire's front end {front} ({err.strerror}); reinstall rankwire"
+        else:
+            why = shown(err.strerror if isinstance(err, OSError) else err)
+        raise UserError(f"cannot start {shown(proc.argv[0])} in the container: {why}") from None
     finally:
+        for fd in passed:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
         if report_w >= 0:
             os.close(report_w)
     if report_r < 0:
@@ -670,6 +681,28 @@ def start_in(
         return int(said)
 
     return pid
+
+
+def front_end() -> str:
+    """The C front end (`runtime/front.c`, the `rankwire` command), through which every
+    process `start_in` puts into a container enters it, and the command of a launch
+    delegated to srun: installed beside the interpreter (a venv, pipx, uv tool), else in
+    the scripts dir of its default scheme or its user's (`pip install .` as root:
+    /usr/local/bin; `--user`: ~/.local/bin). Found nowhere: the path beside the
+    interpreter, whose start then fails and says so."""
+    beside = os.path.join(os.path.dirname(sys.executable), "rankwire")
+    if os.access(beside, os.X_OK):
+        return beside
+    import sysconfig
+
+    for scripts in (
+        sysconfig.get_path("scripts"),
+        sysconfig.get_path("scripts", f"{os.name}_user"),
+    ):
+        path = os.path.join(scripts, "rankwire")
+        if os.access(path, os.X_OK):
+            return path
+    return beside
 
 
 def exit_code(status: int) -> int:
@@ -838,13 +871,18 @@ def open_container(
         except BaseException as err:  # the holder is forked: it must be let go first
             failed.append(err)
 
-    holder = start_holder(
-        container,
-        mode="ephemeral",
-        owner=os.getpid(),
-        recipe=started is not None,
-        meanwhile=overlapped if meanwhile is not None else None,
-    )
+    try:
+        holder = start_holder(
+            container,
+            mode="ephemeral",
+            owner=os.getpid(),
+            recipe=started is not None,
+            meanwhile=overlapped if meanwhile is not None else None,
+        )
+    except BaseException:
+        if failed:  # it came first (a ^C during the imports, say); the holder's in its context
+            raise failed[0]  # noqa: B904
+        raise
     try:
         # Said only when FUSE was tried and failed (an asked-for --unsquash is no news).
         if holder.report.get("image_driver") == "extract" and holder.report.get(

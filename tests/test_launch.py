@@ -340,3 +340,26 @@ def test_a_rank_holds_its_stdio_and_pmi_socket_only(base_image: Path, runner: Us
     assert proc.returncode == 0, proc.stderr
     *fds, pmi = proc.stdout.split()
     assert sorted(fds, key=int) == ["0", "1", "2", pmi.removeprefix("pmi=")], proc.stdout
+
+
+def test_the_containers_preload_is_not_the_host_loaders(base_image: Path, runner: User) -> None:
+    """The front end that takes a rank in (`__enter`) runs on the host with the launcher's
+    environment; the rank's, `LD_PRELOAD` of a library only the container has, say, reaches
+    only the rank: the one loader that cannot find this one says so once, not twice."""
+    missing = "/nonexistent/libpreload.so"
+    proc = rw(
+        runner,
+        "apptainer-mpirun",
+        "-n",
+        "1",
+        "--env",
+        f"LD_PRELOAD={missing}",
+        str(base_image),
+        "sh",
+        "-c",
+        "exit 0",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count(f"object '{missing}' from LD_PRELOAD cannot be preloaded") == 1, (
+        proc.stderr
+    )
