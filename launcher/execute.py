@@ -111,8 +111,8 @@ class _Job:
 
     # -- ranks ------------------------------------------------------------------------
     def spawn(self, rank: int, devnull: int) -> Callable[[], None]:
-        """Fork rank `rank`; returns the call that takes its pid in (`instance.start_in`):
-        `run` forks every rank first."""
+        """Start rank `rank`; returns the call that takes its pid in (`instance.start_in`):
+        `run` starts every rank first."""
         env, fds = self.server.rank_env(rank)
         proc = dataclasses.replace(self.plan.process, env={**self.plan.process.env, **env})
         stdin = 0 if rank == self.plan.stdin_rank else devnull
@@ -299,12 +299,12 @@ class _Job:
         devnull = os.open(os.devnull, os.O_RDONLY)
         self.loop.add_reader(self.errors_r, self.read_not_started)
         try:
-            forked: list[Callable[[], None]] = []
+            starting: list[Callable[[], None]] = []
             try:
                 for rank in range(self.plan.ntasks):
-                    forked.append(self.spawn(rank, devnull))
-            finally:  # each forked rank is ours to wait for and to signal
-                for started in forked:
+                    starting.append(self.spawn(rank, devnull))
+            finally:  # each rank started is ours to wait for and to signal
+                for started in starting:
                     started()
             self.check_done()
             await self.done

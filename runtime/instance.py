@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import json
 import os
 import select
@@ -576,26 +577,6 @@ def _child(
     os._exit(125)
 
 
-def spawn_in(
-    lease: Optional[Lease],
-    proc: ProcessPlan,
-    *,
-    inherit: Sequence[int] = (),
-    stdio: Optional[Sequence[int]] = None,
-    errors: Optional[tuple[int, str]] = None,
-) -> int:
-    """Start a process that enters the container (`lease`; None: stay on the host) and
-    execs `proc`; return its pid.
-
-    Inherited file descriptors (a launcher's PMI_FD, the terminal) stay open; `inherit`
-    names close-on-exec ones to hand over under the same number; `stdio` replaces
-    fds 0, 1, 2. `errors` (fd, tag): why the process could not start goes there as
-    `<tag>\t<message>\n` (the launcher prints one line for all its ranks) instead of
-    `rankwire: <message>` to its stderr.
-    """
-    return start_in(lease, proc, inherit=inherit, stdio=stdio, errors=errors)()
-
-
 def start_in(
     lease: Optional[Lease],
     proc: ProcessPlan,
@@ -604,9 +585,16 @@ def start_in(
     stdio: Optional[Sequence[int]] = None,
     errors: Optional[tuple[int, str]] = None,
 ) -> Callable[[], int]:
-    """`spawn_in`'s start, without waiting for the process's pid: returns the call that
-    gives it (call it once). A launcher starts all its ranks, then asks for their pids, so
-    that their ways into the container overlap instead of taking turns.
+    """Start a process that enters the container (`lease`; None: stay on the host) and
+    execs `proc`; returns the call that gives its pid (call it once). A launcher starts all
+    its ranks, then asks for their pids, so that their ways into the container overlap
+    instead of taking turns.
+
+    Inherited file descriptors (a launcher's PMI_FD, the terminal) stay open; `inherit`
+    names close-on-exec ones to hand over under the same number; `stdio` replaces
+    fds 0, 1, 2. `errors` (fd, tag): why the process could not start goes there as
+    `<tag>\t<message>\n` (the launcher prints one line for all its ranks) instead of
+    `rankwire: <message>` to its stderr.
 
     Into a container, the front end's `__enter` (`runtime/front.c`), posix_spawned (no
     copy of this process, whose pages a fork would have each rank's start copy and
@@ -620,9 +608,8 @@ def start_in(
             _child(proc, inherit, stdio, parent, errors)
         return lambda: child
     report_r, report_w = os.pipe() if lease.pidns_fd is not None else (-1, -1)
-    passed = [lease.userns_fd, lease.mntns_fd, *inherit]
-    passed += [fd for fd in (lease.pidns_fd, report_w, errors and errors[0]) if fd is not None]
-    passed = [fd for fd in passed if fd >= 0]
+    given = (lease.userns_fd, lease.mntns_fd, *inherit, lease.pidns_fd, report_w)
+    passed = [fd for fd in (*given, errors[0] if errors else None) if fd is not None and fd >= 0]
     actions = [
         (os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio or ()) if fd != target
     ]
@@ -683,6 +670,7 @@ def start_in(
     return pid
 
 
+@functools.cache  # once per process, not once per rank
 def front_end() -> str:
     """The C front end (`runtime/front.c`, the `rankwire` command), through which every
     process `start_in` puts into a container enters it, and the command of a launch
@@ -713,7 +701,7 @@ def exit_code(status: int) -> int:
 
 def run_in(lease: Lease, proc: ProcessPlan) -> int:
     """Run `proc` inside, forwarding signals; return its exit code (128+N for signal N)."""
-    pid = spawn_in(lease, proc)
+    pid = start_in(lease, proc)()
     pidfd = os.pidfd_open(pid)  # names this process, even once its pid is reused
 
     def forward(sig: int, _frame: object) -> None:

@@ -617,12 +617,12 @@ static int pmi2_socket(spank_t sp, char *dir, size_t dirlen, struct sockaddr_un 
 	    spank_getenv(sp, "PMI_FD", slurm_fd, sizeof slurm_fd) != ESPANK_SUCCESS ||
 	    strchr(jobid, '/') || strchr(node, '/'))
 		return -1;
-	maker_suffix((int)strtol(slurm_fd, NULL, 10), stepd, sizeof stepd);
 	if ((n = snprintf(dir, dirlen, RW_RUN_DIR "/%u", (unsigned)getuid())) < 0 ||
 	    (size_t)n >= dirlen)
 		return -1;
 	if (st.bridge_server)
 		return started_socket(dir, sa);
+	maker_suffix((int)strtol(slurm_fd, NULL, 10), stepd, sizeof stepd);
 	memset(sa, 0, sizeof *sa), sa->sun_family = AF_UNIX;
 	n = snprintf(sa->sun_path, sizeof sa->sun_path, "%s/pmi2bridge.%s.%s%s", dir, jobid, node,
 		     stepd);
