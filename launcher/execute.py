@@ -80,6 +80,8 @@ class _Job:
         self.not_started: dict[str, list[int]] = {}  # why -> ranks
         self.done = self.loop.create_future()
         self.server = server
+        if plan.warm_record:
+            server.on_finalize = self.record_warm
 
     # -- failures and teardown --------------------------------------------------------
     def fail(self, code: int, why: Optional[str] = None) -> None:
@@ -244,6 +246,17 @@ class _Job:
         for finish in list(self.relays.values()):
             finish()
         self.check_done()
+
+    def record_warm(self, rank: int) -> None:
+        """Keep which parts of the image's files the ranks read (`runtime/warm.py`), from
+        the first finalizing rank that can still be read, for the next launch."""
+        pid = self.pids.get(rank)
+        report = self.lease.report if self.lease is not None else {}
+        if pid is not None and self.failure is None and report.get("fuse_image"):
+            from rankwire.runtime.warm import record
+
+            if record(pid, int(report.get("init_pid") or pid), self.plan.warm_record):
+                self.server.on_finalize = None
 
     # -- PMI events -------------------------------------------------------------------
     def told_fence_failed(self, rank: int) -> bool:

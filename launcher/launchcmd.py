@@ -98,6 +98,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         prefix: list[str] = []
         kind = program_kind = program_mpi_kind(argv[0], user.environ)
         host_mpi: dict[str, Any] = {}
+        warm = None
     else:
         opts = exec_options(values)
         sif, named = local_image(image, source)
@@ -117,6 +118,12 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
             kind = planned.host_mpi.pmi_kind
             program_kind = program_kind and kind
         host_mpi = planned.host_mpi.to_dict()
+        from rankwire.runtime import warm as warm_list
+
+        kept = warm_list.cache_path(
+            user.cache_dir, facts.image.digest, program, process.env.get("PATH", "")
+        )
+        warm = (kept, warm_list.load(kept))
     slurm_mpi = None
     if user.environ.get("SLURM_JOB_ID") and not lopts.no_slurm:  # delegating: what srun offers
         from rankwire.runtime.doctorhost import slurm_install
@@ -135,6 +142,7 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         slurm_mpi,
         bridge_choice(values.get("pmi_bridge"), user.environ),
         usable_cpus(),
+        warm,
     )
     if dry_run:
         if as_json:

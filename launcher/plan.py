@@ -69,6 +69,9 @@ class LaunchPlan:
     # Set instead when the job is delegated: the srun command line to exec.
     delegate: Optional[tuple[str, ...]] = None
     slurm_job: Optional[str] = None  # the allocation we run in (SLURM_JOB_ID)
+    # Where to keep the ranks' warm list (`runtime/warm.py`) when there is none yet; a
+    # launch that has one reads it ahead instead (`container.prefetch`).
+    warm_record: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -226,6 +229,7 @@ def plan_launch(
     slurm_mpi: Optional[SlurmMpi] = None,
     bridge: str = "auto",
     cpus: Optional[int] = None,
+    warm: Optional[tuple[str, tuple[tuple[int, int, str], ...]]] = None,
 ) -> LaunchPlan:
     """Decide the PMI and local launch vs delegation to srun.
 
@@ -236,7 +240,9 @@ def plan_launch(
     `open_files` is RLIMIT_NOFILE (soft, hard) of a local launch (None: not checked).
     `slurm_mpi`: what the site's srun offers (read only inside an allocation; None:
     unknown), `bridge` the tasks' --pmi-bridge choice. `cpus`: how many CPUs the ranks of
-    a local launch may run on (None: not known, never oversubscribed).
+    a local launch may run on (None: not known, never oversubscribed). `warm`: where the
+    warm list of the ranks' program in the image is kept and what it holds (`runtime/
+    warm.py`): a local launch in a container reads it ahead, or records it.
     """
     validate(opts)
     kind = program_kind or mpi_kind
@@ -266,6 +272,12 @@ def plan_launch(
     oversubscribed = delegate is None and cpus is not None and opts.ntasks > cpus
     if oversubscribed and pmi == "pmix" and YIELD_WHEN_IDLE not in process.env:
         process = dataclasses.replace(process, env={**process.env, YIELD_WHEN_IDLE: "1"})
+    warm_record = ""
+    if delegate is None and container is not None and warm is not None:
+        if warm[1]:
+            container = dataclasses.replace(container, prefetch=warm[1])
+        else:
+            warm_record = warm[0]
     return LaunchPlan(
         ntasks=opts.ntasks,
         pmi=pmi,
@@ -281,6 +293,7 @@ def plan_launch(
         oversubscribed=oversubscribed,
         delegate=delegate,
         slurm_job=environ.get("SLURM_JOB_ID") or None,
+        warm_record=warm_record,
     )
 
 

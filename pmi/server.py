@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from rankwire.errors import UserError
 from rankwire.pmi.codec import ServerCodec
@@ -179,6 +179,9 @@ class PmiServer:
         self._spoke: set[int] = set()  # ranks that sent at least one request
         self._timer: Optional[asyncio.TimerHandle] = None
         self._closing = False
+        # Called with a rank that asked to finalize, before it is answered (so while it
+        # still waits, alive): the launcher records its warm list there.
+        self.on_finalize: Optional[Callable[[int], None]] = None
 
     # -- the launcher's API ----------------------------------------------------------------
     async def start(self) -> None:
@@ -388,6 +391,8 @@ class PmiServer:
             self._fence_result(result)
         elif isinstance(req, Finalize):
             failed = job.finalize(rank)
+            if self.on_finalize is not None:
+                self.on_finalize(rank)
             conn.reply(FinalizeReply())
             self._emit(Finalized(rank))
             self._fence_result(failed)

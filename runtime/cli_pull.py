@@ -219,7 +219,8 @@ def cache_list(as_json: bool) -> None:
 )
 def cache_clean(older_than: Optional[float]) -> None:
     """Remove cached SIFs and blobs, records of verified images, host MPI, host
-    libfabric and image fabric facts (all, or those older than --older-than DAYS)."""
+    libfabric and image fabric facts, launch warm lists (all, or those older than
+    --older-than DAYS)."""
     root = pulling.cache_root()
     cutoff = time.time() - (older_than or 0) * 86400
     kinds = (
@@ -227,6 +228,7 @@ def cache_clean(older_than: Optional[float]) -> None:
         ("host-mpi", "host MPI"),
         ("host-libfabric", "host libfabric"),
         ("fabric-image", "image fabric"),
+        ("warm", "warm list"),
     )
     for sub, what in kinds:
         records = 0

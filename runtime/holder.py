@@ -340,6 +340,10 @@ class Holder:
         if plan.overlay_dir:
             upper, work = (os.path.join(plan.overlay_dir, sub) for sub in ("upper", "work"))
         self._open_image(lower)
+        if self.report["image_driver"].startswith("squashfuse"):
+            self.report["fuse_image"] = True  # its warm list pays (`runtime/warm.py`)
+            if plan.prefetch and not self.root_mode:
+                self._prefetch(lower)
         targets = self._prepare_mountpoints(lower, points)
         lowers = f"{points}:{lower}" if kept else lower
         self._overlay(root, lowers, upper, work, userxattr=kept and not self.root_mode)
@@ -457,6 +461,7 @@ class Holder:
             said = status.readline().decode(errors="replace").strip() if ready else ""
         if said == "ok":
             self.proc_staging = staging
+            self.report["init_pid"] = pid  # its /proc/PID/root: the container's, while it is
             return
         self._unrepeatable()
         life, self.init_life = self.init_life, -1
@@ -598,6 +603,25 @@ class Holder:
             except (SetupError, OSError) as err:
                 errors.append(f"{driver}: {err}")
         raise SetupError("cannot open the image: " + "; ".join(errors))
+
+    def _prefetch(self, lower: str) -> None:
+        """Read the plan's warm list ahead from the FUSE mount at `lower` (`runtime/
+        warm.py`), in a child that holds none of our descriptors and dies with us; not
+        waited for: it ends when done (rankwire-holder leaves its children to the kernel
+        to reap), or when the mount or we go."""
+        parent = os.getpid()
+        if os.fork():
+            return
+        try:
+            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # we died before the signal was asked for
+                os._exit(0)
+            close_fds_except(())
+            from rankwire.runtime.warm import prefetch
+
+            prefetch(lower, self.plan.prefetch)
+        finally:
+            os._exit(0)
 
     def _loop_mount(self, lower: str) -> None:
         """The partition on an auto-clearing read-only loop device, mounted squashfs."""

@@ -89,6 +89,9 @@ class ContainerPlan:
     overlay_dir: str = ""
     image_identity: str = ""  # the image's `digest`, recorded in / checked against it
     save: str = ""  # --save: the SIF to pack the container into after the command
+    # (offset, length, path): what the holder reads ahead from a FUSE-mounted image for
+    # the command (the launcher's warm list of it: `runtime/warm.py`).
+    prefetch: tuple[tuple[int, int, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +100,7 @@ class ContainerPlan:
     def from_dict(cls, d: Mapping[str, Any]) -> ContainerPlan:
         fields = dict(d)
         fields["mounts"] = tuple(Mount(**m) for m in d["mounts"])
+        fields["prefetch"] = tuple((int(o), int(n), str(p)) for o, n, p in d.get("prefetch", ()))
         for key in ("image_drivers", "overlay_drivers", "uid_map", "gid_map", "namespaces"):
             fields[key] = tuple(d[key])
         return cls(**fields)

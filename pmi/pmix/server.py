@@ -95,7 +95,7 @@ import socket
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn, Optional, Union
+from typing import Any, Callable, NoReturn, Optional, Union
 
 from rankwire.errors import UserError
 from rankwire.fds import close_fds_except
@@ -182,6 +182,9 @@ class PmixServer:
         self._tmpdir_lock = -1  # locked while we live (see `claim_tmpdir`)
         self._connected: set[int] = set()
         self._finalized: set[int] = set()
+        # Called with a rank the helper says finalized (it may be exiting by then): the
+        # launcher records its warm list there, as with `PmiServer.on_finalize`.
+        self.on_finalize: Optional[Callable[[int], None]] = None
         self._gone: dict[int, str] = {}  # rank → how it ended without PMIx_Finalize
         self._exiting: dict[int, str] = {}  # exited, waiting for the helper's sync
         self._failed = False  # one FenceFailed per job: later ones are its consequences
@@ -422,6 +425,8 @@ class PmixServer:
         elif op == "finalized":
             rank = int(msg["rank"])
             self._finalized.add(rank)
+            if self.on_finalize is not None:  # the rank may be exiting already
+                self.on_finalize(rank)
             self._emit(Finalized(rank))
         elif op == "synced":
             self._synced(int(msg["rank"]))
