@@ -255,7 +255,11 @@ class _Job:
         if pid is not None and self.failure is None and report.get("fuse_image"):
             from rankwire.runtime.warm import record
 
-            if record(pid, int(report.get("init_pid") or pid), self.plan.warm_record):
+            try:
+                kept = record(pid, int(report.get("init_pid") or pid), self.plan.warm_record)
+            except Exception:  # a hint for the next launch must not fail this one
+                kept = True  # and is not tried again
+            if kept:
                 self.server.on_finalize = None
 
     # -- PMI events -------------------------------------------------------------------

@@ -120,8 +120,9 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         host_mpi = planned.host_mpi.to_dict()
         from rankwire.runtime import warm as warm_list
 
+        path_env = process.env.get("PATH", "")
         kept = warm_list.cache_path(
-            user.cache_dir, facts.image.digest, program, process.env.get("PATH", "")
+            user.cache_dir, facts.image.digest, program, path_env, process.workdir
         )
         warm = (kept, warm_list.load(kept))
     slurm_mpi = None

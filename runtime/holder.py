@@ -340,10 +340,9 @@ class Holder:
         if plan.overlay_dir:
             upper, work = (os.path.join(plan.overlay_dir, sub) for sub in ("upper", "work"))
         self._open_image(lower)
-        if self.report["image_driver"].startswith("squashfuse"):
+        fuse = self.report["image_driver"].startswith("squashfuse")
+        if fuse:
             self.report["fuse_image"] = True  # its warm list pays (`runtime/warm.py`)
-            if plan.prefetch and not self.root_mode:
-                self._prefetch(lower)
         targets = self._prepare_mountpoints(lower, points)
         lowers = f"{points}:{lower}" if kept else lower
         self._overlay(root, lowers, upper, work, userxattr=kept and not self.root_mode)
@@ -351,6 +350,8 @@ class Holder:
             self.upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if "pid" in plan.namespaces:  # after the FUSE daemons: they stay out of it
             self._start_init()
+        if fuse and plan.prefetch and self.init is not None and not self.root_mode:
+            self._prefetch(lower)
         for i, (m, target) in enumerate(zip(plan.mounts, targets)):
             self._apply(root, target, m, self.sources.get(i, m.source), self.trees.pop(i, None))
         flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV
@@ -606,20 +607,37 @@ class Holder:
 
     def _prefetch(self, lower: str) -> None:
         """Read the plan's warm list ahead from the FUSE mount at `lower` (`runtime/
-        warm.py`), in a child that holds none of our descriptors and dies with us; not
-        waited for: it ends when done (rankwire-holder leaves its children to the kernel
-        to reap), or when the mount or we go."""
-        parent = os.getpid()
-        if os.fork():
+        warm.py`), in a process of the container's PID namespace that holds none of our
+        descriptors (its stdio is /dev/null), chrooted into the image (so the list names
+        nothing outside it, and our pivot_root leaves it there): the child of a child
+        that ends at once, so the namespace's init reaps it, and it ends with the
+        container at the latest. A hint: nothing here fails the setup."""
+        try:
+            image = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
             return
         try:
-            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != parent:  # we died before the signal was asked for
-                os._exit(0)
-            close_fds_except(())
-            from rankwire.runtime.warm import prefetch
+            pid = os.fork()
+        except OSError:
+            os.close(image)
+            return
+        if pid:
+            os.close(image)
+            os.waitpid(pid, 0)
+            return
+        try:
+            close_fds_except((image,))
+            devnull = os.open(os.devnull, os.O_RDWR)  # not the launcher's output pipes
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+            if os.fork() == 0:
+                from rankwire.runtime.warm import prefetch
 
-            prefetch(lower, self.plan.prefetch)
+                os.fchdir(image)
+                os.chroot(".")
+                os.close(image)
+                prefetch("", self.plan.prefetch)
         finally:
             os._exit(0)
 

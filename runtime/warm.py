@@ -7,13 +7,15 @@ window straddles two blocks), while the ranks wait on one core. Measured on 2 co
 `apptainer-mpirun -n 4` of the harness's images: squashfuse_ll used 64-71 ms of CPU in an
 MPICH hello and about 100 in an Open MPI one, after the ranks started.
 
-So the launcher keeps, per image and program, which parts of which files its ranks had
-mapped (`record`: the first rank to finalize, its /proc/PID/maps and `mincore`, block
-aligned: what any rank of the job read of those files), and the next launch of that
-program in that image has the holder read those ranges right after the mount
-(`prefetch`, in a child of the holder), on the CPU the launcher's own start leaves idle:
-in large sequential reads, so each block is unpacked once. It is a hint only: a file
-gone or changed costs a wasted read, never a failure.
+So the launcher keeps, per image and program, which blocks of which image files its
+ranks read (`record`, from the first rank to finalize: the files it maps and the pages
+it touched, or, where the kernel tells the truth about it, everything of those files and
+of their neighbours in the page cache), and the next launch of that program in that
+image has the holder read those blocks as soon as its container has a PID namespace
+(`prefetch`, in a process of it chrooted into the image's mount: `Holder._prefetch`),
+on the CPU the launcher's own start leaves idle: in large sequential reads, so each
+block is unpacked once. It is a hint only: a file gone or changed costs a
+wasted read, never a failure.
 
 `load` and `cache_path` are facts (the user's cache); `coalesce` is pure."""
 
@@ -23,9 +25,11 @@ import contextlib
 import hashlib
 import mmap
 import os
+import posixpath
 import re
 import stat
 import struct
+import time
 from collections.abc import Iterable, Sequence
 
 # (offset, length, path in the container): a range of a file to read ahead.
@@ -40,42 +44,65 @@ CHUNK = 1024 * 1024
 MAGIC = "rankwire-warm 1"
 
 
-def cache_path(cache_dir: str, image_digest: str, program: str, path_env: str) -> str:
-    """Where the warm list of `program` (as the rank's exec resolves it: along PATH) in
-    the image of metadata digest `image_digest` is kept."""
-    key = hashlib.sha256(f"{program}\0{path_env}".encode()).hexdigest()[:16]
+def cache_path(cache_dir: str, image_digest: str, program: str, path_env: str, cwd: str) -> str:
+    """Where the warm list of `program` (as the rank's exec resolves it: along PATH, or
+    from `cwd` when relative) in the image of metadata digest `image_digest` is kept."""
+    where = "" if program.startswith("/") else cwd
+    key = hashlib.sha256(f"{program}\0{path_env}\0{where}".encode()).hexdigest()[:16]
     return os.path.join(cache_dir, "warm", f"{image_digest}-{key}")
 
 
 def load(path: str) -> tuple[WarmRange, ...]:
-    """The warm list at `path`; () when there is none or it is not ours."""
+    """The warm list at `path`; () when there is none or it is not ours. A list that is
+    used is touched: `_write` keeps the lists used last, `cache clean --older-than` too."""
     try:
-        with open(path, encoding="utf-8", errors="strict") as f:
-            lines = f.read(1 << 20).splitlines()
-    except (OSError, UnicodeDecodeError):
+        with open(path, "rb") as f:
+            lines = f.read(1 << 20).decode("utf-8", "surrogateescape").split("\n")
+    except OSError:
         return ()
-    if not lines or lines[0] != MAGIC:
+    if lines[0] != MAGIC:
         return ()
     ranges: list[WarmRange] = []
     for line in lines[1:]:
-        offset, _, rest = line.partition(" ")
-        length, _, name = rest.partition(" ")
-        if offset.isdigit() and length.isdigit() and name.startswith("/"):
-            ranges.append((int(offset), int(length), name))
+        m = _LINE.fullmatch(line)
+        # a path in the image as a rank's maps name it: absolute, normal, no NUL
+        if m and posixpath.normpath(m[3]) == m[3] and "\0" not in m[3]:
+            offset, length = int(m[1]), int(m[2])
+            if offset < 1 << 62 and 0 < length <= MAX_BYTES:
+                ranges.append((offset, length, m[3]))
+    if ranges:
+        with contextlib.suppress(OSError):
+            os.utime(path)
     return tuple(ranges)
 
 
-def coalesce(resident: bytes, page: int, block: int = BLOCK) -> list[tuple[int, int]]:
-    """The (offset, length) runs of whole `block`s holding a page whose `mincore` byte in
-    `resident` has bit 0 set (`page` bytes a page)."""
-    blocks = sorted({i * page // block for i, b in enumerate(resident) if b & 1})
+_LINE = re.compile(r"([0-9]{1,19}) ([0-9]{1,19}) (/.*)", re.ASCII | re.DOTALL)
+_NAME = re.compile(r"[0-9a-f]{1,64}-[0-9a-f]{16}(\.[0-9]+\.tmp)?", re.ASCII)
+
+
+def coalesce(
+    pages: Iterable[tuple[int, int]], page: int, block: int = BLOCK
+) -> list[tuple[int, int]]:
+    """The (offset, length) runs of whole `block`s that hold the page runs `pages`
+    ([first, end) page numbers, `page` bytes a page), in order."""
     runs: list[tuple[int, int]] = []
-    for b in blocks:
-        if runs and runs[-1][0] + runs[-1][1] == b * block:
-            runs[-1] = (runs[-1][0], runs[-1][1] + block)
+    for first, end in sorted(pages):
+        start, stop = first * page // block * block, -(-end * page // block) * block
+        if runs and runs[-1][0] + runs[-1][1] >= start:
+            start = runs[-1][0]
+            runs[-1] = (start, max(runs[-1][0] + runs[-1][1], stop) - start)
         else:
-            runs.append((b * block, block))
+            runs.append((start, stop - start))
     return runs
+
+
+def _runs(flags: bytes) -> list[tuple[int, int]]:
+    """The [first, end) runs of pages whose byte in `flags` (as `mincore` fills them)
+    has bit 0 set."""
+    return [m.span() for m in re.finditer(b"\x01+", flags.translate(_BIT0))]
+
+
+_BIT0 = bytes(i & 1 for i in range(256))
 
 
 def _mapped(pid: int) -> list[tuple[int, int, int, str]]:
@@ -96,15 +123,20 @@ def _present(pid: int, spans: Sequence[tuple[int, int, int, str]]) -> dict[str, 
     what it touched (and what the kernel mapped around it), from /proc/PID/pagemap (bit
     63: present; the owner may read it)."""
     page = mmap.PAGESIZE
+    budget = 4 * MAX_BYTES // page  # pagemap entries looked at, at most
     pages: dict[str, set[int]] = {}
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
         for start, end, offset, name in spans:
-            raw = os.pread(fd, (end - start) // page * 8, start // page * 8)
+            count = min((end - start) // page, MAX_BYTES // page, budget)
+            budget -= count
+            raw = os.pread(fd, count * 8, start // page * 8)
             got = pages.setdefault(name, set())
-            for i, (entry,) in enumerate(struct.iter_unpack("<Q", raw)):
+            for i, (entry,) in enumerate(struct.iter_unpack("<Q", raw[: len(raw) // 8 * 8])):
                 if entry >> 63:
                     got.add(offset // page + i)
+            if budget <= 0:
+                break
     finally:
         os.close(fd)
     return pages
@@ -159,25 +191,25 @@ def _neighbours(root: str, names: Sequence[str], points: Sequence[str]) -> list[
 
 def _resident(fd: int, size: int) -> bytes:
     """`mincore` of the whole file open at `fd`: which of its pages are in the page cache
-    (for a FUSE file: which any process read since the mount; see `_mincore_tells`)."""
+    (for a FUSE file: which any process read since the mount; see `_mincore_tells`). A
+    shared read-only mapping: no commit charge, nothing faulted in."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    vec = ctypes.create_string_buffer(pages)
-    # MAP_PRIVATE with write access only to take the address (ctypes wants a writable
-    # buffer); nothing is written, so every page stays the page cache's.
-    m = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+    vec = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
     try:
-        view = ctypes.c_char.from_buffer(m)
-        try:
-            if libc.mincore(ctypes.addressof(view), size, vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore")
-        finally:
-            del view
+        if libc.mincore(addr, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
     finally:
-        m.close()
+        libc.munmap(addr, size)
     return vec.raw
 
 
@@ -209,13 +241,13 @@ def record(pid: int, root_pid: int, dest: str) -> bool:
             if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
                 continue
             if _mincore_tells(st):
-                resident = _resident(fd, st.st_size)
+                pages = _runs(_resident(fd, st.st_size))
                 if not told:  # once: the image's other files beside these are worth a look
                     told = True
                     names += _neighbours(root, list(present), points)
             else:
-                resident = _bitmap(present.get(name, set()), st.st_size)
-            runs = coalesce(resident, mmap.PAGESIZE)
+                pages = [(i, i + 1) for i in present.get(name, ())]
+            runs = coalesce(pages, mmap.PAGESIZE)
         except (OSError, ValueError):
             continue
         finally:
@@ -231,33 +263,42 @@ def record(pid: int, root_pid: int, dest: str) -> bool:
     return True
 
 
-def _bitmap(pages: set[int], size: int) -> bytes:
-    """`pages` as `mincore` would say them for a file of `size` bytes."""
-    vec = bytearray((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
-    for i in pages:
-        if i < len(vec):
-            vec[i] = 1
-    return bytes(vec)
-
-
 def _write(dest: str, ranges: Iterable[WarmRange]) -> None:
-    """Whole or not at all: a temporary file beside it, renamed into place."""
+    """Whole or not at all (a temporary file beside it, renamed into place), in a
+    directory of our own (not a link, not another user's); then only the `KEPT` lists
+    used last stay (an image or program used once leaves no list for ever), and
+    temporary files that a writer killed midway left."""
     text = "".join([f"{MAGIC}\n", *(f"{o} {n} {name}\n" for o, n, name in ranges)])
     parent = os.path.dirname(dest)
     tmp = f"{dest}.{os.getpid()}.tmp"
     try:
         os.makedirs(parent, mode=0o700, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        st = os.lstat(parent)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8", "surrogateescape"))
+        finally:
+            os.close(fd)
         os.rename(tmp, dest)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         return
-    with contextlib.suppress(OSError):  # an image or program used once: no list for ever
-        kept = sorted(os.scandir(parent), key=lambda e: e.stat().st_mtime_ns, reverse=True)
-        for old in kept[KEPT:]:
-            os.unlink(old.path)
+    with contextlib.suppress(OSError):
+        ours = []
+        for entry in os.scandir(parent):
+            if _NAME.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    ours.append((entry.stat(follow_symlinks=False).st_mtime, entry))
+        ours.sort(key=lambda e: e[0], reverse=True)
+        lists = [e for e in ours if not e[1].name.endswith(".tmp")]
+        stale = time.time() - 600
+        for when, entry in [*lists[KEPT:], *(e for e in ours if e[1].name.endswith(".tmp"))]:
+            if not entry.name.endswith(".tmp") or when < stale:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def prefetch(root: str, ranges: Sequence[WarmRange]) -> None:

@@ -27,24 +27,62 @@ from rankwire.runtime.plan import ContainerPlan, ProcessPlan
 
 def test_coalesce_makes_runs_of_whole_blocks() -> None:
     page, block = 4096, 4 * 4096
-    # pages 1 and 2 (block 0), 9 (block 2), 12 (block 3); 5 is not resident (bit 0 clear)
-    resident = bytes([0, 1, 1, 0, 0, 2, 0, 0, 0, 1, 0, 0, 1, 0])
-    assert warm.coalesce(resident, page, block) == [(0, block), (2 * block, 2 * block)]
-    assert warm.coalesce(bytes(8), page, block) == []
+    # pages 1-2 (block 0), 9 (block 2), 12 and 15 (block 3), 17-20 (blocks 4, 5)
+    pages = [(12, 13), (1, 3), (9, 10), (15, 16), (17, 21)]
+    assert warm.coalesce(pages, page, block) == [(0, block), (2 * block, 4 * block)]
+    assert warm.coalesce([], page, block) == []
+    # mincore's bytes: bit 0 says the page is in (page 5's 2 does not)
+    assert warm._runs(bytes([0, 1, 1, 0, 0, 2, 0, 0, 0, 1, 0, 0, 1])) == [(1, 3), (9, 10), (12, 13)]
 
 
 def test_load_takes_only_a_warm_list(tmp_path: Path) -> None:
     kept = tmp_path / "list"
-    kept.write_text(f"{warm.MAGIC}\n0 131072 /lib/a b.so\nx 1 /y\n5 6 relative\n")
-    assert warm.load(str(kept)) == ((0, 131072, "/lib/a b.so"),)
+    odd = [
+        "x 1 /y",
+        "5 6 relative",
+        "7 8 /a/../b",
+        "9 10 /a//b",
+        "\u00b2 1 /z",
+        f"0 {1 << 40} /big",
+    ]
+    kept.write_text("\n".join([warm.MAGIC, "0 131072 /lib/a b.so", *odd, "1 2 /c\u2028d"]))
+    assert warm.load(str(kept)) == ((0, 131072, "/lib/a b.so"), (1, 2, "/c\u2028d"))
     kept.write_text("0 131072 /lib/a.so\n")  # no magic line: not ours
     assert warm.load(str(kept)) == ()
-    kept.write_bytes(warm.MAGIC.encode() + b"\n0 1 /\xff\n")
-    assert warm.load(str(kept)) == ()
+    kept.write_bytes(warm.MAGIC.encode() + b"\n0 1 /\xff\n")  # not UTF-8: kept as the bytes
+    assert warm.load(str(kept)) == ((0, 1, "/\udcff"),)
     assert warm.load(str(tmp_path / "none")) == ()
 
 
-def test_prefetch_passes_over_what_is_not_a_regular_file(tmp_path: Path) -> None:
+def test_write_keeps_the_lists_used_last_and_only_its_own(tmp_path: Path) -> None:
+    lists = tmp_path / "warm"
+    lists.mkdir()
+    names = [f"{i:032x}-{i:016x}" for i in range(warm.KEPT + 2)]
+    for i, name in enumerate(names[1:]):  # names[0] is written last, below
+        (lists / name).write_text(warm.MAGIC)
+        os.utime(lists / name, (1000 + i, 1000 + i))
+    (lists / f"{names[1]}.77.tmp").write_text("")  # a killed writer's, long ago
+    os.utime(lists / f"{names[1]}.77.tmp", (1000, 1000))
+    (lists / f"{names[2]}.78.tmp").write_text("")  # a writer's, now
+    (lists / "notes.txt").write_text("not ours")
+    warm._write(str(lists / names[0]), [(0, 4096, "/lib/\udcff.so")])
+    left = sorted(p.name for p in lists.iterdir())
+    # the newest KEPT lists (names[0] and the KEPT - 1 written last), the fresh temporary
+    # file and what is not ours
+    assert left == sorted([names[0], *names[3:], f"{names[2]}.78.tmp", "notes.txt"])
+    assert warm.load(str(lists / names[0])) == ((0, 4096, "/lib/\udcff.so"),)
+    assert (lists / names[0]).read_bytes().endswith(b"/lib/\xff.so\n")
+    # a link in place of the directory: nothing written through it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linked").symlink_to(elsewhere)
+    warm._write(str(tmp_path / "linked" / names[0]), [(0, 4096, "/a")])
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_prefetch_passes_over_what_is_not_a_regular_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib/a.so").write_bytes(b"x" * 300_000)
     os.mkfifo(tmp_path / "lib/fifo")
@@ -52,14 +90,23 @@ def test_prefetch_passes_over_what_is_not_a_regular_file(tmp_path: Path) -> None
     ranges = [
         (0, 131072, "/lib/missing.so"),
         (0, 131072, "/lib/fifo"),  # opening it blocks, unless told not to
-        (0, 131072, "/lib/link"),
+        (0, 131072, "/lib/link"),  # a link is not followed (inside a chroot it could be)
         (131072, 1 << 30, "/lib/a.so"),  # past its end: read to the end
     ]
-    done = threading.Event()
-    thread = threading.Thread(target=lambda: (warm.prefetch(str(tmp_path), ranges), done.set()))
+    reads: list[tuple[int, int]] = []
+    pread = os.pread
+
+    def counted(fd: int, n: int, offset: int) -> bytes:
+        got = pread(fd, n, offset)
+        reads.append((offset, len(got)))
+        return got
+
+    monkeypatch.setattr(os, "pread", counted)
+    thread = threading.Thread(target=warm.prefetch, args=(str(tmp_path), ranges), daemon=True)
     thread.start()
     thread.join(10)
-    assert done.is_set()
+    assert not thread.is_alive()
+    assert reads == [(131072, 300_000 - 131072), (300_000, 0)]
 
 
 def _container(**kw: object) -> ContainerPlan:
@@ -160,17 +207,22 @@ def _fuse_reads(image: Path, uid: int) -> int:
 @pytest.mark.usefixtures("nothing_left_behind")
 def test_the_holder_reads_the_list_ahead(mpich_image: Path, runner: User, cache: Path) -> None:
     """The holder's child reads what the list names: the FUSE daemon unpacks most of the
-    41 MB libmpich though the rank (sleep) never opens it."""
-    argv = ["env", f"RANKWIRE_CACHEDIR={cache}", "apptainer-mpirun", "-n", "1"]
+    41 MB libmpich though the rank (sleep) never opens it; after the holder's pivot_root
+    too (the second file), with the session dir where the container does not see it."""
+    runtime = Path(f"/run/rankwire-test-warm-{os.urandom(4).hex()}")
+    runtime.mkdir(mode=0o700)
+    os.chown(runtime, runner.uid, runner.gid)
+    argv = ["env", f"RANKWIRE_CACHEDIR={cache}", f"XDG_RUNTIME_DIR={runtime}"]
+    argv += ["apptainer-mpirun", "-n", "1"]
     argv += [str(mpich_image), "/bin/sleep", "30"]
-    planned = runner.run([*argv[:5], "--dry-run", "--json", *argv[5:]], cwd="/tmp")
+    planned = runner.run([*argv[:6], "--dry-run", "--json", *argv[6:]], cwd="/tmp")
     kept = json.loads(planned.stdout)["warm_record"]
     assert kept.startswith(f"{cache}/warm/")
     lib = "/lib/x86_64-linux-gnu/libmpich.so.12"
     size = os.stat(lib).st_size  # as copied into the image
     assert size > 16 << 20
     os.makedirs(os.path.dirname(kept))
-    Path(kept).write_text(f"{warm.MAGIC}\n0 {size} {lib}\n")
+    Path(kept).write_text(f"{warm.MAGIC}\n0 131072 /opt/hello_mpich\n0 {size} {lib}\n")
     for p in (os.path.dirname(kept), kept):
         os.chown(p, runner.uid, runner.gid)
     proc = subprocess.Popen(runner.argv(argv), cwd="/tmp", stderr=subprocess.PIPE, text=True)
@@ -195,4 +247,5 @@ def test_the_holder_reads_the_list_ahead(mpich_image: Path, runner: User, cache:
         else:
             kill_tree(proc.pid)
         _, err = proc.communicate(timeout=10)
+        shutil.rmtree(runtime, ignore_errors=True)
     assert proc.returncode == 128 + signal.SIGTERM, err
