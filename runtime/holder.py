@@ -118,7 +118,7 @@ def fs_type(path: str) -> str:
         fields = left.split()
         if len(fields) < 5 or not right:
             continue
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        point = sc.mount_field(fields[4])
         if within(real, point) and len(point) >= len(best):
             best, kind = point, right.split()[0]
     return kind

@@ -184,7 +184,7 @@ def move_mount(tree_fd: int, target: str) -> None:
     _check(ret, f"move_mount on {target}")
 
 
-def _unescape(field: str) -> str:
+def mount_field(field: str) -> str:
     """A /proc/self/mountinfo path field (space, tab, newline, backslash are \\ooo)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -193,7 +193,7 @@ def mounts_below(target: str) -> list[str]:
     """Mount points at or below `target` (from /proc/self/mountinfo), parents first."""
     prefix = target.rstrip("/") + "/"
     with open("/proc/self/mountinfo", errors="surrogateescape") as f:
-        points = {_unescape(line.split()[4]) for line in f}
+        points = {mount_field(line.split()[4]) for line in f}
     return sorted((p for p in points if p == target or p.startswith(prefix)), key=len)
 
 

@@ -29,8 +29,9 @@ import posixpath
 import re
 import stat
 import struct
-import time
 from collections.abc import Iterable, Sequence
+
+from rankwire.runtime.plan import within
 
 # (offset, length, path in the container): a range of a file to read ahead.
 WarmRange = tuple[int, int, str]
@@ -77,7 +78,7 @@ def load(path: str) -> tuple[WarmRange, ...]:
 
 
 _LINE = re.compile(r"([0-9]{1,19}) ([0-9]{1,19}) (/.*)", re.ASCII | re.DOTALL)
-_NAME = re.compile(r"[0-9a-f]{1,64}-[0-9a-f]{16}(\.[0-9]+\.tmp)?", re.ASCII)
+_NAME = re.compile(r"[0-9a-f]{1,64}-[0-9a-f]{16}", re.ASCII)
 
 
 def coalesce(
@@ -109,7 +110,7 @@ def _mapped(pid: int) -> list[tuple[int, int, int, str]]:
     """The file mappings of process `pid` (its program, libraries, plug-ins): (start, end,
     file offset, path), in the order /proc lists them."""
     spans = []
-    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.rstrip("\n").split(maxsplit=5)
             if len(fields) == 6 and fields[5].startswith("/") and fields[4] != "0":
@@ -144,13 +145,10 @@ def _present(pid: int, spans: Sequence[tuple[int, int, int, str]]) -> dict[str, 
 
 def _mount_points(pid: int) -> list[str]:
     """The mount points of process `pid`'s mount namespace, as its root shows them."""
-    points = []
-    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4:  # octal escapes (\\040 for a space) as the kernel writes
-                points.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
-    return points
+    from rankwire.runtime.syscalls import mount_field
+
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [mount_field(fields[4]) for fields in map(str.split, f) if len(fields) > 4]
 
 
 def _in_image(name: str, points: Sequence[str]) -> bool:
@@ -158,7 +156,7 @@ def _in_image(name: str, points: Sequence[str]) -> bool:
     a bound host file or directory, /dev/shm, /tmp."""
     if "\n" in name or name.endswith(" (deleted)"):
         return False
-    return not any(p != "/" and (name == p or name.startswith(p + "/")) for p in points)
+    return not any(p != "/" and within(name, p) for p in points)
 
 
 def _mincore_tells(st: os.stat_result) -> bool:
@@ -264,41 +262,30 @@ def record(pid: int, root_pid: int, dest: str) -> bool:
 
 
 def _write(dest: str, ranges: Iterable[WarmRange]) -> None:
-    """Whole or not at all (a temporary file beside it, renamed into place), in a
-    directory of our own (not a link, not another user's); then only the `KEPT` lists
-    used last stay (an image or program used once leaves no list for ever), and
-    temporary files that a writer killed midway left."""
-    text = "".join([f"{MAGIC}\n", *(f"{o} {n} {name}\n" for o, n, name in ranges)])
+    """Whole or not at all (`imagefacts.keep`; what a writer killed midway leaves is a
+    `.tmp-*` that `rankwire cache clean` removes), in a directory of our own (not a link,
+    not another user's); then only the `KEPT` lists used last stay there (an image or
+    program used once leaves no list for ever)."""
+    from rankwire.runtime.imagefacts import keep
+
     parent = os.path.dirname(dest)
-    tmp = f"{dest}.{os.getpid()}.tmp"
     try:
         os.makedirs(parent, mode=0o700, exist_ok=True)
         st = os.lstat(parent)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            return
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, text.encode("utf-8", "surrogateescape"))
-        finally:
-            os.close(fd)
-        os.rename(tmp, dest)
     except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         return
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        return
+    keep(dest, "".join([f"{MAGIC}\n", *(f"{o} {n} {name}\n" for o, n, name in ranges)]))
     with contextlib.suppress(OSError):
-        ours = []
+        lists = []
         for entry in os.scandir(parent):
             if _NAME.fullmatch(entry.name):
                 with contextlib.suppress(OSError):
-                    ours.append((entry.stat(follow_symlinks=False).st_mtime, entry))
-        ours.sort(key=lambda e: e[0], reverse=True)
-        lists = [e for e in ours if not e[1].name.endswith(".tmp")]
-        stale = time.time() - 600
-        for when, entry in [*lists[KEPT:], *(e for e in ours if e[1].name.endswith(".tmp"))]:
-            if not entry.name.endswith(".tmp") or when < stale:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                    lists.append((entry.stat(follow_symlinks=False).st_mtime, entry.path))
+        for _, path in sorted(lists, reverse=True)[KEPT:]:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def prefetch(root: str, ranges: Sequence[WarmRange]) -> None:

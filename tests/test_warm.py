@@ -61,15 +61,14 @@ def test_write_keeps_the_lists_used_last_and_only_its_own(tmp_path: Path) -> Non
     for i, name in enumerate(names[1:]):  # names[0] is written last, below
         (lists / name).write_text(warm.MAGIC)
         os.utime(lists / name, (1000 + i, 1000 + i))
-    (lists / f"{names[1]}.77.tmp").write_text("")  # a killed writer's, long ago
-    os.utime(lists / f"{names[1]}.77.tmp", (1000, 1000))
-    (lists / f"{names[2]}.78.tmp").write_text("")  # a writer's, now
+    (lists / ".tmp-killed").write_text("")  # a killed writer's: `cache clean` removes it
+    os.utime(lists / ".tmp-killed", (1000, 1000))
     (lists / "notes.txt").write_text("not ours")
     warm._write(str(lists / names[0]), [(0, 4096, "/lib/\udcff.so")])
     left = sorted(p.name for p in lists.iterdir())
-    # the newest KEPT lists (names[0] and the KEPT - 1 written last), the fresh temporary
-    # file and what is not ours
-    assert left == sorted([names[0], *names[3:], f"{names[2]}.78.tmp", "notes.txt"])
+    # the newest KEPT lists (names[0] and the KEPT - 1 written last), and what is not a
+    # list: not pruned
+    assert left == sorted([names[0], *names[3:], ".tmp-killed", "notes.txt"])
     assert warm.load(str(lists / names[0])) == ((0, 4096, "/lib/\udcff.so"),)
     assert (lists / names[0]).read_bytes().endswith(b"/lib/\xff.so\n")
     # a link in place of the directory: nothing written through it
