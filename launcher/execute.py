@@ -31,6 +31,7 @@ from rankwire.pmi.job import FenceFailed, Job, format_ranks
 from rankwire.runtime.instance import (
     FORWARDED_SIGNALS,
     Lease,
+    end_with_slurmstepd,
     exit_code,
     open_container,
     start_in,
@@ -374,7 +375,9 @@ def pmi_server(plan: LaunchPlan) -> Union[PmiServer, PmixServer]:
 
 
 def execute(plan: LaunchPlan) -> int:
-    """Run the job; returns the launcher's exit code."""
+    """Run the job; returns the launcher's exit code. A task of a step (`srun …
+    apptainer-mpirun`) ends with its slurmstepd."""
+    end_with_slurmstepd()
     if plan.open_files is not None:  # the planner found the job needs more (up to hard)
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (plan.open_files, hard))

@@ -1,21 +1,21 @@
 """Facts the launcher needs beyond the runtime's: which PMI the ranks' MPI speaks, how
-many files the launcher may open, and on how many CPUs its ranks may run."""
+many files the launcher may open, and on how many CPUs its ranks may run. The last two
+are also part of a kept launch plan's key (`plancache`, which imports this module before
+any planner: what only the PMI answers read is imported where they read it)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import resource
-import shutil
 from collections.abc import Callable, Mapping
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from rankwire.errors import UserError
-from rankwire.fabric.imagefacts import MAX_ELF_BYTES, Listing, extract_elves, list_image
-from rankwire.pmi.pmix.detect import pmi_kind
-from rankwire.runtime.imagefacts import keep as _keep
-from rankwire.runtime.plan import ImageFacts
+
+if TYPE_CHECKING:
+    from rankwire.fabric.imagefacts import Listing
+    from rankwire.runtime.plan import ImageFacts
 
 
 def image_mpi_kinds(
@@ -23,6 +23,8 @@ def image_mpi_kinds(
 ) -> tuple[Optional[str], Optional[str]]:
     """`image_mpi_kind` and `image_program_mpi_kind`, from one listing of the image (at
     most: each answer is kept in `cache_dir`)."""
+    from rankwire.fabric.imagefacts import list_image
+
     listing: Optional[Listing] = None
 
     def listed() -> Listing:
@@ -45,6 +47,10 @@ def image_mpi_kind(
     Listing a large image takes ~6 µs per file, so the answer is kept in `cache_dir`
     under the image's identity digest and the listing is done once per image.
     """
+    from rankwire.fabric.imagefacts import list_image
+    from rankwire.pmi.pmix.detect import pmi_kind
+    from rankwire.runtime.imagefacts import keep
+
     cached = os.path.join(cache_dir, "mpi-kind", image.digest)
     try:
         with open(cached) as f:
@@ -55,7 +61,7 @@ def image_mpi_kind(
         kind = pmi_kind((listed or (lambda: list_image(image)))().entries)
     except UserError:
         return None
-    _keep(cached, kind or "")
+    keep(cached, kind or "")
     return kind
 
 
@@ -63,16 +69,28 @@ def program_mpi_kind(program: str, environ: Mapping[str, str]) -> Optional[str]:
     """The same for a host program, from the libraries it loads: its DT_NEEDED closure as
     the host's loader finds it (`fabric.hostfacts.library_graph`: ≈ 3 ms where running
     `ldd`, which runs the loader three times, took ≈ 6)."""
+    return host_program_facts(program, environ)[0]
+
+
+def host_program_facts(
+    program: str, environ: Mapping[str, str]
+) -> tuple[Optional[str], tuple[str, ...]]:
+    """`program_mpi_kind`, and the files it read to say so: the program as found on
+    PATH and each library of its closure (none: not found)."""
+    import shutil
+
     from rankwire.fabric.hostfacts import Resolver, library_graph
+    from rankwire.pmi.pmix.detect import pmi_kind
 
     path = shutil.which(program, path=environ.get("PATH"))
     if path is None:
-        return None
+        return None, ()
     try:
         objects = library_graph([path], Resolver(environ.get("LD_LIBRARY_PATH", "")))
     except (OSError, ValueError):  # a script, or unreadable
-        return None
-    return pmi_kind(o.path for o in objects.values() if o.path != path)
+        return None, (path,)
+    libraries = tuple(sorted({o.path for o in objects.values() if o.path != path}))
+    return pmi_kind(libraries), (path, *libraries)
 
 
 def image_program_mpi_kind(
@@ -88,6 +106,12 @@ def image_program_mpi_kind(
     `program` is resolved like the container's exec does: as given when it holds a `/`,
     else along the rank's PATH. Kept in `cache_dir` per image digest and program.
     """
+    import hashlib
+
+    from rankwire.fabric.imagefacts import MAX_ELF_BYTES, extract_elves, list_image
+    from rankwire.pmi.pmix.detect import pmi_kind
+    from rankwire.runtime.imagefacts import keep
+
     if "/" in program and not program.startswith("/"):
         return None  # relative to the rank's directory, which is the host's, bound in
     key = hashlib.sha256(f"{program}\0{environ.get('PATH', '')}".encode()).hexdigest()[:16]
@@ -115,7 +139,7 @@ def image_program_mpi_kind(
         except UserError:
             return None
         kind = pmi_kind(elf.needed) if elf is not None else None
-    _keep(cached, kind or "")
+    keep(cached, kind or "")
     return kind
 
 

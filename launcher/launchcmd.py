@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
@@ -19,15 +20,29 @@ from rankwire.launcher.plan import (
     describe_oversubscription,
     plan_launch,
     validate,
+    with_warm,
 )
 from rankwire.launcher.plan import host_process as plan_host_process
 from rankwire.pmi.bridgeplan import bridge_choice
-from rankwire.runtime.execcmd import cli_values, defaults, echo, exec_options, local_image
-from rankwire.runtime.instance import front_end
+from rankwire.runtime.execcmd import (
+    cli_values,
+    defaults,
+    echo,
+    exec_options,
+    keyable,
+    local_image,
+    probed_paths,
+)
+from rankwire.runtime.instance import front_end, parent_is_slurmstepd
 from rankwire.runtime.options import delegation_argv, in_scope, parse_plain, take_options
 from rankwire.runtime.plan import runscript_argv
 from rankwire.runtime.reference import is_remote
 from rankwire.runtime.sif_format import MAGIC
+
+# What a kept launch plan is keyed on besides the request: the image as given (None: on
+# the host), files, probed paths (there or not), host tools (where on PATH).
+Keyed = tuple[Optional[str], list[str], dict[str, bool], dict[str, Optional[str]]]
+LD_CACHE = "/etc/ld.so.cache"  # where the host's loader finds libraries: a host launch's key
 
 
 def plain(command: str, args: Sequence[str]) -> Optional[Callable[[], None]]:
@@ -39,20 +54,28 @@ def plain(command: str, args: Sequence[str]) -> Optional[Callable[[], None]]:
         return None
     values, words = parsed
     kw = {**defaults(), **values}
+    keep = (command, *args)
     if command == "run" and words:
-        return lambda: run(words[0], tuple(words[1:]), None, kw)
+        return lambda: run(words[0], tuple(words[1:]), None, kw, keep)
     if command == "apptainer-mpirun" and len(words) >= 2:
-        return lambda: launch(words[0], tuple(words[1:]), False, kw)
+        return lambda: launch(words[0], tuple(words[1:]), False, kw, keep)
     return None
 
 
-def run(target: str, args: tuple[str, ...], image: Optional[str], kw: dict[str, Any]) -> None:
+def run(
+    target: str,
+    args: tuple[str, ...],
+    image: Optional[str],
+    kw: dict[str, Any],
+    keep: Optional[tuple[str, ...]] = None,
+) -> None:
     """`rankwire run`: TARGET a SIF image (or a remote one) runs its runscript; with
-    --image IMG, a command inside IMG; otherwise, a command on this host."""
+    --image IMG, a command inside IMG; otherwise, a command on this host. `keep`: the
+    command and its words as given, under which the plan is kept (`launch`)."""
     if image is None and (is_sif(target) or is_remote(target)):
-        launch(target, args, True, kw)
+        launch(target, args, True, kw, keep)
     else:
-        launch(image, (target, *args), False, kw)
+        launch(image, (target, *args), False, kw, keep)
 
 
 def is_sif(path: str) -> bool:
@@ -63,12 +86,21 @@ def is_sif(path: str) -> bool:
         return False
 
 
-def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[str, Any]) -> None:
+def launch(
+    image: Optional[str],
+    argv: Sequence[str],
+    runscript: bool,
+    kw: dict[str, Any],
+    keep: Optional[tuple[str, ...]] = None,
+) -> None:
+    """Plan the launch and run it. `keep`: the command and its words as given (the plain
+    options' path, `rankwire/entry.py`), under which a local launch's plan is kept for
+    the next launch of the same words (`plancache`), where its key can hold it."""
     from rankwire.launcher.execute import execute
     from rankwire.launcher.facts import (
+        host_program_facts,
         image_mpi_kinds,
         open_files_limit,
-        program_mpi_kind,
         usable_cpus,
     )
     from rankwire.runtime.assemble import plan_image
@@ -96,12 +128,30 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
             )
         process = plan_host_process(argv, user.environ, user.cwd)
         prefix: list[str] = []
-        kind = program_kind = program_mpi_kind(argv[0], user.environ)
+        found = shutil.which(argv[0], path=user.environ.get("PATH"))
+        ld_cache = [LD_CACHE] if os.path.exists(LD_CACHE) else []
+        before = _before(keep, [found, *ld_cache] if found else None)
+        kind, read = host_program_facts(argv[0], user.environ)
+        program_kind = kind
         host_mpi: dict[str, Any] = {}
         warm = None
+        # The key: what host_program_facts read (the program as found on PATH, its
+        # libraries) and the loader's cache; where the program's name is found on PATH
+        # (one of that name put on it earlier); whether a file of that name is here
+        # (`run` would take a SIF there as its image).
+        keyed: Optional[Keyed] = None
+        if before is not None and read[:1] == (found,) and not parent_is_slurmstepd(os.getppid()):
+            here = os.path.exists(argv[0])
+            keyed = (
+                None,
+                [*read, *ld_cache, *([argv[0]] if here else [])],
+                {} if here else {argv[0]: False},
+                {} if "/" in argv[0] else {argv[0]: found},
+            )
     else:
         opts = exec_options(values)
         sif, named = local_image(image, source)
+        before = _before(keep, [sif])
         facts = gather(sif, opts, user=user)
         planned = plan_image(facts, opts, runscript_argv(facts.image, argv) if runscript else argv)
         assert planned.process is not None
@@ -125,13 +175,18 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
             user.cache_dir, facts.image.digest, program, path_env, process.workdir
         )
         warm = (kept, warm_list.load(kept))
+        keyed = (
+            (sif, [], probed_paths(facts, opts), dict(facts.host.tools))
+            if before is not None and keyable(image, facts, opts, planned)
+            else None
+        )
     slurm_mpi = None
     if user.environ.get("SLURM_JOB_ID") and not lopts.no_slurm:  # delegating: what srun offers
         from rankwire.runtime.doctorhost import slurm_install
 
         site = slurm_install()
         slurm_mpi = SlurmMpi(site.mpi_plugins, site.mpi_default)
-    plan: LaunchPlan = plan_launch(
+    unwarmed: LaunchPlan = plan_launch(
         lopts,
         process,
         container,
@@ -143,8 +198,8 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
         slurm_mpi,
         bridge_choice(values.get("pmi_bridge"), user.environ),
         usable_cpus(),
-        warm,
     )
+    plan = with_warm(unwarmed, warm)
     if dry_run:
         if as_json:
             doc = {**plan.to_dict(), **({"host_mpi": host_mpi} if host_mpi else {})}
@@ -167,7 +222,23 @@ def launch(image: Optional[str], argv: Sequence[str], runscript: bool, kw: dict[
                 f"cannot run srun inside Slurm job {plan.slurm_job}: "
                 f"{err.strerror}; pass --no-slurm to launch here"
             ) from None
-    from rankwire.runtime.instance import end_with_slurmstepd
+    if keep is not None and keyed is not None and before is not None and not lopts.verbose:
+        from rankwire.launcher.plancache import remember
 
-    end_with_slurmstepd()  # a task of a step (srun ... apptainer-mpirun) ends with it
+        key_image, files, probed, tools = keyed
+        kept_warm = warm[0] if warm is not None else ""
+        remember(keep, unwarmed, user, key_image, files, probed, tools, kept_warm, before)
     sys.exit(execute(plan))
+
+
+def _before(keep: Optional[tuple[str, ...]], paths: Optional[list[str]]) -> Optional[list[str]]:
+    """The identities of `paths` before the planner reads them, for a plan to be kept
+    (`keep`); None: none is (no words to keep it under, no paths, one is gone)."""
+    if keep is None or paths is None:
+        return None
+    from rankwire.launcher.plancache import identities
+
+    try:
+        return identities(paths)
+    except OSError:
+        return None

@@ -29,6 +29,8 @@ SRUN_MPI = {"pmi1": "pmi2", "pmi2": "pmi2", "pmix": "pmix"}
 # oversubscribed and the ranks yield when idle: a launch of ours does the same (Open MPI
 # 4 and 5 read this; a value the ranks' environment already has is kept).
 YIELD_WHEN_IDLE = "OMPI_MCA_mpi_yield_when_idle"
+# A warm list (`runtime/warm.py`): where it is kept, and its (offset, length, path) ranges.
+Warm = tuple[str, tuple[tuple[int, int, str], ...]]
 
 
 @record
@@ -84,6 +86,24 @@ class LaunchPlan:
             else []
         )
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LaunchPlan:
+        """The plan `dataclasses.asdict` made of one (a kept launch plan's JSON)."""
+        fields = dict(d)
+        fields.pop("ranks", None)  # `to_dict`'s preview
+        container = d.get("container")
+        fields["container"] = None if container is None else ContainerPlan.from_dict(container)
+        process = d["process"]
+        fields["process"] = ProcessPlan(
+            argv=tuple(process["argv"]),
+            env=dict(process["env"]),
+            workdir=process["workdir"],
+            no_new_privs=process["no_new_privs"],
+        )
+        if d.get("delegate") is not None:
+            fields["delegate"] = tuple(d["delegate"])
+        return cls(**fields)
 
 
 def rank_env_preview(rank: int, size: int, transport: str, pmi: str) -> dict[str, str]:
@@ -229,7 +249,7 @@ def plan_launch(
     slurm_mpi: Optional[SlurmMpi] = None,
     bridge: str = "auto",
     cpus: Optional[int] = None,
-    warm: Optional[tuple[str, tuple[tuple[int, int, str], ...]]] = None,
+    warm: Optional[Warm] = None,
 ) -> LaunchPlan:
     """Decide the PMI and local launch vs delegation to srun.
 
@@ -272,13 +292,7 @@ def plan_launch(
     oversubscribed = delegate is None and cpus is not None and opts.ntasks > cpus
     if oversubscribed and pmi == "pmix" and YIELD_WHEN_IDLE not in process.env:
         process = dataclasses.replace(process, env={**process.env, YIELD_WHEN_IDLE: "1"})
-    warm_record = ""
-    if delegate is None and container is not None and warm is not None:
-        if warm[1]:
-            container = dataclasses.replace(container, prefetch=warm[1])
-        else:
-            warm_record = warm[0]
-    return LaunchPlan(
+    plan = LaunchPlan(
         ntasks=opts.ntasks,
         pmi=pmi,
         pmi_transport=opts.pmi_transport,
@@ -293,8 +307,21 @@ def plan_launch(
         oversubscribed=oversubscribed,
         delegate=delegate,
         slurm_job=environ.get("SLURM_JOB_ID") or None,
-        warm_record=warm_record,
     )
+    return with_warm(plan, warm)
+
+
+def with_warm(plan: LaunchPlan, warm: Optional[Warm]) -> LaunchPlan:
+    """`plan` with the warm list of its ranks' program (`warm`: where it is kept, what it
+    holds; `runtime/warm.py`): a local launch in a container reads it ahead
+    (`container.prefetch`), or, with none yet, records it (`warm_record`)."""
+    if plan.delegate is not None or plan.container is None or warm is None:
+        return plan
+    if warm[1]:
+        return dataclasses.replace(
+            plan, container=dataclasses.replace(plan.container, prefetch=warm[1])
+        )
+    return dataclasses.replace(plan, warm_record=warm[0])
 
 
 def describe(plan: LaunchPlan) -> str:

@@ -96,6 +96,13 @@ def launch_without_click(prog: str, command: str, args: list[str]) -> None:
     return if click must parse them."""
 
     def call() -> bool:
+        from rankwire.launcher.plancache import cached
+
+        kept = cached((command, *args))  # the plan an earlier launch of these words kept
+        if kept is not None:
+            from rankwire.launcher.execute import execute
+
+            sys.exit(execute(kept))
         from rankwire.launcher.launchcmd import plain
 
         launch = plain(command, args)

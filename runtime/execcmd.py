@@ -367,6 +367,42 @@ def _option_words(image: str, command: Optional[tuple[str, ...]]) -> Optional[tu
     return tuple(argv[2:n]) if tuple(argv[n + 1 :]) == command else None
 
 
+def keyable(image: str, facts: Facts, opts: ExecOptions, plan: ImagePlan) -> bool:
+    """A plan of `image` may be kept for a later start of the same request, keyed on what
+    decided it (`joinplan.key_records`): outside a Slurm task, without a PMI bridge or its
+    warning, without signature checks, with nothing bound in from the host's fabric or
+    MPI and no host MPI asked for (their facts are host libraries, whose change no key of
+    the plan would show), the image a file and not the node's shared container."""
+    from rankwire.runtime.plan import host_mpi_choice
+    from rankwire.runtime.reference import is_remote
+
+    fabric = facts.fabric_host
+    return not (
+        is_remote(image)
+        or plan.pmi_bridge.bridge is not None
+        or plan.pmi_bridge.warning
+        or plan.container.share
+        or host_mpi_choice(opts, facts.user.environ) != "none"  # its facts: a PATH search
+        or fabric.libfabric is not None
+        or any(a.devices for a in fabric.adapters)
+        or os.environ.get("RANKWIRE_VERIFY")
+        or "HOME" not in os.environ  # else the home is the password database's
+        or inst.parent_is_slurmstepd(os.getppid())
+    )
+
+
+def probed_paths(facts: Facts, opts: ExecOptions) -> dict[str, bool]:
+    """Which of the host paths the planner looked at exist (a fabric adapter's coming
+    too): part of a kept plan's key."""
+    from rankwire.fabric.hostfacts import ADAPTER_SIGNS
+    from rankwire.runtime.plan import paths_to_probe
+
+    probed = {path: path in facts.existing for path in paths_to_probe(facts.user, opts)}
+    probed["/dev/fuse"] = facts.host.dev_fuse_usable
+    probed.update((path, os.path.exists(path)) for path in ADAPTER_SIGNS)
+    return probed
+
+
 def _exec_plan(
     image: str,
     words: tuple[str, ...],
@@ -378,29 +414,12 @@ def _exec_plan(
     """What writes this exec's plan for the C front end (`joinplan.remember_exec`) once
     its holder has said what it did, if the front end may start the container of
     `rankwire exec OPTIONS… IMAGE CMD…` (IMAGE a file; OPTIONS, `words`, exactly as given)
-    itself: outside a Slurm task, without a PMI bridge or its warning, without signature
-    checks, with nothing bound in from the host's fabric or MPI and no host MPI asked for
-    (their facts are host libraries, whose change no key of the plan would show), and the
-    same container and process plan for any command."""
-    from rankwire.fabric.hostfacts import ADAPTER_SIGNS
+    itself: where the plan is `keyable`, and the same container and process plan for any
+    command."""
     from rankwire.runtime import joinplan
     from rankwire.runtime.assemble import plan_image
-    from rankwire.runtime.plan import host_mpi_choice, paths_to_probe
-    from rankwire.runtime.reference import is_remote
 
-    fabric = facts.fabric_host
-    if (
-        is_remote(image)
-        or plan.pmi_bridge.bridge is not None
-        or plan.pmi_bridge.warning
-        or plan.container.share
-        or host_mpi_choice(opts, facts.user.environ) != "none"  # its facts: a PATH search
-        or fabric.libfabric is not None
-        or any(a.devices for a in fabric.adapters)
-        or os.environ.get("RANKWIRE_VERIFY")
-        or "HOME" not in os.environ  # else the home is the password database's
-        or inst.parent_is_slurmstepd(os.getppid())
-    ):
+    if not keyable(image, facts, opts, plan):
         return None
     try:
         probe = plan_image(facts, opts, joinplan.PROBE)
@@ -411,9 +430,7 @@ def _exec_plan(
         plan.process, probe.process, command
     ):
         return None
-    probed = {path: path in facts.existing for path in paths_to_probe(facts.user, opts)}
-    probed["/dev/fuse"] = facts.host.dev_fuse_usable
-    probed.update((path, os.path.exists(path)) for path in ADAPTER_SIGNS)
+    probed = probed_paths(facts, opts)
     proc = plan.process
 
     def write(holder: inst.HolderHandle) -> None:

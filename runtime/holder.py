@@ -51,7 +51,6 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -60,12 +59,10 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, Optional, cast
 
-from rankwire import lockdirs
 from rankwire.errors import UserError
 from rankwire.fds import close_fds_except
 from rankwire.runtime import loopdev
 from rankwire.runtime import syscalls as sc
-from rankwire.runtime.imagefacts import partition_digest
 from rankwire.runtime.imagepath import host_path
 from rankwire.runtime.joinplan import plan_path
 from rankwire.runtime.plan import ContainerPlan, Mount, hidden_by, sandbox_dir, within
@@ -167,6 +164,8 @@ def _remove_tree(path: str) -> None:
             if not os.path.islink(sub):
                 with contextlib.suppress(OSError):
                     os.chmod(sub, 0o700)
+    import shutil
+
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -585,6 +584,8 @@ class Holder:
                     opts = f"{opts},nosuid,nodev" if self.root_mode else opts
                     self._spawn_fuse([driver, "-f", "-o", opts, self.image_source, lower], lower)
                     _readable_root(lower)
+                    import shutil
+
                     program = shutil.which(driver)  # as the spawn found it
                     if errors or program is None:
                         self._unrepeatable()
@@ -669,6 +670,8 @@ class Holder:
     def _sandbox_dir(self) -> str:
         """The extract cache's dir for this image when the facts did not read its content
         digest (FUSE came first and failed): read it now, as the facts would have."""
+        from rankwire.runtime.imagefacts import partition_digest
+
         plan = self.plan
         try:
             digest = partition_digest(
@@ -688,6 +691,8 @@ class Holder:
         while we live, and renamed into place only when complete: a failed or killed
         extraction never leaves anything under the final name, and the next extraction
         removes the temporary dirs whose owner is gone."""
+        from rankwire import lockdirs
+
         done = self.plan.extract_dir or self._sandbox_dir()
         self.report["extract_dir"] = done
         if os.path.isdir(done):

@@ -106,13 +106,13 @@ def command_free(proc: ProcessPlan, probe: ProcessPlan, command: tuple[str, ...]
     )
 
 
-def _stat_id(path: str) -> str:
+def stat_id(path: str) -> str:
     st = os.stat(path)
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def _identity(path: str) -> str:
-    return f"{_stat_id(path)}:{path}"
+def identity(path: str) -> str:
+    return f"{stat_id(path)}:{path}"
 
 
 def started_environment() -> list[str]:
@@ -164,7 +164,7 @@ def records(
         ("session", json.dumps(holder["session"])),
     ]
     files = [getattr(sys.modules[name], "__file__", None) for name in modules]
-    out += [("file", _identity(f)) for f in files if f]
+    out += [("file", identity(f)) for f in files if f]
     out += [("key_env", entry) for entry in env]
     out += [("workdir", proc.workdir), ("no_new_privs", "1" if proc.no_new_privs else "0")]
     out += [("env", f"{k}={v}") for k, v in proc.env.items()]
@@ -338,7 +338,7 @@ def remember_step(
         return
     sock = str(lease.report.get("socket", ""))
     try:
-        step = (image, _stat_id(image_path))
+        step = (image, stat_id(image_path))
         data = frame.encode(records(sock, socket_id(sock), lease.report, user, proc, step, bridge))
         os.ftruncate(fd, 0)
         view = memoryview(data)
@@ -373,6 +373,86 @@ def fnv1a(words: Sequence[str]) -> int:
     return h
 
 
+def loaded_module_files() -> list[str]:
+    """The files of every rankwire module loaded: the code that made a plan."""
+    modules = sorted(n for n in list(sys.modules) if n.startswith("rankwire."))
+    files = (getattr(sys.modules[name], "__file__", None) for name in modules)
+    return [f for f in files if f]
+
+
+def key_records(
+    options: Sequence[str],
+    image: Optional[str],
+    user: UserFacts,
+    files: Sequence[str],
+    probed: Mapping[str, bool],
+    tools: Mapping[str, Optional[str]],
+) -> list[tuple[str, str]]:
+    """The key of a plan kept for a later start of the same request (an exec plan, which
+    the front end checks, `host_matches` and `plan_matches`; a launch plan, which
+    `key_holds` checks): the command-line words, the image as given and its identity,
+    the user, directory, boot, the identity of each of `files` (the code that decided,
+    the programs it names), which of the paths the planner probed exist, where each host
+    tool is on PATH, and the whole environment. OSError: a file is gone."""
+    with open(BOOT_ID) as f:
+        boot = f.read().strip()
+    out = [("option", word) for word in options]
+    if image is not None:
+        out += [("image", image), ("image_id", stat_id(image))]
+    out += [("uid", str(user.uid)), ("gid", str(user.gid)), ("cwd", user.cwd), ("boot", boot)]
+    out += [("file", identity(f)) for f in files]
+    out += [("exists", f"{int(there)}:{path}") for path, there in sorted(probed.items())]
+    out += [("tool", f"{name}:{path or ''}") for name, path in sorted(tools.items())]
+    out += [("key_env", entry) for entry in started_environment()]
+    return out
+
+
+def key_holds(recs: frame.Records) -> bool:
+    """This process's request is the one `key_records` keyed, as the front end checks an
+    exec plan's (`plan_matches`, `host_matches`): the same user, directory, boot,
+    environment, image and files (by identity), probed paths (there or not) and tools
+    (found where they were on PATH). The words are the caller's to compare."""
+    try:
+        with open(BOOT_ID) as f:
+            boot = f.read().strip()
+        if (
+            frame.one(recs, "uid") != str(os.getuid())
+            or frame.one(recs, "gid") != str(os.getgid())
+            or frame.one(recs, "cwd") != os.getcwd()
+            or frame.one(recs, "boot") != boot
+            or frame.every(recs, "key_env") != started_environment()
+        ):
+            return False
+        image = frame.one(recs, "image")
+        if image is not None and frame.one(recs, "image_id") != stat_id(image):
+            return False
+        for entry in frame.every(recs, "file"):
+            path = entry.split(":", 5)[5]
+            if identity(path) != entry:
+                return False
+        for entry in frame.every(recs, "exists"):
+            if os.path.exists(entry[2:]) != (entry[:2] == "1:"):
+                return False
+        path_env = os.environ.get("PATH", os.defpath)
+        for entry in frame.every(recs, "tool"):
+            name, _, where = entry.partition(":")
+            if _which(name, path_env) != where:
+                return False
+    except (OSError, IndexError, ValueError):
+        return False
+    return True
+
+
+def _which(name: str, path_env: str) -> str:
+    """shutil.which(name) (the tools were found with it), without importing shutil: ""
+    for none."""
+    for d in path_env.split(":") if path_env else ():
+        full = os.path.join(d, name)
+        if os.path.exists(full) and not os.path.isdir(full) and os.access(full, os.X_OK):
+            return full
+    return ""
+
+
 def remember_exec(
     runtime: str,
     image: str,
@@ -397,33 +477,29 @@ def remember_exec(
     if not _writable(proc) or counts[0] > RECIPE_MAX or counts[1] + counts[2] > RECIPE_MAX:
         return
     try:
-        with open(BOOT_ID) as f:
-            boot = f.read().strip()
-        modules = sorted(n for n in list(sys.modules) if n.startswith("rankwire."))
-        files = [getattr(sys.modules[name], "__file__", None) for name in modules]
-        files += [SERVER, *(v for k, v in recipe if k == "r_fuse")]
+        files = [*loaded_module_files(), SERVER, *(v for k, v in recipe if k == "r_fuse")]
         out = [
             ("magic", EXEC_MAGIC),
-            *(("option", word) for word in options),
-            ("image", image),
-            ("image_id", _stat_id(image)),
-            ("uid", str(user.uid)),
-            ("gid", str(user.gid)),
-            ("cwd", user.cwd),
-            ("boot", boot),
             ("holder_program", SERVER),
+            *key_records(options, image, user, files, probed, tools),
         ]
-        out += [("file", _identity(f)) for f in files if f]
-        out += [("exists", f"{int(there)}:{path}") for path, there in sorted(probed.items())]
-        out += [("tool", f"{name}:{path or ''}") for name, path in sorted(tools.items())]
-        out += [("key_env", entry) for entry in started_environment()]
         out += [("workdir", proc.workdir), ("no_new_privs", "1" if proc.no_new_privs else "0")]
         out += [("env", f"{k}={v}") for k, v in proc.env.items()]
         out += [*recipe, ("end", "1")]
         data = frame.encode(out)
         name = exec_plan_name(image, options)
-        dir_fd = os.open(runtime, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except (OSError, ValueError, KeyError, TypeError):
+        return
+    keep_plan(runtime, name, data)
+
+
+def keep_plan(runtime: str, name: str, data: bytes) -> None:
+    """Link `data` as `name` in `runtime` (an exec-… or launch-… plan), made whole before it
+    gets its name; then only the `KEPT_EXEC_PLANS` plans of that kind used last are kept.
+    On any failure, nothing."""
+    try:
+        dir_fd = os.open(runtime, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
         return
     fd = -1
     try:
@@ -435,21 +511,22 @@ def remember_exec(
             os.unlink(name, dir_fd=dir_fd)
         os.link(f"/proc/self/fd/{fd}", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError:
-        pass  # another exec linked its own meanwhile: either will do
+        pass  # another start linked its own meanwhile: either will do
     finally:
         if fd >= 0:
             os.close(fd)
         os.close(dir_fd)
-    _prune_exec_plans(runtime)
+    _prune_plans(runtime, name.split("-", 1)[0] + "-")
 
 
-def _prune_exec_plans(runtime: str) -> None:
-    """Keep the `KEPT_EXEC_PLANS` exec plans used last (written, or used by the front end,
-    which touches them): an image, or option words, used once leave no file for ever."""
+def _prune_plans(runtime: str, prefix: str) -> None:
+    """Keep the `KEPT_EXEC_PLANS` plans named `prefix`… used last (written, or used and
+    touched: the front end's exec plans, the launcher's launch plans): an image, or
+    words, used once leave no file for ever."""
     with contextlib.suppress(OSError):
         found = []
         for entry in os.scandir(runtime):
-            if entry.name.startswith("exec-") and entry.name.endswith(".plan"):
+            if entry.name.startswith(prefix) and entry.name.endswith(".plan"):
                 with contextlib.suppress(OSError):
                     found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
         for _, path in sorted(found, reverse=True)[KEPT_EXEC_PLANS:]:

@@ -22,7 +22,6 @@ wasted read, never a failure.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import mmap
 import os
 import posixpath
@@ -48,6 +47,8 @@ MAGIC = "rankwire-warm 1"
 def cache_path(cache_dir: str, image_digest: str, program: str, path_env: str, cwd: str) -> str:
     """Where the warm list of `program` (as the rank's exec resolves it: along PATH, or
     from `cwd` when relative) in the image of metadata digest `image_digest` is kept."""
+    import hashlib
+
     where = "" if program.startswith("/") else cwd
     key = hashlib.sha256(f"{program}\0{path_env}\0{where}".encode()).hexdigest()[:16]
     return os.path.join(cache_dir, "warm", f"{image_digest}-{key}")

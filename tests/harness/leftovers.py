@@ -58,8 +58,14 @@ def _ours(proc: Path) -> bool:
         return False
 
 
-def _exec_plan(path: Path) -> bool:
-    return path.name.startswith("exec-") and path.name.endswith(".plan") and path.is_file()
+def _kept_plan(path: Path) -> bool:
+    """An exec plan (runtime/joinplan.py) or a launch plan (launcher/plancache.py): kept
+    on purpose, for the next start of the same request."""
+    return (
+        path.name.startswith(("exec-", "launch-"))
+        and path.name.endswith(".plan")
+        and path.is_file()
+    )
 
 
 def user_leftovers(user: User) -> list[str]:
@@ -89,9 +95,9 @@ def user_leftovers(user: User) -> list[str]:
         Path(f"/run/rankwire/{user.uid}"),
     ):
         if rdir.is_dir():
-            # exec plans (runtime/joinplan.py `remember_exec`) are kept on purpose: the
-            # front end's cache of a plan per image, a few dozen at most
-            files += [p for p in rdir.iterdir() if p.name != "instances" and not _exec_plan(p)]
+            # exec and launch plans are kept on purpose: a plan per image and words (or
+            # launch words), a few dozen of each at most
+            files += [p for p in rdir.iterdir() if p.name != "instances" and not _kept_plan(p)]
             if (rdir / "instances").is_dir():
                 files += list((rdir / "instances").iterdir())
     files += _partials(user)
