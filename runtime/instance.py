@@ -177,8 +177,9 @@ def _holder_child(req: dict[str, Any], status_fd: int, detached: bool) -> NoRetu
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C is for the ranks
         from rankwire.runtime.holder import run_holder
-    except BaseException as err:
-        os.write(2, f"rankwire: cannot start the container's holder: {err!r}\n".encode())
+    except BaseException as err:  # never unwind into the caller's code: we are a fork
+        with contextlib.suppress(BaseException):
+            os.write(2, f"rankwire: cannot start the container's holder: {err!r}\n".encode())
         os._exit(1)
     run_holder(req, status_fd, new_session=detached)
 
