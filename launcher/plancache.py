@@ -27,7 +27,8 @@ keyed (`execcmd.keyable`: no remote image, no signature check, no host fabric or
 bound in, not a task of a Slurm step; on the host: not a task of a Slurm step), not for
 --dry-run or -v. File: the runtime dir's launch-HASH.plan (HASH: FNV-1a of the directory
 and the words), frame records (`runtime/frame.py`): magic
-first, then `word` (the command, then each word as given), the key, `cpus`, `nofile`,
+first, then `word` (the command, then each word as given), `package` (the rankwire
+package's directory: the install that planned), the key, `cpus`, `nofile`,
 `warm` (the warm list's path), `plan` (the LaunchPlan as JSON, without its warm list), and
 `end=1` last. Made whole before it gets its name; the 32 used last are kept (a used plan
 is touched); `rankwire cache clean` leaves them (the runtime dir is not the cache).
@@ -50,6 +51,9 @@ from rankwire.runtime.instance import existing_runtime_dir, runtime_dir
 from rankwire.runtime.plan import UserFacts
 
 MAGIC = "rankwire-launch-plan 1"
+# The install that keeps a plan: another one, run by its path in the same environment,
+# directory and words, finds the same file, and its files (the key's) hold as well.
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def plan_name(words: Sequence[str], cwd: str) -> str:
@@ -92,6 +96,7 @@ def _cached(words: Sequence[str]) -> Optional[LaunchPlan]:
         or recs[0] != ("magic", MAGIC)
         or recs[-1] != ("end", "1")
         or frame.every(recs, "word") != list(words)
+        or frame.one(recs, "package") != PACKAGE
         or (frame.one(recs, "cpus"), frame.one(recs, "nofile")) != _limits()
         or not joinplan.key_holds(recs)
     ):
@@ -143,6 +148,7 @@ def remember(
             [
                 ("magic", MAGIC),
                 *(("word", w) for w in words),
+                ("package", PACKAGE),
                 *key,
                 ("cpus", cpus),
                 ("nofile", nofile),

@@ -113,6 +113,9 @@ def test_a_kept_plan_comes_back_while_its_key_holds(
         misses(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft - 1, hard)))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # Another install of rankwire, run by its path (same environment, words, directory):
+    # every file of the key holds, but the plan is not its planners'.
+    misses(lambda: monkeypatch.setattr(plancache, "PACKAGE", "/opt/other/rankwire"))
 
 
 def test_the_warm_list_is_read_at_each_launch(kept: Path, tmp_path: Path) -> None:
