@@ -18,7 +18,9 @@ the same squashfs content (the SIF's own partition, copied out for Charliecloud)
      mpiexec.hydra -n N ch-run --join-ct=N --join-tag=T app.sqfs -- /opt/hello_mpich
      apptainer-mpirun -n N app.sif /opt/hello_mpich
 4. Open MPI hello (PMIx): mpirun.openmpi vs `rankwire run --pmi pmix` vs
-   `apptainer-mpirun -n N ompi.sif`.
+   `apptainer-mpirun -n N ompi.sif`; and mpirun.openmpi given `--mca pml ob1`, which our
+   launches set on a node without a fabric adapter or GPU (`launcher/plan.py` PML): the
+   peer on the same footing.
 5. RSS: the launcher's own peak and its holder's at N = 16 (and 32) (while it sets up, in
    Python, and while it serves, as rankwire-holder), its init's, an idle instance's holder.
 Each group's rows take turns (interleaved) so that noise hits them alike; medians of
@@ -309,20 +311,24 @@ def mpich(runner: Runner, img: dict[str, Path], sizes: list[int], repeat: int,
 def ompi(runner: Runner, img: dict[str, Path], sizes: list[int], repeat: int,
          res: dict[str, Any]) -> None:  # fmt: skip
     print(f"\n## Open MPI hello (PMIx), medians of {repeat}\n")
-    print("| N | launcher | ms | ratio to mpirun.openmpi | |\n|---|---|---|---|---|")
+    print("| N | launcher | ms | ratio to mpirun.openmpi | to mpirun.openmpi --mca pml ob1 |")
+    print("|---|---|---|---|---|")
     for n in sizes:
         cases: list[Case] = [
             ("mpirun.openmpi",
              ["mpirun.openmpi", "-n", str(n), "--oversubscribe", str(img["ohello"])]),
+            ("mpirun.openmpi --mca pml ob1",
+             ["mpirun.openmpi", "-n", str(n), "--oversubscribe", "--mca", "pml", "ob1",
+              str(img["ohello"])]),
             ("rankwire run --pmi pmix", [RW, "run", "--pmi", "pmix", "-n", str(n),
                                          str(img["ohello"])]),
             ("apptainer-mpirun ompi.sif", [AMR, "-n", str(n), str(img["osif"]),
                                            "/opt/hello_ompi"]),
         ]  # fmt: skip
         got = interleaved(runner, cases, repeat, lambda out, n=n: assert_hello(out, n))
-        peer = got["mpirun.openmpi"]
+        peer, same = got["mpirun.openmpi"], got["mpirun.openmpi --mca pml ob1"]
         for label, ms in got.items():
-            print(f"| {n} | {label} | {ms:.0f} | {ms / peer:.2f} | |", flush=True)
+            print(f"| {n} | {label} | {ms:.0f} | {ms / peer:.2f} | {ms / same:.2f} |", flush=True)
         res["ompi"][n] = got
 
 

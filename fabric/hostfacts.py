@@ -294,6 +294,12 @@ ADAPTER_SIGNS = (
 )
 
 
+# A GPU's device nodes (NVIDIA, AMD's ROCm, a DRM render node: Intel's and others'): an
+# MPI may pick its transport for them (`launcher/facts.fabric_free`); keyed as the signs
+# above are.
+GPU_SIGNS = ("/dev/nvidiactl", "/dev/kfd", "/dev/dri/renderD128")
+
+
 def fabric_devices(root: str = "/") -> tuple[str, ...]:
     """Every fabric device node present under `root`/dev."""
     return tuple(_dev(root, "infiniband", "*") + _dev(root, "cxi[0-9]*") + _dev(root, "hfi1_*"))

@@ -1,7 +1,9 @@
 """Facts the launcher needs beyond the runtime's: which PMI the ranks' MPI speaks, how
-many files the launcher may open, and on how many CPUs its ranks may run. The last two
-are also part of a kept launch plan's key (`plancache`, which imports this module before
-any planner: what only the PMI answers read is imported where they read it)."""
+many files the launcher may open, on how many CPUs its ranks may run, and whether the
+node has anything but shared memory and TCP for them to talk through. The files limit
+and the CPUs are also part of a kept launch plan's key (`plancache`, which imports this
+module before any planner: what only the other answers read is imported where they
+read it), the node's devices by the paths their drivers make (`execcmd.device_signs`)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 from rankwire.errors import UserError
 
 if TYPE_CHECKING:
+    from rankwire.fabric.hostfacts import FabricHostFacts
     from rankwire.fabric.imagefacts import Listing
     from rankwire.runtime.plan import ImageFacts
 
@@ -141,6 +144,19 @@ def image_program_mpi_kind(
         kind = pmi_kind(elf.needed) if elf is not None else None
     keep(cached, kind or "")
     return kind
+
+
+def fabric_free(scanned: Optional[FabricHostFacts] = None) -> bool:
+    """This node has no fabric adapter (a kernel device, or a known PCI function without
+    its driver), no fabric device node and no GPU device node (`GPU_SIGNS`): its ranks
+    can only talk through shared memory and TCP. `scanned`: the adapters and device
+    nodes as read already (the fabric facts of `--fabric auto` or a provider)."""
+    from rankwire.fabric import hostfacts
+
+    if scanned is None:
+        scanned = hostfacts.collect_fabric_host_facts(with_library=False)
+    gpus = any(os.path.exists(path) for path in hostfacts.GPU_SIGNS)
+    return not (scanned.adapters or scanned.devices or gpus)
 
 
 def usable_cpus() -> int:

@@ -18,6 +18,7 @@ from rankwire.launcher.plan import (
     SlurmMpi,
     describe,
     describe_oversubscription,
+    describe_pml,
     plan_launch,
     validate,
     with_warm,
@@ -27,6 +28,7 @@ from rankwire.pmi.bridgeplan import bridge_choice
 from rankwire.runtime.execcmd import (
     cli_values,
     defaults,
+    device_signs,
     echo,
     exec_options,
     keyable,
@@ -98,6 +100,7 @@ def launch(
     the next launch of the same words (`plancache`), where its key can hold it."""
     from rankwire.launcher.execute import execute
     from rankwire.launcher.facts import (
+        fabric_free,
         host_program_facts,
         image_mpi_kinds,
         open_files_limit,
@@ -133,19 +136,20 @@ def launch(
         before = _before(keep, [found, *ld_cache] if found else None)
         kind, read = host_program_facts(argv[0], user.environ)
         program_kind = kind
+        free = fabric_free()
         host_mpi: dict[str, Any] = {}
         warm = None
         # The key: what host_program_facts read (the program as found on PATH, its
         # libraries) and the loader's cache; where the program's name is found on PATH
         # (one of that name put on it earlier); whether a file of that name is here
-        # (`run` would take a SIF there as its image).
+        # (`run` would take a SIF there as its image); the node's devices (`free`).
         keyed: Optional[Keyed] = None
         if before is not None and read[:1] == (found,) and not parent_is_slurmstepd(os.getppid()):
             here = os.path.exists(argv[0])
             keyed = (
                 None,
                 [*read, *ld_cache, *([argv[0]] if here else [])],
-                {} if here else {argv[0]: False},
+                {**device_signs(), **({} if here else {argv[0]: False})},
                 {} if "/" in argv[0] else {argv[0]: found},
             )
     else:
@@ -168,6 +172,7 @@ def launch(
             kind = planned.host_mpi.pmi_kind
             program_kind = program_kind and kind
         host_mpi = planned.host_mpi.to_dict()
+        free = fabric_free(None if opts.fabric.strip() == "none" else facts.fabric_host)
         from rankwire.runtime import warm as warm_list
 
         path_env = process.env.get("PATH", "")
@@ -198,6 +203,7 @@ def launch(
         slurm_mpi,
         bridge_choice(values.get("pmi_bridge"), user.environ),
         usable_cpus(),
+        fabric_free=free,
     )
     plan = with_warm(unwarmed, warm)
     if dry_run:
@@ -211,9 +217,9 @@ def launch(
         echo(f"rankwire: {describe(plan)}", err=True)
         if host_mpi and host_mpi["choice"] != "none":
             echo(f"rankwire: {host_mpi['reason']}", err=True)
-        crowded = describe_oversubscription(plan)
-        if crowded:
-            echo(f"rankwire: {crowded}", err=True)
+        for line in (describe_oversubscription(plan), describe_pml(plan)):
+            if line:
+                echo(f"rankwire: {line}", err=True)
     if plan.delegate:
         try:
             os.execvp(plan.delegate[0], list(plan.delegate))

@@ -29,6 +29,13 @@ SRUN_MPI = {"pmi1": "pmi2", "pmi2": "pmi2", "pmix": "pmix"}
 # oversubscribed and the ranks yield when idle: a launch of ours does the same (Open MPI
 # 4 and 5 read this; a value the ranks' environment already has is kept).
 YIELD_WHEN_IDLE = "OMPI_MCA_mpi_yield_when_idle"
+# Open MPI picks its messaging layer (pml) by opening every candidate: cm opens each
+# of its mtl components (psm, psm2, ofi), whose libraries look for their hardware, and
+# Debian's libpsm_infinipath's constructor alone sleeps 200-300 ms in every rank. On a
+# node with no fabric adapter and no GPU (`facts.fabric_free`), ob1 (shared memory,
+# TCP) is what that search ends with: a local launch's Open MPI ranks are told so,
+# unless their environment chooses a pml or an mtl itself.
+PML, MTL = "OMPI_MCA_pml", "OMPI_MCA_mtl"
 # A warm list (`runtime/warm.py`): where it is kept, and its (offset, length, path) ranges.
 Warm = tuple[str, tuple[tuple[int, int, str], ...]]
 
@@ -68,6 +75,9 @@ class LaunchPlan:
     # More ranks than the CPUs they may run on (a local launch): the ranks are told to
     # yield when idle (YIELD_WHEN_IDLE), as mpirun's are.
     oversubscribed: bool = False
+    # Open MPI's ranks were told `OMPI_MCA_pml=ob1` (PML): the node has no fabric adapter
+    # and no GPU.
+    pml_ob1: bool = False
     # Set instead when the job is delegated: the srun command line to exec.
     delegate: Optional[tuple[str, ...]] = None
     slurm_job: Optional[str] = None  # the allocation we run in (SLURM_JOB_ID)
@@ -250,6 +260,7 @@ def plan_launch(
     bridge: str = "auto",
     cpus: Optional[int] = None,
     warm: Optional[Warm] = None,
+    fabric_free: Optional[bool] = None,
 ) -> LaunchPlan:
     """Decide the PMI and local launch vs delegation to srun.
 
@@ -263,6 +274,7 @@ def plan_launch(
     a local launch may run on (None: not known, never oversubscribed). `warm`: where the
     warm list of the ranks' program in the image is kept and what it holds (`runtime/
     warm.py`): a local launch in a container reads it ahead, or records it.
+    `fabric_free`: the node has no fabric adapter and no GPU (None: not looked at).
     """
     validate(opts)
     kind = program_kind or mpi_kind
@@ -292,6 +304,10 @@ def plan_launch(
     oversubscribed = delegate is None and cpus is not None and opts.ntasks > cpus
     if oversubscribed and pmi == "pmix" and YIELD_WHEN_IDLE not in process.env:
         process = dataclasses.replace(process, env={**process.env, YIELD_WHEN_IDLE: "1"})
+    chosen = PML in process.env or MTL in process.env
+    pml_ob1 = delegate is None and pmi == "pmix" and fabric_free is True and not chosen
+    if pml_ob1:
+        process = dataclasses.replace(process, env={**process.env, PML: "ob1"})
     plan = LaunchPlan(
         ntasks=opts.ntasks,
         pmi=pmi,
@@ -305,6 +321,7 @@ def plan_launch(
         expect_pmi=opts.ntasks > 1 and program_kind is not None,
         open_files=nofile,
         oversubscribed=oversubscribed,
+        pml_ob1=pml_ob1,
         delegate=delegate,
         slurm_job=environ.get("SLURM_JOB_ID") or None,
     )
@@ -349,3 +366,13 @@ def describe_oversubscription(plan: LaunchPlan) -> Optional[str]:
     else:
         how = f"{YIELD_WHEN_IDLE}={told} kept, as the ranks' environment sets it"
     return f"{plan.ntasks} ranks on fewer CPUs ({how})"
+
+
+def describe_pml(plan: LaunchPlan) -> Optional[str]:
+    """A line for -v when Open MPI's ranks are told their pml."""
+    if not plan.pml_ob1:
+        return None
+    return (
+        f"{PML}=ob1: no fabric adapter or GPU on this node, so Open MPI's ranks skip "
+        f"probing for them (set {PML} or {MTL} to choose otherwise)"
+    )

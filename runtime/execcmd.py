@@ -392,15 +392,21 @@ def keyable(image: str, facts: Facts, opts: ExecOptions, plan: ImagePlan) -> boo
 
 
 def probed_paths(facts: Facts, opts: ExecOptions) -> dict[str, bool]:
-    """Which of the host paths the planner looked at exist (a fabric adapter's coming
-    too): part of a kept plan's key."""
-    from rankwire.fabric.hostfacts import ADAPTER_SIGNS
+    """Which of the host paths the planner looked at exist (a fabric adapter's or a GPU's
+    coming too): part of a kept plan's key."""
     from rankwire.runtime.plan import paths_to_probe
 
     probed = {path: path in facts.existing for path in paths_to_probe(facts.user, opts)}
     probed["/dev/fuse"] = facts.host.dev_fuse_usable
-    probed.update((path, os.path.exists(path)) for path in ADAPTER_SIGNS)
+    probed.update(device_signs())
     return probed
+
+
+def device_signs() -> dict[str, bool]:
+    """Whether each path that appears with a fabric adapter's or a GPU's driver exists."""
+    from rankwire.fabric.hostfacts import ADAPTER_SIGNS, GPU_SIGNS
+
+    return {path: os.path.exists(path) for path in (*ADAPTER_SIGNS, *GPU_SIGNS)}
 
 
 def _exec_plan(

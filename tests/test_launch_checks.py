@@ -538,3 +538,62 @@ def test_ranks_on_fewer_cpus_are_told_to_yield(runner: User) -> None:
     assert (two.returncode, sorted(two.stdout.split()), two.stderr) == (0, ["0=1", "1=1"], "")
     one = rw(runner, "taskset", "-c", "0", "rankwire", "run", "--pmi", "pmix", "-n", "1", *show)
     assert (one.returncode, one.stdout, one.stderr) == (0, "0=unset\n", "")
+
+
+def test_planner_tells_open_mpi_ob1_on_a_node_without_fabric_or_gpu() -> None:
+    """A local launch of PMIx (Open MPI) ranks on a node with no fabric adapter and no GPU:
+    OMPI_MCA_pml=ob1 (what Open MPI's own search would end with, without opening the cm
+    components' hardware libraries); not when the ranks' environment picks a pml or an
+    mtl, not for MPICH, not when delegated to srun, not when the node was not looked at
+    or has an adapter or a GPU."""
+    proc = host_process(["/bin/true"], {"X": "1"}, "/tmp")
+
+    def planned(pmi: str = "pmix", free: Optional[bool] = True, environ: Optional[dict] = None,
+                p=proc) -> tuple[bool, Optional[str]]:  # fmt: skip
+        got = plan_launch(LaunchOptions(ntasks=2, pmi=pmi), p, None, environ or {}, [],
+                          cpus=2, fabric_free=free)  # fmt: skip
+        return got.pml_ob1, got.process.env.get("OMPI_MCA_pml")
+
+    assert planned() == (True, "ob1")
+    assert planned(free=None) == (False, None)
+    assert planned(free=False) == (False, None)
+    assert planned("pmi2") == (False, None)
+    assert planned(environ={"SLURM_JOB_ID": "9"}) == (False, None)
+    ucx = host_process(["/bin/true"], {"OMPI_MCA_pml": "ucx"}, "/tmp")
+    assert planned(p=ucx) == (False, "ucx")
+    psm2 = host_process(["/bin/true"], {"OMPI_MCA_mtl": "psm2"}, "/tmp")
+    assert planned(p=psm2) == (False, None)
+    told = plan_launch(LaunchOptions(ntasks=2, pmi="pmix"), proc, None, {}, [], fabric_free=True)
+    assert launch_plan.describe_pml(told) == (
+        "OMPI_MCA_pml=ob1: no fabric adapter or GPU on this node, so Open MPI's ranks skip "
+        "probing for them (set OMPI_MCA_pml or OMPI_MCA_mtl to choose otherwise)"
+    )
+    assert told.to_dict()["pml_ob1"] is True
+    assert launch_plan.LaunchPlan.from_dict(told.to_dict()) == told
+    mpich = plan_launch(LaunchOptions(ntasks=2, pmi="pmi1"), proc, None, {}, [], fabric_free=True)
+    assert launch_plan.describe_pml(mpich) is None
+
+
+@clean
+@pytest.mark.mpi
+def test_open_mpi_ranks_are_told_ob1_where_the_node_has_no_fabric(runner: User) -> None:
+    """A real launch: where this node has no fabric adapter and no GPU, each PMIx rank sees
+    OMPI_MCA_pml=ob1 and -v says why; a pml or mtl in the ranks' environment is theirs."""
+    from rankwire.launcher.facts import fabric_free
+
+    if not fabric_free():
+        pytest.skip("this node has a fabric adapter or a GPU: Open MPI chooses for itself")
+    show = ["sh", "-c", 'echo "$PMIX_RANK=${OMPI_MCA_pml-unset}"']
+    told = rw(runner, "rankwire", "run", "-v", "--pmi", "pmix", "-n", "2", *show)
+    assert (told.returncode, sorted(told.stdout.split())) == (0, ["0=ob1", "1=ob1"])
+    assert told.stderr.splitlines()[1:] == [
+        "rankwire: OMPI_MCA_pml=ob1: no fabric adapter or GPU on this node, so Open MPI's "
+        "ranks skip probing for them (set OMPI_MCA_pml or OMPI_MCA_mtl to choose otherwise)"
+    ]
+    theirs = rw(runner, "env", "OMPI_MCA_mtl=ofi", "rankwire", "run", "--pmi", "pmix", "-n",
+                "2", *show)  # fmt: skip
+    assert (theirs.returncode, sorted(theirs.stdout.split()), theirs.stderr) == (
+        0,
+        ["0=unset", "1=unset"],
+        "",
+    )
