@@ -468,10 +468,7 @@ def host_libfabric(
         access = [os.geteuid(), os.getegid(), sorted(os.getgroups())]
         adapters, devices = (hardware.adapters, hardware.devices) if hardware else ((), ())
         key = [boot, env, repr((adapters, devices)), access]
-        lib_path = os.environ.get("LD_LIBRARY_PATH", "")
-        dirs = [*(d for d in lib_path.split(":") if d), *Resolver.default_dirs()]
-        watched = [LD_CACHE, LD_PRELOAD_FILE, *dirs, *devices]
-        cache = FactCache(cache_dir, "host-libfabric", key, watched)
+        cache = FactCache(cache_dir, "host-libfabric", key, [*_loader_paths(), *devices])
         kept = cache.load(_libfabric_from_dict, _libfabric_paths)
         if kept is not None:
             return kept
@@ -482,6 +479,33 @@ def host_libfabric(
     if cache is not None:
         cache.store(facts, _libfabric_paths(facts))
     return facts
+
+
+def _loader_paths() -> list[str]:
+    """Where the loader looked for libfabric and what it loads: its cache, the preload
+    file, the LD_LIBRARY_PATH and default dirs."""
+    lib_path = os.environ.get("LD_LIBRARY_PATH", "")
+    dirs = [*(d for d in lib_path.split(":") if d), *Resolver.default_dirs()]
+    return [LD_CACHE, LD_PRELOAD_FILE, *dirs]
+
+
+def fabric_key(host: FabricHostFacts) -> tuple[list[str], dict[str, bool], dict[str, str]]:
+    """What the fabric facts `host` came from, for a kept plan's key (`joinplan.
+    key_records`): (files and dirs to key by identity, paths to key by their absence,
+    files to key by their content). Those `host_libfabric` reads or keeps its facts on,
+    the device nodes found (their modes decide which providers may open them), and each
+    adapter's port state as the planner saw it: a link going down changes what `--fabric
+    auto` binds, not the state file's identity."""
+    paths = [*_loader_paths(), *_libfabric_paths(host.libfabric)] if host.libfabric else []
+    paths = list(dict.fromkeys([*paths, *host.devices]))
+    there = [p for p in paths if os.path.exists(p)]
+    gone = {p: False for p in paths if p not in there}
+    states: dict[str, str] = {}
+    for a in host.adapters:
+        ports = sorted(glob.glob(f"/sys/class/infiniband/{glob.escape(a.name)}/ports/*"))
+        if a.name and a.state and ports:
+            states[f"{ports[0]}/state"] = a.state
+    return there, gone, states
 
 
 def _libfabric_paths(lib: HostLibfabric) -> list[str]:

@@ -31,6 +31,7 @@ from rankwire.runtime.execcmd import (
     device_signs,
     echo,
     exec_options,
+    fabric_key,
     keyable,
     local_image,
     probed_paths,
@@ -42,8 +43,9 @@ from rankwire.runtime.reference import is_remote
 from rankwire.runtime.sif_format import MAGIC
 
 # What a kept launch plan is keyed on besides the request: the image as given (None: on
-# the host), files, probed paths (there or not), host tools (where on PATH).
-Keyed = tuple[Optional[str], list[str], dict[str, bool], dict[str, Optional[str]]]
+# the host), files, probed paths (there or not), host tools (where on PATH), kernel files'
+# contents (an adapter port's state).
+Keyed = tuple[Optional[str], list[str], dict[str, bool], dict[str, Optional[str]], dict[str, str]]
 LD_CACHE = "/etc/ld.so.cache"  # where the host's loader finds libraries: a host launch's key
 
 
@@ -151,6 +153,7 @@ def launch(
                 [*read, *ld_cache, *([argv[0]] if here else [])],
                 {**device_signs(), **({} if here else {argv[0]: False})},
                 {} if "/" in argv[0] else {argv[0]: found},
+                {},
             )
     else:
         opts = exec_options(values)
@@ -180,11 +183,11 @@ def launch(
             user.cache_dir, facts.image.digest, program, path_env, process.workdir
         )
         warm = (kept, warm_list.load(kept))
-        keyed = (
-            (sif, [], probed_paths(facts, opts), dict(facts.host.tools))
-            if before is not None and keyable(image, facts, opts, planned)
-            else None
-        )
+        keyed = None
+        if before is not None and keyable(image, facts, opts, planned):
+            files, gone, contents = fabric_key(facts)
+            probed = {**probed_paths(facts, opts), **gone}
+            keyed = (sif, files, probed, dict(facts.host.tools), contents)
     slurm_mpi = None
     if user.environ.get("SLURM_JOB_ID") and not lopts.no_slurm:  # delegating: what srun offers
         from rankwire.runtime.doctorhost import slurm_install
@@ -231,9 +234,9 @@ def launch(
     if keep is not None and keyed is not None and before is not None and not lopts.verbose:
         from rankwire.launcher.plancache import remember
 
-        key_image, files, probed, tools = keyed
+        key_image, files, probed, tools, contents = keyed
         kept_warm = warm[0] if warm is not None else ""
-        remember(keep, unwarmed, user, key_image, files, probed, tools, kept_warm, before)
+        remember(keep, unwarmed, user, key_image, files, probed, tools, contents, kept_warm, before)
     sys.exit(execute(plan))
 
 

@@ -23,8 +23,9 @@ replaced meanwhile keeps no plan. The warm list is not in it: it is read
 at every launch (`launcher.plan.with_warm`, as `plan_launch` applies it).
 
 Kept (`remember`, from `launchcmd.launch`) only for a local launch whose plan may be
-keyed (`execcmd.keyable`: no remote image, no signature check, no host fabric or host MPI
-bound in, not a task of a Slurm step; on the host: not a task of a Slurm step), not for
+keyed (`execcmd.keyable`: no remote image, no signature check, no host MPI bound in, not
+a task of a Slurm step; the host fabric bound in is keyed by `execcmd.fabric_key`; on the
+host: not a task of a Slurm step), not for
 --dry-run or -v. File: the runtime dir's launch-HASH.plan (HASH: FNV-1a of the directory
 and the words), frame records (`runtime/frame.py`): magic
 first, then `word` (the command, then each word as given), `package` (the rankwire
@@ -126,12 +127,13 @@ def remember(
     files: Sequence[str],
     probed: Mapping[str, bool],
     tools: Mapping[str, Optional[str]],
+    contents: Mapping[str, str],
     warm: str,
     before: Sequence[str],
 ) -> None:
     """Keep `plan` (made without its warm list, which is kept at `warm`) for the launch
     `words`, keyed on `image` (as given; None: on the host), `files` (besides the loaded
-    rankwire modules'), `probed` and `tools`; `before`: `identities` of the image and
+    rankwire modules'), `probed`, `tools` and `contents`; `before`: `identities` of the image and
     files as they were before the planner read them. On any failure, a file changed
     while it was planned, or a plan whose JSON would not give it back as it is, nothing."""
     try:
@@ -139,7 +141,7 @@ def remember(
         if LaunchPlan.from_dict(json.loads(text)) != plan:
             return
         key = joinplan.key_records(
-            (), image, user, [*joinplan.loaded_module_files(), *files], probed, tools
+            (), image, user, [*joinplan.loaded_module_files(), *files], probed, tools, contents
         )
         if any(joinplan.identity(i.split(":", 5)[5]) != i for i in before):
             return

@@ -369,22 +369,20 @@ def _option_words(image: str, command: Optional[tuple[str, ...]]) -> Optional[tu
 
 def keyable(image: str, facts: Facts, opts: ExecOptions, plan: ImagePlan) -> bool:
     """A plan of `image` may be kept for a later start of the same request, keyed on what
-    decided it (`joinplan.key_records`): outside a Slurm task, without a PMI bridge or its
-    warning, without signature checks, with nothing bound in from the host's fabric or
-    MPI and no host MPI asked for (their facts are host libraries, whose change no key of
-    the plan would show), the image a file and not the node's shared container."""
+    decided it (`joinplan.key_records`, and the host fabric's facts by `fabric_key`):
+    outside a Slurm task, without a PMI bridge or its warning, without signature checks,
+    no host MPI asked for (its facts come from a PATH search and the site MPI's library
+    closure, which no key of the plan holds), the image a file and not the node's shared
+    container."""
     from rankwire.runtime.plan import host_mpi_choice
     from rankwire.runtime.reference import is_remote
 
-    fabric = facts.fabric_host
     return not (
         is_remote(image)
         or plan.pmi_bridge.bridge is not None
         or plan.pmi_bridge.warning
         or plan.container.share
         or host_mpi_choice(opts, facts.user.environ) != "none"  # its facts: a PATH search
-        or fabric.libfabric is not None
-        or any(a.devices for a in fabric.adapters)
         or os.environ.get("RANKWIRE_VERIFY")
         or "HOME" not in os.environ  # else the home is the password database's
         or inst.parent_is_slurmstepd(os.getppid())
@@ -400,6 +398,14 @@ def probed_paths(facts: Facts, opts: ExecOptions) -> dict[str, bool]:
     probed["/dev/fuse"] = facts.host.dev_fuse_usable
     probed.update(device_signs())
     return probed
+
+
+def fabric_key(facts: Facts) -> tuple[list[str], dict[str, bool], dict[str, str]]:
+    """The host fabric facts' part of a kept plan's key: (files, absent paths, kernel
+    files' contents), `fabric.hostfacts.fabric_key`."""
+    from rankwire.fabric.hostfacts import fabric_key as of_host
+
+    return of_host(facts.fabric_host)
 
 
 def device_signs() -> dict[str, bool]:
@@ -436,14 +442,24 @@ def _exec_plan(
         plan.process, probe.process, command
     ):
         return None
-    probed = probed_paths(facts, opts)
+    files, gone, contents = fabric_key(facts)
+    probed = {**probed_paths(facts, opts), **gone}
     proc = plan.process
 
     def write(holder: inst.HolderHandle) -> None:
         if holder.recipe is not None:
             runtime = str(inst.runtime_dir())
             joinplan.remember_exec(
-                runtime, image, words, holder.recipe, facts.user, proc, probed, facts.host.tools
+                runtime,
+                image,
+                words,
+                holder.recipe,
+                facts.user,
+                proc,
+                probed,
+                facts.host.tools,
+                files,
+                contents,
             )
 
     return write

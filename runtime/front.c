@@ -31,6 +31,7 @@
  * same child as the join's, for its namespace descriptors (`enter`, below).
  */
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -119,9 +120,9 @@ struct plan {
     char *buf;
     const char *uid, *gid, *cwd, *sock, *sock_id, *holder, *session, *workdir, *nnp;
     const char *image, *image_id, *bridge; /* a step plan's (an exec plan's: the image) */
-    const char *boot, *holder_program;      /* an exec plan's */
-    const char **files, **key_env, **env, **task_vars, **exists, **tools, **options;
-    size_t nfiles, nkey_env, nenv, ntask_vars, nexists, ntools, noptions;
+    const char *boot, *holder_program, *groups; /* an exec plan's */
+    const char **files, **key_env, **env, **task_vars, **exists, **tools, **options, **contents;
+    size_t nfiles, nkey_env, nenv, ntask_vars, nexists, ntools, noptions, ncontents;
     int magic, step, exec, complete, bad;
 };
 
@@ -171,6 +172,8 @@ static void plan_record(const char *key, char *value, void *ctx)
     else if (p->exec && !strcmp(key, "holder_program")) p->holder_program = value;
     else if (p->exec && !strcmp(key, "exists")) add(p, &p->exists, &p->nexists, value);
     else if (p->exec && !strcmp(key, "tool")) add(p, &p->tools, &p->ntools, value);
+    else if (p->exec && !strcmp(key, "content")) add(p, &p->contents, &p->ncontents, value);
+    else if (p->exec && !strcmp(key, "groups")) p->groups = value;
     else if (p->exec && !strcmp(key, "option")) add(p, &p->options, &p->noptions, value);
     else if (p->step && !strcmp(key, "task_var")) add(p, &p->task_vars, &p->ntask_vars, value);
     else if (p->step && !strcmp(key, "bridge")) p->bridge = value;
@@ -183,15 +186,15 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
 {
     if (frame_parse(buf, len, plan_record, p) || p->bad || !p->complete || !p->uid ||
         !p->gid || !p->cwd || !p->workdir || !p->nnp ||
-        (p->exec ? !p->image || !p->image_id || !p->boot || !p->holder_program
+        (p->exec ? !p->image || !p->image_id || !p->boot || !p->holder_program || !p->groups
                  : !p->sock || !p->sock_id || !p->holder || !p->session) ||
         (p->step && (!p->image || !p->image_id)) ||
         (p->bridge && strcmp(p->bridge, BRIDGE_PMIX_TO_PMI) &&
          strcmp(p->bridge, BRIDGE_PMI2_TO_PMIX)))
         return -1;
     static const char *none[] = {NULL};
-    const char ***lists[] = {&p->env, &p->key_env, &p->task_vars, &p->exists, &p->tools,
-                             &p->options};
+    const char ***lists[] = {&p->env,   &p->key_env, &p->task_vars, &p->exists,
+                             &p->tools, &p->options, &p->contents};
     for (size_t i = 0; i < sizeof lists / sizeof *lists; i++)
         if (!*lists[i])
             *lists[i] = none; /* a list the plan has no record of: empty */
@@ -351,10 +354,63 @@ static int which_is(const char *name, const char *want)
     }
 }
 
-/* An exec plan's host: the same boot (kernel, modules, devices), the probed paths there
- * or not as they were (`exists=1|0:PATH`), each host tool where it was (`tool=NAME:PATH`). */
+static int cmp_gid(const void *a, const void *b)
+{
+    gid_t x = *(const gid_t *)a, y = *(const gid_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Our supplementary groups as `joinplan.groups` words them (sorted, once) are `want`. */
+static int same_groups(const char *want)
+{
+    int n = getgroups(0, NULL), same = 0;
+    gid_t *g = n >= 0 ? calloc((size_t)n + 1, sizeof *g) : NULL;
+    char *out = g ? malloc((size_t)n * 11 + 1) : NULL;
+    if (out && (n = getgroups(n, g)) >= 0) {
+        size_t used = 0;
+        qsort(g, (size_t)n, sizeof *g, cmp_gid);
+        out[0] = '\0';
+        for (int i = 0; i < n; i++)
+            if (i == 0 || g[i] != g[i - 1])
+                used += (size_t)sprintf(out + used, "%s%u", used ? "," : "", (unsigned)g[i]);
+        same = !strcmp(out, want);
+    }
+    free(out);
+    free(g);
+    return same;
+}
+
+/* `content=PATH<TAB>VALUE`: PATH (a kernel's file, read as `joinplan.file_content` reads
+ * it: 4 KiB at most, whitespace stripped at both ends; "" if unreadable) holds VALUE. */
+static int same_content(const char *entry)
+{
+    const char *tab = strchr(entry, '\t');
+    char path[PATH_MAX], buf[4097];
+    ssize_t n = -1;
+    if (!tab || (size_t)(tab - entry) >= sizeof path)
+        return 0;
+    snprintf(path, sizeof path, "%.*s", (int)(tab - entry), entry);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+    }
+    char *start = buf, *end = buf + (n > 0 ? n : 0);
+    while (start < end && isspace((unsigned char)*start))
+        start++;
+    while (end > start && isspace((unsigned char)end[-1]))
+        end--;
+    *end = '\0';
+    return !strcmp(start, tab + 1);
+}
+
+/* An exec plan's host: the same groups and boot (kernel, modules, devices), the probed
+ * paths there or not as they were (`exists=1|0:PATH`), each host tool where it was
+ * (`tool=NAME:PATH`), each kernel file's content as it was (`content`). */
 static int host_matches(const struct plan *p)
 {
+    if (!same_groups(p->groups))
+        return 0;
     char boot[64] = {0};
     int fd = open(BOOT_ID, O_RDONLY | O_CLOEXEC);
     ssize_t n = fd < 0 ? -1 : read(fd, boot, sizeof boot - 1);
@@ -380,6 +436,9 @@ static int host_matches(const struct plan *p)
         if (!which_is(name, colon + 1))
             return 0;
     }
+    for (size_t i = 0; i < p->ncontents; i++)
+        if (!same_content(p->contents[i]))
+            return 0;
     return 1;
 }
 

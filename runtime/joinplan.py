@@ -387,37 +387,61 @@ def key_records(
     files: Sequence[str],
     probed: Mapping[str, bool],
     tools: Mapping[str, Optional[str]],
+    contents: Mapping[str, str] = {},
 ) -> list[tuple[str, str]]:
     """The key of a plan kept for a later start of the same request (an exec plan, which
     the front end checks, `host_matches` and `plan_matches`; a launch plan, which
     `key_holds` checks): the command-line words, the image as given and its identity,
-    the user, directory, boot, the identity of each of `files` (the code that decided,
-    the programs it names), which of the paths the planner probed exist, where each host
-    tool is on PATH, and the whole environment. OSError: a file is gone."""
+    the user, its groups, directory, boot, the identity of each of `files` (the code that
+    decided, the programs it names, the host libraries it binds), which of the paths the
+    planner probed exist, where each host tool is on PATH, what each of `contents` (a
+    kernel's file, whose identity does not change with it: a port's state) holds, and
+    the whole environment. OSError: a file is gone; ValueError: a path holds a tab."""
     with open(BOOT_ID) as f:
         boot = f.read().strip()
     out = [("option", word) for word in options]
     if image is not None:
         out += [("image", image), ("image_id", stat_id(image))]
-    out += [("uid", str(user.uid)), ("gid", str(user.gid)), ("cwd", user.cwd), ("boot", boot)]
+    out += [("uid", str(user.uid)), ("gid", str(user.gid)), ("groups", groups())]
+    out += [("cwd", user.cwd), ("boot", boot)]
     out += [("file", identity(f)) for f in files]
     out += [("exists", f"{int(there)}:{path}") for path, there in sorted(probed.items())]
     out += [("tool", f"{name}:{path or ''}") for name, path in sorted(tools.items())]
+    if any("\t" in path for path in contents):
+        raise ValueError("a content path with a tab")
+    out += [("content", f"{path}\t{value}") for path, value in sorted(contents.items())]
     out += [("key_env", entry) for entry in started_environment()]
     return out
 
 
+def groups() -> str:
+    """This process's supplementary groups, as the front end words them (sorted, once)."""
+    return ",".join(str(g) for g in sorted(set(os.getgroups())))
+
+
+def file_content(path: str) -> str:
+    """A kernel file's content as a `content` key record holds it (stripped, as
+    `fabric.hostfacts` reads it); "" when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).decode("utf-8", "surrogateescape").strip()
+    except OSError:
+        return ""
+
+
 def key_holds(recs: frame.Records) -> bool:
     """This process's request is the one `key_records` keyed, as the front end checks an
-    exec plan's (`plan_matches`, `host_matches`): the same user, directory, boot,
-    environment, image and files (by identity), probed paths (there or not) and tools
-    (found where they were on PATH). The words are the caller's to compare."""
+    exec plan's (`plan_matches`, `host_matches`): the same user, groups, directory, boot,
+    environment, image and files (by identity), probed paths (there or not), tools
+    (found where they were on PATH) and kernel files' contents. The words are the
+    caller's to compare."""
     try:
         with open(BOOT_ID) as f:
             boot = f.read().strip()
         if (
             frame.one(recs, "uid") != str(os.getuid())
             or frame.one(recs, "gid") != str(os.getgid())
+            or frame.one(recs, "groups") != groups()
             or frame.one(recs, "cwd") != os.getcwd()
             or frame.one(recs, "boot") != boot
             or frame.every(recs, "key_env") != started_environment()
@@ -437,6 +461,10 @@ def key_holds(recs: frame.Records) -> bool:
         for entry in frame.every(recs, "tool"):
             name, _, where = entry.partition(":")
             if _which(name, path_env) != where:
+                return False
+        for entry in frame.every(recs, "content"):
+            path, _, value = entry.partition("\t")
+            if file_content(path) != value:
                 return False
     except (OSError, IndexError, ValueError):
         return False
@@ -462,6 +490,8 @@ def remember_exec(
     proc: ProcessPlan,
     probed: Mapping[str, bool],
     tools: Mapping[str, Optional[str]],
+    files: Sequence[str] = (),
+    contents: Mapping[str, str] = {},
 ) -> None:
     """Write the exec plan of `rankwire exec OPTIONS… IMAGE CMD…` (`image` and `options`,
     the words before it, as given) for the C front end, which then starts this container
@@ -469,19 +499,20 @@ def remember_exec(
     while its key holds: the option words, the user, directory, environment, every loaded
     rankwire module's file, the holder's program, the FUSE driver's, the image's identity,
     the boot (a new kernel), which of the paths the planner probed exist (`probed`: a
-    fabric adapter's coming too) and where each host tool is on PATH (`tools`). Made
-    whole before it gets its name, as `remember`; on any failure, nothing."""
+    fabric adapter's coming too), where each host tool is on PATH (`tools`), and the host
+    fabric's facts (`files`, `contents`: `execcmd.fabric_key`). Made whole before it gets
+    its name, as `remember`; on any failure, nothing."""
     from rankwire.runtime.holder import SERVER
 
     counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
     if not _writable(proc) or counts[0] > RECIPE_MAX or counts[1] + counts[2] > RECIPE_MAX:
         return
     try:
-        files = [*loaded_module_files(), SERVER, *(v for k, v in recipe if k == "r_fuse")]
+        code = [*loaded_module_files(), SERVER, *(v for k, v in recipe if k == "r_fuse")]
         out = [
             ("magic", EXEC_MAGIC),
             ("holder_program", SERVER),
-            *key_records(options, image, user, files, probed, tools),
+            *key_records(options, image, user, [*code, *files], probed, tools, contents),
         ]
         out += [("workdir", proc.workdir), ("no_new_privs", "1" if proc.no_new_privs else "0")]
         out += [("env", f"{k}={v}") for k, v in proc.env.items()]

@@ -29,7 +29,7 @@ import pytest
 from harness.mpi import assert_hello
 from harness.users import User, rw
 from rankwire.pmi.bridgeplan import PMIX_TO_PMI, BridgePlan
-from rankwire.runtime import joinplan
+from rankwire.runtime import frame, joinplan
 from rankwire.runtime.plan import ProcessPlan
 
 pytestmark = pytest.mark.usefixtures("nothing_left_behind")
@@ -477,6 +477,60 @@ def running(argv_start: list[str]) -> list[int]:
             if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(want):
                 found.append(int(proc.name))
     return found
+
+
+def test_an_exec_binding_the_host_fabric_starts_without_python_while_its_facts_hold(
+    image_front: Front, shared_dir: Path
+) -> None:
+    """`--fabric tcp` binds the host libfabric and every library it loads: the exec plan is
+    kept, keyed on those files and the loader's dirs (one that changes: Python plans
+    again), and the front end starts the same container. What it checks besides: an
+    adapter port's state (a kernel file whose content, not identity, changes) and the
+    user's groups (which device nodes a provider may open)."""
+    front = image_front
+    fabric = ("exec", "--fabric", "tcp", str(front.image))
+    first = front.run(*fabric, *SHOW)
+    assert first[0] == 3 and "FI_PROVIDER=tcp" in first[1], first
+    assert front.pythons() == 1
+    again = front.run(*fabric, *SHOW)
+    assert front.pythons() == 1  # started in C
+    assert seen(again) == seen(first)
+    libs = Path(tempfile.mkdtemp(prefix="libs-", dir=shared_dir))
+    libs.chmod(0o755)
+    env = (f"LD_LIBRARY_PATH={libs}",)  # another environment: planned, then C
+    for _ in range(2):
+        assert front.run(*fabric, "true", env=env) == (0, "", "")
+    assert front.pythons() == 2
+    (libs / "libfabric.so.1").symlink_to("/nonexistent")  # a dir the loader searches changed
+    assert front.run(*fabric, "true", env=env) == (0, "", "")
+    assert front.pythons() == 3
+    (libs / "libfabric.so.1").unlink()
+    assert front.run(*fabric, "true", env=env) == (0, "", "")
+    assert front.pythons() == 4
+    # The plan as Python keyed it, with a port's state and other groups in its key.
+    uid = front.runner.uid
+    plan = Path(f"/tmp/rankwire-{uid}") / joinplan.exec_plan_name(str(front.image), fabric[1:3])
+    state = shared_dir / "port-state"
+    state.write_text("4: ACTIVE\n")
+    state.chmod(0o644)
+
+    def keyed(*extra: tuple[str, str], groups: str = "") -> None:
+        recs = [r for r in frame.decode(plan.read_bytes()) if r[0] != "content"]
+        if groups:
+            recs = [("groups", groups) if k == "groups" else (k, v) for k, v in recs]
+        plan.write_bytes(frame.encode([*recs[:-1], *extra, recs[-1]]))
+        os.chown(plan, uid, front.runner.gid)
+
+    port = ("content", f"{state}\t4: ACTIVE")
+    keyed(port)
+    assert front.run(*fabric, "true", env=env) == (0, "", "")
+    assert front.pythons() == 4  # the key holds: C
+    state.write_text("1: DOWN\n")
+    assert front.run(*fabric, "true", env=env) == (0, "", "")
+    assert front.pythons() == 5  # the link went down: Python
+    keyed(groups="4242")
+    assert front.run(*fabric, "true", env=env) == (0, "", "")
+    assert front.pythons() == 6  # other groups: Python
 
 
 def test_a_container_the_holder_cannot_repeat_leaves_no_exec_plan(image_front: Front) -> None:

@@ -57,6 +57,7 @@ def kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "app.sif").write_bytes(b"image")
     (tmp_path / "code.py").write_text("# planner\n")
+    (tmp_path / "port-state").write_text("4: ACTIVE\n")
     yield run
 
 
@@ -72,6 +73,7 @@ def _remember(
         files,
         {str(tmp_path / "adapter"): False},
         {"true": shutil.which("true")},
+        {str(tmp_path / "port-state"): "4: ACTIVE"},
         warm_at,
         plancache.identities(["app.sif", *files]) if before is None else before,
     )
@@ -100,6 +102,14 @@ def test_a_kept_plan_comes_back_while_its_key_holds(
     misses(lambda: (tmp_path / "app.sif").write_bytes(b"image, rebuilt"))
     misses(lambda: (tmp_path / "adapter").mkdir())  # a probed path came
     (tmp_path / "adapter").rmdir()
+    misses(lambda: (tmp_path / "port-state").write_text("1: DOWN\n"))  # a link went down
+    (tmp_path / "port-state").write_text("4: ACTIVE\n")
+    if os.getuid() == 0:  # other groups (which device nodes a provider may open)
+        mine = os.getgroups()
+        try:
+            misses(lambda: os.setgroups([*mine, 4242]))
+        finally:
+            os.setgroups(mine)
     (tmp_path / "true").symlink_to(shutil.which("true") or "/bin/true")
     path = os.environ["PATH"]
     misses(lambda: monkeypatch.setenv("PATH", f"{tmp_path}:{path}"))  # another `true` first
