@@ -313,6 +313,9 @@ class Resolver:
         self.ld_library_path = [p for p in ld_library_path.split(":") if p]
         self.cache = cache if cache is not None else ld_cache()
         self.defaults = self.default_dirs()
+        # Every dir looked in, in order, up to where each name was found: a library put in
+        # one of them would be found instead (a kept plan keys them).
+        self.searched: dict[str, None] = {}
 
     @staticmethod
     def default_dirs() -> list[str]:
@@ -335,6 +338,7 @@ class Resolver:
         candidates += self.cache.get(name, [])
         candidates += [os.path.join(d, name) for d in self.defaults]
         for path in candidates:
+            self.searched[os.path.dirname(path)] = None
             if os.path.isfile(path) and _same_arch(path, elf):
                 return path
         return ""

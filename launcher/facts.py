@@ -77,9 +77,10 @@ def program_mpi_kind(program: str, environ: Mapping[str, str]) -> Optional[str]:
 
 def host_program_facts(
     program: str, environ: Mapping[str, str]
-) -> tuple[Optional[str], tuple[str, ...]]:
-    """`program_mpi_kind`, and the files it read to say so: the program as found on
-    PATH and each library of its closure (none: not found)."""
+) -> tuple[Optional[str], tuple[str, ...], tuple[str, ...]]:
+    """`program_mpi_kind`, the files it read to say so (the program as found on PATH and
+    each library of its closure; none: not found) and the dirs the loader's search looked
+    in up to each library (a library put in one would be found instead)."""
     import shutil
 
     from rankwire.fabric.hostfacts import Resolver, library_graph
@@ -87,13 +88,14 @@ def host_program_facts(
 
     path = shutil.which(program, path=environ.get("PATH"))
     if path is None:
-        return None, ()
+        return None, (), ()
+    resolver = Resolver(environ.get("LD_LIBRARY_PATH", ""))
     try:
-        objects = library_graph([path], Resolver(environ.get("LD_LIBRARY_PATH", "")))
+        objects = library_graph([path], resolver)
     except (OSError, ValueError):  # a script, or unreadable
-        return None, (path,)
+        return None, (path,), ()
     libraries = tuple(sorted({o.path for o in objects.values() if o.path != path}))
-    return pmi_kind(libraries), (path, *libraries)
+    return pmi_kind(libraries), (path, *libraries), tuple(resolver.searched)
 
 
 def image_program_mpi_kind(

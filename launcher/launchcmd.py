@@ -136,22 +136,26 @@ def launch(
         found = shutil.which(argv[0], path=user.environ.get("PATH"))
         ld_cache = [LD_CACHE] if os.path.exists(LD_CACHE) else []
         before = _before(keep, [found, *ld_cache] if found else None)
-        kind, read = host_program_facts(argv[0], user.environ)
+        kind, read, searched = host_program_facts(argv[0], user.environ)
         program_kind = kind
         free = fabric_free()
         host_mpi: dict[str, Any] = {}
         warm = None
         # The key: what host_program_facts read (the program as found on PATH, its
-        # libraries) and the loader's cache; where the program's name is found on PATH
-        # (one of that name put on it earlier); whether a file of that name is here
-        # (`run` would take a SIF there as its image); the node's devices (`free`).
+        # libraries), the dirs its search looked in (by identity: a library put in one;
+        # those missing, by their absence) and the loader's cache; where the program's
+        # name is found on PATH (one of that name put on it earlier); whether a file of
+        # that name is here (`run` would take a SIF there as its image); the node's
+        # devices (`free`).
         keyed: Optional[Keyed] = None
         if before is not None and read[:1] == (found,) and not parent_is_slurmstepd(os.getppid()):
             here = os.path.exists(argv[0])
+            dirs = [d for d in searched if os.path.isdir(d)]
+            gone = {d: False for d in searched if d not in dirs}
             keyed = (
                 None,
-                [*read, *ld_cache, *([argv[0]] if here else [])],
-                {**device_signs(), **({} if here else {argv[0]: False})},
+                [*read, *dirs, *ld_cache, *([argv[0]] if here else [])],
+                {**device_signs(), **gone, **({} if here else {argv[0]: False})},
                 {} if "/" in argv[0] else {argv[0]: found},
                 {},
             )

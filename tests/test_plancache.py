@@ -262,3 +262,23 @@ def test_a_program_put_earlier_on_path_is_planned_again(runner: User, shared_dir
     assert runner.run(env, cwd="/tmp", timeout=60).returncode == 0
     assert path.stat().st_ino != planned.st_ino  # planned again
     assert f"tool=true:{first_on_path}/true".encode() in path.read_bytes()
+
+
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_a_library_dir_that_changes_is_planned_again(runner: User, shared_dir: Path) -> None:
+    """On the host, the dirs the loader's search looked in are in the key: a library put
+    in one (here any file: the dir's identity changes) would be loaded instead (ls: its
+    libselinux is looked for in LD_LIBRARY_PATH first)."""
+    searched = shared_dir / f"lib-{runner.name}-{os.urandom(4).hex()}"
+    searched.mkdir(mode=0o755)
+    words = ("run", "-n", "2", "ls", "/")
+    env = ["env", f"LD_LIBRARY_PATH={searched}", "rankwire", *words]
+    path = _kept_file(runner, words)
+    path.unlink(missing_ok=True)
+    assert runner.run(env, cwd="/tmp", timeout=60).returncode == 0
+    planned = path.stat()
+    assert runner.run(env, cwd="/tmp", timeout=60).returncode == 0
+    assert path.stat().st_ino == planned.st_ino  # the kept plan
+    (searched / "libnew.so.1").write_bytes(b"")
+    assert runner.run(env, cwd="/tmp", timeout=60).returncode == 0
+    assert path.stat().st_ino != planned.st_ino  # planned again
