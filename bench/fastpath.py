@@ -9,7 +9,7 @@ the same squashfs content (the SIF's own partition, copied out for Charliecloud)
      rankwire exec -B /etc:/opt/e --env A=1 app.sif /bin/true (the same, with options)
      rankwire exec --fabric tcp app.sif /bin/true (the host libfabric bound in, as on a
                                                  node with a fabric adapter: `auto` there;
-                                                 planned in Python every time)
+                                                 its exec plan keyed on the fabric's files)
 2. Joining a running instance: `rankwire exec instance://x /bin/true` vs bare `/bin/true`
    (the warm-up join plans in Python and leaves its plan: the measured ones join in C),
    and the Python CLI's own join, `rankwire-py exec instance://x /bin/true`.

@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 # Part of every key: raise it when what a kind's facts hold, or how they are read, changes
 # (entries of an older rankwire then miss instead of being believed).
-FORMAT = 1
+FORMAT = 2  # 2: the host libfabric's facts hold the dirs its search looked in
 # A file changed less than this before the facts were read may have changed while they
 # were (coarse file system clocks): facts read then are not kept.
 SETTLE_NS = 2_000_000_000

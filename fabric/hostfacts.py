@@ -14,6 +14,7 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
@@ -120,6 +121,9 @@ class HostLibfabric:
     dl_providers: tuple[str, ...]  # lib<name>-fi.so files libfabric would dlopen
     verbs_plugins: tuple[str, ...]  # libibverbs driver plugins, as installed
     verbs_config: str  # /etc/libibverbs.d, or "" when absent
+    # Every dir the loader's search looked in for these objects (`Resolver.searched`): a
+    # library put in one would be loaded instead.
+    searched: tuple[str, ...] = ()
 
     def object(self, path: str) -> HostObject:
         for obj in self.objects:
@@ -200,7 +204,7 @@ def _dev(root: str, *parts: str) -> list[str]:
 
 
 def detect_adapters(root: str = "/") -> tuple[Adapter, ...]:
-    """Fabric adapters from sysfs and devfs under `root`."""
+    """Fabric adapters from sysfs and devfs under `root` (what it lists: `ADAPTER_GLOBS`)."""
     sysfs = os.path.join(root, "sys")
     pci_ids: dict[str, tuple[int, int]] = {}
     for dev in sorted(glob.glob(os.path.join(sysfs, "bus/pci/devices/*"))):
@@ -294,10 +298,28 @@ ADAPTER_SIGNS = (
 )
 
 
-# A GPU's device nodes (NVIDIA, AMD's ROCm, a DRM render node: Intel's and others'): an
-# MPI may pick its transport for them (`launcher/facts.fabric_free`); keyed as the signs
-# above are.
-GPU_SIGNS = ("/dev/nvidiactl", "/dev/kfd", "/dev/dri/renderD128")
+# What appears with a GPU's driver (NVIDIA's, whose device nodes may only be made at the
+# first CUDA call; AMD's ROCm; a DRM render node: Intel's and others'): an MPI may pick
+# its transport for them (`launcher/facts.fabric_free`); keyed as the signs above are.
+GPU_SIGNS = (
+    "/proc/driver/nvidia/gpus",
+    "/dev/nvidiactl",
+    "/sys/class/kfd",
+    "/dev/kfd",
+    "/dev/dri/renderD128",
+)
+# The globs whose matches `detect_adapters` and `fabric_devices` read (keep them in step):
+# a kept plan's key lists them (`joinplan.key_records`), so that a second adapter, a new
+# device node or PCI function under a class that was there already is seen too.
+ADAPTER_GLOBS = (
+    "/sys/bus/pci/devices/*",
+    "/sys/class/infiniband_verbs/uverbs*",
+    "/sys/class/cxi/cxi*",
+    "/sys/class/infiniband/*",
+    "/dev/infiniband/*",
+    "/dev/cxi[0-9]*",
+    "/dev/hfi1_*",
+)
 
 
 def fabric_devices(root: str = "/") -> tuple[str, ...]:
@@ -436,6 +458,7 @@ def libfabric_facts(
         dl_providers=tuple(dl),
         verbs_plugins=tuple(plugins),
         verbs_config=VERBS_CONFIG_DIR if plugins and os.path.isdir(VERBS_CONFIG_DIR) else "",
+        searched=tuple(resolver.searched),
     )
 
 
@@ -493,22 +516,41 @@ def _loader_paths() -> list[str]:
     return [LD_CACHE, LD_PRELOAD_FILE, *dirs]
 
 
-def fabric_key(host: FabricHostFacts) -> tuple[list[str], dict[str, bool], dict[str, str]]:
+def fabric_key(
+    host: FabricHostFacts, root: str = "/"
+) -> Optional[tuple[list[str], dict[str, bool], dict[str, str]]]:
     """What the fabric facts `host` came from, for a kept plan's key (`joinplan.
-    key_records`): (files and dirs to key by identity, paths to key by their absence,
-    files to key by their content). Those `host_libfabric` reads or keeps its facts on,
-    the device nodes found (their modes decide which providers may open them), and each
-    adapter's port state as the planner saw it: a link going down changes what `--fabric
-    auto` binds, not the state file's identity."""
-    paths = [*_loader_paths(), *_libfabric_paths(host.libfabric)] if host.libfabric else []
-    paths = list(dict.fromkeys([*paths, *host.devices]))
+    key_records`, which also lists the adapters' classes and device nodes, `ADAPTER_GLOBS`):
+    (files and dirs to key by identity, paths to key by their absence, files to key by
+    their content). Those `host_libfabric` reads or keeps its facts on, wherever it looked
+    for the library (found or not: one installed later must be seen), the device nodes
+    found (their modes decide which providers may open them), and each adapter's port
+    state as the planner saw it: a link going down changes what `--fabric auto` binds, not
+    the state file's identity. None: a file changed too lately to tell whether the facts
+    saw it (`factcache.SETTLE_NS`, the fact cache's own rule): keep no plan."""
+    from rankwire.fabric.factcache import SETTLE_NS
+
+    paths = list(host.devices)
+    if host.libfabric is not None:
+        paths += [*_loader_paths(), *_libfabric_paths(host.libfabric)]
+    elif any(a.devices for a in host.adapters):  # looked for, not found (`facts.host_facts_for`)
+        paths += _loader_paths()
+    paths = list(dict.fromkeys(paths))
     there = [p for p in paths if os.path.exists(p)]
     gone = {p: False for p in paths if p not in there}
+    lately = time.time_ns() - SETTLE_NS
+    for path in there:
+        try:
+            if os.stat(path).st_ctime_ns >= lately:
+                return None
+        except OSError:
+            return None
     states: dict[str, str] = {}
     for a in host.adapters:
-        ports = sorted(glob.glob(f"/sys/class/infiniband/{glob.escape(a.name)}/ports/*"))
+        where = os.path.join(root, "sys/class/infiniband", glob.escape(a.name), "ports/*")
+        ports = sorted(glob.glob(where))
         if a.name and a.state and ports:
-            states[f"{ports[0]}/state"] = a.state
+            states[os.path.join("/", os.path.relpath(ports[0], root), "state")] = a.state
     return there, gone, states
 
 
@@ -522,7 +564,7 @@ def _libfabric_paths(lib: HostLibfabric) -> list[str]:
         dirs.append(os.path.join(os.path.dirname(verbs[0].real), "libibverbs"))
     objects = [p for o in lib.objects for p in (o.path, o.real)]
     dirs += sorted({os.path.dirname(p) for p in objects})
-    return [lib.path, *objects, *dirs, VERBS_CONFIG_DIR]
+    return [lib.path, *objects, *dirs, *lib.searched, VERBS_CONFIG_DIR]
 
 
 def _libfabric_from_dict(d: dict[str, Any]) -> HostLibfabric:
@@ -534,6 +576,7 @@ def _libfabric_from_dict(d: dict[str, Any]) -> HostLibfabric:
         dl_providers=tuple(d["dl_providers"]),
         verbs_plugins=tuple(d["verbs_plugins"]),
         verbs_config=d["verbs_config"],
+        searched=tuple(d["searched"]),
     )
 
 

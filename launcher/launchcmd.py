@@ -188,8 +188,13 @@ def launch(
         )
         warm = (kept, warm_list.load(kept))
         keyed = None
-        if before is not None and keyable(image, facts, opts, planned):
-            files, gone, contents = fabric_key(facts)
+        fabric = (
+            fabric_key(facts)
+            if before is not None and keyable(image, facts, opts, planned)
+            else None
+        )
+        if fabric is not None:
+            files, gone, contents = fabric
             probed = {**probed_paths(facts, opts), **gone}
             keyed = (sif, files, probed, dict(facts.host.tools), contents)
     slurm_mpi = None

@@ -33,9 +33,11 @@ YIELD_WHEN_IDLE = "OMPI_MCA_mpi_yield_when_idle"
 # of its mtl components (psm, psm2, ofi), whose libraries look for their hardware, and
 # Debian's libpsm_infinipath's constructor alone sleeps 200-300 ms in every rank. On a
 # node with no fabric adapter and no GPU (`facts.fabric_free`), ob1 (shared memory,
-# TCP) is what that search ends with: a local launch's Open MPI ranks are told so,
-# unless their environment chooses a pml or an mtl itself.
-PML, MTL = "OMPI_MCA_pml", "OMPI_MCA_mtl"
+# TCP) is what that search ends with (Open MPI 4.1 and 5; 4.0's UCX pml may take such a
+# node too, to the same end): a local launch's Open MPI ranks are told so, unless their
+# environment chooses a pml or an mtl itself, or names its own parameter files. (A pml
+# or mtl set in an MCA parameter file, the image's or ~/.openmpi's, yields to it.)
+PML, MTL, PARAM_FILES = "OMPI_MCA_pml", "OMPI_MCA_mtl", "OMPI_MCA_mca_base_param_files"
 # A warm list (`runtime/warm.py`): where it is kept, and its (offset, length, path) ranges.
 Warm = tuple[str, tuple[tuple[int, int, str], ...]]
 
@@ -304,7 +306,7 @@ def plan_launch(
     oversubscribed = delegate is None and cpus is not None and opts.ntasks > cpus
     if oversubscribed and pmi == "pmix" and YIELD_WHEN_IDLE not in process.env:
         process = dataclasses.replace(process, env={**process.env, YIELD_WHEN_IDLE: "1"})
-    chosen = PML in process.env or MTL in process.env
+    chosen = any(k in process.env for k in (PML, MTL, PARAM_FILES))
     pml_ob1 = delegate is None and pmi == "pmix" and fabric_free is True and not chosen
     if pml_ob1:
         process = dataclasses.replace(process, env={**process.env, PML: "ob1"})

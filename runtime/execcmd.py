@@ -400,9 +400,9 @@ def probed_paths(facts: Facts, opts: ExecOptions) -> dict[str, bool]:
     return probed
 
 
-def fabric_key(facts: Facts) -> tuple[list[str], dict[str, bool], dict[str, str]]:
+def fabric_key(facts: Facts) -> Optional[tuple[list[str], dict[str, bool], dict[str, str]]]:
     """The host fabric facts' part of a kept plan's key: (files, absent paths, kernel
-    files' contents), `fabric.hostfacts.fabric_key`."""
+    files' contents), `fabric.hostfacts.fabric_key`; None: keep no plan."""
     from rankwire.fabric.hostfacts import fabric_key as of_host
 
     return of_host(facts.fabric_host)
@@ -442,7 +442,10 @@ def _exec_plan(
         plan.process, probe.process, command
     ):
         return None
-    files, gone, contents = fabric_key(facts)
+    fabric = fabric_key(facts)
+    if fabric is None:
+        return None
+    files, gone, contents = fabric
     probed = {**probed_paths(facts, opts), **gone}
     proc = plan.process
 

@@ -34,6 +34,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <glob.h>
 #include <limits.h>
 #include <poll.h>
 #include <sched.h>
@@ -121,8 +122,9 @@ struct plan {
     const char *uid, *gid, *cwd, *sock, *sock_id, *holder, *session, *workdir, *nnp;
     const char *image, *image_id, *bridge; /* a step plan's (an exec plan's: the image) */
     const char *boot, *holder_program, *groups; /* an exec plan's */
-    const char **files, **key_env, **env, **task_vars, **exists, **tools, **options, **contents;
-    size_t nfiles, nkey_env, nenv, ntask_vars, nexists, ntools, noptions, ncontents;
+    const char **files, **key_env, **env, **task_vars, **exists, **tools, **options, **contents,
+        **listings;
+    size_t nfiles, nkey_env, nenv, ntask_vars, nexists, ntools, noptions, ncontents, nlistings;
     int magic, step, exec, complete, bad;
 };
 
@@ -173,6 +175,7 @@ static void plan_record(const char *key, char *value, void *ctx)
     else if (p->exec && !strcmp(key, "exists")) add(p, &p->exists, &p->nexists, value);
     else if (p->exec && !strcmp(key, "tool")) add(p, &p->tools, &p->ntools, value);
     else if (p->exec && !strcmp(key, "content")) add(p, &p->contents, &p->ncontents, value);
+    else if (p->exec && !strcmp(key, "listing")) add(p, &p->listings, &p->nlistings, value);
     else if (p->exec && !strcmp(key, "groups")) p->groups = value;
     else if (p->exec && !strcmp(key, "option")) add(p, &p->options, &p->noptions, value);
     else if (p->step && !strcmp(key, "task_var")) add(p, &p->task_vars, &p->ntask_vars, value);
@@ -193,8 +196,8 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
          strcmp(p->bridge, BRIDGE_PMI2_TO_PMIX)))
         return -1;
     static const char *none[] = {NULL};
-    const char ***lists[] = {&p->env,   &p->key_env, &p->task_vars, &p->exists,
-                             &p->tools, &p->options, &p->contents};
+    const char ***lists[] = {&p->env,     &p->key_env,  &p->task_vars, &p->exists,
+                             &p->tools,   &p->options,  &p->contents,  &p->listings};
     for (size_t i = 0; i < sizeof lists / sizeof *lists; i++)
         if (!*lists[i])
             *lists[i] = none; /* a list the plan has no record of: empty */
@@ -363,10 +366,10 @@ static int cmp_gid(const void *a, const void *b)
 /* Our supplementary groups as `joinplan.groups` words them (sorted, once) are `want`. */
 static int same_groups(const char *want)
 {
-    int n = getgroups(0, NULL), same = 0;
-    gid_t *g = n >= 0 ? calloc((size_t)n + 1, sizeof *g) : NULL;
-    char *out = g ? malloc((size_t)n * 11 + 1) : NULL;
-    if (out && (n = getgroups(n, g)) >= 0) {
+    int max = getgroups(0, NULL), n = -1, same = 0;
+    gid_t *g = max >= 0 ? calloc((size_t)max + 1, sizeof *g) : NULL;
+    char *out = g ? malloc((size_t)max * 11 + 1) : NULL;
+    if (out && (n = getgroups(max, g)) >= 0 && n <= max) {
         size_t used = 0;
         qsort(g, (size_t)n, sizeof *g, cmp_gid);
         out[0] = '\0';
@@ -390,7 +393,7 @@ static int same_content(const char *entry)
     if (!tab || (size_t)(tab - entry) >= sizeof path)
         return 0;
     snprintf(path, sizeof path, "%.*s", (int)(tab - entry), entry);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd >= 0) {
         n = read(fd, buf, sizeof buf - 1);
         close(fd);
@@ -404,9 +407,36 @@ static int same_content(const char *entry)
     return !strcmp(start, tab + 1);
 }
 
+/* `listing=PATTERN<TAB>PATHS`: PATTERN matches PATHS (as `joinplan.listing` words them:
+ * sorted, with commas; glob(3) sorts them, in the C locale, as Python's sorted does). */
+static int same_listing(const char *entry)
+{
+    const char *tab = strchr(entry, '\t');
+    char pattern[PATH_MAX];
+    glob_t g;
+    if (!tab || (size_t)(tab - entry) >= sizeof pattern)
+        return 0;
+    snprintf(pattern, sizeof pattern, "%.*s", (int)(tab - entry), entry);
+    int rc = glob(pattern, 0, NULL, &g), same = rc == GLOB_NOMATCH && !tab[1];
+    if (rc == 0) {
+        const char *want = tab + 1;
+        same = 1;
+        for (size_t i = 0; same && i < g.gl_pathc; i++) {
+            size_t len = strlen(g.gl_pathv[i]);
+            same = !strncmp(want, g.gl_pathv[i], len) &&
+                   want[len] == (i + 1 < g.gl_pathc ? ',' : '\0');
+            want += len + 1;
+        }
+    }
+    if (rc == 0 || rc == GLOB_NOMATCH)
+        globfree(&g);
+    return same;
+}
+
 /* An exec plan's host: the same groups and boot (kernel, modules, devices), the probed
  * paths there or not as they were (`exists=1|0:PATH`), each host tool where it was
- * (`tool=NAME:PATH`), each kernel file's content as it was (`content`). */
+ * (`tool=NAME:PATH`), each kernel file's content as it was (`content`), the adapters'
+ * classes and device nodes as they were listed (`listing`). */
 static int host_matches(const struct plan *p)
 {
     if (!same_groups(p->groups))
@@ -438,6 +468,9 @@ static int host_matches(const struct plan *p)
     }
     for (size_t i = 0; i < p->ncontents; i++)
         if (!same_content(p->contents[i]))
+            return 0;
+    for (size_t i = 0; i < p->nlistings; i++)
+        if (!same_listing(p->listings[i]))
             return 0;
     return 1;
 }

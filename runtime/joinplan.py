@@ -395,8 +395,12 @@ def key_records(
     the user, its groups, directory, boot, the identity of each of `files` (the code that
     decided, the programs it names, the host libraries it binds), which of the paths the
     planner probed exist, where each host tool is on PATH, what each of `contents` (a
-    kernel's file, whose identity does not change with it: a port's state) holds, and
-    the whole environment. OSError: a file is gone; ValueError: a path holds a tab."""
+    kernel's file, whose identity does not change with it: a port's state) holds, what
+    the fabric adapters' classes and device nodes list (`ADAPTER_GLOBS`: a second adapter
+    under a class there already), and the whole environment. OSError: a file is gone;
+    ValueError: a path holds a tab."""
+    from rankwire.fabric.hostfacts import ADAPTER_GLOBS
+
     with open(BOOT_ID) as f:
         boot = f.read().strip()
     out = [("option", word) for word in options]
@@ -410,8 +414,17 @@ def key_records(
     if any("\t" in path for path in contents):
         raise ValueError("a content path with a tab")
     out += [("content", f"{path}\t{value}") for path, value in sorted(contents.items())]
+    out += [("listing", f"{pattern}\t{listing(pattern)}") for pattern in ADAPTER_GLOBS]
     out += [("key_env", entry) for entry in started_environment()]
     return out
+
+
+def listing(pattern: str) -> str:
+    """What a `listing` key record holds: the paths matching `pattern`, sorted, with
+    commas (as the front end's glob(3) in the C locale lists them)."""
+    import glob
+
+    return ",".join(sorted(glob.glob(pattern)))
 
 
 def groups() -> str:
@@ -420,21 +433,28 @@ def groups() -> str:
 
 
 def file_content(path: str) -> str:
-    """A kernel file's content as a `content` key record holds it (stripped, as
-    `fabric.hostfacts` reads it); "" when it cannot be read."""
+    """A kernel file's content as a `content` key record holds it: its first 4 KiB, ASCII
+    whitespace stripped at both ends (as `fabric.hostfacts` reads it, and the front end
+    checks it); "" when it cannot be read."""
     try:
-        with open(path, "rb") as f:
-            return f.read(4096).decode("utf-8", "surrogateescape").strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        data = b""
+    finally:
+        os.close(fd)
+    return data.strip().decode("utf-8", "surrogateescape")
 
 
 def key_holds(recs: frame.Records) -> bool:
     """This process's request is the one `key_records` keyed, as the front end checks an
     exec plan's (`plan_matches`, `host_matches`): the same user, groups, directory, boot,
     environment, image and files (by identity), probed paths (there or not), tools
-    (found where they were on PATH) and kernel files' contents. The words are the
-    caller's to compare."""
+    (found where they were on PATH), kernel files' contents and the adapters' listings.
+    The words are the caller's to compare."""
     try:
         with open(BOOT_ID) as f:
             boot = f.read().strip()
@@ -465,6 +485,10 @@ def key_holds(recs: frame.Records) -> bool:
         for entry in frame.every(recs, "content"):
             path, _, value = entry.partition("\t")
             if file_content(path) != value:
+                return False
+        for entry in frame.every(recs, "listing"):
+            pattern, _, paths = entry.partition("\t")
+            if listing(pattern) != paths:
                 return False
     except (OSError, IndexError, ValueError):
         return False

@@ -355,10 +355,12 @@ def plan_container(
         bound = [m.target for m in mounts if m.kind == "bind" and m.target != "/"]
         if d and d in existing and not any(within(d, t) for t in bound):
             mounts.append(Mount("bind", d, d))
-    # The fabric's device nodes and /dev/shm are in the host's /dev, bound whole already
-    # (not under --contain): binding them again below it is only a mount the holder's
+    # The fabric's device nodes and /dev/shm are in the host's /dev where the last mount on
+    # /dev binds it whole (not under --contain, nor under a user's plain `-B /dev`, which
+    # leaves /dev/shm out): binding them again below it is only a mount the holder's
     # recipe cannot repeat (its target resolved through another mount).
-    host_dev = Mount("bind", "/dev", "/dev", recursive=True) in mounts
+    on_dev = [m for m in mounts if m.target == "/dev"]
+    host_dev = on_dev[-1:] == [Mount("bind", "/dev", "/dev", recursive=True)]
     mounts += [m for m in fabric_mounts if not (host_dev and within(m.target, "/dev"))]
     inside = 0 if opts.fakeroot else user.uid
     inside_gid = 0 if opts.fakeroot else user.gid

@@ -16,6 +16,7 @@ from rankwire.fabric.hostfacts import (
     Resolver,
     detect_adapters,
     fabric_devices,
+    fabric_key,
     host_libfabric,
     libfabric_facts,
 )
@@ -171,8 +172,10 @@ def test_resolver_expands_origin_and_honours_ld_library_path(tmp_path: Path) -> 
     requester.write_bytes(b"")
     with_runpath = type(elf)(**{**elf.__dict__, "runpath": ("$ORIGIN/sub",)})
     assert Resolver("", cache={}).find("libnuma.so.1", str(requester), with_runpath) == str(copy)
-    via_env = Resolver(str(tmp_path / "sub"), cache={})
+    via_env = Resolver(f"{tmp_path}/empty:{tmp_path}/sub", cache={})
     assert via_env.find("libnuma.so.1", "/usr/lib/libx.so", elf) == str(copy)
+    # Where it looked, up to where it found it: a library put there would win.
+    assert list(via_env.searched) == [f"{tmp_path}/empty", f"{tmp_path}/sub"]
     assert Resolver("", cache={}).find("libnope.so.7", "/usr/lib/libx.so", elf) == ""
 
 
@@ -182,6 +185,7 @@ def test_host_libfabric_facts_include_verbs_plugins() -> None:
     assert {"libmlx5-rdmav34.so", "libefa-rdmav34.so"} <= plugins
     assert lib.verbs_config == "/etc/libibverbs.d"
     assert lib.dl_providers == ()  # Debian's libfabric has every provider built in
+    assert "/usr/lib/x86_64-linux-gnu" in lib.searched or "/lib/x86_64-linux-gnu" in lib.searched
 
 
 def test_image_listing_resolves_symlinks_inside_the_image() -> None:
@@ -244,3 +248,28 @@ def test_host_libfabric_is_kept_in_the_users_cache(
     (libdir / "libfabric.so.1").write_bytes(b"")  # a file where the loader looks first
     host_libfabric(cache, hardware=one)
     assert loads == ["", "", "", "tcp", ""]
+
+
+def test_fabric_key_holds_what_the_fabric_facts_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept plan's fabric key (recorded mlx5 tree): each adapter port's state as the
+    planner saw it, by content; the device nodes; where the library was looked for even
+    when none was found (one installed later must be seen); and no key at all while a
+    keyed file changed too lately to tell whether the facts saw it."""
+    from rankwire.fabric import hostfacts
+
+    root = str(DATA / "mlx5")
+    host = FabricHostFacts(detect_adapters(root), fabric_devices(root), None)
+    key = fabric_key(host, root)
+    assert key is not None
+    files, gone, states = key
+    assert states == {"/sys/class/infiniband/mlx5_0/ports/1/state": "4: ACTIVE"}
+    assert "/dev/infiniband/uverbs0" in gone  # not on this host: keyed by its absence
+    loader = hostfacts._loader_paths()
+    assert [p for p in loader if p in files or p in gone] == loader  # looked for, not found
+    assert fabric_key(FabricHostFacts((), (), None)) == ([], {}, {})  # nothing looked at
+    fresh = tmp_path / "lib"
+    fresh.mkdir()
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(fresh))
+    assert fabric_key(host, root) is None  # changed just now

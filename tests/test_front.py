@@ -251,6 +251,9 @@ def image_front(runner: User, base_image: Path, shared_dir: Path) -> Iterator[Fr
     exec_plan_of(front).unlink(missing_ok=True)
 
 
+SETTLE_S = 2.1  # a key's file changed less than 2 s ago keeps no plan (factcache.SETTLE_NS)
+
+
 def exec_plan_of(front: Front) -> Path:
     """The image's exec plan in the runner's runtime dir (no XDG_RUNTIME_DIR here)."""
     return Path(f"/tmp/rankwire-{front.runner.uid}") / joinplan.exec_plan_name(str(front.image))
@@ -498,39 +501,63 @@ def test_an_exec_binding_the_host_fabric_starts_without_python_while_its_facts_h
     libs = Path(tempfile.mkdtemp(prefix="libs-", dir=shared_dir))
     libs.chmod(0o755)
     env = (f"LD_LIBRARY_PATH={libs}",)  # another environment: planned, then C
+    time.sleep(SETTLE_S)  # a dir changed just now keeps no plan (is tested below)
     for _ in range(2):
         assert front.run(*fabric, "true", env=env) == (0, "", "")
     assert front.pythons() == 2
     (libs / "libfabric.so.1").symlink_to("/nonexistent")  # a dir the loader searches changed
     assert front.run(*fabric, "true", env=env) == (0, "", "")
-    assert front.pythons() == 3
-    (libs / "libfabric.so.1").unlink()
     assert front.run(*fabric, "true", env=env) == (0, "", "")
-    assert front.pythons() == 4
+    assert front.pythons() == 4  # planned again, and no plan kept: it changed just now
+    (libs / "libfabric.so.1").unlink()
+    time.sleep(SETTLE_S)
+    for _ in range(2):
+        assert front.run(*fabric, "true", env=env) == (0, "", "")
+    assert front.pythons() == 5
     # The plan as Python keyed it, with a port's state and other groups in its key.
     uid = front.runner.uid
     plan = Path(f"/tmp/rankwire-{uid}") / joinplan.exec_plan_name(str(front.image), fabric[1:3])
-    state = shared_dir / "port-state"
+    ports = Path(tempfile.mkdtemp(prefix="ports-", dir=shared_dir))
+    ports.chmod(0o755)
+    state = ports / "port-state"
     state.write_text("4: ACTIVE\n")
     state.chmod(0o644)
 
     def keyed(*extra: tuple[str, str], groups: str = "") -> None:
-        recs = [r for r in frame.decode(plan.read_bytes()) if r[0] != "content"]
+        recs = frame.decode(plan.read_bytes())
         if groups:
             recs = [("groups", groups) if k == "groups" else (k, v) for k, v in recs]
         plan.write_bytes(frame.encode([*recs[:-1], *extra, recs[-1]]))
         os.chown(plan, uid, front.runner.gid)
 
-    port = ("content", f"{state}\t4: ACTIVE")
-    keyed(port)
-    assert front.run(*fabric, "true", env=env) == (0, "", "")
-    assert front.pythons() == 4  # the key holds: C
+    def runs_in(way: str) -> None:
+        before = front.pythons()
+        assert front.run(*fabric, "true", env=env) == (0, "", "")
+        assert front.pythons() == before + (way == "python"), way
+
+    keyed(("content", f"{state}\t4: ACTIVE"), ("listing", f"{ports}/port-*\t{state}"))
+    runs_in("C")  # the key holds
     state.write_text("1: DOWN\n")
-    assert front.run(*fabric, "true", env=env) == (0, "", "")
-    assert front.pythons() == 5  # the link went down: Python
+    runs_in("python")  # the link went down (and a plan without it is kept)
+    keyed(("listing", f"{ports}/port-*\t{state}"))
+    runs_in("C")
+    (ports / "port-state-2").touch()
+    runs_in("python")  # a second adapter under a class that was there
     keyed(groups="4242")
-    assert front.run(*fabric, "true", env=env) == (0, "", "")
-    assert front.pythons() == 6  # other groups: Python
+    runs_in("python")  # other groups
+
+
+def test_the_front_end_words_many_groups_as_python_does(image_front: Front) -> None:
+    """Supplementary groups out of order and twice: the front end's list matches the one
+    Python keyed (sorted, once), so the second exec starts in C."""
+    front = image_front
+    if front.runner.uid != 0:
+        pytest.skip("setting groups needs root")
+    argv = ["setpriv", "--groups", "30,10,20,10", "--", str(front.exe), "exec", str(front.image)]
+    for _ in range(2):
+        assert front.runner.run([*argv, "true"], cwd="/tmp").returncode == 0
+    assert front.pythons() == 1
+    assert b"groups=10,20,30\0" in exec_plan_of(front).read_bytes()
 
 
 def test_a_container_the_holder_cannot_repeat_leaves_no_exec_plan(image_front: Front) -> None:

@@ -563,6 +563,8 @@ def test_planner_tells_open_mpi_ob1_on_a_node_without_fabric_or_gpu() -> None:
     assert planned(p=ucx) == (False, "ucx")
     psm2 = host_process(["/bin/true"], {"OMPI_MCA_mtl": "psm2"}, "/tmp")
     assert planned(p=psm2) == (False, None)
+    files = host_process(["/bin/true"], {"OMPI_MCA_mca_base_param_files": "/p.conf"}, "/tmp")
+    assert planned(p=files) == (False, None)
     told = plan_launch(LaunchOptions(ntasks=2, pmi="pmix"), proc, None, {}, [], fabric_free=True)
     assert launch_plan.describe_pml(told) == (
         "OMPI_MCA_pml=ob1: no fabric adapter or GPU on this node, so Open MPI's ranks skip "
@@ -572,6 +574,23 @@ def test_planner_tells_open_mpi_ob1_on_a_node_without_fabric_or_gpu() -> None:
     assert launch_plan.LaunchPlan.from_dict(told.to_dict()) == told
     mpich = plan_launch(LaunchOptions(ntasks=2, pmi="pmi1"), proc, None, {}, [], fabric_free=True)
     assert launch_plan.describe_pml(mpich) is None
+
+
+def test_a_node_with_an_adapter_or_a_gpu_is_not_fabric_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rankwire.fabric import hostfacts
+    from rankwire.fabric.hostfacts import Adapter, FabricHostFacts
+    from rankwire.launcher.facts import fabric_free
+
+    monkeypatch.setattr(hostfacts, "GPU_SIGNS", (str(tmp_path / "nvidiactl"),))
+    nothing = FabricHostFacts((), (), None)
+    assert fabric_free(nothing) is True
+    no_driver = Adapter("mlx5", "", "ConnectX-6", "0000:3b:00.0", "", "", "", "", "", ())
+    assert fabric_free(FabricHostFacts((no_driver,), (), None)) is False  # a known PCI function
+    assert fabric_free(FabricHostFacts((), ("/dev/infiniband/uverbs0",), None)) is False
+    (tmp_path / "nvidiactl").touch()
+    assert fabric_free(nothing) is False  # a GPU
 
 
 @clean
@@ -586,10 +605,18 @@ def test_open_mpi_ranks_are_told_ob1_where_the_node_has_no_fabric(runner: User) 
     show = ["sh", "-c", 'echo "$PMIX_RANK=${OMPI_MCA_pml-unset}"']
     told = rw(runner, "rankwire", "run", "-v", "--pmi", "pmix", "-n", "2", *show)
     assert (told.returncode, sorted(told.stdout.split())) == (0, ["0=ob1", "1=ob1"])
-    assert told.stderr.splitlines()[1:] == [
+    said = [line for line in told.stderr.splitlines() if "OMPI_MCA_pml" in line]
+    assert said == [
         "rankwire: OMPI_MCA_pml=ob1: no fabric adapter or GPU on this node, so Open MPI's "
         "ranks skip probing for them (set OMPI_MCA_pml or OMPI_MCA_mtl to choose otherwise)"
     ]
+    for _ in range(2):  # planned and kept, then from the kept plan
+        plain = rw(runner, "rankwire", "run", "--pmi", "pmix", "-n", "2", *show)
+        assert (plain.returncode, sorted(plain.stdout.split()), plain.stderr) == (
+            0,
+            ["0=ob1", "1=ob1"],
+            "",
+        )
     theirs = rw(runner, "env", "OMPI_MCA_mtl=ofi", "rankwire", "run", "--pmi", "pmix", "-n",
                 "2", *show)  # fmt: skip
     assert (theirs.returncode, sorted(theirs.stdout.split()), theirs.stderr) == (
