@@ -244,23 +244,36 @@ def test_a_kept_plan_fails_as_the_planned_one(runner: User) -> None:
     assert (second.returncode, second.stderr) == (3, "rankwire: rank 1 exited with 3\n")
 
 
+def _planned_again_after(
+    runner: User, words: tuple[str, ...], env: list[str], change: Callable[[], object]
+) -> Path:
+    """`rankwire WORDS` twice (the second runs the kept plan), then `change()`: the next
+    launch plans again. Returns the kept plan's file."""
+    argv = ["env", *env, "rankwire", *words]
+    path = _kept_file(runner, words)
+    path.unlink(missing_ok=True)
+    assert runner.run(argv, cwd="/tmp", timeout=60).returncode == 0
+    planned = path.stat()
+    assert runner.run(argv, cwd="/tmp", timeout=60).returncode == 0
+    assert path.stat().st_ino == planned.st_ino  # the kept plan
+    change()
+    assert runner.run(argv, cwd="/tmp", timeout=60).returncode == 0
+    assert path.stat().st_ino != planned.st_ino  # planned again
+    return path
+
+
 @pytest.mark.usefixtures("nothing_left_behind")
 def test_a_program_put_earlier_on_path_is_planned_again(runner: User, shared_dir: Path) -> None:
     first_on_path = shared_dir / f"bin-{runner.name}-{os.urandom(4).hex()}"
     first_on_path.mkdir(mode=0o755)
-    words = ("run", "-n", "2", "true")
     dirs = (str(first_on_path), runner.bindir, os.environ["PATH"])
     path_env = os.pathsep.join(d for d in dirs if d)
-    env = ["env", f"PATH={path_env}", "rankwire", *words]
-    path = _kept_file(runner, words)
-    path.unlink(missing_ok=True)
-    assert runner.run(env, cwd="/tmp", timeout=60).returncode == 0
-    planned = path.stat()
-    assert runner.run(env, cwd="/tmp", timeout=60).returncode == 0
-    assert path.stat().st_ino == planned.st_ino  # the kept plan
-    shutil.copy2(shutil.which("true") or "/bin/true", first_on_path / "true")
-    assert runner.run(env, cwd="/tmp", timeout=60).returncode == 0
-    assert path.stat().st_ino != planned.st_ino  # planned again
+
+    def put() -> None:
+        shutil.copy2(shutil.which("true") or "/bin/true", first_on_path / "true")
+
+    words = ("run", "-n", "2", "true")
+    path = _planned_again_after(runner, words, [f"PATH={path_env}"], put)
     assert f"tool=true:{first_on_path}/true".encode() in path.read_bytes()
 
 
@@ -272,13 +285,5 @@ def test_a_library_dir_that_changes_is_planned_again(runner: User, shared_dir: P
     searched = shared_dir / f"lib-{runner.name}-{os.urandom(4).hex()}"
     searched.mkdir(mode=0o755)
     words = ("run", "-n", "2", "ls", "/")
-    env = ["env", f"LD_LIBRARY_PATH={searched}", "rankwire", *words]
-    path = _kept_file(runner, words)
-    path.unlink(missing_ok=True)
-    assert runner.run(env, cwd="/tmp", timeout=60).returncode == 0
-    planned = path.stat()
-    assert runner.run(env, cwd="/tmp", timeout=60).returncode == 0
-    assert path.stat().st_ino == planned.st_ino  # the kept plan
-    (searched / "libnew.so.1").write_bytes(b"")
-    assert runner.run(env, cwd="/tmp", timeout=60).returncode == 0
-    assert path.stat().st_ino != planned.st_ino  # planned again
+    env = [f"LD_LIBRARY_PATH={searched}"]
+    _planned_again_after(runner, words, env, (searched / "libnew.so.1").touch)
