@@ -31,10 +31,9 @@ from rankwire.runtime.execcmd import (
     device_signs,
     echo,
     exec_options,
-    fabric_key,
+    host_key,
     keyable,
     local_image,
-    probed_paths,
 )
 from rankwire.runtime.instance import front_end, parent_is_slurmstepd
 from rankwire.runtime.options import delegation_argv, in_scope, parse_plain, take_options
@@ -187,16 +186,12 @@ def launch(
             user.cache_dir, facts.image.digest, program, path_env, process.workdir
         )
         warm = (kept, warm_list.load(kept))
-        keyed = None
-        fabric = (
-            fabric_key(facts)
+        key = (
+            host_key(facts, opts)
             if before is not None and keyable(image, facts, opts, planned)
             else None
         )
-        if fabric is not None:
-            files, gone, contents = fabric
-            probed = {**probed_paths(facts, opts), **gone}
-            keyed = (sif, files, probed, dict(facts.host.tools), contents)
+        keyed = None if key is None else (sif, key[0], key[1], dict(facts.host.tools), key[2])
     slurm_mpi = None
     if user.environ.get("SLURM_JOB_ID") and not lopts.no_slurm:  # delegating: what srun offers
         from rankwire.runtime.doctorhost import slurm_install

@@ -24,7 +24,7 @@ at every launch (`launcher.plan.with_warm`, as `plan_launch` applies it).
 
 Kept (`remember`, from `launchcmd.launch`) only for a local launch whose plan may be
 keyed (`execcmd.keyable`: no remote image, no signature check, no host MPI bound in, not
-a task of a Slurm step; the host fabric bound in is keyed by `execcmd.fabric_key`; on the
+a task of a Slurm step; the host fabric bound in is keyed by `execcmd.host_key`; on the
 host: not a task of a Slurm step), not for
 --dry-run or -v. File: the runtime dir's launch-HASH.plan (HASH: FNV-1a of the directory
 and the words), frame records (`runtime/frame.py`): magic

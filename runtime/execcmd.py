@@ -369,7 +369,7 @@ def _option_words(image: str, command: Optional[tuple[str, ...]]) -> Optional[tu
 
 def keyable(image: str, facts: Facts, opts: ExecOptions, plan: ImagePlan) -> bool:
     """A plan of `image` may be kept for a later start of the same request, keyed on what
-    decided it (`joinplan.key_records`, and the host fabric's facts by `fabric_key`):
+    decided it (`joinplan.key_records`, with the host's part from `host_key`):
     outside a Slurm task, without a PMI bridge or its warning, without signature checks,
     no host MPI asked for (its facts come from a PATH search and the site MPI's library
     closure, which no key of the plan holds), the image a file and not the node's shared
@@ -389,23 +389,23 @@ def keyable(image: str, facts: Facts, opts: ExecOptions, plan: ImagePlan) -> boo
     )
 
 
-def probed_paths(facts: Facts, opts: ExecOptions) -> dict[str, bool]:
-    """Which of the host paths the planner looked at exist (a fabric adapter's or a GPU's
-    coming too): part of a kept plan's key."""
+def host_key(
+    facts: Facts, opts: ExecOptions
+) -> Optional[tuple[list[str], dict[str, bool], dict[str, str]]]:
+    """What a kept plan of `facts` is keyed on of the host, besides the request: (files by
+    identity, paths there or not, kernel files' contents). The host paths the planner
+    looked at (and a fabric adapter's or a GPU's coming) and the host fabric's facts
+    (`fabric.hostfacts.fabric_key`). None: keep no plan."""
+    from rankwire.fabric.hostfacts import fabric_key
     from rankwire.runtime.plan import paths_to_probe
 
+    fabric = fabric_key(facts.fabric_host)
+    if fabric is None:
+        return None
+    files, gone, contents = fabric
     probed = {path: path in facts.existing for path in paths_to_probe(facts.user, opts)}
     probed["/dev/fuse"] = facts.host.dev_fuse_usable
-    probed.update(device_signs())
-    return probed
-
-
-def fabric_key(facts: Facts) -> Optional[tuple[list[str], dict[str, bool], dict[str, str]]]:
-    """The host fabric facts' part of a kept plan's key: (files, absent paths, kernel
-    files' contents), `fabric.hostfacts.fabric_key`; None: keep no plan."""
-    from rankwire.fabric.hostfacts import fabric_key as of_host
-
-    return of_host(facts.fabric_host)
+    return files, {**probed, **device_signs(), **gone}, contents
 
 
 def device_signs() -> dict[str, bool]:
@@ -442,11 +442,10 @@ def _exec_plan(
         plan.process, probe.process, command
     ):
         return None
-    fabric = fabric_key(facts)
-    if fabric is None:
+    key = host_key(facts, opts)
+    if key is None:
         return None
-    files, gone, contents = fabric
-    probed = {**probed_paths(facts, opts), **gone}
+    files, probed, contents = key
     proc = plan.process
 
     def write(holder: inst.HolderHandle) -> None:

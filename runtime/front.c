@@ -383,16 +383,25 @@ static int same_groups(const char *want)
     return same;
 }
 
+/* A `PATH<TAB>VALUE` record's PATH into `path` (PATH_MAX); its VALUE, or NULL. */
+static const char *split_tab(const char *entry, char *path)
+{
+    const char *tab = strchr(entry, '\t');
+    if (!tab || tab - entry >= PATH_MAX)
+        return NULL;
+    snprintf(path, PATH_MAX, "%.*s", (int)(tab - entry), entry);
+    return tab + 1;
+}
+
 /* `content=PATH<TAB>VALUE`: PATH (a kernel's file, read as `joinplan.file_content` reads
  * it: 4 KiB at most, whitespace stripped at both ends; "" if unreadable) holds VALUE. */
 static int same_content(const char *entry)
 {
-    const char *tab = strchr(entry, '\t');
     char path[PATH_MAX], buf[4097];
+    const char *want = split_tab(entry, path);
     ssize_t n = -1;
-    if (!tab || (size_t)(tab - entry) >= sizeof path)
+    if (!want)
         return 0;
-    snprintf(path, sizeof path, "%.*s", (int)(tab - entry), entry);
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd >= 0) {
         n = read(fd, buf, sizeof buf - 1);
@@ -404,22 +413,20 @@ static int same_content(const char *entry)
     while (end > start && isspace((unsigned char)end[-1]))
         end--;
     *end = '\0';
-    return !strcmp(start, tab + 1);
+    return !strcmp(start, want);
 }
 
 /* `listing=PATTERN<TAB>PATHS`: PATTERN matches PATHS (as `joinplan.listing` words them:
  * sorted, with commas; glob(3) sorts them, in the C locale, as Python's sorted does). */
 static int same_listing(const char *entry)
 {
-    const char *tab = strchr(entry, '\t');
     char pattern[PATH_MAX];
+    const char *want = split_tab(entry, pattern);
     glob_t g;
-    if (!tab || (size_t)(tab - entry) >= sizeof pattern)
+    if (!want)
         return 0;
-    snprintf(pattern, sizeof pattern, "%.*s", (int)(tab - entry), entry);
-    int rc = glob(pattern, 0, NULL, &g), same = rc == GLOB_NOMATCH && !tab[1];
+    int rc = glob(pattern, 0, NULL, &g), same = rc == GLOB_NOMATCH && !*want;
     if (rc == 0) {
-        const char *want = tab + 1;
         same = 1;
         for (size_t i = 0; same && i < g.gl_pathc; i++) {
             size_t len = strlen(g.gl_pathv[i]);

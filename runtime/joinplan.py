@@ -524,7 +524,7 @@ def remember_exec(
     rankwire module's file, the holder's program, the FUSE driver's, the image's identity,
     the boot (a new kernel), which of the paths the planner probed exist (`probed`: a
     fabric adapter's coming too), where each host tool is on PATH (`tools`), and the host
-    fabric's facts (`files`, `contents`: `execcmd.fabric_key`). Made whole before it gets
+    fabric's facts (`files`, `contents`: `execcmd.host_key`). Made whole before it gets
     its name, as `remember`; on any failure, nothing."""
     from rankwire.runtime.holder import SERVER
 
