@@ -659,7 +659,7 @@ extern char **environ;
 struct rmount { const char *kind, *source, *target, *options; int rec, ro; };
 
 static struct {
-	const char *uid_map, *gid_map, *tmpfs, *driver, *fuse, *fuse_opts, *image;
+	const char *uid_map, *gid_map, *tmpfs, *driver, *fuse, *fuse_opts, *image, *warm;
 	const char *points[MAX_RECIPE];
 	int point_dir[MAX_RECIPE], n_points;
 	struct rmount m[MAX_RECIPE];
@@ -680,6 +680,7 @@ static void recipe_record(const char *key, char *val, void *ctx)
 	else if (!strcmp(key, "fuse")) r.fuse = val;
 	else if (!strcmp(key, "fuse_opts")) r.fuse_opts = val;
 	else if (!strcmp(key, "image")) r.image = val;
+	else if (!strcmp(key, "warm")) r.warm = val; /* a launch plan's warm list */
 	else if (!strcmp(key, "writable")) r.writable = !strcmp(val, "1");
 	else if (!strcmp(key, "mkdir") || !strcmp(key, "touch")) {
 		if (r.n_points == MAX_RECIPE) {
@@ -906,6 +907,117 @@ static int start_init(const char *staging)
 	return fail("no PID namespace: %s", n > 0 ? said : "its init did not start");
 }
 
+#define WARM_MAGIC "rankwire-warm 1\n" /* runtime/warm.py MAGIC */
+#define WARM_MAX_BYTES (64L << 20)        /* warm.py MAX_BYTES: read ahead at most */
+#define WARM_CHUNK (1 << 20)              /* warm.py CHUNK */
+#define WARM_LIST_MAX (1 << 20)           /* warm.py `load` reads at most this much */
+
+/* `path` as warm.py `load` takes it: absolute and normal (posixpath.normpath's: no empty,
+ * "." or ".." part, no trailing slash). */
+static int normal_path(const char *path, size_t len)
+{
+	if (!len || path[0] != '/')
+		return 0;
+	if (len == 1)
+		return 1;
+	for (size_t at = 1, end; at <= len; at = end + 1) {
+		for (end = at; end < len && path[end] != '/'; end++)
+			;
+		size_t part = end - at;
+		if (!part || (part == 1 && path[at] == '.') ||
+		    (part == 2 && path[at] == '.' && path[at + 1] == '.'))
+			return 0;
+	}
+	return 1;
+}
+
+/* warm.py `prefetch`, in the chrooted reader: each range of `list` (after its magic line:
+ * "OFFSET LENGTH PATH" lines, as `load` checks them), in order, into the page cache. */
+static void read_ahead(char *list, size_t len)
+{
+	static char chunk[WARM_CHUNK];
+	long budget = WARM_MAX_BYTES;
+	char *line = list + strlen(WARM_MAGIC), *end = list + len;
+	while (line < end && budget > 0) {
+		char *nl = memchr(line, '\n', (size_t)(end - line)), *next = nl ? nl + 1 : end;
+		size_t n = (size_t)((nl ? nl : end) - line);
+		unsigned long long offset = 0, length = 0;
+		size_t k = 0, digits;
+		for (digits = 0; k < n && line[k] >= '0' && line[k] <= '9' && digits < 19; k++, digits++)
+			offset = offset * 10 + (unsigned)(line[k] - '0');
+		int ok = digits && k < n && line[k++] == ' ';
+		for (digits = 0; ok && k < n && line[k] >= '0' && line[k] <= '9' && digits < 19;
+		     k++, digits++)
+			length = length * 10 + (unsigned)(line[k] - '0');
+		ok = ok && digits && k < n && line[k++] == ' ' && !memchr(line + k, '\0', n - k) &&
+		     normal_path(line + k, n - k) && offset < 1ULL << 62 && length > 0 &&
+		     length <= (unsigned long long)WARM_MAX_BYTES;
+		if (ok) {
+			line[n] = '\0';
+			int fd = open(line + k, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+			struct stat st;
+			if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+				unsigned long long stop = offset +
+					(length < (unsigned long long)budget ? length : (unsigned long long)budget);
+				while (offset < stop) {
+					size_t want = stop - offset < WARM_CHUNK ? (size_t)(stop - offset) : WARM_CHUNK;
+					ssize_t got = pread(fd, chunk, want, (off_t)offset);
+					if (got <= 0)
+						break;
+					offset += (unsigned long long)got;
+					budget -= got;
+				}
+			}
+			if (fd >= 0)
+				close(fd);
+		}
+		line = next;
+	}
+}
+
+/* holder.py `_prefetch`: the launch plan's warm list (`r.warm`, read now: it may have
+ * changed since the plan was kept) read ahead from the FUSE mount `lower` by a process of
+ * the container's PID namespace that holds none of our descriptors (stdio /dev/null),
+ * chrooted into the image: the child of a child that ends at once, so the namespace's init
+ * reaps it, and it ends with the container at the latest. A hint: nothing here fails the
+ * setup. */
+static void prefetch(const char *lower)
+{
+	int fd = open(r.warm, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+	char *list = fd < 0 ? NULL : malloc(WARM_LIST_MAX + 1);
+	size_t len = 0;
+	ssize_t got = 1;
+	while (list && len < WARM_LIST_MAX && got > 0)
+		if ((got = read(fd, list + len, WARM_LIST_MAX - len)) > 0)
+			len += (size_t)got;
+	int ours = list && len > strlen(WARM_MAGIC) && !memcmp(list, WARM_MAGIC, strlen(WARM_MAGIC));
+	if (ours)
+		(void)futimens(fd, NULL); /* used: kept longest (warm.py `load`) */
+	if (fd >= 0)
+		close(fd);
+	int image = ours ? open(lower, O_PATH | O_DIRECTORY | O_CLOEXEC) : -1;
+	pid_t pid = image < 0 ? -1 : fork();
+	if (pid == 0) {
+		close_others(image, image);
+		int null = open("/dev/null", O_RDWR);
+		for (int k = 0; k < 3 && null >= 0; k++)
+			dup2(null, k);
+		if (null > 2)
+			close(null);
+		if (fork() == 0 && fchdir(image) == 0 && chroot(".") == 0) {
+			close(image);
+			read_ahead(list, len);
+		}
+		_exit(0);
+	}
+	if (pid > 0)
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+	if (image >= 0)
+		close(image);
+	free(list);
+}
+
 /* holder.py `Holder.setup`'s session dir: made under a temporary name, locked (until we
  * exit: `prune_stale` removes only unlocked ones), then renamed into place. */
 static int make_session(char *session)
@@ -1082,6 +1194,8 @@ static int set_up_container(char *sock, char *session, int *taken)
 		return fail("cannot set up the container root: kernel: %s", strerror(errno));
 	if (join_path(path, session, "proc") || start_init(path))
 		return -1;
+	if (r.warm && !strncmp(r.driver, "squashfuse", 10))
+		prefetch(lower);
 	for (int k = 0; k < r.n_m; k++)
 		if (apply_mount(root, session, &r.m[k]))
 			return -1;
@@ -1163,7 +1277,10 @@ static void set_up(int argc, char **argv)
 		buf_put(&report, session, strlen(session));
 		buf_put(&report, "\", \"image_driver\": \"", 20);
 		buf_put(&report, r.driver, strlen(r.driver));
-		const char *tail = "\", \"overlay_driver\": \"kernel\"}";
+		char tail[128]; /* a FUSE image's warm list pays (runtime/warm.py): its launcher
+				   * records it from the ranks, seen from the namespace's init */
+		snprintf(tail, sizeof tail, "\", \"overlay_driver\": \"kernel\"%s, \"init_pid\": %d}",
+			 strncmp(r.driver, "squashfuse", 10) ? "" : ", \"fuse_image\": true", (int)h.init);
 		buf_put(&report, tail, strlen(tail) + 1); /* and its NUL */
 	} else {
 		const char *head = "{\"ok\": false, \"error\": \"";
