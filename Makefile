@@ -22,7 +22,7 @@ TEST_PKGS := $(DEMO_PKGS) slurm-wlm munge libslurm-dev libpmi2-0-dev openmpi-bin
 PYTEST_ARGS ?= --durations=25
 
 # the C programs (see their rules below)
-NATIVE := $(VENV)/bin/rankwire runtime/rankwire-holder
+NATIVE := $(VENV)/bin/rankwire $(VENV)/bin/apptainer-mpirun runtime/rankwire-holder
 
 .PHONY: demo test lint system-demo system-test debian-cache clean
 
@@ -63,6 +63,10 @@ $(VENV)/.stamp: pyproject.toml | $(VENV)/bin/python
 # install finds next to runtime/holder.py.
 $(VENV)/bin/rankwire: runtime/front.c spank/frame.c spank/frame.h | $(VENV)/.stamp
 	@$(CC) -O2 -Wall -Werror -Ispank -o $@ runtime/front.c spank/frame.c
+# ... installed as apptainer-mpirun too (setup.py); after the install, which may remove a
+# console script of that name an earlier version made.
+$(VENV)/bin/apptainer-mpirun: $(VENV)/bin/rankwire $(VENV)/.stamp
+	@cp -f $(VENV)/bin/rankwire $@
 runtime/rankwire-holder: runtime/holdserve.c spank/frame.c spank/frame.h
 	@$(CC) -O2 -Wall -Werror -static -Ispank -o $@ runtime/holdserve.c spank/frame.c
 

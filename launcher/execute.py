@@ -13,17 +13,21 @@ holder, mount or socket of the job is left, nor any process a rank started (the
 container's PID namespace ends with it, see `_Job.end_container`).
 
 asyncio and the PMI server are imported while the holder sets the container up
-(`open_container`'s `meanwhile`), not before: together about 25 ms of the launch.
+(`open_container`'s `meanwhile`), not before: together about 25 ms of the launch. A kept
+plan's ranks are started by the C front end (`adopt`), and this module is then imported
+while they load: Python's start is no longer before them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import resource
 import signal
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable, Optional, Union, cast
 
 from rankwire.launcher.plan import LaunchPlan
@@ -54,7 +58,11 @@ def say(message: str) -> None:
 
 class _Job:
     def __init__(
-        self, plan: LaunchPlan, lease: Optional[Lease], server: Union[PmiServer, PmixServer]
+        self,
+        plan: LaunchPlan,
+        lease: Optional[Lease],
+        server: Union[PmiServer, PmixServer],
+        errors: Optional[tuple[int, int]] = None,
     ) -> None:
         import asyncio
 
@@ -74,8 +82,9 @@ class _Job:
         self.fence_pending: Optional[FenceFailed] = None
         self.settle_timer: Optional[asyncio.TimerHandle] = None
         # Why ranks could not start (`start_in` errors=): one pipe for all, read as lines
-        # `<rank>\t<why>`, said once per cause with its ranks when the job ends.
-        self.errors_r, self.errors_w = os.pipe()
+        # `<rank>\t<why>`, said once per cause with its ranks when the job ends (`errors`:
+        # the pipe the C front end gave the ranks it started).
+        self.errors_r, self.errors_w = os.pipe() if errors is None else errors
         os.set_blocking(self.errors_r, False)
         self.errors_buf = bytearray()
         self.not_started: dict[str, list[int]] = {}  # why -> ranks
@@ -133,14 +142,13 @@ class _Job:
         else:
             pid_of = start_in(self.lease, proc, inherit=fds, stdio=(stdin, 1, 2), errors=errors)
         self.server.spawned(rank)
+        return lambda: self.took(rank, pid_of())
 
-        def started() -> None:
-            pid = pid_of()
-            self.pids[rank] = pid
-            pidfd = os.pidfd_open(pid)
-            self.loop.add_reader(pidfd, self.reaped, rank, pid, pidfd)
-
-        return started
+    def took(self, rank: int, pid: int) -> None:
+        """Rank `rank` is process `pid`, our child: ours to wait for and to signal."""
+        self.pids[rank] = pid
+        pidfd = os.pidfd_open(pid)
+        self.loop.add_reader(pidfd, self.reaped, rank, pid, pidfd)
 
     def reaped(self, rank: int, pid: int, pidfd: int) -> None:
         self.loop.remove_reader(pidfd)
@@ -302,12 +310,16 @@ class _Job:
                 say(f"{who} sent a malformed PMI request: {event.message}")
 
     # -- the whole job ----------------------------------------------------------------
-    async def run(self) -> int:
+    async def run(self, adopted: Sequence[tuple[int, int]] = ()) -> int:
+        """The job, to its end; its exit code. `adopted`: (pid, our PMI_FD end) of each
+        rank the C front end started (`adopt`); none: start them here."""
         await self.server.start()
         # asyncio puts back SIG_DFL, not what a caller had (a caller embedding us, say)
         previous = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
         for sig in FORWARDED_SIGNALS:
             self.loop.add_signal_handler(sig, self.on_signal, sig)
+        if adopted:  # the front end held them since it started the ranks: now they're theirs
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         events = self.loop.create_task(self.watch_events())
         timer = (
             self.loop.call_later(self.plan.timeout, self.on_timeout)
@@ -319,7 +331,10 @@ class _Job:
         try:
             starting: list[Callable[[], None]] = []
             try:
-                for rank in range(self.plan.ntasks):
+                for rank, (pid, fd) in enumerate(adopted):
+                    cast("PmiServer", self.server).adopt(rank, fd)
+                    starting.append(functools.partial(self.took, rank, pid))
+                for rank in range(len(adopted), self.plan.ntasks):
                     starting.append(self.spawn(rank, devnull))
             finally:  # each rank started is ours to wait for and to signal
                 for started in starting:
@@ -361,10 +376,11 @@ class _Job:
         return self.failure or 0
 
 
-def pmi_server(plan: LaunchPlan) -> Union[PmiServer, PmixServer]:
+def pmi_server(plan: LaunchPlan, jobid: Optional[str] = None) -> Union[PmiServer, PmixServer]:
     """The job's PMI server, not started yet (its owner, `_Job.run`, starts and closes it).
-    MPICH launches import no PMIx server (≈ 20 ms)."""
-    job = Job(size=plan.ntasks, fence_timeout=plan.fence_timeout)
+    MPICH launches import no PMIx server (≈ 20 ms). `jobid`: the one the C front end gave
+    the ranks it started (`adopt`)."""
+    job = Job(size=plan.ntasks, fence_timeout=plan.fence_timeout, jobid=jobid)
     if plan.pmi == "pmix":
         from rankwire.pmi.pmix.server import PmixServer
 
@@ -374,9 +390,51 @@ def pmi_server(plan: LaunchPlan) -> Union[PmiServer, PmixServer]:
     return PmiServer(job, mode=plan.pmi_transport)
 
 
-def execute(plan: LaunchPlan) -> int:
+def adopt(args: Sequence[str]) -> int:
+    """`rankwire-py __launch …`: the C front end (`runtime/front.c` `launch_plan`) started
+    the container and the ranks of a kept launch plan (`launcher/plancache.py`), then
+    exec'd us with them: serve their PMI and see the job to its end, as `execute` does
+    for the ranks it starts. The words: the plan's descriptor, the ranks' start-error
+    pipe (read, write end), the holder's pid, the lease's connection and its user, mount
+    and PID namespaces' descriptors, the job id the ranks were given, the holder's
+    report (JSON), then PID:FD (a rank's pid and our end of its PMI_FD socketpair) per
+    rank, in rank order."""
+    import json
+    import socket
+
+    from rankwire.launcher.plancache import front_end_plan
+    from rankwire.runtime.instance import HolderHandle
+
+    plan_fd, err_r, err_w, holder_pid, conn, userns, mntns, pidns = map(int, args[:8])
+    report = json.loads(args[9])
+    holder = HolderHandle(report["socket"], holder_pid, report, True, report["session"])
+    lease = Lease(socket.socket(fileno=conn), userns, mntns, report, pidns)
+    try:
+        try:
+            plan = front_end_plan(plan_fd)
+            server = pmi_server(plan, args[8])
+            ranks = [(int(pid), int(fd)) for pid, _, fd in (w.partition(":") for w in args[10:])]
+        except Exception as err:  # a plan file changed under us: its ranks end with us
+            say(f"cannot serve the launch its kept plan started ({err}): launch it again")
+            return 125
+        import asyncio
+
+        async def main() -> int:
+            job = _Job(plan, lease, server, errors=(err_r, err_w))
+            return await job.run(ranks)
+
+        return asyncio.run(main())
+    finally:
+        lease.close()
+        holder.wait()
+
+
+def execute(
+    plan: LaunchPlan, keep: Optional[Callable[[Optional[list[tuple[str, str]]]], None]] = None
+) -> int:
     """Run the job; returns the launcher's exit code. A task of a step (`srun …
-    apptainer-mpirun`) ends with its slurmstepd."""
+    apptainer-mpirun`) ends with its slurmstepd. `keep`: called with what our holder did
+    (its recipe; None: it cannot be done again) once it serves: the plan is kept then."""
     end_with_slurmstepd()
     if plan.open_files is not None:  # the planner found the job needs more (up to hard)
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -394,7 +452,10 @@ def execute(plan: LaunchPlan) -> int:
         try:
             lease = None
             if plan.container is not None:
-                lease = stack.enter_context(open_container(plan.container, meanwhile=make_server))
+                started = None if keep is None else (lambda holder: keep(holder.recipe))
+                lease = stack.enter_context(
+                    open_container(plan.container, started=started, meanwhile=make_server)
+                )
             else:
                 make_server()
         except BaseException:

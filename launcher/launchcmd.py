@@ -235,13 +235,24 @@ def launch(
                 f"cannot run srun inside Slurm job {plan.slurm_job}: "
                 f"{err.strerror}; pass --no-slurm to launch here"
             ) from None
+    keep_started: Optional[Callable[[Optional[list[tuple[str, str]]]], None]] = None
     if keep is not None and keyed is not None and before is not None and not lopts.verbose:
-        from rankwire.launcher.plancache import remember
+        from rankwire.launcher.plancache import remember, startable
 
         key_image, files, probed, tools, contents = keyed
         kept_warm = warm[0] if warm is not None else ""
-        remember(keep, unwarmed, user, key_image, files, probed, tools, contents, kept_warm, before)
-    sys.exit(execute(plan))
+
+        def keep_plan(recipe: Optional[list[tuple[str, str]]] = None) -> None:
+            remember(
+                keep, unwarmed, user, key_image, files, probed, tools, contents, kept_warm,
+                before, recipe,
+            )  # fmt: skip
+
+        if startable(unwarmed):  # kept once its holder said what it did: the C front end's
+            keep_started = keep_plan
+        else:
+            keep_plan()
+    sys.exit(execute(plan, keep_started))
 
 
 def _before(keep: Optional[tuple[str, ...]], paths: Optional[list[str]]) -> Optional[list[str]]:

@@ -31,8 +31,17 @@ and the words), frame records (`runtime/frame.py`): magic
 first, then `word` (the command, then each word as given), `package` (the rankwire
 package's directory: the install that planned), the key, `cpus`, `nofile`,
 `warm` (the warm list's path), `plan` (the LaunchPlan as JSON, without its warm list), and
-`end=1` last. Made whole before it gets its name; the 32 used last are kept (a used plan
-is touched); `rankwire cache clean` leaves them (the runtime dir is not the cache).
+`end=1` last. A plan the C front end can start itself (`startable`: ranks in an ephemeral
+container, our PMI-1/PMI-2 server on socketpairs, output as it is) is kept once its holder
+serves, with what the front end needs (`front_start`): the install's programs' dir, the
+holder's program (keyed, with the FUSE driver), the ranks' process (`workdir`,
+`no_new_privs`, `env`, `arg`), `ntasks`, `stdin_rank`, the holder's recipe (`r_*`, as an
+exec plan's) and `r_warm`, the warm list its holder reads ahead. The next launch of these
+words is then started by the front end (`runtime/front.c` `launch`: the container from the
+recipe, the ranks, each our child with its PMI_FD) and served by Python
+(`execute.adopt`), which no longer stands between the command and its ranks. Made whole
+before it gets its name; the 32 used last are kept (a used plan is touched); `rankwire
+cache clean` leaves them (the runtime dir is not the cache).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from rankwire.runtime.instance import existing_runtime_dir, runtime_dir
 from rankwire.runtime.plan import UserFacts
 
 MAGIC = "rankwire-launch-plan 1"
+MAX_STARTED = 4096  # ranks the C front end starts itself (runtime/front.c MAX_RANKS)
 # The install that keeps a plan: another one, run by its path in the same environment,
 # directory and words, finds the same file, and its files (the key's) hold as well.
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +123,66 @@ def _cached(words: Sequence[str]) -> Optional[LaunchPlan]:
     return plan
 
 
+def front_end_plan(fd: int) -> LaunchPlan:
+    """The plan the C front end started (`execute.adopt`), from its file open on `fd`
+    (the front end checked its key), with its warm list."""
+    with os.fdopen(fd, "rb") as f:
+        recs = frame.decode(f.read(frame.MAX_FRAME + 1))
+    plan = LaunchPlan.from_dict(json.loads(frame.one(recs, "plan") or ""))
+    kept = frame.one(recs, "warm")
+    if kept:
+        from rankwire.runtime import warm
+
+        plan = with_warm(plan, (kept, warm.load(kept)))
+    return plan
+
+
+def startable(plan: LaunchPlan) -> bool:
+    """The C front end can start this plan's container and ranks itself, for Python to
+    serve (`front_start`): ranks in an ephemeral container of ours, our PMI-1/PMI-2 server
+    on inherited socketpairs, their output as it is, no open files limit to raise."""
+    container = plan.container
+    return (
+        container is not None
+        and not container.share
+        and plan.delegate is None
+        and plan.pmi != "pmix"
+        and plan.pmi_transport == "fd"
+        and not plan.tag_output
+        and plan.open_files is None
+        and 0 < plan.ntasks <= MAX_STARTED
+        and joinplan.writable(plan.process)
+    )
+
+
+def front_start(
+    plan: LaunchPlan, recipe: Sequence[tuple[str, str]], warm: str
+) -> list[tuple[str, str]]:
+    """What the C front end needs to start `plan` (`startable`) itself: the install (its
+    programs' dir), the holder's program, the ranks' process, how many, which reads our
+    stdin, the holder's `recipe` and the warm list to read ahead (`r_warm`, read by the
+    holder at each start, as `with_warm` reads it here). ValueError: too many mounts."""
+    from rankwire.runtime.holder import SERVER
+    from rankwire.runtime.instance import front_end
+
+    counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
+    if counts[0] > joinplan.RECIPE_MAX or counts[1] + counts[2] > joinplan.RECIPE_MAX:
+        raise ValueError("more mounts than rankwire-holder takes")
+    proc = plan.process
+    return [
+        ("front_dir", os.path.dirname(os.path.realpath(front_end()))),
+        ("holder_program", SERVER),
+        ("workdir", proc.workdir),
+        ("no_new_privs", "1" if proc.no_new_privs else "0"),
+        *(("env", f"{k}={v}") for k, v in proc.env.items()),
+        *(("arg", word) for word in proc.argv),
+        ("ntasks", str(plan.ntasks)),
+        ("stdin_rank", str(plan.stdin_rank)),
+        *recipe,
+        *([("r_warm", warm)] if warm else []),
+    ]
+
+
 def identities(paths: Sequence[str]) -> list[str]:
     """What the key will hold of `paths` (`joinplan.identity`), taken before the planner
     reads them: `remember` keeps no plan of a file that changed meanwhile."""
@@ -130,19 +200,23 @@ def remember(
     contents: Mapping[str, str],
     warm: str,
     before: Sequence[str],
+    recipe: Optional[Sequence[tuple[str, str]]] = None,
 ) -> None:
     """Keep `plan` (made without its warm list, which is kept at `warm`) for the launch
     `words`, keyed on `image` (as given; None: on the host), `files` (besides the loaded
     rankwire modules'), `probed`, `tools` and `contents`; `before`: `identities` of the image and
-    files as they were before the planner read them. On any failure, a file changed
-    while it was planned, or a plan whose JSON would not give it back as it is, nothing."""
+    files as they were before the planner read them; `recipe`: what its holder did, for
+    the C front end to start it (`front_start`; then the holder's program and the FUSE
+    driver are keyed too). On any failure, a file changed while it was planned, or a plan
+    whose JSON would not give it back as it is, nothing."""
     try:
         text = json.dumps(dataclasses.asdict(plan), sort_keys=True)
         if LaunchPlan.from_dict(json.loads(text)) != plan:
             return
-        key = joinplan.key_records(
-            (), image, user, [*joinplan.loaded_module_files(), *files], probed, tools, contents
-        )
+        start = [] if recipe is None else front_start(plan, recipe, warm)
+        code = [*joinplan.loaded_module_files()]
+        code += [v for k, v in start if k in ("holder_program", "r_fuse")]
+        key = joinplan.key_records((), image, user, [*code, *files], probed, tools, contents)
         if any(joinplan.identity(i.split(":", 5)[5]) != i for i in before):
             return
         cpus, nofile = _limits()
@@ -156,6 +230,7 @@ def remember(
                 ("nofile", nofile),
                 ("warm", warm),
                 ("plan", text),
+                *start,
                 ("end", "1"),
             ]
         )

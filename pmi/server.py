@@ -233,6 +233,24 @@ class PmiServer:
         env["PMI_FD"] = str(theirs.fileno())
         return env, (theirs.fileno(),)
 
+    def adopt(self, rank: int, fd: int) -> None:
+        """Serve rank `rank`, already started by the C front end (`runtime/front.c`
+        `launch_plan`) with the other end of the socketpair whose end `fd` is ours (fd
+        mode): as `rank_env` then `spawned`, for a rank we did not start."""
+        if self._loop is None or self._closing or self.mode != "fd":
+            raise RuntimeError("PmiServer.adopt() needs a started, open server in fd mode")
+        self.job.check_rank(rank)
+        if rank in self._handed_out:
+            raise RuntimeError(f"PMI_FD of rank {rank} was already handed out")
+        self._handed_out.add(rank)
+        ours = socket.socket(fileno=fd)
+        ours.setblocking(False)
+        task = self._loop.create_task(
+            self._loop.connect_accepted_socket(lambda: _Conn(self, rank), sock=ours)
+        )
+        self._attaching.add(task)
+        task.add_done_callback(self._attaching.discard)
+
     def spawned(self, rank: int) -> None:
         """The rank's process exists: close the parent's copy of its PMI_FD end."""
         end = self._child_ends.pop(rank, None)

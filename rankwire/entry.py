@@ -64,6 +64,19 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
         prune_reported(args[1])
         exit_now(min(int(args[2]), 255))
+    if args[:1] == ["__launch"]:
+        # runtime/front.c `launch_plan`: it started a kept launch plan's container and
+        # ranks; we serve and see them to their end.
+        from rankwire.launcher.execute import adopt
+        from rankwire.runtime.syscalls import set_comm
+
+        set_comm(args[1])  # the name it was started by (ps, pkill), not rankwire-py
+        without_click(args[1], lambda: sys.exit(adopt(args[2:])))
+    if args[:1] == ["__apptainer-mpirun"]:  # the front end installed as apptainer-mpirun
+        from rankwire.runtime.syscalls import set_comm
+
+        set_comm("apptainer-mpirun")
+        apptainer_mpirun(args[1:])
     if len(args) >= 3 and args[0] == "exec" and not args[1].startswith("-"):
         without_click("rankwire", lambda: exec_without_options(args[1], tuple(args[2:])))
     if args[:1] == ["run"]:
@@ -74,7 +87,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 
 def apptainer_mpirun(argv: list[str] | None = None) -> NoReturn:
-    """Console entry point of `apptainer-mpirun`."""
+    """`apptainer-mpirun`: the C front end, installed under that name too, runs it as
+    `rankwire-py __apptainer-mpirun ARGS…` when it does not start a kept plan itself."""
     args = sys.argv[1:] if argv is None else argv
     launch_without_click("apptainer-mpirun", "apptainer-mpirun", args)
     from rankwire.launcher.cli import apptainer_mpirun as with_click

@@ -26,6 +26,15 @@
  * (its teardown) and the Python CLI runs. A task of a step shares a step plan instead
  * (below).
  *
+ * `apptainer-mpirun WORDS...` (this program installed under that name too) and `rankwire
+ * run WORDS...` start a kept launch plan's container and ranks here, when the Python
+ * launcher left one for exactly these words that can be started so
+ * (launcher/plancache.py `front_start`) and its key holds: the container as an exec
+ * plan's, then each rank as `instance.start_in` starts it (our child, in the container's
+ * PID namespace, its PMI_FD one end of a socketpair); then `rankwire-py __launch ...` in
+ * our place (launcher/execute.py `adopt`) serves their PMI and sees the job to its end.
+ * Anything else runs the Python CLI (`rankwire-py __apptainer-mpirun WORDS...`).
+ *
  * `rankwire __enter ...` is the Python side's own way into a container it holds a lease
  * on (runtime/instance.py `start_in`: a launcher's ranks, the Python exec's command): the
  * same child as the join's, for its namespace descriptors (`enter`, below).
@@ -46,6 +55,7 @@
 #include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -67,6 +77,8 @@
 #define MAGIC "rankwire-join-plan 1"
 #define STEP_MAGIC "rankwire-step-plan 1"
 #define EXEC_MAGIC "rankwire-exec-plan 1"
+#define LAUNCH_MAGIC "rankwire-launch-plan 1" /* launcher/plancache.py MAGIC */
+#define MAX_RANKS 4096 /* launcher/plancache.py MAX_STARTED */
 #define BOOT_ID "/proc/sys/kernel/random/boot_id"
 #define STEP_LOCK_VAR "RANKWIRE_STEP_LOCK" /* rankwire/entry.py's */
 #define STEP_WAIT_S 30 /* for the step's first task to plan; then Python */
@@ -122,10 +134,12 @@ struct plan {
     const char *uid, *gid, *cwd, *sock, *sock_id, *holder, *session, *workdir, *nnp;
     const char *image, *image_id, *bridge; /* a step plan's (an exec plan's: the image) */
     const char *boot, *holder_program, *groups; /* an exec plan's */
+    const char *front_dir, *ntasks, *stdin_rank, *cpus, *nofile; /* a launch plan's */
     const char **files, **key_env, **env, **task_vars, **exists, **tools, **options, **contents,
-        **listings;
-    size_t nfiles, nkey_env, nenv, ntask_vars, nexists, ntools, noptions, ncontents, nlistings;
-    int magic, step, exec, complete, bad;
+        **listings, **words, **args;
+    size_t nfiles, nkey_env, nenv, ntask_vars, nexists, ntools, noptions, ncontents, nlistings,
+        nwords, nargs;
+    int magic, step, exec, launch, complete, bad; /* a launch plan is an exec plan too */
 };
 
 static void add(struct plan *p, const char ***list, size_t *n, const char *value)
@@ -146,7 +160,8 @@ static void plan_record(const char *key, char *value, void *ctx)
     if (!p->magic) { /* the first record */
         p->magic = 1;
         p->step = !strcmp(key, "magic") && !strcmp(value, STEP_MAGIC);
-        p->exec = !strcmp(key, "magic") && !strcmp(value, EXEC_MAGIC);
+        p->launch = !strcmp(key, "magic") && !strcmp(value, LAUNCH_MAGIC);
+        p->exec = !strcmp(key, "magic") && (!strcmp(value, EXEC_MAGIC) || p->launch);
         p->bad |= strcmp(key, "magic") || (strcmp(value, MAGIC) && !p->step && !p->exec);
         return;
     }
@@ -178,6 +193,16 @@ static void plan_record(const char *key, char *value, void *ctx)
     else if (p->exec && !strcmp(key, "listing")) add(p, &p->listings, &p->nlistings, value);
     else if (p->exec && !strcmp(key, "groups")) p->groups = value;
     else if (p->exec && !strcmp(key, "option")) add(p, &p->options, &p->noptions, value);
+    else if (p->launch && !strcmp(key, "word")) add(p, &p->words, &p->nwords, value);
+    else if (p->launch && !strcmp(key, "arg")) add(p, &p->args, &p->nargs, value);
+    else if (p->launch && !strcmp(key, "front_dir")) p->front_dir = value;
+    else if (p->launch && !strcmp(key, "ntasks")) p->ntasks = value;
+    else if (p->launch && !strcmp(key, "stdin_rank")) p->stdin_rank = value;
+    else if (p->launch && !strcmp(key, "cpus")) p->cpus = value;
+    else if (p->launch && !strcmp(key, "nofile")) p->nofile = value;
+    else if (p->launch && (!strcmp(key, "package") || !strcmp(key, "warm") ||
+                           !strcmp(key, "plan"))) {
+    } /* Python's (launcher/plancache.py) */
     else if (p->step && !strcmp(key, "task_var")) add(p, &p->task_vars, &p->ntask_vars, value);
     else if (p->step && !strcmp(key, "bridge")) p->bridge = value;
     else p->bad = 1;
@@ -192,12 +217,14 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
         (p->exec ? !p->image || !p->image_id || !p->boot || !p->holder_program || !p->groups
                  : !p->sock || !p->sock_id || !p->holder || !p->session) ||
         (p->step && (!p->image || !p->image_id)) ||
+        (p->launch && (!p->front_dir || !p->ntasks || !p->stdin_rank || !p->cpus || !p->nofile ||
+                       !p->nargs)) ||
         (p->bridge && strcmp(p->bridge, BRIDGE_PMIX_TO_PMI) &&
          strcmp(p->bridge, BRIDGE_PMI2_TO_PMIX)))
         return -1;
     static const char *none[] = {NULL};
-    const char ***lists[] = {&p->env,     &p->key_env,  &p->task_vars, &p->exists,
-                             &p->tools,   &p->options,  &p->contents,  &p->listings};
+    const char ***lists[] = {&p->env,     &p->key_env,  &p->task_vars, &p->exists, &p->tools,
+                             &p->options, &p->contents, &p->listings,  &p->words,  &p->args};
     for (size_t i = 0; i < sizeof lists / sizeof *lists; i++)
         if (!*lists[i])
             *lists[i] = none; /* a list the plan has no record of: empty */
@@ -1587,7 +1614,8 @@ static int exec_plan(int argc, char **argv, struct plan *p, struct lease *l, pid
         if (fd < 0)
             continue;
         *p = (struct plan){0};
-        if (read_private_fd(fd, &p->buf, &len) || parse_plan(p->buf, len, p) || !p->exec)
+        if (read_private_fd(fd, &p->buf, &len) || parse_plan(p->buf, len, p) || !p->exec ||
+            p->launch)
             run_python();
         int same = p->noptions == (size_t)(at - 2);
         for (int i = 2; same && i < at; i++)
@@ -1616,6 +1644,291 @@ static int exec_plan(int argc, char **argv, struct plan *p, struct lease *l, pid
     (void)futimens(fd, NULL); /* used: kept before the plans used least lately */
     close(fd);
     return at;
+}
+
+/* ---- a kept launch plan, started here, served by Python ---------------------------- */
+
+static int number(const char *s, int *out);
+
+/* The CPUs we may run on (launcher/facts.py `usable_cpus`), -1 if unknown. */
+static long usable_cpus(void)
+{
+    for (int n = 1024; n <= 1 << 20; n *= 2) {
+        cpu_set_t *set = CPU_ALLOC(n);
+        size_t size = CPU_ALLOC_SIZE(n);
+        if (!set)
+            return -1;
+        if (sched_getaffinity(0, size, set) == 0) {
+            long count = CPU_COUNT_S(size, set);
+            CPU_FREE(set);
+            return count;
+        }
+        CPU_FREE(set);
+        if (errno != EINVAL)
+            return -1;
+    }
+    return -1;
+}
+
+/* The limits the launch planner read (launcher/plancache.py `_limits`): the same CPUs and
+ * RLIMIT_NOFILE ("SOFT:HARD", RLIM_INFINITY as 1 << 30, launcher/facts.py). */
+static int same_limits(const struct plan *p)
+{
+    struct rlimit rl;
+    char nofile[64];
+    if (getrlimit(RLIMIT_NOFILE, &rl))
+        return 0;
+    unsigned long long soft = rl.rlim_cur == RLIM_INFINITY ? 1ULL << 30 : rl.rlim_cur;
+    unsigned long long hard = rl.rlim_max == RLIM_INFINITY ? 1ULL << 30 : rl.rlim_max;
+    snprintf(nofile, sizeof nofile, "%llu:%llu", soft, hard);
+    long cpus = usable_cpus();
+    return cpus > 0 && same_number(p->cpus, (unsigned long long)cpus) && !strcmp(p->nofile, nofile);
+}
+
+/* This program's dir is the one of the install that kept the plan (its `rankwire-py`). */
+static int same_install(const struct plan *p)
+{
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0)
+        return 0;
+    self[n] = '\0';
+    char *slash = strrchr(self, '/');
+    if (!slash)
+        return 0;
+    *slash = '\0';
+    return !strcmp(self, p->front_dir);
+}
+
+/* `apptainer-mpirun WORDS…` and `rankwire run WORDS…` (`words`: the command, then its words
+ * as given): the launch plan Python kept for exactly these words in this directory
+ * (launcher/plancache.py `remember`, with what the C front end needs: `front_start`), if
+ * its key holds, its container started from the holder's recipe, as an exec plan's. Returns
+ * only then: the plan's descriptor (`p` filled, `l` the lease); otherwise the Python CLI
+ * runs (which plans, or takes a plan this cannot start). */
+static int launch_plan(char **words, int nwords, struct plan *p, struct lease *l, pid_t *holder)
+{
+    char dir[PATH_MAX], cwd[PATH_MAX], name[64];
+    size_t len;
+    int ntasks, stdin_rank;
+    if (nwords > 4096 || runtime_dir(dir, sizeof dir) || !getcwd(cwd, sizeof cwd))
+        run_python();
+    char **hashed = malloc((size_t)(nwords + 1) * sizeof *hashed);
+    if (!hashed)
+        run_python();
+    hashed[0] = cwd;
+    memcpy(hashed + 1, words, (size_t)nwords * sizeof *words);
+    snprintf(name, sizeof name, "launch-%016llx.plan", fnv1a(hashed, nwords + 1));
+    free(hashed);
+    int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = dirfd < 0 ? -1 : openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (dirfd >= 0)
+        close(dirfd);
+    if (fd < 0)
+        run_python();
+    *p = (struct plan){0};
+    if (read_private_fd(fd, &p->buf, &len) || parse_plan(p->buf, len, p) || !p->launch ||
+        p->nwords != (size_t)nwords || number(p->ntasks, &ntasks) || ntasks < 1 ||
+        ntasks > MAX_RANKS || number(p->stdin_rank, &stdin_rank))
+        run_python();
+    for (int i = 0; i < nwords; i++)
+        if (strcmp(words[i], p->words[i]))
+            run_python(); /* another request's words with the same hash */
+    if (!same_install(p) || !same_limits(p) || !plan_matches(p, NULL, p->image))
+        run_python();
+    if (start_exec(p, fd, dir, l, holder) || l->pidns < 0) {
+        if (*holder > 0) { /* none without a PID namespace: not ours to start ranks in */
+            close_ns(l);
+            close(l->conn);
+            while (waitpid(*holder, NULL, 0) < 0 && errno == EINTR)
+                ;
+        } /* not to be tried again: Python plans anew (a recipe that failed leaves nothing) */
+        if ((dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
+            struct stat now, was;
+            if (fstatat(dirfd, name, &now, AT_SYMLINK_NOFOLLOW) == 0 && fstat(fd, &was) == 0 &&
+                now.st_dev == was.st_dev && now.st_ino == was.st_ino)
+                unlinkat(dirfd, name, 0);
+            close(dirfd);
+        }
+        run_python();
+    }
+    (void)futimens(fd, NULL); /* used: kept before the plans used least lately */
+    return fd;
+}
+
+/* Rank `rank`'s environment: the plan's, its PMI variables in place of any of theirs
+ * (launcher/execute.py `_Job.spawn`: `PmiServer.rank_env` over the process's). */
+static const char **rank_env(const struct plan *p, int rank, int size, const char *jobid, int fd)
+{
+    static char vars[4][96];
+    snprintf(vars[0], sizeof vars[0], "PMI_RANK=%d", rank);
+    snprintf(vars[1], sizeof vars[1], "PMI_SIZE=%d", size);
+    snprintf(vars[2], sizeof vars[2], "PMI_JOBID=%s", jobid);
+    snprintf(vars[3], sizeof vars[3], "PMI_FD=%d", fd);
+    const char **env = malloc((p->nenv + 5) * sizeof *env);
+    size_t n = 0;
+    if (!env)
+        return NULL;
+    for (size_t i = 0; i < p->nenv; i++) {
+        int ours = 0;
+        for (int k = 0; k < 4; k++)
+            ours |= !strncmp(p->env[i], vars[k], (size_t)(strchr(vars[k], '=') - vars[k] + 1));
+        if (!ours)
+            env[n++] = p->env[i];
+    }
+    for (int k = 0; k < 4; k++)
+        env[n++] = vars[k];
+    env[n] = NULL;
+    return env;
+}
+
+/* Start the plan's ranks in the container of lease `l`, as `instance.start_in` (each our
+ * child through CLONE_PARENT, in the container's PID namespace), all first, then their
+ * pids: rank r's PMI_FD the other end of `ours[r]`, our stdin only for `stdin_rank`, why one
+ * could not start on `errors` (`<rank>\t<why>`). A rank whose way in failed before its
+ * successor was made is that child (125, said): `pids` holds it, unreaped. -1: a fork or a
+ * socketpair failed (those started are killed). */
+static int start_ranks(struct lease *l, const struct plan *p, int size, int stdin_rank,
+                       const char *jobid, int errors, pid_t *pids, int *ours)
+{
+    pid_t parent = getpid();
+    int *reports = malloc((size_t)size * sizeof *reports), started = 0, failed = 0;
+    if (!reports)
+        return -1;
+    for (; started < size; started++) {
+        int sv[2], report[2];
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))
+            break;
+        if (pipe2(report, O_CLOEXEC)) {
+            close(sv[0]);
+            close(sv[1]);
+            break;
+        }
+        fflush(NULL);
+        pid_t pid = fork();
+        if (pid == 0) {
+            sigset_t held;
+            sigemptyset(&held);
+            for (size_t i = 0; i < NFORWARDED; i++) {
+                signal(forwarded[i], SIG_DFL);
+                sigaddset(&held, forwarded[i]);
+            }
+            sigprocmask(SIG_UNBLOCK, &held, NULL); /* ours, held until Python forwards them */
+            signal(SIGPIPE, SIG_DFL);
+            signal(SIGXFSZ, SIG_DFL);
+            char tag[16];
+            snprintf(tag, sizeof tag, "%d", started);
+            say_fd = errors;
+            say_tag = tag;
+            if (started != stdin_rank) {
+                int null = open("/dev/null", O_RDONLY);
+                if (null < 0 || dup2(null, 0) < 0)
+                    _exit(125);
+                close(null);
+            }
+            struct plan mine = *p;
+            mine.env = rank_env(p, started, size, jobid, sv[1]);
+            if (!mine.env)
+                _exit(125);
+            bridge_fd = sv[1]; /* inherited by the command, as a step plan's PMI_FD */
+            close(report[0]);
+            child(l, &mine, (char **)p->args, parent, report[1]);
+        }
+        close(sv[1]);
+        close(report[1]);
+        if (pid < 0) {
+            close(sv[0]);
+            close(report[0]);
+            break;
+        }
+        pids[started] = pid;
+        ours[started] = sv[0];
+        reports[started] = report[0];
+    }
+    for (int r = 0; r < started; r++) { /* the successor's pid, once its parent said it */
+        char buf[24] = {0};
+        ssize_t n;
+        do
+            n = read(reports[r], buf, sizeof buf - 1);
+        while (n < 0 && errno == EINTR);
+        close(reports[r]);
+        if (n > 0) {
+            while (waitpid(pids[r], NULL, 0) < 0 && errno == EINTR)
+                ;
+            pids[r] = (pid_t)atol(buf);
+        }
+    }
+    free(reports);
+    if (started < size) {
+        for (int r = 0; r < started; r++) {
+            kill(pids[r], SIGKILL);
+            while (waitpid(pids[r], NULL, 0) < 0 && errno == EINTR)
+                ;
+            close(ours[r]);
+        }
+        failed = -1;
+    }
+    return failed;
+}
+
+/* The launch of a kept plan: its container (`launch_plan`), its ranks (`start_ranks`),
+ * then the Python side (`rankwire-py __launch …`: launcher/execute.py `adopt`) in our
+ * place, which serves their PMI and sees the job to its end; the ranks and the holder stay
+ * our (its) children. */
+static void launch(char **words, int nwords) __attribute__((noreturn));
+static void launch(char **words, int nwords)
+{
+    struct plan p;
+    struct lease l = {.conn = -1};
+    pid_t holder = 0;
+    int planfd = launch_plan(words, nwords, &p, &l, &holder);
+    int size = atoi(p.ntasks), stdin_rank = atoi(p.stdin_rank), errors[2];
+    char jobid[48];
+    snprintf(jobid, sizeof jobid, "rankwire-%d-0", (int)getpid());
+    pid_t *pids = calloc((size_t)size, sizeof *pids);
+    int *ours = calloc((size_t)size, sizeof *ours);
+    char **argv = calloc((size_t)size + 15, sizeof *argv);
+    /* The signals we forward are held from now until Python has its handlers (`_Job.run`),
+     * which then forward them: a ^C or scancel while it starts is the ranks', as it is
+     * once it serves (the ranks start without them held). */
+    sigset_t held;
+    sigemptyset(&held);
+    for (size_t i = 0; i < NFORWARDED; i++)
+        sigaddset(&held, forwarded[i]);
+    sigprocmask(SIG_BLOCK, &held, NULL);
+    if (!pids || !ours || !argv || pipe2(errors, O_CLOEXEC) ||
+        start_ranks(&l, &p, size, stdin_rank, jobid, errors[1], pids, ours)) {
+        close_ns(&l); /* nothing started: our holder goes; Python plans, and says why */
+        close(l.conn);
+        while (waitpid(holder, NULL, 0) < 0 && errno == EINTR)
+            ;
+        sigprocmask(SIG_UNBLOCK, &held, NULL);
+        run_python();
+    }
+    char nums[9][24], *report = strtok(l.report, "\n");
+    int fds[] = {planfd, errors[0], errors[1], (int)holder, l.conn, l.userns, l.mntns, l.pidns};
+    int n = 0;
+    const char *base = strrchr(saved_argv[0], '/') ? strrchr(saved_argv[0], '/') + 1 : saved_argv[0];
+    argv[n++] = saved_argv[0];
+    argv[n++] = "__launch";
+    argv[n++] = (char *)base; /* the name ps shows it by */
+    for (int k = 0; k < 8; k++) {
+        snprintf(nums[k], sizeof nums[k], "%d", fds[k]);
+        argv[n++] = nums[k];
+        if (k != 3 && fcntl(fds[k], F_SETFD, 0))
+            _exit(125); /* the ranks and the holder see us gone: nothing is left */
+    }
+    argv[n++] = jobid;
+    argv[n++] = report ? report : "{}";
+    for (int r = 0; r < size; r++) {
+        char *word = malloc(32);
+        if (!word || fcntl(ours[r], F_SETFD, 0))
+            _exit(125);
+        snprintf(word, 32, "%d:%d", (int)pids[r], ours[r]);
+        argv[n++] = word;
+    }
+    argv[n] = NULL;
+    exec_python(argv);
 }
 
 /* `rankwire __enter PARENT USERNS MNTNS PIDNS REPORT ERRORS TAG WORKDIR NNP N K=V... --
@@ -1678,6 +1991,31 @@ int main(int argc, char **argv)
     saved_argv = argv;
     if (argc > 1 && !strcmp(argv[1], "__enter"))
         enter(argc, argv);
+    const char *base = strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0];
+    if (!strcmp(base, "apptainer-mpirun")) { /* this program, installed under that name */
+        char **py = malloc((size_t)(argc + 2) * sizeof *py), **words = py ? py + 1 : NULL;
+        if (!py) {
+            fprintf(stderr, "apptainer-mpirun: out of memory\n");
+            return 125;
+        }
+        py[0] = argv[0]; /* the Python CLI's word for it */
+        py[1] = "__apptainer-mpirun";
+        memcpy(py + 2, argv + 1, (size_t)argc * sizeof *argv); /* and the NULL */
+        saved_argv = py;
+        if (argc < 3 || parent_is("slurmstepd") != 0)
+            run_python();
+        char **kept = malloc((size_t)argc * sizeof *kept); /* the words a plan is kept under */
+        if (!kept)
+            run_python();
+        kept[0] = "apptainer-mpirun";
+        memcpy(kept + 1, words + 1, (size_t)(argc - 1) * sizeof *kept);
+        signal(SIGCHLD, SIG_DFL);
+        launch(kept, argc);
+    }
+    if (argc >= 3 && !strcmp(argv[1], "run") && parent_is("slurmstepd") == 0) {
+        signal(SIGCHLD, SIG_DFL);
+        launch(argv + 1, argc - 1);
+    }
     static const char prefix[] = "instance://";
     if (argc < 4 || strcmp(argv[1], "exec") || (argv[2][0] != '-' && !*argv[3]))
         run_python();

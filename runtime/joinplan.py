@@ -172,7 +172,7 @@ def records(
     return out
 
 
-def _writable(proc: ProcessPlan) -> bool:
+def writable(proc: ProcessPlan) -> bool:
     """The front end would do with `proc` as Python does: the file system encoding is
     the plan's (UTF-8), and Python's execve would take every environment name."""
     return sys.getfilesystemencoding() == "utf-8" and all(k and "=" not in k for k in proc.env)
@@ -186,7 +186,7 @@ def remember(sock: str, holder: dict[str, Any], user: UserFacts, proc: ProcessPl
     holder takes to link its socket), and checked after: if the socket is gone or another,
     the plan goes (the holder's teardown removes its socket, then the plan)."""
     name = os.path.basename(plan_path(sock))
-    if not _writable(proc):
+    if not writable(proc):
         return
     try:
         sock_id = socket_id(sock)
@@ -334,7 +334,7 @@ def remember_step(
     bridge, `pmi2bridge.follow`, and passes the PMIx variables it answers); on any failure
     none (the other tasks then plan in Python)."""
     fd = _step_lock[0] if _step_lock is not None else None
-    if fd is None or not _writable(proc):
+    if fd is None or not writable(proc):
         return
     sock = str(lease.report.get("socket", ""))
     try:
@@ -529,7 +529,7 @@ def remember_exec(
     from rankwire.runtime.holder import SERVER
 
     counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
-    if not _writable(proc) or counts[0] > RECIPE_MAX or counts[1] + counts[2] > RECIPE_MAX:
+    if not writable(proc) or counts[0] > RECIPE_MAX or counts[1] + counts[2] > RECIPE_MAX:
         return
     try:
         code = [*loaded_module_files(), SERVER, *(v for k, v in recipe if k == "r_fuse")]

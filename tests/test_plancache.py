@@ -9,7 +9,10 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
@@ -228,6 +231,150 @@ def test_a_launch_runs_the_plan_the_last_one_kept(mpich_image: Path, runner: Use
     assert third.returncode == 0, third.stderr
     assert path.stat().st_ino != planned.st_ino
     assert b"RANKWIRE_PLAN_TEST=1" in path.read_bytes()
+
+
+def _launched(runner: User, words: tuple[str, ...], seen: Path) -> tuple[int, str, str, str]:
+    """Launch `words` (their ranks: `sh -c SCRIPT`, whose rank 0 writes its PMI_JOBID,
+    rankwire-PID-N, to `seen`/jobid, then waits for `seen`/go); returns the exit code,
+    stdout, stderr and how the launcher ran meanwhile (its /proc/PID/cmdline: the Python
+    CLI's `__apptainer-mpirun …` when it planned, `__launch …` when the front end started
+    the ranks of the kept plan)."""
+    for name in ("jobid", "go"):
+        (seen / name).unlink(missing_ok=True)
+    argv = runner.argv(list(words))
+    with subprocess.Popen(
+        argv, cwd="/tmp", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    ) as proc:  # fmt: skip
+        assert proc.stdin is not None
+        proc.stdin.write("a line\n")  # rank 0's, the others read /dev/null
+        proc.stdin.close()
+        deadline = time.monotonic() + 30
+        while not (seen / "jobid").exists() or not (seen / "jobid").read_text().endswith("\n"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        launcher = (seen / "jobid").read_text().split("-")[1]
+        how = Path(f"/proc/{launcher}/cmdline").read_bytes().split(b"\0")
+        (seen / "go").touch()
+        out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+        proc.wait(60)
+    return proc.returncode, out, err, "launch" if b"__launch" in how else "planned"
+
+
+WAIT_GO = "i=0; while [ ! -e {d}/go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"
+
+
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_a_kept_launch_in_an_image_is_started_by_the_front_end_and_runs_alike(
+    base_image: Path, runner: User, shared_dir: Path
+) -> None:
+    """The second launch of the same words: the C front end starts the container and the
+    ranks (`front.c` `launch`), Python serves them (`execute.adopt`). The ranks see the
+    same environment (but the job's id and their PMI_FD's number), the same stdin rule
+    and output, and a failure ends the job as it does when Python starts them."""
+    seen = Path(tempfile.mkdtemp(prefix="launch-", dir=shared_dir))
+    seen.chmod(0o777)
+    script = (
+        f'env > {seen}/env-$PMI_RANK; '
+        f'[ -n "$PMI_FD" ] && [ -e /proc/self/fd/$PMI_FD ] && echo "fd of $PMI_RANK"; '
+        f'read line && echo "$PMI_RANK read $line"; '
+        f'if [ $PMI_RANK = 0 ]; then echo $PMI_JOBID > {seen}/jobid; {WAIT_GO.format(d=seen)}; fi; '
+        'exit $((PMI_RANK == 2 ? 5 : 0))'
+    )  # fmt: skip
+    words = ("apptainer-mpirun", "-n", "3", str(base_image), "sh", "-c", script)
+    path = _kept_file(runner, words)
+    path.unlink(missing_ok=True)
+    runs = []
+    for _ in range(2):
+        code, out, err, how = _launched(runner, words, seen)
+        envs = [
+            sorted(v for v in (seen / f"env-{r}").read_text().splitlines()
+                   if not v.startswith(("PMI_JOBID=", "PMI_FD=")))
+            for r in range(3)
+        ]  # fmt: skip
+        runs.append((code, sorted(out.splitlines()), err, envs, how))
+    (code, out, err, envs, how), again = runs
+    assert how == "planned" and again[4] == "launch"
+    assert b"front_dir=" in path.read_bytes() and b"r_driver=" in path.read_bytes()
+    assert again[:4] == (code, out, err, envs)
+    assert (code, err) == (5, "rankwire: rank 2 exited with 5\n")
+    assert out == ["0 read a line", "fd of 0", "fd of 1", "fd of 2"]
+    assert {"PMI_RANK=1", "PMI_SIZE=3"} <= set(envs[1]) and len(envs[1]) > 5
+
+
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_a_signal_while_the_front_end_hands_over_reaches_the_ranks(
+    base_image: Path, runner: User, shared_dir: Path
+) -> None:
+    """SIGTERM to a launcher whose ranks the front end started, as soon as they run
+    (Python may not have started yet): held until Python forwards it, as it forwards
+    one later; the ranks' exit code is the job's."""
+    seen = Path(tempfile.mkdtemp(prefix="launch-", dir=shared_dir))
+    seen.chmod(0o777)
+    script = (
+        f"trap 'exit 7' TERM; [ $PMI_RANK = 0 ] && echo $PMI_JOBID > {seen}/jobid; sleep 30 & wait"
+    )
+    words = ("apptainer-mpirun", "-n", "2", str(base_image), "sh", "-c", script)
+    _kept_file(runner, words).unlink(missing_ok=True)
+    for expect in ("planned", "launch"):
+        (seen / "jobid").unlink(missing_ok=True)
+        with subprocess.Popen(
+            runner.argv(list(words)), cwd="/tmp", stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
+        ) as proc:  # fmt: skip
+            deadline = time.monotonic() + 30
+            while not (seen / "jobid").exists() or not (seen / "jobid").read_text():
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.005)
+            launcher = int((seen / "jobid").read_text().split("-")[1])
+            how = Path(f"/proc/{launcher}/cmdline").read_bytes()
+            os.kill(launcher, signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        assert ("launch" if b"__launch" in how else "planned") == expect
+        assert (proc.returncode, out, err) == (7, "", "")
+
+
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_a_kept_launch_whose_container_the_front_end_cannot_start_is_planned_again(
+    base_image: Path, runner: User
+) -> None:
+    """The recipe's last bind fails (its source is gone): rankwire-holder tears down what
+    it made, the front end drops the plan, and the Python CLI plans, launches and keeps a
+    new plan: the launch itself does not fail, and nothing is left."""
+    words = ("apptainer-mpirun", "-n", "2", str(base_image), "sh", "-c", "echo $PMI_RANK")
+    path = _kept_file(runner, words)
+    path.unlink(missing_ok=True)
+    assert runner.run(list(words), cwd="/tmp", timeout=60).returncode == 0
+    data = path.read_bytes()
+    last = data.rindex(b"r_source=/")
+    end = data.index(b"\0", last)
+    with open(path, "wb") as f:  # the same file: still the user's private one
+        f.write(data[:last] + b"r_source=/nonexistent/source" + data[end:])
+    again = runner.run(list(words), cwd="/tmp", timeout=60)
+    assert (again.returncode, sorted(again.stdout.split()), again.stderr) == (0, ["0", "1"], "")
+    assert path.read_bytes() == data  # planned again, the same plan
+
+
+@pytest.mark.mpi
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_the_front_end_s_holder_reads_the_warm_list_ahead(mpich_image: Path, runner: User) -> None:
+    """A kept launch the front end starts: its holder (`rankwire-holder setup`) reads the
+    warm list the first launch recorded, as the Python holder does (and touches it)."""
+    words = ("apptainer-mpirun", "-n", "2", str(mpich_image), "/opt/hello_mpich")
+    path = _kept_file(runner, words)
+    path.unlink(missing_ok=True)
+    first = runner.run(list(words), cwd="/tmp", timeout=60)
+    assert first.returncode == 0, first.stderr
+    kept = [v for k, _, v in (r.partition(b"=") for r in path.read_bytes().split(b"\0"))
+            if k == b"r_warm"]  # fmt: skip
+    assert len(kept) == 1
+    listed = Path(kept[0].decode())
+    assert listed.read_text().startswith(warm.MAGIC + "\n")
+    os.utime(listed, ns=(10**9, 10**9))
+    second = runner.run(list(words), cwd="/tmp", timeout=60)
+    assert second.returncode == 0, second.stderr
+    assert_hello(second.stdout, 2)
+    assert listed.stat().st_mtime_ns > 10**9
 
 
 @pytest.mark.usefixtures("nothing_left_behind")

@@ -137,7 +137,7 @@ def test_the_launcher_stops_its_helpers_when_the_container_fails(
         real_launch(self)
         launched.append((self._tmpdir, [n.proc for n in self.nodes if n.proc is not None]))
 
-    def open_container(plan: ContainerPlan, meanwhile: Callable[[], None]) -> None:
+    def open_container(plan: ContainerPlan, started: object, meanwhile: Callable[[], None]) -> None:
         meanwhile()
         raise UserError("the container did not start")
 
