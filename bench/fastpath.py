@@ -339,9 +339,11 @@ def memory(runner: Runner, img: dict[str, Path], sizes: list[int], res: dict[str
         peaks = peak_memory(runner, [AMR, "-n", str(n), str(img["sif"]), "/opt/hello_mpich"])
         for who, label in (("launcher", "apptainer-mpirun (the launcher itself)"),
                            ("holder setup", "its holder, setting up (Python, forked)"),
-                           ("holder", "its holder, serving (rankwire-holder)"),
+                           ("holder", "its holder (rankwire-holder)"),
                            ("init", "its PID namespace's init")):  # fmt: skip
-            rss, pss = peaks.get(who, (0, 0))
+            if who not in peaks:  # a kept launch's holder is rankwire-holder from its start
+                continue
+            rss, pss = peaks[who]
             print(f"| {n} | {label} | {rss / 1024:.1f} | {pss / 1024:.1f} |", flush=True)
     rss, pss = res["instance_holder_kib"]
     print(f"| - | an idle instance's holder | {rss / 1024:.1f} | {pss / 1024:.1f} |")

@@ -405,16 +405,26 @@ def adopt(args: Sequence[str]) -> int:
     from rankwire.launcher.plancache import front_end_plan
     from rankwire.runtime.instance import HolderHandle
 
-    plan_fd, err_r, err_w, holder_pid, conn, userns, mntns, pidns = map(int, args[:8])
-    report = json.loads(args[9])
-    holder = HolderHandle(report["socket"], holder_pid, report, True, report["session"])
-    lease = Lease(socket.socket(fileno=conn), userns, mntns, report, pidns)
+    lease: Optional[Lease] = None
+    holder: Optional[HolderHandle] = None
+    kept = ("", os.stat_result((0,) * 10))
     try:
         try:
+            plan_fd, err_r, err_w, holder_pid, conn, userns, mntns, pidns = map(int, args[:8])
+            kept = (os.readlink(f"/proc/self/fd/{plan_fd}"), os.fstat(plan_fd))
+            report = json.loads(args[9])
+            holder = HolderHandle(report["socket"], holder_pid, report, True, report["session"])
+            lease = Lease(socket.socket(fileno=conn), userns, mntns, report, pidns)
             plan = front_end_plan(plan_fd)
-            server = pmi_server(plan, args[8])
             ranks = [(int(pid), int(fd)) for pid, _, fd in (w.partition(":") for w in args[10:])]
-        except Exception as err:  # a plan file changed under us: its ranks end with us
+            if len(ranks) != plan.ntasks:
+                raise ValueError(f"{len(ranks)} ranks started, {plan.ntasks} planned")
+            server = pmi_server(plan, args[8])
+        except Exception as err:  # its ranks end with the container, below
+            with contextlib.suppress(OSError):  # not started again: the next launch plans
+                now = os.stat(kept[0])
+                if (now.st_dev, now.st_ino) == (kept[1].st_dev, kept[1].st_ino):
+                    os.unlink(kept[0])
             say(f"cannot serve the launch its kept plan started ({err}): launch it again")
             return 125
         import asyncio
@@ -425,8 +435,12 @@ def adopt(args: Sequence[str]) -> int:
 
         return asyncio.run(main())
     finally:
-        lease.close()
-        holder.wait()
+        # the front end held them for `_Job.run`: not through the teardown's waits
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+        if lease is not None:
+            lease.close()
+        if holder is not None:
+            holder.wait()
 
 
 def execute(

@@ -125,9 +125,12 @@ def _cached(words: Sequence[str]) -> Optional[LaunchPlan]:
 
 def front_end_plan(fd: int) -> LaunchPlan:
     """The plan the C front end started (`execute.adopt`), from its file open on `fd`
-    (the front end checked its key), with its warm list."""
+    (the front end checked its key), with its warm list. ValueError: another install
+    planned it (the front end keys the Python CLI it runs, not the package it imports)."""
     with os.fdopen(fd, "rb") as f:
         recs = frame.decode(f.read(frame.MAX_FRAME + 1))
+    if frame.one(recs, "package") != PACKAGE:
+        raise ValueError(f"it was planned by the rankwire in {frame.one(recs, 'package')}")
     plan = LaunchPlan.from_dict(json.loads(frame.one(recs, "plan") or ""))
     kept = frame.one(recs, "warm")
     if kept:
@@ -213,9 +216,15 @@ def remember(
         text = json.dumps(dataclasses.asdict(plan), sort_keys=True)
         if LaunchPlan.from_dict(json.loads(text)) != plan:
             return
-        start = [] if recipe is None else front_start(plan, recipe, warm)
+        try:
+            start = [] if recipe is None else front_start(plan, recipe, warm)
+        except ValueError:  # more than the front end takes: kept for Python only
+            start = []
         code = [*joinplan.loaded_module_files()]
+        # the front end's programs: the holder's, the FUSE driver, and the Python CLI it
+        # hands over to (another install's, put in its place, imports another package)
         code += [v for k, v in start if k in ("holder_program", "r_fuse")]
+        code += [os.path.join(v, "rankwire-py") for k, v in start if k == "front_dir"]
         key = joinplan.key_records((), image, user, [*code, *files], probed, tools, contents)
         if any(joinplan.identity(i.split(":", 5)[5]) != i for i in before):
             return

@@ -79,6 +79,7 @@
 #define EXEC_MAGIC "rankwire-exec-plan 1"
 #define LAUNCH_MAGIC "rankwire-launch-plan 1" /* launcher/plancache.py MAGIC */
 #define MAX_RANKS 4096 /* launcher/plancache.py MAX_STARTED */
+_Static_assert(MAX_RANKS <= PIPE_BUF, "start_ranks's go bytes: one atomic write");
 #define BOOT_ID "/proc/sys/kernel/random/boot_id"
 #define STEP_LOCK_VAR "RANKWIRE_STEP_LOCK" /* rankwire/entry.py's */
 #define STEP_WAIT_S 30 /* for the step's first task to plan; then Python */
@@ -1734,6 +1735,8 @@ static int launch_plan(char **words, int nwords, struct plan *p, struct lease *l
     for (int i = 0; i < nwords; i++)
         if (strcmp(words[i], p->words[i]))
             run_python(); /* another request's words with the same hash */
+    if (!*p->args[0])
+        run_python(); /* an empty command: Python says it */
     if (!same_install(p) || !same_limits(p) || !plan_matches(p, NULL, p->image))
         run_python();
     if (start_exec(p, fd, dir, l, holder) || l->pidns < 0) {
@@ -1786,15 +1789,18 @@ static const char **rank_env(const struct plan *p, int rank, int size, const cha
  * child through CLONE_PARENT, in the container's PID namespace), all first, then their
  * pids: rank r's PMI_FD the other end of `ours[r]`, our stdin only for `stdin_rank`, why one
  * could not start on `errors` (`<rank>\t<why>`). A rank whose way in failed before its
- * successor was made is that child (125, said): `pids` holds it, unreaped. -1: a fork or a
- * socketpair failed (those started are killed). */
+ * successor was made is that child (125, said): `pids` holds it, unreaped. -1: a fork, a
+ * pipe or a socketpair failed: then no rank has run (each waits for `go` before its way in,
+ * and finds it closed) and none is left. */
 static int start_ranks(struct lease *l, const struct plan *p, int size, int stdin_rank,
                        const char *jobid, int errors, pid_t *pids, int *ours)
 {
     pid_t parent = getpid();
-    int *reports = malloc((size_t)size * sizeof *reports), started = 0, failed = 0;
-    if (!reports)
+    int *reports = malloc((size_t)size * sizeof *reports), started = 0, go[2];
+    if (!reports || pipe2(go, O_CLOEXEC)) {
+        free(reports);
         return -1;
+    }
     for (; started < size; started++) {
         int sv[2], report[2];
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))
@@ -1807,13 +1813,16 @@ static int start_ranks(struct lease *l, const struct plan *p, int size, int stdi
         fflush(NULL);
         pid_t pid = fork();
         if (pid == 0) {
-            sigset_t held;
-            sigemptyset(&held);
-            for (size_t i = 0; i < NFORWARDED; i++) {
+            char byte;
+            close(go[1]);
+            if (read(go[0], &byte, 1) != 1)
+                _exit(125); /* another rank could not be forked: none runs */
+            close(go[0]);
+            sigset_t none; /* as posix_spawn's setsigmask: not ours, held for Python */
+            sigemptyset(&none);
+            sigprocmask(SIG_SETMASK, &none, NULL);
+            for (size_t i = 0; i < NFORWARDED; i++)
                 signal(forwarded[i], SIG_DFL);
-                sigaddset(&held, forwarded[i]);
-            }
-            sigprocmask(SIG_UNBLOCK, &held, NULL); /* ours, held until Python forwards them */
             signal(SIGPIPE, SIG_DFL);
             signal(SIGXFSZ, SIG_DFL);
             char tag[16];
@@ -1845,6 +1854,32 @@ static int start_ranks(struct lease *l, const struct plan *p, int size, int stdi
         ours[started] = sv[0];
         reports[started] = report[0];
     }
+    close(go[0]);
+    int all = started == size;
+    if (all) { /* every rank is forked: on their way in, each its byte (one write: at most
+                * PIPE_BUF bytes, MAX_RANKS, so all or none) */
+        char *bytes = malloc((size_t)size);
+        ssize_t put = -1;
+        if (bytes) {
+            memset(bytes, 'g', (size_t)size);
+            do
+                put = write(go[1], bytes, (size_t)size);
+            while (put < 0 && errno == EINTR);
+            free(bytes);
+        }
+        all = put == size;
+    }
+    close(go[1]); /* EOF: those still waiting end */
+    if (!all) {
+        for (int r = 0; r < started; r++) {
+            while (waitpid(pids[r], NULL, 0) < 0 && errno == EINTR)
+                ;
+            close(ours[r]);
+            close(reports[r]);
+        }
+        free(reports);
+        return -1;
+    }
     for (int r = 0; r < started; r++) { /* the successor's pid, once its parent said it */
         char buf[24] = {0};
         ssize_t n;
@@ -1859,16 +1894,7 @@ static int start_ranks(struct lease *l, const struct plan *p, int size, int stdi
         }
     }
     free(reports);
-    if (started < size) {
-        for (int r = 0; r < started; r++) {
-            kill(pids[r], SIGKILL);
-            while (waitpid(pids[r], NULL, 0) < 0 && errno == EINTR)
-                ;
-            close(ours[r]);
-        }
-        failed = -1;
-    }
-    return failed;
+    return 0;
 }
 
 /* The launch of a kept plan: its container (`launch_plan`), its ranks (`start_ranks`),
@@ -1896,7 +1922,10 @@ static void launch(char **words, int nwords)
     for (size_t i = 0; i < NFORWARDED; i++)
         sigaddset(&held, forwarded[i]);
     sigprocmask(SIG_BLOCK, &held, NULL);
-    if (!pids || !ours || !argv || pipe2(errors, O_CLOEXEC) ||
+    int piped = pipe2(errors, O_CLOEXEC) == 0;
+    if (piped) /* a line per rank that could not start, unread until Python runs */
+        (void)fcntl(errors[1], F_SETPIPE_SZ, 1 << 20);
+    if (!pids || !ours || !argv || !piped ||
         start_ranks(&l, &p, size, stdin_rank, jobid, errors[1], pids, ours)) {
         close_ns(&l); /* nothing started: our holder goes; Python plans, and says why */
         close(l.conn);

@@ -245,6 +245,8 @@ def _launched(runner: User, words: tuple[str, ...], seen: Path) -> tuple[int, st
     with subprocess.Popen(
         argv, cwd="/tmp", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # a caller's blocked signal is not the ranks' (a batch wrapper's SIGALRM, say)
+        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM}),
     ) as proc:  # fmt: skip
         assert proc.stdin is not None
         proc.stdin.write("a line\n")  # rank 0's, the others read /dev/null
@@ -275,7 +277,7 @@ def test_a_kept_launch_in_an_image_is_started_by_the_front_end_and_runs_alike(
     seen = Path(tempfile.mkdtemp(prefix="launch-", dir=shared_dir))
     seen.chmod(0o777)
     script = (
-        f'env > {seen}/env-$PMI_RANK; '
+        f'env > {seen}/env-$PMI_RANK; grep SigBlk /proc/self/status >> {seen}/env-$PMI_RANK; '
         f'[ -n "$PMI_FD" ] && [ -e /proc/self/fd/$PMI_FD ] && echo "fd of $PMI_RANK"; '
         f'read line && echo "$PMI_RANK read $line"; '
         f'if [ $PMI_RANK = 0 ]; then echo $PMI_JOBID > {seen}/jobid; {WAIT_GO.format(d=seen)}; fi; '
@@ -299,7 +301,7 @@ def test_a_kept_launch_in_an_image_is_started_by_the_front_end_and_runs_alike(
     assert again[:4] == (code, out, err, envs)
     assert (code, err) == (5, "rankwire: rank 2 exited with 5\n")
     assert out == ["0 read a line", "fd of 0", "fd of 1", "fd of 2"]
-    assert {"PMI_RANK=1", "PMI_SIZE=3"} <= set(envs[1]) and len(envs[1]) > 5
+    assert {"PMI_RANK=1", "PMI_SIZE=3", "SigBlk:\t0000000000000000"} <= set(envs[1])
 
 
 @pytest.mark.usefixtures("nothing_left_behind")
@@ -353,6 +355,33 @@ def test_a_kept_launch_whose_container_the_front_end_cannot_start_is_planned_aga
     again = runner.run(list(words), cwd="/tmp", timeout=60)
     assert (again.returncode, sorted(again.stdout.split()), again.stderr) == (0, ["0", "1"], "")
     assert path.read_bytes() == data  # planned again, the same plan
+
+
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_a_kept_launch_another_install_planned_is_refused_and_dropped(
+    base_image: Path, runner: User
+) -> None:
+    """The front end started a plan whose `package` is another install's (its key holds
+    the Python CLI's file, so this takes a plan edited by hand): the Python side serves
+    no job it did not plan, says so, leaves nothing, and drops the plan."""
+    words = ("apptainer-mpirun", "-n", "2", str(base_image), "sh", "-c", "echo $PMI_RANK")
+    path = _kept_file(runner, words)
+    path.unlink(missing_ok=True)
+    assert runner.run(list(words), cwd="/tmp", timeout=60).returncode == 0
+    data = path.read_bytes()
+    start = data.index(b"package=")
+    end = data.index(b"\0", start)
+    with open(path, "wb") as f:
+        f.write(data[:start] + b"package=/another/rankwire" + data[end:])
+    refused = runner.run(list(words), cwd="/tmp", timeout=60)
+    assert (refused.returncode, refused.stderr) == (
+        125,
+        "rankwire: cannot serve the launch its kept plan started (it was planned by the "
+        "rankwire in /another/rankwire): launch it again\n",
+    )
+    assert not path.exists()
+    again = runner.run(list(words), cwd="/tmp", timeout=60)
+    assert (again.returncode, sorted(again.stdout.split())) == (0, ["0", "1"])
 
 
 @pytest.mark.mpi
