@@ -1564,6 +1564,21 @@ static int start_exec(struct plan *p, int fd, const char *dir, struct lease *l, 
     return -1;
 }
 
+/* Remove the plan `name` in `dir` if it is still the file open on `fd`: one whose
+ * container could not be started is not to be tried again (Python plans, and writes
+ * anew). */
+static void drop_plan(const char *dir, const char *name, int fd)
+{
+    int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dirfd < 0)
+        return;
+    struct stat now, was;
+    if (fstatat(dirfd, name, &now, AT_SYMLINK_NOFOLLOW) == 0 && fstat(fd, &was) == 0 &&
+        now.st_dev == was.st_dev && now.st_ino == was.st_ino)
+        unlinkat(dirfd, name, 0);
+    close(dirfd);
+}
+
 /* 64-bit FNV-1a of `words`, each with its NUL (runtime/joinplan.py `fnv1a`). */
 static unsigned long long fnv1a(char **words, int n)
 {
@@ -1632,14 +1647,8 @@ static int exec_plan(int argc, char **argv, struct plan *p, struct lease *l, pid
     close(dirfd);
     if (fd < 0 || !*argv[at + 1] || !plan_matches(p, NULL, argv[at]))
         run_python(); /* an empty command: Python says it */
-    if (start_exec(p, fd, dir, l, holder)) { /* not to be tried again: Python writes anew */
-        if ((dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
-            struct stat now, was;
-            if (fstatat(dirfd, name, &now, AT_SYMLINK_NOFOLLOW) == 0 && fstat(fd, &was) == 0 &&
-                now.st_dev == was.st_dev && now.st_ino == was.st_ino)
-                unlinkat(dirfd, name, 0);
-            close(dirfd);
-        }
+    if (start_exec(p, fd, dir, l, holder)) {
+        drop_plan(dir, name, fd);
         run_python();
     }
     (void)futimens(fd, NULL); /* used: kept before the plans used least lately */
@@ -1745,14 +1754,8 @@ static int launch_plan(char **words, int nwords, struct plan *p, struct lease *l
             close(l->conn);
             while (waitpid(*holder, NULL, 0) < 0 && errno == EINTR)
                 ;
-        } /* not to be tried again: Python plans anew (a recipe that failed leaves nothing) */
-        if ((dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
-            struct stat now, was;
-            if (fstatat(dirfd, name, &now, AT_SYMLINK_NOFOLLOW) == 0 && fstat(fd, &was) == 0 &&
-                now.st_dev == was.st_dev && now.st_ino == was.st_ino)
-                unlinkat(dirfd, name, 0);
-            close(dirfd);
-        }
+        } /* (a recipe that failed left nothing) */
+        drop_plan(dir, name, fd);
         run_python();
     }
     (void)futimens(fd, NULL); /* used: kept before the plans used least lately */

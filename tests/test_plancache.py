@@ -313,27 +313,46 @@ def test_a_signal_while_the_front_end_hands_over_reaches_the_ranks(
     one later; the ranks' exit code is the job's."""
     seen = Path(tempfile.mkdtemp(prefix="launch-", dir=shared_dir))
     seen.chmod(0o777)
-    script = (
-        f"trap 'exit 7' TERM; [ $PMI_RANK = 0 ] && echo $PMI_JOBID > {seen}/jobid; sleep 30 & wait"
-    )
+    # each rank says it runs once its trap is set (a rank without it would end by the
+    # signal itself, 143, and that could be the job's first failure)
+    script = f"trap 'exit 7' TERM; echo $PMI_JOBID > {seen}/ready-$PMI_RANK; sleep 30 & wait"
     words = ("apptainer-mpirun", "-n", "2", str(base_image), "sh", "-c", script)
     _kept_file(runner, words).unlink(missing_ok=True)
+    ready = [seen / "ready-0", seen / "ready-1"]
     for expect in ("planned", "launch"):
-        (seen / "jobid").unlink(missing_ok=True)
+        for path in ready:
+            path.unlink(missing_ok=True)
         with subprocess.Popen(
             runner.argv(list(words)), cwd="/tmp", stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, start_new_session=True,
         ) as proc:  # fmt: skip
             deadline = time.monotonic() + 30
-            while not (seen / "jobid").exists() or not (seen / "jobid").read_text():
+            while not all(p.exists() and p.read_text().endswith("\n") for p in ready):
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.005)
-            launcher = int((seen / "jobid").read_text().split("-")[1])
+            launcher = int(ready[0].read_text().split("-")[1])
             how = Path(f"/proc/{launcher}/cmdline").read_bytes()
             os.kill(launcher, signal.SIGTERM)
             out, err = proc.communicate(timeout=60)
         assert ("launch" if b"__launch" in how else "planned") == expect
         assert (proc.returncode, out, err) == (7, "", "")
+
+
+def _kept_and_edited(
+    runner: User, words: tuple[str, ...], record: bytes, value: bytes
+) -> tuple[Path, bytes]:
+    """Launch `words` (which keeps their plan), then give the last record that starts with
+    `record` the value `value` (the part of `record` after its `=` replaced) in the same
+    file (still the user's private one). Returns the plan's path and what it held."""
+    path = _kept_file(runner, words)
+    path.unlink(missing_ok=True)
+    assert runner.run(list(words), cwd="/tmp", timeout=60).returncode == 0
+    data = path.read_bytes()
+    start = data.rindex(b"\0" + record) + 1 + record.index(b"=") + 1
+    end = data.index(b"\0", start)
+    with open(path, "wb") as f:
+        f.write(data[:start] + value + data[end:])
+    return path, data
 
 
 @pytest.mark.usefixtures("nothing_left_behind")
@@ -344,14 +363,7 @@ def test_a_kept_launch_whose_container_the_front_end_cannot_start_is_planned_aga
     it made, the front end drops the plan, and the Python CLI plans, launches and keeps a
     new plan: the launch itself does not fail, and nothing is left."""
     words = ("apptainer-mpirun", "-n", "2", str(base_image), "sh", "-c", "echo $PMI_RANK")
-    path = _kept_file(runner, words)
-    path.unlink(missing_ok=True)
-    assert runner.run(list(words), cwd="/tmp", timeout=60).returncode == 0
-    data = path.read_bytes()
-    last = data.rindex(b"r_source=/")
-    end = data.index(b"\0", last)
-    with open(path, "wb") as f:  # the same file: still the user's private one
-        f.write(data[:last] + b"r_source=/nonexistent/source" + data[end:])
+    path, data = _kept_and_edited(runner, words, b"r_source=/", b"/nonexistent/source")
     again = runner.run(list(words), cwd="/tmp", timeout=60)
     assert (again.returncode, sorted(again.stdout.split()), again.stderr) == (0, ["0", "1"], "")
     assert path.read_bytes() == data  # planned again, the same plan
@@ -365,14 +377,7 @@ def test_a_kept_launch_another_install_planned_is_refused_and_dropped(
     the Python CLI's file, so this takes a plan edited by hand): the Python side serves
     no job it did not plan, says so, leaves nothing, and drops the plan."""
     words = ("apptainer-mpirun", "-n", "2", str(base_image), "sh", "-c", "echo $PMI_RANK")
-    path = _kept_file(runner, words)
-    path.unlink(missing_ok=True)
-    assert runner.run(list(words), cwd="/tmp", timeout=60).returncode == 0
-    data = path.read_bytes()
-    start = data.index(b"package=")
-    end = data.index(b"\0", start)
-    with open(path, "wb") as f:
-        f.write(data[:start] + b"package=/another/rankwire" + data[end:])
+    path, _ = _kept_and_edited(runner, words, b"package=", b"/another/rankwire")
     refused = runner.run(list(words), cwd="/tmp", timeout=60)
     assert (refused.returncode, refused.stderr) == (
         125,
