@@ -407,7 +407,7 @@ def adopt(args: Sequence[str]) -> int:
 
     lease: Optional[Lease] = None
     holder: Optional[HolderHandle] = None
-    kept = ("", os.stat_result((0,) * 10))
+    kept: Optional[tuple[str, os.stat_result]] = None  # the plan's file, as the front end read it
     try:
         try:
             plan_fd, err_r, err_w, holder_pid, conn, userns, mntns, pidns = map(int, args[:8])
@@ -422,8 +422,7 @@ def adopt(args: Sequence[str]) -> int:
             server = pmi_server(plan, args[8])
         except Exception as err:  # its ranks end with the container, below
             with contextlib.suppress(OSError):  # not started again: the next launch plans
-                now = os.stat(kept[0])
-                if (now.st_dev, now.st_ino) == (kept[1].st_dev, kept[1].st_ino):
+                if kept is not None and os.path.samestat(os.stat(kept[0]), kept[1]):
                     os.unlink(kept[0])
             say(f"cannot serve the launch its kept plan started ({err}): launch it again")
             return 125
