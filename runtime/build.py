@@ -43,7 +43,7 @@ from rankwire.runtime.sif_write import ObjectInput, create_sif
 
 BOOTSTRAP = "rankwire-dir"
 # What an image not asked for a compressor is packed with: the default, then gzip when
-# this mksquashfs cannot write it (squashfs-tools before 4.4 has no zstd), with a warning.
+# this mksquashfs cannot write it (one built without lz4), with a warning.
 DEFAULT_COMPRESSIONS = (COMPRESSIONS[0], "gzip")
 # mksquashfs's words for a file it could not read (it packs it empty or not at all)
 UNREADABLE = re.compile(r"Could not open|Failed to read|skipping")
@@ -228,6 +228,7 @@ class BuildPlan:
         """mksquashfs packing the rootfs into `dest`, `offset` bytes in (into the SIF)."""
         argv = [self.mksquashfs, str(self.rootfs), str(dest), "-noappend"]
         argv += ["-comp", compression]
+        argv += ["-Xhc"] if compression == "lz4" else []  # high compression: unpacks as fast
         argv += ["-offset", str(offset)] if offset else []
         argv += ["-all-root"] if self.all_root else []
         argv += ["-no-progress", "-quiet", "-pf", str(work / "pseudo")]

@@ -285,26 +285,33 @@ def test_inspect_json_and_text(tmp_path: Path, rootfs: Path) -> None:
         assert needle in text
 
 
-def squashfs_compression(image: Path) -> str:
-    """The compressor unsquashfs (squashfs-tools, not ours) reads in the image's superblock."""
-    out = subprocess.run(
+def superblock(image: Path) -> str:
+    """What unsquashfs (squashfs-tools, not ours) reads in the image's superblock."""
+    return subprocess.run(
         ["unsquashfs", "-s", "-o", str(partition_offset(image)), str(image)],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
+
+
+def squashfs_compression(image: Path) -> str:
+    """The image's compressor, as unsquashfs reads it."""
+    out = superblock(image)
     return next(ln.split()[1] for ln in out.splitlines() if ln.startswith("Compression "))
 
 
-@pytest.mark.parametrize("asked", [None, "zstd", "lz4", "gzip"])
+@pytest.mark.parametrize("asked", [None, "lz4", "zstd", "gzip"])
 def test_compression(tmp_path: Path, rootfs: Path, asked: str | None) -> None:
-    """zstd by default; lz4 and gzip when asked; `inspect` says which."""
+    """lz4 (high compression) by default; zstd and gzip when asked; `inspect` says which."""
     out = tmp_path / "app.sif"
     given = ["--compression", asked] if asked else []
     built = rankwire("build", *given, str(out), str(rootfs))
     assert built.returncode == 0, built.stderr
-    want = asked or "zstd"
+    want = asked or "lz4"
     assert squashfs_compression(out) == want
+    hc = "\tHigh Compression option specified (-Xhc)\n"
+    assert (hc in superblock(out)) == (want == "lz4")
     assert unsquash_cat(out, "etc/os-release") == 'ID="rankwire-test"\n'
     doc = json.loads(rankwire("inspect", "--json", str(out)).stdout)
     assert doc["partition"]["compression"] == want
@@ -328,27 +335,27 @@ def test_compression_errors(tmp_path: Path, rootfs: Path) -> None:
     )
     with pytest.raises(UserError) as err:
         build_image(out, rootfs, compression="lzo")
-    assert str(err.value) == "--compression lzo: choose one of zstd, lz4, gzip"
-    no_zstd = tmp_path / "bin"
-    no_zstd.mkdir()
-    fake = no_zstd / "mksquashfs"  # squashfs-tools before 4.4: no zstd
+    assert str(err.value) == "--compression lzo: choose one of lz4, zstd, gzip"
+    no_lz4 = tmp_path / "bin"
+    no_lz4.mkdir()
+    fake = no_lz4 / "mksquashfs"  # a squashfs-tools built without lz4
     real = shutil.which("mksquashfs")
     fake.write_text(
-        '#!/bin/sh\ncase "$*" in *"-comp zstd"*)\n'
-        "  echo 'mksquashfs: Compressor \"zstd\" is not supported!' >&2; exit 1;;\nesac\n"
+        '#!/bin/sh\ncase "$*" in *"-comp lz4"*)\n'
+        "  echo 'mksquashfs: Compressor \"lz4\" is not supported!' >&2; exit 1;;\nesac\n"
         f'exec {real} "$@"\n'
     )
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{no_zstd}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{no_lz4}:{os.environ['PATH']}"}
     assert_one_line_error(
-        rankwire("build", "--compression", "zstd", str(out), str(rootfs), env=env),
-        f'mksquashfs failed on {rootfs}: mksquashfs: Compressor "zstd" is not supported!; '
-        "this mksquashfs cannot write zstd: give --compression gzip",
+        rankwire("build", "--compression", "lz4", str(out), str(rootfs), env=env),
+        f'mksquashfs failed on {rootfs}: mksquashfs: Compressor "lz4" is not supported!; '
+        "this mksquashfs cannot write lz4: give --compression gzip",
     )
     defaulted = rankwire("build", str(out), str(rootfs), env=env)  # as pull and save build
     assert (defaulted.returncode, defaulted.stderr) == (
         0,
-        "rankwire: warning: this mksquashfs cannot write zstd: packing with gzip\n",
+        "rankwire: warning: this mksquashfs cannot write lz4: packing with gzip\n",
     )
     assert squashfs_compression(out) == "gzip"
     out.unlink()
@@ -358,29 +365,29 @@ def test_compression_errors(tmp_path: Path, rootfs: Path) -> None:
 def test_the_plan_holds_the_compressors_tried_in_order(
     tmp_path: Path, rootfs: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """Asked: that alone; not asked: zstd, then gzip; preferred (what `--save` keeps of its
+    """Asked: that alone; not asked: lz4, then gzip; preferred (what `--save` keeps of its
     source): that first, then those. A mksquashfs that cannot write one goes to the next."""
     out = tmp_path / "x.sif"
-    assert plan_build(out, rootfs).compressions == ("zstd", "gzip")
-    assert plan_build(out, rootfs, compression="lz4").compressions == ("lz4",)
-    assert plan_build(out, rootfs, prefer="lz4").compressions == ("lz4", "zstd", "gzip")
-    assert plan_build(out, rootfs, prefer="gzip").compressions == ("gzip", "zstd")
-    no_lz4 = tmp_path / "bin"
-    no_lz4.mkdir()
-    fake = no_lz4 / "mksquashfs"
+    assert plan_build(out, rootfs).compressions == ("lz4", "gzip")
+    assert plan_build(out, rootfs, compression="zstd").compressions == ("zstd",)
+    assert plan_build(out, rootfs, prefer="zstd").compressions == ("zstd", "lz4", "gzip")
+    assert plan_build(out, rootfs, prefer="gzip").compressions == ("gzip", "lz4")
+    no_zstd = tmp_path / "bin"
+    no_zstd.mkdir()
+    fake = no_zstd / "mksquashfs"  # squashfs-tools before 4.4: no zstd
     fake.write_text(
-        '#!/bin/sh\ncase "$*" in *"-comp lz4"*)\n'
-        "  echo 'mksquashfs: Compressor \"lz4\" is not supported!' >&2; exit 1;;\nesac\n"
+        '#!/bin/sh\ncase "$*" in *"-comp zstd"*)\n'
+        "  echo 'mksquashfs: Compressor \"zstd\" is not supported!' >&2; exit 1;;\nesac\n"
         f'exec {shutil.which("mksquashfs")} "$@"\n'
     )
     fake.chmod(0o755)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PATH", f"{no_lz4}:{os.environ['PATH']}")
-        apply_build(plan_build(out, rootfs, prefer="lz4"))
+        mp.setenv("PATH", f"{no_zstd}:{os.environ['PATH']}")
+        apply_build(plan_build(out, rootfs, prefer="zstd"))
     assert capfd.readouterr().err == (
-        "rankwire: warning: this mksquashfs cannot write lz4: packing with zstd\n"
+        "rankwire: warning: this mksquashfs cannot write zstd: packing with lz4\n"
     )
-    assert squashfs_compression(out) == "zstd"
+    assert squashfs_compression(out) == "lz4"
 
 
 def test_existing_metadata_in_rootfs_is_replaced_not_modified(tmp_path: Path, rootfs: Path) -> None:

@@ -155,8 +155,8 @@ def corrupt(image: Path, out: Path, where: str) -> Path:
 @pytest.fixture(scope="module")
 def gzip_image(shared_dir: Path, base_image: Path) -> Path:
     """`base_image`'s rootfs packed with gzip, whose blocks carry a checksum (zlib's
-    adler32): 64 bytes overwritten anywhere are found when read. zstd's blocks, as
-    mksquashfs writes them, have none (a flipped byte in file data may unpack to other
+    adler32): 64 bytes overwritten anywhere are found when read. lz4's and zstd's blocks,
+    as mksquashfs writes them, have none (a flipped byte in file data may unpack to other
     bytes: images are checked by their digests and signatures, not by squashfs)."""
     from rankwire.runtime.build import build_image
 
