@@ -6,8 +6,6 @@ import contextlib
 import fcntl
 import os
 import re
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from typing import Optional
 
@@ -139,6 +137,8 @@ def keep(path: str, text: str) -> None:
     """Write `text` to the cache file `path` atomically (a temporary file renamed over
     it): a concurrent reader sees all of it or none. A cache we cannot write only costs
     a later re-read."""
+    import tempfile
+
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
@@ -154,6 +154,8 @@ def keep(path: str, text: str) -> None:
 def _check_squashfs(path: str, offset: int, fd: int) -> None:
     """Every inode and directory of the partition readable (what a mount would walk).
     Without unsquashfs, or with a compressor it does not support, nothing is said."""
+    import subprocess
+
     try:
         proc = subprocess.run(
             ["unsquashfs", "-l", "-n", "-o", str(offset), f"/proc/self/fd/{fd}"],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import os
-import platform
 import struct
 import sys
 import uuid
@@ -158,8 +157,8 @@ _MACHINES = {
 
 
 def goarch_from_machine(machine: Optional[str] = None) -> str:
-    """The Go/SIF architecture name for `platform.machine()` (or `machine`)."""
-    m = platform.machine() if machine is None else machine
+    """The Go/SIF architecture name for this machine's (`uname -m`), or `machine`'s."""
+    m = os.uname().machine if machine is None else machine
     name = _MACHINES.get(m.lower())
     if name is None:
         raise SifError(

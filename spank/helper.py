@@ -50,13 +50,10 @@ import json
 import os
 import pwd
 import re
-import shutil
 import signal
 import socket
 import stat
-import subprocess
 import sys
-import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Optional
@@ -249,6 +246,8 @@ def _pull_as_user(facts: JobFacts, how: Pull) -> str:
     """Run `spank-helper pull` exactly as the job user (groups, gid, uid: real, effective
     and saved; the child checks) with an environment of our making; the shim's deadline
     kills it with us (same process group). Returns the SIF's path in `how.root`."""
+    import subprocess
+
     request = frame.encode(
         [
             ("uid", str(facts.uid)),
@@ -513,6 +512,8 @@ GONE_STATES = frozenset(
 def _job_gone(job_id: int, slurm_conf: Optional[str]) -> bool:
     """Whether slurmctld says job `job_id` has ended (or no longer knows it). Unsure (no
     answer): False, nothing is removed."""
+    import subprocess
+
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
     if slurm_conf:
         env["SLURM_CONF"] = slurm_conf
@@ -556,6 +557,8 @@ def teardown_job(jobs: str, job_id: int) -> None:
     node and remove their dirs. The containers are ended, and their dirs emptied, by
     `spank-helper teardown` run as their user (whose files those are: nothing there is
     followed as root); root then removes the dirs it made."""
+    import shutil
+
     job = os.path.join(jobs, str(job_id))
     try:
         fd = os.open(job, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -591,6 +594,8 @@ def teardown_job(jobs: str, job_id: int) -> None:
 
 
 def _teardown_as_user(job: str, job_id: int, uid: int, gid: int) -> None:
+    import subprocess
+
     request = frame.encode(
         [("uid", str(uid)), ("gid", str(gid)), ("job_id", str(job_id)), ("dir", job)]
     )
@@ -1098,6 +1103,8 @@ def _start_as_user(facts: JobFacts, from_root: socket.socket) -> NoReturn:
                 reply, fds = [("error", f"rankwire: {err}")], []
             _reply(reply, fds)
     except BaseException as err:  # one line for the shim, the traceback to slurmd's log
+        import traceback
+
         traceback.print_exc()
         code = 1
         with contextlib.suppress(BaseException):
@@ -1182,6 +1189,8 @@ def main(phase: str) -> int:
     except frame.FrameError as err:
         reply = [("error", f"rankwire: bad request from the plugin: {err}")]
     except Exception as err:  # the shim shows one line; the traceback goes to slurmd's log
+        import traceback
+
         traceback.print_exc()
         reply = [("error", f"rankwire: internal error in the {phase} phase: {err!r}"[:900])]
     _reply(reply, fds)
