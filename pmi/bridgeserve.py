@@ -179,6 +179,8 @@ def serve_started(listener: socket.socket, path: str, life: int, tasks: int) -> 
     return _serve_tasks(listener, path, tasks, None, life)
 
 
+# The longest a signal that ends a node's server waits to be seen (`_serve_tasks`)
+SIGNAL_SEEN_S = 0.5
 # The signals that end a node's server (`_on_signals_exit`), held while its socket changes
 # hands.
 HELD = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -211,7 +213,10 @@ def _serve_tasks(
     `wait` seconds (None: NODE_WAIT from the first that comes; before it, as long as
     slurmstepd, `life`, lives); a server started before its tasks takes the first one's
     stderr. 0 once all came; 1, said, if not. Called with `HELD` blocked: a signal
-    delivered from here on ends it through the `finally` that removes the socket."""
+    delivered from here on ends it through the `finally` that removes the socket. Its
+    handler runs between bytecodes, so one that comes after the last of them and before
+    `select` sleeps is seen only when the select returns: each sleeps `SIGNAL_SEEN_S` at
+    most (without, such a SIGTERM waited for the tasks' whole minute)."""
     import select
     import time
 
@@ -223,10 +228,13 @@ def _serve_tasks(
         while others > 0:
             left = deadline - time.monotonic() if deadline is not None else None
             watched = [listener.fileno(), *([life] if life >= 0 else [])]
-            ready = select.select(watched, [], [], left)[0] if left is None or left > 0 else []
+            nap = SIGNAL_SEEN_S if left is None else min(left, SIGNAL_SEEN_S)
+            ready = select.select(watched, [], [], nap)[0] if nap > 0 else []
             if life >= 0 and life in ready:
                 why = "slurmstepd ended first"
                 return 1
+            if not ready and (left is None or left > SIGNAL_SEEN_S):
+                continue  # not yet the deadline
             if not ready:
                 why = f"the node's PMI bridge server waited {NODE_WAIT:.0f} s for it"
                 _say(
