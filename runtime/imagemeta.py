@@ -264,9 +264,9 @@ _COMPRESSORS = {1: "gzip", 2: "lzma", 3: "lzo", 4: "xz", 5: "lz4", 6: "zstd"}
 # container reads is unpacked by squashfuse, on one core, while the ranks wait for it.
 # lz4 (packed with -Xhc, LZ4's high compression, which unpacks as fast): the fastest to
 # unpack, ~1.3x zstd's size; a Slurm step of 2 MPICH ranks in the plugin's container
-# starts ~45 ms sooner than from zstd. zstd: the smallest, ~3x faster than gzip. gzip:
-# what `apptainer build` writes, for readers without zstd or lz4 (a kernel before 4.14
-# in Apptainer's setuid mode cannot read zstd; squashfuse before 0.1.101 neither).
+# ends ~40 ms sooner than from zstd. zstd: the smallest, ~3x faster than gzip. gzip:
+# what `apptainer build` writes, for readers of neither (a kernel before 3.19 or 4.14 in
+# Apptainer's setuid mode, squashfuse before 0.1.101).
 COMPRESSIONS = ("lz4", "zstd", "gzip")
 
 
