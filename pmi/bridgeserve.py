@@ -216,7 +216,7 @@ def _serve_tasks(
     delivered from here on ends it through the `finally` that removes the socket. Its
     handler runs between bytecodes, so one that comes after the last of them and before
     `select` sleeps is seen only when the select returns: each sleeps `SIGNAL_SEEN_S` at
-    most (without, such a SIGTERM waited for the tasks' whole minute)."""
+    most (without, such a SIGTERM waited out the tasks' minute, or slurmstepd's life)."""
     import select
     import time
 
