@@ -10,10 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import platform
 import re
-import shutil
-import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
@@ -342,7 +339,7 @@ class Resolver:
     @staticmethod
     def default_dirs() -> list[str]:
         """Where the loader looks last (ld.so(8)'s trusted dirs, multiarch first)."""
-        triplet = MULTIARCH.get(platform.machine(), "")
+        triplet = MULTIARCH.get(os.uname().machine, "")
         dirs = [f"/lib/{triplet}", f"/usr/lib/{triplet}"] if triplet else []
         return [*dirs, "/lib64", "/usr/lib64", "/lib", "/usr/lib"]
 
@@ -381,6 +378,9 @@ def _same_arch(path: str, elf: ElfFacts) -> bool:
 
 def ld_cache() -> dict[str, list[str]]:
     """name -> paths from the host's ld.so.cache (`ldconfig -p`)."""
+    import shutil  # not at import: the facts are cached, and read thus only now and then
+    import subprocess
+
     exe = shutil.which("ldconfig") or next(
         (p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(p)), None
     )

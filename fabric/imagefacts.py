@@ -10,11 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-import platform
 import re
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
@@ -134,12 +130,14 @@ class Listing:
 
 
 def lib_dirs() -> list[str]:
-    triplet = MULTIARCH.get(platform.machine(), "")
+    triplet = MULTIARCH.get(os.uname().machine, "")
     dirs = [f"/lib/{triplet}", f"/usr/lib/{triplet}"] if triplet else []
     return [*dirs, "/lib64", "/usr/lib64", "/lib", "/usr/lib"]
 
 
 def _unsquashfs() -> str:
+    import shutil  # these three only when an image is first listed (then cached)
+
     exe = shutil.which("unsquashfs")
     if not exe:
         raise UserError(
@@ -153,6 +151,8 @@ def _run(argv: list[str], image: str) -> str:
     # ptraced, so no other process may open its /proc/PID/fd): the child gets fd N.
     fd = re.fullmatch(r"/proc/self/fd/(\d+)", image)
     passed = (int(fd.group(1)),) if fd else ()
+    import subprocess
+
     proc = subprocess.run(argv, capture_output=True, text=True, pass_fds=passed)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
@@ -180,7 +180,7 @@ def read_fabric_image_facts(
 
         # The identity digest covers the image's names, sizes and times, not file data:
         # the image file itself is watched too. The lib dirs are this machine's.
-        key = [image.digest, consumers_too, platform.machine()]
+        key = [image.digest, consumers_too, os.uname().machine]
         cache = FactCache(cache_dir, "fabric-image", key, [image.path])
         kept = cache.load(_image_facts_from_dict, lambda _: ())
         if kept is not None:
@@ -253,6 +253,8 @@ def _read_fabric_image_facts(image: ImageFacts, consumers_too: bool) -> FabricIm
 def extract_elves(image: ImageFacts, paths: list[str]) -> dict[str, ElfFacts]:
     if not paths:
         return {}
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="rankwire-fabric-") as tmp:
         listfile = os.path.join(tmp, "files")
         with open(listfile, "w") as f:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -69,8 +68,8 @@ def collect_host_facts(root: str = "/") -> HostFacts:
     r = Path(root)
     fuse = r / "dev/fuse"
     return HostFacts(
-        kernel=platform.release(),
-        machine=platform.machine(),
+        kernel=os.uname().release,
+        machine=os.uname().machine,
         uid=os.getuid(),
         gid=os.getgid(),
         max_user_namespaces=read_int(r / "proc/sys/user/max_user_namespaces"),

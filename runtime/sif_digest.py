@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from typing import Protocol
@@ -20,6 +19,8 @@ class _Hash(Protocol):
 
 
 def _hasher(algorithm: str) -> _Hash:
+    import hashlib  # not at import: OpenSSL's loading, for every reader of image facts
+
     try:
         return hashlib.new(algorithm)
     except ValueError:

@@ -12,11 +12,13 @@ import enum
 import os
 import struct
 import sys
-import uuid
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from rankwire.errors import UserError
 from rankwire.record import record
+
+if TYPE_CHECKING:
+    import uuid
 
 HEADER = struct.Struct("<32s10s3s3s16s8q")
 DESCRIPTOR = struct.Struct("<iBIIIqqqqqqq128s384s")
@@ -200,7 +202,7 @@ class Header:
     magic: str
     version: str
     arch: str  # Go architecture name of the primary partition, "unknown" if none
-    id: uuid.UUID
+    id_bytes: bytes  # the image's UUID: `id`
     created_at: int
     modified_at: int
     descriptors_free: int
@@ -211,9 +213,15 @@ class Header:
     data_size: int
 
     @property
+    def id(self) -> uuid.UUID:
+        import uuid  # not at import: it imports `platform`, for every reader of an image
+
+        return uuid.UUID(bytes=self.id_bytes)
+
+    @property
     def deterministic(self) -> bool:
         return (
-            self.id == uuid.UUID(int=0)
+            self.id_bytes == bytes(16)
             and self.created_at == ZERO_TIME
             and self.modified_at == ZERO_TIME
         )

@@ -7,7 +7,6 @@ the other objects before any of its bytes are handed out.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
@@ -266,7 +265,7 @@ def _parse_header(path: Path, raw: bytes, file_size: int) -> Header:
         magic=magic.rstrip(b"\0").decode("ascii"),
         version=version.rstrip(b"\0").decode("ascii"),
         arch=arch_name(arch),
-        id=uuid.UUID(bytes=ident),
+        id_bytes=ident,
         created_at=ctime,
         modified_at=mtime,
         descriptors_free=free,
