@@ -381,13 +381,21 @@ def pmi_server(plan: LaunchPlan, jobid: Optional[str] = None) -> Union[PmiServer
     MPICH launches import no PMIx server (≈ 20 ms). `jobid`: the one the C front end gave
     the ranks it started (`adopt`)."""
     job = Job(size=plan.ntasks, fence_timeout=plan.fence_timeout, jobid=jobid)
-    if plan.pmi == "pmix":
-        from rankwire.pmi.pmix.server import PmixServer
+    # asyncio imports ssl when it can: about 5 ms, which a kept launch's ranks wait for
+    # their PMI server. The launcher's loop speaks no TLS (nor pmi2bridge.spawn's): ssl is
+    # kept out of that import only, so that anything after it may still import ssl.
+    kept_out = sys.modules.setdefault("ssl", None) is None  # type: ignore[arg-type]
+    try:
+        if plan.pmi == "pmix":
+            from rankwire.pmi.pmix.server import PmixServer
 
-        return PmixServer(job)
-    from rankwire.pmi.server import PmiServer
+            return PmixServer(job)
+        from rankwire.pmi.server import PmiServer
 
-    return PmiServer(job, mode=plan.pmi_transport)
+        return PmiServer(job, mode=plan.pmi_transport)
+    finally:
+        if kept_out and sys.modules.get("ssl", 0) is None:
+            del sys.modules["ssl"]
 
 
 def adopt(args: Sequence[str]) -> int:

@@ -43,7 +43,6 @@ Events
 from __future__ import annotations
 
 import asyncio
-import secrets
 import socket
 from typing import Callable, Optional, Union
 
@@ -189,6 +188,8 @@ class PmiServer:
         self._events = asyncio.Queue()
         if self.mode == "port":
             # Random ids, so another local user cannot easily pose as a rank on the port.
+            import secrets  # not at import: random and hashlib, for the port mode only
+
             while len(self._pmi_ids) < self.job.size:
                 pmiid = secrets.randbelow(2**31 - 2) + 1  # clients parse it with atoi()
                 if pmiid not in self._rank_of_id:

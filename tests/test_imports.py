@@ -153,6 +153,35 @@ def modules_after(code: str) -> set[str]:
     return set(proc.stdout.split())
 
 
+# Modules the plugin's check and start phases, and every exec or launch that plans, used
+# to load only to read an image or the host: `platform` (through `uuid` too: a SIF's UUID
+# is kept as its 16 bytes), tempfile and subprocess (about 6 ms).
+NOT_FOR_FACTS = {"platform", "uuid", "tempfile", "subprocess", "random"}
+
+
+def test_reading_an_image_s_facts_loads_no_platform(base_image: Path) -> None:
+    """The plugin's check: the helper's modules, then the image's facts, read (hashlib:
+    the image's identity is a sha256)."""
+    loaded = modules_after(
+        "from rankwire.spank import helper\n"
+        "from rankwire.runtime.imagefacts import image_facts\n"
+        f"assert image_facts({str(base_image)!r}).partition_offset > 0\n"
+    )
+    assert "rankwire.runtime.sif_read" in loaded
+    assert sorted(loaded & NOT_FOR_FACTS) == []
+
+
+def test_the_start_phase_s_planners_load_no_platform_or_openssl() -> None:
+    """What the plugin's start phase imports while root checks: the facts, the planners,
+    the executor; the image's facts come from the check, so no hashlib either (about 3 ms
+    more)."""
+    loaded = modules_after(
+        "import rankwire.runtime.assemble, rankwire.runtime.facts, rankwire.runtime.instance"
+    )
+    assert "rankwire.fabric.hostfacts" in loaded
+    assert sorted(loaded & (NOT_FOR_FACTS | {"hashlib", "_hashlib"})) == []
+
+
 def test_a_pmi2_bridge_follower_imports_no_server_code() -> None:
     """The node's other tasks only connect and hand over their PMI-2 socket: the bridge
     process's asyncio loop and PMI codec (`pmi2serve`) are the first task's alone."""
@@ -191,6 +220,18 @@ def test_the_launcher_loads_the_pmix_server_only_for_a_pmix_job() -> None:
     )
     assert "rankwire.pmi.server" in loaded
     assert "rankwire.pmi.pmix.server" not in loaded
+    # asyncio came without ssl (the ranks of a kept launch wait for this import), and the
+    # PMI server without `secrets` (its port mode's); ssl may still be imported after it
+    assert sorted(loaded & {"_ssl", "secrets"}) == []
+    after = modules_after(
+        "from rankwire.launcher import execute, plan\n"
+        "p = plan.plan_launch(plan.LaunchOptions(ntasks=2), plan.host_process(['/bin/true'], "
+        "{}, '/tmp'), None, {}, [], 'pmi1/2', 'pmi1/2')\n"
+        "execute.pmi_server(p)\n"
+        "import asyncio.sslproto, ssl\n"
+        "assert asyncio.sslproto.ssl is None and ssl.OPENSSL_VERSION\n"
+    )
+    assert "_ssl" in after
 
 
 def test_loading_libpmix_runs_no_ldconfig() -> None:
