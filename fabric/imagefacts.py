@@ -136,7 +136,9 @@ def lib_dirs() -> list[str]:
 
 
 def _unsquashfs() -> str:
-    import shutil  # these three only when an image is first listed (then cached)
+    # shutil here, subprocess (`_run`) and tempfile (`extract_elves`): imported only when
+    # an image is listed or read, which its cached facts make seldom
+    import shutil
 
     exe = shutil.which("unsquashfs")
     if not exe:

@@ -381,9 +381,10 @@ def pmi_server(plan: LaunchPlan, jobid: Optional[str] = None) -> Union[PmiServer
     MPICH launches import no PMIx server (≈ 20 ms). `jobid`: the one the C front end gave
     the ranks it started (`adopt`)."""
     job = Job(size=plan.ntasks, fence_timeout=plan.fence_timeout, jobid=jobid)
-    # asyncio imports ssl when it can: about 5 ms, which a kept launch's ranks wait for
-    # their PMI server. The launcher's loop speaks no TLS (nor pmi2bridge.spawn's): ssl is
-    # kept out of that import only, so that anything after it may still import ssl.
+    # asyncio imports ssl when it can (OpenSSL: about 5 ms of CPU and 5 MiB), which a kept
+    # launch's ranks wait for at their first PMI request. The launcher's loop speaks no TLS,
+    # as the PMI-2 bridge's does not (`pmi2bridge.spawn`). ssl is kept out of that import
+    # only: anything after it may still import ssl.
     kept_out = sys.modules.setdefault("ssl", None) is None  # type: ignore[arg-type]
     try:
         if plan.pmi == "pmix":

@@ -19,7 +19,7 @@ class _Hash(Protocol):
 
 
 def _hasher(algorithm: str) -> _Hash:
-    import hashlib  # not at import: OpenSSL's loading, for every reader of image facts
+    import hashlib  # not at import: OpenSSL's loading, for importers that hash nothing
 
     try:
         return hashlib.new(algorithm)
