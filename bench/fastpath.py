@@ -24,7 +24,8 @@ the same squashfs content (the SIF's own partition, copied out for Charliecloud)
 5. RSS: the launcher's own peak and its holder's at N = 16 (and 32) (while it sets up, in
    Python, and while it serves, as rankwire-holder), its init's, an idle instance's holder.
 Each group's rows take turns (interleaved) so that noise hits them alike; medians of
---repeat runs after one warm-up round. `--png FILE` draws launch time vs N per launcher
+--repeat runs after one warm-up round (launches: --mpi-repeat at N >= 16, 16 / N times
+as many below). `--png FILE` draws launch time vs N per launcher
 and container start per runtime (matplotlib, installed into this venv when missing).
 
     .venv/bin/python bench/fastpath.py [--repeat 9] [--big] [--png fastpath.png]
@@ -288,9 +289,20 @@ def joining(
         res["instance_holder_kib"] = held or (0, 0)
 
 
+def runs_for(n: int, repeat: int) -> int:
+    """Launch runs per row at N ranks: `repeat` at N >= 16, more below, where a run is
+    short and a 20 ms change is within one run's noise (28 at N = 4 for 7)."""
+    return max(repeat, repeat * 16 // n)
+
+
+def medians_of(sizes: list[int], repeat: int) -> str:
+    runs = " / ".join(str(runs_for(n, repeat)) for n in sizes)
+    return f"medians of {runs} runs (N = {' / '.join(map(str, sizes))})"
+
+
 def mpich(runner: Runner, img: dict[str, Path], sizes: list[int], repeat: int,
           res: dict[str, Any]) -> None:  # fmt: skip
-    print(f"\n## MPICH hello, one container per node, medians of {repeat}\n")
+    print(f"\n## MPICH hello, one container per node, {medians_of(sizes, repeat)}\n")
     print("| N | launcher | ms | ratio to ch hybrid | ratio to bare |\n|---|---|---|---|---|")
     for n in sizes:
         tag = f"--join-tag=fp{os.getpid()}"
@@ -301,7 +313,7 @@ def mpich(runner: Runner, img: dict[str, Path], sizes: list[int], repeat: int,
             ("mpiexec.hydra + ch-run --join", hybrid),
             ("apptainer-mpirun app.sif", [AMR, "-n", str(n), str(img["sif"]), "/opt/hello_mpich"]),
         ]
-        got = interleaved(runner, cases, repeat, lambda out, n=n: assert_hello(out, n))
+        got = interleaved(runner, cases, runs_for(n, repeat), lambda out, n=n: assert_hello(out, n))
         bare, peer = got["bare mpiexec.hydra"], got["mpiexec.hydra + ch-run --join"]
         for label, ms in got.items():
             print(f"| {n} | {label} | {ms:.0f} | {ms / peer:.2f} | {ms / bare:.2f} |", flush=True)
@@ -310,7 +322,7 @@ def mpich(runner: Runner, img: dict[str, Path], sizes: list[int], repeat: int,
 
 def ompi(runner: Runner, img: dict[str, Path], sizes: list[int], repeat: int,
          res: dict[str, Any]) -> None:  # fmt: skip
-    print(f"\n## Open MPI hello (PMIx), medians of {repeat}\n")
+    print(f"\n## Open MPI hello (PMIx), {medians_of(sizes, repeat)}\n")
     print("| N | launcher | ms | ratio to mpirun.openmpi | to mpirun.openmpi --mca pml ob1 |")
     print("|---|---|---|---|---|")
     for n in sizes:
@@ -325,7 +337,7 @@ def ompi(runner: Runner, img: dict[str, Path], sizes: list[int], repeat: int,
             ("apptainer-mpirun ompi.sif", [AMR, "-n", str(n), str(img["osif"]),
                                            "/opt/hello_ompi"]),
         ]  # fmt: skip
-        got = interleaved(runner, cases, repeat, lambda out, n=n: assert_hello(out, n))
+        got = interleaved(runner, cases, runs_for(n, repeat), lambda out, n=n: assert_hello(out, n))
         peer, same = got["mpirun.openmpi"], got["mpirun.openmpi --mca pml ob1"]
         for label, ms in got.items():
             print(f"| {n} | {label} | {ms:.0f} | {ms / peer:.2f} | {ms / same:.2f} |", flush=True)
@@ -384,7 +396,8 @@ def draw(res: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=9, help="container start runs per row")
-    ap.add_argument("--mpi-repeat", type=int, default=7, help="launch runs per row")
+    ap.add_argument("--mpi-repeat", type=int, default=7,
+                    help="launch runs per row at N >= 16 (more below: runs_for)")  # fmt: skip
     ap.add_argument("--big", action="store_true", help="also N = 32 (launch and RSS)")
     ap.add_argument("--png", type=Path, help="draw the scaling picture into this file")
     args = ap.parse_args()
