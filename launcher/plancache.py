@@ -165,7 +165,6 @@ def front_start(
     programs' dir), the holder's program, the ranks' process, how many, which reads our
     stdin, the holder's `recipe` and the warm list to read ahead (`r_warm`, read by the
     holder at each start, as `with_warm` reads it here). ValueError: too many mounts."""
-    from rankwire.runtime.holder import SERVER
     from rankwire.runtime.instance import front_end
 
     counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
@@ -174,7 +173,7 @@ def front_start(
     proc = plan.process
     return [
         ("front_dir", os.path.dirname(os.path.realpath(front_end()))),
-        ("holder_program", SERVER),
+        ("holder_program", joinplan.SERVER),
         ("workdir", proc.workdir),
         ("no_new_privs", "1" if proc.no_new_privs else "0"),
         *(("env", f"{k}={v}") for k, v in proc.env.items()),

@@ -29,17 +29,18 @@ a socket only root can connect to. `join` still hands over two descriptors, the 
 namespace one being the holder's own (the host's): joiners `setns` the mount namespace
 only; the report's "namespaces" says which.
 
-Asked for its recipe (`req["recipe"]`: `rankwire exec [OPTIONS] IMAGE CMD`), an
-ephemeral user-namespace holder notes each step of its setup as it makes it (`_note`: the
-maps, the session tmpfs, the FUSE driver, the mount points it made, each mount with its
-target resolved in the image; a PID namespace and its init always: without, no recipe)
-and reports them first on the status pipe; `runtime/joinplan.py` keeps them in the
-image's exec plan, and the C front end has `rankwire-holder setup` (holdserve.c
-`set_up_container`) make the same steps, without Python, for the next same request. A
-step it could not make the same way (another image or overlay driver, a descriptor's
-tree, a mount point made below another mount, changes kept) leaves no recipe
-(`_unrepeatable`). A new step of the setup is noted here and made there too, or marks the
-recipe unrepeatable.
+Asked for its recipe (`req["recipe"]`: `rankwire exec [OPTIONS] IMAGE CMD`, the
+launcher, the plugin's start phase), an ephemeral or shared user-namespace holder notes
+each step of its setup as it makes it (`_note`: the maps, the session tmpfs, the FUSE
+driver, the mount points it made, each mount with its target resolved in the image and
+its source as given, a descriptor's too; without a PID namespace, the watcher's command)
+and reports them first on the status pipe; `runtime/joinplan.py` keeps them (in the
+image's exec plan, the launch plan, or the plugin's kept recipe), and `rankwire-holder
+setup` (holdserve.c `set_up_container`) makes the same steps, without Python, for the next
+same request. A step it could not make the same way (another image or overlay driver, a
+descriptor's tree, a mount point made below another mount, changes kept, a PID namespace
+that fell back) leaves no recipe (`_unrepeatable`). A new step of the setup is noted here
+and made there too, or marks the recipe unrepeatable.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from rankwire.fds import close_fds_except
 from rankwire.runtime import loopdev
 from rankwire.runtime import syscalls as sc
 from rankwire.runtime.imagepath import host_path
-from rankwire.runtime.joinplan import plan_path
+from rankwire.runtime.joinplan import SERVER, plan_path, started_environ
 from rankwire.runtime.plan import ContainerPlan, Mount, hidden_by, sandbox_dir, within
 
 MOUNT_WAIT_S = 10.0
@@ -73,8 +74,6 @@ PRUNE = (
     "import sys; from rankwire.runtime.holder import prune_after; "
     "prune_after(int(sys.argv[1]), sys.argv[2], sys.argv[3])"
 )
-# The holder's serving half (runtime/holdserve.c), built next to this file.
-SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rankwire-holder")
 # A bind's source given as a descriptor the holder was handed (`req["keep_fds"]`).
 FD_SOURCE = re.compile(r"/proc/self/fd/([0-9]+)")
 
@@ -174,10 +173,7 @@ class Holder:
         self.server = server  # rankwire-holder (runtime/holdserve.c), opened to exec
         # and the environment to exec it with: the one we started with (read while the
         # host's /proc is in view), as `ps e` showed for a holder before it exec'd
-        with open("/proc/self/environ", "rb") as f:
-            self.environ = dict(
-                entry.partition(b"=")[::2] for entry in f.read().split(b"\0") if entry
-            )
+        self.environ = started_environ()
         self.plan = ContainerPlan.from_dict(req["plan"])
         self.sock_path: str = req["socket"]
         self.session: str = req["session"]
@@ -229,10 +225,9 @@ class Holder:
         # `req["recipe"]`; None once a step is one it cannot do (`_unrepeatable`).
         self.recipe: Optional[list[tuple[str, str]]] = None
         self._mounted: list[str] = []  # the targets `_apply` mounted on, inside the root
-        if req.get("recipe") and self.mode == "ephemeral" and not self.root_mode:
-            plain = not (self.plan.overlay_dir or self.plan.save or self.keep_fds)
-            if plain and self.image_fd is None and "pid" in self.plan.namespaces:
-                self.recipe = []
+        ours = self.mode in ("ephemeral", "shared") and not self.root_mode
+        if req.get("recipe") and ours and not (self.plan.overlay_dir or self.plan.save):
+            self.recipe = []
 
     def _note(self, key: str, value: str) -> None:
         if self.recipe is not None:
@@ -493,7 +488,10 @@ class Holder:
         """
         ours, theirs = socket.socketpair()
         # After our death (no "end" said), the watcher removes our files through Python.
-        then = [sys.executable, "-I", "-c", PRUNE, str(os.getpid()), self.sock_path, self.session]
+        then = [sys.executable, "-I", "-c", PRUNE]
+        for word in then:
+            self._note("then", word)  # rankwire-holder setup adds pid, socket and session
+        then += [str(os.getpid()), self.sock_path, self.session]
         args = ["watch", f"conn={theirs.fileno()}", f"holder={os.getpid()}"]
         pid = self._fork_server(args + [f"then={a}" for a in then], (theirs.fileno(),))
         theirs.close()
@@ -815,7 +813,9 @@ class Holder:
             and os.path.lexists(target)
         ):
             self._note("mount", m.kind)
-            for key, value in (("source", source), ("target", inside), ("options", m.options)):
+            # a descriptor's: as given (rankwire-holder setup opens it again, as we did)
+            noted = m.source if fd_source(m) is not None else source
+            for key, value in (("source", noted), ("target", inside), ("options", m.options)):
                 self._note(key, value)
             self._note("rec", "1" if m.recursive else "0")
             self._note("ro", "1" if m.readonly else "0")

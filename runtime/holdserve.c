@@ -6,8 +6,8 @@
  * watcher) and the descriptors it names in its arguments. A long-lived holder is then a
  * small C process instead of a Python interpreter forked from the CLI.
  *
- * Or it sets the container up itself (`setup`, below: the C front end's exec plan), then
- * serves the same way.
+ * Or it sets the container up itself (`setup`, below: the recipe of the C front end's exec
+ * or launch plan, or the plugin's kept recipe), then serves the same way.
  *
  * It serves the holder's socket, one command per connection, as before:
  *   "join"  -> the report (JSON, one line) with the namespace descriptors; the connection
@@ -487,6 +487,29 @@ static void close_others(int a, int b)
 	close_from(hi + 1, ~0U);
 }
 
+/* Close every descriptor above 2 but `a`, `b` and those in `l` (all above 2). */
+static void close_except(int a, int b, const struct list *l)
+{
+	int fds[MAX_LIST + 2], n = 0;
+	fds[n++] = a, fds[n++] = b;
+	for (int k = 0; k < l->n; k++)
+		if (l->v[k] > 2)
+			fds[n++] = l->v[k];
+	for (int i = 1; i < n; i++) /* sorted */
+		for (int j = i; j > 0 && fds[j - 1] > fds[j]; j--) {
+			int t = fds[j];
+			fds[j] = fds[j - 1], fds[j - 1] = t;
+		}
+	unsigned lo = 3;
+	for (int k = 0; k < n; k++) {
+		if ((unsigned)fds[k] > lo)
+			close_from(lo, (unsigned)fds[k] - 1);
+		if ((unsigned)fds[k] + 1 > lo)
+			lo = (unsigned)fds[k] + 1;
+	}
+	close_from(lo, ~0U);
+}
+
 /* `rankwire-holder init life=FD status=FD staging=PATH`: PID 1 of the container's PID
  * namespace, forked by the holder (`Holder._start_init`): mounts the namespace's /proc on
  * `staging`, says "ok" (or why not) on `status`, then waits until the holder is gone
@@ -582,6 +605,8 @@ static void kill_members(int mntns, pid_t spare)
  * said with "end", or its death by SIGKILL), then SIGKILLs every process in that namespace
  * but the holder, so that tasks never run on in a dead container; after a death, execs the
  * `then=` command (the holder's files to remove: holder.py `prune_after`). */
+static int watch_body(int conn, pid_t holder, char **then);
+
 static int run_watch(int argc, char **argv)
 {
 	int conn = -1;
@@ -600,6 +625,13 @@ static int run_watch(int argc, char **argv)
 	then[n_then] = NULL;
 	if (conn < 3)
 		return 2;
+	return watch_body(conn, holder, then);
+}
+
+/* The watcher's life, from run_watch or forked by `setup` (which is this program already):
+ * `then` ends with NULL. */
+static int watch_body(int conn, pid_t holder, char **then)
+{
 	prctl(PR_SET_NAME, "rankwire-watch");
 	close_others(conn, conn);
 	ignore_commands_signals(); /* and the holder's group's: they are its own */
@@ -624,7 +656,7 @@ static int run_watch(int argc, char **argv)
 			said[2] = data[k];
 		}
 	kill_members(mntns, holder);
-	if (memcmp(said, "end", 3) && n_then) {
+	if (memcmp(said, "end", 3) && then[0]) {
 		execv(then[0], then);
 		return 1;
 	}
@@ -633,16 +665,22 @@ static int run_watch(int argc, char **argv)
 
 /* ---- setup: a container from an exec plan's recipe, without Python ------------------ */
 
-/* `rankwire-holder setup plan=FD status=FD owner=PID socket=PATH session=PATH`: forked by
- * the C front end (runtime/front.c) for `rankwire exec IMAGE CMD…` when an exec plan
- * fits the request (runtime/joinplan.py `remember_exec`). The plan's `r_*` records are
- * what runtime/holder.py did when it set up the same container (`Holder.recipe`): its
- * uid and gid maps, the session tmpfs, the FUSE driver and its options, the mount points
- * it made in the upper dir, and each mount with its
- * target already resolved inside the image (whose identity the plan's key holds). This
- * does those steps in that order, as holder.py does them, decides nothing, and on any
- * failure tears down and reports it (the front end then runs the Python CLI, which plans
- * again and says what is wrong). Then it serves, as after holder.py's exec. */
+/* `rankwire-holder setup plan=FD status=FD owner=PID socket=PATH session=PATH [mode=
+ * ephemeral|shared] [keep=FD...]`: forked by the C front end (runtime/front.c) for
+ * `rankwire exec IMAGE CMD…` when an exec plan fits the request (runtime/joinplan.py
+ * `remember_exec`), or a kept launch plan's; or by the plugin's start phase when its kept
+ * recipe fits the step's container plan (joinplan.py `kept_holder`: mode=shared, the
+ * image and the binds' sources handed down as keep= descriptors). The plan's `r_*`
+ * records are what runtime/holder.py did when it set up the same container
+ * (`Holder.recipe`): its uid and gid maps, the session tmpfs, the FUSE driver and its
+ * options, the mount points it made in the upper dir, each mount with its target already
+ * resolved inside the image (whose identity the plan's key holds) and its source as given
+ * (a /proc/self/fd/N one is opened again in our mount namespace, as holder.py does), and,
+ * without a PID namespace, the watcher's command (`then`). This does those steps in that
+ * order, as holder.py does them, decides nothing, and on any failure tears down and
+ * reports it (the front end then runs the Python CLI, which plans again and says what is
+ * wrong; the plugin's start phase runs holder.py). Then it serves, as after holder.py's
+ * exec. */
 
 #include <sched.h>
 #include <stdarg.h>
@@ -653,6 +691,7 @@ static int run_watch(int argc, char **argv)
 
 #define MOUNT_WAIT_MS 10000 /* holder.py MOUNT_WAIT_S */
 #define MAX_RECIPE 64
+#define MAX_THEN 8 /* the watcher's command's words (holder.py notes 4), before our pid, ... */
 
 extern char **environ;
 
@@ -664,6 +703,10 @@ static struct {
 	int point_dir[MAX_RECIPE], n_points;
 	struct rmount m[MAX_RECIPE];
 	int n_m, writable, bad;
+	/* without a PID namespace: the watcher's command after our death, less our pid,
+	 * socket and session (holder.py `_start_watcher`) */
+	const char *then[MAX_THEN];
+	int n_then;
 } r;
 
 static void recipe_record(const char *key, char *val, void *ctx)
@@ -682,6 +725,13 @@ static void recipe_record(const char *key, char *val, void *ctx)
 	else if (!strcmp(key, "image")) r.image = val;
 	else if (!strcmp(key, "warm")) r.warm = val; /* a launch plan's warm list */
 	else if (!strcmp(key, "writable")) r.writable = !strcmp(val, "1");
+	else if (!strcmp(key, "then")) {
+		if (r.n_then == MAX_THEN) {
+			r.bad = 1;
+			return;
+		}
+		r.then[r.n_then++] = val;
+	}
 	else if (!strcmp(key, "mkdir") || !strcmp(key, "touch")) {
 		if (r.n_points == MAX_RECIPE) {
 			r.bad = 1;
@@ -817,6 +867,53 @@ static int bind_remount(const char *target, int ro)
 	return 0;
 }
 
+/* N for "/proc/self/fd/N" (a descriptor our starter handed down: holder.py `fd_source`),
+ * else -1. */
+static int fd_source(const char *source)
+{
+	const char *digits = source + strlen("/proc/self/fd/");
+	char *end;
+	if (strncmp(source, "/proc/self/fd/", strlen("/proc/self/fd/")) || !*digits ||
+	    *digits < '0' || *digits > '9')
+		return -1;
+	errno = 0;
+	long fd = strtol(digits, &end, 10);
+	return errno || *end || fd > INT_MAX ? -1 : (int)fd;
+}
+
+/* holder.py `_start_watcher`: without a PID namespace, a process forked now, outside the
+ * namespaces we make, that kills what runs in the container when we are gone (watch_body)
+ * and after our death runs `then` (r.then, our pid, socket and session). */
+static int start_watcher(const char *sock, const char *session)
+{
+	int sv[2];
+	pid_t holder = getpid();
+	char pid[24];
+	char *then[MAX_THEN + 4];
+	int n = 0;
+	snprintf(pid, sizeof pid, "%d", (int)holder);
+	for (int k = 0; k < r.n_then; k++)
+		then[n++] = (char *)r.then[k];
+	then[n++] = pid, then[n++] = (char *)sock, then[n++] = (char *)session, then[n] = NULL;
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))
+		return fail("socketpair: %s", strerror(errno));
+	pid_t watcher = fork();
+	if (watcher == 0) {
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		_exit(watch_body(sv[1], holder, then));
+	}
+	close(sv[1]);
+	if (watcher < 0) {
+		close(sv[0]);
+		return fail("fork: %s", strerror(errno));
+	}
+	h.watcher = watcher;
+	h.watcher_conn = sv[0];
+	return 0;
+}
+
 /* holder.py `_spawn_fuse` and `_die_with_holder`: the driver, its output in the session's
  * log, ending with us (SIGHUP) and not on the signals a step's commands get; then wait
  * until `lower` is mounted. */
@@ -845,7 +942,11 @@ static int spawn_fuse(const char *session, const char *lower)
 		if (getppid() != holder || null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 ||
 		    dup2(out, 2) < 0)
 			_exit(127);
-		close_from(3, ~0U);
+		int image = fd_source(r.image); /* the starter's, handed down (the plugin's) */
+		if (image > 2)
+			close_from(3, (unsigned)image - 1), close_from((unsigned)image + 1, ~0U);
+		else
+			close_from(3, ~0U);
 		char *argv[] = { (char *)r.driver, "-f", "-o", (char *)r.fuse_opts, (char *)r.image,
 			(char *)lower, NULL };
 		execve(r.fuse, argv, environ);
@@ -1101,11 +1202,14 @@ static int apply_mount(const char *root, const char *session, const struct rmoun
 		return fail("bad mount target %s", m->target ? m->target : "(none)");
 	const char *source = m->source;
 	int rec = m->rec, ro = m->ro;
-	if (!strcmp(m->kind, "proc")) { /* our PID namespace's /proc (holder.py `_apply`) */
+	if (!strcmp(m->kind, "proc") && h.init > 0) { /* our PID namespace's (holder.py `_apply`) */
 		if (join_path(staging, session, "proc"))
 			return -1;
 		source = staging;
 		rec = ro = 0;
+	} else if (!strcmp(m->kind, "proc")) { /* no PID namespace: the host's (`_apply`) */
+		source = "/proc";
+		rec = 1, ro = 0;
 	} else if (!strcmp(m->kind, "tmpfs")) {
 		if (mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV,
 			  *m->options ? m->options : NULL))
@@ -1127,18 +1231,80 @@ static int ascii_path(const char *s)
 	return 1;
 }
 
+/* A bind's source that is a descriptor we were handed: its path, read before our mount
+ * namespace exists (holder.py `_pin_descriptors`), then opened again in it and used only if
+ * it is the same file (`_reopen_descriptors`): the mount a descriptor refers to stays in
+ * the namespace it was opened in, and binding from it in ours fails. */
+static char *pinned[MAX_RECIPE];
+static char reopened[MAX_RECIPE][32];
+
+static int pin_descriptors(void)
+{
+	char path[PATH_MAX];
+	for (int k = 0; k < r.n_m; k++) {
+		int fd = strcmp(r.m[k].kind, "bind") ? -1 : fd_source(r.m[k].source);
+		if (fd < 0)
+			continue;
+		ssize_t n = readlink(r.m[k].source, path, sizeof path - 1);
+		if (n < 0)
+			return fail("cannot mount %s on %s: %s", r.m[k].source, r.m[k].target,
+				    strerror(errno));
+		path[n] = '\0';
+		if (!(pinned[k] = strdup(path)))
+			return fail("out of memory");
+	}
+	return 0;
+}
+
+static int reopen_descriptors(void)
+{
+	for (int k = 0; k < r.n_m; k++) {
+		if (!pinned[k])
+			continue;
+		struct stat was, now;
+		int fd = open(pinned[k], O_PATH | O_NOFOLLOW | O_CLOEXEC);
+		if (fd < 0)
+			return fail("cannot mount %s on %s: %s: %s", r.m[k].source, r.m[k].target,
+				    pinned[k], strerror(errno));
+		if (fstat(fd_source(r.m[k].source), &was) || fstat(fd, &now) ||
+		    was.st_dev != now.st_dev || was.st_ino != now.st_ino) {
+			close(fd);
+			return fail("cannot mount %s on %s: %s is no longer the file that was opened",
+				    r.m[k].source, r.m[k].target, pinned[k]);
+		}
+		snprintf(reopened[k], sizeof reopened[k], "/proc/self/fd/%d", fd);
+		r.m[k].source = reopened[k];
+	}
+	return 0;
+}
+
+/* The descriptors our starter handed down (`keep=`: the image, binds' sources) and those
+ * reopened from them: closed once the mounts are made. */
+static struct list keep;
+
+static void close_kept(void)
+{
+	for (int k = 0; k < keep.n; k++)
+		close(keep.v[k]);
+	keep.n = 0;
+	for (int k = 0; k < r.n_m; k++)
+		if (pinned[k] && r.m[k].source == reopened[k])
+			close(fd_source(reopened[k]));
+}
+
 /* The steps of the recipe; 0 when the container is ready (we are in it). */
 static int set_up_container(char *sock, char *session, int *taken)
 {
 	char lower[PATH_MAX], upper[PATH_MAX], work[PATH_MAX], root[PATH_MAX], path[PATH_MAX];
 	char opts[3 * PATH_MAX + 40];
-	/* a PID namespace always (holder.py notes no recipe without one): it is what ends the
-	 * container's processes with us (no watcher here) */
+	/* A PID namespace (it ends the container's processes with us), or, without one (the
+	 * plugin's containers: Slurm execs the tasks), the watcher (`then`) */
 	if (r.bad || !r.uid_map || !r.gid_map || !r.tmpfs || !r.driver || !r.fuse ||
 	    !r.fuse_opts || !r.image || strchr(r.driver, '/') || !ascii_path(sock) ||
 	    !ascii_path(session) || !ascii_path(r.driver))
 		return fail("the exec plan holds no recipe");
-	if (make_session(session) || bind_socket(sock, taken))
+	if ((r.n_then && start_watcher(sock, session)) || make_session(session) ||
+	    bind_socket(sock, taken) || pin_descriptors())
 		return -1;
 	unsigned uid = getuid(), gid = getgid();
 	if (unshare(CLONE_NEWUSER | CLONE_NEWNS))
@@ -1149,7 +1315,7 @@ static int set_up_container(char *sock, char *session, int *taken)
 		return -1;
 	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
 		return fail("mount: %s", strerror(errno));
-	if (raise_ambient())
+	if (raise_ambient() || reopen_descriptors())
 		return -1;
 	if (mount("tmpfs", session, "tmpfs", MS_NOSUID | MS_NODEV, r.tmpfs))
 		return fail("cannot mount tmpfs on %s: %s", session, strerror(errno));
@@ -1192,9 +1358,9 @@ static int set_up_container(char *sock, char *session, int *taken)
 		    (int)sizeof opts ||
 	    mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV, opts))
 		return fail("cannot set up the container root: kernel: %s", strerror(errno));
-	if (join_path(path, session, "proc") || start_init(path))
+	if (!r.n_then && (join_path(path, session, "proc") || start_init(path)))
 		return -1;
-	if (r.warm && !strncmp(r.driver, "squashfuse", 10))
+	if (r.warm && h.init > 0 && !strncmp(r.driver, "squashfuse", 10))
 		prefetch(lower);
 	for (int k = 0; k < r.n_m; k++)
 		if (apply_mount(root, session, &r.m[k]))
@@ -1202,12 +1368,26 @@ static int set_up_container(char *sock, char *session, int *taken)
 	if (mount(NULL, root, NULL,
 		  MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (r.writable ? 0 : MS_RDONLY), NULL))
 		return fail("cannot remount the root: %s", strerror(errno));
+	close_kept();
 	const char *ns[] = { "/proc/self/ns/user", "/proc/self/ns/mnt", "/proc/self/ns/pid_for_children" };
-	for (int k = 0; k < 3; k++) {
+	for (int k = 0; k < (h.init > 0 ? 3 : 2); k++) {
 		int fd = open(ns[k], O_RDONLY | O_CLOEXEC);
 		if (fd < 0)
 			return fail("%s: %s", ns[k], strerror(errno));
 		h.ns.v[h.ns.n++] = fd;
+	}
+	if (h.watcher_conn >= 0) { /* the namespace whose processes it ends (`watch_body`) */
+		char mnt[] = "mnt";
+		struct iovec iov = { .iov_base = mnt, .iov_len = 3 };
+		union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
+		struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+			.msg_controllen = sizeof u.buf };
+		struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+		c->cmsg_level = SOL_SOCKET, c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(c), &h.ns.v[1], sizeof(int));
+		if (sendmsg(h.watcher_conn, &msg, MSG_NOSIGNAL) != 3)
+			return fail("cannot hand the watcher the container: %s", strerror(errno));
 	}
 	if (chdir(root) || syscall(SYS_pivot_root, ".", ".") || umount2(".", MNT_DETACH) ||
 	    chdir("/"))
@@ -1235,10 +1415,17 @@ static void set_up(int argc, char **argv)
 			sock = (char *)v;
 		else if ((v = value(argv[i], "session")))
 			session = (char *)v;
+		else if ((v = value(argv[i], "mode")))
+			h.mode = v;
+		else if ((v = value(argv[i], "keep")))
+			append(&keep, argv[i], v);
 	}
-	if (plan < 3 || h.status < 3 || h.owner <= 0 || !sock || !session) {
+	if (!h.mode)
+		h.mode = "ephemeral";
+	if (plan < 3 || h.status < 3 || h.owner <= 0 || !sock || !session ||
+	    (strcmp(h.mode, "ephemeral") && strcmp(h.mode, "shared"))) {
 		fprintf(stderr, "rankwire-holder: setup needs plan=, status=, owner=, socket=, "
-				"session=\n");
+				"session=, and mode= ephemeral or shared if any\n");
 		exit(2);
 	}
 	/* as holder.py `run_holder`: ^C is for the command; a SIGTERM waits for the teardown
@@ -1254,8 +1441,7 @@ static void set_up(int argc, char **argv)
 		dup2(null, fd);
 	if (null > 2)
 		close(null);
-	close_others(plan, h.status);
-	h.mode = "ephemeral";
+	close_except(plan, h.status, &keep);
 	struct stat st = { 0 };
 	char *data = NULL;
 	ssize_t got = -1;
@@ -1268,19 +1454,22 @@ static void set_up(int argc, char **argv)
 	else if (set_up_container(sock, session, &taken) == 0)
 		h.serve = 1;
 	if (h.serve) {
-		char head[96];
+		char head[112];
 		snprintf(head, sizeof head, "{\"ok\": true, \"pid\": %d, \"namespaces\": [\"user\", "
-			 "\"mount\", \"pid\"], \"socket\": \"", (int)getpid());
+			 "\"mount\"%s], \"socket\": \"", (int)getpid(), h.init > 0 ? ", \"pid\"" : "");
 		buf_put(&report, head, strlen(head));
 		buf_put(&report, sock, strlen(sock));
 		buf_put(&report, "\", \"session\": \"", 15);
 		buf_put(&report, session, strlen(session));
 		buf_put(&report, "\", \"image_driver\": \"", 20);
 		buf_put(&report, r.driver, strlen(r.driver));
-		char tail[128]; /* a FUSE image's warm list pays (runtime/warm.py): its launcher
-				   * records it from the ranks, seen from the namespace's init */
-		snprintf(tail, sizeof tail, "\", \"overlay_driver\": \"kernel\"%s, \"init_pid\": %d}",
-			 strncmp(r.driver, "squashfuse", 10) ? "" : ", \"fuse_image\": true", (int)h.init);
+		char tail[128], init[40] = ""; /* a FUSE image's warm list pays (runtime/warm.py):
+						 * its launcher records it from the ranks, seen
+						 * from the namespace's init */
+		if (h.init > 0)
+			snprintf(init, sizeof init, ", \"init_pid\": %d", (int)h.init);
+		snprintf(tail, sizeof tail, "\", \"overlay_driver\": \"kernel\"%s%s}",
+			 strncmp(r.driver, "squashfuse", 10) ? "" : ", \"fuse_image\": true", init);
 		buf_put(&report, tail, strlen(tail) + 1); /* and its NUL */
 	} else {
 		const char *head = "{\"ok\": false, \"error\": \"";

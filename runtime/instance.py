@@ -27,9 +27,16 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from rankwire.errors import UserError, exec_failure, shown, workdir_failure
+from rankwire.fds import close_fds_except
 from rankwire.runtime import frame
 from rankwire.runtime import syscalls as sc
-from rankwire.runtime.joinplan import plan_path, prune_step_plan, step_file
+from rankwire.runtime.joinplan import (
+    SERVER,
+    plan_path,
+    prune_step_plan,
+    started_environ,
+    step_file,
+)
 from rankwire.runtime.peercred import peer_creds
 from rankwire.runtime.plan import ContainerPlan, ProcessPlan, check_name
 
@@ -184,6 +191,29 @@ def _holder_child(req: dict[str, Any], status_fd: int, detached: bool) -> NoRetu
     run_holder(req, status_fd, new_session=detached)
 
 
+def _setup_child(req: dict[str, Any], kept: int, status_fd: int, detached: bool) -> NoReturn:
+    """The forked holder of a kept recipe (open on `kept`): `rankwire-holder setup`
+    (runtime/holdserve.c) makes its steps, with the descriptors the holder keeps."""
+    try:
+        if detached:
+            os.setsid()
+        keep = [*([req["image_fd"]] if "image_fd" in req else []), *req.get("keep_fds", ())]
+        close_fds_except({kept, status_fd, *keep})
+        for fd in (kept, status_fd, *keep):
+            os.set_inheritable(fd, True)
+        # as holder.py's `run_holder`: the plugin's start phase is not dumpable, and its
+        # /proc files (environ, uid_map) not ours, until nothing of its but these is open
+        sc.prctl(sc.PR_SET_DUMPABLE, 1)
+        args = [f"plan={kept}", f"status={status_fd}", f"owner={req['owner']}"]
+        args += [f"socket={req['socket']}", f"session={req['session']}", f"mode={req['mode']}"]
+        argv = [SERVER, "setup", *args, *(f"keep={fd}" for fd in keep)]
+        os.execve(SERVER, argv, started_environ())
+    except BaseException as err:  # never unwind into the caller's code: we are a fork
+        with contextlib.suppress(BaseException):
+            os.write(2, f"rankwire: cannot start the container's holder: {err!r}\n".encode())
+    os._exit(1)
+
+
 def start_holder(
     plan: ContainerPlan,
     *,
@@ -197,6 +227,7 @@ def start_holder(
     setup_timeout: Optional[float] = None,
     step: Optional[str] = None,
     recipe: bool = False,
+    kept: Optional[int] = None,
     meanwhile: Optional[Callable[[], None]] = None,
 ) -> HolderHandle:
     """Fork a holder for `plan` and wait until it is ready (or say why it is not).
@@ -207,6 +238,8 @@ def start_holder(
     made, for binds whose source is /proc/self/fd/N; `step`: the step plan's file
     (instances/STEP) that goes with the holder; `recipe`: ask the holder what it did, as
     `rankwire-holder setup` can do it again (`HolderHandle.recipe`, None if it cannot);
+    `kept`: such a recipe, open (`joinplan.kept_holder`): `rankwire-holder setup` makes
+    its steps instead of the Python holder (an owner's, ephemeral or shared, unnamed);
     `meanwhile`: called once the holder is forked, before waiting for it (it must not
     raise: see `open_container`).
     """
@@ -247,6 +280,8 @@ def start_holder(
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
+        if kept is not None:
+            _setup_child(req, kept, write_end, detached)
         _holder_child(req, write_end, detached)
     os.close(write_end)
     if meanwhile is not None:

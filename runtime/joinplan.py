@@ -88,6 +88,9 @@ DECIDING = (
     "rankwire.runtime.userfacts",
 )
 PROBE = ("rankwire-join-plan-probe",)
+# The holder's serving half (runtime/holdserve.c), built next to this file; also what sets
+# a container up from a recipe (`rankwire-holder setup`).
+SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rankwire-holder")
 
 
 def plan_path(sock: str) -> str:
@@ -123,6 +126,14 @@ def started_environment() -> list[str]:
     with open("/proc/self/environ", "rb") as f:
         entries = [e for e in f.read().split(b"\0") if e and not e.startswith(lock)]
     return [os.fsdecode(e) for e in sorted(entries)]
+
+
+def started_environ() -> dict[bytes, bytes]:
+    """The environment this process was started with, as a dict: what the holder's
+    programs (rankwire-holder) are exec'd with, so that `ps e` shows it, as it showed the
+    starter's before (a starter may have changed `os.environ` since)."""
+    with open("/proc/self/environ", "rb") as f:
+        return dict(entry.partition(b"=")[::2] for entry in f.read().split(b"\0") if entry)
 
 
 def socket_id(sock: str) -> str:
@@ -526,8 +537,6 @@ def remember_exec(
     fabric adapter's coming too), where each host tool is on PATH (`tools`), and the host
     fabric's facts (`files`, `contents`: `execcmd.host_key`). Made whole before it gets
     its name, as `remember`; on any failure, nothing."""
-    from rankwire.runtime.holder import SERVER
-
     counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
     if not writable(proc) or counts[0] > RECIPE_MAX or counts[1] + counts[2] > RECIPE_MAX:
         return
@@ -609,3 +618,99 @@ def prune_step_plan(path: Any) -> None:
         pass  # locked: in use
     finally:
         os.close(fd)
+
+
+# ---- the plugin's holder recipe -------------------------------------------------------
+
+HOLDER_MAGIC = "rankwire-holder-recipe 1"
+# The module that notes a recipe, beside this one (not imported here: its imports cost).
+HOLDER_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "holder.py")
+
+
+def holder_recipe_name(container: ContainerPlan) -> str:
+    """holder-HASH.plan in the user's runtime dir: the kept recipe of a holder for this
+    container plan (the file holds the plan, which says whether it is this one)."""
+    return f"holder-{fnv1a([_plan_text(container)]):016x}.plan"
+
+
+def _plan_text(container: ContainerPlan) -> str:
+    return json.dumps(container.to_dict(), sort_keys=True)
+
+
+def _fd_ids(image_fd: int, keep_fds: Sequence[int]) -> list[str]:
+    """Each descriptor's number and what it is open on: the image's identity (its content
+    decides the mount points), the file of a bind's source (its kind decides them; what a
+    directory holds, or its times, do not)."""
+    st = os.fstat(image_fd)
+    out = [f"{image_fd}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"]
+    for fd in keep_fds:
+        st = os.fstat(fd)
+        out.append(f"{fd}:{st.st_dev}:{st.st_ino}:{stat.S_IFMT(st.st_mode):o}")
+    return out
+
+
+def remember_holder(
+    runtime: str,
+    container: ContainerPlan,
+    image_fd: int,
+    keep_fds: Sequence[int],
+    recipe: frame.Records,
+) -> None:
+    """Keep what a holder did for `container` (`recipe`), its image open on `image_fd` and
+    its binds' sources on `keep_fds` (the plugin's start phase: `spank/helper.py`
+    `_start_and_join`), for the next start of the same plan, which `kept_holder` gives it
+    to, keyed on the plan (whole), the boot, the descriptors' files (`_fd_ids`) and the code
+    that noted and makes the steps (their identities). On any failure, nothing."""
+    counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
+    if counts[0] > RECIPE_MAX or counts[1] + counts[2] > RECIPE_MAX:
+        return
+    try:
+        with open(BOOT_ID) as f:
+            boot = f.read().strip()
+        code = [*loaded_module_files(), HOLDER_CODE, SERVER]
+        code += [v for k, v in recipe if k == "r_fuse"]
+        out = [("magic", HOLDER_MAGIC), ("plan", _plan_text(container)), ("boot", boot)]
+        out += [("file", identity(f)) for f in code]
+        out += [("fd", entry) for entry in _fd_ids(image_fd, keep_fds)]
+        data = frame.encode([*out, *recipe, ("end", "1")])
+    except (OSError, ValueError):
+        return
+    keep_plan(runtime, holder_recipe_name(container), data)
+
+
+def kept_holder(
+    runtime: str, container: ContainerPlan, image_fd: int, keep_fds: Sequence[int]
+) -> Optional[int]:
+    """The kept recipe (`remember_holder`) for `container` with these descriptors, open (for
+    `rankwire-holder setup plan=FD`, which reads its `r_*` records), if its key holds;
+    else None."""
+    try:
+        fd = os.open(
+            os.path.join(runtime, holder_recipe_name(container)),
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+        )
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise ValueError("not the user's file")
+        recs = frame.decode(os.pread(fd, frame.MAX_FRAME + 1, 0))
+        with open(BOOT_ID) as f:
+            boot = f.read().strip()
+        if (
+            frame.one(recs, "magic") != HOLDER_MAGIC
+            or recs[-1] != ("end", "1")
+            or frame.one(recs, "plan") != _plan_text(container)
+            or frame.one(recs, "boot") != boot
+            or frame.every(recs, "fd") != _fd_ids(image_fd, keep_fds)
+        ):
+            raise ValueError("another plan")
+        for entry in frame.every(recs, "file"):
+            if identity(entry.split(":", 5)[5]) != entry:
+                raise ValueError("other code")
+        os.utime(fd)  # used: kept longest (`_prune_plans`)
+    except (OSError, IndexError, ValueError):
+        os.close(fd)
+        return None
+    return fd

@@ -795,18 +795,47 @@ def _start_and_join(
     container: ContainerPlan, facts: JobFacts, image_fd: int, keep_fds: tuple[int, ...]
 ) -> Lease:
     """Start the step's holder and join it, both bounded; whoever answers its socket
-    must be that holder (a user's dir can be raced: `start`)."""
-    from rankwire.runtime.instance import NotTheHolder, join, start_holder
-
-    holder = start_holder(
-        container,
-        mode="shared",
-        owner=facts.stepd_pid,
-        register=False,
-        image_fd=image_fd,
-        keep_fds=keep_fds,
-        setup_timeout=SETUP_TIMEOUT_S,
+    must be that holder (a user's dir can be raced: `start`). The holder's recipe is kept
+    in the user's runtime dir (`joinplan.remember_holder`): the next step with the same
+    container plan, image and binds has `rankwire-holder setup` make it, without the
+    Python holder (about 15 ms less); a recipe that fails there is dropped, and the
+    Python holder starts the container."""
+    from rankwire.runtime import joinplan
+    from rankwire.runtime.instance import (
+        HolderHandle,
+        NotTheHolder,
+        join,
+        runtime_dir,
+        start_holder,
     )
+
+    def started(kept: Optional[int] = None) -> HolderHandle:
+        return start_holder(
+            container,
+            mode="shared",
+            owner=facts.stepd_pid,
+            register=False,
+            image_fd=image_fd,
+            keep_fds=keep_fds,
+            setup_timeout=SETUP_TIMEOUT_S,
+            recipe=kept is None,
+            kept=kept,
+        )
+
+    base, holder = str(runtime_dir()), None
+    kept = joinplan.kept_holder(base, container, image_fd, keep_fds)
+    if kept is not None:
+        try:
+            holder = started(kept)
+        except UserError:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(base, joinplan.holder_recipe_name(container)))
+        finally:
+            os.close(kept)
+    if holder is None:
+        holder = started()
+        if holder.recipe is not None:
+            joinplan.remember_holder(base, container, image_fd, keep_fds, holder.recipe)
     try:
         return join(holder.socket, timeout=JOIN_TIMEOUT_S, holder=holder.pid)
     except NotTheHolder as err:

@@ -16,7 +16,7 @@ import pytest
 
 from harness.procs import child_of
 from harness.users import User, rw
-from rankwire.runtime.holder import SERVER
+from rankwire.runtime.joinplan import SERVER
 
 pytestmark = pytest.mark.usefixtures("nothing_left_behind")
 

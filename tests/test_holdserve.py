@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rankwire.runtime.holder import SERVER
+from rankwire.runtime.joinplan import SERVER
 
 REPORT = {"ok": True, "pid": 1, "namespaces": ["user", "mount"], "socket": "s"}
 

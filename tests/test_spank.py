@@ -8,7 +8,10 @@ unprivileged test user.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -276,6 +279,104 @@ def test_env_workdir_mounts(
         assert out.read_bytes() == os.fsencode(odd)
     finally:
         out.unlink()
+
+
+def _kept_recipe(runner: User, data: Path) -> Path:
+    """The plugin holder's recipe kept last for a container that binds `data` (runtime/
+    joinplan.py `remember_holder`, keyed on the descriptor it is bound from), in `runner`'s
+    runtime dir (an earlier session's may name a dir that had its inode number)."""
+    st = data.stat()
+    bound = re.compile(rb"\0fd=[0-9]+:%d:%d:" % (st.st_dev, st.st_ino))
+    found = [
+        p
+        for p in Path(f"/run/rankwire/{runner.uid}").glob("holder-*.plan")
+        if bound.search(p.read_bytes())
+    ]
+    assert found
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def _holder_of(runner: User, data: Path) -> int:
+    """The holder of `runner`'s container that binds `data` (its mounts show it)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and proc.stat().st_uid == runner.uid
+                and (proc / "comm").read_text().strip() == "rankwire-holder"
+                and " /data " in (proc / "mounts").read_text()
+            ):
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError("no holder")
+
+
+@pytest.mark.parametrize("then", ["replayed", "failing", "holder-killed"])
+def test_a_repeated_step_starts_its_container_from_the_kept_recipe(
+    spank_cluster: SlurmCluster,
+    base_image: Path,
+    shared_dir: Path,
+    runner: User,
+    then: str,
+    nothing_left: None,
+) -> None:
+    """The first step's holder leaves its recipe; the next step with the same container
+    plan (the same image, the binds' sources the same files) has `rankwire-holder setup`
+    make it (its command line says so): the bind from a descriptor, the host's /proc, the
+    watcher (no PID namespace) and all. A recipe that fails there (its FUSE driver fails)
+    is dropped, the Python holder starts the container and keeps its recipe anew; the C
+    holder killed, its watcher ends the tasks and its files go."""
+    data = Path(tempfile.mkdtemp(prefix="spank-kept-", dir=shared_dir))
+    data.chmod(0o755)
+    (data / "hello.txt").write_text("from the host\n")
+    way = data / "w"  # written by the test and the tasks (through the container's /tmp)
+    way.mkdir()
+    way.chmod(0o777)
+    args = ["-n", "2", f"--container-image={base_image}", f"--container-mounts={data}:/data:ro"]
+    shown = "cat /data/hello.txt; test -r /proc/self/status && echo proc"
+    first = srun(spank_cluster, runner, *args, "sh", "-c", shown)
+    lines = sorted(["from the host", "proc"] * 2)
+    assert (first.returncode, sorted(first.stdout.splitlines())) == (0, lines), first.stderr
+    recipe = _kept_recipe(runner, data)
+    if then == "failing":
+        log, driver = way / "started.log", way / "driver.sh"
+        driver.write_text(f"#!/bin/sh\necho started >> {log}\nexit 1\n")
+        driver.chmod(0o755)
+        log.touch()
+        log.chmod(0o666)
+        text = recipe.read_bytes()
+        start = text.index(b"r_fuse=")
+        end = text.index(b"\0", start)
+        recipe.write_bytes(text[:start] + f"r_fuse={driver}".encode() + text[end:])
+        second = srun(spank_cluster, runner, *args, "sh", "-c", shown)
+        assert (second.returncode, sorted(second.stdout.splitlines())) == (0, lines), second.stderr
+        assert log.read_text() == "started\n"  # the C holder ran it
+        assert f"r_fuse={driver}".encode() not in _kept_recipe(runner, data).read_bytes()
+        return
+    ready, go = way / "ready", way / "go"
+    wait = f"touch {ready}; while [ ! -e {go} ]; do sleep 0.05; done; {shown}"
+    command = f"touch {ready}; exec sleep 60" if then == "holder-killed" else wait
+    argv = runner.argv(["srun", *args, "sh", "-c", command])
+    with subprocess.Popen(
+        argv, env=spank_cluster.env, cwd="/tmp", stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    ) as proc:  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        holder = _holder_of(runner, data)
+        words = Path(f"/proc/{holder}/cmdline").read_bytes().split(b"\0")
+        assert words[1] == b"setup", words  # the kept recipe's, not holder.py's exec
+        if then == "holder-killed":
+            os.kill(holder, signal.SIGKILL)
+        go.touch()
+        out, err = proc.communicate(timeout=30)
+    if then == "holder-killed":
+        assert proc.returncode != 0, err
+    else:
+        assert (proc.returncode, sorted(out.splitlines())) == (0, lines), err
 
 
 @pytest.mark.parametrize(

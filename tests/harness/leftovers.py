@@ -59,10 +59,10 @@ def _ours(proc: Path) -> bool:
 
 
 def _kept_plan(path: Path) -> bool:
-    """An exec plan (runtime/joinplan.py) or a launch plan (launcher/plancache.py): kept
-    on purpose, for the next start of the same request."""
+    """An exec plan or a plugin holder's recipe (runtime/joinplan.py), or a launch plan
+    (launcher/plancache.py): kept on purpose, for the next start of the same request."""
     return (
-        path.name.startswith(("exec-", "launch-"))
+        path.name.startswith(("exec-", "launch-", "holder-"))
         and path.name.endswith(".plan")
         and path.is_file()
     )
@@ -95,8 +95,9 @@ def user_leftovers(user: User) -> list[str]:
         Path(f"/run/rankwire/{user.uid}"),
     ):
         if rdir.is_dir():
-            # exec and launch plans are kept on purpose: a plan per image and words (or
-            # launch words), a few dozen of each at most
+            # exec and launch plans and holders' recipes are kept on purpose: a plan per
+            # image and words (or launch words, or container plan), a few dozen of each at
+            # most
             files += [p for p in rdir.iterdir() if p.name != "instances" and not _kept_plan(p)]
             if (rdir / "instances").is_dir():
                 files += list((rdir / "instances").iterdir())
