@@ -1,0 +1,121 @@
+"""The plugin holder's kept recipe (runtime/joinplan.py `remember_holder`, `kept_holder`):
+given to the next start only while its key holds. Without Slurm: a container plan as the
+planner makes one, the image and a bind's source open as the start phase has them."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rankwire.runtime import frame, joinplan
+from rankwire.runtime.plan import ContainerPlan, Mount
+
+
+@dataclasses.dataclass
+class Kept:
+    runtime: Path
+    plan: ContainerPlan
+    image_fd: int
+    bind_fd: int
+    fuse: Path  # the recipe's FUSE driver, a file of the key
+    source: Path  # the bind's source dir
+
+
+@pytest.fixture
+def kept(tmp_path: Path) -> Iterator[Kept]:
+    image = tmp_path / "app.sif"
+    image.write_bytes(b"not read here")
+    source = tmp_path / "data"
+    source.mkdir()
+    fuse = tmp_path / "squashfuse_ll"
+    shutil.copy("/bin/true", fuse)
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    image_fd = os.open(image, os.O_RDONLY)
+    bind_fd = os.open(source, os.O_PATH)
+    plan = ContainerPlan(
+        image=str(image),
+        partition_offset=4096,
+        partition_size=8192,
+        image_drivers=("squashfuse_ll",),
+        overlay_drivers=("kernel",),
+        writable=False,
+        uid_map=(os.getuid(), os.getuid(), 1),
+        gid_map=(os.getgid(), os.getgid(), 1),
+        namespaces=("user", "mount"),
+        mounts=(Mount("bind", "/data", f"/proc/self/fd/{bind_fd}", readonly=True),),
+        tmpfs_size_mib=64,
+        extract_dir="",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    recipe = [("r_fuse", str(fuse)), ("r_mount", "bind"), ("r_source", plan.mounts[0].source)]
+    joinplan.remember_holder(str(runtime), plan, image_fd, (bind_fd,), recipe)
+    yield Kept(runtime, plan, image_fd, bind_fd, fuse, source)
+    os.close(image_fd)
+    os.close(bind_fd)
+
+
+def recipe_of(k: Kept, plan: ContainerPlan | None = None) -> list[tuple[str, str]] | None:
+    fd = joinplan.kept_holder(str(k.runtime), plan or k.plan, k.image_fd, (k.bind_fd,))
+    if fd is None:
+        return None
+    try:
+        return [r for r in frame.decode(os.pread(fd, 1 << 20, 0)) if r[0].startswith("r_")]
+    finally:
+        os.close(fd)
+
+
+def test_the_next_start_of_the_same_plan_gets_the_recipe(kept: Kept) -> None:
+    assert recipe_of(kept) == [
+        ("r_fuse", str(kept.fuse)),
+        ("r_mount", "bind"),
+        ("r_source", kept.plan.mounts[0].source),
+    ]
+    # what a bound directory holds is not the recipe's: it stays
+    (kept.source / "new").write_text("x")
+    assert recipe_of(kept) is not None
+
+
+def test_another_plan_gets_none(kept: Kept) -> None:
+    other = dataclasses.replace(kept.plan, tmpfs_size_mib=kept.plan.tmpfs_size_mib + 1)
+    assert recipe_of(kept, other) is None
+    assert recipe_of(kept) is not None
+
+
+def test_a_changed_image_gets_none(kept: Kept) -> None:
+    with open(kept.plan.image, "ab") as f:
+        f.write(b"\0")
+    assert recipe_of(kept) is None
+
+
+def test_another_bind_source_under_the_same_descriptor_gets_none(kept: Kept) -> None:
+    os.rename(kept.source, kept.source.with_name("was"))
+    kept.source.mkdir()
+    again = os.open(kept.source, os.O_PATH)
+    try:
+        os.dup2(again, kept.bind_fd)
+    finally:
+        os.close(again)
+    assert recipe_of(kept) is None
+
+
+def test_a_changed_fuse_driver_gets_none(kept: Kept) -> None:
+    os.utime(kept.fuse, ns=(0, 0))
+    assert recipe_of(kept) is None
+
+
+def test_a_recipe_cut_short_or_not_the_users_gets_none(kept: Kept) -> None:
+    (path,) = kept.runtime.glob("holder-*.plan")
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rindex(b"end=1")])
+    assert recipe_of(kept) is None
+    path.write_bytes(data)
+    assert recipe_of(kept) is not None
+    if os.getuid() == 0:
+        os.chown(path, 1, 1)
+        assert recipe_of(kept) is None
