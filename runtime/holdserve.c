@@ -62,7 +62,7 @@
 #define DAEMON_EXIT_MS 5000 /* a FUSE daemon's unmount after SIGHUP */
 #define INIT_EXIT_MS 1000 /* see reap_init */
 #define WATCHER_EXIT_MS 5000
-#define MAX_LIST 16 /* unlink=, ns=, daemon= */
+#define MAX_LIST 16 /* unlink=, ns=, daemon=, keep= (joinplan.KEEP_MAX) */
 #define SPACE " \t\r\n\v\f" /* what Python's bytes.strip() strips */
 
 struct list { int n, v[MAX_LIST]; };
@@ -936,7 +936,8 @@ static int spawn_fuse(const char *session, const char *lower)
 		for (size_t k = 0; k < sizeof theirs / sizeof *theirs; k++)
 			signal(theirs[k], SIG_IGN);
 		signal(SIGHUP, SIG_DFL);
-		signal(SIGPIPE, SIG_DFL);
+		signal(SIGPIPE, SIG_DFL); /* and what Python ignores (Popen's restore_signals) */
+		signal(SIGXFSZ, SIG_DFL);
 		prctl(PR_SET_PDEATHSIG, SIGHUP);
 		int null = open("/dev/null", O_RDONLY);
 		if (getppid() != holder || null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 ||

@@ -198,19 +198,24 @@ def _setup_child(req: dict[str, Any], kept: int, status_fd: int, detached: bool)
         if detached:
             os.setsid()
         keep = [*([req["image_fd"]] if "image_fd" in req else []), *req.get("keep_fds", ())]
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # the plugin's start phase replies to the shim on its stdout
+            os.dup2(devnull, fd)
         close_fds_except({kept, status_fd, *keep})
         for fd in (kept, status_fd, *keep):
             os.set_inheritable(fd, True)
-        # as holder.py's `run_holder`: the plugin's start phase is not dumpable, and its
-        # /proc files (environ, uid_map) not ours, until nothing of its but these is open
+        # As holder.py's `run_holder`: the plugin's start phase is not dumpable (its user
+        # could take its reply socket else), its /proc files (environ) not ours; we are
+        # its user's from now on, with nothing of its open but these.
         sc.prctl(sc.PR_SET_DUMPABLE, 1)
         args = [f"plan={kept}", f"status={status_fd}", f"owner={req['owner']}"]
         args += [f"socket={req['socket']}", f"session={req['session']}", f"mode={req['mode']}"]
         argv = [SERVER, "setup", *args, *(f"keep={fd}" for fd in keep)]
         os.execve(SERVER, argv, started_environ())
     except BaseException as err:  # never unwind into the caller's code: we are a fork
-        with contextlib.suppress(BaseException):
-            os.write(2, f"rankwire: cannot start the container's holder: {err!r}\n".encode())
+        with contextlib.suppress(BaseException):  # as holder.py's `_fail`
+            error = f"cannot run {SERVER}: {err}"
+            os.write(status_fd, json.dumps({"ok": False, "error": error}).encode() + b"\n")
     os._exit(1)
 
 

@@ -623,8 +623,7 @@ def prune_step_plan(path: Any) -> None:
 # ---- the plugin's holder recipe -------------------------------------------------------
 
 HOLDER_MAGIC = "rankwire-holder-recipe 1"
-# The module that notes a recipe, beside this one (not imported here: its imports cost).
-HOLDER_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "holder.py")
+KEEP_MAX = 16  # the descriptors `rankwire-holder setup` keeps (holdserve.c MAX_LIST)
 
 
 def holder_recipe_name(container: ContainerPlan) -> str:
@@ -659,18 +658,26 @@ def remember_holder(
     """Keep what a holder did for `container` (`recipe`), its image open on `image_fd` and
     its binds' sources on `keep_fds` (the plugin's start phase: `spank/helper.py`
     `_start_and_join`), for the next start of the same plan, which `kept_holder` gives it
-    to, keyed on the plan (whole), the boot, the descriptors' files (`_fd_ids`) and the code
-    that noted and makes the steps (their identities). On any failure, nothing."""
+    to, keyed on the plan (whole), the boot, the descriptors' files (`_fd_ids`), the code
+    that noted and makes the steps (their identities: holder.py and its imports too) and
+    where the FUSE driver is on PATH. On any failure, or with more descriptors than
+    `rankwire-holder setup` keeps, nothing."""
     counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
-    if counts[0] > RECIPE_MAX or counts[1] + counts[2] > RECIPE_MAX:
+    too_many = counts[0] > RECIPE_MAX or counts[1] + counts[2] > RECIPE_MAX
+    if too_many or 1 + len(keep_fds) > KEEP_MAX:
         return
+    # holder.py and what it imports decided the steps (the start phase forks it unloaded)
+    import rankwire.runtime.holder  # noqa: F401
+
     try:
         with open(BOOT_ID) as f:
             boot = f.read().strip()
-        code = [*loaded_module_files(), HOLDER_CODE, SERVER]
-        code += [v for k, v in recipe if k == "r_fuse"]
+        code = [*loaded_module_files(), SERVER, *(v for k, v in recipe if k == "r_fuse")]
+        path_env = os.environ.get("PATH", os.defpath)
+        drivers = [v for k, v in recipe if k == "r_driver"]
         out = [("magic", HOLDER_MAGIC), ("plan", _plan_text(container)), ("boot", boot)]
         out += [("file", identity(f)) for f in code]
+        out += [("tool", f"{name}:{_which(name, path_env)}") for name in drivers]
         out += [("fd", entry) for entry in _fd_ids(image_fd, keep_fds)]
         data = frame.encode([*out, *recipe, ("end", "1")])
     except (OSError, ValueError):
@@ -709,6 +716,11 @@ def kept_holder(
         for entry in frame.every(recs, "file"):
             if identity(entry.split(":", 5)[5]) != entry:
                 raise ValueError("other code")
+        path_env = os.environ.get("PATH", os.defpath)
+        for entry in frame.every(recs, "tool"):  # the FUSE driver holder.py would find
+            name, _, where = entry.partition(":")
+            if _which(name, path_env) != where:
+                raise ValueError("another driver")
         os.utime(fd)  # used: kept longest (`_prune_plans`)
     except (OSError, IndexError, ValueError):
         os.close(fd)

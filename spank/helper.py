@@ -822,12 +822,14 @@ def _start_and_join(
             kept=kept,
         )
 
-    base, holder = str(runtime_dir()), None
-    kept = joinplan.kept_holder(base, container, image_fd, keep_fds)
+    base, holder, kept = str(runtime_dir()), None, None
+    if "user" in container.namespaces:  # not a root holder's (enforced): it keeps none
+        kept = joinplan.kept_holder(base, container, image_fd, keep_fds)
     if kept is not None:
         try:
             holder = started(kept)
-        except UserError:
+        except UserError as err:  # to slurmd's log; the step goes on
+            print(f"rankwire: the kept holder recipe failed: {err}", file=sys.stderr)
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(base, joinplan.holder_recipe_name(container)))
         finally:

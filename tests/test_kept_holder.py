@@ -27,13 +27,14 @@ class Kept:
 
 
 @pytest.fixture
-def kept(tmp_path: Path) -> Iterator[Kept]:
+def kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Kept]:
     image = tmp_path / "app.sif"
     image.write_bytes(b"not read here")
     source = tmp_path / "data"
     source.mkdir()
     fuse = tmp_path / "squashfuse_ll"
     shutil.copy("/bin/true", fuse)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'early'}:{tmp_path}")  # where holder.py looks
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
     image_fd = os.open(image, os.O_RDONLY)
@@ -53,7 +54,8 @@ def kept(tmp_path: Path) -> Iterator[Kept]:
         extract_dir="",
         cache_dir=str(tmp_path / "cache"),
     )
-    recipe = [("r_fuse", str(fuse)), ("r_mount", "bind"), ("r_source", plan.mounts[0].source)]
+    recipe = [("r_driver", fuse.name), ("r_fuse", str(fuse)), ("r_mount", "bind")]
+    recipe.append(("r_source", plan.mounts[0].source))
     joinplan.remember_holder(str(runtime), plan, image_fd, (bind_fd,), recipe)
     yield Kept(runtime, plan, image_fd, bind_fd, fuse, source)
     os.close(image_fd)
@@ -72,6 +74,7 @@ def recipe_of(k: Kept, plan: ContainerPlan | None = None) -> list[tuple[str, str
 
 def test_the_next_start_of_the_same_plan_gets_the_recipe(kept: Kept) -> None:
     assert recipe_of(kept) == [
+        ("r_driver", kept.fuse.name),
         ("r_fuse", str(kept.fuse)),
         ("r_mount", "bind"),
         ("r_source", kept.plan.mounts[0].source),
@@ -107,6 +110,27 @@ def test_another_bind_source_under_the_same_descriptor_gets_none(kept: Kept) -> 
 def test_a_changed_fuse_driver_gets_none(kept: Kept) -> None:
     os.utime(kept.fuse, ns=(0, 0))
     assert recipe_of(kept) is None
+
+
+def test_another_fuse_driver_first_on_path_gets_none(kept: Kept) -> None:
+    early = kept.fuse.parent / "early"
+    early.mkdir()
+    shutil.copy(kept.fuse, early / kept.fuse.name)
+    assert recipe_of(kept) is None
+
+
+def test_more_descriptors_than_the_c_holder_keeps_are_not_kept(kept: Kept) -> None:
+    (path,) = kept.runtime.glob("holder-*.plan")
+    path.unlink()
+    binds = [os.open(kept.source, os.O_PATH) for _ in range(joinplan.KEEP_MAX)]
+    try:
+        joinplan.remember_holder(str(kept.runtime), kept.plan, kept.image_fd, binds, [])
+        assert list(kept.runtime.glob("holder-*.plan")) == []
+        joinplan.remember_holder(str(kept.runtime), kept.plan, kept.image_fd, binds[1:], [])
+        assert len(list(kept.runtime.glob("holder-*.plan"))) == 1
+    finally:
+        for fd in binds:
+            os.close(fd)
 
 
 def test_a_recipe_cut_short_or_not_the_users_gets_none(kept: Kept) -> None:
