@@ -828,8 +828,7 @@ def _start_and_join(
     if kept is not None:
         try:
             holder = started(kept)
-        except UserError as err:  # to slurmd's log; the step goes on
-            print(f"rankwire: the kept holder recipe failed: {err}", file=sys.stderr)
+        except UserError:  # said by holder.py if it fails too (stderr would reach srun)
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(base, joinplan.holder_recipe_name(container)))
         finally:
