@@ -798,8 +798,8 @@ def _start_and_join(
     must be that holder (a user's dir can be raced: `start`). The holder's recipe is kept
     in the user's runtime dir (`joinplan.remember_holder`): the next step with the same
     container plan, image and binds has `rankwire-holder setup` make it, without the
-    Python holder (about 15 ms less); a recipe that fails there is dropped, and the
-    Python holder starts the container."""
+    Python holder (a setup about 15 ms shorter); a recipe that fails there is dropped,
+    and the Python holder starts the container."""
     from rankwire.runtime import joinplan
     from rankwire.runtime.instance import (
         HolderHandle,
