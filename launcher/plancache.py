@@ -167,8 +167,7 @@ def front_start(
     holder at each start, as `with_warm` reads it here). ValueError: too many mounts."""
     from rankwire.runtime.instance import front_end
 
-    counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
-    if counts[0] > joinplan.RECIPE_MAX or counts[1] + counts[2] > joinplan.RECIPE_MAX:
+    if not joinplan.recipe_fits(recipe):
         raise ValueError("more mounts than rankwire-holder takes")
     proc = plan.process
     return [

@@ -477,17 +477,9 @@ static void close_from(unsigned lo, unsigned hi)
 		close((int)fd);
 }
 
-/* Close every descriptor above 2 but `a` and `b` (both above 2): the holder's inheritable
- * ones (a bind's source, the image) are not ours to keep open. */
-static void close_others(int a, int b)
-{
-	unsigned lo = (unsigned)(a < b ? a : b), hi = (unsigned)(a < b ? b : a);
-	close_from(3, lo - 1);
-	close_from(lo + 1, hi - 1);
-	close_from(hi + 1, ~0U);
-}
-
-/* Close every descriptor above 2 but `a`, `b` and those in `l` (all above 2). */
+/* Close every descriptor above 2 but `a`, `b` and those in `l` (all above 2): the holder's
+ * inheritable ones (a bind's source, the image) are not ours to keep open, unless handed
+ * down to `setup` (keep=). */
 static void close_except(int a, int b, const struct list *l)
 {
 	int fds[MAX_LIST + 2], n = 0;
@@ -508,6 +500,11 @@ static void close_except(int a, int b, const struct list *l)
 			lo = (unsigned)fds[k] + 1;
 	}
 	close_from(lo, ~0U);
+}
+
+static void close_others(int a, int b)
+{
+	close_except(a, b, &(struct list){ .n = 0 });
 }
 
 /* `rankwire-holder init life=FD status=FD staging=PATH`: PID 1 of the container's PID

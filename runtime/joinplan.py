@@ -368,6 +368,31 @@ RECIPE_MAX = 64  # mounts, and mount points, that rankwire-holder takes (MAX_REC
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
+def boot_id() -> str:
+    """This boot's id: a kept plan or recipe is for one kernel's run."""
+    with open(BOOT_ID) as f:
+        return f.read().strip()
+
+
+def recipe_fits(recipe: frame.Records) -> bool:
+    """`rankwire-holder setup` takes this many mounts and mount points (`RECIPE_MAX`)."""
+    counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
+    return counts[0] <= RECIPE_MAX and counts[1] + counts[2] <= RECIPE_MAX
+
+
+def _code_holds(recs: frame.Records) -> bool:
+    """Every `file` record's file is as it was, and every `tool` is where it was on PATH."""
+    for entry in frame.every(recs, "file"):
+        if identity(entry.split(":", 5)[5]) != entry:
+            return False
+    path_env = os.environ.get("PATH", os.defpath)
+    for entry in frame.every(recs, "tool"):
+        name, _, where = entry.partition(":")
+        if _which(name, path_env) != where:
+            return False
+    return True
+
+
 def exec_plan_name(image: str, options: Sequence[str] = ()) -> str:
     """exec-DEV-INO-HASH.plan, in the user's runtime dir: the exec plan of the image at
     `image` given with the command-line words `options` (one per image file and words:
@@ -412,8 +437,7 @@ def key_records(
     ValueError: a path holds a tab."""
     from rankwire.fabric.hostfacts import ADAPTER_GLOBS
 
-    with open(BOOT_ID) as f:
-        boot = f.read().strip()
+    boot = boot_id()
     out = [("option", word) for word in options]
     if image is not None:
         out += [("image", image), ("image_id", stat_id(image))]
@@ -467,31 +491,22 @@ def key_holds(recs: frame.Records) -> bool:
     (found where they were on PATH), kernel files' contents and the adapters' listings.
     The words are the caller's to compare."""
     try:
-        with open(BOOT_ID) as f:
-            boot = f.read().strip()
         if (
             frame.one(recs, "uid") != str(os.getuid())
             or frame.one(recs, "gid") != str(os.getgid())
             or frame.one(recs, "groups") != groups()
             or frame.one(recs, "cwd") != os.getcwd()
-            or frame.one(recs, "boot") != boot
+            or frame.one(recs, "boot") != boot_id()
             or frame.every(recs, "key_env") != started_environment()
         ):
             return False
         image = frame.one(recs, "image")
         if image is not None and frame.one(recs, "image_id") != stat_id(image):
             return False
-        for entry in frame.every(recs, "file"):
-            path = entry.split(":", 5)[5]
-            if identity(path) != entry:
-                return False
+        if not _code_holds(recs):
+            return False
         for entry in frame.every(recs, "exists"):
             if os.path.exists(entry[2:]) != (entry[:2] == "1:"):
-                return False
-        path_env = os.environ.get("PATH", os.defpath)
-        for entry in frame.every(recs, "tool"):
-            name, _, where = entry.partition(":")
-            if _which(name, path_env) != where:
                 return False
         for entry in frame.every(recs, "content"):
             path, _, value = entry.partition("\t")
@@ -537,8 +552,7 @@ def remember_exec(
     fabric adapter's coming too), where each host tool is on PATH (`tools`), and the host
     fabric's facts (`files`, `contents`: `execcmd.host_key`). Made whole before it gets
     its name, as `remember`; on any failure, nothing."""
-    counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
-    if not writable(proc) or counts[0] > RECIPE_MAX or counts[1] + counts[2] > RECIPE_MAX:
+    if not writable(proc) or not recipe_fits(recipe):
         return
     try:
         code = [*loaded_module_files(), SERVER, *(v for k, v in recipe if k == "r_fuse")]
@@ -629,7 +643,11 @@ KEEP_MAX = 16  # the descriptors `rankwire-holder setup` keeps (holdserve.c MAX_
 def holder_recipe_name(container: ContainerPlan) -> str:
     """holder-HASH.plan in the user's runtime dir: the kept recipe of a holder for this
     container plan (the file holds the plan, which says whether it is this one)."""
-    return f"holder-{fnv1a([_plan_text(container)]):016x}.plan"
+    return _recipe_name(_plan_text(container))
+
+
+def _recipe_name(plan_text: str) -> str:
+    return f"holder-{fnv1a([plan_text]):016x}.plan"
 
 
 def _plan_text(container: ContainerPlan) -> str:
@@ -662,20 +680,16 @@ def remember_holder(
     that noted and makes the steps (their identities: holder.py and its imports too) and
     where the FUSE driver is on PATH. On any failure, or with more descriptors than
     `rankwire-holder setup` keeps, nothing."""
-    counts = [sum(k == f"r_{kind}" for k, _ in recipe) for kind in ("mount", "mkdir", "touch")]
-    too_many = counts[0] > RECIPE_MAX or counts[1] + counts[2] > RECIPE_MAX
-    if too_many or 1 + len(keep_fds) > KEEP_MAX:
+    if not recipe_fits(recipe) or 1 + len(keep_fds) > KEEP_MAX:
         return
     # holder.py and what it imports decided the steps (the start phase forks it unloaded)
     import rankwire.runtime.holder  # noqa: F401
 
     try:
-        with open(BOOT_ID) as f:
-            boot = f.read().strip()
         code = [*loaded_module_files(), SERVER, *(v for k, v in recipe if k == "r_fuse")]
         path_env = os.environ.get("PATH", os.defpath)
         drivers = [v for k, v in recipe if k == "r_driver"]
-        out = [("magic", HOLDER_MAGIC), ("plan", _plan_text(container)), ("boot", boot)]
+        out = [("magic", HOLDER_MAGIC), ("plan", _plan_text(container)), ("boot", boot_id())]
         out += [("file", identity(f)) for f in code]
         out += [("tool", f"{name}:{_which(name, path_env)}") for name in drivers]
         out += [("fd", entry) for entry in _fd_ids(image_fd, keep_fds)]
@@ -691,9 +705,10 @@ def kept_holder(
     """The kept recipe (`remember_holder`) for `container` with these descriptors, open (for
     `rankwire-holder setup plan=FD`, which reads its `r_*` records), if its key holds;
     else None."""
+    text = _plan_text(container)
     try:
         fd = os.open(
-            os.path.join(runtime, holder_recipe_name(container)),
+            os.path.join(runtime, _recipe_name(text)),
             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
         )
     except OSError:
@@ -703,24 +718,15 @@ def kept_holder(
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
             raise ValueError("not the user's file")
         recs = frame.decode(os.pread(fd, frame.MAX_FRAME + 1, 0))
-        with open(BOOT_ID) as f:
-            boot = f.read().strip()
         if (
             frame.one(recs, "magic") != HOLDER_MAGIC
             or recs[-1] != ("end", "1")
-            or frame.one(recs, "plan") != _plan_text(container)
-            or frame.one(recs, "boot") != boot
+            or frame.one(recs, "plan") != text
+            or frame.one(recs, "boot") != boot_id()
             or frame.every(recs, "fd") != _fd_ids(image_fd, keep_fds)
+            or not _code_holds(recs)  # and the FUSE driver holder.py would find
         ):
             raise ValueError("another plan")
-        for entry in frame.every(recs, "file"):
-            if identity(entry.split(":", 5)[5]) != entry:
-                raise ValueError("other code")
-        path_env = os.environ.get("PATH", os.defpath)
-        for entry in frame.every(recs, "tool"):  # the FUSE driver holder.py would find
-            name, _, where = entry.partition(":")
-            if _which(name, path_env) != where:
-                raise ValueError("another driver")
         os.utime(fd)  # used: kept longest (`_prune_plans`)
     except (OSError, IndexError, ValueError):
         os.close(fd)
