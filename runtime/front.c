@@ -78,6 +78,8 @@
 #define STEP_MAGIC "rankwire-step-plan 1"
 #define EXEC_MAGIC "rankwire-exec-plan 1"
 #define LAUNCH_MAGIC "rankwire-launch-plan 1" /* launcher/plancache.py MAGIC */
+#define PLUGIN_MAGIC "rankwire-plugin-plan 1" /* runtime/joinplan.py PLUGIN_MAGIC */
+#define KEEP_MAX 16 /* runtime/joinplan.py KEEP_MAX: the image and 15 binds' sources */
 #define MAX_RANKS 4096 /* launcher/plancache.py MAX_STARTED */
 _Static_assert(MAX_RANKS <= PIPE_BUF, "start_ranks's go bytes: one atomic write");
 #define BOOT_ID "/proc/sys/kernel/random/boot_id"
@@ -137,10 +139,10 @@ struct plan {
     const char *boot, *holder_program, *groups; /* an exec plan's */
     const char *front_dir, *ntasks, *stdin_rank, *cpus, *nofile; /* a launch plan's */
     const char **files, **key_env, **env, **task_vars, **exists, **tools, **options, **contents,
-        **listings, **words, **args;
+        **listings, **words, **args, **fds;
     size_t nfiles, nkey_env, nenv, ntask_vars, nexists, ntools, noptions, ncontents, nlistings,
-        nwords, nargs;
-    int magic, step, exec, launch, complete, bad; /* a launch plan is an exec plan too */
+        nwords, nargs, nfds;
+    int magic, step, exec, launch, plugin, complete, bad; /* launch, plugin plans: exec too */
 };
 
 static void add(struct plan *p, const char ***list, size_t *n, const char *value)
@@ -162,7 +164,9 @@ static void plan_record(const char *key, char *value, void *ctx)
         p->magic = 1;
         p->step = !strcmp(key, "magic") && !strcmp(value, STEP_MAGIC);
         p->launch = !strcmp(key, "magic") && !strcmp(value, LAUNCH_MAGIC);
-        p->exec = !strcmp(key, "magic") && (!strcmp(value, EXEC_MAGIC) || p->launch);
+        p->plugin = !strcmp(key, "magic") && !strcmp(value, PLUGIN_MAGIC);
+        p->exec = !strcmp(key, "magic") && (!strcmp(value, EXEC_MAGIC) || p->launch ||
+                                            p->plugin);
         p->bad |= strcmp(key, "magic") || (strcmp(value, MAGIC) && !p->step && !p->exec);
         return;
     }
@@ -204,6 +208,7 @@ static void plan_record(const char *key, char *value, void *ctx)
     else if (p->launch && (!strcmp(key, "package") || !strcmp(key, "warm") ||
                            !strcmp(key, "plan"))) {
     } /* Python's (launcher/plancache.py) */
+    else if (p->plugin && !strcmp(key, "fd")) add(p, &p->fds, &p->nfds, value);
     else if (p->step && !strcmp(key, "task_var")) add(p, &p->task_vars, &p->ntask_vars, value);
     else if (p->step && !strcmp(key, "bridge")) p->bridge = value;
     else p->bad = 1;
@@ -225,7 +230,8 @@ static int parse_plan(char *buf, size_t len, struct plan *p)
         return -1;
     static const char *none[] = {NULL};
     const char ***lists[] = {&p->env,     &p->key_env,  &p->task_vars, &p->exists, &p->tools,
-                             &p->options, &p->contents, &p->listings,  &p->words,  &p->args};
+                             &p->options, &p->contents, &p->listings,  &p->words,  &p->args,
+                             &p->fds};
     for (size_t i = 0; i < sizeof lists / sizeof *lists; i++)
         if (!*lists[i])
             *lists[i] = none; /* a list the plan has no record of: empty */
@@ -1501,12 +1507,19 @@ static int join_pmi2_node(struct plan *p, int *conn)
  * ephemeral holder of ours (its owner: us), at a fresh socket and session dir in the
  * runtime dir `dir`, as `instance.start_holder` names them; then join it. 0 with `l` the
  * lease and `*holder` its pid; -1 if it did not start (it has torn down and exited). */
-static int start_exec(struct plan *p, int fd, const char *dir, struct lease *l, pid_t *holder)
+/* Start the container of `p` (its recipe open on `fd`) with `rankwire-holder setup`, an
+ * ephemeral holder of ours in `dir`, and join it (`l`, `holder`): 0, or -1 with nothing
+ * left. `owner` (a plugin plan's: slurmstepd's pid): a holder shared by the step's tasks
+ * instead, in a session of its own, its stdio /dev/null before its exec (ours are the
+ * shim's sockets), keeping descriptors 3 ... 3 + nkeep - 1 (the image, the binds'
+ * sources) until its mounts are made. */
+static int start_exec(struct plan *p, int fd, const char *dir, struct lease *l, pid_t *holder,
+                      const char *owner, int nkeep)
 {
     static char sock[PATH_MAX], session[PATH_MAX], pid_s[24], session_s[PATH_MAX + 2];
     unsigned char rnd[6];
     char token[13], a_plan[32], a_status[32], a_owner[32], a_sock[PATH_MAX + 8],
-        a_session[PATH_MAX + 8];
+        a_session[PATH_MAX + 8], a_keep[KEEP_MAX][16];
     if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd)
         return -1;
     for (size_t i = 0; i < sizeof rnd; i++)
@@ -1523,14 +1536,24 @@ static int start_exec(struct plan *p, int fd, const char *dir, struct lease *l, 
         return -1;
     snprintf(a_plan, sizeof a_plan, "plan=%d", fd);
     snprintf(a_status, sizeof a_status, "status=%d", status[1]);
-    snprintf(a_owner, sizeof a_owner, "owner=%d", (int)getpid());
+    snprintf(a_owner, sizeof a_owner, "owner=%s", owner ? owner : "");
+    if (!owner)
+        snprintf(a_owner, sizeof a_owner, "owner=%d", (int)getpid());
     snprintf(a_sock, sizeof a_sock, "socket=%s", sock);
     snprintf(a_session, sizeof a_session, "session=%s", session);
-    char *args[] = {"rankwire-holder", "setup", a_plan, a_status, a_owner, a_sock, a_session,
-                    NULL};
+    char *args[8 + KEEP_MAX] = {"rankwire-holder", "setup", a_plan, a_status, a_owner, a_sock,
+                                a_session, owner ? "mode=shared" : NULL};
+    for (int i = 0; owner && i < nkeep && i < KEEP_MAX; i++) {
+        snprintf(a_keep[i], sizeof a_keep[i], "keep=%d", 3 + i);
+        args[8 + i] = a_keep[i];
+    }
     fflush(NULL);
     pid_t pid = fork();
     if (pid == 0) {
+        int null = owner ? open("/dev/null", O_RDWR | O_CLOEXEC) : -1;
+        if (owner && (setsid() < 0 || null < 0 || dup2(null, 0) || dup2(null, 1) != 1 ||
+                      dup2(null, 2) != 2))
+            _exit(127);
         if (fcntl(fd, F_SETFD, 0) == 0 && fcntl(status[1], F_SETFD, 0) == 0)
             execve(p->holder_program, args, environ);
         _exit(127);
@@ -1647,13 +1670,194 @@ static int exec_plan(int argc, char **argv, struct plan *p, struct lease *l, pid
     close(dirfd);
     if (fd < 0 || !*argv[at + 1] || !plan_matches(p, NULL, argv[at]))
         run_python(); /* an empty command: Python says it */
-    if (start_exec(p, fd, dir, l, holder)) {
+    if (start_exec(p, fd, dir, l, holder, NULL, 0)) {
         drop_plan(dir, name, fd);
         run_python();
     }
     (void)futimens(fd, NULL); /* used: kept before the plans used least lately */
     close(fd);
     return at;
+}
+
+/* ---- a plugin step's container, for the SPANK shim ---------------------------------- */
+
+/* The shim's request (spank/ticket.c `rw_fresh_start`, from root's fresh ticket). */
+struct fresh {
+    const char *plan, *runtime, *owner;
+    char *image, *binds[KEEP_MAX];
+    int nbinds, bad;
+};
+
+static void fresh_record(const char *key, char *value, void *ctx)
+{
+    struct fresh *f = ctx;
+    if (!strcmp(key, "plan")) f->plan = value;
+    else if (!strcmp(key, "runtime_dir")) f->runtime = value;
+    else if (!strcmp(key, "owner")) f->owner = value;
+    else if (!strcmp(key, "fresh_image")) f->image = value;
+    else if (!strcmp(key, "fresh_bind") && f->nbinds < KEEP_MAX - 1) f->binds[f->nbinds++] = value;
+    else if (!strcmp(key, "fresh_bind")) f->bad = 1;
+}
+
+/* `entry` "ID<TAB>PATH<TAB>REAL" (spank/helper.py `_fresh_records`): PATH opened as root's
+ * check opened it (`flags`), if it holds REAL; the descriptor (`st` its stat), or -1. ID
+ * stays in `entry`. */
+static int open_as_checked(char *entry, int flags, struct stat *st)
+{
+    char *path = strchr(entry, '\t'), *real = path ? strchr(path + 1, '\t') : NULL;
+    char proc[32], link[PATH_MAX + 1];
+    if (!real)
+        return -1;
+    *path++ = '\0';
+    *real++ = '\0';
+    int fd = open(path, flags | O_CLOEXEC | O_NOCTTY);
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    ssize_t n = fd < 0 ? -1 : readlink(proc, link, sizeof link - 1);
+    if (n < 0 || n >= (ssize_t)sizeof link - 1 || (link[n] = '\0', strcmp(link, real)) ||
+        fstat(fd, st)) {
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* A bind's ID "MODE:DEV:INO:DIR" (MODE octal, DIR 1: opened as a directory), against `st`
+ * of what `open_as_checked` opened with O_PATH and the flags DIR asks for. */
+static int open_bind(char *entry)
+{
+    unsigned mode;
+    unsigned long long dev, ino;
+    int dir, used = 0;
+    struct stat st;
+    if (sscanf(entry, "%o:%llu:%llu:%d%n", &mode, &dev, &ino, &dir, &used) != 4 ||
+        entry[used] != '\t' || (dir != 0 && dir != 1))
+        return -1;
+    int fd = open_as_checked(entry, O_PATH | (dir ? O_DIRECTORY : 0), &st);
+    if (fd >= 0 && ((unsigned)(st.st_mode & S_IFMT) != mode || st.st_dev != dev ||
+                    st.st_ino != ino)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* The plugin plan's `fd` records (runtime/joinplan.py `_fd_ids`) describe descriptors
+ * 3 ... 2 + n as they are. */
+static int same_fds(const struct plan *p, int n)
+{
+    char id[128];
+    struct stat st;
+    if (p->nfds != (size_t)n)
+        return 0;
+    for (int i = 0; i < n; i++) {
+        if (fstat(3 + i, &st))
+            return 0;
+        if (i == 0)
+            snprintf(id, sizeof id, "3:%llu:%llu:%llu:%llu:%llu", (unsigned long long)st.st_dev,
+                     (unsigned long long)st.st_ino, (unsigned long long)st.st_size,
+                     (unsigned long long)st.st_mtim.tv_sec * 1000000000ULL + st.st_mtim.tv_nsec,
+                     (unsigned long long)st.st_ctim.tv_sec * 1000000000ULL + st.st_ctim.tv_nsec);
+        else
+            snprintf(id, sizeof id, "%d:%llu:%llu:%o", 3 + i, (unsigned long long)st.st_dev,
+                     (unsigned long long)st.st_ino, (unsigned)(st.st_mode & S_IFMT));
+        if (strcmp(id, p->fds[i]))
+            return 0;
+    }
+    return 1;
+}
+
+/* The reply on stdout (the shim's socket): `started=1` and [lease, user ns, mount ns], or
+ * `miss=1` (the shim then runs the helper, which says why if it fails too). */
+static int plugin_reply(const struct lease *l)
+{
+    struct buf b = {0};
+    frame_add(&b, l ? "started" : "miss", "1");
+    int fds[3] = {l ? l->conn : -1, l ? l->userns : -1, l ? l->mntns : -1};
+    union {
+        struct cmsghdr h;
+        char space[CMSG_SPACE(sizeof fds)];
+    } ctl = {0};
+    struct iovec iov = {b.p, b.len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (l) {
+        msg.msg_control = ctl.space;
+        msg.msg_controllen = sizeof ctl.space;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof fds);
+        memcpy(CMSG_DATA(c), fds, sizeof fds);
+    }
+    ssize_t n = b.oom ? -1 : sendmsg(1, &msg, MSG_NOSIGNAL);
+    free(b.p);
+    return n == (ssize_t)iov.iov_len ? 0 : 1;
+}
+
+/* `rankwire spank-helper start-kept`, run by the SPANK shim as exactly the job user (as
+ * the helper's start phase is) for a step its fresh ticket holds for (spank/ticket.c):
+ * the image and the binds' sources opened as root's check opened them, each the file it
+ * found (`fresh_image`, `fresh_bind`), as descriptors 3, 4, ... (where the start phase
+ * had them); the plugin plan (runtime/joinplan.py `remember_plugin`) read, its key checked
+ * as an exec plan's (`plan_matches`: the user, the environment, the code, the host) and
+ * its descriptors' files; then `rankwire-holder setup` makes the container from its
+ * recipe and we join it. Anything else: `miss=1`, nothing left. */
+static int plugin_start(void)
+{
+    struct buf req = {0};
+    char chunk[65536], *data = NULL;
+    struct fresh f = {0};
+    struct plan p = {0};
+    struct lease l;
+    size_t len = 0;
+    ssize_t n;
+    int fds[KEEP_MAX], nfds = 0, plan_fd = -1, dirfd = -1;
+    pid_t holder = 0;
+    struct stat st;
+    if (prctl(PR_SET_DUMPABLE, 0)) /* our user cannot take our stdout, the shim's socket */
+        return plugin_reply(NULL);
+    while ((n = read(0, chunk, sizeof chunk)) > 0 && req.len <= FRAME_MAX)
+        buf_put(&req, chunk, (size_t)n);
+    if (n != 0 || req.oom || req.len > FRAME_MAX ||
+        frame_parse(req.p, req.len, fresh_record, &f) || f.bad || !f.plan || !f.runtime ||
+        !f.owner || !f.image || strchr(f.plan, '/') || strncmp(f.plan, "plugin-", 7) ||
+        !private_dir(f.runtime))
+        return plugin_reply(NULL);
+    fds[nfds] = open_as_checked(f.image, O_RDONLY | O_NONBLOCK, &st);
+    if (fds[nfds] < 0 || !S_ISREG(st.st_mode) || !same_file(f.image, &st) ||
+        *same_file(f.image, &st))
+        goto miss;
+    for (nfds++; nfds <= f.nbinds; nfds++)
+        if ((fds[nfds] = open_bind(f.binds[nfds - 1])) < 0)
+            goto miss;
+    for (int i = 0; i < nfds; i++) { /* to 3, 4, ... (above them first: none overwrites) */
+        int high = fcntl(fds[i], F_DUPFD_CLOEXEC, 3 + KEEP_MAX);
+        close(fds[i]);
+        fds[i] = high;
+    }
+    for (int i = 0; i < nfds; i++) {
+        if (fds[i] < 0 || dup2(fds[i], 3 + i) != 3 + i)
+            goto miss;
+        close(fds[i]);
+        fds[i] = 3 + i; /* inheritable: the holder keeps them */
+    }
+    if ((dirfd = open(f.runtime, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0 ||
+        (plan_fd = openat(dirfd, f.plan, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK)) < 0 ||
+        read_private_fd(plan_fd, &data, &len) || parse_plan(data, len, &p) || !p.plugin ||
+        !plan_matches(&p, NULL, p.image) || !same_fds(&p, nfds) ||
+        start_exec(&p, plan_fd, f.runtime, &l, &holder, f.owner, nfds))
+        goto miss;
+    (void)futimens(plan_fd, NULL); /* used: kept before the plans used least lately */
+    return plugin_reply(&l); /* the holder lives on: its lease is the shim's now */
+miss:
+    for (int i = 0; i < nfds; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    if (dirfd >= 0)
+        close(dirfd);
+    if (plan_fd >= 0)
+        close(plan_fd);
+    return plugin_reply(NULL);
 }
 
 /* ---- a kept launch plan, started here, served by Python ---------------------------- */
@@ -1748,7 +1952,7 @@ static int launch_plan(char **words, int nwords, struct plan *p, struct lease *l
         run_python(); /* an empty command: Python says it */
     if (!same_install(p) || !same_limits(p) || !plan_matches(p, NULL, p->image))
         run_python();
-    if (start_exec(p, fd, dir, l, holder) || l->pidns < 0) {
+    if (start_exec(p, fd, dir, l, holder, NULL, 0) || l->pidns < 0) {
         if (*holder > 0) { /* none without a PID namespace: not ours to start ranks in */
             close_ns(l);
             close(l->conn);
@@ -2023,6 +2227,8 @@ int main(int argc, char **argv)
     saved_argv = argv;
     if (argc > 1 && !strcmp(argv[1], "__enter"))
         enter(argc, argv);
+    if (argc == 3 && !strcmp(argv[1], "spank-helper") && !strcmp(argv[2], "start-kept"))
+        return plugin_start();
     const char *base = strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0];
     if (!strcmp(base, "apptainer-mpirun")) { /* this program, installed under that name */
         char **py = malloc((size_t)(argc + 2) * sizeof *py), **words = py ? py + 1 : NULL;

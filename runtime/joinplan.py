@@ -118,14 +118,20 @@ def identity(path: str) -> str:
     return f"{stat_id(path)}:{path}"
 
 
+_started: list[str] = []  # `started_environment`, once read
+
+
 def started_environment() -> list[str]:
     """The environment this process was started with, sorted as bytes, which is what the
     front end compares: not `os.environ`, which Python itself may have changed since
-    (PEP 538 sets LC_CTYPE under the C locale)."""
-    lock = STEP_LOCK_VAR.encode() + b"="
-    with open("/proc/self/environ", "rb") as f:
-        entries = [e for e in f.read().split(b"\0") if e and not e.startswith(lock)]
-    return [os.fsdecode(e) for e in sorted(entries)]
+    (PEP 538 sets LC_CTYPE under the C locale). Read once: a process that is not dumpable
+    (the plugin's start phase) cannot read its /proc files, so it reads this before."""
+    if not _started:
+        lock = STEP_LOCK_VAR.encode() + b"="
+        with open("/proc/self/environ", "rb") as f:
+            entries = [e for e in f.read().split(b"\0") if e and not e.startswith(lock)]
+        _started.extend(os.fsdecode(e) for e in sorted(entries))
+    return list(_started)
 
 
 def started_environ() -> dict[bytes, bytes]:
@@ -732,3 +738,51 @@ def kept_holder(
         os.close(fd)
         return None
     return fd
+
+
+def recipe_of(fd: int) -> frame.Records:
+    """The recipe records (`r_*`) of the kept recipe or plan open on `fd`."""
+    return [(k, v) for k, v in frame.decode(os.pread(fd, frame.MAX_FRAME + 1, 0)) if k[:2] == "r_"]
+
+
+PLUGIN_MAGIC = "rankwire-plugin-plan 1"
+
+
+def remember_plugin(
+    runtime: str,
+    container: ContainerPlan,
+    image: str,
+    user: UserFacts,
+    files: Sequence[str],
+    probed: Mapping[str, bool],
+    tools: Mapping[str, Optional[str]],
+    contents: Mapping[str, str],
+    image_fd: int,
+    keep_fds: Sequence[int],
+    recipe: frame.Records,
+) -> Optional[str]:
+    """Keep a plugin step's container for the C front end (`rankwire spank-helper
+    start-kept`, runtime/front.c `plugin_start`), which starts it again with `recipe` for a
+    later step that the shim's fresh ticket gives it (spank/ticket.c), while its key holds:
+    the user (as the front end runs: `user`'s directory is the start phase's), the image
+    (at its real path `image`, open on `image_fd`) and every other file as an exec plan's
+    (`key_records`: the code, the holder's and FUSE driver's programs, the host's fabric
+    files, probed paths, tools, kernel files, the environment), and the descriptors' files
+    (`_fd_ids`: what the front end opened). The plan's name (plugin-HASH.plan, as
+    `holder_recipe_name`), or None: nothing kept."""
+    if not recipe_fits(recipe) or 1 + len(keep_fds) > KEEP_MAX:
+        return None
+    import rankwire.runtime.holder  # noqa: F401  (as `remember_holder`)
+
+    try:
+        code = [*loaded_module_files(), SERVER, *(v for k, v in recipe if k == "r_fuse")]
+        out = [("magic", PLUGIN_MAGIC), ("holder_program", SERVER)]
+        out += key_records((), image, user, [*code, *files], probed, tools, contents)
+        out += [("workdir", user.cwd), ("no_new_privs", "1")]  # the tasks': the shim's
+        out += [("fd", entry) for entry in _fd_ids(image_fd, keep_fds)]
+        data = frame.encode([*out, *recipe, ("end", "1")])
+        name = f"plugin-{fnv1a([_plan_text(container)]):016x}.plan"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    keep_plan(runtime, name, data)
+    return name

@@ -62,13 +62,14 @@ from rankwire.errors import UserError
 from rankwire.pmi.bridgeplan import NAMES, PMI2_TO_PMIX, PMIX_TO_PMI, BridgePlan
 from rankwire.record import record
 from rankwire.runtime import frame
-from rankwire.runtime.plan import ContainerPlan, ImageFacts, Mount, entrypoint_words
+from rankwire.runtime.plan import ContainerPlan, ExecOptions, ImageFacts, Mount, entrypoint_words
 from rankwire.runtime.reference import is_remote, parse_reference
 from rankwire.spank import plan
 from rankwire.spank.plan import Asked, JobFacts, Pull, asked
 from rankwire.spank.policy import Policy, PolicyError, load_policy
 
 if TYPE_CHECKING:
+    from rankwire.runtime.assemble import Facts
     from rankwire.runtime.instance import Lease
 
 IMAGE_FD = 3  # where the shim puts the checked image for `start`; binds follow it
@@ -147,6 +148,8 @@ class Opened:
     image_real: str
     binds: dict[str, int] = dataclasses.field(default_factory=dict)  # planned source -> fd
     real: dict[str, str] = dataclasses.field(default_factory=dict)  # asked source -> real
+    # planned source -> (the path opened for it, whether as a directory): for the ticket
+    opened_as: dict[str, tuple[str, bool]] = dataclasses.field(default_factory=dict)
     home_allowed: bool = True
 
     def close(self) -> None:
@@ -165,11 +168,13 @@ def _open_binds(want: Asked, facts: JobFacts, home: str, policy: Policy, out: Op
             os.close(fd)
         else:
             out.binds[real] = fd
+            out.opened_as[real] = (m.source, False)
         out.real[m.source] = real
         policy.check_mount(real)
     if not want.no_home and os.path.isdir(home):
         fd, real = _open(home, os.O_PATH | os.O_DIRECTORY, f"home directory {home}")
         out.binds[home] = fd
+        out.opened_as[home] = (home, True)
         try:
             policy.check_mount(real)
         except PolicyError:  # an empty private home instead (see plan.without_home)
@@ -178,6 +183,7 @@ def _open_binds(want: Asked, facts: JobFacts, home: str, policy: Policy, out: Op
     if want.workdir is None and facts.cwd not in out.binds:
         fd, real = _open(facts.cwd, os.O_PATH | os.O_DIRECTORY, f"working directory {facts.cwd}")
         out.binds[facts.cwd] = fd
+        out.opened_as[facts.cwd] = (facts.cwd, True)
         try:
             policy.check_mount(real)
         except PolicyError:
@@ -393,10 +399,35 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
         if depends is not None:
             extra += [("fast_join", "1"), ("join_socket", plan.named_socket(runtime, facts, want))]
             extra += [("depends", d) for d in depends]
+    elif plan.starts_fresh(want):  # the shim's fresh ticket, for steps that repeat this
+        extra += _fresh_records(facts, policy, want, opened)
     return [("checked", json.dumps(checked)), *extra], [
         opened.image_fd,
         *opened.binds.values(),
     ]
+
+
+def _fresh_records(facts: JobFacts, policy: Policy, want: Asked, opened: Opened) -> Reply:
+    """What the shim's fresh ticket keeps of this check (`spank/ticket.c`
+    `rw_fresh_start`): the files it read (`depends`), and the image and each bind source
+    as the C front end opens them again, as the job user, in a later step: the path this
+    check opened, what it found there (the image's identity; a source's kind, device and
+    inode) and the real path it held, "ID<TAB>PATH<TAB>REAL" (a bind's ID "MODE:DEV:INO:DIR",
+    DIR 1 where it was opened as a directory). None for a path with a tab."""
+    depends = _depends(facts, policy, opened.image_fd, opened.image_real, "")
+    image = f"{_identity(os.fstat(opened.image_fd))}\t{want.image}\t{opened.image_real}"
+    out = [("fresh", "1"), *(("depends", d) for d in depends or ()), ("fresh_image", image)]
+    for source, fd in opened.binds.items():
+        st = os.fstat(fd)
+        path, directory = opened.opened_as[source]
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        ident = f"{stat.S_IFMT(st.st_mode):o}:{st.st_dev}:{st.st_ino}:{int(directory)}"
+        out.append(("fresh_bind", f"{ident}\t{path}\t{real}"))
+    if depends is None or any("\t" in p for p in (want.image, opened.image_real)):
+        return []
+    if any(v.count("\t") != 2 for k, v in out if k == "fresh_bind"):
+        return []
+    return out
 
 
 def _identity(st: os.stat_result) -> str:
@@ -697,6 +728,29 @@ def _asked(d: dict[str, Any]) -> Asked:
     )
 
 
+@dataclasses.dataclass
+class _Planned:
+    """A step's plan (`_plan`): the container (binds from descriptors) and its env, the
+    workdir, whether the tasks' PMI is bridged (`pmi/bridgeplan.py`; the shim starts the
+    bridges), whether the plan read the tasks' command (the MPI of a two-MPI image's
+    program: then the shim's tickets hold the command too); and the facts and options it
+    was made from (a fresh ticket's key)."""
+
+    container: ContainerPlan
+    env: dict[str, str]
+    workdir: str
+    bridge: BridgePlan
+    read_argv: bool
+    found: Facts
+    opts: ExecOptions
+
+    def same(self, other: _Planned) -> bool:
+        """The same plan (from other facts, maybe), but for the env, which reaches the
+        tasks only as `_task_records` word it (Slurm's variables are Slurm's)."""
+        mine = (self.container, self.workdir, self.bridge, self.read_argv)
+        return mine == (other.container, other.workdir, other.bridge, other.read_argv)
+
+
 def _plan(
     facts: JobFacts,
     want: Asked,
@@ -705,11 +759,8 @@ def _plan(
     home: str,
     binds: dict[str, int],
     home_allowed: bool,
-) -> tuple[ContainerPlan, dict[str, str], str, BridgePlan, bool]:
-    """The container (binds from `binds`' descriptors) and its env, the workdir,
-    whether the tasks' PMI is bridged (`pmi/bridgeplan.py`; the shim starts the bridges),
-    and whether the plan read the tasks' command (the MPI of a two-MPI image's program:
-    then the shim's ticket for later steps holds the command too)."""
+) -> _Planned:
+    """The step's plan, its binds' sources from `binds`' descriptors."""
     from rankwire.runtime.assemble import plan_image
     from rankwire.runtime.facts import gather
     from rankwire.runtime.slurmfacts import slurm_step
@@ -735,7 +786,10 @@ def _plan(
     container = plan.for_tasks(plan.with_descriptors(planned.container, binds))
     if not home_allowed:
         container = plan.without_home(container, home)
-    return container, planned.env, opts.workdir or user.cwd, planned.pmi_bridge, bool(read_argv)
+    workdir = opts.workdir or user.cwd
+    return _Planned(
+        container, planned.env, workdir, planned.pmi_bridge, bool(read_argv), found, opts
+    )
 
 
 def _entrypoint(want: Asked, image: ImageFacts) -> tuple[str, ...]:
@@ -771,8 +825,14 @@ def _build_as_root(
     from rankwire.runtime.instance import RUNTIME_DIR_VAR
 
     try:
-        container, env, workdir, bridge, _ = _plan(
+        planned = _plan(
             facts, want, image, opened.image_fd, home, opened.binds, opened.home_allowed
+        )
+        container, env, workdir, bridge = (
+            planned.container,
+            planned.env,
+            planned.workdir,
+            planned.bridge,
         )
         if bridge.bridge:  # it would start in the container's mount namespace
             other = "pmi2" if bridge.bridge == PMIX_TO_PMI else "pmix"
@@ -782,7 +842,7 @@ def _build_as_root(
                 f"rankwire's PMI bridge does not run: use srun --mpi={other}"
             )
         os.environ[RUNTIME_DIR_VAR] = _runtime_dir(0, 0)
-        lease = _start_and_join(
+        lease, _ = _start_and_join(
             plan.enforced(container), facts, opened.image_fd, tuple(opened.binds.values())
         )
     finally:
@@ -793,13 +853,14 @@ def _build_as_root(
 
 def _start_and_join(
     container: ContainerPlan, facts: JobFacts, image_fd: int, keep_fds: tuple[int, ...]
-) -> Lease:
+) -> tuple[Lease, Optional[frame.Records]]:
     """Start the step's holder and join it, both bounded; whoever answers its socket
     must be that holder (a user's dir can be raced: `start`). The holder's recipe is kept
     in the user's runtime dir (`joinplan.remember_holder`): the next step with the same
     container plan, image and binds has `rankwire-holder setup` make it, without the
     Python holder (a setup about 15 ms shorter); a recipe that fails there is dropped,
-    and the Python holder starts the container."""
+    and the Python holder starts the container. Returns the lease and the recipe the
+    container was made by (None: none that `rankwire-holder setup` can make again)."""
     from rankwire.runtime import joinplan
     from rankwire.runtime.instance import (
         HolderHandle,
@@ -822,29 +883,78 @@ def _start_and_join(
             kept=kept,
         )
 
-    base, holder, kept = str(runtime_dir()), None, None
+    base, holder, kept, recipe = str(runtime_dir()), None, None, None
     if "user" in container.namespaces:  # not a root holder's (enforced): it keeps none
         kept = joinplan.kept_holder(base, container, image_fd, keep_fds)
     if kept is not None:
         try:
+            recipe = joinplan.recipe_of(kept)
             holder = started(kept)
         except UserError:  # said by holder.py if it fails too (stderr would reach srun)
+            recipe = None
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(base, joinplan.holder_recipe_name(container)))
         finally:
             os.close(kept)
     if holder is None:
         holder = started()
-        if holder.recipe is not None:
-            joinplan.remember_holder(base, container, image_fd, keep_fds, holder.recipe)
+        recipe = holder.recipe
+        if recipe is not None:
+            joinplan.remember_holder(base, container, image_fd, keep_fds, recipe)
     try:
-        return join(holder.socket, timeout=JOIN_TIMEOUT_S, holder=holder.pid)
+        return join(holder.socket, timeout=JOIN_TIMEOUT_S, holder=holder.pid), recipe
     except NotTheHolder as err:
         os.kill(holder.pid, signal.SIGTERM)
         raise UserError(
             f"cannot join the container: {holder.socket} was answered by pid "
             f"{err.answered_by}, not by its holder {holder.pid}; was it replaced?"
         ) from None
+
+
+def _plugin_plan(
+    facts: JobFacts,
+    want: Asked,
+    image: ImageFacts,
+    home: str,
+    planned: _Planned,
+    binds: dict[str, int],
+    checked: dict[str, Any],
+    recipe: frame.Records,
+) -> Optional[str]:
+    """The plugin plan's name (`joinplan.remember_plugin`, in the user's runtime dir), from
+    which the C front end starts this container again for a later step whose request is
+    this one's but for Slurm's per-step values (the shim's fresh ticket), or None where it
+    must not: a bridge or its warning (started per step), a plan or reply that reads a
+    per-step value (planned again from `plan.per_step`'s facts: another plan), or a host
+    the kept plans cannot key (`execcmd.host_key`)."""
+    from rankwire.runtime import joinplan
+    from rankwire.runtime.execcmd import host_key
+
+    if planned.bridge.bridge or planned.bridge.warning:
+        return None
+    other = plan.per_step(facts)
+    again = _plan(other, want, image, IMAGE_FD, home, binds, checked["home_allowed"])
+    if not again.same(planned) or _task_records(
+        other, want, again.env, again.workdir, again.bridge, image
+    ) != _task_records(facts, want, planned.env, planned.workdir, planned.bridge, image):
+        return None
+    key = host_key(planned.found, planned.opts)
+    if key is None:
+        return None
+    files, probed, contents = key
+    return joinplan.remember_plugin(
+        checked["runtime_dir"],
+        planned.container,
+        image.path,
+        dataclasses.replace(planned.found.user, cwd=os.getcwd()),
+        files,
+        probed,
+        planned.found.host.tools,
+        contents,
+        IMAGE_FD,
+        tuple(binds.values()),
+        recipe,
+    )
 
 
 def _handed_over(conn: socket.socket, *ns_fds: int) -> list[int]:
@@ -861,14 +971,12 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
     binds = {src: IMAGE_FD + 1 + i for i, src in enumerate(checked["binds"])}
     home = pwd.getpwuid(facts.uid).pw_dir
     image = ImageFacts(**checked["image_facts"])
-    container, env, workdir, bridge, read_argv = _plan(
-        facts,
-        want,
-        image,
-        IMAGE_FD,
-        home,
-        binds,
-        checked["home_allowed"],
+    planned = _plan(facts, want, image, IMAGE_FD, home, binds, checked["home_allowed"])
+    container, env, workdir, bridge = (
+        planned.container,
+        planned.env,
+        planned.workdir,
+        planned.bridge,
     )
     os.environ[RUNTIME_DIR_VAR] = checked["runtime_dir"]
     if container.save:  # before any task runs: a path it could never write
@@ -882,9 +990,9 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
     if bridge.bridge and want.name_mode != "no_exec":
         server = _start_bridge_server(bridge.bridge, facts, checked["runtime_dir"])
     try:
-        joined = False
+        joined, recipe = False, None
         if want.name is None:
-            lease = _start_and_join(container, facts, IMAGE_FD, tuple(binds.values()))
+            lease, recipe = _start_and_join(container, facts, IMAGE_FD, tuple(binds.values()))
         else:
             lease, joined = _join_or_start_named(container, facts, want, tuple(binds.values()))
     except BaseException:
@@ -894,7 +1002,11 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
     records = _task_records(facts, want, env, workdir, bridge, image)
     if server is not None:  # the shim's tasks all follow it (else the first task starts one)
         records.append(("bridge_server", server[1]))
-    records.append(("argv_used", "1" if read_argv else "0"))  # for the shim's ticket
+    records.append(("argv_used", "1" if planned.read_argv else "0"))  # for the shim's tickets
+    if recipe is not None and server is None and not container.save and want.name is None:
+        fresh = _plugin_plan(facts, want, image, home, planned, binds, checked, recipe)
+        if fresh is not None:  # the shim keeps a fresh ticket for steps that repeat this
+            records.append(("fresh_plan", fresh))
     if joined and want.mounts:  # as Pyxis: a running container's mounts are its own
         records.append(
             (
@@ -1115,6 +1227,9 @@ def _start_as_user(facts: JobFacts, from_root: socket.socket) -> NoReturn:
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        from rankwire.runtime import joinplan
+
+        joinplan.started_environment()  # read while we can: a plugin plan's key
         _become_job_user(facts)
         # The start phase's own modules meanwhile (root's check runs on the other core).
         import rankwire.runtime.assemble
@@ -1190,8 +1305,10 @@ def main(phase: str) -> int:
     fds: list[int] = []
     try:
         if phase == "start":  # from here on our own user cannot ptrace or read us
+            from rankwire.runtime import joinplan
             from rankwire.runtime import syscalls as sc
 
+            joinplan.started_environment()  # read while we can: a plugin plan's key
             sc.prctl(sc.PR_SET_DUMPABLE, 0)
         data = sys.stdin.buffer.read()
         if not data and phase == "check":  # started early; the step ended before it asked

@@ -56,6 +56,9 @@ class JobFacts:
     env: dict[str, str]
     stepd_env: dict[str, str]
     argv: tuple[str, ...] = ()  # the tasks' command (S_JOB_ARGV)
+    # What the shim's tickets key by name only (spank/ticket.c `step_values`): "NAME=" a
+    # variable, else a prefix of names. Slurm makes their values anew per step or job.
+    step_values: tuple[str, ...] = ()
 
     @classmethod
     def from_request(cls, req: frame.Records) -> JobFacts:
@@ -85,6 +88,7 @@ class JobFacts:
             env=env,
             stepd_env=frame.pairs(frame.every(req, "stepd_env")),
             argv=tuple(frame.every(req, "argv")),
+            step_values=tuple(frame.every(req, "step_value")),
         )
 
     def arg(self, key: str) -> Optional[str]:
@@ -335,6 +339,47 @@ def joins_without_helper(want: Asked) -> bool:
         and want.scope == "job"
         and want.save is None
         and not want.mounts
+    )
+
+
+def starts_fresh(want: Asked) -> bool:
+    """May a later step that repeats this one's request (in any job of the user) start its
+    container with no helper at all (the shim's fresh ticket, `spank/ticket.c`
+    `rw_fresh_start`: the C front end starts it from the start phase's plugin plan)? Only
+    a container of its own for the step: no name (a named one has its own ticket), no
+    --container-save (a phase after the tasks), an image file (a pull asks a registry), no
+    host MPI (its facts come from a PATH search and a library closure no key holds).
+    Enforcing sites never get here (root's container). The start phase decides the rest
+    (`per_step`, `runtime.execcmd.host_key`)."""
+    return (
+        want.name is None
+        and want.save is None
+        and not is_remote(want.image)
+        and want.host_mpi == "none"
+    )
+
+
+def _per_step(name: str, values: Sequence[str]) -> bool:
+    return any(name == v[:-1] if v.endswith("=") else name.startswith(v) for v in values)
+
+
+def per_step(facts: JobFacts) -> JobFacts:
+    """`facts` with every value the shim's tickets key by name only changed: the job's and
+    a real step's ids, slurmstepd's pid, and the variables `step_values` names. A step
+    whose plan and replies are the same for both read none of them, so a ticket keyed
+    without them gives a later step what the helper would."""
+
+    def changed(env: Mapping[str, str]) -> dict[str, str]:
+        return {k: f"{v}1" if _per_step(k, facts.step_values) else v for k, v in env.items()}
+
+    step = facts.step_id if facts.step_id in SPECIAL_STEPS else facts.step_id ^ 1
+    return dataclasses.replace(
+        facts,
+        job_id=facts.job_id + 1,
+        step_id=step,
+        stepd_pid=facts.stepd_pid + 1,
+        env=changed(facts.env),
+        stepd_env=changed(facts.stepd_env),
     )
 
 
