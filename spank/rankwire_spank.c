@@ -35,6 +35,8 @@ static struct {
 	struct rw_helper h; /* for the save phase, after the last task */
 	struct rw_job job; /* its gids our copy */
 	struct rw_run check; /* the check phase's helper, started in init_post_opt */
+	long bucket; /* fresh_bucket's, once bucketed */
+	int bucketed;
 } st = {.ns = {-1, -1}, .lease = -1, .pidfd = -1};
 
 void rw_fail(const char *fmt, ...)
@@ -92,6 +94,8 @@ static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 		frame_add(b, "stepd_env", "SLURM_CONF=%s", conf);
 	if (node)
 		frame_add(b, "stepd_env", "SLURMD_NODENAME=%s", node);
+	for (const char *const *p = rw_step_values; *p; p++) /* what the tickets' keys skip */
+		frame_add(b, "step_value", "%s", *p);
 	frame_add(b, "phases", "check+start"); /* the check phase may run start itself */
 	return 0;
 }
@@ -99,7 +103,7 @@ static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 /* What a peer replied; keep (not NULL): the records a join replays, for the ticket. */
 struct reply {
 	struct buf *req, *keep;
-	int skip, last, enforced, checked, started, bridge, fast, argv_used;
+	int skip, last, enforced, checked, started, bridge, fast, argv_used, fresh, fresh_plan;
 	char *socket; /* the check phase's join_socket */
 	char *bridge_server; /* the start phase's: the node's bridge server runs, at this socket */
 };
@@ -108,7 +112,8 @@ struct reply {
 static int replayed(const char *key)
 {
 	static const char *const keys[] = {"warning", "workdir", "setenv", "unsetenv", "copyenv",
-		"entrypoint", "bridge", "depends", NULL}; /* depends: the ticket's key's files */
+		"entrypoint", "bridge", "depends", /* depends: the ticket's key's files */
+		"fresh_image", "fresh_bind", "fresh_plan", NULL}; /* a fresh ticket's start */
 	for (const char *const *k = keys; *k; k++)
 		if (!strcmp(key, *k))
 			return 1;
@@ -160,6 +165,10 @@ static void on_reply(const char *key, char *val, void *ctx)
 		rw_fail("rankwire: out of memory");
 	else if (!strcmp(key, "argv_used")) /* the start phase's: the key holds the command */
 		r->argv_used = !strcmp(val, "1");
+	else if (!strcmp(key, "fresh")) /* the check phase's: a fresh ticket may be kept */
+		r->fresh = !strcmp(val, "1");
+	else if (!strcmp(key, "fresh_plan")) /* the start phase's: and its plugin plan */
+		r->fresh_plan = 1;
 	else if (!strcmp(key, "bridge_server") && /* not replayed: a ticket's step starts one */
 		 (free(r->bridge_server), !(r->bridge_server = strdup(val))))
 		rw_fail("rankwire: out of memory");
@@ -270,6 +279,69 @@ static int join_fast(const char *dir, uid_t uid, const struct buf *req, size_t l
 	return ok;
 }
 
+/* 64-bit FNV-1a of `s` and its NUL, from h. */
+static uint64_t fnv1a(uint64_t h, const char *s, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ (unsigned char)s[i]) * 0x100000001b3ULL;
+	return (h ^ 0) * 0x100000001b3ULL;
+}
+
+/* Which of the user's fresh tickets a step's request would use (its name): a hash of
+ * what init_post_opt knows of the request already, its options as given, task counts
+ * and environment (Slurm's per-step values by name only, as the ticket's key); computed
+ * once per step (st.bucket), as the environment may change after init_post_opt. -1 if
+ * Slurm does not tell. */
+static long fresh_bucket(spank_t sp)
+{
+	uint32_t local = 0, total = 0;
+	uint64_t h = 0xcbf29ce484222325ULL;
+	char n[32], **env = NULL;
+
+	if (st.bucketed)
+		return st.bucket;
+	st.bucketed = 1, st.bucket = -1;
+	if (spank_get_item(sp, S_JOB_LOCAL_TASK_COUNT, &local) != ESPANK_SUCCESS ||
+	    spank_get_item(sp, S_JOB_TOTAL_TASK_COUNT, &total) != ESPANK_SUCCESS ||
+	    spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS)
+		return -1;
+	h = fnv1a(h, n, (size_t)snprintf(n, sizeof n, "%u %u", local, total));
+	for (int i = 0; i < RW_N_OPTS; i++)
+		h = fnv1a(h, opt_val[i] ? opt_val[i] : "", opt_val[i] ? strlen(opt_val[i]) : 0);
+	for (char **e = env; e && *e; e++) {
+		size_t len = strlen(*e);
+		for (const char *const *p = rw_step_values; *p; p++)
+			if (!strncmp(*e, *p, strlen(*p)))
+				len = strcspn(*e, "=");
+		h = fnv1a(h, *e, len);
+	}
+	return st.bucket = (long)(h >> 1);
+}
+
+/* The step's container started from the user's fresh ticket, as the helper's start
+ * phase would (`rw_fresh_start`): the ticket's replies replayed into r. 0 (nothing kept,
+ * no error) when the ticket does not hold, or the front end misses or fails, or whoever
+ * handed over is not the holder take_container wants: the helper then runs. */
+static int start_fresh(const struct rw_helper *h, const struct rw_job *job, long bucket,
+		       const struct buf *req, size_t len, struct reply *r)
+{
+	struct rw_fds got = {.n = 0};
+	struct buf replay = {0};
+	int ok = bucket >= 0 &&
+		 !rw_fresh_start(h, job, (unsigned long)bucket, req, len, &got, &replay);
+
+	if (ok)
+		take_container(&got, "start", job->uid);
+	if (*st.error) /* a miss said nothing to the user: the helper decides */
+		*st.error = 0, ok = 0;
+	if (ok)
+		(void)frame_parse(replay.p, replay.len, on_reply, r);
+	else
+		rw_close_fds(&got);
+	free(replay.p);
+	return ok;
+}
+
 /* The contents of /proc/self/NAME and of /proc/PID/NAME are the same. */
 static int same_proc_file(pid_t pid, const char *name)
 {
@@ -309,6 +381,7 @@ static void setup(spank_t sp, int ac, char **av)
 	const char *base = RW_JOBS_DIR;
 	char dir[4352];
 	size_t asked = 0;
+	long bucket = fresh_bucket(sp);
 
 	plugstack_args(ac, av, &req, &h, &base);
 	if (*st.error || put_facts(&req, sp, &job))
@@ -320,6 +393,10 @@ static void setup(spank_t sp, int ac, char **av)
 			run.bridge = fast.bridge;
 			goto joined;
 		}
+	} else if (!st.check.pid && bucket >= 0 && rw_fresh_ticket_exists(job.uid, bucket)) {
+		struct reply fresh = {0}; /* no bridge, no save: the ticket's step had none */
+		if (start_fresh(&h, &job, bucket, &req, asked, &fresh))
+			goto joined;
 	}
 	if (*dir) /* a ticket is the last helper's: this one's replies may differ */
 		rw_ticket_drop(dir, job.uid);
@@ -347,6 +424,10 @@ static void setup(spank_t sp, int ac, char **av)
 	if (*dir && chk.fast && chk.socket && !run.skip && st.lease >= 0 && !*st.error)
 		rw_ticket_write(dir, job.uid, &req, asked, run.argv_used || chk.argv_used,
 				st.holder, st.ns, chk.socket, &keep);
+	if (!*dir && bucket >= 0 && chk.fresh && (chk.fresh_plan || run.fresh_plan) && !run.skip &&
+	    st.lease >= 0 && !st.enforced && !chk.bridge && !run.bridge && !st.save && !*st.error)
+		rw_fresh_write(job.uid, (unsigned long)bucket, &req, asked,
+			       run.argv_used || chk.argv_used, &keep);
 	if (chk.started)
 		run.bridge = chk.bridge, run.bridge_server = chk.bridge_server, chk.bridge_server = NULL;
 	if (run.bridge)
@@ -423,7 +504,15 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	struct buf args = {0};
 	const char *base = RW_JOBS_DIR;
 
+	uint32_t uid = 0;
+	long bucket;
+
 	if (!wants_container(sp) || asked_for(sp, opt_index("container-name")))
+		return 0;
+	/* A fresh ticket may hold: the helper would take a core from the tasks for nothing */
+	if ((bucket = fresh_bucket(sp)) >= 0 &&
+	    spank_get_item(sp, S_JOB_UID, &uid) == ESPANK_SUCCESS &&
+	    rw_fresh_ticket_exists(uid, (unsigned long)bucket))
 		return 0;
 	plugstack_args(ac, av, &args, &h, &base);
 	free(args.p);

@@ -108,4 +108,18 @@ int rw_fast_join(const char *dir, uid_t uid, const struct buf *req, size_t len,
 void rw_ticket_write(const char *dir, uid_t uid, const struct buf *req, size_t len, int argv,
 		     pid_t holder, const int ns[2], const char *sock, const struct buf *records);
 void rw_ticket_drop(const char *dir, uid_t uid);
+/* Slurm's per-job and per-step values: the tickets' keys hold their names only. */
+extern const char *const rw_step_values[];
+
+/* ticket.c: a fresh container started without the helper, from root's fresh ticket of
+ * uid for requests of `bucket` (rankwire_spank.c `fresh_bucket`). */
+int rw_fresh_ticket_exists(uid_t uid, unsigned long bucket);
+/* 0 when the ticket holds and the C front end started and handed over the container
+ * ([lease, user ns, mount ns] in got; the records to replay in records); else -1,
+ * nothing kept (rw_fail may have been called: the caller clears it). */
+int rw_fresh_start(const struct rw_helper *h, const struct rw_job *job, unsigned long bucket,
+		   const struct buf *req, size_t len, struct rw_fds *got, struct buf *records);
+/* The fresh ticket of a step that ran the helper, whose replies were `records`. */
+void rw_fresh_write(uid_t uid, unsigned long bucket, const struct buf *req, size_t len, int argv,
+		    const struct buf *records);
 #endif

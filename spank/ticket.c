@@ -19,6 +19,7 @@
  * kills, which hands back only a Unix socket and two namespace descriptors. */
 #include "shim.h"
 
+#include <dirent.h>
 #include <sys/un.h>
 
 #define TICKET_MAGIC "rankwire-join 3"
@@ -26,12 +27,18 @@
 #define SPECIAL_STEP 0xFFFFFFFAu /* and above: batch, extern, interactive (plan.SPECIAL_STEPS) */
 #define END "end=1" /* the child's last record: what came is whole */
 
-/* Environment values Slurm makes anew for each step of a job (srun's ports, the step's
- * id, PMIx's per-step server): in the key by name only. An entry ending in '=' is a name,
- * the others are prefixes of names. The planners read none of these values for what a
- * join replies (the task environment leaves SLURM_*, PMI_* and PMIX_* to Slurm). */
-static const char *const step_values[] = {"SLURM_STEP_ID=", "SLURM_STEPID=",
+/* Environment values Slurm makes anew for each job or step (the job's and step's ids,
+ * srun's ports, PMIx's per-step server): in the key by name only, as the request's job
+ * and step ids and slurmstepd's pid are. An entry ending in '=' is a name, the others are
+ * prefixes of names. The planners read none of these values for what a join replies (the
+ * task environment leaves SLURM_*, PMI_* and PMIX_* to Slurm); the request lists them
+ * (`step_value`), and a start phase that a fresh ticket would replay plans again with
+ * them changed, and keeps no plugin plan if anything differs (spank/helper.py
+ * `_plugin_plan`). */
+const char *const rw_step_values[] = {"SLURM_JOB_ID=", "SLURM_JOBID=", "SLURM_STEP_ID=",
+	"SLURM_STEPID=", "SLURM_JOB_START_TIME=", "SLURM_JOB_END_TIME=",
 	"SLURM_SRUN_COMM_PORT=", "SLURM_STEP_LAUNCHER_PORT=", "SLURM_STEP_RESV_PORTS=",
+	"SLURM_PMI2_SRUN_PORT=",
 	"SLURM_TASK_PID=", "SLURM_PMIXP_ABORT_AGENT_PORT=", "PMI_JOBID=", "PMIX_NAMESPACE=",
 	"PMIX_SERVER_TMPDIR=", "PMIX_SERVER_URI", "PMIX_DSTORE_", NULL};
 
@@ -55,7 +62,7 @@ static void on_key(const char *k, char *v, void *ctx)
 {
 	struct keying *kg = ctx;
 
-	if (!strcmp(k, "stepd_pid") || (!strcmp(k, "argv") && !kg->argv))
+	if (!strcmp(k, "stepd_pid") || !strcmp(k, "job_id") || (!strcmp(k, "argv") && !kg->argv))
 		return;
 	if (!strcmp(k, "step_id")) { /* a real step's id is per step; a special one decides */
 		frame_add(kg->key, "step_kind", "%s",
@@ -63,7 +70,7 @@ static void on_key(const char *k, char *v, void *ctx)
 		return;
 	}
 	if (!strcmp(k, "env") || !strcmp(k, "stepd_env"))
-		for (const char *const *p = step_values; *p; p++)
+		for (const char *const *p = rw_step_values; *p; p++)
 			if (!strncmp(v, *p, strlen(*p))) {
 				frame_add(kg->key, "step_value", "%s:%.*s", k, (int)strcspn(v, "="), v);
 				return;
@@ -160,16 +167,15 @@ void rw_ticket_write(const char *dir, uid_t uid, const struct buf *req, size_t l
 	free(key.p), free(t.p);
 }
 
-/* The ticket of uid in dir, root's file read whole, NUL-terminated (t->len counts it). */
-static int read_ticket(const char *dir, uid_t uid, struct buf *t)
+/* The ticket `name` in dir, root's file read whole, NUL-terminated (t->len counts it). */
+static int read_ticket(const char *dir, const char *name, struct buf *t)
 {
-	char name[32], chunk[65536];
+	char chunk[65536];
 	struct stat s;
 	int dfd, fd = -1, ok = 0;
 	ssize_t n = -1;
 	uid_t eu = root_begin();
 
-	ticket_name(name, uid);
 	if (eu != (uid_t)-1 && (dfd = open_dir(dir)) >= 0) {
 		fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
 		rw_close(dfd);
@@ -282,9 +288,10 @@ fast_child(const char *dir, uid_t uid, const struct buf *req, size_t len, int ou
 	struct rw_fds got = {.n = 0};
 	int argv, holder, off = 0, same = 1;
 	size_t klen, slen, rlen;
-	char sock[108], ns[96], *rec;
+	char sock[108], ns[96], *rec, name[32];
 
-	if (read_ticket(dir, uid, &t) ||
+	ticket_name(name, uid);
+	if (read_ticket(dir, name, &t) ||
 	    sscanf(t.p, TICKET_MAGIC " %d %d %95s %zu %zu\n%n", &argv, &holder, ns, &klen, &slen,
 		   &off) != 5 ||
 	    off <= 0 || t.p[off - 1] != '\n' || (argv != 0 && argv != 1) || klen > t.len ||
@@ -352,4 +359,155 @@ int rw_fast_join(const char *dir, uid_t uid, const struct buf *req, size_t len,
 	}
 	rw_close_fds(got), got->n = 0, records->len = 0;
 	return -1;
+}
+
+/* ---- A fresh container without the helper ------------------------------------------
+ * The fresh ticket, root's file /run/rankwire/.UID.B.start (B: a hash of the request,
+ * rankwire_spank.c `fresh_bucket`; the FRESH_KEPT written last of a user's), holds what the helper's phases
+ * replied to the last step of that kind that ran them and started a container of its own
+ * (spank/plan.py `starts_fresh`, spank/helper.py `_plugin_plan`), keyed by its request
+ * as a named ticket is, in any job of the user. A later step with the same key, while the
+ * files root's check read are as they were (`depends` "root ..."), has the C front end
+ * start its container (`rankwire spank-helper start-kept`, runtime/front.c
+ * `plugin_start`), run as exactly the job user as the start phase is: it opens the image
+ * and the binds' sources as the check did and checks them against the ticket, checks
+ * the plugin plan's key (the host, the code), makes the container from its recipe and
+ * hands over the lease. Then the step replays the ticket's replies.
+ *
+ * Layout: "rankwire-start 1 ARGV KEYLEN\n", the key, then the replies' records. */
+#define FRESH_MAGIC "rankwire-start 1"
+#define FRESH_KEPT 16
+#define FRESH_MAX (256 << 10) /* a ticket's bytes: /run is memory, kept until reboot */
+
+static void fresh_name(char name[48], uid_t uid, unsigned long bucket)
+{
+	snprintf(name, 48, ".%u.%016lx.start", (unsigned)uid, bucket);
+}
+
+/* Only the FRESH_KEPT tickets of uid written last stay (a step's kind used once leaves
+ * none for ever): the oldest of dir `dfd` go. */
+static void prune_fresh(int dfd, uid_t uid)
+{
+	char prefix[24], oldest[48];
+	int n = snprintf(prefix, sizeof prefix, ".%u.", (unsigned)uid), count = FRESH_KEPT + 1;
+	struct stat s;
+	struct dirent *e;
+	DIR *d;
+
+	while (count > FRESH_KEPT && (d = fdopendir(dup(dfd)))) {
+		struct timespec at = {0, 0};
+		count = 0, *oldest = 0;
+		while ((e = readdir(d)))
+			if (!strncmp(e->d_name, prefix, (size_t)n) && strlen(e->d_name) < sizeof oldest &&
+			    strlen(e->d_name) > 6 && !strcmp(e->d_name + strlen(e->d_name) - 6, ".start") &&
+			    !fstatat(dfd, e->d_name, &s, AT_SYMLINK_NOFOLLOW) && ++count &&
+			    (!*oldest || s.st_mtim.tv_sec < at.tv_sec ||
+			     (s.st_mtim.tv_sec == at.tv_sec && s.st_mtim.tv_nsec < at.tv_nsec)))
+				at = s.st_mtim, strcpy(oldest, e->d_name);
+		closedir(d);
+		if (count > FRESH_KEPT)
+			(void)unlinkat(dfd, oldest, 0);
+	}
+}
+
+int rw_fresh_ticket_exists(uid_t uid, unsigned long bucket)
+{
+	char name[48];
+	struct stat s;
+	int dfd, there = 0;
+	uid_t eu = root_begin();
+
+	fresh_name(name, uid, bucket);
+	if (eu != (uid_t)-1 && (dfd = open_dir(RW_RUN_DIR)) >= 0)
+		there = !fstatat(dfd, name, &s, AT_SYMLINK_NOFOLLOW) && S_ISREG(s.st_mode) &&
+			s.st_uid == 0, rw_close(dfd);
+	root_end(eu);
+	return there;
+}
+
+void rw_fresh_write(uid_t uid, unsigned long bucket, const struct buf *req, size_t len, int argv,
+		    const struct buf *records)
+{
+	char name[48], tmp[64], head[128];
+	struct buf key = {0}, t = {0};
+	int dfd = -1, fd = -1, ok = 0;
+	uid_t eu;
+
+	key_of(req, len, argv, &key);
+	eu = root_begin();
+	fresh_name(name, uid, bucket);
+	snprintf(tmp, sizeof tmp, "%s.%d", name, (int)getpid());
+	if (eu != (uid_t)-1 && (dfd = open_dir(RW_RUN_DIR)) >= 0) {
+		snprintf(head, sizeof head, FRESH_MAGIC " %d %zu\n", argv, key.len);
+		buf_put(&t, head, strlen(head)), buf_put(&t, key.p, key.len);
+		buf_put(&t, records->p, records->len);
+		(void)unlinkat(dfd, tmp, 0);
+		fd = t.len <= FRESH_MAX ? openat(dfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
+						 O_CLOEXEC, 0600) : -1;
+		ok = fd >= 0 && !key.oom && !t.oom && !records->oom && !fchown(fd, 0, 0) &&
+		     write(fd, t.p, t.len) == (ssize_t)t.len;
+		rw_close(fd);
+		if (fd >= 0 && !(ok && !renameat(dfd, tmp, dfd, name)))
+			(void)unlinkat(dfd, tmp, 0);
+		prune_fresh(dfd, uid);
+		rw_close(dfd);
+	}
+	root_end(eu);
+	free(key.p), free(t.p);
+}
+
+struct fresh { int same; uid_t uid; struct buf *front; };
+
+/* A ticket's record: root's `depends` checked (as on_depends; the user's, the image, the
+ * front end checks by opening it), what the front end opens and starts to its request. */
+static void on_fresh(const char *k, char *v, void *ctx)
+{
+	struct fresh *f = ctx;
+
+	if (!strcmp(k, "depends") && !strncmp(v, "root ", 5))
+		on_depends(k, v, &f->same);
+	else if (!strcmp(k, "fresh_image") || !strcmp(k, "fresh_bind"))
+		frame_add(f->front, k, "%s", v);
+	else if (!strcmp(k, "fresh_plan"))
+		frame_add(f->front, "plan", "%s", v);
+}
+
+static void on_started(const char *k, char *v, void *ctx)
+{
+	if (!strcmp(k, "started") && !strcmp(v, "1"))
+		*(int *)ctx = 1;
+}
+
+int rw_fresh_start(const struct rw_helper *h, const struct rw_job *job, unsigned long bucket,
+		   const struct buf *req, size_t len, struct rw_fds *got, struct buf *records)
+{
+	struct buf t = {0}, key = {0}, front = {0};
+	struct fresh f = {1, job->uid, &front};
+	struct rw_fds none = {.n = 0};
+	int argv, off = 0, started = 0, rc = -1;
+	size_t klen;
+	char name[48];
+
+	got->n = 0;
+	fresh_name(name, job->uid, bucket);
+	if (read_ticket(RW_RUN_DIR, name, &t) ||
+	    sscanf(t.p, FRESH_MAGIC " %d %zu\n%n", &argv, &klen, &off) != 2 || off <= 0 ||
+	    t.p[off - 1] != '\n' || (argv != 0 && argv != 1) || klen >= t.len - (size_t)off)
+		goto out;
+	key_of(req, len, argv, &key);
+	if (key.oom || key.len != klen || memcmp(key.p, t.p + off, klen))
+		goto out;
+	buf_put(records, t.p + off + klen, t.len - 1 - (size_t)off - klen);
+	frame_add(&front, "runtime_dir", RW_RUN_DIR "/%u", (unsigned)job->uid);
+	frame_add(&front, "owner", "%d", (int)getpid());
+	if (records->oom || parse_copy(records->p, records->len, on_fresh, &f) || !f.same)
+		goto out;
+	if (!rw_run_helper(h, "start-kept", &front, job, &none, got, on_started, &started) &&
+	    started && got->n == 3)
+		rc = 0;
+out:
+	if (rc)
+		rw_close_fds(got), got->n = 0, records->len = 0;
+	free(t.p), free(key.p), free(front.p);
+	return rc;
 }
