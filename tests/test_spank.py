@@ -281,19 +281,92 @@ def test_env_workdir_mounts(
         out.unlink()
 
 
-def _kept_recipe(runner: User, data: Path) -> Path:
+def _kept_recipe(runner: User, data: Path, kind: str = "holder") -> Path:
     """The plugin holder's recipe kept last for a container that binds `data` (runtime/
     joinplan.py `remember_holder`, keyed on the descriptor it is bound from), in `runner`'s
-    runtime dir (an earlier session's may name a dir that had its inode number)."""
+    runtime dir (an earlier session's may name a dir that had its inode number); `kind`
+    "plugin": the plugin plan (`remember_plugin`) instead."""
     st = data.stat()
     bound = re.compile(rb"\0fd=[0-9]+:%d:%d:" % (st.st_dev, st.st_ino))
     found = [
         p
-        for p in Path(f"/run/rankwire/{runner.uid}").glob("holder-*.plan")
+        for p in Path(f"/run/rankwire/{runner.uid}").glob(f"{kind}-*.plan")
         if bound.search(p.read_bytes())
     ]
     assert found
     return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def _fresh_tickets(runner: User, data: Path) -> list[Path]:
+    """Root's fresh tickets (spank/ticket.c `rw_fresh_write`) of `runner`'s steps that
+    bind `data`."""
+    return [
+        p
+        for p in Path("/run/rankwire").glob(f".{runner.uid}.*.start")
+        if b"fresh_bind=" in p.read_bytes() and str(data).encode() in p.read_bytes()
+    ]
+
+
+def _fresh_ticket(runner: User, data: Path) -> Path:
+    found = _fresh_tickets(runner, data)
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("then", ["replayed", "bind-changed", "request-changed", "not-root's"])
+def test_a_repeated_step_starts_its_container_without_the_helper(
+    spank_cluster: SlurmCluster,
+    base_image: Path,
+    shared_dir: Path,
+    runner: User,
+    then: str,
+    nothing_left: None,
+) -> None:
+    """A step that repeats an earlier one's request (another job, the same options, task
+    counts, directory and environment but Slurm's per-job values) has the C front end start
+    its container from root's fresh ticket and the user's plugin plan, with no helper:
+    the ticket is not written again, the holder's recipe is not looked up (its time stays),
+    and the plugin plan's is touched. A bind source that is another directory now, another
+    environment (a ticket of its own), or a ticket that is not root's alone: the helper
+    runs (it writes the ticket anew), and the tasks see what they should."""
+    data = Path(tempfile.mkdtemp(prefix="spank-fresh-", dir=shared_dir))
+    data.chmod(0o755)
+    (data / "hello.txt").write_text("from the host\n")
+    image, bind = f"--container-image={base_image}", f"--container-mounts={data}:/data:ro"
+    args = ["-n", "2", "--mpi=pmi2", image, bind]  # pmi2: a per-step port at init_post_opt
+    shown = "cat /data/hello.txt; test -r /proc/self/status && echo proc"
+    first = srun(spank_cluster, runner, *args, "sh", "-c", shown)
+    lines = sorted(["from the host", "proc"] * 2)
+    assert (first.returncode, sorted(first.stdout.splitlines())) == (0, lines), first.stderr
+    ticket = _fresh_ticket(runner, data)
+    st = ticket.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
+    recipe, plugin = _kept_recipe(runner, data), _kept_recipe(runner, data, "plugin")
+    was = (ticket.stat().st_ino, recipe.stat().st_mtime_ns, plugin.stat().st_mtime_ns)
+    env = spank_cluster.env
+    if then == "bind-changed":
+        data.rename(data.with_name(data.name + ".old"))
+        data.mkdir(mode=0o755)
+        (data / "hello.txt").write_text("changed\n")
+        lines = sorted(["changed", "proc"] * 2)
+    elif then == "request-changed":
+        env = {**env, "RANKWIRE_TEST_OTHER": "1"}
+    elif then == "not-root's":
+        ticket.chmod(0o640)
+    second = srun(spank_cluster, runner, *args, "sh", "-c", shown, env=env)
+    assert (second.returncode, sorted(second.stdout.splitlines())) == (0, lines), second.stderr
+    if then == "request-changed":  # another request: a ticket of its own, kept too
+        assert len(_fresh_tickets(runner, data)) == 2
+        assert ticket.stat().st_ino == was[0]
+        return
+    now = _fresh_ticket(runner, data)
+    if then == "replayed":
+        assert now.stat().st_ino == was[0]  # the helper did not run
+        assert recipe.stat().st_mtime_ns == was[1]
+        assert plugin.stat().st_mtime_ns > was[2]  # the front end used it
+    else:  # the helper ran, and kept a ticket for this request
+        assert now.stat().st_ino != was[0]
+        assert now.stat().st_mode & 0o777 == 0o600
 
 
 def _holder_of(runner: User, data: Path) -> int:
@@ -339,6 +412,7 @@ def test_a_repeated_step_starts_its_container_from_the_kept_recipe(
     lines = sorted(["from the host", "proc"] * 2)
     assert (first.returncode, sorted(first.stdout.splitlines())) == (0, lines), first.stderr
     recipe = _kept_recipe(runner, data)
+    _fresh_ticket(runner, data).unlink()  # else the C front end starts it (and the next)
     if then == "failing":
         log, driver = way / "started.log", way / "driver.sh"
         driver.write_text(f"#!/bin/sh\necho started >> {log}\nexit 1\n")

@@ -62,7 +62,7 @@ def _kept_plan(path: Path) -> bool:
     """An exec plan or a plugin holder's recipe (runtime/joinplan.py), or a launch plan
     (launcher/plancache.py): kept on purpose, for the next start of the same request."""
     return (
-        path.name.startswith(("exec-", "launch-", "holder-"))
+        path.name.startswith(("exec-", "launch-", "holder-", "plugin-"))
         and path.name.endswith(".plan")
         and path.is_file()
     )
