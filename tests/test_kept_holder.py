@@ -7,13 +7,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import socket
+import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rankwire.runtime import frame, joinplan
-from rankwire.runtime.plan import ContainerPlan, Mount
+from rankwire.runtime.plan import ContainerPlan, Mount, UserFacts
 
 
 @dataclasses.dataclass
@@ -143,3 +147,88 @@ def test_a_recipe_cut_short_or_not_the_users_gets_none(kept: Kept) -> None:
     if os.getuid() == 0:
         os.chown(path, 1, 1)
         assert recipe_of(kept) is None
+
+
+FRONT = Path(sys.executable).parent / "rankwire"  # the C front end (runtime/front.c)
+
+
+def _identity(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _plugin_plan(kept: Kept, program: Path, cwd: str = "/") -> str:
+    """A plugin plan (joinplan.py `remember_plugin`) of `kept`'s container, as the start
+    phase keeps it with the image on descriptor 3 and the bind's source on 4, whose
+    holder program is `program`; its name."""
+    user = UserFacts(os.getuid(), os.getgid(), "/", cwd, {}, str(kept.runtime / "cache"))
+    st = kept.source.stat()
+    out = [("magic", joinplan.PLUGIN_MAGIC), ("holder_program", str(program))]
+    out += joinplan.key_records((), kept.plan.image, user, [], {}, {}, {})
+    out += [
+        ("workdir", "/"),
+        ("no_new_privs", "1"),
+        ("fd", f"3:{_identity(Path(kept.plan.image))}"),
+    ]
+    out += [("fd", f"4:{st.st_dev}:{st.st_ino}:{stat.S_IFMT(st.st_mode):o}"), ("end", "1")]
+    name = "plugin-0123456789abcdef.plan"
+    (kept.runtime / name).write_bytes(frame.encode(out))
+    (kept.runtime / name).chmod(0o600)
+    return name
+
+
+def _start_kept(request: frame.Records) -> frame.Records:
+    """`rankwire spank-helper start-kept` as the shim runs it: in /, the environment this
+    process started with (the plan's key holds it), the request on stdin, the reply on a
+    socket (stdout)."""
+    env = dict(e.split("=", 1) for e in joinplan.started_environment())
+    ours, theirs = socket.socketpair()
+    with ours:
+        with theirs:
+            done = subprocess.run(
+                [str(FRONT), "spank-helper", "start-kept"], input=frame.encode(request),
+                stdout=theirs, stderr=subprocess.PIPE, timeout=30, cwd="/", env=env,
+            )  # fmt: skip
+        assert (done.returncode, done.stderr) == (0, b"")
+        ours.settimeout(10)
+        return frame.decode(ours.recv(4096))
+
+
+@pytest.mark.parametrize(
+    "wrong", ["none", "no-plan", "not-private", "image-changed", "bind-moved", "other-key"]
+)
+def test_the_front_end_starts_a_plugin_plan_only_for_a_request_that_holds(
+    kept: Kept, tmp_path: Path, wrong: str
+) -> None:
+    """The shim's fresh ticket asks the front end to open the image and binds as root's
+    check did and to start the plugin plan's container. With all as the ticket and the
+    plan say, it runs the holder program (here one that logs its words and fails: a miss);
+    anything else is a miss before it: the shim then runs the helper."""
+    log, program = tmp_path / "holder.log", tmp_path / "holder.sh"
+    program.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 1\n')
+    program.chmod(0o755)
+    image, source = Path(kept.plan.image), kept.source
+    st = source.stat()
+    bind = f"{st.st_mode & 0o170000:o}:{st.st_dev}:{st.st_ino}:1\t{source}\t{source}"
+    request = [
+        ("plan", _plugin_plan(kept, program, "/tmp" if wrong == "other-key" else "/")),
+        ("runtime_dir", str(kept.runtime)),
+        ("owner", str(os.getpid())),
+        ("fresh_image", f"{_identity(image)}\t{image}\t{image}"),
+        ("fresh_bind", bind),
+    ]
+    if wrong == "no-plan":
+        request = request[1:]
+    elif wrong == "not-private":
+        kept.runtime.chmod(0o755)
+    elif wrong == "image-changed":
+        image.write_bytes(b"another image")
+    elif wrong == "bind-moved":  # the path the check opened holds another directory now
+        source.rename(tmp_path / "was")
+        source.mkdir()
+    assert _start_kept(request) == [("miss", "1")]
+    if wrong == "none":
+        words = log.read_text().split()
+        assert words[0] == "setup" and words[-3:] == ["mode=shared", "keep=3", "keep=4"]
+    else:
+        assert not log.exists()

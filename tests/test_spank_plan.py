@@ -14,7 +14,15 @@ import pytest
 from rankwire.errors import UserError
 from rankwire.runtime import frame
 from rankwire.runtime.plan import ContainerPlan, Mount
-from rankwire.spank.plan import JobFacts, asked, parse_mounts, task_env
+from rankwire.spank.plan import (
+    SPECIAL_STEPS,
+    JobFacts,
+    asked,
+    parse_mounts,
+    per_step,
+    starts_fresh,
+    task_env,
+)
 from rankwire.spank.policy import Policy, PolicyError, load_policy
 
 
@@ -22,6 +30,7 @@ def facts(
     options: Mapping[str, str] = MappingProxyType({}),
     env: Mapping[str, str] = MappingProxyType({}),
     step: int = 0,
+    step_values: tuple[str, ...] = (),
 ) -> JobFacts:
     request = [
         ("uid", "1000"),
@@ -41,6 +50,7 @@ def facts(
         *(("opt", f"{k}={v}") for k, v in options.items()),
         *(("env", f"{k}={v}") for k, v in env.items()),
         ("stepd_env", "PMIX_SERVER_TMPDIR=/var/spool/slurmd/pmix.7.0/"),
+        *(("step_value", v) for v in step_values),
     ]
     # Through the wire format, as the shim sends it.
     return JobFacts.from_request(frame.decode(frame.encode(request)))
@@ -515,3 +525,37 @@ def test_named_dirs_are_per_node_and_the_epilogs_dir_matches() -> None:
     g = asked(dataclasses.replace(job, args=(*job.args, "container_scope=global")), False)
     assert g is not None
     assert named_dir(_stepd(job, SLURMD_NODENAME="x"), g) == "/shared/rw/default@x/global/1000/c"
+
+
+def test_per_step_changes_only_what_the_tickets_key_by_name() -> None:
+    """The shim's tickets key Slurm's per-step values by name only (the request lists them,
+    spank/ticket.c `rw_step_values`): `per_step` changes exactly those, and the job's and a
+    real step's ids, so that a plan made from both says whether it read any."""
+    env = {"SLURM_JOB_ID": "7", "PMIX_SERVER_URI41": "x", "SLURM_NTASKS": "4", "HOME": "/h"}
+    values = ("SLURM_JOB_ID=", "PMIX_SERVER_URI", "PMIX_SERVER_TMPDIR=")
+    f = facts(env=env, step=3, step_values=values)
+    other = per_step(f)
+    assert other.env == {**env, "SLURM_JOB_ID": "71", "PMIX_SERVER_URI41": "x1"}
+    assert other.stepd_env == {"PMIX_SERVER_TMPDIR": "/var/spool/slurmd/pmix.7.0/1"}
+    assert (other.job_id, other.step_id, other.stepd_pid) == (8, 2, 1235)
+    assert dataclasses.replace(other, env=f.env, stepd_env=f.stepd_env, job_id=7, step_id=3,
+                               stepd_pid=1234) == f  # fmt: skip
+    special = min(SPECIAL_STEPS)  # the batch or extern step: its id is its kind
+    assert per_step(facts(step=special)).step_id == special
+
+
+@pytest.mark.parametrize(
+    ("options", "fresh"),
+    [
+        ({"container-image": "/a.sif"}, True),
+        ({"container-image": "/a.sif", "container-mounts": "/d:/d"}, True),
+        ({"container-image": "/a.sif", "container-name": "box"}, False),
+        ({"container-image": "/a.sif", "container-save": "/b.sif"}, False),
+        ({"container-image": "docker://debian:12"}, False),
+        ({"container-image": "/a.sif", "container-host-mpi": "auto"}, False),
+    ],
+)
+def test_only_a_container_of_its_own_may_start_fresh(options: dict[str, str], fresh: bool) -> None:
+    want = asked(facts(options), False)
+    assert want is not None
+    assert starts_fresh(want) is fresh
