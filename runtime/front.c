@@ -1541,8 +1541,8 @@ static int start_exec(struct plan *p, int fd, const char *dir, struct lease *l, 
         snprintf(a_owner, sizeof a_owner, "owner=%d", (int)getpid());
     snprintf(a_sock, sizeof a_sock, "socket=%s", sock);
     snprintf(a_session, sizeof a_session, "session=%s", session);
-    char *args[8 + KEEP_MAX] = {"rankwire-holder", "setup", a_plan, a_status, a_owner, a_sock,
-                                a_session, owner ? "mode=shared" : NULL};
+    char *args[8 + KEEP_MAX + 1] = {"rankwire-holder", "setup", a_plan, a_status, a_owner,
+                                    a_sock, a_session, owner ? "mode=shared" : NULL}; /* NULL */
     for (int i = 0; owner && i < nkeep && i < KEEP_MAX; i++) {
         snprintf(a_keep[i], sizeof a_keep[i], "keep=%d", 3 + i);
         args[8 + i] = a_keep[i];
@@ -1823,11 +1823,12 @@ static int plugin_start(void)
         !f.owner || !f.image || strchr(f.plan, '/') || strncmp(f.plan, "plugin-", 7) ||
         !private_dir(f.runtime))
         return plugin_reply(NULL);
-    fds[nfds] = open_as_checked(f.image, O_RDONLY | O_NONBLOCK, &st);
-    if (fds[nfds] < 0 || !S_ISREG(st.st_mode) || !same_file(f.image, &st) ||
-        *same_file(f.image, &st))
+    if ((fds[0] = open_as_checked(f.image, O_RDONLY | O_NONBLOCK, &st)) < 0)
         goto miss;
-    for (nfds++; nfds <= f.nbinds; nfds++)
+    nfds = 1;
+    if (!S_ISREG(st.st_mode) || !same_file(f.image, &st) || *same_file(f.image, &st))
+        goto miss;
+    for (; nfds <= f.nbinds; nfds++)
         if ((fds[nfds] = open_bind(f.binds[nfds - 1])) < 0)
             goto miss;
     for (int i = 0; i < nfds; i++) { /* to 3, 4, ... (above them first: none overwrites) */

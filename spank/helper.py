@@ -439,14 +439,18 @@ def _depends(
     facts: JobFacts, policy: Policy, image_fd: int, image_real: str, asked_image: str
 ) -> Optional[list[str]]:
     """The files this check's decision read, "root|user IDENTITY PATH" (who can see them):
-    the code that decides (helper, plan, policy: an upgrade), the policy file and its
-    keyring (root's), the image (through the descriptor read, at its real path) and a
+    the code that decides (every rankwire module loaded: an upgrade), the policy file and
+    its keyring, the Slurm configuration's dir (an oci.conf there makes `srun --container`
+    Slurm's), the image (through the descriptor read, at its real path) and a
     --container-image asked for a container that runs another (its warning). A later step
     repeating this request joins without the helper only while each is the same file,
     unchanged (spank/ticket.c). None when one cannot be read: no ticket."""
+    from rankwire.runtime.joinplan import loaded_module_files
+
+    conf = os.path.dirname(facts.env.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
     try:
-        code = (__file__, plan.__file__, sys.modules[Policy.__module__].__file__)
-        out = [f"root {_identity(os.stat(p))} {p}" for p in (*code, policy.source) if p]
+        root = (*loaded_module_files(), policy.source, conf)
+        out = [f"root {_identity(os.stat(p))} {p}" for p in root if p]
         if policy.require_signed_by and policy.keyring:
             out.append(f"root {_identity(os.stat(policy.keyring))} {policy.keyring}")
         out.append(f"user {_identity(os.fstat(image_fd))} {image_real}")
@@ -926,7 +930,10 @@ def _plugin_plan(
     this one's but for Slurm's per-step values (the shim's fresh ticket), or None where it
     must not: a bridge or its warning (started per step), a plan or reply that reads a
     per-step value (planned again from `plan.per_step`'s facts: another plan), or a host
-    the kept plans cannot key (`execcmd.host_key`)."""
+    the kept plans cannot key (`execcmd.host_key`). The second plan catches a per-step
+    value copied into the plan or the replies (the planners' only use of them: Slurm's
+    PMIx dirs, the share key), not one a planner would branch on: a new use of one that
+    branches must come with its name out of `rw_step_values` (spank/ticket.c)."""
     from rankwire.runtime import joinplan
     from rankwire.runtime.execcmd import host_key
 
@@ -1004,7 +1011,10 @@ def start(facts: JobFacts, checked: dict[str, Any]) -> tuple[Reply, list[int]]:
         records.append(("bridge_server", server[1]))
     records.append(("argv_used", "1" if planned.read_argv else "0"))  # for the shim's tickets
     if recipe is not None and server is None and not container.save and want.name is None:
-        fresh = _plugin_plan(facts, want, image, home, planned, binds, checked, recipe)
+        try:
+            fresh = _plugin_plan(facts, want, image, home, planned, binds, checked, recipe)
+        except Exception:  # the step runs; a later one runs the helper again
+            fresh = None
         if fresh is not None:  # the shim keeps a fresh ticket for steps that repeat this
             records.append(("fresh_plan", fresh))
     if joined and want.mounts:  # as Pyxis: a running container's mounts are its own

@@ -3,6 +3,7 @@
 #include "options.h"
 
 #include <dlfcn.h>
+#include <pwd.h>
 
 SPANK_PLUGIN(rankwire, 1);
 #define OPTION(i, name, meta, help, has_arg, env) {name, meta, help, has_arg, i, opt_cb},
@@ -73,6 +74,12 @@ static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 			frame_add(b, key[i], "%u", v[i]);
 	}
 	job->uid = v[0], job->gid = v[1], st.tasks = (int)v[4];
+	{ /* the home the helper binds (the passwd database's): the tickets' keys hold it */
+		struct passwd pw, *found = NULL;
+		char pwbuf[16384];
+		if (!getpwuid_r(job->uid, &pw, pwbuf, sizeof pwbuf, &found) && found)
+			frame_add(b, "passwd_home", "%s", pw.pw_dir);
+	}
 	for (int i = 0; i < job->ngids; i++)
 		frame_add(b, "gids", "%u", (unsigned)job->gids[i]);
 	frame_add(b, "stepd_pid", "%d", (int)getpid());
@@ -100,21 +107,28 @@ static int put_facts(struct buf *b, spank_t sp, struct rw_job *job)
 	return 0;
 }
 
-/* What a peer replied; keep (not NULL): the records a join replays, for the ticket. */
+/* What a peer replied; keep (not NULL): the records a join replays, for the ticket. root:
+ * root's check replied (and its start phase child, not dumpable from its start). */
 struct reply {
 	struct buf *req, *keep;
+	int root;
 	int skip, last, enforced, checked, started, bridge, fast, argv_used, fresh, fresh_plan;
 	char *socket; /* the check phase's join_socket */
 	char *bridge_server; /* the start phase's: the node's bridge server runs, at this socket */
 };
 
-/* The records a step that joins the named container without the helper replays. */
-static int replayed(const char *key)
+/* The records a step that joins the named container, or starts its own, without the
+ * helper replays or uses: root's alone say which files and image and binds its check read
+ * (not a separate start phase, which runs as the user, dumpable at first). */
+static int replayed(const char *key, int root)
 {
 	static const char *const keys[] = {"warning", "workdir", "setenv", "unsetenv", "copyenv",
-		"entrypoint", "bridge", "depends", /* depends: the ticket's key's files */
-		"fresh_image", "fresh_bind", "fresh_plan", NULL}; /* a fresh ticket's start */
+		"entrypoint", "bridge", "fresh_plan", NULL}, *const roots[] = {"depends",
+		"fresh_image", "fresh_bind", NULL}; /* the ticket's key's files, a fresh start's */
 	for (const char *const *k = keys; *k; k++)
+		if (!strcmp(key, *k))
+			return 1;
+	for (const char *const *k = roots; root && *k; k++)
 		if (!strcmp(key, *k))
 			return 1;
 	return 0;
@@ -133,7 +147,7 @@ static void on_reply(const char *key, char *val, void *ctx)
 {
 	struct reply *r = ctx;
 
-	if (r->keep && replayed(key))
+	if (r->keep && replayed(key, r->root))
 		frame_add(r->keep, key, "%s", val);
 	if (!strcmp(key, "error"))
 		rw_fail("%s", val);
@@ -375,7 +389,7 @@ static void setup(spank_t sp, int ac, char **av)
 {
 	struct rw_helper h = {RANKWIRE_HELPER, HELPER_TIMEOUT_S};
 	struct buf req = {0}, keep = {0};
-	struct reply chk = {.req = &req, .keep = &keep}, run = {.keep = &keep};
+	struct reply chk = {.req = &req, .keep = &keep, .root = 1}, run = {.keep = &keep};
 	struct rw_job job = {0};
 	struct rw_fds fds = {.n = 0}, held = {.n = 0};
 	const char *base = RW_JOBS_DIR;

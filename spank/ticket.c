@@ -384,30 +384,39 @@ static void fresh_name(char name[48], uid_t uid, unsigned long bucket)
 	snprintf(name, 48, ".%u.%016lx.start", (unsigned)uid, bucket);
 }
 
-/* Only the FRESH_KEPT tickets of uid written last stay (a step's kind used once leaves
- * none for ever): the oldest of dir `dfd` go. */
+/* Only the FRESH_KEPT tickets of uid written or used last stay (a kind of step run once
+ * leaves none for ever): one pass over dir `dfd`, the oldest of each FRESH_KEPT + 1 go. */
 static void prune_fresh(int dfd, uid_t uid)
 {
-	char prefix[24], oldest[48];
-	int n = snprintf(prefix, sizeof prefix, ".%u.", (unsigned)uid), count = FRESH_KEPT + 1;
-	struct stat s;
+	struct { struct timespec at; char name[48]; } kept[FRESH_KEPT + 1];
+	char prefix[24];
+	int n = 0, plen = snprintf(prefix, sizeof prefix, ".%u.", (unsigned)uid);
+	int fd = openat(dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); /* an offset of its own */
+	DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
 	struct dirent *e;
-	DIR *d;
+	struct stat s;
 
-	while (count > FRESH_KEPT && (d = fdopendir(dup(dfd)))) {
-		struct timespec at = {0, 0};
-		count = 0, *oldest = 0;
-		while ((e = readdir(d)))
-			if (!strncmp(e->d_name, prefix, (size_t)n) && strlen(e->d_name) < sizeof oldest &&
-			    strlen(e->d_name) > 6 && !strcmp(e->d_name + strlen(e->d_name) - 6, ".start") &&
-			    !fstatat(dfd, e->d_name, &s, AT_SYMLINK_NOFOLLOW) && ++count &&
-			    (!*oldest || s.st_mtim.tv_sec < at.tv_sec ||
-			     (s.st_mtim.tv_sec == at.tv_sec && s.st_mtim.tv_nsec < at.tv_nsec)))
-				at = s.st_mtim, strcpy(oldest, e->d_name);
-		closedir(d);
-		if (count > FRESH_KEPT)
-			(void)unlinkat(dfd, oldest, 0);
+	if (!d)
+		return rw_close(fd);
+	while ((e = readdir(d))) {
+		size_t len = strlen(e->d_name);
+		if (strncmp(e->d_name, prefix, (size_t)plen) || len >= sizeof kept[0].name ||
+		    len < 7 || strcmp(e->d_name + len - 6, ".start") ||
+		    fstatat(dfd, e->d_name, &s, AT_SYMLINK_NOFOLLOW))
+			continue;
+		kept[n].at = s.st_mtim, strcpy(kept[n].name, e->d_name);
+		if (++n <= FRESH_KEPT)
+			continue;
+		int old = 0;
+		for (int i = 1; i < n; i++)
+			if (kept[i].at.tv_sec < kept[old].at.tv_sec ||
+			    (kept[i].at.tv_sec == kept[old].at.tv_sec &&
+			     kept[i].at.tv_nsec < kept[old].at.tv_nsec))
+				old = i;
+		(void)unlinkat(dfd, kept[old].name, 0);
+		kept[old] = kept[--n];
 	}
+	closedir(d);
 }
 
 int rw_fresh_ticket_exists(uid_t uid, unsigned long bucket)
@@ -456,20 +465,61 @@ void rw_fresh_write(uid_t uid, unsigned long bucket, const struct buf *req, size
 	free(key.p), free(t.p);
 }
 
-struct fresh { int same; uid_t uid; struct buf *front; };
-
-/* A ticket's record: root's `depends` checked (as on_depends; the user's, the image, the
- * front end checks by opening it), what the front end opens and starts to its request. */
+/* A ticket's records for the front end's request: what it opens, the plan it starts. */
 static void on_fresh(const char *k, char *v, void *ctx)
 {
-	struct fresh *f = ctx;
-
-	if (!strcmp(k, "depends") && !strncmp(v, "root ", 5))
-		on_depends(k, v, &f->same);
-	else if (!strcmp(k, "fresh_image") || !strcmp(k, "fresh_bind"))
-		frame_add(f->front, k, "%s", v);
+	if (!strcmp(k, "fresh_image") || !strcmp(k, "fresh_bind"))
+		frame_add(ctx, k, "%s", v);
 	else if (!strcmp(k, "fresh_plan"))
-		frame_add(f->front, "plan", "%s", v);
+		frame_add(ctx, "plan", "%s", v);
+}
+
+/* root's `depends` only (the user's, the image, the front end checks by opening it) */
+static void on_root_depends(const char *k, char *v, void *ctx)
+{
+	if (!strncmp(v, "root ", 5))
+		on_depends(k, v, ctx);
+}
+
+/* Every root `depends` of the records is the file root's check read: looked up in a child
+ * that the deadline kills (a path may be on a file system that hangs). */
+static int root_depends_hold(const struct buf *records)
+{
+	int status = 0, pidfd, same = 1;
+	pid_t pid = fork();
+
+	if (pid == 0)
+		_exit(parse_copy(records->p, records->len, on_root_depends, &same) || !same);
+	if (pid < 0)
+		return 0;
+	pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+	if (pidfd < 0 || poll(&(struct pollfd){pidfd, POLLIN, 0}, 1, JOIN_WAIT_MS) != 1) {
+		(void)kill(pid, SIGKILL);
+		if (pidfd >= 0)
+			(void)poll(&(struct pollfd){pidfd, POLLIN, 0}, 1, 1000);
+		(void)waitpid(pid, &status, WNOHANG); /* else a zombie until slurmstepd ends */
+		return rw_close(pidfd), 0;
+	}
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	return rw_close(pidfd), WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+/* The ticket `name` dropped (a miss: the helper keeps a new one, or none), or touched (a
+ * hit: pruned last). */
+static void fresh_used(const char *name, int hit)
+{
+	int dfd;
+	uid_t eu = root_begin();
+
+	if (eu != (uid_t)-1 && (dfd = open_dir(RW_RUN_DIR)) >= 0) {
+		if (hit)
+			(void)utimensat(dfd, name, NULL, AT_SYMLINK_NOFOLLOW);
+		else
+			(void)unlinkat(dfd, name, 0);
+		rw_close(dfd);
+	}
+	root_end(eu);
 }
 
 static void on_started(const char *k, char *v, void *ctx)
@@ -482,16 +532,15 @@ int rw_fresh_start(const struct rw_helper *h, const struct rw_job *job, unsigned
 		   const struct buf *req, size_t len, struct rw_fds *got, struct buf *records)
 {
 	struct buf t = {0}, key = {0}, front = {0};
-	struct fresh f = {1, job->uid, &front};
 	struct rw_fds none = {.n = 0};
-	int argv, off = 0, started = 0, rc = -1;
+	int argv, off = 0, started = 0, rc = -1, found;
 	size_t klen;
 	char name[48];
 
 	got->n = 0;
 	fresh_name(name, job->uid, bucket);
-	if (read_ticket(RW_RUN_DIR, name, &t) ||
-	    sscanf(t.p, FRESH_MAGIC " %d %zu\n%n", &argv, &klen, &off) != 2 || off <= 0 ||
+	found = !read_ticket(RW_RUN_DIR, name, &t);
+	if (!found || sscanf(t.p, FRESH_MAGIC " %d %zu\n%n", &argv, &klen, &off) != 2 || off <= 0 ||
 	    t.p[off - 1] != '\n' || (argv != 0 && argv != 1) || klen >= t.len - (size_t)off)
 		goto out;
 	key_of(req, len, argv, &key);
@@ -500,12 +549,15 @@ int rw_fresh_start(const struct rw_helper *h, const struct rw_job *job, unsigned
 	buf_put(records, t.p + off + klen, t.len - 1 - (size_t)off - klen);
 	frame_add(&front, "runtime_dir", RW_RUN_DIR "/%u", (unsigned)job->uid);
 	frame_add(&front, "owner", "%d", (int)getpid());
-	if (records->oom || parse_copy(records->p, records->len, on_fresh, &f) || !f.same)
+	if (records->oom || parse_copy(records->p, records->len, on_fresh, &front) ||
+	    !root_depends_hold(records))
 		goto out;
 	if (!rw_run_helper(h, "start-kept", &front, job, &none, got, on_started, &started) &&
 	    started && got->n == 3)
 		rc = 0;
 out:
+	if (found)
+		fresh_used(name, !rc);
 	if (rc)
 		rw_close_fds(got), got->n = 0, records->len = 0;
 	free(t.p), free(key.p), free(front.p);
