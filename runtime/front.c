@@ -1282,6 +1282,19 @@ static int connect_node(const struct sockaddr_un *sa, long long deadline)
     return fd;
 }
 
+/* `fds` go with `msg`'s bytes (SCM_RIGHTS), in `space`: `size` bytes, CMSG_SPACE of them,
+ * aligned for a cmsghdr. */
+static void with_fds(struct msghdr *msg, char *space, size_t size, const int *fds, size_t n)
+{
+    msg->msg_control = space;
+    msg->msg_controllen = size;
+    struct cmsghdr *c = CMSG_FIRSTHDR(msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(n * sizeof *fds);
+    memcpy(CMSG_DATA(c), fds, n * sizeof *fds);
+}
+
 /* A step plan's PMIx-to-PMI bridge (pmi/bridge.py `task_pmi_env`, as a task that is not
  * the node's first): a socketpair whose one end this task's command gets as PMI_FD, the
  * other handed, with our stderr, our environment (`env=K=V` records) and CPUs (`cpus=`),
@@ -1324,15 +1337,8 @@ static int join_node_bridge(struct plan *p)
     while (sent < b.len) { /* the descriptors go with the first bytes */
         struct iovec iov = {b.p + sent, b.len - sent};
         struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
-        if (!sent) {
-            msg.msg_control = cbuf.b;
-            msg.msg_controllen = sizeof cbuf.b;
-            struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-            c->cmsg_level = SOL_SOCKET;
-            c->cmsg_type = SCM_RIGHTS;
-            c->cmsg_len = CMSG_LEN(sizeof fds);
-            memcpy(CMSG_DATA(c), fds, sizeof fds);
-        }
+        if (!sent)
+            with_fds(&msg, cbuf.b, sizeof cbuf.b, fds, 2);
         long long left = deadline - now_ms();
         struct pollfd out = {fd, POLLOUT, 0};
         if (left <= 0 || poll_for(&out, (int)left) <= 0) {
@@ -1780,15 +1786,8 @@ static int plugin_reply(const struct lease *l)
     } ctl = {0};
     struct iovec iov = {b.p, b.len};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
-    if (l) {
-        msg.msg_control = ctl.space;
-        msg.msg_controllen = sizeof ctl.space;
-        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof fds);
-        memcpy(CMSG_DATA(c), fds, sizeof fds);
-    }
+    if (l)
+        with_fds(&msg, ctl.space, sizeof ctl.space, fds, 3);
     ssize_t n = b.oom ? -1 : sendmsg(1, &msg, MSG_NOSIGNAL);
     free(b.p);
     return n == (ssize_t)iov.iov_len ? 0 : 1;

@@ -267,9 +267,26 @@ static void ticket_dir(spank_t sp, const char *base, char *dir, size_t n)
 
 static void no_record(const char *k UNUSED, char *v UNUSED, void *ctx UNUSED) {}
 
-/* The ticket's holder, joined as the helper's start phase would: its replies replayed into
- * r. 0 (nothing kept, no error) when the ticket does not hold or whoever answered is not
- * the holder take_container wants: the helper then decides, as for any step. */
+/* What a way without the helper got (ok: `got` and the replies to `replay`), taken as
+ * `phase`'s container and its replies replayed into r. 0 (nothing kept, nothing said to
+ * the user) when it failed, or whoever handed over is not the holder take_container
+ * wants: the helper then decides, as for any step. */
+static int taken(int ok, struct rw_fds *got, const char *phase, uid_t uid, struct buf *replay,
+		 struct reply *r)
+{
+	if (ok)
+		take_container(got, phase, uid);
+	if (*st.error)
+		*st.error = 0, ok = 0;
+	if (ok)
+		(void)frame_parse(replay->p, replay->len, on_reply, r);
+	else
+		rw_close_fds(got);
+	free(replay->p);
+	return ok;
+}
+
+/* The ticket's holder, joined as the helper's start phase would (`taken`). */
 static int join_fast(const char *dir, uid_t uid, const struct buf *req, size_t len,
 		     struct reply *r)
 {
@@ -281,16 +298,7 @@ static int join_fast(const char *dir, uid_t uid, const struct buf *req, size_t l
 		 !frame_parse(memcpy(copy, replay.p, replay.len), replay.len, no_record, NULL);
 
 	free(copy);
-	if (ok)
-		take_container(&got, "join", uid);
-	if (ok && *st.error)
-		*st.error = 0, ok = 0;
-	if (ok)
-		(void)frame_parse(replay.p, replay.len, on_reply, r);
-	else
-		rw_close_fds(&got);
-	free(replay.p);
-	return ok;
+	return taken(ok, &got, "join", uid, &replay, r);
 }
 
 /* 64-bit FNV-1a of `s` and its NUL, from h. */
@@ -333,9 +341,7 @@ static long fresh_bucket(spank_t sp)
 }
 
 /* The step's container started from the user's fresh ticket, as the helper's start
- * phase would (`rw_fresh_start`): the ticket's replies replayed into r. 0 (nothing kept,
- * no error) when the ticket does not hold, or the front end misses or fails, or whoever
- * handed over is not the holder take_container wants: the helper then runs. */
+ * phase would (`rw_fresh_start`, `taken`). */
 static int start_fresh(const struct rw_helper *h, const struct rw_job *job, long bucket,
 		       const struct buf *req, size_t len, struct reply *r)
 {
@@ -344,16 +350,7 @@ static int start_fresh(const struct rw_helper *h, const struct rw_job *job, long
 	int ok = bucket >= 0 &&
 		 !rw_fresh_start(h, job, (unsigned long)bucket, req, len, &got, &replay);
 
-	if (ok)
-		take_container(&got, "start", job->uid);
-	if (*st.error) /* a miss said nothing to the user: the helper decides */
-		*st.error = 0, ok = 0;
-	if (ok)
-		(void)frame_parse(replay.p, replay.len, on_reply, r);
-	else
-		rw_close_fds(&got);
-	free(replay.p);
-	return ok;
+	return taken(ok, &got, "start", job->uid, &replay, r);
 }
 
 /* The contents of /proc/self/NAME and of /proc/PID/NAME are the same. */
