@@ -3,7 +3,8 @@
  * Mechanism only; every decision is the Python helper's (`rankwire spank-helper`):
  *   init_post_opt (slurmstepd, root, before the MPI plugin's setup): start the helper's
  *     "check" phase, which loads its code while slurmstepd sets up the step (not for a
- *     named container's step, which may join through its ticket without the helper).
+ *     named container's step, which may join through its ticket without the helper, nor
+ *     where a fresh ticket may hold).
  *   user_init (slurmstepd, once per node): run the helper's "check" phase as root (the
  *     started one, if its cgroups and limits are still slurmstepd's, else a new one; site
  *     policy; it opens the image and binds), asking it to run the "start" phase too: a
@@ -21,6 +22,9 @@
  *   job_epilog (slurmd's epilog, root): the job's named containers on the node go.
  *   A step that joins a job's named container as an earlier step did, with the same
  *     request, joins its holder without the helper (ticket.c: the phases' replies kept).
+ *   A step that repeats an earlier step's request for a container of its own (in any job)
+ *     has the C front end start it from the user's plugin plan, as the job user, without
+ *     the helper (ticket.c: root's fresh ticket, the phases' replies kept).
  * Every wait has a deadline. rankwire_spank.c: the callbacks, the lease; helper_run.c:
  * running the helper (fork, exact ids, fixed env, execve; the request on a socketpair,
  * the reply over another with fds by SCM_RIGHTS, stderr in a memfd); frame.c: the only
