@@ -362,9 +362,10 @@ int rw_fast_join(const char *dir, uid_t uid, const struct buf *req, size_t len,
 }
 
 /* ---- A fresh container without the helper ------------------------------------------
- * The fresh ticket, root's file /run/rankwire/.UID.B.start (B: a hash of the request,
- * rankwire_spank.c `fresh_bucket`; the FRESH_KEPT written last of a user's), holds what the helper's phases
- * replied to the last step of that kind that ran them and started a container of its own
+ * A fresh ticket, root's file /run/rankwire/.UID.B.K.start (B: a hash of what
+ * init_post_opt knows of the request, rankwire_spank.c `fresh_bucket`; K: a hash of the
+ * key; the FRESH_KEPT written or used last of a user's stay), holds what the helper's
+ * phases replied to a step that ran them and started a container of its own
  * (spank/plan.py `starts_fresh`, spank/helper.py `_plugin_plan`), keyed by its request
  * as a named ticket is, in any job of the user. A later step with the same key, while the
  * files root's check read are as they were (`depends` "root ..."), has the C front end
@@ -372,64 +373,73 @@ int rw_fast_join(const char *dir, uid_t uid, const struct buf *req, size_t len,
  * `plugin_start`), run as exactly the job user as the start phase is: it opens the image
  * and the binds' sources as the check did and checks them against the ticket, checks
  * the plugin plan's key (the host, the code), makes the container from its recipe and
- * hands over the lease. Then the step replays the ticket's replies.
+ * hands over the lease. Then the step replays the ticket's replies. Requests that differ
+ * where init_post_opt cannot see (the directory, the command, plugstack.conf) have tickets
+ * of their own under one B.
  *
  * Layout: "rankwire-start 1 ARGV KEYLEN\n", the key, then the replies' records. */
 #define FRESH_MAGIC "rankwire-start 1"
 #define FRESH_KEPT 16
+#define FRESH_SEEN 64 /* names one look at the dir takes (FRESH_KEPT, and some written since) */
 #define FRESH_MAX (256 << 10) /* a ticket's bytes: /run is memory, kept until reboot */
 
-static void fresh_name(char name[48], uid_t uid, unsigned long bucket)
+typedef char fresh_name_t[64];
+
+/* The names of uid's fresh tickets in dir `dfd` (of requests of `*bucket` only, unless
+ * NULL), at most FRESH_SEEN, in `names`: their count. */
+static int fresh_names(int dfd, uid_t uid, const unsigned long *bucket, fresh_name_t *names)
 {
-	snprintf(name, 48, ".%u.%016lx.start", (unsigned)uid, bucket);
+	char prefix[48];
+	int n = 0, fd = openat(dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); /* own offset */
+	size_t plen = (size_t)(bucket ? snprintf(prefix, sizeof prefix, ".%u.%016lx.",
+						 (unsigned)uid, *bucket) :
+					snprintf(prefix, sizeof prefix, ".%u.", (unsigned)uid));
+	DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+	struct dirent *e;
+
+	if (!d)
+		return rw_close(fd), 0;
+	while (n < FRESH_SEEN && (e = readdir(d))) {
+		size_t len = strlen(e->d_name);
+		if (!strncmp(e->d_name, prefix, plen) && len < sizeof *names && len > plen + 6 &&
+		    !strcmp(e->d_name + len - 6, ".start"))
+			strcpy(names[n++], e->d_name);
+	}
+	closedir(d);
+	return n;
 }
 
 /* Only the FRESH_KEPT tickets of uid written or used last stay (a kind of step run once
- * leaves none for ever): one pass over dir `dfd`, the oldest of each FRESH_KEPT + 1 go. */
+ * leaves none for ever). */
 static void prune_fresh(int dfd, uid_t uid)
 {
-	struct { struct timespec at; char name[48]; } kept[FRESH_KEPT + 1];
-	char prefix[24];
-	int n = 0, plen = snprintf(prefix, sizeof prefix, ".%u.", (unsigned)uid);
-	int fd = openat(dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); /* an offset of its own */
-	DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
-	struct dirent *e;
+	fresh_name_t names[FRESH_SEEN];
+	struct timespec at[FRESH_SEEN];
 	struct stat s;
+	int n = fresh_names(dfd, uid, NULL, names);
 
-	if (!d)
-		return rw_close(fd);
-	while ((e = readdir(d))) {
-		size_t len = strlen(e->d_name);
-		if (strncmp(e->d_name, prefix, (size_t)plen) || len >= sizeof kept[0].name ||
-		    len < 7 || strcmp(e->d_name + len - 6, ".start") ||
-		    fstatat(dfd, e->d_name, &s, AT_SYMLINK_NOFOLLOW))
-			continue;
-		kept[n].at = s.st_mtim, strcpy(kept[n].name, e->d_name);
-		if (++n <= FRESH_KEPT)
-			continue;
+	for (int i = 0; i < n; i++)
+		at[i] = fstatat(dfd, names[i], &s, AT_SYMLINK_NOFOLLOW) ? (struct timespec){0, 0} :
+			s.st_mtim;
+	for (; n > FRESH_KEPT; n--) { /* the oldest goes, the last takes its place */
 		int old = 0;
 		for (int i = 1; i < n; i++)
-			if (kept[i].at.tv_sec < kept[old].at.tv_sec ||
-			    (kept[i].at.tv_sec == kept[old].at.tv_sec &&
-			     kept[i].at.tv_nsec < kept[old].at.tv_nsec))
+			if (at[i].tv_sec < at[old].tv_sec ||
+			    (at[i].tv_sec == at[old].tv_sec && at[i].tv_nsec < at[old].tv_nsec))
 				old = i;
-		(void)unlinkat(dfd, kept[old].name, 0);
-		kept[old] = kept[--n];
+		(void)unlinkat(dfd, names[old], 0);
+		strcpy(names[old], names[n - 1]), at[old] = at[n - 1];
 	}
-	closedir(d);
 }
 
 int rw_fresh_ticket_exists(uid_t uid, unsigned long bucket)
 {
-	char name[48];
-	struct stat s;
+	fresh_name_t names[FRESH_SEEN];
 	int dfd, there = 0;
 	uid_t eu = root_begin();
 
-	fresh_name(name, uid, bucket);
 	if (eu != (uid_t)-1 && (dfd = open_dir(RW_RUN_DIR)) >= 0)
-		there = !fstatat(dfd, name, &s, AT_SYMLINK_NOFOLLOW) && S_ISREG(s.st_mode) &&
-			s.st_uid == 0, rw_close(dfd);
+		there = fresh_names(dfd, uid, &bucket, names) > 0, rw_close(dfd);
 	root_end(eu);
 	return there;
 }
@@ -437,14 +447,19 @@ int rw_fresh_ticket_exists(uid_t uid, unsigned long bucket)
 void rw_fresh_write(uid_t uid, unsigned long bucket, const struct buf *req, size_t len, int argv,
 		    const struct buf *records)
 {
-	char name[48], tmp[64], head[128];
+	char tmp[96], head[128];
+	fresh_name_t name;
 	struct buf key = {0}, t = {0};
 	int dfd = -1, fd = -1, ok = 0;
+	uint64_t h = 0xcbf29ce484222325ULL; /* FNV-1a of the key */
 	uid_t eu;
 
 	key_of(req, len, argv, &key);
+	for (size_t i = 0; i < key.len; i++)
+		h = (h ^ (unsigned char)key.p[i]) * 0x100000001b3ULL;
 	eu = root_begin();
-	fresh_name(name, uid, bucket);
+	snprintf(name, sizeof name, ".%u.%016lx.%016llx.start", (unsigned)uid, bucket,
+		 (unsigned long long)h);
 	snprintf(tmp, sizeof tmp, "%s.%d", name, (int)getpid());
 	if (eu != (uid_t)-1 && (dfd = open_dir(RW_RUN_DIR)) >= 0) {
 		snprintf(head, sizeof head, FRESH_MAGIC " %d %zu\n", argv, key.len);
@@ -528,38 +543,56 @@ static void on_started(const char *k, char *v, void *ctx)
 		*(int *)ctx = 1;
 }
 
+/* The fresh ticket `name`, if its key is the request's: 0, and its records (after the
+ * key) in `records`. */
+static int fresh_match(const char *name, const struct buf *req, size_t len, struct buf *records)
+{
+	struct buf t = {0}, key = {0};
+	int argv, off = 0, rc = -1;
+	size_t klen;
+
+	if (!read_ticket(RW_RUN_DIR, name, &t) &&
+	    sscanf(t.p, FRESH_MAGIC " %d %zu\n%n", &argv, &klen, &off) == 2 && off > 0 &&
+	    t.p[off - 1] == '\n' && (argv == 0 || argv == 1) && klen < t.len - (size_t)off &&
+	    (key_of(req, len, argv, &key), !key.oom) && key.len == klen &&
+	    !memcmp(key.p, t.p + off, klen)) {
+		buf_put(records, t.p + off + klen, t.len - 1 - (size_t)off - klen);
+		rc = records->oom ? -1 : 0;
+	}
+	free(t.p), free(key.p);
+	return rc;
+}
+
 int rw_fresh_start(const struct rw_helper *h, const struct rw_job *job, unsigned long bucket,
 		   const struct buf *req, size_t len, struct rw_fds *got, struct buf *records)
 {
-	struct buf t = {0}, key = {0}, front = {0};
+	fresh_name_t names[FRESH_SEEN];
+	struct buf front = {0};
 	struct rw_fds none = {.n = 0};
-	int argv, off = 0, started = 0, rc = -1, found;
-	size_t klen;
-	char name[48];
+	int n = 0, at = -1, started = 0, rc = -1, dfd;
+	uid_t eu = root_begin();
 
 	got->n = 0;
-	fresh_name(name, job->uid, bucket);
-	found = !read_ticket(RW_RUN_DIR, name, &t);
-	if (!found || sscanf(t.p, FRESH_MAGIC " %d %zu\n%n", &argv, &klen, &off) != 2 || off <= 0 ||
-	    t.p[off - 1] != '\n' || (argv != 0 && argv != 1) || klen >= t.len - (size_t)off)
+	if (eu != (uid_t)-1 && (dfd = open_dir(RW_RUN_DIR)) >= 0)
+		n = fresh_names(dfd, job->uid, &bucket, names), rw_close(dfd);
+	root_end(eu);
+	for (int i = 0; i < n && at < 0; i++) /* a few at most: one per directory, command */
+		if (!fresh_match(names[i], req, len, records))
+			at = i;
+	if (at < 0)
 		goto out;
-	key_of(req, len, argv, &key);
-	if (key.oom || key.len != klen || memcmp(key.p, t.p + off, klen))
-		goto out;
-	buf_put(records, t.p + off + klen, t.len - 1 - (size_t)off - klen);
 	frame_add(&front, "runtime_dir", RW_RUN_DIR "/%u", (unsigned)job->uid);
 	frame_add(&front, "owner", "%d", (int)getpid());
-	if (records->oom || parse_copy(records->p, records->len, on_fresh, &front) ||
-	    !root_depends_hold(records))
+	if (parse_copy(records->p, records->len, on_fresh, &front) || !root_depends_hold(records))
 		goto out;
 	if (!rw_run_helper(h, "start-kept", &front, job, &none, got, on_started, &started) &&
 	    started && got->n == 3)
 		rc = 0;
 out:
-	if (found)
-		fresh_used(name, !rc);
+	if (at >= 0) /* this request's ticket: touched, or dropped (the helper keeps another) */
+		fresh_used(names[at], !rc);
 	if (rc)
 		rw_close_fds(got), got->n = 0, records->len = 0;
-	free(t.p), free(key.p), free(front.p);
+	free(front.p);
 	return rc;
 }

@@ -313,7 +313,9 @@ def _fresh_ticket(runner: User, data: Path) -> Path:
     return found[0]
 
 
-@pytest.mark.parametrize("then", ["replayed", "bind-changed", "request-changed", "not-root's"])
+@pytest.mark.parametrize(
+    "then", ["replayed", "other-directory", "bind-changed", "request-changed", "not-root's"]
+)
 def test_a_repeated_step_starts_its_container_without_the_helper(
     spank_cluster: SlurmCluster,
     base_image: Path,
@@ -326,9 +328,10 @@ def test_a_repeated_step_starts_its_container_without_the_helper(
     counts, directory and environment but Slurm's per-job values) has the C front end start
     its container from root's fresh ticket and the user's plugin plan, with no helper:
     the ticket is not written again, the holder's recipe is not looked up (its time stays),
-    and the plugin plan's is touched. A bind source that is another directory now, another
-    environment (a ticket of its own), or a ticket that is not root's alone: the helper
-    runs (it writes the ticket anew), and the tasks see what they should."""
+    and the plugin plan's is touched. A step from another directory keeps a ticket of its
+    own beside the first's (both then hold). A bind source that is another directory now,
+    another environment (a ticket of its own), or a ticket that is not root's alone: the
+    helper runs (it writes the ticket anew), and the tasks see what they should."""
     data = Path(tempfile.mkdtemp(prefix="spank-fresh-", dir=shared_dir))
     data.chmod(0o755)
     (data / "hello.txt").write_text("from the host\n")
@@ -353,14 +356,19 @@ def test_a_repeated_step_starts_its_container_without_the_helper(
         env = {**env, "RANKWIRE_TEST_OTHER": "1"}
     elif then == "not-root's":
         ticket.chmod(0o640)
+    elif then == "other-directory":  # then the first's request again: its ticket holds
+        other = srun(spank_cluster, runner, *args, "sh", "-c", shown, cwd=str(data))
+        assert (other.returncode, sorted(other.stdout.splitlines())) == (0, lines), other.stderr
+        assert len(_fresh_tickets(runner, data)) == 2
     second = srun(spank_cluster, runner, *args, "sh", "-c", shown, env=env)
     assert (second.returncode, sorted(second.stdout.splitlines())) == (0, lines), second.stderr
-    if then == "request-changed":  # another request: a ticket of its own, kept too
+    if then in ("request-changed", "other-directory"):  # a ticket of its own, kept too
         assert len(_fresh_tickets(runner, data)) == 2
+    if then == "request-changed":
         assert ticket.stat().st_ino == was[0]
         return
-    now = _fresh_ticket(runner, data)
-    if then == "replayed":
+    now = ticket if then == "other-directory" else _fresh_ticket(runner, data)
+    if then in ("replayed", "other-directory"):
         assert now.stat().st_ino == was[0]  # the helper did not run
         assert recipe.stat().st_mtime_ns == was[1]
         assert plugin.stat().st_mtime_ns > was[2]  # the front end used it
