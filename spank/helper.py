@@ -112,9 +112,15 @@ def as_user(facts: JobFacts) -> Iterator[None]:
         os.setgroups([])
 
 
-def _oci_conf(env: dict[str, str]) -> bool:
-    conf = env.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
-    return os.path.exists(os.path.join(os.path.dirname(conf), "oci.conf"))
+def _slurm_conf_dir(facts: JobFacts) -> str:
+    """Where this node's Slurm configuration is: slurmstepd's SLURM_CONF (slurmd's), else
+    the job's, else Slurm's default."""
+    conf = facts.stepd_env.get("SLURM_CONF") or facts.env.get("SLURM_CONF")
+    return os.path.dirname(conf or "/etc/slurm/slurm.conf")
+
+
+def _oci_conf(facts: JobFacts) -> bool:
+    return os.path.exists(os.path.join(_slurm_conf_dir(facts), "oci.conf"))
 
 
 def _open(
@@ -324,7 +330,7 @@ def check(facts: JobFacts) -> tuple[Reply, list[int]]:
     """Root: does site policy allow what the step asked for? Returns (reply, fds)."""
     from rankwire.runtime.imagefacts import image_facts
 
-    want = asked(facts, _oci_conf(facts.env))
+    want = asked(facts, _oci_conf(facts))
     if want is None:
         return [("skip", "no container asked for")], []
     policy = load_policy(facts.arg("policy"))
@@ -447,9 +453,8 @@ def _depends(
     unchanged (spank/ticket.c). None when one cannot be read: no ticket."""
     from rankwire.runtime.joinplan import loaded_module_files
 
-    conf = os.path.dirname(facts.env.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
     try:
-        root = (*loaded_module_files(), policy.source, conf)
+        root = (*loaded_module_files(), policy.source, _slurm_conf_dir(facts))
         out = [f"root {_identity(os.stat(p))} {p}" for p in root if p]
         if policy.require_signed_by and policy.keyring:
             out.append(f"root {_identity(os.stat(policy.keyring))} {policy.keyring}")

@@ -347,10 +347,14 @@ static int start_fresh(const struct rw_helper *h, const struct rw_job *job, long
 {
 	struct rw_fds got = {.n = 0};
 	struct buf replay = {0};
+	struct rw_fresh used = {"", 0};
 	int ok = bucket >= 0 &&
-		 !rw_fresh_start(h, job, (unsigned long)bucket, req, len, &got, &replay);
+		 !rw_fresh_start(h, job, (unsigned long)bucket, req, len, &got, &replay, &used);
 
-	return taken(ok, &got, "start", job->uid, &replay, r);
+	ok = taken(ok, &got, "start", job->uid, &replay, r);
+	if (*used.name) /* the request's ticket: touched, or dropped (the helper keeps another) */
+		rw_fresh_used(&used, ok);
+	return ok;
 }
 
 /* The contents of /proc/self/NAME and of /proc/PID/NAME are the same. */

@@ -118,11 +118,18 @@ extern const char *const rw_step_values[];
 /* ticket.c: a fresh container started without the helper, from root's fresh ticket of
  * uid for requests of `bucket` (rankwire_spank.c `fresh_bucket`). */
 int rw_fresh_ticket_exists(uid_t uid, unsigned long bucket);
+/* The fresh ticket a step used: its name and inode. */
+struct rw_fresh { char name[64]; ino_t ino; };
 /* 0 when the ticket holds and the C front end started and handed over the container
  * ([lease, user ns, mount ns] in got; the records to replay in records); else -1,
- * nothing kept (rw_fail may have been called: the caller clears it). */
+ * nothing kept (rw_fail may have been called: the caller clears it). The ticket whose
+ * key held, if any, in used (else its name ""): the caller touches or drops it. */
 int rw_fresh_start(const struct rw_helper *h, const struct rw_job *job, unsigned long bucket,
-		   const struct buf *req, size_t len, struct rw_fds *got, struct buf *records);
+		   const struct buf *req, size_t len, struct rw_fds *got, struct buf *records,
+		   struct rw_fresh *used);
+/* The ticket `used` touched (hit: the step took its container) or dropped, if it is still
+ * that file. */
+void rw_fresh_used(const struct rw_fresh *used, int hit);
 /* The fresh ticket of a step that ran the helper, whose replies were `records`. */
 void rw_fresh_write(uid_t uid, unsigned long bucket, const struct buf *req, size_t len, int argv,
 		    const struct buf *records);

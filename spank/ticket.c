@@ -167,8 +167,9 @@ void rw_ticket_write(const char *dir, uid_t uid, const struct buf *req, size_t l
 	free(key.p), free(t.p);
 }
 
-/* The ticket `name` in dir, root's file read whole, NUL-terminated (t->len counts it). */
-static int read_ticket(const char *dir, const char *name, struct buf *t)
+/* The ticket `name` in dir, root's file read whole, NUL-terminated (t->len counts it); its
+ * inode in *ino (not NULL). */
+static int read_ticket(const char *dir, const char *name, struct buf *t, ino_t *ino)
 {
 	char chunk[65536];
 	struct stat s;
@@ -185,6 +186,8 @@ static int read_ticket(const char *dir, const char *name, struct buf *t)
 		while ((n = read(fd, chunk, sizeof chunk)) > 0)
 			buf_put(t, chunk, (size_t)n);
 		ok = n == 0 && !t->oom && t->len == (size_t)s.st_size;
+		if (ino)
+			*ino = s.st_ino;
 	}
 	rw_close(fd);
 	root_end(eu);
@@ -291,7 +294,7 @@ fast_child(const char *dir, uid_t uid, const struct buf *req, size_t len, int ou
 	char sock[108], ns[96], *rec, name[32];
 
 	ticket_name(name, uid);
-	if (read_ticket(dir, name, &t) ||
+	if (read_ticket(dir, name, &t, NULL) ||
 	    sscanf(t.p, TICKET_MAGIC " %d %d %95s %zu %zu\n%n", &argv, &holder, ns, &klen, &slen,
 		   &off) != 5 ||
 	    off <= 0 || t.p[off - 1] != '\n' || (argv != 0 && argv != 1) || klen > t.len ||
@@ -374,8 +377,8 @@ int rw_fast_join(const char *dir, uid_t uid, const struct buf *req, size_t len,
  * and the binds' sources as the check did and checks them against the ticket, checks
  * the plugin plan's key (the host, the code), makes the container from its recipe and
  * hands over the lease. Then the step replays the ticket's replies. Requests that differ
- * where init_post_opt cannot see (the directory, the command, plugstack.conf) have tickets
- * of their own under one B.
+ * only where init_post_opt cannot see (srun --chdir, the command, plugstack.conf: srun's
+ * environment is the same) have tickets of their own under one B.
  *
  * Layout: "rankwire-start 1 ARGV KEYLEN\n", the key, then the replies' records. */
 #define FRESH_MAGIC "rankwire-start 1"
@@ -383,7 +386,7 @@ int rw_fast_join(const char *dir, uid_t uid, const struct buf *req, size_t len,
 #define FRESH_SEEN 64 /* names one look at the dir takes (FRESH_KEPT, and some written since) */
 #define FRESH_MAX (256 << 10) /* a ticket's bytes: /run is memory, kept until reboot */
 
-typedef char fresh_name_t[64];
+typedef char fresh_name_t[sizeof ((struct rw_fresh *)0)->name];
 
 /* The names of uid's fresh tickets in dir `dfd` (of requests of `*bucket` only, unless
  * NULL), at most FRESH_SEEN, in `names`: their count. */
@@ -428,7 +431,8 @@ static void prune_fresh(int dfd, uid_t uid)
 			    (at[i].tv_sec == at[old].tv_sec && at[i].tv_nsec < at[old].tv_nsec))
 				old = i;
 		(void)unlinkat(dfd, names[old], 0);
-		strcpy(names[old], names[n - 1]), at[old] = at[n - 1];
+		if (old != n - 1)
+			strcpy(names[old], names[n - 1]), at[old] = at[n - 1];
 	}
 }
 
@@ -489,49 +493,62 @@ static void on_fresh(const char *k, char *v, void *ctx)
 		frame_add(ctx, "plan", "%s", v);
 }
 
-/* root's `depends` only (the user's, the image, the front end checks by opening it) */
+/* root's `depends` only (the user's, the image, the front end checks by opening it):
+ * ctx[0] stays 1 while each holds, ctx[1] counts them. */
 static void on_root_depends(const char *k, char *v, void *ctx)
 {
-	if (!strncmp(v, "root ", 5))
-		on_depends(k, v, ctx);
+	if (!strcmp(k, "depends") && !strncmp(v, "root ", 5))
+		on_depends(k, v, ctx), ((int *)ctx)[1]++;
 }
 
-/* Every root `depends` of the records is the file root's check read: looked up in a child
- * that the deadline kills (a path may be on a file system that hangs). */
+/* Every root `depends` of the records (one at least) is the file root's check read:
+ * looked up in a child that the deadline kills (a path may be on a file system that
+ * hangs), which says so on a pipe ("1"): its exit status is not read (another may reap
+ * it), nor a pidfd needed. */
 static int root_depends_hold(const struct buf *records)
 {
-	int status = 0, pidfd, same = 1;
-	pid_t pid = fork();
+	int p[2], status, same[2] = {1, 0}, got = 0;
+	int64_t deadline = rw_now_ms() + JOIN_WAIT_MS, left;
+	char said = 0;
+	pid_t pid;
 
-	if (pid == 0)
-		_exit(parse_copy(records->p, records->len, on_root_depends, &same) || !same);
-	if (pid < 0)
+	if (pipe2(p, O_CLOEXEC))
 		return 0;
-	pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-	if (pidfd < 0 || poll(&(struct pollfd){pidfd, POLLIN, 0}, 1, JOIN_WAIT_MS) != 1) {
-		(void)kill(pid, SIGKILL);
-		if (pidfd >= 0)
-			(void)poll(&(struct pollfd){pidfd, POLLIN, 0}, 1, 1000);
-		(void)waitpid(pid, &status, WNOHANG); /* else a zombie until slurmstepd ends */
-		return rw_close(pidfd), 0;
+	if ((pid = fork()) == 0) {
+		rw_close(p[0]);
+		if (!parse_copy(records->p, records->len, on_root_depends, same) && same[0] &&
+		    same[1])
+			(void)!write(p[1], "1", 1);
+		_exit(0);
 	}
-	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-		;
-	return rw_close(pidfd), WIFEXITED(status) && WEXITSTATUS(status) == 0;
+	rw_close(p[1]);
+	while (pid > 0 && (left = deadline - rw_now_ms()) > 0) {
+		int r = poll(&(struct pollfd){p[0], POLLIN, 0}, 1, (int)left);
+		if (r < 0 && errno == EINTR)
+			continue;
+		got = r > 0 && read(p[0], &said, 1) == 1 && said == '1';
+		break;
+	}
+	rw_close(p[0]);
+	if (pid > 0) { /* ours until reaped: no pid reuse; stuck in a lookup, it may outlive */
+		(void)kill(pid, SIGKILL); /* SIGKILL for a while (a FUSE request): not waited for */
+		for (int i = 0; i < 100 && waitpid(pid, &status, WNOHANG) == 0; i++)
+			(void)poll(NULL, 0, 10);
+	}
+	return got;
 }
 
-/* The ticket `name` dropped (a miss: the helper keeps a new one, or none), or touched (a
- * hit: pruned last). */
-static void fresh_used(const char *name, int hit)
+void rw_fresh_used(const struct rw_fresh *f, int hit)
 {
+	struct stat s;
 	int dfd;
 	uid_t eu = root_begin();
 
-	if (eu != (uid_t)-1 && (dfd = open_dir(RW_RUN_DIR)) >= 0) {
-		if (hit)
-			(void)utimensat(dfd, name, NULL, AT_SYMLINK_NOFOLLOW);
-		else
-			(void)unlinkat(dfd, name, 0);
+	/* still the file read (a helper of the same request may have renamed its own there) */
+	if (eu != (uid_t)-1 && *f->name && (dfd = open_dir(RW_RUN_DIR)) >= 0) {
+		if (!fstatat(dfd, f->name, &s, AT_SYMLINK_NOFOLLOW) && s.st_ino == f->ino)
+			(void)(hit ? utimensat(dfd, f->name, NULL, AT_SYMLINK_NOFOLLOW) :
+				     unlinkat(dfd, f->name, 0));
 		rw_close(dfd);
 	}
 	root_end(eu);
@@ -545,13 +562,14 @@ static void on_started(const char *k, char *v, void *ctx)
 
 /* The fresh ticket `name`, if its key is the request's: 0, and its records (after the
  * key) in `records`. */
-static int fresh_match(const char *name, const struct buf *req, size_t len, struct buf *records)
+static int fresh_match(const char *name, const struct buf *req, size_t len, struct buf *records,
+		       ino_t *ino)
 {
 	struct buf t = {0}, key = {0};
 	int argv, off = 0, rc = -1;
 	size_t klen;
 
-	if (!read_ticket(RW_RUN_DIR, name, &t) &&
+	if (!read_ticket(RW_RUN_DIR, name, &t, ino) &&
 	    sscanf(t.p, FRESH_MAGIC " %d %zu\n%n", &argv, &klen, &off) == 2 && off > 0 &&
 	    t.p[off - 1] == '\n' && (argv == 0 || argv == 1) && klen < t.len - (size_t)off &&
 	    (key_of(req, len, argv, &key), !key.oom) && key.len == klen &&
@@ -564,7 +582,8 @@ static int fresh_match(const char *name, const struct buf *req, size_t len, stru
 }
 
 int rw_fresh_start(const struct rw_helper *h, const struct rw_job *job, unsigned long bucket,
-		   const struct buf *req, size_t len, struct rw_fds *got, struct buf *records)
+		   const struct buf *req, size_t len, struct rw_fds *got, struct buf *records,
+		   struct rw_fresh *used)
 {
 	fresh_name_t names[FRESH_SEEN];
 	struct buf front = {0};
@@ -572,15 +591,17 @@ int rw_fresh_start(const struct rw_helper *h, const struct rw_job *job, unsigned
 	int n = 0, at = -1, started = 0, rc = -1, dfd;
 	uid_t eu = root_begin();
 
-	got->n = 0;
+	got->n = 0, *used->name = 0;
 	if (eu != (uid_t)-1 && (dfd = open_dir(RW_RUN_DIR)) >= 0)
 		n = fresh_names(dfd, job->uid, &bucket, names), rw_close(dfd);
 	root_end(eu);
 	for (int i = 0; i < n && at < 0; i++) /* a few at most: one per directory, command */
-		if (!fresh_match(names[i], req, len, records))
+		if (!fresh_match(names[i], req, len, records, &used->ino))
 			at = i;
 	if (at < 0)
 		goto out;
+	_Static_assert(sizeof used->name == sizeof names[0], "a ticket's name");
+	strcpy(used->name, names[at]);
 	frame_add(&front, "runtime_dir", RW_RUN_DIR "/%u", (unsigned)job->uid);
 	frame_add(&front, "owner", "%d", (int)getpid());
 	if (parse_copy(records->p, records->len, on_fresh, &front) || !root_depends_hold(records))
@@ -589,8 +610,6 @@ int rw_fresh_start(const struct rw_helper *h, const struct rw_job *job, unsigned
 	    started && got->n == 3)
 		rc = 0;
 out:
-	if (at >= 0) /* this request's ticket: touched, or dropped (the helper keeps another) */
-		fresh_used(names[at], !rc);
 	if (rc)
 		rw_close_fds(got), got->n = 0, records->len = 0;
 	free(front.p);

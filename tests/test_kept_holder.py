@@ -157,10 +157,10 @@ def _identity(path: Path) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def _plugin_plan(kept: Kept, program: Path, cwd: str = "/") -> str:
+def _plugin_plan(kept: Kept, program: Path, cwd: str = "/", binds: int = 1) -> str:
     """A plugin plan (joinplan.py `remember_plugin`) of `kept`'s container, as the start
-    phase keeps it with the image on descriptor 3 and the bind's source on 4, whose
-    holder program is `program`; its name."""
+    phase keeps it with the image on descriptor 3 and the bind's source on 4 (and on
+    5, 6, ... for `binds` binds of it), whose holder program is `program`; its name."""
     user = UserFacts(os.getuid(), os.getgid(), "/", cwd, {}, str(kept.runtime / "cache"))
     st = kept.source.stat()
     out = [("magic", joinplan.PLUGIN_MAGIC), ("holder_program", str(program))]
@@ -170,7 +170,9 @@ def _plugin_plan(kept: Kept, program: Path, cwd: str = "/") -> str:
         ("no_new_privs", "1"),
         ("fd", f"3:{_identity(Path(kept.plan.image))}"),
     ]
-    out += [("fd", f"4:{st.st_dev}:{st.st_ino}:{stat.S_IFMT(st.st_mode):o}"), ("end", "1")]
+    for fd in range(4, 4 + binds):
+        out.append(("fd", f"{fd}:{st.st_dev}:{st.st_ino}:{stat.S_IFMT(st.st_mode):o}"))
+    out.append(("end", "1"))
     name = "plugin-0123456789abcdef.plan"
     (kept.runtime / name).write_bytes(frame.encode(out))
     (kept.runtime / name).chmod(0o600)
@@ -195,7 +197,8 @@ def _start_kept(request: frame.Records) -> frame.Records:
 
 
 @pytest.mark.parametrize(
-    "wrong", ["none", "no-plan", "not-private", "image-changed", "bind-moved", "other-key"]
+    "wrong",
+    ["none", "fifteen-binds", "no-plan", "not-private", "image-changed", "bind-moved", "other-key"],
 )
 def test_the_front_end_starts_a_plugin_plan_only_for_a_request_that_holds(
     kept: Kept, tmp_path: Path, wrong: str
@@ -210,12 +213,13 @@ def test_the_front_end_starts_a_plugin_plan_only_for_a_request_that_holds(
     image, source = Path(kept.plan.image), kept.source
     st = source.stat()
     bind = f"{st.st_mode & 0o170000:o}:{st.st_dev}:{st.st_ino}:1\t{source}\t{source}"
+    binds = 15 if wrong == "fifteen-binds" else 1  # with the image: all the holder keeps
     request = [
-        ("plan", _plugin_plan(kept, program, "/tmp" if wrong == "other-key" else "/")),
+        ("plan", _plugin_plan(kept, program, "/tmp" if wrong == "other-key" else "/", binds)),
         ("runtime_dir", str(kept.runtime)),
         ("owner", str(os.getpid())),
         ("fresh_image", f"{_identity(image)}\t{image}\t{image}"),
-        ("fresh_bind", bind),
+        *[("fresh_bind", bind)] * binds,
     ]
     if wrong == "no-plan":
         request = request[1:]
@@ -227,8 +231,9 @@ def test_the_front_end_starts_a_plugin_plan_only_for_a_request_that_holds(
         source.rename(tmp_path / "was")
         source.mkdir()
     assert _start_kept(request) == [("miss", "1")]
-    if wrong == "none":
+    if wrong in ("none", "fifteen-binds"):
         words = log.read_text().split()
-        assert words[0] == "setup" and words[-3:] == ["mode=shared", "keep=3", "keep=4"]
+        keep = [f"keep={fd}" for fd in range(3, 4 + binds)]
+        assert words[0] == "setup" and words[-2 - binds :] == ["mode=shared", *keep]
     else:
         assert not log.exists()

@@ -331,15 +331,16 @@ def test_a_repeated_step_starts_its_container_without_the_helper(
     and the plugin plan's is touched. A step from another directory keeps a ticket of its
     own beside the first's (both then hold). A bind source that is another directory now,
     another environment (a ticket of its own), or a ticket that is not root's alone: the
-    helper runs (it writes the ticket anew), and the tasks see what they should."""
+    helper runs (it writes the ticket anew), and the tasks see what they should (their
+    directory too: a ticket of the other directory's would say another)."""
     data = Path(tempfile.mkdtemp(prefix="spank-fresh-", dir=shared_dir))
     data.chmod(0o755)
     (data / "hello.txt").write_text("from the host\n")
     image, bind = f"--container-image={base_image}", f"--container-mounts={data}:/data:ro"
     args = ["-n", "2", "--mpi=pmi2", image, bind]  # pmi2: a per-step port at init_post_opt
-    shown = "cat /data/hello.txt; test -r /proc/self/status && echo proc"
+    shown = "cat /data/hello.txt; test -r /proc/self/status && echo proc; pwd"
     first = srun(spank_cluster, runner, *args, "sh", "-c", shown)
-    lines = sorted(["from the host", "proc"] * 2)
+    lines = sorted(["from the host", "proc", "/tmp"] * 2)
     assert (first.returncode, sorted(first.stdout.splitlines())) == (0, lines), first.stderr
     ticket = _fresh_ticket(runner, data)
     st = ticket.stat()
@@ -351,15 +352,17 @@ def test_a_repeated_step_starts_its_container_without_the_helper(
         data.rename(data.with_name(data.name + ".old"))
         data.mkdir(mode=0o755)
         (data / "hello.txt").write_text("changed\n")
-        lines = sorted(["changed", "proc"] * 2)
+        lines = sorted(["changed", "proc", "/tmp"] * 2)
     elif then == "request-changed":
         env = {**env, "RANKWIRE_TEST_OTHER": "1"}
     elif then == "not-root's":
         ticket.chmod(0o640)
     elif then == "other-directory":  # then the first's request again: its ticket holds
-        other = srun(spank_cluster, runner, *args, "sh", "-c", shown, cwd=str(data))
-        assert (other.returncode, sorted(other.stdout.splitlines())) == (0, lines), other.stderr
-        assert len(_fresh_tickets(runner, data)) == 2
+        other = srun(spank_cluster, runner, f"--chdir={data}", *args, "sh", "-c", shown)
+        there = sorted(["from the host", "proc", str(data)] * 2)
+        assert (other.returncode, sorted(other.stdout.splitlines())) == (0, there), other.stderr
+        # srun's environment is the same: one kind of request, two tickets of it
+        assert len({p.name.rsplit(".", 3)[0] for p in _fresh_tickets(runner, data)}) == 1
     second = srun(spank_cluster, runner, *args, "sh", "-c", shown, env=env)
     assert (second.returncode, sorted(second.stdout.splitlines())) == (0, lines), second.stderr
     if then in ("request-changed", "other-directory"):  # a ticket of its own, kept too
