@@ -503,11 +503,11 @@ static void on_root_depends(const char *k, char *v, void *ctx)
 
 /* Every root `depends` of the records (one at least) is the file root's check read:
  * looked up in a child that the deadline kills (a path may be on a file system that
- * hangs), which says so on a pipe ("1"): its exit status is not read (another may reap
- * it), nor a pidfd needed. */
+ * hangs), which says so on a pipe ("1", then EOF at its exit): its exit status is not
+ * read (another may reap it), nor a pidfd needed. */
 static int root_depends_hold(const struct buf *records)
 {
-	int p[2], status, same[2] = {1, 0}, got = 0;
+	int p[2], status, same[2] = {1, 0}, got = 0, ended = 0;
 	int64_t deadline = rw_now_ms() + JOIN_WAIT_MS, left;
 	char said = 0;
 	pid_t pid;
@@ -522,16 +522,27 @@ static int root_depends_hold(const struct buf *records)
 		_exit(0);
 	}
 	rw_close(p[1]);
-	while (pid > 0 && (left = deadline - rw_now_ms()) > 0) {
+	while (pid > 0 && !ended && (left = deadline - rw_now_ms()) > 0) {
 		int r = poll(&(struct pollfd){p[0], POLLIN, 0}, 1, (int)left);
+		ssize_t n;
 		if (r < 0 && errno == EINTR)
 			continue;
-		got = r > 0 && read(p[0], &said, 1) == 1 && said == '1';
-		break;
+		if (r <= 0) /* the deadline */
+			break;
+		if ((n = read(p[0], &said, 1)) == 1)
+			got = said == '1';
+		else if (n == 0) /* EOF: it is exiting */
+			ended = 1;
+		else if (errno != EINTR && errno != EAGAIN)
+			break;
 	}
 	rw_close(p[0]);
-	if (pid > 0) { /* ours until reaped: no pid reuse; stuck in a lookup, it may outlive */
-		(void)kill(pid, SIGKILL); /* SIGKILL for a while (a FUSE request): not waited for */
+	if (pid > 0 && ended) /* closed at its exit: a zombie at once */
+		while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+			;
+	else if (pid > 0) { /* ours until reaped: no pid reuse. Stuck in a lookup, it may
+			       * outlive SIGKILL for a while (a FUSE request): not waited for */
+		got = 0, (void)kill(pid, SIGKILL);
 		for (int i = 0; i < 100 && waitpid(pid, &status, WNOHANG) == 0; i++)
 			(void)poll(NULL, 0, 10);
 	}
