@@ -301,14 +301,6 @@ static int join_fast(const char *dir, uid_t uid, const struct buf *req, size_t l
 	return taken(ok, &got, "join", uid, &replay, r);
 }
 
-/* 64-bit FNV-1a of `s` and its NUL, from h. */
-static uint64_t fnv1a(uint64_t h, const char *s, size_t n)
-{
-	for (size_t i = 0; i < n; i++)
-		h = (h ^ (unsigned char)s[i]) * 0x100000001b3ULL;
-	return (h ^ 0) * 0x100000001b3ULL;
-}
-
 /* Which of the user's fresh tickets a step's request would use (its name): a hash of
  * what init_post_opt knows of the request already, its options as given, task counts
  * and environment (Slurm's per-step values by name only, as the ticket's key); computed
@@ -317,7 +309,7 @@ static uint64_t fnv1a(uint64_t h, const char *s, size_t n)
 static long fresh_bucket(spank_t sp)
 {
 	uint32_t local = 0, total = 0;
-	uint64_t h = 0xcbf29ce484222325ULL;
+	uint64_t h = RW_FNV_START;
 	char n[32], **env = NULL;
 
 	if (st.bucketed)
@@ -327,15 +319,15 @@ static long fresh_bucket(spank_t sp)
 	    spank_get_item(sp, S_JOB_TOTAL_TASK_COUNT, &total) != ESPANK_SUCCESS ||
 	    spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS)
 		return -1;
-	h = fnv1a(h, n, (size_t)snprintf(n, sizeof n, "%u %u", local, total));
-	for (int i = 0; i < RW_N_OPTS; i++)
-		h = fnv1a(h, opt_val[i] ? opt_val[i] : "", opt_val[i] ? strlen(opt_val[i]) : 0);
+	h = rw_fnv1a(h, n, (size_t)snprintf(n, sizeof n, "%u %u", local, total) + 1);
+	for (int i = 0; i < RW_N_OPTS; i++) /* each with its NUL: "" apart from none */
+		h = opt_val[i] ? rw_fnv1a(h, opt_val[i], strlen(opt_val[i]) + 1) : rw_fnv1a(h, "-", 1);
 	for (char **e = env; e && *e; e++) {
 		size_t len = strlen(*e);
 		for (const char *const *p = rw_step_values; *p; p++)
 			if (!strncmp(*e, *p, strlen(*p)))
 				len = strcspn(*e, "=");
-		h = fnv1a(h, *e, len);
+		h = rw_fnv1a(rw_fnv1a(h, *e, len), "", 1);
 	}
 	return st.bucket = (long)(h >> 1);
 }
@@ -518,7 +510,6 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	struct rw_fds none = {.n = 0};
 	struct buf args = {0};
 	const char *base = RW_JOBS_DIR;
-
 	uint32_t uid = 0;
 	long bucket;
 

@@ -130,6 +130,9 @@ int rw_fresh_start(const struct rw_helper *h, const struct rw_job *job, unsigned
 /* The ticket `used` touched (hit: the step took its container) or dropped, if it is still
  * that file. */
 void rw_fresh_used(const struct rw_fresh *used, int hit);
+/* 64-bit FNV-1a of n bytes, on from h (RW_FNV_START: the start): the tickets' names. */
+#define RW_FNV_START 0xcbf29ce484222325ULL
+uint64_t rw_fnv1a(uint64_t h, const void *data, size_t n);
 /* The fresh ticket of a step that ran the helper, whose replies were `records`. */
 void rw_fresh_write(uid_t uid, unsigned long bucket, const struct buf *req, size_t len, int argv,
 		    const struct buf *records);

@@ -388,6 +388,13 @@ int rw_fast_join(const char *dir, uid_t uid, const struct buf *req, size_t len,
 
 typedef char fresh_name_t[sizeof ((struct rw_fresh *)0)->name];
 
+uint64_t rw_fnv1a(uint64_t h, const void *data, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ ((const unsigned char *)data)[i]) * 0x100000001b3ULL;
+	return h;
+}
+
 /* The names of uid's fresh tickets in dir `dfd` (of requests of `*bucket` only, unless
  * NULL), at most FRESH_SEEN, in `names`: their count. */
 static int fresh_names(int dfd, uid_t uid, const unsigned long *bucket, fresh_name_t *names)
@@ -455,12 +462,11 @@ void rw_fresh_write(uid_t uid, unsigned long bucket, const struct buf *req, size
 	fresh_name_t name;
 	struct buf key = {0}, t = {0};
 	int dfd = -1, fd = -1, ok = 0;
-	uint64_t h = 0xcbf29ce484222325ULL; /* FNV-1a of the key */
+	uint64_t h;
 	uid_t eu;
 
 	key_of(req, len, argv, &key);
-	for (size_t i = 0; i < key.len; i++)
-		h = (h ^ (unsigned char)key.p[i]) * 0x100000001b3ULL;
+	h = rw_fnv1a(RW_FNV_START, key.p, key.len);
 	eu = root_begin();
 	snprintf(name, sizeof name, ".%u.%016lx.%016llx.start", (unsigned)uid, bucket,
 		 (unsigned long long)h);
