@@ -1542,8 +1542,9 @@ static int start_exec(struct plan *p, int fd, const char *dir, struct lease *l, 
         return -1;
     snprintf(a_plan, sizeof a_plan, "plan=%d", fd);
     snprintf(a_status, sizeof a_status, "status=%d", status[1]);
-    snprintf(a_owner, sizeof a_owner, "owner=%s", owner ? owner : "");
-    if (!owner)
+    if (owner)
+        snprintf(a_owner, sizeof a_owner, "owner=%s", owner);
+    else
         snprintf(a_owner, sizeof a_owner, "owner=%d", (int)getpid());
     snprintf(a_sock, sizeof a_sock, "socket=%s", sock);
     snprintf(a_session, sizeof a_session, "session=%s", session);

@@ -577,15 +577,17 @@ def remember_exec(
     keep_plan(runtime, name, data)
 
 
-def keep_plan(runtime: str, name: str, data: bytes) -> None:
+def keep_plan(runtime: str, name: str, data: bytes) -> bool:
     """Link `data` as `name` in `runtime` (an exec-… or launch-… plan), made whole before it
     gets its name; then only the `KEPT_EXEC_PLANS` plans of that kind used last are kept.
-    On any failure, nothing."""
+    Whether `name` is there now (this one, or another start's linked meanwhile); on any
+    other failure, nothing."""
     try:
         dir_fd = os.open(runtime, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
-        return
+        return False
     fd = -1
+    kept = False
     try:
         fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         view = memoryview(data)
@@ -594,13 +596,17 @@ def keep_plan(runtime: str, name: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=dir_fd)
         os.link(f"/proc/self/fd/{fd}", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        kept = True
+    except FileExistsError:
+        kept = True  # another start linked its own meanwhile: either will do
     except OSError:
-        pass  # another start linked its own meanwhile: either will do
+        pass
     finally:
         if fd >= 0:
             os.close(fd)
         os.close(dir_fd)
     _prune_plans(runtime, name.split("-", 1)[0] + "-")
+    return kept
 
 
 def _prune_plans(runtime: str, prefix: str) -> None:
@@ -784,5 +790,4 @@ def remember_plugin(
         name = f"plugin-{fnv1a([_plan_text(container)]):016x}.plan"
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    keep_plan(runtime, name, data)
-    return name
+    return name if keep_plan(runtime, name, data) else None

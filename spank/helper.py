@@ -419,7 +419,8 @@ def _fresh_records(facts: JobFacts, policy: Policy, want: Asked, opened: Opened)
     as the C front end opens them again, as the job user, in a later step: the path this
     check opened, what it found there (the image's identity; a source's kind, device and
     inode) and the real path it held, "ID<TAB>PATH<TAB>REAL" (a bind's ID "MODE:DEV:INO:DIR",
-    DIR 1 where it was opened as a directory). None for a path with a tab."""
+    DIR 1 where it was opened as a directory). Nothing (no ticket) where a file cannot be
+    read, or a path holds a tab."""
     depends = _depends(facts, policy, opened.image_fd, opened.image_real, "")
     image = f"{_identity(os.fstat(opened.image_fd))}\t{want.image}\t{opened.image_real}"
     out = [("fresh", "1"), *(("depends", d) for d in depends or ()), ("fresh_image", image)]

@@ -400,7 +400,7 @@ static void setup(spank_t sp, int ac, char **av)
 			run.bridge = fast.bridge;
 			goto joined;
 		}
-	} else if (!st.check.pid && bucket >= 0 && rw_fresh_ticket_exists(job.uid, bucket)) {
+	} else if (!st.check.pid && bucket >= 0) { /* rw_fresh_start reads the bucket's tickets */
 		struct reply fresh = {0}; /* no bridge, no save: the ticket's step had none */
 		if (start_fresh(&h, &job, bucket, &req, asked, &fresh))
 			goto joined;

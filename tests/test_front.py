@@ -247,6 +247,9 @@ def image_front(runner: User, base_image: Path, shared_dir: Path) -> Iterator[Fr
     shutil.copy(base_image, image)
     image.chmod(0o644)
     front = Front(runner, exe, installed / "rankwire-py", log, "", image)
+    st = image.stat()  # an earlier test's image, gone now, may have had its inode number
+    for stale in exec_plan_of(front).parent.glob(f"exec-{st.st_dev}-{st.st_ino}-*.plan"):
+        stale.unlink(missing_ok=True)
     yield front
     exec_plan_of(front).unlink(missing_ok=True)
 
