@@ -23,12 +23,14 @@ the same squashfs content (the SIF's own partition, copied out for Charliecloud)
    peer on the same footing.
 5. RSS: the launcher's own peak and its holder's at N = 16 (and 32) (while it sets up, in
    Python, and while it serves, as rankwire-holder), its init's, an idle instance's holder.
+6. With --cpu (root), last: the CPU of each kind of process in the MPICH launches at the
+   smallest N (perf record -a): the ranks, our launcher, holder and FUSE, hydra, ch-run.
 Each group's rows take turns (interleaved) so that noise hits them alike; medians of
 --repeat runs after one warm-up round (launches: --mpi-repeat at N >= 16, 16 / N times
 as many below). `--png FILE` draws launch time vs N per launcher
 and container start per runtime (matplotlib, installed into this venv when missing).
 
-    .venv/bin/python bench/fastpath.py [--repeat 9] [--big] [--png fastpath.png]
+    .venv/bin/python bench/fastpath.py [--repeat 9] [--big] [--png fastpath.png] [--cpu]
 """
 
 from __future__ import annotations
@@ -68,9 +70,11 @@ Case = tuple[str, list[str]]
 HANG_S = 60
 
 
-def setup(png: bool) -> None:
-    """Charliecloud (a Debian package) and, for --png, matplotlib into this venv."""
-    subprocess.run([str(REPO / "tools/ensure-packages"), "charliecloud"], check=True)
+def setup(png: bool, cpu: bool) -> None:
+    """Charliecloud (a Debian package), for --cpu perf (linux-perf), and, for --png,
+    matplotlib into this venv."""
+    packages = ["charliecloud", *(["linux-perf"] if cpu else [])]
+    subprocess.run([str(REPO / "tools/ensure-packages"), *packages], check=True)
     if png:
         try:
             import matplotlib  # noqa: F401
@@ -361,6 +365,69 @@ def memory(runner: Runner, img: dict[str, Path], sizes: list[int], res: dict[str
     print(f"| - | an idle instance's holder | {rss / 1024:.1f} | {pss / 1024:.1f} |")
 
 
+# What each process of a launch is, for `cpu_of` (perf names a process by its comm: the
+# first 15 bytes of its program's name, or what it set).
+KINDS = {
+    "hello_mpich": "ranks",
+    "apptainer-mpiru": "launcher (front end, Python)",
+    "rankwire-py": "launcher (front end, Python)",
+    "rankwire-holder": "holder, FUSE",
+    "rankwire-init": "holder, FUSE",
+    "squashfuse_ll": "holder, FUSE",
+    "mpiexec.hydra": "mpiexec.hydra, its proxy",
+    "hydra_pmi_proxy": "mpiexec.hydra, its proxy",
+    "ch-run": "ch-run (its FUSE too)",
+}
+CPU_HZ = 4000
+
+
+def cpu_of(runner: Runner, argv: list[str], data: Path) -> tuple[float, dict[str, float]]:
+    """One run under `perf record -a` (cpu-clock at CPU_HZ): its wall ms and the CPU ms of
+    each kind of process (KINDS; "other": anything else of the machine meanwhile)."""
+    perf = ["perf", "record", "-q", "-B", "-N", "-e", "cpu-clock", "-F", str(CPU_HZ), "-a"]
+    ms, _ = runner.run([*perf, "-o", str(data), "--", *argv])
+    out = subprocess.run(
+        ["perf", "report", "-i", str(data), "--stdio", "--sort", "comm", "-F", "sample,comm"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    kinds: dict[str, float] = {}
+    for line in out.splitlines():
+        samples, _, comm = line.strip().partition(" ")
+        if line.startswith("#") or not samples.isdigit() or comm.strip() in ("swapper", ""):
+            continue  # (swapper: the idle CPUs)
+        kind = KINDS.get(comm.strip(), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + int(samples) * 1000 / CPU_HZ
+    return ms, kinds
+
+
+def cpu(runner: Runner, img: dict[str, Path], n: int, repeat: int) -> None:
+    """Where the CPU of a launch at N ranks goes (goal 3's profile): on 2 cores, with every
+    core busy, a launch takes about its whole CPU over 2."""
+    runs = runs_for(n, repeat) // 2
+    print(f"\n## CPU of a launch, MPICH hello N = {n} (perf record -a), medians of {runs} runs\n")
+    tag = f"--join-tag=fp{os.getpid()}"
+    cases: list[Case] = [
+        ("bare mpiexec.hydra", ["mpiexec.hydra", "-n", str(n), str(img["hello"])]),
+        ("mpiexec.hydra + ch-run --join", ["mpiexec.hydra", "-n", str(n), "ch-run",
+         f"--join-ct={n}", tag, str(img["sqfs"]), "--", "/opt/hello_mpich"]),
+        ("apptainer-mpirun app.sif", [AMR, "-n", str(n), str(img["sif"]), "/opt/hello_mpich"]),
+    ]  # fmt: skip
+    got: dict[str, list[dict[str, float]]] = {label: [] for label, _ in cases}
+    with tempfile.TemporaryDirectory(prefix="fastpath-perf-") as tmp:
+        for i in range(runs + 1):  # the first round warms caches
+            for label, argv in cases:
+                _, kinds = cpu_of(runner, argv, Path(tmp) / "perf.data")
+                if i:
+                    kinds["all of it"] = sum(kinds.values())
+                    got[label].append(kinds)
+    columns = ["all of it", *dict.fromkeys(KINDS.values()), "other"]
+    print("| launch | " + " | ".join(f"{c} ms" for c in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for label, rows in got.items():
+        cells = [statistics.median(r.get(c, 0.0) for r in rows) for c in columns]
+        print(f"| {label} | " + " | ".join(f"{c:.0f}" for c in cells) + " |", flush=True)
+
+
 def draw(res: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -400,8 +467,13 @@ def main() -> None:
                     help="launch runs per row at N >= 16 (more below: runs_for)")  # fmt: skip
     ap.add_argument("--big", action="store_true", help="also N = 32 (launch and RSS)")
     ap.add_argument("--png", type=Path, help="draw the scaling picture into this file")
+    ap.add_argument(
+        "--cpu", action="store_true", help="also each process's CPU in a launch (root; perf)"
+    )
     args = ap.parse_args()
-    setup(bool(args.png))
+    if args.cpu and os.getuid() != 0:
+        ap.error("--cpu needs root (perf record -a)")
+    setup(bool(args.png), args.cpu)
     sizes = [4, 16, 32] if args.big else [4, 16]
     work = Path(tempfile.mkdtemp(prefix="fastpath-bench-"))
     work.chmod(0o755)
@@ -424,6 +496,9 @@ def main() -> None:
         mpich(me, img, sizes, args.mpi_repeat, res)
         ompi(me, img, sizes, args.mpi_repeat, res)
         memory(me, img, sizes[1:], res)
+        if args.cpu:  # last: perf adds to the environment a kept plan is keyed on (PATH,
+            # PERF_BUILDID_DIR…): the launches of these words after it would plan anew once
+            cpu(me, img, sizes[0], args.mpi_repeat)
         print(f"\n(cpus: {os.cpu_count()}, {time.monotonic() - t0:.0f} s)")
         if args.png:
             draw(res, args.png)
