@@ -578,29 +578,30 @@ def remember_exec(
 
 
 def keep_plan(runtime: str, name: str, data: bytes) -> bool:
-    """Link `data` as `name` in `runtime` (an exec-… or launch-… plan), made whole before it
-    gets its name; then only the `KEPT_EXEC_PLANS` plans of that kind used last are kept.
-    Whether `name` is there now (this one, or another start's linked meanwhile); on any
-    other failure, nothing."""
+    """Put `data` in `runtime` as `name` (an exec-…, launch-…, holder-… or plugin-…
+    plan), made whole before it gets its name, which it takes over at once (a reader finds
+    the old plan or this one, never none); then only the `KEPT_EXEC_PLANS` plans of that
+    kind used last are kept. Whether it is there now; on any failure, nothing."""
     try:
         dir_fd = os.open(runtime, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return False
     fd = -1
     kept = False
+    whole = f".{name}.{os.getpid()}"  # its name until it is whole (no plan's name)
     try:
         fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dir_fd)
-        os.link(f"/proc/self/fd/{fd}", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        with contextlib.suppress(FileNotFoundError):  # a process of this pid killed here
+            os.unlink(whole, dir_fd=dir_fd)
+        os.link(f"/proc/self/fd/{fd}", whole, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.rename(whole, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         kept = True
-    except FileExistsError:
-        kept = True  # another start linked its own meanwhile: either will do
     except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.unlink(whole, dir_fd=dir_fd)
     finally:
         if fd >= 0:
             os.close(fd)

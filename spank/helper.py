@@ -420,16 +420,19 @@ def _fresh_records(facts: JobFacts, policy: Policy, want: Asked, opened: Opened)
     check opened, what it found there (the image's identity; a source's kind, device and
     inode) and the real path it held, "ID<TAB>PATH<TAB>REAL" (a bind's ID "MODE:DEV:INO:DIR",
     DIR 1 where it was opened as a directory). Nothing (no ticket) where a file cannot be
-    read, or a path holds a tab."""
+    read or looked at, or a path holds a tab."""
     depends = _depends(facts, policy, opened.image_fd, opened.image_real, "")
-    image = f"{_identity(os.fstat(opened.image_fd))}\t{want.image}\t{opened.image_real}"
-    out = [("fresh", "1"), *(("depends", d) for d in depends or ()), ("fresh_image", image)]
-    for source, fd in opened.binds.items():
-        st = os.fstat(fd)
-        path, directory = opened.opened_as[source]
-        real = os.readlink(f"/proc/self/fd/{fd}")
-        ident = f"{stat.S_IFMT(st.st_mode):o}:{st.st_dev}:{st.st_ino}:{int(directory)}"
-        out.append(("fresh_bind", f"{ident}\t{path}\t{real}"))
+    try:
+        image = f"{_identity(os.fstat(opened.image_fd))}\t{want.image}\t{opened.image_real}"
+        out = [("fresh", "1"), *(("depends", d) for d in depends or ()), ("fresh_image", image)]
+        for source, fd in opened.binds.items():
+            st = os.fstat(fd)
+            path, directory = opened.opened_as[source]
+            real = os.readlink(f"/proc/self/fd/{fd}")
+            ident = f"{stat.S_IFMT(st.st_mode):o}:{st.st_dev}:{st.st_ino}:{int(directory)}"
+            out.append(("fresh_bind", f"{ident}\t{path}\t{real}"))
+    except OSError:
+        return []
     if depends is None or any("\t" in p for p in (want.image, opened.image_real)):
         return []
     if any(v.count("\t") != 2 for k, v in out if k == "fresh_bind"):

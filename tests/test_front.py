@@ -247,11 +247,15 @@ def image_front(runner: User, base_image: Path, shared_dir: Path) -> Iterator[Fr
     shutil.copy(base_image, image)
     image.chmod(0o644)
     front = Front(runner, exe, installed / "rankwire-py", log, "", image)
-    st = image.stat()  # an earlier test's image, gone now, may have had its inode number
-    for stale in exec_plan_of(front).parent.glob(f"exec-{st.st_dev}-{st.st_ino}-*.plan"):
+    # Its exec plans, with any options. An earlier test's image, gone now, may have had
+    # its inode number and left some.
+    st = image.stat()
+    plans = f"exec-{st.st_dev}-{st.st_ino}-*.plan"
+    for stale in exec_plan_of(front).parent.glob(plans):
         stale.unlink(missing_ok=True)
     yield front
-    exec_plan_of(front).unlink(missing_ok=True)
+    for kept in exec_plan_of(front).parent.glob(plans):
+        kept.unlink(missing_ok=True)
 
 
 SETTLE_S = 2.1  # a key's file changed less than 2 s ago keeps no plan (factcache.SETTLE_NS)
