@@ -387,8 +387,6 @@ KINDS = {
     "ch-run": "ch-run (its FUSE too)",
 }
 CPU_HZ = 4000
-
-
 PERF = ["perf", "record", "-q", "-B", "-N", "-e", "cpu-clock", "-F", str(CPU_HZ), "-a"]
 
 
@@ -411,8 +409,8 @@ def cpu_of(runner: Runner, argv: list[str], data: Path) -> dict[str, float]:
 
 
 def cpu(runner: Runner, img: dict[str, Path], n: int, repeat: int) -> None:
-    """Where the CPU of a launch at N ranks goes (goal 3's profile): on 2 cores, with every
-    core busy, a launch takes about its whole CPU over 2."""
+    """Where the CPU of a launch at N ranks goes (goal 3's profile): what each kind of
+    process adds to the work of the node's cores, which the ranks keep busy."""
     runs = max(1, runs_for(n, repeat) // 2)
     print(f"\n## CPU of a launch, MPICH hello N = {n} (perf record -a), medians of {runs} runs\n")
     tag = f"--join-tag=fp{os.getpid()}"
