@@ -422,20 +422,20 @@ def _fresh_records(facts: JobFacts, policy: Policy, want: Asked, opened: Opened)
     DIR 1 where it was opened as a directory). Nothing (no ticket) where a file cannot be
     read or looked at, or a path holds a tab."""
     depends = _depends(facts, policy, opened.image_fd, opened.image_real, "")
+    if depends is None or any("\t" in p for p in (want.image, opened.image_real)):
+        return []
     try:
         image = f"{_identity(os.fstat(opened.image_fd))}\t{want.image}\t{opened.image_real}"
-        out = [("fresh", "1"), *(("depends", d) for d in depends or ()), ("fresh_image", image)]
+        out = [("fresh", "1"), *(("depends", d) for d in depends), ("fresh_image", image)]
         for source, fd in opened.binds.items():
             st = os.fstat(fd)
             path, directory = opened.opened_as[source]
             real = os.readlink(f"/proc/self/fd/{fd}")
+            if "\t" in path or "\t" in real:
+                return []
             ident = f"{stat.S_IFMT(st.st_mode):o}:{st.st_dev}:{st.st_ino}:{int(directory)}"
             out.append(("fresh_bind", f"{ident}\t{path}\t{real}"))
     except OSError:
-        return []
-    if depends is None or any("\t" in p for p in (want.image, opened.image_real)):
-        return []
-    if any(v.count("\t") != 2 for k, v in out if k == "fresh_bind"):
         return []
     return out
 
